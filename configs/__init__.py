@@ -1,0 +1,1 @@
+"""Cluster profiles and example job files (installed as hpcinfer.configs)."""

@@ -1,0 +1,57 @@
+"""Shared test set-up.
+
+Real parts (Slurm, MPI, the Triton interpreter) are used, not faked. Locally a missing part
+skips its tests with the reason; with CI=true the same tests fail loudly instead, so CI can
+never pass by skipping them.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+# Triton kernels run in the interpreter on machines without a GPU. It must be set before
+# any @triton.jit function is created, i.e. before test modules import hpcinfer.kernels.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require(condition: bool, why: str) -> None:
+    """Skip (locally) or fail (CI) when a real part the test needs is missing."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"CI=true and {why}: this test must run in CI, never skip", pytrace=False)
+    pytest.skip(why)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real single-host Slurm 22.05, started once per session by dev/slurm-single-host.sh.
+
+    Yields the partition name. The cluster is left running at the end (a later session or CI
+    step may reuse it; `dev/slurm-single-host.sh stop` stops it).
+    """
+    script = REPO / "dev" / "slurm-single-host.sh"
+    require(os.geteuid() == 0, "starting the single-host Slurm needs root")
+    proc = subprocess.run(["bash", str(script), "start"], capture_output=True, text=True,
+                          timeout=600)
+    require(proc.returncode == 0 and shutil.which("sbatch") is not None,
+            f"single-host Slurm did not start (exit {proc.returncode}):\n"
+            f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    yield "debug"
+
+
+@pytest.fixture(scope="session")
+def mpirun():
+    """Path of Open MPI's mpirun plus the flags a root, oversubscribed test run needs."""
+    path = shutil.which("mpirun")
+    require(path is not None, "mpirun (Open MPI) is not installed: run dev/setup.sh")
+    return [path, "--allow-run-as-root", "--oversubscribe"]
