@@ -1,0 +1,235 @@
+"""Paged attention for decode: one query token per sequence, GQA-aware, split-K.
+
+Reference: :func:`hpcinfer.kernels.reference.paged_decode_attention`.
+
+Work split. One program owns (sequence, kv head, partition): it loads the query rows of all
+``group = num_heads // num_kv_heads`` heads that share the kv head, so each key and value is
+read from memory once per group rather than once per query head (decode is bandwidth-bound:
+the KV read is the cost). Long contexts are cut into partitions of ``partition_size`` keys
+that run in parallel (split-K); each writes an unnormalised partial result with its running
+max and sum, and ``_decode_reduce_kernel`` combines them (log-sum-exp merge).
+
+CUDA graphs. The grid depends only on shapes and on ``max_seqlen_k``, a host int: by default
+the block table's capacity (``block_tables.shape[1] * block_size``), so a graph captured once
+per batch size stays valid as sequences grow. Partitions past a sequence's end do no loads.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch_checks import (FLOAT_DTYPES, INDEX_DTYPES, KernelArgumentError, check_dim,
+                            check_dtype, check_head_dim, check_last_dim_contiguous, check_out,
+                            check_same_device)
+
+LOG2E = 1.4426950408889634
+DEFAULT_PARTITION_SIZE = 512
+
+
+@triton.jit
+def _decode_attention_kernel(
+    Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, OUT, PART_ACC, PART_MAX, PART_SUM,
+    scale_log2, sliding_window,
+    stride_qs, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt, stride_os, stride_oh,
+    num_heads, num_partitions,
+    HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    PARTITION_SIZE: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_SPLIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    part = tl.program_id(2)
+    seq_len = tl.load(SEQ_LENS + seq)
+
+    # Keys this program attends to: [lo, hi) within its partition (and the window).
+    lo = part * PARTITION_SIZE
+    hi = tl.minimum(lo + PARTITION_SIZE, seq_len)
+    if HAS_WINDOW:
+        # Query at seq_len - 1 sees keys at positions > seq_len - 1 - window.
+        lo = tl.maximum(lo, seq_len - sliding_window)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    heads = kv_head * GROUP + offs_g
+    mask_g = offs_g < GROUP
+    mask_d = offs_d < HEAD_DIM
+    # q: [BLOCK_G, BLOCK_D], the group's heads as rows (padded rows are zero).
+    q = tl.load(Q + seq * stride_qs + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=mask_g[:, None] & mask_d[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)   # running max, log2 domain
+    l_i = tl.zeros([BLOCK_G], tl.float32)                 # running sum of exp2
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    table = BLOCK_TABLES + seq.to(tl.int64) * stride_bt
+    for start in range(lo, hi, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)
+        mask_n = pos < hi
+        # Token -> (physical block, offset); gathered per token so BLOCK_N need not match
+        # the cache's block size.
+        block = tl.load(table + pos // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
+        kv_off = (block[:, None] * stride_cb + (pos % BLOCK_SIZE)[:, None] * stride_cs
+                  + kv_head * stride_ch + offs_d[None, :])
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(K_CACHE + kv_off, mask=kv_mask, other=0.0)            # [BLOCK_N, BLOCK_D]
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        qk = tl.where(mask_n[None, :], qk, float("-inf"))                  # [BLOCK_G, BLOCK_N]
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)             # no keys yet: no NaN
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V_CACHE + kv_off, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    row_mask = mask_g[:, None] & mask_d[None, :]
+    if IS_SPLIT:
+        # Partial results: [num_seqs, num_heads, num_partitions(, BLOCK_D)], fp32.
+        row = (seq * num_heads + heads) * num_partitions + part
+        tl.store(PART_MAX + row, m_i, mask=mask_g)
+        tl.store(PART_SUM + row, l_i, mask=mask_g)
+        tl.store(PART_ACC + row[:, None] * BLOCK_D + offs_d[None, :], acc, mask=row_mask)
+    else:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]   # an empty sequence gives zeros
+        tl.store(OUT + seq * stride_os + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(OUT.dtype.element_ty), mask=row_mask)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    PART_ACC, PART_MAX, PART_SUM, SEQ_LENS, OUT,
+    stride_os, stride_oh, num_heads, num_partitions,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+    PARTITION_SIZE: tl.constexpr,
+):
+    # One program per (sequence, query head): merge its partitions' softmax statistics.
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    seq_len = tl.load(SEQ_LENS + seq)
+    num_used = tl.minimum(tl.cdiv(seq_len, PARTITION_SIZE), num_partitions)
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_p = offs_p < num_used
+    row = (seq * num_heads + head) * num_partitions + offs_p
+    m = tl.load(PART_MAX + row, mask=mask_p, other=float("-inf"))          # [BLOCK_P]
+    l = tl.load(PART_SUM + row, mask=mask_p, other=0.0)
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.math.exp2(m - m_max)                 # 0 for partitions with no keys (m = -inf)
+    acc = tl.load(PART_ACC + row[:, None] * BLOCK_D + offs_d[None, :],
+                  mask=mask_p[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    denom = tl.sum(w * l, 0)
+    out = tl.sum(acc * w[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)  # [BLOCK_D]
+    tl.store(OUT + seq * stride_os + head * stride_oh + offs_d,
+             out.to(OUT.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                           *, sliding_window: int | None = None,
+                           out: torch.Tensor | None = None, max_seqlen_k: int | None = None,
+                           partition_size: int | None = None) -> torch.Tensor:
+    """Decode attention: q [num_seqs, num_heads, head_dim], one query at seq_lens[i] - 1.
+
+    Same arguments as the reference, plus: ``out`` (preallocated [num_seqs, num_heads,
+    head_dim] in q's dtype), ``max_seqlen_k`` (a host-side upper bound on seq_lens that fixes
+    the grid; default: the block table's capacity) and ``partition_size`` (keys per split-K
+    partition, a multiple of 16; default 512). Never syncs with the host.
+    """
+    num_seqs, num_heads, head_dim = _check_args(q, k_cache, v_cache, block_tables, seq_lens)
+    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    if out is None:
+        out = torch.empty_like(q)
+    check_out(out, tuple(q.shape), q.dtype, q.device)
+    if num_seqs == 0:
+        return out
+    if max_seqlen_k is None:
+        max_seqlen_k = block_tables.shape[1] * block_size
+    group = num_heads // num_kv_heads
+    block_d = triton.next_power_of_2(head_dim)
+    block_n = 32 if block_d >= 256 else 64
+    partition_size = partition_size or DEFAULT_PARTITION_SIZE
+    if partition_size % 16:
+        raise KernelArgumentError(f"partition_size={partition_size} must be a multiple of 16")
+    block_n = min(block_n, partition_size)
+    num_partitions = max(1, triton.cdiv(max_seqlen_k, partition_size))
+    is_split = num_partitions > 1
+    if is_split:
+        part_max = torch.empty((num_seqs, num_heads, num_partitions), dtype=torch.float32,
+                               device=q.device)
+        part_sum = torch.empty_like(part_max)
+        part_acc = torch.empty((num_seqs, num_heads, num_partitions, block_d),
+                               dtype=torch.float32, device=q.device)
+    else:
+        part_max = part_sum = part_acc = out   # unused by the kernel when IS_SPLIT is False
+    _decode_attention_kernel[(num_seqs, num_kv_heads, num_partitions)](
+        q, k_cache, v_cache, block_tables, seq_lens, out, part_acc, part_max, part_sum,
+        scale * LOG2E, sliding_window or 0,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        num_heads, num_partitions,
+        HEAD_DIM=head_dim, GROUP=group, BLOCK_SIZE=block_size,
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=block_n,
+        PARTITION_SIZE=partition_size, HAS_WINDOW=sliding_window is not None,
+        IS_SPLIT=is_split, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=4 if block_d <= 128 else 8,
+    )
+    if is_split:
+        _decode_reduce_kernel[(num_seqs, num_heads)](
+            part_acc, part_max, part_sum, seq_lens, out,
+            out.stride(0), out.stride(1), num_heads, num_partitions,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_P=triton.next_power_of_2(num_partitions),
+            PARTITION_SIZE=partition_size, num_warps=4,
+        )
+    return out
+
+
+def _dot_precision(dtype: torch.dtype) -> str | None:
+    # fp32 models are for exactness tests: keep full precision instead of Triton's tf32 default.
+    return "ieee" if dtype == torch.float32 else None
+
+
+def _check_args(q, k_cache, v_cache, block_tables, seq_lens) -> torch.Size:
+    check_dim("q", q, 3, "[num_seqs, num_heads, head_dim]")
+    check_paged_kv(q, k_cache, v_cache, block_tables)
+    if seq_lens.shape != (q.shape[0],):
+        raise KernelArgumentError(f"seq_lens must be [{q.shape[0]}] (one per query row in "
+                                  f"decode), got {tuple(seq_lens.shape)}")
+    if block_tables.shape[0] != q.shape[0]:
+        raise KernelArgumentError(f"block_tables has {block_tables.shape[0]} rows for "
+                                  f"{q.shape[0]} sequences")
+    check_dtype("seq_lens", seq_lens, INDEX_DTYPES)
+    check_same_device(q=q, seq_lens=seq_lens)
+    return q.shape
+
+
+def check_paged_kv(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   block_tables: torch.Tensor) -> None:
+    """Checks shared by the decode and prefill launchers."""
+    check_dim("k_cache", k_cache, 4, "[num_blocks, block_size, num_kv_heads, head_dim]")
+    check_dim("block_tables", block_tables, 2, "[num_seqs, max_blocks_per_seq]")
+    if v_cache.shape != k_cache.shape or v_cache.stride() != k_cache.stride():
+        raise KernelArgumentError(
+            f"v_cache (shape {tuple(v_cache.shape)}, strides {v_cache.stride()}) must match "
+            f"k_cache (shape {tuple(k_cache.shape)}, strides {k_cache.stride()})")
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k_cache.shape[2]
+    if k_cache.shape[3] != head_dim:
+        raise KernelArgumentError(f"q has head_dim {head_dim}, the cache {k_cache.shape[3]}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads={num_heads} is not a multiple of "
+                         f"num_kv_heads={num_kv_heads}")
+    check_head_dim(head_dim)
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        check_dtype(name, t, FLOAT_DTYPES)
+        check_last_dim_contiguous(name, t)
+    if k_cache.dtype != q.dtype:
+        raise KernelArgumentError(f"q is {q.dtype} but the cache is {k_cache.dtype}: allocate "
+                                  "the KV cache in the model's dtype")
+    check_dtype("block_tables", block_tables, INDEX_DTYPES)
+    check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables)
+
+
+__all__ = ["paged_decode_attention", "check_paged_kv", "LOG2E"]

@@ -1,0 +1,139 @@
+"""Varlen attention over paged KV: prefill chunks (and any decodes mixed in) in one launch.
+
+Reference: :func:`hpcinfer.kernels.reference.paged_attention`.
+
+One program owns (query tile of BLOCK_M tokens, query head, sequence). Queries of sequence i
+sit at absolute positions ``seq_lens[i] - q_len_i + j``: a prefix-cache hit or an earlier
+chunk means they start mid-sequence, and every key (old and new) is read from the cache,
+which ``reshape_and_cache`` filled first. Keys are walked in BLOCK_N tiles with an online
+softmax (flash-attention style); the causal and sliding-window limits bound the walk so a
+tile never loads keys that all its queries mask out.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .decode_attention import LOG2E, _dot_precision, check_paged_kv
+from .launch_checks import (INDEX_DTYPES, KernelArgumentError, check_dim, check_dtype, check_out,
+                            check_same_device)
+
+
+@triton.jit
+def _prefill_attention_kernel(
+    Q, K_CACHE, V_CACHE, CU_SEQLENS_Q, SEQ_LENS, BLOCK_TABLES, OUT,
+    scale_log2, sliding_window,
+    stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt, stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    head = tl.program_id(1)
+    seq = tl.program_id(2)
+    kv_head = head // GROUP
+    q_start = tl.load(CU_SEQLENS_Q + seq)
+    q_len = tl.load(CU_SEQLENS_Q + seq + 1) - q_start
+    seq_len = tl.load(SEQ_LENS + seq)
+    first_q = tile * BLOCK_M                 # tile's first query, index within the sequence
+    context = seq_len - q_len                # keys before this step's first query
+
+    offs_m = first_q + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < q_len
+    mask_d = offs_d < HEAD_DIM
+    q_pos = context + offs_m                                         # [BLOCK_M] absolute
+    rows = (q_start + offs_m).to(tl.int64)
+    q = tl.load(Q + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0)   # [BLOCK_M, BLOCK_D]
+
+    # Key range any query of this tile may see: [lo, hi). Empty for tiles past q_len.
+    hi = seq_len
+    if IS_CAUSAL:
+        hi = tl.minimum(hi, context + first_q + BLOCK_M)
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(lo, context + first_q - sliding_window + 1)
+    hi = tl.where(first_q < q_len, hi, lo)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)   # running max, log2 domain
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    table = BLOCK_TABLES + seq.to(tl.int64) * stride_bt
+    for start in range(lo, hi, BLOCK_N):
+        k_pos = start + tl.arange(0, BLOCK_N)
+        mask_n = k_pos < hi
+        block = tl.load(table + k_pos // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
+        kv_off = (block[:, None] * stride_cb + (k_pos % BLOCK_SIZE)[:, None] * stride_cs
+                  + kv_head * stride_ch + offs_d[None, :])
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(K_CACHE + kv_off, mask=kv_mask, other=0.0)            # [BLOCK_N, BLOCK_D]
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        allowed = mask_n[None, :]                                           # [BLOCK_M, BLOCK_N]
+        if IS_CAUSAL:
+            allowed = allowed & (k_pos[None, :] <= q_pos[:, None])
+        if HAS_WINDOW:
+            allowed = allowed & (k_pos[None, :] > q_pos[:, None] - sliding_window)
+        qk = tl.where(allowed, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: no NaN
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V_CACHE + kv_off, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(OUT + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+             out.to(OUT.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
+                    block_tables: torch.Tensor, scale: float, *, causal: bool = True,
+                    sliding_window: int | None = None, out: torch.Tensor | None = None,
+                    max_seqlen_q: int | None = None) -> torch.Tensor:
+    """Varlen attention over paged KV: q [num_tokens, num_heads, head_dim].
+
+    Same arguments as the reference, plus ``out`` (preallocated, q's shape and dtype) and
+    ``max_seqlen_q`` (host-side upper bound on any sequence's query count; it sizes the grid.
+    Default: num_tokens, always safe but launches idle programs when there are many sequences).
+    Never syncs with the host.
+    """
+    check_dim("q", q, 3, "[num_tokens, num_heads, head_dim]")
+    check_paged_kv(q, k_cache, v_cache, block_tables)
+    num_seqs = seq_lens.shape[0]
+    if cu_seqlens_q.shape != (num_seqs + 1,):
+        raise KernelArgumentError(f"cu_seqlens_q must be [num_seqs + 1] = [{num_seqs + 1}], "
+                                  f"got {tuple(cu_seqlens_q.shape)}")
+    if block_tables.shape[0] < num_seqs:
+        raise KernelArgumentError(f"block_tables has {block_tables.shape[0]} rows for "
+                                  f"{num_seqs} sequences")
+    check_dtype("cu_seqlens_q", cu_seqlens_q, INDEX_DTYPES)
+    check_dtype("seq_lens", seq_lens, INDEX_DTYPES)
+    check_same_device(q=q, cu_seqlens_q=cu_seqlens_q, seq_lens=seq_lens)
+    if out is None:
+        out = torch.empty_like(q)
+    check_out(out, tuple(q.shape), q.dtype, q.device)
+    num_tokens, num_heads, head_dim = q.shape
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    max_seqlen_q = min(max_seqlen_q or num_tokens, num_tokens)
+    block_d = triton.next_power_of_2(head_dim)
+    block_m = 16 if max_seqlen_q <= 16 else 64
+    block_n = 32 if block_d >= 256 else 64
+    grid = (triton.cdiv(max_seqlen_q, block_m), num_heads, num_seqs)
+    _prefill_attention_kernel[grid](
+        q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, out,
+        scale * LOG2E, sliding_window or 0,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        HEAD_DIM=head_dim, GROUP=num_heads // k_cache.shape[2], BLOCK_SIZE=k_cache.shape[1],
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        IS_CAUSAL=causal, HAS_WINDOW=sliding_window is not None,
+        DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=4 if block_d <= 128 else 8,
+    )
+    return out
