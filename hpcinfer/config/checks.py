@@ -1,0 +1,180 @@
+"""Whole-config rules that one field cannot check, each raising a ConfigError at the right line.
+
+``check_consistency`` is pure (runs on every load, resolved job.yaml included).
+``check_environment`` looks at the filesystem and the login shell but never at the input data
+(globs and row counts are the compiler's): output dir, container image, account, model dir.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+from hpcinfer.config import units
+from hpcinfer.config.schema import ENV_NAME, MANAGED_SBATCH, JobConfig
+
+log = logging.getLogger(__name__)
+
+_SBATCH_FLAG = re.compile(r"^[a-z][a-z0-9-]*$")
+# sbatch reads these when --account is not given, so they satisfy requires_account.
+ACCOUNT_ENV = ("SBATCH_ACCOUNT", "SLURM_ACCOUNT")
+
+
+def check_consistency(cfg: JobConfig) -> None:
+    _check_layout(cfg)
+    _check_task_fields(cfg)
+    _check_sampling(cfg)
+    _check_env_names(cfg)
+    _check_extra_sbatch(cfg)
+    _check_signal_time(cfg)
+
+
+def check_environment(cfg: JobConfig) -> None:
+    _check_output_dir(cfg)
+    _check_container(cfg)
+    _check_account(cfg)
+    _check_model_dir(cfg)
+    _note_missing_env(cfg)
+
+
+def _check_layout(cfg: JobConfig) -> None:
+    tp, pp, nodes = cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.nodes
+    ranks = tp * pp
+    if cfg.resources.device == "cpu":
+        if ranks % nodes:
+            raise cfg.error_at("parallel.nodes",
+                               f"tensor ({tp}) x pipeline ({pp}) = {ranks} ranks do not split "
+                               f"evenly over {nodes} nodes",
+                               f"write nodes: 1, or a tensor x pipeline that {nodes} divides")
+        return
+    gpus = cfg.resources.gpus_per_node
+    if ranks != gpus * nodes:
+        per_node = f"gpus_per_node: {ranks // nodes} under resources, or " if ranks % nodes == 0 \
+            else ""
+        raise cfg.error_at("parallel",
+                           f"tensor ({tp}) x pipeline ({pp}) = {ranks} ranks but gpus_per_node "
+                           f"({gpus}) x nodes ({nodes}) = {gpus * nodes} GPUs",
+                           f"make them equal: write {per_node}tensor x pipeline = "
+                           f"{gpus * nodes} under parallel")
+    if gpus % tp:
+        raise cfg.error_at("parallel.tensor",
+                           f"tensor ({tp}) does not divide gpus_per_node ({gpus}): a tensor-"
+                           f"parallel group must sit inside one node",
+                           "use pipeline stages across nodes and tensor within a node")
+
+
+def _check_task_fields(cfg: JobConfig) -> None:
+    if cfg.input.format == "openai-batch":
+        return  # rows carry their own body (prompt/messages/input)
+    needed = {"generate": ("prompt_field",), "chat": ("messages_field",),
+              "embed": ("text_field",), "classify": ("text_field",), "reward": ("text_field",),
+              "score": ("text_1_field", "text_2_field")}[cfg.task]
+    for field in needed:
+        if getattr(cfg.input, field) is None:
+            example = {"messages_field": "messages", "prompt_field": "prompt"}.get(field, "text")
+            raise cfg.error_at(f"input.{field}" if f"input.{field}" in cfg._origins else "task",
+                               f"task {cfg.task} reads input.{field}, which is not set",
+                               f"add `{field}: {example}` under input (the column name)")
+
+
+def _check_sampling(cfg: JobConfig) -> None:
+    s = cfg.sampling
+    if s.min_tokens > s.max_tokens:
+        raise cfg.error_at("sampling.min_tokens",
+                           f"min_tokens ({s.min_tokens}) is above max_tokens ({s.max_tokens})",
+                           f"write min_tokens <= {s.max_tokens}")
+    if cfg.model.max_model_len is not None and s.max_tokens >= cfg.model.max_model_len:
+        raise cfg.error_at("sampling.max_tokens",
+                           f"max_tokens ({s.max_tokens}) leaves no room for a prompt in "
+                           f"max_model_len ({cfg.model.max_model_len})",
+                           "lower sampling.max_tokens or raise model.max_model_len")
+
+
+def _check_env_names(cfg: JobConfig) -> None:
+    blocks = [("env", cfg.env)]
+    if cfg.container is not None:
+        blocks.append(("container.env", cfg.container.env))
+    for prefix, env in blocks:
+        for name in env:
+            if not ENV_NAME.match(name):
+                raise cfg.error_at(f"{prefix}.{name}", f"{name!r} is not an environment "
+                                   "variable name", "use letters, digits and '_', not starting "
+                                   "with a digit")
+
+
+def _check_extra_sbatch(cfg: JobConfig) -> None:
+    for flag in cfg.resources.extra_sbatch:
+        key_path = f"resources.extra_sbatch.{flag}"
+        bare = flag.lstrip("-")
+        if not _SBATCH_FLAG.match(bare) or bare != flag:
+            raise cfg.error_at(key_path, f"{flag!r} is not an sbatch long option name",
+                               "write the name without dashes, e.g. `mail-type: END`")
+        if bare in MANAGED_SBATCH:
+            raise cfg.error_at(key_path, f"--{bare} is set by hpcinfer",
+                               f"set {MANAGED_SBATCH[bare]} instead")
+
+
+def _check_signal_time(cfg: JobConfig) -> None:
+    limit_s = units.time_seconds(cfg.resources.time)
+    if limit_s is not None and cfg.resilience.signal_seconds >= limit_s:
+        raise cfg.error_at("resilience.signal_seconds",
+                           f"the warning signal ({cfg.resilience.signal_seconds} s before the "
+                           f"limit) would come before the job has run (time {cfg.resources.time})",
+                           f"write signal_seconds below {limit_s}, or raise resources.time")
+
+
+def _check_output_dir(cfg: JobConfig) -> None:
+    out = Path(cfg.output.dir)
+    if out.exists() and not out.is_dir():
+        raise cfg.error_at("output.dir", f"{out} exists and is not a directory",
+                           "choose another output.dir")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not writable" if existing == out else \
+            f"cannot be created: {existing} is not writable"
+        raise cfg.error_at("output.dir", f"output dir {out} {what}",
+                           "choose a directory you can write, e.g. under $SCRATCH or $HOME")
+
+
+def _check_container(cfg: JobConfig) -> None:
+    if cfg.container is None:
+        return
+    image = cfg.container.image
+    if "://" in image:
+        if cfg.profile.offline_compute:
+            raise cfg.error_at("container.image",
+                               f"{image} would be pulled on a compute node, which is offline "
+                               f"on cluster {cfg.cluster}",
+                               f"pull it on the login node: `{cfg.container.runtime or 'apptainer'}"
+                               f" pull hpcinfer.sif {image}` and set image: ./hpcinfer.sif")
+        return
+    if not Path(image).exists():
+        raise cfg.error_at("container.image", f"container image {image} does not exist",
+                           "build it (apptainer build hpcinfer.sif <def>), fix the path, or "
+                           "write `container: null` to run without one")
+
+
+def _check_account(cfg: JobConfig) -> None:
+    if not cfg.profile.requires_account or cfg.resources.account:
+        return
+    if any(os.environ.get(name) for name in ACCOUNT_ENV):
+        return  # sbatch picks it up from the environment
+    raise cfg.error_at("resources", f"cluster {cfg.cluster} requires a Slurm account",
+                       "add `account: def-yourpi` under resources (your allocations: "
+                       "`sshare -U -u $USER`), or export SBATCH_ACCOUNT")
+
+
+def _check_model_dir(cfg: JobConfig) -> None:
+    for key in ("id", "tokenizer"):
+        value = getattr(cfg.model, key)
+        if value and os.path.isabs(value) and not Path(value).is_dir():
+            raise cfg.error_at(f"model.{key}", f"model path {value} is not a directory",
+                               f"run `hpcinfer download <hub id>` on a login node and point "
+                               f"model.{key} at it, or fix the path")
+
+
+def _note_missing_env(cfg: JobConfig) -> None:
+    for name in cfg.profile.env_from_environment:
+        if name not in os.environ:
+            log.info("%s is not set in this shell; the job will run without it", name)
