@@ -1,0 +1,178 @@
+"""`hpcinfer` command line (login side).
+
+Every subcommand imports what it needs when it runs, so `hpcinfer --help` and `render` stay
+fast on a slow login node; nothing here imports torch, transformers or triton. Expected
+failures (bad config, bad input, Slurm refusing) print one line to stderr and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """An expected failure: printed as one line, exit code 2."""
+
+
+def _load(args):
+    from hpcinfer.config import load_job
+    return load_job(args.job, overrides=tuple(args.set or ()))
+
+
+def _compile(args, job_dir=None):
+    from hpcinfer.compile.jobdir import compile_job
+    return compile_job(_load(args), job_dir=job_dir,
+                       container_def=getattr(args, "container_def", False))
+
+
+def cmd_validate(args) -> int:
+    from hpcinfer.compile.compiler import build_plan
+    from hpcinfer.compile.render import describe
+    plan = build_plan(_load(args))
+    print(f"{args.job}: ok: {describe(plan)}")
+    return 0
+
+
+def _write(args):
+    from hpcinfer.compile.jobdir import write_job_dir
+    from hpcinfer.compile.render import describe
+    rendered = _compile(args, job_dir=getattr(args, "out", None))
+    write_job_dir(rendered)
+    print(f"job dir: {rendered.job_dir}")
+    print(f"  {describe(rendered.plan)}")
+    print(f"  files: {', '.join(name for name, _ in rendered.files)}, logs/, metrics/")
+    return rendered
+
+
+def cmd_render(args) -> int:
+    import shlex
+    rendered = _write(args)
+    print(f"would submit: cd {shlex.quote(str(rendered.job_dir))} && sbatch submit.sbatch"
+          "   (or: hpcinfer submit JOB)")
+    return 0
+
+
+def _require_sbatch() -> None:
+    import shutil
+    if shutil.which("sbatch") is None:
+        raise UserError("no Slurm here (sbatch not on PATH): use `hpcinfer run JOB --local`")
+
+
+def cmd_submit(args) -> int:
+    from hpcinfer.slurm.slurm import submit_job_dir
+    _require_sbatch()
+    rendered = _write(args)
+    job_id = submit_job_dir(rendered.job_dir)
+    print(f"submitted job {job_id}; follow it with: hpcinfer status {rendered.job_dir}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from hpcinfer.slurm.local import run_job_dir
+    if not args.local:
+        raise UserError("`hpcinfer run` needs --local for now (runs the job here, without "
+                        "Slurm); use `hpcinfer submit JOB` to go through Slurm")
+    rendered = _write(args)
+    print(f"running locally (local backend, no Slurm): bash {rendered.script_path}")
+    sys.stdout.flush()
+    rc = run_job_dir(rendered.job_dir)
+    print(f"local run {'finished' if rc == 0 else f'failed (exit {rc})'}; logs in "
+          f"{rendered.job_dir / 'logs'}")
+    return 0 if rc == 0 else 1
+
+
+def cmd_status(args) -> int:
+    import json
+    from hpcinfer.slurm.status import format_status, gather
+    info = gather(_job_dir(args.jobdir))
+    print(json.dumps(info, indent=1) if args.json else format_status(info))
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    from hpcinfer.slurm.api import Job
+    job = Job(_job_dir(args.jobdir))
+    job.cancel()
+    print(f"cancelled job {job.job_id}")
+    return 0
+
+
+def _job_dir(path: str):
+    from pathlib import Path
+    job_dir = Path(path)
+    if not (job_dir / "plan.json").is_file():
+        raise UserError(f"{path} is not a job dir (no plan.json): pass the directory "
+                        "`hpcinfer render` or `submit` printed")
+    return job_dir
+
+
+def cmd_schema(args) -> int:
+    import json
+    from hpcinfer.config import json_schema
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def cmd_init(args) -> int:
+    from hpcinfer.config import init_text
+    sys.stdout.write(init_text(args.cluster))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hpcinfer", description="Offline batch LLM inference on Slurm clusters.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def job_command(name, func, help_text):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("job", metavar="JOB", help="job YAML file")
+        p.add_argument("--set", action="append", metavar="KEY.PATH=VALUE",
+                       help="override a config value (repeatable), e.g. --set resources.time=02:00:00")
+        p.set_defaults(func=func)
+        return p
+
+    job_command("validate", cmd_validate, "check the config and inputs; writes nothing")
+    for name, func, text in (("render", cmd_render, "write the job dir; print what would be submitted"),
+                             ("submit", cmd_submit, "render, then sbatch; prints the job id"),
+                             ("run", cmd_run, "render, then run the job here (--local)")):
+        p = job_command(name, func, text)
+        p.add_argument("--out", metavar="DIR", help="job dir (default: output.dir)")
+        p.add_argument("--container-def", action="store_true",
+                       help="also write container.def (an Apptainer definition)")
+        if name == "run":
+            p.add_argument("--local", action="store_true", help="run without Slurm (local backend)")
+    p = sub.add_parser("status", help="state of a submitted job, per task")
+    p.add_argument("jobdir", metavar="JOBDIR")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("cancel", help="scancel a submitted job (all its tasks)")
+    p.add_argument("jobdir", metavar="JOBDIR")
+    p.set_defaults(func=cmd_cancel)
+    p = sub.add_parser("schema", help="print the job file's JSON Schema")
+    p.set_defaults(func=cmd_schema)
+    p = sub.add_parser("init", help="print an annotated starting job file")
+    p.add_argument("--cluster", default="generic", help="cluster profile name")
+    p.set_defaults(func=cmd_init)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="hpcinfer: %(message)s")
+    from hpcinfer.config.errors import ConfigError
+    from hpcinfer.slurm.commands import SlurmError, SlurmMissing
+    try:
+        return args.func(args)
+    except (ConfigError, SlurmError, SlurmMissing, UserError) as exc:
+        print(f"hpcinfer: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

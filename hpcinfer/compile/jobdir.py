@@ -1,0 +1,95 @@
+"""The job directory (DESIGN §5), written by the login side and read by the worker.
+
+Everything is rendered in memory first, so a config or input error leaves no trace on disk;
+each file is then written to a temporary name in the same directory and renamed into place.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from hpcinfer.compile.errors import plan_error
+from hpcinfer.compile.plan import JobPlan
+
+SCRIPT_NAME = "submit.sbatch"
+
+
+@dataclass(frozen=True)
+class RenderedJob:
+    """Everything that goes into a job dir, as text (nothing written yet)."""
+    plan: JobPlan
+    files: tuple[tuple[str, str], ...]   # (name relative to the job dir, content)
+
+    @property
+    def job_dir(self) -> Path:
+        return Path(self.plan.job_dir)
+
+    @property
+    def script_path(self) -> Path:
+        return self.job_dir / SCRIPT_NAME
+
+
+def compile_job(cfg, *, job_dir: str | None = None, container_def: bool = False,
+                python: str | None = None) -> RenderedJob:
+    """Config -> plan -> rendered files, all in memory. Raises ConfigError on bad input."""
+    from hpcinfer.compile.compiler import build_plan
+    from hpcinfer.compile.render import render_container_def, render_script
+    plan = build_plan(cfg, job_dir=job_dir, python=python)
+    _check_not_reused(cfg, plan)
+    files = [("job.yaml", cfg.to_yaml()),
+             ("plan.json", json.dumps(plan.to_dict(), indent=1) + "\n"),
+             (SCRIPT_NAME, render_script(plan))]
+    if container_def:
+        files.append(("container.def", render_container_def(plan)))
+    return RenderedJob(plan=plan, files=tuple(files))
+
+
+def _check_not_reused(cfg, plan: JobPlan) -> None:
+    """Refuse to point a new shard layout at a job dir holding results of another one:
+    committed parts are addressed by shard index, so they would be attributed wrongly."""
+    old_plan = Path(plan.job_dir) / "plan.json"
+    shards_dir = Path(plan.job_dir) / "shards"
+    if not old_plan.is_file() or not shards_dir.is_dir() or not any(shards_dir.iterdir()):
+        return
+    try:
+        old_shards = json.loads(old_plan.read_text())["shards"]
+    except (OSError, ValueError, KeyError):
+        return
+    new_shards = [s.__dict__ for s in plan.shards]
+    if old_shards != new_shards:
+        raise plan_error(cfg, "output.dir",
+                         f"{plan.job_dir} holds results of a job with different input shards",
+                         "choose a new output.dir (or --out), or delete the old results")
+
+
+def write_job_dir(job: RenderedJob) -> Path:
+    """Create the job dir and write every file atomically; returns the job dir."""
+    root = job.job_dir
+    for sub in ("logs", "metrics"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for name, text in job.files:
+        atomic_write(root / name, text, mode=0o755 if name == SCRIPT_NAME else 0o644)
+    return root
+
+
+def atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
+    """Temp file in the same directory, fsync, rename: readers see old or new, never half."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_plan(job_dir: str | os.PathLike) -> JobPlan:
+    """The plan a job dir was rendered with."""
+    return JobPlan.from_dict(json.loads((Path(job_dir) / "plan.json").read_text()))

@@ -1,0 +1,193 @@
+"""The worker until the engine exists: a real preflight of one task.
+
+It loads job.yaml (the fully resolved config) and plan.json, picks this task's shards from
+SLURM_ARRAY_TASK_ID, checks every input is readable and the output dir writable, and reports
+the environment (GPUs seen, ranks, restart count, /dev/shm) to the log and to
+JOBDIR/metrics/task-TTTTT-rank-RRR.jsonl (one file per rank: one writer each).
+
+Exit codes (the batch script acts on them, docs/slurm.md):
+  0  checks passed
+  2  a check failed (message says what to fix)
+  3  stopped by the warning signal (USR2/TERM): "requeue me"
+
+Test hook: HPCINFER_PREFLIGHT_SLEEP_S=N keeps the task alive N seconds after the checks, so
+a test can deliver the warning signal while it runs.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from hpcinfer.compile.plan import EXIT_BAD_INPUT, EXIT_REQUEUE
+
+log = logging.getLogger("hpcinfer.worker")
+
+# Rank variables of the launchers we support, in order of preference.
+_RANK_VARS = ("SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK")
+_SIZE_VARS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+
+
+class PreflightFailed(Exception):
+    """A check failed; str() says what to fix."""
+
+
+class StopFlag:
+    """Set by the signal handler; the handler does nothing else (restarts are normal)."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGUSR2, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+
+def _first_env(names: tuple[str, ...], default: str) -> str:
+    return next((os.environ[n] for n in names if os.environ.get(n)), default)
+
+
+def gpus_seen() -> dict:
+    """GPUs this process may use, without importing torch: CUDA_VISIBLE_DEVICES, and what
+    nvidia-smi lists when it is installed."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    names: list[str] = []
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+            names = [ln.strip() for ln in out.stdout.splitlines() if ln.startswith("GPU ")]
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            log.warning("nvidia-smi -L failed: %s", exc)
+    return {"cuda_visible_devices": visible, "nvidia_smi": names, "count":
+            len(names) if names else (len([v for v in visible.split(",") if v]) if visible else 0)}
+
+
+def shm_free_bytes() -> int | None:
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def environment_report(task_id: int | None) -> dict:
+    return {
+        "host": socket.gethostname(), "pid": os.getpid(), "task": task_id,
+        "rank": int(_first_env(_RANK_VARS, "0")), "world_size": int(_first_env(_SIZE_VARS, "1")),
+        "local_rank": int(os.environ.get("SLURM_LOCALID", "0")),
+        "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "backend": os.environ.get("HPCINFER_BACKEND", "slurm"),
+        "master_addr": os.environ.get("MASTER_ADDR"), "gpus": gpus_seen(),
+        "shm_free_bytes": shm_free_bytes(), "python": sys.version.split()[0],
+    }
+
+
+def check_inputs(shards) -> None:
+    for path in sorted({s.file for s in shards}):
+        try:
+            with open(path, "rb") as f:
+                f.read(1)
+        except OSError as exc:
+            raise PreflightFailed(f"input {path} is not readable here ({exc.strerror}): is its "
+                                  "filesystem mounted on compute nodes (and bound into the "
+                                  "container)?") from None
+
+
+def check_writable(directory: Path) -> None:
+    probe = directory / f".preflight-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise PreflightFailed(f"output dir {directory} is not writable here ({exc.strerror}): "
+                              "fix its permissions or choose another output.dir") from None
+
+
+def task_id_from_env(plan) -> int | None:
+    if plan.shape != "array":
+        return None
+    raw = os.environ.get("SLURM_ARRAY_TASK_ID")
+    if raw is None or not raw.isdigit():
+        raise PreflightFailed(f"this job is an array of {plan.array_size} tasks but "
+                              f"SLURM_ARRAY_TASK_ID is {raw!r}: start it with sbatch (or "
+                              "`hpcinfer run JOB --local`), not by hand")
+    return int(raw)
+
+
+def write_metrics(job_dir: Path, record: dict) -> None:
+    task = record["task"] if record["task"] is not None else 0
+    path = job_dir / "metrics" / f"task-{task:05d}-rank-{record['rank']:03d}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def run(job_dir: Path, stop: StopFlag) -> int:
+    from hpcinfer.compile.jobdir import load_plan
+    from hpcinfer.config import ConfigError, load_resolved
+    started = time.time()
+    record: dict = {"event": "preflight", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    try:
+        cfg = load_resolved(job_dir / "job.yaml")
+        plan = load_plan(job_dir)
+        task_id = task_id_from_env(plan)
+        shards = plan.shards_for_task(task_id)
+        record.update(environment_report(task_id))
+        record.update(shards=[s.index for s in shards], rows=sum(s.num_rows for s in shards))
+        log.info("task %s rank %d/%d on %s: shards %s (%d rows), restart %d, GPUs %s",
+                 task_id, record["rank"], record["world_size"], record["host"], record["shards"],
+                 record["rows"], record["restart_count"], record["gpus"])
+        check_inputs(shards)
+        check_writable(Path(str(cfg.output.dir)))
+        check_writable(job_dir / "metrics")
+    except (PreflightFailed, ConfigError, ValueError, OSError) as exc:
+        log.error("preflight failed: %s", exc)
+        record.setdefault("task", None)
+        record.setdefault("rank", int(_first_env(_RANK_VARS, "0")))
+        _finish(job_dir, record, "failed", str(exc), started)
+        return EXIT_BAD_INPUT
+    sleep_s = float(os.environ.get("HPCINFER_PREFLIGHT_SLEEP_S", "0") or 0)
+    deadline = time.monotonic() + sleep_s
+    while time.monotonic() < deadline and stop.signal_name is None:
+        time.sleep(0.1)
+    if stop.signal_name is not None:
+        log.info("received SIG%s: nothing in flight to commit; exiting %d so the job is requeued",
+                 stop.signal_name, EXIT_REQUEUE)
+        _finish(job_dir, record, "requeue", f"SIG{stop.signal_name}", started)
+        return EXIT_REQUEUE
+    log.info("preflight ok: inputs readable, output dir writable")
+    _finish(job_dir, record, "ok", "", started)
+    return 0
+
+
+def _finish(job_dir: Path, record: dict, status: str, message: str, started: float) -> None:
+    record.update(status=status, message=message, seconds=round(time.time() - started, 3))
+    try:
+        write_metrics(job_dir, record)
+    except OSError as exc:
+        log.error("cannot write metrics to %s: %s", job_dir / "metrics", exc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s hpcinfer.worker %(levelname)s %(message)s")
+    if len(argv) != 1:
+        log.error("usage: python -m hpcinfer.worker JOBDIR")
+        return EXIT_BAD_INPUT
+    stop = StopFlag()
+    stop.install()
+    return run(Path(argv[0]).resolve(), stop)
