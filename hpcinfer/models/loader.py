@@ -1,0 +1,125 @@
+"""Our safetensors weight loader: sharded (model.safetensors.index.json) or single-file,
+memory-mapped, each tensor copied once into its (already allocated, target-dtype) parameter.
+
+Names are matched exactly. A checkpoint tensor with no parameter, a parameter (or a piece of
+a merged one) that no tensor filled, a missing shard file and a wrong shape are all errors that
+name the tensor and the file.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from hpcinfer.layers.linear import WeightShapeError, default_weight_loader
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# Buffers that some checkpoints carry but that we recompute.
+IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+
+
+def checkpoint_files(model_dir: str | Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it, checking every listed file exists."""
+    model_dir = Path(model_dir)
+    index_path = model_dir / INDEX_FILE
+    if index_path.is_file():
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+        files = {name: model_dir / shard for name, shard in weight_map.items()}
+        for shard in sorted(set(files.values())):
+            if not shard.is_file():
+                raise FileNotFoundError(
+                    f"shard {shard.name} listed in {index_path} is missing from {model_dir}: "
+                    "the download is incomplete; download the checkpoint again")
+        return files
+    single = model_dir / SINGLE_FILE
+    if single.is_file():
+        with safe_open(single, framework="pt") as f:
+            return {name: single for name in f.keys()}
+    raise FileNotFoundError(f"no {INDEX_FILE} or {SINGLE_FILE} in {model_dir}: this loader reads "
+                            "safetensors checkpoints only")
+
+
+def iter_checkpoint(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    """(name, tensor, file) for every tensor, one shard open at a time (memory-mapped)."""
+    by_file: dict[Path, list[str]] = {}
+    for name, path in checkpoint_files(model_dir).items():
+        by_file.setdefault(path, []).append(name)
+    for path, names in sorted(by_file.items()):
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for name in names:
+                yield name, f.get_tensor(name), path
+
+
+def load_weights(model: nn.Module, model_dir: str | Path) -> None:
+    """Fill every parameter of ``model`` from the checkpoint in ``model_dir``.
+
+    ``model.packed_modules_mapping`` maps HF projection names onto merged ones, e.g.
+    ``{"q_proj": ("qkv_proj", "q")}``; a model may define ``checkpoint_name(name)`` to rename
+    legacy tensor names. Tied parameters (one tensor under two names) load once.
+    """
+    params = dict(model.named_parameters())  # tied params appear once, under the first name
+    modules = dict(model.named_modules())
+    needed = _needed_pieces(model, params)
+    loaded: set[tuple[str, object]] = set()
+    for name, tensor, path in iter_checkpoint(model_dir):
+        target = _target_of(model, name, params)
+        if target is None:
+            continue
+        param_name, shard_id = target
+        module_name, _, _ = param_name.rpartition(".")
+        loader = getattr(modules[module_name], "weight_loader", None)
+        try:
+            if loader is None:
+                default_weight_loader(params[param_name], tensor)
+            elif shard_id is None:
+                loader(params[param_name], tensor)
+            else:
+                loader(params[param_name], tensor, shard_id)
+        except WeightShapeError as err:
+            raise ValueError(f"tensor {name} in {path.name} has the wrong shape: expected "
+                             f"{err.expected}, found {err.found} (does config.json match "
+                             "the weights?)") from None
+        loaded.add((param_name, shard_id))
+    missing = sorted(f"{p}" + ("" if s is None else f" ({s})") for p, s in needed - loaded)
+    if missing:
+        raise ValueError(f"checkpoint {model_dir} has no tensor for {len(missing)} parameter(s): "
+                         f"{', '.join(missing[:10])}")
+    log.info("loaded %d tensors from %s", len(loaded), model_dir)
+
+
+def _needed_pieces(model: nn.Module, params: dict[str, nn.Parameter]) -> set[tuple[str, object]]:
+    modules = dict(model.named_modules())
+    needed = set()
+    for param_name in params:
+        module_name, _, _ = param_name.rpartition(".")
+        for shard_id in getattr(modules[module_name], "shard_ids", (None,)):
+            needed.add((param_name, shard_id))
+    return needed
+
+
+def _target_of(model: nn.Module, name: str, params: dict[str, nn.Parameter]
+               ) -> tuple[str, object] | None:
+    """(parameter name, shard id) a checkpoint tensor goes to; None if it is to be skipped."""
+    if name.endswith(IGNORABLE_SUFFIXES):
+        return None
+    rename = getattr(model, "checkpoint_name", None)
+    if rename is not None:
+        name = rename(name)
+    if name == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False):
+        return None  # some tied checkpoints store the head too; it equals the embedding
+    for hf_part, (ours, shard_id) in getattr(model, "packed_modules_mapping", {}).items():
+        merged = name.replace(f".{hf_part}.", f".{ours}.")
+        if merged != name and merged in params:
+            return merged, shard_id
+    if name in params:
+        return name, None
+    raise ValueError(f"checkpoint tensor {name} matches no parameter of "
+                     f"{type(model).__name__}: is config.json for a different architecture?")

@@ -1,0 +1,137 @@
+"""Architecture name -> model class, and ``load_model``: config, meta-device build, weights.
+
+Model classes are imported lazily so that importing the registry stays cheap.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hpcinfer.layers.attention import AttentionBackend, get_attention_backend
+from hpcinfer.layers.linear import NO_TP, TensorParallel
+from hpcinfer.models.loader import load_weights
+from hpcinfer.models.spec import ModelSpec, head_dim_of, token_ids
+
+log = logging.getLogger(__name__)
+
+# HF ``architectures`` entry -> (module, class)
+_ARCHITECTURES: dict[str, tuple[str, str]] = {
+    "LlamaForCausalLM": ("hpcinfer.models.llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("hpcinfer.models.llama", "MistralForCausalLM"),
+    "Qwen2ForCausalLM": ("hpcinfer.models.qwen2", "Qwen2ForCausalLM"),
+    "Qwen3ForCausalLM": ("hpcinfer.models.qwen3", "Qwen3ForCausalLM"),
+    "GemmaForCausalLM": ("hpcinfer.models.gemma", "GemmaForCausalLM"),
+    "OPTForCausalLM": ("hpcinfer.models.opt", "OPTForCausalLM"),
+}
+
+
+def supported_architectures() -> list[str]:
+    """The HF ``architectures`` names we can load, sorted."""
+    return sorted(_ARCHITECTURES)
+
+
+def architecture_of(config: Any) -> str:
+    """The one supported architecture a config names; ValueError listing ours otherwise."""
+    names = list(getattr(config, "architectures", None) or [])
+    for name in names:
+        if name in _ARCHITECTURES:
+            return name
+    raise ValueError(f"unsupported model architecture {names or '(none in config.json)'}; "
+                     f"hpcinfer supports: {', '.join(supported_architectures())}")
+
+
+def model_class(architecture: str) -> type[nn.Module]:
+    """The model class for a supported architecture name."""
+    if architecture not in _ARCHITECTURES:
+        raise ValueError(f"unsupported model architecture {architecture!r}; hpcinfer supports: "
+                         f"{', '.join(supported_architectures())}")
+    module_name, class_name = _ARCHITECTURES[architecture]
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def load_config(model_path: str | Path) -> Any:
+    """The HF config of a local checkpoint directory, via transformers.AutoConfig."""
+    from transformers import AutoConfig
+
+    path = Path(model_path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no config.json in {path}: model must be a local checkpoint "
+                                "directory (run \"hpcinfer download <id>\" on a login node)")
+    return AutoConfig.from_pretrained(str(path))
+
+
+def load_model(model_path: str | Path, *, dtype: torch.dtype, device: torch.device | str,
+               attention_backend: str | AttentionBackend = "auto",
+               tp: TensorParallel = NO_TP) -> nn.Module:
+    """Build the model of a local checkpoint on the meta device, then load its weights.
+
+    The returned model is in eval mode with ``model.spec`` (a ModelSpec) set. ``dtype`` is a
+    torch.dtype (resolving "auto" is the caller's job); parameters are allocated directly on
+    ``device`` in ``dtype`` and each tensor is converted once while copying.
+    """
+    config = load_config(model_path)
+    architecture = architecture_of(config)
+    device = torch.device(device)
+    backend = (get_attention_backend(attention_backend, device)
+               if isinstance(attention_backend, str) else attention_backend)
+    cls = model_class(architecture)
+    with torch.device("meta"):
+        model = cls(config, attention_backend=backend, tp=tp)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    model.tie_weights()  # leaving the meta device unties shared parameters
+    _init_buffers(model)
+    with torch.no_grad():
+        load_weights(model, model_path)
+    model.eval()
+    model.spec = model_spec(config, architecture, dtype, tp, model_path)
+    log.info("loaded %s from %s (%s, %s, backend %s)", architecture, model_path, dtype, device,
+             backend.name)
+    return model
+
+
+def _init_buffers(model: nn.Module) -> None:
+    # Non-persistent buffers (rotary cos/sin) are computed, never loaded.
+    for module in model.modules():
+        init = getattr(module, "init_buffers", None)
+        if init is not None:
+            init()
+
+
+def model_spec(config: Any, architecture: str, dtype: torch.dtype,
+               tp: TensorParallel = NO_TP, model_path: str | Path | None = None) -> ModelSpec:
+    """The engine-facing facts of a model (per tensor-parallel rank where that matters)."""
+    cls = model_class(architecture)
+    windows = {getattr(cls, "sliding_window_for", lambda c, i: None)(config, i)
+               for i in range(config.num_hidden_layers)}
+    eos = token_ids(getattr(config, "eos_token_id", None))
+    eos += tuple(i for i in _generation_config_eos(model_path) if i not in eos)
+    return ModelSpec(
+        architecture=architecture,
+        num_layers=config.num_hidden_layers,
+        num_heads=config.num_attention_heads // tp.size,
+        num_kv_heads=(getattr(config, "num_key_value_heads", None)
+                      or config.num_attention_heads) // tp.size,
+        head_dim=head_dim_of(config),
+        hidden_size=config.hidden_size,
+        vocab_size=config.vocab_size,
+        max_position_embeddings=config.max_position_embeddings,
+        sliding_window=windows.pop() if len(windows) == 1 else None,
+        dtype=dtype,
+        eos_token_ids=eos,
+        bos_token_id=getattr(config, "bos_token_id", None),
+    )
+
+
+def _generation_config_eos(model_path: str | Path | None) -> tuple[int, ...]:
+    if model_path is None:
+        return ()
+    path = Path(model_path) / "generation_config.json"
+    if not path.is_file():
+        return ()
+    return token_ids(json.loads(path.read_text()).get("eos_token_id"))
