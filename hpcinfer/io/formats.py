@@ -1,0 +1,173 @@
+"""Output formats: one answered row -> a record dict -> bytes of a part file, and back.
+
+Every record carries ``row_index`` (the row's position in its input file): the ledger reads
+it to know what is done and collect sorts by it. Field order is fixed so equal results give
+equal bytes. Formats:
+
+- jsonl: ``{"row_index", <id>, <passthrough...>, "text", "num_prompt_tokens",
+  "num_output_tokens", "finish_reason"[, "logprobs"]}`` one JSON object per line.
+- parquet: the same columns with an explicit schema.
+- openai-batch: the OpenAI batch output line plus ``row_index`` (collect drops it).
+"""
+from __future__ import annotations
+
+import json
+from typing import IO, Any
+
+from hpcinfer.io import openai_batch
+
+FORMATS = ("jsonl", "parquet", "openai-batch")
+RESULT_FIELDS = ("text", "num_prompt_tokens", "num_output_tokens", "finish_reason")
+
+
+def dumps_line(record: dict) -> str:
+    """One JSONL line; non-ASCII kept readable unless it cannot be UTF-8 (lone surrogates)."""
+    line = json.dumps(record, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        line = json.dumps(record)
+    return line + "\n"
+
+
+def write_jsonl(records: list[dict], f: IO[bytes]) -> None:
+    f.write("".join(map(dumps_line, records)).encode("utf-8"))
+
+
+def read_jsonl(path) -> list[dict]:
+    with open(path, "rb") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class JsonlFormat:
+    name = "jsonl"
+    suffix = ".jsonl"
+
+    def __init__(self, *, id_name: str | None = "id", passthrough: tuple[str, ...] = (),
+                 logprobs: bool = False, column_types: dict | None = None, **_: Any):
+        reserved = {"row_index", *RESULT_FIELDS, "logprobs"}
+        clash = reserved & (set(passthrough) | {id_name})
+        if clash:
+            raise ValueError(f"input.passthrough / id_field name {sorted(clash)} clashes with "
+                             f"an output field ({', '.join(sorted(reserved))}): rename the "
+                             "input column or drop it from input.passthrough")
+        self.id_name = id_name
+        self.passthrough = tuple(c for c in passthrough if c != id_name)
+        self.logprobs = logprobs
+        self.column_types = column_types or {}
+
+    def record(self, row, out) -> dict:
+        rec: dict[str, Any] = {"row_index": row.index}
+        if self.id_name:
+            rec[self.id_name] = row.id
+        for name in self.passthrough:
+            rec[name] = row.passthrough.get(name)
+        rec["text"] = out.text
+        rec["num_prompt_tokens"] = out.num_prompt_tokens
+        rec["num_output_tokens"] = out.num_output_tokens
+        rec["finish_reason"] = out.finish_reason
+        if self.logprobs:
+            rec["logprobs"] = None if out.logprobs is None else [
+                [{"token_id": int(t), "logprob": float(lp)} for t, lp in pos]
+                for pos in out.logprobs]
+        return rec
+
+    def write(self, records: list[dict], f: IO[bytes]) -> None:
+        write_jsonl(records, f)
+
+    def read(self, path) -> list[dict]:
+        return read_jsonl(path)
+
+    def read_indices(self, path) -> list[int]:
+        return [r["row_index"] for r in read_jsonl(path)]
+
+
+class OpenAIBatchFormat(JsonlFormat):
+    name = "openai-batch"
+    suffix = ".openai.jsonl"
+
+    def __init__(self, *, model: str = "", created_s: int = 0, **kwargs: Any):
+        super().__init__(**{**kwargs, "id_name": "custom_id", "passthrough": ()})
+        self.model = model
+        self.created_s = created_s
+
+    def record(self, row, out) -> dict:
+        line = openai_batch.response_line(row, out, created_s=self.created_s, model=self.model)
+        line["row_index"] = row.index
+        return line
+
+
+class ParquetFormat(JsonlFormat):
+    name = "parquet"
+    suffix = ".parquet"
+
+    def write(self, records: list[dict], f: IO[bytes]) -> None:
+        import pyarrow.parquet as pq
+        pq.write_table(self.to_table(records), f, compression="zstd")
+
+    def to_table(self, records: list[dict]):
+        import pyarrow as pa
+        names = list(records[0]) if records else self._names()
+        arrays = [self._array(name, [r[name] for r in records]) for name in names]
+        return pa.Table.from_arrays(arrays, names=names)
+
+    def _names(self) -> list[str]:
+        return ["row_index", *([self.id_name] if self.id_name else []), *self.passthrough,
+                *RESULT_FIELDS, *(["logprobs"] if self.logprobs else [])]
+
+    def _array(self, name: str, values: list):
+        import pyarrow as pa
+        fixed = _fixed_types()
+        if name in fixed:
+            return pa.array(values, fixed[name])
+        if name in self.column_types:
+            return pa.array(values, self.column_types[name])
+        if _is_mixed_str_int(values):
+            # JSONL ids like 7 and "a7" in one column: strings for all (str(7) == "7").
+            return pa.array([None if v is None else str(v) for v in values], pa.string())
+        try:
+            return pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            # Mixed types in a JSONL column: keep the values as JSON text (documented).
+            return pa.array([None if v is None else json.dumps(v, ensure_ascii=False)
+                             for v in values], pa.string())
+
+    def read(self, path) -> list[dict]:
+        import pyarrow.parquet as pq
+        return pq.read_table(path).to_pylist()
+
+    def read_indices(self, path) -> list[int]:
+        import pyarrow.parquet as pq
+        return pq.read_table(path, columns=["row_index"]).column(0).to_pylist()
+
+
+def _is_mixed_str_int(values: list) -> bool:
+    kinds = {type(v) for v in values if v is not None}
+    return kinds == {str, int}
+
+
+def _fixed_types() -> dict:
+    import pyarrow as pa
+    token = pa.struct([("token_id", pa.int64()), ("logprob", pa.float64())])
+    return {"row_index": pa.int64(), "text": pa.string(), "num_prompt_tokens": pa.int64(),
+            "num_output_tokens": pa.int64(), "finish_reason": pa.string(),
+            "logprobs": pa.list_(pa.list_(token))}
+
+
+_CLASSES = {"jsonl": JsonlFormat, "parquet": ParquetFormat, "openai-batch": OpenAIBatchFormat}
+
+
+def make_format(name: str, **options: Any) -> JsonlFormat:
+    """Format object by name; options: id_name, passthrough, logprobs, column_types,
+    model and created_s (openai-batch)."""
+    if name not in _CLASSES:
+        raise ValueError(f"unknown output format {name!r}: use one of {', '.join(FORMATS)}")
+    return _CLASSES[name](**options)
+
+
+def format_of_part(path) -> str:
+    """jsonl | parquet | openai-batch from a part file name (openai parts end .openai.jsonl)."""
+    name = str(path)
+    if name.endswith(".parquet"):
+        return "parquet"
+    return "openai-batch" if name.endswith(".openai.jsonl") else "jsonl"

@@ -1,0 +1,276 @@
+"""Row types of the data path and the validation that turns an input record into one.
+
+A record read from a shard becomes either an ``InputRow`` (ready for the engine) or a
+``BadRow`` (kind, reason, excerpt) that goes to the shard's errors.jsonl; a bad row never
+stops the shard. ``OutputRecord`` is what the worker hands back per finished row. None of
+these import the engine: the worker maps them to SamplingParams / requests.
+
+Row identity: ``index`` is the row's position in its input file (JSONL: physical line,
+0-based; Parquet: row number). The resume ledger keys on it because every row has one, even
+a line that is not JSON. ``key`` is the user-level identity: the id field's value (or
+``custom_id`` for OpenAI batch), ``"<file>#<index>"`` when the input has no id field.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from hpcinfer.io import openai_batch
+from hpcinfer.io.sampling import check_sampling_overrides
+
+EXCERPT_CHARS = 200
+ROLES = ("system", "developer", "user", "assistant", "tool")
+TASKS = ("generate", "chat", "embed", "classify", "score", "reward")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the reader needs from the job config's ``input:`` block (and ``task``)."""
+    task: str = "generate"
+    format: str = "auto"                 # auto | jsonl | parquet | openai-batch
+    id_field: str | None = "id"
+    prompt_field: str | None = "prompt"
+    messages_field: str | None = None
+    text_field: str | None = None
+    text_1_field: str | None = None
+    text_2_field: str | None = None
+    sampling_field: str | None = None
+    passthrough: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}: use one of {', '.join(TASKS)}")
+        if self.format != "openai-batch" and self.content_field is None:
+            raise ValueError(f"task {self.task} needs input.{self._content_key()} to name the "
+                             "input column holding the row's content")
+
+    @classmethod
+    def from_config(cls, input_cfg: Any, task: str) -> "InputSpec":
+        """From the config's input block (pydantic model or plain mapping)."""
+        get = input_cfg.get if isinstance(input_cfg, Mapping) else \
+            (lambda k, d=None: getattr(input_cfg, k, d))
+        kwargs = {k: get(k, getattr(cls, k)) for k in (
+            "format", "id_field", "prompt_field", "messages_field", "text_field",
+            "text_1_field", "text_2_field", "sampling_field")}
+        return cls(task=task, passthrough=tuple(get("passthrough", ()) or ()), **kwargs)
+
+    @property
+    def is_openai(self) -> bool:
+        return self.format == "openai-batch"
+
+    @property
+    def id_name(self) -> str | None:
+        """Name of the id column in outputs (custom_id for OpenAI batch input)."""
+        return "custom_id" if self.is_openai else self.id_field
+
+    def _content_key(self) -> str:
+        if self.task == "chat":
+            return "messages_field"
+        if self.task == "score":
+            return "text_1_field"
+        if self.task in ("embed", "classify", "reward"):
+            return "text_field"
+        return "prompt_field"
+
+    @property
+    def content_field(self) -> str | None:
+        if self.task in ("embed", "classify", "reward"):
+            return self.text_field or self.prompt_field
+        if self.task == "score":
+            return self.text_1_field if self.text_2_field else None
+        return getattr(self, self._content_key())
+
+    def columns(self) -> list[str]:
+        """Input columns the reader needs (Parquet projection), in a stable order."""
+        names = [self.id_field, self.content_field, self.sampling_field, *self.passthrough]
+        if self.task == "score":
+            names.insert(2, self.text_2_field)
+        return list(dict.fromkeys(n for n in names if n))
+
+
+@dataclass(frozen=True, slots=True)
+class InputRow:
+    """One valid input row. Exactly one of prompt / messages / texts is set."""
+    index: int                           # row position in its input file
+    file: str
+    key: str | int                       # id value, custom_id, or "<file>#<index>"
+    id: str | int | None                 # the id field's value (None without an id field)
+    prompt: str | None = None
+    messages: list | None = None         # [{"role": ..., "content": ...}, ...]
+    texts: tuple[str, ...] | None = None  # embed/classify/reward: (text,); score: (t1, t2)
+    sampling: dict = field(default_factory=dict)      # validated per-row overrides
+    passthrough: dict = field(default_factory=dict)   # column -> value copied to outputs
+    url: str | None = None               # OpenAI batch only
+    body: dict | None = None             # OpenAI batch only (the request body, as given)
+
+
+@dataclass(frozen=True, slots=True)
+class BadRow:
+    """A row set aside with a reason; it is "done" once its error record is committed."""
+    index: int
+    file: str
+    id: str | int | None
+    kind: str                            # short stable code, e.g. invalid_json
+    reason: str                          # what is wrong and what to do
+    excerpt: str
+
+    def to_record(self) -> dict:
+        """The errors.jsonl line for this row (field order fixed for stable bytes)."""
+        return {"row_index": self.index, "id": self.id, "kind": self.kind,
+                "reason": self.reason, "excerpt": self.excerpt, "file": self.file}
+
+
+@dataclass(frozen=True, slots=True)
+class OutputRecord:
+    """The engine's answer for one row, as the writers need it."""
+    text: str
+    num_prompt_tokens: int
+    num_output_tokens: int
+    finish_reason: str | None            # stop | length | abort | None
+    # Per output token: [(token_id, logprob), ...], the sampled token first, then top-k.
+    logprobs: list | None = None
+
+
+def prompt_too_long(row: InputRow, num_prompt_tokens: int, max_model_len: int) -> BadRow:
+    """The bad row the worker records for resilience.on_long_prompt: error."""
+    return BadRow(row.index, row.file, row.id, "prompt_too_long",
+                  f"prompt has {num_prompt_tokens} tokens but model.max_model_len is "
+                  f"{max_model_len}: shorten the prompt, raise model.max_model_len, or set "
+                  "resilience.on_long_prompt: truncate_left",
+                  excerpt(row.prompt if row.prompt is not None else row.messages))
+
+
+def excerpt(raw: Any) -> str:
+    if isinstance(raw, bytes):
+        raw = raw.rstrip(b"\r\n").decode("utf-8", errors="backslashreplace")
+    elif not isinstance(raw, str):
+        raw = json.dumps(raw, ensure_ascii=False, default=str)
+    return raw[:EXCERPT_CHARS]
+
+
+def validate_record(index: int, file: str, obj: Any, spec: InputSpec,
+                    raw: Any = None) -> InputRow | BadRow:
+    """One decoded record (JSONL object or Parquet row dict) -> InputRow or BadRow."""
+    def bad(kind: str, reason: str, row_id: Any = None) -> BadRow:
+        return BadRow(index, file, row_id, kind, reason, excerpt(obj if raw is None else raw))
+
+    if not isinstance(obj, dict):
+        return bad("not_object", f"row is a JSON {type(obj).__name__}, not an object")
+    if spec.is_openai:
+        return _validate_openai(index, file, obj, spec, bad)
+    row_id, problem = _row_id(obj, spec.id_field)
+    if problem:
+        return bad(problem[0], problem[1])
+    content, problem = _content(obj, spec)
+    if problem:
+        return bad(problem[0], problem[1], row_id)
+    sampling = {}
+    if spec.sampling_field and obj.get(spec.sampling_field) is not None:
+        sampling, reason = _sampling(obj[spec.sampling_field])
+        if reason:
+            return bad("invalid_sampling", reason, row_id)
+    key = row_id if spec.id_field else f"{file}#{index}"
+    passthrough = {name: obj.get(name) for name in spec.passthrough}
+    return InputRow(index, file, key, row_id, sampling=sampling, passthrough=passthrough,
+                    **content)
+
+
+def _row_id(obj: dict, id_field: str | None) -> tuple[Any, tuple[str, str] | None]:
+    if not id_field:
+        return None, None
+    if id_field not in obj:
+        return None, ("missing_id", f"row has no {id_field!r} field: add it, or set "
+                      "input.id_field: null to identify rows by (file, row index)")
+    value = obj[id_field]
+    if value is None:
+        return None, ("null_id", f"{id_field!r} is null: every row needs an id")
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        return None, ("bad_id_type", f"{id_field!r} must be a string or an integer, "
+                      f"got {type(value).__name__}")
+    if value == "":
+        return None, ("empty_id", f"{id_field!r} is an empty string")
+    return value, None
+
+
+def _content(obj: dict, spec: InputSpec) -> tuple[dict, tuple[str, str] | None]:
+    if spec.task == "chat":
+        messages, problem = _field(obj, spec.messages_field, list, "a list of messages")
+        if problem:
+            return {}, problem
+        problem = check_messages(messages)
+        return ({}, ("bad_messages", problem)) if problem else ({"messages": messages}, None)
+    fields = [spec.content_field] + ([spec.text_2_field] if spec.task == "score" else [])
+    values = []
+    for name in fields:
+        value, problem = _field(obj, name, str, "a string")
+        if problem:
+            return {}, problem
+        if not value:
+            return {}, ("empty_prompt", f"{name!r} is an empty string")
+        values.append(value)
+    if spec.task == "generate":
+        return {"prompt": values[0]}, None
+    return {"texts": tuple(values)}, None
+
+
+def _field(obj: dict, name: str, kind: type, kind_words: str) -> tuple[Any, Any]:
+    if name not in obj:
+        return None, ("missing_prompt", f"row has no {name!r} field (input.*_field names "
+                      "the column to read; check its spelling)")
+    value = obj[name]
+    if value is None:
+        return None, ("null_prompt", f"{name!r} is null")
+    if not isinstance(value, kind):
+        return None, ("bad_prompt_type", f"{name!r} must be {kind_words}, "
+                      f"got {type(value).__name__}")
+    return value, None
+
+
+def _sampling(value: Any) -> tuple[dict, str | None]:
+    if isinstance(value, str):       # Parquet files often store the dict as a JSON string
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return {}, "sampling overrides are a string that is not JSON"
+    return check_sampling_overrides(value)
+
+
+def check_messages(messages: Any) -> str | None:
+    """None when `messages` is a valid chat (list of {role, content}), else the problem."""
+    if not isinstance(messages, list) or not messages:
+        return "messages must be a non-empty list of {role, content} objects"
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            return f"messages[{i}] must be an object, got {type(message).__name__}"
+        role = message.get("role")
+        if role not in ROLES:
+            return f"messages[{i}].role {role!r} is not one of {', '.join(ROLES)}"
+        content = message.get("content")
+        if content is None and role == "assistant" and message.get("tool_calls"):
+            continue
+        if isinstance(content, str):
+            continue
+        if isinstance(content, list) and content and all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                for p in content):
+            continue
+        return (f"messages[{i}].content must be a string or a list of "
+                '{"type": "text", "text": ...} parts')
+    return None
+
+
+def _validate_openai(index: int, file: str, obj: dict, spec: InputSpec, bad) -> InputRow | BadRow:
+    custom_id, problem = _row_id(obj, "custom_id")
+    if problem:
+        return bad(problem[0], problem[1].replace("input.id_field: null", "a custom_id"))
+    request, problem = openai_batch.parse_request(obj, spec.task)
+    if problem:
+        return bad(problem[0], problem[1], custom_id)
+    if "messages" in request and (reason := check_messages(request["messages"])):
+        return bad("bad_messages", reason, custom_id)
+    sampling, reason = check_sampling_overrides(request.pop("sampling"))
+    if reason:
+        return bad("invalid_sampling", reason, custom_id)
+    return InputRow(index, file, custom_id, custom_id, sampling=sampling, url=obj["url"],
+                    body=obj["body"], **request)
