@@ -1,0 +1,68 @@
+"""EngineConfig: the user's engine knobs, frozen and validated once.
+
+Derived values (the resolved max_model_len, the number of KV blocks, EOS ids) live in the
+runtime objects that compute them (ModelRunner, LLMEngine), never back in here.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory_bytes: int | None = None
+    enforce_eager: bool = False
+    seed: int = 0
+    tensor_parallel_size: int = 1
+    device: str = "auto"
+    attention_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        _positive_int(self, "max_num_seqs")
+        _positive_int(self, "max_num_batched_tokens")
+        _positive_int(self, "block_size")
+        if self.max_model_len is not None:
+            _positive_int(self, "max_model_len")
+        if self.kv_cache_memory_bytes is not None:
+            _positive_int(self, "kv_cache_memory_bytes")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization!r} must be "
+                             "in (0, 1]")
+        if self.tensor_parallel_size != 1:
+            raise ValueError(
+                f"tensor_parallel_size={self.tensor_parallel_size!r} is not supported yet: the "
+                "engine runs on one device for now (tensor parallelism comes in a later "
+                "release); use tensor_parallel_size=1, or run one replica per GPU")
+        if self.dtype not in DTYPE_NAMES:
+            raise ValueError(f"dtype={self.dtype!r} is not supported: use one of "
+                             f"{sorted(DTYPE_NAMES)}")
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs) -> EngineConfig:
+        """Build from ``LLM(**kwargs)``; unknown keys raise TypeError with a did-you-mean."""
+        known = {f.name for f in fields(cls)}
+        for key in kwargs:
+            if key not in known:
+                close = difflib.get_close_matches(key, sorted(known), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise TypeError(f"LLM() got an unexpected keyword argument {key!r}{hint}; "
+                                f"valid arguments: {', '.join(sorted(known))}")
+        return cls(model=str(model), **kwargs)
+
+
+DTYPE_NAMES = {"auto", "float32", "float", "float16", "half", "bfloat16", "fp32", "fp16", "bf16"}
+
+
+def _positive_int(config: EngineConfig, name: str) -> None:
+    value = getattr(config, name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}={value!r} must be an integer >= 1")

@@ -1,0 +1,137 @@
+"""LLM: the vLLM-compatible offline facade (``generate`` and ``chat``) over LLMEngine.
+
+Existing vLLM scripts run after swapping ``from vllm import LLM, SamplingParams`` for
+``from hpcinfer import LLM, SamplingParams``. Results come back in prompt order.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+from hpcinfer.engine.config import EngineConfig
+from hpcinfer.engine.llm_engine import LLMEngine
+from hpcinfer.engine.outputs import RequestOutput
+from hpcinfer.engine.params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class LLM:
+    """Load a model once, then generate for batches of prompts.
+
+    Arguments as vLLM's: ``model`` (a local snapshot directory), ``dtype``, ``max_model_len``,
+    ``max_num_seqs``, ``max_num_batched_tokens``, ``block_size``, ``enable_prefix_caching``,
+    ``gpu_memory_utilization``, ``kv_cache_memory_bytes``, ``enforce_eager``, ``seed``,
+    ``tensor_parallel_size`` (1 for now), ``device`` ("auto", "cpu", "cuda", ...). An unknown
+    keyword raises TypeError with a did-you-mean.
+    """
+
+    def __init__(self, model: str, **kwargs: Any):
+        self.config = EngineConfig.from_kwargs(model, **kwargs)
+        self.llm_engine = LLMEngine(self.config)
+        self._next_request = 0
+
+    def get_tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    # --- generate ---
+    def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """prompts: a string, a list of token ids, a {"prompt"/"prompt_token_ids"} dict, or a
+        list of those. sampling_params: one for all prompts or one per prompt."""
+        prompt_list = _as_prompt_list(prompts)
+        return self._run(prompt_list, sampling_params, use_tqdm)
+
+    def chat(self, messages, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True, chat_template: str | None = None,
+             add_generation_prompt: bool = True, continue_final_message: bool = False,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """messages: one conversation (a list of {"role", "content"} dicts) or a list of them;
+        each is rendered with the tokenizer's chat template (or ``chat_template``)."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        if add_generation_prompt and continue_final_message:
+            raise ValueError("chat(): add_generation_prompt and continue_final_message cannot "
+                             "both be True; set add_generation_prompt=False to continue the "
+                             "final message")
+        prompts = []
+        for i, conversation in enumerate(conversations):
+            try:
+                prompts.append(self._render_chat(conversation, chat_template,
+                                                 add_generation_prompt, continue_final_message,
+                                                 chat_template_kwargs or {}))
+            except Exception as e:  # jinja2 and tokenizer errors carry no request index
+                raise ValueError(f"conversation {i}: the chat template failed: {e}") from e
+        return self._run(prompts, sampling_params, use_tqdm)
+
+    def _render_chat(self, conversation, chat_template, add_generation_prompt,
+                     continue_final_message, extra) -> dict:
+        tokenizer = self.get_tokenizer()
+        kwargs = dict(chat_template=chat_template, add_generation_prompt=add_generation_prompt,
+                      continue_final_message=continue_final_message, **extra)
+        text = tokenizer.apply_chat_template(conversation, tokenize=False, **kwargs)
+        ids = tokenizer.apply_chat_template(conversation, tokenize=True, **kwargs)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return {"prompt": text, "prompt_token_ids": list(ids)}
+
+    # --- the loop ---
+    def _run(self, prompts: list, sampling_params, use_tqdm: bool) -> list[RequestOutput]:
+        params = _params_per_prompt(sampling_params, len(prompts))
+        engine = self.llm_engine
+        for i, prompt in enumerate(prompts):  # validate everything before queueing anything
+            try:
+                engine.tokenize_prompt(prompt, request_id=str(i))
+            except ValueError as e:
+                raise ValueError(f"prompt {i}: {e}") from None
+        request_ids = []
+        for prompt, p in zip(prompts, params):
+            request_id = str(self._next_request)
+            self._next_request += 1
+            engine.add_request(request_id, prompt, p)
+            request_ids.append(request_id)
+        finished: dict[str, RequestOutput] = {}
+        bar = _progress_bar(len(prompts)) if use_tqdm else None
+        try:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        finished[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+            engine.abort_request([r for r in request_ids if r not in finished])
+        return [finished[r] for r in request_ids]
+
+
+def _as_prompt_list(prompts) -> list:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]  # a single token-id prompt
+    return prompts
+
+
+def _params_per_prompt(sampling_params, num_prompts: int) -> list[SamplingParams]:
+    if sampling_params is None:
+        return [SamplingParams()] * num_prompts
+    if isinstance(sampling_params, SamplingParams):
+        return [sampling_params] * num_prompts
+    params = list(sampling_params)
+    if len(params) != num_prompts:
+        raise ValueError(f"got {len(params)} SamplingParams for {num_prompts} prompts: pass one "
+                         "for all prompts or exactly one per prompt")
+    for i, p in enumerate(params):
+        if not isinstance(p, SamplingParams):
+            raise ValueError(f"sampling_params[{i}] is a {type(p).__name__}, not SamplingParams")
+    return params
+
+
+def _progress_bar(total: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="Processed prompts", dynamic_ncols=True)

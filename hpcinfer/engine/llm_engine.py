@@ -1,0 +1,306 @@
+"""LLMEngine: the streaming step loop (add_request / step / abort_request).
+
+Ownership: the scheduler moves sequences and the block manager writes block tables; the
+engine alone appends sampled tokens, detokenizes and decides when a sequence is finished.
+A bad request raises ValueError in ``add_request`` before any state changes, so it never
+disturbs the requests already running.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from hpcinfer.engine.block_manager import BlockManager
+from hpcinfer.engine.config import EngineConfig
+from hpcinfer.engine.detokenizer import IncrementalDetokenizer, find_stop_string
+from hpcinfer.engine.model_runner import ModelRunner, resolve_device, resolve_dtype
+from hpcinfer.engine.outputs import CompletionOutput, RequestOutput
+from hpcinfer.engine.params import SamplingParams
+from hpcinfer.engine.sampler import Sampler, SamplerOutput
+from hpcinfer.engine.scheduler import Scheduler
+from hpcinfer.engine.sequence import Sequence, SequenceStatus
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+@dataclass
+class EngineStats:
+    """Counters and cumulative timings (seconds) the bench and the worker's metrics read."""
+
+    num_steps: int = 0
+    num_decode_steps: int = 0
+    schedule_s: float = 0.0
+    prepare_s: float = 0.0
+    model_s: float = 0.0
+    sample_s: float = 0.0
+    postprocess_s: float = 0.0
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+    last_step: dict = field(default_factory=dict)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, tokenizer=None):
+        from hpcinfer.models.registry import load_model
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(config.model)
+        model_dtype = resolve_dtype(config.dtype, _config_dtype(config.model), self.device)
+        torch.manual_seed(config.seed)
+        model = load_model(config.model, dtype=model_dtype, device=self.device,
+                           attention_backend=config.attention_backend)
+        self.spec = model.spec
+        self.max_model_len = self._resolve_max_model_len()
+        self.runner = ModelRunner(config, model, self.device)
+        num_blocks = self.runner.allocate_kv_cache(self.max_model_len)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.max_num_seqs,
+                                          self.runner.max_blocks_per_seq,
+                                          config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
+                                   config.max_num_batched_tokens)
+        self.sampler = Sampler(self.spec.vocab_size, self.device, config.seed)
+        eos = set(self.spec.eos_token_ids or ())
+        if getattr(self.tokenizer, "eos_token_id", None) is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = frozenset(eos)
+        self.requests: dict[str, _Request] = {}
+        self.stats = EngineStats()
+        self._arrivals = 0
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs) -> LLMEngine:
+        return cls(EngineConfig.from_kwargs(model, **kwargs))
+
+    def _resolve_max_model_len(self) -> int:
+        model_max = self.spec.max_position_embeddings
+        wanted = self.config.max_model_len
+        if wanted is None:
+            return model_max
+        if wanted > model_max:
+            raise ValueError(f"max_model_len={wanted} is larger than the model's "
+                             f"max_position_embeddings={model_max}: lower max_model_len")
+        return wanted
+
+    # --- requests ---
+    def add_request(self, request_id: str, prompt, params: SamplingParams | None = None) -> None:
+        """Queue one request. prompt: a string, a list of token ids, or a dict with "prompt"
+        and/or "prompt_token_ids". Raises ValueError naming the request if it is invalid."""
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"request {request_id!r}: params must be a SamplingParams, "
+                             f"got {type(params).__name__}")
+        if request_id in self.requests:
+            raise ValueError(f"request {request_id!r}: a request with this id is already running")
+        text, token_ids = self.tokenize_prompt(prompt, request_id)
+        self._arrivals += 1
+        seqs = [Sequence(request_id, i, token_ids, params.child(i) if params.n > 1 else params,
+                         self._arrivals) for i in range(params.n)]
+        for seq in seqs:
+            if seq.params.seed is not None:
+                seq.generator = self.sampler.make_generator(seq.params.seed)
+            seq.detok = IncrementalDetokenizer(self.tokenizer, token_ids,
+                                               params.skip_special_tokens,
+                                               params.spaces_between_special_tokens)
+            self.scheduler.add(seq)
+        self.requests[request_id] = _Request(request_id, text, token_ids, params, seqs)
+        self.stats.num_prompt_tokens += len(token_ids) * params.n
+
+    def tokenize_prompt(self, prompt, request_id: str = "?") -> tuple[str | None, list[int]]:
+        """(prompt text or None, prompt token ids), validated against vocab and max_model_len."""
+        text, token_ids = None, None
+        if isinstance(prompt, dict):
+            unknown = set(prompt) - {"prompt", "prompt_token_ids"}
+            if unknown:
+                raise ValueError(f"request {request_id!r}: unknown prompt keys {sorted(unknown)}; "
+                                 "use 'prompt' and/or 'prompt_token_ids'")
+            text, token_ids = prompt.get("prompt"), prompt.get("prompt_token_ids")
+        elif isinstance(prompt, str):
+            text = prompt
+        elif isinstance(prompt, (list, tuple)):
+            token_ids = prompt
+        else:
+            raise ValueError(f"request {request_id!r}: a prompt must be a string, a list of "
+                             f"token ids or a dict, got {type(prompt).__name__}")
+        if token_ids is None:
+            if not isinstance(text, str):
+                raise ValueError(f"request {request_id!r}: prompt text must be a string")
+            token_ids = self.tokenizer(text).input_ids if text else []
+        token_ids = [int(t) for t in token_ids]
+        self._check_prompt(request_id, token_ids)
+        return text, token_ids
+
+    def _check_prompt(self, request_id: str, token_ids: list[int]) -> None:
+        if not token_ids:
+            raise ValueError(f"request {request_id!r}: the prompt is empty (0 tokens); "
+                             "give at least one token")
+        if len(token_ids) > self.max_model_len:
+            raise ValueError(f"request {request_id!r}: the prompt has {len(token_ids)} tokens, "
+                             f"more than max_model_len={self.max_model_len}; shorten it or "
+                             "raise max_model_len")
+        vocab = self.spec.vocab_size
+        if min(token_ids) < 0 or max(token_ids) >= vocab:
+            bad = next(t for t in token_ids if t < 0 or t >= vocab)
+            raise ValueError(f"request {request_id!r}: token id {bad} is outside the "
+                             f"vocabulary [0, {vocab})")
+
+    def abort_request(self, request_id: str | list[str]) -> None:
+        """Stop requests (unknown or finished ids are ignored, as in vLLM) and free their KV."""
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        for rid in ids:
+            request = self.requests.pop(rid, None)
+            if request is None:
+                continue
+            live = [s for s in request.seqs if not s.is_finished]
+            for seq in live:
+                seq.finish_reason = "abort"
+            self.scheduler.finish(live)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    # --- the step loop ---
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled batch; return outputs of the requests that got new tokens."""
+        t0 = time.perf_counter()
+        scheduled = self.scheduler.schedule()
+        t1 = time.perf_counter()
+        if not scheduled.seqs:
+            return []
+        batch = self.runner.prepare(scheduled.seqs, scheduled.num_new_tokens, self.block_manager)
+        t2 = time.perf_counter()
+        logits = self.runner.run(batch)
+        self.scheduler.update_computed(scheduled)
+        t3 = time.perf_counter()
+        sampled = (self.sampler(logits, batch.sample_seqs, self.eos_token_ids)
+                   if batch.sample_seqs else SamplerOutput([], [], []))
+        t4 = time.perf_counter()
+        outputs = self._postprocess(batch.sample_seqs, sampled)
+        t5 = time.perf_counter()
+        self._record(len(scheduled.seqs), batch.meta.is_decode, (t0, t1, t2, t3, t4, t5))
+        return outputs
+
+    def _postprocess(self, seqs: list[Sequence], sampled: SamplerOutput) -> list[RequestOutput]:
+        finished, touched = [], {}
+        for i, seq in enumerate(seqs):
+            self._append_token(seq, sampled.token_ids[i], sampled.sampled_logprobs[i],
+                               sampled.top_logprobs[i])
+            if seq.finish_reason is not None:
+                finished.append(seq)
+            touched[seq.request_id] = None
+        self.scheduler.finish(finished)
+        self.stats.num_generated_tokens += len(seqs)
+        outputs = []
+        for rid in touched:
+            request = self.requests[rid]
+            outputs.append(self._request_output(request))
+            if request.finished:
+                del self.requests[rid]
+        return outputs
+
+    def _append_token(self, seq: Sequence, token_id: int, logprob: float | None,
+                      top: dict | None) -> None:
+        seq.token_ids.append(token_id)
+        if seq.logprobs is not None:
+            seq.cumulative_logprob += logprob
+            for tid, entry in top.items():
+                entry.decoded_token = self.tokenizer.decode([tid])
+            seq.logprobs.append(top)
+        params = seq.params
+        stopped_by_token = self._check_stop_token(seq, token_id)
+        if stopped_by_token and not params.include_stop_str_in_output:
+            seq.detok.flush()  # the stop token's own text is left out, as in vLLM
+            return
+        num_new_chars = len(seq.detok.append(token_id))
+        if seq.finish_reason is not None:
+            seq.detok.flush()
+        if (num_new_chars and params.stop_strings and seq.num_output_tokens > params.min_tokens
+                and seq.finish_reason != "stop"):
+            found = find_stop_string(seq.detok.output_text, num_new_chars, params.stop_strings,
+                                     params.include_stop_str_in_output)
+            if found is not None:
+                stop_str, text_len = found
+                seq.detok.output_text = seq.detok.output_text[:text_len]
+                seq.finish_reason, seq.stop_reason = "stop", stop_str
+
+    def _check_stop_token(self, seq: Sequence, token_id: int) -> bool:
+        """Set finish fields for length / EOS / stop token (vLLM's order); True if the last
+        token is a stop token."""
+        params = seq.params
+        if len(seq) >= self.max_model_len or (params.max_tokens is not None
+                                              and seq.num_output_tokens >= params.max_tokens):
+            seq.finish_reason = "length"
+            return False
+        if seq.num_output_tokens < params.min_tokens:
+            return False
+        if not params.ignore_eos and token_id in self.eos_token_ids:
+            seq.finish_reason = "stop"
+            return True
+        if token_id in params.stop_token_id_set:
+            seq.finish_reason, seq.stop_reason = "stop", token_id
+            return True
+        return False
+
+    def _request_output(self, request: _Request) -> RequestOutput:
+        completions = [
+            CompletionOutput(index=s.index, text=s.detok.output_text,
+                             token_ids=s.output_token_ids,
+                             cumulative_logprob=(s.cumulative_logprob if s.logprobs is not None
+                                                 else None),
+                             logprobs=list(s.logprobs) if s.logprobs is not None else None,
+                             finish_reason=s.finish_reason, stop_reason=s.stop_reason)
+            for s in request.seqs]
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids,
+                             completions, request.finished)
+
+    def _record(self, num_seqs: int, is_decode: bool, t: tuple[float, ...]) -> None:
+        stats = self.stats
+        stats.num_steps += 1
+        stats.num_decode_steps += is_decode
+        stats.schedule_s += t[1] - t[0]
+        stats.prepare_s += t[2] - t[1]
+        stats.model_s += t[3] - t[2]
+        stats.sample_s += t[4] - t[3]
+        stats.postprocess_s += t[5] - t[4]
+        stats.last_step = {"num_seqs": num_seqs, "is_decode": is_decode,
+                           "schedule_s": t[1] - t[0], "prepare_s": t[2] - t[1]}
+
+    @property
+    def num_preemptions(self) -> int:
+        return self.scheduler.num_preemptions
+
+    @property
+    def prefix_cache_hits(self) -> int:
+        return self.block_manager.prefix_cache_hits
+
+
+def _load_tokenizer(model_path: str):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+def _config_dtype(model_path: str):
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.from_pretrained(model_path)
+    except (OSError, ValueError):
+        return None  # load_model reports the real problem with the checkpoint
+    return getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)

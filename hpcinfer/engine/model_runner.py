@@ -1,0 +1,169 @@
+"""ModelRunner: owns the model and its KV cache; turns a scheduled step into one forward.
+
+It only *reads* scheduler/block-manager state. A step's batch is flattened as in
+kernels/reference.py: ``num_tokens`` query tokens from ``num_seqs`` sequences, with
+positions, slot mapping, cu_seqlens and block tables built by numpy array ops (no Python
+loop per token), so a 256-sequence decode step costs well under a millisecond of Python.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hpcinfer.engine.block_manager import BlockManager, cdiv
+from hpcinfer.engine.config import EngineConfig
+from hpcinfer.engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+           "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+# Fraction of available RAM the CPU KV pool may take when no size is given.
+_CPU_KV_RAM_FRACTION = 0.25
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor      # [num_tokens] int64
+    positions: torch.Tensor      # [num_tokens] int64
+    meta: object                 # hpcinfer.layers.attention.AttentionMetadata
+    sample_indices: torch.Tensor  # [num_sampled] rows of the hidden states to sample from
+    sample_seqs: list[Sequence]  # the sequences those rows belong to (prefill done)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, config_dtype, device: torch.device) -> torch.dtype:
+    """"auto": the checkpoint's dtype; fp32 checkpoints run in bf16 on GPU, fp32 on CPU."""
+    if name != "auto":
+        return _DTYPES[name]
+    if isinstance(config_dtype, str):
+        config_dtype = _DTYPES.get(config_dtype, getattr(torch, config_dtype, torch.float32))
+    dtype = config_dtype if isinstance(config_dtype, torch.dtype) else torch.float32
+    if dtype == torch.float32 and device.type == "cuda":
+        return torch.bfloat16
+    return dtype
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model, device: torch.device):
+        self.config = config
+        self.model = model
+        self.spec = model.spec
+        self.device = device
+        self.block_size = config.block_size
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.num_blocks = 0
+        self.max_blocks_per_seq = 0
+
+    # --- KV cache ---
+    def bytes_per_block(self) -> int:
+        spec = self.spec
+        elem = torch.empty((), dtype=spec.dtype).element_size()
+        return 2 * spec.num_layers * self.block_size * spec.num_kv_heads * spec.head_dim * elem
+
+    def allocate_kv_cache(self, max_model_len: int) -> int:
+        """Size the pool (see _kv_budget_bytes), allocate it, and return the block count."""
+        per_block = self.bytes_per_block()
+        self.max_blocks_per_seq = cdiv(max_model_len, self.block_size)
+        num_blocks = self._kv_budget_bytes(max_model_len) // per_block
+        if num_blocks < self.max_blocks_per_seq:
+            raise ValueError(
+                f"the KV cache holds {num_blocks} blocks of {self.block_size} tokens "
+                f"({num_blocks * per_block / 2**30:.3f} GiB) but one sequence of max_model_len="
+                f"{max_model_len} needs {self.max_blocks_per_seq}: raise kv_cache_memory_bytes "
+                "(or gpu_memory_utilization), or lower max_model_len")
+        spec = self.spec
+        shape = (num_blocks, self.block_size, spec.num_kv_heads, spec.head_dim)
+        self.kv_caches = [(torch.zeros(shape, dtype=spec.dtype, device=self.device),
+                           torch.zeros(shape, dtype=spec.dtype, device=self.device))
+                          for _ in range(spec.num_layers)]
+        self.num_blocks = num_blocks
+        log.info("KV cache: %d blocks x %d tokens = %d tokens, %.3f GiB on %s", num_blocks,
+                 self.block_size, num_blocks * self.block_size,
+                 num_blocks * per_block / 2**30, self.device)
+        return num_blocks
+
+    def _kv_budget_bytes(self, max_model_len: int) -> int:
+        config = self.config
+        if config.kv_cache_memory_bytes is not None:
+            return config.kv_cache_memory_bytes
+        wanted = config.max_num_seqs * cdiv(max_model_len, self.block_size) * self.bytes_per_block()
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            # Keep room for activations of the largest step (logits dominate).
+            activations = config.max_num_batched_tokens * self.spec.hidden_size * 4 * 16
+            budget = int(total * config.gpu_memory_utilization) - (total - free) - activations
+            return max(budget, 0)
+        return min(wanted, int(_available_ram_bytes() * _CPU_KV_RAM_FRACTION))
+
+    # --- one step ---
+    def prepare(self, seqs: list[Sequence], num_new_tokens: list[int],
+                block_manager: BlockManager) -> Batch:
+        from hpcinfer.layers.attention import AttentionMetadata
+        num_seqs = len(seqs)
+        q_lens = np.array(num_new_tokens, dtype=np.int64)
+        starts = np.fromiter((s.num_computed_tokens for s in seqs), np.int64, num_seqs)
+        seq_lens = starts + q_lens
+        is_decode = bool((q_lens == 1).all())
+        if is_decode:
+            input_ids = np.fromiter((s.token_ids[n] for s, n in zip(seqs, starts.tolist())),
+                                    np.int64, num_seqs)
+        else:
+            chunks = (s.token_ids[n:n + q] for s, n, q in zip(seqs, starts.tolist(), num_new_tokens))
+            input_ids = np.fromiter(itertools.chain.from_iterable(chunks), np.int64)
+        cu_seqlens = np.zeros(num_seqs + 1, dtype=np.int64)
+        np.cumsum(q_lens, out=cu_seqlens[1:])
+        num_tokens = int(cu_seqlens[-1])
+        # positions: [num_tokens]; each sequence's queries continue from its computed tokens
+        positions = np.arange(num_tokens) + np.repeat(starts - cu_seqlens[:-1], q_lens)
+        rows = np.fromiter((s.kv_row for s in seqs), np.int64, num_seqs)
+        max_seqlen_k = int(seq_lens.max())
+        block_tables = block_manager.block_tables[rows, :cdiv(max_seqlen_k, self.block_size)]
+        seq_of_token = np.repeat(np.arange(num_seqs), q_lens)
+        blocks = block_tables[seq_of_token, positions // self.block_size]
+        slot_mapping = blocks.astype(np.int64) * self.block_size + positions % self.block_size
+        # Sequences whose computed tokens reach their length produce a token this step.
+        lengths = np.fromiter((len(s) for s in seqs), np.int64, num_seqs)
+        done = seq_lens == lengths
+        sample_indices = cu_seqlens[1:][done] - 1
+        sample_seqs = [s for s, d in zip(seqs, done.tolist()) if d]
+        to = self._to_device
+        meta = AttentionMetadata(
+            slot_mapping=to(slot_mapping), cu_seqlens_q=to(cu_seqlens.astype(np.int32)),
+            seq_lens=to(seq_lens.astype(np.int32)), block_tables=to(block_tables),
+            max_seqlen_q=int(q_lens.max()), max_seqlen_k=max_seqlen_k, is_decode=is_decode)
+        return Batch(to(input_ids), to(positions), meta, to(sample_indices), sample_seqs)
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        return tensor.to(self.device, non_blocking=True) if self.device.type != "cpu" else tensor
+
+    @torch.inference_mode()
+    def run(self, batch: Batch) -> torch.Tensor:
+        """Forward the batch; return float32 logits [num_sampled, vocab] (maybe 0 rows)."""
+        hidden = self.model.forward(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
+        if not batch.sample_seqs:
+            return hidden.new_empty((0, self.spec.vocab_size), dtype=torch.float32)
+        return self.model.compute_logits(hidden[batch.sample_indices]).float()
+
+
+def _available_ram_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")

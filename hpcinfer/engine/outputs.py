@@ -1,0 +1,51 @@
+"""Request results with vLLM's field names (RequestOutput, CompletionOutput, Logprob)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Logprob:
+    """One token's log-probability; ``rank`` is 1 for the most likely token (vLLM's shape)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# Per generated token: {token_id: Logprob} holding the top-k tokens plus the sampled one.
+SampleLogprobs = list[dict[int, Logprob]]
+
+
+@dataclass
+class CompletionOutput:
+    """One of the ``n`` completions of a request.
+
+    ``finish_reason``: None while running, then "stop" (EOS, a stop token or a stop string) or
+    "length" (max_tokens or max_model_len) or "abort". ``stop_reason``: the stop string or stop
+    token id that ended it, None for EOS or length.
+    """
+
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None
+    logprobs: SampleLogprobs | None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    """The state of one request: its prompt and its completions so far."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    prompt_logprobs: None = None
+    metrics: dict = field(default_factory=dict)

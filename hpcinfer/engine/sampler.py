@@ -1,0 +1,182 @@
+"""Sampler: turns the last-position logits of a batch into tokens, vectorised over rows.
+
+Order (as vLLM v1): logprobs from the raw logits; min_tokens masks stop tokens; penalties;
+greedy rows take argmax; the others are divided by temperature, filtered by min-p, top-k and
+top-p, and sampled with the exponential-race trick (argmax of probs / Exp(1) noise), whose
+noise comes from the row's own torch.Generator when the request has a seed, so a seeded
+request draws the same numbers whatever else shares the batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hpcinfer.engine.outputs import Logprob
+from hpcinfer.engine.sequence import Sequence
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]                            # one per row
+    sampled_logprobs: list[float | None]            # raw logprob of each sampled token
+    top_logprobs: list[dict[int, Logprob] | None]   # rows that asked for logprobs
+
+
+class Sampler:
+    def __init__(self, vocab_size: int, device: torch.device, seed: int = 0):
+        self.vocab_size = vocab_size
+        self.device = device
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    def make_generator(self, seed: int) -> torch.Generator:
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(seed)
+        return generator
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence],
+                 eos_token_ids: frozenset[int]) -> SamplerOutput:
+        # logits: [num_rows, vocab] float32, one row per sequence in seqs
+        logits = logits.float()
+        want_logprobs = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        raw_logprobs = (torch.log_softmax(logits[want_logprobs], dim=-1)
+                        if want_logprobs else None)
+        logits = logits.clone()
+        apply_min_tokens(logits, seqs, eos_token_ids)
+        apply_penalties_to_rows(logits, seqs)
+        token_ids = self._sample(logits, seqs)
+        return self._gather_logprobs(token_ids, raw_logprobs, want_logprobs, seqs)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        tokens = logits.argmax(dim=-1)
+        random_rows = [i for i, s in enumerate(seqs) if not s.params.is_greedy]
+        if not random_rows:
+            return tokens
+        params = [seqs[i].params for i in random_rows]
+        rows = torch.tensor(random_rows, device=logits.device)
+        sub = logits[rows]
+        temperature = torch.tensor([p.temperature for p in params], device=logits.device)
+        sub = sub / temperature[:, None]
+        if any(p.min_p > 0 for p in params):
+            sub = apply_min_p(sub, torch.tensor([p.min_p for p in params], device=sub.device))
+        if any(p.top_k > 0 for p in params) or any(p.top_p < 1 for p in params):
+            top_k = torch.tensor([p.top_k or self.vocab_size for p in params], device=sub.device)
+            top_p = torch.tensor([p.top_p for p in params], device=sub.device)
+            sub = apply_top_k_top_p(sub, top_k, top_p)
+        probs = torch.softmax(sub, dim=-1)
+        noise = self._exponential_noise(probs, [seqs[i] for i in random_rows])
+        tokens[rows] = (probs / noise).argmax(dim=-1)
+        return tokens
+
+    def _exponential_noise(self, probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        noise = torch.empty_like(probs)
+        seeded = [i for i, s in enumerate(seqs) if s.generator is not None]
+        if len(seeded) < len(seqs):
+            noise.exponential_(generator=self.generator)
+        for i in seeded:  # one draw per seeded row, from its own stream
+            noise[i].exponential_(generator=seqs[i].generator)
+        return noise
+
+    def _gather_logprobs(self, tokens: torch.Tensor, raw_logprobs: torch.Tensor | None,
+                         want: list[int], seqs: list[Sequence]) -> SamplerOutput:
+        token_list = tokens.tolist()
+        sampled: list[float | None] = [None] * len(seqs)
+        tops: list[dict[int, Logprob] | None] = [None] * len(seqs)
+        if raw_logprobs is None:
+            return SamplerOutput(token_list, sampled, tops)
+        chosen = tokens[want]
+        chosen_lp = raw_logprobs.gather(1, chosen[:, None])               # [rows, 1]
+        ranks = (raw_logprobs > chosen_lp).sum(dim=-1) + 1                 # 1 = most likely
+        max_k = max(seqs[i].params.logprobs for i in want)
+        top_lp, top_ids = raw_logprobs.topk(max_k, dim=-1) if max_k else (None, None)
+        for j, i in enumerate(want):
+            k = seqs[i].params.logprobs
+            entry = {}
+            if k:
+                for r, (tid, lp) in enumerate(zip(top_ids[j, :k].tolist(), top_lp[j, :k].tolist())):
+                    entry[tid] = Logprob(lp, r + 1)
+            sampled[i] = float(chosen_lp[j, 0])
+            entry.setdefault(token_list[i], Logprob(sampled[i], int(ranks[j])))
+            tops[i] = entry
+        return SamplerOutput(token_list, sampled, tops)
+
+
+# --- logits processors: pure functions, unit-tested against their definitions ---
+
+def apply_min_tokens(logits: torch.Tensor, seqs: list[Sequence],
+                     eos_token_ids: frozenset[int]) -> None:
+    """Until a sequence has min_tokens outputs, its stop tokens (and EOS unless ignore_eos)
+    cannot be sampled. In place."""
+    for i, seq in enumerate(seqs):
+        params = seq.params
+        if seq.num_output_tokens >= params.min_tokens:
+            continue
+        banned = set(params.stop_token_id_set)
+        if not params.ignore_eos:
+            banned |= eos_token_ids
+        if banned:
+            logits[i, sorted(banned)] = float("-inf")
+
+
+def apply_penalties_to_rows(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    rows = [i for i, s in enumerate(seqs) if s.params.has_penalties]
+    if not rows:
+        return
+    vocab = logits.shape[1]
+    device = logits.device
+    prompt_mask = torch.zeros(len(rows), vocab, dtype=torch.bool, device=device)
+    output_counts = torch.zeros(len(rows), vocab, dtype=torch.int64, device=device)
+    for j, i in enumerate(rows):
+        seq = seqs[i]
+        prompt = torch.tensor(seq.token_ids[:seq.num_prompt_tokens], device=device)
+        prompt_mask[j, prompt] = True
+        if seq.num_output_tokens:
+            out = torch.tensor(seq.output_token_ids, device=device)
+            output_counts[j] = torch.bincount(out, minlength=vocab)[:vocab]
+    params = [seqs[i].params for i in rows]
+    index = torch.tensor(rows, device=device)
+    logits[index] = apply_penalties(
+        logits[index], prompt_mask, output_counts,
+        torch.tensor([p.presence_penalty for p in params], device=device),
+        torch.tensor([p.frequency_penalty for p in params], device=device),
+        torch.tensor([p.repetition_penalty for p in params], device=device))
+
+
+def apply_penalties(logits: torch.Tensor, prompt_mask: torch.Tensor,
+                    output_counts: torch.Tensor, presence: torch.Tensor,
+                    frequency: torch.Tensor, repetition: torch.Tensor) -> torch.Tensor:
+    """vLLM's penalties. logits: [B, V]; prompt_mask: [B, V] bool; output_counts: [B, V].
+
+    repetition (tokens in prompt or output): logit / r if logit > 0 else logit * r;
+    frequency: logit -= f * count in output; presence: logit -= p * (count in output > 0).
+    """
+    output_mask = output_counts > 0
+    seen = prompt_mask | output_mask
+    r = repetition[:, None].expand_as(logits)
+    penalised = torch.where(logits > 0, logits / r, logits * r)
+    logits = torch.where(seen, penalised, logits)
+    logits = logits - frequency[:, None] * output_counts.to(logits.dtype)
+    return logits - presence[:, None] * output_mask.to(logits.dtype)
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p times the top token's. [B, V]."""
+    probs = torch.softmax(logits, dim=-1)
+    threshold = probs.amax(dim=-1, keepdim=True) * min_p[:, None]
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor,
+                      top_p: torch.Tensor) -> torch.Tensor:
+    """Keep each row's top_k logits, then the smallest set whose probability >= top_p (the
+    most likely token always survives). top_k: [B] (vocab = off); top_p: [B] (1 = off)."""
+    sorted_logits, order = logits.sort(dim=-1, descending=False)
+    vocab = logits.shape[-1]
+    kth = sorted_logits.gather(1, (vocab - top_k.clamp(1, vocab)).long()[:, None])
+    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+    drop = cumulative <= (1 - top_p[:, None])
+    drop[:, -1] = False
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)

@@ -1,0 +1,117 @@
+"""Scheduler: continuous batching under one token budget (the only writer of queues/status).
+
+There is no prefill or decode phase: each step, every running sequence's computed tokens
+catch up to its tokens as far as the budget allows (a long prompt is prefilled in chunks),
+then waiting sequences are admitted while slots, budget and KV blocks last. When a running
+sequence cannot get a block, the newest running sequence is preempted by recompute: its
+blocks are freed and it goes back to the front of the queue (its prefix-cached blocks
+usually come straight back).
+"""
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+from hpcinfer.engine.block_manager import BlockManager
+from hpcinfer.engine.sequence import Sequence, SequenceStatus
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SchedulerOutput:
+    seqs: list[Sequence]           # in batch order
+    num_new_tokens: list[int]      # query tokens per sequence this step
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int,
+                 max_num_batched_tokens: int):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput([], [])
+        budget = self.max_num_batched_tokens
+        budget, preempted = self._schedule_running(out, budget)
+        if not preempted:
+            self._schedule_waiting(out, budget)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> tuple[int, bool]:
+        preempted, i = False, 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = min(len(seq) - seq.num_computed_tokens, budget)
+            while not self.block_manager.allocate(seq, seq.num_computed_tokens + num_new):
+                victim = self.running.pop()  # the newest sequence loses its blocks
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    return budget, preempted
+            out.seqs.append(seq)
+            out.num_new_tokens.append(num_new)
+            budget -= num_new
+            i += 1
+        return budget, preempted
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        bm = self.block_manager
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            cached = bm.find_cached_prefix(seq)
+            num_cached_tokens = len(cached) * bm.block_size
+            num_new = min(len(seq) - num_cached_tokens, budget)
+            if not bm.allocate(seq, num_cached_tokens + num_new, cached):
+                break
+            self.waiting.popleft()
+            seq.num_computed_tokens = seq.num_cached_tokens = num_cached_tokens
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.seqs.append(seq)
+            out.num_new_tokens.append(num_new)
+            budget -= num_new
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+        log.debug("preempted %r (KV pool full)", seq)
+
+    def update_computed(self, out: SchedulerOutput) -> None:
+        """After the model ran: the scheduled tokens are now in the KV cache."""
+        bm = self.block_manager
+        for seq, num_new in zip(out.seqs, out.num_new_tokens):
+            seq.num_computed_tokens += num_new
+            bm.cache_full_blocks(seq)
+
+    def finish(self, seqs: list[Sequence]) -> None:
+        """Retire finished (or aborted) sequences, wherever they are, and free their blocks."""
+        if not seqs:
+            return
+        gone = {id(s) for s in seqs}
+        self.running = [s for s in self.running if id(s) not in gone]
+        if any(s.status is SequenceStatus.WAITING for s in seqs):
+            self.waiting = deque(s for s in self.waiting if id(s) not in gone)
+        for seq in seqs:
+            self.block_manager.free(seq)
+            seq.status = SequenceStatus.FINISHED

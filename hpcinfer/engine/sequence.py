@@ -1,0 +1,71 @@
+"""Sequence: one completion being generated (a request with n > 1 owns n of them).
+
+Ownership: the scheduler writes ``status`` and ``num_computed_tokens``; the block manager
+writes ``kv_row``, ``num_blocks`` and ``block_hashes``; the engine appends tokens and sets
+the finish fields. The runner only reads.
+"""
+from __future__ import annotations
+
+import enum
+import itertools
+
+from hpcinfer.engine.params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    _ids = itertools.count()
+
+    def __init__(self, request_id: str, index: int, prompt_token_ids: list[int],
+                 params: SamplingParams, arrival_order: int = 0):
+        self.seq_id = next(Sequence._ids)
+        self.request_id = request_id
+        self.index = index                       # which of the request's n completions
+        self.arrival_order = arrival_order
+        self.params = params
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.status = SequenceStatus.WAITING
+        self.num_computed_tokens = 0             # tokens whose KV is in the cache
+        self.num_cached_tokens = 0               # of those, how many came from the prefix cache
+        self.num_preemptions = 0
+        # Block manager state: a row of its block-table array while holding blocks.
+        self.kv_row = -1
+        self.num_blocks = 0
+        self.num_registered_blocks = 0           # leading blocks whose hash is registered
+        self.block_hashes: list[int] = []        # chained hashes of this sequence's full blocks
+        # Output state (written by the engine).
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.cumulative_logprob = 0.0
+        self.logprobs: list[dict] | None = [] if params.logprobs is not None else None
+        self.generator = None                    # torch.Generator when params.seed is set
+        self.detok = None                        # IncrementalDetokenizer, set by the engine
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def last_token_id(self) -> int:
+        return self.token_ids[-1]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def __repr__(self) -> str:
+        return (f"Sequence(id={self.seq_id}, request={self.request_id!r}, len={len(self)}, "
+                f"computed={self.num_computed_tokens}, status={self.status.value})")

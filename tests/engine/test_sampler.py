@@ -1,0 +1,181 @@
+"""Sampler and logits processors against their definitions; distribution tests with seeds."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hpcinfer.engine.params import SamplingParams
+from hpcinfer.engine.sampler import (Sampler, apply_min_p, apply_penalties,
+                                     apply_penalties_to_rows, apply_top_k_top_p)
+from hpcinfer.engine.sequence import Sequence
+
+V = 8
+LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
+# Chi-square critical values at p = 0.001 (df 1..7): a correct sampler fails 1 run in 1000,
+# and the fixed seeds make each run deterministic anyway.
+CHI2_CRIT = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32}
+
+
+def seq_with(params, prompt=(1, 2), outputs=(), sampler=None):
+    seq = Sequence("r", 0, list(prompt), params)
+    seq.token_ids += list(outputs)
+    if params.seed is not None and sampler is not None:
+        seq.generator = sampler.make_generator(params.seed)
+    return seq
+
+
+def test_penalties_follow_vllm_definitions():
+    torch.manual_seed(0)
+    logits = torch.randn(2, V)
+    prompt_mask = torch.zeros(2, V, dtype=torch.bool)
+    prompt_mask[0, [1, 2]] = True
+    counts = torch.zeros(2, V, dtype=torch.int64)
+    counts[0, 2], counts[0, 5], counts[1, 3] = 3, 1, 2
+    presence = torch.tensor([0.5, -0.3])
+    frequency = torch.tensor([0.2, 1.0])
+    repetition = torch.tensor([1.3, 0.7])
+    got = apply_penalties(logits, prompt_mask, counts, presence, frequency, repetition)
+    want = logits.clone()
+    for b in range(2):
+        for t in range(V):
+            x = logits[b, t].item()
+            if prompt_mask[b, t] or counts[b, t] > 0:
+                x = x / repetition[b].item() if x > 0 else x * repetition[b].item()
+            x -= frequency[b].item() * counts[b, t].item()
+            x -= presence[b].item() * (counts[b, t].item() > 0)
+            want[b, t] = x
+    torch.testing.assert_close(got, want)
+
+
+def test_penalties_on_rows_use_prompt_and_output_tokens():
+    logits = LOGITS.repeat(2, 1)
+    plain = seq_with(SamplingParams(temperature=0))
+    penalised = seq_with(SamplingParams(temperature=0, repetition_penalty=2.0,
+                                        frequency_penalty=0.5, presence_penalty=0.25),
+                         prompt=(0,), outputs=(1, 1, 4))
+    apply_penalties_to_rows(logits, [plain, penalised])
+    torch.testing.assert_close(logits[0], LOGITS)
+    want = LOGITS.clone()
+    want[0] = 2.0 / 2                        # prompt token: repetition only
+    want[1] = 1.5 / 2 - 0.5 * 2 - 0.25        # output twice
+    want[4] = 0.0 * 2 - 0.5 - 0.25            # output once (logit 0 -> multiplied)
+    torch.testing.assert_close(logits[1], want)
+
+
+def test_min_p_and_top_k_top_p_masks():
+    probs = torch.softmax(LOGITS, -1)
+    kept = apply_min_p(LOGITS[None], torch.tensor([0.3]))[0] > -math.inf
+    assert kept.tolist() == (probs >= 0.3 * probs.max()).tolist()
+    topk = apply_top_k_top_p(LOGITS[None], torch.tensor([3]), torch.tensor([1.0]))[0]
+    assert (topk > -math.inf).tolist() == [True] * 3 + [False] * 5
+    torch.testing.assert_close(topk[:3], LOGITS[:3])
+    # top_p: the smallest set of most likely tokens whose mass reaches p
+    cum = probs.cumsum(0)
+    p = float(cum[2]) + 1e-3                  # needs 4 tokens
+    topp = apply_top_k_top_p(LOGITS[None], torch.tensor([V]), torch.tensor([p]))[0]
+    assert (topp > -math.inf).tolist() == [True] * 4 + [False] * 4
+    tiny_p = apply_top_k_top_p(LOGITS[None], torch.tensor([V]), torch.tensor([1e-6]))[0]
+    assert (tiny_p > -math.inf).sum() == 1    # the top token always survives
+
+
+def expected_distribution(params: SamplingParams) -> torch.Tensor:
+    logits = LOGITS / params.temperature
+    probs = torch.softmax(logits, -1)
+    keep = torch.ones(V, dtype=torch.bool)
+    if params.min_p:
+        keep &= probs >= params.min_p * probs.max()
+    if params.top_k:
+        keep &= torch.arange(V) < params.top_k  # LOGITS are sorted descending
+    masked = torch.where(keep, logits, torch.tensor(-math.inf))
+    if params.top_p < 1:
+        p = torch.softmax(masked, -1)
+        cum_before = p.cumsum(0) - p
+        keep &= cum_before < params.top_p
+    return torch.softmax(torch.where(keep, logits, torch.tensor(-math.inf)), -1)
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=1.0),
+    SamplingParams(temperature=0.5),
+    SamplingParams(temperature=1.5, top_k=4),
+    SamplingParams(temperature=1.0, top_p=0.8),
+    SamplingParams(temperature=1.0, min_p=0.2),
+    SamplingParams(temperature=0.8, top_k=5, top_p=0.9, min_p=0.05),
+], ids=["t1", "t0.5", "topk", "topp", "minp", "all"])
+def test_chi_square_sampling_distribution(params):
+    num_samples = 4000
+    sampler = Sampler(V, torch.device("cpu"), seed=1234)
+    seqs = [seq_with(params) for _ in range(num_samples)]
+    tokens = sampler(LOGITS.repeat(num_samples, 1), seqs, frozenset()).token_ids
+    observed = torch.bincount(torch.tensor(tokens), minlength=V).double()
+    expected = expected_distribution(params).double() * num_samples
+    support = expected > 0
+    assert observed[~support].sum() == 0, "sampled a token the filters remove"
+    chi2 = (((observed - expected) ** 2)[support] / expected[support]).sum().item()
+    df = int(support.sum()) - 1
+    assert df >= 1 and chi2 < CHI2_CRIT[df], f"chi2={chi2:.2f} df={df}"
+
+
+def test_seeded_rows_do_not_depend_on_the_batch():
+    params = SamplingParams(temperature=1.0, seed=42)
+    logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(0))
+
+    def draw(batch_extra: int, sampler_seed: int) -> list[int]:
+        sampler = Sampler(50, torch.device("cpu"), seed=sampler_seed)
+        seq = seq_with(params, sampler=sampler)
+        others = [seq_with(SamplingParams(temperature=1.0, seed=s), sampler=sampler)
+                  for s in range(batch_extra)]
+        others += [seq_with(SamplingParams(temperature=0.7)) for _ in range(batch_extra)]
+        tokens = []
+        for _ in range(20):
+            batch = others[:batch_extra] + [seq] + others[batch_extra:]
+            out = sampler(logits.repeat(len(batch), 1), batch, frozenset())
+            tokens.append(out.token_ids[batch_extra])
+        return tokens
+
+    alone = draw(0, 0)
+    assert alone == draw(3, 7) == draw(9, 1)
+    assert len(set(alone)) > 1  # really sampling, not argmax
+
+
+def test_top_k_1_is_greedy_and_greedy_is_argmax():
+    sampler = Sampler(V, torch.device("cpu"))
+    logits = torch.randn(16, V, generator=torch.Generator().manual_seed(3))
+    greedy = sampler(logits, [seq_with(SamplingParams(temperature=0)) for _ in range(16)],
+                     frozenset()).token_ids
+    topk1 = sampler(logits, [seq_with(SamplingParams(temperature=1.3, top_k=1))
+                             for _ in range(16)], frozenset()).token_ids
+    assert greedy == topk1 == logits.argmax(-1).tolist()
+
+
+def test_min_tokens_blocks_stop_and_eos_tokens():
+    sampler = Sampler(V, torch.device("cpu"))
+    params = SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[1])
+    eos = frozenset({0})
+    young = seq_with(params, outputs=(5,))
+    old = seq_with(params, outputs=(5, 5))
+    out = sampler(LOGITS.repeat(2, 1), [young, old], eos)
+    assert out.token_ids == [2, 0]          # young skips EOS (0) and stop token (1)
+    ignore = seq_with(SamplingParams(temperature=0, min_tokens=2, ignore_eos=True))
+    assert sampler(LOGITS[None], [ignore], eos).token_ids == [0]
+
+
+def test_logprobs_are_raw_log_softmax_with_ranks():
+    sampler = Sampler(V, torch.device("cpu"))
+    seqs = [seq_with(SamplingParams(temperature=0, logprobs=3, repetition_penalty=1.5),
+                     prompt=(5,), outputs=(0,)),
+            seq_with(SamplingParams(temperature=0)),
+            seq_with(SamplingParams(temperature=0, logprobs=0, top_k=1))]
+    out = sampler(LOGITS.repeat(3, 1), seqs, frozenset())
+    raw = torch.log_softmax(LOGITS, -1)
+    # Row 0: penalty makes token 1 the argmax, yet logprobs are of the raw logits.
+    assert out.token_ids[0] == 1
+    top = out.top_logprobs[0]
+    assert list(top) == [0, 1, 2]
+    assert [e.rank for e in top.values()] == [1, 2, 3]
+    assert abs(top[1].logprob - raw[1].item()) < 1e-6
+    assert abs(out.sampled_logprobs[0] - raw[1].item()) < 1e-6
+    assert out.top_logprobs[1] is None and out.sampled_logprobs[1] is None
+    assert list(out.top_logprobs[2]) == [0] and out.top_logprobs[2][0].rank == 1
