@@ -23,13 +23,15 @@ def _reshape_and_cache_kernel(
     # One program per token: it copies all kv heads of that token, [BLOCK_H, BLOCK_D] at once.
     token = tl.program_id(0)
     slot = tl.load(SLOT_MAPPING + token).to(tl.int64)
-    is_real = slot >= 0                       # negative slot = CUDA-graph padding: write nothing
     block = slot // BLOCK_SIZE
     offset = slot % BLOCK_SIZE
 
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_h[:, None] < NUM_KV_HEADS) & (offs_d[None, :] < HEAD_DIM) & is_real
+    # A negative slot is CUDA-graph padding: write nothing (the test is broadcast to a
+    # vector because the interpreter rejects a scalar mask term).
+    head_ok = (offs_h < NUM_KV_HEADS) & (offs_h * 0 + slot >= 0)
+    mask = head_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
 
     k = tl.load(KEY + token * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
     v = tl.load(VALUE + token * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :],

@@ -154,7 +154,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if partition_size % 16:
         raise KernelArgumentError(f"partition_size={partition_size} must be a multiple of 16")
     block_n = min(block_n, partition_size)
-    num_partitions = max(1, triton.cdiv(max_seqlen_k, partition_size))
+    num_partitions = count_partitions(max_seqlen_k, partition_size)
     is_split = num_partitions > 1
     if is_split:
         part_max = torch.empty((num_seqs, num_heads, num_partitions), dtype=torch.float32,
@@ -184,6 +184,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             PARTITION_SIZE=partition_size, num_warps=4,
         )
     return out
+
+
+def count_partitions(max_seqlen_k: int, partition_size: int | None = None) -> int:
+    """Split-K partitions per sequence; above 1 the reduce kernel runs too."""
+    return max(1, triton.cdiv(max_seqlen_k, partition_size or DEFAULT_PARTITION_SIZE))
 
 
 def _dot_precision(dtype: torch.dtype) -> str | None:
@@ -232,4 +237,4 @@ def check_paged_kv(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables)
 
 
-__all__ = ["paged_decode_attention", "check_paged_kv", "LOG2E"]
+__all__ = ["paged_decode_attention", "count_partitions", "check_paged_kv", "LOG2E"]

@@ -1,0 +1,58 @@
+"""The ``triton`` attention backend: our Triton kernels behind the AttentionBackend interface.
+
+Per step: ``reshape_and_cache`` writes this step's keys/values into the paged cache, then the
+decode kernel (``meta.is_decode``: one query per sequence, GQA-grouped, split-K) or the varlen
+prefill kernel (everything else, decodes mixed in) attends over the cache. Nothing here syncs
+with the host, and the decode grid depends only on tensor shapes (the block table's width
+bounds the context), so a CUDA graph captured for a batch size stays valid as sequences grow.
+"""
+from __future__ import annotations
+
+import torch
+
+from hpcinfer.kernels.cache import reshape_and_cache
+from hpcinfer.kernels.decode_attention import paged_decode_attention
+from hpcinfer.kernels.prefill_attention import paged_attention
+from hpcinfer.layers.attention import AttentionMetadata
+
+
+class TritonAttentionBackend:
+    """Triton kernels from ``hpcinfer.kernels``; same results as ``torch_ref`` up to rounding."""
+    name = "triton"
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                k_cache: torch.Tensor | None, v_cache: torch.Tensor | None,
+                meta: AttentionMetadata, *, scale: float, sliding_window: int | None = None,
+                causal: bool = True) -> torch.Tensor:
+        # q: [T, num_heads, head_dim]; k, v: [T, num_kv_heads, head_dim]
+        if k_cache is None or k_cache.numel() == 0:
+            return self._attend_without_cache(q, k, v, meta, scale, sliding_window, causal)
+        reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        if meta.is_decode and causal:
+            # The grid's bound is the block table's capacity, not meta.max_seqlen_k: that
+            # keeps the launch identical between steps (CUDA-graph replay).
+            return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                                          scale, sliding_window=sliding_window)
+        return paged_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.seq_lens,
+                               meta.block_tables, scale, causal=causal,
+                               sliding_window=sliding_window, max_seqlen_q=meta.max_seqlen_q)
+
+    @staticmethod
+    def _attend_without_cache(q, k, v, meta: AttentionMetadata, scale: float,
+                              sliding_window: int | None, causal: bool) -> torch.Tensor:
+        """No KV cache (memory profiling, pooling): each sequence attends to its own tokens.
+
+        This step's k/v act as a cache of block size 1 whose "block table" for sequence i is
+        the token rows cu_seqlens_q[i] + j. As in torch_ref, the step must hold whole
+        sequences (q_len_i == seq_lens[i]); unlike torch_ref this is not checked, since
+        checking would sync with the host.
+        """
+        num_seqs = meta.seq_lens.shape[0]
+        width = max(meta.max_seqlen_q, 1)
+        rows = torch.arange(width, device=q.device, dtype=meta.cu_seqlens_q.dtype)
+        block_tables = meta.cu_seqlens_q[:num_seqs, None] + rows[None, :]   # [num_seqs, width]
+        if k.stride() != v.stride():   # the kernel addresses k and v with one set of strides
+            k, v = k.contiguous(), v.contiguous()
+        return paged_attention(q, k.unsqueeze(1), v.unsqueeze(1), meta.cu_seqlens_q,
+                               meta.seq_lens, block_tables, scale, causal=causal,
+                               sliding_window=sliding_window, max_seqlen_q=meta.max_seqlen_q)

@@ -1,0 +1,134 @@
+"""Paged decode and varlen prefill attention (Triton, interpreted) against kernels/reference.py.
+
+Sizes are tiny (the interpreter costs per program) but cover what breaks kernels: odd lengths,
+lengths at and around block boundaries, GQA ratios 1/4/8, a non-power-of-2 head dim,
+split-K that really splits, queries that start mid-sequence, and sliding windows. Unused
+cache slots are NaN (see random_batch), so reading a key that should be masked fails.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hpcinfer.kernels import reference
+from hpcinfer.kernels.cache import reshape_and_cache
+from hpcinfer.kernels.decode_attention import count_partitions, paged_decode_attention
+from hpcinfer.kernels.launch_checks import KernelArgumentError
+from hpcinfer.kernels.prefill_attention import paged_attention
+from hpcinfer.kernels.random_batch import make_paged_batch
+
+TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.float16: dict(atol=3e-3, rtol=1e-2)}
+BLOCK = 16
+# seq_len = k * block_size and +-1, odd lengths, a single token.
+DECODE_LENS = [1, 15, 16, 17, 31, 32, 33, 47]
+GQA = [(4, 4), (8, 2), (16, 2)]   # ratios 1, 4, 8
+
+
+def _batch(seq_lens, q_lens, heads, kv_heads, head_dim, dtype, seed=0):
+    b = make_paged_batch(seq_lens, q_lens, num_heads=heads, num_kv_heads=kv_heads,
+                         head_dim=head_dim, block_size=BLOCK, dtype=dtype, seed=seed)
+    reshape_and_cache(b.k, b.v, b.k_cache, b.v_cache, b.slot_mapping)
+    return b
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("heads,kv_heads", GQA)
+@pytest.mark.parametrize("head_dim", [64, 80])
+def test_decode_matches_reference(dtype, heads, kv_heads, head_dim):
+    b = _batch(DECODE_LENS, [1] * len(DECODE_LENS), heads, kv_heads, head_dim, dtype)
+    expected = reference.paged_decode_attention(b.q, b.k_cache, b.v_cache, b.block_tables,
+                                                b.seq_lens, 0.125)
+    got = paged_decode_attention(b.q, b.k_cache, b.v_cache, b.block_tables, b.seq_lens, 0.125)
+    torch.testing.assert_close(got, expected, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("sliding_window", [None, 6, 20])
+def test_decode_split_k_matches_reference(dtype, sliding_window):
+    # partition_size 16 over up to 47 keys (table capacity 48): 3 partitions, some partitions
+    # empty for short sequences, some outside the window.
+    b = _batch(DECODE_LENS, [1] * len(DECODE_LENS), 8, 2, 96, dtype, seed=1)
+    expected = reference.paged_decode_attention(b.q, b.k_cache, b.v_cache, b.block_tables,
+                                                b.seq_lens, 0.1, sliding_window=sliding_window)
+    capacity = b.block_tables.shape[1] * BLOCK                  # the default grid bound
+    for partition_size in (16, 32):
+        assert count_partitions(capacity, partition_size) > 1
+        got = paged_decode_attention(b.q, b.k_cache, b.v_cache, b.block_tables, b.seq_lens,
+                                     0.1, sliding_window=sliding_window,
+                                     partition_size=partition_size)
+        torch.testing.assert_close(got, expected, **TOL[dtype])
+
+
+def test_decode_fixed_grid_out_buffer_and_empty_rows():
+    # CUDA-graph use: a preallocated out, a grid fixed by an upper bound larger than any
+    # sequence, and a padding row of length 0 that must come out as zeros, not NaN.
+    b = _batch([0, 5, 33], [0, 1, 1], 8, 2, 64, torch.float32, seed=2)
+    q = torch.randn(3, 8, 64)
+    out = torch.full_like(q, float("nan"))
+    got = paged_decode_attention(q, b.k_cache, b.v_cache, b.block_tables, b.seq_lens, 0.125,
+                                 out=out, max_seqlen_k=256, partition_size=32)
+    assert got is out
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    expected = reference.paged_decode_attention(q[1:], b.k_cache, b.v_cache, b.block_tables[1:],
+                                                b.seq_lens[1:], 0.125)
+    torch.testing.assert_close(out[1:], expected, **TOL[torch.float32])
+
+
+# (seq_lens, q_lens): whole prompts, prompts after a prefix-cache hit / earlier chunk (queries
+# start mid-sequence, also mid-block), decodes mixed in, block-boundary lengths.
+PREFILL_CASES = {
+    "whole_prompts": ([7, 16, 33], [7, 16, 33]),
+    "mid_sequence": ([40, 17, 48], [9, 16, 1]),
+    "chunk_at_block_edge": ([32, 49, 20], [16, 17, 19]),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("heads,kv_heads", GQA)
+@pytest.mark.parametrize("case", sorted(PREFILL_CASES))
+def test_prefill_matches_reference(dtype, heads, kv_heads, case):
+    seq_lens, q_lens = PREFILL_CASES[case]
+    b = _batch(seq_lens, q_lens, heads, kv_heads, 80 if heads == 8 else 64, dtype, seed=3)
+    expected = reference.paged_attention(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.seq_lens,
+                                         b.block_tables, 0.2)
+    got = paged_attention(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.seq_lens, b.block_tables,
+                          0.2, max_seqlen_q=b.max_seqlen_q)
+    torch.testing.assert_close(got, expected, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("causal,sliding_window", [(True, 5), (True, 16), (False, None),
+                                                   (False, 9)])
+def test_prefill_masks_match_reference(dtype, causal, sliding_window):
+    seq_lens, q_lens = [40, 17, 70], [9, 17, 66]
+    b = _batch(seq_lens, q_lens, 8, 2, 96, dtype, seed=4)
+    kwargs = dict(causal=causal, sliding_window=sliding_window)
+    expected = reference.paged_attention(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.seq_lens,
+                                         b.block_tables, 0.15, **kwargs)
+    # Default max_seqlen_q (num_tokens): extra tiles must be idle, not write anything.
+    out = torch.full_like(b.q, float("nan"))
+    paged_attention(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.seq_lens, b.block_tables,
+                    0.15, out=out, **kwargs)
+    torch.testing.assert_close(out, expected, **TOL[dtype])
+
+
+def test_prefill_rejects_mismatched_arguments():
+    b = _batch([5], [5], 4, 4, 64, torch.float32)
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        paged_attention(b.q[:, :3], b.k_cache, b.v_cache, b.cu_seqlens_q, b.seq_lens,
+                        b.block_tables, 1.0)
+    with pytest.raises(KernelArgumentError, match="cache is torch.float16"):
+        paged_attention(b.q, b.k_cache.half(), b.v_cache.half(), b.cu_seqlens_q, b.seq_lens,
+                        b.block_tables, 1.0)
+    with pytest.raises(KernelArgumentError, match="cu_seqlens_q must be"):
+        paged_attention(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q[:1], b.seq_lens,
+                        b.block_tables, 1.0)
+    with pytest.raises(KernelArgumentError, match="head_dim=512"):
+        q = torch.zeros(5, 4, 512)
+        cache = torch.zeros(2, BLOCK, 4, 512)
+        paged_decode_attention(q, cache, cache, b.block_tables.repeat(5, 1),
+                               b.seq_lens.repeat(5), 1.0)
+    with pytest.raises(KernelArgumentError, match="stride 1 in its last dim"):
+        every_other = torch.zeros(1, 4, 128)[..., ::2]          # [1, 4, 64], stride 2
+        paged_decode_attention(every_other, b.k_cache, b.v_cache, b.block_tables, b.seq_lens,
+                               1.0)
