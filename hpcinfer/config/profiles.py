@@ -49,7 +49,9 @@ def profile_source(cluster: str, base_dir: Path) -> tuple[str, str, str]:
 
 def unknown_profile_error(cluster: str, file: str, line: int | None) -> ConfigError:
     names = list_profiles()
-    close = difflib.get_close_matches(cluster, names, n=1, cutoff=0.5)
+    # "aau" -> "aau-ai-cloud": a prefix is as good a hint as a near-spelling.
+    close = [n for n in names if n.startswith(cluster.lower())][:1] or \
+        difflib.get_close_matches(cluster, names, n=1, cutoff=0.5)
     hint = f"did you mean {close[0]!r}? " if close else ""
     return ConfigError(file, line, "cluster", f"unknown cluster profile {cluster!r}",
                        f"{hint}available: {', '.join(names)}; or give a path to a profile "
