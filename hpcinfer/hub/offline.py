@@ -1,0 +1,83 @@
+"""Compute-node side: never touch the network, resolve a model to an absolute snapshot path.
+
+Call `set_offline_env(os.environ)` before transformers or huggingface_hub are imported (both read
+the variables once, at import), then `resolve_model(model.id, model.revision, cache_dir)`.
+Pure stdlib: importing this module imports no hub client and opens no socket.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import MutableMapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from hpcinfer.hub.errors import ModelNotDownloaded, ModelPathNotFound
+from hpcinfer.hub.record import find_record
+
+log = logging.getLogger(__name__)
+
+OFFLINE_VARS = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                # No telemetry pings from nodes that cannot reach the hub anyway.
+                "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    id: str                 # what the user asked for (hub id, or the path as given)
+    revision: str | None    # requested revision recorded at download (None for a local dir)
+    commit: str | None      # pinned commit sha (None for a local dir outside an HF cache)
+    path: str               # absolute snapshot directory to load from
+
+
+def set_offline_env(environ: MutableMapping[str, str] | None = None) -> None:
+    """Put huggingface_hub/transformers/datasets into offline mode; cache variables are kept.
+
+    HF_HOME / HF_HUB_CACHE are left exactly as configured (the job's env sets them to the shared
+    cache). If huggingface_hub was already imported, its frozen constant is switched too.
+    """
+    env = os.environ if environ is None else environ
+    env.update(OFFLINE_VARS)
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None and env is os.environ:
+        # huggingface_hub read HF_HUB_OFFLINE at import; without this it would still go online.
+        constants.HF_HUB_OFFLINE = True
+        log.debug("huggingface_hub was imported before set_offline_env; switched it offline")
+
+
+def resolve_model(model_id_or_path: str, revision: str | None = None,
+                  cache_dir: str | os.PathLike | None = None) -> ResolvedModel:
+    """A local directory -> itself; a hub id -> its recorded snapshot. Never uses the network.
+
+    Raises ModelNotDownloaded ("run `hpcinfer download ID` on the login node first") when there
+    is no record for (id, revision) or its snapshot is no longer on disk.
+    """
+    local = Path(os.path.expanduser(model_id_or_path))
+    if local.is_dir():
+        path = os.path.abspath(local)
+        return ResolvedModel(id=model_id_or_path, revision=revision, commit=_commit_of(path), path=path)
+    if _looks_like_path(model_id_or_path):
+        raise ModelPathNotFound(model_id_or_path)
+    record = find_record(model_id_or_path, revision, cache_dir)
+    if record is None:
+        raise ModelNotDownloaded(model_id_or_path, revision)
+    missing = [f for f in sorted(record.files) if not os.path.exists(os.path.join(record.path, f))]
+    if missing:
+        raise ModelNotDownloaded(model_id_or_path, revision,
+                                 f"{os.path.join(record.path, missing[0])} is gone from the cache")
+    return ResolvedModel(id=record.id, revision=record.revision, commit=record.commit, path=record.path)
+
+
+def _looks_like_path(value: str) -> bool:
+    # Hub ids are "name" or "org/name"; anything else with a slash or a leading ./ ~ is a path.
+    return value.startswith(("/", "./", "../", "~")) or value.count("/") > 1 or value.endswith("/")
+
+
+def _commit_of(path: str) -> str | None:
+    # .../models--org--name/snapshots/<sha>: a directory inside an HF cache knows its commit.
+    parent = Path(path).parent
+    name = Path(path).name
+    if parent.name == "snapshots" and len(name) == 40 and all(c in "0123456789abcdef" for c in name):
+        return name
+    return None
