@@ -51,7 +51,7 @@ def _inspect(cfg, path: str) -> InputFile:
     except OSError as exc:
         raise plan_error(cfg, "input.path", f"input file {path} is not readable "
                          f"({exc.strerror or exc})",
-                         "fix the file's permissions or remove it from the glob") from None
+                         "check that it exists and that you may read it, or remove it from the glob") from None
     return InputFile(path=path, format=fmt, num_rows=num_rows)
 
 

@@ -31,6 +31,10 @@ def slurm_states(job_id: str, task_ids: list[int | None]) -> dict[str, tuple[str
             for entry in commands.sacct([job_id]):
                 if entry.job_id in wanted and entry.job_id not in states:
                     states[entry.job_id] = (entry.state, f"exit {entry.exit_code}")
+                elif entry.job_id == job_id:
+                    # An array cancelled while tasks were pending has one record, "ID".
+                    for task in wanted - states.keys():
+                        states[task] = (entry.state, f"exit {entry.exit_code}")
         except commands.SlurmError:
             pass   # logged by sacct; the tasks show as UNKNOWN
     return {i: states.get(i, ("UNKNOWN", "")) for i in wanted}

@@ -51,7 +51,7 @@ class StopFlag:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        self.signal_name = signal.Signals(signum).name
+        self.signal_name = signal.Signals(signum).name   # "SIGUSR2"
 
 
 def _first_env(names: tuple[str, ...], default: str) -> str:
@@ -164,9 +164,9 @@ def run(job_dir: Path, stop: StopFlag) -> int:
     while time.monotonic() < deadline and stop.signal_name is None:
         time.sleep(0.1)
     if stop.signal_name is not None:
-        log.info("received SIG%s: nothing in flight to commit; exiting %d so the job is requeued",
+        log.info("received %s: nothing in flight to commit; exiting %d so the job is requeued",
                  stop.signal_name, EXIT_REQUEUE)
-        _finish(job_dir, record, "requeue", f"SIG{stop.signal_name}", started)
+        _finish(job_dir, record, "requeue", stop.signal_name, started)
         return EXIT_REQUEUE
     log.info("preflight ok: inputs readable, output dir writable")
     _finish(job_dir, record, "ok", "", started)
