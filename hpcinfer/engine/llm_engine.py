@@ -288,6 +288,11 @@ class LLMEngine:
         return self.scheduler.num_preemptions
 
     @property
+    def kv_cache_usage(self) -> float:
+        bm = self.block_manager
+        return 1.0 - bm.num_free_blocks / bm.num_blocks
+
+    @property
     def prefix_cache_hits(self) -> int:
         return self.block_manager.prefix_cache_hits
 

@@ -1,0 +1,122 @@
+"""Engine step overhead and tiny-model throughput, next to transformers generate.
+
+Prints the Python time the scheduler and the batch builder spend per decode step while 256
+sequences run (target: < 1 ms), and tokens/s of our engine and of transformers ``generate``
+on the same prompts in the same run. Appends rows to bench/results/engine_step-<date>.json
+(keys: engine, workload, tp, output_tok_s, total_tok_s, device, date, step_overhead_ms).
+
+    python bench/engine_step.py                      # tiny random llama, CPU
+    python bench/engine_step.py --model /path/to/snapshot --device cuda --num-prompts 256
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("bench.engine_step")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="checkpoint dir (default: a tiny random llama)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--num-prompts", type=int, default=256)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--skip-transformers", action="store_true")
+    return p.parse_args()
+
+
+def make_prompts(n: int, length: int, vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(6, min(vocab, 380), (n, length), generator=g).tolist()
+
+
+def run_engine(model: str, device: str, prompts, max_tokens: int) -> dict:
+    from hpcinfer import LLMEngine, SamplingParams
+    engine = LLMEngine.from_kwargs(model, device=device, max_num_seqs=len(prompts),
+                                   max_model_len=len(prompts[0]) + max_tokens + 16)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, params)
+    overheads, num_out = [], 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            num_out += out.finished and len(out.outputs[0].token_ids)
+        last = engine.stats.last_step
+        if last["is_decode"] and last["num_seqs"] == len(prompts):
+            overheads.append((last["schedule_s"] + last["prepare_s"]) * 1e3)
+    wall = time.perf_counter() - start
+    stats = engine.stats
+    log.info("engine: %d steps; seconds: schedule %.3f, prepare %.3f, model %.3f, sample %.3f, "
+             "postprocess %.3f", stats.num_steps, stats.schedule_s, stats.prepare_s,
+             stats.model_s, stats.sample_s, stats.postprocess_s)
+    num_prompt = sum(len(p) for p in prompts)
+    return {"engine": "hpcinfer", "output_tok_s": num_out / wall,
+            "total_tok_s": (num_out + num_prompt) / wall,
+            "step_overhead_ms": statistics.median(overheads) if overheads else None,
+            "step_overhead_ms_p90": (sorted(overheads)[int(0.9 * len(overheads))]
+                                     if overheads else None),
+            "num_decode_steps_measured": len(overheads), "wall_s": wall,
+            "device": str(engine.device)}
+
+
+def run_transformers(model: str, device: str, prompts, max_tokens: int) -> dict:
+    from transformers import AutoModelForCausalLM
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).to(dev).eval()
+    hf.generation_config.eos_token_id = None
+    ids = torch.tensor(prompts, device=dev)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                          do_sample=False, pad_token_id=0)
+    wall = time.perf_counter() - start
+    num_out = (out.shape[1] - ids.shape[1]) * ids.shape[0]
+    return {"engine": "transformers", "output_tok_s": num_out / wall,
+            "total_tok_s": (num_out + ids.numel()) / wall, "step_overhead_ms": None,
+            "wall_s": wall, "device": str(dev)}
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    model = args.model
+    if model is None:
+        from hpcinfer.testing.tiny import tiny_checkpoint
+        model = str(tiny_checkpoint("llama"))
+    prompts = make_prompts(args.num_prompts, args.prompt_len, 384)
+    workload = f"{args.num_prompts}x(in{args.prompt_len},out{args.max_tokens})-greedy"
+    rows = [run_engine(model, args.device, prompts, args.max_tokens)]
+    if not args.skip_transformers:
+        rows.append(run_transformers(model, args.device, prompts, args.max_tokens))
+    date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    for row in rows:
+        row.update(workload=workload, tp=1, date=date,
+                   model="tiny-llama" if args.model is None else args.model)
+        overhead = row["step_overhead_ms"]
+        print(f"{row['engine']:>12}  {workload}  output {row['output_tok_s']:9.1f} tok/s  "
+              f"total {row['total_tok_s']:9.1f} tok/s  "
+              + (f"scheduler+batch {overhead:.3f} ms/decode step "
+                 f"(p90 {row['step_overhead_ms_p90']:.3f})" if overhead is not None else ""))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"engine_step-{date}.json"
+    existing = json.loads(path.read_text()) if path.exists() else []
+    path.write_text(json.dumps(existing + rows, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

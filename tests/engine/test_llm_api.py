@@ -1,0 +1,304 @@
+"""The vLLM-compatible surface: logprobs, chat, seeds, stops, n > 1, aborts, bad input."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from hpcinfer import LLM, LLMEngine, SamplingParams
+
+FAMILY = "llama"
+
+
+@pytest.fixture(scope="module")
+def llm(checkpoint):
+    return LLM(checkpoint(FAMILY), max_model_len=256, max_num_seqs=16)
+
+
+@pytest.fixture(scope="module")
+def prompts(make_prompts):
+    return make_prompts((5, 12, 30, 60), seed=11)
+
+
+def greedy(max_tokens=32, **kw):
+    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, **kw)
+
+
+def assert_no_leaks(llm):
+    bm = llm.llm_engine.block_manager
+    bm.check_invariants([])
+    assert bm.num_free_blocks == bm.num_blocks
+    assert not llm.llm_engine.has_unfinished_requests()
+
+
+def test_result_fields_follow_vllm(llm, prompts):
+    outs = llm.generate([{"prompt_token_ids": prompts[0]}, "hello world"],
+                        SamplingParams(temperature=0, max_tokens=5), use_tqdm=True)
+    first, second = outs
+    assert first.request_id != second.request_id and first.finished
+    assert first.prompt is None and first.prompt_token_ids == prompts[0]
+    assert second.prompt == "hello world"
+    assert second.prompt_token_ids == llm.get_tokenizer()("hello world").input_ids
+    completion = first.outputs[0]
+    assert completion.index == 0 and completion.logprobs is None
+    assert completion.cumulative_logprob is None
+    assert completion.finish_reason in ("stop", "length")
+    assert_no_leaks(llm)
+
+
+def test_text_equals_full_decode(llm, prompts):
+    tokenizer = llm.get_tokenizer()
+    for out in llm.generate(prompts, greedy(), use_tqdm=False):
+        completion = out.outputs[0]
+        assert completion.text == tokenizer.decode(completion.token_ids, skip_special_tokens=True)
+        assert completion.finish_reason == "length" and completion.stop_reason is None
+
+
+def test_logprobs_match_transformers(llm, prompts, hf_model):
+    model = hf_model(FAMILY)
+    outs = llm.generate(prompts[:3], greedy(max_tokens=8, logprobs=4), use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        completion = out.outputs[0]
+        ids = torch.tensor([prompt + completion.token_ids])
+        with torch.no_grad():
+            ref = torch.log_softmax(model(ids).logits[0].float(), -1)  # [len, vocab]
+        assert len(completion.logprobs) == 8
+        total = 0.0
+        for j, (token, entry) in enumerate(zip(completion.token_ids, completion.logprobs)):
+            row = ref[len(prompt) - 1 + j]
+            top = row.topk(4)
+            assert list(entry)[:4] == top.indices.tolist()
+            for tid, lp in entry.items():
+                assert abs(lp.logprob - row[tid].item()) < 1e-4
+            assert entry[token].rank == 1  # greedy picks the top token
+            total += row[token].item()
+        assert abs(completion.cumulative_logprob - total) < 1e-3
+
+
+def test_chat_uses_the_chat_template(llm):
+    tokenizer = llm.get_tokenizer()
+    conversations = [
+        [{"role": "user", "content": "hi there"}],
+        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is 2+2?"}],
+    ]
+    outs = llm.chat(conversations, SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    for conversation, out in zip(conversations, outs):
+        want = tokenizer.apply_chat_template(conversation, add_generation_prompt=True,
+                                             tokenize=True)
+        want = want["input_ids"] if hasattr(want, "keys") else want
+        assert out.prompt_token_ids == list(want)
+        assert out.prompt == tokenizer.apply_chat_template(conversation, tokenize=False,
+                                                           add_generation_prompt=True)
+    single = llm.chat(conversations[0], SamplingParams(temperature=0, max_tokens=4),
+                      use_tqdm=False)
+    assert len(single) == 1 and single[0].outputs[0].token_ids == outs[0].outputs[0].token_ids
+    cont = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hel"}]
+    out = llm.chat(cont, SamplingParams(max_tokens=2), add_generation_prompt=False,
+                   continue_final_message=True, use_tqdm=False)[0]
+    want = tokenizer.apply_chat_template(cont, tokenize=False, continue_final_message=True)
+    assert out.prompt == want and out.prompt.endswith("hel")
+
+
+def test_same_seed_same_text_whatever_the_batch(llm, prompts, checkpoint):
+    seeded = SamplingParams(temperature=1.0, top_p=0.95, seed=1234, max_tokens=16)
+    alone = llm.generate([prompts[1]], seeded, use_tqdm=False)[0].outputs[0]
+    mixed_params = [SamplingParams(temperature=0.8, max_tokens=20),
+                    SamplingParams(temperature=1.0, seed=9, max_tokens=8), seeded,
+                    SamplingParams(temperature=0, max_tokens=3)]
+    mixed = llm.generate([prompts[0], prompts[2], prompts[1], prompts[3]], mixed_params,
+                         use_tqdm=False)[2].outputs[0]
+    other_engine = LLM(checkpoint(FAMILY), max_model_len=256, seed=77, max_num_seqs=2)
+    again = other_engine.generate([prompts[3], prompts[1]], [mixed_params[0], seeded],
+                                  use_tqdm=False)[1].outputs[0]
+    assert alone.token_ids == mixed.token_ids == again.token_ids
+    assert alone.text == mixed.text
+    different = llm.generate([prompts[1]], SamplingParams(temperature=1.0, top_p=0.95, seed=4321,
+                                                          max_tokens=16), use_tqdm=False)
+    assert different[0].outputs[0].token_ids != alone.token_ids
+
+
+def test_top_k_1_equals_greedy(llm, prompts):
+    want = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy(16), use_tqdm=False)]
+    got = llm.generate(prompts, SamplingParams(temperature=0.9, top_k=1, max_tokens=16,
+                                               ignore_eos=True), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == want
+
+
+def test_n_greater_than_1_uses_child_seeds(llm, prompts):
+    params = SamplingParams(n=3, temperature=1.0, seed=50, max_tokens=8)
+    out = llm.generate([prompts[0]], params, use_tqdm=False)[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    for i, completion in enumerate(out.outputs):
+        single = llm.generate([prompts[0]], SamplingParams(temperature=1.0, seed=50 + i,
+                                                           max_tokens=8), use_tqdm=False)
+        assert completion.token_ids == single[0].outputs[0].token_ids
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+    both = llm.generate([prompts[0]], greedy(6, n=2), use_tqdm=False)[0]
+    assert both.outputs[0].token_ids == both.outputs[1].token_ids
+    assert_no_leaks(llm)
+
+
+def _boundary_stop(tokenizer, token_ids):
+    """A 2-char stop string straddling a token boundary, with where it must cut."""
+    for k in range(1, len(token_ids) - 1):
+        head = tokenizer.decode(token_ids[:k])
+        nxt = tokenizer.decode(token_ids[:k + 1])
+        if "\ufffd" in nxt or len(head) < 1 or len(nxt) < len(head) + 1:
+            continue
+        stop = head[-1] + nxt[len(head)]
+        if stop.strip() != stop or not stop.isprintable():
+            continue
+        text = tokenizer.decode(token_ids)
+        index = text.find(stop)
+        return stop, index
+    return None
+
+
+def test_stop_string_split_across_tokens(llm, prompts):
+    tokenizer = llm.get_tokenizer()
+    base = llm.generate(prompts, greedy(), use_tqdm=False)
+    found = [(o, _boundary_stop(tokenizer, o.outputs[0].token_ids)) for o in base]
+    out0, (stop, index) = next((o, f) for o, f in found if f is not None)
+    full = out0.outputs[0]
+    for include in (False, True):
+        params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, stop=["zzzq", stop],
+                                include_stop_str_in_output=include)
+        got = llm.generate([out0.prompt_token_ids], params, use_tqdm=False)[0].outputs[0]
+        cut = index + len(stop) if include else index
+        assert got.text == full.text[:cut]
+        assert got.finish_reason == "stop" and got.stop_reason == stop
+        # Tokens run up to the one that completed the stop string.
+        n = len(got.token_ids)
+        assert got.token_ids == full.token_ids[:n]
+        assert len(tokenizer.decode(full.token_ids[:n])) >= index + len(stop)
+        assert len(tokenizer.decode(full.token_ids[:n - 1])) < index + len(stop)
+
+
+def test_stop_token_ids_and_min_tokens(llm, prompts):
+    tokenizer = llm.get_tokenizer()
+    full = llm.generate([prompts[2]], greedy(), use_tqdm=False)[0].outputs[0].token_ids
+    stop_id = full[4]
+    first = full.index(stop_id)
+    got = llm.generate([prompts[2]], greedy(stop_token_ids=[stop_id]), use_tqdm=False)[0].outputs[0]
+    assert got.token_ids == full[:first + 1]
+    assert got.finish_reason == "stop" and got.stop_reason == stop_id
+    assert got.text == tokenizer.decode(full[:first], skip_special_tokens=True)
+    shown = llm.generate([prompts[2]], greedy(stop_token_ids=[stop_id],
+                                               include_stop_str_in_output=True),
+                         use_tqdm=False)[0].outputs[0]
+    assert shown.text == tokenizer.decode(full[:first + 1], skip_special_tokens=True)
+    # min_tokens: the stop token cannot be sampled before 6 outputs.
+    stop0 = full[0]
+    late = llm.generate([prompts[2]], greedy(stop_token_ids=[stop0], min_tokens=6),
+                        use_tqdm=False)[0].outputs[0]
+    assert len(late.token_ids) >= 6 and stop0 not in late.token_ids[:6]
+    assert late.finish_reason == "length" or late.token_ids[-1] == stop0
+
+
+def test_eos_stops_unless_ignore_eos(checkpoint, make_prompts, hf_greedy):
+    # With seed-0 prompts the tiny mistral's greedy output contains EOS (id 1) mid-way.
+    family = "mistral"
+    prompts = make_prompts()
+    with_eos = [(p, ref) for p, ref in zip(prompts, hf_greedy(family, prompts)) if 1 in ref]
+    assert with_eos, "no greedy output contains EOS: pick other prompts"
+    prompt, ref = with_eos[0]
+    llm = LLM(checkpoint(family), max_model_len=256)
+    stopped = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=32),
+                           use_tqdm=False)[0].outputs[0]
+    assert stopped.token_ids == ref[:ref.index(1) + 1]
+    assert stopped.finish_reason == "stop" and stopped.stop_reason is None
+    ignored = llm.generate([prompt], greedy(), use_tqdm=False)[0].outputs[0]
+    assert ignored.token_ids == ref and ignored.finish_reason == "length"
+    # min_tokens also holds EOS back.
+    held = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=32,
+                                                 min_tokens=ref.index(1) + 1),
+                        use_tqdm=False)[0].outputs[0]
+    assert held.token_ids[:ref.index(1)] == ref[:ref.index(1)]
+    assert 1 not in held.token_ids[:ref.index(1) + 1]
+
+
+def test_engine_abort_and_bad_request_do_not_disturb_others(llm, prompts):
+    engine: LLMEngine = llm.llm_engine
+    want = {str(i): o.outputs[0].token_ids
+            for i, o in enumerate(llm.generate(prompts, greedy(12), use_tqdm=False))}
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, greedy(12))
+    with pytest.raises(ValueError, match="'bad'.*empty"):
+        engine.add_request("bad", [], greedy(12))
+    with pytest.raises(ValueError, match="already running"):
+        engine.add_request("r0", prompts[0], greedy(12))
+    finished = {}
+    for step in range(200):
+        if step == 3:
+            engine.abort_request("r1")
+            engine.abort_request("no-such-request")
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out.outputs[0].token_ids
+        if step == 6:
+            with pytest.raises(ValueError, match="'late'.*vocabulary"):
+                engine.add_request("late", [10**6], greedy(12))
+        if not engine.has_unfinished_requests():
+            break
+    assert set(finished) == {"r0", "r2", "r3"}
+    for rid, tokens in finished.items():
+        assert tokens == want[rid[1:]]
+    assert_no_leaks(llm)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"temperature": -0.5}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
+    ({"top_k": -3}, "top_k"), ({"min_p": 1.5}, "min_p"), ({"n": 0}, "n"),
+    ({"max_tokens": 0}, "max_tokens"), ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -3}, "frequency_penalty"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty"), ({"logprobs": -1}, "logprobs"),
+    ({"stop": [""]}, "stop"), ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
+    ({"stop_token_ids": [-1]}, "stop_token_ids"), ({"seed": 1.5}, "seed"),
+])
+def test_invalid_sampling_values_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=rf"SamplingParams\.{field}=.*must be"):
+        SamplingParams(**kwargs)
+
+
+def test_bad_prompts_name_the_request(llm, prompts):
+    with pytest.raises(ValueError, match="prompt 1: .*empty"):
+        llm.generate([prompts[0], [], prompts[1]], use_tqdm=False)
+    with pytest.raises(ValueError, match="prompt 2: .*300 tokens.*max_model_len=256"):
+        llm.generate([prompts[0], prompts[1], [7] * 300], use_tqdm=False)
+    with pytest.raises(ValueError, match="2 SamplingParams for 3 prompts"):
+        llm.generate(prompts[:3], [greedy(), greedy()], use_tqdm=False)
+    assert_no_leaks(llm)  # nothing was queued
+
+
+def test_bad_engine_arguments(checkpoint):
+    path = checkpoint(FAMILY)
+    with pytest.raises(TypeError, match="did you mean 'max_num_seqs'"):
+        LLM(path, max_num_seq=4)
+    with pytest.raises(ValueError, match="tensor_parallel_size=2 is not supported yet"):
+        LLM(path, tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="max_model_len=100000 is larger"):
+        LLM(path, max_model_len=100000)
+    with pytest.raises(ValueError, match="KV cache holds 1 blocks.*raise kv_cache_memory_bytes"):
+        LLM(path, max_model_len=256, kv_cache_memory_bytes=2 * 2 * 16 * 4 * 16 * 4)
+    with pytest.raises(ValueError, match="block_size=0"):
+        LLM(path, block_size=0)
+
+
+def test_broken_checkpoints_raise_clear_errors(checkpoint, tmp_path):
+    src = checkpoint(FAMILY)
+    missing = tmp_path / "missing"
+    shutil.copytree(src, missing)
+    index = json.loads((missing / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[1]
+    (missing / shard).unlink()
+    with pytest.raises(FileNotFoundError, match=shard):
+        LLM(str(missing))
+    unsupported = tmp_path / "unsupported"
+    shutil.copytree(src, unsupported)
+    config = json.loads((unsupported / "config.json").read_text())
+    config["architectures"] = ["MambaForCausalLM"]
+    (unsupported / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="MambaForCausalLM.*LlamaForCausalLM"):
+        LLM(str(unsupported))
