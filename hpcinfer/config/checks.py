@@ -104,8 +104,11 @@ def _check_env_names(cfg: JobConfig) -> None:
 
 
 def _check_extra_sbatch(cfg: JobConfig) -> None:
-    for flag in cfg.resources.extra_sbatch:
+    for flag, value in cfg.resources.extra_sbatch.items():
         key_path = f"resources.extra_sbatch.{flag}"
+        if value is False:
+            raise cfg.error_at(key_path, f"{flag}: false does not turn an sbatch flag off",
+                               "remove the line (true or null adds a bare flag)")
         bare = flag.lstrip("-")
         if not _SBATCH_FLAG.match(bare) or bare != flag:
             raise cfg.error_at(key_path, f"{flag!r} is not an sbatch long option name",

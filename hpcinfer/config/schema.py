@@ -11,7 +11,7 @@ Field validators raise ``user_error(problem, fix)`` so the loader can print what
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
                       WithJsonSchema)
@@ -202,9 +202,9 @@ class ResourcesSection(Section):
     array_parallelism: Optional[int] = Field(
         None, ge=1, description="Most array tasks running at once (--array=...%N); null = no cap")
     constraint: Optional[str] = Field(None, description="Node features (--constraint)")
-    extra_sbatch: dict[str, Optional[str]] = Field(
-        default_factory=dict, description="Other #SBATCH flags: {flag-name: value}, "
-                                          "value null for a bare flag")
+    extra_sbatch: dict[str, Union[str, bool, None]] = Field(
+        default_factory=dict, description="Other #SBATCH flags: {flag-name: value}; "
+                                          "true or null for a bare flag (exclusive: true)")
 
 
 class ContainerSection(Section):

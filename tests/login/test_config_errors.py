@@ -289,3 +289,13 @@ def test_missing_local_model_dir(tmp_path):
     err = error_of(write_job(tmp_path, BASE.replace("org/model", "./ckpt")))
     assert (err.line, err.key_path) == (2, "model.id")
     assert "hpcinfer download" in err.fix
+
+
+def test_extra_sbatch_bare_flags(tmp_path):
+    ok = load_job(write_job(tmp_path, BASE + "resources:\n  extra_sbatch: {exclusive: true, "
+                            "mail-type: END, nice: 10}\n"))
+    assert ok.resources.extra_sbatch == {"exclusive": True, "mail-type": "END", "nice": "10"}
+    err = error_of(write_job(tmp_path, BASE + "resources:\n  extra_sbatch:\n    exclusive: false\n",
+                             name="j2.yaml"))
+    assert (err.line, err.key_path) == (6, "resources.extra_sbatch.exclusive")
+    assert "remove the line" in err.fix
