@@ -28,7 +28,9 @@ class LlamaMLP(nn.Module):
         size = config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size], bias, tp)
         self.down_proj = RowParallelLinear(size, config.hidden_size, bias, tp)
-        self.act_fn = get_gated_activation(config.hidden_act)
+        # Gemma configs of transformers 4.x carry the real choice in `hidden_activation`.
+        act = getattr(config, "hidden_activation", None) or config.hidden_act
+        self.act_fn = get_gated_activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))

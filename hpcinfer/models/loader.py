@@ -73,6 +73,10 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
         target = _target_of(model, name, params)
         if target is None:
             continue
+        if target is _UNKNOWN:
+            raise ValueError(f"checkpoint tensor {name} in {path.name} matches no parameter of "
+                             f"{type(model).__name__}: is config.json for a different "
+                             "architecture?")
         param_name, shard_id = target
         module_name, _, _ = param_name.rpartition(".")
         loader = getattr(modules[module_name], "weight_loader", None)
@@ -105,9 +109,13 @@ def _needed_pieces(model: nn.Module, params: dict[str, nn.Parameter]) -> set[tup
     return needed
 
 
+_UNKNOWN = ("", None)  # sentinel: a tensor with no parameter
+
+
 def _target_of(model: nn.Module, name: str, params: dict[str, nn.Parameter]
                ) -> tuple[str, object] | None:
-    """(parameter name, shard id) a checkpoint tensor goes to; None if it is to be skipped."""
+    """(parameter name, shard id) a checkpoint tensor goes to; None if it is to be skipped,
+    ``_UNKNOWN`` if nothing takes it."""
     if name.endswith(IGNORABLE_SUFFIXES):
         return None
     rename = getattr(model, "checkpoint_name", None)
@@ -121,5 +129,4 @@ def _target_of(model: nn.Module, name: str, params: dict[str, nn.Parameter]
             return merged, shard_id
     if name in params:
         return name, None
-    raise ValueError(f"checkpoint tensor {name} matches no parameter of "
-                     f"{type(model).__name__}: is config.json for a different architecture?")
+    return _UNKNOWN

@@ -164,7 +164,7 @@ def test_unexpected_tensor_is_an_error_but_rotary_inv_freq_is_ignored(tmp_path):
     _rewrite_tensor(path, first, lambda t: t.__setitem__(extra, torch.ones(2)))
     index["weight_map"][extra] = index["weight_map"][first]
     (path / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(ValueError, match=re.escape(extra)):
+    with pytest.raises(ValueError, match=re.escape(extra) + r" in model-\d+-of-\d+\.safetensors"):
         _load(path)
 
 
