@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from hpcinfer.hub.errors import DownloadError
+from hpcinfer.hub.errors import DownloadError, VerificationError
 from hpcinfer.hub.hub_errors import translate_hub_errors
 from hpcinfer.hub.paths import hub_cache_dir, repo_folder_name
 from hpcinfer.hub.record import ModelRecord, utc_now, write_record
@@ -48,7 +48,9 @@ def download_model(model_id: str, revision: str | None = None, include: Iterable
         commit, sizes = _pin_revision(model_id, requested)
         log.info("%s: revision %s is commit %s", model_id, requested, commit)
         weight_map = _fetch_weight_map(model_id, commit, cache) if SAFETENSORS_INDEX in sizes else None
-        files = [f for f in choose_files(sizes, weight_map, include, exclude) if f in sizes]
+        chosen = choose_files(sizes, weight_map, include, exclude)
+        _refuse_incomplete_upload(model_id, commit, cache, [f for f in chosen if f not in sizes])
+        files = [f for f in chosen if f in sizes]
         if not files:
             raise DownloadError(f"no file of {model_id} at {requested} matches the selection "
                                 f"(include={include}, exclude={exclude}): loosen --include/--exclude")
@@ -66,6 +68,17 @@ def download_model(model_id: str, revision: str | None = None, include: Iterable
     log.info("%s: %d files, %d bytes at %s (record %s)", model_id, len(files), record.size,
              record.path, where)
     return record
+
+
+def _refuse_incomplete_upload(model_id: str, commit: str, cache: Path, absent: list[str]) -> None:
+    # Shards named by the index but absent from the repo: no download can fix that, so stop
+    # before fetching gigabytes of the other shards.
+    if absent:
+        path = cache / repo_folder_name(model_id) / "snapshots" / commit / absent[0]
+        raise VerificationError(str(path), f"is missing on the hub (named in {SAFETENSORS_INDEX} "
+                                f"of commit {commit})",
+                                "the upload is incomplete: choose another --revision or tell "
+                                f"the model's owner at https://huggingface.co/{model_id}")
 
 
 def _refuse_offline_mode() -> None:

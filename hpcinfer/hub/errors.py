@@ -41,16 +41,24 @@ class ModelPathNotFound(ModelNotDownloaded):
 
 
 class ModelAccessError(HubError):
-    """401/403/gated/not found: the token is missing, wrong, or has no access to the repo."""
+    """401/403/404/gated: the token is missing, wrong, or has no access to the repo."""
 
-    def __init__(self, model_id: str, status: int | None, is_gated: bool) -> None:
+    def __init__(self, model_id: str, status: int | None, is_gated: bool,
+                 has_token: bool | None = None) -> None:
         self.model_id = model_id
         self.status = status
         self.is_gated = is_gated
         code = f"HTTP {status}" if status else "no access"
-        kind = "is gated" if is_gated else "is private, gated or does not exist"
+        if is_gated:
+            kind = "the model is gated"
+        elif status == 404:
+            kind = "no such model (check the id), or it is private or gated"
+        else:
+            kind = "the model is private or gated"
+        token = {None: "", True: " (a token was sent but has no access)",
+                 False: " (no token found)"}[has_token]
         super().__init__(
-            f"cannot download {model_id} ({code}): the model {kind}; request access on its page "
+            f"cannot download {model_id} ({code}): {kind}{token}; request access on its page "
             f"https://huggingface.co/{model_id} , then provide a token with access: "
             f"`hf auth login` on the login node or `export HF_TOKEN=...`"
         )
@@ -61,12 +69,11 @@ class DownloadError(HubError):
 
 
 class VerificationError(HubError):
-    """A downloaded snapshot is incomplete or corrupt; the message names the bad file."""
+    """A snapshot is incomplete or corrupt; the message names the bad file."""
 
-    def __init__(self, path: str, problem: str) -> None:
+    def __init__(self, path: str, problem: str, advice: str = "") -> None:
         self.path = path
         self.problem = problem
-        super().__init__(
-            f"{path}: {problem}; re-run `hpcinfer download` for this model (it fetches only "
-            f"what is missing)"
-        )
+        advice = advice or ("run `hpcinfer download` for this model again (it re-fetches missing "
+                            "or damaged files)")
+        super().__init__(f"{path}: {problem}; {advice}")

@@ -6,6 +6,7 @@ actually arrives) while errors.py is imported by workers that must not need it.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 from hpcinfer.hub.errors import DownloadError, HubError, ModelAccessError
@@ -37,7 +38,7 @@ def _translate(exc: Exception, model_id: str, revision: str) -> Exception:
     chain = list(_causes(exc))
     for err in chain:
         if isinstance(err, hub.GatedRepoError):
-            return ModelAccessError(model_id, _status(err), is_gated=True)
+            return ModelAccessError(model_id, _status(err), is_gated=True, has_token=_has_token())
         if isinstance(err, hub.RevisionNotFoundError):
             return DownloadError(f"revision {revision} of {model_id} does not exist on the hub: "
                                  f"check --revision (a branch, tag or commit sha)")
@@ -45,7 +46,7 @@ def _translate(exc: Exception, model_id: str, revision: str) -> Exception:
             return DownloadError(f"a file of {model_id} at {revision} disappeared from the hub "
                                  f"while downloading ({_url(err)}): run the download again")
         if isinstance(err, hub.RepositoryNotFoundError) or _status(err) in (401, 403):
-            return ModelAccessError(model_id, _status(err), is_gated=False)
+            return ModelAccessError(model_id, _status(err), is_gated=False, has_token=_has_token())
         if isinstance(err, hub.OfflineModeIsEnabled):
             return DownloadError("huggingface_hub is in offline mode (HF_HUB_OFFLINE): unset it "
                                  "and run `hpcinfer download` on the login node")
@@ -55,9 +56,20 @@ def _translate(exc: Exception, model_id: str, revision: str) -> Exception:
     if isinstance(exc, OSError) and not _is_network(chain):
         return DownloadError(f"downloading {model_id} failed on this machine: {exc}; free space or "
                              f"fix permissions of the cache, then re-run to resume")
-    return DownloadError(f"cannot reach the hub to download {model_id} "
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    return DownloadError(f"cannot reach {endpoint} to download {model_id} "
                          f"({type(chain[-1]).__name__}): check the network or proxy (HTTPS_PROXY), "
                          f"then re-run the same command; finished files are kept")
+
+
+def _has_token() -> bool | None:
+    # Whether huggingface_hub found a token (HF_TOKEN or `hf auth login`); the value stays unread
+    # by us beyond this None check and is never part of a message.
+    try:
+        from huggingface_hub import get_token
+        return get_token() is not None
+    except Exception:  # noqa: BLE001 - only a hint in the message
+        return None
 
 
 def _causes(exc: BaseException) -> Iterator[BaseException]:

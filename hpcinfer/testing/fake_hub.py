@@ -45,6 +45,7 @@ class RequestLog:
     path: str
     range: str | None
     has_token: bool
+    t: float = 0.0  # time.monotonic() when the request arrived
 
 
 @dataclass
@@ -74,9 +75,9 @@ class FakeHub:
         self._server.shutdown()
         self._server.server_close()
 
-    def gets_of(self, repo_path: str) -> list[RequestLog]:
-        """GET requests for one file (any repo, any revision)."""
-        return [r for r in self.requests if r.method == "GET" and "/resolve/" in r.path
+    def gets_of(self, repo_path: str, method: str = "GET") -> list[RequestLog]:
+        """GET (or HEAD) requests for one file (any repo, any revision)."""
+        return [r for r in self.requests if r.method == method and "/resolve/" in r.path
                 and unquote(r.path).endswith("/" + repo_path)]
 
 
@@ -96,7 +97,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self, head: bool) -> None:
         path = urlsplit(self.path).path
         self.fake.requests.append(RequestLog(self.command, path, self.headers.get("Range"),
-                                             self.headers.get("Authorization") is not None))
+                                             self.headers.get("Authorization") is not None,
+                                             time.monotonic()))
         if m := _TREE.match(path):
             return self._tree(m.group(1), unquote(m.group(2)))
         if m := _INFO.match(path):

@@ -143,11 +143,16 @@ def test_failed_run_resumes_without_refetching_finished_files(hub_env, files):
 
 def test_two_concurrent_downloads_share_one_copy(hub_env, files):
     # Slow bodies make both processes ask for the shards while the other is still fetching them.
-    hub_env.hub.slow_paths.update({SHARD1: 0.4, SHARD2: 0.4})
+    slow_s = 1.0  # generous: both processes start together, but CI machines are busy
+    hub_env.hub.slow_paths.update({SHARD1: slow_s, SHARD2: slow_s})
     procs = [hub_env.popen("download", MODEL) for _ in range(2)]
     outs = [p.communicate(timeout=60) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err
+    # They really overlapped: the second asked for shard 1 while the first was receiving it.
+    heads = hub_env.hub.gets_of(SHARD1, "HEAD")
+    first_get = hub_env.hub.gets_of(SHARD1)[0]
+    assert len(heads) == 2 and max(h.t for h in heads) < first_get.t + slow_s, heads
     snap = _snapshot(hub_env, commit_sha("main"))
     assert _tree(snap) == WANTED
     for name in WANTED:
