@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
                       WithJsonSchema)
 from pydantic_core import PydanticCustomError
 
@@ -60,6 +60,14 @@ SlurmMem = Annotated[str, BeforeValidator(_slurm_mem), WithJsonSchema({
     "description": "Slurm memory: 64G, 500M, 1T; a bare number is megabytes"})]
 StrTuple = Annotated[tuple[str, ...], BeforeValidator(_one_or_many), WithJsonSchema({
     "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]})]
+def _some_globs(value: tuple[str, ...]) -> tuple[str, ...]:
+    if not value or any(not glob.strip() for glob in value):
+        raise user_error("no input files given", 'write e.g. `path: "data/*.jsonl"` (a glob, '
+                         "or a list of globs)")
+    return value
+
+
+InputGlobs = Annotated[StrTuple, AfterValidator(_some_globs)]
 SignalName = Annotated[Literal["USR1", "USR2", "TERM", "INT", "HUP", "ALRM", "QUIT"],
                        BeforeValidator(_signal_name)]
 
@@ -92,7 +100,7 @@ class ModelSection(Section):
 
 
 class InputSection(Section):
-    path: StrTuple = Field(
+    path: InputGlobs = Field(
         description="Input file glob, or a list of globs (relative to the job file's directory)")
     format: Literal["auto", "jsonl", "parquet", "openai-batch"] = Field(
         "auto", description="auto picks from the suffix (.jsonl/.json -> jsonl, .parquet)")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import json
 import re
 import typing
 from typing import Any
@@ -86,8 +87,7 @@ def _describe(err: dict, parts: list, key_path: str, model: type[BaseModel]) -> 
     if kind.startswith("bool_"):
         return f"expected true or false, got {value!r}", f"write `{key}: true` or `{key}: false`"
     if kind == "string_type":
-        return (f"expected text, got {value!r}",
-                f'quote it: `{key}: "{value}"`' if value is not None else f"give {key} a value")
+        return _not_text(key, parts, value)
     if kind == "literal_error":
         return _not_an_option(value, ctx)
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
@@ -136,9 +136,23 @@ def _not_a_mapping(key: str, value: Any) -> tuple[str, str]:
     return problem, f"write `{key}:` followed by indented `key: value` lines"
 
 
+def _not_text(key: str, parts: list, value: Any) -> tuple[str, str]:
+    problem = f"expected text, got {value!r}"
+    if value is None:
+        return problem, f"give {key} a value"
+    if isinstance(value, (dict, list)):
+        return problem, "write a single value here, not a block or list"
+    shown = json.dumps(value)  # true, 1.5: what YAML read
+    if parts and isinstance(parts[-1], int):
+        return problem, f"quote the list item: '{shown}'"
+    return problem, f'quote it: `{key}: "{shown}"`'
+
+
 def _not_an_option(value: Any, ctx: dict) -> tuple[str, str]:
     expected = str(ctx.get("expected", ""))
-    options = re.findall(r"'([^']*)'", expected) or re.findall(r"\d+", expected)
-    close = difflib.get_close_matches(str(value), options, n=1, cutoff=0.5)
+    quoted = re.findall(r"'([^']*)'", expected)
+    options = quoted or re.findall(r"\d+", expected)
+    # Near-spellings help for words ("chatt" -> "chat"), not for numbers (12 -> 128).
+    close = difflib.get_close_matches(str(value), options, n=1, cutoff=0.5) if quoted else []
     hint = f"did you mean {close[0]!r}? " if close else ""
     return f"{value!r} is not allowed", f"{hint}write one of: {', '.join(options)}"

@@ -299,3 +299,16 @@ def test_extra_sbatch_bare_flags(tmp_path):
                              name="j2.yaml"))
     assert (err.line, err.key_path) == (6, "resources.extra_sbatch.exclusive")
     assert "remove the line" in err.fix
+
+
+@pytest.mark.parametrize("value", ["[]", '""', '[a.jsonl, " "]'])
+def test_input_path_must_name_something(tmp_path, value):
+    err = error_of(write_job(tmp_path, f"name: t1\nmodel: {{id: org/m}}\ninput: {{path: {value}}}\n"))
+    assert (err.line, err.key_path) == (3, "input.path") and "no input files" in err.problem
+
+
+def test_non_text_values_get_a_quoting_fix(tmp_path):
+    err = error_of(write_job(tmp_path, BASE + "env: {DEBUG: true}\n"))
+    assert (err.key_path, err.fix) == ("env.DEBUG", 'quote it: `DEBUG: "true"`')
+    err = error_of(write_job(tmp_path, BASE + "sampling: {stop: [a, {b: c}]}\n", name="j2.yaml"))
+    assert err.key_path == "sampling.stop.1" and "not a block or list" in err.fix
