@@ -175,6 +175,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         PARTITION_SIZE=partition_size, HAS_WINDOW=sliding_window is not None,
         IS_SPLIT=is_split, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=4 if block_d <= 128 else 8,
+        num_stages=2 if (q.dtype == torch.float32 or block_d >= 256) else 3,
     )
     if is_split:
         _decode_reduce_kernel[(num_seqs, num_heads)](

@@ -124,6 +124,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     block_d = triton.next_power_of_2(head_dim)
     block_m = 16 if max_seqlen_q <= 16 else 64
     block_n = 32 if block_d >= 256 else 64
+    # fp32 tiles are twice the bytes: smaller tiles and a shallower pipeline keep the
+    # shared-memory stages and the accumulator within one SM's budget.
+    is_wide = q.dtype == torch.float32 or block_d >= 256
+    if q.dtype == torch.float32:
+        block_m, block_n = min(block_m, 32), 32
     grid = (triton.cdiv(max_seqlen_q, block_m), num_heads, num_seqs)
     _prefill_attention_kernel[grid](
         q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, out,
@@ -134,6 +139,6 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         IS_CAUSAL=causal, HAS_WINDOW=sliding_window is not None,
         DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=4 if block_d <= 128 else 8,
+        num_warps=4 if block_d <= 128 else 8, num_stages=2 if is_wide else 3,
     )
     return out

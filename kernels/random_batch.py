@@ -39,44 +39,44 @@ def make_paged_batch(seq_lens: list[int], q_lens: list[int], *, num_heads: int,
     """
     if len(seq_lens) != len(q_lens) or any(q > s for q, s in zip(q_lens, seq_lens)):
         raise ValueError(f"need q_lens[i] <= seq_lens[i], got {q_lens} vs {seq_lens}")
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)                      # layout: CPU, cheap
     blocks_per_seq = [-(-s // block_size) for s in seq_lens]
     num_blocks = sum(blocks_per_seq) + spare_blocks
     pool = torch.randperm(num_blocks, generator=gen)
     width = max(blocks_per_seq + [1])
     block_tables = torch.zeros(len(seq_lens), width, dtype=torch.int32)
-    cache_shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    fill = float("nan") if poison else 0.0
-    k_cache = torch.full(cache_shape, fill, dtype=torch.float32)
-    v_cache = torch.full(cache_shape, fill, dtype=torch.float32)
-    slots, used = [], 0
+    context_slots, new_slots, used = [], [], 0
     for i, (seq_len, q_len) in enumerate(zip(seq_lens, q_lens)):
         table = pool[used:used + blocks_per_seq[i]]
         used += blocks_per_seq[i]
         block_tables[i, :len(table)] = table.int()
-        token_slots = table[torch.arange(seq_len) // block_size] * block_size + \
-            torch.arange(seq_len) % block_size
-        context = seq_len - q_len
-        flat = (-1, num_kv_heads, head_dim)
-        k_cache.view(flat)[token_slots[:context]] = torch.randn(context, num_kv_heads, head_dim,
-                                                                generator=gen)
-        v_cache.view(flat)[token_slots[:context]] = torch.randn(context, num_kv_heads, head_dim,
-                                                                generator=gen)
-        slots.append(token_slots[context:])
-    num_tokens = sum(q_lens)
+        positions = torch.arange(seq_len)
+        token_slots = table[positions // block_size] * block_size + positions % block_size
+        context_slots.append(token_slots[:seq_len - q_len])
+        new_slots.append(token_slots[seq_len - q_len:])
+    # Values: drawn on the target device (GPU-sized caches would be slow to fill on the CPU).
+    dev_gen = torch.Generator(device=device).manual_seed(seed)
 
     def rand(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen).to(dtype=dtype, device=device)
+        return torch.randn(*shape, generator=dev_gen, device=device).to(dtype)
 
+    cache_shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache, v_cache = rand(*cache_shape), rand(*cache_shape)
+    if poison:
+        # Only cached context holds numbers; this step's slots and unused slots hold NaN.
+        is_context = torch.zeros(num_blocks * block_size, dtype=torch.bool)
+        is_context[torch.cat(context_slots + [torch.zeros(0, dtype=torch.long)])] = True
+        unused = (~is_context).to(device)
+        k_cache.view(-1, num_kv_heads, head_dim)[unused] = float("nan")
+        v_cache.view(-1, num_kv_heads, head_dim)[unused] = float("nan")
+    num_tokens = sum(q_lens)
     cu = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(torch.tensor(q_lens, dtype=torch.int32), 0)
     return PagedBatch(
         q=rand(num_tokens, num_heads, head_dim), k=rand(num_tokens, num_kv_heads, head_dim),
         v=rand(num_tokens, num_kv_heads, head_dim),
-        k_cache=k_cache.to(dtype=dtype, device=device),
-        v_cache=v_cache.to(dtype=dtype, device=device),
-        slot_mapping=torch.cat(slots).long().to(device) if slots else
-        torch.zeros(0, dtype=torch.int64, device=device),
+        k_cache=k_cache, v_cache=v_cache,
+        slot_mapping=torch.cat(new_slots + [torch.zeros(0, dtype=torch.long)]).to(device),
         cu_seqlens_q=cu.to(device), seq_lens=torch.tensor(seq_lens, dtype=torch.int32,
                                                           device=device),
         block_tables=block_tables.to(device), max_seqlen_q=max(q_lens + [0]),

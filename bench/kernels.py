@@ -1,0 +1,190 @@
+"""Microbenchmarks of the Triton kernels on a GPU: time, achieved bandwidth, peers.
+
+    python bench/kernels.py [--out PATH] [--quick]
+
+Times with triton.testing.do_bench (median, CUDA events) and writes a JSON list of rows
+{kernel, shape, dtype, ms, gb_s, device, date, ...} to
+bench/results/kernels-<device>-<date>.json (or --out). ``gb_s`` counts the fewest bytes the
+kernel must move (each input read once, each output written once), so it compares directly
+with the ``device_copy`` row (a large device-to-device copy, bytes read + written), the
+practical ceiling. ``peer_ms`` is a torch baseline where one exists (eager reference ops;
+contiguous, non-paged SDPA for prefill).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("bench.kernels")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="JSON path (default: bench/results/...)")
+    parser.add_argument("--quick", action="store_true", help="bf16 only")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/kernels.py needs a CUDA GPU (the interpreter would time numpy)")
+    device_name = torch.cuda.get_device_name(0)
+    date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    rows = []
+    dtypes = [torch.bfloat16] if args.quick else [torch.bfloat16, torch.float16, torch.float32]
+    for bench in (bench_copy, bench_decode, bench_prefill, bench_cache, bench_elementwise):
+        for row in bench(dtypes):
+            row.update(device=device_name, date=date)
+            rows.append(row)
+            log.info(_format(row))
+    slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
+    out = args.out or RESULTS / f"kernels-{slug}-{date}.json"
+    if out.is_dir():
+        out = out / f"kernels-{slug}-{date}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=1) + "\n")
+    print(f"\n{device_name}, {date}, torch {torch.__version__}, triton {_triton_version()}")
+    print(f"{'kernel':<22} {'shape':<44} {'dtype':<9} {'ms':>9} {'GB/s':>7} {'peer ms':>8}")
+    for row in rows:
+        print(_format(row))
+    print(f"wrote {out}")
+
+
+def _format(row: dict) -> str:
+    peer = f"{row['peer_ms']:8.4f}" if row.get("peer_ms") is not None else " " * 8
+    gb_s = f"{row['gb_s']:7.0f}" if row.get("gb_s") is not None else " " * 7
+    extra = f"  {row['tflops']:.0f} TFLOP/s" if row.get("tflops") else ""
+    return (f"{row['kernel']:<22} {row['shape']:<44} {row['dtype']:<9} {row['ms']:9.4f} "
+            f"{gb_s} {peer}{extra}")
+
+
+def _triton_version() -> str:
+    import triton
+    return triton.__version__
+
+
+def time_ms(fn) -> float:
+    from triton.testing import do_bench
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _row(kernel, shape, dtype, ms, num_bytes=None, peer_ms=None, **extra) -> dict:
+    gb_s = None if num_bytes is None else num_bytes / ms / 1e6
+    return dict(kernel=kernel, shape=shape, dtype=_name(dtype), ms=ms, gb_s=gb_s,
+                peer_ms=peer_ms, **extra)
+
+
+def bench_copy(dtypes):
+    src = torch.empty(512 * 2**20, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src))
+    yield _row("device_copy", "1 GiB (read + write)", torch.bfloat16, ms, 2 * src.nbytes)
+
+
+def bench_decode(dtypes):
+    from hpcinfer.kernels.decode_attention import paged_decode_attention
+    from hpcinfer.kernels.random_batch import make_paged_batch
+    cases = [(256, 512, 32, 8, 128), (256, 512, 32, 8, 64), (8, 8192, 32, 8, 128),
+             (64, 2048, 64, 8, 128)]
+    for dtype in dtypes:
+        for num_seqs, ctx, heads, kv_heads, head_dim in cases:
+            if dtype != torch.bfloat16 and (num_seqs, ctx, head_dim) != (256, 512, 128):
+                continue
+            b = make_paged_batch([ctx] * num_seqs, [1] * num_seqs, num_heads=heads,
+                                 num_kv_heads=kv_heads, head_dim=head_dim, block_size=16,
+                                 dtype=dtype, device="cuda", poison=False)
+            out = torch.empty_like(b.q)
+            ms = time_ms(lambda: paged_decode_attention(b.q, b.k_cache, b.v_cache,
+                                                        b.block_tables, b.seq_lens, 0.1,
+                                                        out=out))
+            kv_bytes = 2 * num_seqs * ctx * kv_heads * head_dim * b.k_cache.element_size()
+            num_bytes = kv_bytes + 2 * b.q.nbytes + b.block_tables.nbytes
+            shape = f"{num_seqs}x{ctx} ctx, h{heads}/kv{kv_heads}, d{head_dim}, bs16"
+            yield _row("decode_attention", shape, dtype, ms, num_bytes)
+            del b, out
+
+
+def bench_prefill(dtypes):
+    from hpcinfer.kernels.prefill_attention import paged_attention
+    from hpcinfer.kernels.random_batch import make_paged_batch
+    num_seqs, q_len, heads, kv_heads, head_dim = 8, 512, 32, 8, 128
+    for dtype in dtypes:
+        b = make_paged_batch([q_len] * num_seqs, [q_len] * num_seqs, num_heads=heads,
+                             num_kv_heads=kv_heads, head_dim=head_dim, block_size=16,
+                             dtype=dtype, device="cuda", poison=False)
+        out = torch.empty_like(b.q)
+        ms = time_ms(lambda: paged_attention(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q,
+                                             b.seq_lens, b.block_tables, 0.1, out=out,
+                                             max_seqlen_q=q_len))
+        # Causal: half of the q_len x q_len score matrix, two matmuls of 2 flops per MAC.
+        flops = 2 * 2 * num_seqs * heads * q_len * q_len * head_dim / 2
+        q4 = b.q.view(num_seqs, q_len, heads, head_dim).transpose(1, 2).contiguous()
+        k4 = torch.randn(num_seqs, kv_heads, q_len, head_dim, device="cuda", dtype=dtype)
+        peer_ms = time_ms(lambda: F.scaled_dot_product_attention(q4, k4, k4, is_causal=True,
+                                                                 enable_gqa=True))
+        num_bytes = 2 * b.q.nbytes + 2 * num_seqs * q_len * kv_heads * head_dim * \
+            b.k_cache.element_size()
+        shape = f"{num_seqs}x{q_len} tok causal, h{heads}/kv{kv_heads}, d{head_dim}"
+        yield _row("prefill_attention", shape, dtype, ms, num_bytes, peer_ms,
+                   tflops=flops / ms / 1e9, peer="torch sdpa, contiguous KV")
+
+
+def bench_cache(dtypes):
+    from hpcinfer.kernels import reference
+    from hpcinfer.kernels.cache import reshape_and_cache
+    num_tokens, kv_heads, head_dim = 8192, 8, 128
+    for dtype in dtypes:
+        k = torch.randn(num_tokens, kv_heads, head_dim, device="cuda", dtype=dtype)
+        v = torch.randn_like(k)
+        caches = [torch.empty(4096, 16, kv_heads, head_dim, device="cuda", dtype=dtype)
+                  for _ in range(2)]
+        slots = torch.randperm(4096 * 16, device="cuda")[:num_tokens]
+        ms = time_ms(lambda: reshape_and_cache(k, v, *caches, slots))
+        peer = time_ms(lambda: reference.reshape_and_cache(k, v, *caches, slots))
+        yield _row("reshape_and_cache", f"{num_tokens} tok, kv{kv_heads}, d{head_dim}", dtype,
+                   ms, 4 * k.nbytes + slots.nbytes, peer)
+
+
+def bench_elementwise(dtypes):
+    from hpcinfer.kernels import reference
+    from hpcinfer.kernels.activation import silu_and_mul
+    from hpcinfer.kernels.norm import rms_norm
+    from hpcinfer.kernels.rotary import rotary_embedding
+    num_tokens = 8192
+    for dtype in dtypes:
+        x = torch.randn(num_tokens, 4096, device="cuda", dtype=dtype)
+        res = torch.randn_like(x)
+        w = torch.randn(4096, device="cuda", dtype=dtype)
+        ms = time_ms(lambda: rms_norm(x, w, 1e-6, res))
+        peer = time_ms(lambda: reference.rms_norm(x, w, 1e-6, res))
+        yield _row("rms_norm+residual", f"{num_tokens}x4096", dtype, ms, 4 * x.nbytes, peer)
+
+        qkv = torch.randn(num_tokens, 48, 128, device="cuda", dtype=dtype)
+        q, k = qkv[:, :32], qkv[:, 32:40]
+        pos = torch.randint(0, 4096, (num_tokens,), device="cuda")
+        cos_sin = torch.randn(4096, 128, device="cuda")
+        ms = time_ms(lambda: rotary_embedding(pos, q, k, cos_sin))
+        peer = time_ms(lambda: reference.rotary_embedding(pos, q, k, cos_sin))
+        moved = 2 * (q.numel() + k.numel()) * q.element_size() + num_tokens * 128 * 4
+        yield _row("rotary_embedding", f"{num_tokens} tok, h32+kv8, d128", dtype, ms, moved, peer)
+
+        gate_up = torch.randn(num_tokens, 2 * 14336, device="cuda", dtype=dtype)
+        ms = time_ms(lambda: silu_and_mul(gate_up))
+        peer = time_ms(lambda: reference.silu_and_mul(gate_up))
+        yield _row("silu_and_mul", f"{num_tokens}x(2x14336)", dtype, ms,
+                   gate_up.nbytes * 3 // 2, peer)
+        del x, res, qkv, gate_up
+
+
+if __name__ == "__main__":
+    main()

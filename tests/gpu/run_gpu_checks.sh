@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# GPU checks for the Triton kernels: the GPU-only tests at real sizes (every dtype and head
+# dim, against kernels/reference.py on the GPU), then the microbenchmarks (bench/kernels.py),
+# which print a timing table and write bench/results/kernels-<device>-<date>.json.
+#
+#   tests/gpu/run_gpu_checks.sh [RESULTS_DIR]     # default: $OUT if set, else bench/results
+#
+# Needs a CUDA GPU with torch + triton; hpcinfer need not be pip-installed (a throwaway shim
+# maps kernels/ to hpcinfer.kernels, as pyproject's package-dir does). Not part of CI.
+set -uo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+RESULTS_DIR=${1:-${OUT:-$REPO/bench/results}}
+PY=${PYTHON:-python3}
+export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
+
+# Run from a scratch dir so the repo's own hpcinfer/ (without kernels/) is not first on
+# sys.path; the shim there links the package and kernels/ into one importable tree.
+SCRATCH=$(mktemp -d)
+trap 'rm -rf "$SCRATCH"' EXIT
+mkdir "$SCRATCH/hpcinfer"
+ln -s "$REPO"/hpcinfer/* "$SCRATCH/hpcinfer/"
+ln -s "$REPO/kernels" "$SCRATCH/hpcinfer/kernels"
+export PYTHONPATH="$SCRATCH${PYTHONPATH:+:$PYTHONPATH}"
+cd "$SCRATCH" || exit 1
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
+"$PY" -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__,
+"device", torch.cuda.get_device_name(0))' || exit 1
+
+parallel=()
+if "$PY" -c 'import xdist' 2>/dev/null; then
+  parallel=(-n 8)   # Triton compiles dominate; spread them over CPU cores
+fi
+start=$(date +%s)
+"$PY" -m pytest "$REPO/tests/gpu" -q -p no:cacheprovider --rootdir "$REPO" \
+  -c "$REPO/pyproject.toml" "${parallel[@]}" --durations=10 2>&1 | tee "$RESULTS_DIR/gpu-tests.log"
+tests_rc=${PIPESTATUS[0]}
+echo "GPU tests: exit $tests_rc in $(( $(date +%s) - start )) s"
+
+start=$(date +%s)
+"$PY" "$REPO/bench/kernels.py" --out "$RESULTS_DIR"
+bench_rc=$?
+echo "bench: exit $bench_rc in $(( $(date +%s) - start )) s"
+exit $(( tests_rc != 0 || bench_rc != 0 ))
