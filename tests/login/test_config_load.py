@@ -196,3 +196,14 @@ def test_quickstart_example_loads(tmp_path):
     assert Path(cfg.model.id).is_dir() and (Path(cfg.model.id) / "config.json").is_file()
     files = sorted(Path(cfg.input.path[0]).parent.glob(Path(cfg.input.path[0]).name))
     assert [f.name for f in files] == ["part-a.jsonl", "part-b.jsonl"]
+
+
+@pytest.mark.parametrize("example", sorted(
+    p.name for p in (Path(__file__).resolve().parents[2] / "configs/examples").glob("*.yaml")))
+def test_every_example_validates(example, monkeypatch):
+    # Site paths ($PROJECT, /home/container) do not exist here: schema and consistency only.
+    monkeypatch.setenv("PROJECT", "/project/def-yourpi")
+    monkeypatch.setenv("SCRATCH", "/scratch/me")
+    repo = Path(__file__).resolve().parents[2]
+    cfg = load_job(repo / "configs/examples" / example, check_environment=False)
+    assert cfg.name and cfg.profile is not None
