@@ -36,9 +36,42 @@ class LedgerError(Exception):
     """The shard directory contradicts the exactly-once protocol (should never happen)."""
 
 
+class RowSet:
+    """Set of row indices as a bitmap: 1 bit per row up to the largest index (a Python set
+    costs ~60 bytes per row, which a million-row shard would feel)."""
+
+    def __init__(self) -> None:
+        self._bits = bytearray()
+        self._count = 0
+
+    def add(self, index: int) -> bool:
+        """Add `index`; False when it was already present."""
+        byte, bit = divmod(index, 8)
+        if byte >= len(self._bits):
+            self._bits.extend(bytes(max(byte + 1 - len(self._bits), len(self._bits))))
+        if self._bits[byte] >> bit & 1:
+            return False
+        self._bits[byte] |= 1 << bit
+        self._count += 1
+        return True
+
+    def __contains__(self, index: int) -> bool:
+        byte, bit = divmod(index, 8)
+        return byte < len(self._bits) and bool(self._bits[byte] >> bit & 1)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self):
+        return (i for i in range(len(self._bits) * 8) if i in self)
+
+    def __eq__(self, other) -> bool:
+        return set(self) == set(other)
+
+
 @dataclass(frozen=True)
 class LedgerState:
-    done_indices: frozenset[int]    # input row indices with a committed result or error
+    done_indices: RowSet            # input row indices with a committed result or error
     next_part: int                  # number for the next part file
     num_results: int
     num_errors: int
@@ -78,24 +111,22 @@ def recover(directory: str | Path) -> LedgerState:
 
 
 def _scan(directory: Path, removed: tuple[str, ...] = ()) -> LedgerState:
-    done: set[int] = set()
+    done = RowSet()
     parts = committed_parts(directory)
     for part in parts:
         _add_disjoint(done, _part_indices(part), part.name)
     num_results = len(done)
     _add_disjoint(done, error_indices(directory), ERRORS_FILE)
     next_part = int(PART_RE.match(parts[-1].name).group(1)) + 1 if parts else 0
-    return LedgerState(frozenset(done), next_part, num_results, len(done) - num_results,
-                       removed)
+    return LedgerState(done, next_part, num_results, len(done) - num_results, removed)
 
 
-def _add_disjoint(done: set[int], indices: list[int], source: str) -> None:
-    before = len(done)
-    done.update(indices)
-    if len(done) != before + len(indices):
-        raise LedgerError(f"{source} repeats rows that are already committed: the shard "
-                          "directory was written by two workers at once or edited by hand; "
-                          "move it aside and rerun the shard")
+def _add_disjoint(done: RowSet, indices: list[int], source: str) -> None:
+    for index in indices:
+        if not done.add(index):
+            raise LedgerError(f"{source} repeats row {index}, which is already committed: "
+                              "the shard directory was written by two workers at once or "
+                              "edited by hand; move it aside and rerun the shard")
 
 
 def _part_indices(part: Path) -> list[int]:

@@ -81,6 +81,7 @@ class ShardReader:
             if isinstance(item, InputRow) and self.spec.id_name:
                 item = self._check_duplicate(item, raw if raw is not None else obj)
             yield item
+        self._first_index_of = {}       # ~100 bytes per row: free it once the shard is read
 
     def _check_duplicate(self, row: InputRow, raw: Any) -> InputRow | BadRow:
         first = self._first_index_of.setdefault(row.key, row.index)
