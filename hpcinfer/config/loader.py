@@ -57,20 +57,7 @@ def load_job(path: str | Path, overrides: Sequence[str] = (), *,
     """
     label = str(path)
     source = Path(path).expanduser().absolute()
-    data, origins = _read_mapping(source, label)
-    if "slurm" in data:
-        raise ConfigError(label, origins["slurm"][1], "slurm",
-                          "the slurm: block belongs to the cluster profile, not the job file",
-                          "copy configs/clusters/<name>.yaml, edit it, and set "
-                          "`cluster: ./my-cluster.yaml`")
-    layer, layer_origins = overrides_as_layer(overrides)
-    if "slurm" in layer:
-        raise ConfigError(layer_origins["slurm"][0], None, "slurm",
-                          "slurm.* comes from the cluster profile and cannot be overridden",
-                          "use a profile file of your own: --set cluster=./my-cluster.yaml")
-    check_not_into_scalar(data, layer, layer_origins)
-    data, origins = merge(data, origins, layer, layer_origins)
-
+    data, origins = _job_file_and_overrides(source, label, overrides)
     cluster = data.get("cluster", "generic")
     where = locate(origins, "cluster", label)
     if not isinstance(cluster, str) or not cluster:
@@ -91,6 +78,24 @@ def load_job(path: str | Path, overrides: Sequence[str] = (), *,
     if check_environment:
         checks.check_environment(cfg)
     return cfg
+
+
+def _job_file_and_overrides(source: Path, label: str, overrides: Sequence[str]
+                            ) -> tuple[dict, Origins]:
+    """The job file with the --set layer merged on top (no profile yet)."""
+    data, origins = _read_mapping(source, label)
+    if "slurm" in data:
+        raise ConfigError(label, origins["slurm"][1], "slurm",
+                          "the slurm: block belongs to the cluster profile, not the job file",
+                          "copy configs/clusters/<name>.yaml, edit it, and set "
+                          "`cluster: ./my-cluster.yaml`")
+    layer, layer_origins = overrides_as_layer(overrides)
+    if "slurm" in layer:
+        raise ConfigError(layer_origins["slurm"][0], None, "slurm",
+                          "slurm.* comes from the cluster profile and cannot be overridden",
+                          "use a profile file of your own: --set cluster=./my-cluster.yaml")
+    check_not_into_scalar(data, layer, layer_origins)
+    return merge(data, origins, layer, layer_origins)
 
 
 def load_resolved(path: str | Path) -> JobConfig:
