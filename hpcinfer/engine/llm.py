@@ -5,7 +5,9 @@ Existing vLLM scripts run after swapping ``from vllm import LLM, SamplingParams`
 """
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Any, Sequence
 
 from hpcinfer.engine.config import EngineConfig
@@ -30,9 +32,18 @@ class LLM:
         self.config = EngineConfig.from_kwargs(model, **kwargs)
         self.llm_engine = LLMEngine(self.config)
         self._next_request = 0
+        self._default_params: SamplingParams | None = None
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What ``sampling_params=None`` means, as in vLLM: the sampling fields of the
+        checkpoint's generation_config.json (temperature, top_p, top_k, min_p,
+        repetition_penalty, max_new_tokens -> max_tokens) over SamplingParams' defaults."""
+        if self._default_params is None:
+            self._default_params = SamplingParams(**_generation_config_defaults(self.config.model))
+        return self._default_params
 
     # --- generate ---
     def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -76,6 +87,8 @@ class LLM:
 
     # --- the loop ---
     def _run(self, prompts: list, sampling_params, use_tqdm: bool) -> list[RequestOutput]:
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
         params = _params_per_prompt(sampling_params, len(prompts))
         engine = self.llm_engine
         for i, prompt in enumerate(prompts):  # validate everything before queueing anything
@@ -114,9 +127,28 @@ def _as_prompt_list(prompts) -> list:
     return prompts
 
 
+_GENERATION_CONFIG_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+                             "min_p": "min_p", "repetition_penalty": "repetition_penalty",
+                             "max_new_tokens": "max_tokens"}
+
+
+def _generation_config_defaults(model_path: str) -> dict:
+    path = Path(model_path) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        log.warning("ignoring unreadable %s: %s", path, e)
+        return {}
+    defaults = {ours: config[theirs] for theirs, ours in _GENERATION_CONFIG_FIELDS.items()
+                if config.get(theirs) is not None}
+    if defaults:
+        log.info("default sampling params from %s: %s", path, defaults)
+    return defaults
+
+
 def _params_per_prompt(sampling_params, num_prompts: int) -> list[SamplingParams]:
-    if sampling_params is None:
-        return [SamplingParams()] * num_prompts
     if isinstance(sampling_params, SamplingParams):
         return [sampling_params] * num_prompts
     params = list(sampling_params)

@@ -91,13 +91,13 @@ class Sampler:
         max_k = max(seqs[i].params.logprobs for i in want)
         top_lp, top_ids = raw_logprobs.topk(max_k, dim=-1) if max_k else (None, None)
         for j, i in enumerate(want):
+            # vLLM's order: the sampled token first, then the top-k by rank.
+            sampled[i] = float(chosen_lp[j, 0])
+            entry = {token_list[i]: Logprob(sampled[i], int(ranks[j]))}
             k = seqs[i].params.logprobs
-            entry = {}
             if k:
                 for r, (tid, lp) in enumerate(zip(top_ids[j, :k].tolist(), top_lp[j, :k].tolist())):
-                    entry[tid] = Logprob(lp, r + 1)
-            sampled[i] = float(chosen_lp[j, 0])
-            entry.setdefault(token_list[i], Logprob(sampled[i], int(ranks[j])))
+                    entry.setdefault(tid, Logprob(lp, r + 1))
             tops[i] = entry
         return SamplerOutput(token_list, sampled, tops)
 

@@ -7,7 +7,6 @@ the finish fields. The runner only reads.
 from __future__ import annotations
 
 import enum
-import itertools
 
 from hpcinfer.engine.params import SamplingParams
 
@@ -19,11 +18,8 @@ class SequenceStatus(enum.Enum):
 
 
 class Sequence:
-    _ids = itertools.count()
-
     def __init__(self, request_id: str, index: int, prompt_token_ids: list[int],
                  params: SamplingParams, arrival_order: int = 0):
-        self.seq_id = next(Sequence._ids)
         self.request_id = request_id
         self.index = index                       # which of the request's n completions
         self.arrival_order = arrival_order
@@ -67,5 +63,5 @@ class Sequence:
         return self.status is SequenceStatus.FINISHED
 
     def __repr__(self) -> str:
-        return (f"Sequence(id={self.seq_id}, request={self.request_id!r}, len={len(self)}, "
+        return (f"Sequence(request={self.request_id!r}, index={self.index}, len={len(self)}, "
                 f"computed={self.num_computed_tokens}, status={self.status.value})")

@@ -69,7 +69,8 @@ def test_logprobs_match_transformers(llm, prompts, hf_model):
         for j, (token, entry) in enumerate(zip(completion.token_ids, completion.logprobs)):
             row = ref[len(prompt) - 1 + j]
             top = row.topk(4)
-            assert list(entry)[:4] == top.indices.tolist()
+            assert list(entry) == top.indices.tolist()  # sampled (= top-1) first, then ranks
+            assert [entry[t].rank for t in top.indices.tolist()] == [1, 2, 3, 4]
             for tid, lp in entry.items():
                 assert abs(lp.logprob - row[tid].item()) < 1e-4
             assert entry[token].rank == 1  # greedy picks the top token
@@ -302,3 +303,20 @@ def test_broken_checkpoints_raise_clear_errors(checkpoint, tmp_path):
     (unsupported / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="MambaForCausalLM.*LlamaForCausalLM"):
         LLM(str(unsupported))
+
+
+def test_default_params_come_from_generation_config(checkpoint, tmp_path, prompts):
+    path = tmp_path / "gen"
+    shutil.copytree(checkpoint(FAMILY), path)
+    generation = path / "generation_config.json"
+    config = json.loads(generation.read_text()) if generation.exists() else {}
+    config.update(temperature=0.0, max_new_tokens=3, top_k=50)
+    generation.write_text(json.dumps(config))
+    llm = LLM(str(path), max_model_len=256)
+    default = llm.get_default_sampling_params()
+    assert default.is_greedy and default.max_tokens == 3
+    outs = llm.generate(prompts[:2], use_tqdm=False)
+    explicit = llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=3),
+                            use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in explicit]
+    assert all(len(o.outputs[0].token_ids) <= 3 for o in outs)

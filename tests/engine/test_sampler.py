@@ -173,8 +173,8 @@ def test_logprobs_are_raw_log_softmax_with_ranks():
     # Row 0: penalty makes token 1 the argmax, yet logprobs are of the raw logits.
     assert out.token_ids[0] == 1
     top = out.top_logprobs[0]
-    assert list(top) == [0, 1, 2]
-    assert [e.rank for e in top.values()] == [1, 2, 3]
+    assert list(top) == [1, 0, 2]            # sampled first, then the top-k (vLLM's order)
+    assert [top[t].rank for t in (0, 1, 2)] == [1, 2, 3]
     assert abs(top[1].logprob - raw[1].item()) < 1e-6
     assert abs(out.sampled_logprobs[0] - raw[1].item()) < 1e-6
     assert out.top_logprobs[1] is None and out.sampled_logprobs[1] is None
