@@ -6,17 +6,20 @@
     sys.exit(args.handler(args))          # each handler returns the exit code
 
 Handlers print one line on stderr and return 2 for every HubError (gated model, missing
-download, failed verification, network); Ctrl-C during a download returns 130 with how to
-resume. `python -m hpcinfer.hub.cli ...` runs the same commands standalone.
+download, failed verification, network); Ctrl-C during a download exits 130 at once, saying how
+to resume. `python -m hpcinfer.hub.cli ...` runs the same commands standalone.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 
 from hpcinfer.hub.errors import EXIT_CODE, HubError
 
@@ -53,13 +56,10 @@ def add_hub_commands(subparsers) -> None:
 def run_download(args: argparse.Namespace) -> int:
     from hpcinfer.hub.download import download_model
 
-    try:
+    with _exit_at_once_on_interrupt(f"interrupted: run `hpcinfer download {args.model}` again "
+                                    f"to resume (finished files are kept)"):
         record = download_model(args.model, args.revision, args.include, args.exclude,
                                 args.cache_dir)
-    except KeyboardInterrupt:
-        _say(f"interrupted: run `hpcinfer download {args.model}` again to resume "
-             f"(finished files are kept)")
-        return 130
     sys.stdout.write(f"{record.id} {record.revision} -> commit {record.commit}: "
                      f"{len(record.files)} files, {_human(record.size)} in {record.path}\n")
     return 0
@@ -100,6 +100,32 @@ def run_verify(args: argparse.Namespace) -> int:
                                  require_weights=not (patterns.get("include") or patterns.get("exclude")))
     sys.stdout.write(f"ok: {result.path} ({result.num_files} files, {_human(result.size)})\n")
     return 0
+
+
+@contextlib.contextmanager
+def _exit_at_once_on_interrupt(message: str) -> Iterator[None]:
+    """Ctrl-C / SIGTERM during a download: say how to resume and exit now.
+
+    huggingface_hub downloads in a thread pool; a KeyboardInterrupt would wait for every file in
+    flight to finish (minutes for a large shard). Finished files are already renamed into the
+    cache; the partial temp files left behind are cleaned up by a later download.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame) -> None:
+        _say(message)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(128 + signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _add_cache_dir(p: argparse.ArgumentParser) -> None:

@@ -16,6 +16,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from hpcinfer.hub.verify import verify_snapshot
 log = logging.getLogger(__name__)
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
+STALE_PARTIAL_S = 3600.0
 
 
 def download_model(model_id: str, revision: str | None = None, include: Iterable[str] = (),
@@ -44,6 +46,7 @@ def download_model(model_id: str, revision: str | None = None, include: Iterable
     include, exclude = list(include), list(exclude)
     requested = revision or "main"
     cache = hub_cache_dir(cache_dir)
+    remove_stale_partials(cache / repo_folder_name(model_id) / "blobs")
     with translate_hub_errors(model_id, requested):
         commit, sizes = _pin_revision(model_id, requested)
         log.info("%s: revision %s is commit %s", model_id, requested, commit)
@@ -129,6 +132,27 @@ def _snapshot_download(model_id: str, commit: str, files: list[str], cache: Path
     return snapshot_download(model_id, revision=commit, cache_dir=cache, endpoint=_endpoint(),
                              allow_patterns=[glob.escape(f) for f in files],
                              max_workers=max_workers)
+
+
+def remove_stale_partials(blobs: Path, max_idle_s: float = STALE_PARTIAL_S) -> list[Path]:
+    """Delete `*.incomplete` temp files nobody has written to for `max_idle_s`.
+
+    Each huggingface_hub download writes its own uniquely named temp file, so one left by a
+    killed process is never resumed or reused; on a shared quota it is just lost space. A live
+    download writes every few seconds (or times out), so an hour of silence means it is dead.
+    """
+    removed = []
+    now = time.time()
+    for partial in blobs.glob("*.incomplete"):
+        try:
+            if now - partial.stat().st_mtime > max_idle_s:
+                partial.unlink()
+                removed.append(partial)
+        except OSError:
+            continue  # another user's file we may not delete, or already gone
+    if removed:
+        log.info("removed %d abandoned partial downloads from %s", len(removed), blobs)
+    return removed
 
 
 def _drop_damaged_files(snapshot: Path, files: list[str], sizes: dict[str, int | None]) -> None:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import time
 from pathlib import Path
 
 from hpcinfer.hub.errors import EXIT_CODE
@@ -221,3 +223,31 @@ def test_cache_dir_flag_keeps_records_with_that_cache(hub_env, tmp_path):
     assert find_record(MODEL, cache_dir=other).path.startswith(str(other.resolve()))
     listed = hub_env.run("models", "--cache-dir", str(other))
     assert MODEL in listed.stdout
+
+
+def test_ctrl_c_exits_at_once_and_the_next_run_resumes(hub_env, files):
+    hub_env.hub.slow_paths[SHARD2] = 20.0  # still "downloading" when Ctrl-C arrives
+    proc = hub_env.popen("download", MODEL)
+    deadline = time.monotonic() + 30
+    while not hub_env.hub.gets_of(SHARD2) or not (_snapshot(hub_env, commit_sha("main")) / SHARD1).exists():
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=15)
+    assert proc.returncode == 130 and time.monotonic() - sent < 5, err
+    assert f"run `hpcinfer download {MODEL}` again to resume" in err
+    assert find_record(MODEL, cache_dir=hub_env.cache) is None
+
+    blobs = hub_env.cache / "models--org--tiny" / "blobs"
+    partials = list(blobs.glob("*.incomplete"))
+    assert partials  # the killed transfer's temp file ...
+    hour_ago = time.time() - 2 * 3600
+    for p in partials:
+        os.utime(p, (hour_ago, hour_ago))
+    hub_env.hub.slow_paths.clear()
+    again = hub_env.run("download", MODEL)
+    assert again.returncode == 0, again.stderr
+    assert not list(blobs.glob("*.incomplete"))  # ... is cleaned up by the next download
+    assert len(hub_env.hub.gets_of(SHARD1)) == 1  # finished before Ctrl-C: not fetched again
+    assert (_snapshot(hub_env, commit_sha("main")) / SHARD2).read_bytes() == files[SHARD2]
