@@ -20,8 +20,10 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from hpcinfer.hub.errors import DownloadError, VerificationError
+from hpcinfer.hub.errors import (DownloadError, ModelNotDownloaded, ModelPathNotFound,
+                                 VerificationError)
 from hpcinfer.hub.hub_errors import translate_hub_errors
+from hpcinfer.hub.offline import ResolvedModel, resolve_model
 from hpcinfer.hub.paths import hub_cache_dir, repo_folder_name
 from hpcinfer.hub.record import ModelRecord, utc_now, write_record
 from hpcinfer.hub.selection import SAFETENSORS_INDEX, choose_files
@@ -71,6 +73,19 @@ def download_model(model_id: str, revision: str | None = None, include: Iterable
     log.info("%s: %d files, %d bytes at %s (record %s)", model_id, len(files), record.size,
              record.path, where)
     return record
+
+
+def resolve_or_download(model_id: str, revision: str | None = None,
+                        cache_dir: str | os.PathLike | None = None) -> ResolvedModel:
+    """For `render --download`: the recorded snapshot, downloading it first when missing."""
+    try:
+        return resolve_model(model_id, revision, cache_dir)
+    except ModelPathNotFound:
+        raise  # a path, not a hub id: nothing to download
+    except ModelNotDownloaded:
+        log.info("%s is not downloaded yet: downloading it now", model_id)
+    download_model(model_id, revision, cache_dir=cache_dir)
+    return resolve_model(model_id, revision or "main", cache_dir)
 
 
 def _refuse_incomplete_upload(model_id: str, commit: str, cache: Path, absent: list[str]) -> None:

@@ -33,6 +33,10 @@ class HubEnv:
                               env={**self.env, **(extra_env or {})}, capture_output=True,
                               text=True, timeout=timeout, cwd=REPO_ROOT)
 
+    def run_python(self, code: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True,
+                              text=True, timeout=timeout, cwd=REPO_ROOT)
+
     def popen(self, *args: str) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", "hpcinfer.hub.cli", *args], env=self.env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -251,3 +251,16 @@ def test_ctrl_c_exits_at_once_and_the_next_run_resumes(hub_env, files):
     assert not list(blobs.glob("*.incomplete"))  # ... is cleaned up by the next download
     assert len(hub_env.hub.gets_of(SHARD1)) == 1  # finished before Ctrl-C: not fetched again
     assert (_snapshot(hub_env, commit_sha("main")) / SHARD2).read_bytes() == files[SHARD2]
+
+
+def test_resolve_or_download_downloads_once(hub_env):
+    code = ("from hpcinfer.hub import resolve_or_download\n"
+            "r = resolve_or_download('org/tiny')\n"
+            "print(r.commit, r.path)\n")
+    first = hub_env.run_python(code)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.split() == [commit_sha("main"), str(_snapshot(hub_env, commit_sha("main")).resolve())]
+    num_requests = len(hub_env.hub.requests)
+    second = hub_env.run_python(code)
+    assert second.stdout == first.stdout
+    assert len(hub_env.hub.requests) == num_requests  # already recorded: no network at all
