@@ -11,6 +11,7 @@ equal bytes. Formats:
 """
 from __future__ import annotations
 
+import copy
 import json
 from typing import IO, Any
 
@@ -55,6 +56,12 @@ class JsonlFormat:
         self.passthrough = tuple(c for c in passthrough if c != id_name)
         self.logprobs = logprobs
         self.column_types = column_types or {}
+
+    def with_column_types(self, column_types: dict) -> "JsonlFormat":
+        """A copy that writes these input columns with these Arrow types (Parquet)."""
+        clone = copy.copy(self)
+        clone.column_types = {**self.column_types, **column_types}
+        return clone
 
     def record(self, row, out) -> dict:
         rec: dict[str, Any] = {"row_index": row.index}

@@ -67,7 +67,6 @@ class ShardReader:
         self.format = resolve_format(self.file, spec.format)
         self.batch_rows = batch_rows
         self.num_rows = 0
-        self.passthrough_types: dict | None = None   # Parquet input: column -> arrow type
         self._first_index_of: dict[Any, int] = {}
 
     def __iter__(self) -> Iterator[InputRow | BadRow]:
@@ -160,8 +159,21 @@ class ShardReader:
             raise ShardReadError(self.file, f"it has no column {', '.join(map(repr, missing))} "
                                  f"(columns: {', '.join(schema.names[:12])}); fix the "
                                  "input.*_field / passthrough names")
-        self.passthrough_types = {c: schema.field(c).type for c in self.spec.passthrough}
         return wanted
+
+    def column_types(self) -> dict:
+        """Arrow types of the id and passthrough columns (Parquet input; {} for JSONL), so
+        Parquet outputs keep the input's types instead of inferring them per part."""
+        if self.format != "parquet" or self.spec.is_openai:
+            return {}
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        try:
+            schema = pq.read_schema(self.file)
+        except (OSError, pa.ArrowException) as exc:
+            raise ShardReadError(self.file, f"not a readable Parquet file ({exc})") from None
+        names = [n for n in (self.spec.id_field, *self.spec.passthrough) if n]
+        return {n: schema.field(n).type for n in names if n in schema.names}
 
 
 def _row_groups_covering(metadata, start: int, stop: int) -> tuple[list[int], int]:

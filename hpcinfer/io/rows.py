@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Mapping
 
 from hpcinfer.io import openai_batch
@@ -55,11 +56,11 @@ class InputSpec:
             "text_1_field", "text_2_field", "sampling_field")}
         return cls(task=task, passthrough=tuple(get("passthrough", ()) or ()), **kwargs)
 
-    @property
+    @cached_property
     def is_openai(self) -> bool:
         return self.format == "openai-batch"
 
-    @property
+    @cached_property
     def id_name(self) -> str | None:
         """Name of the id column in outputs (custom_id for OpenAI batch input)."""
         return "custom_id" if self.is_openai else self.id_field
@@ -73,7 +74,7 @@ class InputSpec:
             return "text_field"
         return "prompt_field"
 
-    @property
+    @cached_property
     def content_field(self) -> str | None:
         if self.task in ("embed", "classify", "reward"):
             return self.text_field or self.prompt_field

@@ -31,9 +31,10 @@ def process_shard(shard: Any, spec: InputSpec, shard_dir: str | Path, fmt: Jsonl
     if ledger.is_done(shard_dir):
         return {"already_done": True}
     state = ledger.recover(shard_dir)
-    writer = PartWriter(shard_dir, fmt, next_part=state.next_part,
-                        commit_every_rows=commit_every_rows, commit_every_s=commit_every_s)
     reader = ShardReader(shard, spec)
+    writer = PartWriter(shard_dir, fmt.with_column_types(_column_types(reader, shard_dir)),
+                        next_part=state.next_part, commit_every_rows=commit_every_rows,
+                        commit_every_s=commit_every_s)
     try:
         for item in reader:
             if item.index in state.done_indices:
@@ -54,3 +55,11 @@ def process_shard(shard: Any, spec: InputSpec, shard_dir: str | Path, fmt: Jsonl
         raise
     writer.commit()
     return ledger.mark_done(shard_dir, reader.num_rows)
+
+
+def _column_types(reader: ShardReader, shard_dir: Path) -> dict:
+    try:
+        return reader.column_types()
+    except ShardReadError as exc:
+        ledger.mark_failed(shard_dir, str(exc))
+        raise

@@ -159,3 +159,45 @@ def test_collect_reports_unfinished_shards(tmp_path):
 def test_reverse_answer_is_deterministic():
     row = _row(3)
     assert reverse_answer(row) == reverse_answer(row) == OutputRecord("3p", 2, 2, "length")
+
+
+def test_parquet_input_column_types_survive_to_parquet_output(tmp_path):
+    from hpcinfer.io.shard_loop import process_shard
+    src = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"id": pa.array([1, 2, 3, 4], pa.int32()),
+                             "prompt": ["a", "b", "c", "d"],
+                             "score": pa.array([None, None, 7, 8], pa.int16())}), src)
+    spec = InputSpec(id_field="id", prompt_field="prompt", passthrough=("score",))
+    job = tmp_path / "job"
+    process_shard(types.SimpleNamespace(file=str(src), start=0, stop=4), spec,
+                  ledger.shard_dir(job, 0),
+                  make_format("parquet", id_name="id", passthrough=("score",)),
+                  reverse_answer, commit_every_rows=2)
+    first = ledger.committed_parts(ledger.shard_dir(job, 0))[0]
+    assert pq.read_schema(first).field("score").type == pa.int16()   # all-null part, typed
+    (path, _) = collect(job).files
+    table = pq.read_table(path)
+    assert table.schema.field("id").type == pa.int32()
+    assert table.column("score").to_pylist() == [None, None, 7, 8]
+
+
+def test_openai_embeddings_and_score_requests(tmp_path):
+    path = tmp_path / "b.jsonl"
+    path.write_bytes(openai_line("e", url="/v1/embeddings", input=["one text"]) + b"\n")
+    (row,) = _read(path, InputSpec(task="embed", format="openai-batch"))
+    assert row.texts == ("one text",) and row.url == "/v1/embeddings"
+    path.write_bytes(openai_line("s", url="/v1/score", text_1="q", text_2="d") + b"\n")
+    (row,) = _read(path, InputSpec(task="score", format="openai-batch"))
+    assert row.texts == ("q", "d")
+
+
+def test_prompt_too_long_error_record(tmp_path):
+    from hpcinfer.io.rows import prompt_too_long
+    bad = prompt_too_long(_row(4), num_prompt_tokens=5000, max_model_len=4096)
+    writer = PartWriter(tmp_path, make_format("jsonl"))
+    writer.add_error(bad)
+    (path,) = writer.commit()
+    rec = json.loads(path.read_text())
+    assert rec["kind"] == "prompt_too_long" and rec["row_index"] == 4 and rec["id"] == "k4"
+    assert "5000 tokens" in rec["reason"] and "truncate_left" in rec["reason"]
+    assert rec["excerpt"] == "p4"

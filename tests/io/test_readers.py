@@ -38,8 +38,7 @@ def test_parquet_shard_slices_row_groups(tmp_path):
         assert [r.index for r in rows] == list(range(start, stop))
         assert [r.prompt for r in rows] == [good_row(i)["prompt"] for i in range(start, stop)]
     reader = ShardReader(types.SimpleNamespace(file=str(path), start=0, stop=1), SPEC)
-    list(reader)
-    assert reader.passthrough_types == {"topic": pa.string()}
+    assert reader.column_types() == {"id": pa.string(), "topic": pa.string()}
 
 
 def test_plan_longer_than_file_is_a_shard_error(tmp_path):
