@@ -28,8 +28,9 @@ def _is_hub_failure(exc: Exception) -> bool:
     from huggingface_hub import errors as hub
 
     chain = list(_causes(exc))
-    return (isinstance(exc, OSError) or _is_network(chain)
-            or any(isinstance(e, (hub.HfHubHTTPError, hub.OfflineModeIsEnabled)) for e in chain))
+    return (isinstance(exc, OSError) or _is_network(chain) or any(
+        isinstance(e, (hub.HfHubHTTPError, hub.OfflineModeIsEnabled, hub.HFValidationError))
+        for e in chain))
 
 
 def _translate(exc: Exception, model_id: str, revision: str) -> Exception:
@@ -37,6 +38,10 @@ def _translate(exc: Exception, model_id: str, revision: str) -> Exception:
 
     chain = list(_causes(exc))
     for err in chain:
+        if isinstance(err, hub.HFValidationError):
+            return DownloadError(f"{model_id!r} is not a hub model id: use ORG/NAME as shown on "
+                                 f"huggingface.co (letters, digits, '-', '_', '.'), or a local "
+                                 f"directory in model.id")
         if isinstance(err, hub.GatedRepoError):
             return ModelAccessError(model_id, _status(err), is_gated=True, has_token=_has_token())
         if isinstance(err, hub.RevisionNotFoundError):

@@ -30,6 +30,18 @@ class ResolvedModel:
     commit: str | None      # pinned commit sha (None for a local dir outside an HF cache)
     path: str               # absolute snapshot directory to load from
 
+    @property
+    def bind_path(self) -> str:
+        """What a container must bind for `path` to work inside it.
+
+        A hub-cache snapshot holds symlinks into `../../blobs/`, so binding the snapshot alone
+        leaves dangling links: bind its `models--org--name` folder instead.
+        """
+        snapshot = Path(self.path)
+        if snapshot.parent.name == "snapshots" and (snapshot.parent.parent / "blobs").is_dir():
+            return str(snapshot.parent.parent)
+        return self.path
+
 
 def set_offline_env(environ: MutableMapping[str, str] | None = None) -> None:
     """Put huggingface_hub/transformers/datasets into offline mode; cache variables are kept.

@@ -61,6 +61,9 @@ def test_full_download_records_pins_and_lists(hub_env, files):
 
     resolved = resolve_model(MODEL, cache_dir=hub_env.cache)
     assert (resolved.path, resolved.commit) == (record.path, commit)
+    # Snapshot files link into ../../blobs: a container must bind the whole model folder.
+    assert resolved.bind_path == str(snap.resolve().parents[1])
+    assert all(os.path.realpath(snap / n).startswith(resolved.bind_path + os.sep) for n in WANTED)
 
     ok = hub_env.run("verify-model", MODEL)
     assert ok.returncode == 0 and ok.stdout.startswith("ok:"), ok.stderr
@@ -99,9 +102,11 @@ def test_revision_pins_an_older_commit(hub_env):
     assert resolve_model(MODEL, old, hub_env.cache).commit == old
 
 
-def test_unknown_revision_is_one_clear_error(hub_env):
+def test_unknown_revision_or_bad_id_is_one_clear_error(hub_env):
     proc = hub_env.run("download", MODEL, "--revision", "no-such-branch")
     _assert_one_line_error(proc, "no-such-branch", "--revision")
+    proc = hub_env.run("download", "org/has space")
+    _assert_one_line_error(proc, "'org/has space' is not a hub model id")
 
 
 def test_include_and_exclude_patterns(hub_env):
