@@ -28,6 +28,8 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="checkpoint dir (default: a tiny random llama)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="for both engines")
     p.add_argument("--num-prompts", type=int, default=256)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=32)
@@ -41,9 +43,9 @@ def make_prompts(n: int, length: int, vocab: int) -> list[list[int]]:
     return torch.randint(6, min(vocab, 380), (n, length), generator=g).tolist()
 
 
-def run_engine(model: str, device: str, prompts, max_tokens: int) -> dict:
+def run_engine(model: str, device: str, dtype: str, prompts, max_tokens: int) -> dict:
     from hpcinfer import LLMEngine, SamplingParams
-    engine = LLMEngine.from_kwargs(model, device=device, max_num_seqs=len(prompts),
+    engine = LLMEngine.from_kwargs(model, device=device, dtype=dtype, max_num_seqs=len(prompts),
                                    max_model_len=len(prompts[0]) + max_tokens + 16)
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     start = time.perf_counter()
@@ -51,8 +53,8 @@ def run_engine(model: str, device: str, prompts, max_tokens: int) -> dict:
         engine.add_request(str(i), p, params)
     overheads, num_out = [], 0
     while engine.has_unfinished_requests():
-        for out in engine.step():
-            num_out += out.finished and len(out.outputs[0].token_ids)
+        for out in engine.step(final_only=True):
+            num_out += len(out.outputs[0].token_ids)
         last = engine.stats.last_step
         if last["is_decode"] and last["num_seqs"] == len(prompts):
             overheads.append((last["schedule_s"] + last["prepare_s"]) * 1e3)
@@ -71,11 +73,11 @@ def run_engine(model: str, device: str, prompts, max_tokens: int) -> dict:
             "device": str(engine.device)}
 
 
-def run_transformers(model: str, device: str, prompts, max_tokens: int) -> dict:
+def run_transformers(model: str, device: str, dtype: str, prompts, max_tokens: int) -> dict:
     from transformers import AutoModelForCausalLM
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
-    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).to(dev).eval()
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).to(dev).eval()
     hf.generation_config.eos_token_id = None
     ids = torch.tensor(prompts, device=dev)
     start = time.perf_counter()
@@ -98,10 +100,10 @@ def main() -> None:
         from hpcinfer.testing.tiny import tiny_checkpoint
         model = str(tiny_checkpoint("llama"))
     prompts = make_prompts(args.num_prompts, args.prompt_len, 384)
-    workload = f"{args.num_prompts}x(in{args.prompt_len},out{args.max_tokens})-greedy"
-    rows = [run_engine(model, args.device, prompts, args.max_tokens)]
+    workload = f"{args.num_prompts}x(in{args.prompt_len},out{args.max_tokens})-greedy-{args.dtype}"
+    rows = [run_engine(model, args.device, args.dtype, prompts, args.max_tokens)]
     if not args.skip_transformers:
-        rows.append(run_transformers(model, args.device, prompts, args.max_tokens))
+        rows.append(run_transformers(model, args.device, args.dtype, prompts, args.max_tokens))
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     for row in rows:
         row.update(workload=workload, tp=1, date=date,

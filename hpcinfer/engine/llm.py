@@ -106,7 +106,7 @@ class LLM:
         bar = _progress_bar(len(prompts)) if use_tqdm else None
         try:
             while engine.has_unfinished_requests():
-                for out in engine.step():
+                for out in engine.step(final_only=True):
                     if out.finished:
                         finished[out.request_id] = out
                         if bar is not None:

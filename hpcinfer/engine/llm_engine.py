@@ -178,8 +178,9 @@ class LLMEngine:
         return len(self.requests)
 
     # --- the step loop ---
-    def step(self) -> list[RequestOutput]:
-        """Run one scheduled batch; return outputs of the requests that got new tokens."""
+    def step(self, final_only: bool = False) -> list[RequestOutput]:
+        """Run one scheduled batch; return the (cumulative) outputs of the requests that got
+        new tokens, or with ``final_only`` only of those that finished (cheaper: LLM uses it)."""
         t0 = time.perf_counter()
         scheduled = self.scheduler.schedule()
         t1 = time.perf_counter()
@@ -193,12 +194,13 @@ class LLMEngine:
         sampled = (self.sampler(logits, batch.sample_seqs, self.eos_token_ids)
                    if batch.sample_seqs else SamplerOutput([], [], []))
         t4 = time.perf_counter()
-        outputs = self._postprocess(batch.sample_seqs, sampled)
+        outputs = self._postprocess(batch.sample_seqs, sampled, final_only)
         t5 = time.perf_counter()
         self._record(len(scheduled.seqs), batch.meta.is_decode, (t0, t1, t2, t3, t4, t5))
         return outputs
 
-    def _postprocess(self, seqs: list[Sequence], sampled: SamplerOutput) -> list[RequestOutput]:
+    def _postprocess(self, seqs: list[Sequence], sampled: SamplerOutput,
+                     final_only: bool) -> list[RequestOutput]:
         finished, touched = [], {}
         for i, seq in enumerate(seqs):
             self._append_token(seq, sampled.token_ids[i], sampled.sampled_logprobs[i],
@@ -211,9 +213,11 @@ class LLMEngine:
         outputs = []
         for rid in touched:
             request = self.requests[rid]
-            outputs.append(self._request_output(request))
             if request.finished:
                 del self.requests[rid]
+            elif final_only:
+                continue
+            outputs.append(self._request_output(request))
         return outputs
 
     def _append_token(self, seq: Sequence, token_id: int, logprob: float | None,
