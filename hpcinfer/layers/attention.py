@@ -17,7 +17,8 @@ from torch import nn
 
 from hpcinfer.kernels import reference
 
-KVCache = tuple[torch.Tensor, torch.Tensor]  # (k_cache, v_cache), each [num_blocks, block_size, kv_heads, head_dim]
+# (k_cache, v_cache), each [num_blocks, block_size, num_kv_heads, head_dim]
+KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,8 @@ BACKEND_NAMES = ("auto", "torch_ref", "triton")
 
 def get_attention_backend(name: str = "auto", device: torch.device | str | None = None
                           ) -> AttentionBackend:
-    """``"torch_ref"``, ``"triton"`` (imported lazily) or ``"auto"``: triton on CUDA, else torch_ref."""
+    """``"torch_ref"``, ``"triton"`` (imported lazily) or ``"auto"``: triton on CUDA, else
+    torch_ref."""
     if name == "auto":
         is_cuda = device is not None and torch.device(device).type == "cuda"
         name = "triton" if is_cuda else "torch_ref"

@@ -39,7 +39,8 @@ def inverse_frequencies(params: dict, head_dim: int) -> torch.Tensor:
     if params.get("partial_rotary_factor", 1.0) != 1.0:
         raise ValueError("partial_rotary_factor != 1 is not supported by these families")
     base = params["rope_theta"]
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+    inv_freq = 1.0 / (base ** exponents)
     if rope_type == "linear":
         return inv_freq / params["factor"]
     if rope_type == "llama3":

@@ -86,6 +86,7 @@ class OPTDecoder(nn.Module):
     def __init__(self, config: Any, backend: AttentionBackend, tp: TensorParallel):
         super().__init__()
         hidden, word_dim = config.hidden_size, config.word_embed_proj_dim
+        affine = config.layer_norm_elementwise_affine
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, word_dim, tp)
         self.embed_positions = OPTLearnedPositionalEmbedding(config.max_position_embeddings,
                                                              hidden)
@@ -94,7 +95,7 @@ class OPTDecoder(nn.Module):
         self.project_out = ReplicatedLinear(hidden, word_dim, False) if word_dim != hidden else None
         has_final_norm = (config.do_layer_norm_before
                           and not getattr(config, "_remove_final_layer_norm", False))
-        self.final_layer_norm = (LayerNorm(hidden, elementwise_affine=config.layer_norm_elementwise_affine)
+        self.final_layer_norm = (LayerNorm(hidden, elementwise_affine=affine)
                                  if has_final_norm else None)
         self.layers = nn.ModuleList(OPTDecoderLayer(config, backend, tp)
                                     for _ in range(config.num_hidden_layers))

@@ -88,7 +88,7 @@ def load_model(model_path: str | Path, *, dtype: torch.dtype, device: torch.devi
     _init_buffers(model)
     with torch.no_grad():
         load_weights(model, model_path)
-    model.eval()
+    model.eval().requires_grad_(False)  # inference only: never build an autograd graph
     model.spec = model_spec(config, architecture, dtype, tp, model_path)
     log.info("loaded %s from %s (%s, %s, backend %s)", architecture, model_path, dtype, device,
              backend.name)

@@ -39,7 +39,8 @@ def num_blocks_needed(block_tables: Sequence[Sequence[int]]) -> int:
 
 def allocate_kv_caches(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                        head_dim: int, *, dtype: torch.dtype = torch.float32,
-                       device: torch.device | str = "cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
+                       device: torch.device | str = "cpu"
+                       ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer (k_cache, v_cache), each [num_blocks, block_size, num_kv_heads, head_dim],
     filled with NaN so a read of a slot nobody wrote poisons the result."""
     shape = (num_blocks, block_size, num_kv_heads, head_dim)

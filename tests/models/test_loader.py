@@ -57,6 +57,11 @@ def test_tiny_checkpoints_are_sharded_with_a_tokenizer():
     assert tok("Hello world").input_ids[0] == config["bos_token_id"]
 
 
+def test_unknown_tiny_family_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="unknown tiny family 'gpt2'.*llama3"):
+        build_tiny_checkpoint("gpt2", tmp_path)
+
+
 def test_supported_architectures_lists_every_family():
     assert supported_architectures() == sorted(f"{f}ForCausalLM" for f in FAMILIES)
 
