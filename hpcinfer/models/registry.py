@@ -63,6 +63,10 @@ def load_config(model_path: str | Path) -> Any:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no config.json in {path}: model must be a local checkpoint "
                                 "directory (run \"hpcinfer download <id>\" on a login node)")
+    # Check the architecture before transformers parses the file: a model_type it does not
+    # know would otherwise fail with its own, less helpful error.
+    raw = json.loads((path / "config.json").read_text())
+    architecture_of(type("RawConfig", (), {"architectures": raw.get("architectures")}))
     return AutoConfig.from_pretrained(str(path))
 
 

@@ -183,6 +183,15 @@ def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
     assert all(f"{f}ForCausalLM" in str(err.value) for f in FAMILIES)
 
 
+def test_architecture_unknown_to_transformers_gets_our_error(tmp_path):
+    path = _copy("llama", tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config.update(model_type="foo", architectures=["FooForCausalLM"])
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="FooForCausalLM.*supports: GemmaForCausalLM"):
+        _load(path)
+
+
 def test_missing_config_says_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json.*hpcinfer download"):
         _load(tmp_path)
