@@ -13,7 +13,8 @@ import triton.language as tl
 from .launch_checks import (FLOAT_DTYPES, KernelArgumentError, check_dtype,
                             check_last_dim_contiguous, check_out)
 
-SQRT_2_OVER_PI = 0.7978845608028654
+# A jit function may read a global only if it is a tl.constexpr.
+SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 
 
 @triton.jit
