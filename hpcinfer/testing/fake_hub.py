@@ -156,7 +156,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if head:
             return
-        time.sleep(self.fake.slow_paths.get(repo_path, 0.0))  # lets concurrent clients overlap
+        self._pause(repo_path)
         cut_at = self.fake.drop_once.pop(repo_path, None) if not start else None
         if cut_at is not None:
             self.wfile.write(body[:cut_at])
@@ -165,7 +165,16 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
             self.close_connection = True
             return
-        self.wfile.write(body[start:])
+        try:
+            self.wfile.write(body[start:])
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client was killed mid-transfer (the Ctrl-C test): nothing to answer
+
+    def _pause(self, repo_path: str) -> None:
+        # Sleep in small steps so a test that clears slow_paths releases waiting handlers.
+        deadline = time.monotonic() + self.fake.slow_paths.get(repo_path, 0.0)
+        while repo_path in self.fake.slow_paths and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     # --- helpers ---------------------------------------------------------------------------
     def _lookup(self, repo_id: str, rev: str, is_file: bool) -> tuple[FakeRepo, str] | None:
