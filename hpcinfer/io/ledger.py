@@ -184,7 +184,38 @@ def mark_done(directory: str | Path, num_rows: int) -> dict:
     summary = {"num_rows": num_rows, "num_results": state.num_results,
                "num_errors": state.num_errors}
     atomic_write_bytes(directory / DONE_FILE, (json.dumps(summary) + "\n").encode())
+    (directory / FAILED_FILE).unlink(missing_ok=True)   # an earlier run's, since fixed
     return summary
+
+
+def progress(directory: str | Path) -> dict:
+    """Cheap counts for `hpcinfer status` (no row parsing: newline counts, Parquet footers).
+
+    Returns {num_results, num_errors, num_parts, is_done, failed_reason}."""
+    directory = Path(directory)
+    parts = committed_parts(directory)
+    num_results = sum(_count_rows(p) for p in parts)
+    errors = directory / ERRORS_FILE
+    failed = directory / FAILED_FILE
+    return {"num_results": num_results,
+            "num_errors": _count_lines(errors) if errors.exists() else 0,
+            "num_parts": len(parts), "is_done": is_done(directory),
+            "failed_reason": json.loads(failed.read_text())["reason"] if failed.exists() else None}
+
+
+def _count_rows(part: Path) -> int:
+    if part.suffix == ".parquet":
+        import pyarrow.parquet as pq
+        return pq.read_metadata(part).num_rows
+    return _count_lines(part)
+
+
+def _count_lines(path: Path) -> int:
+    count = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            count += chunk.count(b"\n")
+    return count
 
 
 def mark_failed(directory: str | Path, reason: str) -> None:

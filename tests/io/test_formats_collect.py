@@ -201,3 +201,11 @@ def test_prompt_too_long_error_record(tmp_path):
     assert rec["kind"] == "prompt_too_long" and rec["row_index"] == 4 and rec["id"] == "k4"
     assert "5000 tokens" in rec["reason"] and "truncate_left" in rec["reason"]
     assert rec["excerpt"] == "p4"
+
+
+def test_collect_defaults_to_the_jobs_output_format(tmp_path):
+    _write(ledger.shard_dir(tmp_path, 0), make_format("jsonl", id_name="id"), [1, 0], 1)
+    (tmp_path / "job.yaml").write_text("name: x\noutput: {dir: x, format: parquet}\n")
+    (path, _) = collect(tmp_path).files
+    assert path.name == "00000.parquet"
+    assert pq.read_table(path).column("row_index").to_pylist() == [0, 1]

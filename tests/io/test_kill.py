@@ -80,6 +80,7 @@ def test_kill9_at_random_moments_then_restart_is_exactly_once(tmp_path, fmt, num
     assert not (job / "shards/00001/DONE").exists(), "the kills must interrupt real work"
     _run_to_end(input_path, job, fmt, commit_every=4)
 
+    print(f"{kills_inside_commit} of {num_kills} kills landed inside a commit")
     assert kills_inside_commit >= 1, f"no kill landed inside a commit (seed={seed})"
     assert not _temps(job), "the finishing run must delete leftover temp files"
     got, want = _collected(job, fmt), _collected(reference, fmt)

@@ -134,3 +134,20 @@ def test_row_set_is_a_compact_exact_set():
     assert not rows.add(64)
     assert len(rows) == 4 and 1_000_003 in rows and 6 not in rows and 10**9 not in rows
     assert list(rows) == [0, 5, 64, 1_000_003]
+
+
+@pytest.mark.parametrize("name", ["jsonl", "parquet"])
+def test_progress_counts_and_done_clears_failed(tmp_path, name):
+    d = tmp_path / "s"
+    ledger.mark_failed(d, "cannot read input file x")
+    w = PartWriter(d, make_format(name, id_name="id"), commit_every_rows=2)
+    for i in range(5):
+        _add(w, i)
+        w.maybe_commit()
+    w.add_error(_bad(5))
+    w.commit()
+    assert ledger.progress(d) == {"num_results": 5, "num_errors": 1, "num_parts": 3,
+                                  "is_done": False, "failed_reason": "cannot read input file x"}
+    ledger.mark_done(d, 6)
+    got = ledger.progress(d)
+    assert got["is_done"] and got["failed_reason"] is None
