@@ -124,7 +124,11 @@ def _collect_jsonl(shards: list[Path], out: Path, single_file: bool, target: str
     suffix = _SUFFIX[target]
     if single_file:
         path = out / f"results{suffix}"
-        atomic_write(path, lambda f: [f.write("".join(lines(s)).encode()) for s in shards])
+
+        def write_all(f) -> None:
+            for shard in shards:          # one shard's records in memory at a time
+                f.write("".join(lines(shard)).encode())
+        atomic_write(path, write_all)
         result.files.append(path)
         return
     for shard in shards:

@@ -264,7 +264,10 @@ def check_messages(messages: Any) -> str | None:
 def _validate_openai(index: int, file: str, obj: dict, spec: InputSpec, bad) -> InputRow | BadRow:
     custom_id, problem = _row_id(obj, "custom_id")
     if problem:
-        return bad(problem[0], problem[1].replace("input.id_field: null", "a custom_id"))
+        kind = problem[0]
+        reason = ("request has no custom_id: OpenAI batch lines need a unique custom_id"
+                  if kind == "missing_id" else problem[1])
+        return bad(kind, reason)
     request, problem = openai_batch.parse_request(obj, spec.task)
     if problem:
         return bad(problem[0], problem[1], custom_id)
