@@ -30,6 +30,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="JSON path (default: bench/results/...)")
     parser.add_argument("--quick", action="store_true", help="bf16 only")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also time alternative tile configs (bf16), each checked first")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not torch.cuda.is_available():
@@ -38,7 +40,10 @@ def main() -> None:
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     rows = []
     dtypes = [torch.bfloat16] if args.quick else [torch.bfloat16, torch.float16, torch.float32]
-    for bench in (bench_copy, bench_decode, bench_prefill, bench_cache, bench_elementwise):
+    benches = [bench_copy, bench_decode, bench_prefill, bench_cache, bench_elementwise]
+    if args.sweep:
+        benches += [sweep_decode, sweep_prefill]
+    for bench in benches:
         for row in bench(dtypes):
             row.update(device=device_name, date=date)
             rows.append(row)
@@ -48,7 +53,7 @@ def main() -> None:
     if out.is_dir():
         out = out / f"kernels-{slug}-{date}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=1) + "\n")
+    out.write_text(json.dumps([_finite(row) for row in rows], indent=1) + "\n")
     print(f"\n{device_name}, {date}, torch {torch.__version__}, triton {_triton_version()}")
     print(f"{'kernel':<22} {'shape':<44} {'dtype':<9} {'ms':>9} {'GB/s':>7} {'peer ms':>8}")
     for row in rows:
@@ -56,10 +61,18 @@ def main() -> None:
     print(f"wrote {out}")
 
 
+def _finite(row: dict) -> dict:
+    # JSON has no NaN/Infinity: a config that failed or was skipped gets null.
+    return {k: (None if isinstance(v, float) and v != v or v in (float("inf"),) else v)
+            for k, v in row.items()}
+
+
 def _format(row: dict) -> str:
     peer = f"{row['peer_ms']:8.4f}" if row.get("peer_ms") is not None else " " * 8
     gb_s = f"{row['gb_s']:7.0f}" if row.get("gb_s") is not None else " " * 7
     extra = f"  {row['tflops']:.0f} TFLOP/s" if row.get("tflops") else ""
+    if "config" in row:
+        extra += f"  {row['config']} err={row['rel_err']:.1e}"
     return (f"{row['kernel']:<22} {row['shape']:<44} {row['dtype']:<9} {row['ms']:9.4f} "
             f"{gb_s} {peer}{extra}")
 
@@ -184,6 +197,91 @@ def bench_elementwise(dtypes):
         yield _row("silu_and_mul", f"{num_tokens}x(2x14336)", dtype, ms,
                    gate_up.nbytes * 3 // 2, peer)
         del x, res, qkv, gate_up
+
+
+def _rel_err(got: torch.Tensor, expected: torch.Tensor) -> float:
+    if torch.isnan(got).any():
+        return float("inf")
+    return ((got.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+def _sweep(kernel, shape, module, config_name, variants, run, expected, num_bytes, flops=None):
+    """Time each variant of module.<config_name>() on the same inputs, after checking it."""
+    default = getattr(module, config_name)
+    try:
+        for cfg in variants:
+            setattr(module, config_name, lambda *a, cfg=cfg, **k: dict(cfg))
+            try:
+                err = _rel_err(run(), expected)
+                ms = time_ms(run) if err < 2e-2 else float("nan")
+            except Exception as e:   # a config may not fit (shared memory): record, go on
+                log.warning("%s %s failed: %s", kernel, cfg, str(e).splitlines()[0][:200])
+                err, ms = float("inf"), float("nan")
+            extra = {} if flops is None else dict(tflops=flops / ms / 1e9 if ms == ms else None)
+            yield _row(f"{kernel}:sweep", shape, torch.bfloat16, ms, num_bytes, config=cfg,
+                       rel_err=err, **extra)
+    finally:
+        setattr(module, config_name, default)
+
+
+def sweep_decode(dtypes):
+    from hpcinfer.kernels import decode_attention as mod
+    from hpcinfer.kernels import reference
+    from hpcinfer.kernels.random_batch import make_paged_batch
+    variants = [dict(BLOCK_N=n, num_warps=w, num_stages=s) for n, w, s in
+                [(32, 4, 3), (64, 4, 3), (64, 4, 4), (64, 2, 3), (64, 8, 3), (128, 4, 3),
+                 (128, 8, 3), (128, 4, 2)]]
+    for num_seqs, ctx, head_dim in [(256, 512, 128), (256, 512, 64)]:
+        b = make_paged_batch([ctx] * num_seqs, [1] * num_seqs, num_heads=32, num_kv_heads=8,
+                             head_dim=head_dim, block_size=16, dtype=torch.bfloat16,
+                             device="cuda", poison=False)
+        out = torch.empty_like(b.q)
+        expected = reference.paged_decode_attention(b.q, b.k_cache, b.v_cache, b.block_tables,
+                                                    b.seq_lens, 0.1)
+        num_bytes = 2 * num_seqs * ctx * 8 * head_dim * 2 + 2 * b.q.nbytes
+
+        def run():
+            return mod.paged_decode_attention(b.q, b.k_cache, b.v_cache, b.block_tables,
+                                              b.seq_lens, 0.1, out=out)
+        yield from _sweep("decode_attention", f"{num_seqs}x{ctx} ctx, h32/kv8, d{head_dim}",
+                          mod, "decode_config", variants, run, expected, num_bytes)
+    # Split-K partition size on a long-context, small batch.
+    b = make_paged_batch([8192] * 8, [1] * 8, num_heads=32, num_kv_heads=8, head_dim=128,
+                         block_size=16, dtype=torch.bfloat16, device="cuda", poison=False)
+    expected = reference.paged_decode_attention(b.q, b.k_cache, b.v_cache, b.block_tables,
+                                                b.seq_lens, 0.1)
+    for partition_size in (256, 512, 1024, 2048, 8192):
+        def run(p=partition_size):
+            return mod.paged_decode_attention(b.q, b.k_cache, b.v_cache, b.block_tables,
+                                              b.seq_lens, 0.1, partition_size=p)
+        ms = time_ms(run)
+        yield _row("decode_attention:sweep", "8x8192 ctx, h32/kv8, d128", torch.bfloat16, ms,
+                   2 * 8 * 8192 * 8 * 128 * 2, config=dict(partition_size=partition_size),
+                   rel_err=_rel_err(run(), expected))
+
+
+def sweep_prefill(dtypes):
+    from hpcinfer.kernels import prefill_attention as mod
+    from hpcinfer.kernels import reference
+    from hpcinfer.kernels.random_batch import make_paged_batch
+    variants = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for m, n, w, s in
+                [(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3),
+                 (64, 32, 4, 3), (128, 128, 8, 2), (64, 64, 8, 3), (128, 64, 8, 4)]]
+    num_seqs, q_len, heads = 8, 512, 32
+    for head_dim in (128, 64):
+        b = make_paged_batch([q_len] * num_seqs, [q_len] * num_seqs, num_heads=heads,
+                             num_kv_heads=8, head_dim=head_dim, block_size=16,
+                             dtype=torch.bfloat16, device="cuda", poison=False)
+        out = torch.empty_like(b.q)
+        expected = reference.paged_attention(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q,
+                                             b.seq_lens, b.block_tables, 0.1)
+
+        def run():
+            return mod.paged_attention(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.seq_lens,
+                                       b.block_tables, 0.1, out=out, max_seqlen_q=q_len)
+        flops = 2 * 2 * num_seqs * heads * q_len * q_len * head_dim / 2
+        yield from _sweep("prefill_attention", f"8x512 tok causal, h32/kv8, d{head_dim}", mod,
+                          "prefill_config", variants, run, expected, None, flops)
 
 
 if __name__ == "__main__":

@@ -149,11 +149,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         max_seqlen_k = block_tables.shape[1] * block_size
     group = num_heads // num_kv_heads
     block_d = triton.next_power_of_2(head_dim)
-    block_n = 32 if block_d >= 256 else 64
+    cfg = decode_config(block_d, q.dtype)
     partition_size = partition_size or DEFAULT_PARTITION_SIZE
     if partition_size % 16:
         raise KernelArgumentError(f"partition_size={partition_size} must be a multiple of 16")
-    block_n = min(block_n, partition_size)
+    block_n = min(cfg["BLOCK_N"], partition_size)
     num_partitions = count_partitions(max_seqlen_k, partition_size)
     is_split = num_partitions > 1
     if is_split:
@@ -174,8 +174,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=block_n,
         PARTITION_SIZE=partition_size, HAS_WINDOW=sliding_window is not None,
         IS_SPLIT=is_split, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=4 if block_d <= 128 else 8,
-        num_stages=2 if (q.dtype == torch.float32 or block_d >= 256) else 3,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if is_split:
         _decode_reduce_kernel[(num_seqs, num_heads)](
@@ -185,6 +184,16 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             PARTITION_SIZE=partition_size, num_warps=4,
         )
     return out
+
+
+def decode_config(block_d: int, dtype: torch.dtype) -> dict:
+    """Key tile and launch options (bench/kernels.py --sweep compares alternatives)."""
+    cfg = dict(BLOCK_N=64, num_warps=4, num_stages=3)
+    if block_d >= 256:
+        cfg.update(BLOCK_N=32, num_warps=8)
+    if dtype == torch.float32 or block_d >= 256:
+        cfg.update(num_stages=2)   # fp32 / wide tiles: keep the pipeline in shared memory
+    return cfg
 
 
 def count_partitions(max_seqlen_k: int, partition_size: int | None = None) -> int:

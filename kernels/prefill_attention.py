@@ -21,6 +21,41 @@ from .launch_checks import (INDEX_DTYPES, KernelArgumentError, check_dim, check_
 
 
 @triton.jit
+def _attend_key_tiles(acc, l_i, m_i, q, K_CACHE, V_CACHE, table, kv_head, q_pos, lo, hi,
+                      scale_log2, sliding_window, stride_cb, stride_cs, stride_ch, offs_d, mask_d,
+                      BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, IS_MASKED: tl.constexpr,
+                      IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr):
+    # Online softmax over keys [lo, hi) in BLOCK_N tiles. IS_MASKED=False is the fast path
+    # for whole tiles that every query of the tile may see: no per-score masks.
+    for start in range(lo, hi, BLOCK_N):
+        k_pos = start + tl.arange(0, BLOCK_N)
+        mask_n = k_pos < hi
+        block = tl.load(table + k_pos // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
+        kv_off = (block[:, None] * stride_cb + (k_pos % BLOCK_SIZE)[:, None] * stride_cs
+                  + kv_head * stride_ch + offs_d[None, :])
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(K_CACHE + kv_off, mask=kv_mask, other=0.0)            # [BLOCK_N, BLOCK_D]
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        if IS_MASKED:
+            allowed = mask_n[None, :]                                       # [BLOCK_M, BLOCK_N]
+            if IS_CAUSAL:
+                allowed = allowed & (k_pos[None, :] <= q_pos[:, None])
+            if HAS_WINDOW:
+                allowed = allowed & (k_pos[None, :] > q_pos[:, None] - sliding_window)
+            qk = tl.where(allowed, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: no NaN
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V_CACHE + kv_off, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _prefill_attention_kernel(
     Q, K_CACHE, V_CACHE, CU_SEQLENS_Q, SEQ_LENS, BLOCK_TABLES, OUT,
     scale_log2, sliding_window,
@@ -56,34 +91,28 @@ def _prefill_attention_kernel(
     if HAS_WINDOW:
         lo = tl.maximum(lo, context + first_q - sliding_window + 1)
     hi = tl.where(first_q < q_len, hi, lo)
+    hi = tl.maximum(hi, lo)
+    # [lo, full_hi): whole key tiles that every query of the tile sees (keys up to the
+    # tile's first query position when causal); the rest is walked with masks.
+    full_hi = hi
+    if IS_CAUSAL:
+        full_hi = tl.minimum(full_hi, context + first_q + 1)
+    if HAS_WINDOW:
+        full_hi = lo
+    full_hi = lo + (full_hi - lo) // BLOCK_N * BLOCK_N
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)   # running max, log2 domain
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     table = BLOCK_TABLES + seq.to(tl.int64) * stride_bt
-    for start in range(lo, hi, BLOCK_N):
-        k_pos = start + tl.arange(0, BLOCK_N)
-        mask_n = k_pos < hi
-        block = tl.load(table + k_pos // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
-        kv_off = (block[:, None] * stride_cb + (k_pos % BLOCK_SIZE)[:, None] * stride_cs
-                  + kv_head * stride_ch + offs_d[None, :])
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(K_CACHE + kv_off, mask=kv_mask, other=0.0)            # [BLOCK_N, BLOCK_D]
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        allowed = mask_n[None, :]                                           # [BLOCK_M, BLOCK_N]
-        if IS_CAUSAL:
-            allowed = allowed & (k_pos[None, :] <= q_pos[:, None])
-        if HAS_WINDOW:
-            allowed = allowed & (k_pos[None, :] > q_pos[:, None] - sliding_window)
-        qk = tl.where(allowed, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: no NaN
-        p = tl.math.exp2(qk - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V_CACHE + kv_off, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    acc, l_i, m_i = _attend_key_tiles(
+        acc, l_i, m_i, q, K_CACHE, V_CACHE, table, kv_head, q_pos, lo, full_hi, scale_log2,
+        sliding_window, stride_cb, stride_cs, stride_ch, offs_d, mask_d, BLOCK_SIZE, BLOCK_N,
+        False, IS_CAUSAL, HAS_WINDOW, DOT_PRECISION)
+    acc, l_i, m_i = _attend_key_tiles(
+        acc, l_i, m_i, q, K_CACHE, V_CACHE, table, kv_head, q_pos, full_hi, hi, scale_log2,
+        sliding_window, stride_cb, stride_cs, stride_ch, offs_d, mask_d, BLOCK_SIZE, BLOCK_N,
+        True, IS_CAUSAL, HAS_WINDOW, DOT_PRECISION)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(OUT + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
@@ -122,13 +151,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         return out
     max_seqlen_q = min(max_seqlen_q or num_tokens, num_tokens)
     block_d = triton.next_power_of_2(head_dim)
-    block_m = 16 if max_seqlen_q <= 16 else 64
-    block_n = 32 if block_d >= 256 else 64
-    # fp32 tiles are twice the bytes: smaller tiles and a shallower pipeline keep the
-    # shared-memory stages and the accumulator within one SM's budget.
-    is_wide = q.dtype == torch.float32 or block_d >= 256
-    if q.dtype == torch.float32:
-        block_m, block_n = min(block_m, 32), 32
+    cfg = prefill_config(block_d, q.dtype, max_seqlen_q)
+    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     grid = (triton.cdiv(max_seqlen_q, block_m), num_heads, num_seqs)
     _prefill_attention_kernel[grid](
         q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, out,
@@ -139,6 +163,19 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         IS_CAUSAL=causal, HAS_WINDOW=sliding_window is not None,
         DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=4 if block_d <= 128 else 8, num_stages=2 if is_wide else 3,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
+
+
+def prefill_config(block_d: int, dtype: torch.dtype, max_seqlen_q: int) -> dict:
+    """Tile sizes and launch options (bench/kernels.py --sweep compares alternatives)."""
+    cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+    if block_d >= 256:
+        cfg.update(BLOCK_N=32, num_warps=8, num_stages=2)
+    if dtype == torch.float32:
+        # fp32 tiles are twice the bytes: keep shared-memory stages within an SM's budget.
+        cfg.update(BLOCK_M=32, BLOCK_N=32, num_stages=2)
+    if max_seqlen_q <= 16:
+        cfg.update(BLOCK_M=16)   # decode-heavy batches: don't waste rows
+    return cfg

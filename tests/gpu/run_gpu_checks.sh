@@ -3,7 +3,8 @@
 # dim, against kernels/reference.py on the GPU), then the microbenchmarks (bench/kernels.py),
 # which print a timing table and write bench/results/kernels-<device>-<date>.json.
 #
-#   tests/gpu/run_gpu_checks.sh [RESULTS_DIR]     # default: $OUT if set, else bench/results
+#   tests/gpu/run_gpu_checks.sh [RESULTS_DIR] [BENCH_ARGS...]   # e.g. --sweep
+#   (RESULTS_DIR default: $OUT if set, else bench/results)
 #
 # Needs a CUDA GPU with torch + triton; hpcinfer need not be pip-installed (a throwaway shim
 # maps kernels/ to hpcinfer.kernels, as pyproject's package-dir does). Not part of CI.
@@ -11,6 +12,7 @@ set -uo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 RESULTS_DIR=${1:-${OUT:-$REPO/bench/results}}
+BENCH_ARGS=("${@:2}")
 PY=${PYTHON:-python3}
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
 
@@ -39,7 +41,7 @@ tests_rc=${PIPESTATUS[0]}
 echo "GPU tests: exit $tests_rc in $(( $(date +%s) - start )) s"
 
 start=$(date +%s)
-"$PY" "$REPO/bench/kernels.py" --out "$RESULTS_DIR"
+"$PY" "$REPO/bench/kernels.py" --out "$RESULTS_DIR" "${BENCH_ARGS[@]}"
 bench_rc=$?
 echo "bench: exit $bench_rc in $(( $(date +%s) - start )) s"
 exit $(( tests_rc != 0 || bench_rc != 0 ))

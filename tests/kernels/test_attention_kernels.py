@@ -80,6 +80,8 @@ PREFILL_CASES = {
     "whole_prompts": ([7, 16, 33], [7, 16, 33]),
     "mid_sequence": ([40, 17, 48], [9, 16, 1]),
     "chunk_at_block_edge": ([32, 49, 20], [16, 17, 19]),
+    # context > 2 key tiles: the kernel's unmasked fast path runs before the diagonal.
+    "long_prefix": ([150, 90, 129], [20, 5, 1]),
 }
 
 
