@@ -267,8 +267,10 @@ def sweep_prefill(dtypes):
     variants = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for m, n, w, s in
                 [(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3),
                  (64, 32, 4, 3), (128, 128, 8, 2), (64, 64, 8, 3), (128, 64, 8, 4)]]
+    wide = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for m, n, w, s in
+            [(64, 32, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2)]]
     num_seqs, q_len, heads = 8, 512, 32
-    for head_dim in (128, 64):
+    for head_dim in (128, 64, 256):
         b = make_paged_batch([q_len] * num_seqs, [q_len] * num_seqs, num_heads=heads,
                              num_kv_heads=8, head_dim=head_dim, block_size=16,
                              dtype=torch.bfloat16, device="cuda", poison=False)
@@ -281,7 +283,8 @@ def sweep_prefill(dtypes):
                                        b.block_tables, 0.1, out=out, max_seqlen_q=q_len)
         flops = 2 * 2 * num_seqs * heads * q_len * q_len * head_dim / 2
         yield from _sweep("prefill_attention", f"8x512 tok causal, h32/kv8, d{head_dim}", mod,
-                          "prefill_config", variants, run, expected, None, flops)
+                          "prefill_config", wide if head_dim == 256 else variants, run,
+                          expected, None, flops)
 
 
 if __name__ == "__main__":
