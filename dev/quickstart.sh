@@ -40,7 +40,8 @@ ls -l "$JOB_DIR" "$JOB_DIR/logs" "$JOB_DIR/metrics"
 echo
 "$HPCINFER" status "$JOB_DIR"
 echo
-for log in "$JOB_DIR"/logs/*.out; do
+job_id=$("$VENV/bin/python" -c 'import sys; from hpcinfer.slurm.records import last_submission; print(last_submission(sys.argv[1])["job_id"])' "$JOB_DIR")
+for log in "$JOB_DIR"/logs/slurm-"$job_id"*.out; do
   echo "==> $log <=="
   tail -n 4 "$log"
 done

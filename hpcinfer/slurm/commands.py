@@ -32,7 +32,10 @@ class SlurmError(RuntimeError):
     """Slurm refused a command; str() is Slurm's message plus what to do."""
 
     def __init__(self, command: str, message: str, hint: str = ""):
-        text = f"{command} failed: {message.strip() or '(no message)'}"
+        # Slurm often prints two lines ("error: X" then "submission failed: Y"): keep both, on
+        # one line, so the CLI's error stays a single line.
+        message = " / ".join(ln.strip() for ln in message.strip().splitlines() if ln.strip())
+        text = f"{command} failed: {message or '(no message)'}"
         super().__init__(text + (f"; {hint}" if hint else ""))
         self.command, self.message, self.hint = command, message.strip(), hint
 

@@ -116,6 +116,18 @@ def check_writable(directory: Path) -> None:
                               "fix its permissions or choose another output.dir") from None
 
 
+def _note_shm(cfg, record: dict) -> None:
+    """Warn (not fail) when /dev/shm is smaller than the profile says NCCL needs."""
+    wanted = getattr(cfg.profile, "shm_size", None)
+    if not wanted or record.get("shm_free_bytes") is None:
+        return
+    from hpcinfer.config.units import mem_bytes
+    record["shm_wanted_bytes"] = mem_bytes(str(wanted))
+    if record["shm_free_bytes"] < record["shm_wanted_bytes"]:
+        log.warning("/dev/shm has %.1f GiB free, the cluster profile asks for %s: NCCL may fail "
+                    "between GPUs of this node", record["shm_free_bytes"] / 2**30, wanted)
+
+
 def task_id_from_env(plan) -> int | None:
     if plan.shape != "array":
         return None
@@ -150,6 +162,7 @@ def run(job_dir: Path, stop: StopFlag) -> int:
         log.info("task %s rank %d/%d on %s: shards %s (%d rows), restart %d, GPUs %s",
                  task_id, record["rank"], record["world_size"], record["host"], record["shards"],
                  record["rows"], record["restart_count"], record["gpus"])
+        _note_shm(cfg, record)
         check_inputs(shards)
         check_writable(Path(str(cfg.output.dir)))
         check_writable(job_dir / "metrics")

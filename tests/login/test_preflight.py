@@ -96,3 +96,15 @@ def test_local_backend_reruns_a_task_that_asks_for_requeue(tmp_path):
     text = log.read_text()
     assert "(restart 0, at most 1)" in text and "(restart 1, at most 1)" in text
     assert [r["status"] for r in _records(tmp_path / "out")] == ["requeue", "ok"]
+
+
+def test_small_dev_shm_is_reported(tmp_path):
+    profile = tmp_path / "site.yaml"
+    profile.write_text("slurm: {shm_size: 900T}\n")
+    job_dir = _job_dir(tmp_path, rows=(2,), cluster=str(profile))
+    proc = _worker(job_dir)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "/dev/shm has" in out and "asks for 900T" in out
+    [rec] = _records(job_dir)
+    assert rec["shm_wanted_bytes"] == 900 * 2**40 and rec["shm_free_bytes"] < rec["shm_wanted_bytes"]

@@ -125,3 +125,23 @@ def test_usr2_requeues_once_and_finishes_in_one_log(slurm_cluster, tmp_path):
     acct = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-o", "JobID,State", "-j", job_id],
                           capture_output=True, text=True).stdout
     assert f"{job_id}|REQUEUED" in acct and f"{job_id}|COMPLETED" in acct
+
+
+def test_python_api_submit_wait_state(slurm_cluster, tmp_path):
+    import hpcinfer
+    job_file = write_job(tmp_path, rows=(2, 2), input={"shard_rows": 2},
+                         resources={"partition": slurm_cluster})
+    job = hpcinfer.submit(str(job_file))
+    assert job.job_id.isdigit() and job.job_dir == (tmp_path / "out").resolve()
+    assert job.wait(timeout_s=120, poll_s=0.5) == "COMPLETED"
+    assert job.task_states() == {f"{job.job_id}_0": "COMPLETED", f"{job.job_id}_1": "COMPLETED"}
+    assert hpcinfer.Job(tmp_path / "out").job_id == job.job_id      # reattach from the job dir
+
+
+def test_slurm_rejection_is_one_line_with_slurms_message(slurm_cluster, tmp_path):
+    job = write_job(tmp_path, rows=(2,), resources={"partition": "nosuchpartition"})
+    proc = _cli("submit", str(job))
+    assert proc.returncode == 2
+    [line] = proc.stderr.strip().splitlines()
+    assert "sbatch failed" in line and "invalid partition" in line.lower()
+    assert "resources.partition" in line
