@@ -6,7 +6,10 @@ runtime objects that compute them (ModelRunner, LLMEngine), never back in here.
 from __future__ import annotations
 
 import difflib
+import logging
 from dataclasses import dataclass, fields
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,8 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     device: str = "auto"
     attention_backend: str = "auto"
+    tokenizer: str | None = None          # a tokenizer directory other than the model's
+    trust_remote_code: bool = False       # accepted for vLLM scripts; no remote code is run
 
     def __post_init__(self) -> None:
         _positive_int(self, "max_num_seqs")
@@ -48,7 +53,13 @@ class EngineConfig:
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> EngineConfig:
-        """Build from ``LLM(**kwargs)``; unknown keys raise TypeError with a did-you-mean."""
+        """Build from ``LLM(**kwargs)``; unknown keys raise TypeError with a did-you-mean.
+
+        A few vLLM arguments that change nothing here (swap space, stats logging, ...) are
+        accepted with a logged note, so existing scripts run unchanged."""
+        for key in sorted(set(kwargs) & IGNORED_VLLM_ARGS):
+            log.info("LLM(%s=...) is a vLLM option with no effect in hpcinfer; ignored", key)
+            kwargs.pop(key)
         known = {f.name for f in fields(cls)}
         for key in kwargs:
             if key not in known:
@@ -58,6 +69,10 @@ class EngineConfig:
                                 f"valid arguments: {', '.join(sorted(known))}")
         return cls(model=str(model), **kwargs)
 
+
+IGNORED_VLLM_ARGS = frozenset({"swap_space", "disable_log_stats", "disable_custom_all_reduce",
+                               "max_seq_len_to_capture", "tokenizer_mode", "download_dir",
+                               "load_format"})
 
 DTYPE_NAMES = {"auto", "float32", "float", "float16", "half", "bfloat16", "fp32", "fp16", "bf16"}
 

@@ -60,7 +60,8 @@ class LLMEngine:
         from hpcinfer.models.registry import load_model
         self.config = config
         self.device = resolve_device(config.device)
-        self.tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(config.model)
+        self.tokenizer = (tokenizer if tokenizer is not None
+                          else _load_tokenizer(config.tokenizer or config.model))
         model_dtype = resolve_dtype(config.dtype, _config_dtype(config.model), self.device)
         torch.manual_seed(config.seed)
         model = load_model(config.model, dtype=model_dtype, device=self.device,

@@ -65,6 +65,8 @@ class ModelRunner:
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_blocks = 0
         self.max_blocks_per_seq = 0
+        self._staging: dict[type, torch.Tensor] = {}  # pinned host buffers for uploads
+        self._copy_done: dict[type, torch.cuda.Event] = {}
 
     # --- KV cache ---
     def bytes_per_block(self) -> int:
@@ -95,17 +97,26 @@ class ModelRunner:
         return num_blocks
 
     def _kv_budget_bytes(self, max_model_len: int) -> int:
+        """kv_cache_memory_bytes if given; else what the device can spare, but never more than
+        max_num_seqs full-length sequences need (more blocks could never be used at once)."""
         config = self.config
         if config.kv_cache_memory_bytes is not None:
             return config.kv_cache_memory_bytes
         wanted = config.max_num_seqs * cdiv(max_model_len, self.block_size) * self.bytes_per_block()
         if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            # Keep room for activations of the largest step (logits dominate).
-            activations = config.max_num_batched_tokens * self.spec.hidden_size * 4 * 16
-            budget = int(total * config.gpu_memory_utilization) - (total - free) - activations
-            return max(budget, 0)
+            return min(wanted, self._cuda_spare_bytes())
         return min(wanted, int(_available_ram_bytes() * _CPU_KV_RAM_FRACTION))
+
+    def _cuda_spare_bytes(self) -> int:
+        # gpu_memory_utilization bounds this process's share of the device: what is in use
+        # (by anyone) counts against it, except memory our caching allocator holds unused.
+        free, total = torch.cuda.mem_get_info(self.device)
+        cached_unused = (torch.cuda.memory_reserved(self.device)
+                         - torch.cuda.memory_allocated(self.device))
+        # Room for the activations of the largest step (the logits rows dominate).
+        activations = self.config.max_num_batched_tokens * self.spec.hidden_size * 4 * 16
+        in_use = total - free - cached_unused
+        return max(int(total * self.config.gpu_memory_utilization) - in_use - activations, 0)
 
     # --- one step ---
     def prepare(self, seqs: list[Sequence], num_new_tokens: list[int],
@@ -138,16 +149,49 @@ class ModelRunner:
         done = seq_lens == lengths
         sample_indices = cu_seqlens[1:][done] - 1
         sample_seqs = [s for s, d in zip(seqs, done.tolist()) if d]
-        to = self._to_device
+        (input_ids, positions, slot_mapping, sample_indices), (cu_q, lens, tables) = self._upload(
+            [input_ids, positions, slot_mapping, sample_indices],
+            [cu_seqlens, seq_lens, block_tables])
         meta = AttentionMetadata(
-            slot_mapping=to(slot_mapping), cu_seqlens_q=to(cu_seqlens.astype(np.int32)),
-            seq_lens=to(seq_lens.astype(np.int32)), block_tables=to(block_tables),
-            max_seqlen_q=int(q_lens.max()), max_seqlen_k=max_seqlen_k, is_decode=is_decode)
-        return Batch(to(input_ids), to(positions), meta, to(sample_indices), sample_seqs)
+            slot_mapping=slot_mapping, cu_seqlens_q=cu_q, seq_lens=lens,
+            block_tables=tables.view(block_tables.shape), max_seqlen_q=int(q_lens.max()),
+            max_seqlen_k=max_seqlen_k, is_decode=is_decode)
+        return Batch(input_ids, positions, meta, sample_indices, sample_seqs)
 
-    def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
-        return tensor.to(self.device, non_blocking=True) if self.device.type != "cpu" else tensor
+    def _upload(self, int64_arrays: list[np.ndarray], int32_arrays: list[np.ndarray]
+                ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Host arrays -> device tensors (int64 and int32, flattened), in two copies.
+
+        On CPU the tensors share the arrays' memory. On a GPU each dtype group is packed into
+        a reused pinned buffer and sent with one asynchronous copy, instead of ~7 small
+        synchronous ones. Before a buffer is rewritten we wait for its previous copy (an
+        event), which has normally long finished: the step's sampled tokens were read back.
+        """
+        groups = []
+        for dtype, arrays in ((np.int64, int64_arrays), (np.int32, int32_arrays)):
+            sizes = [a.size for a in arrays]
+            if self.device.type == "cpu":
+                groups.append([torch.from_numpy(np.ascontiguousarray(a, dtype=dtype).reshape(-1))
+                               for a in arrays])
+                continue
+            staging = self._staging_buffer(dtype, sum(sizes))
+            copied = self._copy_done.get(dtype)
+            if copied is not None:
+                copied.synchronize()
+            np.concatenate([a.reshape(-1) for a in arrays], out=staging.numpy()[:sum(sizes)],
+                           casting="unsafe")
+            on_device = staging[:sum(sizes)].to(self.device, non_blocking=True)
+            self._copy_done.setdefault(dtype, torch.cuda.Event()).record()
+            groups.append(list(on_device.split(sizes)))
+        return groups[0], groups[1]
+
+    def _staging_buffer(self, dtype, size: int) -> torch.Tensor:
+        buffer = self._staging.get(dtype)
+        if buffer is None or buffer.numel() < size:
+            torch_dtype = torch.int64 if dtype == np.int64 else torch.int32
+            buffer = torch.empty(max(size, 1 << 16), dtype=torch_dtype).pin_memory()
+            self._staging[dtype] = buffer
+        return buffer
 
     @torch.inference_mode()
     def run(self, batch: Batch) -> torch.Tensor:

@@ -73,6 +73,7 @@ def test_engine_config_rejects_unknown_and_bad_values():
         EngineConfig(model="m", gpu_memory_utilization=1.5)
     with pytest.raises(ValueError, match="dtype='int8'"):
         EngineConfig(model="m", dtype="int8")
-    config = EngineConfig.from_kwargs("m", max_num_seqs=4)
+    config = EngineConfig.from_kwargs("m", max_num_seqs=4, swap_space=4, disable_log_stats=True)
+    assert config.max_num_seqs == 4
     with pytest.raises(AttributeError):
         config.max_num_seqs = 8  # frozen
