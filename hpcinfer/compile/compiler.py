@@ -73,7 +73,8 @@ def build_plan(cfg, *, job_dir: str | None = None, python: str | None = None,
         container=_container(cfg, job_dir, files, use_gpu),
         signal=_signal_name(cfg), signal_seconds=int(cfg.resilience.signal_seconds),
         max_requeues=int(cfg.resilience.max_requeues),
-        total_rows=sum(f.num_rows for f in files), input_files=tuple(f.path for f in files))
+        total_rows=sum(f.num_rows for f in files), input_files=tuple(f.path for f in files),
+        env_from_environment=_env_from_environment(cfg))
 
 
 def _device(cfg) -> str:
@@ -143,6 +144,15 @@ def _env(cfg) -> tuple[tuple[str, str], ...]:
                              "use letters, digits and underscores, not starting with a digit")
         env[str(key)] = "" if value is None else str(value)
     return tuple(sorted(env.items()))
+
+
+def _env_from_environment(cfg) -> tuple[str, ...]:
+    names = tuple(str(n) for n in _prof(cfg, "env_from_environment", ()))
+    for name in names:
+        if not _ENV_NAME.match(name):
+            raise plan_error(cfg, "cluster", f"the cluster profile's env_from_environment has "
+                             f"{name!r}, which is not a variable name", "fix the profile")
+    return names
 
 
 def _container(cfg, job_dir: str, files, use_gpu: bool) -> ContainerPlan | None:

@@ -65,6 +65,7 @@ class JobPlan:
     max_requeues: int
     total_rows: int = 0
     input_files: tuple[str, ...] = field(default_factory=tuple)
+    env_from_environment: tuple[str, ...] = field(default_factory=tuple)  # passed from the submitting shell
 
     @property
     def log_pattern(self) -> str:
@@ -101,4 +102,5 @@ class JobPlan:
             data[key] = tuple(tuple(kv) for kv in data[key])
         data["modules"] = tuple(data["modules"])
         data["input_files"] = tuple(data.get("input_files", ()))
+        data["env_from_environment"] = tuple(data.get("env_from_environment", ()))
         return cls(**data)

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from hpcinfer.compile.jobdir import SCRIPT_NAME, load_plan
@@ -39,7 +40,8 @@ def run_job_dir(job_dir: str | Path, echo: bool = True) -> int:
     failing task's exit code."""
     job_dir = Path(job_dir)
     plan = load_plan(job_dir)
-    job_id = str(os.getpid())
+    # Unique per run (logs are opened in append mode, like Slurm's), numeric like Slurm's.
+    job_id = f"{int(time.time()) % 10**8}{os.getpid() % 100:02d}"
     record_submission(job_dir, "local", job_id, plan.num_tasks)
     task_ids = list(range(plan.array_size)) if plan.shape == "array" else [None]
     first_failure = 0

@@ -34,5 +34,6 @@ def sample_plan(shape: str = "single", *, container: bool = False, job_dir: str 
         launcher="srun", mpi_plugin="pmix", python=python,
         env=(("HF_HUB_OFFLINE", "1"), ("PROMPT_STYLE", "short answers")),
         modules=("apptainer",) if container else (), container=cplan, signal="USR2",
-        signal_seconds=120, max_requeues=5, total_rows=500 * len(shards), input_files=files)
+        signal_seconds=120, max_requeues=5, total_rows=500 * len(shards), input_files=files,
+        env_from_environment=("HF_TOKEN",) if container else ())
     return dataclasses.replace(plan, **overrides) if overrides else plan

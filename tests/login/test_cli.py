@@ -122,3 +122,15 @@ def test_console_script_cold_start(tmp_path):
     proc = subprocess.run([str(exe), "render", str(job)], capture_output=True, text=True,
                           env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
     assert proc.returncode == 0, proc.stderr
+
+
+def test_multinode_script_runs_with_the_local_backend(tmp_path, capsys):
+    job = write_job(tmp_path, rows=(3,), parallel={"tensor": 2, "nodes": 2})
+    assert main(["run", str(job), "--local"]) == 0
+    out = capsys.readouterr().out
+    assert "preflight ok" in out
+    script = (tmp_path / "out" / "submit.sbatch").read_text()
+    assert "#SBATCH --nodes=2" in script and "scontrol show hostnames" in script
+    [rec] = [json.loads(ln) for ln in (tmp_path / "out" / "metrics" / "task-00000-rank-000.jsonl")
+             .read_text().splitlines()]
+    assert rec["master_addr"] == "127.0.0.1" and rec["status"] == "ok"

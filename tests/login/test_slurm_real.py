@@ -145,3 +145,20 @@ def test_slurm_rejection_is_one_line_with_slurms_message(slurm_cluster, tmp_path
     [line] = proc.stderr.strip().splitlines()
     assert "sbatch failed" in line and "invalid partition" in line.lower()
     assert "resources.partition" in line
+
+
+def test_two_ranks_through_srun_mpi(slurm_cluster, tmp_path):
+    """tensor=2 on CPU: one task with 2 ranks started by `srun --mpi=pmix`; each rank reports."""
+    job = write_job(tmp_path, rows=(2,), parallel={"tensor": 2},
+                    resources={"partition": slurm_cluster})
+    job_dir = tmp_path / "out"
+    _submit(job)
+    assert "launch=(srun --nodes=1 --ntasks=2 --kill-on-bad-exit=1 --mpi=pmix)" in \
+        (job_dir / "submit.sbatch").read_text()
+    info, _ = _wait(job_dir, all_finished)
+    assert info["summary"] == {"COMPLETED": 1}
+    ranks = sorted(json.loads((job_dir / "metrics" / f"task-00000-rank-{r:03d}.jsonl").read_text())["rank"]
+                   for r in (0, 1))
+    assert ranks == [0, 1]
+    rec = json.loads((job_dir / "metrics" / "task-00000-rank-001.jsonl").read_text())
+    assert rec["world_size"] == 2 and rec["status"] == "ok"
