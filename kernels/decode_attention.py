@@ -188,7 +188,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 def decode_config(block_d: int, dtype: torch.dtype) -> dict:
     """Key tile and launch options (bench/kernels.py --sweep compares alternatives)."""
-    cfg = dict(BLOCK_N=64, num_warps=4, num_stages=3)
+    # H100 sweep (bench/results/kernels-nvidia-h100-80gb-hbm3-2026-11-24.json, bf16): 64-key
+    # tiles at d128 (2.77 TB/s of 3.0 copy); 32-key tiles at d64 (2.43 vs 2.29 TB/s).
+    cfg = dict(BLOCK_N=64 if block_d > 64 else 32, num_warps=4, num_stages=3)
     if block_d >= 256:
         cfg.update(BLOCK_N=32, num_warps=8)
     if dtype == torch.float32 or block_d >= 256:

@@ -113,3 +113,16 @@ def test_gated_activation_matches_reference(dtype, op, ref_op):
     assert op(x, out=out) is out
     with pytest.raises(KernelArgumentError, match="gate then up"):
         op(torch.randn(3, 5))
+
+
+def test_triton_ops_is_a_drop_in_for_reference():
+    # hpcinfer.layers.ops swaps modules by name: every reference op must exist here, with
+    # the reference's positional parameters first.
+    import inspect
+
+    from hpcinfer.kernels import triton_ops
+    for name in ("rms_norm", "rotary_embedding", "silu_and_mul", "gelu_tanh_and_mul",
+                 "reshape_and_cache", "paged_attention", "paged_decode_attention"):
+        ref_params = list(inspect.signature(getattr(reference, name)).parameters)
+        ours = list(inspect.signature(getattr(triton_ops, name)).parameters)
+        assert ours[:len(ref_params)] == ref_params, name
