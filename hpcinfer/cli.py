@@ -18,14 +18,20 @@ class UserError(Exception):
 
 
 def _load(args):
+    import json
+    import os
     from hpcinfer.config import load_job
-    return load_job(args.job, overrides=tuple(args.set or ()))
+    overrides = list(args.set or ())
+    if getattr(args, "out", None):
+        # The job dir is the output dir (DESIGN §5): --out DIR is --set output.dir=DIR, so
+        # job.yaml and the worker agree on where results go. JSON quoting is valid YAML.
+        overrides.append(f"output.dir={json.dumps(os.path.abspath(args.out))}")
+    return load_job(args.job, overrides=tuple(overrides))
 
 
-def _compile(args, job_dir=None):
+def _compile(args):
     from hpcinfer.compile.jobdir import compile_job
-    return compile_job(_load(args), job_dir=job_dir,
-                       container_def=getattr(args, "container_def", False))
+    return compile_job(_load(args), container_def=getattr(args, "container_def", False))
 
 
 def cmd_validate(args) -> int:
@@ -39,7 +45,7 @@ def cmd_validate(args) -> int:
 def _write(args):
     from hpcinfer.compile.jobdir import write_job_dir
     from hpcinfer.compile.render import describe
-    rendered = _compile(args, job_dir=getattr(args, "out", None))
+    rendered = _compile(args)
     write_job_dir(rendered)
     print(f"job dir: {rendered.job_dir}")
     print(f"  {describe(rendered.plan)}")
@@ -93,8 +99,14 @@ def cmd_status(args) -> int:
 
 
 def cmd_cancel(args) -> int:
+    from hpcinfer.slurm.records import last_submission
     from hpcinfer.slurm.api import Job
-    job = Job(_job_dir(args.jobdir))
+    job_dir = _job_dir(args.jobdir)
+    sub = last_submission(job_dir)
+    if sub is None or sub["backend"] != "slurm":
+        raise UserError(f"{args.jobdir} has no Slurm job to cancel (a local run stops with "
+                        "Ctrl-C in its own terminal)")
+    job = Job(job_dir)
     job.cancel()
     print(f"cancelled job {job.job_id}")
     return 0
@@ -141,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                              ("submit", cmd_submit, "render, then sbatch; prints the job id"),
                              ("run", cmd_run, "render, then run the job here (--local)")):
         p = job_command(name, func, text)
-        p.add_argument("--out", metavar="DIR", help="job dir (default: output.dir)")
+        p.add_argument("--out", metavar="DIR",
+                       help="job dir = output dir (same as --set output.dir=DIR)")
         p.add_argument("--container-def", action="store_true",
                        help="also write container.def (an Apptainer definition)")
         if name == "run":

