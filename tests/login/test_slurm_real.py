@@ -162,3 +162,39 @@ def test_two_ranks_through_srun_mpi(slurm_cluster, tmp_path):
     assert ranks == [0, 1]
     rec = json.loads((job_dir / "metrics" / "task-00000-rank-001.jsonl").read_text())
     assert rec["world_size"] == 2 and rec["status"] == "ok"
+
+
+def test_array_task_requeues_only_itself(slurm_cluster, tmp_path):
+    job = write_job(tmp_path, rows=(2, 2), input={"shard_rows": 2},
+                    resources={"partition": slurm_cluster}, resilience={"max_requeues": 2})
+    job_dir = tmp_path / "out"
+    job_id = _submit(job, HPCINFER_PREFLIGHT_SLEEP_S="4")
+    log = job_dir / "logs" / f"slurm-{job_id}_1.out"
+    deadline = time.monotonic() + 60
+    while not (log.exists() and "rank 0/1" in log.read_text()):
+        assert time.monotonic() < deadline, "task 1 never started"
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--batch", "--signal=USR2", f"{job_id}_1"], check=True)
+    info, _ = _wait(job_dir, lambda i: all_finished(i) and len(_records(job_dir, 1)) == 2)
+    assert info["summary"] == {"COMPLETED": 2}
+    assert f"requeueing {job_id}_1 (restart 1 of at most 2)" in log.read_text()
+    assert [r["status"] for r in _records(job_dir, 1)] == ["requeue", "ok"]
+    assert [r["status"] for r in _records(job_dir, 0)] == ["ok"]
+    assert "requeueing" not in (job_dir / "logs" / f"slurm-{job_id}_0.out").read_text()
+
+
+def test_failed_preflight_fails_the_job_and_resubmit_as_is_works(slurm_cluster, tmp_path):
+    from hpcinfer.slurm.slurm import submit_job_dir
+    job = write_job(tmp_path, rows=(2,), resources={"partition": slurm_cluster})
+    assert _cli("render", str(job)).returncode == 0
+    job_dir = tmp_path / "out"
+    data = tmp_path / "data" / "part-0.jsonl"
+    data.rename(data.with_suffix(".away"))                    # vanished between render and run
+    job_id = submit_job_dir(job_dir)
+    info, _ = _wait(job_dir, all_finished)
+    assert info["summary"] == {"FAILED": 1} and info["tasks"][0]["reason"] == "exit 2:0"
+    assert "part-0.jsonl is not readable here" in (job_dir / "logs" / f"slurm-{job_id}.out").read_text()
+    data.with_suffix(".away").rename(data)
+    second = submit_job_dir(job_dir)                            # cd JOBDIR && sbatch submit.sbatch
+    info, _ = _wait(job_dir, all_finished)
+    assert second != job_id and info["job_id"] == second and info["summary"] == {"COMPLETED": 1}
