@@ -68,6 +68,7 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Ten
         check_dtype(name, t, FLOAT_DTYPES)
         check_last_dim_contiguous(name, t)
     check_dtype("slot_mapping", slot_mapping, INDEX_DTYPES)
+    check_last_dim_contiguous("slot_mapping", slot_mapping)
     check_same_device(key=key, value=value, k_cache=k_cache, v_cache=v_cache,
                       slot_mapping=slot_mapping)
     if num_tokens == 0:

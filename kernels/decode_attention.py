@@ -218,6 +218,7 @@ def _check_args(q, k_cache, v_cache, block_tables, seq_lens) -> torch.Size:
         raise KernelArgumentError(f"block_tables has {block_tables.shape[0]} rows for "
                                   f"{q.shape[0]} sequences")
     check_dtype("seq_lens", seq_lens, INDEX_DTYPES)
+    check_last_dim_contiguous("seq_lens", seq_lens)
     check_same_device(q=q, seq_lens=seq_lens)
     return q.shape
 
@@ -246,6 +247,7 @@ def check_paged_kv(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         raise KernelArgumentError(f"q is {q.dtype} but the cache is {k_cache.dtype}: allocate "
                                   "the KV cache in the model's dtype")
     check_dtype("block_tables", block_tables, INDEX_DTYPES)
+    check_last_dim_contiguous("block_tables", block_tables)
     check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables)
 
 

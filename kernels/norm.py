@@ -58,7 +58,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         raise KernelArgumentError(f"weight must be [{hidden}], got {tuple(weight.shape)}")
     if hidden > MAX_HIDDEN:
         raise KernelArgumentError(f"hidden size {hidden} > {MAX_HIDDEN} is not supported")
-    for name, t in (("x", x), ("weight", weight)):
+    for name, t in (("x", x), ("weight", weight)):   # weight is 1-D: this checks stride 1
         check_dtype(name, t, FLOAT_DTYPES)
         check_last_dim_contiguous(name, t)
     check_same_device(x=x, weight=weight)

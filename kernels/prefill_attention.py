@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 
 from .decode_attention import LOG2E, _dot_precision, check_paged_kv
-from .launch_checks import (INDEX_DTYPES, KernelArgumentError, check_dim, check_dtype, check_out,
-                            check_same_device)
+from .launch_checks import (INDEX_DTYPES, KernelArgumentError, check_dim, check_dtype,
+                            check_last_dim_contiguous, check_out, check_same_device)
 
 
 @triton.jit
@@ -142,6 +142,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                                   f"{num_seqs} sequences")
     check_dtype("cu_seqlens_q", cu_seqlens_q, INDEX_DTYPES)
     check_dtype("seq_lens", seq_lens, INDEX_DTYPES)
+    check_last_dim_contiguous("cu_seqlens_q", cu_seqlens_q)
+    check_last_dim_contiguous("seq_lens", seq_lens)
     check_same_device(q=q, cu_seqlens_q=cu_seqlens_q, seq_lens=seq_lens)
     if out is None:
         out = torch.empty_like(q)

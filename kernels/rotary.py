@@ -69,6 +69,7 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         check_dtype(name, t, FLOAT_DTYPES)
         check_last_dim_contiguous(name, t)
     check_dtype("positions", positions, INDEX_DTYPES)
+    check_last_dim_contiguous("positions", positions)
     check_same_device(positions=positions, q=q, k=k, cos_sin_cache=cos_sin_cache)
     if num_tokens == 0:
         return q, k

@@ -130,6 +130,10 @@ def test_prefill_rejects_mismatched_arguments():
         cache = torch.zeros(2, BLOCK, 4, 512)
         paged_decode_attention(q, cache, cache, b.block_tables.repeat(5, 1),
                                b.seq_lens.repeat(5), 1.0)
+    two = _batch([5, 9], [5, 9], 4, 4, 64, torch.float32)
+    with pytest.raises(KernelArgumentError, match="seq_lens must have stride 1"):
+        paged_attention(two.q, two.k_cache, two.v_cache, two.cu_seqlens_q,
+                        two.seq_lens.repeat_interleave(2)[::2], two.block_tables, 1.0)
     with pytest.raises(KernelArgumentError, match="stride 1 in its last dim"):
         every_other = torch.zeros(1, 4, 128)[..., ::2]          # [1, 4, 64], stride 2
         paged_decode_attention(every_other, b.k_cache, b.v_cache, b.block_tables, b.seq_lens,
