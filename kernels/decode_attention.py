@@ -25,6 +25,10 @@ from .launch_checks import (FLOAT_DTYPES, INDEX_DTYPES, KernelArgumentError, che
 
 LOG2E = 1.4426950408889634
 DEFAULT_PARTITION_SIZE = 512
+# The reduce kernel holds all partitions of a head in registers ([BLOCK_P, BLOCK_D] fp32): with
+# a 128k-token block table, 512-key partitions would make that 256 rows. Past this count the
+# default partition size doubles instead.
+MAX_DEFAULT_PARTITIONS = 64
 
 
 @triton.jit
@@ -136,7 +140,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     Same arguments as the reference, plus: ``out`` (preallocated [num_seqs, num_heads,
     head_dim] in q's dtype), ``max_seqlen_k`` (a host-side upper bound on seq_lens that fixes
     the grid; default: the block table's capacity) and ``partition_size`` (keys per split-K
-    partition, a multiple of 16; default 512). Never syncs with the host.
+    partition, a multiple of 16; default 512, doubled while the bound would need more than
+    64 partitions). Never syncs with the host.
     """
     num_seqs, num_heads, head_dim = _check_args(q, k_cache, v_cache, block_tables, seq_lens)
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
@@ -150,7 +155,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     group = num_heads // num_kv_heads
     block_d = triton.next_power_of_2(head_dim)
     cfg = decode_config(block_d, q.dtype)
-    partition_size = partition_size or DEFAULT_PARTITION_SIZE
+    partition_size = choose_partition_size(max_seqlen_k, partition_size)
     if partition_size % 16:
         raise KernelArgumentError(f"partition_size={partition_size} must be a multiple of 16")
     block_n = min(cfg["BLOCK_N"], partition_size)
@@ -198,9 +203,21 @@ def decode_config(block_d: int, dtype: torch.dtype) -> dict:
     return cfg
 
 
+def choose_partition_size(max_seqlen_k: int, partition_size: int | None = None) -> int:
+    """Keys per split-K partition: the caller's choice, else 512 doubled until at most 64
+    partitions cover max_seqlen_k (the H100 sweep found 512..2048 about equally good)."""
+    if partition_size:
+        return partition_size
+    partition_size = DEFAULT_PARTITION_SIZE
+    while triton.cdiv(max_seqlen_k, partition_size) > MAX_DEFAULT_PARTITIONS:
+        partition_size *= 2
+    return partition_size
+
+
 def count_partitions(max_seqlen_k: int, partition_size: int | None = None) -> int:
     """Split-K partitions per sequence; above 1 the reduce kernel runs too."""
-    return max(1, triton.cdiv(max_seqlen_k, partition_size or DEFAULT_PARTITION_SIZE))
+    return max(1, triton.cdiv(max_seqlen_k,
+                              choose_partition_size(max_seqlen_k, partition_size)))
 
 
 def _dot_precision(dtype: torch.dtype) -> str | None:
@@ -251,4 +268,4 @@ def check_paged_kv(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables)
 
 
-__all__ = ["paged_decode_attention", "count_partitions", "check_paged_kv", "LOG2E"]
+__all__ = ["paged_decode_attention", "choose_partition_size", "count_partitions", "check_paged_kv", "LOG2E"]

@@ -12,7 +12,8 @@ import torch
 
 from hpcinfer.kernels import reference
 from hpcinfer.kernels.cache import reshape_and_cache
-from hpcinfer.kernels.decode_attention import count_partitions, paged_decode_attention
+from hpcinfer.kernels.decode_attention import (choose_partition_size, count_partitions,
+                                               paged_decode_attention)
 from hpcinfer.kernels.launch_checks import KernelArgumentError
 from hpcinfer.kernels.prefill_attention import paged_attention
 from hpcinfer.kernels.random_batch import make_paged_batch
@@ -57,6 +58,13 @@ def test_decode_split_k_matches_reference(dtype, sliding_window):
                                      0.1, sliding_window=sliding_window,
                                      partition_size=partition_size)
         torch.testing.assert_close(got, expected, **TOL[dtype])
+
+
+def test_default_partitions_stay_few_for_huge_block_tables():
+    # A CUDA-graph block table sized for a 128k context must not make the reduce tile huge.
+    assert count_partitions(512) == 1 and count_partitions(1024) == 2
+    assert count_partitions(131072) <= 64
+    assert choose_partition_size(131072) == 2048 and choose_partition_size(100, 16) == 16
 
 
 def test_decode_fixed_grid_out_buffer_and_empty_rows():
