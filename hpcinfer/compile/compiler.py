@@ -25,6 +25,7 @@ _OWNED_FLAGS = {
     "gres": "resources.gpus_per_node", "signal": "resilience.signal",
     "requeue": "resilience.max_requeues", "no-requeue": "resilience.max_requeues",
     "open-mode": "(always append)", "output": "(always logs/)", "error": "(always logs/)",
+    "chdir": "output.dir (the job dir)",
 }
 
 
@@ -67,7 +68,8 @@ def build_plan(cfg, *, job_dir: str | None = None, python: str | None = None,
         version=version or __version__, shape=shape, shards=shards, array_size=array_size,
         array_throttle=int(throttle) if throttle else None, nodes=nodes,
         ntasks_per_node=ntasks_per_node, gpus_per_node=gpus,
-        sbatch_flags=_sbatch_flags(cfg, shape, array_size, throttle, nodes, ntasks_per_node, gpus),
+        sbatch_flags=_sbatch_flags(cfg, shape, array_size, throttle, nodes, ntasks_per_node, gpus,
+                                   job_dir),
         launcher=str(_prof(cfg, "launcher", "srun")), mpi_plugin=str(_prof(cfg, "mpi_plugin", "pmix")),
         python=python or sys.executable, env=_env(cfg), modules=tuple(_prof(cfg, "modules", ())),
         container=_container(cfg, job_dir, files, use_gpu),
@@ -90,7 +92,7 @@ def _signal_name(cfg) -> str:
     return name[3:] if name.startswith("SIG") else name
 
 
-def _sbatch_flags(cfg, shape, array_size, throttle, nodes, ntasks_per_node, gpus):
+def _sbatch_flags(cfg, shape, array_size, throttle, nodes, ntasks_per_node, gpus, job_dir):
     res = cfg.resources
     flags: dict[str, tuple[str, str]] = {  # flag -> (value, key path it came from)
         "job-name": (str(cfg.name), "name"),
@@ -103,6 +105,11 @@ def _sbatch_flags(cfg, shape, array_size, throttle, nodes, ntasks_per_node, gpus
         "open-mode": ("append", "resilience"),
         "output": ("logs/slurm-%A_%a.out" if shape == "array" else "logs/slurm-%j.out", "output"),
     }
+    if _SBATCH_VALUE.match(job_dir):
+        # Makes logs/ resolve in the job dir even when the script is submitted from elsewhere.
+        # A job dir with spaces or quotes cannot go on an #SBATCH line: hpcinfer then submits
+        # from inside it, and the header says to `cd` there first.
+        flags["chdir"] = (job_dir, "output.dir")
     if res.mem:
         flags["mem"] = (str(res.mem), "resources.mem")
     for key in ("partition", "account", "qos", "constraint"):

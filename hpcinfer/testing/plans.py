@@ -14,7 +14,7 @@ def sample_plan(shape: str = "single", *, container: bool = False, job_dir: str 
                    for i in range(4 if shape != "single" else 1))
     nodes = 2 if shape == "multinode" else 1
     ntasks = 4 if shape == "multinode" else 1
-    flags = {"cpus-per-task": "8", "job-name": "qa-eval", "mem": "64G", "nodes": str(nodes),
+    flags = {"chdir": job_dir, "cpus-per-task": "8", "job-name": "qa-eval", "mem": "64G", "nodes": str(nodes),
              "ntasks-per-node": str(ntasks), "open-mode": "append", "partition": "gpu",
              "requeue": "", "signal": "B:USR2@120", "time": "04:00:00",
              "output": "logs/slurm-%A_%a.out" if shape == "array" else "logs/slurm-%j.out",
