@@ -69,6 +69,7 @@ def gather(job_dir: str | Path) -> dict:
         tasks.append({
             "task": t, "slurm_id": sid, "state": state, "reason": reason,
             "shards": [s.index for s in shards], "rows": sum(s.num_rows for s in shards),
+            # shards/NNNNN/DONE: the layout of hpcinfer.io.ledger (not imported: login side stays light)
             "shards_done": sum((job_dir / "shards" / f"{s.index:05d}" / "DONE").exists() for s in shards),
             "restarts": max((r.get("restart_count", 0) for r in records), default=0),
             "worker": records[0].get("status") if records else None,
