@@ -28,7 +28,7 @@ def slurm_states(job_id: str, task_ids: list[int | None]) -> dict[str, tuple[str
                 states[i] = (entry.state, entry.reason)
     if wanted - states.keys():
         try:
-            for entry in commands.sacct([job_id]):
+            for entry in commands.sacct([job_id], retries=2, backoff_s=0.5):
                 if entry.job_id in wanted and entry.job_id not in states:
                     states[entry.job_id] = (entry.state, f"exit {entry.exit_code}")
                 elif entry.job_id == job_id:

@@ -66,3 +66,24 @@ def test_rejection_carries_slurms_message_and_a_hint():
                               commands._hint_for("Invalid account or account/partition combination"))
     text = str(err)
     assert "Invalid account" in text and "resources.account" in text and "\n" not in text
+
+
+def test_sacct_is_retried_after_a_failure(tmp_path, monkeypatch, caplog):
+    """A stub sacct on PATH fails once (slurmdbd hiccup), then answers."""
+    count = tmp_path / "count"
+    stub = tmp_path / "sacct"
+    stub.write_text(f"""#!/bin/bash
+n=$(cat {count} 2>/dev/null || echo 0); echo $((n + 1)) > {count}
+if [ "$n" = 0 ]; then echo "sacct: error: slurmdbd: Connection refused" >&2; exit 1; fi
+printf 'JobID|State|ExitCode\\n12_0|COMPLETED|0:0\\n'
+""")
+    stub.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{__import__('os').environ['PATH']}")
+    entries = commands.sacct(["12"], retries=2, backoff_s=0.01)
+    assert entries == [AcctEntry("12_0", "COMPLETED", "0:0")]
+    assert count.read_text().strip() == "2"
+    assert "Connection refused" in caplog.text
+    count.write_text("0")
+    stub.write_text("#!/bin/bash\necho 'sacct: error: down' >&2\nexit 1\n")
+    with pytest.raises(commands.SlurmError, match="slurmdbd up"):
+        commands.sacct(["12"], retries=1, backoff_s=0.01)
