@@ -154,16 +154,26 @@ def _attach(cfg: JobConfig, origins: Origins, source: str, profile: ClusterProfi
     cfg._overrides = overrides
 
 
+def _one_line(value) -> str:
+    # A newline (or other control character) in a path would end the comment line and turn
+    # the rest into YAML; escape them the way Python's repr does.
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
 def dump_resolved(cfg: JobConfig) -> str:
     """The resolved job.yaml text: a comment header, the job keys in schema order, then the
     profile's slurm block. Deterministic (no timestamps) so it can be golden-tested."""
     from hpcinfer import __version__
     header = [
         f"# Fully resolved by hpcinfer {__version__}: cluster profile < job file < --set.",
-        f"# Job file: {cfg.source_file}",
-        f"# Cluster profile: {cfg.cluster} ({cfg.profile_file or 'as recorded below'})",
+        f"# Job file: {_one_line(cfg.source_file)}",
+        f"# Cluster profile: {_one_line(cfg.cluster)} "
+        f"({_one_line(cfg.profile_file or 'as recorded below')})",
     ]
-    header += [f"# Override: --set {text}" for text in cfg.overrides]
+    header += [f"# Override: --set {_one_line(text)}" for text in cfg.overrides]
     header.append("# The worker reads this file. To change the job, edit the job file and "
                   "render again.")
     body = cfg.model_dump(mode="json")

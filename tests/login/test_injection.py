@@ -18,9 +18,8 @@ from hpcinfer.cli import main
 from hpcinfer.testing.jobs import write_rows
 
 NASTY = "we ird 'sq' \"dq\" ;x* $(touch {m}/MARKER1) `touch {m}/MARKER2`\nnext"
-# Directory names carry everything but the newline: the resolved job.yaml's comment header
-# (hpcinfer.config, dump_resolved) breaks on a newline in the job file's path; that case is
-# the strict xfail below until it is fixed there.
+# Directory names carry everything but the newline; a newline in the job file's own path is
+# covered by test_newline_in_job_dir_path below.
 NASTY_PATH = NASTY.replace("\n", " ")
 
 # Each stub appends {"argv": [...], "env": {...}} to $STUB_LOG, then does what the real
@@ -149,8 +148,6 @@ def test_submit_runs_sbatch_in_the_job_dir_with_no_user_strings_on_its_command_l
     assert list(marker_dir.iterdir()) == []
 
 
-@pytest.mark.xfail(strict=True, reason="hpcinfer.config dump_resolved writes the job file path "
-                   "into a YAML comment unescaped: a newline in it breaks job.yaml")
 def test_newline_in_job_dir_path(tmp_path, capsys):
     marker_dir = tmp_path / "markers"
     marker_dir.mkdir()
