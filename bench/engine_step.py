@@ -48,29 +48,46 @@ def run_engine(model: str, device: str, dtype: str, prompts, max_tokens: int) ->
     engine = LLMEngine.from_kwargs(model, device=device, dtype=dtype, max_num_seqs=len(prompts),
                                    max_model_len=len(prompts[0]) + max_tokens + 16)
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    # Warm-up (Triton compiles, allocator): a few requests through prefill and decode.
+    for i, p in enumerate(prompts[:4]):
+        engine.add_request(f"warmup-{i}", p, SamplingParams(temperature=0, max_tokens=4))
+    while engine.has_unfinished_requests():
+        engine.step(final_only=True)
+    _sync(engine.device)
     start = time.perf_counter()
     for i, p in enumerate(prompts):
         engine.add_request(str(i), p, params)
-    overheads, num_out = [], 0
+    schedule_ms, prepare_ms, num_out = [], [], 0
     while engine.has_unfinished_requests():
         for out in engine.step(final_only=True):
             num_out += len(out.outputs[0].token_ids)
         last = engine.stats.last_step
         if last["is_decode"] and last["num_seqs"] == len(prompts):
-            overheads.append((last["schedule_s"] + last["prepare_s"]) * 1e3)
+            schedule_ms.append(last["schedule_s"] * 1e3)
+            prepare_ms.append(last["prepare_s"] * 1e3)
+    _sync(engine.device)
     wall = time.perf_counter() - start
     stats = engine.stats
     log.info("engine: %d steps; seconds: schedule %.3f, prepare %.3f, model %.3f, sample %.3f, "
              "postprocess %.3f", stats.num_steps, stats.schedule_s, stats.prepare_s,
              stats.model_s, stats.sample_s, stats.postprocess_s)
     num_prompt = sum(len(p) for p in prompts)
+    overheads = [a + b for a, b in zip(schedule_ms, prepare_ms)]
+    median = statistics.median
     return {"engine": "hpcinfer", "output_tok_s": num_out / wall,
             "total_tok_s": (num_out + num_prompt) / wall,
-            "step_overhead_ms": statistics.median(overheads) if overheads else None,
+            "step_overhead_ms": median(overheads) if overheads else None,
             "step_overhead_ms_p90": (sorted(overheads)[int(0.9 * len(overheads))]
                                      if overheads else None),
+            "schedule_ms": median(schedule_ms) if overheads else None,
+            "prepare_ms": median(prepare_ms) if overheads else None,
             "num_decode_steps_measured": len(overheads), "wall_s": wall,
             "device": str(engine.device)}
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def run_transformers(model: str, device: str, dtype: str, prompts, max_tokens: int) -> dict:
@@ -80,10 +97,15 @@ def run_transformers(model: str, device: str, dtype: str, prompts, max_tokens: i
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).to(dev).eval()
     hf.generation_config.eos_token_id = None
     ids = torch.tensor(prompts, device=dev)
+    with torch.no_grad():  # warm-up
+        hf.generate(ids[:4], attention_mask=torch.ones_like(ids[:4]), max_new_tokens=4,
+                    do_sample=False, pad_token_id=0)
+    _sync(dev)
     start = time.perf_counter()
     with torch.no_grad():
         out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
                           do_sample=False, pad_token_id=0)
+    _sync(dev)
     wall = time.perf_counter() - start
     num_out = (out.shape[1] - ids.shape[1]) * ids.shape[0]
     return {"engine": "transformers", "output_tok_s": num_out / wall,
@@ -111,8 +133,9 @@ def main() -> None:
         overhead = row["step_overhead_ms"]
         print(f"{row['engine']:>12}  {workload}  output {row['output_tok_s']:9.1f} tok/s  "
               f"total {row['total_tok_s']:9.1f} tok/s  "
-              + (f"scheduler+batch {overhead:.3f} ms/decode step "
-                 f"(p90 {row['step_overhead_ms_p90']:.3f})" if overhead is not None else ""))
+              + (f"scheduler+batch {overhead:.3f} ms/decode step (schedule "
+                 f"{row['schedule_ms']:.3f} + prepare {row['prepare_ms']:.3f}; p90 "
+                 f"{row['step_overhead_ms_p90']:.3f})" if overhead is not None else ""))
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"engine_step-{date}.json"
     existing = json.loads(path.read_text()) if path.exists() else []

@@ -77,7 +77,7 @@ class BlockManager:
         """Make ``seq``'s blocks cover ``num_tokens`` tokens; False (changing nothing) if the
         pool is too small. ``cached_blocks`` (from find_cached_prefix) are reused first; they
         are only allowed when the sequence holds no blocks yet."""
-        num_new = cdiv(num_tokens, self.block_size) - seq.num_blocks - len(cached_blocks)
+        num_new = -(-num_tokens // self.block_size) - seq.num_blocks - len(cached_blocks)
         if num_new <= 0 and not cached_blocks:
             return True  # the decode fast path: the last block still has room
         num_reclaimed = sum(1 for b in cached_blocks if self.ref_counts[b] == 0)

@@ -125,11 +125,14 @@ class ModelRunner:
         num_seqs = len(seqs)
         q_lens = np.array(num_new_tokens, dtype=np.int64)
         starts = np.fromiter((s.num_computed_tokens for s in seqs), np.int64, num_seqs)
+        rows = np.fromiter((s.kv_row for s in seqs), np.int64, num_seqs)
+        lengths = np.fromiter((len(s.token_ids) for s in seqs), np.int64, num_seqs)
         seq_lens = starts + q_lens
         is_decode = bool((q_lens == 1).all())
         if is_decode:
-            input_ids = np.fromiter((s.token_ids[n] for s, n in zip(seqs, starts.tolist())),
-                                    np.int64, num_seqs)
+            # (not token_ids[-1]: a 1-token prefill chunk is not the last token)
+            input_ids = np.fromiter((s.token_ids[s.num_computed_tokens] for s in seqs), np.int64,
+                                    num_seqs)
         else:
             chunks = (s.token_ids[n:n + q] for s, n, q in zip(seqs, starts.tolist(), num_new_tokens))
             input_ids = np.fromiter(itertools.chain.from_iterable(chunks), np.int64)
@@ -138,14 +141,12 @@ class ModelRunner:
         num_tokens = int(cu_seqlens[-1])
         # positions: [num_tokens]; each sequence's queries continue from its computed tokens
         positions = np.arange(num_tokens) + np.repeat(starts - cu_seqlens[:-1], q_lens)
-        rows = np.fromiter((s.kv_row for s in seqs), np.int64, num_seqs)
         max_seqlen_k = int(seq_lens.max())
         block_tables = block_manager.block_tables[rows, :cdiv(max_seqlen_k, self.block_size)]
         seq_of_token = np.repeat(np.arange(num_seqs), q_lens)
         blocks = block_tables[seq_of_token, positions // self.block_size]
         slot_mapping = blocks.astype(np.int64) * self.block_size + positions % self.block_size
         # Sequences whose computed tokens reach their length produce a token this step.
-        lengths = np.fromiter((len(s) for s in seqs), np.int64, num_seqs)
         done = seq_lens == lengths
         sample_indices = cu_seqlens[1:][done] - 1
         sample_seqs = [s for s, d in zip(seqs, done.tolist()) if d]

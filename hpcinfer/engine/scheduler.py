@@ -55,18 +55,20 @@ class Scheduler:
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> tuple[int, bool]:
+        allocate = self.block_manager.allocate
+        seqs, num_new_tokens = out.seqs, out.num_new_tokens
         preempted, i = False, 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = min(len(seq) - seq.num_computed_tokens, budget)
-            while not self.block_manager.allocate(seq, seq.num_computed_tokens + num_new):
+            num_new = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
+            while not allocate(seq, seq.num_computed_tokens + num_new):
                 victim = self.running.pop()  # the newest sequence loses its blocks
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:
                     return budget, preempted
-            out.seqs.append(seq)
-            out.num_new_tokens.append(num_new)
+            seqs.append(seq)
+            num_new_tokens.append(num_new)
             budget -= num_new
             i += 1
         return budget, preempted
@@ -99,10 +101,11 @@ class Scheduler:
 
     def update_computed(self, out: SchedulerOutput) -> None:
         """After the model ran: the scheduled tokens are now in the KV cache."""
-        bm = self.block_manager
+        cache_full_blocks, block_size = self.block_manager.cache_full_blocks, self.block_manager.block_size
         for seq, num_new in zip(out.seqs, out.num_new_tokens):
             seq.num_computed_tokens += num_new
-            bm.cache_full_blocks(seq)
+            if seq.num_computed_tokens // block_size > seq.num_registered_blocks:
+                cache_full_blocks(seq)
 
     def finish(self, seqs: list[Sequence]) -> None:
         """Retire finished (or aborted) sequences, wherever they are, and free their blocks."""

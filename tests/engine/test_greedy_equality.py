@@ -103,3 +103,12 @@ def test_greedy_with_everything_at_once(family, checkpoint, make_prompts, hf_gre
     assert engine.num_preemptions > 0 and engine.prefix_cache_hits > 0
     assert_same([o.outputs[0].token_ids for o in outs], hf_greedy(family, prompts), prompts)
     engine.block_manager.check_invariants([])
+
+
+def test_greedy_with_one_token_prefill_chunks(checkpoint, make_prompts, hf_greedy):
+    """Budget 2 with 2 sequences: decode steps carry 1-token prefill chunks (is_decode is
+    True while a sequence is still mid-prompt)."""
+    prompts = make_prompts((5, 9, 17), seed=3)
+    got, engine = generate(checkpoint("llama"), prompts, max_num_batched_tokens=2,
+                           max_num_seqs=2)
+    assert_same(got, hf_greedy("llama", prompts), prompts)

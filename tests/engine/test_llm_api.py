@@ -268,6 +268,8 @@ def test_bad_prompts_name_the_request(llm, prompts):
         llm.generate([prompts[0], [], prompts[1]], use_tqdm=False)
     with pytest.raises(ValueError, match="prompt 2: .*300 tokens.*max_model_len=256"):
         llm.generate([prompts[0], prompts[1], [7] * 300], use_tqdm=False)
+    full = llm.generate([[7] * 256], greedy(), use_tqdm=False)[0].outputs[0]
+    assert len(full.token_ids) == 1 and full.finish_reason == "length"  # max_model_len reached
     with pytest.raises(ValueError, match="2 SamplingParams for 3 prompts"):
         llm.generate(prompts[:3], [greedy(), greedy()], use_tqdm=False)
     assert_no_leaks(llm)  # nothing was queued
