@@ -112,3 +112,17 @@ def test_greedy_with_one_token_prefill_chunks(checkpoint, make_prompts, hf_greed
     got, engine = generate(checkpoint("llama"), prompts, max_num_batched_tokens=2,
                            max_num_seqs=2)
     assert_same(got, hf_greedy("llama", prompts), prompts)
+
+
+@pytest.mark.parametrize("family", ["llama3", "mistral"])
+def test_triton_backend_in_the_engine(family, checkpoint, make_prompts, hf_greedy):
+    """The GPU attention backend through the whole engine (Triton interpreter on CPU; the
+    conftest sets TRITON_INTERPRET=1): chunked prefill, a prefix-cache hit, decode."""
+    prefix = make_prompts([40], seed=12)[0]
+    prompts = make_prompts((3, 50), seed=13) + make_prompts((2, 9), seed=14, prefix=prefix)
+    llm = LLM(checkpoint(family), max_model_len=256, attention_backend="triton",
+              max_num_batched_tokens=32, max_num_seqs=2)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert llm.llm_engine.prefix_cache_hits > 0
+    assert_same([o.outputs[0].token_ids for o in outs], hf_greedy(family, prompts, 8), prompts)
