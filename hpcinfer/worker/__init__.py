@@ -1,5 +1,6 @@
-"""In-job entry point (`python -m hpcinfer.worker JOBDIR`).
+"""In-job worker (`python -m hpcinfer.worker JOBDIR`): preflight, then this task's shards
+through the engine with exactly-once commits (task.py is the entry; docs/worker.md).
 
-For now the worker is a preflight (preflight.py): it checks and reports, then exits
-0 (ok), 2 (a check failed) or 3 (stopped by the warning signal: requeue me).
+Exit codes: 0 done, 2 something to fix (message says what), 3 stopped by the warning signal
+or SIGTERM after committing ("requeue me"), 1 a bug.
 """

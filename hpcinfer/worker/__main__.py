@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from hpcinfer.worker.preflight import main
+from hpcinfer.worker.task import main
 
 if __name__ == "__main__":
     sys.exit(main())

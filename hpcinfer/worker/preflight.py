@@ -1,11 +1,11 @@
-"""The worker until the engine exists: a real preflight of one task.
+"""The worker's first phase: a real preflight of one task (task.py runs it, then the engine).
 
 It loads job.yaml (the fully resolved config) and plan.json, picks this task's shards from
 SLURM_ARRAY_TASK_ID, checks every input is readable and the output dir writable, and reports
 the environment (GPUs seen, ranks, restart count, /dev/shm) to the log and to
 JOBDIR/metrics/task-TTTTT-rank-RRR.jsonl (one file per rank: one writer each).
 
-Exit codes (the batch script acts on them, docs/slurm.md):
+Run alone (HPCINFER_WORKER_PHASES=preflight) it exits after the checks with
   0  checks passed
   2  a check failed (message says what to fix)
   3  stopped by the warning signal (USR2/TERM): "requeue me"
@@ -147,31 +147,50 @@ def write_metrics(job_dir: Path, record: dict) -> None:
         f.write(json.dumps(record, sort_keys=True) + "\n")
 
 
-def run(job_dir: Path, stop: StopFlag) -> int:
+def check(job_dir: Path, record: dict):
+    """The preflight checks; fills `record` and returns (cfg, plan, task_id, shards).
+
+    Raises PreflightFailed, ConfigError, ValueError or OSError with what to fix."""
     from hpcinfer.compile.jobdir import load_plan
-    from hpcinfer.config import ConfigError, load_resolved
+    from hpcinfer.config import load_resolved
+    cfg = load_resolved(job_dir / "job.yaml")
+    plan = load_plan(job_dir)
+    task_id = task_id_from_env(plan)
+    shards = plan.shards_for_task(task_id)
+    record.update(environment_report(task_id))
+    record.update(shards=[s.index for s in shards], rows=sum(s.num_rows for s in shards))
+    log.info("task %s rank %d/%d on %s: shards %s (%d rows), restart %d, GPUs %s",
+             task_id, record["rank"], record["world_size"], record["host"], record["shards"],
+             record["rows"], record["restart_count"], record["gpus"])
+    _note_shm(cfg, record)
+    check_inputs(shards)
+    check_writable(Path(str(cfg.output.dir)))
+    check_writable(job_dir / "metrics")
+    return cfg, plan, task_id, shards
+
+
+def new_record() -> dict:
+    return {"event": "preflight", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def fail(job_dir: Path, record: dict, exc: Exception, started: float) -> int:
+    """Log and record a failed check; returns the exit code."""
+    log.error("preflight failed: %s", exc)
+    record.setdefault("task", None)
+    record.setdefault("rank", int(_first_env(_RANK_VARS, "0")))
+    _finish(job_dir, record, "failed", str(exc), started)
+    return EXIT_BAD_INPUT
+
+
+def run(job_dir: Path, stop: StopFlag) -> int:
+    """Preflight only (HPCINFER_WORKER_PHASES=preflight): check, report, exit."""
+    from hpcinfer.config import ConfigError
     started = time.time()
-    record: dict = {"event": "preflight", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    record = new_record()
     try:
-        cfg = load_resolved(job_dir / "job.yaml")
-        plan = load_plan(job_dir)
-        task_id = task_id_from_env(plan)
-        shards = plan.shards_for_task(task_id)
-        record.update(environment_report(task_id))
-        record.update(shards=[s.index for s in shards], rows=sum(s.num_rows for s in shards))
-        log.info("task %s rank %d/%d on %s: shards %s (%d rows), restart %d, GPUs %s",
-                 task_id, record["rank"], record["world_size"], record["host"], record["shards"],
-                 record["rows"], record["restart_count"], record["gpus"])
-        _note_shm(cfg, record)
-        check_inputs(shards)
-        check_writable(Path(str(cfg.output.dir)))
-        check_writable(job_dir / "metrics")
+        check(job_dir, record)
     except (PreflightFailed, ConfigError, ValueError, OSError) as exc:
-        log.error("preflight failed: %s", exc)
-        record.setdefault("task", None)
-        record.setdefault("rank", int(_first_env(_RANK_VARS, "0")))
-        _finish(job_dir, record, "failed", str(exc), started)
-        return EXIT_BAD_INPUT
+        return fail(job_dir, record, exc, started)
     sleep_s = float(os.environ.get("HPCINFER_PREFLIGHT_SLEEP_S", "0") or 0)
     deadline = time.monotonic() + sleep_s
     while time.monotonic() < deadline and stop.signal_name is None:

@@ -1,0 +1,147 @@
+"""The shard loop: stream a shard's rows through LLMEngine, commit results as they finish.
+
+It is ``hpcinfer.io.shard_loop.process_shard`` with the engine in place of the answer
+function: recover -> read -> skip done rows -> admit up to ``max_in_flight`` requests ->
+step -> write finished rows -> commit every N rows / T seconds -> DONE. New rows join while
+others run (continuous batching); at most ``max_in_flight`` rows are held, so memory stays
+flat however large the shard.
+
+On the stop flag the loop stops admitting, aborts what is in flight (those rows are not
+written, so they are redone after the requeue), commits what finished, and returns
+"stopped". The exactly-once argument is docs/exactly-once.md: only the committed files say
+what is done.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hpcinfer.io import ledger
+from hpcinfer.io.readers import ShardReadError, ShardReader
+from hpcinfer.io.rows import BadRow, InputRow
+from hpcinfer.io.shard_loop import BadRowError
+from hpcinfer.io.writers import PartWriter
+from hpcinfer.worker.requests import RequestBuilder, to_output_record
+
+log = logging.getLogger("hpcinfer.worker")
+
+
+@dataclass(frozen=True)
+class LoopOptions:
+    commit_every_rows: int = 1000
+    commit_every_s: float = 60.0
+    on_bad_row: str = "skip"              # skip | fail
+    max_in_flight: int = 512               # rows held in the engine at once
+
+
+class ShardLoop:
+    """One shard's run. ``run()`` returns "done", "already_done" or "stopped"; it raises
+    ShardReadError (shard FAILED, marked) or BadRowError (on_bad_row: fail)."""
+
+    def __init__(self, engine, shard, spec, shard_dir: Path, fmt, builder: RequestBuilder,
+                 stop, progress, options: LoopOptions):
+        self.engine = engine
+        self.shard = shard
+        self.spec = spec
+        self.shard_dir = Path(shard_dir)
+        self.fmt = fmt
+        self.builder = builder
+        self.stop = stop
+        self.progress = progress
+        self.options = options
+        self.in_flight: dict[str, tuple[InputRow, Any]] = {}   # request id -> (row, params)
+
+    def run(self) -> str:
+        if ledger.is_done(self.shard_dir):
+            return "already_done"
+        state = ledger.recover(self.shard_dir)
+        reader = ShardReader(self.shard, self.spec)
+        writer = self._writer(reader, state.next_part)
+        try:
+            finished = self._stream(reader, state.done_indices, writer)
+        except ShardReadError as exc:
+            self._abort_all()
+            writer.commit()                 # keep what was answered before the file broke
+            ledger.mark_failed(self.shard_dir, str(exc))
+            raise
+        except BaseException:
+            self._abort_all()
+            raise
+        if not finished:
+            self._abort_all()
+            writer.commit()
+            return "stopped"
+        writer.commit()
+        summary = ledger.mark_done(self.shard_dir, reader.num_rows)
+        log.info("shard %05d done: %d results, %d bad rows", self.shard.index,
+                 summary["num_results"], summary["num_errors"])
+        return "done"
+
+    def _writer(self, reader: ShardReader, next_part: int) -> PartWriter:
+        try:
+            column_types = reader.column_types()
+        except ShardReadError as exc:
+            ledger.mark_failed(self.shard_dir, str(exc))
+            raise
+        return PartWriter(self.shard_dir, self.fmt.with_column_types(column_types),
+                          next_part=next_part, commit_every_rows=self.options.commit_every_rows,
+                          commit_every_s=self.options.commit_every_s)
+
+    def _stream(self, reader: ShardReader, done, writer: PartWriter) -> bool:
+        """Admit, step, write until the shard is answered (True) or the flag is set (False)."""
+        rows = iter(reader)
+        exhausted = False
+        while not self.stop.is_set:
+            while not exhausted and len(self.in_flight) < self.options.max_in_flight:
+                item = next(rows, None)
+                if item is None:
+                    exhausted = True
+                elif item.index not in done:
+                    self._admit(item, writer)
+                if self.stop.is_set:
+                    return False
+            if exhausted and not self.in_flight:
+                return True
+            for out in self.engine.step(final_only=True):
+                if out.finished:
+                    row, params = self.in_flight.pop(out.request_id)
+                    writer.add_result(row, to_output_record(out, params))
+                    self.progress.add_rows(1)
+            if writer.should_commit():
+                writer.commit()
+            self.progress.tick()
+        return False
+
+    def _admit(self, item: InputRow | BadRow, writer: PartWriter) -> None:
+        request = item if isinstance(item, BadRow) else self.builder.build(item)
+        if not isinstance(request, BadRow):
+            request_id = f"{self.shard.index}:{item.index}"
+            try:
+                self.engine.add_request(request_id, request.prompt, request.params)
+            except ValueError as exc:      # the engine's own checks (vocab, length)
+                request = BadRow(item.index, item.file, item.id, "engine_rejected", str(exc),
+                                 "")
+            else:
+                if request.num_truncated_tokens:
+                    log.info("row %d of %s: prompt truncated by %d tokens (on_long_prompt)",
+                             item.index, item.file, request.num_truncated_tokens)
+                self.in_flight[request_id] = (item, request.params)
+                return
+        if self.options.on_bad_row == "fail":
+            writer.commit()
+            raise BadRowError(f"{request.file} row {request.index}: {request.reason} "
+                              "(resilience.on_bad_row: fail; use skip to set bad rows aside "
+                              "in errors.jsonl)")
+        writer.add_error(request)
+        self.progress.add_rows(1, num_errors=1)
+        if writer.should_commit():
+            writer.commit()
+
+    def _abort_all(self) -> None:
+        if self.in_flight:
+            log.info("aborting %d in-flight rows of shard %05d (redone on restart)",
+                     len(self.in_flight), self.shard.index)
+            self.engine.abort_request(list(self.in_flight))
+            self.in_flight.clear()

@@ -1,0 +1,121 @@
+"""Input row -> engine request: the prompt (text and token ids) and its SamplingParams.
+
+A row the engine cannot take comes back as a ``BadRow`` instead (prompt over max_model_len
+with ``resilience.on_long_prompt: error``, sampling overrides the engine rejects, a chat
+template that fails), so one bad row never stops the shard. Chat rows are rendered exactly
+as ``LLM.chat`` renders them (the tokenizer's chat template with a generation prompt), so the
+worker's answers equal what the Python API gives for the same rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from hpcinfer.io.rows import BadRow, InputRow, excerpt, prompt_too_long
+
+# resilience.on_long_prompt values that keep the prompt's tail (the schema says "truncate";
+# io's message says "truncate_left": both mean the same).
+TRUNCATE_MODES = ("truncate", "truncate_left")
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    prompt: dict               # {"prompt": text | None, "prompt_token_ids": [...]}
+    params: Any                # SamplingParams
+    num_truncated_tokens: int = 0
+
+
+def base_sampling(sampling_cfg: Any) -> dict:
+    """The job's ``sampling:`` block as SamplingParams keyword arguments."""
+    data = sampling_cfg.model_dump() if hasattr(sampling_cfg, "model_dump") else dict(sampling_cfg)
+    data["stop"] = list(data.get("stop") or ()) or None
+    data["stop_token_ids"] = list(data.get("stop_token_ids") or ()) or None
+    return data
+
+
+class RequestBuilder:
+    """Builds engine requests for one job (tokenizer, sampling defaults and limits fixed)."""
+
+    def __init__(self, tokenizer, base: dict, max_model_len: int, *,
+                 on_long_prompt: str = "error", want_logprobs: bool = False):
+        self.tokenizer = tokenizer
+        self.base = base
+        self.max_model_len = max_model_len
+        self.on_long_prompt = on_long_prompt
+        self.want_logprobs = want_logprobs
+
+    def build(self, row: InputRow) -> EngineRequest | BadRow:
+        params = self.sampling_params(row)
+        if isinstance(params, BadRow):
+            return params
+        try:
+            text, token_ids = self._tokens(row)
+        except Exception as exc:  # jinja2 / tokenizer errors: the row's content is the cause
+            return _bad(row, "bad_messages" if row.messages is not None else "bad_prompt_type",
+                        f"the prompt could not be tokenized ({exc})")
+        if not token_ids:
+            return _bad(row, "empty_prompt", "the prompt has no tokens")
+        num_cut = 0
+        if len(token_ids) > self.max_model_len:
+            if self.on_long_prompt not in TRUNCATE_MODES:
+                return prompt_too_long(row, len(token_ids), self.max_model_len)
+            keep = self.max_model_len - 1           # room for at least one generated token
+            num_cut = len(token_ids) - keep
+            token_ids, text = token_ids[-keep:], None
+        return EngineRequest({"prompt": text, "prompt_token_ids": token_ids}, params, num_cut)
+
+    def sampling_params(self, row: InputRow):
+        from hpcinfer.engine.params import SamplingParams
+        merged = {**self.base, **row.sampling}
+        if self.want_logprobs and merged.get("logprobs") is None:
+            merged["logprobs"] = 0                  # output.logprobs: the sampled token's
+        if merged.get("n", 1) != 1:
+            return _bad(row, "invalid_sampling", f"sampling.n={merged['n']}: several "
+                        "completions per row are not written yet (one text per row); use n: 1")
+        try:
+            return SamplingParams(**merged)
+        except (TypeError, ValueError) as exc:
+            return _bad(row, "invalid_sampling", str(exc))
+
+    def _tokens(self, row: InputRow) -> tuple[str | None, list[int]]:
+        if row.messages is not None:
+            return render_chat(self.tokenizer, row.messages)
+        if row.prompt is None:
+            raise ValueError("row has no prompt or messages (task not supported yet)")
+        return row.prompt, list(self.tokenizer(row.prompt).input_ids)
+
+
+def render_chat(tokenizer, messages: list) -> tuple[str, list[int]]:
+    """(text, token ids) of a conversation, as LLM.chat renders it."""
+    kwargs = dict(chat_template=None, add_generation_prompt=True, continue_final_message=False)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return text, list(ids)
+
+
+def _bad(row: InputRow, kind: str, reason: str) -> BadRow:
+    content = row.prompt if row.prompt is not None else (row.messages or row.body)
+    return BadRow(row.index, row.file, row.id, kind, reason, excerpt(content))
+
+
+def to_output_record(out, params) -> Any:
+    """RequestOutput (finished, n=1) -> OutputRecord for the writers."""
+    from hpcinfer.io.rows import OutputRecord
+    completion = out.outputs[0]
+    logprobs = None
+    if params.logprobs is not None and completion.logprobs is not None:
+        logprobs = [_position(token_id, top)
+                    for token_id, top in zip(completion.token_ids, completion.logprobs)]
+    return OutputRecord(text=completion.text, num_prompt_tokens=len(out.prompt_token_ids),
+                        num_output_tokens=len(completion.token_ids),
+                        finish_reason=completion.finish_reason, logprobs=logprobs)
+
+
+def _position(token_id: int, top: dict) -> list[tuple[int, float]]:
+    """One output position: the sampled token first, then the alternatives by rank."""
+    sampled = [(int(token_id), float(top[token_id].logprob))] if token_id in top else []
+    others = sorted(((t, lp) for t, lp in top.items() if t != token_id),
+                    key=lambda item: (item[1].rank or 0, -item[1].logprob))
+    return sampled + [(int(t), float(lp.logprob)) for t, lp in others]

@@ -1,0 +1,137 @@
+"""What the worker builds once per task from job.yaml: input spec, model path, engine,
+output format, request builder and loop options. Each function raises TaskFailed (exit 2)
+with what to fix when the config or the environment is wrong.
+
+Order matters: ``resolve`` sets the HF offline variables before anything imports
+transformers, and runs before ``load_engine`` imports torch, so a missing model is reported
+in about a second.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger("hpcinfer.worker")
+
+
+class TaskFailed(Exception):
+    """Something the user must fix; str() says what (exit 2)."""
+
+
+def input_spec(cfg):
+    from hpcinfer.io.rows import InputSpec
+    try:
+        return InputSpec.from_config(cfg.input, str(cfg.task))
+    except ValueError as exc:
+        raise TaskFailed(f"input: {exc}") from None
+
+
+def refuse_duplicate_ids(spec, shards) -> None:
+    """Ids must be unique (docs/exactly-once.md): refuse before any work is done.
+
+    Checks the whole files this task's shards come from (`hpcinfer validate` checks across
+    all files). A file that cannot be read is left to its shard, which fails with the reason.
+    """
+    from hpcinfer.io.readers import find_duplicate_ids
+    if not spec.id_name:
+        return
+    files = sorted({str(s.file) for s in shards})
+    fmt = spec.format
+    try:
+        dups = find_duplicate_ids(files, spec.id_name, fmt)
+    except Exception:  # noqa: BLE001 - a corrupt file: check the readable ones alone
+        dups = []
+        for path in files:
+            try:
+                dups += find_duplicate_ids([path], spec.id_name, fmt)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("cannot check ids of %s (%s); its shard will report it", path, exc)
+    if dups:
+        shown = "; ".join(f"{d.id!r} at " + ", ".join(f"{Path(f).name} row {i}"
+                                                     for f, i in d.locations[:3])
+                          for d in dups[:5])
+        raise TaskFailed(f"input has duplicate {spec.id_name} values ({shown}"
+                         f"{'; ...' if len(dups) > 5 else ''}): ids must be unique so each row "
+                         "is answered exactly once; fix the input (hpcinfer validate lists "
+                         "them) and render the job again")
+
+
+def resolve(cfg):
+    """HF offline mode, then the model's absolute snapshot path (no network, no torch)."""
+    from hpcinfer.hub.errors import HubError
+    from hpcinfer.hub.offline import resolve_model, set_offline_env
+    set_offline_env(os.environ)
+    try:
+        return resolve_model(str(cfg.model.id), cfg.model.revision)
+    except HubError as exc:
+        raise TaskFailed(str(exc)) from None
+
+
+def _tokenizer_path(cfg) -> str | None:
+    from hpcinfer.hub.errors import HubError
+    from hpcinfer.hub.offline import resolve_model
+    name = cfg.model.tokenizer
+    if not name:
+        return None
+    try:
+        return resolve_model(str(name)).path
+    except HubError as exc:
+        raise TaskFailed(f"model.tokenizer: {exc}") from None
+
+
+def engine_config(cfg, model):
+    from hpcinfer.engine.config import EngineConfig
+    e = cfg.engine
+    try:
+        return EngineConfig(
+            model=model.path, dtype=str(cfg.model.dtype), max_model_len=cfg.model.max_model_len,
+            max_num_seqs=e.max_num_seqs, max_num_batched_tokens=e.max_num_batched_tokens,
+            block_size=int(e.block_size), enable_prefix_caching=e.enable_prefix_caching,
+            gpu_memory_utilization=e.gpu_memory_utilization,
+            kv_cache_memory_bytes=e.kv_cache_memory_bytes, enforce_eager=e.enforce_eager,
+            tensor_parallel_size=int(cfg.parallel.tensor), device=str(cfg.resources.device),
+            tokenizer=_tokenizer_path(cfg))
+    except ValueError as exc:
+        raise TaskFailed(f"engine: {exc}") from None
+
+
+def load_engine(cfg, model):
+    """Load the model once (the slow step: weights, KV cache)."""
+    from hpcinfer.engine.llm_engine import LLMEngine
+    config = engine_config(cfg, model)
+    try:
+        return LLMEngine(config)
+    except (ValueError, OSError) as exc:
+        raise TaskFailed(f"cannot load model {model.path}: {exc}") from None
+
+
+def output_format(cfg, spec, job_dir: Path):
+    from hpcinfer.io.formats import make_format
+    plan_file = Path(job_dir) / "plan.json"
+    # OpenAI's "created": a job-level constant (not the time of a row), so a resumed job
+    # writes the same bytes as an uninterrupted one.
+    created_s = int(plan_file.stat().st_mtime) if plan_file.exists() else 0
+    try:
+        return make_format(str(cfg.output.format), id_name=spec.id_name,
+                           passthrough=tuple(spec.passthrough), logprobs=bool(cfg.output.logprobs),
+                           model=str(cfg.model.id), created_s=created_s)
+    except ValueError as exc:
+        raise TaskFailed(f"output: {exc}") from None
+
+
+def request_builder(cfg, engine):
+    from hpcinfer.worker.requests import RequestBuilder, base_sampling
+    return RequestBuilder(engine.tokenizer, base_sampling(cfg.sampling), engine.max_model_len,
+                          on_long_prompt=str(cfg.resilience.on_long_prompt),
+                          want_logprobs=bool(cfg.output.logprobs))
+
+
+def loop_options(cfg, engine):
+    from hpcinfer.worker.loop import LoopOptions
+    return LoopOptions(commit_every_rows=int(cfg.output.commit_every_rows),
+                       commit_every_s=float(cfg.output.commit_every_s),
+                       on_bad_row=str(cfg.resilience.on_bad_row),
+                       # Enough queued rows to refill every batch slot, few enough that
+                       # memory does not grow with the input.
+                       max_in_flight=2 * engine.config.max_num_seqs)

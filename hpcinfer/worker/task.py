@@ -1,0 +1,164 @@
+"""One task of a job, end to end: preflight -> model -> engine -> shards -> exit code.
+
+Phases, in order (docs/worker.md):
+  1. preflight (preflight.py): config, plan, this task's shards, inputs readable, output
+     writable, environment report (first metrics line);
+  2. task check: generate and chat run here; other tasks are refused (issue 10);
+  3. model: HF offline variables set, then ``hub.offline.resolve_model`` (no network, no
+     torch import yet, so a missing model fails in about a second);
+  4. duplicate ids in this task's input files are refused (``find_duplicate_ids``);
+  5. the engine is loaded once; each shard goes through ``loop.ShardLoop``.
+
+Exit codes (the batch script acts on them): 0 every shard DONE; 2 something the user must
+fix (config, model, input file, duplicate ids, on_bad_row: fail); 3 stopped by the warning
+signal or SIGTERM after committing ("requeue me"); 1 an unexpected error (a bug: the
+traceback is in the log).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from hpcinfer.compile.plan import EXIT_BAD_INPUT, EXIT_REQUEUE
+from hpcinfer.worker import preflight
+from hpcinfer.worker.metrics import MetricsWriter
+from hpcinfer.worker.setup import TaskFailed
+from hpcinfer.worker.signals import StopFlag
+
+log = logging.getLogger("hpcinfer.worker")
+
+SUPPORTED_TASKS = ("generate", "chat")
+PHASES_ENV = "HPCINFER_WORKER_PHASES"     # "preflight": stop after the checks (tests, dry runs)
+
+
+def run(job_dir: Path, stop: StopFlag) -> int:
+    if os.environ.get(PHASES_ENV, "").strip() == "preflight":
+        return preflight.run(job_dir, stop)
+    from hpcinfer.config import ConfigError
+    started = time.time()
+    record = preflight.new_record()
+    try:
+        cfg, plan, task_id, shards = preflight.check(job_dir, record)
+    except (preflight.PreflightFailed, ConfigError, ValueError, OSError) as exc:
+        return preflight.fail(job_dir, record, exc, started)
+    stop.install(str(cfg.resilience.signal))
+    record.update(status="starting")
+    metrics = MetricsWriter(job_dir, task_id, record["rank"],
+                            base={"task": task_id, "rank": record["rank"], "host": record["host"]})
+    metrics.write(record)
+    if record["rank"] != 0:
+        log.info("rank %d: the engine runs on one device (rank 0) for now; nothing to do",
+                 record["rank"])
+        return 0
+    try:
+        return _run_shards(job_dir, cfg, plan, shards, stop, metrics, started)
+    except TaskFailed as exc:
+        log.error("%s", exc)
+        metrics.write({"event": "finish", "status": "failed", "message": str(exc),
+                       "seconds": round(time.time() - started, 3)})
+        return EXIT_BAD_INPUT
+
+
+def _run_shards(job_dir: Path, cfg, plan, shards, stop: StopFlag, metrics: MetricsWriter,
+                started: float) -> int:
+    from hpcinfer.io import ledger
+    from hpcinfer.io.readers import ShardReadError
+    from hpcinfer.io.shard_loop import BadRowError
+    from hpcinfer.worker import setup
+    from hpcinfer.worker.loop import LoopOptions, ShardLoop
+    from hpcinfer.worker.progress import Progress
+    if cfg.task not in SUPPORTED_TASKS:
+        raise TaskFailed(f"task {cfg.task} is not supported yet (issue 10): the worker runs "
+                         f"task generate or chat; embed/classify/score/reward come later")
+    todo = [s for s in shards if not ledger.is_done(ledger.shard_dir(job_dir, s.index))]
+    if not todo:
+        log.info("every shard of this task is DONE already; nothing to do")
+        metrics.write({"event": "finish", "status": "ok", "shards_failed": []})
+        return 0
+    spec = setup.input_spec(cfg)
+    setup.refuse_duplicate_ids(spec, todo)
+    model = setup.resolve(cfg)
+    engine = setup.load_engine(cfg, model)
+    fmt = setup.output_format(cfg, spec, job_dir)
+    builder = setup.request_builder(cfg, engine)
+    options = setup.loop_options(cfg, engine)
+    rows_total = sum(s.num_rows for s in shards)
+    rows_done = sum(s.num_rows for s in shards if s not in todo) + sum(
+        _committed(ledger.shard_dir(job_dir, s.index)) for s in todo)
+    progress = Progress(rows_total, rows_done, metrics)
+    progress.engine = engine
+    log.info("engine ready (%s); %d shard(s) to run, %d of %d rows already committed",
+             model.path, len(todo), rows_done, rows_total)
+    failed: list[str] = []
+    outcome = "done"
+    try:
+        for shard in todo:
+            progress.shard = shard.index
+            directory = ledger.shard_dir(job_dir, shard.index)
+            try:
+                outcome = ShardLoop(engine, shard, spec, directory, fmt, builder, stop,
+                                    progress, options).run()
+            except ShardReadError as exc:
+                log.error("shard %05d FAILED: %s", shard.index, exc)
+                failed.append(f"{shard.index:05d}")
+                continue
+            except ledger.LedgerError as exc:
+                log.error("shard %05d: %s", shard.index, exc)
+                failed.append(f"{shard.index:05d}")
+                continue
+            except BadRowError as exc:
+                raise TaskFailed(str(exc)) from None
+            if outcome == "stopped":
+                break
+    finally:
+        progress.tick(force=True)
+        progress.close()
+    return _finish(stop, outcome, failed, metrics, started)
+
+
+def _finish(stop: StopFlag, outcome: str, failed: list[str], metrics: MetricsWriter,
+            started: float) -> int:
+    seconds = round(time.time() - started, 3)
+    if outcome == "stopped":
+        log.info("received %s: committed what finished; in-flight rows are redone after the "
+                 "restart; exiting %d (requeue me)", stop.signal_name, EXIT_REQUEUE)
+        metrics.write({"event": "finish", "status": "requeue", "message": stop.signal_name,
+                       "seconds": seconds})
+        return EXIT_REQUEUE
+    if failed:
+        message = (f"shard(s) {', '.join(failed)} FAILED (see above and shards/*/FAILED); "
+                   "the other shards are done")
+        log.error("%s", message)
+        metrics.write({"event": "finish", "status": "failed", "message": message,
+                       "shards_failed": failed, "seconds": seconds})
+        return EXIT_BAD_INPUT
+    log.info("all shards of this task are DONE (%.1f s)", seconds)
+    metrics.write({"event": "finish", "status": "ok", "shards_failed": [], "seconds": seconds})
+    return 0
+
+
+def _committed(directory: Path) -> int:
+    from hpcinfer.io import ledger
+    if not directory.is_dir():
+        return 0
+    counts = ledger.progress(directory)
+    return counts["num_results"] + counts["num_errors"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s hpcinfer.worker %(levelname)s %(message)s")
+    if len(argv) != 1:
+        log.error("usage: python -m hpcinfer.worker JOBDIR")
+        return EXIT_BAD_INPUT
+    stop = StopFlag()
+    stop.install()                  # USR2 + TERM now; the configured signal once job.yaml is read
+    try:
+        return run(Path(argv[0]).resolve(), stop)
+    except Exception:  # noqa: BLE001 - a bug: keep the traceback in the log, exit 1
+        log.exception("worker crashed (a bug: please report it with this log)")
+        return 1
