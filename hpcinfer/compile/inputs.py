@@ -115,3 +115,22 @@ def make_shards(files: list[InputFile], shard_rows: int) -> tuple[Shard, ...]:
 def input_dirs(files: list[InputFile]) -> list[str]:
     """Directories to bind into a container so every input is visible at the same path."""
     return sorted({str(Path(f.path).resolve().parent) for f in files})
+
+
+def check_unique_ids(cfg, paths) -> None:
+    """`hpcinfer validate`: refuse duplicate ids across all input files (the worker refuses
+    them too). Two streaming passes over the id column (hpcinfer.io.readers)."""
+    from hpcinfer.io.readers import find_duplicate_ids
+    fmt = str(getattr(cfg.input, "format", "auto") or "auto")
+    id_name = "custom_id" if fmt == "openai-batch" else getattr(cfg.input, "id_field", None)
+    if not id_name or not paths:
+        return
+    dups = find_duplicate_ids(list(paths), id_name, fmt)
+    if dups:
+        shown = "; ".join(f"{d.id!r} at " + ", ".join(f"{Path(f).name} row {i}"
+                                                     for f, i in d.locations[:3])
+                          for d in dups[:5])
+        raise plan_error(cfg, "input.id_field", f"duplicate {id_name} values in the input "
+                         f"({shown}{'; ...' if len(dups) > 5 else ''})",
+                         "make the ids unique (each row is answered once per id), or set "
+                         "input.id_field: null to identify rows by (file, row index)")
