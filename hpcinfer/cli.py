@@ -36,8 +36,11 @@ def _compile(args):
 
 def cmd_validate(args) -> int:
     from hpcinfer.compile.compiler import build_plan
+    from hpcinfer.compile.inputs import check_unique_ids
     from hpcinfer.compile.render import describe
-    plan = build_plan(_load(args))
+    cfg = _load(args)
+    plan = build_plan(cfg)
+    check_unique_ids(cfg, plan.input_files)
     print(f"{args.job}: ok: {describe(plan)}")
     return 0
 
@@ -95,6 +98,22 @@ def cmd_status(args) -> int:
     from hpcinfer.slurm.status import format_status, gather
     info = gather(_job_dir(args.jobdir))
     print(json.dumps(info, indent=1) if args.json else format_status(info))
+    return 0
+
+
+def cmd_collect(args) -> int:
+    from hpcinfer.io.collect import CollectError, collect
+    try:
+        result = collect(_job_dir(args.jobdir), format=args.format, single_file=args.single_file)
+    except (CollectError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    print(f"collected {result.num_rows} rows and {result.num_errors} bad rows into "
+          f"{', '.join(str(p) for p in result.files)}")
+    for label, shards in (("not finished (no DONE)", result.incomplete_shards),
+                          ("FAILED", result.failed_shards)):
+        if shards:
+            print(f"warning: shards {label}: {', '.join(shards)} (see `hpcinfer status`)",
+                  file=sys.stderr)
     return 0
 
 
@@ -159,10 +178,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also write container.def (an Apptainer definition)")
         if name == "run":
             p.add_argument("--local", action="store_true", help="run without Slurm (local backend)")
-    p = sub.add_parser("status", help="state of a submitted job, per task")
+    p = sub.add_parser("status", help="state of a job: per task and per shard rows done, "
+                       "bad rows, throughput, ETA")
     p.add_argument("jobdir", metavar="JOBDIR")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
+    p = sub.add_parser("collect", help="merge committed results into JOBDIR/outputs/, in "
+                       "input order")
+    p.add_argument("jobdir", metavar="JOBDIR")
+    p.add_argument("--format", choices=("jsonl", "parquet", "openai-batch"),
+                   help="output format (default: the job's output.format)")
+    p.add_argument("--single-file", action="store_true",
+                   help="one results file instead of one per shard")
+    p.set_defaults(func=cmd_collect)
     p = sub.add_parser("cancel", help="scancel a submitted job (all its tasks)")
     p.add_argument("jobdir", metavar="JOBDIR")
     p.set_defaults(func=cmd_cancel)
