@@ -1,5 +1,7 @@
 """`hpcinfer status JOBDIR`: Slurm's view (squeue, then sacct) joined with the job dir's own
-state (shard DONE markers, the worker's metrics lines)."""
+state: per shard the committed rows and bad rows (hpcinfer.io.ledger.progress: newline
+counts and Parquet footers, no row parsing), DONE / FAILED markers, and the worker's last
+metrics line per task (throughput, ETA)."""
 from __future__ import annotations
 
 import json
@@ -45,10 +47,18 @@ def worker_records(job_dir: Path, task_id: int | None) -> list[dict]:
     label = f"task-{task_id if task_id is not None else 0:05d}-rank-"
     records = []
     for path in sorted((job_dir / "metrics").glob(label + "*.jsonl")):
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+        lines = [ln for ln in _tail(path).splitlines() if ln.strip()]
         if lines:
             records.append(json.loads(lines[-1]))
     return records
+
+
+def _tail(path: Path, num_bytes: int = 1 << 16) -> str:
+    """The end of a metrics file (progress lines make it grow over a long job)."""
+    with open(path, "rb") as f:
+        size = f.seek(0, 2)
+        f.seek(max(0, size - num_bytes))
+        return f.read().decode("utf-8", "replace")
 
 
 def gather(job_dir: str | Path) -> dict:
@@ -66,20 +76,58 @@ def gather(job_dir: str | Path) -> dict:
         records = worker_records(job_dir, t)
         sid = task_slurm_id(sub["job_id"], t) if sub else None
         state, reason = states.get(sid, (_local_state(records) if sub else "NOT_SUBMITTED", ""))
+        shard_rows = [shard_progress(job_dir, s) for s in shards]
         tasks.append({
             "task": t, "slurm_id": sid, "state": state, "reason": reason,
             "shards": [s.index for s in shards], "rows": sum(s.num_rows for s in shards),
-            # shards/NNNNN/DONE: the layout of hpcinfer.io.ledger (not imported: login side stays light)
-            "shards_done": sum((job_dir / "shards" / f"{s.index:05d}" / "DONE").exists() for s in shards),
+            "shards_done": sum(p["state"] == "done" for p in shard_rows),
+            "rows_done": sum(p["rows_done"] for p in shard_rows),
+            "rows_errors": sum(p["errors"] for p in shard_rows),
+            "shard_progress": shard_rows,
             "restarts": max((r.get("restart_count", 0) for r in records), default=0),
             "worker": records[0].get("status") if records else None,
+            "throughput": _throughput(records),
         })
     summary: dict[str, int] = {}
     for task in tasks:
         summary[task["state"]] = summary.get(task["state"], 0) + 1
     return {"job_dir": str(job_dir), "name": plan.name, "shape": plan.shape,
             "backend": sub["backend"] if sub else None, "job_id": sub["job_id"] if sub else None,
-            "total_rows": plan.total_rows, "tasks": tasks, "summary": summary}
+            "total_rows": plan.total_rows, "rows_done": sum(t["rows_done"] for t in tasks),
+            "rows_errors": sum(t["rows_errors"] for t in tasks), "tasks": tasks,
+            "summary": summary}
+
+
+def shard_progress(job_dir: Path, shard) -> dict:
+    """Rows committed (results + bad rows) of one shard, and done | failed | started | pending."""
+    from hpcinfer.io import ledger
+    directory = ledger.shard_dir(job_dir, shard.index)
+    entry = {"shard": shard.index, "file": shard.file, "rows": shard.num_rows, "rows_done": 0,
+             "results": 0, "errors": 0, "state": "pending", "failed_reason": None}
+    if not directory.is_dir():
+        return entry
+    try:
+        counts = ledger.progress(directory)
+    except (OSError, ValueError) as exc:       # a part being renamed, a torn errors line
+        entry["state"] = f"unreadable ({exc})"
+        return entry
+    entry.update(results=counts["num_results"], errors=counts["num_errors"],
+                 rows_done=counts["num_results"] + counts["num_errors"],
+                 failed_reason=counts["failed_reason"],
+                 state="done" if counts["is_done"] else
+                 "failed" if counts["failed_reason"] else "started")
+    return entry
+
+
+_THROUGHPUT_KEYS = ("rows_per_s", "in_tok_per_s", "out_tok_per_s", "kv_use", "preemptions",
+                    "eta_s", "time")
+
+
+def _throughput(records: list[dict]) -> dict | None:
+    """Rates and ETA from the worker's last metrics line (rank 0), when it has them."""
+    if not records or "rows_per_s" not in records[0]:
+        return None
+    return {k: records[0].get(k) for k in _THROUGHPUT_KEYS}
 
 
 def _local_state(records: list[dict]) -> str:
@@ -90,8 +138,9 @@ def _local_state(records: list[dict]) -> str:
 
 
 def format_status(info: dict) -> str:
-    """Human-readable table."""
-    head = (f"{info['name']}: {info['shape']} job, {info['total_rows']} rows, "
+    """Human-readable table: one line per task, then one per shard."""
+    head = (f"{info['name']}: {info['shape']} job, {info['total_rows']} rows "
+            f"({info['rows_done']} done, {info['rows_errors']} bad), "
             f"{info['backend'] or 'not submitted'} job {info['job_id'] or '-'}  "
             f"({', '.join(f'{n} {s}' for s, n in sorted(info['summary'].items()))})")
     lines = [head, f"{'task':>6}  {'slurm id':<14} {'state':<12} {'rows':>9} {'shards done':>11}"
@@ -99,8 +148,25 @@ def format_status(info: dict) -> str:
     for t in info["tasks"]:
         lines.append(f"{'-' if t['task'] is None else t['task']:>6}  {t['slurm_id'] or '-':<14} "
                      f"{t['state']:<12} {t['rows']:>9} {t['shards_done']:>5}/{len(t['shards']):<5}"
-                     f"  {t['restarts']:>8}  {t['reason']}")
+                     f"  {t['restarts']:>8}  {t['reason']}{_rates(t.get('throughput'))}")
+    lines.append(f"{'shard':>6}  {'rows done/total':>17} {'bad':>6}  state")
+    for t in info["tasks"]:
+        for p in t.get("shard_progress", ()):
+            reason = f": {p['failed_reason']}" if p["failed_reason"] else ""
+            lines.append(f"{p['shard']:>6}  {p['rows_done']:>8}/{p['rows']:<8} {p['errors']:>6}  "
+                         f"{p['state']}{reason}")
     return "\n".join(lines)
+
+
+def _rates(throughput: dict | None) -> str:
+    if not throughput:
+        return ""
+    eta = throughput.get("eta_s")
+    text = f"  {throughput.get('rows_per_s') or 0:.1f} rows/s"
+    if throughput.get("out_tok_per_s") is not None:
+        text += (f", in {throughput['in_tok_per_s']:.0f} / out "
+                 f"{throughput['out_tok_per_s']:.0f} tok/s")
+    return text + (f", ETA {eta:.0f} s" if eta is not None else "")
 
 
 def all_finished(info: dict) -> bool:

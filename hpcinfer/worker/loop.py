@@ -14,6 +14,7 @@ what is done.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ class LoopOptions:
     commit_every_s: float = 60.0
     on_bad_row: str = "skip"              # skip | fail
     max_in_flight: int = 512               # rows held in the engine at once
+    step_delay_s: float = 0.0              # test hook only (setup.step_delay_s)
 
 
 class ShardLoop:
@@ -112,6 +114,8 @@ class ShardLoop:
             if writer.should_commit():
                 writer.commit()
             self.progress.tick()
+            if self.options.step_delay_s:
+                time.sleep(self.options.step_delay_s)
         return False
 
     def _admit(self, item: InputRow | BadRow, writer: PartWriter) -> None:

@@ -134,4 +134,23 @@ def loop_options(cfg, engine):
                        on_bad_row=str(cfg.resilience.on_bad_row),
                        # Enough queued rows to refill every batch slot, few enough that
                        # memory does not grow with the input.
-                       max_in_flight=2 * engine.config.max_num_seqs)
+                       max_in_flight=2 * engine.config.max_num_seqs,
+                       step_delay_s=step_delay_s())
+
+
+# Test hooks: slow every engine step by HPCINFER_WORKER_STEP_DELAY_S seconds, in the first
+# HPCINFER_WORKER_STEP_DELAY_RUNS runs only (by SLURM_RESTART_COUNT; default: every run), so
+# signal and kill tests can land while rows are in flight. Unset in production.
+STEP_DELAY_ENV = "HPCINFER_WORKER_STEP_DELAY_S"
+STEP_DELAY_RUNS_ENV = "HPCINFER_WORKER_STEP_DELAY_RUNS"
+
+
+def step_delay_s() -> float:
+    delay_s = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
+    runs = os.environ.get(STEP_DELAY_RUNS_ENV)
+    restart = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    if delay_s and runs is not None and restart >= int(runs):
+        return 0.0
+    if delay_s:
+        log.warning("test hook %s=%s: every engine step sleeps", STEP_DELAY_ENV, delay_s)
+    return delay_s

@@ -45,8 +45,9 @@ def run(job_dir: Path, stop: StopFlag) -> int:
         return preflight.fail(job_dir, record, exc, started)
     stop.install(str(cfg.resilience.signal))
     record.update(status="starting")
-    metrics = MetricsWriter(job_dir, task_id, record["rank"],
-                            base={"task": task_id, "rank": record["rank"], "host": record["host"]})
+    metrics = MetricsWriter(job_dir, task_id, record["rank"], base={
+        k: record[k] for k in ("task", "rank", "host", "restart_count", "slurm_job_id",
+                               "backend")})
     metrics.write(record)
     if record["rank"] != 0:
         log.info("rank %d: the engine runs on one device (rank 0) for now; nothing to do",
@@ -115,27 +116,26 @@ def _run_shards(job_dir: Path, cfg, plan, shards, stop: StopFlag, metrics: Metri
     finally:
         progress.tick(force=True)
         progress.close()
-    return _finish(stop, outcome, failed, metrics, started)
+    return _finish(stop, outcome, failed, metrics, started, progress.snapshot())
 
 
 def _finish(stop: StopFlag, outcome: str, failed: list[str], metrics: MetricsWriter,
-            started: float) -> int:
-    seconds = round(time.time() - started, 3)
+            started: float, last: dict) -> int:
+    """Write the last metrics line (final progress numbers plus the status); the exit code."""
+    line = {**last, "event": "finish", "seconds": round(time.time() - started, 3)}
     if outcome == "stopped":
         log.info("received %s: committed what finished; in-flight rows are redone after the "
                  "restart; exiting %d (requeue me)", stop.signal_name, EXIT_REQUEUE)
-        metrics.write({"event": "finish", "status": "requeue", "message": stop.signal_name,
-                       "seconds": seconds})
+        metrics.write({**line, "status": "requeue", "message": stop.signal_name})
         return EXIT_REQUEUE
     if failed:
         message = (f"shard(s) {', '.join(failed)} FAILED (see above and shards/*/FAILED); "
                    "the other shards are done")
         log.error("%s", message)
-        metrics.write({"event": "finish", "status": "failed", "message": message,
-                       "shards_failed": failed, "seconds": seconds})
+        metrics.write({**line, "status": "failed", "message": message, "shards_failed": failed})
         return EXIT_BAD_INPUT
-    log.info("all shards of this task are DONE (%.1f s)", seconds)
-    metrics.write({"event": "finish", "status": "ok", "shards_failed": [], "seconds": seconds})
+    log.info("all shards of this task are DONE (%.1f s)", line["seconds"])
+    metrics.write({**line, "status": "ok", "shards_failed": []})
     return 0
 
 
