@@ -14,6 +14,7 @@ import argparse
 import datetime as dt
 import json
 import logging
+import os
 import statistics
 import time
 from pathlib import Path
@@ -35,6 +36,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--label", help="model name for the results (default: the --model path)")
     return p.parse_args()
 
 
@@ -82,7 +84,13 @@ def run_engine(model: str, device: str, dtype: str, prompts, max_tokens: int) ->
             "schedule_ms": median(schedule_ms) if overheads else None,
             "prepare_ms": median(prepare_ms) if overheads else None,
             "num_decode_steps_measured": len(overheads), "wall_s": wall,
-            "device": str(engine.device)}
+            "device": device_name(engine.device)}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} torch threads, {os.cpu_count()} cores)"
 
 
 def _sync(device) -> None:
@@ -110,7 +118,7 @@ def run_transformers(model: str, device: str, dtype: str, prompts, max_tokens: i
     num_out = (out.shape[1] - ids.shape[1]) * ids.shape[0]
     return {"engine": "transformers", "output_tok_s": num_out / wall,
             "total_tok_s": (num_out + ids.numel()) / wall, "step_overhead_ms": None,
-            "wall_s": wall, "device": str(dev)}
+            "wall_s": wall, "device": device_name(dev)}
 
 
 def main() -> None:
@@ -129,7 +137,7 @@ def main() -> None:
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     for row in rows:
         row.update(workload=workload, tp=1, date=date,
-                   model="tiny-llama" if args.model is None else args.model)
+                   model=args.label or ("tiny-llama" if args.model is None else args.model))
         overhead = row["step_overhead_ms"]
         print(f"{row['engine']:>12}  {workload}  output {row['output_tok_s']:9.1f} tok/s  "
               f"total {row['total_tok_s']:9.1f} tok/s  "

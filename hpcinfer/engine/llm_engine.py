@@ -108,6 +108,9 @@ class LLMEngine:
                              f"got {type(params).__name__}")
         if request_id in self.requests:
             raise ValueError(f"request {request_id!r}: a request with this id is already running")
+        if params.logprobs is not None and params.logprobs > self.spec.vocab_size:
+            raise ValueError(f"request {request_id!r}: logprobs={params.logprobs} is more than "
+                             f"the vocabulary ({self.spec.vocab_size} tokens)")
         text, token_ids = self.tokenize_prompt(prompt, request_id)
         self._arrivals += 1
         seqs = [Sequence(request_id, i, token_ids, params.child(i) if params.n > 1 else params,
