@@ -31,14 +31,16 @@ def _load(args):
 
 def _compile(args):
     from hpcinfer.compile.jobdir import compile_job
-    return compile_job(_load(args), container_def=getattr(args, "container_def", False))
+    return compile_job(_load(args), container_def=getattr(args, "container_def", False),
+                       download=getattr(args, "download", False))
 
 
 def cmd_validate(args) -> int:
     from hpcinfer.compile.compiler import build_plan
-    from hpcinfer.compile.inputs import check_unique_ids
+    from hpcinfer.compile.model import resolve_job_model
     from hpcinfer.compile.render import describe
-    cfg = _load(args)
+    from hpcinfer.compile.inputs import check_unique_ids
+    cfg = resolve_job_model(_load(args))
     plan = build_plan(cfg)
     check_unique_ids(cfg, plan.input_files)
     print(f"{args.job}: ok: {describe(plan)}")
@@ -140,6 +142,27 @@ def _job_dir(path: str):
     return job_dir
 
 
+def cmd_container_build(args) -> int:
+    import shlex
+    from pathlib import Path
+    from hpcinfer.compile.container import ContainerError, build_image
+    job_dir = Path(args.job)
+    if not (job_dir / "plan.json").is_file():
+        job_dir = _write(args).job_dir      # a job file: render it, the def goes in its job dir
+    try:
+        command, ran = build_image(job_dir, wheel=args.wheel and Path(args.wheel),
+                                   image=args.image and Path(args.image))
+    except ContainerError as exc:
+        raise UserError(str(exc)) from None
+    where = f"cd {shlex.quote(str(job_dir.absolute()))} && {shlex.join(command)}"
+    if ran:
+        print(f"built {command[-2]}; point container.image at it")
+    else:
+        print(f"no apptainer or singularity here: on a machine that has one and sees the same "
+              f"paths (a build node, or after copying the job dir there), run:\n  {where}")
+    return 0
+
+
 def cmd_schema(args) -> int:
     import json
     from hpcinfer.config import json_schema
@@ -176,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="job dir = output dir (same as --set output.dir=DIR)")
         p.add_argument("--container-def", action="store_true",
                        help="also write container.def (an Apptainer definition)")
+        p.add_argument("--download", action="store_true",
+                       help="download the model first when it is not downloaded yet")
         if name == "run":
             p.add_argument("--local", action="store_true", help="run without Slurm (local backend)")
     p = sub.add_parser("status", help="state of a job: per task and per shard rows done, "
@@ -194,6 +219,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cancel", help="scancel a submitted job (all its tasks)")
     p.add_argument("jobdir", metavar="JOBDIR")
     p.set_defaults(func=cmd_cancel)
+    p = sub.add_parser("container", help="container images for jobs (Apptainer/Singularity)")
+    build = p.add_subparsers(dest="container_command", required=True, metavar="ACTION")
+    p = build.add_parser("build", help="write container.def for a job and build the image "
+                         "(or print the command for a machine with apptainer)")
+    p.add_argument("job", metavar="JOB", help="job dir (rendered) or job YAML file")
+    p.add_argument("--wheel", metavar="PATH", help="hpcinfer wheel of this version (default: "
+                   "built with `pip wheel --no-deps` into the job dir)")
+    p.add_argument("--image", metavar="SIF", help="image to write (default: JOBDIR/hpcinfer-VERSION.sif)")
+    p.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="as for render")
+    p.add_argument("--out", metavar="DIR", help="as for render")
+    p.add_argument("--download", action="store_true", help="as for render")
+    p.set_defaults(func=cmd_container_build, container_def=True)
+    from hpcinfer.hub.cli import add_hub_commands
+    add_hub_commands(sub)      # download, models, verify-model (their own one-line errors)
     p = sub.add_parser("schema", help="print the job file's JSON Schema")
     p.set_defaults(func=cmd_schema)
     p = sub.add_parser("init", help="print an annotated starting job file")
@@ -209,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     from hpcinfer.config.errors import ConfigError
     from hpcinfer.slurm.commands import SlurmError, SlurmMissing
     try:
-        return args.func(args)
+        return args.func(args) if hasattr(args, "func") else args.handler(args)
     except (ConfigError, SlurmError, SlurmMissing, UserError) as exc:
         print(f"hpcinfer: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -76,7 +76,7 @@ def build_plan(cfg, *, job_dir: str | None = None, python: str | None = None,
         signal=_signal_name(cfg), signal_seconds=int(cfg.resilience.signal_seconds),
         max_requeues=int(cfg.resilience.max_requeues),
         total_rows=sum(f.num_rows for f in files), input_files=tuple(f.path for f in files),
-        env_from_environment=_env_from_environment(cfg))
+        env_from_environment=_env_from_environment(cfg), cuda=_cuda(cfg))
 
 
 def _device(cfg) -> str:
@@ -153,6 +153,17 @@ def _env(cfg) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(env.items()))
 
 
+def _cuda(cfg) -> str:
+    from hpcinfer.compile.container import ContainerError, choose_cuda
+    pinned = getattr(cfg.container, "cuda", None) if cfg.container is not None else None
+    try:
+        return choose_cuda(_prof(cfg, "cuda_driver", None), pinned).cuda
+    except ContainerError as exc:
+        key = "container.cuda" if pinned else "cluster"
+        raise plan_error(cfg, key, str(exc), "fix slurm.cuda_driver in the cluster profile "
+                         "or set container.cuda") from None
+
+
 def _env_from_environment(cfg) -> tuple[str, ...]:
     names = tuple(str(n) for n in _prof(cfg, "env_from_environment", ()))
     for name in names:
@@ -168,12 +179,12 @@ def _container(cfg, job_dir: str, files, use_gpu: bool) -> ContainerPlan | None:
         return None
     runtime = str(getattr(c, "runtime", None) or _prof(cfg, "container_runtime", "apptainer"))
     binds = {job_dir, *inputs.input_dirs(files)}
-    model_id = str(cfg.model.id)
-    if os.path.isdir(model_id):
-        binds.add(os.path.abspath(model_id))
+    # The model (its whole models--org--name folder for a hub snapshot) and the HF cache.
+    from hpcinfer.compile.container import model_binds
+    from hpcinfer.hub.paths import hub_cache_dir
     hf_home = os.environ.get("HF_HOME") or os.path.join(Path.home(), ".cache", "huggingface")
-    if os.path.isdir(hf_home):
-        binds.add(os.path.abspath(hf_home))
+    models = [str(p) for p in (cfg.model.id, cfg.model.tokenizer) if p and os.path.isabs(str(p))]
+    binds.update(model_binds(models, hf_home, str(hub_cache_dir())))
     binds.add("/dev/shm")  # the host's shm (sized by the node), which NCCL needs
     binds.update(str(b) for b in (getattr(c, "binds", None) or ()))
     env = {}

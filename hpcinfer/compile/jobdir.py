@@ -33,17 +33,24 @@ class RenderedJob:
 
 
 def compile_job(cfg, *, job_dir: str | None = None, container_def: bool = False,
-                python: str | None = None) -> RenderedJob:
-    """Config -> plan -> rendered files, all in memory. Raises ConfigError on bad input."""
+                python: str | None = None, download: bool = False) -> RenderedJob:
+    """Config -> plan -> rendered files, all in memory. Raises ConfigError on bad input.
+
+    A hub model id is pinned to its downloaded snapshot first (compile/model.py); with
+    `download` a missing model is downloaded then (the only step that writes: into the cache).
+    """
     from hpcinfer.compile.compiler import build_plan
+    from hpcinfer.compile.model import resolve_job_model
     from hpcinfer.compile.render import render_container_def, render_script
+    cfg = resolve_job_model(cfg, download=download)
     plan = build_plan(cfg, job_dir=job_dir, python=python)
     _check_not_reused(cfg, plan)
     files = [("job.yaml", cfg.to_yaml()),
              ("plan.json", json.dumps(plan.to_dict(), indent=1) + "\n"),
              (SCRIPT_NAME, render_script(plan))]
     if container_def:
-        files.append(("container.def", render_container_def(plan)))
+        from hpcinfer.compile.container import source_commit
+        files.append(("container.def", render_container_def(plan, commit=source_commit())))
     return RenderedJob(plan=plan, files=tuple(files))
 
 

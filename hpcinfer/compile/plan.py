@@ -66,6 +66,7 @@ class JobPlan:
     total_rows: int = 0
     input_files: tuple[str, ...] = field(default_factory=tuple)
     env_from_environment: tuple[str, ...] = field(default_factory=tuple)  # passed from the submitting shell
+    cuda: str | None = None           # CUDA of container.def's image (compile/container.py); None = default
 
     @property
     def log_pattern(self) -> str:

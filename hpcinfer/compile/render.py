@@ -8,8 +8,6 @@ from hpcinfer.compile.plan import EXIT_REQUEUE, JobPlan
 
 _TEMPLATES = {"single": "sbatch_single.j2", "array": "sbatch_array.j2",
               "multinode": "sbatch_multinode.j2"}
-DEFAULT_BASE_IMAGE = "nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04"
-DEFAULT_TORCH_SPEC = "torch --index-url https://download.pytorch.org/whl/cu124"
 
 
 def shq(value) -> str:
@@ -54,9 +52,17 @@ def render_script(plan: JobPlan) -> str:
                            trap_signals=trap_signals)
 
 
-def render_container_def(plan: JobPlan, *, base_image: str = DEFAULT_BASE_IMAGE,
-                         torch_spec: str = DEFAULT_TORCH_SPEC) -> str:
-    """An Apptainer definition for an image that runs this hpcinfer version."""
+def render_container_def(plan: JobPlan, *, wheel: str | None = None, commit: str = "unknown") -> str:
+    """An Apptainer definition for an image that runs exactly this hpcinfer version.
+
+    `wheel`: absolute path of the hpcinfer wheel that %files copies in (default: the one
+    `hpcinfer container build` puts in the job dir). CUDA comes from plan.cuda (compile/container.py).
+    """
+    from hpcinfer.compile.container import (WHEEL_DIR_IN_IMAGE, choose_cuda,
+                                            default_wheel_path)
+    wheel = wheel or str(default_wheel_path(plan.job_dir, plan.version))
+    cuda = choose_cuda(None, getattr(plan, "cuda", None))
     template = _environment().get_template("apptainer.def.j2")
-    return template.render(base_image=base_image, version=plan.version, name=plan.name,
-                           torch_spec=torch_spec, package_spec=f"hpcinfer=={plan.version}")
+    return template.render(plan=plan, cuda=cuda, wheel=wheel, commit=commit,
+                           wheel_in_image=f"{WHEEL_DIR_IN_IMAGE}/{wheel.rsplit('/', 1)[-1]}",
+                           wheel_dir=WHEEL_DIR_IN_IMAGE)

@@ -97,6 +97,10 @@ class ModelSection(Section):
                                 "max_position_embeddings")
     tokenizer: Optional[str] = Field(
         None, description="Tokenizer id or directory when it differs from the model's")
+    source_id: Optional[str] = Field(
+        None, description="Written by render: the hub id that model.id was resolved from "
+                          "(model.id is then the downloaded snapshot dir, model.revision its "
+                          "commit); leave it null")
 
 
 class InputSection(Section):
@@ -226,6 +230,9 @@ class ContainerSection(Section):
                         "HF cache are bound already")
     env: dict[str, str] = Field(
         default_factory=dict, description="Environment set inside the container")
+    cuda: Optional[str] = Field(
+        None, description="CUDA version of the image `hpcinfer container build` makes, e.g. "
+                          "12.4; null = the newest the cluster profile's cuda_driver supports")
 
 
 class ResilienceSection(Section):
@@ -264,6 +271,9 @@ class ClusterProfile(Section):
         (), description="Variables passed from the submitting shell into the job, e.g. HF_TOKEN")
     shm_size: Optional[str] = Field(
         None, description="Size of /dev/shm in the container (NCCL), e.g. 16G; null = default")
+    cuda_driver: Optional[str] = Field(
+        None, description="NVIDIA driver version on the GPU nodes (nvidia-smi), e.g. 550.54.14; "
+                          "picks the CUDA of the container image; null = CUDA 12.4")
 
 
 class JobConfig(Section):

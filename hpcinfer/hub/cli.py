@@ -56,7 +56,7 @@ def add_hub_commands(subparsers) -> None:
 def run_download(args: argparse.Namespace) -> int:
     from hpcinfer.hub.download import download_model
 
-    with _exit_at_once_on_interrupt(f"interrupted: run `hpcinfer download {args.model}` again "
+    with exit_at_once_on_interrupt(f"interrupted: run `hpcinfer download {args.model}` again "
                                     f"to resume (finished files are kept)"):
         record = download_model(args.model, args.revision, args.include, args.exclude,
                                 args.cache_dir)
@@ -103,7 +103,7 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def _exit_at_once_on_interrupt(message: str) -> Iterator[None]:
+def exit_at_once_on_interrupt(message: str) -> Iterator[None]:
     """Ctrl-C / SIGTERM during a download: say how to resume and exit now.
 
     huggingface_hub downloads in a thread pool; a KeyboardInterrupt would wait for every file in
