@@ -1,0 +1,139 @@
+"""The real worker started directly (no Slurm): answers equal the Python API's, model and
+input problems exit 2 with one clear line, long prompts, status and collect."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from hpcinfer.testing.worker_jobs import (chat_rows, job_config, make_job, prompt_rows,
+                                          read_errors, read_results, run_worker, write_jsonl,
+                                          write_parquet)
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _sampling(max_tokens=6):
+    from hpcinfer import SamplingParams
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hpcinfer.cli", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_chat_job_equals_llm_chat_and_collect_status(tmp_path, model_dir, llm):
+    rows = chat_rows(7)
+    write_jsonl(tmp_path / "data" / "chat.jsonl", rows)
+    config = job_config(model_dir, "data/chat.jsonl", task="chat",
+                        input={"prompt_field": None, "messages_field": "messages"},
+                        output={"commit_every_rows": 3})
+    job_dir = make_job(tmp_path, config)
+    rc, out = run_worker(job_dir)
+    assert rc == 0, out
+    assert "progress: rows 7/7" in out and "all shards of this task are DONE" in out
+    [records] = read_results(job_dir).values()
+    expected = llm.chat([r["messages"] for r in rows], _sampling(), use_tqdm=False)
+    assert [r["id"] for r in records] == [r["id"] for r in rows]
+    assert [r["text"] for r in records] == [o.outputs[0].text for o in expected]
+    assert [r["num_prompt_tokens"] for r in records] == [len(o.prompt_token_ids) for o in expected]
+    assert len(list((job_dir / "shards" / "00000").glob("part-*.jsonl"))) >= 2   # every 3 rows
+
+    proc = _cli("collect", str(job_dir), "--format", "parquet")
+    assert proc.returncode == 0, proc.stderr
+    import pyarrow.parquet as pq
+    table = pq.read_table(job_dir / "outputs" / "00000.parquet").to_pylist()
+    assert [r["text"] for r in table] == [r["text"] for r in records]
+    proc = _cli("status", str(job_dir), "--json")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    [task] = info["tasks"]
+    assert info["rows_done"] == 7 and task["shard_progress"][0]["state"] == "done"
+    assert task["throughput"]["rows_per_s"] > 0 and task["throughput"]["out_tok_per_s"] > 0
+    text = _cli("status", str(job_dir)).stdout
+    assert "7/7" in text and "done" in text and "tok/s" in text
+
+
+def test_missing_model_is_one_line_exit_2_within_5s(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    write_jsonl(tmp_path / "data" / "a.jsonl", prompt_rows(3))
+    gone = tmp_path / "gone-model"
+    gone.mkdir()
+    (gone / "config.json").write_text("{}")
+    job_dir = make_job(tmp_path, job_config(gone, "data/a.jsonl"))
+    (gone / "config.json").unlink()
+    gone.rmdir()                       # deleted after rendering: the worker finds nothing there
+    started = time.monotonic()
+    rc, out = run_worker(job_dir, HF_HOME=str(tmp_path / "hf"))
+    elapsed_s = time.monotonic() - started
+    assert rc == 2, out
+    assert elapsed_s < 5, elapsed_s
+    errors = [ln for ln in out.splitlines() if " ERROR " in ln]
+    assert len(errors) == 1 and "is not a directory" in errors[0]
+    assert "hpcinfer download" in errors[0], errors[0]
+    assert "torch" not in out
+
+
+def test_hub_id_not_downloaded_exit_2(tmp_path):
+    write_jsonl(tmp_path / "data" / "a.jsonl", prompt_rows(2))
+    (tmp_path / "m").mkdir()
+    job_dir = make_job(tmp_path, job_config(tmp_path / "m", "data/a.jsonl"))
+    # Point job.yaml at a hub id nobody downloaded (what a login-side render would pin).
+    job_yaml = job_dir / "job.yaml"
+    job_yaml.write_text(job_yaml.read_text().replace(str(tmp_path / "m"), "acme/never-downloaded"))
+    rc, out = run_worker(job_dir, HF_HOME=str(tmp_path / "hf"), HF_HUB_CACHE=str(tmp_path / "hf"))
+    assert rc == 2, out
+    [line] = [ln for ln in out.splitlines() if " ERROR " in ln]
+    assert "acme/never-downloaded" in line and "hpcinfer download" in line
+
+
+def test_duplicate_ids_refused_by_worker_and_validate(tmp_path, model_dir):
+    rows = prompt_rows(5)
+    rows[3]["id"] = rows[1]["id"]
+    write_jsonl(tmp_path / "data" / "a.jsonl", rows)
+    job_dir = make_job(tmp_path, job_config(model_dir, "data/a.jsonl"))
+    rc, out = run_worker(job_dir)
+    assert rc == 2, out
+    assert "duplicate id values ('q1' at a.jsonl row 1, a.jsonl row 3)" in out
+    assert not list(job_dir.glob("shards/*/part-*"))
+    proc = _cli("validate", str(tmp_path / "job.yaml"))
+    assert proc.returncode == 2 and "duplicate id values" in proc.stderr
+    assert "('q1' at a.jsonl row 1, a.jsonl row 3)" in proc.stderr
+
+
+def test_unsupported_task_is_a_clear_error(tmp_path, model_dir):
+    write_jsonl(tmp_path / "data" / "a.jsonl", [{"id": "e1", "text": "embed me"}])
+    config = job_config(model_dir, "data/a.jsonl", task="embed",
+                        input={"prompt_field": None, "text_field": "text"})
+    job_dir = make_job(tmp_path, config)
+    rc, out = run_worker(job_dir)
+    assert rc == 2 and "task embed is not supported yet (issue 10)" in out
+
+
+def test_long_prompts_error_or_truncate(tmp_path, model_dir):
+    long_prompt = " ".join(["cluster batch"] * 40)           # > 48 tokens
+    rows = [{"id": "short", "prompt": "Hello world"}, {"id": "long", "prompt": long_prompt}]
+    write_jsonl(tmp_path / "data" / "a.jsonl", rows)
+    config = job_config(model_dir, str(tmp_path / "data" / "a.jsonl"),
+                        model={"id": str(model_dir), "max_model_len": 48})
+    job_dir = make_job(tmp_path / "error", config)
+    rc, out = run_worker(job_dir)
+    assert rc == 0, out
+    [records] = read_results(job_dir).values()
+    assert [r["id"] for r in records] == ["short"]
+    [bad] = read_errors(job_dir)
+    assert bad["kind"] == "prompt_too_long" and bad["id"] == "long" and "48" in bad["reason"]
+
+    config["resilience"] = {"on_long_prompt": "truncate"}
+    job_dir = make_job(tmp_path / "truncate", config)
+    rc, out = run_worker(job_dir)
+    assert rc == 0, out
+    [records] = read_results(job_dir).values()
+    assert [r["id"] for r in records] == ["short", "long"] and not read_errors(job_dir)
+    # The tail that fits, with room for one generated token.
+    assert records[1]["num_prompt_tokens"] == 47
+    assert (records[1]["num_output_tokens"], records[1]["finish_reason"]) == (1, "length")
