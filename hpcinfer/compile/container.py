@@ -132,6 +132,10 @@ def check_wheel(wheel: Path, version: str) -> Path:
                              "build it")
     if not wheel.is_file():
         raise ContainerError(f"wheel {wheel} does not exist: leave --wheel out to build it")
+    if any(c.isspace() for c in str(wheel)):
+        # %files splits its lines on whitespace: such a path cannot be written there.
+        raise ContainerError(f"wheel path {str(wheel)!r} has whitespace, which a definition's "
+                             "%files cannot hold: copy the wheel to a plain path, pass --wheel")
     return wheel
 
 
