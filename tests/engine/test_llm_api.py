@@ -100,6 +100,13 @@ def test_chat_uses_the_chat_template(llm):
                    continue_final_message=True, use_tqdm=False)[0]
     want = tokenizer.apply_chat_template(cont, tokenize=False, continue_final_message=True)
     assert out.prompt == want and out.prompt.endswith("hel")
+    custom = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    out = llm.chat(conversations[1], SamplingParams(max_tokens=2), chat_template=custom,
+                   use_tqdm=False)[0]
+    assert out.prompt == "[system] be brief\n[user] what is 2+2?\n"
+    assert out.prompt_token_ids == tokenizer(out.prompt, add_special_tokens=False).input_ids
+    with pytest.raises(ValueError, match="conversation 0: the chat template failed"):
+        llm.chat(conversations[0], chat_template="{{ messages[0]['nope'] + 1 }}", use_tqdm=False)
 
 
 def test_same_seed_same_text_whatever_the_batch(llm, prompts, checkpoint):
@@ -305,6 +312,15 @@ def test_broken_checkpoints_raise_clear_errors(checkpoint, tmp_path):
     (unsupported / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="MambaForCausalLM.*LlamaForCausalLM"):
         LLM(str(unsupported))
+    wrong_shape = tmp_path / "wrong_shape"
+    shutil.copytree(src, wrong_shape)
+    from safetensors.torch import load_file, save_file
+    name, shard = next(iter(index["weight_map"].items()))
+    tensors = load_file(wrong_shape / shard)
+    tensors[name] = torch.zeros(tensors[name].shape[0] + 1, *tensors[name].shape[1:])
+    save_file(tensors, wrong_shape / shard, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"{name}.*shape"):
+        LLM(str(wrong_shape))
 
 
 def test_default_params_come_from_generation_config(checkpoint, tmp_path, prompts):
