@@ -189,6 +189,9 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         t1 = time.perf_counter()
         if not scheduled.seqs:
+            if self.scheduler.has_unfinished():  # cannot happen while the pool >= max_model_len
+                raise RuntimeError("the scheduler could not schedule any waiting request; "
+                                   "this is a bug: please report it with the engine arguments")
             return []
         batch = self.runner.prepare(scheduled.seqs, scheduled.num_new_tokens, self.block_manager)
         t2 = time.perf_counter()
@@ -238,8 +241,6 @@ class LLMEngine:
             seq.detok.flush()  # the stop token's own text is left out, as in vLLM
             return
         num_new_chars = len(seq.detok.append(token_id))
-        if seq.finish_reason is not None:
-            seq.detok.flush()
         if (num_new_chars and params.stop_strings and seq.num_output_tokens > params.min_tokens
                 and seq.finish_reason != "stop"):
             found = find_stop_string(seq.detok.output_text, num_new_chars, params.stop_strings,
@@ -248,6 +249,9 @@ class LLMEngine:
                 stop_str, text_len = found
                 seq.detok.output_text = seq.detok.output_text[:text_len]
                 seq.finish_reason, seq.stop_reason = "stop", stop_str
+                return
+        if seq.finish_reason is not None:
+            seq.detok.flush()  # a character still incomplete at the end shows as U+FFFD
 
     def _check_stop_token(self, seq: Sequence, token_id: int) -> bool:
         """Set finish fields for length / EOS / stop token (vLLM's order); True if the last
