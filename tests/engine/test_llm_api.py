@@ -205,13 +205,21 @@ def test_stop_token_ids_and_min_tokens(llm, prompts):
     assert late.finish_reason == "length" or late.token_ids[-1] == stop0
 
 
+def _prompt_whose_greedy_output_has_eos(make_prompts, hf_greedy):
+    # Random tiny models emit EOS (id 1) now and then; find one that does (the first try,
+    # mistral with seed-0 prompts, does today).
+    from hpcinfer.testing.tiny import TINY_FAMILIES
+    for seed in range(3):
+        for family in ("mistral",) + tuple(f for f in TINY_FAMILIES if f != "mistral"):
+            prompts = make_prompts(seed=seed)
+            for prompt, ref in zip(prompts, hf_greedy(family, prompts)):
+                if 1 in ref:
+                    return family, prompt, ref
+    pytest.fail("no greedy output of the tiny models contains EOS: widen the search")
+
+
 def test_eos_stops_unless_ignore_eos(checkpoint, make_prompts, hf_greedy):
-    # With seed-0 prompts the tiny mistral's greedy output contains EOS (id 1) mid-way.
-    family = "mistral"
-    prompts = make_prompts()
-    with_eos = [(p, ref) for p, ref in zip(prompts, hf_greedy(family, prompts)) if 1 in ref]
-    assert with_eos, "no greedy output contains EOS: pick other prompts"
-    prompt, ref = with_eos[0]
+    family, prompt, ref = _prompt_whose_greedy_output_has_eos(make_prompts, hf_greedy)
     llm = LLM(checkpoint(family), max_model_len=256)
     stopped = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=32),
                            use_tqdm=False)[0].outputs[0]
