@@ -192,3 +192,28 @@ def test_render_download_of_a_gated_model_says_how_to_get_access(tmp_path, hub_e
     assert "the model is gated" in proc.stderr and "https://huggingface.co/org/gated" in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]      # (above it: the download's progress bar)
     assert last.startswith("hpcinfer: error: ") and "model.id" in last and "gated" in last
+
+
+def test_worker_with_no_network_and_a_model_not_downloaded_fails_fast_with_the_advice(tmp_path):
+    """The compute side of the same refusal: the real worker, an unroutable hub endpoint (any
+    connection attempt would hang), a job.yaml naming a hub id that was never downloaded."""
+    from hpcinfer.compile.jobdir import compile_job, write_job_dir
+    from hpcinfer.config import load_job
+    job = write_job(tmp_path / "w", rows=(2,))
+    job_dir = write_job_dir(compile_job(load_job(job)))
+    job_yaml = job_dir / "job.yaml"
+    job_yaml.write_text(job_yaml.read_text().replace(str(tmp_path / "w" / "model"),
+                                                     "acme/never-downloaded"))
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_"))
+           and k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="http://10.255.255.1",
+               PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "hpcinfer.worker", str(job_dir)], env=env,
+                          capture_output=True, text=True, timeout=30)
+    elapsed_s = time.monotonic() - started
+    assert proc.returncode == 2, proc.stderr
+    assert elapsed_s < 5, f"took {elapsed_s:.1f} s"
+    assert ("run `hpcinfer download acme/never-downloaded` on the login node first"
+            in proc.stderr), proc.stderr
