@@ -56,8 +56,9 @@ def run(job_dir: Path, stop: StopFlag) -> int:
     try:
         return _run_shards(job_dir, cfg, plan, shards, stop, metrics, started)
     except TaskFailed as exc:
-        log.error("%s", exc)
-        metrics.write({"event": "finish", "status": "failed", "message": str(exc),
+        message = " ".join(str(exc).split())     # one line, whatever the cause's text
+        log.error("%s", message)
+        metrics.write({"event": "finish", "status": "failed", "message": message,
                        "seconds": round(time.time() - started, 3)})
         return EXIT_BAD_INPUT
 
