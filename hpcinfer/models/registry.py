@@ -29,29 +29,52 @@ _ARCHITECTURES: dict[str, tuple[str, str]] = {
     "GemmaForCausalLM": ("hpcinfer.models.gemma", "GemmaForCausalLM"),
     "OPTForCausalLM": ("hpcinfer.models.opt", "OPTForCausalLM"),
 }
+# Pooling models (embed / classify / score / reward), run by hpcinfer.engine.pooling.
+_POOLING_ARCHITECTURES: dict[str, tuple[str, str]] = {
+    **{name: ("hpcinfer.models.bert", name) for name in
+       ("BertModel", "BertForSequenceClassification")},
+    **{name: ("hpcinfer.models.xlm_roberta", name) for name in
+       ("XLMRobertaModel", "XLMRobertaForSequenceClassification")},
+    "RobertaModel": ("hpcinfer.models.xlm_roberta", "XLMRobertaModel"),
+    "RobertaForSequenceClassification": ("hpcinfer.models.xlm_roberta",
+                                         "XLMRobertaForSequenceClassification"),
+    **{f"{family}{kind}": ("hpcinfer.models.heads", f"{family}{kind}")
+       for family in ("Llama", "Mistral", "Qwen2", "Qwen3", "Gemma")
+       for kind in ("ForSequenceClassification", "Model")},
+}
 
 
-def supported_architectures() -> list[str]:
-    """The HF ``architectures`` names we can load, sorted."""
-    return sorted(_ARCHITECTURES)
+def supported_architectures(pooling: bool = False) -> list[str]:
+    """The HF ``architectures`` names we can generate with (``pooling=True``: the pooling
+    models instead), sorted."""
+    return sorted(_POOLING_ARCHITECTURES if pooling else _ARCHITECTURES)
+
+
+def _known(name: str) -> tuple[str, str] | None:
+    return _ARCHITECTURES.get(name) or _POOLING_ARCHITECTURES.get(name)
+
+
+def _supported_text() -> str:
+    return (f"{', '.join(supported_architectures())} (pooling: "
+            f"{', '.join(supported_architectures(pooling=True))})")
 
 
 def architecture_of(config: Any) -> str:
     """The one supported architecture a config names; ValueError listing ours otherwise."""
     names = list(getattr(config, "architectures", None) or [])
     for name in names:
-        if name in _ARCHITECTURES:
+        if _known(name):
             return name
     raise ValueError(f"unsupported model architecture {names or '(none in config.json)'}; "
-                     f"hpcinfer supports: {', '.join(supported_architectures())}")
+                     f"hpcinfer supports: {_supported_text()}")
 
 
 def model_class(architecture: str) -> type[nn.Module]:
     """The model class for a supported architecture name."""
-    if architecture not in _ARCHITECTURES:
+    if not _known(architecture):
         raise ValueError(f"unsupported model architecture {architecture!r}; hpcinfer supports: "
-                         f"{', '.join(supported_architectures())}")
-    module_name, class_name = _ARCHITECTURES[architecture]
+                         f"{_supported_text()}")
+    module_name, class_name = _known(architecture)
     return getattr(importlib.import_module(module_name), class_name)
 
 
@@ -72,8 +95,10 @@ def load_config(model_path: str | Path) -> Any:
 
 def load_model(model_path: str | Path, *, dtype: torch.dtype, device: torch.device | str,
                attention_backend: str | AttentionBackend = "auto",
-               tp: TensorParallel = NO_TP) -> nn.Module:
+               tp: TensorParallel = NO_TP, pp: Any = None) -> nn.Module:
     """Build the model of a local checkpoint on the meta device, then load its weights.
+
+    ``tp``/``pp`` (a hpcinfer.distributed.groups.PipelineStage) make it this rank's part.
 
     The returned model is in eval mode with ``model.spec`` (a ModelSpec) set. ``dtype`` is a
     torch.dtype (resolving "auto" is the caller's job); parameters are allocated directly on
@@ -87,6 +112,10 @@ def load_model(model_path: str | Path, *, dtype: torch.dtype, device: torch.devi
     cls = model_class(architecture)
     with torch.device("meta"):
         model = cls(config, attention_backend=backend, tp=tp)
+    if pp is not None and pp.size > 1:
+        from hpcinfer.distributed.pipeline import prune_to_stage
+        prune_to_stage(model, pp)  # only this stage's layers get memory and weights
+    model.load_slices_only = tp.size > 1 or (pp is not None and pp.size > 1)
     model = model.to(dtype=dtype).to_empty(device=device)
     model.tie_weights()  # leaving the meta device unties shared parameters
     _init_buffers(model)
@@ -94,6 +123,9 @@ def load_model(model_path: str | Path, *, dtype: torch.dtype, device: torch.devi
         load_weights(model, model_path)
     model.eval().requires_grad_(False)  # inference only: never build an autograd graph
     model.spec = model_spec(config, architecture, dtype, tp, model_path)
+    if pp is not None and pp.size > 1:
+        from hpcinfer.distributed.pipeline import stage_spec
+        model.spec = stage_spec(model.spec, pp)
     log.info("loaded %s from %s (%s, %s, backend %s)", architecture, model_path, dtype, device,
              backend.name)
     return model
@@ -119,8 +151,8 @@ def model_spec(config: Any, architecture: str, dtype: torch.dtype,
         architecture=architecture,
         num_layers=config.num_hidden_layers,
         num_heads=config.num_attention_heads // tp.size,
-        num_kv_heads=(getattr(config, "num_key_value_heads", None)
-                      or config.num_attention_heads) // tp.size,
+        num_kv_heads=max((getattr(config, "num_key_value_heads", None)
+                          or config.num_attention_heads) // tp.size, 1),  # 1: replicated
         head_dim=head_dim_of(config),
         hidden_size=config.hidden_size,
         vocab_size=config.vocab_size,

@@ -1,0 +1,106 @@
+"""Poolers: one vector per sequence from the hidden states of its tokens.
+
+``PoolingConfig`` says how (CLS, MEAN or LAST token; L2-normalize or not). It comes from
+the checkpoint's sentence-transformers files when they are there (``modules.json`` lists a
+``Pooling`` module whose ``config.json`` sets ``pooling_mode_*``; a ``Normalize`` module
+means normalize), else from the model class's default, as vLLM does. ``dimensions``
+(Matryoshka) truncates before normalizing.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+POOLING_TYPES = ("CLS", "MEAN", "LAST")
+
+# sentence-transformers' 1_Pooling/config.json key -> our pooling type
+_ST_MODES = {"pooling_mode_cls_token": "CLS", "pooling_mode_mean_tokens": "MEAN",
+             "pooling_mode_lasttoken": "LAST"}
+_ST_UNSUPPORTED = ("pooling_mode_max_tokens", "pooling_mode_mean_sqrt_len_tokens",
+                   "pooling_mode_weightedmean_tokens")
+
+
+@dataclass(frozen=True)
+class PoolingConfig:
+    pooling_type: str = "LAST"   # CLS | MEAN | LAST
+    normalize: bool = True
+    max_seq_length: int | None = None   # sentence_bert_config.json: inputs longer are refused
+    source: str = "default"
+
+    def __post_init__(self) -> None:
+        if self.pooling_type not in POOLING_TYPES:
+            raise ValueError(f"pooling_type={self.pooling_type!r}: use one of "
+                             f"{list(POOLING_TYPES)}")
+
+
+def read_pooling_config(model_dir: str | Path, default_type: str) -> PoolingConfig:
+    """The pooling of a checkpoint: its sentence-transformers files if present, else
+    ``default_type`` with normalization (vLLM's defaults)."""
+    model_dir = Path(model_dir)
+    modules_path = model_dir / "modules.json"
+    max_len = _max_seq_length(model_dir)
+    if not modules_path.is_file():
+        return PoolingConfig(default_type, True, max_len)
+    modules = json.loads(modules_path.read_text())
+    types = {m.get("type", "").rsplit(".", 1)[-1]: m for m in modules}
+    unsupported = sorted(set(types) - {"Transformer", "Pooling", "Normalize"})
+    if unsupported:
+        raise ValueError(f"{modules_path} lists sentence-transformers module(s) {unsupported} "
+                         "that hpcinfer does not run yet (it runs Transformer, Pooling and "
+                         "Normalize); use a checkpoint without them")
+    pooling_type = default_type
+    if "Pooling" in types:
+        pooling_type = _st_pooling_type(model_dir / types["Pooling"].get("path", "1_Pooling")
+                                        / "config.json")
+    return PoolingConfig(pooling_type, "Normalize" in types, max_len, str(modules_path))
+
+
+def _st_pooling_type(path: Path) -> str:
+    config = json.loads(path.read_text())
+    bad = [k for k in _ST_UNSUPPORTED if config.get(k)]
+    chosen = [ours for key, ours in _ST_MODES.items() if config.get(key)]
+    if bad or len(chosen) != 1:
+        raise ValueError(f"{path}: hpcinfer supports exactly one of "
+                         f"{sorted(_ST_MODES)} set to true, found "
+                         f"{sorted(k for k, v in config.items() if k.startswith('pooling_mode') and v)}")
+    return chosen[0]
+
+
+def _max_seq_length(model_dir: Path) -> int | None:
+    path = model_dir / "sentence_bert_config.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text()).get("max_seq_length")
+
+
+def pool(hidden: torch.Tensor, cu_seqlens: list[int], pooling_type: str) -> torch.Tensor:
+    """hidden: [T, H] of packed sequences with boundaries ``cu_seqlens`` -> [N, H] float32."""
+    starts, ends = cu_seqlens[:-1], cu_seqlens[1:]
+    if pooling_type == "CLS":
+        return hidden[starts].float()
+    if pooling_type == "LAST":
+        return hidden[[e - 1 for e in ends]].float()
+    return torch.stack([hidden[s:e].float().mean(dim=0) for s, e in zip(starts, ends)])
+
+
+def finish_embedding(pooled: torch.Tensor, *, normalize: bool,
+                     dimensions: int | None = None) -> torch.Tensor:
+    """pooled: [N, H] -> [N, dimensions or H]: Matryoshka truncation, then L2 normalization."""
+    if dimensions is not None:
+        if not 1 <= dimensions <= pooled.shape[-1]:
+            raise ValueError(f"dimensions={dimensions} must be between 1 and the model's "
+                             f"embedding size {pooled.shape[-1]}")
+        pooled = pooled[..., :dimensions]
+    return F.normalize(pooled, p=2, dim=-1) if normalize else pooled
+
+
+def classification_activation(logits: torch.Tensor) -> torch.Tensor:
+    """vLLM's classify activation: softmax over labels, sigmoid when there is one label."""
+    return torch.sigmoid(logits) if logits.shape[-1] == 1 else torch.softmax(logits, dim=-1)
