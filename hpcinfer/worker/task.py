@@ -80,8 +80,8 @@ def _run_shards(job_dir: Path, cfg, plan, shards, stop: StopFlag, metrics: Metri
         metrics.write({"event": "finish", "status": "ok", "shards_failed": []})
         return 0
     spec = setup.input_spec(cfg)
+    model = setup.resolve(cfg)          # before torch: a missing model fails in a second
     setup.refuse_duplicate_ids(spec, todo)
-    model = setup.resolve(cfg)
     engine = setup.load_engine(cfg, model)
     fmt = setup.output_format(cfg, spec, job_dir)
     builder = setup.request_builder(cfg, engine)
