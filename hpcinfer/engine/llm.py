@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
+from hpcinfer.engine import pooling
 from hpcinfer.engine.config import EngineConfig
 from hpcinfer.engine.llm_engine import LLMEngine
 from hpcinfer.engine.outputs import RequestOutput
@@ -28,9 +29,12 @@ class LLM:
     keyword raises TypeError with a did-you-mean.
     """
 
-    def __init__(self, model: str, **kwargs: Any):
+    def __init__(self, model: str, task: str = "auto", **kwargs: Any):
         self.config = EngineConfig.from_kwargs(model, **kwargs)
-        self.llm_engine = LLMEngine(self.config)
+        # task: "generate" or a pooling task (embed/classify/score/reward), see engine.pooling
+        self.task = pooling.resolve_task(self.config.model, task)
+        self.llm_engine = (LLMEngine(self.config) if self.task == "generate"
+                           else pooling.PoolingEngine(self.config, self.task))
         self._next_request = 0
         self._default_params: SamplingParams | None = None
 
@@ -85,8 +89,43 @@ class LLM:
             ids = ids["input_ids"]
         return {"prompt": text, "prompt_token_ids": list(ids)}
 
+    # --- pooling tasks: hpcinfer.engine.pooling does the work ---
+    def embed(self, prompts, *, truncate_prompt_tokens: int | None = None, use_tqdm: bool = True,
+              pooling_params=None, lora_request=None):
+        """-> list[EmbeddingRequestOutput] (``.outputs.embedding``)."""
+        return pooling.engine_for(self, "embed").embed(
+            prompts, pooling.as_pooling_params(pooling_params), truncate_prompt_tokens)
+
+    def classify(self, prompts, *, truncate_prompt_tokens: int | None = None,
+                 use_tqdm: bool = True, pooling_params=None, lora_request=None):
+        """-> list[ClassificationRequestOutput] (``.outputs.probs``)."""
+        return pooling.engine_for(self, "classify").classify(
+            prompts, pooling.as_pooling_params(pooling_params), truncate_prompt_tokens)
+
+    def score(self, data_1, data_2, /, *, truncate_prompt_tokens: int | None = None,
+              use_tqdm: bool = True, pooling_params=None, lora_request=None):
+        """-> list[ScoringRequestOutput] (``.outputs.score``), one-to-one or one-to-many."""
+        return pooling.engine_for(self, "score").score(
+            data_1, data_2, pooling.as_pooling_params(pooling_params), truncate_prompt_tokens)
+
+    def reward(self, prompts, *, truncate_prompt_tokens: int | None = None,
+               use_tqdm: bool = True, pooling_params=None, lora_request=None):
+        """-> list[PoolingRequestOutput] (``.outputs.data``: per-token [num_tokens, labels])."""
+        return pooling.engine_for(self, "reward").reward(
+            prompts, pooling.as_pooling_params(pooling_params), truncate_prompt_tokens)
+
+    def encode(self, prompts, pooling_params=None, *, truncate_prompt_tokens: int | None = None,
+               use_tqdm: bool = True, pooling_task: str | None = None, lora_request=None):
+        """-> list[PoolingRequestOutput] (``.outputs.data``, a tensor)."""
+        return pooling.engine_for(self, "encode").encode(
+            prompts, pooling.as_pooling_params(pooling_params), pooling_task,
+            truncate_prompt_tokens)
+
     # --- the loop ---
     def _run(self, prompts: list, sampling_params, use_tqdm: bool) -> list[RequestOutput]:
+        if self.task != "generate":
+            raise ValueError(f"this LLM was loaded for task={self.task!r}: generate() and chat() "
+                             "need a causal LM; use embed/classify/score/reward/encode")
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
         params = _params_per_prompt(sampling_params, len(prompts))

@@ -49,3 +49,58 @@ class RequestOutput:
     finished: bool
     prompt_logprobs: None = None
     metrics: dict = field(default_factory=dict)
+
+
+# --- pooling tasks (embed / classify / score / reward / encode), vLLM's shapes ---
+
+@dataclass
+class PoolingOutput:
+    """``data``: the raw pooled tensor (``encode``; ``reward``: [num_tokens, num_labels])."""
+
+    data: "torch.Tensor"  # noqa: F821 (torch is not imported on the login side)
+
+
+@dataclass
+class EmbeddingOutput:
+    embedding: list[float]
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.embedding)
+
+
+@dataclass
+class ClassificationOutput:
+    probs: list[float]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.probs)
+
+
+@dataclass
+class ScoringOutput:
+    score: float
+
+
+@dataclass
+class PoolingRequestOutput:
+    """One pooling request: ``outputs`` is a PoolingOutput, EmbeddingOutput,
+    ClassificationOutput or ScoringOutput (the subclasses below only name which)."""
+
+    request_id: str
+    outputs: PoolingOutput | EmbeddingOutput | ClassificationOutput | ScoringOutput
+    prompt_token_ids: list[int]
+    finished: bool = True
+
+
+class EmbeddingRequestOutput(PoolingRequestOutput):
+    outputs: EmbeddingOutput
+
+
+class ClassificationRequestOutput(PoolingRequestOutput):
+    outputs: ClassificationOutput
+
+
+class ScoringRequestOutput(PoolingRequestOutput):
+    outputs: ScoringOutput
