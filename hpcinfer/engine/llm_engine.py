@@ -70,6 +70,7 @@ class LLMEngine:
         self.max_model_len = self._resolve_max_model_len()
         self.runner = ModelRunner(config, model, self.device)
         num_blocks = self.runner.allocate_kv_cache(self.max_model_len)
+        self.runner.capture_cuda_graphs()  # no-op on CPU and with enforce_eager
         self.block_manager = BlockManager(num_blocks, config.block_size, config.max_num_seqs,
                                           self.runner.max_blocks_per_seq,
                                           config.enable_prefix_caching)

@@ -67,6 +67,8 @@ class ModelRunner:
         self.max_blocks_per_seq = 0
         self._staging: dict[type, torch.Tensor] = {}  # pinned host buffers for uploads
         self._copy_done: dict[type, torch.cuda.Event] = {}
+        self.graphs = None          # DecodeGraphs once captured (capture_cuda_graphs)
+        self.memory_profile = None  # memory.MemoryProfile when the pool was sized on a GPU
 
     # --- KV cache ---
     def bytes_per_block(self) -> int:
@@ -108,15 +110,24 @@ class ModelRunner:
         return min(wanted, int(_available_ram_bytes() * _CPU_KV_RAM_FRACTION))
 
     def _cuda_spare_bytes(self) -> int:
-        # gpu_memory_utilization bounds this process's share of the device: what is in use
-        # (by anyone) counts against it, except memory our caching allocator holds unused.
-        free, total = torch.cuda.mem_get_info(self.device)
-        cached_unused = (torch.cuda.memory_reserved(self.device)
-                         - torch.cuda.memory_allocated(self.device))
-        # Room for the activations of the largest step (the logits rows dominate).
-        activations = self.config.max_num_batched_tokens * self.spec.hidden_size * 4 * 16
-        in_use = total - free - cached_unused
-        return max(int(total * self.config.gpu_memory_utilization) - in_use - activations, 0)
+        # gpu_memory_utilization share minus what is in use and a profiled largest step
+        # (hpcinfer/engine/memory.py).
+        from hpcinfer.engine.memory import kv_budget_bytes
+        config = self.config
+        self.memory_profile = kv_budget_bytes(
+            self.model, self.spec.vocab_size, config.max_num_batched_tokens,
+            config.max_num_seqs, config.gpu_memory_utilization, self.device)
+        return self.memory_profile.kv_budget
+
+    def capture_cuda_graphs(self) -> None:
+        """Decode CUDA graphs (hpcinfer/engine/cuda_graphs.py); off on CPU or enforce_eager."""
+        if self.device.type != "cuda" or self.config.enforce_eager:
+            return
+        from hpcinfer.engine.cuda_graphs import DecodeGraphs
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, self.config.max_num_seqs,
+                                   self.max_blocks_per_seq, self.spec.hidden_size,
+                                   self.spec.dtype, self.device)
+        self.graphs.capture()
 
     # --- one step ---
     def prepare(self, seqs: list[Sequence], num_new_tokens: list[int],
@@ -197,7 +208,11 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: Batch) -> torch.Tensor:
         """Forward the batch; return float32 logits [num_sampled, vocab] (maybe 0 rows)."""
-        hidden = self.model.forward(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
+        if self.graphs is not None and self.graphs.can_run(batch):
+            hidden = self.graphs.run(batch)
+        else:
+            hidden = self.model.forward(batch.input_ids, batch.positions, self.kv_caches,
+                                        batch.meta)
         if not batch.sample_seqs:
             return hidden.new_empty((0, self.spec.vocab_size), dtype=torch.float32)
         return self.model.compute_logits(hidden[batch.sample_indices]).float()

@@ -1,12 +1,19 @@
 """The one switch point between the torch reference ops and the GPU kernels.
 
 Every layer calls the elementwise and normalisation ops through this module, never
-``kernels.reference`` or a Triton launcher directly. Today every device uses the torch
-references (``hpcinfer.kernels.reference``); the GPU issue plugs the Triton launchers in
-``_ops_for`` and nowhere else, so models and layers do not change.
+``kernels.reference`` or a Triton launcher directly. CUDA tensors go to the Triton launchers
+(``hpcinfer.kernels.triton_ops``, which take the reference signatures); every other device
+uses the torch references (``hpcinfer.kernels.reference``). Set ``HPCINFER_TORCH_OPS=1`` to
+keep the references on CUDA too (for bisecting a numerical difference).
+
+One behaviour differs and callers must allow for it: on CUDA ``rotary_embedding`` rotates q
+and k in place (they are views of the fused qkv output, which nothing else reads) and returns
+them; the reference returns new tensors.
 """
 from __future__ import annotations
 
+import functools
+import os
 from types import ModuleType
 
 import torch
@@ -14,10 +21,19 @@ import torch
 from hpcinfer.kernels import reference
 
 
+@functools.lru_cache(maxsize=1)
+def _triton_ops() -> ModuleType | None:
+    # Imported lazily: CPU-only installs and the login side never load Triton.
+    if os.environ.get("HPCINFER_TORCH_OPS") == "1":
+        return None
+    from hpcinfer.kernels import triton_ops
+    return triton_ops
+
+
 def _ops_for(x: torch.Tensor) -> ModuleType:
-    # Why a function and not a constant: the choice depends on the tensor's device (CUDA ->
-    # Triton launchers once they exist). The launchers take the reference signatures.
-    del x
+    # Why a function and not a constant: the choice depends on the tensor's device.
+    if x.is_cuda:
+        return _triton_ops() or reference
     return reference
 
 

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # GPU checks for the Triton kernels: the GPU-only tests at real sizes (every dtype and head
-# dim, against kernels/reference.py on the GPU), then the microbenchmarks (bench/kernels.py),
-# which print a timing table and write bench/results/kernels-<device>-<date>.json.
+# dim, against kernels/reference.py on the GPU) and the engine tests (test_engine_gpu.py:
+# greedy equality with CUDA graphs, bf16 agreement with torch_ref, memory profiling), then
+# the microbenchmarks (bench/kernels.py), which print a timing table and write
+# bench/results/kernels-<device>-<date>.json. With THROUGHPUT=1 it then runs
+# bench/throughput.py (issue 8's workloads; THROUGHPUT_ARGS, e.g. "--workloads A").
+# SKIP_KERNEL_BENCH=1 skips the microbenchmarks.
 #
 #   tests/gpu/run_gpu_checks.sh [RESULTS_DIR] [BENCH_ARGS...]   # e.g. --sweep
 #   (RESULTS_DIR default: $OUT if set, else bench/results)
@@ -40,8 +44,20 @@ start=$(date +%s)
 tests_rc=${PIPESTATUS[0]}
 echo "GPU tests: exit $tests_rc in $(( $(date +%s) - start )) s"
 
-start=$(date +%s)
-"$PY" "$REPO/bench/kernels.py" --out "$RESULTS_DIR" "${BENCH_ARGS[@]}"
-bench_rc=$?
-echo "bench: exit $bench_rc in $(( $(date +%s) - start )) s"
-exit $(( tests_rc != 0 || bench_rc != 0 ))
+bench_rc=0
+if [[ ${SKIP_KERNEL_BENCH:-0} != 1 ]]; then
+  start=$(date +%s)
+  "$PY" "$REPO/bench/kernels.py" --out "$RESULTS_DIR" "${BENCH_ARGS[@]}"
+  bench_rc=$?
+  echo "bench: exit $bench_rc in $(( $(date +%s) - start )) s"
+fi
+
+throughput_rc=0
+if [[ ${THROUGHPUT:-0} == 1 ]]; then
+  start=$(date +%s)
+  # shellcheck disable=SC2086  # THROUGHPUT_ARGS is a list of flags
+  "$PY" "$REPO/bench/throughput.py" --out "$RESULTS_DIR" ${THROUGHPUT_ARGS:-}
+  throughput_rc=$?
+  echo "throughput: exit $throughput_rc in $(( $(date +%s) - start )) s"
+fi
+exit $(( tests_rc != 0 || bench_rc != 0 || throughput_rc != 0 ))

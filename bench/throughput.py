@@ -1,0 +1,548 @@
+"""Offline throughput on one GPU: hpcinfer next to transformers (and vLLM when installed).
+
+Builds random-init checkpoints of real model shapes on the fly (seeded, written shard by shard
+as safetensors with a word-level tokenizer of the full vocabulary; nothing is instantiated
+through transformers), runs every engine in its own subprocess on the same prompts, prints one
+table and writes bench/results/<device>-<date>.json (one row per engine and workload).
+
+    python bench/throughput.py                           # workloads A and B, every engine
+    python bench/throughput.py --workloads A --engines hpcinfer,transformers --profile
+
+Workloads (issue 8):
+  A  Llama-3.2-1B shape, bf16, 256 prompts x 256 random input ids, 256 output tokens each
+  B  Llama-3.1-8B shape, bf16, 1000 prompts, seeded ShareGPT-like lengths (in 16-1024,
+     out 16-512)
+All requests ignore EOS, so every engine produces exactly the requested tokens.
+
+pct_of_bandwidth_bound: output tok/s over the tok/s of an ideal engine that streams the
+weights once per decode step (with max_num_seqs sequences per step), reads each token's
+whole KV context once, at the measured device-to-device copy bandwidth, plus the prefill
+matmul FLOPs at the measured bf16 matmul rate.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("bench.throughput")
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+GiB = 2 ** 30
+
+SHAPES = {
+    "llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                         num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                         tie_word_embeddings=True, rope_theta=500000.0),
+    "llama-3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                         tie_word_embeddings=False, rope_theta=500000.0),
+}
+WORKLOADS = {
+    "A": dict(shape="llama-3.2-1b", num_prompts=256, max_num_seqs=256),
+    "B": dict(shape="llama-3.1-8b", num_prompts=1000, max_num_seqs=512),
+}
+ENGINES = ("hpcinfer", "transformers", "transformers-batch", "vllm")
+
+
+# --- checkpoints -------------------------------------------------------------------------
+
+def write_checkpoint(out_dir: Path, shape: dict, *, seed: int = 0, layers: int | None = None,
+                     max_position_embeddings: int = 131072, shard_bytes: int = 4 * GiB,
+                     lm_head_std: float | None = None) -> Path:
+    """A random Llama checkpoint of ``shape`` (bf16), written shard by shard; returns out_dir.
+
+    Weights: linear layers N(0, 1/fan_in), embeddings N(0, 1), norms around 1 (so logits are
+    peaked and greedy decoding is stable under rounding). Generated on the GPU when there is
+    one (16 GB for the 8B shape), one tensor at a time, so host memory holds one shard."""
+    import torch
+    from safetensors.torch import save_file
+    out_dir = Path(out_dir)
+    cfg = dict(shape)
+    if layers is not None:
+        cfg["num_hidden_layers"] = layers
+    marker = out_dir / "bench_shape.json"
+    want = json.dumps({"cfg": cfg, "seed": seed, "max_pos": max_position_embeddings,
+                       "lm_head_std": lm_head_std},
+                      sort_keys=True)
+    if marker.is_file() and marker.read_text() == want:
+        return out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator(device=device).manual_seed(seed)
+    h, inter, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    head_dim = h // cfg["num_attention_heads"]
+    kv = cfg["num_key_value_heads"] * head_dim
+
+    def randn(*size, std=1.0):
+        return (torch.randn(*size, generator=gen, device=device, dtype=torch.float32) * std
+                ).to(torch.bfloat16).cpu()
+
+    def norm():
+        return (1.0 + 0.1 * torch.randn(h, generator=gen, device=device)).to(torch.bfloat16).cpu()
+
+    def tensors():
+        yield "model.embed_tokens.weight", randn(vocab, h)
+        for i in range(cfg["num_hidden_layers"]):
+            p = f"model.layers.{i}."
+            yield p + "input_layernorm.weight", norm()
+            yield p + "post_attention_layernorm.weight", norm()
+            for name, rows, cols in (("q_proj", h, h), ("k_proj", kv, h), ("v_proj", kv, h),
+                                     ("o_proj", h, h)):
+                yield p + f"self_attn.{name}.weight", randn(rows, cols, std=cols ** -0.5)
+            for name, rows, cols in (("gate_proj", inter, h), ("up_proj", inter, h),
+                                     ("down_proj", h, inter)):
+                yield p + f"mlp.{name}.weight", randn(rows, cols, std=cols ** -0.5)
+        yield "model.norm.weight", norm()
+        if not cfg["tie_word_embeddings"]:
+            yield "lm_head.weight", randn(vocab, h, std=lm_head_std or h ** -0.5)
+
+    weight_map, shard, shard_size, names = {}, {}, 0, []
+
+    def flush():
+        nonlocal shard, shard_size
+        name = f"model-{len(names) + 1:05d}.safetensors"
+        save_file(shard, str(out_dir / name), metadata={"format": "pt"})
+        names.append(name)
+        for key in shard:
+            weight_map[key] = name
+        shard, shard_size = {}, 0
+
+    total = 0
+    for key, tensor in tensors():
+        shard[key] = tensor
+        shard_size += tensor.numel() * 2
+        total += tensor.numel() * 2
+        if shard_size >= shard_bytes:
+            flush()
+    if shard:
+        flush()
+    # Rename to the HF pattern now that the shard count is known.
+    final = {}
+    for i, name in enumerate(names):
+        new = f"model-{i + 1:05d}-of-{len(names):05d}.safetensors"
+        (out_dir / name).rename(out_dir / new)
+        final[name] = new
+    index = {"metadata": {"total_size": total},
+             "weight_map": {k: final[v] for k, v in weight_map.items()}}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    config = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
+                  max_position_embeddings=max_position_embeddings, rms_norm_eps=1e-5,
+                  bos_token_id=128000, eos_token_id=128001, attention_bias=False,
+                  mlp_bias=False, head_dim=head_dim, dtype="bfloat16",
+                  rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0,
+                                "original_max_position_embeddings": 8192}, **cfg)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=1))
+    _write_tokenizer(out_dir, cfg["vocab_size"])
+    marker.write_text(want)
+    return out_dir
+
+
+def _write_tokenizer(out_dir: Path, vocab_size: int) -> None:
+    """A word-level tokenizer over the whole vocabulary ("w0" ... "w128255"): detokenizing
+    costs what a real one does per token, and every id decodes."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="w128000",
+                                   eos_token="w128001", pad_token="w0")
+    fast.save_pretrained(str(out_dir))
+
+
+# --- workloads ---------------------------------------------------------------------------
+
+def make_requests(workload: str, num_prompts: int | None = None, seed: int = 0
+                  ) -> list[tuple[list[int], int]]:
+    """[(prompt token ids, output length)], seeded; ids avoid the top special range."""
+    rng = np.random.default_rng(seed)
+    spec = WORKLOADS[workload]
+    n = num_prompts or spec["num_prompts"]
+    vocab = SHAPES[spec["shape"]]["vocab_size"]
+    if workload == "A":
+        lens_in, lens_out = np.full(n, 256), np.full(n, 256)
+    else:
+        # ShareGPT-like: long-tailed prompts (median ~220) and answers (median ~190).
+        lens_in = np.clip(rng.lognormal(np.log(220), 0.9, n), 16, 1024).astype(int)
+        lens_out = np.clip(rng.lognormal(np.log(190), 0.8, n), 16, 512).astype(int)
+    return [(rng.integers(0, 128000, int(li)).tolist(), int(lo))
+            for li, lo in zip(lens_in, lens_out)]
+
+
+def max_model_len_for(requests) -> int:
+    longest = max(len(p) + o for p, o in requests)
+    return -(-longest // 16) * 16
+
+
+# --- bounds ------------------------------------------------------------------------------
+
+def measure_device_rates() -> dict:
+    """Device-to-device copy bandwidth (read + written bytes / s) and bf16 matmul FLOP/s."""
+    import torch
+    x = torch.empty(2 * GiB // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(10):
+        start.record()
+        y.copy_(x)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    bandwidth = 2 * x.numel() * 2 / float(np.median(times))
+    del x, y
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(10):
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    flops = 2 * 8192 ** 3 / float(np.median(times))
+    return {"copy_bytes_per_s": bandwidth, "matmul_flops": flops,
+            "device": torch.cuda.get_device_name(0)}
+
+
+def bound_output_tok_s(shape: dict, requests, max_num_seqs: int, rates: dict) -> float:
+    h, inter, vocab = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
+    layers, heads, kv_heads = (shape["num_hidden_layers"], shape["num_attention_heads"],
+                               shape["num_key_value_heads"])
+    head_dim = h // heads
+    layer_params = 2 * h * h + 2 * h * kv_heads * head_dim + 3 * h * inter
+    params = layers * layer_params + vocab * h * (1 if shape["tie_word_embeddings"] else 2)
+    weight_bytes = 2 * params
+    kv_bytes_per_token = 2 * layers * kv_heads * head_dim * 2
+    num_out = sum(o for _, o in requests)
+    decode_steps = -(-num_out // max_num_seqs)
+    # every output token reads its whole context (prompt + earlier outputs) once
+    kv_read = sum(o * len(p) + o * (o - 1) / 2 for p, o in requests) * kv_bytes_per_token
+    num_in = sum(len(p) for p, _ in requests)
+    matmul_params = params - vocab * h    # the embedding lookup is no matmul
+    prefill_flops = 2 * num_in * matmul_params
+    seconds = ((decode_steps * weight_bytes + kv_read) / rates["copy_bytes_per_s"]
+               + prefill_flops / rates["matmul_flops"])
+    return num_out / seconds
+
+
+# --- engines (each in its own subprocess) ------------------------------------------------
+
+def run_hpcinfer(ckpt: Path, requests, max_num_seqs: int, profile_dir: Path | None) -> dict:
+    import torch
+    from hpcinfer import LLM, SamplingParams
+    t0 = time.perf_counter()
+    llm = LLM(str(ckpt), dtype="bfloat16", max_model_len=max_model_len_for(requests),
+              max_num_seqs=max_num_seqs, max_num_batched_tokens=8192,
+              gpu_memory_utilization=0.9, enable_prefix_caching=False)
+    torch.cuda.synchronize()
+    startup_s = time.perf_counter() - t0
+    engine = llm.llm_engine
+    runner = engine.runner
+    graphs = runner.graphs
+    print(f"hpcinfer start-up (load + profile + graph capture): {startup_s:.1f} s "
+          f"(graphs {graphs.capture_s if graphs else 0:.1f} s); KV pool {runner.num_blocks} "
+          f"blocks = {runner.num_blocks * runner.bytes_per_block() / GiB:.2f} GiB", flush=True)
+    prompts = [{"prompt_token_ids": p} for p, _ in requests]
+    params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in requests]
+    # Warm-up: the prefill kernels compile for the shapes a run meets (graphs are captured).
+    t1 = time.perf_counter()
+    llm.generate(prompts[:32], [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)]
+                 * 32, use_tqdm=False)
+    torch.cuda.synchronize()
+    warmup_s = time.perf_counter() - t1
+    stats_before = _stats_dict(engine.stats)
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    stats = {k: v - stats_before.get(k, 0) for k, v in _stats_dict(engine.stats).items()}
+    num_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    row = _row(num_out, requests, wall, startup_s)
+    row.update(warmup_s=warmup_s, host_breakdown_s=stats,
+               graph_capture_s=graphs.capture_s if graphs else None,
+               kv_blocks=runner.num_blocks,
+               kv_gib=runner.num_blocks * runner.bytes_per_block() / GiB)
+    if profile_dir is not None:
+        row["profile"] = profile_hpcinfer(llm, prompts, profile_dir)
+    return row
+
+
+def _stats_dict(stats) -> dict:
+    return {k: getattr(stats, k) for k in ("num_steps", "num_decode_steps", "schedule_s",
+                                           "prepare_s", "model_s", "sample_s", "postprocess_s")}
+
+
+def profile_hpcinfer(llm, prompts, out_dir: Path) -> dict:
+    """torch.profiler over a short run (all prompts, 48 tokens): GPU busy %, top kernels."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from hpcinfer import SamplingParams
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_us = sum(e.device_time for e in kernels) if kernels else 0.0
+    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=25)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "profile_hpcinfer.txt").write_text(table)
+    top = sorted(prof.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)
+    summary = {"wall_s": wall, "gpu_busy_pct": 100 * busy_us / 1e6 / wall,
+               "top_kernels": [{"name": e.key[:80], "self_device_ms": e.self_device_time_total
+                                / 1e3, "count": e.count} for e in top[:10]]}
+    print(f"profile: wall {wall:.2f} s, GPU busy {summary['gpu_busy_pct']:.0f}%", flush=True)
+    print(table, flush=True)
+    return summary
+
+
+def run_transformers(ckpt: Path, requests, batch_size: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.bfloat16,
+                                                 attn_implementation="sdpa", device_map="cuda")
+    model.eval()
+    model.generation_config.eos_token_id = None   # ignore EOS
+    torch.cuda.synchronize()
+    load_s = time.perf_counter() - t0
+
+    def generate(batch):
+        width = max(len(p) for p, _ in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for i, (p, _) in enumerate(batch):   # left padding
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        new = max(o for _, o in batch)
+        with torch.no_grad():
+            out = model.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=new,
+                                 min_new_tokens=new, do_sample=False, pad_token_id=0)
+        return out.shape[1] - width
+
+    generate(requests[:8] if len(requests) >= 8 else requests)   # warm-up
+    order = sorted(range(len(requests)), key=lambda i: len(requests[i][0]))
+    start = time.perf_counter()
+    for b in range(0, len(order), batch_size):
+        generate([requests[i] for i in order[b:b + batch_size]])
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    # Only the requested tokens count (static batches generate up to the longest request).
+    num_out = sum(o for _, o in requests)
+    row = _row(num_out, requests, wall, load_s)
+    row["batch_size"] = batch_size
+    return row
+
+
+def run_transformers_batch(ckpt: Path, requests) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+    t0 = time.perf_counter()
+    model = None
+    # transformers 5.x before 5.23 names the paged kernel "paged|sdpa"; later plain "sdpa".
+    for attn in ("paged|sdpa", "sdpa"):
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.bfloat16,
+                                                         attn_implementation=attn,
+                                                         device_map="cuda").eval()
+            break
+        except (ValueError, KeyError) as e:
+            log.info("attn_implementation=%s: %s", attn, e)
+    if not hasattr(model, "generate_batch"):
+        return {"skipped": "transformers has no generate_batch"}
+    torch.cuda.synchronize()
+    load_s = time.perf_counter() - t0
+    new = max(o for _, o in requests)
+    config = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)
+    model.generate_batch([p for p, _ in requests[:8]], generation_config=config)  # warm-up
+    start = time.perf_counter()
+    outs = model.generate_batch([p for p, _ in requests], generation_config=config)
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    num_out = sum(len(o.generated_tokens) for o in outs.values())
+    return _row(num_out, requests, wall, load_s)
+
+
+def _row(num_out: int, requests, wall: float, load_s: float) -> dict:
+    import torch
+    free, total = torch.cuda.mem_get_info()
+    num_in = sum(len(p) for p, _ in requests)
+    return {"output_tok_s": num_out / wall, "total_tok_s": (num_out + num_in) / wall,
+            "wall_s": wall, "load_s": load_s, "num_output_tokens": num_out,
+            "peak_gpu_mem_gib": (total - free) / GiB,
+            "torch_max_reserved_gib": torch.cuda.max_memory_reserved() / GiB}
+
+
+def worker_main(args) -> None:
+    spec = WORKLOADS[args.workload]
+    requests = make_requests(args.workload, args.num_prompts)
+    ckpt = Path(args.ckpt)
+    if args.worker == "hpcinfer":
+        row = run_hpcinfer(ckpt, requests, spec["max_num_seqs"],
+                           Path(args.profile_dir) if args.profile_dir else None)
+    elif args.worker == "transformers":
+        row = run_transformers(ckpt, requests, args.hf_batch_size)
+    elif args.worker == "transformers-batch":
+        row = run_transformers_batch(ckpt, requests)
+    else:
+        raise SystemExit(f"unknown engine {args.worker}")
+    Path(args.result_file).write_text(json.dumps(row))
+
+
+# --- driver ------------------------------------------------------------------------------
+
+def importable_env() -> dict:
+    """Environment for the engine subprocesses. Where hpcinfer is not pip-installed (a bare
+    GPU machine), a shim dir maps kernels/ to hpcinfer.kernels as pyproject's package-dir
+    does."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TRITON_INTERPRET="0")
+    probe = subprocess.run([sys.executable, "-c", "import hpcinfer.kernels.reference"],
+                           capture_output=True, cwd="/")
+    if probe.returncode == 0:
+        return env
+    shim = Path(tempfile.mkdtemp(prefix="hpcinfer-shim-"))
+    (shim / "hpcinfer").mkdir()
+    for child in (REPO / "hpcinfer").iterdir():
+        (shim / "hpcinfer" / child.name).symlink_to(child)
+    (shim / "hpcinfer" / "kernels").symlink_to(REPO / "kernels")
+    env["PYTHONPATH"] = f"{shim}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    return env
+
+
+def device_slug(name: str) -> str:
+    return "-".join(name.lower().replace("_", " ").split())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workloads", default="A,B")
+    p.add_argument("--engines", default=",".join(ENGINES))
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--ckpt-root", default=os.path.join(tempfile.gettempdir(), "hpcinfer-bench"))
+    p.add_argument("--out", default=str(RESULTS), help="results dir")
+    p.add_argument("--num-prompts", type=int, help="override the workload's prompt count")
+    p.add_argument("--hf-batch-size", type=int, default=256)
+    p.add_argument("--profile", action="store_true", help="torch profiler summary (hpcinfer)")
+    p.add_argument("--label", default="", help="free text stored with every row")
+    # internal: one engine in a subprocess
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--workload", help=argparse.SUPPRESS)
+    p.add_argument("--ckpt", help=argparse.SUPPRESS)
+    p.add_argument("--result-file", help=argparse.SUPPRESS)
+    p.add_argument("--profile-dir", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.worker:
+        worker_main(args)
+        return
+    if args.tp != 1:
+        print(f"--tp {args.tp}: not yet (tensor parallelism lands with its own issue); "
+              "only tp=1 runs")
+        return
+    import torch
+    rates = measure_device_rates()
+    device = rates["device"]
+    print(f"device {device}: copy {rates['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul "
+          f"{rates['matmul_flops'] / 1e12:.0f} TFLOP/s", flush=True)
+    torch.cuda.empty_cache()
+    env = importable_env()
+    date = dt.date.today().isoformat()
+    rows = []
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    for workload in [w.strip() for w in args.workloads.split(",") if w.strip()]:
+        spec = WORKLOADS[workload]
+        shape = SHAPES[spec["shape"]]
+        requests = make_requests(workload, args.num_prompts)
+        t0 = time.perf_counter()
+        ckpt = write_checkpoint(Path(args.ckpt_root) / spec["shape"], shape)
+        print(f"workload {workload}: checkpoint {ckpt} ready in {time.perf_counter() - t0:.1f} s"
+              f"; {len(requests)} prompts, {sum(len(q) for q, _ in requests)} input and "
+              f"{sum(o for _, o in requests)} output tokens", flush=True)
+        bound = bound_output_tok_s(shape, requests, spec["max_num_seqs"], rates)
+        for engine in engines:
+            base = {"engine": engine, "workload": workload, "tp": args.tp, "device": device,
+                    "date": date, "model_shape": spec["shape"], "dtype": "bfloat16",
+                    "num_prompts": len(requests), "label": args.label,
+                    "bound_output_tok_s": bound}
+            if engine == "vllm":
+                try:
+                    import vllm  # noqa: F401
+                    print("vllm is installed but its runner is not wired in this script yet")
+                except ImportError:
+                    print("vllm: not installed on this machine; skipped", flush=True)
+                continue
+            result_file = Path(tempfile.mkstemp(suffix=".json")[1])
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", engine,
+                   "--workload", workload, "--ckpt", str(ckpt), "--result-file",
+                   str(result_file), "--hf-batch-size", str(args.hf_batch_size)]
+            if args.num_prompts:
+                cmd += ["--num-prompts", str(args.num_prompts)]
+            if args.profile and engine == "hpcinfer":
+                cmd += ["--profile-dir", args.out]
+            print(f"--- {engine} on workload {workload}", flush=True)
+            start = time.perf_counter()
+            proc = subprocess.run(cmd, env=env)
+            text = result_file.read_text() if result_file.stat().st_size else ""
+            result_file.unlink()
+            if proc.returncode != 0 or not text:
+                print(f"{engine} on {workload}: failed (exit {proc.returncode}) after "
+                      f"{time.perf_counter() - start:.0f} s", flush=True)
+                rows.append({**base, "error": f"exit {proc.returncode}"})
+                continue
+            result = json.loads(text)
+            if "skipped" in result:
+                print(f"{engine}: {result['skipped']}; skipped", flush=True)
+                continue
+            result["pct_of_bandwidth_bound"] = 100 * result["output_tok_s"] / bound
+            rows.append({**base, **result})
+    _print_table(rows)
+    _save(rows, Path(args.out), device, date)
+
+
+def _print_table(rows) -> None:
+    fmt = "{:<19} {:>3} {:>12} {:>12} {:>8} {:>10} {:>9} {:>8}"
+    print(fmt.format("engine", "wl", "out tok/s", "total tok/s", "load s", "peak GiB", "% bound",
+                     "x HF"))
+    hf = {r["workload"]: r["output_tok_s"] for r in rows
+          if r["engine"] == "transformers" and "output_tok_s" in r}
+    for r in rows:
+        if "output_tok_s" not in r:
+            print(fmt.format(r["engine"], r["workload"], "error", "", "", "", "", ""))
+            continue
+        ratio = r["output_tok_s"] / hf[r["workload"]] if r["workload"] in hf else float("nan")
+        print(fmt.format(r["engine"], r["workload"], f"{r['output_tok_s']:.0f}",
+                         f"{r['total_tok_s']:.0f}", f"{r['load_s']:.1f}",
+                         f"{r['peak_gpu_mem_gib']:.1f}", f"{r['pct_of_bandwidth_bound']:.0f}",
+                         f"{ratio:.1f}"))
+
+
+def _save(rows, out_dir: Path, device: str, date: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{device_slug(device)}-{date}.json"
+    existing = json.loads(path.read_text()) if path.is_file() else []
+    path.write_text(json.dumps(existing + rows, indent=1) + "\n")
+    print(f"wrote {len(rows)} rows to {path}")
+
+
+if __name__ == "__main__":
+    main()

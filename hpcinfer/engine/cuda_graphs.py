@@ -1,0 +1,120 @@
+"""CUDA graphs for decode steps: one graph per batch size of a ladder, captured at start-up.
+
+A decode step of a small model is ~200 kernel launches; launched one by one from Python they
+cost more host time than the GPU needs to run them. A graph replays the whole forward with
+one launch. Graphs are captured for batch sizes 1, 2, 4, 8, 16, 24, 32, ... up to
+``max_num_seqs`` (every 8 after 16, as vLLM); a batch of n sequences replays the smallest
+graph of size >= n with the rows past n padded.
+
+Static buffers (one set, shared by every graph; graph ``bs`` reads their first ``bs`` rows):
+
+  input_ids, positions, slot_mapping   [max_bs] int64   padded rows: id 0, position 0, slot -1
+  seq_lens                             [max_bs] int32   padded rows: 0 (the kernel writes 0s)
+  block_tables                         [max_bs, max_blocks_per_seq] int32
+  cu_seqlens_q                         [max_bs + 1] int32 = arange (one query per sequence)
+
+The decode kernel's grid depends only on the block table's width (its capacity), not on the
+lengths, so a graph stays valid while sequences grow. Stale block-table entries past a
+sequence's length are never read (the kernel stops at seq_lens). Graphs share one memory
+pool, captured largest first; their outputs alias each other, so a step must consume its
+hidden states (``compute_logits`` gathers rows into a new tensor) before the next replay.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def batch_size_ladder(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, 8, 16, 24, 32, ... capped at and always including max_num_seqs."""
+    sizes = [b for b in (1, 2, 4, 8) if b < max_num_seqs]
+    sizes += list(range(16, max_num_seqs, 8))
+    return sizes + [max_num_seqs]
+
+
+class DecodeGraphs:
+    """Captures and replays decode forwards. ``run(batch)`` -> hidden [num_seqs, hidden]."""
+
+    def __init__(self, model, kv_caches, max_num_seqs: int, max_blocks_per_seq: int,
+                 hidden_size: int, dtype: torch.dtype, device: torch.device):
+        from hpcinfer.layers.attention import AttentionMetadata
+        self._meta_cls = AttentionMetadata
+        self.model, self.kv_caches, self.device = model, kv_caches, device
+        self.sizes = batch_size_ladder(max_num_seqs)
+        self.max_bs = self.sizes[-1]
+        self.block_size = kv_caches[0][0].shape[1]
+        long_kw = dict(dtype=torch.int64, device=device)
+        int_kw = dict(dtype=torch.int32, device=device)
+        self.input_ids = torch.zeros(self.max_bs, **long_kw)
+        self.positions = torch.zeros(self.max_bs, **long_kw)
+        self.slot_mapping = torch.full((self.max_bs,), -1, **long_kw)
+        self.seq_lens = torch.zeros(self.max_bs, **int_kw)
+        self.block_tables = torch.zeros(self.max_bs, max_blocks_per_seq, **int_kw)
+        self.cu_seqlens_q = torch.arange(self.max_bs + 1, **int_kw)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}   # bs -> hidden [bs, hidden_size]
+        self.capture_s = 0.0
+        self.num_replays = 0
+
+    def _meta(self, bs: int):
+        return self._meta_cls(
+            slot_mapping=self.slot_mapping[:bs], cu_seqlens_q=self.cu_seqlens_q[:bs + 1],
+            seq_lens=self.seq_lens[:bs], block_tables=self.block_tables[:bs],
+            max_seqlen_q=1, max_seqlen_k=self.block_tables.shape[1] * self.block_size,
+            is_decode=True)
+
+    def _forward(self, bs: int) -> torch.Tensor:
+        return self.model.forward(self.input_ids[:bs], self.positions[:bs], self.kv_caches,
+                                  self._meta(bs))
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture every size of the ladder (largest first, so smaller graphs reuse its pool).
+
+        With all slots at -1 and lengths 0 the capture forwards write nothing to the KV cache."""
+        start = time.perf_counter()
+        pool = None
+        for bs in reversed(self.sizes):
+            self._forward(bs)             # warm-up outside capture: Triton compiles, cuBLAS plans
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = self._forward(bs)
+            if pool is None:
+                pool = graph.pool()
+            self.graphs[bs], self.outputs[bs] = graph, out
+        torch.cuda.synchronize(self.device)
+        self.capture_s = time.perf_counter() - start
+        log.info("CUDA graphs: captured %d decode batch sizes (1..%d) in %.1f s",
+                 len(self.sizes), self.max_bs, self.capture_s)
+
+    def can_run(self, batch) -> bool:
+        meta = batch.meta
+        return (meta.is_decode and batch.input_ids.shape[0] <= self.max_bs
+                and meta.block_tables.shape[1] <= self.block_tables.shape[1])
+
+    def padded_size(self, n: int) -> int:
+        return next(b for b in self.sizes if b >= n)
+
+    def run(self, batch) -> torch.Tensor:
+        """Copy the batch into the static buffers, replay, return hidden [n, hidden_size]."""
+        meta = batch.meta
+        n = batch.input_ids.shape[0]
+        bs = self.padded_size(n)
+        width = meta.block_tables.shape[1]
+        self.input_ids[:n].copy_(batch.input_ids, non_blocking=True)
+        self.positions[:n].copy_(batch.positions, non_blocking=True)
+        self.slot_mapping[:n].copy_(meta.slot_mapping, non_blocking=True)
+        self.seq_lens[:n].copy_(meta.seq_lens, non_blocking=True)
+        self.block_tables[:n, :width].copy_(meta.block_tables, non_blocking=True)
+        if bs > n:
+            # Padded rows: write no KV (slot -1) and attend to nothing (length 0).
+            self.slot_mapping[n:bs].fill_(-1)
+            self.seq_lens[n:bs].fill_(0)
+        self.graphs[bs].replay()
+        self.num_replays += 1
+        return self.outputs[bs][:n]
