@@ -26,6 +26,8 @@ class EngineConfig:
     enforce_eager: bool = False
     seed: int = 0
     tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1       # see docs/multi-node.md
+    num_gpu_blocks_override: int | None = None  # KV pool size in blocks (tests, tuning)
     device: str = "auto"
     attention_backend: str = "auto"
     tokenizer: str | None = None          # a tokenizer directory other than the model's
@@ -42,11 +44,10 @@ class EngineConfig:
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization!r} must be "
                              "in (0, 1]")
-        if self.tensor_parallel_size != 1:
-            raise ValueError(
-                f"tensor_parallel_size={self.tensor_parallel_size!r} is not supported yet: the "
-                "engine runs on one device for now (tensor parallelism comes in a later "
-                "release); use tensor_parallel_size=1, or run one replica per GPU")
+        _positive_int(self, "tensor_parallel_size")
+        _positive_int(self, "pipeline_parallel_size")
+        if self.num_gpu_blocks_override is not None:
+            _positive_int(self, "num_gpu_blocks_override")
         if self.dtype not in DTYPE_NAMES:
             raise ValueError(f"dtype={self.dtype!r} is not supported: use one of "
                              f"{sorted(DTYPE_NAMES)}")
@@ -72,7 +73,7 @@ class EngineConfig:
 
 IGNORED_VLLM_ARGS = frozenset({"swap_space", "disable_log_stats", "disable_custom_all_reduce",
                                "max_seq_len_to_capture", "tokenizer_mode", "download_dir",
-                               "load_format"})
+                               "load_format", "distributed_executor_backend"})
 
 DTYPE_NAMES = {"auto", "float32", "float", "float16", "half", "bfloat16", "fp32", "fp16", "bf16"}
 

@@ -25,7 +25,7 @@ class LLM:
     Arguments as vLLM's: ``model`` (a local snapshot directory), ``dtype``, ``max_model_len``,
     ``max_num_seqs``, ``max_num_batched_tokens``, ``block_size``, ``enable_prefix_caching``,
     ``gpu_memory_utilization``, ``kv_cache_memory_bytes``, ``enforce_eager``, ``seed``,
-    ``tensor_parallel_size`` (1 for now), ``device`` ("auto", "cpu", "cuda", ...). An unknown
+    ``tensor_parallel_size``, ``pipeline_parallel_size`` (docs/multi-node.md), ``device`` ("auto", "cpu", "cuda", ...). An unknown
     keyword raises TypeError with a did-you-mean.
     """
 
@@ -33,7 +33,9 @@ class LLM:
         self.config = EngineConfig.from_kwargs(model, **kwargs)
         # task: "generate" or a pooling task (embed/classify/score/reward), see engine.pooling
         self.task = pooling.resolve_task(self.config.model, task)
-        self.llm_engine = (LLMEngine(self.config) if self.task == "generate"
+        # create_engine: one process asking for several ranks spawns the others
+        from hpcinfer.engine.distributed_runner import create_engine
+        self.llm_engine = (create_engine(self.config) if self.task == "generate"
                            else pooling.PoolingEngine(self.config, self.task))
         self._next_request = 0
         self._default_params: SamplingParams | None = None

@@ -60,15 +60,21 @@ class LLMEngine:
         from hpcinfer.models.registry import load_model
         self.config = config
         self.device = resolve_device(config.device)
+        from hpcinfer.engine.distributed_runner import setup_parallel
+        self.parallel = setup_parallel(config)  # None for one process; else TP/PP groups
+        if self.parallel is not None:
+            self.device = self.parallel.device  # this rank's GPU
         self.tokenizer = (tokenizer if tokenizer is not None
                           else _load_tokenizer(config.tokenizer or config.model))
         model_dtype = resolve_dtype(config.dtype, _config_dtype(config.model), self.device)
         torch.manual_seed(config.seed)
         model = load_model(config.model, dtype=model_dtype, device=self.device,
-                           attention_backend=config.attention_backend)
+                           attention_backend=config.attention_backend,
+                           **(self.parallel.load_kwargs() if self.parallel else {}))
         self.spec = model.spec
         self.max_model_len = self._resolve_max_model_len()
-        self.runner = ModelRunner(config, model, self.device)
+        self.runner = (ModelRunner(config, model, self.device) if self.parallel is None
+                       else self.parallel.runner(config, model, self.device))
         num_blocks = self.runner.allocate_kv_cache(self.max_model_len)
         self.runner.capture_cuda_graphs()  # no-op on CPU and with enforce_eager
         self.block_manager = BlockManager(num_blocks, config.block_size, config.max_num_seqs,
@@ -77,6 +83,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens)
         self.sampler = Sampler(self.spec.vocab_size, self.device, config.seed)
+        if self.parallel is not None:  # rank 0 samples, every rank gets the tokens
+            self.sampler = self.parallel.sampler(self.sampler)
         eos = set(self.spec.eos_token_ids or ())
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
             eos.add(self.tokenizer.eos_token_id)

@@ -102,6 +102,8 @@ class ModelRunner:
         """kv_cache_memory_bytes if given; else what the device can spare, but never more than
         max_num_seqs full-length sequences need (more blocks could never be used at once)."""
         config = self.config
+        if config.num_gpu_blocks_override is not None:
+            return config.num_gpu_blocks_override * self.bytes_per_block()
         if config.kv_cache_memory_bytes is not None:
             return config.kv_cache_memory_bytes
         wanted = config.max_num_seqs * cdiv(max_model_len, self.block_size) * self.bytes_per_block()

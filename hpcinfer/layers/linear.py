@@ -40,6 +40,8 @@ def copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:
     """Copy src into dst (converting dtype and device once), refusing a shape mismatch."""
     if tuple(dst.shape) != tuple(src.shape):
         raise WeightShapeError(tuple(dst.shape), tuple(src.shape))
+    if not isinstance(src, torch.Tensor):  # a lazy slice (hpcinfer.distributed.slices): read it now
+        src = src.materialize()
     dst.copy_(src)
 
 
@@ -138,8 +140,16 @@ class QKVParallelLinear(ColumnParallelLinear):
                  bias: bool = False, tp: TensorParallel = NO_TP):
         self.head_dim = head_dim
         self.num_heads = _divide(num_heads, tp.size, "num_attention_heads")
-        self.num_kv_heads = _divide(num_kv_heads, tp.size, "num_key_value_heads")
-        output_size = (num_heads + 2 * num_kv_heads) * head_dim
+        # More ranks than KV heads: each rank holds one KV head, shared by tp/num_kv_heads ranks.
+        self.total_kv_heads = num_kv_heads
+        if tp.size > num_kv_heads and tp.size % num_kv_heads:
+            raise ValueError(f"tensor-parallel size {tp.size} is more than num_key_value_heads="
+                             f"{num_kv_heads} but not a multiple of it: pick a size that "
+                             "divides the KV heads or is a multiple of them")
+        self.kv_replicas = tp.size // num_kv_heads if tp.size > num_kv_heads else 1
+        self.num_kv_heads = (1 if self.kv_replicas > 1
+                             else _divide(num_kv_heads, tp.size, "num_key_value_heads"))
+        output_size = (num_heads + 2 * self.num_kv_heads * tp.size) * head_dim
         super().__init__(hidden_size, output_size, bias, tp)
         q_size, kv_size = self.num_heads * head_dim, self.num_kv_heads * head_dim
         # shard -> (offset in this rank's rows, rows on this rank)
@@ -149,8 +159,11 @@ class QKVParallelLinear(ColumnParallelLinear):
                       shard_id: str) -> None:
         offset, size = self._slices[shard_id]
         dst = param.data.narrow(0, offset, size)
+        tp = self.tp
+        if shard_id != "q" and self.kv_replicas > 1:  # this rank's one KV head of all of them
+            tp = TensorParallel(tp.rank // self.kv_replicas, self.total_kv_heads)
         with torch.no_grad():
-            copy_checked(dst, _shard(loaded_weight, 0, self.tp, size * self.tp.size))
+            copy_checked(dst, _shard(loaded_weight, 0, tp, size * tp.size))
 
 
 class RowParallelLinear(LinearBase):

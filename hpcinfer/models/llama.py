@@ -95,6 +95,8 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    pp_num_intermediates = 2  # a pipeline stage hands on (hidden, residual)
+
     def __init__(self, config: Any, layers: list[LlamaDecoderLayer], tp: TensorParallel,
                  norm_offset: float, embed_scale: float | None):
         super().__init__()
@@ -102,16 +104,25 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, weight_offset=norm_offset)
         self.embed_scale = embed_scale
+        # Pipeline parallelism runs layers [start_layer, end_layer) (hpcinfer.distributed.pipeline)
+        self.start_layer, self.end_layer = 0, len(layers)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)  # [T, hidden_size]
-        if self.embed_scale is not None:
-            # Gemma: the scale is rounded to the model dtype first, as transformers does.
-            hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
-        residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+                kv_caches: list[KVCache], meta: AttentionMetadata,
+                intermediate: tuple[torch.Tensor, ...] | None = None):
+        if intermediate is None:
+            hidden = self.embed_tokens(input_ids)  # [T, hidden_size]
+            if self.embed_scale is not None:
+                # Gemma: the scale is rounded to the model dtype first, as transformers does.
+                hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
+            residual = None
+        else:  # a later pipeline stage: the previous stage's (hidden, residual), [T, hidden]
+            hidden, residual = intermediate
+        for layer, kv_cache in zip(self.layers[self.start_layer:self.end_layer], kv_caches,
+                                   strict=True):
             hidden, residual = layer(positions, hidden, residual, kv_cache, meta)
+        if self.end_layer < len(self.layers):  # not the last stage: hand both on
+            return hidden, residual
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -162,9 +173,11 @@ class LlamaForCausalLM(nn.Module):
         return None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
-        """input_ids, positions: [T] int64 -> hidden [T, hidden_size]."""
-        return self.model(input_ids, positions, kv_caches, meta)
+                kv_caches: list[KVCache], meta: AttentionMetadata,
+                intermediate: tuple[torch.Tensor, ...] | None = None):
+        """input_ids, positions: [T] int64 -> hidden [T, hidden_size] (a pipeline stage before
+        the last returns its (hidden, residual) instead, and a later one takes them)."""
+        return self.model(input_ids, positions, kv_caches, meta, intermediate)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden_size] -> logits [N, vocab_size] float32."""

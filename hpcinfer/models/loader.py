@@ -69,7 +69,11 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
     modules = dict(model.named_modules())
     needed = _needed_pieces(model, params)
     loaded: set[tuple[str, object]] = set()
-    for name, tensor, path in iter_checkpoint(model_dir):
+    tensors = iter_checkpoint(model_dir)
+    if getattr(model, "load_slices_only", False):  # TP/PP ranks read just their slices
+        from hpcinfer.distributed.slices import iter_checkpoint_lazy
+        tensors = iter_checkpoint_lazy(checkpoint_files(model_dir))
+    for name, tensor, path in tensors:
         target = _target_of(model, name, params)
         if target is None:
             continue
@@ -123,6 +127,9 @@ def _target_of(model: nn.Module, name: str, params: dict[str, nn.Parameter]
         name = rename(name)
     if name == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False):
         return None  # some tied checkpoints store the head too; it equals the embedding
+    owns = getattr(model, "pp_owns_tensor", None)
+    if owns is not None and not owns(name):
+        return None  # a layer of another pipeline stage
     for hf_part, (ours, shard_id) in getattr(model, "packed_modules_mapping", {}).items():
         merged = name.replace(f".{hf_part}.", f".{ours}.")
         if merged != name and merged in params:

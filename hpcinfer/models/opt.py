@@ -83,6 +83,8 @@ class OPTDecoderLayer(nn.Module):
 
 
 class OPTDecoder(nn.Module):
+    pp_num_intermediates = 1  # a pipeline stage hands on (hidden,)
+
     def __init__(self, config: Any, backend: AttentionBackend, tp: TensorParallel):
         super().__init__()
         hidden, word_dim = config.hidden_size, config.word_embed_proj_dim
@@ -99,15 +101,24 @@ class OPTDecoder(nn.Module):
                                  if has_final_norm else None)
         self.layers = nn.ModuleList(OPTDecoderLayer(config, backend, tp)
                                     for _ in range(config.num_hidden_layers))
+        # Pipeline parallelism runs layers [start_layer, end_layer) (hpcinfer.distributed.pipeline)
+        self.start_layer, self.end_layer = 0, config.num_hidden_layers
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
-        if self.project_in is not None:
-            hidden = self.project_in(hidden)
-        hidden = hidden + self.embed_positions(positions)
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+                kv_caches: list[KVCache], meta: AttentionMetadata,
+                intermediate: tuple[torch.Tensor, ...] | None = None):
+        if intermediate is None:
+            hidden = self.embed_tokens(input_ids)
+            if self.project_in is not None:
+                hidden = self.project_in(hidden)
+            hidden = hidden + self.embed_positions(positions)
+        else:  # a later pipeline stage: the previous stage's (hidden,), [T, hidden_size]
+            (hidden,) = intermediate
+        for layer, kv_cache in zip(self.layers[self.start_layer:self.end_layer], kv_caches,
+                                   strict=True):
             hidden = layer(hidden, kv_cache, meta)
+        if self.end_layer < len(self.layers):  # not the last stage
+            return (hidden,)
         if self.final_layer_norm is not None:
             hidden = self.final_layer_norm(hidden)
         if self.project_out is not None:
@@ -146,9 +157,11 @@ class OPTForCausalLM(nn.Module):
         return "model." + name if name.startswith("decoder.") else name
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
-        """input_ids, positions: [T] int64 -> hidden [T, word_embed_proj_dim]."""
-        return self.model.decoder(input_ids, positions, kv_caches, meta)
+                kv_caches: list[KVCache], meta: AttentionMetadata,
+                intermediate: tuple[torch.Tensor, ...] | None = None):
+        """input_ids, positions: [T] int64 -> hidden [T, word_embed_proj_dim] (pipeline
+        stages before the last return (hidden,) instead, and a later one takes it)."""
+        return self.model.decoder(input_ids, positions, kv_caches, meta, intermediate)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, word_embed_proj_dim] -> logits [N, vocab_size] float32."""
