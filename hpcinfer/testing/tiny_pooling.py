@@ -196,3 +196,69 @@ def tiny_pooling_checkpoint(kind: str, sentence_transformers: bool = False) -> P
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     return build_tiny_pooling_checkpoint(kind, root / kind,
                                          sentence_transformers=sentence_transformers)
+
+
+# --- transformers oracles (fp32, CPU, one unpadded sequence at a time) ---
+
+def hf_hidden_states(model_dir: str | Path, texts: list, pairs: bool = False) -> list:
+    """transformers' last hidden states [L, H] per text (or per (text_1, text_2) pair)."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = []
+    with torch.no_grad():
+        for text in texts:
+            enc = tok(*text, return_tensors="pt") if pairs else tok(text, return_tensors="pt")
+            out.append(model(**enc).last_hidden_state[0])
+    return out
+
+
+def hf_embeddings(model_dir: str | Path, texts: list[str], pooling_type: str,
+                  normalize: bool = True, dimensions: int | None = None) -> list:
+    """Pooled (CLS / MEAN / LAST), truncated and normalized like vLLM, from transformers."""
+    import torch.nn.functional as F
+
+    index = {"CLS": lambda h: h[0], "LAST": lambda h: h[-1], "MEAN": lambda h: h.mean(0)}
+    vecs = [index[pooling_type](h)[:dimensions] for h in hf_hidden_states(model_dir, texts)]
+    return [F.normalize(v, dim=-1) if normalize else v for v in vecs]
+
+
+def hf_logits(model_dir: str | Path, texts: list, pairs: bool = False) -> list:
+    """transformers' sequence-classification logits [num_labels] per text or pair."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir,
+                                                               dtype=torch.float32).eval()
+    out = []
+    with torch.no_grad():
+        for text in texts:
+            enc = tok(*text, return_tensors="pt") if pairs else tok(text, return_tensors="pt")
+            out.append(model(**enc).logits[0])
+    return out
+
+
+def hf_token_scores(model_dir: str | Path, texts: list[str]) -> list:
+    """A decoder classifier's score head on every token: [L, num_labels] per text."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir,
+                                                               dtype=torch.float32).eval()
+    with torch.no_grad():
+        return [model.score(model.model(**tok(t, return_tensors="pt")).last_hidden_state)[0]
+                for t in texts]
+
+
+TEXTS = [
+    "hello world",
+    "the quick brown fox jumps over the lazy dog",
+    "what is the capital of france",
+    "paris is the capital of france",
+    "a cluster schedules jobs with slurm and each job asks for nodes gpus and time",
+    "embeddings",
+]
