@@ -229,7 +229,16 @@ class PoolingEngine:
                 isinstance(prompts, (list, tuple)) and prompts
                 and all(isinstance(t, int) for t in prompts)):
             prompts = [prompts]
+        if prompts and all(isinstance(p, str) for p in prompts):
+            return self._encode_texts(prompts, truncate)  # one tokenizer call: much faster
         return [self.tokenize(p, i, truncate) for i, p in enumerate(prompts)]
+
+    def _encode_texts(self, texts: list[str], truncate: int | None) -> list[_Input]:
+        kwargs = {"truncation": True, "max_length": self._truncation(truncate)} if truncate else {}
+        enc = self.tokenizer(list(texts), **kwargs)
+        types = enc.get("token_type_ids") or [None] * len(texts)
+        return [self._checked(i, _Input(list(ids), tt))
+                for i, (ids, tt) in enumerate(zip(enc["input_ids"], types))]
 
     def _ids(self, n: int) -> list[str]:
         start = getattr(self, "_next_request", 0)
