@@ -121,12 +121,15 @@ def load_engine(cfg, model):
         raise TaskFailed(f"cannot load model {model.path}: {exc}") from None
 
 
-def output_format(cfg, spec, job_dir: Path):
+def output_format(cfg, spec, shard):
+    """The part format of one shard (output.format, id and passthrough columns)."""
     from hpcinfer.io.formats import make_format
-    plan_file = Path(job_dir) / "plan.json"
-    # OpenAI's "created": a job-level constant (not the time of a row), so a resumed job
-    # writes the same bytes as an uninterrupted one.
-    created_s = int(plan_file.stat().st_mtime) if plan_file.exists() else 0
+    # OpenAI's "created": a constant of the shard's input file (its mtime), not the time a
+    # row was answered, so a resumed or resubmitted job writes the same bytes.
+    try:
+        created_s = int(os.stat(shard.file).st_mtime)
+    except OSError:
+        created_s = 0
     try:
         return make_format(str(cfg.output.format), id_name=spec.id_name,
                            passthrough=tuple(spec.passthrough), logprobs=bool(cfg.output.logprobs),

@@ -66,10 +66,7 @@ def run(job_dir: Path, stop: StopFlag) -> int:
 def _run_shards(job_dir: Path, cfg, plan, shards, stop: StopFlag, metrics: MetricsWriter,
                 started: float) -> int:
     from hpcinfer.io import ledger
-    from hpcinfer.io.readers import ShardReadError
-    from hpcinfer.io.shard_loop import BadRowError
     from hpcinfer.worker import setup
-    from hpcinfer.worker.loop import LoopOptions, ShardLoop
     from hpcinfer.worker.progress import Progress
     if cfg.task not in SUPPORTED_TASKS:
         raise TaskFailed(f"task {cfg.task} is not supported yet (issue 10): the worker runs "
@@ -83,7 +80,6 @@ def _run_shards(job_dir: Path, cfg, plan, shards, stop: StopFlag, metrics: Metri
     model = setup.resolve(cfg)          # before torch: a missing model fails in a second
     setup.refuse_duplicate_ids(spec, todo)
     engine = setup.load_engine(cfg, model)
-    fmt = setup.output_format(cfg, spec, job_dir)
     builder = setup.request_builder(cfg, engine)
     options = setup.loop_options(cfg, engine)
     rows_total = sum(s.num_rows for s in shards)
@@ -93,31 +89,40 @@ def _run_shards(job_dir: Path, cfg, plan, shards, stop: StopFlag, metrics: Metri
     progress.engine = engine
     log.info("engine ready (%s); %d shard(s) to run, %d of %d rows already committed",
              model.path, len(todo), rows_done, rows_total)
-    failed: list[str] = []
-    outcome = "done"
     try:
-        for shard in todo:
-            progress.shard = shard.index
-            directory = ledger.shard_dir(job_dir, shard.index)
-            try:
-                outcome = ShardLoop(engine, shard, spec, directory, fmt, builder, stop,
-                                    progress, options).run()
-            except ShardReadError as exc:
-                log.error("shard %05d FAILED: %s", shard.index, exc)
-                failed.append(f"{shard.index:05d}")
-                continue
-            except ledger.LedgerError as exc:
-                log.error("shard %05d: %s", shard.index, exc)
-                failed.append(f"{shard.index:05d}")
-                continue
-            except BadRowError as exc:
-                raise TaskFailed(str(exc)) from None
-            if outcome == "stopped":
-                break
+        outcome, failed = _each_shard(job_dir, todo, spec, engine,
+                                      lambda shard: setup.output_format(cfg, spec, shard),
+                                      builder, stop, progress, options)
     finally:
         progress.tick(force=True)
         progress.close()
     return _finish(stop, outcome, failed, metrics, started, progress.snapshot())
+
+
+def _each_shard(job_dir: Path, todo, spec, engine, output_format, builder, stop: StopFlag,
+                progress, options) -> tuple[str, list[str]]:
+    """Run the shards in order; ("stopped" | "done", failed shard names). A shard whose
+    input file or directory is broken fails alone; the others still run."""
+    from hpcinfer.io import ledger
+    from hpcinfer.io.readers import ShardReadError
+    from hpcinfer.io.shard_loop import BadRowError
+    from hpcinfer.worker.loop import ShardLoop
+    failed: list[str] = []
+    for shard in todo:
+        progress.shard = shard.index
+        directory = ledger.shard_dir(job_dir, shard.index)
+        try:
+            outcome = ShardLoop(engine, shard, spec, directory, output_format(shard), builder,
+                                stop, progress, options).run()
+        except (ShardReadError, ledger.LedgerError) as exc:
+            log.error("shard %05d FAILED: %s", shard.index, exc)
+            failed.append(f"{shard.index:05d}")
+            continue
+        except BadRowError as exc:
+            raise TaskFailed(str(exc)) from None
+        if outcome == "stopped":
+            return "stopped", failed
+    return "done", failed
 
 
 def _finish(stop: StopFlag, outcome: str, failed: list[str], metrics: MetricsWriter,
