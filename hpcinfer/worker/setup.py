@@ -19,6 +19,20 @@ class TaskFailed(Exception):
     """Something the user must fix; str() says what (exit 2)."""
 
 
+SUPPORTED_TASKS = ("generate", "chat")
+
+
+def check_supported(cfg) -> None:
+    """What this worker cannot run yet, refused before any model is loaded."""
+    if cfg.task not in SUPPORTED_TASKS:
+        raise TaskFailed(f"task {cfg.task} is not supported yet (issue 10): the worker runs "
+                         "task generate or chat; embed/classify/score/reward come later")
+    if int(cfg.sampling.n) != 1:
+        raise TaskFailed(f"sampling.n={cfg.sampling.n}: several completions per row are not "
+                         "written yet (one text per row); use n: 1 (or one row per sample "
+                         "with different seeds)")
+
+
 def input_spec(cfg):
     from hpcinfer.io.rows import InputSpec
     try:

@@ -29,7 +29,6 @@ from hpcinfer.worker.signals import StopFlag
 
 log = logging.getLogger("hpcinfer.worker")
 
-SUPPORTED_TASKS = ("generate", "chat")
 PHASES_ENV = "HPCINFER_WORKER_PHASES"     # "preflight": stop after the checks (tests, dry runs)
 
 
@@ -68,9 +67,7 @@ def _run_shards(job_dir: Path, cfg, plan, shards, stop: StopFlag, metrics: Metri
     from hpcinfer.io import ledger
     from hpcinfer.worker import setup
     from hpcinfer.worker.progress import Progress
-    if cfg.task not in SUPPORTED_TASKS:
-        raise TaskFailed(f"task {cfg.task} is not supported yet (issue 10): the worker runs "
-                         f"task generate or chat; embed/classify/score/reward come later")
+    setup.check_supported(cfg)
     todo = [s for s in shards if not ledger.is_done(ledger.shard_dir(job_dir, s.index))]
     if not todo:
         log.info("every shard of this task is DONE already; nothing to do")
