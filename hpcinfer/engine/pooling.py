@@ -79,6 +79,11 @@ class PoolingEngine:
         from transformers import AutoTokenizer
 
         from hpcinfer.models.registry import load_config, load_model
+        ranks = config.tensor_parallel_size * getattr(config, "pipeline_parallel_size", 1)
+        if ranks != 1:
+            raise ValueError(f"task={task!r} runs on one device: use tensor_parallel_size=1 and "
+                             "pipeline_parallel_size=1 (pooling models are small; run one "
+                             "replica per GPU instead)")
         self.config, self.task = config, task
         self.device = resolve_device(config.device)
         self.tokenizer = (tokenizer if tokenizer is not None else

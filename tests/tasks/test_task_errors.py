@@ -61,3 +61,8 @@ def test_bad_prompts_name_their_index():
         llm.embed([[]])
     with pytest.raises(ValueError, match="pooling_params must be a PoolingParams"):
         llm.embed("x", pooling_params=[1])
+
+
+def test_pooling_tasks_refuse_parallel_ranks():
+    with pytest.raises(ValueError, match="task='embed' runs on one device.*tensor_parallel_size=1"):
+        LLM(str(tiny_pooling_checkpoint("bert")), device="cpu", tensor_parallel_size=2)
