@@ -208,14 +208,15 @@ def _mpi_rendezvous(timeout_s: float) -> tuple[str, int, tuple[str, ...]]:
             return msg
         time.sleep(0.005)
     if rank == 1:  # one message, not one per rank
-        _abort(comm, missing_ranks_message([0], {}, size, timeout_s + 10.0))
+        _abort(comm, missing_ranks_message([0], {rank: host}, size, timeout_s + 10.0))
     time.sleep(5.0)  # rank 1 aborts the job; the others stay quiet
     comm.Abort(3)
     raise AssertionError("unreachable")
 
 
 def _abort(comm, message: str) -> None:
-    log.error("%s", message)
+    # stderr, not logging: it must reach the job log even where logging is not configured,
+    # and exactly once.
     print(f"hpcinfer: error: {message}", file=sys.stderr, flush=True)
     comm.Abort(3)  # the others are blocked in MPI calls; only Abort frees them
 
@@ -226,7 +227,7 @@ def missing_ranks_message(missing: list[int], hosts: dict[int, str], size: int,
     parts = [f"rank {r} (host {expected_host(r, size, hosts)})" for r in missing]
     arrived = ", ".join(f"{r}@{h}" for r, h in sorted(hosts.items())) or "none"
     return (f"{'; '.join(parts)} did not reach init_world() within {timeout_s:.0f} s "
-            f"(ranks checked in: {arrived}). The process may be stuck (a slow file system, "
+            f"(ranks known to be up: {arrived}). The process may be stuck (a slow file system, "
             "an import, a busy GPU) or was never started: look at that rank's output and "
             "node, or raise HPCINFER_DIST_TIMEOUT")
 
