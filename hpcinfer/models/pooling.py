@@ -9,14 +9,11 @@ means normalize), else from the model class's default, as vLLM does. ``dimension
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-log = logging.getLogger(__name__)
 
 POOLING_TYPES = ("CLS", "MEAN", "LAST")
 
@@ -67,9 +64,9 @@ def _st_pooling_type(path: Path) -> str:
     bad = [k for k in _ST_UNSUPPORTED if config.get(k)]
     chosen = [ours for key, ours in _ST_MODES.items() if config.get(key)]
     if bad or len(chosen) != 1:
-        raise ValueError(f"{path}: hpcinfer supports exactly one of "
-                         f"{sorted(_ST_MODES)} set to true, found "
-                         f"{sorted(k for k, v in config.items() if k.startswith('pooling_mode') and v)}")
+        found = sorted(k for k, v in config.items() if k.startswith("pooling_mode") and v)
+        raise ValueError(f"{path}: hpcinfer supports exactly one of {sorted(_ST_MODES)} set "
+                         f"to true, found {found}")
     return chosen[0]
 
 

@@ -138,10 +138,8 @@ def build_tiny_pooling_checkpoint(kind: str, out_dir: str | Path, *, seed: int =
     import torch
 
     out_dir = Path(out_dir)
-    base, _, suffix = kind.partition("-cls") if kind.endswith("-cls") else (kind, "", "")
     classifier = kind.endswith("-cls")
-    if kind.endswith("-embed"):
-        base = kind[:-len("-embed")]
+    base = kind.removesuffix("-cls").removesuffix("-embed")
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         if base in ENCODER_KINDS:
@@ -167,7 +165,8 @@ def write_sentence_transformers_files(out_dir: str | Path, hidden_size: int,
                                       pooling_mode: str = "mean", normalize: bool = True) -> None:
     """modules.json (Transformer, Pooling[, Normalize]) and 1_Pooling/config.json."""
     out_dir = Path(out_dir)
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+    modules = [{"idx": 0, "name": "0", "path": "",
+                "type": "sentence_transformers.models.Transformer"},
                {"idx": 1, "name": "1", "path": "1_Pooling",
                 "type": "sentence_transformers.models.Pooling"}]
     if normalize:
