@@ -40,3 +40,9 @@ def test_score_example(tmp_path, monkeypatch, capsys):
     out = _run("score.py", model, monkeypatch, capsys)
     scores = [float(s) for s in re.findall(r"\| Score: ([0-9.eE+-]+)", out)]
     assert len(scores) == 2 and all(0 < s < 1 for s in scores)
+
+
+def test_reward_example(monkeypatch, capsys):
+    out = _run("reward.py", tiny_pooling_checkpoint("llama-cls"), monkeypatch, capsys)
+    sizes = re.findall(r"Reward: .*?\(size=(\d+)\)", out, flags=re.S)
+    assert len(sizes) == 4 and all(int(s) > 1 for s in sizes)  # one row per token
