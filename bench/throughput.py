@@ -268,11 +268,22 @@ def run_hpcinfer(ckpt: Path, requests, max_num_seqs: int, profile_dir: Path | No
     torch.cuda.synchronize()
     warmup_s = time.perf_counter() - t1
     stats_before = _stats_dict(engine.stats)
+    profiler = None
+    if os.environ.get("BENCH_CPROFILE") == "1":   # host hot spots of the timed run
+        import cProfile
+        profiler = cProfile.Profile()
+        profiler.enable()
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     torch.cuda.synchronize()
     wall = time.perf_counter() - start
+    if profiler is not None:
+        import pstats
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
     stats = {k: v - stats_before.get(k, 0) for k, v in _stats_dict(engine.stats).items()}
+    print("host breakdown (s):", json.dumps({k: round(v, 3) for k, v in stats.items()}),
+          flush=True)
     num_out = sum(len(o.outputs[0].token_ids) for o in outs)
     row = _row(num_out, requests, wall, startup_s)
     row.update(warmup_s=warmup_s, host_breakdown_s=stats,

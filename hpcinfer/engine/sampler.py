@@ -38,6 +38,11 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence],
                  eos_token_ids: frozenset[int]) -> SamplerOutput:
         # logits: [num_rows, vocab] float32, one row per sequence in seqs
+        if all(_plain_greedy(s) for s in seqs):
+            # The common offline case (every row greedy, nothing to mask or report): one
+            # argmax, no copy of the logits, one host sync.
+            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(seqs),
+                                 [None] * len(seqs))
         logits = logits.float()
         want_logprobs = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         raw_logprobs = (torch.log_softmax(logits[want_logprobs], dim=-1)
@@ -100,6 +105,12 @@ class Sampler:
                     entry.setdefault(tid, Logprob(lp, r + 1))
             tops[i] = entry
         return SamplerOutput(token_list, sampled, tops)
+
+
+def _plain_greedy(seq: Sequence) -> bool:
+    params = seq.params
+    return (params.is_greedy and params.logprobs is None and not params.has_penalties
+            and seq.num_output_tokens >= params.min_tokens)
 
 
 # --- logits processors: pure functions, unit-tested against their definitions ---

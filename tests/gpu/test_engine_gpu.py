@@ -106,40 +106,68 @@ def real_shaped_checkpoint(tmp_path_factory):
 
 
 def test_bf16_real_shape_agrees_with_torch_ref(real_shaped_checkpoint, monkeypatch):
+    """Triton + graphs vs torch_ref + torch ops, bf16, 64 prompts x 256 ids, 32 greedy steps.
+
+    A random-init model is chaotic: once one near-tie flips, the sequence's later tokens
+    differ for reasons that are no error (measured: ~70% position-wise agreement over 32
+    steps, printed as the issue's metric). What must hold is that every *first* divergence of
+    a sequence happens at a near-tie of the reference (top-2 logprob gap under TIE_TOL), i.e.
+    that with the same context both engines pick the same token unless the two best are
+    within bf16 rounding of each other."""
     from hpcinfer import SamplingParams
     from hpcinfer.layers import ops
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, 128000, (64, 256), generator=g).tolist()
-    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-    fast, engine = _generate(real_shaped_checkpoint, prompts, params, dtype="bfloat16",
-                             max_model_len=512, max_num_seqs=64)
+    fast, engine = _generate(real_shaped_checkpoint, prompts,
+                             SamplingParams(temperature=0, max_tokens=32, ignore_eos=True),
+                             dtype="bfloat16", max_model_len=512, max_num_seqs=64)
     assert engine.runner.graphs.num_replays > 0
     monkeypatch.setenv("HPCINFER_TORCH_OPS", "1")
     ops._triton_ops.cache_clear()
     try:
-        ref, _ = _generate(real_shaped_checkpoint, prompts, params, dtype="bfloat16",
-                           max_model_len=512, max_num_seqs=64, enforce_eager=True,
-                           attention_backend="torch_ref")
+        from hpcinfer import LLM
+        llm = LLM(real_shaped_checkpoint, device="cuda", dtype="bfloat16", max_model_len=512,
+                  max_num_seqs=64, enforce_eager=True, attention_backend="torch_ref")
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                            SamplingParams(temperature=0, max_tokens=32, ignore_eos=True,
+                                           logprobs=2), use_tqdm=False)
     finally:
         monkeypatch.delenv("HPCINFER_TORCH_OPS")
         ops._triton_ops.cache_clear()
+    ref = [o.outputs[0].token_ids for o in outs]
     total = sum(len(r) for r in ref)
     same = sum(a == b for f, r in zip(fast, ref) for a, b in zip(f, r))
+    before_divergence, divergence_gaps = 0, []
+    for f, r, out in zip(fast, ref, outs):
+        d = next((j for j, (a, b) in enumerate(zip(f, r)) if a != b), len(r))
+        before_divergence += d
+        if d < len(r):
+            top = sorted((lp.logprob for lp in out.outputs[0].logprobs[d].values()),
+                         reverse=True)
+            divergence_gaps.append(top[0] - top[1])
     distinct = len({t for r in ref for t in r})
-    print(f"bf16 agreement: {same}/{total} = {same / total:.4f}; {distinct} distinct tokens")
+    print(f"bf16 agreement: position-wise {same}/{total} = {same / total:.4f}; tokens before "
+          f"the first divergence {before_divergence / total:.4f}; {len(divergence_gaps)} "
+          f"sequences diverge, reference top-2 gaps there: "
+          f"{sorted(round(x, 4) for x in divergence_gaps)}; {distinct} distinct tokens")
     assert distinct > 64, "degenerate outputs would make the agreement meaningless"
-    assert same / total >= 0.99
+    assert all(gap < TIE_TOL for gap in divergence_gaps), divergence_gaps
+    assert before_divergence / total >= 0.5
+
+
+TIE_TOL = 0.25   # nats; bf16 logits of this model carry ~1e-2 of rounding noise
 
 
 def test_kv_pool_sized_by_profile(real_shaped_checkpoint):
     from hpcinfer import LLM
+    # enforce_eager: 2048 sequences would mean 260 decode graphs; this test is about sizing.
     llm = LLM(real_shaped_checkpoint, device="cuda", dtype="bfloat16", max_model_len=4096,
-              max_num_seqs=512, gpu_memory_utilization=0.5)
+              max_num_seqs=2048, gpu_memory_utilization=0.5, enforce_eager=True)
     runner = llm.llm_engine.runner
     profile = runner.memory_profile
     assert profile is not None and profile.activation_peak > 0
     pool = runner.num_blocks * runner.bytes_per_block()
-    # The profiled budget, not the cap (512 x 4096 tokens x 64 KiB = 128 GiB), sized the pool.
+    # The profiled budget, not the cap (2048 x 256 blocks x 128 KiB = 64 GiB), sized the pool.
     assert pool <= profile.kv_budget < 0.5 * profile.total
     assert pool > 0.5 * profile.kv_budget
     # This process stays inside its share (other test workers may share the GPU).
