@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-CHUNK_BYTES = 16 << 20
+CHUNK_BYTES = 4 << 20
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
            "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
