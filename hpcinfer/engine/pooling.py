@@ -24,8 +24,8 @@ from hpcinfer.engine.outputs import (ClassificationOutput, ClassificationRequest
                                      EmbeddingOutput, EmbeddingRequestOutput, PoolingOutput,
                                      PoolingRequestOutput, ScoringOutput, ScoringRequestOutput)
 from hpcinfer.layers.attention import AttentionMetadata
-from hpcinfer.models.pooling import (classification_activation, finish_embedding, pool,
-                                     read_pooling_config)
+from hpcinfer.models.pooling import (DenseProjection, classification_activation,
+                                     finish_embedding, pool, read_pooling_config)
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,7 @@ class PoolingEngine:
                                 attention_backend=config.attention_backend)
         self.spec = self.model.spec
         self.pooling = read_pooling_config(config.model, self.model.default_pooling_type)
+        self.dense = [DenseProjection(d, self.device) for d in self.pooling.dense_dirs]
         self.max_model_len = self._resolve_max_model_len()
         self.num_labels = getattr(hf_config, "num_labels", None)
         log.info("pooling engine: %s, task %s, pooling %s (from %s), max_model_len %d",
@@ -204,6 +205,8 @@ class PoolingEngine:
     def _pool(self, hidden, cu, pooling_task, params) -> list[torch.Tensor]:
         if pooling_task == "embed":
             pooled = pool(hidden, cu, self.pooling.pooling_type)
+            for dense in self.dense:  # sentence-transformers Dense modules, in order
+                pooled = dense(pooled)
             normalize = self.pooling.normalize if params.normalize is None else params.normalize
             out = finish_embedding(pooled, normalize=normalize, dimensions=params.dimensions)
             return list(out.cpu())

@@ -3,8 +3,9 @@
 ``PoolingConfig`` says how (CLS, MEAN or LAST token; L2-normalize or not). It comes from
 the checkpoint's sentence-transformers files when they are there (``modules.json`` lists a
 ``Pooling`` module whose ``config.json`` sets ``pooling_mode_*``; a ``Normalize`` module
-means normalize), else from the model class's default, as vLLM does. ``dimensions``
-(Matryoshka) truncates before normalizing.
+means normalize), else from the model class's default, as vLLM does. ``Dense``
+modules (a linear layer and an activation each, e.g. LaBSE) run after pooling, before
+normalizing. ``dimensions`` (Matryoshka) truncates before normalizing.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ class PoolingConfig:
     normalize: bool = True
     max_seq_length: int | None = None   # sentence_bert_config.json: inputs longer are refused
     source: str = "default"
+    dense_dirs: tuple[str, ...] = ()    # sentence-transformers Dense modules, in order
 
     def __post_init__(self) -> None:
         if self.pooling_type not in POOLING_TYPES:
@@ -47,20 +49,29 @@ def read_pooling_config(model_dir: str | Path, default_type: str) -> PoolingConf
         return PoolingConfig(default_type, True, max_len)
     modules = json.loads(modules_path.read_text())
     types = {m.get("type", "").rsplit(".", 1)[-1]: m for m in modules}
-    unsupported = sorted(set(types) - {"Transformer", "Pooling", "Normalize"})
+    unsupported = sorted(set(types) - {"Transformer", "Pooling", "Dense", "Normalize"})
     if unsupported:
         raise ValueError(f"{modules_path} lists sentence-transformers module(s) {unsupported} "
-                         "that hpcinfer does not run yet (it runs Transformer, Pooling and "
-                         "Normalize); use a checkpoint without them")
+                         "that hpcinfer does not run yet (it runs Transformer, Pooling, Dense "
+                         "and Normalize); use a checkpoint without them")
+    dense = tuple(str(model_dir / m["path"]) for m in modules
+                  if m.get("type", "").endswith(".Dense"))
     pooling_type = default_type
     if "Pooling" in types:
         pooling_type = _st_pooling_type(model_dir / types["Pooling"].get("path", "1_Pooling")
                                         / "config.json")
-    return PoolingConfig(pooling_type, "Normalize" in types, max_len, str(modules_path))
+    return PoolingConfig(pooling_type, "Normalize" in types, max_len, str(modules_path), dense)
 
 
 def _st_pooling_type(path: Path) -> str:
     config = json.loads(path.read_text())
+    mode = config.get("pooling_mode")
+    if isinstance(mode, str):  # sentence-transformers >= 6: {"pooling_mode": "mean", ...}
+        ours = {"cls": "CLS", "mean": "MEAN", "lasttoken": "LAST"}.get(mode)
+        if ours is None:
+            raise ValueError(f"{path}: pooling_mode {mode!r} is not supported; hpcinfer "
+                             "supports cls, mean and lasttoken")
+        return ours
     bad = [k for k in _ST_UNSUPPORTED if config.get(k)]
     chosen = [ours for key, ours in _ST_MODES.items() if config.get(key)]
     if bad or len(chosen) != 1:
@@ -85,6 +96,41 @@ def pool(hidden: torch.Tensor, cu_seqlens: list[int], pooling_type: str) -> torc
     if pooling_type == "LAST":
         return hidden[[e - 1 for e in ends]].float()
     return torch.stack([hidden[s:e].float().mean(dim=0) for s, e in zip(starts, ends)])
+
+
+_DENSE_ACTIVATIONS = {"torch.nn.modules.activation.Tanh": torch.tanh,
+                      "torch.nn.modules.linear.Identity": lambda x: x}
+
+
+class DenseProjection:
+    """A sentence-transformers ``Dense`` module: act(x W^T + b), in float32."""
+
+    def __init__(self, module_dir: str | Path, device: torch.device | str = "cpu"):
+        module_dir = Path(module_dir)
+        config = json.loads((module_dir / "config.json").read_text())
+        act = config.get("activation_function", "torch.nn.modules.activation.Tanh")
+        if act not in _DENSE_ACTIVATIONS or config.get("use_residual"):
+            raise ValueError(f"{module_dir}: Dense with activation {act!r}"
+                             f"{' and use_residual' if config.get('use_residual') else ''} is "
+                             f"not supported (supported: {sorted(_DENSE_ACTIVATIONS)})")
+        self.activation = _DENSE_ACTIVATIONS[act]
+        tensors = _dense_tensors(module_dir)
+        self.weight = tensors["linear.weight"].float().to(device)  # [out, in]
+        bias = tensors.get("linear.bias")
+        self.bias = None if bias is None else bias.float().to(device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation(F.linear(x.float(), self.weight, self.bias))
+
+
+def _dense_tensors(module_dir: Path) -> dict[str, torch.Tensor]:
+    if (module_dir / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+        return load_file(str(module_dir / "model.safetensors"))
+    if (module_dir / "pytorch_model.bin").is_file():
+        return torch.load(module_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{module_dir}: no model.safetensors or pytorch_model.bin for the "
+                            "Dense module; the checkpoint download is incomplete")
 
 
 def finish_embedding(pooled: torch.Tensor, *, normalize: bool,

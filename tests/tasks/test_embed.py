@@ -101,3 +101,24 @@ def test_token_ids_and_dict_prompts_equal_text():
     a, b, c = (llm.embed(p)[0].outputs.embedding
                for p in ("hello world", ids, {"prompt_token_ids": ids}))
     assert a == b == c
+
+
+def test_sentence_transformers_dense_module_matches_encode(tmp_path):
+    require(importlib.util.find_spec("sentence_transformers") is not None,
+            "sentence-transformers is not installed (pip install sentence-transformers)")
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import Dense, Normalize, Pooling, Transformer
+
+    base = tiny_pooling_checkpoint("bert")
+    torch.manual_seed(0)
+    st = SentenceTransformer(modules=[Transformer(str(base)), Pooling(64, "mean"),
+                                      Dense(64, 24, activation_function=torch.nn.Tanh()),
+                                      Dense(24, 16, bias=False,
+                                            activation_function=torch.nn.Identity()),
+                                      Normalize()], device="cpu")
+    st.save(str(tmp_path / "st"))
+    want = st.encode(TEXTS, convert_to_tensor=True)
+    outs = LLM(str(tmp_path / "st"), device="cpu").embed(TEXTS)
+    for out, ref in zip(outs, want):
+        assert out.outputs.hidden_size == 16
+        assert_close(out.outputs.embedding, ref)

@@ -29,12 +29,23 @@ def test_unsupported_modules_and_modes_are_refused(tmp_path):
     pooling.write_text(json.dumps({**config, "pooling_mode_max_tokens": True}))
     with pytest.raises(ValueError, match="exactly one of.*found.*pooling_mode_max_tokens"):
         read_pooling_config(tmp_path, "CLS")
-    modules = json.loads((tmp_path / "modules.json").read_text())
-    modules.append({"idx": 3, "name": "3", "path": "3_Dense",
-                    "type": "sentence_transformers.models.Dense"})
-    (tmp_path / "modules.json").write_text(json.dumps(modules))
-    with pytest.raises(ValueError, match=r"\['Dense'\].*does not run yet"):
+    pooling.write_text(json.dumps({"embedding_dimension": 8, "pooling_mode": "max"}))
+    with pytest.raises(ValueError, match="pooling_mode 'max' is not supported"):
         read_pooling_config(tmp_path, "CLS")
+    pooling.write_text(json.dumps(config))
+    modules = json.loads((tmp_path / "modules.json").read_text())
+    modules.append({"idx": 3, "name": "3", "path": "3_WordWeights",
+                    "type": "sentence_transformers.models.WordWeights"})
+    (tmp_path / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(ValueError, match=r"\['WordWeights'\].*does not run yet"):
+        read_pooling_config(tmp_path, "CLS")
+
+
+def test_sentence_transformers_6_pooling_format(tmp_path):
+    write_sentence_transformers_files(tmp_path, 8, "cls")
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"embedding_dimension": 8, "pooling_mode": "lasttoken", "include_prompt": True}))
+    assert read_pooling_config(tmp_path, "CLS").pooling_type == "LAST"
 
 
 def test_pool_over_packed_sequences():
