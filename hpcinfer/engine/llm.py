@@ -29,10 +29,11 @@ class LLM:
     keyword raises TypeError with a did-you-mean.
     """
 
-    def __init__(self, model: str, task: str = "auto", **kwargs: Any):
+    def __init__(self, model: str, task: str = "auto", runner: str = "auto",
+                 convert: str = "auto", **kwargs: Any):
         self.config = EngineConfig.from_kwargs(model, **kwargs)
         # task: "generate" or a pooling task (embed/classify/score/reward), see engine.pooling
-        self.task = pooling.resolve_task(self.config.model, task)
+        self.task = pooling.resolve_task(self.config.model, task, runner, convert)
         # create_engine: one process asking for several ranks spawns the others
         from hpcinfer.engine.distributed_runner import create_engine
         self.llm_engine = (create_engine(self.config) if self.task == "generate"

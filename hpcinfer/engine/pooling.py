@@ -51,21 +51,43 @@ class _Input:
     token_type_ids: list[int] | None = None
 
 
-def resolve_task(model_path: str, task: str) -> str:
-    """``task`` checked, "auto" resolved from config.json's ``architectures``: the model
-    class's ``default_task`` (embed for BertModel/LlamaModel..., classify for
-    *ForSequenceClassification), "generate" for causal LMs."""
+RUNNERS = ("auto", "generate", "pooling")
+CONVERTS = ("auto", "none", "embed", "classify", "reward")
+
+
+def resolve_task(model_path: str, task: str = "auto", runner: str = "auto",
+                 convert: str = "auto") -> str:
+    """The task an ``LLM`` runs, from vLLM's ``task`` (older API) or ``runner``/``convert``
+    (newer API) and config.json's ``architectures``.
+
+    "auto" is the model class's ``default_task``: embed for BertModel/LlamaModel..., classify
+    for *ForSequenceClassification, generate for causal LMs. A causal LM may also run as a
+    last-token embedding model (``task="embed"`` or ``runner="pooling"``), as vLLM does for
+    Qwen3-Embedding, whose checkpoints say ``Qwen3ForCausalLM``.
+    """
     if task not in TASKS:
         raise ValueError(f"task={task!r} is not supported: use one of {list(TASKS)}")
+    if runner not in RUNNERS or convert not in CONVERTS:
+        raise ValueError(f"runner={runner!r}, convert={convert!r}: use runner in "
+                         f"{list(RUNNERS)} and convert in {list(CONVERTS)}")
+    if task == "auto" and runner == "pooling":
+        task = convert if convert not in ("auto", "none") else "pooling"
+    elif task == "auto" and runner == "generate":
+        task = "generate"
     from hpcinfer.models.registry import architecture_of, load_config, model_class
     cls = model_class(architecture_of(load_config(model_path)))
     natural = getattr(cls, "default_task", "generate")
     if task == "auto":
         return natural
-    if (task == "generate") != (natural == "generate"):
-        kind = "a causal LM" if natural == "generate" else f"a pooling model ({natural})"
-        raise ValueError(f"task={task!r} does not fit {model_path}: {cls.__name__} is {kind}; "
-                         f"use task='auto' or task={natural!r}")
+    if task == "pooling":  # runner="pooling" without convert: the model's own pooling task
+        return "embed" if natural == "generate" else natural
+    if natural == "generate" and task not in ("generate", "embed"):
+        raise ValueError(f"task={task!r} does not fit {model_path}: {cls.__name__} is a causal "
+                         "LM (it can run task='generate' or, pooling its last token, "
+                         "task='embed'); use a *ForSequenceClassification checkpoint")
+    if natural != "generate" and task == "generate":
+        raise ValueError(f"task='generate' does not fit {model_path}: {cls.__name__} is a "
+                         f"pooling model ({natural}); use task='auto' or task={natural!r}")
     if task == "reward" and getattr(cls, "is_encoder", False):
         raise ValueError(f"task='reward' needs a decoder with a score head "
                          f"(*ForSequenceClassification); {cls.__name__} is an encoder")
@@ -94,7 +116,9 @@ class PoolingEngine:
         self.model = load_model(config.model, dtype=dtype, device=self.device,
                                 attention_backend=config.attention_backend)
         self.spec = self.model.spec
-        self.pooling = read_pooling_config(config.model, self.model.default_pooling_type)
+        # A causal LM running as an embedding model pools its last token (vLLM's default).
+        self.pooling = read_pooling_config(
+            config.model, getattr(self.model, "default_pooling_type", "LAST"))
         self.dense = [DenseProjection(d, self.device) for d in self.pooling.dense_dirs]
         self.max_model_len = self._resolve_max_model_len()
         self.num_labels = getattr(hf_config, "num_labels", None)

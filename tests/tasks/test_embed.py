@@ -122,3 +122,13 @@ def test_sentence_transformers_dense_module_matches_encode(tmp_path):
     for out, ref in zip(outs, want):
         assert out.outputs.hidden_size == 16
         assert_close(out.outputs.embedding, ref)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_causal_lm_as_last_token_embedding_model(family):
+    # Qwen3-Embedding's config says Qwen3ForCausalLM: task="embed" pools the last token.
+    from hpcinfer.testing.tiny import tiny_checkpoint
+    path = tiny_checkpoint(family)
+    llm = LLM(str(path), task="embed", device="cpu")
+    for out, ref in zip(llm.embed(TEXTS), hf_embeddings(path, TEXTS, "LAST")):
+        assert_close(out.outputs.embedding, ref)

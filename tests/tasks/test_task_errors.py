@@ -14,9 +14,21 @@ def test_auto_task_follows_architectures():
     assert LLM(str(tiny_checkpoint("llama")), device="cpu").task == "generate"
 
 
+def test_runner_and_convert_as_in_newer_vllm():
+    bert_cls = str(tiny_pooling_checkpoint("bert-cls"))
+    assert LLM(bert_cls, runner="pooling", device="cpu").task == "classify"
+    with pytest.raises(ValueError, match="task='reward' needs a decoder"):
+        LLM(bert_cls, runner="pooling", convert="reward", device="cpu")
+    assert LLM(str(tiny_checkpoint("qwen3")), runner="pooling", device="cpu").task == "embed"
+    assert LLM(str(tiny_checkpoint("qwen3")), runner="generate", device="cpu").task == "generate"
+
+
 def test_wrong_task_for_the_model_is_refused():
-    with pytest.raises(ValueError, match="task='embed' does not fit.*causal LM.*task='auto'"):
-        LLM(str(tiny_checkpoint("llama")), task="embed", device="cpu")
+    with pytest.raises(ValueError, match="task='classify' does not fit.*causal LM.*"
+                                         "task='embed'"):
+        LLM(str(tiny_checkpoint("llama")), task="classify", device="cpu")
+    with pytest.raises(ValueError, match="runner='pool'"):
+        LLM(str(tiny_checkpoint("llama")), runner="pool", device="cpu")
     with pytest.raises(ValueError, match="task='generate' does not fit.*pooling model"):
         LLM(str(tiny_pooling_checkpoint("bert")), task="generate", device="cpu")
     with pytest.raises(ValueError, match="task='reward' needs a decoder"):
