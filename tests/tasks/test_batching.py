@@ -27,7 +27,7 @@ def _values(outs) -> list[torch.Tensor]:
 
 CASES = [("bert", "embed"), ("xlm-roberta", "embed"), ("qwen3-embed", "embed"),
          ("bert-cls", "classify"), ("xlm-roberta-cls", "classify"), ("llama-cls", "classify"),
-         ("qwen2-cls", "reward"), ("gemma-cls", "classify")]
+         ("qwen2-cls", "reward"), ("gemma-cls", "classify"), ("bert", "encode")]
 
 
 @pytest.mark.parametrize("kind,task", CASES)
