@@ -261,10 +261,12 @@ def run_hpcinfer(ckpt: Path, requests, max_num_seqs: int, profile_dir: Path | No
           f"blocks = {runner.num_blocks * runner.bytes_per_block() / GiB:.2f} GiB", flush=True)
     prompts = [{"prompt_token_ids": p} for p, _ in requests]
     params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in requests]
-    # Warm-up: the prefill kernels compile for the shapes a run meets (graphs are captured).
+    # Warm-up: Triton compiles the prefill kernels for the argument specialisations a run
+    # meets (mixed prefill + decode steps included); graphs were captured at start-up.
     t1 = time.perf_counter()
-    llm.generate(prompts[:32], [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)]
-                 * 32, use_tqdm=False)
+    warm = prompts[:256]
+    llm.generate(warm, [SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)]
+                 * len(warm), use_tqdm=False)
     torch.cuda.synchronize()
     warmup_s = time.perf_counter() - t1
     stats_before = _stats_dict(engine.stats)
@@ -288,6 +290,8 @@ def run_hpcinfer(ckpt: Path, requests, max_num_seqs: int, profile_dir: Path | No
     row = _row(num_out, requests, wall, startup_s)
     row.update(warmup_s=warmup_s, host_breakdown_s=stats,
                graph_capture_s=graphs.capture_s if graphs else None,
+               graph_replays=graphs.num_replays if graphs else 0,
+               split_mixed_steps=graphs.num_splits if graphs else 0,
                kv_blocks=runner.num_blocks,
                kv_gib=runner.num_blocks * runner.bytes_per_block() / GiB)
     if profile_dir is not None:

@@ -28,6 +28,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
+# Mixed steps split off their decodes into a graph from this many decodes on (see forward).
+MIN_SPLIT_DECODES = 16
+
 
 def batch_size_ladder(max_num_seqs: int) -> list[int]:
     """1, 2, 4, 8, 16, 24, 32, ... capped at and always including max_num_seqs."""
@@ -59,6 +62,7 @@ class DecodeGraphs:
         self.outputs: dict[int, torch.Tensor] = {}   # bs -> hidden [bs, hidden_size]
         self.capture_s = 0.0
         self.num_replays = 0
+        self.num_splits = 0      # mixed steps run as decode graph + eager prefill
 
     def _meta(self, bs: int):
         return self._meta_cls(
@@ -92,25 +96,51 @@ class DecodeGraphs:
         log.info("CUDA graphs: captured %d decode batch sizes (1..%d) in %.1f s",
                  len(self.sizes), self.max_bs, self.capture_s)
 
-    def can_run(self, batch) -> bool:
+    def forward(self, batch) -> torch.Tensor:
+        """hidden [num_tokens, hidden] for any step: a pure decode step replays a graph; a
+        mixed step with at least MIN_SPLIT_DECODES leading one-token sequences runs those
+        through a graph and the rest (prefill chunks) eagerly; anything else runs eagerly.
+
+        Why split: the varlen prefill kernel serves one query head per program, so each
+        decode row in a mixed step reads its whole KV context once per query head instead of
+        once per KV head (4x for Llama-3's GQA). One extra pass over the weights costs less
+        than that as soon as a few dozen decodes share the step."""
         meta = batch.meta
-        return (meta.is_decode and batch.input_ids.shape[0] <= self.max_bs
-                and meta.block_tables.shape[1] <= self.block_tables.shape[1])
+        n = batch.input_ids.shape[0]
+        fits = meta.block_tables.shape[1] <= self.block_tables.shape[1]
+        if meta.is_decode and n <= self.max_bs and fits:
+            return self._replay(batch.input_ids, batch.positions, meta.slot_mapping,
+                                meta.seq_lens, meta.block_tables)
+        k = min(batch.num_decode_prefix, self.max_bs)
+        if meta.is_decode or k < MIN_SPLIT_DECODES or not fits:
+            return self.model.forward(batch.input_ids, batch.positions, self.kv_caches, meta)
+        # Rows [0, k) are sequences with one query token each (token i = sequence i).
+        decode = self._replay(batch.input_ids[:k], batch.positions[:k], meta.slot_mapping[:k],
+                              meta.seq_lens[:k], meta.block_tables[:k])
+        rest = self._meta_cls(
+            slot_mapping=meta.slot_mapping[k:], cu_seqlens_q=meta.cu_seqlens_q[k:] - k,
+            seq_lens=meta.seq_lens[k:], block_tables=meta.block_tables[k:],
+            max_seqlen_q=meta.max_seqlen_q, max_seqlen_k=meta.max_seqlen_k, is_decode=False)
+        prefill = self.model.forward(batch.input_ids[k:], batch.positions[k:], self.kv_caches,
+                                     rest)
+        self.num_splits += 1
+        return torch.cat([decode, prefill])   # copies the graph's output before any replay
 
     def padded_size(self, n: int) -> int:
         return next(b for b in self.sizes if b >= n)
 
-    def run(self, batch) -> torch.Tensor:
-        """Copy the batch into the static buffers, replay, return hidden [n, hidden_size]."""
-        meta = batch.meta
-        n = batch.input_ids.shape[0]
+    def _replay(self, input_ids, positions, slot_mapping, seq_lens, block_tables
+                ) -> torch.Tensor:
+        """Copy one decode batch into the static buffers, replay, return hidden [n, hidden]
+        (a view of the graph's output: valid until the next replay)."""
+        n = input_ids.shape[0]
         bs = self.padded_size(n)
-        width = meta.block_tables.shape[1]
-        self.input_ids[:n].copy_(batch.input_ids, non_blocking=True)
-        self.positions[:n].copy_(batch.positions, non_blocking=True)
-        self.slot_mapping[:n].copy_(meta.slot_mapping, non_blocking=True)
-        self.seq_lens[:n].copy_(meta.seq_lens, non_blocking=True)
-        self.block_tables[:n, :width].copy_(meta.block_tables, non_blocking=True)
+        width = block_tables.shape[1]
+        self.input_ids[:n].copy_(input_ids, non_blocking=True)
+        self.positions[:n].copy_(positions, non_blocking=True)
+        self.slot_mapping[:n].copy_(slot_mapping, non_blocking=True)
+        self.seq_lens[:n].copy_(seq_lens, non_blocking=True)
+        self.block_tables[:n, :width].copy_(block_tables, non_blocking=True)
         if bs > n:
             # Padded rows: write no KV (slot -1) and attend to nothing (length 0).
             self.slot_mapping[n:bs].fill_(-1)

@@ -35,6 +35,7 @@ class Batch:
     meta: object                 # hpcinfer.layers.attention.AttentionMetadata
     sample_indices: torch.Tensor  # [num_sampled] rows of the hidden states to sample from
     sample_seqs: list[Sequence]  # the sequences those rows belong to (prefill done)
+    num_decode_prefix: int = 0   # leading sequences with one query token (cuda_graphs.py)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -170,7 +171,10 @@ class ModelRunner:
             slot_mapping=slot_mapping, cu_seqlens_q=cu_q, seq_lens=lens,
             block_tables=tables.view(block_tables.shape), max_seqlen_q=int(q_lens.max()),
             max_seqlen_k=max_seqlen_k, is_decode=is_decode)
-        return Batch(input_ids, positions, meta, sample_indices, sample_seqs)
+        # Mixed steps: running sequences (one token each) come first; the GPU runs them
+        # through a decode graph and the prefill chunks separately (cuda_graphs.py).
+        num_decode_prefix = num_seqs if is_decode else int(np.argmax(q_lens != 1))
+        return Batch(input_ids, positions, meta, sample_indices, sample_seqs, num_decode_prefix)
 
     def _upload(self, int64_arrays: list[np.ndarray], int32_arrays: list[np.ndarray]
                 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -210,8 +214,8 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: Batch) -> torch.Tensor:
         """Forward the batch; return float32 logits [num_sampled, vocab] (maybe 0 rows)."""
-        if self.graphs is not None and self.graphs.can_run(batch):
-            hidden = self.graphs.run(batch)
+        if self.graphs is not None:
+            hidden = self.graphs.forward(batch)   # graph replay, split or eager as fits
         else:
             hidden = self.model.forward(batch.input_ids, batch.positions, self.kv_caches,
                                         batch.meta)

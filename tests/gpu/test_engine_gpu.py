@@ -5,7 +5,7 @@ Not part of CI (CI has no GPU): run through tests/gpu/run_gpu_checks.sh on a GPU
 - fp32 tiny models of every family: greedy tokens identical to transformers, with the
   Triton backend and decode CUDA graphs on (and the graphs really replayed);
 - graphs on vs off (enforce_eager) give identical tokens while the batch shrinks through
-  padded sizes;
+  padded sizes; mixed steps split into decode graph + prefill give transformers' tokens;
 - bf16, a real-shaped model (Llama-3.2-1B widths, 4 layers): >= 99% of the first 32 greedy
   tokens agree with the torch_ref backend and torch ops;
 - the KV pool is sized by the profiled forward.
@@ -84,6 +84,25 @@ def test_graphs_match_eager_while_batch_shrinks():
                               enforce_eager=True)
     assert engine.runner.graphs is None
     assert graphs == eager
+
+
+def test_mixed_steps_split_decodes_into_graphs():
+    # A small token budget keeps prefill chunks and >= 16 running decodes in the same steps:
+    # those run as decode graph + eager prefill (cuda_graphs.DecodeGraphs.forward).
+    from hpcinfer import SamplingParams
+    from hpcinfer.engine.cuda_graphs import MIN_SPLIT_DECODES
+    from hpcinfer.testing.tiny import tiny_checkpoint
+    path = str(tiny_checkpoint("llama3"))
+    g = torch.Generator().manual_seed(7)
+    lengths = torch.randint(2, 60, (48,), generator=g).tolist()
+    prompts = _prompts(lengths, seed=8)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    got, engine = _generate(path, prompts, params, dtype="float32", max_model_len=256,
+                            max_num_batched_tokens=96, max_num_seqs=64)
+    assert engine.runner.graphs.num_splits > 0, f"no mixed step had {MIN_SPLIT_DECODES} decodes"
+    want = _hf_greedy(path, prompts, max_new=24)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert a == b, f"prompt {i} (len {len(prompts[i])}): engine {a} != HF {b}"
 
 
 def _load_bench():
