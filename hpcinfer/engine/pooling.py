@@ -202,7 +202,10 @@ class PoolingEngine:
             cu.append(cu[-1] + n)
         dev = self.device
         input_ids = torch.tensor([t for it in items for t in it.token_ids], device=dev)
-        positions = torch.cat([torch.arange(n) for n in lens]).to(dev)
+        lens_t = torch.tensor(lens)
+        # positions restart at 0 in every sequence: [0..n0-1, 0..n1-1, ...]
+        positions = (torch.arange(cu[-1]) - torch.repeat_interleave(
+            torch.tensor(cu[:-1]), lens_t)).to(dev)
         meta = AttentionMetadata(
             slot_mapping=torch.full((cu[-1],), -1, dtype=torch.int64, device=dev),
             cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
