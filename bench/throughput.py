@@ -244,7 +244,8 @@ def bound_output_tok_s(shape: dict, requests, max_num_seqs: int, rates: dict) ->
 
 # --- engines (each in its own subprocess) ------------------------------------------------
 
-def run_hpcinfer(ckpt: Path, requests, max_num_seqs: int, profile_dir: Path | None) -> dict:
+def run_hpcinfer(ckpt: Path, requests, max_num_seqs: int, profile_dir: Path | None,
+                 workload: str = "") -> dict:
     import torch
     from hpcinfer import LLM, SamplingParams
     t0 = time.perf_counter()
@@ -295,7 +296,7 @@ def run_hpcinfer(ckpt: Path, requests, max_num_seqs: int, profile_dir: Path | No
                kv_blocks=runner.num_blocks,
                kv_gib=runner.num_blocks * runner.bytes_per_block() / GiB)
     if profile_dir is not None:
-        row["profile"] = profile_hpcinfer(llm, prompts, profile_dir)
+        row["profile"] = profile_hpcinfer(llm, prompts, profile_dir, workload)
     return row
 
 
@@ -304,7 +305,7 @@ def _stats_dict(stats) -> dict:
                                            "prepare_s", "model_s", "sample_s", "postprocess_s")}
 
 
-def profile_hpcinfer(llm, prompts, out_dir: Path) -> dict:
+def profile_hpcinfer(llm, prompts, out_dir: Path, workload: str) -> dict:
     """torch.profiler over a short run (all prompts, 48 tokens): GPU busy %, top kernels."""
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -320,7 +321,7 @@ def profile_hpcinfer(llm, prompts, out_dir: Path) -> dict:
     busy_us = sum(e.device_time for e in kernels) if kernels else 0.0
     table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=25)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "profile_hpcinfer.txt").write_text(table)
+    (out_dir / f"profile_hpcinfer_{workload}.txt").write_text(table)
     top = sorted(prof.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)
     summary = {"wall_s": wall, "gpu_busy_pct": 100 * busy_us / 1e6 / wall,
                "top_kernels": [{"name": e.key[:80], "self_device_ms": e.self_device_time_total
@@ -414,7 +415,7 @@ def worker_main(args) -> None:
     ckpt = Path(args.ckpt)
     if args.worker == "hpcinfer":
         row = run_hpcinfer(ckpt, requests, spec["max_num_seqs"],
-                           Path(args.profile_dir) if args.profile_dir else None)
+                           Path(args.profile_dir) if args.profile_dir else None, args.workload)
     elif args.worker == "transformers":
         row = run_transformers(ckpt, requests, args.hf_batch_size)
     elif args.worker == "transformers-batch":
