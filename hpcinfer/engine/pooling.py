@@ -129,10 +129,12 @@ class PoolingEngine:
     def _resolve_max_model_len(self) -> int:
         body = getattr(self.model, "body", self.model)
         limit = self.spec.max_position_embeddings - getattr(body, "position_offset", 0)
-        for cap in (self.pooling.max_seq_length, self.config.max_model_len):
-            if cap is not None:
-                limit = min(limit, cap)
-        return limit
+        wanted = self.config.max_model_len
+        if wanted is not None and wanted > limit:
+            raise ValueError(f"max_model_len={wanted} is larger than the model's {limit} "
+                             "positions: lower max_model_len")
+        # The user's max_model_len wins over sentence_bert_config.json's max_seq_length.
+        return wanted or min(limit, self.pooling.max_seq_length or limit)
 
     # --- inputs ---
     def tokenize(self, prompt: Any, index: int, truncate: int | None = None) -> _Input:

@@ -78,3 +78,10 @@ def test_bad_prompts_name_their_index():
 def test_pooling_tasks_refuse_parallel_ranks():
     with pytest.raises(ValueError, match="task='embed' runs on one device.*tensor_parallel_size=1"):
         LLM(str(tiny_pooling_checkpoint("bert")), device="cpu", tensor_parallel_size=2)
+
+
+def test_max_model_len_limits():
+    path = str(tiny_pooling_checkpoint("xlm-roberta"))  # 128 positions, 2 taken by the offset
+    assert LLM(path, device="cpu").llm_engine.max_model_len == 126
+    with pytest.raises(ValueError, match="max_model_len=127 is larger than the model's 126"):
+        LLM(path, device="cpu", max_model_len=127)
