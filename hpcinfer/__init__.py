@@ -14,6 +14,11 @@ _LAZY = {
     "SamplingParams": "hpcinfer.engine.params",
     "RequestOutput": "hpcinfer.engine.outputs",
     "CompletionOutput": "hpcinfer.engine.outputs",
+    "PoolingParams": "hpcinfer.engine.pooling",
+    "PoolingRequestOutput": "hpcinfer.engine.outputs",
+    "EmbeddingRequestOutput": "hpcinfer.engine.outputs",
+    "ClassificationRequestOutput": "hpcinfer.engine.outputs",
+    "ScoringRequestOutput": "hpcinfer.engine.outputs",
     "submit": "hpcinfer.slurm.api",
     "Job": "hpcinfer.slurm.api",
 }

@@ -176,9 +176,9 @@ def test_unexpected_tensor_is_an_error_but_rotary_inv_freq_is_ignored(tmp_path):
 def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
     path = _copy("llama", tmp_path)
     config = json.loads((path / "config.json").read_text())
-    config["architectures"] = ["LlamaForSequenceClassification"]
+    config["architectures"] = ["LlamaForTokenClassification"]
     (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="LlamaForSequenceClassification") as err:
+    with pytest.raises(ValueError, match="LlamaForTokenClassification") as err:
         _load(path)
     assert all(f"{f}ForCausalLM" in str(err.value) for f in FAMILIES)
 
