@@ -1,0 +1,85 @@
+"""The CUDA-graph bookkeeping of hpcinfer/engine/cuda_graphs.py, checked on the CPU.
+
+Graph capture needs a GPU, but everything around it does not: the batch-size ladder, copying
+a step into the static buffers, padding (slot -1, length 0), slicing the padded output, and
+splitting a mixed step into decode rows + prefill chunks. Here each "graph" is a stand-in
+whose replay runs the same eager forward over the same static buffers, so a bookkeeping bug
+changes tokens exactly as a real replay would. Runs in CI (tiny model, CPU, torch_ref).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hpcinfer.engine.cuda_graphs import MIN_SPLIT_DECODES, DecodeGraphs, batch_size_ladder
+
+
+def test_ladder():
+    assert batch_size_ladder(1) == [1]
+    assert batch_size_ladder(6) == [1, 2, 4, 6]
+    assert batch_size_ladder(16) == [1, 2, 4, 8, 16]
+    assert batch_size_ladder(40) == [1, 2, 4, 8, 16, 24, 32, 40]
+    assert batch_size_ladder(256)[-3:] == [240, 248, 256]
+
+
+class _EagerGraph:
+    """Replays by running the forward over the static buffers (what the graph recorded)."""
+
+    def __init__(self, graphs: DecodeGraphs, bs: int):
+        self.graphs, self.bs = graphs, bs
+
+    def replay(self) -> None:
+        out = self.graphs._forward(self.bs)
+        # Poison the padded rows' outputs: nothing may read them.
+        out[self.graphs._live:] = float("nan")
+        self.graphs.outputs[self.bs] = out
+
+
+def _install_fake_graphs(llm) -> DecodeGraphs:
+    runner = llm.llm_engine.runner
+    graphs = DecodeGraphs(runner.model, runner.kv_caches, runner.config.max_num_seqs,
+                          runner.max_blocks_per_seq, runner.spec.hidden_size, runner.spec.dtype,
+                          runner.device)
+    graphs.graphs = {bs: _EagerGraph(graphs, bs) for bs in graphs.sizes}
+    original = graphs._replay
+
+    def replay(input_ids, *args):
+        graphs._live = input_ids.shape[0]
+        return original(input_ids, *args)
+    graphs._replay = replay
+    runner.graphs = graphs
+    return graphs
+
+
+def _run(llm, prompts, params):
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_padding_and_split_give_eager_tokens():
+    from hpcinfer import LLM, SamplingParams
+    from hpcinfer.testing.tiny import tiny_checkpoint
+    path = str(tiny_checkpoint("llama3"))
+    g = torch.Generator().manual_seed(7)
+    lengths = torch.randint(2, 40, (40,), generator=g).tolist()
+    prompts = [torch.randint(6, 380, (n,), generator=g).tolist() for n in lengths]
+    # Varying lengths: the decode batch shrinks through padded sizes at the end.
+    params = [SamplingParams(temperature=0, max_tokens=6 + i % 9, ignore_eos=True)
+              for i in range(len(prompts))]
+    kwargs = dict(device="cpu", dtype="float32", max_model_len=128, max_num_seqs=40,
+                  max_num_batched_tokens=64)
+    eager = _run(LLM(path, **kwargs), prompts, params)
+    llm = LLM(path, **kwargs)
+    graphs = _install_fake_graphs(llm)
+    got = _run(llm, prompts, params)
+    assert graphs.num_replays > 0
+    assert graphs.num_splits > 0, f"no mixed step had {MIN_SPLIT_DECODES} decodes"
+    assert got == eager
