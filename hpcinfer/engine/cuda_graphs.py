@@ -32,6 +32,23 @@ log = logging.getLogger(__name__)
 MIN_SPLIT_DECODES = 16
 
 
+def aligned_offsets(sizes: list[int], itemsize: int, align_bytes: int = 16
+                    ) -> tuple[list[int], int]:
+    """Offsets that start every piece of a packed buffer on an ``align_bytes`` boundary, and
+    the total length, in elements.
+
+    Why: Triton specialises a kernel on whether each pointer argument is 16-byte aligned and
+    compiles one variant per combination. Index tensors cut from one packed upload at
+    arbitrary offsets would make the variants depend on the batch sizes, so new compiles
+    (0.3-0.5 s each) would keep appearing in the middle of a run."""
+    step = max(align_bytes // itemsize, 1)
+    offsets, total = [], 0
+    for size in sizes:
+        offsets.append(total)
+        total += -(-size // step) * step
+    return offsets, total
+
+
 def batch_size_ladder(max_num_seqs: int) -> list[int]:
     """1, 2, 4, 8, 16, 24, 32, ... capped at and always including max_num_seqs."""
     sizes = [b for b in (1, 2, 4, 8) if b < max_num_seqs]
@@ -81,6 +98,7 @@ class DecodeGraphs:
 
         With all slots at -1 and lengths 0 the capture forwards write nothing to the KV cache."""
         start = time.perf_counter()
+        self.warm_up_prefill()
         pool = None
         for bs in reversed(self.sizes):
             self._forward(bs)             # warm-up outside capture: Triton compiles, cuBLAS plans
@@ -95,6 +113,27 @@ class DecodeGraphs:
         self.capture_s = time.perf_counter() - start
         log.info("CUDA graphs: captured %d decode batch sizes (1..%d) in %.1f s",
                  len(self.sizes), self.max_bs, self.capture_s)
+
+    @torch.inference_mode()
+    def warm_up_prefill(self) -> None:
+        """Compile the paged prefill kernels' tile variants now (prefill_config picks one for
+        max_seqlen_q <= 16, another above), not in the middle of the first mixed steps.
+
+        Dummy steps over the cache: slots -1 (nothing is written), block tables all 0 (block
+        0 is read and the result discarded)."""
+        device = self.device
+        for q_len, num_seqs in ((1, 2), (32, 1)):
+            num_tokens = q_len * num_seqs
+            meta = self._meta_cls(
+                slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=device),
+                cu_seqlens_q=torch.arange(num_seqs + 1, dtype=torch.int32, device=device) * q_len,
+                seq_lens=torch.full((num_seqs,), q_len, dtype=torch.int32, device=device),
+                block_tables=torch.zeros(num_seqs, self.block_tables.shape[1],
+                                         dtype=torch.int32, device=device),
+                max_seqlen_q=q_len, max_seqlen_k=q_len, is_decode=False)
+            positions = torch.arange(q_len, device=device).repeat(num_seqs)
+            self.model.forward(torch.zeros(num_tokens, dtype=torch.int64, device=device),
+                               positions, self.kv_caches, meta)
 
     def forward(self, batch) -> torch.Tensor:
         """hidden [num_tokens, hidden] for any step: a pure decode step replays a graph; a
@@ -117,12 +156,14 @@ class DecodeGraphs:
         # Rows [0, k) are sequences with one query token each (token i = sequence i).
         decode = self._replay(batch.input_ids[:k], batch.positions[:k], meta.slot_mapping[:k],
                               meta.seq_lens[:k], meta.block_tables[:k])
+        # clone(): slices at row k start at arbitrary offsets; fresh tensors are aligned,
+        # so the kernels see the alignment they were compiled for (see aligned_offsets).
         rest = self._meta_cls(
-            slot_mapping=meta.slot_mapping[k:], cu_seqlens_q=meta.cu_seqlens_q[k:] - k,
-            seq_lens=meta.seq_lens[k:], block_tables=meta.block_tables[k:],
+            slot_mapping=meta.slot_mapping[k:].clone(), cu_seqlens_q=meta.cu_seqlens_q[k:] - k,
+            seq_lens=meta.seq_lens[k:].clone(), block_tables=meta.block_tables[k:].clone(),
             max_seqlen_q=meta.max_seqlen_q, max_seqlen_k=meta.max_seqlen_k, is_decode=False)
-        prefill = self.model.forward(batch.input_ids[k:], batch.positions[k:], self.kv_caches,
-                                     rest)
+        prefill = self.model.forward(batch.input_ids[k:], batch.positions[k:].clone(),
+                                     self.kv_caches, rest)
         self.num_splits += 1
         return torch.cat([decode, prefill])   # copies the graph's output before any replay
 

@@ -17,6 +17,7 @@ import torch
 
 from hpcinfer.engine.block_manager import BlockManager, cdiv
 from hpcinfer.engine.config import EngineConfig
+from hpcinfer.engine.cuda_graphs import aligned_offsets
 from hpcinfer.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -192,15 +193,18 @@ class ModelRunner:
                 groups.append([torch.from_numpy(np.ascontiguousarray(a, dtype=dtype).reshape(-1))
                                for a in arrays])
                 continue
-            staging = self._staging_buffer(dtype, sum(sizes))
+            # 16-byte aligned pieces: Triton compiles a kernel variant per pointer alignment.
+            offsets, total = aligned_offsets(sizes, np.dtype(dtype).itemsize)
+            staging = self._staging_buffer(dtype, total)
             copied = self._copy_done.get(dtype)
             if copied is not None:
                 copied.synchronize()
-            np.concatenate([a.reshape(-1) for a in arrays], out=staging.numpy()[:sum(sizes)],
-                           casting="unsafe")
-            on_device = staging[:sum(sizes)].to(self.device, non_blocking=True)
+            host = staging.numpy()
+            for a, offset in zip(arrays, offsets):
+                host[offset:offset + a.size] = a.reshape(-1)
+            on_device = staging[:total].to(self.device, non_blocking=True)
             self._copy_done.setdefault(dtype, torch.cuda.Event()).record()
-            groups.append(list(on_device.split(sizes)))
+            groups.append([on_device[o:o + n] for o, n in zip(offsets, sizes)])
         return groups[0], groups[1]
 
     def _staging_buffer(self, dtype, size: int) -> torch.Tensor:

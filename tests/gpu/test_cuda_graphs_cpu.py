@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hpcinfer.engine.cuda_graphs import MIN_SPLIT_DECODES, DecodeGraphs, batch_size_ladder
+from hpcinfer.engine.cuda_graphs import (MIN_SPLIT_DECODES, DecodeGraphs, aligned_offsets,
+                                         batch_size_ladder)
 
 
 def test_ladder():
@@ -20,6 +21,13 @@ def test_ladder():
     assert batch_size_ladder(16) == [1, 2, 4, 8, 16]
     assert batch_size_ladder(40) == [1, 2, 4, 8, 16, 24, 32, 40]
     assert batch_size_ladder(256)[-3:] == [240, 248, 256]
+
+
+def test_aligned_offsets():
+    # int32 pieces start on multiples of 4 elements, int64 on multiples of 2 (16 bytes).
+    assert aligned_offsets([5, 4, 0, 3], 4) == ([0, 8, 12, 12], 16)
+    assert aligned_offsets([3, 1, 2], 8) == ([0, 4, 6], 8)
+    assert aligned_offsets([], 4) == ([], 0)
 
 
 class _EagerGraph:
@@ -79,6 +87,8 @@ def test_padding_and_split_give_eager_tokens():
     eager = _run(LLM(path, **kwargs), prompts, params)
     llm = LLM(path, **kwargs)
     graphs = _install_fake_graphs(llm)
+    graphs.warm_up_prefill()   # dummy steps over the cache: must write nothing
+    assert all(not (k.any() or v.any()) for k, v in llm.llm_engine.runner.kv_caches)
     got = _run(llm, prompts, params)
     assert graphs.num_replays > 0
     assert graphs.num_splits > 0, f"no mixed step had {MIN_SPLIT_DECODES} decodes"
