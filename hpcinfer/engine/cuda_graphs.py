@@ -49,6 +49,14 @@ def aligned_offsets(sizes: list[int], itemsize: int, align_bytes: int = 16
     return offsets, total
 
 
+def graph_safe(model) -> bool:
+    """True if every attention layer uses a backend that never syncs with the host (the
+    ``triton`` one). ``torch_ref`` reads lengths on the host, which graph capture forbids."""
+    from hpcinfer.layers.attention import Attention
+    backends = {m.backend.name for m in model.modules() if isinstance(m, Attention)}
+    return backends == {"triton"}
+
+
 def batch_size_ladder(max_num_seqs: int) -> list[int]:
     """1, 2, 4, 8, 16, 24, 32, ... capped at and always including max_num_seqs."""
     sizes = [b for b in (1, 2, 4, 8) if b < max_num_seqs]

@@ -125,9 +125,9 @@ class ModelRunner:
 
     def capture_cuda_graphs(self) -> None:
         """Decode CUDA graphs (hpcinfer/engine/cuda_graphs.py); off on CPU or enforce_eager."""
-        if self.device.type != "cuda" or self.config.enforce_eager:
+        from hpcinfer.engine.cuda_graphs import DecodeGraphs, graph_safe
+        if self.device.type != "cuda" or self.config.enforce_eager or not graph_safe(self.model):
             return
-        from hpcinfer.engine.cuda_graphs import DecodeGraphs
         self.graphs = DecodeGraphs(self.model, self.kv_caches, self.config.max_num_seqs,
                                    self.max_blocks_per_seq, self.spec.hidden_size,
                                    self.spec.dtype, self.device)

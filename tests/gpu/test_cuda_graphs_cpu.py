@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hpcinfer.engine.cuda_graphs import (MIN_SPLIT_DECODES, DecodeGraphs, aligned_offsets,
-                                         batch_size_ladder)
+                                         batch_size_ladder, graph_safe)
 
 
 def test_ladder():
@@ -28,6 +28,16 @@ def test_aligned_offsets():
     assert aligned_offsets([5, 4, 0, 3], 4) == ([0, 8, 12, 12], 16)
     assert aligned_offsets([3, 1, 2], 8) == ([0, 4, 6], 8)
     assert aligned_offsets([], 4) == ([], 0)
+
+
+def test_graph_safe_needs_the_triton_backend():
+    from hpcinfer.models.registry import load_model
+    from hpcinfer.testing.tiny import tiny_checkpoint
+    path = tiny_checkpoint("qwen2")
+    assert not graph_safe(load_model(path, dtype=torch.float32, device="cpu",
+                                     attention_backend="torch_ref"))
+    assert graph_safe(load_model(path, dtype=torch.float32, device="cpu",
+                                 attention_backend="triton"))
 
 
 class _EagerGraph:
