@@ -17,7 +17,7 @@ out_dir = sys.argv[1]
 params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 verdict = {"gpus": torch.cuda.device_count(), "device": torch.cuda.get_device_name(0)}
 for family in ("llama3", "gemma", "opt"):
-    path = str(build_tiny_checkpoint(family, os.path.join(out_dir, "ckpt", family)))
+    path = str(build_tiny_checkpoint(family, os.path.join("/tmp/hpcinfer-gpu-check", family)))
     for dtype in ("float32", "bfloat16"):
         runs = {}
         for name, kw in (("tp1", {}), ("tp2", {"tensor_parallel_size": 2}),
@@ -42,6 +42,7 @@ for family in ("llama3", "gemma", "opt"):
             if not same and isinstance(runs[name], list):
                 same = f"{sum(a == b for a, b in zip(runs[name], runs['tp1']))}/{len(PROMPTS)} prompts equal"
             verdict[f"{family}/{dtype}/{name}"] = same if not isinstance(runs[name], str) else runs[name]
-print(json.dumps(verdict, indent=1))
+        print(family, dtype, {k: v for k, v in verdict.items() if k.startswith(f"{family}/{dtype}")}, flush=True)
+print(json.dumps(verdict, indent=1), flush=True)
 with open(os.path.join(out_dir, "gpu_verdict.json"), "w") as f:
     json.dump(verdict, f, indent=1)
