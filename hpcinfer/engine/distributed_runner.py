@@ -97,6 +97,8 @@ class DistributedRunner(ModelRunner):
         stage, spec = self.parallel.stage, self.spec
         world = self.parallel.groups.world
         num_tokens = batch.input_ids.shape[0]
+        if world.launcher != "spawn":  # spawned ranks replay rank 0's calls: cannot diverge
+            self._check_same_batch(batch, world)
         intermediate = None
         if not stage.is_first:
             intermediate = tuple(torch.empty((num_tokens, spec.hidden_size), dtype=spec.dtype,
@@ -127,6 +129,20 @@ class DistributedRunner(ModelRunner):
             elif world.rank == 0:
                 dist.recv(logits, src=source)
         return logits
+
+
+    def _check_same_batch(self, batch: Batch, world) -> None:
+        # Under mpirun/srun every rank feeds its own LLM: a rank given other prompts (or in
+        # another order) would schedule another batch and hang in the next collective.
+        mine = torch.tensor([batch.input_ids.shape[0], len(batch.sample_seqs),
+                             int(batch.input_ids.sum()) % (1 << 31)], dtype=torch.int64)
+        ref = mine.clone()
+        dist.broadcast(ref, src=0, group=world.cpu_group)
+        if not torch.equal(mine, ref):
+            raise RuntimeError(
+                f"rank {world.rank}'s engine scheduled another batch than rank 0's ({mine.tolist()} "
+                f"vs {ref.tolist()} tokens/sampled/id-sum): under mpirun/srun every rank must "
+                "give LLM the same prompts, sampling params and calls in the same order")
 
 
 def _layer_owner(model):

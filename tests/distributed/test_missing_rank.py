@@ -45,3 +45,19 @@ def test_missing_rank_is_named_within_the_timeout(late, reporter_wait):
     # The reporter's deadline plus interpreter/MPI start-up and teardown; the stuck rank
     # would sleep 600 s.
     assert elapsed < reporter_wait + 40, elapsed
+
+
+def test_ranks_given_different_prompts_fail_fast_with_a_clear_message():
+    from hpcinfer.testing.tiny import tiny_checkpoint
+    mpirun = shutil.which("mpirun")
+    require(mpirun is not None, "mpirun (Open MPI) is not installed: run dev/setup.sh")
+    proc = subprocess.run([mpirun, "--allow-run-as-root", "--oversubscribe", "-n", "2",
+                           sys.executable, str(HERE / "diverge.py"),
+                           str(tiny_checkpoint("llama"))],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "no error" not in proc.stdout
+    assert "rank 1: rank 1's engine scheduled another batch than rank 0's" in proc.stdout, (
+        proc.stdout[-2000:] + proc.stderr[-2000:])
+    assert "every rank must give LLM the same prompts" in proc.stdout
