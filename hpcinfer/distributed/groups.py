@@ -12,7 +12,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from hpcinfer.distributed.world import World
+from hpcinfer.distributed.world import EXTRA_GROUPS, World
 from hpcinfer.layers.linear import TensorParallel
 
 
@@ -90,11 +90,15 @@ def make_groups(world: World, tp_size: int, pp_size: int) -> ParallelGroups:
             g = dist.new_group(ranks) if tp_size > 1 else None
             if p == pp_rank:
                 tp_group = g
+                if g is not None and world.backend == "gloo":
+                    EXTRA_GROUPS.append(g)
         for t in range(tp_size):
             ranks = list(range(t, world.size, tp_size))
             g = dist.new_group(ranks) if pp_size > 1 else None
             if t == tp_rank:
                 pp_group = g
+                if g is not None and world.backend == "gloo":
+                    EXTRA_GROUPS.append(g)
     return ParallelGroups(world, TensorParallel(tp_rank, tp_size, tp_group), pp_rank, pp_size,
                           pp_group)
 

@@ -18,6 +18,7 @@ moves only device tensors.
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import os
@@ -166,6 +167,10 @@ def _init_process_group(launch: Launch, addr: str, port: int | None, hosts: tupl
             "check that every rank was started, that the port is reachable between the nodes "
             "and that MASTER_ADDR names rank 0's host") from e
     cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else dist.group.WORLD
+    if backend == "gloo":
+        # Tear gloo down before mpi4py finalizes MPI at exit: under `srun --mpi=pmix` the
+        # interpreter otherwise aborts at exit ("terminate called without an active exception").
+        atexit.register(_destroy_at_exit)
     log.info("rank %d/%d (local %d) joined %s at %s:%d via %s on %s", launch.rank, launch.size,
              launch.local_rank, backend, addr, port, launch.launcher, device)
     return World(launch.rank, launch.size, launch.local_rank, launch.launcher, backend, device,
@@ -318,6 +323,26 @@ def _env_rendezvous(launch: Launch) -> str:
     os.environ.setdefault("MASTER_PORT", str(20000 + (job * 7 + int(
         os.environ.get("SLURM_STEP_ID", "0") or 0)) % 20000))
     return addr
+
+
+EXTRA_GROUPS: list = []  # gloo subgroups (TP/PP), flushed at exit too
+
+
+def _destroy_at_exit() -> None:
+    # A gloo worker thread drops its last reference to a finished collective's tensors a
+    # moment after the caller returns; if Python is finalizing by then, that decref aborts
+    # the process. Two barriers per group (gloo runs 2 threads per group, each releases its
+    # previous work before taking the next) make every earlier release happen now.
+    if not dist.is_initialized():
+        return
+    spawned = _WORLD is not None and _WORLD.launcher == "spawn"  # its workers already left
+    try:
+        for group in [] if spawned else [None, *EXTRA_GROUPS]:
+            for _ in range(2):
+                dist.barrier(group=group)
+    except Exception as e:  # a peer already gone: nothing to flush
+        log.debug("exit barrier failed: %s", e)
+    dist.destroy_process_group()
 
 
 def destroy_world() -> None:
