@@ -72,3 +72,28 @@ def test_one_process_spawns_tp2_x_pp2_and_exits_cleanly():
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("TOKENS "))
     assert json.loads(line[len("TOKENS "):]) == want
+
+
+def test_lazy_slices_read_exactly_the_region(tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import save_file
+
+    import hpcinfer.distributed.slices as slices
+    monkeypatch.setattr(slices, "CHUNK_BYTES", 64)  # several row chunks per column slice
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"w16": torch.randn(12, 10, generator=gen).to(torch.bfloat16),
+               "h16": torch.randn(12, 10, generator=gen).to(torch.float16),
+               "f32": torch.randn(7, 5, generator=gen), "bias": torch.randn(9, generator=gen)}
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, str(path))
+    lazy = {name: t for name, t, _ in slices.iter_checkpoint_lazy({n: path for n in tensors})}
+    for name, full in tensors.items():
+        got = lazy[name]
+        assert got.shape == full.shape and got.dtype == full.dtype
+        assert torch.equal(got.materialize(), full)
+        assert torch.equal(got.narrow(0, 2, 3).materialize(), full.narrow(0, 2, 3))
+        assert torch.equal(got[1:4].materialize(), full[1:4])
+        if full.dim() == 2:
+            assert torch.equal(got.narrow(1, 1, 3).materialize(), full.narrow(1, 1, 3))
+            assert torch.equal(got.narrow(0, 3, 4).narrow(1, 2, 2).materialize(),
+                               full[3:7, 2:4])
