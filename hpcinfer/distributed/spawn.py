@@ -77,10 +77,20 @@ class CommandChannel:
                 proc.kill()
 
 
+_ACTIVE: list[CommandChannel] = []  # the ranks this process spawned last
+
+
 def make_driver_engine(config):
-    """An LLMEngine (rank 0) whose calls are mirrored to spawned worker ranks."""
+    """An LLMEngine (rank 0) whose calls are mirrored to spawned worker ranks.
+
+    One spawned engine at a time per process: a new one stops the previous one's ranks and
+    leaves its process group first (the old LLM object cannot be used after that)."""
+    from hpcinfer.distributed.world import destroy_world
     from hpcinfer.engine.llm_engine import LLMEngine
 
+    while _ACTIVE:
+        _ACTIVE.pop().close()
+        destroy_world()
     num_ranks = config.tensor_parallel_size * config.pipeline_parallel_size
     procs = start_workers(config, num_ranks)
     from hpcinfer.distributed.world import current_world
@@ -109,6 +119,7 @@ def make_driver_engine(config):
             proc.terminate()
         raise
     atexit.register(channel.close)
+    _ACTIVE.append(channel)
     weakref.finalize(engine, channel.close)
     return engine
 

@@ -153,8 +153,9 @@ def _init_process_group(launch: Launch, addr: str, port: int | None, hosts: tupl
     if device.type == "cuda":
         torch.cuda.set_device(device)
     port = int(port if port is not None else os.environ["MASTER_PORT"])
-    os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(launch.rank),
-                      WORLD_SIZE=str(launch.size), LOCAL_RANK=str(launch.local_rank))
+    if launch.launcher != "spawn":  # a spawning driver stays a single process to later checks
+        os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(launch.rank),
+                          WORLD_SIZE=str(launch.size), LOCAL_RANK=str(launch.local_rank))
     timeout = datetime.timedelta(seconds=timeout_s)
     kwargs = {"device_id": device} if backend == "nccl" else {}
     try:
@@ -350,4 +351,5 @@ def destroy_world() -> None:
     global _WORLD
     if _WORLD is not None and _WORLD.size > 1 and dist.is_initialized():
         dist.destroy_process_group()
+    EXTRA_GROUPS.clear()
     _WORLD = None

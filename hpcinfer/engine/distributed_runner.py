@@ -172,7 +172,9 @@ def create_engine(config):
     ranks = config.tensor_parallel_size * getattr(config, "pipeline_parallel_size", 1)
     if ranks > 1:
         check_layout(config)  # before any rank is started
-    if ranks > 1 and current_world() is None and detect_launch().size == 1:
+    world = current_world()
+    spawned_before = world is not None and world.launcher == "spawn"
+    if ranks > 1 and (spawned_before or (world is None and detect_launch().size == 1)):
         from hpcinfer.distributed.spawn import make_driver_engine
         return make_driver_engine(config)
     return LLMEngine(config)

@@ -47,7 +47,7 @@ def test_bad_layouts_fail_before_spawning():
         LLM(path, tensor_parallel_size=0, device="cpu")
 
 
-def test_one_process_spawns_tp2_x_pp2_and_exits_cleanly():
+def test_one_process_spawns_tp2_then_tp2_x_pp2_and_exits_cleanly():
     import json
     import os
     import subprocess
@@ -62,16 +62,17 @@ def test_one_process_spawns_tp2_x_pp2_and_exits_cleanly():
     script = (
         "import json, sys\n"
         "from hpcinfer import LLM, SamplingParams\n"
-        f"llm = LLM({path!r}, device='cpu', dtype='float32', tensor_parallel_size=2,\n"
-        "          pipeline_parallel_size=2)\n"
-        f"outs = llm.generate({prompts!r}, SamplingParams(temperature=0.0, max_tokens=10,\n"
-        "                     ignore_eos=True), use_tqdm=False)\n"
-        "print('TOKENS ' + json.dumps([o.outputs[0].token_ids for o in outs]))\n")
+        f"for tp, pp in ((2, 1), (2, 2)):  # a second spawned LLM replaces the first\n"
+        f"    llm = LLM({path!r}, device='cpu', dtype='float32', tensor_parallel_size=tp,\n"
+        "              pipeline_parallel_size=pp)\n"
+        f"    outs = llm.generate({prompts!r}, SamplingParams(temperature=0.0, max_tokens=10,\n"
+        "                         ignore_eos=True), use_tqdm=False)\n"
+        "    print('TOKENS ' + json.dumps([o.outputs[0].token_ids for o in outs]))\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("TOKENS "))
-    assert json.loads(line[len("TOKENS "):]) == want
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("TOKENS ")]
+    assert [json.loads(x[len("TOKENS "):]) for x in lines] == [want, want]
 
 
 def test_lazy_slices_read_exactly_the_region(tmp_path, monkeypatch):
