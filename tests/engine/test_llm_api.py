@@ -294,8 +294,8 @@ def test_bad_engine_arguments(checkpoint):
     path = checkpoint(FAMILY)
     with pytest.raises(TypeError, match="did you mean 'max_num_seqs'"):
         LLM(path, max_num_seq=4)
-    with pytest.raises(ValueError, match="tensor_parallel_size=2 is not supported yet"):
-        LLM(path, tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="tensor_parallel_size=3 does not divide the model's 4"):
+        LLM(path, tensor_parallel_size=3)
     with pytest.raises(ValueError, match="max_model_len=100000 is larger"):
         LLM(path, max_model_len=100000)
     with pytest.raises(ValueError, match="KV cache holds 1 blocks.*raise kv_cache_memory_bytes"):

@@ -91,8 +91,12 @@ def test_weight_loaders_reject_wrong_shapes():
     qkv = QKVParallelLinear(8, 2, 4, 2, bias=True)
     with pytest.raises(WeightShapeError):
         qkv.weight_loader(qkv.bias, torch.zeros(8), "k")
-    with pytest.raises(ValueError, match="not divisible by the tensor-parallel size 4"):
-        QKVParallelLinear(8, 2, 4, 2, tp=TensorParallel(0, 4))
+    # More ranks than KV heads: each KV head is replicated on tp / num_kv_heads ranks ...
+    replicated = QKVParallelLinear(8, 2, 4, 2, tp=TensorParallel(0, 4))
+    assert (replicated.num_kv_heads, replicated.kv_replicas) == (1, 2)
+    # ... which only works when the rank count is a multiple of the KV heads.
+    with pytest.raises(ValueError, match="not a multiple of it"):
+        QKVParallelLinear(8, 2, 6, 4, tp=TensorParallel(0, 6))
 
 
 def test_vocab_parallel_embedding_and_head_slices():
