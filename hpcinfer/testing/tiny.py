@@ -109,7 +109,10 @@ def tiny_config(family: str, vocab_size: int, **overrides: Any):
     return AutoConfig.for_model(model_type, **kwargs)
 
 
-def _redraw_weights(model, seed: int, norm_offset: float) -> None:
+def redraw_weights(model, seed: int, norm_offset: float = 0.0) -> None:
+    """Seeded weights with real spread: from_config's init leaves norms at 1 and biases at 0,
+    which would hide bugs in how those are applied, and makes greedy ties likelier.
+    ``norm_offset=1.0`` for Gemma-style (1 + w) norms."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
@@ -120,7 +123,7 @@ def _redraw_weights(model, seed: int, norm_offset: float) -> None:
                 param.copy_(noise)
             elif param.dim() == 2:
                 param.copy_(noise / param.shape[1] ** 0.5)
-            elif name.endswith("norm.weight"):
+            elif name.endswith(("norm.weight", "LayerNorm.weight")):  # BERT: LayerNorm
                 param.copy_((1.0 - norm_offset) + 0.1 * noise)
             else:  # biases (and LayerNorm biases)
                 param.copy_(0.1 * noise)
@@ -140,7 +143,7 @@ def build_tiny_checkpoint(family: str, out_dir: str | Path, *, seed: int = 0,
     with torch.random.fork_rng():  # from_config draws from the global RNG: leave it untouched
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    _redraw_weights(model, seed, norm_offset=1.0 if config.model_type == "gemma" else 0.0)
+    redraw_weights(model, seed, norm_offset=1.0 if config.model_type == "gemma" else 0.0)
     model.eval()
     params = list(model.parameters())  # tied parameters appear once
     total = sum(p.numel() * p.element_size() for p in params)

@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from hpcinfer.testing.tiny import _FAMILY_CONFIGS, _tiny_tokenizer, tiny_config
+from hpcinfer.testing.tiny import _FAMILY_CONFIGS, _tiny_tokenizer, redraw_weights, tiny_config
 
 ENCODER_KINDS = ("bert", "xlm-roberta")
 DECODER_CLS_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
@@ -83,21 +83,6 @@ def _wordpiece_tokenizer(kind: str):
                                             ["input_ids", "attention_mask"]))
 
 
-def _redraw(model, seed: int, norm_offset: float = 0.0) -> None:
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in sorted(model.named_parameters()):
-            noise = torch.randn(param.shape, generator=gen)
-            if param.dim() == 2 and "embed" in name:
-                param.copy_(noise)
-            elif param.dim() == 2:
-                param.copy_(noise / param.shape[1] ** 0.5)
-            elif name.endswith(("norm.weight", "LayerNorm.weight")):
-                param.copy_((1.0 - norm_offset) + 0.1 * noise)
-            else:
-                param.copy_(0.1 * noise)
 
 
 def _encoder_model(kind: str, tokenizer, classifier: bool, overrides: dict):
@@ -152,7 +137,7 @@ def build_tiny_pooling_checkpoint(kind: str, out_dir: str | Path, *, seed: int =
             raise ValueError(f"unknown tiny pooling kind {kind!r}: use bert, xlm-roberta, "
                              "bert-cls, xlm-roberta-cls, <family>-cls or <family>-embed for "
                              f"family in {list(DECODER_CLS_FAMILIES)}")
-    _redraw(model, seed, norm_offset=1.0 if base == "gemma" else 0.0)
+    redraw_weights(model, seed, norm_offset=1.0 if base == "gemma" else 0.0)
     model.eval()
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

@@ -212,14 +212,3 @@ def _finish(job_dir: Path, record: dict, status: str, message: str, started: flo
     except OSError as exc:
         log.error("cannot write metrics to %s: %s", job_dir / "metrics", exc)
 
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s hpcinfer.worker %(levelname)s %(message)s")
-    if len(argv) != 1:
-        log.error("usage: python -m hpcinfer.worker JOBDIR")
-        return EXIT_BAD_INPUT
-    stop = StopFlag()
-    stop.install()
-    return run(Path(argv[0]).resolve(), stop)

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from hpcinfer import LLM, SamplingParams
+from hpcinfer import SamplingParams
 from hpcinfer.testing.distributed import PROMPTS
 from hpcinfer.testing.tiny import build_tiny_checkpoint
 

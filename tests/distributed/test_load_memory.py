@@ -12,22 +12,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from hpcinfer.distributed.slices import CHUNK_BYTES
+from hpcinfer.testing.require import require
 from hpcinfer.testing.tiny import build_tiny_checkpoint
 
 HERE = Path(__file__).resolve().parent
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 ALLOWANCE = CHUNK_BYTES + (8 << 20)
 
 
-def require(condition: bool, why: str) -> None:
-    if condition:
-        return
-    if IN_CI:
-        pytest.fail(f"CI=true and {why}: this test must run in CI, never skip", pytrace=False)
-    pytest.skip(why)
 
 
 def test_tp4_rank_peak_rss_is_a_fraction_of_the_checkpoint(tmp_path):

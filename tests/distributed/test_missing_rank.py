@@ -12,17 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from hpcinfer.testing.require import require
+
 HERE = Path(__file__).resolve().parent
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 TIMEOUT_S = 4
 
 
-def require(condition: bool, why: str) -> None:
-    if condition:
-        return
-    if IN_CI:
-        pytest.fail(f"CI=true and {why}: this test must run in CI, never skip", pytrace=False)
-    pytest.skip(why)
 
 
 @pytest.mark.parametrize("late, reporter_wait", [(2, TIMEOUT_S), (0, TIMEOUT_S + 10)],

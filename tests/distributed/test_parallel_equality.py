@@ -12,19 +12,13 @@ import sys
 
 import pytest
 
+from hpcinfer.testing.require import require
 from hpcinfer.testing.tiny import TINY_FAMILIES
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1",
        "TOKENIZERS_PARALLELISM": "false"}
 
 
-def require(condition: bool, why: str) -> None:
-    if condition:
-        return
-    if IN_CI:
-        pytest.fail(f"CI=true and {why}: this test must run in CI, never skip", pytrace=False)
-    pytest.skip(why)
 
 
 @pytest.fixture(scope="module")

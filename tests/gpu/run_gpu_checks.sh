@@ -18,7 +18,7 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 RESULTS_DIR=${1:-${OUT:-$REPO/bench/results}}
 BENCH_ARGS=("${@:2}")
 PY=${PYTHON:-python3}
-export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
+export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 HPCINFER_GPU_TESTS=1
 
 # Run from a scratch dir so the repo's own hpcinfer/ (without kernels/) is not first on
 # sys.path; the shim there links the package and kernels/ into one importable tree.

@@ -2,21 +2,18 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 import torch
 
 from hpcinfer import LLM
-from hpcinfer.testing.tiny_pooling import (TEXTS, build_tiny_pooling_checkpoint, hf_embeddings,
-                                           tiny_pooling_checkpoint)
-
-
-def require(cond: bool, why: str) -> None:
-    if not cond:
-        if os.environ.get("CI") == "true":
-            pytest.fail(why)
-        pytest.skip(why)
+from hpcinfer.testing.require import require
+from hpcinfer.testing.tiny_pooling import (
+    TEXTS,
+    build_tiny_pooling_checkpoint,
+    hf_embeddings,
+    tiny_pooling_checkpoint,
+)
 
 
 def assert_close(ours, theirs) -> None:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 import torch
 
 from hpcinfer import LLM
+from hpcinfer.testing.require import require
 
 SENTENCES = [
     "This is an example sentence.",
@@ -20,11 +20,6 @@ SENTENCES = [
 ]
 
 
-def require(cond: bool, why: str) -> None:
-    if not cond:
-        if os.environ.get("CI") == "true":
-            pytest.fail(why)
-        pytest.skip(why)
 
 
 @pytest.fixture(scope="module")
