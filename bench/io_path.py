@@ -105,7 +105,7 @@ def main() -> None:
                       f"{args.rows / cpu_s:>10,.0f} rows/s per CPU-second "
                       f"({args.rows} rows, best of {args.repeats}, one thread)")
                 results.append({"engine": "hpcinfer-io", "workload": f"{stage}-{fmt_name}",
-                                "tp": 1, "output_tok_s": None,
+                                "tp": 1, "output_tok_s": None, "total_tok_s": None,
                                 "rows_s": round(args.rows / wall_s),
                                 "rows_per_cpu_s": round(args.rows / cpu_s),
                                 "num_rows": args.rows, "commit_every_rows": COMMIT_EVERY_ROWS,

@@ -45,7 +45,10 @@ def main() -> None:
         benches += [sweep_decode, sweep_prefill]
     for bench in benches:
         for row in bench(dtypes):
-            row.update(device=device_name, date=date)
+            # The common bench-row keys (bench/README: engine ... date); a kernel has no tok/s.
+            row.update(engine="hpcinfer-kernels",
+                       workload=f"{row['kernel']} {row['shape']} {row['dtype']}", tp=1,
+                       output_tok_s=None, total_tok_s=None, device=device_name, date=date)
             rows.append(row)
             log.info(_format(row))
     slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")

@@ -114,7 +114,11 @@ def main() -> None:
     for engine, seconds in timings.items():
         if seconds is None:
             continue
-        rows.append({"engine": engine, "model": label, "device": args.device,
+        # total_tok_s: input tokens embedded per second (pooling produces no output tokens).
+        rows.append({"engine": engine, "workload": f"embed {label}", "tp": 1,
+                     "output_tok_s": None,
+                     "total_tok_s": round(len(texts) * mean_tokens / seconds, 1),
+                     "model": label, "device": args.device,
                      "dtype": "float32", "num_texts": len(texts),
                      "mean_tokens": round(mean_tokens, 1),
                      "embeddings_s": round(len(texts) / seconds, 1),
