@@ -1,5 +1,9 @@
 """Peak RSS of each rank while it loads its tensor-parallel slice of a checkpoint: run as
-``mpirun -n N python load_rss.py CHECKPOINT`` ; rank 0 prints one JSON line."""
+``mpirun -n N python load_rss.py CHECKPOINT WARMUP_CHECKPOINT`` ; rank 0 prints one JSON line.
+
+The warm-up load of a small checkpoint of the same family first pays the one-time costs of a
+first load (module imports, lazily built torch state), which vary by a few tens of MB from run
+to run and are not weights; the measured load then shows what the weights cost."""
 import json
 import sys
 
@@ -19,6 +23,9 @@ def rss_kib(field: str) -> int:
 world = init_world(device="cpu")
 groups = make_groups(world, world.size, 1)
 load_config(sys.argv[1])  # imports transformers: its memory is not the weights
+warmup = load_model(sys.argv[2], dtype=torch.float32, device="cpu", attention_backend="torch_ref",
+                    tp=groups.tp)
+del warmup
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # reset the peak (VmHWM) to the current RSS
 before = rss_kib("VmRSS")

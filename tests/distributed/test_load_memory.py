@@ -14,7 +14,7 @@ from pathlib import Path
 
 from hpcinfer.distributed.slices import CHUNK_BYTES
 from hpcinfer.testing.require import require
-from hpcinfer.testing.tiny import build_tiny_checkpoint
+from hpcinfer.testing.tiny import build_tiny_checkpoint, tiny_checkpoint
 
 HERE = Path(__file__).resolve().parent
 ALLOWANCE = CHUNK_BYTES + (8 << 20)
@@ -32,7 +32,8 @@ def test_tp4_rank_peak_rss_is_a_fraction_of_the_checkpoint(tmp_path):
                                  num_key_value_heads=4, head_dim=64)
     size = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
     proc = subprocess.run([mpirun, "--allow-run-as-root", "--oversubscribe", "-n", "4",
-                           sys.executable, str(HERE / "load_rss.py"), str(ckpt)],
+                           sys.executable, str(HERE / "load_rss.py"), str(ckpt),
+                           str(tiny_checkpoint("llama"))],
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
                           text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
