@@ -48,3 +48,19 @@ def write_job(root: Path, name: str = "t", rows: tuple[int, ...] = (5, 5), text:
 def tree(root: Path) -> set[str]:
     """Every path under root (relative), to assert that a command wrote nothing."""
     return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+# The smallest job file the config loader accepts (config tests add keys on top of it).
+MINIMAL_JOB = """\
+name: t1
+model: {id: org/model}
+input: {path: "data/*.jsonl"}
+"""
+
+
+def write_job_text(tmp_path: Path, text: str, name: str = "job.yaml") -> Path:
+    """Write a job file from (dedented) YAML text; returns its path."""
+    import textwrap
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path

@@ -2,25 +2,14 @@
 from __future__ import annotations
 
 import os
-import textwrap
 from pathlib import Path
 
 import pytest
 
 from hpcinfer.config import ConfigError, load_job
 from hpcinfer.config import checks as checks_module
-
-BASE = """\
-name: t1
-model: {id: org/model}
-input: {path: "data/*.jsonl"}
-"""
-
-
-def write_job(tmp_path: Path, text: str, name: str = "job.yaml") -> Path:
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(text))
-    return path
+from hpcinfer.testing.jobs import MINIMAL_JOB as BASE
+from hpcinfer.testing.jobs import write_job_text as write_job
 
 
 def error_of(path: Path, overrides=(), **kwargs) -> ConfigError:

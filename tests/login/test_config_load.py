@@ -1,25 +1,14 @@
 """Loading: layer precedence, path resolution, YAML 1.2 scalars, Slurm times, resolved round trip."""
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import pytest
 
 from hpcinfer.config import ConfigError, load_job, load_resolved
 from hpcinfer.config.units import normalize_mem, normalize_time
-
-BASE = """\
-name: t1
-model: {id: org/model}
-input: {path: "data/*.jsonl"}
-"""
-
-
-def write_job(tmp_path: Path, text: str, name: str = "job.yaml") -> Path:
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(text))
-    return path
+from hpcinfer.testing.jobs import MINIMAL_JOB as BASE
+from hpcinfer.testing.jobs import write_job_text as write_job
 
 
 def test_precedence_profile_then_file_then_set(tmp_path):

@@ -3,7 +3,6 @@ build`. The recipe is parsed with spython and pinned by a golden file; accept an
 with: UPDATE_GOLDEN=1 pytest tests/login -k golden"""
 from __future__ import annotations
 
-import difflib
 import os
 import re
 import shutil
@@ -16,29 +15,13 @@ import yaml
 from hpcinfer.cli import main
 from hpcinfer.compile.container import CUDA_IMAGES, ContainerError, choose_cuda
 from hpcinfer.compile.render import render_container_def
+from hpcinfer.testing.golden import check_golden
 from hpcinfer.testing.jobs import write_job
 from hpcinfer.testing.plans import sample_plan
 from hpcinfer.testing.tools import shellcheck_bin
 
-GOLDEN = Path(__file__).parent / "golden"
-UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"
 WHEEL = "/scratch/jobs/qa-eval/hpcinfer-0.1.0-py3-none-any.whl"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-def check_golden(name: str, text: str) -> None:
-    path = GOLDEN / name
-    if UPDATE:
-        path.write_text(text)
-        return
-    assert path.exists(), f"no golden file {path}: run UPDATE_GOLDEN=1 pytest tests/login -k golden"
-    expected = path.read_text()
-    if text != expected:
-        diff = "".join(difflib.unified_diff(expected.splitlines(True), text.splitlines(True),
-                                            f"golden/{name}", "rendered"))
-        pytest.fail(f"rendered {name} differs from the golden file:\n{diff}\n"
-                    "If the change is intended: UPDATE_GOLDEN=1 pytest tests/login -k golden",
-                    pytrace=False)
 
 
 def parse(text: str, tmp_path: Path):

@@ -2,35 +2,16 @@
 shellcheck. Accept an intended change with: UPDATE_GOLDEN=1 pytest tests/login -k golden"""
 from __future__ import annotations
 
-import difflib
-import os
 import subprocess
-from pathlib import Path
 
 import pytest
 
 from hpcinfer.compile.render import render_container_def, render_script
+from hpcinfer.testing.golden import check_golden
 from hpcinfer.testing.plans import sample_plan
 from hpcinfer.testing.tools import shellcheck_bin
 
-GOLDEN = Path(__file__).parent / "golden"
-UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"
 CASES = [(shape, container) for shape in ("single", "array", "multinode") for container in (False, True)]
-
-
-def check_golden(name: str, text: str) -> None:
-    path = GOLDEN / name
-    if UPDATE:
-        path.write_text(text)
-        return
-    assert path.exists(), f"no golden file {path}: run UPDATE_GOLDEN=1 pytest tests/login -k golden"
-    expected = path.read_text()
-    if text != expected:
-        diff = "".join(difflib.unified_diff(expected.splitlines(True), text.splitlines(True),
-                                            f"golden/{name}", "rendered"))
-        pytest.fail(f"rendered {name} differs from the golden file:\n{diff}\n"
-                    "If the change is intended: UPDATE_GOLDEN=1 pytest tests/login -k golden",
-                    pytrace=False)
 
 
 @pytest.mark.parametrize("shape,container", CASES, ids=[f"{s}-{'container' if c else 'bare'}" for s, c in CASES])
