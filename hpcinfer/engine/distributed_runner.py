@@ -182,18 +182,11 @@ def create_engine(config):
 
 def check_layout(config) -> None:
     """ValueError, before any rank starts, when the model cannot be split this way."""
+    from hpcinfer.distributed.layout import layout_problem
     from hpcinfer.models.registry import load_config
     hf = load_config(config.model)
-    tp, pp = config.tensor_parallel_size, getattr(config, "pipeline_parallel_size", 1)
-    heads = hf.num_attention_heads
-    kv_heads = getattr(hf, "num_key_value_heads", None) or heads
-    if heads % tp:
-        raise ValueError(f"tensor_parallel_size={tp} does not divide the model's "
-                         f"{heads} attention heads: use a divisor of {heads}")
-    if kv_heads % tp and tp % kv_heads:
-        raise ValueError(f"tensor_parallel_size={tp} and the model's {kv_heads} KV heads: "
-                         "one must divide the other (KV heads are split, or replicated when "
-                         "there are more ranks than KV heads)")
-    if pp > hf.num_hidden_layers:
-        raise ValueError(f"pipeline_parallel_size={pp} is more than the model's "
-                         f"{hf.num_hidden_layers} layers")
+    problem = layout_problem(hf.num_attention_heads, getattr(hf, "num_key_value_heads", None),
+                             hf.num_hidden_layers, config.tensor_parallel_size,
+                             getattr(config, "pipeline_parallel_size", 1))
+    if problem is not None:
+        raise ValueError(problem[1])
