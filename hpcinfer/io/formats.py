@@ -8,6 +8,11 @@ equal bytes. Formats:
   "num_output_tokens", "finish_reason"[, "logprobs"]}`` one JSON object per line.
 - parquet: the same columns with an explicit schema.
 - openai-batch: the OpenAI batch output line plus ``row_index`` (collect drops it).
+
+Pooling tasks (embed/classify/score/reward) write ``{"row_index", <id>, <passthrough...>,
+<embedding|probs|score|reward>, "num_prompt_tokens"}`` instead: JSONL arrays, Parquet
+``list<float32>`` (embedding, probs), ``float64`` (score), ``list<list<float32>>`` (reward:
+per token, per label).
 """
 from __future__ import annotations
 
@@ -161,14 +166,67 @@ def _fixed_types() -> dict:
             "logprobs": pa.list_(pa.list_(token))}
 
 
+# pooling task -> the output column holding its result
+POOLING_FIELDS = {"embed": "embedding", "classify": "probs", "score": "score",
+                  "reward": "reward"}
+
+
+class PoolingJsonlFormat(JsonlFormat):
+    """A pooling task's records; ``out`` has ``value`` (the result) and ``num_prompt_tokens``."""
+
+    def __init__(self, *, task: str, **kwargs: Any):
+        self.task = task
+        self.field = POOLING_FIELDS[task]
+        names = set(kwargs.get("passthrough", ())) | {kwargs.get("id_name", "id")}
+        clash = {self.field, "num_prompt_tokens"} & names
+        if clash:
+            raise ValueError(f"input.passthrough / id_field name {sorted(clash)} clashes with "
+                             f"an output field of task {task}: rename the input column or drop "
+                             "it from input.passthrough")
+        super().__init__(**{**kwargs, "logprobs": False})
+
+    def record(self, row, out) -> dict:
+        rec: dict[str, Any] = {"row_index": row.index}
+        if self.id_name:
+            rec[self.id_name] = row.id
+        for name in self.passthrough:
+            rec[name] = row.passthrough.get(name)
+        rec[self.field] = out.value
+        rec["num_prompt_tokens"] = out.num_prompt_tokens
+        return rec
+
+
+class PoolingParquetFormat(PoolingJsonlFormat, ParquetFormat):
+    def _names(self) -> list[str]:
+        return ["row_index", *([self.id_name] if self.id_name else []), *self.passthrough,
+                self.field, "num_prompt_tokens"]
+
+    def _array(self, name: str, values: list):
+        import pyarrow as pa
+        if name == self.field:
+            f32 = pa.list_(pa.float32())
+            kind = {"embedding": f32, "probs": f32, "score": pa.float64(),
+                    "reward": pa.list_(f32)}[name]
+            return pa.array(values, kind)
+        return super()._array(name, values)
+
+
 _CLASSES = {"jsonl": JsonlFormat, "parquet": ParquetFormat, "openai-batch": OpenAIBatchFormat}
+_POOLING_CLASSES = {"jsonl": PoolingJsonlFormat, "parquet": PoolingParquetFormat}
 
 
-def make_format(name: str, **options: Any) -> JsonlFormat:
+def make_format(name: str, task: str = "generate", **options: Any) -> JsonlFormat:
     """Format object by name; options: id_name, passthrough, logprobs, column_types,
-    model and created_s (openai-batch)."""
+    model and created_s (openai-batch). A pooling ``task`` gets its own record layout."""
     if name not in _CLASSES:
         raise ValueError(f"unknown output format {name!r}: use one of {', '.join(FORMATS)}")
+    if task in POOLING_FIELDS:
+        if name not in _POOLING_CLASSES:
+            raise ValueError(f"output.format {name} is not written for task {task} yet: use "
+                             "jsonl or parquet")
+        for key in ("model", "created_s"):
+            options.pop(key, None)
+        return _POOLING_CLASSES[name](task=task, **options)
     return _CLASSES[name](**options)
 
 

@@ -19,15 +19,24 @@ class TaskFailed(Exception):
     """Something the user must fix; str() says what (exit 2)."""
 
 
-SUPPORTED_TASKS = ("generate", "chat")
+SUPPORTED_TASKS = ("generate", "chat", "embed", "classify", "score", "reward")
+POOLING_TASKS = ("embed", "classify", "score", "reward")     # pooling_loop.PoolingShardLoop
+
+
+def is_pooling(cfg) -> bool:
+    return str(cfg.task) in POOLING_TASKS
 
 
 def check_supported(cfg) -> None:
     """What this worker cannot run yet, refused before any model is loaded."""
     if cfg.task not in SUPPORTED_TASKS:
-        raise TaskFailed(f"task {cfg.task} is not supported yet (issue 10): the worker runs "
-                         "task generate or chat; embed/classify/score/reward come later")
-    if int(cfg.sampling.n) != 1:
+        raise TaskFailed(f"task {cfg.task} is not supported: use one of "
+                         f"{', '.join(SUPPORTED_TASKS)}")
+    if is_pooling(cfg) and str(cfg.input.format) == "openai-batch":
+        raise TaskFailed(f"task {cfg.task} with input.format openai-batch (/v1/embeddings, "
+                         "/v1/score) is not run by the worker yet: use JSONL or Parquet input "
+                         "with input.text_field (score: text_1_field, text_2_field)")
+    if int(cfg.sampling.n) != 1 and not is_pooling(cfg):
         raise TaskFailed(f"sampling.n={cfg.sampling.n}: several completions per row are not "
                          "written yet (one text per row); use n: 1 (or one row per sample "
                          "with different seeds)")
@@ -126,10 +135,13 @@ def engine_config(cfg, model):
 
 
 def load_engine(cfg, model):
-    """Load the model once (the slow step: weights, KV cache)."""
+    """Load the model once (the slow step: weights, KV cache; pooling tasks have no cache)."""
     from hpcinfer.engine.llm_engine import LLMEngine
     config = engine_config(cfg, model)
     try:
+        if is_pooling(cfg):
+            from hpcinfer.engine.pooling import PoolingEngine
+            return PoolingEngine(config, str(cfg.task))
         return LLMEngine(config)
     except (ValueError, OSError) as exc:
         raise TaskFailed(f"cannot load model {model.path}: {exc}") from None
@@ -145,7 +157,7 @@ def output_format(cfg, spec, shard):
     except OSError:
         created_s = 0
     try:
-        return make_format(str(cfg.output.format), id_name=spec.id_name,
+        return make_format(str(cfg.output.format), task=str(cfg.task), id_name=spec.id_name,
                            passthrough=tuple(spec.passthrough), logprobs=bool(cfg.output.logprobs),
                            model=str(cfg.model.id), created_s=created_s)
     except ValueError as exc:

@@ -3,7 +3,8 @@
 Phases, in order (docs/worker.md):
   1. preflight (preflight.py): config, plan, this task's shards, inputs readable, output
      writable, environment report (first metrics line);
-  2. task check: generate and chat run here; other tasks are refused (issue 10);
+  2. task check: generate and chat (loop.ShardLoop), embed/classify/score/reward
+     (pooling_loop.PoolingShardLoop);
   3. model: HF offline variables set, then ``hub.offline.resolve_model`` (no network, no
      torch import yet, so a missing model fails in about a second);
   4. duplicate ids in this task's input files are refused (``find_duplicate_ids``);
@@ -77,29 +78,36 @@ def _run_shards(job_dir: Path, cfg, plan, shards, stop: StopFlag, metrics: Metri
     model = setup.resolve(cfg)          # before torch: a missing model fails in a second
     setup.refuse_duplicate_ids(spec, todo)
     engine = setup.load_engine(cfg, model)
-    builder = setup.request_builder(cfg, engine)
+    builder = None if setup.is_pooling(cfg) else setup.request_builder(cfg, engine)
     options = setup.loop_options(cfg, engine)
     rows_total = sum(s.num_rows for s in shards)
     rows_done = sum(s.num_rows for s in shards if s not in todo) + sum(
         _committed(ledger.shard_dir(job_dir, s.index)) for s in todo)
     progress = Progress(rows_total, rows_done, metrics)
-    progress.engine = engine
+    progress.engine = None if setup.is_pooling(cfg) else engine   # KV stats: LLMEngine only
     log.info("engine ready (%s); %d shard(s) to run, %d of %d rows already committed",
              model.path, len(todo), rows_done, rows_total)
     try:
         outcome, failed = _each_shard(job_dir, todo, spec, engine,
                                       lambda shard: setup.output_format(cfg, spec, shard),
-                                      builder, stop, progress, options)
+                                      builder, stop, progress, options, _pooling_task(cfg))
     finally:
         progress.tick(force=True)
         progress.close()
     return _finish(stop, outcome, failed, metrics, started, progress.snapshot())
 
 
+def _pooling_task(cfg) -> tuple[str, str] | None:
+    """(task, on_long_prompt) for embed/classify/score/reward; None for generate/chat."""
+    from hpcinfer.worker import setup
+    return (str(cfg.task), str(cfg.resilience.on_long_prompt)) if setup.is_pooling(cfg) else None
+
+
 def _each_shard(job_dir: Path, todo, spec, engine, output_format, builder, stop: StopFlag,
-                progress, options) -> tuple[str, list[str]]:
+                progress, options, pooling=None) -> tuple[str, list[str]]:
     """Run the shards in order; ("stopped" | "done", failed shard names). A shard whose
-    input file or directory is broken fails alone; the others still run."""
+    input file or directory is broken fails alone; the others still run. ``pooling``:
+    (task, on_long_prompt) runs pooling_loop.PoolingShardLoop instead of loop.ShardLoop."""
     from hpcinfer.io import ledger
     from hpcinfer.io.readers import ShardReadError
     from hpcinfer.io.shard_loop import BadRowError
@@ -109,8 +117,15 @@ def _each_shard(job_dir: Path, todo, spec, engine, output_format, builder, stop:
         progress.shard = shard.index
         directory = ledger.shard_dir(job_dir, shard.index)
         try:
-            outcome = ShardLoop(engine, shard, spec, directory, output_format(shard), builder,
-                                stop, progress, options).run()
+            if pooling:
+                from hpcinfer.worker.pooling_loop import PoolingShardLoop
+                loop = PoolingShardLoop(engine, pooling[0], shard, spec, directory,
+                                        output_format(shard), stop, progress, options,
+                                        on_long_prompt=pooling[1])
+            else:
+                loop = ShardLoop(engine, shard, spec, directory, output_format(shard), builder,
+                                 stop, progress, options)
+            outcome = loop.run()
         except (ShardReadError, ledger.LedgerError) as exc:
             log.error("shard %05d FAILED: %s", shard.index, exc)
             failed.append(f"{shard.index:05d}")
