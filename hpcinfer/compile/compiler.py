@@ -140,11 +140,19 @@ def _sbatch_flags(cfg, shape, array_size, throttle, nodes, ntasks_per_node, gpus
     return tuple(sorted((k, v) for k, (v, _) in flags.items()))
 
 
+# Multi-rank GPU jobs: NCCL warnings reach the log (a start-up failure says why), and a rank
+# whose peer died gets an error from its collective instead of waiting in it forever.
+_NCCL_DEFAULTS = {"NCCL_DEBUG": "WARN", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
+
+
 def _env(cfg) -> tuple[tuple[str, str], ...]:
     env = {}
     if _prof(cfg, "offline_compute", False):
         # compute nodes cannot reach the Hub: fail fast instead of hanging on a download.
         env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    if _device(cfg) == "cuda" and cfg.parallel.tensor * cfg.parallel.pipeline > 1:
+        env.update(_NCCL_DEFAULTS)
+        env.update({str(k): str(v) for k, v in (_prof(cfg, "nccl_env", None) or {}).items()})
     for key, value in (getattr(cfg, "env", None) or {}).items():
         if not _ENV_NAME.match(str(key)):
             raise plan_error(cfg, f"env.{key}", f"{key!r} is not a valid environment variable name",

@@ -274,6 +274,12 @@ class ClusterProfile(Section):
     cuda_driver: Optional[str] = Field(
         None, description="NVIDIA driver version on the GPU nodes (nvidia-smi), e.g. 550.54.14; "
                           "picks the CUDA of the container image; null = CUDA 12.4")
+    nccl_env: dict[str, str] = Field(
+        default_factory=dict,
+        description="NCCL settings for multi-rank GPU jobs at this site, e.g. "
+                    "{NCCL_SOCKET_IFNAME: ib0} or {NCCL_IB_DISABLE: '1'}; added to "
+                    "hpcinfer's own NCCL_DEBUG=WARN and TORCH_NCCL_ASYNC_ERROR_HANDLING=1; "
+                    "the job's env: wins")
 
 
 class JobConfig(Section):
