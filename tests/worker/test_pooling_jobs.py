@@ -217,3 +217,54 @@ def test_score_jsonl_bad_rows_and_on_long_prompt(tmp_path):
             assert answered["long"]["num_prompt_tokens"] == 64
             assert abs(answered["long"]["score"] - cut.outputs.score) <= 1e-6
             assert len(records) == 7 and "long" not in errors
+
+
+DOC_MODELS = {"embed": ("bert", {}), "classify": ("bert-cls", {}),
+              "score": ("bert-cls", {"num_labels": 1}), "reward": ("llama-cls", {})}
+
+
+@pytest.mark.parametrize("task", sorted(DOC_MODELS))
+def test_docs_job_file_runs(tmp_path, task):
+    """The job file of docs/tasks/<task>.md, with only the model, input and output paths
+    replaced, runs and equals the Python API."""
+    import re
+
+    import yaml
+    doc = (Path(__file__).parents[2] / "docs" / "tasks" / f"{task}.md").read_text()
+    section = doc.split("## Job file", 1)[1]
+    config = yaml.safe_load(re.search(r"```yaml\n(.*?)```", section, re.S).group(1))
+    assert config["task"] == task
+    kind, overrides = DOC_MODELS[task]
+    model = build_tiny_pooling_checkpoint(kind, tmp_path / "m", **overrides)
+    fields = [config["input"][k] for k in ("text_field", "text_1_field", "text_2_field")
+              if k in config["input"]]
+    texts = _texts(5)
+    rows = [{config["input"]["id_field"]: f"d{i}", "source": "s",
+             **{f: f"{t} {k}" for k, f in enumerate(fields)}} for i, t in enumerate(texts)]
+    suffix = ".parquet" if config["input"]["path"].endswith(".parquet") else ".jsonl"
+    data = (write_parquet if suffix == ".parquet" else write_jsonl)(
+        tmp_path / "data" / f"a{suffix}", rows)
+    config["model"]["id"] = str(model)
+    config["input"]["path"] = str(data)
+    config["output"]["dir"] = "out"
+    job_dir = make_job(tmp_path / "job", config)
+    rc, out = run_worker(job_dir)
+    assert rc == 0, out
+    [records] = read_results(job_dir).values()
+    assert [r[config["input"]["id_field"]] for r in records] == [f"d{i}" for i in range(5)]
+    llm = _llm(model, task)
+    inputs = [[r[f] for r in rows] for f in fields]
+    if task == "embed":
+        _assert_embeddings_equal(records, llm.embed(inputs[0], use_tqdm=False))
+        return
+    if task == "classify":
+        got = [r["probs"] for r in records]
+        want = [o.outputs.probs for o in llm.classify(inputs[0], use_tqdm=False)]
+    elif task == "score":
+        got = [[r["score"]] for r in records]
+        want = [[o.outputs.score] for o in llm.score(*inputs, use_tqdm=False)]
+    else:
+        got = [sum(r["reward"], []) for r in records]
+        want = [o.outputs.data.flatten().tolist() for o in llm.reward(inputs[0], use_tqdm=False)]
+    for g, w in zip(got, want):
+        assert len(g) == len(w) and max(abs(a - b) for a, b in zip(g, w)) <= 1e-6
