@@ -268,3 +268,32 @@ def test_docs_job_file_runs(tmp_path, task):
         want = [o.outputs.data.flatten().tolist() for o in llm.reward(inputs[0], use_tqdm=False)]
     for g, w in zip(got, want):
         assert len(g) == len(w) and max(abs(a - b) for a, b in zip(g, w)) <= 1e-6
+
+
+def test_warning_signal_commits_and_exits_requeue_then_resume(tmp_path, embed_model):
+    """SIGUSR2 (Slurm's warning signal) mid-run: the pooling loop stops between chunks,
+    commits, exits 3 (requeue me); the next run answers only the remaining rows."""
+    num_rows = 24
+    data = write_jsonl(tmp_path / "data" / "a.jsonl", _rows(num_rows))
+    config = _pooling_config(embed_model, str(data), "embed", output={"commit_every_rows": 2})
+    job_dir = make_job(tmp_path / "job", config)
+    shard = job_dir / "shards" / "00000"
+    log = tmp_path / "worker.log"
+    proc = start_worker(job_dir, log_path=log, HPCINFER_WORKER_STEP_DELAY_S="0.4")
+    deadline = time.monotonic() + 60
+    while not list(shard.glob("part-*")):
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR2)
+    assert proc.wait(timeout=60) == 3, log.read_text()[-3000:]
+    assert "received SIGUSR2" in log.read_text()
+    assert not (shard / "DONE").exists()
+    [first] = read_results(job_dir).values()
+    assert 0 < len(first) < num_rows
+    rc, out = run_worker(job_dir)
+    assert rc == 0, out
+    assert f"{len(first)} of {num_rows} rows already committed" in out
+    [records] = read_results(job_dir).values()
+    assert [r["row_index"] for r in records] == list(range(num_rows))
+    _assert_embeddings_equal(records, _llm(embed_model, "embed").embed(_texts(num_rows),
+                                                                        use_tqdm=False))
