@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcinfer.io import ledger
-from hpcinfer.io.readers import ShardReadError, ShardReader
+from hpcinfer.io.readers import ShardReader, ShardReadError
 from hpcinfer.io.rows import BadRow, InputRow, excerpt
 from hpcinfer.io.shard_loop import BadRowError
 from hpcinfer.io.writers import PartWriter
