@@ -105,13 +105,17 @@ def test_duplicate_ids_refused_by_worker_and_validate(tmp_path, model_dir):
     assert "('q1' at a.jsonl row 1, a.jsonl row 3)" in proc.stderr
 
 
-def test_unsupported_task_is_a_clear_error(tmp_path, model_dir):
-    write_jsonl(tmp_path / "data" / "a.jsonl", [{"id": "e1", "text": "embed me"}])
+def test_unsupported_task_input_is_a_clear_error(tmp_path, model_dir):
+    # Pooling tasks run from JSONL/Parquet (tests/worker/test_pooling_jobs.py); OpenAI-batch
+    # /v1/embeddings input is refused before the model loads, with what to use instead.
+    write_jsonl(tmp_path / "data" / "a.jsonl", [
+        {"custom_id": "e1", "method": "POST", "url": "/v1/embeddings",
+         "body": {"model": "m", "input": "embed me"}}])
     config = job_config(model_dir, "data/a.jsonl", task="embed",
-                        input={"prompt_field": None, "text_field": "text"})
+                        input={"format": "openai-batch", "id_field": None, "prompt_field": None})
     job_dir = make_job(tmp_path, config)
     rc, out = run_worker(job_dir)
-    assert rc == 2 and "task embed is not supported yet (issue 10)" in out
+    assert rc == 2 and "is not run by the worker yet: use JSONL or Parquet input" in out, out
 
 
 def test_long_prompts_error_or_truncate(tmp_path, model_dir):
