@@ -133,12 +133,16 @@ class ShardLoop:
                              item.index, item.file, request.num_truncated_tokens)
                 self.in_flight[request_id] = (item, request.params)
                 return
+        self._bad(request, writer)
+
+    def _bad(self, bad: BadRow, writer: PartWriter) -> None:
+        """errors.jsonl (committed like results), or stop the shard with on_bad_row: fail."""
         if self.options.on_bad_row == "fail":
             writer.commit()
-            raise BadRowError(f"{request.file} row {request.index}: {request.reason} "
+            raise BadRowError(f"{bad.file} row {bad.index}: {bad.reason} "
                               "(resilience.on_bad_row: fail; use skip to set bad rows aside "
                               "in errors.jsonl)")
-        writer.add_error(request)
+        writer.add_error(bad)
         self.progress.add_rows(1, num_errors=1)
         if writer.should_commit():
             writer.commit()

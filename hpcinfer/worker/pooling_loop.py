@@ -20,12 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hpcinfer.io import ledger
-from hpcinfer.io.readers import ShardReader, ShardReadError
+from hpcinfer.io.readers import ShardReader
 from hpcinfer.io.rows import BadRow, InputRow, excerpt
-from hpcinfer.io.shard_loop import BadRowError
 from hpcinfer.io.writers import PartWriter
-from hpcinfer.worker.loop import LoopOptions
+from hpcinfer.worker.loop import LoopOptions, ShardLoop
 
 log = logging.getLogger("hpcinfer.worker")
 
@@ -37,55 +35,19 @@ class PoolingRecord:
     num_prompt_tokens: int
 
 
-class PoolingShardLoop:
-    """One shard's run. ``run()`` returns "done", "already_done" or "stopped"; it raises
-    ShardReadError (shard FAILED, marked) or BadRowError (on_bad_row: fail)."""
+class PoolingShardLoop(ShardLoop):
+    """One shard's run. ``run()`` (ShardLoop's: recover, stream, commit, DONE) returns "done",
+    "already_done" or "stopped"; it raises ShardReadError (shard FAILED, marked) or
+    BadRowError (on_bad_row: fail). Only the streaming differs: chunks, not steps."""
 
     def __init__(self, engine, task: str, shard, spec, shard_dir: Path, fmt, stop, progress,
                  options: LoopOptions, on_long_prompt: str = "error"):
         from hpcinfer.engine.pooling import PoolingParams
-        self.engine = engine
+        super().__init__(engine, shard, spec, shard_dir, fmt, None, stop, progress, options)
         self.task = task
-        self.shard = shard
-        self.spec = spec
-        self.shard_dir = Path(shard_dir)
-        self.fmt = fmt
-        self.stop = stop
-        self.progress = progress
-        self.options = options
         self.params = PoolingParams()
         # -1: cut every input to max_model_len (vLLM's truncate_prompt_tokens=-1)
         self.truncate = -1 if on_long_prompt == "truncate" else None
-
-    def run(self) -> str:
-        if ledger.is_done(self.shard_dir):
-            return "already_done"
-        state = ledger.recover(self.shard_dir)
-        reader = ShardReader(self.shard, self.spec)
-        writer = self._writer(reader, state.next_part)
-        try:
-            finished = self._stream(reader, state.done_indices, writer)
-        except ShardReadError as exc:
-            writer.commit()                 # keep what was answered before the file broke
-            ledger.mark_failed(self.shard_dir, str(exc))
-            raise
-        writer.commit()
-        if not finished:
-            return "stopped"
-        summary = ledger.mark_done(self.shard_dir, reader.num_rows)
-        log.info("shard %05d done: %d results, %d bad rows", self.shard.index,
-                 summary["num_results"], summary["num_errors"])
-        return "done"
-
-    def _writer(self, reader: ShardReader, next_part: int) -> PartWriter:
-        try:
-            column_types = reader.column_types()
-        except ShardReadError as exc:
-            ledger.mark_failed(self.shard_dir, str(exc))
-            raise
-        return PartWriter(self.shard_dir, self.fmt.with_column_types(column_types),
-                          next_part=next_part, commit_every_rows=self.options.commit_every_rows,
-                          commit_every_s=self.options.commit_every_s)
 
     def _stream(self, reader: ShardReader, done, writer: PartWriter) -> bool:
         """Chunks of rows through the engine until the shard is answered (True) or the stop
@@ -151,14 +113,3 @@ class PoolingShardLoop:
                           "prompt_too_long" if too_long else "engine_rejected", reason,
                           excerpt(list(row.texts)))
         return row
-
-    def _bad(self, bad: BadRow, writer: PartWriter) -> None:
-        if self.options.on_bad_row == "fail":
-            writer.commit()
-            raise BadRowError(f"{bad.file} row {bad.index}: {bad.reason} "
-                              "(resilience.on_bad_row: fail; use skip to set bad rows aside "
-                              "in errors.jsonl)")
-        writer.add_error(bad)
-        self.progress.add_rows(1, num_errors=1)
-        if writer.should_commit():
-            writer.commit()
