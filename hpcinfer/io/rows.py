@@ -138,7 +138,7 @@ def prompt_too_long(row: InputRow, num_prompt_tokens: int, max_model_len: int) -
     return BadRow(row.index, row.file, row.id, "prompt_too_long",
                   f"prompt has {num_prompt_tokens} tokens but model.max_model_len is "
                   f"{max_model_len}: shorten the prompt, raise model.max_model_len, or set "
-                  "resilience.on_long_prompt: truncate_left",
+                  "resilience.on_long_prompt: truncate (keeps the prompt's last tokens)",
                   excerpt(row.prompt if row.prompt is not None else row.messages))
 
 

@@ -13,9 +13,6 @@ from typing import Any
 
 from hpcinfer.io.rows import BadRow, InputRow, excerpt, prompt_too_long
 
-# resilience.on_long_prompt values that keep the prompt's tail (the schema says "truncate";
-# io's message says "truncate_left": both mean the same).
-TRUNCATE_MODES = ("truncate", "truncate_left")
 
 
 @dataclass(frozen=True)
@@ -57,7 +54,7 @@ class RequestBuilder:
             return _bad(row, "empty_prompt", "the prompt has no tokens")
         num_cut = 0
         if len(token_ids) > self.max_model_len:
-            if self.on_long_prompt not in TRUNCATE_MODES:
+            if self.on_long_prompt != "truncate":
                 return prompt_too_long(row, len(token_ids), self.max_model_len)
             keep = self.max_model_len - 1           # room for at least one generated token
             num_cut = len(token_ids) - keep

@@ -199,7 +199,7 @@ def test_prompt_too_long_error_record(tmp_path):
     (path,) = writer.commit()
     rec = json.loads(path.read_text())
     assert rec["kind"] == "prompt_too_long" and rec["row_index"] == 4 and rec["id"] == "k4"
-    assert "5000 tokens" in rec["reason"] and "truncate_left" in rec["reason"]
+    assert "5000 tokens" in rec["reason"] and "on_long_prompt: truncate " in rec["reason"]
     assert rec["excerpt"] == "p4"
 
 
