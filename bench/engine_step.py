@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import logging
 import os
 import statistics
@@ -20,6 +19,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from results_file import append_rows  # bench/results_file.py (this script's directory)
 
 log = logging.getLogger("bench.engine_step")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -144,10 +145,7 @@ def main() -> None:
               + (f"scheduler+batch {overhead:.3f} ms/decode step (schedule "
                  f"{row['schedule_ms']:.3f} + prepare {row['prepare_ms']:.3f}; p90 "
                  f"{row['step_overhead_ms_p90']:.3f})" if overhead is not None else ""))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"engine_step-{date}.json"
-    existing = json.loads(path.read_text()) if path.exists() else []
-    path.write_text(json.dumps(existing + rows, indent=2) + "\n")
+    path = append_rows(RESULTS / f"engine_step-{date}.json", rows)
     print(f"wrote {path}")
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import logging
 import random
 import tempfile
@@ -19,6 +18,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from results_file import append_rows  # bench/results_file.py (this script's directory)
 
 log = logging.getLogger("bench.pooling")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -125,10 +126,7 @@ def main() -> None:
                      "seconds": round(seconds, 4), "threads": args.threads, "date": date})
         print(f"{engine:>22}  {len(texts) / seconds:10.1f} embeddings/s  ({seconds:.3f} s for "
               f"{len(texts)} texts, {mean_tokens:.1f} tokens on average)")
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"pooling-{date}.json"
-    existing = json.loads(path.read_text()) if path.exists() else []
-    path.write_text(json.dumps(existing + rows, indent=2) + "\n")
+    path = append_rows(RESULTS / f"pooling-{date}.json", rows)
     print(f"wrote {path}")
     if tmp is not None:
         tmp.cleanup()

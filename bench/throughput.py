@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from results_file import append_rows  # bench/results_file.py (this script's directory)
+
 log = logging.getLogger("bench.throughput")
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -553,10 +555,7 @@ def _print_table(rows) -> None:
 
 
 def _save(rows, out_dir: Path, device: str, date: str) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{device_slug(device)}-{date}.json"
-    existing = json.loads(path.read_text()) if path.is_file() else []
-    path.write_text(json.dumps(existing + rows, indent=1) + "\n")
+    path = append_rows(out_dir / f"{device_slug(device)}-{date}.json", rows, indent=1)
     print(f"wrote {len(rows)} rows to {path}")
 
 
