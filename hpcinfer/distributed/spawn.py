@@ -5,9 +5,9 @@ The caller becomes rank 0 (the driver). Ranks 1..N-1 are fresh interpreters
 state, and unlike ``multiprocessing``'s spawn they do not re-import the user's script, which
 in the vLLM examples has no ``if __name__ == "__main__"`` guard). They join the same process
 group (NCCL on GPU, gloo on CPU), build the same LLMEngine and replay the driver's calls.
-The driver queues its ``add_request``/``abort_request`` calls and sends them, with the
-``step``, in one broadcast per step; so every rank's scheduler sees the same inputs at the same
-step (SPMD) and rank 0 alone samples (distributed_runner.DistributedSampler).
+The driver's calls are replayed on them with the protocol of ``replay.py`` (one broadcast
+per step), so every rank's scheduler sees the same inputs at the same step (SPMD) and rank 0
+alone samples (distributed_runner.DistributedSampler).
 
 A child exits when told to, when its parent dies (a watchdog polls the parent pid), or on an
 error (logged with its rank; the driver then fails in the next collective within the timeout).
@@ -25,8 +25,7 @@ import threading
 import time
 import weakref
 
-import torch.distributed as dist
-
+from hpcinfer.distributed.replay import CommandChannel, DriverEngine, follow
 from hpcinfer.distributed.world import DEFAULT_TIMEOUT_S, free_port, init_world_explicit
 
 log = logging.getLogger(__name__)
@@ -47,28 +46,21 @@ def start_workers(config, num_ranks: int) -> list:
     return procs
 
 
-class CommandChannel:
-    """The driver's queue of engine calls, flushed to the other ranks with each step."""
+class SpawnedRanks:
+    """The ranks this process spawned and the channel that drives them (replay.py)."""
 
     def __init__(self, world, procs: list):
-        self.world, self.procs = world, procs
-        self.pending: list[tuple] = []
+        self.channel = CommandChannel(world.cpu_group)
+        self.procs = procs
         self.closed = False
-
-    def queue(self, *op) -> None:
-        self.pending.append(op)
-
-    def flush(self, *final_op) -> None:
-        ops, self.pending = self.pending + [final_op], []
-        dist.broadcast_object_list([ops], src=0, group=self.world.cpu_group)
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
         try:
-            self.flush("stop")
-        except Exception as e:  # a worker already gone: nothing left to stop cleanly
+            self.channel.stop(0)
+        except Exception as e:  # noqa: BLE001 - a worker already gone: nothing to stop
             log.warning("could not tell the worker ranks to stop: %s", e)
         for proc in self.procs:
             try:
@@ -77,7 +69,16 @@ class CommandChannel:
                 proc.kill()
 
 
-_ACTIVE: list[CommandChannel] = []  # the ranks this process spawned last
+_ACTIVE: list[SpawnedRanks] = []  # the ranks this process spawned last
+
+
+class _SpawnDriverEngine(DriverEngine):
+    def __init__(self, config, ranks: SpawnedRanks):
+        self.ranks = ranks
+        super().__init__(config, ranks.channel)
+
+    def shutdown(self) -> None:
+        self.ranks.close()
 
 
 def make_driver_engine(config):
@@ -85,42 +86,23 @@ def make_driver_engine(config):
 
     One spawned engine at a time per process: a new one stops the previous one's ranks and
     leaves its process group first (the old LLM object cannot be used after that)."""
-    from hpcinfer.distributed.world import destroy_world
-    from hpcinfer.engine.llm_engine import LLMEngine
+    from hpcinfer.distributed.world import current_world, destroy_world
 
     while _ACTIVE:
         _ACTIVE.pop().close()
         destroy_world()
     num_ranks = config.tensor_parallel_size * config.pipeline_parallel_size
     procs = start_workers(config, num_ranks)
-    from hpcinfer.distributed.world import current_world
-    channel = CommandChannel(current_world(), procs)
-
-    class DriverEngine(LLMEngine):
-        def add_request(self, request_id, prompt, params=None):
-            super().add_request(request_id, prompt, params)  # validates first: only good ones go
-            channel.queue("add", request_id, prompt, params)
-
-        def abort_request(self, request_id):
-            channel.queue("abort", request_id)
-            super().abort_request(request_id)
-
-        def step(self, final_only: bool = False):
-            channel.flush("step", final_only)
-            return super().step(final_only)
-
-        def shutdown(self) -> None:
-            channel.close()
-
+    ranks = SpawnedRanks(current_world(), procs)
     try:
-        engine = DriverEngine(config)
+        engine = _SpawnDriverEngine(config, ranks)
     except BaseException:
         for proc in procs:
             proc.terminate()
         raise
-    atexit.register(channel.close)
-    _ACTIVE.append(channel)
-    weakref.finalize(engine, channel.close)
+    atexit.register(ranks.close)
+    _ACTIVE.append(ranks)
+    weakref.finalize(engine, ranks.close)
     return engine
 
 
@@ -140,22 +122,11 @@ def _worker_main(rank: int, num_ranks: int, addr: str, port: int, config, timeou
         world = init_world_explicit(rank, num_ranks, addr, port, local_rank=rank,
                                     launcher="spawn", timeout_s=timeout_s, device=config.device)
         from hpcinfer.engine.llm_engine import LLMEngine
-        engine = LLMEngine(config)
-        while True:
-            box = [None]
-            dist.broadcast_object_list(box, src=0, group=world.cpu_group)
-            for op in box[0]:
-                if op[0] == "add":
-                    engine.add_request(*op[1:])
-                elif op[0] == "abort":
-                    engine.abort_request(op[1])
-                elif op[0] == "step":
-                    engine.step(op[1])
-                elif op[0] == "stop":
-                    # No destroy_process_group: NCCL's teardown waits on peers that are
-                    # already leaving (30 s at exit, measured on 2 H200s); just go.
-                    logging.shutdown()
-                    os._exit(0)
+        code = follow(LLMEngine(config), world.cpu_group)
+        # No destroy_process_group: NCCL's teardown waits on peers that are already leaving
+        # (30 s at exit, measured on 2 H200s); just go.
+        logging.shutdown()
+        os._exit(code)
     except Exception:
         log.exception("worker rank %d failed", rank)
         os._exit(1)
