@@ -27,6 +27,7 @@ class EngineConfig:
     seed: int = 0
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1       # see docs/multi-node.md
+    pipeline_micro_batches: int | None = None  # per step with PP; None: automatic (multi-node.md)
     num_gpu_blocks_override: int | None = None  # KV pool size in blocks (tests, tuning)
     device: str = "auto"
     attention_backend: str = "auto"
@@ -46,6 +47,8 @@ class EngineConfig:
                              "in (0, 1]")
         _positive_int(self, "tensor_parallel_size")
         _positive_int(self, "pipeline_parallel_size")
+        if self.pipeline_micro_batches is not None:
+            _positive_int(self, "pipeline_micro_batches")
         if self.num_gpu_blocks_override is not None:
             _positive_int(self, "num_gpu_blocks_override")
         if self.dtype not in DTYPE_NAMES:
