@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 EXIT_REQUEUE = 3
 # Worker exit code for a failed preflight/config check (same as the CLI's user-error code).
 EXIT_BAD_INPUT = 2
+# Worker exit code of the ranks that outlived a lost rank (killed, out of memory, node gone):
+# they named it in the log; the job script requeues (= hpcinfer.worker.lifeline.EXIT_LOST_RANK).
+EXIT_LOST_RANK = 4
 
 SHAPES = ("single", "array", "multinode")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shlex
 
-from hpcinfer.compile.plan import EXIT_REQUEUE, JobPlan
+from hpcinfer.compile.plan import EXIT_LOST_RANK, EXIT_REQUEUE, JobPlan
 
 _TEMPLATES = {"single": "sbatch_single.j2", "array": "sbatch_array.j2",
               "multinode": "sbatch_multinode.j2"}
@@ -49,7 +49,8 @@ def render_script(plan: JobPlan) -> str:
     trap_signals = [plan.signal] + (["TERM"] if plan.signal != "TERM" else [])
     template = _environment().get_template(_TEMPLATES[plan.shape])
     return template.render(plan=plan, description=describe(plan), exit_requeue=EXIT_REQUEUE,
-                           trap_signals=trap_signals)
+                           exit_lost_rank=EXIT_LOST_RANK, trap_signals=trap_signals,
+                           num_ranks=plan.nodes * plan.ntasks_per_node)
 
 
 def render_container_def(plan: JobPlan, *, wheel: str | None = None, commit: str = "unknown") -> str:

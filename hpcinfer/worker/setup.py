@@ -32,10 +32,10 @@ def check_supported(cfg) -> None:
     if cfg.task not in SUPPORTED_TASKS:
         raise TaskFailed(f"task {cfg.task} is not supported: use one of "
                          f"{', '.join(SUPPORTED_TASKS)}")
-    if is_pooling(cfg) and str(cfg.input.format) == "openai-batch":
-        raise TaskFailed(f"task {cfg.task} with input.format openai-batch (/v1/embeddings, "
-                         "/v1/score) is not run by the worker yet: use JSONL or Parquet input "
-                         "with input.text_field (score: text_1_field, text_2_field)")
+    from hpcinfer.config.checks import pooling_io_problem   # validate's rule, as a backstop
+    problem = pooling_io_problem(str(cfg.task), str(cfg.input.format), str(cfg.output.format))
+    if problem:
+        raise TaskFailed(f"{problem[0]}: {problem[1]}: {problem[2]}")
     if int(cfg.sampling.n) != 1 and not is_pooling(cfg):
         raise TaskFailed(f"sampling.n={cfg.sampling.n}: several completions per row are not "
                          "written yet (one text per row); use n: 1 (or one row per sample "
@@ -118,7 +118,9 @@ def _tokenizer_path(cfg) -> str | None:
         raise TaskFailed(f"model.tokenizer: {exc}") from None
 
 
-def engine_config(cfg, model):
+def engine_config(cfg, model, device: str | None = None):
+    """``device``: this rank's device when it differs from resources.device (one-rank
+    data-parallel replicas on GPU: ranks.device_of)."""
     from hpcinfer.engine.config import EngineConfig
     e = cfg.engine
     try:
@@ -128,23 +130,32 @@ def engine_config(cfg, model):
             block_size=int(e.block_size), enable_prefix_caching=e.enable_prefix_caching,
             gpu_memory_utilization=e.gpu_memory_utilization,
             kv_cache_memory_bytes=e.kv_cache_memory_bytes, enforce_eager=e.enforce_eager,
-            tensor_parallel_size=int(cfg.parallel.tensor), device=str(cfg.resources.device),
+            tensor_parallel_size=int(cfg.parallel.tensor),
+            pipeline_parallel_size=int(cfg.parallel.pipeline),
+            device=device or str(cfg.resources.device),
             tokenizer=_tokenizer_path(cfg))
     except ValueError as exc:
         raise TaskFailed(f"engine: {exc}") from None
 
 
-def load_engine(cfg, model):
-    """Load the model once (the slow step: weights, KV cache; pooling tasks have no cache)."""
+def load_engine(cfg, model, make_engine=None, device: str | None = None):
+    """Load the model once (the slow step: weights, KV cache; pooling tasks have no cache).
+    ``make_engine(config)`` builds a generate/chat engine (default LLMEngine; the worker's
+    replica driver passes replica.DriverSide.make_engine)."""
     from hpcinfer.engine.llm_engine import LLMEngine
-    config = engine_config(cfg, model)
+    config = engine_config(cfg, model, device)
     try:
         if is_pooling(cfg):
             from hpcinfer.engine.pooling import PoolingEngine
-            return PoolingEngine(config, str(cfg.task))
-        return LLMEngine(config)
+            return PoolingEngine(config, str(cfg.task), pooler_config=pooler_config(cfg))
+        return (make_engine or LLMEngine)(config)
     except (ValueError, OSError) as exc:
         raise TaskFailed(f"cannot load model {model.path}: {exc}") from None
+
+
+def pooler_config(cfg) -> dict:
+    """The job's ``pooling:`` block as vLLM's PoolerConfig fields (engine.pooling)."""
+    return cfg.pooling.model_dump() if getattr(cfg, "pooling", None) is not None else {}
 
 
 def output_format(cfg, spec, shard):

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from pathlib import Path
 
 from hpcinfer.compile.plan import EXIT_BAD_INPUT, EXIT_REQUEUE
-from hpcinfer.worker import preflight
+from hpcinfer.worker import preflight, ranks
 from hpcinfer.worker.metrics import MetricsWriter
+from hpcinfer.worker.replica import DriverSide, run_follower
 from hpcinfer.worker.setup import TaskFailed
 from hpcinfer.worker.signals import StopFlag
 
@@ -45,30 +47,51 @@ def run(job_dir: Path, stop: StopFlag) -> int:
         return preflight.fail(job_dir, record, exc, started)
     stop.install(str(cfg.resilience.signal))
     record.update(status="starting")
+    try:   # which replica, driver or follower (ranks.py); MPI starts here under srun --mpi
+        place = ranks.detect_place(int(cfg.parallel.tensor), int(cfg.parallel.pipeline))
+    except ranks.LayoutError as exc:
+        return preflight.fail(job_dir, record, exc, started)
+    record.update(replica=place.replica, num_replicas=place.num_replicas,
+                  replica_rank=place.replica_rank)
     metrics = MetricsWriter(job_dir, task_id, record["rank"], base={
         k: record[k] for k in ("task", "rank", "host", "restart_count", "slurm_job_id",
-                               "backend")})
+                               "backend", "replica", "replica_rank")})
     metrics.write(record)
-    if record["rank"] != 0:
-        log.info("rank %d: the engine runs on one device (rank 0) for now; nothing to do",
-                 record["rank"])
-        return 0
+    replica = ranks.join(place, str(cfg.resources.device))
+    if not place.is_driver:
+        return run_follower(cfg, replica, stop, metrics, lambda: _follower_config(cfg, place))
+    mine = ranks.split_shards(shards, place.num_replicas)[place.replica]
+    driver = DriverSide(replica)
     try:
-        return _run_shards(job_dir, cfg, plan, shards, stop, metrics, started)
+        code = _run_shards(job_dir, cfg, plan, mine, stop, metrics, started, driver)
     except TaskFailed as exc:
         message = " ".join(str(exc).split())     # one line, whatever the cause's text
         log.error("%s", message)
         metrics.write({"event": "finish", "status": "failed", "message": message,
                        "seconds": round(time.time() - started, 3)})
-        return EXIT_BAD_INPUT
+        code = EXIT_BAD_INPUT
+    except Exception as exc:
+        code = driver.on_error(exc, metrics, started)   # a lost rank: named, exit 4
+        if code is None:
+            raise
+        return code
+    return driver.settle(code, stop, metrics, started)
+
+
+def _follower_config(cfg, place):
+    from hpcinfer.worker import setup
+    return setup.engine_config(cfg, setup.resolve(cfg), ranks.device_of(place, cfg))
 
 
 def _run_shards(job_dir: Path, cfg, plan, shards, stop: StopFlag, metrics: MetricsWriter,
-                started: float) -> int:
+                started: float, driver: DriverSide) -> int:
     from hpcinfer.io import ledger
     from hpcinfer.worker import setup
     from hpcinfer.worker.progress import Progress
     setup.check_supported(cfg)
+    if driver.replica.place.num_replicas > 1:
+        metrics.write({"event": "replica", "replica_shards": [s.index for s in shards],
+                       "replica_rows": sum(s.num_rows for s in shards)})
     todo = [s for s in shards if not ledger.is_done(ledger.shard_dir(job_dir, s.index))]
     if not todo:
         log.info("every shard of this task is DONE already; nothing to do")
@@ -77,7 +100,8 @@ def _run_shards(job_dir: Path, cfg, plan, shards, stop: StopFlag, metrics: Metri
     spec = setup.input_spec(cfg)
     model = setup.resolve(cfg)          # before torch: a missing model fails in a second
     setup.refuse_duplicate_ids(spec, todo)
-    engine = setup.load_engine(cfg, model)
+    engine = setup.load_engine(cfg, model, driver.make_engine,
+                               ranks.device_of(driver.replica.place, cfg))
     builder = None if setup.is_pooling(cfg) else setup.request_builder(cfg, engine)
     options = setup.loop_options(cfg, engine)
     rows_total = sum(s.num_rows for s in shards)
@@ -168,8 +192,10 @@ def _committed(directory: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     import sys
     argv = sys.argv[1:] if argv is None else argv
+    # Every rank logs to the same job log: each line says which rank and host wrote it.
+    label = f"rank {ranks.env_rank()}@{socket.gethostname()}"
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s hpcinfer.worker %(levelname)s %(message)s")
+                        format=f"%(asctime)s hpcinfer.worker {label} %(levelname)s %(message)s")
     if len(argv) != 1:
         log.error("usage: python -m hpcinfer.worker JOBDIR")
         return EXIT_BAD_INPUT

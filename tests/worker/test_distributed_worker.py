@@ -1,0 +1,162 @@
+"""The worker at TP=2 on the real single-host Slurm (CPU, gloo): a rendered `--ntasks=2`,
+`srun --mpi=pmix` job equals the TP=1 run row for row; a `kill -9` of the follower makes the
+driver name the lost rank and host and exit within 60 s, the job requeues and finishes with
+every row exactly once; `scancel --batch --signal=USR2` stops both ranks at the driver's step
+boundary, requeues once, and again every row comes exactly once."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hpcinfer.slurm.status import all_finished, gather
+from hpcinfer.testing.worker_jobs import (job_config, make_job, prompt_rows, read_results,
+                                          run_worker, write_jsonl)
+
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(240)]
+NUM_ROWS = 24
+
+
+@pytest.fixture(scope="module")
+def tp1_rows(tmp_path_factory, model_dir):
+    """The TP=1 worker's records for the NUM_ROWS prompts (run locally, one process)."""
+    root = tmp_path_factory.mktemp("tp1")
+    job_dir = make_job(root, _config(root, model_dir, tensor=1, partition="debug"))
+    code, log = run_worker(job_dir, OMP_NUM_THREADS="1")
+    assert code == 0, log[-3000:]
+    [records] = read_results(job_dir).values()
+    return records
+
+
+def _config(root: Path, model_dir: Path, tensor: int, partition: str, delay_s: float = 0.0,
+            **sections) -> dict:
+    write_jsonl(root / "data" / "a.jsonl", prompt_rows(NUM_ROWS))
+    env = {"OMP_NUM_THREADS": "1", "HPCINFER_PROGRESS_EVERY_S": "1"}
+    if delay_s:   # slow the first run only, so the kill/signal lands while rows are in flight
+        env.update(HPCINFER_WORKER_STEP_DELAY_S=str(delay_s), HPCINFER_WORKER_STEP_DELAY_RUNS="1")
+    return job_config(model_dir, str(root / "data" / "a.jsonl"), env=env,
+                      parallel={"tensor": tensor},
+                      resources={"partition": partition, "cpus_per_task": 1}, **sections)
+
+
+def _submit(root: Path, config: dict) -> tuple[Path, str]:
+    make_job(root, config, render=False)
+    proc = subprocess.run([sys.executable, "-m", "hpcinfer.cli", "submit", str(root / "job.yaml")],
+                          capture_output=True, text=True, timeout=60,
+                          env={k: v for k, v in os.environ.items() if not k.startswith("SLURM_")})
+    assert proc.returncode == 0, proc.stderr
+    [line] = [ln for ln in proc.stdout.splitlines() if ln.startswith("submitted job ")]
+    return root / config["output"]["dir"], line.split()[2].rstrip(";")
+
+
+def _wait_finished(job_dir: Path, timeout_s: float = 150) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        info = gather(job_dir)
+        if all_finished(info):
+            return info
+        assert time.monotonic() < deadline, json.dumps(info)[-3000:] + _logs(job_dir)[-3000:]
+        time.sleep(0.5)
+
+
+def _logs(job_dir: Path) -> str:
+    logs = job_dir / "logs"
+    return "\n".join(p.read_text(errors="replace") for p in sorted(logs.iterdir())) \
+        if logs.is_dir() else ""
+
+
+def _wait_log(job_dir: Path, text: str, timeout_s: float = 90) -> float:
+    deadline = time.monotonic() + timeout_s
+    while text not in _logs(job_dir):
+        assert time.monotonic() < deadline, f"no {text!r} in the logs: {_logs(job_dir)[-3000:]}"
+        time.sleep(0.1)
+    return time.monotonic()
+
+
+def _first_record(job_dir: Path, rank: int) -> dict:
+    path = job_dir / "metrics" / f"task-00000-rank-{rank:03d}.jsonl"
+    return json.loads(path.read_text().splitlines()[0])
+
+
+def _is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+def _assert_exactly_once_equal(job_dir: Path, tp1_rows: list[dict]) -> None:
+    [records] = read_results(job_dir).values()
+    assert [r["row_index"] for r in records] == list(range(NUM_ROWS))
+    assert [(r["id"], r["text"], r["num_output_tokens"]) for r in records] == \
+        [(r["id"], r["text"], r["num_output_tokens"]) for r in tp1_rows]
+
+
+def test_tp2_job_equals_tp1_row_for_row(slurm_cluster, tmp_path, model_dir, tp1_rows):
+    job_dir, _ = _submit(tmp_path, _config(tmp_path, model_dir, 2, slurm_cluster))
+    script = (job_dir / "submit.sbatch").read_text()
+    assert "#SBATCH --ntasks-per-node=2" in script
+    assert "launch=(srun --nodes=1 --ntasks=2 --kill-on-bad-exit=1 --mpi=pmix)" in script
+    info = _wait_finished(job_dir)
+    assert info["summary"] == {"COMPLETED": 1}, _logs(job_dir)[-3000:]
+    _assert_exactly_once_equal(job_dir, tp1_rows)
+    text = _logs(job_dir)
+    assert "rank 1@" in text and "follower 1 of replica 0 ready" in text
+    follower = [json.loads(ln) for ln in
+                (job_dir / "metrics" / "task-00000-rank-001.jsonl").read_text().splitlines()]
+    assert follower[-1]["status"] == "follower" and follower[-1]["exit_code"] == 0
+
+
+def test_kill_9_of_the_follower_is_named_requeued_and_finishes_exactly_once(
+        slurm_cluster, tmp_path, model_dir, tp1_rows):
+    job_dir, job_id = _submit(tmp_path, _config(tmp_path, model_dir, 2, slurm_cluster, 0.3))
+    _wait_log(job_dir, "progress: rows 4/")            # committed rows, others in flight
+    follower, driver = _first_record(job_dir, 1), _first_record(job_dir, 0)
+    assert follower["replica_rank"] == 1 and driver["replica_rank"] == 0
+    os.kill(follower["pid"], 9)
+    killed = time.monotonic()
+    named = _wait_log(job_dir, f"lost rank 1 (host {follower['host']}, pid {follower['pid']})")
+    assert named - killed < 60
+    while _is_alive(driver["pid"]):
+        assert time.monotonic() - killed < 60, "the driver outlived its lost follower by 60 s"
+        time.sleep(0.1)
+    info = _wait_finished(job_dir)
+    assert info["summary"] == {"COMPLETED": 1}, _logs(job_dir)[-3000:]
+    text = _logs(job_dir)
+    assert "a rank was lost (status" in text
+    assert f"requeueing {job_id} (restart 1 of" in text
+    assert "all shards of this task are DONE" in text
+    _assert_exactly_once_equal(job_dir, tp1_rows)
+    finishes = [json.loads(ln) for ln in
+                (job_dir / "metrics" / "task-00000-rank-000.jsonl").read_text().splitlines()
+                if '"finish"' in ln]
+    # (srun's SIGTERM may stop the loop first: then a "requeue" line comes before it)
+    [lost] = [f for f in finishes if f["status"] == "lost_rank"]
+    assert finishes[-1]["status"] == "ok" and finishes.index(lost) == len(finishes) - 2
+    assert lost["lost_rank"] == 1 and lost["lost_host"] == follower["host"]
+
+
+def test_usr2_stops_every_rank_at_the_drivers_step_and_requeues_once(
+        slurm_cluster, tmp_path, model_dir, tp1_rows):
+    job_dir, job_id = _submit(tmp_path, _config(tmp_path, model_dir, 2, slurm_cluster, 0.3))
+    _wait_log(job_dir, "progress: rows 4/")
+    subprocess.run(["scancel", "--batch", "--signal=USR2", job_id], check=True)
+    info = _wait_finished(job_dir)
+    assert info["summary"] == {"COMPLETED": 1}, _logs(job_dir)[-3000:]
+    text = _logs(job_dir)
+    assert "received SIGUSR2: committed what finished" in text
+    assert "had received SIGUSR2; stopped at the driver's word (exit 3)" in text
+    assert text.count(f"requeueing {job_id} (restart") == 1
+    _assert_exactly_once_equal(job_dir, tp1_rows)
+    for rank in (0, 1):
+        finishes = [json.loads(ln) for ln in
+                    (job_dir / "metrics" / f"task-00000-rank-{rank:03d}.jsonl").read_text()
+                    .splitlines() if '"finish"' in ln]
+        codes = [f.get("exit_code", {"requeue": 3, "ok": 0}.get(f["status"])) for f in finishes]
+        assert codes == [3, 0], finishes
