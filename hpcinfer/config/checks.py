@@ -24,6 +24,7 @@ ACCOUNT_ENV = ("SBATCH_ACCOUNT", "SLURM_ACCOUNT")
 def check_consistency(cfg: JobConfig) -> None:
     _check_layout(cfg)
     _check_task_fields(cfg)
+    _check_pooling(cfg)
     _check_sampling(cfg)
     _check_env_names(cfg)
     _check_extra_sbatch(cfg)
@@ -76,6 +77,48 @@ def _check_task_fields(cfg: JobConfig) -> None:
             raise cfg.error_at(f"input.{field}" if f"input.{field}" in cfg._origins else "task",
                                f"task {cfg.task} reads input.{field}, which is not set",
                                f"add `{field}: {example}` under input (the column name)")
+
+
+POOLING_TASKS = ("embed", "classify", "score", "reward")
+OPENAI_POOLING_TASKS = {"embed": "/v1/embeddings", "score": "/v1/score"}
+# pooling: key -> the tasks it applies to
+POOLING_KEY_TASKS = {"pooling_type": ("embed",), "normalize": ("embed",),
+                     "dimensions": ("embed",), "use_activation": ("classify", "score")}
+
+
+def pooling_io_problem(task: str, input_format: str,
+                       output_format: str) -> tuple[str, str, str] | None:
+    """(key, problem, fix) when a pooling task cannot read/write these formats, else None.
+    The worker checks the same (setup.check_supported) before it loads the model."""
+    if task not in POOLING_TASKS:
+        return None
+    oai_in, oai_out = input_format == "openai-batch", output_format == "openai-batch"
+    if (oai_in or oai_out) and task not in OPENAI_POOLING_TASKS:
+        key = "input.format" if oai_in else "output.format"
+        return (key, f"task {task} has no OpenAI batch url (vLLM's run-batch serves "
+                     "/v1/embeddings for embed and /v1/score for score)",
+                f"use jsonl or parquet for {key}" + (" with input.text_field" if oai_in else ""))
+    if oai_out and not oai_in:
+        return ("output.format", f"output.format openai-batch answers OpenAI batch requests, "
+                                 f"but task {task} reads {input_format} rows",
+                "write `format: jsonl` (or parquet) under output, or give OpenAI batch input "
+                f"({OPENAI_POOLING_TASKS[task]} lines) with input.format: openai-batch")
+    if oai_in and not oai_out:
+        return ("output.format", f"OpenAI batch input for task {task} is answered with OpenAI "
+                                 "batch lines (one request may hold several inputs)",
+                "write `format: openai-batch` under output")
+    return None
+
+
+def _check_pooling(cfg: JobConfig) -> None:
+    problem = pooling_io_problem(cfg.task, cfg.input.format, cfg.output.format)
+    if problem:
+        raise cfg.error_at(*problem)
+    for key, tasks in POOLING_KEY_TASKS.items():
+        if getattr(cfg.pooling, key) is not None and cfg.task not in tasks:
+            raise cfg.error_at(f"pooling.{key}", f"pooling.{key} applies to task "
+                               f"{' and '.join(tasks)}, and this job's task is {cfg.task}",
+                               f"remove {key} from the pooling block")
 
 
 def _check_sampling(cfg: JobConfig) -> None:

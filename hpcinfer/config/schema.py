@@ -159,6 +159,29 @@ class SamplingSection(Section):
     include_stop_str_in_output: bool = Field(False, description="Keep the stop string")
 
 
+def _upper(value: Any) -> Any:
+    return value.strip().upper() if isinstance(value, str) else value
+
+
+PoolingType = Annotated[Literal["CLS", "LAST", "MEAN"], BeforeValidator(_upper)]
+
+
+class PoolingSection(Section):
+    """vLLM's PoolerConfig names; null = the checkpoint's own setting."""
+    pooling_type: Optional[PoolingType] = Field(
+        None, description="embed: which token states make the vector (first token, last, "
+                          "mean); null = the checkpoint's (sentence-transformers 1_Pooling, "
+                          "else the model's default)")
+    normalize: Optional[bool] = Field(
+        None, description="embed: L2-normalize each embedding; null = the checkpoint's "
+                          "(a sentence-transformers Normalize module, else true)")
+    dimensions: Optional[int] = Field(
+        None, ge=1, description="embed: keep the first N dimensions (Matryoshka models), then "
+                                "normalize; null = all")
+    use_activation: Optional[bool] = Field(
+        None, description="classify, score: softmax / sigmoid over the logits; null = true")
+
+
 class EngineSection(Section):
     max_num_seqs: int = Field(256, ge=1, description="Most sequences in one batch")
     max_num_batched_tokens: int = Field(8192, ge=1, description="Token budget per engine step")
@@ -248,7 +271,8 @@ class ResilienceSection(Section):
 
 SECTION_MODELS: dict[str, type[Section]] = {
     "model": ModelSection, "input": InputSection, "output": OutputSection,
-    "sampling": SamplingSection, "engine": EngineSection, "parallel": ParallelSection,
+    "sampling": SamplingSection, "pooling": PoolingSection, "engine": EngineSection,
+    "parallel": ParallelSection,
     "resources": ResourcesSection, "container": ContainerSection,
     "resilience": ResilienceSection,
 }
@@ -301,6 +325,9 @@ class JobConfig(Section):
                                   description="Where results go")
     sampling: SamplingSection = Field(default_factory=SamplingSection,
                                       description="Default sampling parameters (vLLM names)")
+    pooling: PoolingSection = Field(default_factory=PoolingSection,
+                                    description="Pooling options of embed/classify/score "
+                                                "(vLLM's PoolerConfig)")
     engine: EngineSection = Field(default_factory=EngineSection,
                                   description="Engine batch and memory settings")
     parallel: ParallelSection = Field(default_factory=ParallelSection,

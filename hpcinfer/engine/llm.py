@@ -31,13 +31,20 @@ class LLM:
 
     def __init__(self, model: str, task: str = "auto", runner: str = "auto",
                  convert: str = "auto", **kwargs: Any):
+        # vLLM's pooler_config (older name: override_pooler_config), see pooling.PoolerConfig
+        pooler_config = kwargs.pop("pooler_config", None)
+        pooler_config = kwargs.pop("override_pooler_config", None) or pooler_config
         self.config = EngineConfig.from_kwargs(model, **kwargs)
         # task: "generate" or a pooling task (embed/classify/score/reward), see engine.pooling
         self.task = pooling.resolve_task(self.config.model, task, runner, convert)
+        if self.task == "generate" and pooler_config is not None:
+            raise ValueError("pooler_config is for pooling tasks (embed, classify, score, "
+                             "reward): remove it, or pass task='embed' (or another)")
         # create_engine: one process asking for several ranks spawns the others
         from hpcinfer.engine.distributed_runner import create_engine
         self.llm_engine = (create_engine(self.config) if self.task == "generate"
-                           else pooling.PoolingEngine(self.config, self.task))
+                           else pooling.PoolingEngine(self.config, self.task,
+                                                      pooler_config=pooler_config))
         self._next_request = 0
         self._default_params: SamplingParams | None = None
 

@@ -12,6 +12,7 @@ unless ``truncate_prompt_tokens`` is given. Nothing outlives the step.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -24,7 +25,7 @@ from hpcinfer.engine.outputs import (ClassificationOutput, ClassificationRequest
                                      EmbeddingOutput, EmbeddingRequestOutput, PoolingOutput,
                                      PoolingRequestOutput, ScoringOutput, ScoringRequestOutput)
 from hpcinfer.layers.attention import AttentionMetadata
-from hpcinfer.models.pooling import (DenseProjection, classification_activation,
+from hpcinfer.models.pooling import (POOLING_TYPES, DenseProjection, classification_activation,
                                      finish_embedding, pool, read_pooling_config)
 
 log = logging.getLogger(__name__)
@@ -38,11 +39,48 @@ ENCODE_TASKS = ("embed", "classify", "token_embed", "token_classify")
 class PoolingParams:
     """Per-call pooling options, as vLLM's: ``dimensions`` truncates embeddings (Matryoshka
     models), ``normalize`` overrides the checkpoint's L2 normalization, ``activation``
-    (classify/score) turns softmax/sigmoid off when False."""
+    (classify/score) turns softmax/sigmoid off when False. None: the engine's PoolerConfig
+    default (then the checkpoint's; activation on)."""
 
     dimensions: int | None = None
     normalize: bool | None = None
-    activation: bool = True
+    activation: bool | None = None
+
+
+@dataclass(frozen=True)
+class PoolerConfig:
+    """Model-level pooling settings, as vLLM's PoolerConfig (``LLM(..., pooler_config=...)``;
+    a job file's ``pooling:`` block): ``pooling_type`` (CLS | LAST | MEAN) replaces the
+    checkpoint's embedding pooling; ``dimensions``, ``normalize`` and ``use_activation`` are
+    the defaults of every call whose PoolingParams leaves them None."""
+
+    pooling_type: str | None = None
+    dimensions: int | None = None
+    normalize: bool | None = None
+    use_activation: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.pooling_type is not None and self.pooling_type.upper() not in POOLING_TYPES:
+            raise ValueError(f"pooler_config pooling_type={self.pooling_type!r}: use one of "
+                             f"{list(POOLING_TYPES)}")
+        if self.dimensions is not None and (not isinstance(self.dimensions, int)
+                                            or self.dimensions < 1):
+            raise ValueError(f"pooler_config dimensions={self.dimensions!r}: use a positive "
+                             "integer (at most the model's embedding size)")
+
+
+def as_pooler_config(value: Any) -> PoolerConfig:
+    """None, a PoolerConfig, a dict, or any object with those attributes (vLLM's
+    PoolerConfig) -> PoolerConfig; unknown dict keys are an error naming the known ones."""
+    if value is None or isinstance(value, PoolerConfig):
+        return value or PoolerConfig()
+    names = [f.name for f in dataclasses.fields(PoolerConfig)]
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - set(names))
+        if unknown:
+            raise ValueError(f"pooler_config keys {unknown} are not supported: use {names}")
+        return PoolerConfig(**value)
+    return PoolerConfig(**{n: getattr(value, n, None) for n in names})
 
 
 @dataclass
@@ -97,7 +135,7 @@ def resolve_task(model_path: str, task: str = "auto", runner: str = "auto",
 class PoolingEngine:
     """Loads a pooling model and runs whole-sequence forward passes batched by tokens."""
 
-    def __init__(self, config: EngineConfig, task: str, tokenizer=None):
+    def __init__(self, config: EngineConfig, task: str, tokenizer=None, pooler_config=None):
         from transformers import AutoTokenizer
 
         from hpcinfer.models.registry import load_config, load_model
@@ -107,6 +145,7 @@ class PoolingEngine:
                              "pipeline_parallel_size=1 (pooling models are small; run one "
                              "replica per GPU instead)")
         self.config, self.task = config, task
+        self.pooler_config = as_pooler_config(pooler_config)
         self.device = resolve_device(config.device)
         self.tokenizer = (tokenizer if tokenizer is not None else
                           AutoTokenizer.from_pretrained(config.tokenizer or config.model))
@@ -119,6 +158,10 @@ class PoolingEngine:
         # A causal LM running as an embedding model pools its last token (vLLM's default).
         self.pooling = read_pooling_config(
             config.model, getattr(self.model, "default_pooling_type", "LAST"))
+        if self.pooler_config.pooling_type:
+            self.pooling = dataclasses.replace(
+                self.pooling, pooling_type=self.pooler_config.pooling_type.upper(),
+                source="pooler_config")
         self.dense = [DenseProjection(d, self.device) for d in self.pooling.dense_dirs]
         self.max_model_len = self._resolve_max_model_len()
         self.num_labels = getattr(hf_config, "num_labels", None)
@@ -222,9 +265,19 @@ class PoolingEngine:
         hidden = self.model(input_ids, positions, [None] * self.spec.num_layers, meta, **kwargs)
         return hidden, cu
 
+    def with_defaults(self, params: PoolingParams) -> PoolingParams:
+        """``params`` with every None filled from the PoolerConfig (activation: on)."""
+        default = self.pooler_config
+        pick = (lambda mine, theirs: theirs if mine is None else mine)
+        return PoolingParams(dimensions=pick(params.dimensions, default.dimensions),
+                             normalize=pick(params.normalize, default.normalize),
+                             activation=pick(params.activation,
+                                             pick(default.use_activation, True)))
+
     def run(self, items: Sequence[_Input], pooling_task: str,
             params: PoolingParams) -> list[torch.Tensor]:
         """The pooled result of every item (on the CPU, float32), in order."""
+        params = self.with_defaults(params)
         results: list[torch.Tensor] = []
         for batch in self.batches(items):
             hidden, cu = self.forward([items[i] for i in batch])
@@ -310,6 +363,7 @@ class PoolingEngine:
               truncate=None) -> list[ScoringRequestOutput]:
         """One-to-one (equal lengths) or one-to-many (a single text_1). Cross-encoders score
         each (text_1, text_2) pair; embedding models give the cosine of the embeddings."""
+        params = self.with_defaults(params)
         texts_1 = [data_1] if isinstance(data_1, str) else list(data_1)
         texts_2 = [data_2] if isinstance(data_2, str) else list(data_2)
         if len(texts_1) == 1:

@@ -211,8 +211,23 @@ class PoolingParquetFormat(PoolingJsonlFormat, ParquetFormat):
         return super()._array(name, values)
 
 
+class PoolingOpenAIBatchFormat(OpenAIBatchFormat):
+    """/v1/embeddings and /v1/score rows (task embed / score): vLLM's response bodies."""
+
+    def __init__(self, *, task: str, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.task = task
+
+    def record(self, row, out) -> dict:
+        line = openai_batch.pooling_response_line(row, out, created_s=self.created_s,
+                                                  model=self.model)
+        line["row_index"] = row.index
+        return line
+
+
 _CLASSES = {"jsonl": JsonlFormat, "parquet": ParquetFormat, "openai-batch": OpenAIBatchFormat}
 _POOLING_CLASSES = {"jsonl": PoolingJsonlFormat, "parquet": PoolingParquetFormat}
+OPENAI_POOLING_TASKS = ("embed", "score")      # the tasks with an OpenAI url (openai_batch)
 
 
 def make_format(name: str, task: str = "generate", **options: Any) -> JsonlFormat:
@@ -221,8 +236,10 @@ def make_format(name: str, task: str = "generate", **options: Any) -> JsonlForma
     if name not in _CLASSES:
         raise ValueError(f"unknown output format {name!r}: use one of {', '.join(FORMATS)}")
     if task in POOLING_FIELDS:
+        if name == "openai-batch" and task in OPENAI_POOLING_TASKS:
+            return PoolingOpenAIBatchFormat(task=task, **options)
         if name not in _POOLING_CLASSES:
-            raise ValueError(f"output.format {name} is not written for task {task} yet: use "
+            raise ValueError(f"output.format {name} is not written for task {task}: use "
                              "jsonl or parquet")
         for key in ("model", "created_s"):
             options.pop(key, None)
