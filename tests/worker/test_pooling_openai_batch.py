@@ -207,3 +207,51 @@ def test_job_pooling_block_equals_pooler_config_and_pooling_params(tmp_path, emb
         assert abs(sum(x * x for x in rec["embedding"]) - 1) < 1e-5
         # CLS + 8 dims is not the checkpoint's MEAN pooling cut to 8
         assert not _close(rec["embedding"], d.outputs.embedding[:8])
+
+
+@pytest.mark.parametrize("task", ["embed", "score"])
+def test_docs_openai_batch_example_runs(tmp_path, task):
+    """docs/tasks/<task>.md's OpenAI batch request lines and job file, with only the model,
+    input and output paths replaced, run and equal the Python API."""
+    import re
+
+    import yaml
+
+    from hpcinfer import PoolingParams
+    doc = (Path(__file__).parents[2] / "docs" / "tasks" / f"{task}.md").read_text()
+    section = doc.split("## OpenAI batch input", 1)[1]
+    lines = re.search(r"```jsonl\n(.*?)```", section, re.DOTALL).group(1).strip().splitlines()
+    config = yaml.safe_load(re.search(r"```yaml\n(.*?)```", section, re.DOTALL).group(1))
+    assert config["task"] == task and config["input"]["format"] == "openai-batch"
+    model = build_tiny_pooling_checkpoint(*(("bert",) if task == "embed" else ("bert-cls",)),
+                                          tmp_path / "m", **({"num_labels": 1}
+                                                             if task == "score" else {}))
+    data = tmp_path / "data" / "requests.jsonl"
+    data.parent.mkdir()
+    data.write_text("\n".join(lines) + "\n")
+    config["model"]["id"] = str(model)
+    config["input"]["path"] = str(data)
+    config["output"]["dir"] = "out"
+    job_dir = make_job(tmp_path / "job", config)
+    rc, out = run_worker(job_dir)
+    assert rc == 0, out[-3000:]
+    [records] = read_results(job_dir).values()
+    requests = [json.loads(line) for line in lines]
+    assert [r["custom_id"] for r in records] == [q["custom_id"] for q in requests]
+    assert not read_errors(job_dir)
+    llm = _llm(model, task)
+    for rec, request in zip(records, requests):
+        body, data_out = request["body"], rec["response"]["body"]["data"]
+        if task == "embed":
+            inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+            want = [o.outputs.embedding for o in llm.embed(
+                inputs, pooling_params=PoolingParams(dimensions=body.get("dimensions")),
+                use_tqdm=False)]
+            got = [d["embedding"] for d in data_out]
+        else:
+            text_1 = body.get("text_1", body.get("queries"))
+            text_2 = body.get("text_2", body.get("documents"))
+            want = [[o.outputs.score] for o in llm.score(text_1, text_2, use_tqdm=False)]
+            got = [[d["score"]] for d in data_out]
+        assert len(got) == len(want)
+        assert all(_close(g, w) for g, w in zip(got, want)), request["custom_id"]
