@@ -99,8 +99,8 @@ def pooling_io_problem(task: str, input_format: str,
                      "/v1/embeddings for embed and /v1/score for score)",
                 f"use jsonl or parquet for {key}" + (" with input.text_field" if oai_in else ""))
     if oai_out and not oai_in:
-        return ("output.format", f"output.format openai-batch answers OpenAI batch requests, "
-                                 f"but task {task} reads {input_format} rows",
+        return ("output.format", f"openai-batch answers OpenAI batch requests, but task "
+                                 f"{task} reads {input_format} rows",
                 "write `format: jsonl` (or parquet) under output, or give OpenAI batch input "
                 f"({OPENAI_POOLING_TASKS[task]} lines) with input.format: openai-batch")
     if oai_in and not oai_out:
@@ -116,8 +116,8 @@ def _check_pooling(cfg: JobConfig) -> None:
         raise cfg.error_at(*problem)
     for key, tasks in POOLING_KEY_TASKS.items():
         if getattr(cfg.pooling, key) is not None and cfg.task not in tasks:
-            raise cfg.error_at(f"pooling.{key}", f"pooling.{key} applies to task "
-                               f"{' and '.join(tasks)}, and this job's task is {cfg.task}",
+            raise cfg.error_at(f"pooling.{key}", f"applies to task {' and '.join(tasks)} "
+                               f"only, and this job's task is {cfg.task}",
                                f"remove {key} from the pooling block")
 
 
