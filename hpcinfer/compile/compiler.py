@@ -49,18 +49,22 @@ def build_plan(cfg, *, job_dir: str | None = None, python: str | None = None,
         raise plan_error(cfg, "input.path", "the input files contain no rows",
                          "point input.path at non-empty JSONL/Parquet files")
     nodes = int(cfg.parallel.nodes)
-    shape = "multinode" if nodes > 1 else ("array" if len(shards) > 1 else "single")
-    array_size = len(shards) if shape == "array" else 0
+    ntasks_per_node = int(cfg.ranks_per_node)
+    # Each array task runs one shard per data-parallel replica (each replica its own shards).
+    replicas = max(1, nodes * ntasks_per_node // (cfg.parallel.tensor * cfg.parallel.pipeline))
+    num_tasks = -(-len(shards) // replicas)
+    shape = "multinode" if nodes > 1 else ("array" if num_tasks > 1 else "single")
+    array_size = num_tasks if shape == "array" else 0
     max_array = int(_prof(cfg, "max_array_size", 1001))
     if array_size > max_array:
         raise plan_error(cfg, "input.shard_rows",
-                         f"{array_size} shards would need a job array of {array_size} tasks, "
+                         f"{len(shards)} shards would need a job array of {array_size} tasks, "
                          f"more than this cluster's MaxArraySize ({max_array})",
                          f"raise input.shard_rows to at least "
-                         f"{-(-sum(f.num_rows for f in files) // max_array)} (fewer, larger shards)")
+                         f"{-(-sum(f.num_rows for f in files) // (max_array * replicas))} "
+                         "(fewer, larger shards)")
     use_gpu = _device(cfg) == "cuda"
     gpus = int(cfg.resources.gpus_per_node) if use_gpu else 0
-    ntasks_per_node = int(cfg.ranks_per_node)
     throttle = cfg.resources.array_parallelism if shape == "array" else None
     job_dir = os.path.abspath(job_dir or str(cfg.output.dir))
     return JobPlan(
@@ -76,7 +80,8 @@ def build_plan(cfg, *, job_dir: str | None = None, python: str | None = None,
         signal=_signal_name(cfg), signal_seconds=int(cfg.resilience.signal_seconds),
         max_requeues=int(cfg.resilience.max_requeues),
         total_rows=sum(f.num_rows for f in files), input_files=tuple(f.path for f in files),
-        env_from_environment=_env_from_environment(cfg), cuda=_cuda(cfg))
+        env_from_environment=_env_from_environment(cfg), cuda=_cuda(cfg),
+        shards_per_task=replicas if shape == "array" else 1)
 
 
 def _device(cfg) -> str:

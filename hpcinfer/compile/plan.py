@@ -70,6 +70,7 @@ class JobPlan:
     input_files: tuple[str, ...] = field(default_factory=tuple)
     env_from_environment: tuple[str, ...] = field(default_factory=tuple)  # passed from the submitting shell
     cuda: str | None = None           # CUDA of container.def's image (compile/container.py); None = default
+    shards_per_task: int = 1          # = data-parallel replicas per task (worker/ranks.py)
 
     @property
     def log_pattern(self) -> str:
@@ -82,12 +83,14 @@ class JobPlan:
         return self.array_size if self.shape == "array" else 1
 
     def shards_for_task(self, task_id: int | None) -> tuple[Shard, ...]:
-        """Shards one array task (or the only task) works on."""
+        """Shards one array task (or the only task) works on: ``shards_per_task``
+        consecutive shards, one per data-parallel replica of the task."""
         if self.shape != "array":
             return self.shards
-        if task_id is None or not 0 <= task_id < len(self.shards):
-            raise ValueError(f"array task id {task_id!r} outside 0..{len(self.shards) - 1}")
-        return (self.shards[task_id],)
+        if task_id is None or not 0 <= task_id < self.array_size:
+            raise ValueError(f"array task id {task_id!r} outside 0..{self.array_size - 1}")
+        n = self.shards_per_task
+        return self.shards[task_id * n:(task_id + 1) * n]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -39,7 +39,9 @@ def describe(plan: JobPlan) -> str:
     ranks = f"{plan.nodes} node(s) x {plan.ntasks_per_node} rank(s)"
     if plan.shape == "array":
         throttle = f", at most {plan.array_throttle} at a time" if plan.array_throttle else ""
-        return (f"job array of {plan.array_size} tasks (one per shard{throttle}) over "
+        per_task = ("one per shard" if plan.shards_per_task == 1 else
+                    f"{plan.shards_per_task} shards each, one per replica")
+        return (f"job array of {plan.array_size} tasks ({per_task}{throttle}) over "
                 f"{plan.total_rows} rows; each task {ranks}")
     return f"{plan.shape} job over {plan.total_rows} rows in {len(plan.shards)} shard(s); {ranks}"
 

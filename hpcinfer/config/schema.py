@@ -198,6 +198,10 @@ class ParallelSection(Section):
     tensor: int = Field(1, ge=1, description="Tensor-parallel ranks (within a node)")
     pipeline: int = Field(1, ge=1, description="Pipeline stages (across nodes)")
     nodes: int = Field(1, ge=1, description="Nodes per task")
+    replicas: int = Field(
+        1, ge=1, description="Data-parallel replicas per task on CPU (resources.device: cpu), "
+                             "each of tensor x pipeline ranks; ignored on GPU, where there are "
+                             "nodes x gpus_per_node / (tensor x pipeline)")
 
 
 def _gpus(value: Any) -> Any:
@@ -373,9 +377,11 @@ class JobConfig(Section):
 
     @property
     def ranks_per_node(self) -> int:
-        """Worker processes per node: one per GPU, or tensor x pipeline / nodes on CPU."""
+        """Worker processes per node: one per GPU, or tensor x pipeline x replicas / nodes
+        on CPU."""
         if self.resources.device == "cpu":
-            return max(1, self.parallel.tensor * self.parallel.pipeline // self.parallel.nodes)
+            p = self.parallel
+            return max(1, p.tensor * p.pipeline * p.replicas // p.nodes)
         return self.resources.gpus_per_node
 
     def location_of(self, key_path: str) -> tuple[str, Optional[int]]:

@@ -87,6 +87,7 @@ def gather(job_dir: str | Path) -> dict:
             "restarts": max((r.get("restart_count", 0) for r in records), default=0),
             "worker": records[0].get("status") if records else None,
             "throughput": _throughput(records),
+            "replicas": replica_progress(records, shard_rows),
         })
     summary: dict[str, int] = {}
     for task in tasks:
@@ -119,6 +120,23 @@ def shard_progress(job_dir: Path, shard) -> dict:
     return entry
 
 
+def replica_progress(records: list[dict], shard_rows: list[dict]) -> list[dict]:
+    """Per data-parallel replica (worker/ranks.py), from its driver's last metrics line:
+    its shards, rows committed of them, its worker status and rates. [] with one replica."""
+    rows_of = {p["shard"]: p for p in shard_rows}
+    replicas = []
+    for r in records:
+        if r.get("replica_rank", 0) != 0 or "replica_shards" not in r:
+            continue
+        mine = [rows_of[i] for i in r["replica_shards"] if i in rows_of]
+        replicas.append({"replica": r.get("replica"), "rank": r.get("rank"),
+                         "host": r.get("host"), "shards": r["replica_shards"],
+                         "rows": sum(p["rows"] for p in mine),
+                         "rows_done": sum(p["rows_done"] for p in mine),
+                         "worker": r.get("status"), "throughput": _throughput([r])})
+    return sorted(replicas, key=lambda x: x["replica"])
+
+
 _THROUGHPUT_KEYS = ("rows_per_s", "in_tok_per_s", "out_tok_per_s", "kv_use", "preemptions",
                     "eta_s", "time")
 
@@ -149,6 +167,11 @@ def format_status(info: dict) -> str:
         lines.append(f"{'-' if t['task'] is None else t['task']:>6}  {t['slurm_id'] or '-':<14} "
                      f"{t['state']:<12} {t['rows']:>9} {t['shards_done']:>5}/{len(t['shards']):<5}"
                      f"  {t['restarts']:>8}  {t['reason']}{_rates(t.get('throughput'))}")
+        for r in t.get("replicas", ()):
+            lines.append(f"{'':>6}  replica {r['replica']} (rank {r['rank']}@{r['host']}): "
+                         f"shards {','.join(map(str, r['shards'])) or '-'}, rows "
+                         f"{r['rows_done']}/{r['rows']}, worker {r['worker']}"
+                         f"{_rates(r.get('throughput'))}")
     lines.append(f"{'shard':>6}  {'rows done/total':>17} {'bad':>6}  state")
     for t in info["tasks"]:
         for p in t.get("shard_progress", ()):

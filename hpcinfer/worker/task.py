@@ -61,6 +61,9 @@ def run(job_dir: Path, stop: StopFlag) -> int:
     if not place.is_driver:
         return run_follower(cfg, replica, stop, metrics, lambda: _follower_config(cfg, place))
     mine = ranks.split_shards(shards, place.num_replicas)[place.replica]
+    if place.num_replicas > 1:    # on every line: `hpcinfer status` shows each replica
+        metrics.base.update(num_replicas=place.num_replicas,
+                            replica_shards=[s.index for s in mine])
     driver = DriverSide(replica)
     try:
         code = _run_shards(job_dir, cfg, plan, mine, stop, metrics, started, driver)
@@ -89,9 +92,6 @@ def _run_shards(job_dir: Path, cfg, plan, shards, stop: StopFlag, metrics: Metri
     from hpcinfer.worker import setup
     from hpcinfer.worker.progress import Progress
     setup.check_supported(cfg)
-    if driver.replica.place.num_replicas > 1:
-        metrics.write({"event": "replica", "replica_shards": [s.index for s in shards],
-                       "replica_rows": sum(s.num_rows for s in shards)})
     todo = [s for s in shards if not ledger.is_done(ledger.shard_dir(job_dir, s.index))]
     if not todo:
         log.info("every shard of this task is DONE already; nothing to do")

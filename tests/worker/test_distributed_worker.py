@@ -39,8 +39,8 @@ def _config(root: Path, model_dir: Path, tensor: int, partition: str, delay_s: f
     env = {"OMP_NUM_THREADS": "1", "HPCINFER_PROGRESS_EVERY_S": "1"}
     if delay_s:   # slow the first run only, so the kill/signal lands while rows are in flight
         env.update(HPCINFER_WORKER_STEP_DELAY_S=str(delay_s), HPCINFER_WORKER_STEP_DELAY_RUNS="1")
+    sections.setdefault("parallel", {"tensor": tensor})
     return job_config(model_dir, str(root / "data" / "a.jsonl"), env=env,
-                      parallel={"tensor": tensor},
                       resources={"partition": partition, "cpus_per_task": 1}, **sections)
 
 
@@ -96,6 +96,35 @@ def _assert_exactly_once_equal(job_dir: Path, tp1_rows: list[dict]) -> None:
     assert [r["row_index"] for r in records] == list(range(NUM_ROWS))
     assert [(r["id"], r["text"], r["num_output_tokens"]) for r in records] == \
         [(r["id"], r["text"], r["num_output_tokens"]) for r in tp1_rows]
+
+
+def test_shards_split_between_replicas_by_rows():
+    from hpcinfer.compile.plan import Shard
+    from hpcinfer.worker.ranks import place_of, split_shards
+    shards = [Shard(i, "f", 0, n) for i, n in enumerate([10, 40, 10, 30, 10])]
+    split = split_shards(shards, 2)
+    assert [[s.index for s in part] for part in split] == [[1, 2], [0, 3, 4]]
+    assert [sum(s.num_rows for s in part) for part in split] == [50, 50]
+    assert split_shards(shards[:1], 3)[1:] == [(), ()]      # more replicas than shards
+    place = place_of(5, 8, 1, 4)
+    assert (place.replica, place.replica_rank, place.num_replicas, place.is_driver) == (1, 1, 2,
+                                                                                          False)
+    with pytest.raises(ValueError, match="start a multiple of 4 ranks"):
+        place_of(0, 6, 0, 4)
+
+
+def test_array_task_gets_one_shard_per_replica(tmp_path):
+    from hpcinfer.compile.compiler import build_plan
+    from hpcinfer.compile.render import render_script
+    from hpcinfer.config import load_job
+    from hpcinfer.testing.jobs import write_job
+    job = write_job(tmp_path, rows=(5, 5, 5, 5, 5),
+                    parallel={"replicas": 2})
+    plan = build_plan(load_job(job))
+    assert (plan.shape, plan.array_size, plan.shards_per_task, plan.ntasks_per_node) == \
+        ("array", 3, 2, 2)
+    assert [[s.index for s in plan.shards_for_task(t)] for t in range(3)] == [[0, 1], [2, 3], [4]]
+    assert "#SBATCH --array=0-2" in render_script(plan)
 
 
 def test_tp2_job_equals_tp1_row_for_row(slurm_cluster, tmp_path, model_dir, tp1_rows):
@@ -160,3 +189,26 @@ def test_usr2_stops_every_rank_at_the_drivers_step_and_requeues_once(
                     .splitlines() if '"finish"' in ln]
         codes = [f.get("exit_code", {"requeue": 3, "ok": 0}.get(f["status"])) for f in finishes]
         assert codes == [3, 0], finishes
+
+
+def test_two_replicas_take_a_shard_each_and_equal_one_run(slurm_cluster, tmp_path, model_dir,
+                                                          tp1_rows):
+    from hpcinfer.slurm.status import format_status
+    config = _config(tmp_path, model_dir, 1, slurm_cluster, input={"shard_rows": 12},
+                     parallel={"replicas": 2})
+    job_dir, _ = _submit(tmp_path, config)
+    plan = json.loads((job_dir / "plan.json").read_text())
+    assert plan["shape"] == "single" and len(plan["shards"]) == 2
+    assert "launch=(srun --nodes=1 --ntasks=2 --kill-on-bad-exit=1 --mpi=pmix)" in \
+        (job_dir / "submit.sbatch").read_text()
+    info = _wait_finished(job_dir)
+    assert info["summary"] == {"COMPLETED": 1}, _logs(job_dir)[-3000:]
+    results = read_results(job_dir)
+    assert sorted(results) == [0, 1]
+    records = results[0] + results[1]
+    assert [r["row_index"] for r in records] == list(range(NUM_ROWS))
+    assert [(r["id"], r["text"]) for r in records] == [(r["id"], r["text"]) for r in tp1_rows]
+    [task] = info["tasks"]
+    assert [(r["replica"], r["rank"], r["shards"], r["rows_done"], r["worker"])
+            for r in task["replicas"]] == [(0, 0, [0], 12, "ok"), (1, 1, [1], 12, "ok")]
+    assert "replica 1 (rank 1@" in format_status(info)
