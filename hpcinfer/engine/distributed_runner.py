@@ -107,7 +107,8 @@ class DistributedRunner(ModelRunner):
         self.num_intermediates = getattr(_layer_owner(model), "pp_num_intermediates", 1)
         self.num_steps = 0
         trace_dir = os.environ.get("HPCINFER_PP_TRACE")
-        self.trace = (PipelineTrace(trace_dir, parallel.stage, parallel.groups.world)
+        self.trace = (PipelineTrace(trace_dir, parallel.stage, parallel.groups.world,
+                                    float(os.environ.get("HPCINFER_DIST_TIMEOUT", 120)))
                       if trace_dir and parallel.stage.size > 1 else None)
 
     def _kv_budget_bytes(self, max_model_len: int) -> int:
