@@ -143,7 +143,8 @@ class DistributedRunner(ModelRunner):
         """Forward this stage; return float32 logits [num_sampled, vocab] on global rank 0
         and on the last stage (an uninitialised tensor of that shape elsewhere)."""
         world = self.parallel.groups.world
-        if world.launcher != "spawn":  # spawned ranks replay rank 0's calls: cannot diverge
+        # (spawned ranks replay rank 0's calls and a world of one has no peer: cannot diverge)
+        if world.launcher != "spawn" and world.size > 1:
             self._check_same_batch(batch, world)
         self.num_steps += 1
         if self.parallel.stage.size == 1:  # TP only, or a world of one: no hand-offs
