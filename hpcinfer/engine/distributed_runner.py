@@ -28,10 +28,24 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from hpcinfer.distributed.groups import ParallelGroups, PipelineStage, make_groups, pipeline_stage
-from hpcinfer.distributed.pipeline import (PipelineTrace, micro_batch_bounds,
-                                           micro_batches_setting, num_micro_batches)
-from hpcinfer.distributed.world import detect_launch, free_port, init_world, init_world_explicit
+from hpcinfer.distributed.groups import (
+    ParallelGroups,
+    PipelineStage,
+    make_groups,
+    pipeline_stage,
+)
+from hpcinfer.distributed.pipeline import (
+    PipelineTrace,
+    micro_batch_bounds,
+    micro_batches_setting,
+    num_micro_batches,
+)
+from hpcinfer.distributed.world import (
+    detect_launch,
+    free_port,
+    init_world,
+    init_world_explicit,
+)
 from hpcinfer.engine.model_runner import Batch, ModelRunner
 
 log = logging.getLogger(__name__)
@@ -108,7 +122,7 @@ class DistributedRunner(ModelRunner):
         self.num_steps = 0
         trace_dir = os.environ.get("HPCINFER_PP_TRACE")
         self.trace = (PipelineTrace(trace_dir, parallel.stage, parallel.groups.world,
-                                    float(os.environ.get("HPCINFER_DIST_TIMEOUT", 120)))
+                                    float(os.environ.get("HPCINFER_DIST_TIMEOUT", "120")))
                       if trace_dir and parallel.stage.size > 1 else None)
 
     def _kv_budget_bytes(self, max_model_len: int) -> int:

@@ -39,7 +39,7 @@ print("RESULT " + json.dumps({"plain": plain, "forced": forced, "path": path_fac
 
 def test_world_of_one_runs_the_distributed_path_with_equal_tokens(tmp_path):
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path), *TINY_FAMILIES],
-                          env=ENV, capture_output=True, text=True, timeout=240)
+                          env=ENV, capture_output=True, text=True, timeout=240, check=False)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]
     result = json.loads(lines[0][7:])
