@@ -255,3 +255,23 @@ def test_docs_openai_batch_example_runs(tmp_path, task):
             got = [[d["score"]] for d in data_out]
         assert len(got) == len(want)
         assert all(_close(g, w) for g, w in zip(got, want)), request["custom_id"]
+
+
+def test_worker_refuses_a_job_yaml_edited_past_validate(tmp_path, embed_model):
+    """validate refuses OpenAI batch input with JSONL output (tests/login); a resolved
+    job.yaml edited after rendering is refused by the worker too, before any model loads."""
+    import yaml
+    path = write_jsonl(tmp_path / "data" / "a.jsonl", [
+        {"custom_id": "e1", "method": "POST", "url": "/v1/embeddings",
+         "body": {"model": "m", "input": "embed me"}}])
+    config = job_config(embed_model, str(path), task="embed",
+                        input={"format": "openai-batch", "id_field": None, "prompt_field": None},
+                        output={"format": "openai-batch"})
+    job_dir = make_job(tmp_path / "job", config)
+    resolved = yaml.safe_load((job_dir / "job.yaml").read_text())
+    resolved["output"]["format"] = "jsonl"
+    (job_dir / "job.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    rc, out = run_worker(job_dir)
+    assert rc == 2, out[-3000:]
+    assert "write `format: openai-batch` under output" in out
+    assert "engine ready" not in out and not list(job_dir.glob("shards/*/part-*"))
