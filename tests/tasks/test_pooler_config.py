@@ -10,7 +10,12 @@ import torch
 
 from hpcinfer import LLM, PoolingParams
 from hpcinfer.io.openai_batch import EMBEDDINGS_URL, SCORE_URL, pooling_request
-from hpcinfer.testing.tiny_pooling import TEXTS, hf_embeddings, hf_logits, tiny_pooling_checkpoint
+from hpcinfer.testing.tiny_pooling import (
+    TEXTS,
+    hf_embeddings,
+    hf_logits,
+    tiny_pooling_checkpoint,
+)
 
 
 def _close(ours, theirs, atol=1e-5) -> bool:

@@ -21,8 +21,14 @@ import pytest
 
 from hpcinfer.io.collect import collect
 from hpcinfer.testing.tiny_pooling import build_tiny_pooling_checkpoint
-from hpcinfer.testing.worker_jobs import (job_config, make_job, read_errors, read_results,
-                                          run_worker, write_jsonl)
+from hpcinfer.testing.worker_jobs import (
+    job_config,
+    make_job,
+    read_errors,
+    read_results,
+    run_worker,
+    write_jsonl,
+)
 
 pytestmark = pytest.mark.timeout(180)
 ENGINE = {"max_num_seqs": 2, "max_num_batched_tokens": 256}
