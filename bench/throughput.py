@@ -12,7 +12,10 @@ Workloads (issue 8):
   A  Llama-3.2-1B shape, bf16, 256 prompts x 256 random input ids, 256 output tokens each
   B  Llama-3.1-8B shape, bf16, 1000 prompts, seeded ShareGPT-like lengths (in 16-1024,
      out 16-512)
+  T  tiny Llama shape (hidden 64, 2 layers), 16 short prompts: CPU-sized, to run the TP/PP/DP
+     plumbing without a GPU (--device cpu; bench/parallel_variants.py)
 All requests ignore EOS, so every engine produces exactly the requested tokens.
+Multi-GPU: --tp N / --pp N / --dp N run bench/parallel_variants.py (TP=1 baseline first).
 
 pct_of_bandwidth_bound: output tok/s over the tok/s of an ideal engine that streams the
 weights once per decode step (with max_num_seqs sequences per step), reads each token's
@@ -48,10 +51,14 @@ SHAPES = {
     "llama-3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                          num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                          tie_word_embeddings=False, rope_theta=500000.0),
+    "tiny": dict(vocab_size=128256, hidden_size=64, intermediate_size=128,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 tie_word_embeddings=False, rope_theta=500000.0),
 }
 WORKLOADS = {
     "A": dict(shape="llama-3.2-1b", num_prompts=256, max_num_seqs=256),
     "B": dict(shape="llama-3.1-8b", num_prompts=1000, max_num_seqs=512),
+    "T": dict(shape="tiny", num_prompts=16, max_num_seqs=8),
 }
 ENGINES = ("hpcinfer", "transformers", "transformers-batch", "vllm")
 
@@ -173,6 +180,8 @@ def make_requests(workload: str, num_prompts: int | None = None, seed: int = 0
     vocab = SHAPES[spec["shape"]]["vocab_size"]
     if workload == "A":
         lens_in, lens_out = np.full(n, 256), np.full(n, 256)
+    elif workload == "T":
+        lens_in, lens_out = rng.integers(4, 24, n), rng.integers(4, 12, n)
     else:
         # ShareGPT-like: long-tailed prompts (median ~220) and answers (median ~190).
         lens_in = np.clip(rng.lognormal(np.log(220), 0.9, n), 16, 1024).astype(int)
@@ -247,14 +256,18 @@ def bound_output_tok_s(shape: dict, requests, max_num_seqs: int, rates: dict) ->
 # --- engines (each in its own subprocess) ------------------------------------------------
 
 def run_hpcinfer(ckpt: Path, requests, max_num_seqs: int, profile_dir: Path | None,
-                 workload: str = "") -> dict:
+                 workload: str = "", llm_kwargs: dict | None = None,
+                 device: str = "cuda") -> dict:
+    """llm_kwargs (tensor_parallel_size, ...) and device: bench/parallel_variants.py."""
     import torch
     from hpcinfer import LLM, SamplingParams
     t0 = time.perf_counter()
     llm = LLM(str(ckpt), dtype="bfloat16", max_model_len=max_model_len_for(requests),
               max_num_seqs=max_num_seqs, max_num_batched_tokens=8192,
-              gpu_memory_utilization=0.9, enable_prefix_caching=False)
-    torch.cuda.synchronize()
+              gpu_memory_utilization=0.9, enable_prefix_caching=False, device=device,
+              **(llm_kwargs or {}))
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
     startup_s = time.perf_counter() - t0
     engine = llm.llm_engine
     runner = engine.runner
@@ -270,7 +283,7 @@ def run_hpcinfer(ckpt: Path, requests, max_num_seqs: int, profile_dir: Path | No
     warm = prompts[:256]
     llm.generate(warm, [SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)]
                  * len(warm), use_tqdm=False)
-    torch.cuda.synchronize()
+    sync()
     warmup_s = time.perf_counter() - t1
     stats_before = _stats_dict(engine.stats)
     profiler = None
@@ -280,7 +293,7 @@ def run_hpcinfer(ckpt: Path, requests, max_num_seqs: int, profile_dir: Path | No
         profiler.enable()
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
-    torch.cuda.synchronize()
+    sync()
     wall = time.perf_counter() - start
     if profiler is not None:
         import pstats
@@ -403,21 +416,26 @@ def run_transformers_batch(ckpt: Path, requests) -> dict:
 
 def _row(num_out: int, requests, wall: float, load_s: float) -> dict:
     import torch
-    free, total = torch.cuda.mem_get_info()
+    on_gpu = torch.cuda.is_available()   # (CPU: the tiny plumbing run of parallel_variants)
+    free, total = torch.cuda.mem_get_info() if on_gpu else (0, 0)
     num_in = sum(len(p) for p, _ in requests)
     return {"output_tok_s": num_out / wall, "total_tok_s": (num_out + num_in) / wall,
             "wall_s": wall, "load_s": load_s, "num_output_tokens": num_out,
-            "peak_gpu_mem_gib": (total - free) / GiB,
-            "torch_max_reserved_gib": torch.cuda.max_memory_reserved() / GiB}
+            "num_input_tokens": num_in, "peak_gpu_mem_gib": (total - free) / GiB,
+            "torch_max_reserved_gib": torch.cuda.max_memory_reserved() / GiB if on_gpu else 0}
 
 
 def worker_main(args) -> None:
     spec = WORKLOADS[args.workload]
     requests = make_requests(args.workload, args.num_prompts)
     ckpt = Path(args.ckpt)
+    options = json.loads(args.parallel) if args.parallel else {}  # bench/parallel_variants.py
+    replica, num_replicas = options.pop("shard", (0, 1))
+    requests = requests[replica::num_replicas]
     if args.worker == "hpcinfer":
         row = run_hpcinfer(ckpt, requests, spec["max_num_seqs"],
-                           Path(args.profile_dir) if args.profile_dir else None, args.workload)
+                           Path(args.profile_dir) if args.profile_dir else None, args.workload,
+                           **options)
     elif args.worker == "transformers":
         row = run_transformers(ckpt, requests, args.hf_batch_size)
     elif args.worker == "transformers-batch":
@@ -455,7 +473,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workloads", default="A,B")
     p.add_argument("--engines", default=",".join(ENGINES))
-    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs (parallel_variants)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages (parallel_variants)")
+    p.add_argument("--dp", type=int, default=1, help="data-parallel replicas (parallel_variants)")
+    p.add_argument("--combine", action="store_true", help="one tp x pp x dp layout instead of "
+                   "each size on its own")
+    p.add_argument("--device", default="cuda", help="cpu: tiny plumbing run (--workloads T)")
     p.add_argument("--ckpt-root", default=os.path.join(tempfile.gettempdir(), "hpcinfer-bench"))
     p.add_argument("--out", default=str(RESULTS), help="results dir")
     p.add_argument("--num-prompts", type=int, help="override the workload's prompt count")
@@ -468,14 +491,15 @@ def main() -> None:
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
     p.add_argument("--result-file", help=argparse.SUPPRESS)
     p.add_argument("--profile-dir", help=argparse.SUPPRESS)
+    p.add_argument("--parallel", help=argparse.SUPPRESS)   # JSON from parallel_variants
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.worker:
         worker_main(args)
         return
-    if args.tp != 1:
-        print(f"--tp {args.tp}: not yet (tensor parallelism lands with its own issue); "
-              "only tp=1 runs")
+    if (args.tp, args.pp, args.dp) != (1, 1, 1) or args.device != "cuda":
+        import parallel_variants  # bench/parallel_variants.py (this script's directory)
+        parallel_variants.main(args, sys.modules[__name__])
         return
     import torch
     rates = measure_device_rates()
