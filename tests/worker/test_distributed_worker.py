@@ -1,8 +1,14 @@
-"""The worker at TP=2 on the real single-host Slurm (CPU, gloo): a rendered `--ntasks=2`,
-`srun --mpi=pmix` job equals the TP=1 run row for row; a `kill -9` of the follower makes the
-driver name the lost rank and host and exit within 60 s, the job requeues and finishes with
-every row exactly once; `scancel --batch --signal=USR2` stops both ranks at the driver's step
-boundary, requeues once, and again every row comes exactly once."""
+"""The worker at TP=2 / PP=2 on the real single-host Slurm (CPU, gloo).
+
+- A rendered `--ntasks=2`, `srun --mpi=pmix` job equals the TP=1 run row for row; so does a
+  local TP=2 run (one process that spawns its second rank).
+- `kill -9` of the follower: the driver names the lost rank and host and exits within 60 s;
+  the job requeues and finishes with every row exactly once.
+- `scancel --batch --signal=USR2`: both ranks stop at the driver's step boundary, the job
+  requeues once, every row comes exactly once.
+- Two data-parallel replicas (`parallel.replicas: 2`, tensor 1) take a shard each and equal
+  one run; `hpcinfer status` shows each replica.
+"""
 from __future__ import annotations
 
 import json
@@ -127,8 +133,20 @@ def test_array_task_gets_one_shard_per_replica(tmp_path):
     assert "#SBATCH --array=0-2" in render_script(plan)
 
 
-def test_tp2_job_equals_tp1_row_for_row(slurm_cluster, tmp_path, model_dir, tp1_rows):
-    job_dir, _ = _submit(tmp_path, _config(tmp_path, model_dir, 2, slurm_cluster))
+def test_local_tp2_run_spawns_its_second_rank_and_equals_tp1(tmp_path, model_dir, tp1_rows):
+    # `hpcinfer run --local` starts one process: the driver spawns the other rank (spawn.py)
+    job_dir = make_job(tmp_path, _config(tmp_path, model_dir, 2, "debug"))
+    code, log = run_worker(job_dir, OMP_NUM_THREADS="1")
+    assert code == 0, log[-3000:]
+    assert "spawned 1 worker ranks" in log
+    _assert_exactly_once_equal(job_dir, tp1_rows)
+
+
+@pytest.mark.parametrize("parallel", [{"tensor": 2}, {"pipeline": 2}], ids=["tp2", "pp2"])
+def test_two_rank_job_equals_tp1_row_for_row(slurm_cluster, tmp_path, model_dir, tp1_rows,
+                                             parallel):
+    job_dir, _ = _submit(tmp_path, _config(tmp_path, model_dir, 1, slurm_cluster,
+                                           parallel=parallel))
     script = (job_dir / "submit.sbatch").read_text()
     assert "#SBATCH --ntasks-per-node=2" in script
     assert "launch=(srun --nodes=1 --ntasks=2 --kill-on-bad-exit=1 --mpi=pmix)" in script
