@@ -68,7 +68,9 @@ def _hf_greedy(path: str, prompts, max_new=MAX_NEW):
 def _run_world_of_one(path: str, prompts, max_tokens, **kwargs) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["HPCINFER_FORCE_DISTRIBUTED"] = "1"
-    env["NCCL_NVLS_ENABLE"] = "0"
+    # NVLink multicast stays off (device notes: it can take a shared host's GPUs out of service)
+    env.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1",
+               NVSHMEM_DISABLE_NVLS="1")
     proc = subprocess.run([sys.executable, "-c", SCRIPT, path, json.dumps(prompts),
                            json.dumps(max_tokens), json.dumps(kwargs)],
                           env=env, capture_output=True, text=True, timeout=600, check=False)
