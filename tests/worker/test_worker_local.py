@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from hpcinfer.config.errors import ConfigError
 from hpcinfer.testing.worker_jobs import (chat_rows, job_config, make_job, prompt_rows,
                                           read_errors, read_results, run_worker, write_jsonl,
                                           write_parquet)
@@ -105,17 +106,17 @@ def test_duplicate_ids_refused_by_worker_and_validate(tmp_path, model_dir):
     assert "('q1' at a.jsonl row 1, a.jsonl row 3)" in proc.stderr
 
 
-def test_unsupported_task_input_is_a_clear_error(tmp_path, model_dir):
-    # Pooling tasks run from JSONL/Parquet (tests/worker/test_pooling_jobs.py); OpenAI-batch
-    # /v1/embeddings input is refused before the model loads, with what to use instead.
+def test_pooling_openai_input_needs_openai_output(tmp_path, model_dir):
+    # OpenAI-batch /v1/embeddings input runs (tests/worker/test_pooling_openai_batch.py), but a
+    # request may hold several inputs, so its answer needs OpenAI-batch output lines: the job is
+    # refused at render time, with the fix, before anything reaches the worker.
     write_jsonl(tmp_path / "data" / "a.jsonl", [
         {"custom_id": "e1", "method": "POST", "url": "/v1/embeddings",
          "body": {"model": "m", "input": "embed me"}}])
     config = job_config(model_dir, "data/a.jsonl", task="embed",
                         input={"format": "openai-batch", "id_field": None, "prompt_field": None})
-    job_dir = make_job(tmp_path, config)
-    rc, out = run_worker(job_dir)
-    assert rc == 2 and "is not run by the worker yet: use JSONL or Parquet input" in out, out
+    with pytest.raises(ConfigError, match="write `format: openai-batch` under output"):
+        make_job(tmp_path, config)
 
 
 def test_long_prompts_error_or_truncate(tmp_path, model_dir):
