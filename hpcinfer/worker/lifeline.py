@@ -95,13 +95,13 @@ class Lifeline:
 
     @classmethod
     def connect(cls, own_label: str, replica: int, address: tuple[str, int], rank: int,
-                driver_host: str, timeout_s: float) -> Lifeline:
-        """Follower: connect to the driver and say hello."""
+                driver: tuple[int, str, int], timeout_s: float) -> Lifeline:
+        """Follower: connect to the driver ((rank, host, pid)) and say hello."""
         line = cls(own_label, replica)
         conn = socket.create_connection(address, timeout=timeout_s)
         conn.settimeout(None)
         conn.sendall(f"hello {rank} {socket.gethostname()} {os.getpid()}\n".encode())
-        line._peers[conn] = (0, driver_host, -1)
+        line._peers[conn] = driver
         threading.Thread(target=line._monitor, name="lifeline", daemon=True).start()
         return line
 
@@ -175,7 +175,7 @@ class Lifeline:
     def _on_eof(self, conn: socket.socket) -> None:
         rank, host, pid = self._peers.pop(conn)
         conn.close()
-        if self.closing or (self._driver_exit is not None and rank == 0):
+        if self.closing or self._driver_exit is not None:
             return                             # an expected goodbye
         detail = self._errors.get(conn, "")
         trouble = Trouble(rank, host, pid, lost=not detail, detail=detail)

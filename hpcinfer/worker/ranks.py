@@ -134,14 +134,15 @@ def _lifeline(place: RankPlace, world, timeout_s: float):
     addr = os.environ.get("MASTER_ADDR", "127.0.0.1")   # reachable from every rank of it
     if place.is_driver:
         def publish(address):
-            dist.broadcast_object_list([(address, place.host)], src=0, group=world.cpu_group)
+            dist.broadcast_object_list([(address, place.host, os.getpid())], src=0,
+                                       group=world.cpu_group)
         return Lifeline.serve(place.label, place.replica, addr, place.replica_size - 1,
                               publish, timeout_s)
     box = [None]
     dist.broadcast_object_list(box, src=0, group=world.cpu_group)
-    address, driver_host = box[0]
-    return Lifeline.connect(place.label, place.replica, tuple(address), place.rank, driver_host,
-                            timeout_s)
+    address, driver_host, driver_pid = box[0]
+    return Lifeline.connect(place.label, place.replica, tuple(address), place.rank,
+                            (place.rank - place.replica_rank, driver_host, driver_pid), timeout_s)
 
 
 def _replica_rendezvous(place: RankPlace) -> tuple[str, int]:
