@@ -312,7 +312,47 @@ def run_hpcinfer(ckpt: Path, requests, max_num_seqs: int, profile_dir: Path | No
                kv_gib=runner.num_blocks * runner.bytes_per_block() / GiB)
     if profile_dir is not None:
         row["profile"] = profile_hpcinfer(llm, prompts, profile_dir, workload)
+        row["decode_profile"] = profile_decode(llm, prompts, profile_dir, workload)
     return row
+
+
+def profile_decode(llm, prompts, out_dir: Path, workload: str, steps: int = 32) -> dict:
+    """Decode steps alone, at a full batch: prefill max_num_seqs prompts first, then profile
+    ``steps`` pure decode steps. Per step: wall ms, GPU kernel ms, host phases, top kernels."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from hpcinfer import SamplingParams
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0, max_tokens=steps + 64, ignore_eos=True)
+    ids = [f"decode-profile-{i}" for i in range(min(len(prompts), engine.config.max_num_seqs))]
+    for rid, prompt in zip(ids, prompts):
+        engine.add_request(rid, prompt, params)
+    while engine.scheduler.waiting or not engine.stats.last_step.get("is_decode"):
+        engine.step(final_only=True)
+    torch.cuda.synchronize()
+    before = _stats_dict(engine.stats)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step(final_only=True)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    host = {k: (v - before[k]) / steps * 1e3 for k, v in _stats_dict(engine.stats).items()
+            if k.endswith("_s")}
+    engine.abort_request(ids)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu_ms = sum(e.device_time for e in kernels) / 1e3 / steps
+    top = sorted(prof.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)
+    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=20)
+    (out_dir / f"profile_decode_{workload}.txt").write_text(table)
+    summary = {"batch": len(ids), "step_ms": wall / steps * 1e3, "gpu_ms_per_step": gpu_ms,
+               "gpu_busy_pct": 100 * gpu_ms / (wall / steps * 1e3),
+               "host_ms_per_step": {k: round(v, 3) for k, v in host.items()},
+               "top_kernels": [{"name": e.key[:80], "ms_per_step": e.self_device_time_total
+                                / 1e3 / steps, "count_per_step": e.count / steps}
+                               for e in top[:12]]}
+    print("decode profile:", json.dumps(summary, indent=1), flush=True)
+    return summary
 
 
 def _stats_dict(stats) -> dict:
@@ -549,16 +589,25 @@ def main() -> None:
             if proc.returncode != 0 or not text:
                 print(f"{engine} on {workload}: failed (exit {proc.returncode}) after "
                       f"{time.perf_counter() - start:.0f} s", flush=True)
-                rows.append({**base, "error": f"exit {proc.returncode}"})
+                row = {**base, "error": f"exit {proc.returncode}", "output_tok_s": None,
+                       "total_tok_s": None}
+                rows.append(row)
+                _save([row], Path(args.out), device, date)  # now: a later engine may hang
                 continue
             result = json.loads(text)
             if "skipped" in result:
                 print(f"{engine}: {result['skipped']}; skipped", flush=True)
                 continue
             result["pct_of_bandwidth_bound"] = 100 * result["output_tok_s"] / bound
-            rows.append({**base, **result})
+            row = {**base, **result}
+            rows.append(row)
+            # Saved and printed as each engine finishes, so a run cut off by a time limit
+            # keeps what it measured.
+            _save([row], Path(args.out), device, date)
+            print(f"=== {engine} on {workload}: {result['output_tok_s']:.0f} output tok/s, "
+                  f"{result['total_tok_s']:.0f} total tok/s, wall {result['wall_s']:.2f} s, "
+                  f"start-up {result['load_s']:.1f} s", flush=True)
     _print_table(rows)
-    _save(rows, Path(args.out), device, date)
 
 
 def _print_table(rows) -> None:
@@ -566,9 +615,9 @@ def _print_table(rows) -> None:
     print(fmt.format("engine", "wl", "out tok/s", "total tok/s", "load s", "peak GiB", "% bound",
                      "x HF"))
     hf = {r["workload"]: r["output_tok_s"] for r in rows
-          if r["engine"] == "transformers" and "output_tok_s" in r}
+          if r["engine"] == "transformers" and r.get("output_tok_s")}
     for r in rows:
-        if "output_tok_s" not in r:
+        if r.get("output_tok_s") is None:
             print(fmt.format(r["engine"], r["workload"], "error", "", "", "", "", ""))
             continue
         ratio = r["output_tok_s"] / hf[r["workload"]] if r["workload"] in hf else float("nan")

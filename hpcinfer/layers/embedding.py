@@ -58,9 +58,28 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, embedding_dim] -> logits [N, num_embeddings] in float32."""
-        logits = F.linear(hidden, self.weight).float()
+        logits = fp32_logits(hidden, self.weight)
         if self.tp.size > 1:
             parts = [torch.empty_like(logits) for _ in range(self.tp.size)]
             torch.distributed.all_gather(parts, logits, group=self.tp.group)
             logits = torch.cat(parts, dim=-1)
         return logits[:, :self.num_embeddings]
+
+
+def fp32_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """hidden [N, H] @ weight[V, H].T -> [N, V] float32, accumulated and *stored* in fp32.
+
+    Why: a bf16 output rounds every logit to 8 mantissa bits, so near-ties (gap <= 1/128 of
+    the logit) become exact ties whose argmax depends on the kernel's accumulation order;
+    two backends then pick different tokens. Casting a bf16 result to float afterwards
+    cannot undo that. On CUDA, cuBLAS writes fp32 directly from bf16/fp16 inputs
+    (``torch.mm(..., out_dtype=float32)``), which also skips the bf16 logits round trip;
+    elsewhere (CPU, older torch) the inputs are upcast first."""
+    if hidden.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.linear(hidden, weight)
+    if hidden.is_cuda and hidden.dtype == weight.dtype:
+        try:
+            return torch.mm(hidden, weight.t(), out_dtype=torch.float32)
+        except (RuntimeError, TypeError, NotImplementedError):
+            pass  # torch without the fp32-output mm: upcast below
+    return F.linear(hidden.float(), weight.float())

@@ -39,7 +39,10 @@ if "$PY" -c 'import xdist' 2>/dev/null; then
   parallel=(-n 8)   # Triton compiles dominate; spread them over CPU cores
 fi
 start=$(date +%s)
-"$PY" -m pytest "$REPO/tests/gpu" -q -p no:cacheprovider --rootdir "$REPO" \
+# GPU_TESTS: a subset, e.g. "tests/gpu/test_engine_gpu.py" (default: all of tests/gpu)
+test_paths=()
+for t in ${GPU_TESTS:-tests/gpu}; do test_paths+=("$REPO/$t"); done
+"$PY" -m pytest "${test_paths[@]}" -q -p no:cacheprovider --rootdir "$REPO" \
   -c "$REPO/pyproject.toml" "${parallel[@]}" --durations=10 2>&1 | tee "$RESULTS_DIR/gpu-tests.log"
 tests_rc=${PIPESTATUS[0]}
 echo "GPU tests: exit $tests_rc in $(( $(date +%s) - start )) s"

@@ -13,6 +13,7 @@ Not part of CI (CI has no GPU): run through tests/gpu/run_gpu_checks.sh on a GPU
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,9 @@ def test_mixed_steps_split_decodes_into_graphs():
 
 
 def _load_bench():
+    # throughput.py imports its sibling results_file.py, as a script run from bench/ would.
+    if str(REPO / "bench") not in sys.path:
+        sys.path.insert(0, str(REPO / "bench"))
     spec = importlib.util.spec_from_file_location("bench_throughput",
                                                   REPO / "bench" / "throughput.py")
     module = importlib.util.module_from_spec(spec)
