@@ -27,6 +27,7 @@ from hpcinfer.testing.worker_jobs import (
     prompt_rows,
     read_results,
     run_worker,
+    worker_env,
     write_jsonl,
 )
 
@@ -237,3 +238,35 @@ def test_two_replicas_take_a_shard_each_and_equal_one_run(slurm_cluster, tmp_pat
     assert [(r["replica"], r["rank"], r["shards"], r["rows_done"], r["worker"])
             for r in task["replicas"]] == [(0, 0, [0], 12, "ok"), (1, 1, [1], 12, "ok")]
     assert "replica 1 (rank 1@" in format_status(info)
+
+
+def test_kill_9_of_the_driver_is_named_by_the_follower(mpirun, tmp_path, model_dir, tp1_rows):
+    # Under mpirun (no Slurm): the follower names its lost driver, exits 4 within 60 s; a
+    # rerun finishes the rows exactly once.
+    job_dir = make_job(tmp_path, _config(tmp_path, model_dir, 2, "debug"))
+    log_path = tmp_path / "mpirun.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([*mpirun, "-n", "2", sys.executable, "-m", "hpcinfer.worker",
+                                 str(job_dir)], stdout=log, stderr=subprocess.STDOUT,
+                                env=worker_env(OMP_NUM_THREADS="1",
+                                               HPCINFER_WORKER_STEP_DELAY_S="0.3"))
+    try:
+        deadline = time.monotonic() + 90
+        while "progress: rows 4/" not in log_path.read_text(errors="replace"):
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        driver = _first_record(job_dir, 0)
+        os.kill(driver["pid"], 9)
+        killed = time.monotonic()
+        proc.wait(timeout=60)
+        text = log_path.read_text(errors="replace")
+        assert f"rank 1 on {driver['host']}: lost rank 0 (host {driver['host']}, pid " \
+               f"{driver['pid']}) of replica 0" in text
+        assert time.monotonic() - killed < 60
+    finally:
+        proc.kill()
+    follower = (job_dir / "metrics" / "task-00000-rank-001.jsonl").read_text().splitlines()
+    assert json.loads(follower[-1])["status"] == "lost_rank"
+    code, out = run_worker(job_dir, OMP_NUM_THREADS="1")      # one process: spawns rank 1
+    assert code == 0, out[-3000:]
+    _assert_exactly_once_equal(job_dir, tp1_rows)
