@@ -2,7 +2,9 @@
 
 Phases, in order (docs/worker.md):
   1. preflight (preflight.py): config, plan, this task's shards, inputs readable, output
-     writable, environment report (first metrics line);
+     writable, environment report (first metrics line); then this rank's place (ranks.py):
+     its replica, driver or follower. A follower only replays its driver's engine calls
+     (replica.run_follower); the steps below are the driver's, over its replica's shards;
   2. task check: generate and chat (loop.ShardLoop), embed/classify/score/reward
      (pooling_loop.PoolingShardLoop);
   3. model: HF offline variables set, then ``hub.offline.resolve_model`` (no network, no
@@ -12,8 +14,9 @@ Phases, in order (docs/worker.md):
 
 Exit codes (the batch script acts on them): 0 every shard DONE; 2 something the user must
 fix (config, model, input file, duplicate ids, on_bad_row: fail); 3 stopped by the warning
-signal or SIGTERM after committing ("requeue me"); 1 an unexpected error (a bug: the
-traceback is in the log).
+signal or SIGTERM after committing ("requeue me"); 4 a rank of the replica was lost
+(lifeline.py names it; requeue me); 1 an unexpected error (a bug: the traceback is in the
+log). Every rank of a replica exits with its driver's code.
 """
 from __future__ import annotations
 
@@ -94,7 +97,9 @@ def _run_shards(job_dir: Path, cfg, plan, shards, stop: StopFlag, metrics: Metri
     setup.check_supported(cfg)
     todo = [s for s in shards if not ledger.is_done(ledger.shard_dir(job_dir, s.index))]
     if not todo:
-        log.info("every shard of this task is DONE already; nothing to do")
+        log.info("every shard of this task is DONE already; nothing to do" if shards else
+                 "this replica has no shard (more replicas than shards: lower "
+                 "input.shard_rows); nothing to do")
         metrics.write({"event": "finish", "status": "ok", "shards_failed": []})
         return 0
     spec = setup.input_spec(cfg)
