@@ -138,8 +138,8 @@ class DistributedRunner(ModelRunner):
         if self.parallel.groups.tp.size == 1 and self.parallel.stage.size == 1:
             super().capture_cuda_graphs()
 
-    def prepare(self, seqs, num_new_tokens: list[int], block_manager) -> Batch:
-        batch = super().prepare(seqs, num_new_tokens, block_manager)
+    def prepare(self, seqs, num_new_tokens: list[int], block_manager, **kwargs) -> Batch:
+        batch = super().prepare(seqs, num_new_tokens, block_manager, **kwargs)
         num_micro = num_micro_batches(self.parallel.micro_batches, self.parallel.stage.size,
                                       len(seqs), batch.input_ids.shape[0])
         if num_micro == 1:
@@ -248,24 +248,27 @@ class DistributedRunner(ModelRunner):
 
 def split_batch(batch: Batch, bounds: list[tuple[int, int]], q_lens: list[int],
                 seq_lens: list[int], done: list[bool]) -> list[Batch]:
-    """Micro-batches of sequences [a, b) each, as views of ``batch`` (no new uploads).
+    """Micro-batches of sequences [a, b) each, cut from ``batch`` on the device (no uploads).
 
     q_lens/seq_lens/done: per sequence, host values (query tokens this step, length after
     it, whether it is sampled). Each micro-batch's metadata is that of a step holding only
     its sequences: rows renumbered from 0, its own max query/key lengths."""
     cu = list(itertools.accumulate(q_lens, initial=0))
     num_done = list(itertools.accumulate(done, initial=0))
+    # On a GPU, copies: Triton compiles a kernel variant per 16-byte alignment of each
+    # pointer, and views at arbitrary offsets would bring new variants (compiles) mid-run.
+    own = torch.clone if batch.input_ids.is_cuda else (lambda t: t)
     meta, out = batch.meta, []
     for a, b in bounds:
         t0, t1, k0, k1 = cu[a], cu[b], num_done[a], num_done[b]
         q = q_lens[a:b]
         sub_meta = dataclasses.replace(
-            meta, slot_mapping=meta.slot_mapping[t0:t1],
-            cu_seqlens_q=meta.cu_seqlens_q[a:b + 1] - t0, seq_lens=meta.seq_lens[a:b],
-            block_tables=meta.block_tables[a:b], max_seqlen_q=max(q),
+            meta, slot_mapping=own(meta.slot_mapping[t0:t1]),
+            cu_seqlens_q=meta.cu_seqlens_q[a:b + 1] - t0, seq_lens=own(meta.seq_lens[a:b]),
+            block_tables=own(meta.block_tables[a:b]), max_seqlen_q=max(q),
             max_seqlen_k=max(seq_lens[a:b]), is_decode=all(n == 1 for n in q))
         num_decode_prefix = next((i for i, n in enumerate(q) if n != 1), len(q))
-        out.append(Batch(batch.input_ids[t0:t1], batch.positions[t0:t1], sub_meta,
+        out.append(Batch(own(batch.input_ids[t0:t1]), own(batch.positions[t0:t1]), sub_meta,
                          batch.sample_indices[k0:k1] - t0, batch.sample_seqs[k0:k1],
                          num_decode_prefix))
     return out
