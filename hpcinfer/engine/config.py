@@ -24,6 +24,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     kv_cache_memory_bytes: int | None = None
     enforce_eager: bool = False
+    async_scheduling: bool = True         # launch step N+1 before reading N's tokens (inflight.py)
     seed: int = 0
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1       # see docs/multi-node.md

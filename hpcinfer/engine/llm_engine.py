@@ -16,12 +16,13 @@ import torch
 from hpcinfer.engine.block_manager import BlockManager
 from hpcinfer.engine.config import EngineConfig
 from hpcinfer.engine.detokenizer import IncrementalDetokenizer, find_stop_string
+from hpcinfer.engine.inflight import InFlight, PinnedTokens, async_safe
 from hpcinfer.engine.model_runner import ModelRunner, resolve_device, resolve_dtype
 from hpcinfer.engine.outputs import CompletionOutput, RequestOutput
 from hpcinfer.engine.params import SamplingParams
 from hpcinfer.engine.sampler import Sampler, SamplerOutput
 from hpcinfer.engine.scheduler import Scheduler
-from hpcinfer.engine.sequence import Sequence, SequenceStatus
+from hpcinfer.engine.sequence import PLACEHOLDER_TOKEN, Sequence, SequenceStatus
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,12 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self.stats = EngineStats()
         self._arrivals = 0
+        # Async scheduling (inflight.py): one process only (ranks sample in lockstep).
+        self._async = config.async_scheduling and self.parallel is None
+        self._inflight: InFlight | None = None   # launched step whose tokens are unread
+        self._num_sync_only = 0                   # live requests that need synchronous steps
+        self._pinned = (PinnedTokens(config.max_num_seqs)
+                        if self._async and self.device.type == "cuda" else None)
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> LLMEngine:
@@ -132,6 +139,7 @@ class LLMEngine:
                                                params.spaces_between_special_tokens)
             self.scheduler.add(seq)
         self.requests[request_id] = _Request(request_id, text, token_ids, params, seqs)
+        self._num_sync_only += not async_safe(params)
         self.stats.num_prompt_tokens += len(token_ids) * params.n
 
     def tokenize_prompt(self, prompt, request_id: str = "?") -> tuple[str | None, list[int]]:
@@ -176,13 +184,22 @@ class LLMEngine:
         """Stop requests (unknown or finished ids are ignored, as in vLLM) and free their KV."""
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
         for rid in ids:
-            request = self.requests.pop(rid, None)
+            request = self._drop_request(rid)
             if request is None:
                 continue
             live = [s for s in request.seqs if not s.is_finished]
             for seq in live:
                 seq.finish_reason = "abort"
+                if seq.has_placeholder:  # its in-flight token will be dropped
+                    seq.token_ids.pop()
+                    seq.has_placeholder = False
             self.scheduler.finish(live)
+
+    def _drop_request(self, request_id: str) -> _Request | None:
+        request = self.requests.pop(request_id, None)
+        if request is not None:
+            self._num_sync_only -= not async_safe(request.params)
+        return request
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -193,7 +210,13 @@ class LLMEngine:
     # --- the step loop ---
     def step(self, final_only: bool = False) -> list[RequestOutput]:
         """Run one scheduled batch; return the (cumulative) outputs of the requests that got
-        new tokens, or with ``final_only`` only of those that finished (cheaper: LLM uses it)."""
+        new tokens, or with ``final_only`` only of those that finished (cheaper: LLM uses it).
+
+        With async scheduling the outputs are those of the previous launched step."""
+        if self._async and not self._num_sync_only:
+            return self._step_async(final_only)
+        if self._inflight is not None:  # a synchronous step needs every token read first
+            return self._resolve_inflight(final_only)
         t0 = time.perf_counter()
         scheduled = self.scheduler.schedule()
         t1 = time.perf_counter()
@@ -215,6 +238,64 @@ class LLMEngine:
         self._record(len(scheduled.seqs), batch.meta.is_decode, (t0, t1, t2, t3, t4, t5))
         return outputs
 
+    def _step_async(self, final_only: bool) -> list[RequestOutput]:
+        """Launch the next step, then read back and process the previous one (inflight.py)."""
+        t0 = time.perf_counter()
+        scheduled = self.scheduler.schedule()
+        t1 = time.perf_counter()
+        if not scheduled.seqs:
+            if self._inflight is not None:
+                return self._resolve_inflight(final_only)
+            if self.scheduler.has_unfinished():
+                raise RuntimeError("the scheduler could not schedule any waiting request; "
+                                   "this is a bug: please report it with the engine arguments")
+            return []
+        pending = self._inflight
+        batch = self.runner.prepare(scheduled.seqs, scheduled.num_new_tokens, self.block_manager,
+                                    pending=pending)
+        t2 = time.perf_counter()
+        logits = self.runner.run(batch)
+        launched = None
+        if batch.sample_seqs:
+            tokens = self.sampler.sample_tokens(logits, batch.sample_seqs, self.eos_token_ids)
+            launched = InFlight.launch(batch.sample_seqs, tokens, self._pinned)
+        t3 = time.perf_counter()
+        outputs = self._resolve_inflight(final_only) if pending is not None else []
+        t4 = time.perf_counter()
+        # After the read-back: blocks filled by this step hash real tokens, not placeholders,
+        # and sequences it stopped are skipped.
+        self.scheduler.update_computed(scheduled)
+        if launched is not None:
+            for seq in launched.seqs:
+                if not seq.is_finished and not self._ends_by_length_next(seq):
+                    seq.token_ids.append(PLACEHOLDER_TOKEN)
+                    seq.has_placeholder = True
+        self._inflight = launched
+        t5 = time.perf_counter()
+        self._record(len(scheduled.seqs), batch.meta.is_decode, (t0, t1, t2, t3, t4, t5))
+        return outputs
+
+    def _resolve_inflight(self, final_only: bool) -> list[RequestOutput]:
+        """Read the launched step's tokens and append them through the synchronous path."""
+        flight, self._inflight = self._inflight, None
+        seqs, tokens = [], []
+        for seq, token in zip(flight.seqs, flight.token_list()):
+            if seq.is_finished:  # aborted, or stopped by its previous token: row wasted
+                continue
+            if seq.has_placeholder:
+                seq.token_ids.pop()
+                seq.has_placeholder = False
+            seqs.append(seq)
+            tokens.append(token)
+        none = [None] * len(seqs)
+        return self._postprocess(seqs, SamplerOutput(tokens, none, list(none)), final_only)
+
+    def _ends_by_length_next(self, seq: Sequence) -> bool:
+        """Whether the token now being sampled ends ``seq`` by length (as _check_stop_token)."""
+        max_tokens = seq.params.max_tokens
+        return len(seq) + 1 >= self.max_model_len or (
+            max_tokens is not None and seq.num_output_tokens + 1 >= max_tokens)
+
     def _postprocess(self, seqs: list[Sequence], sampled: SamplerOutput,
                      final_only: bool) -> list[RequestOutput]:
         finished, touched = [], {}
@@ -230,7 +311,7 @@ class LLMEngine:
         for rid in touched:
             request = self.requests[rid]
             if request.finished:
-                del self.requests[rid]
+                self._drop_request(rid)
             elif final_only:
                 continue
             outputs.append(self._request_output(request))

@@ -135,7 +135,9 @@ class ModelRunner:
 
     # --- one step ---
     def prepare(self, seqs: list[Sequence], num_new_tokens: list[int],
-                block_manager: BlockManager) -> Batch:
+                block_manager: BlockManager, pending=None) -> Batch:
+        """pending: the in-flight step (inflight.InFlight) under async scheduling; rows
+        whose input is its placeholder take their token from its device tensor."""
         from hpcinfer.layers.attention import AttentionMetadata
         num_seqs = len(seqs)
         q_lens = np.array(num_new_tokens, dtype=np.int64)
@@ -165,9 +167,14 @@ class ModelRunner:
         done = seq_lens == lengths
         sample_indices = cu_seqlens[1:][done] - 1
         sample_seqs = [s for s, d in zip(seqs, done.tolist()) if d]
-        (input_ids, positions, slot_mapping, sample_indices), (cu_q, lens, tables) = self._upload(
-            [input_ids, positions, slot_mapping, sample_indices],
-            [cu_seqlens, seq_lens, block_tables])
+        patch_rows, patch_src = _placeholder_rows(seqs, cu_seqlens, pending)
+        (input_ids, positions, slot_mapping, sample_indices, patch_rows, patch_src), \
+            (cu_q, lens, tables) = self._upload(
+                [input_ids, positions, slot_mapping, sample_indices, patch_rows, patch_src],
+                [cu_seqlens, seq_lens, block_tables])
+        if patch_rows.numel():
+            # After the previous step's sampling in stream order; the host never waits.
+            input_ids[patch_rows] = pending.tokens[patch_src]
         meta = AttentionMetadata(
             slot_mapping=slot_mapping, cu_seqlens_q=cu_q, seq_lens=lens,
             block_tables=tables.view(block_tables.shape), max_seqlen_q=int(q_lens.max()),
@@ -226,6 +233,21 @@ class ModelRunner:
         if not batch.sample_seqs:
             return hidden.new_empty((0, self.spec.vocab_size), dtype=torch.float32)
         return self.model.compute_logits(hidden[batch.sample_indices]).float()
+
+
+def _placeholder_rows(seqs: list[Sequence], cu_seqlens: np.ndarray, pending
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """(flat input rows holding a placeholder, their rows in pending.tokens). A placeholder
+    is always its sequence's last token and the step's only query token for it."""
+    if pending is None:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    rows, src = [], []
+    index = pending.index
+    for i, seq in enumerate(seqs):
+        if seq.has_placeholder:
+            rows.append(cu_seqlens[i])
+            src.append(index[id(seq)])
+    return np.array(rows, np.int64), np.array(src, np.int64)
 
 
 def _available_ram_bytes() -> int:

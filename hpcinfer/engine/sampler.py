@@ -53,6 +53,16 @@ class Sampler:
         token_ids = self._sample(logits, seqs)
         return self._gather_logprobs(token_ids, raw_logprobs, want_logprobs, seqs)
 
+    def sample_tokens(self, logits: torch.Tensor, seqs: list[Sequence],
+                      eos_token_ids: frozenset[int]) -> torch.Tensor:
+        """Tokens only, left on the device: [num_rows] int64 (async scheduling, inflight.py).
+        The same computation as __call__ for rows without logprobs or penalties."""
+        if all(_plain_greedy(s) for s in seqs):
+            return logits.argmax(dim=-1)
+        logits = logits.float().clone()
+        apply_min_tokens(logits, seqs, eos_token_ids)
+        return self._sample(logits, seqs)
+
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         tokens = logits.argmax(dim=-1)
         random_rows = [i for i, s in enumerate(seqs) if not s.params.is_greedy]

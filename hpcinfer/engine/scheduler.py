@@ -61,6 +61,11 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num_new = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
+            if num_new <= 0:
+                # Async scheduling: its last token, still in flight, ends it (max_tokens or
+                # max_model_len), so it gets no placeholder and nothing to compute here.
+                i += 1
+                continue
             while not allocate(seq, seq.num_computed_tokens + num_new):
                 victim = self.running.pop()  # the newest sequence loses its blocks
                 self._preempt(victim)
@@ -103,6 +108,8 @@ class Scheduler:
         """After the model ran: the scheduled tokens are now in the KV cache."""
         cache_full_blocks, block_size = self.block_manager.cache_full_blocks, self.block_manager.block_size
         for seq, num_new in zip(out.seqs, out.num_new_tokens):
+            if seq.is_finished:  # async: stopped by the token read back after this launch
+                continue
             seq.num_computed_tokens += num_new
             if seq.num_computed_tokens // block_size > seq.num_registered_blocks:
                 cache_full_blocks(seq)

@@ -11,6 +11,10 @@ import enum
 from hpcinfer.engine.params import SamplingParams
 
 
+# Stands in token_ids for a token sampled on the GPU but not yet read back (inflight.py).
+PLACEHOLDER_TOKEN = -1
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -42,6 +46,7 @@ class Sequence:
         self.logprobs: list[dict] | None = [] if params.logprobs is not None else None
         self.generator = None                    # torch.Generator when params.seed is set
         self.detok = None                        # IncrementalDetokenizer, set by the engine
+        self.has_placeholder = False             # token_ids[-1] is PLACEHOLDER_TOKEN
 
     def __len__(self) -> int:
         return len(self.token_ids)

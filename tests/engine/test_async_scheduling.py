@@ -1,0 +1,135 @@
+"""Async scheduling (hpcinfer/engine/inflight.py) gives exactly the synchronous outputs.
+
+Tokens, text, finish and stop reasons are compared request by request between an engine
+with ``async_scheduling=False`` and one with it on, for stop strings, stop token ids, EOS,
+min_tokens, max_tokens (1 included), n > 1 (greedy and seeded), chunked prefill, prefix
+caching and preemption. Stops are taken from a first synchronous run so they really fire.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hpcinfer import LLM, SamplingParams
+from hpcinfer.engine.llm_engine import LLMEngine
+from hpcinfer.engine.sequence import PLACEHOLDER_TOKEN
+
+FAMILY = "llama3"
+LENGTHS = (1, 3, 9, 17, 40, 77, 5, 23)
+
+
+def _pool_bytes(path: str, num_blocks: int, block_size: int = 16) -> int:
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    kv_heads = cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    return num_blocks * 2 * cfg["num_hidden_layers"] * block_size * kv_heads * head_dim * 4
+
+
+def _run(path, prompts, params, async_scheduling, eos=None, **kwargs):
+    llm = LLM(path, max_model_len=256, async_scheduling=async_scheduling, **kwargs)
+    engine: LLMEngine = llm.llm_engine
+    if eos is not None:
+        engine.eos_token_ids = frozenset({eos})
+    patched = []
+    prepare = engine.runner.prepare
+
+    def spy(*args, **kw):
+        patched.append(kw.get("pending") is not None)
+        return prepare(*args, **kw)
+
+    engine.runner.prepare = spy
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    engine.block_manager.check_invariants([])
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    result = [[(c.token_ids, c.text, c.finish_reason, c.stop_reason) for c in o.outputs]
+              for o in outs]
+    for request in result:
+        for token_ids, *_ in request:
+            assert PLACEHOLDER_TOKEN not in token_ids
+    return result, engine, sum(patched)
+
+
+def _params_with_stops(llm_outputs, tokenizer):
+    """One SamplingParams per prompt, each ending (or not) a different way."""
+    base = [o.outputs[0].token_ids for o in llm_outputs]
+    text3 = tokenizer.decode(base[3][:12])
+    stop_string = text3[len(tokenizer.decode(base[3][:6])):][:3]
+    return [
+        SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop_token_ids=[base[1][5]]),
+        SamplingParams(temperature=0, max_tokens=1, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop=[stop_string]),
+        SamplingParams(temperature=0, max_tokens=7, ignore_eos=True, n=2),
+        SamplingParams(temperature=0.9, seed=3, max_tokens=12, n=2),
+        SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, min_tokens=4,
+                       stop_token_ids=[base[6][1]]),
+        SamplingParams(temperature=0, max_tokens=20),   # EOS (set below) ends it
+    ], base[7][3]
+
+
+@pytest.mark.parametrize("variant", ["plain", "chunked+preemption+prefix"])
+def test_async_equals_sync(variant, checkpoint, make_prompts):
+    path = checkpoint(FAMILY)
+    prompts = make_prompts(LENGTHS, prefix=tuple(range(40, 72)) if variant != "plain" else ())
+    kwargs = {} if variant == "plain" else dict(
+        max_num_batched_tokens=48, max_num_seqs=6, kv_cache_memory_bytes=_pool_bytes(path, 16))
+    first = LLM(path, max_model_len=256, async_scheduling=False, **kwargs)
+    params, eos = _params_with_stops(
+        first.generate(prompts, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+                       use_tqdm=False), first.get_tokenizer())
+    want, sync_engine, sync_patched = _run(path, prompts, params, False, eos, **kwargs)
+    got, engine, patched = _run(path, prompts, params, True, eos, **kwargs)
+    assert sync_patched == 0 and patched > 10, "the async path did not run"
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g == w, f"prompt {i} ({params[i]}): async {g} != sync {w}"
+    # The stops really fired: stop token id, stop string, EOS; max_tokens=1 gave one token.
+    assert [want[i][0][2] for i in (1, 3, 7)] == ["stop"] * 3, want
+    assert len(want[2][0][0]) == 1
+    if variant != "plain":
+        assert engine.num_preemptions > 0 and engine.prefix_cache_hits > 0
+        assert engine.stats.num_steps > 20
+
+
+def test_logprobs_request_runs_synchronous_steps_with_the_same_outputs(checkpoint,
+                                                                       make_prompts):
+    path = checkpoint(FAMILY)
+    prompts = make_prompts((5, 30, 12))
+    params = [SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=2),
+              SamplingParams(temperature=0, max_tokens=10, ignore_eos=True,
+                             repetition_penalty=1.3)]
+    want, _, _ = _run(path, prompts, params, False)
+    got, engine, patched = _run(path, prompts, params, True)
+    assert got == want and patched == 0
+    assert engine._num_sync_only == 0   # every request left the engine's count
+    # Once only async-safe requests are live, steps go async again.
+    again, _, patched = _run(path, prompts, params[:1] * 3, True)
+    assert patched > 0 and again[0] == want[0]
+
+
+def test_abort_while_a_token_is_in_flight(checkpoint, make_prompts):
+    path = checkpoint(FAMILY)
+    prompts = make_prompts((6, 11))
+    engine = LLMEngine.from_kwargs(path, max_model_len=256)
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    engine.add_request("a", prompts[0], params)
+    engine.add_request("b", prompts[1], params)
+    outputs = {}
+    for _ in range(5):
+        for out in engine.step():
+            outputs[out.request_id] = out
+    seq_a = engine.requests["a"].seqs[0]
+    assert seq_a.has_placeholder and seq_a.token_ids[-1] == PLACEHOLDER_TOKEN
+    engine.abort_request("a")
+    assert PLACEHOLDER_TOKEN not in seq_a.token_ids and seq_a.finish_reason == "abort"
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outputs[out.request_id] = out
+    assert PLACEHOLDER_TOKEN not in outputs["b"].outputs[0].token_ids
+    reference = LLM(path, max_model_len=256, async_scheduling=False).generate(
+        [prompts[1]], params, use_tqdm=False)[0].outputs[0].token_ids
+    assert outputs["b"].outputs[0].token_ids == reference
+    engine.block_manager.check_invariants([])
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
