@@ -203,3 +203,30 @@ def test_stages_overlap_and_more_micro_batches_than_sequences(tmp_path):
         assert step in started_0
         overlapped += 1
     assert overlapped >= 10, num_micro
+
+
+def test_three_stages_with_a_middle_stage(tmp_path):
+    # PP=3 over a 4-layer model (stages of 2, 1 and 1 layers): the middle stage receives
+    # and sends on every micro-batch; tokens equal one process, and both stage pairs overlap.
+    trace_dir = tmp_path / "trace"
+    code = (
+        "import json\n"
+        "from hpcinfer.testing.distributed import generate\n"
+        "from hpcinfer.testing.tiny import build_tiny_checkpoint\n"
+        f"path = str(build_tiny_checkpoint('llama3', {str(tmp_path / 'ckpt')!r}, "
+        "num_hidden_layers=4))\n"
+        "ref, _ = generate(path)\n"
+        "got, stats = generate(path, pipeline_parallel_size=3, pipeline_micro_batches=3)\n"
+        "print('RESULT ' + json.dumps({'ref': ref, 'got': got, **stats}))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**ENV, "HPCINFER_PP_TRACE": str(trace_dir)}, timeout=240,
+                          check=False)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    result = json.loads(lines[0][7:])
+    assert result["got"] == result["ref"]
+    assert result["preemptions"] > 0 and result["prefix_hits"] > 0
+    for rank in (0, 1):  # each stage but the last saw its successor start before its last
+        events = _read_trace(trace_dir, rank)
+        assert any(e["event"] == "next_started_0" and e["micro"] == 2 for e in events), rank
+    assert max(e["micro"] for e in _read_trace(trace_dir, 2)) == 2
