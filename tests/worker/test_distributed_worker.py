@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcinfer.slurm.status import all_finished, gather
+from hpcinfer.testing.slurm_jobs import job_logs, submit, wait_finished, wait_log
 from hpcinfer.testing.worker_jobs import (
     job_config,
     make_job,
@@ -55,41 +55,6 @@ def _config(root: Path, model_dir: Path, tensor: int, partition: str, delay_s: f
     sections.setdefault("parallel", {"tensor": tensor})
     return job_config(model_dir, str(root / "data" / "a.jsonl"), env=env,
                       resources={"partition": partition, "cpus_per_task": 1}, **sections)
-
-
-def _submit(root: Path, config: dict) -> tuple[Path, str]:
-    make_job(root, config, render=False)
-    proc = subprocess.run([sys.executable, "-m", "hpcinfer.cli", "submit", str(root / "job.yaml")],
-                          check=False,
-                          capture_output=True, text=True, timeout=60,
-                          env={k: v for k, v in os.environ.items() if not k.startswith("SLURM_")})
-    assert proc.returncode == 0, proc.stderr
-    [line] = [ln for ln in proc.stdout.splitlines() if ln.startswith("submitted job ")]
-    return root / config["output"]["dir"], line.split()[2].rstrip(";")
-
-
-def _wait_finished(job_dir: Path, timeout_s: float = 150) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        info = gather(job_dir)
-        if all_finished(info):
-            return info
-        assert time.monotonic() < deadline, json.dumps(info)[-3000:] + _logs(job_dir)[-3000:]
-        time.sleep(0.5)
-
-
-def _logs(job_dir: Path) -> str:
-    logs = job_dir / "logs"
-    return "\n".join(p.read_text(errors="replace") for p in sorted(logs.iterdir())) \
-        if logs.is_dir() else ""
-
-
-def _wait_log(job_dir: Path, text: str, timeout_s: float = 90) -> float:
-    deadline = time.monotonic() + timeout_s
-    while text not in _logs(job_dir):
-        assert time.monotonic() < deadline, f"no {text!r} in the logs: {_logs(job_dir)[-3000:]}"
-        time.sleep(0.1)
-    return time.monotonic()
 
 
 def _first_record(job_dir: Path, rank: int) -> dict:
@@ -153,15 +118,15 @@ def test_local_tp2_run_spawns_its_second_rank_and_equals_tp1(tmp_path, model_dir
 @pytest.mark.parametrize("parallel", [{"tensor": 2}, {"pipeline": 2}], ids=["tp2", "pp2"])
 def test_two_rank_job_equals_tp1_row_for_row(slurm_cluster, tmp_path, model_dir, tp1_rows,
                                              parallel):
-    job_dir, _ = _submit(tmp_path, _config(tmp_path, model_dir, 1, slurm_cluster,
+    job_dir, _ = submit(tmp_path, _config(tmp_path, model_dir, 1, slurm_cluster,
                                            parallel=parallel))
     script = (job_dir / "submit.sbatch").read_text()
     assert "#SBATCH --ntasks-per-node=2" in script
     assert "launch=(srun --nodes=1 --ntasks=2 --kill-on-bad-exit=1 --mpi=pmix)" in script
-    info = _wait_finished(job_dir)
-    assert info["summary"] == {"COMPLETED": 1}, _logs(job_dir)[-3000:]
+    info = wait_finished(job_dir)
+    assert info["summary"] == {"COMPLETED": 1}, job_logs(job_dir)[-3000:]
     _assert_exactly_once_equal(job_dir, tp1_rows)
-    text = _logs(job_dir)
+    text = job_logs(job_dir)
     assert "rank 1@" in text and "follower 1 of replica 0 ready" in text
     follower = [json.loads(ln) for ln in
                 (job_dir / "metrics" / "task-00000-rank-001.jsonl").read_text().splitlines()]
@@ -170,20 +135,20 @@ def test_two_rank_job_equals_tp1_row_for_row(slurm_cluster, tmp_path, model_dir,
 
 def test_kill_9_of_the_follower_is_named_requeued_and_finishes_exactly_once(
         slurm_cluster, tmp_path, model_dir, tp1_rows):
-    job_dir, job_id = _submit(tmp_path, _config(tmp_path, model_dir, 2, slurm_cluster, 0.3))
-    _wait_log(job_dir, "progress: rows 4/")            # committed rows, others in flight
+    job_dir, job_id = submit(tmp_path, _config(tmp_path, model_dir, 2, slurm_cluster, 0.3))
+    wait_log(job_dir, "progress: rows 4/")            # committed rows, others in flight
     follower, driver = _first_record(job_dir, 1), _first_record(job_dir, 0)
     assert follower["replica_rank"] == 1 and driver["replica_rank"] == 0
     os.kill(follower["pid"], 9)
     killed = time.monotonic()
-    named = _wait_log(job_dir, f"lost rank 1 (host {follower['host']}, pid {follower['pid']})")
+    named = wait_log(job_dir, f"lost rank 1 (host {follower['host']}, pid {follower['pid']})")
     assert named - killed < 60
     while _is_alive(driver["pid"]):
         assert time.monotonic() - killed < 60, "the driver outlived its lost follower by 60 s"
         time.sleep(0.1)
-    info = _wait_finished(job_dir)
-    assert info["summary"] == {"COMPLETED": 1}, _logs(job_dir)[-3000:]
-    text = _logs(job_dir)
+    info = wait_finished(job_dir)
+    assert info["summary"] == {"COMPLETED": 1}, job_logs(job_dir)[-3000:]
+    text = job_logs(job_dir)
     assert "a rank was lost (status" in text
     assert f"requeueing {job_id} (restart 1 of" in text
     assert "all shards of this task are DONE" in text
@@ -199,12 +164,12 @@ def test_kill_9_of_the_follower_is_named_requeued_and_finishes_exactly_once(
 
 def test_usr2_stops_every_rank_at_the_drivers_step_and_requeues_once(
         slurm_cluster, tmp_path, model_dir, tp1_rows):
-    job_dir, job_id = _submit(tmp_path, _config(tmp_path, model_dir, 2, slurm_cluster, 0.3))
-    _wait_log(job_dir, "progress: rows 4/")
+    job_dir, job_id = submit(tmp_path, _config(tmp_path, model_dir, 2, slurm_cluster, 0.3))
+    wait_log(job_dir, "progress: rows 4/")
     subprocess.run(["scancel", "--batch", "--signal=USR2", job_id], check=True)
-    info = _wait_finished(job_dir)
-    assert info["summary"] == {"COMPLETED": 1}, _logs(job_dir)[-3000:]
-    text = _logs(job_dir)
+    info = wait_finished(job_dir)
+    assert info["summary"] == {"COMPLETED": 1}, job_logs(job_dir)[-3000:]
+    text = job_logs(job_dir)
     assert "received SIGUSR2: committed what finished" in text
     assert "had received SIGUSR2; stopped at the driver's word (exit 3)" in text
     assert text.count(f"requeueing {job_id} (restart") == 1
@@ -222,13 +187,13 @@ def test_two_replicas_take_a_shard_each_and_equal_one_run(slurm_cluster, tmp_pat
     from hpcinfer.slurm.status import format_status
     config = _config(tmp_path, model_dir, 1, slurm_cluster, input={"shard_rows": 12},
                      parallel={"replicas": 2})
-    job_dir, _ = _submit(tmp_path, config)
+    job_dir, _ = submit(tmp_path, config)
     plan = json.loads((job_dir / "plan.json").read_text())
     assert plan["shape"] == "single" and len(plan["shards"]) == 2
     assert "launch=(srun --nodes=1 --ntasks=2 --kill-on-bad-exit=1 --mpi=pmix)" in \
         (job_dir / "submit.sbatch").read_text()
-    info = _wait_finished(job_dir)
-    assert info["summary"] == {"COMPLETED": 1}, _logs(job_dir)[-3000:]
+    info = wait_finished(job_dir)
+    assert info["summary"] == {"COMPLETED": 1}, job_logs(job_dir)[-3000:]
     results = read_results(job_dir)
     assert sorted(results) == [0, 1]
     records = results[0] + results[1]
