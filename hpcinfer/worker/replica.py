@@ -67,7 +67,8 @@ class DriverSide:
             log.warning("could not release the followers cleanly (%s); they exit on the "
                         "lifeline", exc)
 
-    def settle(self, code: int, stop, metrics, started: float) -> int:
+    def settle(self, code: int, stop, metrics, started: float,
+               reason: str = "the driver finished") -> int:
         """The exit code once the shards stopped: ``code``, unless a follower was lost
         meanwhile (srun's SIGTERM to the survivors can beat the failing collective: the
         stop flag then ended the loop cleanly, but the job lost a rank all the same)."""
@@ -75,7 +76,7 @@ class DriverSide:
             return code
         trouble = self.replica.lifeline.wait_trouble(1.0 if stop.is_set else 0.0)
         if trouble is None:
-            self.release(code, "the driver finished")
+            self.release(code, reason)
             return code
         return self._lost(trouble, metrics, started)
 
@@ -104,6 +105,7 @@ def run_follower(cfg, replica: Replica, stop, metrics, make_config) -> int:
     if "exit" in decision:
         log.info("%s: the driver exits %d before loading the model (%s); so do I", place.label,
                  decision["exit"], decision.get("reason", ""))
+        metrics.write({"event": "finish", "status": "follower", "exit_code": decision["exit"]})
         return int(decision["exit"])
     from hpcinfer.distributed.replay import follow
     from hpcinfer.engine.llm_engine import LLMEngine

@@ -68,12 +68,13 @@ def run(job_dir: Path, stop: StopFlag) -> int:
         metrics.base.update(num_replicas=place.num_replicas,
                             replica_shards=[s.index for s in mine])
     driver = DriverSide(replica)
+    reason = "the driver finished"
     try:
         code = _run_shards(job_dir, cfg, plan, mine, stop, metrics, started, driver)
     except TaskFailed as exc:
-        message = " ".join(str(exc).split())     # one line, whatever the cause's text
-        log.error("%s", message)
-        metrics.write({"event": "finish", "status": "failed", "message": message,
+        reason = " ".join(str(exc).split())     # one line, whatever the cause's text
+        log.error("%s", reason)
+        metrics.write({"event": "finish", "status": "failed", "message": reason,
                        "seconds": round(time.time() - started, 3)})
         code = EXIT_BAD_INPUT
     except Exception as exc:
@@ -81,7 +82,7 @@ def run(job_dir: Path, stop: StopFlag) -> int:
         if code is None:
             raise
         return code
-    return driver.settle(code, stop, metrics, started)
+    return driver.settle(code, stop, metrics, started, reason)
 
 
 def _follower_config(cfg, place):

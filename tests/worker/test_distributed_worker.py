@@ -235,3 +235,21 @@ def test_kill_9_of_the_driver_is_named_by_the_follower(mpirun, tmp_path, model_d
     code, out = run_worker(job_dir, OMP_NUM_THREADS="1")      # one process: spawns rank 1
     assert code == 0, out[-3000:]
     _assert_exactly_once_equal(job_dir, tp1_rows)
+
+
+def test_drivers_input_error_ends_every_rank_before_loading(mpirun, tmp_path, model_dir):
+    rows = prompt_rows(6)
+    rows[3]["id"] = rows[1]["id"]                       # a duplicate id: exit 2, fix the input
+    write_jsonl(tmp_path / "data" / "a.jsonl", rows)
+    job_dir = make_job(tmp_path, job_config(model_dir, str(tmp_path / "data" / "a.jsonl"),
+                                            parallel={"tensor": 2}))
+    proc = subprocess.run([*mpirun, "-n", "2", sys.executable, "-m", "hpcinfer.worker",
+                           str(job_dir)], check=False, capture_output=True, text=True,
+                          timeout=120, env=worker_env(OMP_NUM_THREADS="1"))
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    follower = [ln for ln in proc.stderr.splitlines() if " rank 1@" in ln]
+    assert any("the driver exits 2 before loading the model (input has duplicate id" in ln
+               for ln in follower), proc.stderr[-3000:]
+    assert not any("loaded" in ln for ln in follower)
+    last = (job_dir / "metrics" / "task-00000-rank-001.jsonl").read_text().splitlines()[-1]
+    assert (json.loads(last)["status"], json.loads(last)["exit_code"]) == ("follower", 2)
