@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="bf16 only")
     parser.add_argument("--sweep", action="store_true",
                         help="also time alternative tile configs (bf16), each checked first")
+    parser.add_argument("--only", help="comma-separated bench names, e.g. decode_mix")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not torch.cuda.is_available():
@@ -43,6 +44,12 @@ def main() -> None:
     benches = [bench_copy, bench_decode, bench_prefill, bench_cache, bench_elementwise]
     if args.sweep:
         benches += [sweep_decode, sweep_prefill]
+    if args.only:
+        wanted = set(args.only.split(","))
+        benches = [f for f in (bench_copy, bench_decode, bench_prefill, bench_cache,
+                               bench_elementwise, sweep_decode, sweep_prefill, bench_decode_mix)
+                   if f.__name__.removeprefix("bench_").removeprefix("sweep_") in wanted
+                   or f.__name__ in wanted]
     for bench in benches:
         for row in bench(dtypes):
             # The common bench-row keys (bench/README: engine ... date); a kernel has no tok/s.
@@ -128,6 +135,39 @@ def bench_decode(dtypes):
             shape = f"{num_seqs}x{ctx} ctx, h{heads}/kv{kv_heads}, d{head_dim}, bs16"
             yield _row("decode_attention", shape, dtype, ms, num_bytes)
             del b, out
+
+
+def bench_decode_mix(dtypes):
+    """Decode steps as the engine's graphs launch them: mixed lengths, grid sized by the
+    block table's capacity (max_seqlen_k), each split-K partition size (None = default)."""
+    import numpy as np
+    from hpcinfer.kernels import reference
+    from hpcinfer.kernels.decode_attention import paged_decode_attention
+    from hpcinfer.kernels.random_batch import make_paged_batch
+    rng = np.random.default_rng(0)
+    cases = [  # name, lengths, capacity (the workload's max_model_len)
+        ("A 256 seqs", rng.integers(257, 512, 256).tolist(), 512),
+        ("B 512 seqs", np.clip(rng.lognormal(np.log(300), 0.8, 512), 17, 1535).astype(int)
+         .tolist(), 1536),
+    ]
+    for name, lens, capacity in cases:
+        b = make_paged_batch(lens, [1] * len(lens), num_heads=32, num_kv_heads=8,
+                             head_dim=128 if name.startswith("B") else 64, block_size=16,
+                             dtype=torch.bfloat16, device="cuda", poison=False)
+        out = torch.empty_like(b.q)
+        expected = reference.paged_decode_attention(b.q, b.k_cache, b.v_cache, b.block_tables,
+                                                    b.seq_lens, 0.1)
+        num_bytes = 2 * sum(lens) * 8 * b.q.shape[2] * 2 + 2 * b.q.nbytes
+        for partition_size in (None, 256, 512, 1024, 2048):
+            def run(p=partition_size):
+                return paged_decode_attention(b.q, b.k_cache, b.v_cache, b.block_tables,
+                                              b.seq_lens, 0.1, out=out, max_seqlen_k=capacity,
+                                              partition_size=p)
+            err = _rel_err(run(), expected)
+            yield _row("decode_attention:mix", f"{name}, mean ctx {np.mean(lens):.0f}, "
+                       f"capacity {capacity}", torch.bfloat16, time_ms(run), num_bytes,
+                       config=dict(partition_size=partition_size), rel_err=err)
+        del b, out
 
 
 def bench_prefill(dtypes):

@@ -265,12 +265,15 @@ def run_hpcinfer(ckpt: Path, requests, max_num_seqs: int, profile_dir: Path | No
     llm = LLM(str(ckpt), dtype="bfloat16", max_model_len=max_model_len_for(requests),
               max_num_seqs=max_num_seqs, max_num_batched_tokens=8192,
               gpu_memory_utilization=0.9, enable_prefix_caching=False, device=device,
-              **(llm_kwargs or {}))
+              **{"async_scheduling": os.environ.get("BENCH_ASYNC", "1") == "1",
+                 **(llm_kwargs or {})})
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     sync()
     startup_s = time.perf_counter() - t0
     engine = llm.llm_engine
     runner = engine.runner
+    if os.environ.get("BENCH_SPLIT_ATTENTION") == "0":   # A/B switch for mixed steps
+        runner.split_mixed_attention = False
     graphs = runner.graphs
     print(f"hpcinfer start-up (load + profile + graph capture): {startup_s:.1f} s "
           f"(graphs {graphs.capture_s if graphs else 0:.1f} s); KV pool {runner.num_blocks} "
@@ -308,6 +311,9 @@ def run_hpcinfer(ckpt: Path, requests, max_num_seqs: int, profile_dir: Path | No
                graph_capture_s=graphs.capture_s if graphs else None,
                graph_replays=graphs.num_replays if graphs else 0,
                split_mixed_steps=graphs.num_splits if graphs else 0,
+               split_attention_steps=graphs.num_split_attention if graphs else 0,
+               async_scheduling=engine.config.async_scheduling,
+               split_mixed_attention=getattr(runner, "split_mixed_attention", None),
                kv_blocks=runner.num_blocks,
                kv_gib=runner.num_blocks * runner.bytes_per_block() / GiB)
     if profile_dir is not None:

@@ -88,6 +88,7 @@ class DecodeGraphs:
         self.capture_s = 0.0
         self.num_replays = 0
         self.num_splits = 0      # mixed steps run as decode graph + eager prefill
+        self.num_split_attention = 0   # mixed steps run eagerly with a DecodeSplit
 
     def _meta(self, bs: int):
         return self._meta_cls(
@@ -159,6 +160,11 @@ class DecodeGraphs:
             return self._replay(batch.input_ids, batch.positions, meta.slot_mapping,
                                 meta.seq_lens, meta.block_tables)
         k = min(batch.num_decode_prefix, self.max_bs)
+        if meta.decode_split is not None:
+            # One eager pass over the weights; attention splits decode rows from prefill
+            # chunks itself (layers/attention.py DecodeSplit).
+            self.num_split_attention += 1
+            return self.model.forward(batch.input_ids, batch.positions, self.kv_caches, meta)
         if meta.is_decode or k < MIN_SPLIT_DECODES or not fits:
             return self.model.forward(batch.input_ids, batch.positions, self.kv_caches, meta)
         # Rows [0, k) are sequences with one query token each (token i = sequence i).

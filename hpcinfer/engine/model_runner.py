@@ -70,6 +70,9 @@ class ModelRunner:
         self._staging: dict[type, torch.Tensor] = {}  # pinned host buffers for uploads
         self._copy_done: dict[type, torch.cuda.Event] = {}
         self.graphs = None          # DecodeGraphs once captured (capture_cuda_graphs)
+        # Mixed steps carry a DecodeSplit (layers/attention.py) for the triton backend. Set
+        # with the graphs: one process and stage (pipeline micro-batches would not cut it).
+        self.split_mixed_attention = False
         self.memory_profile = None  # memory.MemoryProfile when the pool was sized on a GPU
 
     # --- KV cache ---
@@ -132,13 +135,14 @@ class ModelRunner:
                                    self.max_blocks_per_seq, self.spec.hidden_size,
                                    self.spec.dtype, self.device)
         self.graphs.capture()
+        self.split_mixed_attention = True
 
     # --- one step ---
     def prepare(self, seqs: list[Sequence], num_new_tokens: list[int],
                 block_manager: BlockManager, pending=None) -> Batch:
         """pending: the in-flight step (inflight.InFlight) under async scheduling; rows
         whose input is its placeholder take their token from its device tensor."""
-        from hpcinfer.layers.attention import AttentionMetadata
+        from hpcinfer.layers.attention import AttentionMetadata, DecodeSplit
         num_seqs = len(seqs)
         q_lens = np.array(num_new_tokens, dtype=np.int64)
         starts = np.fromiter((s.num_computed_tokens for s in seqs), np.int64, num_seqs)
@@ -168,20 +172,36 @@ class ModelRunner:
         sample_indices = cu_seqlens[1:][done] - 1
         sample_seqs = [s for s, d in zip(seqs, done.tolist()) if d]
         patch_rows, patch_src = _placeholder_rows(seqs, cu_seqlens, pending)
+        # Mixed steps: running sequences (one token each) come first (the scheduler's order).
+        num_decode_prefix = num_seqs if is_decode else int(np.argmax(q_lens != 1))
+        k = num_decode_prefix
+        split = self.split_mixed_attention and not is_decode and k > 0
+        # The decode rows' tables at full width: the decode graphs' kernel variant (Triton
+        # specialises on whether the row stride is a multiple of 16), no mid-run compile.
+        split_arrays = [seq_lens[:k], block_manager.block_tables[rows[:k]],
+                        cu_seqlens[k:] - cu_seqlens[k], seq_lens[k:], block_tables[k:]
+                        ] if split else []
         (input_ids, positions, slot_mapping, sample_indices, patch_rows, patch_src), \
-            (cu_q, lens, tables) = self._upload(
+            (cu_q, lens, tables, *parts) = self._upload(
                 [input_ids, positions, slot_mapping, sample_indices, patch_rows, patch_src],
-                [cu_seqlens, seq_lens, block_tables])
+                [cu_seqlens, seq_lens, block_tables, *split_arrays])
         if patch_rows.numel():
             # After the previous step's sampling in stream order; the host never waits.
             input_ids[patch_rows] = pending.tokens[patch_src]
+        decode_split = None
+        if split:
+            width = block_tables.shape[1]
+            decode_split = DecodeSplit(
+                num_decodes=k, decode_seq_lens=parts[0],
+                decode_block_tables=parts[1].view(k, block_manager.block_tables.shape[1]),
+                decode_max_seqlen_k=max(self.max_blocks_per_seq * self.block_size,
+                                        max_seqlen_k),
+                prefill_cu_seqlens_q=parts[2], prefill_seq_lens=parts[3],
+                prefill_block_tables=parts[4].view(num_seqs - k, width))
         meta = AttentionMetadata(
             slot_mapping=slot_mapping, cu_seqlens_q=cu_q, seq_lens=lens,
             block_tables=tables.view(block_tables.shape), max_seqlen_q=int(q_lens.max()),
-            max_seqlen_k=max_seqlen_k, is_decode=is_decode)
-        # Mixed steps: running sequences (one token each) come first; the GPU runs them
-        # through a decode graph and the prefill chunks separately (cuda_graphs.py).
-        num_decode_prefix = num_seqs if is_decode else int(np.argmax(q_lens != 1))
+            max_seqlen_k=max_seqlen_k, is_decode=is_decode, decode_split=decode_split)
         return Batch(input_ids, positions, meta, sample_indices, sample_seqs, num_decode_prefix)
 
     def _upload(self, int64_arrays: list[np.ndarray], int32_arrays: list[np.ndarray]

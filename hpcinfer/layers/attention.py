@@ -31,6 +31,26 @@ class AttentionMetadata:
     max_seqlen_q: int
     max_seqlen_k: int
     is_decode: bool              # every sequence has exactly one query token this step
+    decode_split: DecodeSplit | None = None   # mixed steps: see DecodeSplit
+
+
+@dataclass(frozen=True)
+class DecodeSplit:
+    """A mixed step's attention in two launches (backends may ignore it; torch_ref does).
+
+    The leading ``num_decodes`` sequences have one query token each and go through the
+    decode kernel (one program per KV head reads each context once); the rest through the
+    varlen prefill kernel, which serves one query head per program and would read a decode
+    row's whole context once per query head (4x for Llama-3's GQA). The linear layers still
+    see the whole step, so the weights are read once. Index tensors are separate uploads, so
+    each starts 16-byte aligned (Triton compiles a variant per pointer alignment)."""
+    num_decodes: int
+    decode_seq_lens: torch.Tensor        # [num_decodes] int32
+    decode_block_tables: torch.Tensor    # [num_decodes, width] int32
+    decode_max_seqlen_k: int             # the decode graphs' capacity: same kernel variant
+    prefill_cu_seqlens_q: torch.Tensor   # [num_seqs - num_decodes + 1] int32, from 0
+    prefill_seq_lens: torch.Tensor       # [num_seqs - num_decodes] int32
+    prefill_block_tables: torch.Tensor   # [num_seqs - num_decodes, width] int32
 
 
 class AttentionBackend(Protocol):

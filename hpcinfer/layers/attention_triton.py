@@ -33,6 +33,18 @@ class TritonAttentionBackend:
             # keeps the launch identical between steps (CUDA-graph replay).
             return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                           scale, sliding_window=sliding_window)
+        split = meta.decode_split
+        if split is not None and causal:
+            k = split.num_decodes
+            out = torch.empty_like(q)
+            paged_decode_attention(q[:k], k_cache, v_cache, split.decode_block_tables,
+                                   split.decode_seq_lens, scale, sliding_window=sliding_window,
+                                   out=out[:k], max_seqlen_k=split.decode_max_seqlen_k)
+            paged_attention(q[k:], k_cache, v_cache, split.prefill_cu_seqlens_q,
+                            split.prefill_seq_lens, split.prefill_block_tables, scale,
+                            causal=True, sliding_window=sliding_window, out=out[k:],
+                            max_seqlen_q=meta.max_seqlen_q)
+            return out
         return paged_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.seq_lens,
                                meta.block_tables, scale, causal=causal,
                                sliding_window=sliding_window, max_seqlen_q=meta.max_seqlen_q)

@@ -87,10 +87,13 @@ def test_graphs_match_eager_while_batch_shrinks():
     assert graphs == eager
 
 
-def test_mixed_steps_split_decodes_into_graphs():
-    # A small token budget keeps prefill chunks and >= 16 running decodes in the same steps:
-    # those run as decode graph + eager prefill (cuda_graphs.DecodeGraphs.forward).
-    from hpcinfer import SamplingParams
+@pytest.mark.parametrize("split_attention", [True, False])
+def test_mixed_steps_split_decodes(split_attention):
+    # A small token budget keeps prefill chunks and >= 16 running decodes in the same steps.
+    # split_attention (the default with graphs): one eager forward whose attention sends
+    # decode rows to the decode kernel (layers/attention.py DecodeSplit); else decode graph
+    # + eager prefill (cuda_graphs.DecodeGraphs.forward).
+    from hpcinfer import LLM, SamplingParams
     from hpcinfer.engine.cuda_graphs import MIN_SPLIT_DECODES
     from hpcinfer.testing.tiny import tiny_checkpoint
     path = str(tiny_checkpoint("llama3"))
@@ -98,9 +101,18 @@ def test_mixed_steps_split_decodes_into_graphs():
     lengths = torch.randint(2, 60, (48,), generator=g).tolist()
     prompts = _prompts(lengths, seed=8)
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    got, engine = _generate(path, prompts, params, dtype="float32", max_model_len=256,
-                            max_num_batched_tokens=96, max_num_seqs=64)
-    assert engine.runner.graphs.num_splits > 0, f"no mixed step had {MIN_SPLIT_DECODES} decodes"
+    llm = LLM(path, device="cuda", dtype="float32", max_model_len=256,
+              max_num_batched_tokens=96, max_num_seqs=64)
+    engine = llm.llm_engine
+    assert engine.runner.split_mixed_attention
+    engine.runner.split_mixed_attention = split_attention
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    got = [o.outputs[0].token_ids for o in outs]
+    if split_attention:
+        assert engine.runner.graphs.num_split_attention > 0
+    else:
+        assert engine.runner.graphs.num_splits > 0, (
+            f"no mixed step had {MIN_SPLIT_DECODES} decodes")
     want = _hf_greedy(path, prompts, max_new=24)
     for i, (a, b) in enumerate(zip(got, want)):
         assert a == b, f"prompt {i} (len {len(prompts[i])}): engine {a} != HF {b}"
