@@ -29,6 +29,13 @@ DEFAULT_PARTITION_SIZE = 512
 # a 128k-token block table, 512-key partitions would make that 256 rows. Past this count the
 # default partition size doubles instead.
 MAX_DEFAULT_PARTITIONS = 64
+# With this many (sequence, KV head) programs the grid fills the GPU many times over without
+# split-K, and splitting short contexts only adds partial-result traffic and the reduce
+# kernel. H100, a workload-B decode step (512 sequences, mean context 388, capacity 1536,
+# bench/kernels.py --only decode_mix): 310 us with one 2048-key partition vs 362 us with
+# 512-key partitions + reduce; workload A's shape (capacity 512) is unchanged at 93 us.
+BIG_GRID_PROGRAMS = 2048
+BIG_GRID_PARTITION_SIZE = 2048
 
 
 @triton.jit
@@ -155,7 +162,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     group = num_heads // num_kv_heads
     block_d = triton.next_power_of_2(head_dim)
     cfg = decode_config(block_d, q.dtype)
-    partition_size = choose_partition_size(max_seqlen_k, partition_size)
+    partition_size = choose_partition_size(max_seqlen_k, partition_size,
+                                           num_programs=num_seqs * num_kv_heads)
     if partition_size % 16:
         raise KernelArgumentError(f"partition_size={partition_size} must be a multiple of 16")
     block_n = min(cfg["BLOCK_N"], partition_size)
@@ -203,12 +211,16 @@ def decode_config(block_d: int, dtype: torch.dtype) -> dict:
     return cfg
 
 
-def choose_partition_size(max_seqlen_k: int, partition_size: int | None = None) -> int:
-    """Keys per split-K partition: the caller's choice, else 512 doubled until at most 64
-    partitions cover max_seqlen_k (the H100 sweep found 512..2048 about equally good)."""
+def choose_partition_size(max_seqlen_k: int, partition_size: int | None = None, *,
+                          num_programs: int = 0) -> int:
+    """Keys per split-K partition: the caller's choice, else 512 (2048 when num_programs,
+    sequences x KV heads, reaches BIG_GRID_PROGRAMS) doubled until at most 64 partitions
+    cover max_seqlen_k (the H100 sweep found 512..2048 about equally good for 8 sequences
+    of 8k keys)."""
     if partition_size:
         return partition_size
-    partition_size = DEFAULT_PARTITION_SIZE
+    partition_size = (BIG_GRID_PARTITION_SIZE if num_programs >= BIG_GRID_PROGRAMS
+                      else DEFAULT_PARTITION_SIZE)
     while triton.cdiv(max_seqlen_k, partition_size) > MAX_DEFAULT_PARTITIONS:
         partition_size *= 2
     return partition_size

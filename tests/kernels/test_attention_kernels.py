@@ -146,3 +146,28 @@ def test_prefill_rejects_mismatched_arguments():
         every_other = torch.zeros(1, 4, 128)[..., ::2]          # [1, 4, 64], stride 2
         paged_decode_attention(every_other, b.k_cache, b.v_cache, b.block_tables, b.seq_lens,
                                1.0)
+
+
+def test_big_grids_use_long_partitions():
+    # Many (sequence, KV head) programs: one 2048-key partition instead of 512-key splits
+    # (no reduce kernel for contexts up to 2048); small grids keep splitting long contexts.
+    from hpcinfer.kernels.decode_attention import BIG_GRID_PROGRAMS
+    assert choose_partition_size(1536, num_programs=512 * 8) == 2048
+    assert count_partitions(1536, choose_partition_size(1536, num_programs=512 * 8)) == 1
+    assert choose_partition_size(1536, num_programs=BIG_GRID_PROGRAMS - 1) == 512
+    assert choose_partition_size(131072, num_programs=4096) == 2048
+    assert choose_partition_size(1536, 16, num_programs=4096) == 16   # the caller's choice
+
+
+def test_big_grid_decode_matches_reference(monkeypatch):
+    # The single 2048-key partition launch (threshold lowered so the interpreter stays fast).
+    from hpcinfer.kernels import decode_attention
+    monkeypatch.setattr(decode_attention, "BIG_GRID_PROGRAMS", 16)
+    lens = [1 + (7 * i) % 40 for i in range(8)]
+    b = _batch(lens, [1] * len(lens), 8, 2, 64, torch.float32, seed=3)
+    assert decode_attention.choose_partition_size(2048, num_programs=8 * 2) == 2048
+    expected = reference.paged_decode_attention(b.q, b.k_cache, b.v_cache, b.block_tables,
+                                                b.seq_lens, 0.1)
+    got = paged_decode_attention(b.q, b.k_cache, b.v_cache, b.block_tables, b.seq_lens, 0.1,
+                                 max_seqlen_k=2048)
+    torch.testing.assert_close(got, expected, **TOL[torch.float32])
