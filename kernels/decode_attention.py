@@ -22,6 +22,7 @@ import triton.language as tl
 from .launch_checks import (FLOAT_DTYPES, INDEX_DTYPES, KernelArgumentError, check_dim,
                             check_dtype, check_head_dim, check_last_dim_contiguous, check_out,
                             check_same_device)
+from .paged_tiles import attend_key_tiles
 
 LOG2E = 1.4426950408889634
 DEFAULT_PARTITION_SIZE = 512
@@ -74,26 +75,11 @@ def _decode_attention_kernel(
     l_i = tl.zeros([BLOCK_G], tl.float32)                 # running sum of exp2
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     table = BLOCK_TABLES + seq.to(tl.int64) * stride_bt
-    for start in range(lo, hi, BLOCK_N):
-        pos = start + tl.arange(0, BLOCK_N)
-        mask_n = pos < hi
-        # Token -> (physical block, offset); gathered per token so BLOCK_N need not match
-        # the cache's block size.
-        block = tl.load(table + pos // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
-        kv_off = (block[:, None] * stride_cb + (pos % BLOCK_SIZE)[:, None] * stride_cs
-                  + kv_head * stride_ch + offs_d[None, :])
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(K_CACHE + kv_off, mask=kv_mask, other=0.0)            # [BLOCK_N, BLOCK_D]
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        qk = tl.where(mask_n[None, :], qk, float("-inf"))                  # [BLOCK_G, BLOCK_N]
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)             # no keys yet: no NaN
-        p = tl.math.exp2(qk - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V_CACHE + kv_off, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    # Keys up to the window's start are cut by lo, so only the length mask applies.
+    acc, l_i, m_i = attend_key_tiles(
+        acc, l_i, m_i, q, K_CACHE, V_CACHE, table, kv_head, offs_g, lo, hi, scale_log2,
+        sliding_window, stride_cb, stride_cs, stride_ch, offs_d, mask_d, BLOCK_SIZE, BLOCK_N,
+        True, False, False, DOT_PRECISION)
 
     row_mask = mask_g[:, None] & mask_d[None, :]
     if IS_SPLIT:

@@ -1,0 +1,47 @@
+"""The paged-KV inner loop shared by the decode and prefill attention kernels.
+
+Both walk one sequence's keys in BLOCK_N tiles through its block table (token -> physical
+block, offset: gathered per token, so BLOCK_N need not match the cache's block size) with
+an online softmax in the log2 domain. Triton inlines the helper into each kernel.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def attend_key_tiles(acc, l_i, m_i, q, K_CACHE, V_CACHE, table, kv_head, q_pos, lo, hi,
+                      scale_log2, sliding_window, stride_cb, stride_cs, stride_ch, offs_d, mask_d,
+                      BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, IS_MASKED: tl.constexpr,
+                      IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr):
+    # Online softmax over keys [lo, hi) in BLOCK_N tiles. q: [rows, BLOCK_D] (query tokens
+    # of one head for prefill, the query heads of one KV head for decode); q_pos: [rows]
+    # absolute positions (read only when IS_CAUSAL or HAS_WINDOW). IS_MASKED=False is the
+    # fast path for whole tiles that every row may see: no per-score masks.
+    for start in range(lo, hi, BLOCK_N):
+        k_pos = start + tl.arange(0, BLOCK_N)
+        mask_n = k_pos < hi
+        block = tl.load(table + k_pos // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
+        kv_off = (block[:, None] * stride_cb + (k_pos % BLOCK_SIZE)[:, None] * stride_cs
+                  + kv_head * stride_ch + offs_d[None, :])
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(K_CACHE + kv_off, mask=kv_mask, other=0.0)            # [BLOCK_N, BLOCK_D]
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        if IS_MASKED:
+            allowed = mask_n[None, :]                                       # [BLOCK_M, BLOCK_N]
+            if IS_CAUSAL:
+                allowed = allowed & (k_pos[None, :] <= q_pos[:, None])
+            if HAS_WINDOW:
+                allowed = allowed & (k_pos[None, :] > q_pos[:, None] - sliding_window)
+            qk = tl.where(allowed, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: no NaN
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V_CACHE + kv_off, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
