@@ -16,9 +16,9 @@ import triton
 import triton.language as tl
 
 from .decode_attention import LOG2E, _dot_precision, check_paged_kv
-from .paged_tiles import attend_key_tiles
 from .launch_checks import (INDEX_DTYPES, KernelArgumentError, check_dim, check_dtype,
                             check_last_dim_contiguous, check_out, check_same_device)
+from .paged_tiles import attend_key_tiles
 
 
 @triton.jit
