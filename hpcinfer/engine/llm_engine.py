@@ -275,6 +275,13 @@ class LLMEngine:
         self._record(len(scheduled.seqs), batch.meta.is_decode, (t0, t1, t2, t3, t4, t5))
         return outputs
 
+    def drain(self, final_only: bool = False) -> list[RequestOutput]:
+        """Read back the launched step, if any, without launching another: the outputs a
+        synchronous engine would already have returned. For callers that stop stepping (a
+        signal, a deadline) and want every request that has finished. Stepping may go on
+        afterwards."""
+        return self._resolve_inflight(final_only) if self._inflight is not None else []
+
     def _resolve_inflight(self, final_only: bool) -> list[RequestOutput]:
         """Read the launched step's tokens and append them through the synchronous path."""
         flight, self._inflight = self._inflight, None

@@ -133,3 +133,31 @@ def test_abort_while_a_token_is_in_flight(checkpoint, make_prompts):
     assert outputs["b"].outputs[0].token_ids == reference
     engine.block_manager.check_invariants([])
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_drain_returns_what_a_synchronous_engine_already_returned(checkpoint, make_prompts):
+    path = checkpoint(FAMILY)
+    prompts = make_prompts((4, 9, 13))
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (3, 5, 9)]
+
+    def run(async_scheduling, steps):
+        engine = LLMEngine.from_kwargs(path, max_model_len=256,
+                                       async_scheduling=async_scheduling)
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            engine.add_request(str(i), prompt, p)
+        finished = {}
+        for _ in range(steps):
+            finished.update({o.request_id: o.outputs[0].token_ids
+                             for o in engine.step(final_only=True)})
+        return engine, finished
+
+    _, want = run(False, 5)          # after 5 synchronous steps: requests 0 and 1 are done
+    engine, got = run(True, 5)
+    assert set(want) == {"0", "1"} and set(got) == {"0"}   # "1" is still being read back
+    got.update({o.request_id: o.outputs[0].token_ids for o in engine.drain(final_only=True)})
+    assert got == want and engine.drain() == []
+    while engine.has_unfinished_requests():                # stepping goes on after a drain
+        got.update({o.request_id: o.outputs[0].token_ids
+                    for o in engine.step(final_only=True)})
+    _, everything = run(False, 20)
+    assert got == everything
