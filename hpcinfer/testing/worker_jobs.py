@@ -126,3 +126,14 @@ def read_errors(job_dir: Path) -> list[dict]:
     for path in sorted((job_dir / "shards").glob("*/errors.jsonl")):
         errors += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return errors
+
+
+# Engine sizes of the pooling job tests: the job's `engine:` block and the Python API they are
+# compared with must be the same.
+POOLING_ENGINE = {"max_num_seqs": 2, "max_num_batched_tokens": 256}
+
+
+def pooling_llm(model: Path, task: str, **kwargs):
+    """The Python API with the pooling job tests' engine sizes."""
+    from hpcinfer import LLM
+    return LLM(str(model), task=task, device="cpu", **POOLING_ENGINE, **kwargs)

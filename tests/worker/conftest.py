@@ -3,12 +3,20 @@ from __future__ import annotations
 
 import pytest
 
+from hpcinfer.testing.tiny_pooling import build_tiny_pooling_checkpoint
 from hpcinfer.testing.worker_jobs import tiny_model_dir
 
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
     return tiny_model_dir(str(tmp_path_factory.mktemp("model")))
+
+
+@pytest.fixture(scope="session")
+def embed_model(tmp_path_factory):
+    """A tiny BERT with sentence-transformers' pooling files (the pooling job tests)."""
+    return build_tiny_pooling_checkpoint("bert", tmp_path_factory.mktemp("embed") / "m",
+                                         sentence_transformers=True)
 
 
 @pytest.fixture(scope="session")

@@ -23,8 +23,10 @@ import pytest
 from hpcinfer.io.collect import collect
 from hpcinfer.testing.tiny_pooling import build_tiny_pooling_checkpoint
 from hpcinfer.testing.worker_jobs import (
+    POOLING_ENGINE,
     job_config,
     make_job,
+    pooling_llm,
     read_errors,
     read_results,
     run_worker,
@@ -35,7 +37,7 @@ from hpcinfer.testing.worker_jobs import (
 )
 
 pytestmark = pytest.mark.timeout(240)
-ENGINE = {"max_num_seqs": 2, "max_num_batched_tokens": 256}
+ENGINE = POOLING_ENGINE
 WORDS = ["alpha", "beta", "gamma", "delta", "hello", "world", "cat", "sat", "on", "mat"]
 
 
@@ -58,17 +60,6 @@ def _pooling_config(model_dir: Path, input_path, task: str, **sections) -> dict:
                         **sections)
     config.pop("sampling")
     return config
-
-
-@pytest.fixture(scope="module")
-def embed_model(tmp_path_factory) -> Path:
-    return build_tiny_pooling_checkpoint("bert", tmp_path_factory.mktemp("embed") / "m",
-                                         sentence_transformers=True)
-
-
-def _llm(model: Path, task: str, **kwargs):
-    from hpcinfer import LLM
-    return LLM(str(model), task=task, device="cpu", **ENGINE, **kwargs)
 
 
 def _assert_embeddings_equal(records: list[dict], expected: list, tol: float = 1e-6) -> None:
@@ -114,7 +105,7 @@ def test_embed_parquet_array_on_slurm_equals_llm_embed(slurm_cluster, tmp_path, 
     rows = _rows(12)
     assert [r["id"] for r in records] == [r["id"] for r in rows]
     assert [r["topic"] for r in records] == [r["topic"] for r in rows]
-    expected = _llm(embed_model, "embed").embed([r["text"] for r in rows], use_tqdm=False)
+    expected = pooling_llm(embed_model, "embed").embed([r["text"] for r in rows], use_tqdm=False)
     _assert_embeddings_equal(records, expected)
     assert [r["num_prompt_tokens"] for r in records] == \
         [len(o.prompt_token_ids) for o in expected]
@@ -160,7 +151,7 @@ def test_kill_9_mid_run_then_restart_leaves_each_row_once(tmp_path, embed_model)
     assert rc == 0, out
     [records] = read_results(job_dir).values()
     assert [r["row_index"] for r in records] == list(range(num_rows))   # each row once
-    expected = _llm(embed_model, "embed").embed(_texts(num_rows), use_tqdm=False)
+    expected = pooling_llm(embed_model, "embed").embed(_texts(num_rows), use_tqdm=False)
     _assert_embeddings_equal(records, expected)
     result = collect(job_dir)
     import pyarrow.parquet as pq
@@ -184,7 +175,7 @@ def test_classify_jsonl_with_hpcinfer_run_local_equals_llm_classify(tmp_path):
     [out_file] = [f for f in result.files if f.name == "00000.jsonl"]
     records = [json.loads(ln) for ln in out_file.read_text().splitlines()]
     assert list(records[0]) == ["row_index", "id", "probs", "num_prompt_tokens"]
-    expected = _llm(model, "classify").classify([r["text"] for r in rows], use_tqdm=False)
+    expected = pooling_llm(model, "classify").classify([r["text"] for r in rows], use_tqdm=False)
     assert [r["id"] for r in records] == [r["id"] for r in rows]
     for rec, out in zip(records, expected):
         assert len(rec["probs"]) == 3
@@ -200,7 +191,7 @@ def test_score_jsonl_bad_rows_and_on_long_prompt(tmp_path):
     pairs.insert(4, {"id": "empty", "query": "", "doc": "cat"})
     pairs.insert(5, {"id": "typed", "query": "cat", "doc": 7})
     data = write_jsonl(tmp_path / "data" / "a.jsonl", pairs)
-    llm = _llm(model, "score", max_model_len=64)
+    llm = pooling_llm(model, "score", max_model_len=64)
     good = [p for p in pairs if p["id"].startswith("s")]
     expected = llm.score([p["query"] for p in good], [p["doc"] for p in good], use_tqdm=False)
     for policy in ("error", "truncate"):
@@ -261,7 +252,7 @@ def test_docs_job_file_runs(tmp_path, task):
     assert rc == 0, out
     [records] = read_results(job_dir).values()
     assert [r[config["input"]["id_field"]] for r in records] == [f"d{i}" for i in range(5)]
-    llm = _llm(model, task)
+    llm = pooling_llm(model, task)
     inputs = [[r[f] for r in rows] for f in fields]
     if task == "embed":
         _assert_embeddings_equal(records, llm.embed(inputs[0], use_tqdm=False))
@@ -304,5 +295,5 @@ def test_warning_signal_commits_and_exits_requeue_then_resume(tmp_path, embed_mo
     assert f"{len(first)} of {num_rows} rows already committed" in out
     [records] = read_results(job_dir).values()
     assert [r["row_index"] for r in records] == list(range(num_rows))
-    _assert_embeddings_equal(records, _llm(embed_model, "embed").embed(_texts(num_rows),
+    _assert_embeddings_equal(records, pooling_llm(embed_model, "embed").embed(_texts(num_rows),
                                                                         use_tqdm=False))

@@ -22,8 +22,10 @@ import pytest
 from hpcinfer.io.collect import collect
 from hpcinfer.testing.tiny_pooling import build_tiny_pooling_checkpoint
 from hpcinfer.testing.worker_jobs import (
+    POOLING_ENGINE,
     job_config,
     make_job,
+    pooling_llm,
     read_errors,
     read_results,
     run_worker,
@@ -31,7 +33,7 @@ from hpcinfer.testing.worker_jobs import (
 )
 
 pytestmark = pytest.mark.timeout(180)
-ENGINE = {"max_num_seqs": 2, "max_num_batched_tokens": 256}
+ENGINE = POOLING_ENGINE
 TOL = 1e-6
 
 
@@ -61,20 +63,9 @@ def _close(got: list[float], want: list[float]) -> bool:
     return len(got) == len(want) and max(abs(a - b) for a, b in zip(got, want)) <= TOL
 
 
-@pytest.fixture(scope="module")
-def embed_model(tmp_path_factory) -> Path:
-    return build_tiny_pooling_checkpoint("bert", tmp_path_factory.mktemp("embed") / "m",
-                                         sentence_transformers=True)
-
-
-def _llm(model: Path, task: str, **kwargs):
-    from hpcinfer import LLM
-    return LLM(str(model), task=task, device="cpu", **ENGINE, **kwargs)
-
-
 def test_embeddings_requests_equal_llm_embed_and_bad_lines_are_errors(tmp_path, embed_model):
     from hpcinfer import PoolingParams
-    llm = _llm(embed_model, "embed")
+    llm = pooling_llm(embed_model, "embed")
     ids = llm.get_tokenizer()("the cat sat").input_ids
     good = {  # custom_id -> (body, the inputs LLM.embed gets, its PoolingParams)
         "e0": ({"input": "hello world"}, ["hello world"], None),
@@ -145,7 +136,7 @@ def test_embeddings_requests_equal_llm_embed_and_bad_lines_are_errors(tmp_path, 
 
 def test_score_requests_equal_llm_score(tmp_path):
     model = build_tiny_pooling_checkpoint("bert-cls", tmp_path / "m", num_labels=1)
-    llm = _llm(model, "score")
+    llm = pooling_llm(model, "score")
     docs = ["the cat sat on the mat", "hello world", "gamma delta"]
     good = {  # custom_id -> (url, body, (text_1, text_2) for LLM.score, activation)
         "s0": ("/v1/score", {"text_1": "where is the cat", "text_2": docs},
@@ -200,12 +191,12 @@ def test_job_pooling_block_equals_pooler_config_and_pooling_params(tmp_path, emb
     rc, out = run_worker(job_dir)
     assert rc == 0, out[-3000:]
     [records] = read_results(job_dir).values()
-    by_config = _llm(embed_model, "embed", pooler_config={**pooling, "pooling_type": "CLS"})
+    by_config = pooling_llm(embed_model, "embed", pooler_config={**pooling, "pooling_type": "CLS"})
     want = by_config.embed(texts, use_tqdm=False)
     # the same through per-call PoolingParams on an LLM whose pooling type is CLS
-    per_call = _llm(embed_model, "embed", pooler_config={"pooling_type": "CLS"}).embed(
+    per_call = pooling_llm(embed_model, "embed", pooler_config={"pooling_type": "CLS"}).embed(
         texts, pooling_params=PoolingParams(dimensions=8, normalize=True), use_tqdm=False)
-    default = _llm(embed_model, "embed").embed(texts, use_tqdm=False)
+    default = pooling_llm(embed_model, "embed").embed(texts, use_tqdm=False)
     for rec, a, b, d in zip(records, want, per_call, default):
         assert len(rec["embedding"]) == 8
         assert _close(rec["embedding"], a.outputs.embedding)
@@ -245,7 +236,7 @@ def test_docs_openai_batch_example_runs(tmp_path, task):
     requests = [json.loads(line) for line in lines]
     assert [r["custom_id"] for r in records] == [q["custom_id"] for q in requests]
     assert not read_errors(job_dir)
-    llm = _llm(model, task)
+    llm = pooling_llm(model, task)
     for rec, request in zip(records, requests):
         body, data_out = request["body"], rec["response"]["body"]["data"]
         if task == "embed":
