@@ -6,8 +6,10 @@ step -> write finished rows -> commit every N rows / T seconds -> DONE. New rows
 others run (continuous batching); at most ``max_in_flight`` rows are held, so memory stays
 flat however large the shard.
 
-On the stop flag the loop stops admitting, aborts what is in flight (those rows are not
-written, so they are redone after the requeue), commits what finished, and returns
+On the stop flag the loop stops admitting, reads back the engine's last launched step
+(``LLMEngine.drain``: async scheduling reports a finished row one step late), aborts what is
+still in flight (those rows are not written, so they are redone after the requeue), commits
+what finished, and returns
 "stopped". The exactly-once argument is docs/exactly-once.md: only the committed files say
 what is done.
 """
@@ -72,6 +74,7 @@ class ShardLoop:
             self._abort_all()
             raise
         if not finished:
+            self._read_back(writer)
             self._abort_all()
             writer.commit()
             return "stopped"
@@ -106,17 +109,31 @@ class ShardLoop:
                     return False
             if exhausted and not self.in_flight:
                 return True
-            for out in self.engine.step(final_only=True):
-                if out.finished:
-                    row, params = self.in_flight.pop(out.request_id)
-                    writer.add_result(row, to_output_record(out, params))
-                    self.progress.add_rows(1)
+            self._write_finished(self.engine.step(final_only=True), writer)
             if writer.should_commit():
                 writer.commit()
             self.progress.tick()
             if self.options.step_delay_s:
                 time.sleep(self.options.step_delay_s)
         return False
+
+    def _write_finished(self, outputs, writer: PartWriter) -> None:
+        for out in outputs:
+            if out.finished:
+                row, params = self.in_flight.pop(out.request_id)
+                writer.add_result(row, to_output_record(out, params))
+                self.progress.add_rows(1)
+
+    def _read_back(self, writer: PartWriter) -> None:
+        """On the stop flag, before aborting: with async scheduling the engine reports a
+        step's finished rows one step later, so the last launched step is read back (no new
+        step is launched) and its finished rows are written and committed, not redone.
+        Under a replica's driver (TP/PP) async scheduling is off and this reads nothing, so
+        followers have nothing to replay. Engines that answer each call in full (the
+        pooling engine, test fakes) have no ``drain``."""
+        drain = getattr(self.engine, "drain", None)
+        if drain is not None:
+            self._write_finished(drain(final_only=True), writer)
 
     def _admit(self, item: InputRow | BadRow, writer: PartWriter) -> None:
         request = item if isinstance(item, BadRow) else self.builder.build(item)

@@ -142,3 +142,45 @@ def test_long_prompts_error_or_truncate(tmp_path, model_dir):
     # The tail that fits, with room for one generated token.
     assert records[1]["num_prompt_tokens"] == 47
     assert (records[1]["num_output_tokens"], records[1]["finish_reason"]) == (1, "length")
+
+
+def test_stop_flag_writes_rows_the_async_engine_finished_but_had_not_reported(
+        tmp_path, model_dir):
+    """Async scheduling reports a step's finished rows on the next step() call: a stop flag
+    set between the two must still commit them (LLMEngine.drain), not redo them."""
+    from hpcinfer.compile.plan import Shard
+    from hpcinfer.engine.config import EngineConfig
+    from hpcinfer.engine.llm_engine import LLMEngine
+    from hpcinfer.io import ledger
+    from hpcinfer.io.formats import make_format
+    from hpcinfer.io.rows import InputSpec
+    from hpcinfer.worker.loop import LoopOptions, ShardLoop
+    from hpcinfer.worker.progress import Progress
+    from hpcinfer.worker.requests import RequestBuilder
+    from hpcinfer.worker.signals import StopFlag
+
+    stop = StopFlag()
+
+    class StopAfterTwoSteps(LLMEngine):
+        num_steps = 0
+
+        def step(self, final_only=False):
+            outputs = super().step(final_only)
+            self.num_steps += 1
+            if self.num_steps == 2:   # call 1: prefill; call 2: the last token is sampled
+                stop.signal_name = "SIGUSR2"
+            return outputs
+
+    engine = StopAfterTwoSteps(EngineConfig(model=str(model_dir), device="cpu",
+                                            max_num_seqs=4, max_num_batched_tokens=256))
+    assert engine._async                          # else this test shows nothing
+    shard = Shard(index=0, file=str(write_jsonl(tmp_path / "in.jsonl", prompt_rows(3))),
+                  start=0, stop=3)
+    builder = RequestBuilder(engine.tokenizer, {"temperature": 0.0, "max_tokens": 2},
+                             engine.max_model_len)
+    loop = ShardLoop(engine, shard, InputSpec(), tmp_path / "shard", make_format("jsonl"),
+                     builder, stop, Progress(3, 0, None, use_bar=False), LoopOptions())
+    assert loop.run() == "stopped"
+    assert engine.num_steps == 2
+    assert sorted(ledger.recover(tmp_path / "shard").done_indices) == [0, 1, 2]
+    assert not engine.get_num_unfinished_requests()
