@@ -40,24 +40,31 @@ def check_environment(cfg: JobConfig) -> None:
 
 
 def _check_layout(cfg: JobConfig) -> None:
+    """One replica is tensor x pipeline ranks; a task runs whole replicas (worker/ranks.py):
+    on GPU nodes x gpus_per_node / (tensor x pipeline) of them, on CPU parallel.replicas."""
     tp, pp, nodes = cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.nodes
     ranks = tp * pp
     if cfg.resources.device == "cpu":
-        if ranks % nodes:
+        replicas = cfg.parallel.replicas
+        if ranks * replicas % nodes:
             raise cfg.error_at("parallel.nodes",
-                               f"tensor ({tp}) x pipeline ({pp}) = {ranks} ranks do not split "
-                               f"evenly over {nodes} nodes",
-                               f"write nodes: 1, or a tensor x pipeline that {nodes} divides")
+                               f"tensor ({tp}) x pipeline ({pp}) x replicas ({replicas}) = "
+                               f"{ranks * replicas} ranks do not split evenly over {nodes} "
+                               "nodes",
+                               f"write nodes: 1, or a tensor x pipeline x replicas that {nodes} "
+                               "divides")
         return
     gpus = cfg.resources.gpus_per_node
-    if ranks != gpus * nodes:
-        per_node = f"gpus_per_node: {ranks // nodes} under resources, or " if ranks % nodes == 0 \
-            else ""
+    if (gpus * nodes) % ranks:
+        divisors = [d for d in range(1, gpus * nodes + 1) if (gpus * nodes) % d == 0]
+        per_node = f", or gpus_per_node: {ranks // nodes} under resources" \
+            if ranks % nodes == 0 else ""
         raise cfg.error_at("parallel",
-                           f"tensor ({tp}) x pipeline ({pp}) = {ranks} ranks but gpus_per_node "
-                           f"({gpus}) x nodes ({nodes}) = {gpus * nodes} GPUs",
-                           f"make them equal: write {per_node}tensor x pipeline = "
-                           f"{gpus * nodes} under parallel")
+                           f"tensor ({tp}) x pipeline ({pp}) = {ranks} ranks per replica, which "
+                           f"does not divide gpus_per_node ({gpus}) x nodes ({nodes}) = "
+                           f"{gpus * nodes} GPUs",
+                           f"make tensor x pipeline one of {divisors} under parallel (the "
+                           f"quotient is the number of data-parallel replicas){per_node}")
     if gpus % tp:
         raise cfg.error_at("parallel.tensor",
                            f"tensor ({tp}) does not divide gpus_per_node ({gpus}): a tensor-"

@@ -45,3 +45,57 @@ def test_rule_matches_the_engine_cases():
     assert layout_problem(8, 6, 2, 4, 1)[0] == "tensor"        # neither divides the other
     assert layout_problem(8, 2, 2, 4, 1) is None               # KV heads replicated
     assert layout_problem(8, None, 2, 1, 3)[0] == "pipeline"   # more stages than layers
+
+
+def _gpu_job(tmp_path, tensor: int, gpus_per_node: int = 4, nodes: int = 1, pipeline: int = 1,
+             heads: int = 12, kv_heads: int = 12):
+    job = write_job(tmp_path, rows=(40,), parallel={"tensor": tensor, "pipeline": pipeline,
+                                                    "nodes": nodes},
+                    resources={"device": "cuda", "gpus_per_node": gpus_per_node})
+    (tmp_path / "model" / "config.json").write_text(json.dumps(
+        {"num_attention_heads": heads, "num_key_value_heads": kv_heads, "num_hidden_layers": 4}))
+    return job
+
+
+@pytest.mark.parametrize("tensor, pipeline, nodes, replicas", [
+    (2, 1, 1, 2), (1, 1, 1, 4), (4, 1, 1, 1), (2, 2, 2, 2), (4, 2, 2, 1)])
+def test_gpu_replicas_are_gpus_over_tensor_times_pipeline(tmp_path, tensor, pipeline, nodes,
+                                                          replicas):
+    from hpcinfer.compile.compiler import build_plan
+    from hpcinfer.compile.render import render_script
+    from hpcinfer.config import load_job
+    job = _gpu_job(tmp_path, tensor, nodes=nodes, pipeline=pipeline)
+    assert main(["validate", str(job)]) == 0
+    plan = build_plan(load_job(job))                  # 8 shards of 5 rows
+    assert plan.ntasks_per_node == 4
+    assert "#SBATCH --ntasks-per-node=4" in render_script(plan)
+    if nodes == 1:                                    # an array task per `replicas` shards
+        assert (plan.shape, plan.array_size, plan.shards_per_task) == \
+            ("array", 8 // replicas, replicas)
+
+
+@pytest.mark.parametrize("tensor, gpus, nodes, key, words", [
+    (3, 4, 1, "parallel", "= 3 ranks per replica, which does not divide gpus_per_node (4) x "
+                          "nodes (1) = 4 GPUs"),
+    (8, 4, 1, "parallel", "= 8 ranks per replica"),
+    (4, 2, 2, "parallel.tensor", "tensor (4) does not divide gpus_per_node (2)"),
+])
+def test_gpu_layout_that_does_not_divide_is_refused(tmp_path, capsys, tensor, gpus, nodes, key,
+                                                    words):
+    job = _gpu_job(tmp_path, tensor, gpus_per_node=gpus, nodes=nodes)
+    assert main(["validate", str(job)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "job.yaml:" in err and f" {key}: " in err and words in err, err
+    if key == "parallel":
+        assert "data-parallel replicas" in err and "[1, 2, 4]" in err, err
+
+
+def test_cpu_replicas_count_in_the_split_over_nodes(tmp_path, capsys):
+    from hpcinfer.config import load_job
+    ok = write_job(tmp_path / "ok", parallel={"tensor": 1, "replicas": 2, "nodes": 2})
+    assert load_job(ok).ranks_per_node == 1 and main(["validate", str(ok)]) == 0
+    bad = write_job(tmp_path / "bad", parallel={"tensor": 1, "replicas": 3, "nodes": 2})
+    assert main(["validate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "parallel.nodes" in err and "x replicas (3) = 3 ranks do not split evenly" in err, err
