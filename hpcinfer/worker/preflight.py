@@ -1,7 +1,8 @@
 """The worker's first phase: a real preflight of one task (task.py runs it, then the engine).
 
 It loads job.yaml (the fully resolved config) and plan.json, picks this task's shards from
-SLURM_ARRAY_TASK_ID, checks every input is readable and the output dir writable, and reports
+SLURM_ARRAY_TASK_ID, checks (on a replica's driver: the only rank that reads input and
+writes output) every input is readable and the output dir writable, and reports
 the environment (GPUs seen, ranks, restart count, /dev/shm) to the log and to
 JOBDIR/metrics/task-TTTTT-rank-RRR.jsonl (one file per rank: one writer each).
 
@@ -163,10 +164,17 @@ def check(job_dir: Path, record: dict):
              task_id, record["rank"], record["world_size"], record["host"], record["shards"],
              record["rows"], record["restart_count"], record["gpus"])
     _note_shm(cfg, record)
-    check_inputs(shards)
-    check_writable(Path(str(cfg.output.dir)))
-    check_writable(job_dir / "metrics")
+    if is_replica_driver(record["rank"], cfg):  # followers neither read input nor write output
+        check_inputs(shards)
+        check_writable(Path(str(cfg.output.dir)))
+    check_writable(job_dir / "metrics")         # every rank writes its own metrics file
     return cfg, plan, task_id, shards
+
+
+def is_replica_driver(rank: int, cfg) -> bool:
+    """Whether ``rank`` (the launcher's, before MPI starts) is rank 0 of its replica: replicas
+    are consecutive blocks of tensor x pipeline ranks (ranks.place_of)."""
+    return rank % (int(cfg.parallel.tensor) * int(cfg.parallel.pipeline)) == 0
 
 
 def new_record() -> dict:

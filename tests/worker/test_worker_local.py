@@ -184,3 +184,23 @@ def test_stop_flag_writes_rows_the_async_engine_finished_but_had_not_reported(
     assert engine.num_steps == 2
     assert sorted(ledger.recover(tmp_path / "shard").done_indices) == [0, 1, 2]
     assert not engine.get_num_unfinished_requests()
+
+
+def test_only_a_replicas_driver_probes_input_and_output(tmp_path, model_dir, monkeypatch):
+    """Preflight of a TP=2 job whose input vanished: rank 0 (a driver) fails on it, rank 1
+    (a follower: it never reads input nor writes output) passes."""
+    from hpcinfer.worker import preflight
+    data = write_jsonl(tmp_path / "data" / "a.jsonl", prompt_rows(2))
+    job_dir = make_job(tmp_path, job_config(model_dir, str(data), parallel={"tensor": 2}))
+    data.unlink()
+    for name in ("SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK",
+                 "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    record = preflight.new_record()
+    preflight.check(job_dir, record)
+    assert record["rank"] == 1 and not list(job_dir.glob(".preflight-*"))
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    with pytest.raises(preflight.PreflightFailed, match="a.jsonl is not readable here"):
+        preflight.check(job_dir, preflight.new_record())
