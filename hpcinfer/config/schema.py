@@ -192,6 +192,13 @@ class EngineSection(Section):
     kv_cache_memory_bytes: Optional[int] = Field(
         None, ge=1, description="Fixed KV cache size; overrides gpu_memory_utilization")
     enforce_eager: bool = Field(False, description="Disable CUDA graphs")
+    async_scheduling: bool = Field(
+        True, description="Launch step N+1 before reading step N's tokens (hides the host's "
+                          "per-step work; off under tensor/pipeline parallelism)")
+    pipeline_micro_batches: Optional[int] = Field(
+        None, ge=1, description="Micro-batches each step is cut into with parallel.pipeline > "
+                                "1 (default: one per stage while each keeps enough tokens; "
+                                "docs/multi-node.md)")
 
 
 class ParallelSection(Section):

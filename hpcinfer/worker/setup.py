@@ -130,6 +130,7 @@ def engine_config(cfg, model, device: str | None = None):
             block_size=int(e.block_size), enable_prefix_caching=e.enable_prefix_caching,
             gpu_memory_utilization=e.gpu_memory_utilization,
             kv_cache_memory_bytes=e.kv_cache_memory_bytes, enforce_eager=e.enforce_eager,
+            async_scheduling=e.async_scheduling, pipeline_micro_batches=e.pipeline_micro_batches,
             tensor_parallel_size=int(cfg.parallel.tensor),
             pipeline_parallel_size=int(cfg.parallel.pipeline),
             device=device or str(cfg.resources.device),

@@ -5,18 +5,16 @@ makes the job commit, requeue itself and finish with every row exactly once."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from hpcinfer.slurm.status import all_finished, gather
 from hpcinfer.testing.io_corpus import openai_line
-from hpcinfer.testing.worker_jobs import (job_config, make_job, prompt_rows, read_results,
-                                          write_jsonl, write_parquet)
+from hpcinfer.testing.slurm_jobs import job_logs, submit, wait_finished, wait_log
+from hpcinfer.testing.worker_jobs import (job_config, prompt_rows, read_results, write_jsonl,
+                                          write_parquet)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(240)]
 
@@ -24,38 +22,6 @@ pytestmark = [pytest.mark.slurm, pytest.mark.timeout(240)]
 def _sampling(max_tokens=6):
     from hpcinfer import SamplingParams
     return SamplingParams(temperature=0.0, max_tokens=max_tokens)
-
-
-def _submit(root: Path, config: dict) -> tuple[Path, str]:
-    root.mkdir(parents=True, exist_ok=True)
-    make_job(root, config, render=False)
-    proc = subprocess.run([sys.executable, "-m", "hpcinfer.cli", "submit", str(root / "job.yaml")],
-                          capture_output=True, text=True, timeout=60,
-                          env={k: v for k, v in os.environ.items() if not k.startswith("SLURM_")})
-    assert proc.returncode == 0, proc.stderr
-    [line] = [ln for ln in proc.stdout.splitlines() if ln.startswith("submitted job ")]
-    return root / config["output"]["dir"], line.split()[2].rstrip(";")
-
-
-def _wait_finished(job_dir: Path, timeout_s: float = 150) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        info = gather(job_dir)
-        if all_finished(info):
-            return info
-        assert time.monotonic() < deadline, json.dumps(info)[-3000:]
-        time.sleep(0.5)
-
-
-def _logs(job_dir: Path) -> str:
-    return "\n".join(p.read_text(errors="replace") for p in sorted((job_dir / "logs").iterdir()))
-
-
-def _wait_log(job_dir: Path, text: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not ((job_dir / "logs").is_dir() and text in _logs(job_dir)):
-        assert time.monotonic() < deadline, f"no {text!r} in the logs: {_logs(job_dir)[-2000:]}"
-        time.sleep(0.2)
 
 
 def test_array_of_jsonl_and_parquet_and_openai_batch_equal_the_python_api(
@@ -66,7 +32,7 @@ def test_array_of_jsonl_and_parquet_and_openai_batch_equal_the_python_api(
     for name, rows in files.items():
         (write_jsonl if name.endswith(".jsonl") else write_parquet)(data / name, rows)
     resources = {"partition": slurm_cluster}
-    gen_dir, _ = _submit(tmp_path / "gen", job_config(
+    gen_dir, _ = submit(tmp_path / "gen", job_config(
         model_dir, [str(data / "*.jsonl"), str(data / "*.parquet")], resources=resources,
         input={"passthrough": ["topic"]}))
     requests = [openai_line(f"chat-{i}", messages=[{"role": "user", "content": f"hi {i}"}])
@@ -75,11 +41,11 @@ def test_array_of_jsonl_and_parquet_and_openai_batch_equal_the_python_api(
          for i in range(3)]
     (data / "batch").mkdir()
     (data / "batch" / "requests.jsonl").write_bytes(b"\n".join(requests) + b"\n")
-    oai_dir, _ = _submit(tmp_path / "oai", job_config(
+    oai_dir, _ = submit(tmp_path / "oai", job_config(
         model_dir, str(data / "batch" / "requests.jsonl"), resources=resources,
         input={"format": "openai-batch"}, output={"dir": "out", "format": "openai-batch"}))
 
-    info = _wait_finished(gen_dir)
+    info = wait_finished(gen_dir)
     assert info["summary"] == {"COMPLETED": 4} and info["rows_done"] == 18
     results = read_results(gen_dir)
     plan = json.loads((gen_dir / "plan.json").read_text())
@@ -92,7 +58,7 @@ def test_array_of_jsonl_and_parquet_and_openai_batch_equal_the_python_api(
         assert [r["num_output_tokens"] for r in got] == [len(o.outputs[0].token_ids)
                                                          for o in expected]
 
-    info = _wait_finished(oai_dir)
+    info = wait_finished(oai_dir)
     assert info["summary"] == {"COMPLETED": 1}
     [got] = read_results(oai_dir).values()
     chats = llm.chat([[{"role": "user", "content": f"hi {i}"}] for i in range(3)], _sampling(),
@@ -121,9 +87,9 @@ def _slow_job(tmp_path: Path, model_dir: Path, partition: str, num_rows: int,
 
 
 def _assert_requeued_once_and_exactly_once(job_dir: Path, job_id: str, llm, num_rows: int):
-    info = _wait_finished(job_dir)
+    info = wait_finished(job_dir)
     assert info["summary"] == {"COMPLETED": 1}, info
-    text = _logs(job_dir)
+    text = job_logs(job_dir)
     assert "received SIGUSR2: committed what finished" in text
     assert f"requeueing {job_id} (restart 1 of" in text
     assert "(restart 0, at most" in text and "(restart 1, at most" in text
@@ -143,8 +109,8 @@ def _assert_requeued_once_and_exactly_once(job_dir: Path, job_id: str, llm, num_
 
 def test_scancel_usr2_commits_requeues_and_finishes(slurm_cluster, tmp_path, model_dir, llm):
     config = _slow_job(tmp_path, model_dir, slurm_cluster, 24, 0.3)
-    job_dir, job_id = _submit(tmp_path, config)
-    _wait_log(job_dir, "progress: rows 4/")            # committed rows are in flight now
+    job_dir, job_id = submit(tmp_path, config)
+    wait_log(job_dir, "progress: rows 4/", timeout_s=60)            # committed rows are in flight now
     subprocess.run(["scancel", "--batch", "--signal=USR2", job_id], check=True)
     _assert_requeued_once_and_exactly_once(job_dir, job_id, llm, 24)
 
@@ -155,6 +121,6 @@ def test_time_limit_warning_signal_requeues(slurm_cluster, tmp_path, model_dir, 
     config = _slow_job(tmp_path, model_dir, slurm_cluster, 60, 0.5,
                        resilience={"signal_seconds": 50})
     config["resources"]["time"] = "00:01:00"
-    job_dir, job_id = _submit(tmp_path, config)
+    job_dir, job_id = submit(tmp_path, config)
     assert "#SBATCH --signal=B:USR2@50" in (job_dir / "submit.sbatch").read_text()
     _assert_requeued_once_and_exactly_once(job_dir, job_id, llm, 60)

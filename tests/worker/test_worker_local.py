@@ -204,3 +204,30 @@ def test_only_a_replicas_driver_probes_input_and_output(tmp_path, model_dir, mon
     monkeypatch.setenv("SLURM_PROCID", "0")
     with pytest.raises(preflight.PreflightFailed, match="a.jsonl is not readable here"):
         preflight.check(job_dir, preflight.new_record())
+
+
+@pytest.mark.parametrize("engine, expected", [
+    ({}, (True, None)),
+    ({"async_scheduling": False}, (False, None)),
+    ({"pipeline_micro_batches": 3}, (True, 3)),
+])
+def test_job_engine_options_reach_engine_config(tmp_path, model_dir, engine, expected):
+    from types import SimpleNamespace
+
+    from hpcinfer.config import load_job
+    from hpcinfer.worker import setup
+    config = job_config(model_dir, "data/a.jsonl", engine=engine)
+    write_jsonl(tmp_path / "data" / "a.jsonl", prompt_rows(1))
+    make_job(tmp_path, config, render=False)
+    cfg = load_job(tmp_path / "job.yaml")
+    made = setup.engine_config(cfg, SimpleNamespace(path=str(model_dir)))
+    assert (made.async_scheduling, made.pipeline_micro_batches) == expected
+
+
+def test_pipeline_micro_batches_below_one_is_a_config_error(tmp_path, model_dir):
+    from hpcinfer.config import load_job
+    write_jsonl(tmp_path / "data" / "a.jsonl", prompt_rows(1))
+    make_job(tmp_path, job_config(model_dir, "data/a.jsonl",
+                                  engine={"pipeline_micro_batches": 0}), render=False)
+    with pytest.raises(ConfigError, match="engine.pipeline_micro_batches"):
+        load_job(tmp_path / "job.yaml")
