@@ -56,9 +56,11 @@ SHAPES = {
                  tie_word_embeddings=False, rope_theta=500000.0),
 }
 WORKLOADS = {
-    "A": dict(shape="llama-3.2-1b", num_prompts=256, max_num_seqs=256),
-    "B": dict(shape="llama-3.1-8b", num_prompts=1000, max_num_seqs=512),
-    "T": dict(shape="tiny", num_prompts=16, max_num_seqs=8),
+    "A": dict(shape="llama-3.2-1b", num_prompts=256, max_num_seqs=256,
+              max_num_batched_tokens=8192),
+    "B": dict(shape="llama-3.1-8b", num_prompts=1000, max_num_seqs=512,
+              max_num_batched_tokens=8192),
+    "T": dict(shape="tiny", num_prompts=16, max_num_seqs=8, max_num_batched_tokens=8192),
 }
 ENGINES = ("hpcinfer", "transformers", "transformers-batch", "vllm")
 
@@ -255,15 +257,104 @@ def bound_output_tok_s(shape: dict, requests, max_num_seqs: int, rates: dict) ->
 
 # --- engines (each in its own subprocess) ------------------------------------------------
 
+class StepTimeline:
+    """Per-step kinds and times of a timed run (--step-breakdown): where the wall time goes.
+
+    A CUDA event is recorded as each step is launched (ModelRunner.run); the interval from one
+    step's event to the next one's is that step's share of the GPU timeline (its kernels plus
+    any idle gap before the next launch), so the intervals add up to the run's wall time less
+    the host time before the first launch. Kinds, by the scheduled rows: ``tail`` (fewer than
+    25% of max_num_seqs sequences), ``prefill`` (no one-token rows), ``mixed`` (prefill chunks
+    and one-token rows), ``decode_full`` (max_num_seqs one-token rows), ``decode_partial``.
+    A prefill chunk of exactly one token counts as a decode row (rare)."""
+
+    KINDS = ("prefill", "mixed", "decode_full", "decode_partial", "tail")
+
+    def __init__(self, engine, max_num_seqs: int):
+        import torch
+        self._torch = torch
+        self.max_num_seqs = max_num_seqs
+        self.steps: list[tuple[int, int, int, int]] = []  # (seqs, decode rows, prefill tok, sampled)
+        self.events = []
+        self._last = None
+        scheduler, runner = engine.scheduler, engine.runner
+        schedule, run = scheduler.schedule, runner.run
+
+        def timed_schedule():
+            self._last = schedule()
+            return self._last
+
+        def timed_run(batch):
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            out = self._last
+            decode = sum(1 for n in out.num_new_tokens if n == 1)
+            self.steps.append((len(out.seqs), decode, sum(out.num_new_tokens) - decode,
+                               len(batch.sample_seqs)))
+            self.events.append(event)
+            return run(batch)
+
+        scheduler.schedule, runner.run = timed_schedule, timed_run   # instance attributes
+
+    def reset(self) -> None:
+        self.steps, self.events = [], []
+
+    def kind(self, seqs: int, decode: int, prefill: int) -> str:
+        if seqs < 0.25 * self.max_num_seqs:
+            return "tail"
+        if decode == 0:
+            return "prefill"
+        if prefill:
+            return "mixed"
+        return "decode_full" if seqs >= self.max_num_seqs else "decode_partial"
+
+    def summary(self, wall_s: float) -> dict:
+        """Call after the run's final synchronize."""
+        end = self._torch.cuda.Event(enable_timing=True)
+        end.record()
+        end.synchronize()
+        marks = self.events + [end]
+        out = {k: {"steps": 0, "s": 0.0, "prefill_tokens": 0, "decode_rows": 0,
+                   "sampled_tokens": 0} for k in self.KINDS}
+        for i, (seqs, decode, prefill, sampled) in enumerate(self.steps):
+            row = out[self.kind(seqs, decode, prefill)]
+            row["steps"] += 1
+            row["s"] += marks[i].elapsed_time(marks[i + 1]) / 1e3
+            row["prefill_tokens"] += prefill
+            row["decode_rows"] += decode
+            row["sampled_tokens"] += sampled
+        for row in out.values():
+            row["ms_per_step"] = 1e3 * row["s"] / row["steps"] if row["steps"] else None
+            row["s"] = round(row["s"], 3)
+        timeline = sum(r["s"] for r in out.values())
+        out["total"] = {"steps": len(self.steps), "timeline_s": round(timeline, 3),
+                        "wall_s": round(wall_s, 3),
+                        "before_first_launch_s": round(wall_s - timeline, 3)}
+        return out
+
+
+def print_step_breakdown(breakdown: dict) -> None:
+    fmt = "{:<15} {:>6} {:>8} {:>8} {:>10} {:>10} {:>10}"
+    print(fmt.format("step kind", "steps", "s", "ms/step", "prefill tok", "decode rows",
+                     "sampled"), flush=True)
+    for kind in StepTimeline.KINDS:
+        r = breakdown[kind]
+        print(fmt.format(kind, r["steps"], f"{r['s']:.2f}",
+                         f"{r['ms_per_step']:.2f}" if r["ms_per_step"] else "-",
+                         r["prefill_tokens"], r["decode_rows"], r["sampled_tokens"]), flush=True)
+    print("step timeline:", json.dumps(breakdown["total"]), flush=True)
+
+
 def run_hpcinfer(ckpt: Path, requests, max_num_seqs: int, profile_dir: Path | None,
                  workload: str = "", llm_kwargs: dict | None = None,
-                 device: str = "cuda") -> dict:
+                 device: str = "cuda", max_num_batched_tokens: int = 8192,
+                 step_breakdown: bool = False) -> dict:
     """llm_kwargs (tensor_parallel_size, ...) and device: bench/parallel_variants.py."""
     import torch
     from hpcinfer import LLM, SamplingParams
     t0 = time.perf_counter()
     llm = LLM(str(ckpt), dtype="bfloat16", max_model_len=max_model_len_for(requests),
-              max_num_seqs=max_num_seqs, max_num_batched_tokens=8192,
+              max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
               gpu_memory_utilization=0.9, enable_prefix_caching=False, device=device,
               **{"async_scheduling": os.environ.get("BENCH_ASYNC", "1") == "1",
                  **(llm_kwargs or {})})
@@ -289,6 +380,7 @@ def run_hpcinfer(ckpt: Path, requests, max_num_seqs: int, profile_dir: Path | No
     sync()
     warmup_s = time.perf_counter() - t1
     stats_before = _stats_dict(engine.stats)
+    timeline = StepTimeline(engine, max_num_seqs) if step_breakdown else None
     profiler = None
     if os.environ.get("BENCH_CPROFILE") == "1":   # host hot spots of the timed run
         import cProfile
@@ -307,6 +399,11 @@ def run_hpcinfer(ckpt: Path, requests, max_num_seqs: int, profile_dir: Path | No
           flush=True)
     num_out = sum(len(o.outputs[0].token_ids) for o in outs)
     row = _row(num_out, requests, wall, startup_s)
+    row.update(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+               num_preemptions=engine.num_preemptions)
+    if timeline is not None:
+        row["step_breakdown"] = timeline.summary(wall)
+        print_step_breakdown(row["step_breakdown"])
     row.update(warmup_s=warmup_s, host_breakdown_s=stats,
                graph_capture_s=graphs.capture_s if graphs else None,
                graph_replays=graphs.num_replays if graphs else 0,
@@ -479,9 +576,11 @@ def worker_main(args) -> None:
     replica, num_replicas = options.pop("shard", (0, 1))
     requests = requests[replica::num_replicas]
     if args.worker == "hpcinfer":
-        row = run_hpcinfer(ckpt, requests, spec["max_num_seqs"],
+        row = run_hpcinfer(ckpt, requests, args.max_num_seqs or spec["max_num_seqs"],
                            Path(args.profile_dir) if args.profile_dir else None, args.workload,
-                           **options)
+                           max_num_batched_tokens=(args.max_num_batched_tokens
+                                                   or spec["max_num_batched_tokens"]),
+                           step_breakdown=args.step_breakdown, **options)
     elif args.worker == "transformers":
         row = run_transformers(ckpt, requests, args.hf_batch_size)
     elif args.worker == "transformers-batch":
@@ -531,6 +630,11 @@ def main() -> None:
     p.add_argument("--hf-batch-size", type=int, default=256)
     p.add_argument("--profile", action="store_true", help="torch profiler summary (hpcinfer)")
     p.add_argument("--label", default="", help="free text stored with every row")
+    p.add_argument("--max-num-seqs", type=int, help="hpcinfer: override the workload's")
+    p.add_argument("--max-num-batched-tokens", type=int,
+                   help="hpcinfer: override the workload's (8192)")
+    p.add_argument("--step-breakdown", action="store_true",
+                   help="hpcinfer: time per step kind (prefill, mixed, decode, tail)")
     # internal: one engine in a subprocess
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--workload", help=argparse.SUPPRESS)
@@ -566,7 +670,8 @@ def main() -> None:
         print(f"workload {workload}: checkpoint {ckpt} ready in {time.perf_counter() - t0:.1f} s"
               f"; {len(requests)} prompts, {sum(len(q) for q, _ in requests)} input and "
               f"{sum(o for _, o in requests)} output tokens", flush=True)
-        bound = bound_output_tok_s(shape, requests, spec["max_num_seqs"], rates)
+        bound = bound_output_tok_s(shape, requests, args.max_num_seqs or spec["max_num_seqs"],
+                                   rates)
         for engine in engines:
             base = {"engine": engine, "workload": workload, "tp": args.tp, "device": device,
                     "date": date, "model_shape": spec["shape"], "dtype": "bfloat16",
@@ -585,6 +690,12 @@ def main() -> None:
                    str(result_file), "--hf-batch-size", str(args.hf_batch_size)]
             if args.num_prompts:
                 cmd += ["--num-prompts", str(args.num_prompts)]
+            for flag, value in (("--max-num-seqs", args.max_num_seqs),
+                                ("--max-num-batched-tokens", args.max_num_batched_tokens)):
+                if value:
+                    cmd += [flag, str(value)]
+            if args.step_breakdown:
+                cmd.append("--step-breakdown")
             if args.profile and engine == "hpcinfer":
                 cmd += ["--profile-dir", args.out]
             print(f"--- {engine} on workload {workload}", flush=True)

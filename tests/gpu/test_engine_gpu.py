@@ -193,6 +193,113 @@ def test_bf16_real_shape_agrees_with_torch_ref(real_shaped_checkpoint, monkeypat
 TIE_TOL = 0.25   # nats; bf16 logits of this model carry ~1e-2 of rounding noise
 
 
+class _ForcedSampler:
+    """Wraps the engine's sampler (synchronous steps): records each row's argmax and its
+    top-1/top-2 logit gap (nats), then feeds the row the forced token instead, so both
+    backends decode the same context (teacher forcing through the real decode path)."""
+
+    def __init__(self, inner, forced: list[list[int]] | None):
+        self.inner, self.forced = inner, forced
+        self.argmax: dict[int, list[int]] = {}
+        self.gaps: dict[int, list[float]] = {}
+
+    def __call__(self, logits, seqs, eos_token_ids):
+        out = self.inner(logits, seqs, eos_token_ids)
+        top = logits.float().topk(2, dim=-1).values
+        gaps = (top[:, 0] - top[:, 1]).tolist()
+        for i, seq in enumerate(seqs):
+            rid = int(seq.request_id)
+            self.argmax.setdefault(rid, []).append(out.token_ids[i])
+            self.gaps.setdefault(rid, []).append(gaps[i])
+            if self.forced is not None:
+                out.token_ids[i] = self.forced[rid][seq.num_output_tokens]
+        return out
+
+
+def _agreement_run(path, prompts, *, fast: bool, forced=None):
+    """One greedy 32-step run: fast = Triton + graphs, else torch_ref + torch ops (eager).
+    Synchronous steps so the sampler wrapper sees every row. Returns the wrapper."""
+    import os
+    from hpcinfer import LLM, SamplingParams
+    from hpcinfer.layers import ops
+    if not fast:
+        os.environ["HPCINFER_TORCH_OPS"] = "1"
+    ops._triton_ops.cache_clear()
+    try:
+        kwargs = {} if fast else dict(enforce_eager=True, attention_backend="torch_ref")
+        llm = LLM(path, device="cuda", dtype="bfloat16", max_model_len=512, max_num_seqs=64,
+                  async_scheduling=False, **kwargs)
+        engine = llm.llm_engine
+        wrapper = _ForcedSampler(engine.sampler, forced)
+        engine.sampler = wrapper
+        llm.generate([{"prompt_token_ids": p} for p in prompts],
+                     SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True),
+                     use_tqdm=False)
+        if fast:
+            assert engine.runner.graphs.num_replays > 0
+    finally:
+        os.environ.pop("HPCINFER_TORCH_OPS", None)
+        ops._triton_ops.cache_clear()
+    return wrapper
+
+
+def _record(name: str, result: dict) -> None:
+    """Print, and append to $HPCINFER_GPU_RESULTS/agreement.jsonl when set (device runs)."""
+    import json
+    import os
+    print(f"{name}: {json.dumps(result)}")
+    out = os.environ.get("HPCINFER_GPU_RESULTS")
+    if out:
+        with open(Path(out) / "agreement.jsonl", "a") as f:
+            f.write(json.dumps({"name": name, **result}) + "\n")
+
+
+@pytest.mark.parametrize("std_scale", [3, 8, 16])
+def test_bf16_agreement_teacher_forced_and_free(tmp_path_factory, std_scale):
+    """bf16 agreement three ways on the Llama-3.2-1B-width 4-layer model, 64 x 256 prompts:
+    free-running (each backend its own tokens; the issue's metric), teacher-forced (both fed
+    torch_ref's tokens: per-step argmax agreement), for LM-head init std std_scale/sqrt(h)
+    (3: the default model of the test above; 8 and 16 spread the logits more, towards a
+    trained model's top-1/top-2 gaps). What must hold under teacher forcing: every
+    disagreement is at a reference near-tie (gap < TIE_TOL)."""
+    import statistics
+    bench = _load_bench()
+    shape = dict(bench.SHAPES["llama-3.2-1b"], tie_word_embeddings=False)
+    path = str(bench.write_checkpoint(tmp_path_factory.mktemp(f"llama1b4s{std_scale}"), shape,
+                                      layers=4, max_position_embeddings=4096,
+                                      lm_head_std=std_scale * 2048 ** -0.5))
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, 128000, (64, 256), generator=g).tolist()
+    ref = _agreement_run(path, prompts, fast=False)
+    ref_tokens = [ref.argmax[i] for i in range(len(prompts))]
+    free = _agreement_run(path, prompts, fast=True)
+    forced = _agreement_run(path, prompts, fast=True, forced=ref_tokens)
+    ref_forced = _agreement_run(path, prompts, fast=False, forced=ref_tokens)
+    total = sum(len(r) for r in ref_tokens)
+    free_same = sum(a == b for i, r in enumerate(ref_tokens)
+                    for a, b in zip(free.argmax[i], r))
+    # Teacher-forced: same context at every step; the reference's argmax there is ref_tokens
+    # itself (ref_forced re-derives it, a determinism check of the torch_ref path).
+    forced_same = sum(a == b for i, r in enumerate(ref_tokens)
+                      for a, b in zip(forced.argmax[i], r))
+    ref_repeat = sum(a == b for i, r in enumerate(ref_tokens)
+                     for a, b in zip(ref_forced.argmax[i], r))
+    gaps = [x for i in range(len(prompts)) for x in ref.gaps[i]]
+    miss_gaps = sorted(round(ref.gaps[i][j], 4) for i, r in enumerate(ref_tokens)
+                       for j, (a, b) in enumerate(zip(forced.argmax[i], r)) if a != b)
+    result = {"lm_head_std": f"{std_scale}/sqrt(2048)", "tokens": total,
+              "free_running": round(free_same / total, 4),
+              "teacher_forced": round(forced_same / total, 4),
+              "ref_repeat": round(ref_repeat / total, 4),
+              "median_top2_gap_nats": round(statistics.median(gaps), 4),
+              "p10_top2_gap_nats": round(sorted(gaps)[len(gaps) // 10], 4),
+              "forced_miss_ref_gaps": miss_gaps[:40],
+              "distinct_ref_tokens": len({t for r in ref_tokens for t in r})}
+    _record(f"bf16 agreement std {std_scale}", result)
+    assert ref_repeat == total, "torch_ref is not deterministic under teacher forcing"
+    assert all(gap < TIE_TOL for gap in miss_gaps), miss_gaps
+
+
 def test_kv_pool_sized_by_profile(real_shaped_checkpoint):
     from hpcinfer import LLM
     # enforce_eager: 2048 sequences would mean 260 decode graphs; this test is about sizing.
