@@ -261,7 +261,13 @@ def test_bf16_agreement_teacher_forced_and_free(tmp_path_factory, std_scale):
     torch_ref's tokens: per-step argmax agreement), for LM-head init std std_scale/sqrt(h)
     (3: the default model of the test above; 8 and 16 spread the logits more, towards a
     trained model's top-1/top-2 gaps). What must hold under teacher forcing: every
-    disagreement is at a reference near-tie (gap < TIE_TOL)."""
+    disagreement is at a reference near-tie (gap < TIE_TOL at std 3).
+
+    Measured (H100, 2026-11-24): the LM-head scale multiplies every logit and every logit
+    error alike, so the argmax decisions and both agreements do not move (free 69.9-70.5%,
+    teacher-forced 97.9-98.0% at std 3, 8 and 16; the gaps at the misses scale with the
+    std): spreading the logits this way is no model of a trained checkpoint's margins, and
+    the tie tolerance scales with it."""
     import statistics
     bench = _load_bench()
     shape = dict(bench.SHAPES["llama-3.2-1b"], tie_word_embeddings=False)
@@ -297,7 +303,8 @@ def test_bf16_agreement_teacher_forced_and_free(tmp_path_factory, std_scale):
               "distinct_ref_tokens": len({t for r in ref_tokens for t in r})}
     _record(f"bf16 agreement std {std_scale}", result)
     assert ref_repeat == total, "torch_ref is not deterministic under teacher forcing"
-    assert all(gap < TIE_TOL for gap in miss_gaps), miss_gaps
+    tie_tol = TIE_TOL * std_scale / 3   # logits (and their rounding) scale with the std
+    assert all(gap < tie_tol for gap in miss_gaps), (tie_tol, miss_gaps)
 
 
 def test_kv_pool_sized_by_profile(real_shaped_checkpoint):
