@@ -56,8 +56,10 @@ Rules worth knowing:
 - **Times** take every Slurm form (`MM`, `MM:SS`, `HH:MM:SS`, `D-HH`, `D-HH:MM`, `D-HH:MM:SS`, or
   minutes as a number) and are written out as `HH:MM:SS` / `D-HH:MM:SS`. `4h` is rejected.
 - **GPUs:** `resources.gpus_per_node` must be at least 1 and `parallel.tensor x parallel.pipeline`
-  must equal `gpus_per_node x parallel.nodes`. For a CPU-only run write `resources.device: cpu`
-  (no GPU is requested; ranks per node = tensor x pipeline / nodes).
+  must divide `gpus_per_node x parallel.nodes`; the quotient is the number of data-parallel
+  replicas (each takes its own share of the shards). For a CPU-only run write
+  `resources.device: cpu` (no GPU is requested; ranks per node = tensor x pipeline x
+  `parallel.replicas` / nodes).
 - The resolved config (all defaults filled in, paths absolute, the profile's `slurm:` block
   appended) is written to the job directory as `job.yaml`; that file is what the worker reads.
 """

@@ -3,7 +3,7 @@
 ``submit`` runs ``hpcinfer submit`` the way a user does (a fresh environment without the
 test runner's own SLURM_* variables); ``wait_finished`` polls ``hpcinfer status``'s data
 until every task reached a final state. Used by tests/worker/test_distributed_worker.py
-(tests/worker/test_slurm.py has the same four helpers as private copies).
+and tests/worker/test_slurm.py.
 """
 from __future__ import annotations
 

@@ -96,13 +96,15 @@ def test_zero_or_negative_gpus_point_at_device_cpu(tmp_path, gpus):
     assert "device: cpu" in err.fix
 
 
-def test_tensor_times_pipeline_must_match_gpus_times_nodes(tmp_path):
-    text = BASE + "parallel:\n  tensor: 2\nresources:\n  gpus_per_node: 4\n"
-    err = error_of(write_job(tmp_path, text))
+def test_tensor_times_pipeline_must_divide_gpus_times_nodes(tmp_path):
+    assert load_job(write_job(tmp_path, BASE + "parallel:\n  tensor: 2\nresources:\n"
+                              "  gpus_per_node: 4\n")).ranks_per_node == 4   # 2 replicas
+    text = BASE + "parallel:\n  tensor: 3\nresources:\n  gpus_per_node: 4\n"
+    err = error_of(write_job(tmp_path, text, name="j2.yaml"))
     assert (err.line, err.key_path) == (4, "parallel")
-    assert "tensor (2) x pipeline (1) = 2 ranks but gpus_per_node (4) x nodes (1) = 4" \
-        in err.problem
-    assert "gpus_per_node: 2" in err.fix
+    assert "tensor (3) x pipeline (1) = 3 ranks per replica, which does not divide " \
+        "gpus_per_node (4) x nodes (1) = 4 GPUs" in err.problem
+    assert "[1, 2, 4]" in err.fix and "gpus_per_node: 3" in err.fix
 
 
 def test_tensor_group_must_fit_in_a_node(tmp_path):
