@@ -276,7 +276,8 @@ class StepTimeline:
         import torch
         self._torch = torch
         self.max_num_seqs = max_num_seqs
-        self.steps: list[tuple[int, int, int, int]] = []  # (seqs, decode rows, prefill tok, sampled)
+        # per step: (scheduled seqs, decode rows, prefill tokens, sampled tokens)
+        self.steps: list[tuple[int, int, int, int]] = []
         self.events = []
         self._last = None
         scheduler, runner = engine.scheduler, engine.runner
