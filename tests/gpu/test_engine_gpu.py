@@ -22,31 +22,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from hpcinfer.testing.greedy import MAX_NEW, hf_greedy, random_prompts
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="GPU-only: run tests/gpu/run_gpu_checks.sh on a GPU")
 
 REPO = Path(__file__).resolve().parents[2]
-PROMPT_LENGTHS = (1, 3, 9, 17, 40, 77, 130, 200)
-MAX_NEW = 32
-
-
-def _prompts(lengths=PROMPT_LENGTHS, seed=0, high=380):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(6, high, (n,), generator=g).tolist() for n in lengths]
-
-
-def _hf_greedy(path: str, prompts, max_new=MAX_NEW):
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    model.generation_config.eos_token_id = None
-    out = []
-    with torch.no_grad():
-        for p in prompts:
-            ids = model.generate(torch.tensor([p]), max_new_tokens=max_new, do_sample=False,
-                                 pad_token_id=0,
-                                 attention_mask=torch.ones(1, len(p), dtype=torch.long))
-            out.append(ids[0, len(p):].tolist())
-    return out
 
 
 def _generate(path, prompts, params, **kwargs):
@@ -62,13 +43,13 @@ def test_tiny_fp32_greedy_matches_transformers_with_graphs(family):
     from hpcinfer import SamplingParams
     from hpcinfer.testing.tiny import tiny_checkpoint
     path = str(tiny_checkpoint(family))
-    prompts = _prompts()
+    prompts = random_prompts()
     got, engine = _generate(path, prompts,
                             SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True),
                             dtype="float32", max_model_len=256, max_num_seqs=16)
     runner = engine.runner
     assert runner.graphs is not None and runner.graphs.num_replays >= MAX_NEW - 1
-    want = _hf_greedy(path, prompts)
+    want = hf_greedy(path, prompts)
     for i, (g, w) in enumerate(zip(got, want)):
         assert g == w, f"{family} prompt {i} (len {len(prompts[i])}): engine {g} != HF {w}"
 
@@ -79,7 +60,7 @@ def test_graphs_match_eager_while_batch_shrinks():
     from hpcinfer import SamplingParams
     from hpcinfer.testing.tiny import tiny_checkpoint
     path = str(tiny_checkpoint("llama3"))
-    prompts = _prompts(seed=3)
+    prompts = random_prompts(seed=3)
     params = [SamplingParams(temperature=0, max_tokens=4 + 5 * i, ignore_eos=True)
               for i in range(len(prompts))]
     graphs, engine = _generate(path, prompts, params, dtype="float32", max_model_len=256)
@@ -102,7 +83,7 @@ def test_mixed_steps_split_decodes(split_attention):
     path = str(tiny_checkpoint("llama3"))
     g = torch.Generator().manual_seed(7)
     lengths = torch.randint(2, 60, (48,), generator=g).tolist()
-    prompts = _prompts(lengths, seed=8)
+    prompts = random_prompts(lengths, seed=8)
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     llm = LLM(path, device="cuda", dtype="float32", max_model_len=256,
               max_num_batched_tokens=96, max_num_seqs=64)
@@ -116,7 +97,7 @@ def test_mixed_steps_split_decodes(split_attention):
     else:
         assert engine.runner.graphs.num_splits > 0, (
             f"no mixed step had {MIN_SPLIT_DECODES} decodes")
-    want = _hf_greedy(path, prompts, max_new=24)
+    want = hf_greedy(path, prompts, max_new=24)
     for i, (a, b) in enumerate(zip(got, want)):
         assert a == b, f"prompt {i} (len {len(prompts[i])}): engine {a} != HF {b}"
 

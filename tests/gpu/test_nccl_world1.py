@@ -19,11 +19,10 @@ import sys
 import pytest
 import torch
 
+from hpcinfer.testing.greedy import MAX_NEW, hf_greedy, random_prompts
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="GPU-only: run tests/gpu/run_gpu_checks.sh on a GPU")
-
-PROMPT_LENGTHS = (1, 3, 9, 17, 40, 77, 130, 200)
-MAX_NEW = 32
 
 SCRIPT = """
 import json, sys
@@ -44,25 +43,6 @@ print("RESULT " + json.dumps({
     "sampler": type(engine.sampler).__name__, "probe": probe.tolist(),
     "graph_replays": graphs.num_replays if graphs is not None else None}))
 """
-
-
-def _prompts(lengths=PROMPT_LENGTHS, seed=0, high=380):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(6, high, (n,), generator=g).tolist() for n in lengths]
-
-
-def _hf_greedy(path: str, prompts, max_new=MAX_NEW):
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    model.generation_config.eos_token_id = None
-    out = []
-    with torch.no_grad():
-        for p in prompts:
-            ids = model.generate(torch.tensor([p]), max_new_tokens=max_new, do_sample=False,
-                                 pad_token_id=0,
-                                 attention_mask=torch.ones(1, len(p), dtype=torch.long))
-            out.append(ids[0, len(p):].tolist())
-    return out
 
 
 def _run_world_of_one(path: str, prompts, max_tokens, **kwargs) -> dict:
@@ -88,10 +68,10 @@ def _run_world_of_one(path: str, prompts, max_tokens, **kwargs) -> dict:
 def test_nccl_world1_fp32_greedy_matches_transformers_with_graphs(family):
     from hpcinfer.testing.tiny import tiny_checkpoint
     path = str(tiny_checkpoint(family))
-    prompts = _prompts()
+    prompts = random_prompts()
     result = _run_world_of_one(path, prompts, [MAX_NEW] * len(prompts), max_num_seqs=16)
     assert result["graph_replays"] is not None and result["graph_replays"] >= MAX_NEW - 1
-    want = _hf_greedy(path, prompts)
+    want = hf_greedy(path, prompts)
     for i, (g, w) in enumerate(zip(result["tokens"], want)):
         assert g == w, f"{family} prompt {i} (len {len(prompts[i])}): engine {g} != HF {w}"
 
@@ -99,7 +79,7 @@ def test_nccl_world1_fp32_greedy_matches_transformers_with_graphs(family):
 def test_nccl_world1_graphs_match_eager_while_batch_shrinks():
     from hpcinfer.testing.tiny import tiny_checkpoint
     path = str(tiny_checkpoint("llama3"))
-    prompts = _prompts(seed=3)
+    prompts = random_prompts(seed=3)
     max_tokens = [4 + 5 * i for i in range(len(prompts))]
     graphs = _run_world_of_one(path, prompts, max_tokens)
     eager = _run_world_of_one(path, prompts, max_tokens, enforce_eager=True)
