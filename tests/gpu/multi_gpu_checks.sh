@@ -32,13 +32,9 @@ export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB
 # Checkpoints (tiny ones and a 2.5 GB bf16 one) live outside OUT_DIR and are reused by later runs.
 export CKPT_ROOT=${CKPT_ROOT:-/tmp/hpcinfer-multi-gpu}
 
-SCRATCH=$(mktemp -d)
-trap 'rm -rf "$SCRATCH"' EXIT
-mkdir "$SCRATCH/hpcinfer"
-ln -s "$REPO"/hpcinfer/* "$SCRATCH/hpcinfer/"
-ln -s "$REPO/kernels" "$SCRATCH/hpcinfer/kernels"
-export PYTHONPATH="$SCRATCH:$REPO/bench${PYTHONPATH:+:$PYTHONPATH}"
-cd "$SCRATCH" || exit 1
+# shellcheck source=tests/gpu/shim.sh
+source "$REPO/tests/gpu/shim.sh"
+export PYTHONPATH="$PYTHONPATH:$REPO/bench"
 
 nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv
 num_gpus=$("$PY" -c 'import torch; print(torch.cuda.device_count())') || exit 1

@@ -22,13 +22,8 @@ export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 HPCINFER_GPU_TESTS=1
 
 # Run from a scratch dir so the repo's own hpcinfer/ (without kernels/) is not first on
 # sys.path; the shim there links the package and kernels/ into one importable tree.
-SCRATCH=$(mktemp -d)
-trap 'rm -rf "$SCRATCH"' EXIT
-mkdir "$SCRATCH/hpcinfer"
-ln -s "$REPO"/hpcinfer/* "$SCRATCH/hpcinfer/"
-ln -s "$REPO/kernels" "$SCRATCH/hpcinfer/kernels"
-export PYTHONPATH="$SCRATCH${PYTHONPATH:+:$PYTHONPATH}"
-cd "$SCRATCH" || exit 1
+# shellcheck source=tests/gpu/shim.sh
+source "$REPO/tests/gpu/shim.sh"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
 "$PY" -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__,
