@@ -22,7 +22,7 @@ import triton.language as tl
 from .launch_checks import (FLOAT_DTYPES, INDEX_DTYPES, KernelArgumentError, check_dim,
                             check_dtype, check_head_dim, check_last_dim_contiguous, check_out,
                             check_same_device)
-from .paged_tiles import attend_key_tiles
+from .paged_tiles import attend_key_tiles, pv_precision
 
 LOG2E = 1.4426950408889634
 DEFAULT_PARTITION_SIZE = 512
@@ -48,7 +48,7 @@ def _decode_attention_kernel(
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     PARTITION_SIZE: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_SPLIT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PV_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -79,7 +79,7 @@ def _decode_attention_kernel(
     acc, l_i, m_i = attend_key_tiles(
         acc, l_i, m_i, q, K_CACHE, V_CACHE, table, kv_head, offs_g, lo, hi, scale_log2,
         sliding_window, stride_cb, stride_cs, stride_ch, offs_d, mask_d, BLOCK_SIZE, BLOCK_N,
-        True, False, False, DOT_PRECISION)
+        True, False, False, DOT_PRECISION, PV_PRECISION)
 
     row_mask = mask_g[:, None] & mask_d[None, :]
     if IS_SPLIT:
@@ -173,6 +173,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=block_n,
         PARTITION_SIZE=partition_size, HAS_WINDOW=sliding_window is not None,
         IS_SPLIT=is_split, DOT_PRECISION=_dot_precision(q.dtype),
+        PV_PRECISION=pv_precision("decode", q.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if is_split:

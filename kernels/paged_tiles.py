@@ -3,11 +3,34 @@
 Both walk one sequence's keys in BLOCK_N tiles through its block table (token -> physical
 block, offset: gathered per token, so BLOCK_N need not match the cache's block size) with
 an online softmax in the log2 domain. Triton inlines the helper into each kernel.
+
+P@V rounding. With 16-bit inputs the softmax probabilities P are rounded to the value
+dtype for the P@V product by default (as FlashAttention does); the torch reference keeps P
+in fp32. ``PV_FP32`` (kernel name -> input precision, e.g. {"decode": "tf32x3"}) keeps P
+and V in fp32 for that kernel instead; env HPCINFER_PV_FP32="decode,prefill" and
+HPCINFER_PV_PRECISION (tf32x3 | ieee, default tf32x3) set it at import, tests/gpu/
+agreement_probe.py flips it in-process to compare. Off by default: on H100 it makes bf16
+Triton as accurate as bf16 torch_ref against an fp32 run (98.3% teacher-forced, vs 97.85%
+with P in bf16) but costs ~20% in decode and 5.6x in prefill with tf32x3 (docs/
+performance.md, bf16 agreement).
 """
 from __future__ import annotations
 
+import os
+
+import torch
 import triton
 import triton.language as tl
+
+PV_FP32: dict[str, str] = {
+    name: os.environ.get("HPCINFER_PV_PRECISION", "tf32x3")
+    for name in os.environ.get("HPCINFER_PV_FP32", "").split(",") if name}
+
+
+def pv_precision(kernel: str, dtype: torch.dtype) -> str | None:
+    """PV_PRECISION for a launch: None = P rounded to the value dtype (fp32 models: P is
+    fp32 already and DOT_PRECISION applies)."""
+    return None if dtype == torch.float32 else PV_FP32.get(kernel)
 
 
 @triton.jit
@@ -15,7 +38,7 @@ def attend_key_tiles(acc, l_i, m_i, q, K_CACHE, V_CACHE, table, kv_head, q_pos, 
                       scale_log2, sliding_window, stride_cb, stride_cs, stride_ch, offs_d, mask_d,
                       BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, IS_MASKED: tl.constexpr,
                       IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                      DOT_PRECISION: tl.constexpr):
+                      DOT_PRECISION: tl.constexpr, PV_PRECISION: tl.constexpr = None):
     # Online softmax over keys [lo, hi) in BLOCK_N tiles. q: [rows, BLOCK_D] (query tokens
     # of one head for prefill, the query heads of one KV head for decode); q_pos: [rows]
     # absolute positions (read only when IS_CAUSAL or HAS_WINDOW). IS_MASKED=False is the
@@ -42,6 +65,10 @@ def attend_key_tiles(acc, l_i, m_i, q, K_CACHE, V_CACHE, table, kv_head, q_pos, 
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V_CACHE + kv_off, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        if PV_PRECISION is None:
+            pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        else:   # P kept in fp32 (see the module docstring)
+            pv = tl.dot(p, v.to(tl.float32), input_precision=PV_PRECISION)
+        acc = acc * alpha[:, None] + pv
         m_i = m_new
     return acc, l_i, m_i

@@ -18,7 +18,7 @@ import triton.language as tl
 from .decode_attention import LOG2E, _dot_precision, check_paged_kv
 from .launch_checks import (INDEX_DTYPES, KernelArgumentError, check_dim, check_dtype,
                             check_last_dim_contiguous, check_out, check_same_device)
-from .paged_tiles import attend_key_tiles
+from .paged_tiles import attend_key_tiles, pv_precision
 
 
 @triton.jit
@@ -29,6 +29,7 @@ def _prefill_attention_kernel(
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PV_PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0)
     head = tl.program_id(1)
@@ -74,11 +75,11 @@ def _prefill_attention_kernel(
     acc, l_i, m_i = attend_key_tiles(
         acc, l_i, m_i, q, K_CACHE, V_CACHE, table, kv_head, q_pos, lo, full_hi, scale_log2,
         sliding_window, stride_cb, stride_cs, stride_ch, offs_d, mask_d, BLOCK_SIZE, BLOCK_N,
-        False, IS_CAUSAL, HAS_WINDOW, DOT_PRECISION)
+        False, IS_CAUSAL, HAS_WINDOW, DOT_PRECISION, PV_PRECISION)
     acc, l_i, m_i = attend_key_tiles(
         acc, l_i, m_i, q, K_CACHE, V_CACHE, table, kv_head, q_pos, full_hi, hi, scale_log2,
         sliding_window, stride_cb, stride_cs, stride_ch, offs_d, mask_d, BLOCK_SIZE, BLOCK_N,
-        True, IS_CAUSAL, HAS_WINDOW, DOT_PRECISION)
+        True, IS_CAUSAL, HAS_WINDOW, DOT_PRECISION, PV_PRECISION)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(OUT + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
@@ -130,7 +131,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         HEAD_DIM=head_dim, GROUP=num_heads // k_cache.shape[2], BLOCK_SIZE=k_cache.shape[1],
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         IS_CAUSAL=causal, HAS_WINDOW=sliding_window is not None,
-        DOT_PRECISION=_dot_precision(q.dtype),
+        DOT_PRECISION=_dot_precision(q.dtype), PV_PRECISION=pv_precision("prefill", q.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
