@@ -171,3 +171,28 @@ def test_big_grid_decode_matches_reference(monkeypatch):
     got = paged_decode_attention(b.q, b.k_cache, b.v_cache, b.block_tables, b.seq_lens, 0.1,
                                  max_seqlen_k=2048)
     torch.testing.assert_close(got, expected, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3"])
+def test_fp32_pv_switch_is_closer_to_the_reference(monkeypatch, precision):
+    # kernels/paged_tiles.PV_FP32 keeps P in fp32 for P@V (off by default: it costs speed on
+    # the GPU). On fp16 inputs it must still match the reference, and more closely than the
+    # default path, which rounds P to fp16 first.
+    from hpcinfer.kernels import paged_tiles
+    b = _batch(DECODE_LENS, [1] * len(DECODE_LENS), 8, 2, 64, torch.float16, seed=5)
+    expected = reference.paged_decode_attention(b.q.float(), b.k_cache.float(), b.v_cache.float(),
+                                                b.block_tables, b.seq_lens, 0.125)
+    default = paged_decode_attention(b.q, b.k_cache, b.v_cache, b.block_tables, b.seq_lens, 0.125)
+    monkeypatch.setattr(paged_tiles, "PV_FP32", {"decode": precision, "prefill": precision})
+    fp32_pv = paged_decode_attention(b.q, b.k_cache, b.v_cache, b.block_tables, b.seq_lens, 0.125)
+    torch.testing.assert_close(fp32_pv, expected.half(), **TOL[torch.float16])
+    err_default = (default.float() - expected).abs().mean().item()
+    err_fp32_pv = (fp32_pv.float() - expected).abs().mean().item()
+    assert err_fp32_pv < err_default, (err_fp32_pv, err_default)
+
+    sb = _batch(*PREFILL_CASES[sorted(PREFILL_CASES)[0]], 8, 2, 64, torch.float16, seed=6)
+    got = paged_attention(sb.q, sb.k_cache, sb.v_cache, sb.cu_seqlens_q, sb.seq_lens,
+                          sb.block_tables, 0.2, max_seqlen_q=sb.max_seqlen_q)
+    want = reference.paged_attention(sb.q, sb.k_cache, sb.v_cache, sb.cu_seqlens_q, sb.seq_lens,
+                                     sb.block_tables, 0.2)
+    torch.testing.assert_close(got, want, **TOL[torch.float16])
