@@ -68,12 +68,17 @@ class JsonlFormat:
         clone.column_types = {**self.column_types, **column_types}
         return clone
 
-    def record(self, row, out) -> dict:
+    def _row_fields(self, row) -> dict[str, Any]:
+        """What every record starts with: the row's index, its id and the passthrough columns."""
         rec: dict[str, Any] = {"row_index": row.index}
         if self.id_name:
             rec[self.id_name] = row.id
         for name in self.passthrough:
             rec[name] = row.passthrough.get(name)
+        return rec
+
+    def record(self, row, out) -> dict:
+        rec = self._row_fields(row)
         rec["text"] = out.text
         rec["num_prompt_tokens"] = out.num_prompt_tokens
         rec["num_output_tokens"] = out.num_output_tokens
@@ -186,11 +191,7 @@ class PoolingJsonlFormat(JsonlFormat):
         super().__init__(**{**kwargs, "logprobs": False})
 
     def record(self, row, out) -> dict:
-        rec: dict[str, Any] = {"row_index": row.index}
-        if self.id_name:
-            rec[self.id_name] = row.id
-        for name in self.passthrough:
-            rec[name] = row.passthrough.get(name)
+        rec = self._row_fields(row)
         rec[self.field] = out.value
         rec["num_prompt_tokens"] = out.num_prompt_tokens
         return rec
