@@ -22,7 +22,7 @@ from hpcinfer.engine.outputs import CompletionOutput, RequestOutput
 from hpcinfer.engine.params import SamplingParams
 from hpcinfer.engine.sampler import Sampler, SamplerOutput
 from hpcinfer.engine.scheduler import Scheduler
-from hpcinfer.engine.sequence import PLACEHOLDER_TOKEN, Sequence, SequenceStatus
+from hpcinfer.engine.sequence import Sequence, SequenceStatus
 
 log = logging.getLogger(__name__)
 
@@ -190,9 +190,7 @@ class LLMEngine:
             live = [s for s in request.seqs if not s.is_finished]
             for seq in live:
                 seq.finish_reason = "abort"
-                if seq.has_placeholder:  # its in-flight token will be dropped
-                    seq.token_ids.pop()
-                    seq.has_placeholder = False
+                seq.drop_placeholder()  # its in-flight token will be dropped
             self.scheduler.finish(live)
 
     def _drop_request(self, request_id: str) -> _Request | None:
@@ -268,8 +266,7 @@ class LLMEngine:
         if launched is not None:
             for seq in launched.seqs:
                 if not seq.is_finished and not self._ends_by_length_next(seq):
-                    seq.token_ids.append(PLACEHOLDER_TOKEN)
-                    seq.has_placeholder = True
+                    seq.add_placeholder()
         self._inflight = launched
         t5 = time.perf_counter()
         self._record(len(scheduled.seqs), batch.meta.is_decode, (t0, t1, t2, t3, t4, t5))
@@ -289,9 +286,7 @@ class LLMEngine:
         for seq, token in zip(flight.seqs, flight.token_list()):
             if seq.is_finished:  # aborted, or stopped by its previous token: row wasted
                 continue
-            if seq.has_placeholder:
-                seq.token_ids.pop()
-                seq.has_placeholder = False
+            seq.drop_placeholder()
             seqs.append(seq)
             tokens.append(token)
         none = [None] * len(seqs)

@@ -51,6 +51,17 @@ class Sequence:
     def __len__(self) -> int:
         return len(self.token_ids)
 
+    def add_placeholder(self) -> None:
+        """Stand in for a token sampled on the device but not read yet (engine/inflight.py)."""
+        self.token_ids.append(PLACEHOLDER_TOKEN)
+        self.has_placeholder = True
+
+    def drop_placeholder(self) -> None:
+        """Remove the stand-in (before its real token is appended, or when it is dropped)."""
+        if self.has_placeholder:
+            self.token_ids.pop()
+            self.has_placeholder = False
+
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
