@@ -37,8 +37,10 @@ start=$(date +%s)
 # GPU_TESTS: a subset, e.g. "tests/gpu/test_engine_gpu.py" (default: all of tests/gpu)
 test_paths=()
 for t in ${GPU_TESTS:-tests/gpu}; do test_paths+=("$REPO/$t"); done
+# GPU_TEST_ARGS: more pytest arguments, last so they win, e.g. "-k trained -n 0 -s"
+read -r -a extra <<< "${GPU_TEST_ARGS:-}"
 "$PY" -m pytest "${test_paths[@]}" -q -p no:cacheprovider --rootdir "$REPO" \
-  -c "$REPO/pyproject.toml" "${parallel[@]}" --durations=10 2>&1 | tee "$RESULTS_DIR/gpu-tests.log"
+  -c "$REPO/pyproject.toml" "${parallel[@]}" --durations=10 "${extra[@]}" 2>&1 | tee "$RESULTS_DIR/gpu-tests.log"
 tests_rc=${PIPESTATUS[0]}
 echo "GPU tests: exit $tests_rc in $(( $(date +%s) - start )) s"
 

@@ -1,0 +1,134 @@
+"""A real-shaped checkpoint that has learnt one real skill: in-context copying.
+
+Why it exists (issue 8, bf16 agreement): a random-init model's logits are near-ties at almost
+every step (top-2 gaps of a few hundredths of a nat), so two correct bf16 paths that round in
+a different order pick different tokens at ~2% of steps and, free-running, diverge for good
+(measured: torch_ref-bf16 itself misses an fp32 truth at 1.7% of steps). A trained model has
+margins. Copying is what induction heads do in every trained LM, and it is the skill that
+needs the attention path to be right: the token at step k is read from the KV entry written
+``prompt_len`` positions back, through the block table, in whichever KV block it landed in.
+A kernel that reads the wrong block, slot or position gives the wrong token with confidence.
+
+Training data are the workload-A prompts' own kind: seeded random ids below 128000 (the
+special range stays untouched), prompt length fixed (the copy offset is one relative
+position, which RoPE makes easy to learn), loss on the copied part only. The model is
+transformers' LlamaForCausalLM (fp32 master weights, bf16 autocast on CUDA); it is saved with
+``save_pretrained`` as sharded safetensors plus the bench's word-level tokenizer, and loaded
+by our loader like any checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+
+def copy_batch(gen, batch: int, prompt_len: int, copy_len: int, high: int, device):
+    """(input_ids, labels): each row is a random prompt followed by its first copy_len ids;
+    labels (transformers' convention: unshifted, the model shifts) are the copied ids at
+    their own positions, -100 elsewhere, so the loss is on predicting the copy only (the
+    prompt's last position predicts prompt[0])."""
+    import torch
+    prompt = torch.randint(0, high, (batch, prompt_len), generator=gen, device=device)
+    ids = torch.cat([prompt, prompt[:, :copy_len]], dim=1)
+    labels = torch.full_like(ids, -100)
+    labels[:, prompt_len:] = prompt[:, :copy_len]
+    return ids, labels
+
+
+def llama_config(shape: dict, *, layers: int | None = None,
+                 max_position_embeddings: int = 4096):
+    """transformers LlamaConfig for a bench shape (bench/throughput.py SHAPES)."""
+    from transformers import LlamaConfig
+    cfg = dict(shape)
+    if layers is not None:
+        cfg["num_hidden_layers"] = layers
+    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    return LlamaConfig(hidden_act="silu", max_position_embeddings=max_position_embeddings,
+                       rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128001,
+                       attention_bias=False, mlp_bias=False, head_dim=head_dim,
+                       rope_scaling={"rope_type": "llama3", "factor": 32.0,
+                                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                     "original_max_position_embeddings": 8192}, **cfg)
+
+
+def train_copy_model(config, *, prompt_len: int = 256, copy_len: int = 48, batch: int = 32,
+                     max_steps: int = 2000, lr: float = 1e-3, warmup: int = 30,
+                     target_acc: float = 0.999, target_loss: float = 0.05,
+                     time_budget_s: float = 600.0,
+                     high: int = 128000, device: str = "cpu", seed: int = 0, log=print):
+    """Train until the held-out copy accuracy reaches target_acc (checked every 25 steps on
+    a fixed batch) and the training loss target_loss (confidence, not just a right argmax:
+    the margins are the point), or max_steps or time_budget_s; returns (model, stats). Cosine decay from lr
+    after a linear warm-up; AdamW, grad-norm clip 1.0."""
+    import torch
+    from transformers import LlamaForCausalLM
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(device=device, dtype=torch.float32)
+    model.config.use_cache = False
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    gen = torch.Generator(device=device).manual_seed(seed + 1)
+    held_gen = torch.Generator(device=device).manual_seed(seed + 2)
+    held = copy_batch(held_gen, batch, prompt_len, copy_len, high, device)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda")
+                else torch.autocast("cpu", enabled=False))
+    stats = {"steps": 0, "held_acc": 0.0, "loss": None}
+    t0 = time.perf_counter()
+    for step in range(1, max_steps + 1):
+        scale = min(1.0, step / warmup) * 0.5 * (1 + math.cos(math.pi * step / max_steps))
+        for group in opt.param_groups:
+            group["lr"] = lr * max(scale, 0.05)
+        ids, labels = copy_batch(gen, batch, prompt_len, copy_len, high, device)
+        with autocast:
+            loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        stats.update(steps=step, loss=round(loss.item(), 4))
+        if step % 25 == 0 or step == max_steps:
+            stats["held_acc"] = held_accuracy(model, *held, autocast=autocast)
+            log(f"copy model step {step}: loss {stats['loss']}, held-out copy accuracy "
+                f"{stats['held_acc']:.4f}, {time.perf_counter() - t0:.0f} s")
+            if (stats["held_acc"] >= target_acc and stats["loss"] <= target_loss) or time.perf_counter() - t0 > time_budget_s:
+                break
+    stats["train_s"] = round(time.perf_counter() - t0, 1)
+    return model.eval(), stats
+
+
+def held_accuracy(model, ids, labels, *, autocast) -> float:
+    import torch
+    with torch.no_grad(), autocast:
+        logits = model(input_ids=ids).logits
+    # logits at position t predict the token at t + 1.
+    pred, want = logits[:, :-1].argmax(-1), labels[:, 1:]
+    mask = want != -100
+    return round((pred[mask] == want[mask]).float().mean().item(), 4)
+
+
+def save_copy_model(model, out_dir: Path, stats: dict, *, dtype: str = "bfloat16",
+                    max_shard_size: str = "1GB") -> Path:
+    """Sharded safetensors (cast to dtype), config, the bench's word-level tokenizer and a
+    ``copy_model.json`` with the training stats."""
+    import torch
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = model.to(getattr(torch, dtype))
+    model.config.use_cache = True
+    model.save_pretrained(str(out_dir), max_shard_size=max_shard_size)
+    write_word_tokenizer(out_dir, model.config.vocab_size)
+    (out_dir / "copy_model.json").write_text(json.dumps(stats, indent=1))
+    return out_dir
+
+
+def write_word_tokenizer(out_dir: Path, vocab_size: int) -> None:
+    """A word-level tokenizer over the whole vocabulary ("w0" ... "w<vocab-1>"): detokenizing
+    costs what a real one does per token, and every id decodes."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=f"w{min(128000, vocab_size - 2)}",
+                                   eos_token=f"w{min(128001, vocab_size - 1)}", pad_token="w0")
+    fast.save_pretrained(str(out_dir))
