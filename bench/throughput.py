@@ -79,6 +79,8 @@ def write_checkpoint(out_dir: Path, shape: dict, *, seed: int = 0, layers: int |
     one (16 GB for the 8B shape), one tensor at a time, so host memory holds one shard."""
     import torch
     from safetensors.torch import save_file
+
+    from hpcinfer.testing.llama_shapes import llama_config_dict, write_word_tokenizer
     out_dir = Path(out_dir)
     cfg = dict(shape)
     if layers is not None:
@@ -148,29 +150,11 @@ def write_checkpoint(out_dir: Path, shape: dict, *, seed: int = 0, layers: int |
     index = {"metadata": {"total_size": total},
              "weight_map": {k: final[v] for k, v in weight_map.items()}}
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
-    config = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
-                  max_position_embeddings=max_position_embeddings, rms_norm_eps=1e-5,
-                  bos_token_id=128000, eos_token_id=128001, attention_bias=False,
-                  mlp_bias=False, head_dim=head_dim, dtype="bfloat16",
-                  rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                                "high_freq_factor": 4.0,
-                                "original_max_position_embeddings": 8192}, **cfg)
+    config = llama_config_dict(cfg, max_position_embeddings=max_position_embeddings)
     (out_dir / "config.json").write_text(json.dumps(config, indent=1))
-    _write_tokenizer(out_dir, cfg["vocab_size"])
+    write_word_tokenizer(out_dir, cfg["vocab_size"])
     marker.write_text(want)
     return out_dir
-
-
-def _write_tokenizer(out_dir: Path, vocab_size: int) -> None:
-    """A word-level tokenizer over the whole vocabulary ("w0" ... "w128255"): detokenizing
-    costs what a real one does per token, and every id decodes."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="w128000",
-                                   eos_token="w128001", pad_token="w0")
-    fast.save_pretrained(str(out_dir))
 
 
 # --- workloads ---------------------------------------------------------------------------

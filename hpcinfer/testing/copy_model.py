@@ -13,7 +13,8 @@ Training data are the workload-A prompts' own kind: seeded random ids below 1280
 special range stays untouched), prompt length fixed (the copy offset is one relative
 position, which RoPE makes easy to learn), loss on the copied part only. The model is
 transformers' LlamaForCausalLM (fp32 master weights, bf16 autocast on CUDA); it is saved with
-``save_pretrained`` as sharded safetensors plus the bench's word-level tokenizer, and loaded
+``save_pretrained`` as sharded safetensors plus the bench's word-level tokenizer
+(hpcinfer/testing/llama_shapes.py), and loaded
 by our loader like any checkpoint.
 """
 from __future__ import annotations
@@ -41,16 +42,15 @@ def llama_config(shape: dict, *, layers: int | None = None,
                  max_position_embeddings: int = 4096):
     """transformers LlamaConfig for a bench shape (bench/throughput.py SHAPES)."""
     from transformers import LlamaConfig
+
+    from hpcinfer.testing.llama_shapes import llama_config_dict
     cfg = dict(shape)
     if layers is not None:
         cfg["num_hidden_layers"] = layers
-    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
-    return LlamaConfig(hidden_act="silu", max_position_embeddings=max_position_embeddings,
-                       rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128001,
-                       attention_bias=False, mlp_bias=False, head_dim=head_dim,
-                       rope_scaling={"rope_type": "llama3", "factor": 32.0,
-                                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                     "original_max_position_embeddings": 8192}, **cfg)
+    fields = llama_config_dict(cfg, max_position_embeddings=max_position_embeddings)
+    for key in ("architectures", "model_type", "dtype"):
+        fields.pop(key)
+    return LlamaConfig(**fields)
 
 
 def train_copy_model(config, *, prompt_len: int = 256, copy_len: int = 48, batch: int = 32,
@@ -117,18 +117,7 @@ def save_copy_model(model, out_dir: Path, stats: dict, *, dtype: str = "bfloat16
     model = model.to(getattr(torch, dtype))
     model.config.use_cache = True
     model.save_pretrained(str(out_dir), max_shard_size=max_shard_size)
+    from hpcinfer.testing.llama_shapes import write_word_tokenizer
     write_word_tokenizer(out_dir, model.config.vocab_size)
     (out_dir / "copy_model.json").write_text(json.dumps(stats, indent=1))
     return out_dir
-
-
-def write_word_tokenizer(out_dir: Path, vocab_size: int) -> None:
-    """A word-level tokenizer over the whole vocabulary ("w0" ... "w<vocab-1>"): detokenizing
-    costs what a real one does per token, and every id decodes."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=f"w{min(128000, vocab_size - 2)}",
-                                   eos_token=f"w{min(128001, vocab_size - 1)}", pad_token="w0")
-    fast.save_pretrained(str(out_dir))

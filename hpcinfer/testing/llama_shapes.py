@@ -1,0 +1,35 @@
+"""Llama checkpoints of real shapes (Llama-3.2-1B, Llama-3.1-8B) for the benchmarks and the
+GPU tests: the config.json fields every such checkpoint shares, and a word-level tokenizer
+over the whole vocabulary. Used by bench/throughput.py (random weights written shard by
+shard) and hpcinfer/testing/copy_model.py (weights trained in the test)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def llama_config_dict(shape: dict, *, max_position_embeddings: int,
+                      dtype: str = "bfloat16") -> dict:
+    """config.json fields for a shape dict (vocab_size, hidden_size, intermediate_size,
+    num_hidden_layers, heads, kv heads, tie_word_embeddings, rope_theta): Llama 3's
+    bos/eos ids, RMSNorm eps and llama3 RoPE scaling."""
+    head_dim = shape["hidden_size"] // shape["num_attention_heads"]
+    return dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
+                max_position_embeddings=max_position_embeddings, rms_norm_eps=1e-5,
+                bos_token_id=128000, eos_token_id=128001, attention_bias=False,
+                mlp_bias=False, head_dim=head_dim, dtype=dtype,
+                rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0,
+                              "original_max_position_embeddings": 8192}, **shape)
+
+
+def write_word_tokenizer(out_dir: Path, vocab_size: int) -> None:
+    """A word-level tokenizer over the whole vocabulary ("w0" ... "w<vocab-1>"): detokenizing
+    costs what a real one does per token, and every id decodes."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    bos, eos = min(128000, vocab_size - 2), min(128001, vocab_size - 1)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=f"w{bos}",
+                                   eos_token=f"w{eos}", pad_token="w0")
+    fast.save_pretrained(str(out_dir))
