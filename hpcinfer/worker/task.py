@@ -195,7 +195,9 @@ def _committed(directory: Path) -> int:
     return counts["num_results"] + counts["num_errors"]
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, stop: StopFlag | None = None) -> int:
+    """The worker's entry; ``stop`` is the flag __main__ installed before importing this
+    module (a new one is installed when called directly)."""
     import sys
     argv = sys.argv[1:] if argv is None else argv
     # Every rank logs to the same job log: each line says which rank and host wrote it.
@@ -205,8 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         log.error("usage: python -m hpcinfer.worker JOBDIR")
         return EXIT_BAD_INPUT
-    stop = StopFlag()
-    stop.install()                  # USR2 + TERM now; the configured signal once job.yaml is read
+    if stop is None:
+        stop = StopFlag()
+        stop.install()              # USR2 + TERM now; the configured signal once job.yaml is read
     try:
         return run(Path(argv[0]).resolve(), stop)
     except Exception:  # noqa: BLE001 - a bug: keep the traceback in the log, exit 1
