@@ -26,16 +26,20 @@ from pathlib import Path
 
 
 def copy_batch(gen, batch: int, prompt_len: int, copy_len: int, high: int, device):
-    """(input_ids, labels): each row is a random prompt followed by its first copy_len ids;
-    labels (transformers' convention: unshifted, the model shifts) are the copied ids at
-    their own positions, -100 elsewhere, so the loss is on predicting the copy only (the
-    prompt's last position predicts prompt[0])."""
+    """(ids [batch, prompt_len + copy_len], targets [batch, copy_len]): each row is a random
+    prompt followed by its first copy_len ids; the targets are those ids, predicted by the
+    logits at positions prompt_len - 1 ... prompt_len + copy_len - 2 (the prompt's last
+    position predicts prompt[0])."""
     import torch
     prompt = torch.randint(0, high, (batch, prompt_len), generator=gen, device=device)
-    ids = torch.cat([prompt, prompt[:, :copy_len]], dim=1)
-    labels = torch.full_like(ids, -100)
-    labels[:, prompt_len:] = prompt[:, :copy_len]
-    return ids, labels
+    return torch.cat([prompt, prompt[:, :copy_len]], dim=1), prompt[:, :copy_len]
+
+
+def copy_logits(model, ids, copy_len: int):
+    """Logits at the copy_len positions that predict the copy ([batch, copy_len, vocab]).
+    Only those go through the LM head (logits_to_keep): at vocab 128256 the head over every
+    position would cost as much as a few layers."""
+    return model(input_ids=ids, logits_to_keep=copy_len + 1).logits[:, :copy_len]
 
 
 def llama_config(shape: dict, *, layers: int | None = None,
@@ -60,8 +64,8 @@ def train_copy_model(config, *, prompt_len: int = 256, copy_len: int = 48, batch
                      high: int = 128000, device: str = "cpu", seed: int = 0, log=print):
     """Train until the held-out copy accuracy reaches target_acc (checked every 25 steps on
     a fixed batch) and the training loss target_loss (confidence, not just a right argmax:
-    the margins are the point), or max_steps or time_budget_s; returns (model, stats). Cosine decay from lr
-    after a linear warm-up; AdamW, grad-norm clip 1.0."""
+    the margins are the point), or max_steps or time_budget_s; returns (model, stats).
+    Cosine decay from lr after a linear warm-up; AdamW, grad-norm clip 1.0."""
     import torch
     from transformers import LlamaForCausalLM
     torch.manual_seed(seed)
@@ -79,9 +83,10 @@ def train_copy_model(config, *, prompt_len: int = 256, copy_len: int = 48, batch
         scale = min(1.0, step / warmup) * 0.5 * (1 + math.cos(math.pi * step / max_steps))
         for group in opt.param_groups:
             group["lr"] = lr * max(scale, 0.05)
-        ids, labels = copy_batch(gen, batch, prompt_len, copy_len, high, device)
+        ids, targets = copy_batch(gen, batch, prompt_len, copy_len, high, device)
         with autocast:
-            loss = model(input_ids=ids, labels=labels).loss
+            logits = copy_logits(model, ids, copy_len)
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -91,20 +96,18 @@ def train_copy_model(config, *, prompt_len: int = 256, copy_len: int = 48, batch
             stats["held_acc"] = held_accuracy(model, *held, autocast=autocast)
             log(f"copy model step {step}: loss {stats['loss']}, held-out copy accuracy "
                 f"{stats['held_acc']:.4f}, {time.perf_counter() - t0:.0f} s")
-            if (stats["held_acc"] >= target_acc and stats["loss"] <= target_loss) or time.perf_counter() - t0 > time_budget_s:
+            trained = stats["held_acc"] >= target_acc and stats["loss"] <= target_loss
+            if trained or time.perf_counter() - t0 > time_budget_s:
                 break
     stats["train_s"] = round(time.perf_counter() - t0, 1)
     return model.eval(), stats
 
 
-def held_accuracy(model, ids, labels, *, autocast) -> float:
+def held_accuracy(model, ids, targets, *, autocast) -> float:
     import torch
     with torch.no_grad(), autocast:
-        logits = model(input_ids=ids).logits
-    # logits at position t predict the token at t + 1.
-    pred, want = logits[:, :-1].argmax(-1), labels[:, 1:]
-    mask = want != -100
-    return round((pred[mask] == want[mask]).float().mean().item(), 4)
+        pred = copy_logits(model, ids, targets.shape[1]).argmax(-1)
+    return round((pred == targets).float().mean().item(), 4)
 
 
 def save_copy_model(model, out_dir: Path, stats: dict, *, dtype: str = "bfloat16",

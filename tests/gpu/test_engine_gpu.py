@@ -317,7 +317,8 @@ def copy_checkpoint(tmp_path_factory):
     layers = int(os.environ.get("HPCINFER_COPY_LAYERS", "4"))
     cfg = llama_config(bench.SHAPES["llama-3.2-1b"], layers=layers)
     model, stats = train_copy_model(
-        cfg, device="cuda", prompt_len=256, copy_len=48, batch=32, max_steps=1500,
+        cfg, device="cuda", prompt_len=256, copy_len=48, batch=32,
+        max_steps=int(os.environ.get("HPCINFER_COPY_STEPS", "1500")),
         lr=float(os.environ.get("HPCINFER_COPY_LR", "5e-4")), warmup=50,
         time_budget_s=float(os.environ.get("HPCINFER_COPY_TRAIN_S", "240")))
     stats.update(layers=layers, params=sum(p.numel() for p in model.parameters()))

@@ -8,6 +8,7 @@ import torch
 
 from hpcinfer.testing.copy_model import (
     copy_batch,
+    copy_logits,
     llama_config,
     save_copy_model,
     train_copy_model,
@@ -20,12 +21,18 @@ SHAPE = {"vocab_size": 2048, "hidden_size": 64, "intermediate_size": 256,
 PROMPT_LEN, COPY_LEN = 40, 12
 
 
-def test_copy_batch_labels_the_copied_part_only():
+def test_copy_batch_and_the_logits_that_predict_the_copy():
     g = torch.Generator().manual_seed(0)
-    ids, labels = copy_batch(g, 3, 10, 4, 100, "cpu")
-    assert ids.shape == labels.shape == (3, 14)
-    assert torch.equal(ids[:, 10:], ids[:, :4])
-    assert (labels[:, :10] == -100).all() and torch.equal(labels[:, 10:], ids[:, :4])
+    ids, targets = copy_batch(g, 3, 10, 4, 100, "cpu")
+    assert ids.shape == (3, 14) and targets.shape == (3, 4)
+    assert torch.equal(ids[:, 10:], ids[:, :4]) and torch.equal(targets, ids[:, :4])
+    # copy_logits = the full forward's logits at positions 9..12 (they predict ids 10..13).
+    from transformers import LlamaForCausalLM
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config(SHAPE, max_position_embeddings=256)).eval()
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        assert torch.allclose(copy_logits(model, ids, 4), full[:, 9:13], atol=1e-5)
 
 
 def test_trained_copy_model_loads_and_copies(tmp_path):
