@@ -39,22 +39,13 @@ import numpy as np
 
 from results_file import append_rows  # bench/results_file.py (this script's directory)
 
+from hpcinfer.testing.llama_shapes import SHAPES
+
 log = logging.getLogger("bench.throughput")
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 GiB = 2 ** 30
 
-SHAPES = {
-    "llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
-                         num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                         tie_word_embeddings=True, rope_theta=500000.0),
-    "llama-3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                         tie_word_embeddings=False, rope_theta=500000.0),
-    "tiny": dict(vocab_size=128256, hidden_size=64, intermediate_size=128,
-                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 tie_word_embeddings=False, rope_theta=500000.0),
-}
 WORKLOADS = {
     "A": dict(shape="llama-3.2-1b", num_prompts=256, max_num_seqs=256,
               max_num_batched_tokens=8192),

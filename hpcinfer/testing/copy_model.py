@@ -124,3 +124,36 @@ def save_copy_model(model, out_dir: Path, stats: dict, *, dtype: str = "bfloat16
     write_word_tokenizer(out_dir, model.config.vocab_size)
     (out_dir / "copy_model.json").write_text(json.dumps(stats, indent=1))
     return out_dir
+
+
+# The recipe of the GPU agreement checks (tests/gpu/test_engine_gpu.py, multi_gpu_checks.sh):
+# 4 layers train in ~1 min on an H100 (525-750 steps); 16 layers need lr 1e-3, 2000 steps
+# and ~455 s (docs/performance.md).
+RECIPE = {"prompt_len": 256, "copy_len": 48, "batch": 32, "max_steps": 1500, "lr": 5e-4,
+          "warmup": 50, "time_budget_s": 240.0}
+
+
+def workload_a_copy_checkpoint(out_dir: Path, *, layers: int = 4, log=print,
+                               **overrides) -> tuple[Path, dict]:
+    """Workload A's model widths (Llama-3.2-1B, tied embeddings) with ``layers`` layers,
+    copy-trained on the GPU by RECIPE (``overrides`` replace its entries) and saved to
+    out_dir; an out_dir that already holds a model of the same recipe is reused. Returns
+    (out_dir, training stats incl. layers and params)."""
+    from hpcinfer.testing.llama_shapes import SHAPES
+    out_dir = Path(out_dir)
+    recipe = {**RECIPE, **overrides, "layers": layers}
+    done = out_dir / "copy_model.json"
+    if done.is_file():
+        stats = json.loads(done.read_text())
+        if stats.get("recipe") == recipe:
+            return out_dir, stats
+    cfg = llama_config(SHAPES["llama-3.2-1b"], layers=layers)
+    train_args = {k: v for k, v in recipe.items() if k != "layers"}
+    model, stats = train_copy_model(cfg, device="cuda", log=log, **train_args)
+    stats.update(layers=layers, params=sum(p.numel() for p in model.parameters()),
+                 recipe=recipe)
+    save_copy_model(model, out_dir, stats)
+    del model
+    import torch
+    torch.cuda.empty_cache()
+    return out_dir, stats

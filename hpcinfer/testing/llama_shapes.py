@@ -6,6 +6,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# Real models' shapes (their config.json widths), and a tiny one for CPU plumbing runs.
+SHAPES = {
+    "llama-3.2-1b": {"vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
+                     "num_hidden_layers": 16, "num_attention_heads": 32,
+                     "num_key_value_heads": 8, "tie_word_embeddings": True,
+                     "rope_theta": 500000.0},
+    "llama-3.1-8b": {"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+                     "num_hidden_layers": 32, "num_attention_heads": 32,
+                     "num_key_value_heads": 8, "tie_word_embeddings": False,
+                     "rope_theta": 500000.0},
+    "tiny": {"vocab_size": 128256, "hidden_size": 64, "intermediate_size": 128,
+             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "tie_word_embeddings": False, "rope_theta": 500000.0},
+}
+
 
 def llama_config_dict(shape: dict, *, max_position_embeddings: int,
                       dtype: str = "bfloat16") -> dict:

@@ -7,9 +7,10 @@
 #   fp32   tiny models of every family: greedy tokens at TP=2 and PP=2 (SPMD: every rank
 #          builds the same LLM, launched by mpirun -n 2 when mpirun and mpi4py are there,
 #          else torchrun --nproc-per-node 2) equal one GPU's exactly; NCCL between the ranks.
-#   bf16   workload A's shape (Llama-3.2-1B widths) and prompts: TP=2 vs TP=1 greedy tokens,
+#   bf16   workload A's widths (Llama-3.2-1B) and prompts: TP=2 vs TP=1 greedy tokens,
 #          agreement over the first 32 steps (position-wise %, and the share of tokens before
-#          each sequence's first divergence; the reference's top-2 gap where they diverge).
+#          each sequence's first divergence; the reference's top-2 gap where they diverge),
+#          on a copy-trained model (>= 99% required) and a random one (BF16_MODELS).
 #   bench  bench/throughput.py --workloads B --tp 2 --pp 2 --dp 2: TP=1 baseline, then TP=2,
 #          PP=2 and 2 data-parallel replicas, in one run (BENCH_ARGS replaces those flags).
 #
@@ -31,6 +32,7 @@ export NCCL_DEBUG=${NCCL_DEBUG:-WARN} TORCH_NCCL_ASYNC_ERROR_HANDLING=1
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 # Checkpoints (tiny ones and a 2.5 GB bf16 one) live outside OUT_DIR and are reused by later runs.
 export CKPT_ROOT=${CKPT_ROOT:-/tmp/hpcinfer-multi-gpu}
+export BF16_MODEL=trained   # set per bf16 run below; exported so mpirun -x passes it on
 
 # shellcheck source=tests/gpu/shim.sh
 source "$REPO/tests/gpu/shim.sh"
@@ -47,7 +49,7 @@ if command -v mpirun >/dev/null && "$PY" -c 'import mpi4py' 2>/dev/null; then
   launch=(mpirun --allow-run-as-root --oversubscribe -n 2 -x PYTHONPATH -x NCCL_NVLS_ENABLE
           -x TORCH_SYMM_MEM_DISABLE_MULTICAST -x NVSHMEM_DISABLE_NVLS -x NCCL_DEBUG
           -x TORCH_NCCL_ASYNC_ERROR_HANDLING -x TRITON_INTERPRET -x HF_HUB_OFFLINE -x CKPT_ROOT
-          "$PY")
+          -x BF16_MODEL "$PY")
 else
   launch=("$PY" -m torch.distributed.run --standalone --nproc-per-node 2)
 fi
@@ -80,15 +82,23 @@ def tiny_tokens(path, **parallel):
             {"preemptions": engine.num_preemptions, "prefix_hits": engine.prefix_cache_hits})
 
 def bf16_setup():
+    """Workload A's prompts and the BF16_MODEL checkpoint: "trained" = workload A's widths,
+    4 layers, copy-trained here (hpcinfer/testing/copy_model.py; the first, one-process step
+    trains it, the TP=2 ranks reuse it), "random" = the same widths with random weights."""
     import throughput
-    shape = dict(throughput.SHAPES["llama-3.2-1b"], tie_word_embeddings=False)
-    ckpt = throughput.write_checkpoint(os.path.join(os.environ["CKPT_ROOT"], "llama1b-untied"),
-                                       shape, lm_head_std=3 * shape["hidden_size"] ** -0.5)
     prompts = [{"prompt_token_ids": p} for p, _ in throughput.make_requests("A")]
-    return str(ckpt), prompts
+    if os.environ["BF16_MODEL"] == "random":
+        shape = dict(throughput.SHAPES["llama-3.2-1b"], tie_word_embeddings=False)
+        ckpt = throughput.write_checkpoint(
+            os.path.join(os.environ["CKPT_ROOT"], "llama1b-untied"), shape,
+            lm_head_std=3 * shape["hidden_size"] ** -0.5)
+        return str(ckpt), prompts, None
+    from hpcinfer.testing.copy_model import workload_a_copy_checkpoint
+    ckpt, stats = workload_a_copy_checkpoint(os.path.join(os.environ["CKPT_ROOT"], "copy1b4"))
+    return str(ckpt), prompts, stats
 
 def bf16_run(tp, logprobs=None):
-    ckpt, prompts = bf16_setup()
+    ckpt, prompts, _ = bf16_setup()
     llm = LLM(ckpt, device="cuda", dtype="bfloat16", max_model_len=512, max_num_seqs=256,
               tensor_parallel_size=tp)
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True,
@@ -133,7 +143,9 @@ elif mode == "bf16-tp2":   # every rank (SPMD); rank 0 compares with the referen
             before += d
             if d < len(g):
                 gaps.append(round(r["top2_gaps"][d], 4))
-        result = {"position_wise_agreement_pct": 100 * same / total,
+        _, _, stats = bf16_setup()
+        result = {"model": os.environ["BF16_MODEL"], "training": stats,
+                  "position_wise_agreement_pct": 100 * same / total,
                   "tokens_before_first_divergence_pct": 100 * before / total,
                   "sequences_diverging": len(gaps), "num_sequences": len(got),
                   "reference_top2_gap_at_divergence": sorted(gaps)}
@@ -160,15 +172,31 @@ PYEOF
   fi
 fi
 
-if [[ " $STEPS " == *" bf16 "* ]]; then
+# BF16_MODELS: "trained" (the issue's >= 99% is checked on it: a random-init model's
+# near-ties flip under any change of reduction order, ~70% free-running between two correct
+# single-GPU backends; docs/performance.md) and "random" (reported only).
+for model in ${BF16_MODELS:-trained random}; do
+  [[ " $STEPS " == *" bf16 "* ]] || break
+  export BF16_MODEL=$model
   start=$(date +%s)
-  "$PY" "$SCRATCH/check.py" bf16-ref "$OUT_DIR/bf16-ref.json" 2>&1 | tee "$OUT_DIR/bf16-ref.log"
-  "${launch[@]}" "$SCRATCH/check.py" bf16-tp2 "$OUT_DIR/bf16-agreement.json" \
-    "$OUT_DIR/bf16-ref.json" 2>&1 | tee "$OUT_DIR/bf16-tp2.log"
+  "$PY" "$SCRATCH/check.py" bf16-ref "$OUT_DIR/bf16-ref-$model.json" 2>&1 \
+    | tee "$OUT_DIR/bf16-ref-$model.log"
+  "${launch[@]}" "$SCRATCH/check.py" bf16-tp2 "$OUT_DIR/bf16-agreement-$model.json" \
+    "$OUT_DIR/bf16-ref-$model.json" 2>&1 | tee "$OUT_DIR/bf16-tp2-$model.log"
   step_rc=${PIPESTATUS[0]}
-  echo "bf16: exit $step_rc in $(( $(date +%s) - start )) s (agreement printed above)"
-  (( step_rc == 0 )) || rc=1
-fi
+  echo "bf16 $model: exit $step_rc in $(( $(date +%s) - start )) s (agreement printed above)"
+  if (( step_rc != 0 )); then rc=1
+  elif [[ $model == trained ]] && ! "$PY" - "$OUT_DIR/bf16-agreement-$model.json" <<'PYEOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+ok = r["training"]["held_acc"] >= 0.99 and r["position_wise_agreement_pct"] >= 99
+print(f"bf16 TP=2 vs TP=1 on the trained model: {r['position_wise_agreement_pct']:.2f}% "
+      f"(>= 99% needed; copy accuracy {r['training']['held_acc']}): {'ok' if ok else 'FAILED'}")
+sys.exit(0 if ok else 1)
+PYEOF
+  then rc=1
+  fi
+done
 
 if [[ " $STEPS " == *" bench "* ]]; then
   start=$(date +%s)

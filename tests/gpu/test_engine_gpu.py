@@ -308,23 +308,14 @@ def copy_checkpoint(tmp_path_factory):
     copy_model.py says why); ~1-3 min on an H100. Returns (path, training stats)."""
     import os
 
-    from hpcinfer.testing.copy_model import (
-        llama_config,
-        save_copy_model,
-        train_copy_model,
-    )
-    bench = _load_bench()
+    from hpcinfer.testing.copy_model import workload_a_copy_checkpoint
     layers = int(os.environ.get("HPCINFER_COPY_LAYERS", "4"))
-    cfg = llama_config(bench.SHAPES["llama-3.2-1b"], layers=layers)
-    model, stats = train_copy_model(
-        cfg, device="cuda", prompt_len=256, copy_len=48, batch=32,
-        max_steps=int(os.environ.get("HPCINFER_COPY_STEPS", "1500")),
-        lr=float(os.environ.get("HPCINFER_COPY_LR", "5e-4")), warmup=50,
-        time_budget_s=float(os.environ.get("HPCINFER_COPY_TRAIN_S", "240")))
-    stats.update(layers=layers, params=sum(p.numel() for p in model.parameters()))
-    path = save_copy_model(model, tmp_path_factory.mktemp(f"copy1b{layers}"), stats)
-    del model
-    torch.cuda.empty_cache()
+    overrides = {key: cast(os.environ[f"HPCINFER_COPY_{name}"])
+                 for key, name, cast in (("max_steps", "STEPS", int), ("lr", "LR", float),
+                                         ("time_budget_s", "TRAIN_S", float))
+                 if f"HPCINFER_COPY_{name}" in os.environ}
+    path, stats = workload_a_copy_checkpoint(tmp_path_factory.mktemp(f"copy1b{layers}"),
+                                             layers=layers, **overrides)
     _record("copy model", stats)
     return str(path), stats
 
