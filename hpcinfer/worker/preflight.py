@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -29,6 +28,7 @@ import uuid
 from pathlib import Path
 
 from hpcinfer.compile.plan import EXIT_BAD_INPUT, EXIT_REQUEUE
+from hpcinfer.worker.signals import StopFlag
 
 log = logging.getLogger("hpcinfer.worker")
 
@@ -39,20 +39,6 @@ _SIZE_VARS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 
 class PreflightFailed(Exception):
     """A check failed; str() says what to fix."""
-
-
-class StopFlag:
-    """Set by the signal handler; the handler does nothing else (restarts are normal)."""
-
-    def __init__(self) -> None:
-        self.signal_name: str | None = None
-
-    def install(self) -> None:
-        for sig in (signal.SIGUSR2, signal.SIGTERM):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.signal_name = signal.Signals(signum).name   # "SIGUSR2"
 
 
 def _first_env(names: tuple[str, ...], default: str) -> str:
