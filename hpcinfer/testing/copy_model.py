@@ -14,8 +14,7 @@ special range stays untouched), prompt length fixed (the copy offset is one rela
 position, which RoPE makes easy to learn), loss on the copied part only. The model is
 transformers' LlamaForCausalLM (fp32 master weights, bf16 autocast on CUDA); it is saved with
 ``save_pretrained`` as sharded safetensors plus the bench's word-level tokenizer
-(hpcinfer/testing/llama_shapes.py), and loaded
-by our loader like any checkpoint.
+(hpcinfer/testing/llama_shapes.py), and loaded by our loader like any checkpoint.
 """
 from __future__ import annotations
 
@@ -44,7 +43,7 @@ def copy_logits(model, ids, copy_len: int):
 
 def llama_config(shape: dict, *, layers: int | None = None,
                  max_position_embeddings: int = 4096):
-    """transformers LlamaConfig for a bench shape (bench/throughput.py SHAPES)."""
+    """transformers LlamaConfig for a shape of llama_shapes.SHAPES (or one like it)."""
     from transformers import LlamaConfig
 
     from hpcinfer.testing.llama_shapes import llama_config_dict
