@@ -31,3 +31,65 @@ def hf_greedy(path: str, prompts: list[list[int]], max_new: int = MAX_NEW) -> li
                                  attention_mask=torch.ones(1, len(p), dtype=torch.long))
             out.append(ids[0, len(p):].tolist())
     return out
+
+
+class ForcedSampler:
+    """Wraps an engine's sampler (synchronous steps): records each row's argmax and its
+    top-1/top-2 logit gap (nats); with ``forced`` it then feeds the row the forced token
+    instead, so two backends decode the same context (teacher forcing through the real
+    decode path)."""
+
+    def __init__(self, inner, forced: list[list[int]] | None):
+        self.inner, self.forced = inner, forced
+        self.argmax: dict[int, list[int]] = {}
+        self.gaps: dict[int, list[float]] = {}
+
+    def __call__(self, logits, seqs, eos_token_ids):
+        out = self.inner(logits, seqs, eos_token_ids)
+        top = logits.float().topk(2, dim=-1).values
+        gaps = (top[:, 0] - top[:, 1]).tolist()
+        for i, seq in enumerate(seqs):
+            rid = int(seq.request_id)
+            self.argmax.setdefault(rid, []).append(out.token_ids[i])
+            self.gaps.setdefault(rid, []).append(gaps[i])
+            if self.forced is not None:
+                out.token_ids[i] = self.forced[rid][seq.num_output_tokens]
+        return out
+
+
+def agreement_run(path: str, prompts: list[list[int]], *, fast: bool, forced=None,
+                  dtype: str = "bfloat16", device: str = "cuda", max_num_seqs: int = 64,
+                  max_model_len: int = 512) -> ForcedSampler:
+    """One greedy MAX_NEW-step run of the bf16 agreement checks (tests/gpu/test_engine_gpu.py,
+    agreement_probe.py): fast = Triton + CUDA graphs, else torch_ref attention + torch ops
+    (eager). Synchronous steps so the wrapper sees every row. Returns the wrapper."""
+    import gc
+    import os
+
+    import torch
+
+    from hpcinfer import LLM, SamplingParams
+    from hpcinfer.layers import ops
+    if not fast:
+        os.environ["HPCINFER_TORCH_OPS"] = "1"
+    ops._triton_ops.cache_clear()
+    try:
+        kwargs = {} if fast else {"enforce_eager": True, "attention_backend": "torch_ref"}
+        llm = LLM(path, device=device, dtype=dtype, max_model_len=max_model_len,
+                  max_num_seqs=max_num_seqs, async_scheduling=False, **kwargs)
+        engine = llm.llm_engine
+        wrapper = ForcedSampler(engine.sampler, forced)
+        engine.sampler = wrapper
+        llm.generate([{"prompt_token_ids": p} for p in prompts],
+                     SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True),
+                     use_tqdm=False)
+        if fast and device == "cuda":
+            assert engine.runner.graphs is not None and engine.runner.graphs.num_replays > 0
+    finally:
+        os.environ.pop("HPCINFER_TORCH_OPS", None)
+        ops._triton_ops.cache_clear()
+    del llm, engine
+    gc.collect()   # the next engine sizes its KV pool from free memory
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return wrapper

@@ -61,8 +61,8 @@ def place_of(rank: int, world_size: int, local_rank: int, replica_size: int,
 
 def env_rank() -> int:
     """This rank from the launcher's variables, before MPI starts (for log lines)."""
-    from hpcinfer.worker.preflight import _RANK_VARS
-    return int(next((os.environ[n] for n in _RANK_VARS if os.environ.get(n)), "0"))
+    from hpcinfer.worker.preflight import _RANK_VARS, _first_env
+    return int(_first_env(_RANK_VARS, "0"))
 
 
 def detect_place(tensor: int, pipeline: int) -> RankPlace:

@@ -16,7 +16,6 @@ Writes one JSON line per configuration to RESULTS_DIR/agreement-probe.jsonl.
 """
 from __future__ import annotations
 
-import gc
 import importlib.util
 import json
 import logging
@@ -31,51 +30,14 @@ REPO = Path(__file__).resolve().parents[2]
 log = logging.getLogger("agreement_probe")
 
 
-class ForcedSampler:
-    """Wraps the engine's sampler: records each row's argmax, feeds it the forced token."""
-
-    def __init__(self, inner, forced: list[list[int]] | None):
-        self.inner, self.forced = inner, forced
-        self.argmax: dict[int, list[int]] = {}
-
-    def __call__(self, logits, seqs, eos_token_ids):
-        out = self.inner(logits, seqs, eos_token_ids)
-        for i, seq in enumerate(seqs):
-            rid = int(seq.request_id)
-            self.argmax.setdefault(rid, []).append(out.token_ids[i])
-            if self.forced is not None:
-                out.token_ids[i] = self.forced[rid][seq.num_output_tokens]
-        return out
-
-
 DEVICE = os.environ.get("PROBE_DEVICE", "cuda")   # "cpu": a smoke run of the plumbing
 
 
 def greedy_run(path: str, prompts, *, dtype: str, fast: bool, forced=None) -> list[list[int]]:
     """32 greedy steps; fast = Triton + CUDA graphs, else torch_ref + torch ops (eager).
     Returns each prompt's per-step argmax (its own tokens when forced is None)."""
-    from hpcinfer import LLM, SamplingParams
-    from hpcinfer.layers import ops
-    if fast:
-        os.environ.pop("HPCINFER_TORCH_OPS", None)
-    else:
-        os.environ["HPCINFER_TORCH_OPS"] = "1"
-    ops._triton_ops.cache_clear()
-    kwargs = {} if fast else {"enforce_eager": True, "attention_backend": "torch_ref"}
-    llm = LLM(path, device=DEVICE, dtype=dtype, max_model_len=512, max_num_seqs=64,
-              async_scheduling=False, **kwargs)
-    engine = llm.llm_engine
-    wrapper = ForcedSampler(engine.sampler, forced)
-    engine.sampler = wrapper
-    llm.generate([{"prompt_token_ids": p} for p in prompts],
-                 SamplingParams(temperature=0, max_tokens=32, ignore_eos=True),
-                 use_tqdm=False)
-    if fast and DEVICE == "cuda":
-        assert engine.runner.graphs is not None and engine.runner.graphs.num_replays > 0
-    del llm, engine
-    gc.collect()   # the next engine sizes its KV pool from free memory
-    if DEVICE == "cuda":
-        torch.cuda.empty_cache()
+    from hpcinfer.testing.greedy import agreement_run
+    wrapper = agreement_run(path, prompts, fast=fast, forced=forced, dtype=dtype, device=DEVICE)
     return [wrapper.argmax[i] for i in range(len(prompts))]
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpcinfer.testing.greedy import MAX_NEW, hf_greedy, random_prompts
+from hpcinfer.testing.greedy import MAX_NEW, agreement_run, hf_greedy, random_prompts
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="GPU-only: run tests/gpu/run_gpu_checks.sh on a GPU")
@@ -181,62 +181,6 @@ def test_bf16_real_shape_agrees_with_torch_ref(real_shaped_checkpoint, monkeypat
 TIE_TOL = 0.25   # nats; bf16 logits of this model carry ~1e-2 of rounding noise
 
 
-class _ForcedSampler:
-    """Wraps the engine's sampler (synchronous steps): records each row's argmax and its
-    top-1/top-2 logit gap (nats), then feeds the row the forced token instead, so both
-    backends decode the same context (teacher forcing through the real decode path)."""
-
-    def __init__(self, inner, forced: list[list[int]] | None):
-        self.inner, self.forced = inner, forced
-        self.argmax: dict[int, list[int]] = {}
-        self.gaps: dict[int, list[float]] = {}
-
-    def __call__(self, logits, seqs, eos_token_ids):
-        out = self.inner(logits, seqs, eos_token_ids)
-        top = logits.float().topk(2, dim=-1).values
-        gaps = (top[:, 0] - top[:, 1]).tolist()
-        for i, seq in enumerate(seqs):
-            rid = int(seq.request_id)
-            self.argmax.setdefault(rid, []).append(out.token_ids[i])
-            self.gaps.setdefault(rid, []).append(gaps[i])
-            if self.forced is not None:
-                out.token_ids[i] = self.forced[rid][seq.num_output_tokens]
-        return out
-
-
-def _agreement_run(path, prompts, *, fast: bool, forced=None, max_num_seqs: int = 64,
-                   max_model_len: int = 512):
-    """One greedy 32-step run: fast = Triton + graphs, else torch_ref + torch ops (eager).
-    Synchronous steps so the sampler wrapper sees every row. Returns the wrapper."""
-    import gc
-    import os
-
-    from hpcinfer import LLM, SamplingParams
-    from hpcinfer.layers import ops
-    if not fast:
-        os.environ["HPCINFER_TORCH_OPS"] = "1"
-    ops._triton_ops.cache_clear()
-    try:
-        kwargs = {} if fast else {"enforce_eager": True, "attention_backend": "torch_ref"}
-        llm = LLM(path, device="cuda", dtype="bfloat16", max_model_len=max_model_len,
-                  max_num_seqs=max_num_seqs, async_scheduling=False, **kwargs)
-        engine = llm.llm_engine
-        wrapper = _ForcedSampler(engine.sampler, forced)
-        engine.sampler = wrapper
-        llm.generate([{"prompt_token_ids": p} for p in prompts],
-                     SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True),
-                     use_tqdm=False)
-        if fast:
-            assert engine.runner.graphs.num_replays > 0
-    finally:
-        os.environ.pop("HPCINFER_TORCH_OPS", None)
-        ops._triton_ops.cache_clear()
-    del llm, engine
-    gc.collect()   # the next engine sizes its KV pool from free memory
-    torch.cuda.empty_cache()
-    return wrapper
-
-
 def _record(name: str, result: dict) -> None:
     """Print, and append to $HPCINFER_GPU_RESULTS/agreement.jsonl when set (device runs)."""
     import json
@@ -270,11 +214,11 @@ def test_bf16_agreement_teacher_forced_and_free(tmp_path_factory, std_scale):
                                       lm_head_std=std_scale * 2048 ** -0.5))
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, 128000, (64, 256), generator=g).tolist()
-    ref = _agreement_run(path, prompts, fast=False)
+    ref = agreement_run(path, prompts, fast=False)
     ref_tokens = [ref.argmax[i] for i in range(len(prompts))]
-    free = _agreement_run(path, prompts, fast=True)
-    forced = _agreement_run(path, prompts, fast=True, forced=ref_tokens)
-    ref_forced = _agreement_run(path, prompts, fast=False, forced=ref_tokens)
+    free = agreement_run(path, prompts, fast=True)
+    forced = agreement_run(path, prompts, fast=True, forced=ref_tokens)
+    ref_forced = agreement_run(path, prompts, fast=False, forced=ref_tokens)
     total = sum(len(r) for r in ref_tokens)
     free_same = sum(a == b for i, r in enumerate(ref_tokens)
                     for a, b in zip(free.argmax[i], r))
@@ -346,10 +290,10 @@ def test_bf16_trained_model_agrees_with_torch_ref(copy_checkpoint, monkeypatch):
     prompts = [p for p, _ in bench.make_requests("A")]
     assert len(prompts) == 256 and {len(p) for p in prompts} == {256}
     kwargs = {"max_num_seqs": 256, "max_model_len": 512}
-    ref = _agreement_run(path, prompts, fast=False, **kwargs)
+    ref = agreement_run(path, prompts, fast=False, **kwargs)
     ref_tokens = [ref.argmax[i] for i in range(len(prompts))]
-    free = _agreement_run(path, prompts, fast=True, **kwargs)
-    forced = _agreement_run(path, prompts, fast=True, forced=ref_tokens, **kwargs)
+    free = agreement_run(path, prompts, fast=True, **kwargs)
+    forced = agreement_run(path, prompts, fast=True, forced=ref_tokens, **kwargs)
     total = sum(len(r) for r in ref_tokens)
 
     def agree(run):
@@ -362,7 +306,7 @@ def test_bf16_trained_model_agrees_with_torch_ref(copy_checkpoint, monkeypatch):
 
     monkeypatch.setattr(attention_triton, "paged_decode_attention",
                         _decode_skips_first_block(attention_triton.paged_decode_attention))
-    broken = _agreement_run(path, prompts, fast=True, **kwargs)
+    broken = agreement_run(path, prompts, fast=True, **kwargs)
     monkeypatch.undo()
     gaps = sorted(x for i in range(len(prompts)) for x in ref.gaps[i])
     result = {"model": f"copy-trained Llama-3.2-1B widths, {stats['layers']} layers",
