@@ -13,8 +13,7 @@ import torch
 from torch import nn
 
 from hpcinfer.layers import ops
-
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+from hpcinfer.models.support import SUPPORTED_ROPE_TYPES  # one table: the login side reads it
 
 
 def rope_parameters_of(config: Any) -> dict:

@@ -17,64 +17,18 @@ from hpcinfer.layers.attention import AttentionBackend, get_attention_backend
 from hpcinfer.layers.linear import NO_TP, TensorParallel
 from hpcinfer.models.loader import load_weights
 from hpcinfer.models.spec import ModelSpec, head_dim_of, token_ids
+from hpcinfer.models.support import (  # noqa: F401  (re-exported: the public names)
+    architecture_of, known_architecture, supported_architectures, supported_text)
 
 log = logging.getLogger(__name__)
-
-# HF ``architectures`` entry -> (module, class)
-_ARCHITECTURES: dict[str, tuple[str, str]] = {
-    "LlamaForCausalLM": ("hpcinfer.models.llama", "LlamaForCausalLM"),
-    "MistralForCausalLM": ("hpcinfer.models.llama", "MistralForCausalLM"),
-    "Qwen2ForCausalLM": ("hpcinfer.models.qwen2", "Qwen2ForCausalLM"),
-    "Qwen3ForCausalLM": ("hpcinfer.models.qwen3", "Qwen3ForCausalLM"),
-    "GemmaForCausalLM": ("hpcinfer.models.gemma", "GemmaForCausalLM"),
-    "OPTForCausalLM": ("hpcinfer.models.opt", "OPTForCausalLM"),
-}
-# Pooling models (embed / classify / score / reward), run by hpcinfer.engine.pooling.
-_POOLING_ARCHITECTURES: dict[str, tuple[str, str]] = {
-    **{name: ("hpcinfer.models.bert", name) for name in
-       ("BertModel", "BertForSequenceClassification")},
-    **{name: ("hpcinfer.models.xlm_roberta", name) for name in
-       ("XLMRobertaModel", "XLMRobertaForSequenceClassification")},
-    "RobertaModel": ("hpcinfer.models.xlm_roberta", "XLMRobertaModel"),
-    "RobertaForSequenceClassification": ("hpcinfer.models.xlm_roberta",
-                                         "XLMRobertaForSequenceClassification"),
-    **{f"{family}{kind}": ("hpcinfer.models.heads", f"{family}{kind}")
-       for family in ("Llama", "Mistral", "Qwen2", "Qwen3", "Gemma")
-       for kind in ("ForSequenceClassification", "Model")},
-}
-
-
-def supported_architectures(pooling: bool = False) -> list[str]:
-    """The HF ``architectures`` names we can generate with (``pooling=True``: the pooling
-    models instead), sorted."""
-    return sorted(_POOLING_ARCHITECTURES if pooling else _ARCHITECTURES)
-
-
-def _known(name: str) -> tuple[str, str] | None:
-    return _ARCHITECTURES.get(name) or _POOLING_ARCHITECTURES.get(name)
-
-
-def _supported_text() -> str:
-    return (f"{', '.join(supported_architectures())} (pooling: "
-            f"{', '.join(supported_architectures(pooling=True))})")
-
-
-def architecture_of(config: Any) -> str:
-    """The one supported architecture a config names; ValueError listing ours otherwise."""
-    names = list(getattr(config, "architectures", None) or [])
-    for name in names:
-        if _known(name):
-            return name
-    raise ValueError(f"unsupported model architecture {names or '(none in config.json)'}; "
-                     f"hpcinfer supports: {_supported_text()}")
 
 
 def model_class(architecture: str) -> type[nn.Module]:
     """The model class for a supported architecture name."""
-    if not _known(architecture):
+    if not known_architecture(architecture):
         raise ValueError(f"unsupported model architecture {architecture!r}; hpcinfer supports: "
-                         f"{_supported_text()}")
-    module_name, class_name = _known(architecture)
+                         f"{supported_text()}")
+    module_name, class_name = known_architecture(architecture)
     return getattr(importlib.import_module(module_name), class_name)
 
 

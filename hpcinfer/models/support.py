@@ -1,0 +1,67 @@
+"""What the engine can load, as plain data: no torch, no transformers.
+
+The login side (``hpcinfer validate``) and the compute side (``registry.load_model``) read the
+same tables, so a checkpoint the engine cannot load is refused on the login node with the
+message the engine would give, before the job waits in the queue. Add a family here (and its
+module) and both sides know it.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+# HF ``architectures`` entry -> (module, class), generation models.
+ARCHITECTURES: dict[str, tuple[str, str]] = {
+    "LlamaForCausalLM": ("hpcinfer.models.llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("hpcinfer.models.llama", "MistralForCausalLM"),
+    "Qwen2ForCausalLM": ("hpcinfer.models.qwen2", "Qwen2ForCausalLM"),
+    "Qwen3ForCausalLM": ("hpcinfer.models.qwen3", "Qwen3ForCausalLM"),
+    "GemmaForCausalLM": ("hpcinfer.models.gemma", "GemmaForCausalLM"),
+    "OPTForCausalLM": ("hpcinfer.models.opt", "OPTForCausalLM"),
+}
+
+# Pooling models (embed / classify / score / reward), run by hpcinfer.engine.pooling.
+POOLING_ARCHITECTURES: dict[str, tuple[str, str]] = {
+    **{name: ("hpcinfer.models.bert", name) for name in
+       ("BertModel", "BertForSequenceClassification")},
+    **{name: ("hpcinfer.models.xlm_roberta", name) for name in
+       ("XLMRobertaModel", "XLMRobertaForSequenceClassification")},
+    "RobertaModel": ("hpcinfer.models.xlm_roberta", "XLMRobertaModel"),
+    "RobertaForSequenceClassification": ("hpcinfer.models.xlm_roberta",
+                                         "XLMRobertaForSequenceClassification"),
+    **{f"{family}{kind}": ("hpcinfer.models.heads", f"{family}{kind}")
+       for family in ("Llama", "Mistral", "Qwen2", "Qwen3", "Gemma")
+       for kind in ("ForSequenceClassification", "Model")},
+}
+
+# rope_type values (``rope_parameters`` / ``rope_scaling``) that layers/rotary.py builds.
+SUPPORTED_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3")
+
+# quantization_config.quant_method values the engine loads (none yet).
+SUPPORTED_QUANT_METHODS: tuple[str, ...] = ()
+
+
+def supported_architectures(pooling: bool = False) -> list[str]:
+    """The HF ``architectures`` names we can generate with (``pooling=True``: the pooling
+    models instead), sorted."""
+    return sorted(POOLING_ARCHITECTURES if pooling else ARCHITECTURES)
+
+
+def known_architecture(name: str) -> tuple[str, str] | None:
+    """(module, class) of a supported architecture, generation or pooling; None otherwise."""
+    return ARCHITECTURES.get(name) or POOLING_ARCHITECTURES.get(name)
+
+
+def supported_text() -> str:
+    return (f"{', '.join(supported_architectures())} (pooling: "
+            f"{', '.join(supported_architectures(pooling=True))})")
+
+
+def architecture_of(config: Any) -> str:
+    """The one supported architecture a config (object with ``architectures``) names;
+    ValueError listing ours otherwise."""
+    names = list(getattr(config, "architectures", None) or [])
+    for name in names:
+        if known_architecture(name):
+            return name
+    raise ValueError(f"unsupported model architecture {names or '(none in config.json)'}; "
+                     f"hpcinfer supports: {supported_text()}")
