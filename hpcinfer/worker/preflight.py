@@ -150,11 +150,34 @@ def check(job_dir: Path, record: dict):
              task_id, record["rank"], record["world_size"], record["host"], record["shards"],
              record["rows"], record["restart_count"], record["gpus"])
     _note_shm(cfg, record)
+    check_device(str(cfg.resources.device), record["gpus"])
     if is_replica_driver(record["rank"], cfg):  # followers neither read input nor write output
         check_inputs(shards)
         check_writable(Path(str(cfg.output.dir)))
     check_writable(job_dir / "metrics")         # every rank writes its own metrics file
     return cfg, plan, task_id, shards
+
+
+def check_device(device: str, gpus: dict) -> None:
+    """A cuda job where this torch cannot use CUDA fails here, with what to write, rather than
+    deep in model loading with torch's "Torch not compiled with CUDA enabled" (a crash that
+    reads like a bug). torch is imported only for cuda jobs: the engine imports it next anyway."""
+    if device != "cuda":
+        return
+    import torch
+    if torch.cuda.is_available():
+        return
+    if torch.version.cuda is None:
+        why = f"this Python's torch {torch.__version__} is a CPU-only build"
+    else:
+        why = (f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU here "
+               f"(CUDA_VISIBLE_DEVICES={gpus.get('cuda_visible_devices')!r}, nvidia-smi lists "
+               f"{len(gpus.get('nvidia_smi') or [])})")
+    raise PreflightFailed(
+        f"resources.device is cuda (the default) but {why}: to run on this machine's CPU write "
+        "`device: cpu` under `resources:` in the job file (or --set resources.device=cpu) and "
+        "render again; to use a GPU, run the job on a GPU node (a partition with GPUs, "
+        "resources.gpus_per_node >= 1)")
 
 
 def is_replica_driver(rank: int, cfg) -> bool:
