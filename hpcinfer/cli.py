@@ -22,6 +22,11 @@ def _load(args):
     import os
     from hpcinfer.config import load_job
     overrides = list(args.set or ())
+    for text in overrides:
+        if not text.partition("=")[0].strip() or "=" not in text:
+            # Checked here too so the CLI says it in the words of its own flag, first.
+            raise UserError(f"--set expects KEY=VALUE, got {text!r}: e.g. "
+                            "--set resources.time=04:00:00")
     if getattr(args, "out", None):
         # The job dir is the output dir (DESIGN §5): --out DIR is --set output.dir=DIR, so
         # job.yaml and the worker agree on where results go. JSON quoting is valid YAML.

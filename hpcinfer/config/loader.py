@@ -20,7 +20,7 @@ from hpcinfer.config.paths import resolve_paths
 from hpcinfer.config.profiles import read_profile
 from hpcinfer.config.schema import ClusterProfile, JobConfig
 from hpcinfer.config.translate import first_error
-from hpcinfer.config.yamlfile import Origins, locate, merge, read_yaml
+from hpcinfer.config.yamlfile import MAX_YAML_BYTES, Origins, locate, merge, read_yaml
 
 __all__ = ["load_job", "load_resolved", "dump_resolved", "locate"]
 
@@ -29,7 +29,8 @@ RESOLVED_NAME = "job.yaml"
 
 def _read_mapping(path: Path, label: str) -> tuple[dict, Origins]:
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, encoding="utf-8") as f:
+            text = f.read(MAX_YAML_BYTES + 1)     # enough to tell "too big" without reading it all
     except FileNotFoundError:
         raise ConfigError(label, None, "", "file not found",
                           "check the path, or start one with `hpcinfer init > job.yaml`") from None

@@ -23,7 +23,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise ConfigError(label, None, "", "an override needs a key path and '='", _FORM)
+        raise ConfigError(label, None, "", f"--set expects KEY=VALUE, got {text!r}", _FORM)
     parts = key.split(".")
     if any(not part.strip() for part in parts):
         raise ConfigError(label, None, key, "empty part in the key path", _FORM)

@@ -4,6 +4,12 @@ Job files are read with YAML 1.2 scalar rules, not PyYAML's default YAML 1.1: un
 unquoted ``time: 4:00:00`` is the base-60 integer 14400 and ``COUNTRY: NO`` is False, both silent
 traps in a job file. Here only true/false are booleans and colons never make numbers.
 
+Job files are small and written by hand, so the reader refuses what only an attack or an
+accident produces, in well under a second and with one line: files over MAX_YAML_BYTES,
+nesting deeper than MAX_DEPTH, and aliases that expand past MAX_NODES values (a nine-line
+"billion laughs" file of nested ``&a``/``*a`` would otherwise take minutes of CPU and all the
+memory; pyyaml composes aliases as shared nodes, so the walk below counts every expansion).
+
 Origins map a dotted key path ("resources.time", "input.path.0") to (file, line), line 1-based.
 """
 from __future__ import annotations
@@ -16,6 +22,12 @@ import yaml
 from hpcinfer.config.errors import ConfigError
 
 Origins = dict  # str key path -> tuple[str file, int | None line]
+
+MAX_YAML_BYTES = 1 << 20     # a job file is a few KB; 1 MiB is generous
+MAX_DEPTH = 20               # a job file nests 3 deep (resources.extra_sbatch.x)
+MAX_NODES = 10_000           # values after alias expansion; a job file has ~100
+_LIMIT_FIX = ("write the job file out plainly (no YAML anchors &x / aliases *x that repeat "
+              "large blocks); a job file is a few kilobytes of keys")
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -52,19 +64,66 @@ _Yaml12Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 
 
 def parse_value(text: str) -> Any:
-    """One YAML scalar/flow value with the job-file rules (for ``--set k=v``)."""
-    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - SafeLoader subclass
+    """One YAML scalar/flow value with the job-file rules (for ``--set k=v``).
+
+    Raises yaml.YAMLError for bad syntax and ConfigError past the size limits."""
+    label = f"--set value {text[:40]!r}"
+    _check_bytes(text, label)
+    loader = _Yaml12Loader(text)
+    try:
+        node = _compose(loader, label)
+        if node is None:
+            return None
+        _walk(node, "", label, {}, _Budget(label))
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+class _Budget:
+    """Counts values as the walk expands aliases; raises once past MAX_NODES."""
+
+    def __init__(self, label: str):
+        self.label, self.num_nodes = label, 0
+
+    def spend(self, node: yaml.Node, depth: int) -> None:
+        self.num_nodes += 1
+        line = node.start_mark.line + 1
+        if self.num_nodes > MAX_NODES:
+            raise ConfigError(self.label, line, "", f"the YAML expands to more than {MAX_NODES} "
+                              "values (aliases repeating anchors, a \"billion laughs\" file?)",
+                              _LIMIT_FIX)
+        if depth > MAX_DEPTH:
+            raise ConfigError(self.label, line, "", f"the YAML nests deeper than {MAX_DEPTH} "
+                              "levels", "a job file nests a few levels: flatten it")
+
+
+def _check_bytes(text: str, label: str) -> None:
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError(label, None, "", f"the file is larger than the "
+                          f"{MAX_YAML_BYTES // 1024} KiB a job file may have",
+                          "is this the right file? put data in input files, not the job file")
+
+
+def _compose(loader: yaml.SafeLoader, label: str) -> yaml.Node | None:
+    try:
+        return loader.get_single_node()
+    except RecursionError:
+        # pyyaml's parser recurses per nesting level: [[[[... thousands deep ends here.
+        raise ConfigError(label, None, "", "the YAML nests too deeply to read",
+                          "a job file nests a few levels: flatten it") from None
 
 
 def read_yaml(text: str, label: str) -> tuple[Any, Origins]:
     """Parse ``text``; return (data, origins). ``label`` names the file in errors."""
+    _check_bytes(text, label)
     loader = _Yaml12Loader(text)
     try:
-        node = loader.get_single_node()
+        node = _compose(loader, label)
         if node is None:
             return None, {}
         origins: Origins = {}
-        _walk(node, "", label, origins)
+        _walk(node, "", label, origins, _Budget(label))
         data = loader.construct_document(node)
     except yaml.MarkedYAMLError as exc:
         raise _syntax_error(exc, label) from None
@@ -89,7 +148,9 @@ def _syntax_error(exc: yaml.MarkedYAMLError, label: str) -> ConfigError:
     return ConfigError(label, line, "", problem, fix)
 
 
-def _walk(node: yaml.Node, prefix: str, label: str, origins: Origins) -> None:
+def _walk(node: yaml.Node, prefix: str, label: str, origins: Origins, budget: _Budget,
+          depth: int = 0) -> None:
+    budget.spend(node, depth)
     if isinstance(node, yaml.MappingNode):
         seen: dict[str, int] = {}
         for key_node, value_node in node.value:
@@ -102,12 +163,12 @@ def _walk(node: yaml.Node, prefix: str, label: str, origins: Origins) -> None:
                                   "keep one of them")
             seen[key] = line
             origins[path] = (label, line)
-            _walk(value_node, path, label, origins)
+            _walk(value_node, path, label, origins, budget, depth + 1)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
             path = f"{prefix}.{index}"
             origins[path] = (label, item.start_mark.line + 1)
-            _walk(item, path, label, origins)
+            _walk(item, path, label, origins, budget, depth + 1)
 
 
 def locate(origins: Origins, key_path: str, default_file: str) -> tuple[str, int | None]:

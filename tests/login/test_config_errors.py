@@ -182,8 +182,9 @@ def test_environment_checks_can_be_skipped(tmp_path):
 
 
 @pytest.mark.parametrize("override, key_path, problem, fix", [
-    ("resources.time", "", "needs a key path and '='", "--set key.path=value"),
-    ("=4", "", "needs a key path and '='", "--set key.path=value"),
+    ("resources.time", "", "--set expects KEY=VALUE, got 'resources.time'",
+     "--set key.path=value"),
+    ("=4", "", "--set expects KEY=VALUE, got '=4'", "--set key.path=value"),
     ("resources..time=4", "resources..time", "empty part", "--set key.path=value"),
     ("sampling.stop=[a, b", "sampling.stop", "not valid YAML", "quote it"),
     ("input.path.0=x", "input.path.0", "list items", "--set input.path=[a, b]"),
