@@ -126,6 +126,7 @@ def _decode_reduce_kernel(
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            *, sliding_window: int | None = None,
+                           logit_softcap: float | None = None, sinks: torch.Tensor | None = None,
                            out: torch.Tensor | None = None, max_seqlen_k: int | None = None,
                            partition_size: int | None = None) -> torch.Tensor:
     """Decode attention: q [num_seqs, num_heads, head_dim], one query at seq_lens[i] - 1.
@@ -136,6 +137,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     partition, a multiple of 16; default 512, doubled while the bound would need more than
     64 partitions). Never syncs with the host.
     """
+    if logit_softcap is not None or sinks is not None:   # being written (issue 17)
+        raise NotImplementedError("logit softcapping and attention sinks are not yet in the "
+                                  "Triton kernels: run with attention_backend=torch_ref")
     num_seqs, num_heads, head_dim = _check_args(q, k_cache, v_cache, block_tables, seq_lens)
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     if out is None:

@@ -90,6 +90,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
                     block_tables: torch.Tensor, scale: float, *, causal: bool = True,
                     sliding_window: int | None = None, out: torch.Tensor | None = None,
+                    logit_softcap: float | None = None, sinks: torch.Tensor | None = None,
                     max_seqlen_q: int | None = None) -> torch.Tensor:
     """Varlen attention over paged KV: q [num_tokens, num_heads, head_dim].
 
@@ -98,6 +99,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     Default: num_tokens, always safe but launches idle programs when there are many sequences).
     Never syncs with the host.
     """
+    if logit_softcap is not None or sinks is not None:   # being written (issue 17)
+        raise NotImplementedError("logit softcapping and attention sinks are not yet in the "
+                                  "Triton kernels: run with attention_backend=torch_ref")
     check_dim("q", q, 3, "[num_tokens, num_heads, head_dim]")
     check_paged_kv(q, k_cache, v_cache, block_tables)
     num_seqs = seq_lens.shape[0]

@@ -47,14 +47,16 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> t
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
                     block_tables: torch.Tensor, scale: float, *, causal: bool = True,
-                    sliding_window: int | None = None,
+                    sliding_window: int | None = None, logit_softcap: float | None = None,
+                    sinks: torch.Tensor | None = None,
                     out: torch.Tensor | None = None) -> torch.Tensor:
     """Varlen attention over paged KV (prefill chunks and decodes mixed in one batch).
 
     q: [num_tokens, num_heads, head_dim]; cu_seqlens_q: [num_seqs + 1]; seq_lens: [num_seqs];
     block_tables: [num_seqs, max_blocks_per_seq]. num_heads must be a multiple of
     num_kv_heads (GQA). ``sliding_window`` keeps only the last ``sliding_window`` keys of each
-    query (Mistral semantics: key position > query position - window). Returns
+    query (Mistral semantics: key position > query position - window). ``logit_softcap`` and
+    ``sinks`` ([num_heads]) are described in :func:`attend`. Returns
     [num_tokens, num_heads, head_dim] in q's dtype; the math runs in fp32.
     """
     num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
@@ -68,24 +70,29 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             continue
         k = gather_kv(k_cache, block_tables[i], seq_len)
         v = gather_kv(v_cache, block_tables[i], seq_len)
-        mask = _attention_mask(q_end - q_start, seq_len, causal, sliding_window, q.device)
-        out[q_start:q_end] = _attend(q[q_start:q_end], k, v, mask, scale).to(out.dtype)
+        mask = attention_mask(q_end - q_start, seq_len, causal, sliding_window, q.device)
+        o = attend(q[q_start:q_end], k, v, mask, scale, logit_softcap=logit_softcap,
+                   sinks=sinks)
+        out[q_start:q_end] = o.to(out.dtype)
     return out
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            *, sliding_window: int | None = None,
+                           logit_softcap: float | None = None, sinks: torch.Tensor | None = None,
                            out: torch.Tensor | None = None) -> torch.Tensor:
     """Decode: one query per sequence, at position seq_lens[i] - 1. q: [num_seqs, heads, dim]."""
     cu_seqlens_q = torch.arange(q.shape[0] + 1, device=q.device, dtype=torch.int32)
     return paged_attention(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale,
-                           sliding_window=sliding_window, out=out)
+                           sliding_window=sliding_window, logit_softcap=logit_softcap,
+                           sinks=sinks, out=out)
 
 
-def _attention_mask(q_len: int, kv_len: int, causal: bool, sliding_window: int | None,
-                    device: torch.device) -> torch.Tensor | None:
-    # True = may attend. Query j sits at absolute position kv_len - q_len + j.
+def attention_mask(q_len: int, kv_len: int, causal: bool, sliding_window: int | None,
+                   device: torch.device) -> torch.Tensor | None:
+    """[q_len, kv_len] bool, True = may attend; None = everything. Query j sits at absolute
+    position kv_len - q_len + j."""
     if not causal and sliding_window is None:
         return None
     q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
@@ -96,15 +103,40 @@ def _attention_mask(q_len: int, kv_len: int, causal: bool, sliding_window: int |
     return mask
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-            scale: float) -> torch.Tensor:
-    # q: [q_len, heads, dim]; k, v: [kv_len, kv_heads, dim] -> [q_len, heads, dim]
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+           scale: float, *, logit_softcap: float | None = None,
+           sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense attention of one sequence, in fp32 (the formula every backend must match).
+
+    q: [q_len, heads, dim]; k, v: [kv_len, kv_heads, dim]; mask: [q_len, kv_len] bool
+    (True = may attend) or None -> [q_len, heads, dim] fp32. Logits are ``q.k * scale``;
+    ``logit_softcap`` then caps them as Gemma 2 does (``cap * tanh(logits / cap)``, before
+    masking); ``sinks`` ([heads], gpt-oss) adds one learned logit per head to the softmax
+    denominator that carries no value, so a row's weights sum to less than one (a row that
+    sees no key gives zeros instead of NaN).
+    """
     group = q.shape[1] // k.shape[1]
     qh = q.float().transpose(0, 1)                                   # [heads, q_len, dim]
     kh = k.float().transpose(0, 1).repeat_interleave(group, dim=0)   # [heads, kv_len, dim]
     vh = v.float().transpose(0, 1).repeat_interleave(group, dim=0)
-    o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
-    return o.transpose(0, 1)
+    if logit_softcap is None and sinks is None:
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
+        return o.transpose(0, 1)
+    logits = (qh @ kh.transpose(1, 2)) * scale                       # [heads, q_len, kv_len]
+    if logit_softcap is not None:
+        logits = logit_softcap * torch.tanh(logits / logit_softcap)
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    if sinks is not None:
+        # transformers' GptOss eager_attention_forward: the sink is one more column of the
+        # softmax, dropped afterwards.
+        sink_col = sinks.float()[:, None, None].expand(-1, logits.shape[1], 1)
+        logits = torch.cat([logits, sink_col], dim=-1)
+        logits = logits - logits.max(dim=-1, keepdim=True).values
+        probs = torch.softmax(logits, dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(logits, dim=-1)
+    return (probs @ vh).transpose(0, 1)
 
 
 # --- elementwise and normalisation ops (fused on the GPU, plain here) ---

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hpcinfer.kernels import reference
+from hpcinfer.layers.linear import (NO_TP, TensorParallel, WeightShapeError,
+                                    copy_checked)
 
 # (k_cache, v_cache), each [num_blocks, block_size, num_kv_heads, head_dim]
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -53,41 +54,79 @@ class DecodeSplit:
     prefill_block_tables: torch.Tensor   # [num_seqs - num_decodes, width] int32
 
 
+@dataclass(frozen=True)
+class AttentionSpec:
+    """What one layer's attention computes; models fill it, every backend implements it.
+
+    Logits are ``q.k * scale``; then, in this order: ``logit_softcap`` (Gemma 2:
+    ``cap * tanh(logits / cap)``), the causal and ``sliding_window`` masks (Mistral: a query at
+    position p sees keys at positions > p - window), and the softmax, whose denominator with
+    ``has_sinks`` (gpt-oss) also holds ``exp(sink)`` for one learned logit per query head that
+    carries no value. Layers of one model may differ (Gemma 2 alternates windows), so the
+    spec is per layer, never per model.
+    """
+    scale: float
+    sliding_window: int | None = None
+    logit_softcap: float | None = None
+    causal: bool = True
+    has_sinks: bool = False
+
+    def __post_init__(self):
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window={self.sliding_window} must be >= 1, or None for "
+                             "full attention")
+        if self.logit_softcap is not None and not self.logit_softcap > 0:
+            raise ValueError(f"logit_softcap={self.logit_softcap} must be > 0, or None for no "
+                             "capping (some configs write 0.0 for none: map that to None)")
+
+
 class AttentionBackend(Protocol):
     """Writes this step's k/v into the cache by ``meta.slot_mapping``, then attends.
 
     q: [T, num_heads, head_dim]; k, v: [T, num_kv_heads, head_dim] -> [T, num_heads, head_dim].
+    ``sinks``: [num_heads] (this rank's heads), given exactly when ``spec.has_sinks``.
     """
     name: str
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, *,
-                scale: float, sliding_window: int | None = None,
-                causal: bool = True) -> torch.Tensor: ...
+                k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                spec: AttentionSpec, sinks: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+def check_sinks(spec: AttentionSpec, sinks: torch.Tensor | None, num_heads: int) -> None:
+    """Backends call this first: a spec and a sinks tensor that disagree are a caller bug."""
+    if spec.has_sinks != (sinks is not None):
+        raise ValueError(f"spec.has_sinks={spec.has_sinks} but sinks is "
+                         f"{'given' if sinks is not None else 'None'}: pass the layer's sinks "
+                         "tensor exactly when the spec has sinks")
+    if sinks is not None and tuple(sinks.shape) != (num_heads,):
+        raise ValueError(f"sinks must be [num_heads] = [{num_heads}] (this rank's query "
+                         f"heads), got {tuple(sinks.shape)}")
 
 
 class TorchRefAttentionBackend:
     """The torch reference (``kernels/reference.py``): CPU, tests, the oracle for Triton."""
     name = "torch_ref"
 
-    def forward(self, q, k, v, k_cache, v_cache, meta, *, scale, sliding_window=None,
-                causal=True):
+    def forward(self, q, k, v, k_cache, v_cache, meta, spec: AttentionSpec, sinks=None):
+        check_sinks(spec, sinks, q.shape[1])
+        features = dict(sliding_window=spec.sliding_window, logit_softcap=spec.logit_softcap,
+                        sinks=sinks)
         if k_cache is None or k_cache.numel() == 0:
             # No cache yet (memory profiling, pooling tasks): plain varlen attention over this
             # step's own keys, which must then be the whole sequences.
-            return _varlen_attention(q, k, v, meta, scale, sliding_window, causal)
+            return _varlen_attention(q, k, v, meta, spec, sinks)
         reference.reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping)
-        if meta.is_decode:
+        if meta.is_decode and spec.causal:
             return reference.paged_decode_attention(q, k_cache, v_cache, meta.block_tables,
-                                                    meta.seq_lens, scale,
-                                                    sliding_window=sliding_window)
+                                                    meta.seq_lens, spec.scale, **features)
         return reference.paged_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.seq_lens,
-                                         meta.block_tables, scale, causal=causal,
-                                         sliding_window=sliding_window)
+                                         meta.block_tables, spec.scale, causal=spec.causal,
+                                         **features)
 
 
-def _varlen_attention(q, k, v, meta: AttentionMetadata, scale: float,
-                      sliding_window: int | None, causal: bool) -> torch.Tensor:
+def _varlen_attention(q, k, v, meta: AttentionMetadata, spec: AttentionSpec,
+                      sinks: torch.Tensor | None) -> torch.Tensor:
     out = torch.empty_like(q)
     starts = meta.cu_seqlens_q.tolist()
     for i, seq_len in enumerate(meta.seq_lens.tolist()):
@@ -95,17 +134,11 @@ def _varlen_attention(q, k, v, meta: AttentionMetadata, scale: float,
         if hi - lo != seq_len:
             raise ValueError("attention without a KV cache needs whole sequences in the step "
                              f"(sequence {i}: {hi - lo} query tokens, length {seq_len})")
-        pos = torch.arange(seq_len, device=q.device)
-        mask = (pos[None, :] <= pos[:, None]) if causal else torch.ones(
-            seq_len, seq_len, dtype=torch.bool, device=q.device)
-        if sliding_window is not None:
-            mask &= pos[None, :] > pos[:, None] - sliding_window
-        group = q.shape[1] // k.shape[1]
-        qh = q[lo:hi].float().transpose(0, 1)                                  # [H, L, D]
-        kh = k[lo:hi].float().transpose(0, 1).repeat_interleave(group, dim=0)  # [H, L, D]
-        vh = v[lo:hi].float().transpose(0, 1).repeat_interleave(group, dim=0)
-        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
-        out[lo:hi] = o.transpose(0, 1).to(out.dtype)
+        mask = reference.attention_mask(seq_len, seq_len, spec.causal, spec.sliding_window,
+                                        q.device)
+        o = reference.attend(q[lo:hi], k[lo:hi], v[lo:hi], mask, spec.scale,
+                             logit_softcap=spec.logit_softcap, sinks=sinks)
+        out[lo:hi] = o.to(out.dtype)
     return out
 
 
@@ -128,30 +161,47 @@ def get_attention_backend(name: str = "auto", device: torch.device | str | None 
 
 
 class Attention(nn.Module):
-    """Paged attention for one layer: holds the backend, scale and sliding window.
+    """Paged attention for one layer: holds the backend and the layer's ``AttentionSpec``.
 
     ``forward(q, k, v, kv_cache, meta)``: q [T, num_heads, head_dim], k/v [T, num_kv_heads,
     head_dim], kv_cache = (k_cache, v_cache) of this layer -> [T, num_heads * head_dim].
+    num_heads and num_kv_heads are this tensor-parallel rank's. With ``has_sinks`` the layer
+    owns ``sinks`` ([num_heads], fp32-or-model dtype, loaded by ``weight_loader``, which takes
+    this rank's heads from the checkpoint's [total_heads] tensor; ``tp`` says which rank).
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, *,
                  backend: AttentionBackend, sliding_window: int | None = None,
-                 causal: bool = True):
+                 causal: bool = True, logit_softcap: float | None = None,
+                 has_sinks: bool = False, tp: TensorParallel = NO_TP):
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads={num_heads} is not a multiple of "
                              f"num_kv_heads={num_kv_heads}")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.scale, self.sliding_window, self.causal = scale, sliding_window, causal
-        self.backend = backend
+        self.spec = AttentionSpec(scale=scale, sliding_window=sliding_window,
+                                  logit_softcap=logit_softcap, causal=causal,
+                                  has_sinks=has_sinks)
+        self.backend, self.tp = backend, tp
+        self.sinks = (nn.Parameter(torch.empty(num_heads), requires_grad=False)
+                      if has_sinks else None)
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
+        """The sinks: this rank's contiguous ``num_heads`` of the checkpoint's [total_heads]
+        (query heads are split across ranks in order, as QKVParallelLinear splits them)."""
+        full = self.num_heads * self.tp.size
+        if tuple(loaded_weight.shape) != (full,):
+            raise WeightShapeError((full,), tuple(loaded_weight.shape))
+        with torch.no_grad():
+            copy_checked(param.data, loaded_weight.narrow(0, self.tp.rank * self.num_heads,
+                                                          self.num_heads))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: KVCache | None, meta: AttentionMetadata) -> torch.Tensor:
         k_cache, v_cache = kv_cache if kv_cache is not None else (None, None)
-        out = self.backend.forward(q, k, v, k_cache, v_cache, meta, scale=self.scale,
-                                   sliding_window=self.sliding_window, causal=self.causal)
+        out = self.backend.forward(q, k, v, k_cache, v_cache, meta, self.spec, self.sinks)
         return out.reshape(out.shape[0], self.num_heads * self.head_dim)
 
     def extra_repr(self) -> str:
         return (f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim},"
-                f" sliding_window={self.sliding_window}, backend={self.backend.name}")
+                f" {self.spec}, backend={self.backend.name}")

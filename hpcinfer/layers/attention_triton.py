@@ -13,7 +13,7 @@ import torch
 from hpcinfer.kernels.cache import reshape_and_cache
 from hpcinfer.kernels.decode_attention import paged_decode_attention
 from hpcinfer.kernels.prefill_attention import paged_attention
-from hpcinfer.layers.attention import AttentionMetadata
+from hpcinfer.layers.attention import AttentionMetadata, AttentionSpec, check_sinks
 
 
 class TritonAttentionBackend:
@@ -22,36 +22,39 @@ class TritonAttentionBackend:
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k_cache: torch.Tensor | None, v_cache: torch.Tensor | None,
-                meta: AttentionMetadata, *, scale: float, sliding_window: int | None = None,
-                causal: bool = True) -> torch.Tensor:
+                meta: AttentionMetadata, spec: AttentionSpec,
+                sinks: torch.Tensor | None = None) -> torch.Tensor:
         # q: [T, num_heads, head_dim]; k, v: [T, num_kv_heads, head_dim]
+        check_sinks(spec, sinks, q.shape[1])
+        features = dict(sliding_window=spec.sliding_window, logit_softcap=spec.logit_softcap,
+                        sinks=sinks)
         if k_cache is None or k_cache.numel() == 0:
-            return self._attend_without_cache(q, k, v, meta, scale, sliding_window, causal)
+            return self._attend_without_cache(q, k, v, meta, spec, features)
         reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping)
-        if meta.is_decode and causal:
+        if meta.is_decode and spec.causal:
             # The grid's bound is the block table's capacity, not meta.max_seqlen_k: that
             # keeps the launch identical between steps (CUDA-graph replay).
             return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                                          scale, sliding_window=sliding_window)
+                                          spec.scale, **features)
         split = meta.decode_split
-        if split is not None and causal:
+        if split is not None and spec.causal:
             k = split.num_decodes
             out = torch.empty_like(q)
             paged_decode_attention(q[:k], k_cache, v_cache, split.decode_block_tables,
-                                   split.decode_seq_lens, scale, sliding_window=sliding_window,
-                                   out=out[:k], max_seqlen_k=split.decode_max_seqlen_k)
+                                   split.decode_seq_lens, spec.scale, out=out[:k],
+                                   max_seqlen_k=split.decode_max_seqlen_k, **features)
             paged_attention(q[k:], k_cache, v_cache, split.prefill_cu_seqlens_q,
-                            split.prefill_seq_lens, split.prefill_block_tables, scale,
-                            causal=True, sliding_window=sliding_window, out=out[k:],
-                            max_seqlen_q=meta.max_seqlen_q)
+                            split.prefill_seq_lens, split.prefill_block_tables, spec.scale,
+                            causal=True, out=out[k:], max_seqlen_q=meta.max_seqlen_q,
+                            **features)
             return out
         return paged_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.seq_lens,
-                               meta.block_tables, scale, causal=causal,
-                               sliding_window=sliding_window, max_seqlen_q=meta.max_seqlen_q)
+                               meta.block_tables, spec.scale, causal=spec.causal,
+                               max_seqlen_q=meta.max_seqlen_q, **features)
 
     @staticmethod
-    def _attend_without_cache(q, k, v, meta: AttentionMetadata, scale: float,
-                              sliding_window: int | None, causal: bool) -> torch.Tensor:
+    def _attend_without_cache(q, k, v, meta: AttentionMetadata, spec: AttentionSpec,
+                              features: dict) -> torch.Tensor:
         """No KV cache (memory profiling, pooling): each sequence attends to its own tokens.
 
         This step's k/v act as a cache of block size 1 whose "block table" for sequence i is
@@ -66,5 +69,5 @@ class TritonAttentionBackend:
         if k.stride() != v.stride():   # the kernel addresses k and v with one set of strides
             k, v = k.contiguous(), v.contiguous()
         return paged_attention(q, k.unsqueeze(1), v.unsqueeze(1), meta.cu_seqlens_q,
-                               meta.seq_lens, block_tables, scale, causal=causal,
-                               sliding_window=sliding_window, max_seqlen_q=meta.max_seqlen_q)
+                               meta.seq_lens, block_tables, spec.scale, causal=spec.causal,
+                               max_seqlen_q=meta.max_seqlen_q, **features)

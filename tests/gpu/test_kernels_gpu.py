@@ -184,7 +184,8 @@ def test_gated_activations(dtype):
 
 
 def test_triton_backend_matches_torch_ref_bf16():
-    from hpcinfer.layers.attention import AttentionMetadata, TorchRefAttentionBackend
+    from hpcinfer.layers.attention import (AttentionMetadata, AttentionSpec,
+                                           TorchRefAttentionBackend)
     from hpcinfer.layers.attention_triton import TritonAttentionBackend
     b = make_paged_batch([700, 513, 64], [700, 13, 1], num_heads=32, num_kv_heads=8,
                          head_dim=64, block_size=16, dtype=torch.bfloat16, device=DEVICE)
@@ -193,6 +194,7 @@ def test_triton_backend_matches_torch_ref_bf16():
                              max_seqlen_q=b.max_seqlen_q, max_seqlen_k=b.max_seqlen_k,
                              is_decode=False)
     caches = [(b.k_cache.clone(), b.v_cache.clone()) for _ in range(2)]
-    got = TritonAttentionBackend().forward(b.q, b.k, b.v, *caches[0], meta, scale=0.125)
-    expected = TorchRefAttentionBackend().forward(b.q, b.k, b.v, *caches[1], meta, scale=0.125)
+    spec = AttentionSpec(0.125)
+    got = TritonAttentionBackend().forward(b.q, b.k, b.v, *caches[0], meta, spec)
+    expected = TorchRefAttentionBackend().forward(b.q, b.k, b.v, *caches[1], meta, spec)
     assert rel_err(got, expected) < MAX_REL_ERR[torch.bfloat16]

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from hpcinfer.kernels.random_batch import make_paged_batch
-from hpcinfer.layers.attention import (AttentionMetadata, TorchRefAttentionBackend,
+from hpcinfer.layers.attention import (AttentionMetadata, AttentionSpec,
+                                       TorchRefAttentionBackend,
                                        get_attention_backend)
 from hpcinfer.layers.attention_triton import TritonAttentionBackend
 
@@ -42,8 +43,8 @@ def test_triton_backend_matches_torch_ref_over_steps(sliding_window):
         meta = _meta(b, is_decode)
         outs = {}
         for name, backend in (("triton", triton_backend), ("ref", ref_backend)):
-            outs[name] = backend.forward(b.q, b.k, b.v, *caches[name], meta, scale=0.125,
-                                         sliding_window=sliding_window)
+            outs[name] = backend.forward(b.q, b.k, b.v, *caches[name], meta,
+                                         AttentionSpec(0.125, sliding_window=sliding_window))
         torch.testing.assert_close(outs["triton"], outs["ref"], **TOL)
         for got, expected in zip(caches["triton"], caches["ref"]):
             assert torch.equal(got.nan_to_num(7.0), expected.nan_to_num(7.0))
@@ -55,8 +56,7 @@ def test_triton_backend_without_cache_matches_torch_ref(causal):
     b = make_paged_batch([5, 19, 1], [5, 19, 1], num_heads=4, num_kv_heads=4, head_dim=80,
                          block_size=16, dtype=torch.float32, seed=3)
     meta = _meta(b, is_decode=False)
-    got = TritonAttentionBackend().forward(b.q, b.k, b.v, None, None, meta, scale=0.3,
-                                           causal=causal)
-    expected = TorchRefAttentionBackend().forward(b.q, b.k, b.v, None, None, meta, scale=0.3,
-                                                  causal=causal)
+    spec = AttentionSpec(0.3, causal=causal)
+    got = TritonAttentionBackend().forward(b.q, b.k, b.v, None, None, meta, spec)
+    expected = TorchRefAttentionBackend().forward(b.q, b.k, b.v, None, None, meta, spec)
     torch.testing.assert_close(got, expected, **TOL)
