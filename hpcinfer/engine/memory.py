@@ -97,3 +97,156 @@ def kv_budget_bytes(model, vocab_size: int, max_num_batched_tokens: int, max_num
     profile = MemoryProfile(total, non_torch, allocated, peak, max(budget, 0))
     log.info("memory profile (gpu_memory_utilization=%.2f): %s", utilization, profile.describe())
     return profile
+
+
+# --- CPU: the job's memory limit, not the machine's free memory -------------------------------
+# On a shared node the machine may have hundreds of GiB free while the job may use 4: Slurm's
+# cgroup kills it past its --mem. So the pool is a fraction of what the *limit* leaves.
+
+# Share of (limit - what this process already uses) the KV pool may take; the rest is for the
+# step's activations and logits, the tokenizer, the input reader and the output writer.
+CPU_KV_LIMIT_FRACTION = 0.25
+# With no limit at all (a laptop, a bare LLM() on an interactive node) the pool takes at most
+# this share of MemAvailable and this many bytes: CPU decoding is too slow to fill more.
+CPU_KV_DEFAULT_CAP_BYTES = 4 * GiB
+_NO_LIMIT = 1 << 60          # cgroup v1 writes "unlimited" as a page-aligned LONG_MAX
+
+
+@dataclass(frozen=True)
+class CpuMemory:
+    """What the CPU KV pool was sized from; ``describe()`` goes to the log, ``as_dict()`` to
+    the worker's metrics."""
+    limit_bytes: int | None      # the smallest limit that applies to this process (None: none)
+    limit_source: str            # where it comes from ("cgroup v1 ...", "SLURM_MEM_PER_NODE=...")
+    used_bytes: int              # this process's resident memory when the pool was sized
+    available_bytes: int         # what the pool and everything after it may still take
+    kv_budget: int               # what the KV pool may take
+
+    def describe(self) -> str:
+        if self.limit_bytes is None:
+            return (f"no memory limit found (no cgroup limit, no SLURM_MEM_*): KV budget "
+                    f"{self.kv_budget / GiB:.2f} GiB = min({CPU_KV_LIMIT_FRACTION:.0%} of "
+                    f"{self.available_bytes / GiB:.2f} GiB MemAvailable, "
+                    f"{CPU_KV_DEFAULT_CAP_BYTES / GiB:.0f} GiB)")
+        return (f"memory limit {self.limit_bytes / GiB:.2f} GiB ({self.limit_source}), this "
+                f"process uses {self.used_bytes / GiB:.2f} GiB: KV budget "
+                f"{self.kv_budget / GiB:.2f} GiB = {CPU_KV_LIMIT_FRACTION:.0%} of the "
+                f"{self.available_bytes / GiB:.2f} GiB left")
+
+    def as_dict(self) -> dict:
+        return {"limit_bytes": self.limit_bytes, "limit_source": self.limit_source,
+                "used_bytes": self.used_bytes, "available_bytes": self.available_bytes,
+                "kv_budget_bytes": self.kv_budget}
+
+
+def cpu_kv_budget(environ=None) -> CpuMemory:
+    """The CPU KV budget under the tightest of the cgroup and Slurm limits (docs/worker.md)."""
+    import os
+    environ = os.environ if environ is None else environ
+    limits = [x for x in (cgroup_memory_limit(), slurm_memory_limit(environ)) if x is not None]
+    used = resident_bytes()
+    if not limits:
+        available = available_ram_bytes()
+        budget = min(int(available * CPU_KV_LIMIT_FRACTION), CPU_KV_DEFAULT_CAP_BYTES)
+        return CpuMemory(None, "", used, available, budget)
+    limit, source = min(limits)
+    available = max(limit - used, 0)
+    return CpuMemory(limit, source, used, available, int(available * CPU_KV_LIMIT_FRACTION))
+
+
+def slurm_memory_limit(environ) -> tuple[int, str] | None:
+    """--mem (SLURM_MEM_PER_NODE, MiB) or --mem-per-cpu x this node's CPUs, when set."""
+    per_node = environ.get("SLURM_MEM_PER_NODE", "")
+    if per_node.isdigit() and int(per_node) > 0:
+        return int(per_node) * 2**20, f"SLURM_MEM_PER_NODE={per_node}"
+    per_cpu = environ.get("SLURM_MEM_PER_CPU", "")
+    cpus = environ.get("SLURM_CPUS_ON_NODE") or environ.get("SLURM_CPUS_PER_TASK") or "1"
+    if per_cpu.isdigit() and int(per_cpu) > 0 and cpus.isdigit():
+        return (int(per_cpu) * int(cpus) * 2**20,
+                f"SLURM_MEM_PER_CPU={per_cpu} x {cpus} CPUs")
+    return None
+
+
+def cgroup_memory_limit(proc_self: str = "/proc/self") -> tuple[int, str] | None:
+    """The smallest memory limit on this process's own cgroup and its ancestors: v2
+    ``memory.max`` or v1 ``memory.limit_in_bytes``. None when none is set or readable."""
+    from pathlib import Path
+    try:
+        groups = Path(proc_self, "cgroup").read_text().splitlines()
+        mounts = Path(proc_self, "mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    found = []
+    for line in groups:
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hierarchy == "0" and controllers == "":
+            version, name = "v2", "memory.max"
+        elif "memory" in controllers.split(","):
+            version, name = "v1", "memory.limit_in_bytes"
+        else:
+            continue
+        for directory in _cgroup_dirs(mounts, version, path):
+            value = _read_limit(directory / name)
+            if value is not None:
+                found.append((value, f"cgroup {version} {directory / name}"))
+    return min(found) if found else None
+
+
+def _cgroup_dirs(mounts: list[str], version: str, path: str):
+    """The cgroup's directory and its ancestors up to the mount point, deepest first."""
+    from pathlib import Path
+    for line in mounts:
+        fields, _, tail = line.partition(" - ")
+        fields, tail = fields.split(), tail.split()
+        if len(fields) < 5 or len(tail) < 3:
+            continue
+        fstype, options = tail[0], tail[2].split(",")
+        if (version, fstype) == ("v2", "cgroup2") or (
+                version == "v1" and fstype == "cgroup" and "memory" in options):
+            root, mount = fields[3], Path(fields[4])
+            # Inside a container the mount shows only the namespace's subtree (root "/" when
+            # /proc/self/cgroup already says "/"); a path outside it maps to the mount itself.
+            rel = path[len(root):] if path.startswith(root) else ""
+            directory = mount / rel.lstrip("/")
+            while True:
+                yield directory
+                if directory == mount or mount not in directory.parents:
+                    break
+                directory = directory.parent
+            return
+
+
+def _read_limit(path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    if not text.isdigit() or int(text) >= _NO_LIMIT:
+        return None          # "max" (v2) or v1's "unlimited"
+    return int(text)
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (VmRSS): the weights, torch, the tokenizer so far."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def available_ram_bytes() -> int:
+    """MemAvailable: used only when no limit applies to this process."""
+    import os
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")

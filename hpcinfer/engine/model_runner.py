@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,8 +24,6 @@ log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
            "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-# Fraction of available RAM the CPU KV pool may take when no size is given.
-_CPU_KV_RAM_FRACTION = 0.25
 
 
 @dataclass
@@ -74,6 +71,7 @@ class ModelRunner:
         # with the graphs: one process and stage (pipeline micro-batches would not cut it).
         self.split_mixed_attention = False
         self.memory_profile = None  # memory.MemoryProfile when the pool was sized on a GPU
+        self.cpu_memory = None      # memory.CpuMemory when it was sized on the CPU
 
     # --- KV cache ---
     def bytes_per_block(self) -> int:
@@ -91,7 +89,8 @@ class ModelRunner:
                 f"the KV cache holds {num_blocks} blocks of {self.block_size} tokens "
                 f"({num_blocks * per_block / 2**30:.3f} GiB) but one sequence of max_model_len="
                 f"{max_model_len} needs {self.max_blocks_per_seq}: raise kv_cache_memory_bytes "
-                "(or gpu_memory_utilization), or lower max_model_len")
+                "(or gpu_memory_utilization; on CPU the job's memory, resources.mem), or "
+                "lower max_model_len")
         spec = self.spec
         shape = (num_blocks, self.block_size, spec.num_kv_heads, spec.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=spec.dtype, device=self.device),
@@ -114,7 +113,28 @@ class ModelRunner:
         wanted = config.max_num_seqs * cdiv(max_model_len, self.block_size) * self.bytes_per_block()
         if self.device.type == "cuda":
             return min(wanted, self._cuda_spare_bytes())
-        return min(wanted, int(_available_ram_bytes() * _CPU_KV_RAM_FRACTION))
+        # The job's memory limit (cgroup, SLURM_MEM_*), never the machine's free memory.
+        from hpcinfer.engine.memory import cpu_kv_budget
+        self.cpu_memory = cpu_kv_budget()
+        log.info("CPU memory: %s; max_num_seqs x max_model_len need %.2f GiB",
+                 self.cpu_memory.describe(), wanted / 2**30)
+        return min(wanted, self.cpu_memory.kv_budget)
+
+    @property
+    def kv_pool(self) -> dict:
+        """The chosen pool and what it was sized from (the worker's metrics line)."""
+        pool = {"kv_cache_bytes": self.num_blocks * self.bytes_per_block(),
+                "kv_blocks": self.num_blocks, "block_size": self.block_size,
+                "device": str(self.device)}
+        if self.cpu_memory is not None:
+            pool["cpu_memory"] = self.cpu_memory.as_dict()
+        if self.memory_profile is not None:
+            p = self.memory_profile
+            pool["gpu_memory"] = {"total_bytes": p.total, "non_torch_bytes": p.non_torch,
+                                  "allocated_bytes": p.allocated,
+                                  "activation_peak_bytes": p.activation_peak,
+                                  "kv_budget_bytes": p.kv_budget}
+        return pool
 
     def _cuda_spare_bytes(self) -> int:
         # gpu_memory_utilization share minus what is in use and a profiled largest step
@@ -268,14 +288,3 @@ def _placeholder_rows(seqs: list[Sequence], cu_seqlens: np.ndarray, pending
             rows.append(cu_seqlens[i])
             src.append(index[id(seq)])
     return np.array(rows, np.int64), np.array(src, np.int64)
-
-
-def _available_ram_bytes() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")

@@ -108,6 +108,9 @@ def _run_shards(job_dir: Path, cfg, plan, shards, stop: StopFlag, metrics: Metri
     setup.refuse_duplicate_ids(spec, todo)
     engine = setup.load_engine(cfg, model, driver.make_engine,
                                ranks.device_of(driver.replica.place, cfg))
+    pool = getattr(getattr(engine, "runner", None), "kv_pool", None)   # LLMEngine only
+    if pool is not None:     # the chosen KV pool and what it was sized from (docs/worker.md)
+        metrics.write({"event": "engine", "status": "running", **pool})
     builder = None if setup.is_pooling(cfg) else setup.request_builder(cfg, engine)
     options = setup.loop_options(cfg, engine)
     rows_total = sum(s.num_rows for s in shards)
