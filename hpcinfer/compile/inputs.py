@@ -2,7 +2,7 @@
 
 Counting is cheap on purpose (login nodes): Parquet row counts come from the footer
 metadata (pyarrow, imported only when a Parquet file is present); JSONL rows are counted by
-streaming newlines, never parsed. A row is a physical line: the reader later treats a blank
+streaming newlines, never parsed; text rows are the non-blank lines (blank ones are not rows). A row is a physical line: the reader later treats a blank
 or broken line as a bad row of that shard, so row ranges stay stable either way.
 """
 from __future__ import annotations
@@ -17,13 +17,14 @@ from hpcinfer.compile.plan import Shard
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 PARQUET_SUFFIXES = (".parquet", ".pq")
+TEXT_SUFFIXES = (".txt",)
 _CHUNK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
 class InputFile:
     path: str
-    format: str      # jsonl | parquet | openai-batch
+    format: str      # jsonl | parquet | text | openai-batch
     num_rows: int
 
 
@@ -46,6 +47,9 @@ def _inspect(cfg, path: str) -> InputFile:
     try:
         if fmt == "parquet":
             num_rows = _parquet_rows(cfg, path)
+        elif fmt == "text":
+            from hpcinfer.io.readers import count_text_rows
+            num_rows = count_text_rows(path)
         else:
             num_rows = count_jsonl_rows(path)
     except OSError as exc:
@@ -64,9 +68,11 @@ def _format_of(cfg, path: str) -> str:
         return "parquet"
     if lower.endswith(JSONL_SUFFIXES):
         return "jsonl"
+    if lower.endswith(TEXT_SUFFIXES):
+        return "text"
     raise plan_error(cfg, "input.format", f"cannot tell the format of {path} from its suffix",
-                     "name files *.jsonl or *.parquet, or set input.format: jsonl | parquet | "
-                     "openai-batch")
+                     "name files *.jsonl, *.parquet or *.txt (one prompt per line), or set "
+                     "input.format: jsonl | parquet | text | openai-batch")
 
 
 def count_jsonl_rows(path: str) -> int:

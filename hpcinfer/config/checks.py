@@ -24,6 +24,8 @@ ACCOUNT_ENV = ("SBATCH_ACCOUNT", "SLURM_ACCOUNT")
 def check_consistency(cfg: JobConfig) -> None:
     _check_layout(cfg)
     _check_task_fields(cfg)
+    _check_prompt_template(cfg)
+    _check_output_columns(cfg)
     _check_pooling(cfg)
     _check_sampling(cfg)
     _check_env_names(cfg)
@@ -79,11 +81,51 @@ def _check_task_fields(cfg: JobConfig) -> None:
               "embed": ("text_field",), "classify": ("text_field",), "reward": ("text_field",),
               "score": ("text_1_field", "text_2_field")}[cfg.task]
     for field in needed:
+        if field in ("prompt_field", "text_field") and cfg.input.prompt_template is not None:
+            continue        # the template makes the prompt from the columns it names
         if getattr(cfg.input, field) is None:
             example = {"messages_field": "messages", "prompt_field": "prompt"}.get(field, "text")
             raise cfg.error_at(f"input.{field}" if f"input.{field}" in cfg._origins else "task",
                                f"task {cfg.task} reads input.{field}, which is not set",
                                f"add `{field}: {example}` under input (the column name)")
+
+
+TEMPLATE_TASKS = ("generate", "embed", "classify", "reward")
+
+
+def _check_prompt_template(cfg: JobConfig) -> None:
+    """Syntax only (and the task): ``hpcinfer validate`` renders it over sampled rows too."""
+    template = cfg.input.prompt_template
+    if template is None:
+        return
+    if cfg.task not in TEMPLATE_TASKS or cfg.input.format == "openai-batch":
+        raise cfg.error_at("input.prompt_template",
+                           f"a prompt template makes one text per row, which task {cfg.task}"
+                           f"{' with OpenAI batch input' if cfg.input.format == 'openai-batch' else ''}"
+                           " does not read",
+                           f"remove it, or use it with task {' | '.join(TEMPLATE_TASKS)} and "
+                           "jsonl/parquet/text input")
+    from hpcinfer.io.template import TemplateError, compile_template
+    try:
+        compile_template(template)
+    except TemplateError as exc:
+        raise cfg.error_at("input.prompt_template", str(exc),
+                           'write Jinja2 over the row\'s columns, e.g. "Question: '
+                           '{{ question }}\\nAnswer:"') from None
+
+
+def _check_output_columns(cfg: JobConfig) -> None:
+    name = cfg.output.text_field
+    if not name.strip():
+        raise cfg.error_at("output.text_field", "the output column name is empty",
+                           "write e.g. `text_field: generated_text` under output")
+    reserved = {"row_index", "num_prompt_tokens", "num_output_tokens", "finish_reason",
+                "logprobs"}
+    taken = reserved | set(cfg.input.passthrough) | {cfg.input.id_field}
+    if name in taken:
+        raise cfg.error_at("output.text_field", f"{name!r} is already an output column (the id, "
+                           "a passthrough column, or one of hpcinfer's own)",
+                           "pick another name, e.g. generated_text")
 
 
 POOLING_TASKS = ("embed", "classify", "score", "reward")

@@ -103,16 +103,45 @@ class ModelSection(Section):
                           "commit); leave it null")
 
 
+def _bad_row_budget(value: Any) -> Any:
+    # An int is a count, a float a fraction: 10 = ten rows, 0.1 = a tenth of the rows.
+    fix = ("write a count of rows (e.g. 100, or 0 for none) or a fraction in (0, 1] "
+           "(e.g. 0.05 for 5%)")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise user_error(f"max_bad_rows must be a number, got {value!r}", fix)
+    if isinstance(value, int) and value < 0:
+        raise user_error(f"max_bad_rows {value} is negative", fix)
+    if isinstance(value, float) and not 0 < value <= 1:
+        raise user_error(f"max_bad_rows {value} is a fraction outside (0, 1]", fix)
+    return value
+
+
+BadRowBudget = Annotated[Union[int, float], BeforeValidator(_bad_row_budget), WithJsonSchema({
+    "anyOf": [{"type": "integer", "minimum": 0},
+              {"type": "number", "exclusiveMinimum": 0, "maximum": 1}],
+    "description": "a count of rows, or a fraction of the task's rows"})]
+
+
 class InputSection(Section):
     path: InputGlobs = Field(
         description="Input file glob, or a list of globs (relative to the job file's directory)")
-    format: Literal["auto", "jsonl", "parquet", "openai-batch"] = Field(
-        "auto", description="auto picks from the suffix (.jsonl/.json -> jsonl, .parquet)")
+    format: Literal["auto", "jsonl", "parquet", "text", "openai-batch"] = Field(
+        "auto", description="auto picks from the suffix (.jsonl/.json -> jsonl, .parquet, "
+                            ".txt -> text: one prompt per line, blank lines skipped, the "
+                            "prompt in column prompt_field and the line number in id_field)")
     id_field: Optional[str] = Field(
         "id", description="Column with a unique row id, used to resume without duplicates; "
                           "null = (file, row index)")
     prompt_field: Optional[str] = Field(
         "prompt", description="Column with the text prompt (task generate)")
+    prompt_template: Optional[str] = Field(
+        None, description="Jinja2 template over the row's columns that makes the prompt, "
+                          "e.g. \"Question: {{ question }}\\nAnswer:\" (sandboxed; an unknown "
+                          "column is a bad row); replaces prompt_field (generate) or "
+                          "text_field (embed/classify/reward); null = the column as is")
+    max_bad_rows: BadRowBudget = Field(
+        0.05, description="Bad rows (errors.jsonl) a task may have before it stops and fails: "
+                          "a count (0 = none) or a fraction of its rows in (0, 1]")
     messages_field: Optional[str] = Field(
         None, description="Column with OpenAI-style chat messages (task chat)")
     text_field: Optional[str] = Field(
@@ -133,6 +162,9 @@ class OutputSection(Section):
                           "null = results/<name>")
     format: Literal["jsonl", "parquet", "openai-batch"] = Field(
         "jsonl", description="Format of the committed part files")
+    text_field: str = Field(
+        "text", description="Output column of the generated text (jsonl/parquet), e.g. "
+                            "generated_text")
     commit_every_rows: int = Field(1000, ge=1, description="Commit a part file every N rows")
     commit_every_s: float = Field(60.0, gt=0, description="... or every T seconds")
     logprobs: bool = Field(False, description="Write token logprobs to the output")

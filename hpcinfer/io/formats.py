@@ -6,6 +6,8 @@ equal bytes. Formats:
 
 - jsonl: ``{"row_index", <id>, <passthrough...>, "text", "num_prompt_tokens",
   "num_output_tokens", "finish_reason"[, "logprobs"]}`` one JSON object per line.
+  ``text`` is named by output.text_field (e.g. ``generated_text``, as Ray Data's template
+  writes it).
 - parquet: the same columns with an explicit schema.
 - openai-batch: the OpenAI batch output line plus ``row_index`` (collect drops it).
 
@@ -50,8 +52,9 @@ class JsonlFormat:
     suffix = ".jsonl"
 
     def __init__(self, *, id_name: str | None = "id", passthrough: tuple[str, ...] = (),
-                 logprobs: bool = False, column_types: dict | None = None, **_: Any):
-        reserved = {"row_index", *RESULT_FIELDS, "logprobs"}
+                 logprobs: bool = False, column_types: dict | None = None,
+                 text_field: str = "text", **_: Any):
+        reserved = {"row_index", *RESULT_FIELDS[1:], text_field, "logprobs"}
         clash = reserved & (set(passthrough) | {id_name})
         if clash:
             raise ValueError(f"input.passthrough / id_field name {sorted(clash)} clashes with "
@@ -61,6 +64,7 @@ class JsonlFormat:
         self.passthrough = tuple(c for c in passthrough if c != id_name)
         self.logprobs = logprobs
         self.column_types = column_types or {}
+        self.text_field = text_field
 
     def with_column_types(self, column_types: dict) -> "JsonlFormat":
         """A copy that writes these input columns with these Arrow types (Parquet)."""
@@ -79,7 +83,7 @@ class JsonlFormat:
 
     def record(self, row, out) -> dict:
         rec = self._row_fields(row)
-        rec["text"] = out.text
+        rec[self.text_field] = out.text
         rec["num_prompt_tokens"] = out.num_prompt_tokens
         rec["num_output_tokens"] = out.num_output_tokens
         rec["finish_reason"] = out.finish_reason
@@ -129,13 +133,16 @@ class ParquetFormat(JsonlFormat):
         return pa.Table.from_arrays(arrays, names=names)
 
     def _names(self) -> list[str]:
+        results = [self.text_field if f == "text" else f for f in RESULT_FIELDS]
         return ["row_index", *([self.id_name] if self.id_name else []), *self.passthrough,
-                *RESULT_FIELDS, *(["logprobs"] if self.logprobs else [])]
+                *results, *(["logprobs"] if self.logprobs else [])]
 
     def _array(self, name: str, values: list):
         import pyarrow as pa
         fixed = _fixed_types()
-        if name in fixed:
+        if name == getattr(self, "text_field", "text"):
+            return pa.array(values, pa.string())
+        if name in fixed and name != "text":     # "text" may be a passthrough column here
             return pa.array(values, fixed[name])
         if name in self.column_types:
             return pa.array(values, self.column_types[name])

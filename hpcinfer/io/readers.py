@@ -1,4 +1,9 @@
-"""Streaming shard readers: JSONL line by line, Parquet batch by batch, memory flat.
+"""Streaming shard readers: JSONL and text line by line, Parquet batch by batch, memory flat.
+
+Text input (.txt) is one prompt per line, as Ray Data's read_text gives it: blank lines are
+skipped (they are not rows at all, on both sides: the compiler counts rows with
+``count_text_rows``), a row's index is its position among the non-blank lines and its id the
+1-based physical line number, so errors and outputs point at the line in an editor.
 
 A shard is rows [start, stop) of one file (``hpcinfer.compile.plan.Shard``: any object with
 ``file``, ``start`` and ``stop`` works). Every row in the range comes out as an ``InputRow``
@@ -19,6 +24,7 @@ log = logging.getLogger(__name__)
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 PARQUET_SUFFIXES = (".parquet", ".pq")
+TEXT_SUFFIXES = (".txt",)
 PARQUET_BATCH_ROWS = 2048
 
 
@@ -41,8 +47,21 @@ def resolve_format(path: str, fmt: str = "auto") -> str:
         return "parquet"
     if lower.endswith(JSONL_SUFFIXES):
         return "jsonl"
-    raise ShardReadError(str(path), "cannot tell its format from the suffix: name it *.jsonl "
-                         "or *.parquet, or set input.format")
+    if lower.endswith(TEXT_SUFFIXES):
+        return "text"
+    raise ShardReadError(str(path), "cannot tell its format from the suffix: name it *.jsonl, "
+                         "*.parquet or *.txt, or set input.format")
+
+
+def is_blank_line(line: bytes) -> bool:
+    """A text-input line that is not a row (empty or only whitespace)."""
+    return not line.strip()
+
+
+def count_text_rows(path: str) -> int:
+    """Rows of a text input: its non-blank lines."""
+    with open(path, "rb") as f:
+        return sum(1 for line in f if not is_blank_line(line))
 
 
 class ShardReader:
@@ -70,7 +89,8 @@ class ShardReader:
         self._first_index_of: dict[Any, int] = {}
 
     def __iter__(self) -> Iterator[InputRow | BadRow]:
-        records = self._parquet_records() if self.format == "parquet" else self._jsonl_records()
+        records = {"parquet": self._parquet_records, "text": self._text_records}.get(
+            self.format, self._jsonl_records)()
         for index, obj, raw in records:
             self.num_rows += 1
             if isinstance(obj, BadRow):
@@ -106,6 +126,42 @@ class ShardReader:
                                          f"expects rows up to {self.stop}: the file changed "
                                          "after the job was planned; re-render the job")
                 yield index, self._decode_line(index, line), line
+
+    # -- text: one prompt per line ---------------------------------------------------------
+    def _text_records(self) -> Iterator[tuple[int, Any, bytes]]:
+        try:
+            f = open(self.file, "rb")
+        except OSError as exc:
+            raise ShardReadError(self.file, exc.strerror or str(exc)) from None
+        index = 0
+        with f:
+            for line_number, line in enumerate(f, start=1):
+                if is_blank_line(line):
+                    continue
+                if index >= self.stop:
+                    return
+                if index >= self.start:
+                    yield index, self._text_row(index, line_number, line), line
+                index += 1
+        if index < self.stop:
+            raise ShardReadError(self.file, f"it has {index} non-blank lines but the plan "
+                                 f"expects rows up to {self.stop}: the file changed after the "
+                                 "job was planned; re-render the job")
+
+    def _text_row(self, index: int, line_number: int, line: bytes) -> Any:
+        line = line.rstrip(b"\r\n")
+        if line_number == 1 and line.startswith(b"\xef\xbb\xbf"):
+            line = line[3:]                          # UTF-8 byte-order mark
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return BadRow(index, self.file, line_number, "not_utf8",
+                          f"line {line_number} is not UTF-8 (byte {exc.start}): re-encode the "
+                          "file as UTF-8", excerpt(line))
+        row = {self.spec.text_column: text}
+        if self.spec.id_field:
+            row[self.spec.id_field] = line_number
+        return row
 
     def _decode_line(self, index: int, line: bytes) -> Any:
         line = line.rstrip(b"\r\n")
@@ -232,6 +288,8 @@ def _id_hash(value: Any) -> int:
 def _iter_ids(paths: list[str], id_field: str, fmt: str) -> Iterator[tuple[str, int, Any]]:
     """(file, row index, id) for rows with a non-null id; unreadable rows are skipped."""
     for path in paths:
+        if resolve_format(path, fmt) == "text":
+            continue                    # ids are line numbers: unique by construction
         if resolve_format(path, fmt) == "parquet":
             import pyarrow.parquet as pq
             index = 0

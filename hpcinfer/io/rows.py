@@ -23,13 +23,14 @@ from hpcinfer.io.sampling import check_sampling_overrides
 EXCERPT_CHARS = 200
 ROLES = ("system", "developer", "user", "assistant", "tool")
 TASKS = ("generate", "chat", "embed", "classify", "score", "reward")
+TEMPLATE_TASKS = ("generate", "embed", "classify", "reward")
 
 
 @dataclass(frozen=True)
 class InputSpec:
     """What the reader needs from the job config's ``input:`` block (and ``task``)."""
     task: str = "generate"
-    format: str = "auto"                 # auto | jsonl | parquet | openai-batch
+    format: str = "auto"                 # auto | jsonl | parquet | text | openai-batch
     id_field: str | None = "id"
     prompt_field: str | None = "prompt"
     messages_field: str | None = None
@@ -38,11 +39,16 @@ class InputSpec:
     text_2_field: str | None = None
     sampling_field: str | None = None
     passthrough: tuple[str, ...] = ()
+    prompt_template: str | None = None   # Jinja2 over the row's columns (io/template.py)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}: use one of {', '.join(TASKS)}")
-        if self.format != "openai-batch" and self.content_field is None:
+        if self.prompt_template is not None and self.task not in TEMPLATE_TASKS:
+            raise ValueError(f"input.prompt_template makes one text per row; task {self.task} "
+                             f"does not read one (use it with {', '.join(TEMPLATE_TASKS)})")
+        if self.format != "openai-batch" and self.content_field is None \
+                and self.prompt_template is None:
             raise ValueError(f"task {self.task} needs input.{self._content_key()} to name the "
                              "input column holding the row's content")
 
@@ -53,7 +59,7 @@ class InputSpec:
             (lambda k, d=None: getattr(input_cfg, k, d))
         kwargs = {k: get(k, getattr(cls, k)) for k in (
             "format", "id_field", "prompt_field", "messages_field", "text_field",
-            "text_1_field", "text_2_field", "sampling_field")}
+            "text_1_field", "text_2_field", "sampling_field", "prompt_template")}
         return cls(task=task, passthrough=tuple(get("passthrough", ()) or ()), **kwargs)
 
     @cached_property
@@ -82,9 +88,19 @@ class InputSpec:
             return self.text_1_field if self.text_2_field else None
         return getattr(self, self._content_key())
 
+    @cached_property
+    def text_column(self) -> str:
+        """The column a .txt line becomes (the prompt, or the text to embed/classify)."""
+        return self.content_field or "prompt"
+
     def columns(self) -> list[str]:
         """Input columns the reader needs (Parquet projection), in a stable order."""
-        names = [self.id_field, self.content_field, self.sampling_field, *self.passthrough]
+        if self.prompt_template is not None:
+            from hpcinfer.io.template import template_columns
+            content = list(template_columns(self.prompt_template))
+        else:
+            content = [self.content_field]
+        names = [self.id_field, *content, self.sampling_field, *self.passthrough]
         if self.task == "score":
             names.insert(2, self.text_2_field)
         return list(dict.fromkeys(n for n in names if n))
@@ -201,6 +217,8 @@ def _content(obj: dict, spec: InputSpec) -> tuple[dict, tuple[str, str] | None]:
             return {}, problem
         problem = check_messages(messages)
         return ({}, ("bad_messages", problem)) if problem else ({"messages": messages}, None)
+    if spec.prompt_template is not None:
+        return _templated(obj, spec)
     fields = [spec.content_field] + ([spec.text_2_field] if spec.task == "score" else [])
     values = []
     for name in fields:
@@ -213,6 +231,17 @@ def _content(obj: dict, spec: InputSpec) -> tuple[dict, tuple[str, str] | None]:
     if spec.task == "generate":
         return {"prompt": values[0]}, None
     return {"texts": tuple(values)}, None
+
+
+def _templated(obj: dict, spec: InputSpec) -> tuple[dict, tuple[str, str] | None]:
+    from hpcinfer.io.template import TemplateError, render_prompt
+    try:
+        text = render_prompt(spec.prompt_template, obj)
+    except TemplateError as exc:
+        return {}, ("template_error", str(exc))
+    if not text:
+        return {}, ("empty_prompt", "prompt_template made an empty prompt for this row")
+    return ({"prompt": text} if spec.task == "generate" else {"texts": (text,)}), None
 
 
 def _field(obj: dict, name: str, kind: type, kind_words: str) -> tuple[Any, Any]:

@@ -78,7 +78,7 @@ CASES = [
      (), None, "time", True),
     ("newline-in-partition", _replace("mem: 1G", 'mem: 1G, partition: "gpu\\necho pwned"'), (), None,
      "partition", True),
-    ("unknown-suffix", _replace("data/*.jsonl", "data/*.txt"), (), lambda r: (r / "data" / "a.txt").write_text("x\n"),
+    ("unknown-suffix", _replace("data/*.jsonl", "data/*.csv"), (), lambda r: (r / "data" / "a.csv").write_text("x\n"),
      "format", True),
     ("empty-inputs", GOOD, (), _empty_inputs, "no rows", True),
     ("bad-signal", GOOD + "resilience: {signal: USR9}\n", (), None, "signal", True),
