@@ -9,6 +9,12 @@ the KV read is the cost). Long contexts are cut into partitions of ``partition_s
 that run in parallel (split-K); each writes an unnormalised partial result with its running
 max and sum, and ``_decode_reduce_kernel`` combines them (log-sum-exp merge).
 
+Spec features (``AttentionSpec``, docs/kernels.md) are constexpr switches, so a layer without
+them compiles to the same code as before they existed: HAS_SOFTCAP caps each logit inside the
+key loop (before masking); HAS_SINKS adds ``exp(sink)`` to the softmax denominator once, at
+the end: in the main kernel without split-K, in the reduce kernel after the merge with it
+(each partition's sum excludes the sink, or it would count once per partition).
+
 CUDA graphs. The grid depends only on shapes and on ``max_seqlen_k``, a host int: by default
 the block table's capacity (``block_tables.shape[1] * block_size``), so a graph captured once
 per batch size stays valid as sequences grow. Partitions past a sequence's end do no loads.
@@ -21,8 +27,8 @@ import triton.language as tl
 
 from .launch_checks import (FLOAT_DTYPES, INDEX_DTYPES, KernelArgumentError, check_dim,
                             check_dtype, check_head_dim, check_last_dim_contiguous, check_out,
-                            check_same_device)
-from .paged_tiles import attend_key_tiles, pv_precision
+                            check_same_device, check_sinks)
+from .paged_tiles import attend_key_tiles, pv_precision, sink_denominator, softcap_args
 
 LOG2E = 1.4426950408889634
 DEFAULT_PARTITION_SIZE = 512
@@ -41,14 +47,15 @@ BIG_GRID_PARTITION_SIZE = 2048
 
 @triton.jit
 def _decode_attention_kernel(
-    Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, OUT, PART_ACC, PART_MAX, PART_SUM,
-    scale_log2, sliding_window,
+    Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, SINKS, OUT, PART_ACC, PART_MAX, PART_SUM,
+    qk_scale, sliding_window, softcap_log2,
     stride_qs, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt, stride_os, stride_oh,
     num_heads, num_partitions,
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     PARTITION_SIZE: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, PV_PRECISION: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -77,9 +84,9 @@ def _decode_attention_kernel(
     table = BLOCK_TABLES + seq.to(tl.int64) * stride_bt
     # Keys up to the window's start are cut by lo, so only the length mask applies.
     acc, l_i, m_i = attend_key_tiles(
-        acc, l_i, m_i, q, K_CACHE, V_CACHE, table, kv_head, offs_g, lo, hi, scale_log2,
+        acc, l_i, m_i, q, K_CACHE, V_CACHE, table, kv_head, offs_g, lo, hi, qk_scale,
         sliding_window, stride_cb, stride_cs, stride_ch, offs_d, mask_d, BLOCK_SIZE, BLOCK_N,
-        True, False, False, DOT_PRECISION, PV_PRECISION)
+        True, False, False, DOT_PRECISION, PV_PRECISION, softcap_log2, HAS_SOFTCAP)
 
     row_mask = mask_g[:, None] & mask_d[None, :]
     if IS_SPLIT:
@@ -89,17 +96,22 @@ def _decode_attention_kernel(
         tl.store(PART_SUM + row, l_i, mask=mask_g)
         tl.store(PART_ACC + row[:, None] * BLOCK_D + offs_d[None, :], acc, mask=row_mask)
     else:
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]   # an empty sequence gives zeros
+        if HAS_SINKS:   # the sink joins the denominator here (split: in the reduce, once)
+            sink = tl.load(SINKS + heads, mask=mask_g, other=0.0).to(tl.float32)
+            denom = sink_denominator(l_i, m_i, sink)
+        else:
+            denom = tl.where(l_i == 0.0, 1.0, l_i)   # an empty sequence gives zeros
+        out = acc / denom[:, None]
         tl.store(OUT + seq * stride_os + heads[:, None] * stride_oh + offs_d[None, :],
                  out.to(OUT.dtype.element_ty), mask=row_mask)
 
 
 @triton.jit
 def _decode_reduce_kernel(
-    PART_ACC, PART_MAX, PART_SUM, SEQ_LENS, OUT,
+    PART_ACC, PART_MAX, PART_SUM, SEQ_LENS, SINKS, OUT,
     stride_os, stride_oh, num_heads, num_partitions,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
-    PARTITION_SIZE: tl.constexpr,
+    PARTITION_SIZE: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     # One program per (sequence, query head): merge its partitions' softmax statistics.
     seq = tl.program_id(0)
@@ -118,6 +130,8 @@ def _decode_reduce_kernel(
     acc = tl.load(PART_ACC + row[:, None] * BLOCK_D + offs_d[None, :],
                   mask=mask_p[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     denom = tl.sum(w * l, 0)
+    if HAS_SINKS:   # once per head, after the merge: every partition's sum excludes it
+        denom = sink_denominator(denom, m_max, tl.load(SINKS + head).to(tl.float32))
     out = tl.sum(acc * w[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)  # [BLOCK_D]
     tl.store(OUT + seq * stride_os + head * stride_oh + offs_d,
              out.to(OUT.dtype.element_ty), mask=offs_d < HEAD_DIM)
@@ -131,20 +145,20 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            partition_size: int | None = None) -> torch.Tensor:
     """Decode attention: q [num_seqs, num_heads, head_dim], one query at seq_lens[i] - 1.
 
-    Same arguments as the reference, plus: ``out`` (preallocated [num_seqs, num_heads,
+    Same arguments as the reference (``logit_softcap``, ``sinks`` [num_heads]), plus: ``out`` (preallocated [num_seqs, num_heads,
     head_dim] in q's dtype), ``max_seqlen_k`` (a host-side upper bound on seq_lens that fixes
     the grid; default: the block table's capacity) and ``partition_size`` (keys per split-K
     partition, a multiple of 16; default 512, doubled while the bound would need more than
     64 partitions). Never syncs with the host.
     """
-    if logit_softcap is not None or sinks is not None:   # being written (issue 17)
-        raise NotImplementedError("logit softcapping and attention sinks are not yet in the "
-                                  "Triton kernels: run with attention_backend=torch_ref")
     num_seqs, num_heads, head_dim = _check_args(q, k_cache, v_cache, block_tables, seq_lens)
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     if out is None:
         out = torch.empty_like(q)
     check_out(out, tuple(q.shape), q.dtype, q.device)
+    if sinks is not None:
+        check_sinks(sinks, num_heads, q.device)
+    qk_scale, softcap_log2 = softcap_args(scale, logit_softcap)
     if num_seqs == 0:
         return out
     if max_seqlen_k is None:
@@ -168,8 +182,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     else:
         part_max = part_sum = part_acc = out   # unused by the kernel when IS_SPLIT is False
     _decode_attention_kernel[(num_seqs, num_kv_heads, num_partitions)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, part_acc, part_max, part_sum,
-        scale * LOG2E, sliding_window or 0,
+        q, k_cache, v_cache, block_tables, seq_lens, q if sinks is None else sinks, out,
+        part_acc, part_max, part_sum, qk_scale, sliding_window or 0, softcap_log2,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         num_heads, num_partitions,
@@ -178,14 +192,15 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         PARTITION_SIZE=partition_size, HAS_WINDOW=sliding_window is not None,
         IS_SPLIT=is_split, DOT_PRECISION=_dot_precision(q.dtype),
         PV_PRECISION=pv_precision("decode", q.dtype),
+        HAS_SOFTCAP=logit_softcap is not None, HAS_SINKS=sinks is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if is_split:
         _decode_reduce_kernel[(num_seqs, num_heads)](
-            part_acc, part_max, part_sum, seq_lens, out,
+            part_acc, part_max, part_sum, seq_lens, q if sinks is None else sinks, out,
             out.stride(0), out.stride(1), num_heads, num_partitions,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_P=triton.next_power_of_2(num_partitions),
-            PARTITION_SIZE=partition_size, num_warps=4,
+            PARTITION_SIZE=partition_size, HAS_SINKS=sinks is not None, num_warps=4,
         )
     return out
 

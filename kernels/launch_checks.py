@@ -64,3 +64,15 @@ def check_out(out: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype,
             f"out has shape {tuple(out.shape)}, dtype {out.dtype} on {out.device}; expected "
             f"{tuple(shape)}, {dtype} on {device}")
     check_last_dim_contiguous("out", out)
+
+
+def check_sinks(sinks: torch.Tensor, num_heads: int, device: torch.device) -> None:
+    """Attention sinks: one logit per query head, [num_heads], any float dtype."""
+    if tuple(sinks.shape) != (num_heads,):
+        raise KernelArgumentError(f"sinks must be [num_heads] = [{num_heads}] (one logit per "
+                                  f"query head), got {tuple(sinks.shape)}")
+    check_dtype("sinks", sinks, FLOAT_DTYPES)
+    check_last_dim_contiguous("sinks", sinks)
+    if sinks.device != device:
+        raise KernelArgumentError(f"sinks is on {sinks.device}, q on {device}: move the layer's "
+                                  "sinks with the model")

@@ -35,14 +35,17 @@ def pv_precision(kernel: str, dtype: torch.dtype) -> str | None:
 
 @triton.jit
 def attend_key_tiles(acc, l_i, m_i, q, K_CACHE, V_CACHE, table, kv_head, q_pos, lo, hi,
-                      scale_log2, sliding_window, stride_cb, stride_cs, stride_ch, offs_d, mask_d,
+                      qk_scale, sliding_window, stride_cb, stride_cs, stride_ch, offs_d, mask_d,
                       BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, IS_MASKED: tl.constexpr,
                       IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                      DOT_PRECISION: tl.constexpr, PV_PRECISION: tl.constexpr = None):
+                      DOT_PRECISION: tl.constexpr, PV_PRECISION: tl.constexpr = None,
+                      softcap_log2=0.0, HAS_SOFTCAP: tl.constexpr = False):
     # Online softmax over keys [lo, hi) in BLOCK_N tiles. q: [rows, BLOCK_D] (query tokens
     # of one head for prefill, the query heads of one KV head for decode); q_pos: [rows]
     # absolute positions (read only when IS_CAUSAL or HAS_WINDOW). IS_MASKED=False is the
     # fast path for whole tiles that every row may see: no per-score masks.
+    # Logits in the log2 domain: q.k * qk_scale with qk_scale = scale * log2(e); with
+    # HAS_SOFTCAP (see softcap_args) tanh(q.k * scale / cap) * cap * log2(e) instead.
     for start in range(lo, hi, BLOCK_N):
         k_pos = start + tl.arange(0, BLOCK_N)
         mask_n = k_pos < hi
@@ -51,7 +54,9 @@ def attend_key_tiles(acc, l_i, m_i, q, K_CACHE, V_CACHE, table, kv_head, q_pos, 
                   + kv_head * stride_ch + offs_d[None, :])
         kv_mask = mask_n[:, None] & mask_d[None, :]
         k = tl.load(K_CACHE + kv_off, mask=kv_mask, other=0.0)            # [BLOCK_N, BLOCK_D]
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if HAS_SOFTCAP:   # before the masks, as transformers' Gemma 2 does
+            qk = tanh(qk) * softcap_log2
         if IS_MASKED:
             allowed = mask_n[None, :]                                       # [BLOCK_M, BLOCK_N]
             if IS_CAUSAL:
@@ -72,3 +77,31 @@ def attend_key_tiles(acc, l_i, m_i, q, K_CACHE, V_CACHE, table, kv_head, q_pos, 
         acc = acc * alpha[:, None] + pv
         m_i = m_new
     return acc, l_i, m_i
+
+
+@triton.jit
+def tanh(x):
+    # libdevice's tanh does not run under TRITON_INTERPRET, so build it from exp2 of a
+    # non-positive argument (no overflow); absolute error ~1e-7, i.e. ~cap * 1e-7 in a logit.
+    e = tl.math.exp2(-2.8853900817779268 * tl.abs(x))    # exp(-2|x|), 2.885... = 2 log2(e)
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def sink_denominator(l_i, m_i, sink):
+    # The softmax denominator with a learned sink logit (natural log domain, [rows]) added
+    # once: l_i is the sum of exp2(logit - m_i) over the keys, m_i = -inf when no key was seen.
+    m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+    return l_i + tl.math.exp2(sink * 1.4426950408889634 - m_safe)
+
+
+def softcap_args(scale: float, logit_softcap: float | None) -> tuple[float, float]:
+    """(qk_scale, softcap_log2) for attend_key_tiles: the log2(e) factor moves behind the tanh
+    when there is a cap."""
+    log2e = 1.4426950408889634
+    if logit_softcap is None:
+        return scale * log2e, 0.0
+    if not logit_softcap > 0:
+        raise ValueError(f"logit_softcap={logit_softcap} must be > 0, or None for no capping")
+    return scale / logit_softcap, logit_softcap * log2e

@@ -7,7 +7,9 @@ sit at absolute positions ``seq_lens[i] - q_len_i + j``: a prefix-cache hit or a
 chunk means they start mid-sequence, and every key (old and new) is read from the cache,
 which ``reshape_and_cache`` filled first. Keys are walked in BLOCK_N tiles with an online
 softmax (flash-attention style); the causal and sliding-window limits bound the walk so a
-tile never loads keys that all its queries mask out.
+tile never loads keys that all its queries mask out. Logit softcapping (HAS_SOFTCAP, inside the
+key loop, before the masks) and attention sinks (HAS_SINKS, added to the denominator after
+the loop) are constexpr switches: a layer without them compiles to the code it had before.
 """
 from __future__ import annotations
 
@@ -15,21 +17,21 @@ import torch
 import triton
 import triton.language as tl
 
-from .decode_attention import LOG2E, _dot_precision, check_paged_kv
+from .decode_attention import _dot_precision, check_paged_kv
 from .launch_checks import (INDEX_DTYPES, KernelArgumentError, check_dim, check_dtype,
-                            check_last_dim_contiguous, check_out, check_same_device)
-from .paged_tiles import attend_key_tiles, pv_precision
+                            check_last_dim_contiguous, check_out, check_same_device, check_sinks)
+from .paged_tiles import attend_key_tiles, pv_precision, sink_denominator, softcap_args
 
 
 @triton.jit
 def _prefill_attention_kernel(
-    Q, K_CACHE, V_CACHE, CU_SEQLENS_Q, SEQ_LENS, BLOCK_TABLES, OUT,
-    scale_log2, sliding_window,
+    Q, K_CACHE, V_CACHE, CU_SEQLENS_Q, SEQ_LENS, BLOCK_TABLES, SINKS, OUT,
+    qk_scale, sliding_window, softcap_log2,
     stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt, stride_ot, stride_oh,
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    PV_PRECISION: tl.constexpr,
+    PV_PRECISION: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     tile = tl.program_id(0)
     head = tl.program_id(1)
@@ -73,15 +75,19 @@ def _prefill_attention_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     table = BLOCK_TABLES + seq.to(tl.int64) * stride_bt
     acc, l_i, m_i = attend_key_tiles(
-        acc, l_i, m_i, q, K_CACHE, V_CACHE, table, kv_head, q_pos, lo, full_hi, scale_log2,
+        acc, l_i, m_i, q, K_CACHE, V_CACHE, table, kv_head, q_pos, lo, full_hi, qk_scale,
         sliding_window, stride_cb, stride_cs, stride_ch, offs_d, mask_d, BLOCK_SIZE, BLOCK_N,
-        False, IS_CAUSAL, HAS_WINDOW, DOT_PRECISION, PV_PRECISION)
+        False, IS_CAUSAL, HAS_WINDOW, DOT_PRECISION, PV_PRECISION, softcap_log2, HAS_SOFTCAP)
     acc, l_i, m_i = attend_key_tiles(
-        acc, l_i, m_i, q, K_CACHE, V_CACHE, table, kv_head, q_pos, full_hi, hi, scale_log2,
+        acc, l_i, m_i, q, K_CACHE, V_CACHE, table, kv_head, q_pos, full_hi, hi, qk_scale,
         sliding_window, stride_cb, stride_cs, stride_ch, offs_d, mask_d, BLOCK_SIZE, BLOCK_N,
-        True, IS_CAUSAL, HAS_WINDOW, DOT_PRECISION, PV_PRECISION)
+        True, IS_CAUSAL, HAS_WINDOW, DOT_PRECISION, PV_PRECISION, softcap_log2, HAS_SOFTCAP)
 
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    if HAS_SINKS:   # the head's sink joins the denominator once, after all keys
+        denom = sink_denominator(l_i, m_i, tl.load(SINKS + head).to(tl.float32))
+    else:
+        denom = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / denom[:, None]
     tl.store(OUT + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
              out.to(OUT.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
 
@@ -89,19 +95,16 @@ def _prefill_attention_kernel(
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
                     block_tables: torch.Tensor, scale: float, *, causal: bool = True,
-                    sliding_window: int | None = None, out: torch.Tensor | None = None,
-                    logit_softcap: float | None = None, sinks: torch.Tensor | None = None,
+                    sliding_window: int | None = None, logit_softcap: float | None = None,
+                    sinks: torch.Tensor | None = None, out: torch.Tensor | None = None,
                     max_seqlen_q: int | None = None) -> torch.Tensor:
     """Varlen attention over paged KV: q [num_tokens, num_heads, head_dim].
 
-    Same arguments as the reference, plus ``out`` (preallocated, q's shape and dtype) and
+    Same arguments as the reference (``logit_softcap``, ``sinks`` [num_heads]), plus ``out`` (preallocated, q's shape and dtype) and
     ``max_seqlen_q`` (host-side upper bound on any sequence's query count; it sizes the grid.
     Default: num_tokens, always safe but launches idle programs when there are many sequences).
     Never syncs with the host.
     """
-    if logit_softcap is not None or sinks is not None:   # being written (issue 17)
-        raise NotImplementedError("logit softcapping and attention sinks are not yet in the "
-                                  "Triton kernels: run with attention_backend=torch_ref")
     check_dim("q", q, 3, "[num_tokens, num_heads, head_dim]")
     check_paged_kv(q, k_cache, v_cache, block_tables)
     num_seqs = seq_lens.shape[0]
@@ -120,6 +123,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         out = torch.empty_like(q)
     check_out(out, tuple(q.shape), q.dtype, q.device)
     num_tokens, num_heads, head_dim = q.shape
+    if sinks is not None:
+        check_sinks(sinks, num_heads, q.device)
+    qk_scale, softcap_log2 = softcap_args(scale, logit_softcap)
     if num_tokens == 0 or num_seqs == 0:
         return out
     max_seqlen_q = min(max_seqlen_q or num_tokens, num_tokens)
@@ -128,14 +134,15 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     grid = (triton.cdiv(max_seqlen_q, block_m), num_heads, num_seqs)
     _prefill_attention_kernel[grid](
-        q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, out,
-        scale * LOG2E, sliding_window or 0,
+        q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables,
+        q if sinks is None else sinks, out, qk_scale, sliding_window or 0, softcap_log2,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         HEAD_DIM=head_dim, GROUP=num_heads // k_cache.shape[2], BLOCK_SIZE=k_cache.shape[1],
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         IS_CAUSAL=causal, HAS_WINDOW=sliding_window is not None,
         DOT_PRECISION=_dot_precision(q.dtype), PV_PRECISION=pv_precision("prefill", q.dtype),
+        HAS_SOFTCAP=logit_softcap is not None, HAS_SINKS=sinks is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out

@@ -159,3 +159,159 @@ def test_backend_refuses_a_spec_and_sinks_that_disagree():
     with pytest.raises(ValueError, match=r"sinks must be \[num_heads\] = \[2\]"):
         TorchRefAttentionBackend().forward(b.q, b.k, b.v, None, None, meta,
                                            AttentionSpec(1.0, has_sinks=True), torch.zeros(3))
+
+
+# --- Triton kernels against the reference (TRITON_INTERPRET=1, set in tests/conftest.py) ---
+
+from hpcinfer.kernels.decode_attention import count_partitions, paged_decode_attention  # noqa: E402
+from hpcinfer.kernels.launch_checks import KernelArgumentError  # noqa: E402
+from hpcinfer.kernels.prefill_attention import paged_attention  # noqa: E402
+from hpcinfer.layers.attention import DecodeSplit  # noqa: E402
+from hpcinfer.layers.attention_triton import TritonAttentionBackend  # noqa: E402
+
+TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.float16: dict(atol=3e-3, rtol=1e-2)}
+SINKS = [1.5, -2.0, 0.0, 3.0, -0.5, 2.5, -4.0, 0.7]   # per query head; up to 8 heads
+# Softcaps small enough to bend the logits of head_dim-24 random vectors at scale 0.5.
+FEATURES = {
+    "softcap": dict(logit_softcap=1.5),
+    "sinks": dict(sinks=True),
+    "softcap_sinks_window": dict(logit_softcap=2.0, sinks=True, sliding_window=6),
+    "sinks_window": dict(sinks=True, sliding_window=9),
+}
+# Block size 4. Sequence 0: a prefill chunk after a prefix-cache hit (16 cached tokens =
+# 4 whole blocks), its 7 queries crossing a window edge; sequence 1: a later chunk that
+# starts mid-block; sequence 2: a whole prompt longer than the window; sequence 3: a chunk
+# after 67 cached tokens (without a window the kernel's unmasked fast path runs over whole
+# key tiles first); sequence 4: a decode.
+PREFILL_LAYOUT = ([23, 18, 13, 70, 12], [7, 5, 13, 3, 1])
+
+
+def _features(name: str, heads: int, dtype=torch.float32) -> dict:
+    features = dict(FEATURES[name])
+    if features.pop("sinks", False):
+        features["sinks"] = torch.tensor(SINKS[:heads], dtype=dtype)
+    return features
+
+
+def _cached_batch(seq_lens, q_lens, heads, kv_heads, head_dim=24, dtype=torch.float32, seed=0):
+    b = make_paged_batch(seq_lens, q_lens, num_heads=heads, num_kv_heads=kv_heads,
+                         head_dim=head_dim, block_size=4, dtype=dtype, seed=seed)
+    reference.reshape_and_cache(b.k, b.v, b.k_cache, b.v_cache, b.slot_mapping)
+    return b
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(8, 2), (4, 1)])   # GQA, MQA
+@pytest.mark.parametrize("name", sorted(FEATURES))
+def test_prefill_kernel_features_match_reference(name, heads, kv_heads):
+    b = _cached_batch(*PREFILL_LAYOUT, heads, kv_heads, seed=11)
+    features = _features(name, heads)
+    expected = _paged_reference(b, 0.5, **features)
+    got = paged_attention(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.seq_lens, b.block_tables,
+                          0.5, max_seqlen_q=b.max_seqlen_q, **features)
+    torch.testing.assert_close(got, expected, **TOL[torch.float32])
+
+
+def test_prefill_kernel_features_fp16_with_fp16_sinks():
+    # Model-dtype sinks (a bf16/fp16 checkpoint keeps them so); the kernel reads them as fp32.
+    b = _cached_batch(*PREFILL_LAYOUT, 8, 2, dtype=torch.float16, seed=12)
+    features = _features("softcap_sinks_window", 8, torch.float16)
+    expected = _paged_reference(b, 0.5, **features)
+    got = paged_attention(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.seq_lens, b.block_tables,
+                          0.5, max_seqlen_q=b.max_seqlen_q, **features)
+    torch.testing.assert_close(got, expected, **TOL[torch.float16])
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(8, 2), (4, 1)])
+@pytest.mark.parametrize("name", sorted(FEATURES))
+def test_decode_kernel_split_k_features_match_reference(name, heads, kv_heads):
+    # Lengths 0 (a CUDA-graph padding row: zeros), 1, block edges, longer than every window.
+    # partition_size 16 over a 40-key table: 3 partitions, so the sink must be added by the
+    # reduce kernel exactly once; None: the single-partition path adds it in the main kernel.
+    lens = [0, 1, 4, 13, 29, 40]
+    b = _cached_batch(lens, [0] + [1] * (len(lens) - 1), heads, kv_heads, seed=13)
+    q = torch.randn(len(lens), heads, 24, generator=torch.Generator().manual_seed(2))
+    features = _features(name, heads)
+    expected = reference.paged_decode_attention(q[1:], b.k_cache, b.v_cache, b.block_tables[1:],
+                                                b.seq_lens[1:], 0.5, **features)
+    assert count_partitions(b.block_tables.shape[1] * 4, 16) == 3
+    for partition_size in (16, None):
+        got = paged_decode_attention(q, b.k_cache, b.v_cache, b.block_tables, b.seq_lens, 0.5,
+                                     partition_size=partition_size, **features)
+        assert torch.equal(got[0], torch.zeros_like(got[0]))
+        torch.testing.assert_close(got[1:], expected, **TOL[torch.float32])
+
+
+def test_kernels_refuse_bad_sinks_and_softcap():
+    b = _cached_batch([5], [1], 4, 2)
+    with pytest.raises(KernelArgumentError, match=r"sinks must be \[num_heads\] = \[4\]"):
+        paged_decode_attention(b.q, b.k_cache, b.v_cache, b.block_tables, b.seq_lens, 1.0,
+                               sinks=torch.zeros(2))
+    with pytest.raises(KernelArgumentError, match="sinks has dtype torch.int64"):
+        paged_attention(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.seq_lens, b.block_tables,
+                        1.0, sinks=torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="logit_softcap=-1.0 must be > 0"):
+        paged_attention(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.seq_lens, b.block_tables,
+                        1.0, logit_softcap=-1.0)
+
+
+def _backend_meta(b, *, is_decode=False, decode_split=None) -> AttentionMetadata:
+    return AttentionMetadata(slot_mapping=b.slot_mapping, cu_seqlens_q=b.cu_seqlens_q,
+                             seq_lens=b.seq_lens, block_tables=b.block_tables,
+                             max_seqlen_q=b.max_seqlen_q, max_seqlen_k=b.max_seqlen_k,
+                             is_decode=is_decode, decode_split=decode_split)
+
+
+def _mixed_step_split(b, num_decodes: int) -> DecodeSplit:
+    # As ModelRunner builds it: the leading one-token rows go to the decode kernel.
+    k = num_decodes
+    return DecodeSplit(num_decodes=k, decode_seq_lens=b.seq_lens[:k].clone(),
+                       decode_block_tables=b.block_tables[:k].clone(),
+                       decode_max_seqlen_k=b.block_tables.shape[1] * 4,
+                       prefill_cu_seqlens_q=(b.cu_seqlens_q[k:] - b.cu_seqlens_q[k]).clone(),
+                       prefill_seq_lens=b.seq_lens[k:].clone(),
+                       prefill_block_tables=b.block_tables[k:].clone())
+
+
+def test_backend_mixed_step_with_per_layer_specs_matches_torch_ref():
+    # One mixed step (two decodes, then a chunk across a window edge after a prefix-cache hit
+    # and a whole prompt) run through two "layers" whose specs differ, as Gemma 2's sliding
+    # and global layers do, on the same metadata: each must match torch_ref with its own spec.
+    seq_lens, q_lens = [9, 30, 23, 13], [1, 1, 7, 13]
+    heads, kv_heads = 8, 2
+    sinks = torch.tensor(SINKS[:heads])
+    layers = [(AttentionSpec(0.5, sliding_window=6, logit_softcap=2.0, has_sinks=True), sinks),
+              (AttentionSpec(0.5, logit_softcap=2.0, has_sinks=True), sinks),
+              (AttentionSpec(0.5, sliding_window=10), None)]
+    for seed, (spec, layer_sinks) in enumerate(layers):
+        b = make_paged_batch(seq_lens, q_lens, num_heads=heads, num_kv_heads=kv_heads,
+                             head_dim=24, block_size=4, dtype=torch.float32, seed=20 + seed)
+        meta = _backend_meta(b, decode_split=_mixed_step_split(b, 2))
+        ref_cache = (b.k_cache.clone(), b.v_cache.clone())
+        got = TritonAttentionBackend().forward(b.q, b.k, b.v, b.k_cache, b.v_cache, meta, spec,
+                                               layer_sinks)
+        expected = TorchRefAttentionBackend().forward(b.q, b.k, b.v, *ref_cache, meta, spec,
+                                                      layer_sinks)
+        torch.testing.assert_close(got, expected, **TOL[torch.float32])
+
+
+def test_backend_decode_step_and_no_cache_path_match_torch_ref():
+    spec = AttentionSpec(0.5, sliding_window=5, logit_softcap=1.5, has_sinks=True)
+    sinks = torch.tensor(SINKS[:4])
+    b = make_paged_batch([3, 17, 26], [1, 1, 1], num_heads=4, num_kv_heads=1, head_dim=24,
+                         block_size=4, dtype=torch.float32, seed=30)
+    meta = _backend_meta(b, is_decode=True)
+    ref_cache = (b.k_cache.clone(), b.v_cache.clone())
+    got = TritonAttentionBackend().forward(b.q, b.k, b.v, b.k_cache, b.v_cache, meta, spec,
+                                           sinks)
+    expected = TorchRefAttentionBackend().forward(b.q, b.k, b.v, *ref_cache, meta, spec, sinks)
+    torch.testing.assert_close(got, expected, **TOL[torch.float32])
+    # No KV cache (profiling, pooling): whole sequences, bidirectional as an encoder would be.
+    w = make_paged_batch([6, 11], [6, 11], num_heads=4, num_kv_heads=1, head_dim=24,
+                         block_size=4, dtype=torch.float32, seed=31)
+    for spec in (AttentionSpec(0.5, sliding_window=4, logit_softcap=1.5, has_sinks=True),
+                 AttentionSpec(0.5, causal=False, has_sinks=True)):
+        meta = _backend_meta(w)
+        got = TritonAttentionBackend().forward(w.q, w.k, w.v, None, None, meta, spec, sinks)
+        expected = TorchRefAttentionBackend().forward(w.q, w.k, w.v, None, None, meta, spec,
+                                                      sinks)
+        torch.testing.assert_close(got, expected, **TOL[torch.float32])
