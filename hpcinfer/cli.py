@@ -45,10 +45,17 @@ def cmd_validate(args) -> int:
     from hpcinfer.compile.model import resolve_job_model
     from hpcinfer.compile.render import describe
     from hpcinfer.compile.inputs import check_unique_ids
+    from hpcinfer.compile.sample import DEFAULT_SAMPLE_ROWS, sample_inputs, warnings_of
     cfg = resolve_job_model(_load(args))
     plan = build_plan(cfg)
     check_unique_ids(cfg, plan.input_files)
-    print(f"{args.job}: ok: {describe(plan)}")
+    samples = sample_inputs(cfg, plan, None if args.full else DEFAULT_SAMPLE_ROWS)
+    for line in warnings_of(cfg, samples):
+        print(f"hpcinfer: warning: {line}", file=sys.stderr)
+    num_read = sum(s.num_rows for s in samples)
+    print(f"{args.job}: ok: {describe(plan)}; read {num_read} rows "
+          f"({'all' if args.full else f'first {DEFAULT_SAMPLE_ROWS} per file'}), "
+          f"{sum(s.num_usable for s in samples)} usable")
     return 0
 
 
@@ -116,11 +123,11 @@ def cmd_collect(args) -> int:
         raise UserError(str(exc)) from None
     print(f"collected {result.num_rows} rows and {result.num_errors} bad rows into "
           f"{', '.join(str(p) for p in result.files)}")
-    for label, shards in (("not finished (no DONE)", result.incomplete_shards),
-                          ("FAILED", result.failed_shards)):
-        if shards:
-            print(f"warning: shards {label}: {', '.join(shards)} (see `hpcinfer status`)",
-                  file=sys.stderr)
+    if result.incomplete_shards:
+        print(f"warning: shards not finished (no DONE): {', '.join(result.incomplete_shards)} "
+              "(see `hpcinfer status`)", file=sys.stderr)
+    if result.failure_message():     # a FAILED shard: never report the job as complete
+        raise UserError(result.failure_message())
     return 0
 
 
@@ -175,6 +182,26 @@ def cmd_schema(args) -> int:
     return 0
 
 
+def cmd_models_supported(args) -> int:
+    """What the engine loads, from the same torch-free tables the engine reads."""
+    import json
+    from hpcinfer.models import support
+    table = {"architectures": support.supported_architectures(),
+             "pooling_architectures": support.supported_architectures(pooling=True),
+             "rope_types": list(support.SUPPORTED_ROPE_TYPES),
+             "quant_methods": list(support.SUPPORTED_QUANT_METHODS)}
+    if args.json:
+        print(json.dumps(table, indent=1))
+        return 0
+    print("generation (task generate, chat):\n  " + "\n  ".join(table["architectures"]))
+    print("pooling (task embed, classify, score, reward):\n  "
+          + "\n  ".join(table["pooling_architectures"]))
+    print(f"rope types: {', '.join(table['rope_types'])}")
+    print(f"quantization: {', '.join(table['quant_methods']) or 'none yet (unquantized only)'}")
+    print("`hpcinfer validate JOB` checks a job's checkpoint (config.json) against these.")
+    return 0
+
+
 def cmd_init(args) -> int:
     from hpcinfer.config import init_text
     sys.stdout.write(init_text(args.cluster))
@@ -195,7 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    job_command("validate", cmd_validate, "check the config and inputs; writes nothing")
+    p = job_command("validate", cmd_validate, "check the config, the model's config.json and "
+                    "the first rows of every input file; writes nothing")
+    p.add_argument("--full", action="store_true", help="read every input row, not the first "
+                   "100 of each file")
     for name, func, text in (("render", cmd_render, "write the job dir; print what would be submitted"),
                              ("submit", cmd_submit, "render, then sbatch; prints the job id"),
                              ("run", cmd_run, "render, then run the job here (--local)")):
@@ -238,6 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_container_build, container_def=True)
     from hpcinfer.hub.cli import add_hub_commands
     add_hub_commands(sub)      # download, models, verify-model (their own one-line errors)
+    models = sub.choices["models"]
+    models.add_argument("--supported", action="store_true",
+                        help="list the architectures, rope types and quantization methods the "
+                        "engine loads, instead of the downloaded models")
+    list_downloads = models.get_default("handler")
+    models.set_defaults(handler=lambda a: (cmd_models_supported if a.supported
+                                           else list_downloads)(a))
     p = sub.add_parser("schema", help="print the job file's JSON Schema")
     p.set_defaults(func=cmd_schema)
     p = sub.add_parser("init", help="print an annotated starting job file")

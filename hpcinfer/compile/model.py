@@ -43,27 +43,10 @@ def resolve_job_model(cfg, *, download: bool = False):
 
 
 def check_parallel_layout(cfg) -> None:
-    """Refuse parallel.tensor/pipeline that the model's config.json cannot be split by (the
-    engine would refuse it at start-up, after the job waited in the queue). Skipped when the
-    model directory has no readable config.json yet."""
-    import json
-    from hpcinfer.distributed.layout import layout_problem
-    parallel = cfg.parallel
-    if parallel.tensor * parallel.pipeline == 1:
-        return
-    try:
-        with open(os.path.join(cfg.model.id, "config.json"), encoding="utf-8") as f:
-            hf = json.load(f)
-        heads, layers = int(hf["num_attention_heads"]), int(hf["num_hidden_layers"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return
-    problem = layout_problem(heads, hf.get("num_key_value_heads"), layers, parallel.tensor,
-                             parallel.pipeline)
-    if problem is not None:
-        key, message = problem
-        raise cfg.error_at(f"parallel.{key}", f"{message} ({cfg.model.id}/config.json)",
-                           "pick a value that fits the model, and keep tensor x pipeline "
-                           "= gpus_per_node x nodes")
+    """Refuse a checkpoint the engine cannot load, or cannot split over parallel.tensor /
+    pipeline (compile/checkpoint.py); skipped while the model dir has no config.json."""
+    from hpcinfer.compile.checkpoint import check_checkpoint
+    check_checkpoint(cfg)
 
 
 def _is_local(value: str) -> bool:

@@ -99,10 +99,29 @@ class _Budget:
 
 
 def _check_bytes(text: str, label: str) -> None:
-    if len(text) > MAX_YAML_BYTES:
+    if len(text) <= MAX_YAML_BYTES:
+        _check_flow_depth(text, label)
+    else:
         raise ConfigError(label, None, "", f"the file is larger than the "
                           f"{MAX_YAML_BYTES // 1024} KiB a job file may have",
                           "is this the right file? put data in input files, not the job file")
+
+
+_BRACKETS = re.compile(r"[\[\]{}]")
+MAX_FLOW_DEPTH = 200     # generous: quoted text like "[INST]" may leave a bracket open
+
+
+def _check_flow_depth(text: str, label: str) -> None:
+    # pyyaml's scanner is quadratic in the depth of [ / { nesting (it re-checks every open
+    # level per token): 5000 levels take seconds, a megabyte of them hours. Count first.
+    depth = 0
+    for match in _BRACKETS.finditer(text):
+        depth = depth + 1 if match.group() in "[{" else max(depth - 1, 0)
+        if depth > MAX_FLOW_DEPTH:
+            line = text.count("\n", 0, match.start()) + 1
+            raise ConfigError(label, line, "", "the YAML nests too deeply to read ([ or { "
+                              f"more than {MAX_FLOW_DEPTH} levels deep)",
+                              "a job file nests a few levels: flatten it")
 
 
 def _compose(loader: yaml.SafeLoader, label: str) -> yaml.Node | None:

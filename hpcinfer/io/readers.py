@@ -200,6 +200,8 @@ class ShardReader:
                     for offset, obj in enumerate(batch.slice(lo, hi - lo).to_pylist()):
                         yield index + lo + offset, obj, None
                 index += batch.num_rows
+                if index >= self.stop:
+                    break                    # the rest of the row group is not this shard's
         except (OSError, pa.ArrowException) as exc:
             raise ShardReadError(self.file, f"Parquet data is corrupt near row {index} "
                                  f"({exc})") from None

@@ -70,11 +70,18 @@ def test_huge_file_is_refused_before_parsing(tmp_path):
     assert seconds < 1.0 and "KiB a job file may have" in err.problem
 
 
-@pytest.mark.parametrize("depth, words", [(30, "nests deeper than"), (5000, "too deeply")])
+@pytest.mark.parametrize("depth, words", [(30, "nests deeper than"), (5000, "too deeply"),
+                                          (MAX_YAML_BYTES // 2 - 100, "too deeply")])
 def test_deep_nesting_is_refused(tmp_path, depth, words):
     path = write_job(tmp_path, BASE + "env: " + "[" * depth + "]" * depth + "\n")
     err, seconds = _timed_error(path)
     assert seconds < 1.0 and words in err.problem
+
+
+def test_deep_block_nesting_is_refused(tmp_path):
+    text = BASE + "env:\n" + "".join("  " * (i + 1) + f"k{i}:\n" for i in range(400))
+    err, seconds = _timed_error(write_job(tmp_path, text))
+    assert seconds < 1.0 and "nest" in err.problem
 
 
 def test_set_without_equals_says_key_value(tmp_path, capsys):

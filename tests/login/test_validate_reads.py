@@ -1,0 +1,179 @@
+"""`hpcinfer validate` reads what the job will read (issue 16): the first rows of every input
+with the worker's reader, and the checkpoint's config.json against the engine's own tables
+(hpcinfer.models.support, read here, never copied), all without torch."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from hpcinfer.cli import main
+from hpcinfer.compile.checkpoint import checkpoint_problem
+from hpcinfer.compile.sample import DEFAULT_SAMPLE_ROWS
+from hpcinfer.models import support
+from hpcinfer.testing.jobs import write_job
+
+
+def _validate(job, capsys, *extra) -> tuple[int, str, str]:
+    rc = main(["validate", str(job), *extra])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_misnamed_prompt_column_fails_with_file_line(tmp_path, capsys):
+    job = write_job(tmp_path, input={"prompt_field": "question"})
+    rc, _, err = _validate(job, capsys)
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert "input.prompt_field: none of the first 5 rows of" in err
+    assert f"{tmp_path / 'data' / 'part-0.jsonl'}:1: row has no 'question' field" in err
+
+
+def test_broken_json_line_is_a_warning_with_counts_and_line(tmp_path, capsys):
+    job = write_job(tmp_path)
+    with open(tmp_path / "data" / "part-1.jsonl", "a") as f:
+        f.write("{broken\n")
+    rc, out, err = _validate(job, capsys)
+    assert rc == 0 and "11 rows" in out and "10 usable" in out
+    assert f"part-1.jsonl: 1 of 6 sampled rows are bad (1 invalid_json), e.g. " in err
+    assert f"part-1.jsonl:6: line is not valid JSON" in err
+    assert "over input.max_bad_rows (0.05)" in err
+
+
+def test_every_line_broken_fails(tmp_path, capsys):
+    job = write_job(tmp_path, rows=(3,))
+    (tmp_path / "data" / "part-0.jsonl").write_text("nope\n[1]\n\n")
+    rc, _, err = _validate(job, capsys)
+    assert rc == 2 and "input.path: none of the first 3 rows" in err
+    assert "1 invalid_json" in err and "1 not_object" in err and "1 blank_line" in err
+
+
+def test_parquet_missing_column_names_the_key(tmp_path, capsys):
+    from hpcinfer.testing.worker_jobs import write_parquet
+    write_parquet(tmp_path / "pq" / "a.parquet", [{"id": "a", "text": "x"}])
+    job = write_job(tmp_path, input={"path": "pq/*.parquet"})
+    rc, _, err = _validate(job, capsys)
+    assert rc == 2 and "input.prompt_field" in err and "has no column 'prompt'" in err
+
+
+def test_prompt_template_checked_against_sampled_rows(tmp_path, capsys):
+    job = write_job(tmp_path, input={"prompt_template": "Q: {{ questoin }}"})
+    rc, _, err = _validate(job, capsys)
+    assert rc == 2 and "input.prompt_template" in err and "'questoin' is undefined" in err
+    job = write_job(tmp_path, input={"prompt_template": "Q: {{ prompt }}\nA:"})
+    assert _validate(job, capsys)[0] == 0
+    job = write_job(tmp_path, input={"prompt_template": "Q: {{ prompt "})
+    rc, _, err = _validate(job, capsys)
+    assert rc == 2 and "not valid Jinja2" in err
+
+
+def test_sample_is_bounded_and_full_reads_all(tmp_path, capsys):
+    job = write_job(tmp_path, rows=(DEFAULT_SAMPLE_ROWS + 50,), input={"shard_rows": 1000})
+    with open(tmp_path / "data" / "part-0.jsonl", "a") as f:
+        f.write("late breakage\n")
+    rc, out, err = _validate(job, capsys)
+    assert rc == 0 and f"read {DEFAULT_SAMPLE_ROWS} rows" in out and not err
+    rc, out, err = _validate(job, capsys, "--full")
+    assert rc == 0 and f"read {DEFAULT_SAMPLE_ROWS + 51} rows (all)" in out
+    assert "part-0.jsonl:151: line is not valid JSON" in err
+
+
+def test_large_parquet_sample_reads_only_the_first_row_group(tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    (tmp_path / "pq").mkdir()
+    n = 400_000
+    table = pa.table({"id": pa.array(range(n)), "prompt": pa.array(["x" * 20] * n)})
+    pq.write_table(table, tmp_path / "pq" / "big.parquet", row_group_size=20_000)
+    job = write_job(tmp_path, input={"path": "pq/*.parquet", "shard_rows": 100_000})
+    start = time.perf_counter()
+    rc, out, _ = _validate(job, capsys)
+    assert rc == 0 and f"read {DEFAULT_SAMPLE_ROWS} rows" in out
+    # what matters is that it does not grow with the file; one row group is a few ms
+    assert time.perf_counter() - start < 5
+
+
+def test_text_input_is_validated_like_the_worker_reads_it(tmp_path, capsys):
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "p.txt").write_text("one\n\ntwo\n")
+    rc, out, _ = _validate(write_job(tmp_path, input={"path": "t/*.txt"}), capsys)
+    assert rc == 0 and "2 rows" in out and "2 usable" in out
+
+
+# -- the checkpoint's config.json --------------------------------------------------------
+def _model_job(tmp_path, hf: dict, **sections):
+    job = write_job(tmp_path, **sections)
+    (tmp_path / "model" / "config.json").write_text(json.dumps(hf))
+    return job
+
+
+LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+         "num_attention_heads": 8, "num_key_value_heads": 2, "num_hidden_layers": 4}
+
+
+def test_gemma3_multimodal_fails_at_validate_with_the_engines_message(tmp_path, capsys):
+    assert "Gemma3ForConditionalGeneration" not in support.supported_architectures()
+    hf = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+          "text_config": {"num_attention_heads": 8, "num_hidden_layers": 4},
+          "vision_config": {"hidden_size": 16}}
+    rc, _, err = _validate(_model_job(tmp_path, hf), capsys)
+    assert rc == 2 and "model.id" in err
+    with pytest.raises(ValueError) as engine:
+        support.architecture_of(type("C", (), {"architectures": hf["architectures"]}))
+    assert str(engine.value) in err and "multimodal" in err
+    assert "hpcinfer models --supported" in err
+
+
+def test_every_supported_architecture_passes():
+    for name in support.supported_architectures() + support.supported_architectures(True):
+        assert checkpoint_problem({**LLAMA, "architectures": [name]}) is None, name
+
+
+@pytest.mark.parametrize("where", ["rope_scaling", "rope_parameters", "per_layer_type"])
+def test_rope_types_follow_the_table(where):
+    def config(rope_type):
+        rope = {"rope_type": rope_type, "factor": 2.0, "rope_theta": 10000.0}
+        if where == "per_layer_type":
+            return {**LLAMA, "rope_parameters": {"full_attention": {"rope_type": "default"},
+                                                 "sliding_attention": rope}}
+        return {**LLAMA, where: rope}
+    for rope_type in support.SUPPORTED_ROPE_TYPES:
+        assert checkpoint_problem(config(rope_type)) is None, rope_type
+    key, message = checkpoint_problem(config("not-a-rope-type"))
+    assert key == "model.id" and message == (
+        f"unsupported rope_type 'not-a-rope-type'; supported: {list(support.SUPPORTED_ROPE_TYPES)}")
+
+
+def test_quantized_checkpoint_fails(tmp_path, capsys):
+    method = "awq"
+    assert method not in support.SUPPORTED_QUANT_METHODS
+    hf = {**LLAMA, "quantization_config": {"quant_method": method, "bits": 4}}
+    rc, _, err = _validate(_model_job(tmp_path, hf), capsys)
+    assert rc == 2 and "quantized checkpoints (quant_method awq) are not supported yet; " \
+                      "supported: " in err
+
+
+def test_heads_not_divisible_by_tensor(tmp_path, capsys):
+    hf = {**LLAMA, "num_attention_heads": 6, "num_key_value_heads": 6}
+    job = _model_job(tmp_path, hf, parallel={"tensor": 4, "replicas": 1})
+    rc, _, err = _validate(job, capsys)
+    assert rc == 2 and "parallel.tensor" in err and "6 attention heads" in err
+
+
+def test_a_supported_checkpoint_validates(tmp_path, capsys):
+    assert _validate(_model_job(tmp_path, LLAMA), capsys)[0] == 0
+
+
+def test_models_supported_lists_the_tables_without_torch():
+    code = ("import sys, json, contextlib, io\nfrom hpcinfer.cli import main\n"
+            "buf = io.StringIO()\nwith contextlib.redirect_stdout(buf):\n"
+            "    rc = main(['models', '--supported', '--json'])\n"
+            "print(json.dumps([rc, json.loads(buf.getvalue()), "
+            "[m for m in ('torch', 'transformers', 'triton') if m in sys.modules]]))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    rc, table, heavy = json.loads(proc.stdout.splitlines()[-1])
+    assert rc == 0 and heavy == []
+    assert table["architectures"] == support.supported_architectures()
+    assert table["rope_types"] == list(support.SUPPORTED_ROPE_TYPES)
