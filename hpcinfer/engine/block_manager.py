@@ -131,6 +131,16 @@ class BlockManager:
                 self.hash_to_block[block_hash] = block
         seq.num_registered_blocks = num_full
 
+    def reset_prefix_cache(self) -> int:
+        """Unregister every cached block hash (free blocks keep their place in the queue; blocks
+        in use keep their KV for their sequences, they are just no longer shared). Returns how
+        many hashes were dropped."""
+        num_dropped = len(self.hash_to_block)
+        self.hash_to_block.clear()
+        self.block_hash = [None] * self.num_blocks
+        self.block_tokens = [None] * self.num_blocks
+        return num_dropped
+
     # --- internals ---
     def _evict_free_block(self) -> int:
         block, _ = self.free_queue.popitem(last=False)

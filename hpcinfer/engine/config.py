@@ -34,6 +34,7 @@ class EngineConfig:
     attention_backend: str = "auto"
     tokenizer: str | None = None          # a tokenizer directory other than the model's
     trust_remote_code: bool = False       # accepted for vLLM scripts; no remote code is run
+    max_logprobs: int = 20                # most logprobs a request may ask for (vLLM's default)
 
     def __post_init__(self) -> None:
         _positive_int(self, "max_num_seqs")
@@ -50,6 +51,9 @@ class EngineConfig:
         _positive_int(self, "pipeline_parallel_size")
         if self.pipeline_micro_batches is not None:
             _positive_int(self, "pipeline_micro_batches")
+        if not isinstance(self.max_logprobs, int) or self.max_logprobs < -1:
+            raise ValueError(f"max_logprobs={self.max_logprobs!r} must be an integer >= 0 "
+                             "(-1: up to the vocabulary size)")
         if self.num_gpu_blocks_override is not None:
             _positive_int(self, "num_gpu_blocks_override")
         if self.dtype not in DTYPE_NAMES:
@@ -60,12 +64,16 @@ class EngineConfig:
     def from_kwargs(cls, model: str, **kwargs) -> EngineConfig:
         """Build from ``LLM(**kwargs)``; unknown keys raise TypeError with a did-you-mean.
 
-        A few vLLM arguments that change nothing here (swap space, stats logging, ...) are
-        accepted with a logged note, so existing scripts run unchanged."""
-        for key in sorted(set(kwargs) & IGNORED_VLLM_ARGS):
-            log.info("LLM(%s=...) is a vLLM option with no effect in hpcinfer; ignored", key)
-            kwargs.pop(key)
+        vLLM arguments that change nothing here (swap space, stats logging, ...) are accepted
+        with a logged note, and those naming a feature hpcinfer lacks raise ValueError: the one
+        table of both is hpcinfer.engine.vllm_args."""
+        from hpcinfer.engine.vllm_args import drop_vllm_only
+        kwargs = drop_vllm_only(dict(kwargs))
         known = {f.name for f in fields(cls)}
+        # None means "the engine's default", as in vLLM's EngineArgs (the CLI passes None for
+        # every flag not given).
+        kwargs = {k: v for k, v in kwargs.items()
+                  if not (v is None and k in known and _default_of(cls, k) is not None)}
         for key in kwargs:
             if key not in known:
                 close = difflib.get_close_matches(key, sorted(known), n=1)
@@ -75,9 +83,8 @@ class EngineConfig:
         return cls(model=str(model), **kwargs)
 
 
-IGNORED_VLLM_ARGS = frozenset({"swap_space", "disable_log_stats", "disable_custom_all_reduce",
-                               "max_seq_len_to_capture", "tokenizer_mode", "download_dir",
-                               "load_format", "distributed_executor_backend"})
+def _default_of(cls, name: str):
+    return next(f.default for f in fields(cls) if f.name == name)
 
 DTYPE_NAMES = {"auto", "float32", "float", "float16", "half", "bfloat16", "fp32", "fp16", "bf16"}
 

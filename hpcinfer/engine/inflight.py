@@ -38,7 +38,7 @@ from hpcinfer.engine.sequence import Sequence
 
 def async_safe(params: SamplingParams) -> bool:
     """True if a sequence's tokens do not depend on reading the last one back first."""
-    return (params.logprobs is None and not params.has_penalties
+    return (params.logprobs is None and not params.reads_output_tokens
             and (params.is_greedy or params.seed is not None))
 
 

@@ -14,7 +14,7 @@ from hpcinfer.engine import pooling
 from hpcinfer.engine.config import EngineConfig
 from hpcinfer.engine.llm_engine import LLMEngine
 from hpcinfer.engine.outputs import RequestOutput
-from hpcinfer.engine.params import SamplingParams
+from hpcinfer.engine.params import RequestOutputKind, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -25,16 +25,23 @@ class LLM:
     Arguments as vLLM's: ``model`` (a local snapshot directory), ``dtype``, ``max_model_len``,
     ``max_num_seqs``, ``max_num_batched_tokens``, ``block_size``, ``enable_prefix_caching``,
     ``gpu_memory_utilization``, ``kv_cache_memory_bytes``, ``enforce_eager``, ``seed``,
-    ``tensor_parallel_size``, ``pipeline_parallel_size`` (docs/multi-node.md), ``device`` ("auto", "cpu", "cuda", ...). An unknown
-    keyword raises TypeError with a did-you-mean.
+    ``tensor_parallel_size``, ``pipeline_parallel_size`` (docs/multi-node.md), ``device``
+    ("auto", "cpu", "cuda", ...), ``max_logprobs``, ``generation_config`` ("auto": the
+    checkpoint's generation_config.json sets the default sampling params; "vllm": vLLM's
+    defaults; or a directory holding a generation_config.json). vLLM arguments with no effect
+    here are accepted and logged, those naming a missing feature raise ValueError
+    (hpcinfer.engine.vllm_args, docs/vllm-compat.md). An unknown keyword raises TypeError
+    with a did-you-mean.
     """
 
     def __init__(self, model: str, task: str = "auto", runner: str = "auto",
-                 convert: str = "auto", **kwargs: Any):
+                 convert: str = "auto", generation_config: str | None = "auto",
+                 **kwargs: Any):
         # vLLM's pooler_config (older name: override_pooler_config), see pooling.PoolerConfig
         pooler_config = kwargs.pop("pooler_config", None)
         pooler_config = kwargs.pop("override_pooler_config", None) or pooler_config
         self.config = EngineConfig.from_kwargs(model, **kwargs)
+        self.generation_config = _generation_config_dir(generation_config, self.config.model)
         # task: "generate" or a pooling task (embed/classify/score/reward), see engine.pooling
         self.task = pooling.resolve_task(self.config.model, task, runner, convert)
         if self.task == "generate" and pooler_config is not None:
@@ -46,33 +53,58 @@ class LLM:
                            else pooling.PoolingEngine(self.config, self.task,
                                                       pooler_config=pooler_config))
         self._next_request = 0
-        self._default_params: SamplingParams | None = None
+        self._default_fields: dict | None = None
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
 
     def get_default_sampling_params(self) -> SamplingParams:
-        """What ``sampling_params=None`` means, as in vLLM: the sampling fields of the
-        checkpoint's generation_config.json (temperature, top_p, top_k, min_p,
-        repetition_penalty, max_new_tokens -> max_tokens) over SamplingParams' defaults."""
-        if self._default_params is None:
-            self._default_params = SamplingParams(**_generation_config_defaults(self.config.model))
-        return self._default_params
+        """What ``sampling_params=None`` means, as in vLLM: with generation_config="auto" (or
+        a directory) the sampling fields of its generation_config.json (temperature, top_p,
+        top_k, min_p, repetition_penalty, max_new_tokens -> max_tokens) over SamplingParams'
+        defaults; with "vllm" SamplingParams(). A new object each call: change it freely."""
+        if self._default_fields is None:
+            self._default_fields = (_generation_config_defaults(self.generation_config)
+                                    if self.generation_config is not None else {})
+        return SamplingParams(**self._default_fields)
+
+    def reset_prefix_cache(self, reset_running_requests: bool = False) -> bool:
+        """Forget the cached prompt prefixes (vLLM's name); True when done."""
+        self._check_generate("reset_prefix_cache()")
+        return self.llm_engine.reset_prefix_cache(reset_running_requests)
+
+    def get_metrics(self):
+        """vLLM-named counters, gauges and histograms of this LLM's engine (a list of
+        hpcinfer.v1.metrics.reader.Metric): tokens, requests, latencies, KV use, prefix cache."""
+        from hpcinfer.v1.metrics.reader import engine_metrics
+        self._check_generate("get_metrics()")
+        return engine_metrics(self.llm_engine)
+
+    def _check_generate(self, what: str) -> None:
+        if self.task != "generate":
+            raise ValueError(f"{what} is for generation: this LLM was loaded for "
+                             f"task={self.task!r}")
 
     # --- generate ---
     def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """prompts: a string, a list of token ids, a {"prompt"/"prompt_token_ids"} dict, or a
-        list of those. sampling_params: one for all prompts or one per prompt."""
+                 use_tqdm: bool = True, lora_request=None, **_vllm_only) -> list[RequestOutput]:
+        """prompts: a string, a list of token ids, a {"prompt"/"prompt_token_ids"} dict
+        (TextPrompt / TokensPrompt), or a list of those. sampling_params: one for all prompts
+        or one per prompt."""
+        _refuse_lora(lora_request)
         prompt_list = _as_prompt_list(prompts)
         return self._run(prompt_list, sampling_params, use_tqdm)
 
     def chat(self, messages, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-             use_tqdm: bool = True, chat_template: str | None = None,
+             use_tqdm: bool = True, lora_request=None, chat_template: str | None = None,
+             chat_template_content_format: str = "auto",
              add_generation_prompt: bool = True, continue_final_message: bool = False,
-             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+             tools: list[dict] | None = None, chat_template_kwargs: dict | None = None,
+             **_vllm_only) -> list[RequestOutput]:
         """messages: one conversation (a list of {"role", "content"} dicts) or a list of them;
-        each is rendered with the tokenizer's chat template (or ``chat_template``)."""
+        each is rendered with the tokenizer's chat template (or ``chat_template``), ``tools``
+        (OpenAI-style function specs) passed to the template as transformers does."""
+        _refuse_lora(lora_request)
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         if add_generation_prompt and continue_final_message:
             raise ValueError("chat(): add_generation_prompt and continue_final_message cannot "
@@ -81,9 +113,12 @@ class LLM:
         prompts = []
         for i, conversation in enumerate(conversations):
             try:
+                extra = dict(chat_template_kwargs or {})
+                if tools is not None:
+                    extra["tools"] = tools
                 prompts.append(self._render_chat(conversation, chat_template,
                                                  add_generation_prompt, continue_final_message,
-                                                 chat_template_kwargs or {}))
+                                                 extra))
             except Exception as e:  # jinja2 and tokenizer errors carry no request index
                 raise ValueError(f"conversation {i}: the chat template failed: {e}") from e
         return self._run(prompts, sampling_params, use_tqdm)
@@ -138,11 +173,11 @@ class LLM:
                              "need a causal LM; use embed/classify/score/reward/encode")
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
-        params = _params_per_prompt(sampling_params, len(prompts))
         engine = self.llm_engine
-        for i, prompt in enumerate(prompts):  # validate everything before queueing anything
+        params = self._resolve_all(_params_per_prompt(sampling_params, len(prompts)))
+        for i, (prompt, p) in enumerate(zip(prompts, params)):  # validate before queueing
             try:
-                engine.tokenize_prompt(prompt, request_id=str(i))
+                engine.tokenize_prompt(prompt, str(i), p.truncate_prompt_tokens)
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
         request_ids = []
@@ -165,6 +200,43 @@ class LLM:
                 bar.close()
             engine.abort_request([r for r in request_ids if r not in finished])
         return [finished[r] for r in request_ids]
+
+
+    def _resolve_all(self, params: list[SamplingParams]) -> list[SamplingParams]:
+        """Check each distinct SamplingParams once, as it is now (its fields may have been set
+        after construction); LLM returns only final outputs, as vLLM's (FINAL_ONLY)."""
+        resolved: dict[int, SamplingParams] = {}
+        out = []
+        for i, p in enumerate(params):
+            if id(p) not in resolved:
+                try:
+                    copy = self.llm_engine.resolve_params(p, str(i))
+                except ValueError as e:
+                    raise ValueError(f"sampling_params for prompt {i}: {e}") from None
+                copy.output_kind = RequestOutputKind.FINAL_ONLY
+                resolved[id(p)] = copy
+            out.append(resolved[id(p)])
+        return out
+
+
+def _refuse_lora(lora_request) -> None:
+    if lora_request is not None:
+        raise ValueError("hpcinfer has no LoRA adapters yet: pass lora_request=None (or merge "
+                         "the adapter into the weights with peft's merge_and_unload)")
+
+
+def _generation_config_dir(generation_config: str | None, model_path: str) -> str | None:
+    """vLLM's generation_config: "auto" -> the model directory, "vllm"/None -> no defaults,
+    else a directory holding generation_config.json."""
+    if generation_config in (None, "vllm"):
+        return None
+    if generation_config == "auto":
+        return model_path
+    if not Path(generation_config).is_dir():
+        raise ValueError(f"generation_config={generation_config!r}: use \"auto\" (the model's "
+                         "generation_config.json), \"vllm\" (vLLM's defaults) or a directory "
+                         "holding a generation_config.json")
+    return str(generation_config)
 
 
 def _as_prompt_list(prompts) -> list:

@@ -18,8 +18,9 @@ from hpcinfer.engine.config import EngineConfig
 from hpcinfer.engine.detokenizer import IncrementalDetokenizer, find_stop_string
 from hpcinfer.engine.inflight import InFlight, PinnedTokens, async_safe
 from hpcinfer.engine.model_runner import ModelRunner, resolve_device, resolve_dtype
-from hpcinfer.engine.outputs import CompletionOutput, RequestOutput
-from hpcinfer.engine.params import SamplingParams
+from hpcinfer.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from hpcinfer.engine.params import RequestOutputKind, SamplingParams
+from hpcinfer.engine.request_stats import RequestStats
 from hpcinfer.engine.sampler import Sampler, SamplerOutput
 from hpcinfer.engine.scheduler import Scheduler
 from hpcinfer.engine.sequence import Sequence, SequenceStatus
@@ -34,10 +35,19 @@ class _Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     seqs: list[Sequence]
+    metrics: RequestMetrics
+    # RequestOutputKind.DELTA: (tokens, characters) of each completion already returned
+    sent: dict[int, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
         return all(s.is_finished for s in self.seqs)
+
+    @property
+    def streams(self) -> bool:
+        """Whether unfinished states are returned (best_of ranks only finished samples)."""
+        return (self.params.output_kind is not RequestOutputKind.FINAL_ONLY
+                and len(self.seqs) == self.params.n)
 
 
 @dataclass
@@ -54,6 +64,7 @@ class EngineStats:
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0
     last_step: dict = field(default_factory=dict)
+    requests: RequestStats = field(default_factory=RequestStats)
 
 
 class LLMEngine:
@@ -104,6 +115,28 @@ class LLMEngine:
     def from_kwargs(cls, model: str, **kwargs) -> LLMEngine:
         return cls(EngineConfig.from_kwargs(model, **kwargs))
 
+    @classmethod
+    def from_engine_args(cls, engine_args, **_ignored) -> LLMEngine:
+        """vLLM's constructor from EngineArgs (hpcinfer.engine.arg_utils); several ranks
+        asked for from one process are spawned, as LLM does."""
+        from hpcinfer.engine.distributed_runner import create_engine
+        return create_engine(engine_args.create_engine_config())
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def reset_prefix_cache(self, reset_running_requests: bool = False) -> bool:
+        """Forget every cached prefix block (vLLM's name). Running requests keep their KV,
+        only no new request shares it, so ``reset_running_requests`` needs no preemption
+        here. Returns True (the reset always succeeds)."""
+        if self.parallel is not None:
+            # Every rank schedules from its own prefix cache; a reset that only this rank made
+            # would make the ranks' batches differ.
+            raise ValueError("reset_prefix_cache() is not supported with tensor or pipeline "
+                             "parallelism yet: create a new LLM instead")
+        self.block_manager.reset_prefix_cache()
+        return True
+
     def _resolve_max_model_len(self) -> int:
         model_max = self.spec.max_position_embeddings
         wanted = self.config.max_model_len
@@ -115,38 +148,81 @@ class LLMEngine:
         return wanted
 
     # --- requests ---
-    def add_request(self, request_id: str, prompt, params: SamplingParams | None = None) -> None:
+    def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
+                    arrival_time: float | None = None, lora_request=None,
+                    priority: int = 0, **_vllm_only) -> None:
         """Queue one request. prompt: a string, a list of token ids, or a dict with "prompt"
-        and/or "prompt_token_ids". Raises ValueError naming the request if it is invalid."""
+        and/or "prompt_token_ids". Raises ValueError naming the request if it is invalid
+        (the params are checked again here: their fields may have been set after
+        construction). ``priority`` is accepted and ignored (first come, first served)."""
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"request {request_id!r}: params must be a SamplingParams, "
                              f"got {type(params).__name__}")
+        if lora_request is not None:
+            raise ValueError(f"request {request_id!r}: hpcinfer has no LoRA adapters yet; "
+                             "pass lora_request=None")
         if request_id in self.requests:
             raise ValueError(f"request {request_id!r}: a request with this id is already running")
-        if params.logprobs is not None and params.logprobs > self.spec.vocab_size:
-            raise ValueError(f"request {request_id!r}: logprobs={params.logprobs} is more than "
-                             f"the vocabulary ({self.spec.vocab_size} tokens)")
-        text, token_ids = self.tokenize_prompt(prompt, request_id)
+        params = self.resolve_params(params, request_id)
+        text, token_ids = self.tokenize_prompt(prompt, request_id, params.truncate_prompt_tokens)
         self._arrivals += 1
-        seqs = [Sequence(request_id, i, token_ids, params.child(i) if params.n > 1 else params,
-                         self._arrivals) for i in range(params.n)]
+        num_samples = params.num_samples
+        seqs = [Sequence(request_id, i, token_ids,
+                         params.child(i) if num_samples > 1 else params, self._arrivals)
+                for i in range(num_samples)]
         for seq in seqs:
             if seq.params.seed is not None:
                 seq.generator = self.sampler.make_generator(seq.params.seed)
-            seq.detok = IncrementalDetokenizer(self.tokenizer, token_ids,
-                                               params.skip_special_tokens,
-                                               params.spaces_between_special_tokens)
+            seq.detok = (IncrementalDetokenizer(self.tokenizer, token_ids,
+                                                params.skip_special_tokens,
+                                                params.spaces_between_special_tokens)
+                         if params.detokenize else _NoDetokenizer())
             self.scheduler.add(seq)
-        self.requests[request_id] = _Request(request_id, text, token_ids, params, seqs)
-        self._num_sync_only += not async_safe(params)
-        self.stats.num_prompt_tokens += len(token_ids) * params.n
+        metrics = RequestMetrics(arrival_time=time.time() if arrival_time is None
+                                 else arrival_time)
+        self.requests[request_id] = _Request(request_id, text, token_ids, params, seqs, metrics)
+        self._num_sync_only += not async_safe(seqs[0].params)
+        self.stats.num_prompt_tokens += len(token_ids) * num_samples
 
-    def tokenize_prompt(self, prompt, request_id: str = "?") -> tuple[str | None, list[int]]:
-        """(prompt text or None, prompt token ids), validated against vocab and max_model_len."""
+    def resolve_params(self, params: SamplingParams, request_id: str = "?") -> SamplingParams:
+        """The engine's checked copy of ``params`` (SamplingParams.resolved) with the checks
+        that need the model: logprobs against max_logprobs, token ids against the vocabulary,
+        bad_words tokenized. ValueError names the request and the field."""
+        try:
+            params = params.resolved()
+        except ValueError as e:
+            raise ValueError(f"request {request_id!r}: {e}") from None
+        vocab = self.spec.vocab_size
+        if params.logprobs == -1:
+            params.logprobs = vocab
+        max_logprobs = self.config.max_logprobs
+        if params.logprobs is not None and max_logprobs != -1 and params.logprobs > max_logprobs:
+            raise ValueError(f"request {request_id!r}: SamplingParams.logprobs={params.logprobs}"
+                             f" is more than max_logprobs={max_logprobs}: ask for fewer, or "
+                             "raise LLM(max_logprobs=...)")
+        if params.logprobs is not None and params.logprobs > vocab:
+            raise ValueError(f"request {request_id!r}: logprobs={params.logprobs} is more than "
+                             f"the vocabulary ({vocab} tokens)")
+        if params.logit_bias:
+            params.logit_bias = {int(t): float(b) for t, b in params.logit_bias.items()}
+        for name in ("logit_bias", "allowed_token_ids"):
+            bad = [t for t in (getattr(params, name) or ()) if not 0 <= int(t) < vocab]
+            if bad:
+                raise ValueError(f"request {request_id!r}: SamplingParams.{name} has token id "
+                                 f"{bad[0]} outside the vocabulary [0, {vocab})")
+        if params.bad_words:
+            params.bad_words_token_ids = _bad_words_token_ids(self.tokenizer, params.bad_words)
+        return params
+
+    def tokenize_prompt(self, prompt, request_id: str = "?",
+                        truncate_prompt_tokens: int | None = None) -> tuple[str | None, list[int]]:
+        """(prompt text or None, prompt token ids), validated against vocab and max_model_len.
+        ``truncate_prompt_tokens``: keep only the last k tokens (-1: max_model_len), as vLLM."""
         text, token_ids = None, None
         if isinstance(prompt, dict):
-            unknown = set(prompt) - {"prompt", "prompt_token_ids"}
+            # TextPrompt / TokensPrompt keys; multi_modal_data etc. are refused below
+            unknown = set(prompt) - {"prompt", "prompt_token_ids", "cache_salt"}
             if unknown:
                 raise ValueError(f"request {request_id!r}: unknown prompt keys {sorted(unknown)}; "
                                  "use 'prompt' and/or 'prompt_token_ids'")
@@ -163,6 +239,9 @@ class LLMEngine:
                 raise ValueError(f"request {request_id!r}: prompt text must be a string")
             token_ids = self.tokenizer(text).input_ids if text else []
         token_ids = [int(t) for t in token_ids]
+        if truncate_prompt_tokens is not None:
+            keep = self.max_model_len if truncate_prompt_tokens == -1 else truncate_prompt_tokens
+            token_ids = token_ids[-keep:]
         self._check_prompt(request_id, token_ids)
         return text, token_ids
 
@@ -196,7 +275,13 @@ class LLMEngine:
     def _drop_request(self, request_id: str) -> _Request | None:
         request = self.requests.pop(request_id, None)
         if request is not None:
-            self._num_sync_only -= not async_safe(request.params)
+            self._num_sync_only -= not async_safe(request.seqs[0].params)
+            metrics = request.metrics
+            metrics.finished_time = time.time()
+            for seq in request.seqs[:request.params.n]:
+                self.stats.requests.record_finished(metrics, seq.finish_reason or "abort",
+                                                    len(request.prompt_token_ids),
+                                                    seq.num_output_tokens)
         return request
 
     def has_unfinished_requests(self) -> bool:
@@ -310,11 +395,16 @@ class LLMEngine:
         self.scheduler.finish(finished)
         self.stats.num_generated_tokens += len(seqs)
         outputs = []
+        now = time.time()
         for rid in touched:
             request = self.requests[rid]
+            metrics = request.metrics
+            metrics.last_token_time = now
+            if metrics.first_token_time is None:
+                metrics.first_token_time = now
             if request.finished:
                 self._drop_request(rid)
-            elif final_only:
+            elif final_only or not request.streams:
                 continue
             outputs.append(self._request_output(request))
         return outputs
@@ -332,7 +422,7 @@ class LLMEngine:
         if stopped_by_token and not params.include_stop_str_in_output:
             seq.detok.flush()  # the stop token's own text is left out, as in vLLM
             return
-        num_new_chars = len(seq.detok.append(token_id))
+        num_new_chars = len(seq.detok.append(token_id))  # _NoDetokenizer: 0
         if (num_new_chars and params.stop_strings and seq.num_output_tokens > params.min_tokens
                 and seq.finish_reason != "stop"):
             found = find_stop_string(seq.detok.output_text, num_new_chars, params.stop_strings,
@@ -364,16 +454,26 @@ class LLMEngine:
         return False
 
     def _request_output(self, request: _Request) -> RequestOutput:
-        completions = [
-            CompletionOutput(index=s.index, text=s.detok.output_text,
-                             token_ids=s.output_token_ids,
-                             cumulative_logprob=(s.cumulative_logprob if s.logprobs is not None
-                                                 else None),
-                             logprobs=list(s.logprobs) if s.logprobs is not None else None,
-                             finish_reason=s.finish_reason, stop_reason=s.stop_reason)
-            for s in request.seqs]
+        seqs, params = request.seqs, request.params
+        if len(seqs) > params.n:  # best_of: the n samples with the highest cumulative logprob
+            seqs = sorted(seqs, key=lambda s: s.cumulative_logprob, reverse=True)[:params.n]
+        wants_logprobs = params.logprobs is not None
+        completions = []
+        for index, s in enumerate(seqs):
+            text, token_ids = s.detok.output_text, s.output_token_ids
+            logprobs = list(s.logprobs) if wants_logprobs else None
+            if params.output_kind is RequestOutputKind.DELTA:
+                num_tokens, num_chars = request.sent.get(index, (0, 0))
+                request.sent[index] = (len(token_ids), len(text))
+                text, token_ids = text[num_chars:], token_ids[num_tokens:]
+                logprobs = logprobs[num_tokens:] if logprobs is not None else None
+            completions.append(CompletionOutput(
+                index=index, text=text, token_ids=token_ids,
+                cumulative_logprob=(s.cumulative_logprob if s.logprobs is not None else None),
+                logprobs=logprobs, finish_reason=s.finish_reason, stop_reason=s.stop_reason))
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids,
-                             completions, request.finished)
+                             completions, request.finished, metrics=request.metrics,
+                             num_cached_tokens=seqs[0].num_cached_tokens)
 
     def _record(self, num_seqs: int, is_decode: bool, t: tuple[float, ...]) -> None:
         stats = self.stats
@@ -399,6 +499,30 @@ class LLMEngine:
     @property
     def prefix_cache_hits(self) -> int:
         return self.block_manager.prefix_cache_hits
+
+
+class _NoDetokenizer:
+    """SamplingParams.detokenize=False: token ids only, the text stays empty."""
+
+    output_text = ""
+
+    def append(self, token_id: int) -> str:
+        return ""
+
+    def flush(self) -> None:
+        pass
+
+
+def _bad_words_token_ids(tokenizer, bad_words: list[str]) -> tuple[tuple[int, ...], ...]:
+    """Each bad word as token ids, with and without a leading space (vLLM's rule: a word
+    inside a sentence is usually tokenized with its space)."""
+    found: dict[tuple[int, ...], None] = {}
+    for word in bad_words:
+        for text in (word.lstrip(), " " + word.lstrip()):
+            ids = tuple(tokenizer.encode(text, add_special_tokens=False))
+            if ids:
+                found[ids] = None
+    return tuple(found)
 
 
 def _load_tokenizer(model_path: str):

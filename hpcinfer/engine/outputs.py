@@ -1,7 +1,7 @@
 """Request results with vLLM's field names (RequestOutput, CompletionOutput, Logprob)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass
@@ -39,8 +39,26 @@ class CompletionOutput:
 
 
 @dataclass
+class RequestMetrics:
+    """Times (``time.time()`` seconds) of one request, with vLLM's names; None until reached."""
+
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finished_time: float | None = None
+
+    @property
+    def time_in_queue(self) -> float | None:
+        if self.first_scheduled_time is None:
+            return None
+        return self.first_scheduled_time - self.arrival_time
+
+
+@dataclass
 class RequestOutput:
-    """The state of one request: its prompt and its completions so far."""
+    """The state of one request: its prompt and its completions so far (with
+    ``RequestOutputKind.DELTA``, only what is new since the last output)."""
 
     request_id: str
     prompt: str | None
@@ -48,7 +66,8 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     prompt_logprobs: None = None
-    metrics: dict = field(default_factory=dict)
+    metrics: RequestMetrics | None = None
+    num_cached_tokens: int | None = None
 
 
 # --- pooling tasks (embed / classify / score / reward / encode), vLLM's shapes ---

@@ -1,6 +1,7 @@
 """Sampler: turns the last-position logits of a batch into tokens, vectorised over rows.
 
-Order (as vLLM v1): logprobs from the raw logits; min_tokens masks stop tokens; penalties;
+Order (as vLLM v1): logprobs from the raw logits; allowed_token_ids, bad_words, min_tokens
+and logit_bias edit the logits; penalties;
 greedy rows take argmax; the others are divided by temperature, filtered by min-p, top-k and
 top-p, and sampled with the exponential-race trick (argmax of probs / Exp(1) noise), whose
 noise comes from the row's own torch.Generator when the request has a seed, so a seeded
@@ -48,7 +49,7 @@ class Sampler:
         raw_logprobs = (torch.log_softmax(logits[want_logprobs], dim=-1)
                         if want_logprobs else None)
         logits = logits.clone()
-        apply_min_tokens(logits, seqs, eos_token_ids)
+        apply_logits_edits(logits, seqs, eos_token_ids)
         apply_penalties_to_rows(logits, seqs)
         token_ids = self._sample(logits, seqs)
         return self._gather_logprobs(token_ids, raw_logprobs, want_logprobs, seqs)
@@ -60,7 +61,7 @@ class Sampler:
         if all(_plain_greedy(s) for s in seqs):
             return logits.argmax(dim=-1)
         logits = logits.float().clone()
-        apply_min_tokens(logits, seqs, eos_token_ids)
+        apply_logits_edits(logits, seqs, eos_token_ids)
         return self._sample(logits, seqs)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -120,10 +121,48 @@ class Sampler:
 def _plain_greedy(seq: Sequence) -> bool:
     params = seq.params
     return (params.is_greedy and params.logprobs is None and not params.has_penalties
-            and seq.num_output_tokens >= params.min_tokens)
+            and not params.has_logits_edits and seq.num_output_tokens >= params.min_tokens)
 
 
 # --- logits processors: pure functions, unit-tested against their definitions ---
+
+def apply_logits_edits(logits: torch.Tensor, seqs: list[Sequence],
+                       eos_token_ids: frozenset[int]) -> None:
+    """vLLM's built-in logits processors, in its order. In place."""
+    for i, seq in enumerate(seqs):
+        params = seq.params
+        if params.allowed_token_ids:
+            apply_allowed_token_ids(logits[i], params.allowed_token_ids)
+        if params.bad_words_token_ids:
+            apply_bad_words(logits[i], params.bad_words_token_ids, seq.output_token_ids)
+    apply_min_tokens(logits, seqs, eos_token_ids)
+    for i, seq in enumerate(seqs):
+        if seq.params.logit_bias:
+            apply_logit_bias(logits[i], seq.params.logit_bias)
+
+
+def apply_allowed_token_ids(row: torch.Tensor, allowed: list[int]) -> None:
+    """Only ``allowed`` can be sampled. row: [vocab], in place."""
+    keep = row[allowed].clone()
+    row.fill_(float("-inf"))
+    row[allowed] = keep
+
+
+def apply_bad_words(row: torch.Tensor, bad_words: tuple[tuple[int, ...], ...],
+                    output_token_ids: list[int]) -> None:
+    """Ban the last token of each bad word whose other tokens end the output so far (a
+    one-token word is always banned). row: [vocab], in place."""
+    for word in bad_words:
+        prefix = list(word[:-1])
+        if not prefix or output_token_ids[len(output_token_ids) - len(prefix):] == prefix:
+            row[word[-1]] = float("-inf")
+
+
+def apply_logit_bias(row: torch.Tensor, logit_bias: dict[int, float]) -> None:
+    """Add each token's bias to its logit. row: [vocab], in place."""
+    ids = list(logit_bias)
+    row[ids] += torch.tensor([logit_bias[t] for t in ids], dtype=row.dtype, device=row.device)
+
 
 def apply_min_tokens(logits: torch.Tensor, seqs: list[Sequence],
                      eos_token_ids: frozenset[int]) -> None:

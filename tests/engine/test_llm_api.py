@@ -269,7 +269,7 @@ def test_engine_abort_and_bad_request_do_not_disturb_others(llm, prompts):
     ({"top_k": -3}, "top_k"), ({"min_p": 1.5}, "min_p"), ({"n": 0}, "n"),
     ({"max_tokens": 0}, "max_tokens"), ({"presence_penalty": 2.5}, "presence_penalty"),
     ({"frequency_penalty": -3}, "frequency_penalty"),
-    ({"repetition_penalty": 0.0}, "repetition_penalty"), ({"logprobs": -1}, "logprobs"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty"), ({"logprobs": -2}, "logprobs"),
     ({"stop": [""]}, "stop"), ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
     ({"stop_token_ids": [-1]}, "stop_token_ids"), ({"seed": 1.5}, "seed"),
 ])

@@ -1,0 +1,130 @@
+"""The one table of vLLM engine arguments that hpcinfer does not implement as an engine knob.
+
+Every vLLM argument a script may pass to ``LLM(...)``, ``EngineArgs(...)`` or the command
+line (``EngineArgs.add_cli_args``) is one of three kinds:
+
+- **supported**: a field of ``EngineConfig`` or one ``LLM`` reads itself (``LLM_ARGS``);
+- **ignored**: changes nothing here (``IGNORED``), so it is accepted with one log line when
+  set to anything but vLLM's default;
+- **refused**: names a feature hpcinfer lacks (``REFUSED``): its vLLM default is accepted
+  (``LLM(**vars(args))`` passes every flag), any other value raises ValueError naming it.
+
+``EngineConfig.from_kwargs`` applies this table to ``LLM(**kwargs)``; ``EngineArgs`` builds its
+fields and flags from it; docs/vllm-compat.md lists it and a test checks the two agree.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VllmArg:
+    default: Any        # vLLM's default (what the CLI passes when the flag is not given)
+    kind: type | str    # argparse type: bool, int, float, str or "json"
+    note: str           # why it is ignored / which feature it names
+
+
+def _ignored(default, kind, note) -> VllmArg:
+    return VllmArg(default, kind, note)
+
+
+IGNORED: dict[str, VllmArg] = {
+    "swap_space": _ignored(4, float, "no CPU swap space: a preempted sequence is recomputed"),
+    "cpu_offload_gb": _ignored(0, float, "weights stay on the device"),
+    "disable_log_stats": _ignored(False, bool, "stats are always kept (LLM.get_metrics)"),
+    "disable_log_requests": _ignored(True, bool, "requests are not logged"),
+    "enable_log_requests": _ignored(False, bool, "requests are not logged"),
+    "disable_custom_all_reduce": _ignored(False, bool, "all-reduce is torch.distributed's"),
+    "max_seq_len_to_capture": _ignored(8192, int, "CUDA graphs cover decode batch sizes"),
+    "tokenizer_mode": _ignored("auto", str, "the tokenizer is transformers' AutoTokenizer"),
+    "download_dir": _ignored(None, str, "models are local snapshots (hpcinfer download)"),
+    "load_format": _ignored("auto", str, "weights load from safetensors"),
+    "distributed_executor_backend": _ignored(None, str,
+                                             "ranks are spawned or MPI-launched (docs/multi-node.md)"),
+    "revision": _ignored(None, str, "--model is a local snapshot; the revision is pinned by "
+                                    "hpcinfer download"),
+    "code_revision": _ignored(None, str, "no remote code is run"),
+    "tokenizer_revision": _ignored(None, str, "the tokenizer is read from the snapshot"),
+    "served_model_name": _ignored(None, str, "no server"),
+    "hf_token": _ignored(None, str, "no hub access at run time"),
+    "model_impl": _ignored("auto", str, "every model is hpcinfer's own implementation"),
+    "enable_chunked_prefill": _ignored(None, bool, "prefill is always chunked under "
+                                                   "max_num_batched_tokens; outputs are the same"),
+    "max_num_partial_prefills": _ignored(1, int, "one token budget per step covers prefills"),
+    "preemption_mode": _ignored(None, str, "preemption always recomputes"),
+    "scheduling_policy": _ignored("fcfs", str, "requests are served first come, first served"),
+    "disable_cascade_attn": _ignored(False, bool, "no cascade attention"),
+    "calculate_kv_scales": _ignored(False, bool, "the KV cache is not quantized"),
+    "kv_cache_dtype": _ignored("auto", str, "the KV cache has the model's dtype"),
+    "compilation_config": _ignored(None, "json", "CUDA graphs follow enforce_eager"),
+    "guided_decoding_backend": _ignored("auto", str, "structured outputs are not there yet: "
+                                                     "requests asking for them fail"),
+    "max_parallel_loading_workers": _ignored(None, int, "each rank reads its own slices"),
+    "use_tqdm_on_load": _ignored(True, bool, "loading is logged, not drawn"),
+    "allowed_local_media_path": _ignored("", str, "text-only models"),
+    "limit_mm_per_prompt": _ignored(None, "json", "text-only models"),
+    "mm_processor_kwargs": _ignored(None, "json", "text-only models"),
+    "disable_mm_preprocessor_cache": _ignored(False, bool, "text-only models"),
+}
+
+
+def _refused(default, kind, feature) -> VllmArg:
+    return VllmArg(default, kind, feature)
+
+
+REFUSED: dict[str, VllmArg] = {
+    "quantization": _refused(None, str, "quantized checkpoints (not supported yet)"),
+    "enable_lora": _refused(False, bool, "LoRA adapters (not supported yet)"),
+    "speculative_config": _refused(None, "json", "speculative decoding"),
+    "data_parallel_size": _refused(1, int, "data parallelism inside one LLM: run one Slurm "
+                                           "array task per replica instead (docs/slurm.md)"),
+    "enable_expert_parallel": _refused(False, bool, "expert parallelism (MoE)"),
+    "enable_sleep_mode": _refused(False, bool, "sleep mode"),
+    "enable_prompt_embeds": _refused(False, bool, "prompt embeddings as input"),
+    "skip_tokenizer_init": _refused(False, bool, "running without a tokenizer"),
+    "kv_transfer_config": _refused(None, "json", "KV transfer (disaggregated prefill)"),
+    "logits_processors": _refused(None, "json", "custom logits processor classes"),
+    "hf_overrides": _refused(None, "json", "hf_overrides (config overrides, not supported yet)"),
+    "disable_sliding_window": _refused(False, bool, "disabling the sliding window"),
+    "rope_scaling": _refused(None, "json", "overriding rope_scaling"),
+    "rope_theta": _refused(None, float, "overriding rope_theta"),
+}
+
+# Arguments LLM reads itself (not EngineConfig fields): name -> (vLLM default, argparse type).
+LLM_ARGS: dict[str, tuple[Any, type | str]] = {
+    "task": ("auto", str),
+    "runner": ("auto", str),
+    "convert": ("auto", str),
+    "pooler_config": (None, "json"),
+    "override_pooler_config": (None, "json"),
+    "generation_config": ("auto", str),
+}
+
+
+def is_default(value, default) -> bool:
+    """Whether ``value`` is vLLM's default or an equivalent "off" (None, False, 0, empty)."""
+    if value == default:
+        return True
+    return default in (None, False, 0) and value in (None, False, 0, "", [], {}, ())
+
+
+def drop_vllm_only(kwargs: dict, caller: str = "LLM") -> dict:
+    """Remove the ignored vLLM arguments from ``kwargs`` (one log line each when set to a
+    non-default value); raise ValueError for a refused one set to anything but its default."""
+    for key in sorted(set(kwargs) & REFUSED.keys()):
+        arg = REFUSED[key]
+        value = kwargs.pop(key)
+        if not is_default(value, arg.default):
+            raise ValueError(f"{caller}({key}={value!r}): hpcinfer has no {arg.note}; remove "
+                             f"{key} (or set it to {arg.default!r})")
+    for key in sorted(set(kwargs) & IGNORED.keys()):
+        arg = IGNORED[key]
+        value = kwargs.pop(key)
+        if not is_default(value, arg.default):
+            log.info("%s(%s=%r) is a vLLM option with no effect in hpcinfer (%s); ignored",
+                     caller, key, value, arg.note)
+    return kwargs

@@ -1,0 +1,1 @@
+"""``vllm.v1.engine`` at hpcinfer's path (``async_llm.AsyncLLM``)."""

@@ -1,0 +1,1 @@
+"""Metric types and the snapshot LLM.get_metrics() returns (``reader``)."""
