@@ -198,3 +198,109 @@ def test_triton_backend_matches_torch_ref_bf16():
     got = TritonAttentionBackend().forward(b.q, b.k, b.v, *caches[0], meta, spec)
     expected = TorchRefAttentionBackend().forward(b.q, b.k, b.v, *caches[1], meta, spec)
     assert rel_err(got, expected) < MAX_REL_ERR[torch.bfloat16]
+
+
+# --- attention spec features (AttentionSpec: logit softcap, sinks, per-layer windows) ---
+
+# (logit_softcap, has_sinks, sliding_window): Gemma 2's real cap (50; barely bends random
+# logits), a cap small enough to bend every logit, gpt-oss (sinks, window 128 on its sliding
+# layers), and everything at once.
+SPEC_FEATURES = [(50.0, False, None), (2.0, False, 300), (None, True, None), (None, True, 128),
+                 (2.0, True, 300)]
+
+
+def _features(heads: int, softcap, has_sinks, window, dtype) -> dict:
+    # Sinks in the model dtype, as a bf16 checkpoint keeps them; spread like trained ones.
+    gen = torch.Generator(device=DEVICE).manual_seed(heads)
+    sinks = (torch.randn(heads, generator=gen, device=DEVICE) * 2).to(dtype) if has_sinks \
+        else None
+    return dict(logit_softcap=softcap, sinks=sinks, sliding_window=window)
+
+
+@pytest.mark.parametrize("softcap,has_sinks,window", SPEC_FEATURES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(16, 8, 256), (64, 8, 64)])
+def test_decode_spec_features(heads, kv_heads, head_dim, dtype, softcap, has_sinks, window):
+    # Gemma-2-9B's and gpt-oss-20b's head layouts; 2000-key contexts, so split-K runs both
+    # with the default partitions and with 128-key ones (the reduce adds each sink once).
+    b = _decode_batch(64, 2000, heads, kv_heads, head_dim, dtype, seed=5)
+    features = _features(heads, softcap, has_sinks, window, dtype)
+    expected = reference.paged_decode_attention(b.q, b.k_cache, b.v_cache, b.block_tables,
+                                                b.seq_lens, 0.088, **features)
+    assert count_partitions(b.block_tables.shape[1] * 16) > 1
+    for partition_size in (None, 128):
+        out = torch.full_like(b.q, float("nan"))
+        paged_decode_attention(b.q, b.k_cache, b.v_cache, b.block_tables, b.seq_lens, 0.088,
+                               out=out, partition_size=partition_size, **features)
+        assert rel_err(out, expected) < MAX_REL_ERR[dtype]
+
+
+@pytest.mark.parametrize("softcap,has_sinks,window", SPEC_FEATURES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", [64, 256])
+def test_prefill_spec_features(head_dim, dtype, softcap, has_sinks, window):
+    # Chunks after prefix hits cross the window edge; two decodes are mixed in.
+    b = _prefill_batch(head_dim, dtype, seed=6)
+    features = _features(32, softcap, has_sinks, window, dtype)
+    out = torch.full_like(b.q, float("nan"))
+    paged_attention(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.seq_lens, b.block_tables,
+                    0.088, out=out, max_seqlen_q=b.max_seqlen_q, **features)
+    expected = reference.paged_attention(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.seq_lens,
+                                         b.block_tables, 0.088, **features)
+    assert rel_err(out, expected) < MAX_REL_ERR[dtype]
+
+
+def test_decode_with_sinks_and_softcap_in_a_cuda_graph():
+    # The sinks tensor is read by pointer and the cap is a launch constant: a captured graph
+    # replays correctly after the sequences grow (nothing synchronises with the host).
+    b = _decode_batch(32, 900, 64, 8, 64, torch.bfloat16, seed=7)
+    features = _features(64, 2.0, True, 128, torch.bfloat16)
+    seq_lens = torch.clamp(b.seq_lens - 40, min=1)
+    out = torch.empty_like(b.q)
+    paged_decode_attention(b.q, b.k_cache, b.v_cache, b.block_tables, seq_lens, 0.1, out=out,
+                           **features)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        paged_decode_attention(b.q, b.k_cache, b.v_cache, b.block_tables, seq_lens, 0.1,
+                               out=out, **features)
+    seq_lens.copy_(b.seq_lens)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = reference.paged_decode_attention(b.q, b.k_cache, b.v_cache, b.block_tables,
+                                                b.seq_lens, 0.1, **features)
+    assert rel_err(out, expected) < MAX_REL_ERR[torch.bfloat16]
+
+
+def test_triton_backend_mixed_step_per_layer_specs_bf16():
+    # One mixed step (decodes first, then chunks) through layers with different specs on the
+    # same metadata, DecodeSplit path included: each layer matches torch_ref with its spec.
+    from hpcinfer.layers.attention import (AttentionMetadata, AttentionSpec, DecodeSplit,
+                                           TorchRefAttentionBackend)
+    from hpcinfer.layers.attention_triton import TritonAttentionBackend
+    seq_lens, q_lens = [300, 1100, 700, 900], [1, 1, 700, 250]
+    sinks = _features(32, None, True, None, torch.bfloat16)["sinks"]
+    specs = [(AttentionSpec(0.0625, sliding_window=256, logit_softcap=50.0), None),
+             (AttentionSpec(0.0625, logit_softcap=50.0), None),
+             (AttentionSpec(0.125, sliding_window=128, has_sinks=True), sinks),
+             (AttentionSpec(0.125, has_sinks=True), sinks)]
+    for seed, (spec, layer_sinks) in enumerate(specs):
+        b = make_paged_batch(seq_lens, q_lens, num_heads=32, num_kv_heads=8, head_dim=128,
+                             block_size=16, dtype=torch.bfloat16, device=DEVICE, seed=seed)
+        split = DecodeSplit(num_decodes=2, decode_seq_lens=b.seq_lens[:2].clone(),
+                            decode_block_tables=b.block_tables[:2].clone(),
+                            decode_max_seqlen_k=b.block_tables.shape[1] * 16,
+                            prefill_cu_seqlens_q=(b.cu_seqlens_q[2:] - 2).clone(),
+                            prefill_seq_lens=b.seq_lens[2:].clone(),
+                            prefill_block_tables=b.block_tables[2:].clone())
+        for decode_split in (split, None):
+            meta = AttentionMetadata(slot_mapping=b.slot_mapping, cu_seqlens_q=b.cu_seqlens_q,
+                                     seq_lens=b.seq_lens, block_tables=b.block_tables,
+                                     max_seqlen_q=b.max_seqlen_q, max_seqlen_k=b.max_seqlen_k,
+                                     is_decode=False, decode_split=decode_split)
+            caches = [(b.k_cache.clone(), b.v_cache.clone()) for _ in range(2)]
+            got = TritonAttentionBackend().forward(b.q, b.k, b.v, *caches[0], meta, spec,
+                                                   layer_sinks)
+            expected = TorchRefAttentionBackend().forward(b.q, b.k, b.v, *caches[1], meta, spec,
+                                                          layer_sinks)
+            assert rel_err(got, expected) < MAX_REL_ERR[torch.bfloat16]
