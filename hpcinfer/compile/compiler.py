@@ -75,13 +75,20 @@ def build_plan(cfg, *, job_dir: str | None = None, python: str | None = None,
         sbatch_flags=_sbatch_flags(cfg, shape, array_size, throttle, nodes, ntasks_per_node, gpus,
                                    job_dir),
         launcher=str(_prof(cfg, "launcher", "srun")), mpi_plugin=str(_prof(cfg, "mpi_plugin", "pmix")),
-        python=python or sys.executable, env=_env(cfg), modules=tuple(_prof(cfg, "modules", ())),
+        python=python or sys.executable, env=_env(cfg), modules=_modules(cfg),
         container=_container(cfg, job_dir, files, use_gpu),
         signal=_signal_name(cfg), signal_seconds=int(cfg.resilience.signal_seconds),
         max_requeues=int(cfg.resilience.max_requeues),
         total_rows=sum(f.num_rows for f in files), input_files=tuple(f.path for f in files),
         env_from_environment=_env_from_environment(cfg), cuda=_cuda(cfg),
         shards_per_task=replicas if shape == "array" else 1)
+
+
+def _modules(cfg) -> tuple[str, ...]:
+    modules = tuple(_prof(cfg, "modules", ()))
+    if getattr(cfg, "container", None) is not None:
+        modules += tuple(m for m in _prof(cfg, "container_modules", ()) if m not in modules)
+    return modules
 
 
 def _device(cfg) -> str:
@@ -206,6 +213,13 @@ def _container(cfg, job_dir: str, files, use_gpu: bool) -> ContainerPlan | None:
             raise plan_error(cfg, f"container.env.{key}", f"{key!r} is not a valid variable name",
                              "use letters, digits and underscores, not starting with a digit")
         env[str(key)] = str(value)
+    site_dir = None
+    if getattr(c, "hpcinfer", "image") == "job-dir":
+        # The job dir is bound at its own path, so its copy of hpcinfer (jobdir.write_job_dir)
+        # is importable inside the image; it goes first so it wins over any other hpcinfer.
+        from hpcinfer.compile.site import SITE_DIR_NAME
+        site_dir = os.path.join(job_dir, SITE_DIR_NAME)
+        env["PYTHONPATH"] = site_dir + (f":{env['PYTHONPATH']}" if env.get("PYTHONPATH") else "")
     return ContainerPlan(runtime=runtime, image=str(c.image), binds=tuple(sorted(binds)),
                          env=tuple(sorted(env.items())), use_gpu=use_gpu,
-                         python=str(getattr(c, "python", None) or "python3"))
+                         python=str(getattr(c, "python", None) or "python3"), site_dir=site_dir)

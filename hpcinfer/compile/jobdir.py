@@ -79,6 +79,9 @@ def write_job_dir(job: RenderedJob) -> Path:
         (root / sub).mkdir(parents=True, exist_ok=True)
     for name, text in job.files:
         atomic_write(root / name, text, mode=0o755 if name == SCRIPT_NAME else 0o644)
+    if job.plan.container is not None and job.plan.container.site_dir:
+        from hpcinfer.compile.site import copy_hpcinfer
+        copy_hpcinfer(Path(job.plan.container.site_dir))
     return root
 
 

@@ -41,6 +41,7 @@ class ContainerPlan:
     env: tuple[tuple[str, str], ...]  # passed with --env, sorted by name
     use_gpu: bool                     # --nv
     python: str = "python3"           # the container's interpreter, not the login node's
+    site_dir: str | None = None       # container.hpcinfer job-dir: JOBDIR/python, on PYTHONPATH
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ class JobPlan:
             data["container"] = ContainerPlan(
                 runtime=c["runtime"], image=c["image"], binds=tuple(c["binds"]),
                 env=tuple(tuple(kv) for kv in c["env"]), use_gpu=c["use_gpu"],
-                python=c.get("python", "python3"))
+                python=c.get("python", "python3"), site_dir=c.get("site_dir"))
         for key in ("sbatch_flags", "env"):
             data[key] = tuple(tuple(kv) for kv in data[key])
         data["modules"] = tuple(data["modules"])

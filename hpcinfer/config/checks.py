@@ -34,6 +34,7 @@ def check_consistency(cfg: JobConfig) -> None:
 
 
 def check_environment(cfg: JobConfig) -> None:
+    _check_placeholders(cfg)
     _check_output_dir(cfg)
     _check_container(cfg)
     _check_account(cfg)
@@ -250,13 +251,50 @@ def _check_container(cfg: JobConfig) -> None:
                            "write `container: null` to run without one")
 
 
+# `hpcinfer init` writes CHANGE-ME where only the user knows the value; def-yourpi is what
+# older init files and the Alliance docs' examples say.
+PLACEHOLDER = re.compile(r"CHANGE[ _-]?ME")     # upper case only: prompts may say "change me"
+OLD_PLACEHOLDERS = {"resources.account": ("def-yourpi",)}
+PLACEHOLDER_HINTS = {
+    "model.id": "a Hugging Face id (e.g. meta-llama/Llama-3.1-8B-Instruct; run `hpcinfer "
+                "download ID` on the login node) or a checkpoint directory",
+    "input.path": "your input files, e.g. data/*.jsonl (JSONL, Parquet or .txt, relative to "
+                  "the job file)",
+    "resources.account": "your Slurm allocation, e.g. def-<pi> or rrg-<pi> (yours: "
+                         "`sshare -U -u $USER`)",
+    "container.image": "an Apptainer/Singularity image (.sif) that exists",
+}
+
+
+def _check_placeholders(cfg: JobConfig) -> None:
+    for key, value in _leaves(cfg.model_dump(mode="json")):
+        if not isinstance(value, str):
+            continue
+        generic = key.rpartition(".")[0] if key.rpartition(".")[2].isdigit() else key
+        if PLACEHOLDER.search(value) or value in OLD_PLACEHOLDERS.get(generic, ()):
+            hint = PLACEHOLDER_HINTS.get(generic, "the value for your job")
+            raise cfg.error_at(generic, f"{value!r} is a placeholder from `hpcinfer init`",
+                               f"write {hint}")
+
+
+def _leaves(node, prefix: str = ""):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _leaves(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            yield from _leaves(v, f"{prefix}.{i}")
+    else:
+        yield prefix, node
+
+
 def _check_account(cfg: JobConfig) -> None:
     if not cfg.profile.requires_account or cfg.resources.account:
         return
     if any(os.environ.get(name) for name in ACCOUNT_ENV):
         return  # sbatch picks it up from the environment
     raise cfg.error_at("resources", f"cluster {cfg.cluster} requires a Slurm account",
-                       "add `account: def-yourpi` under resources (your allocations: "
+                       "add `account: def-<pi>` under resources (your allocations: "
                        "`sshare -U -u $USER`), or export SBATCH_ACCOUNT")
 
 

@@ -18,14 +18,16 @@ from hpcinfer.config.schema import JobConfig, Section
 from hpcinfer.config.yamlfile import merge
 
 COMMENT_COLUMN = 44
-# Placeholders for keys with no default; the comment says to change them.
+# Placeholders for keys with no usable default. They say CHANGE-ME so that `hpcinfer validate`
+# refuses them (config/checks.py: PLACEHOLDER) with what to write, instead of a job that
+# queues and then fails on a model or an account that does not exist.
 PLACEHOLDERS = {
     "name": "my-job",
-    "model": {"id": "meta-llama/Llama-3.1-8B-Instruct"},
-    "input": {"path": "data/*.jsonl"},
+    "model": {"id": "CHANGE-ME"},
+    "input": {"path": "CHANGE-ME/*.jsonl"},
 }
-ACCOUNT_PLACEHOLDER = "def-yourpi"
-_CHANGE = {"name", "model.id", "input.path", "resources.account"}
+ACCOUNT_PLACEHOLDER = "CHANGE-ME"
+_CHANGE = {"model.id", "input.path", "resources.account"}
 
 
 def init_text(cluster: str = "generic") -> str:

@@ -299,6 +299,12 @@ class ContainerSection(Section):
     cuda: Optional[str] = Field(
         None, description="CUDA version of the image `hpcinfer container build` makes, e.g. "
                           "12.4; null = the newest the cluster profile's cuda_driver supports")
+    hpcinfer: Literal["image", "job-dir"] = Field(
+        "image", description="Where the container's hpcinfer comes from: image = installed in "
+                             "the image (`hpcinfer container build`); job-dir = render copies "
+                             "this hpcinfer (same version) into JOBDIR/python and puts it on "
+                             "PYTHONPATH, so any image with Python >= 3.10, torch and "
+                             "transformers runs it (e.g. a site's vLLM image)")
 
 
 class ResilienceSection(Section):
@@ -330,6 +336,9 @@ class ClusterProfile(Section):
     launcher: Literal["srun", "mpirun"] = Field("srun", description="How ranks are started")
     requires_account: bool = Field(False, description="Jobs must name resources.account")
     modules: StrTuple = Field((), description="`module load` lines before the worker runs")
+    container_modules: StrTuple = Field(
+        (), description="More `module load` lines for jobs with a container only (e.g. "
+                        "apptainer), after modules")
     offline_compute: bool = Field(
         False, description="Compute nodes have no internet (HF_HUB_OFFLINE and friends)")
     container_runtime: Literal["apptainer", "singularity"] = Field(

@@ -148,8 +148,8 @@ def test_alliance_profile_modules_account_and_offline_env(tmp_path):
     job = write_job(tmp_path, rows=(3,), cluster="alliance-canada",
                     resources={"account": "def-someone"})
     plan = build_plan(load_job(job))
-    assert plan.modules == ("StdEnv/2023", "apptainer")
+    assert plan.modules == ("StdEnv/2023", "python/3.12")      # no container: no apptainer
     assert ("HF_HUB_OFFLINE", "1") in plan.env and dict(plan.sbatch_flags)["account"] == "def-someone"
     text = render_script(plan)
-    assert "module load StdEnv/2023\nmodule load apptainer\n" in text
+    assert "module load StdEnv/2023\nmodule load python/3.12\n" in text
     assert "#SBATCH --account=def-someone" in text

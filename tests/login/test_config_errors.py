@@ -128,7 +128,7 @@ def test_account_missing_where_the_profile_requires_one(tmp_path, monkeypatch):
     path = write_job(tmp_path, BASE + "cluster: alliance-canada\nresources:\n  time: 60\n")
     err = error_of(path)
     assert (err.line, err.key_path) == (5, "resources")
-    assert "requires a Slurm account" in err.problem and "account: def-yourpi" in err.fix
+    assert "requires a Slurm account" in err.problem and "account: def-<pi>" in err.fix
     # Each way of giving one satisfies it.
     assert load_job(path, ["resources.account=def-pi"]).resources.account == "def-pi"
     monkeypatch.setenv("SBATCH_ACCOUNT", "def-pi")

@@ -145,7 +145,8 @@ def test_resolved_yaml_round_trips_and_is_deterministic(tmp_path):
     back = load_resolved(job_dir)
     assert back.model_dump() == cfg.model_dump()
     assert back.profile == cfg.profile and back.profile.requires_account
-    assert back.profile.modules == ("StdEnv/2023", "apptainer")
+    assert back.profile.modules == ("StdEnv/2023", "python/3.12")
+    assert back.profile.container_modules == ("apptainer",)
     assert back.location_of("resources.account")[0] == str(job_dir / "job.yaml")
     def body(yaml_text):
         return [line for line in yaml_text.splitlines() if not line.startswith("#")]

@@ -94,13 +94,26 @@ def test_init_text_loads_and_comments_every_key(tmp_path, cluster, monkeypatch):
     for line in text.splitlines():
         if line.strip() and not line.lstrip().startswith("#"):
             assert " # " in line, f"init line without a comment: {line!r}"
-    overrides = []
-    if cluster == "aau-ai-cloud":  # the profile's image lives on the cluster, not here
-        image = tmp_path / "hpcinfer.sif"
-        image.write_text("sif")
-        overrides.append(f"container.image={image}")
     monkeypatch.delenv("SBATCH_ACCOUNT", raising=False)
     monkeypatch.delenv("SLURM_ACCOUNT", raising=False)
+    # As written, the CHANGE-ME placeholders are errors that say what to write ...
+    placeholders = ["model.id", "input.path"] + (["resources.account"]
+                                                  if cluster == "alliance-canada" else [])
+    overrides = []
+    for key in placeholders:
+        with pytest.raises(ConfigError) as info:
+            load_job(path, overrides)
+        assert info.value.key_path == key and "placeholder from `hpcinfer init`" in \
+            info.value.problem and info.value.fix.startswith("write ")
+        assert f"CHANGE ME. " in text.splitlines()[info.value.line - 1]
+        overrides.append({"model.id": "org/model", "input.path": "data/*.jsonl",
+                          "resources.account": "def-someone"}[key])
+        overrides[-1] = f"{key}={overrides[-1]}"
+    if cluster == "aau-ai-cloud":  # the profile's image lives on the cluster, not here
+        image = tmp_path / "vllm-openai_latest.sif"
+        image.write_text("sif")
+        overrides.append(f"container.image={image}")
+    # ... and once they are filled in, the file loads.
     cfg = load_job(path, overrides)
     assert cfg.cluster == cluster and cfg.name == "my-job"
     assert cfg.profile == load_job(path, overrides).profile
