@@ -166,7 +166,7 @@ class Attention(nn.Module):
     ``forward(q, k, v, kv_cache, meta)``: q [T, num_heads, head_dim], k/v [T, num_kv_heads,
     head_dim], kv_cache = (k_cache, v_cache) of this layer -> [T, num_heads * head_dim].
     num_heads and num_kv_heads are this tensor-parallel rank's. With ``has_sinks`` the layer
-    owns ``sinks`` ([num_heads], fp32-or-model dtype, loaded by ``weight_loader``, which takes
+    owns ``sinks`` ([num_heads], in the model dtype, loaded by ``weight_loader``, which takes
     this rank's heads from the checkpoint's [total_heads] tensor; ``tp`` says which rank).
     """
 
