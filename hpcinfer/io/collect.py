@@ -37,6 +37,23 @@ class CollectResult:
     num_errors: int = 0
     incomplete_shards: list[str] = field(default_factory=list)
     failed_shards: list[str] = field(default_factory=list)
+    failed_reasons: dict[str, str] = field(default_factory=dict)   # shard name -> FAILED reason
+
+    @property
+    def is_complete(self) -> bool:
+        return not self.incomplete_shards and not self.failed_shards
+
+    def failure_message(self) -> str | None:
+        """Why the job is not complete when a shard FAILED (an unreadable input file, more
+        bad rows than input.max_bad_rows); None when none did."""
+        if not self.failed_shards:
+            return None
+        shown = "; ".join(f"shard {name} FAILED: {self.failed_reasons.get(name, '?')}"
+                          for name in self.failed_shards[:3])
+        more = f" (and {len(self.failed_shards) - 3} more)" if len(self.failed_shards) > 3 else ""
+        return (f"the job is not complete: {shown}{more}. The {self.num_rows} rows committed "
+                "so far were collected, but they are not the job's answer: fix the cause and "
+                "run the job again (it resumes), then collect")
 
 
 def collect(job_dir: str | Path, format: str | None = None, single_file: bool = False,
@@ -56,6 +73,7 @@ def collect(job_dir: str | Path, format: str | None = None, single_file: bool = 
     for d in shards:
         if (d / FAILED_FILE).exists():
             result.failed_shards.append(d.name)
+            result.failed_reasons[d.name] = _failed_reason(d)
         elif not (d / DONE_FILE).exists():
             result.incomplete_shards.append(d.name)
     if target == "parquet":
@@ -66,6 +84,13 @@ def collect(job_dir: str | Path, format: str | None = None, single_file: bool = 
     if result.incomplete_shards:
         log.warning("shards not finished (no DONE): %s", ", ".join(result.incomplete_shards))
     return result
+
+
+def _failed_reason(shard: Path) -> str:
+    try:
+        return json.loads((shard / FAILED_FILE).read_text())["reason"]
+    except (OSError, ValueError, KeyError):
+        return "(no reason recorded)"
 
 
 def _source_format(shards: list[Path]) -> str | None:

@@ -45,7 +45,8 @@ class Job:
         return failed[0] if failed else "COMPLETED"
 
     def done(self) -> bool:
-        return all(s in commands.FINISHED_STATES for s in self.task_states().values())
+        from hpcinfer.slurm.status import FINISHED_STATES   # Slurm's, plus a dead local run's
+        return all(s in FINISHED_STATES for s in self.task_states().values())
 
     def wait(self, timeout_s: float | None = None, poll_s: float = 2.0) -> str:
         """Block until every task finished; returns state(). Raises TimeoutError."""

@@ -42,7 +42,9 @@ def run_job_dir(job_dir: str | Path, echo: bool = True) -> int:
     plan = load_plan(job_dir)
     # Unique per run (logs are opened in append mode, like Slurm's), numeric like Slurm's.
     job_id = f"{int(time.time()) % 10**8}{os.getpid() % 100:02d}"
-    record_submission(job_dir, "local", job_id, plan.num_tasks)
+    # pid + host: `hpcinfer status` tells a run whose processes are gone from a live one.
+    record_submission(job_dir, "local", job_id, plan.num_tasks, pid=os.getpid(),
+                      host=socket.gethostname())
     task_ids = list(range(plan.array_size)) if plan.shape == "array" else [None]
     first_failure = 0
     for task_id in task_ids:
@@ -71,3 +73,24 @@ def _run_task(plan: JobPlan, job_dir: Path, job_id: str, task_id: int | None, ec
             log.info("task %s asked to be requeued; running it again (restart %d)", task_id, restart)
             continue
         return rc
+
+
+def process_state(host: str | None, pid: int | None) -> str:
+    """"alive", "dead" or "unknown" (another host, or no pid recorded) for a local run's
+    process. A pid reused by another program after the run died reads as dead: a worker's
+    command line names hpcinfer."""
+    if not pid or host != socket.gethostname():
+        return "unknown"
+    try:
+        cmdline = Path(f"/proc/{int(pid)}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return "dead"
+    except OSError:
+        return "unknown"
+    if b"hpcinfer" not in cmdline:
+        return "dead"
+    try:                          # a zombie (killed, not yet reaped by its parent) is dead
+        state = Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "alive"
+    return "dead" if state in ("Z", "X") else "alive"

@@ -12,9 +12,12 @@ from pathlib import Path
 RECORD_NAME = "submissions.jsonl"
 
 
-def record_submission(job_dir: str | os.PathLike, backend: str, job_id: str, num_tasks: int) -> None:
+def record_submission(job_dir: str | os.PathLike, backend: str, job_id: str, num_tasks: int,
+                      **extra) -> None:
+    """``extra``: backend facts, e.g. the local runner's pid and host (status checks them)."""
     line = json.dumps({"backend": backend, "job_id": job_id, "num_tasks": num_tasks,
-                       "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+                       "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                       **extra})
     # One short append per submit: atomic for lines this size on POSIX (O_APPEND).
     with open(Path(job_dir) / RECORD_NAME, "a", encoding="utf-8") as f:
         f.write(line + "\n")

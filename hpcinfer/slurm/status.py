@@ -75,7 +75,17 @@ def gather(job_dir: str | Path) -> dict:
         shards = plan.shards_for_task(t)
         records = worker_records(job_dir, t)
         sid = task_slurm_id(sub["job_id"], t) if sub else None
-        state, reason = states.get(sid, (_local_state(records) if sub else "NOT_SUBMITTED", ""))
+        if sub is None:
+            state, reason = "NOT_SUBMITTED", ""
+        elif sid in states:
+            state, reason = states[sid]
+        else:
+            state, reason = local_state(records, sub)
+        if _is_failure(state):
+            reason = _failure_reason(job_dir, sid, records, reason)
+        throughput = _throughput(records)
+        if throughput and state != "RUNNING":
+            throughput["eta_s"] = None       # no ETA for a task that is not running
         shard_rows = [shard_progress(job_dir, s) for s in shards]
         tasks.append({
             "task": t, "slurm_id": sid, "state": state, "reason": reason,
@@ -86,7 +96,7 @@ def gather(job_dir: str | Path) -> dict:
             "shard_progress": shard_rows,
             "restarts": max((r.get("restart_count", 0) for r in records), default=0),
             "worker": records[0].get("status") if records else None,
-            "throughput": _throughput(records),
+            "throughput": throughput,
             "replicas": replica_progress(records, shard_rows),
         })
     summary: dict[str, int] = {}
@@ -148,11 +158,81 @@ def _throughput(records: list[dict]) -> dict | None:
     return {k: records[0].get(k) for k in _THROUGHPUT_KEYS}
 
 
-def _local_state(records: list[dict]) -> str:
+# A local run's task whose processes are gone without a last metrics line, and one the run
+# never reached before it ended (the local backend runs array tasks one after another).
+DIED, NOT_RUN = "DIED", "NOT_RUN"
+FINISHED_STATES = commands.FINISHED_STATES | {DIED, NOT_RUN}
+# With the worker on another host its pid cannot be checked: a heartbeat (metrics line)
+# older than this says it may be gone. Model loading writes none for a while, so it is long.
+STALE_HEARTBEAT_S = 900
+
+
+def local_state(records: list[dict], sub: dict) -> tuple[str, str]:
+    """(state, reason) of a local run's task from its worker's last metrics line, the
+    worker's pid and host on that line, and the runner's in submissions.jsonl."""
+    from hpcinfer.slurm.local import process_state
     if not records:
-        return "UNKNOWN"
-    return {"ok": "COMPLETED", "failed": "FAILED", "requeue": "REQUEUED"}.get(
-        records[0].get("status"), "RUNNING")
+        if process_state(sub.get("host"), sub.get("pid")) == "dead":
+            return NOT_RUN, (f"the local run (pid {sub['pid']} on {sub['host']}) ended before "
+                             "this task started: run the job again to run it")
+        return ("PENDING" if sub.get("pid") else "UNKNOWN"), ""
+    last = records[0]
+    final = {"ok": "COMPLETED", "failed": "FAILED", "requeue": "REQUEUED"}.get(
+        last.get("status"))
+    if final:
+        return final, ""
+    age_s = _heartbeat_age_s(last)
+    seen = f"last heartbeat {age_s:.0f} s ago" if age_s is not None else "no heartbeat time"
+    alive = process_state(last.get("host"), last.get("pid"))
+    if alive == "dead":
+        return DIED, (f"worker pid {last.get('pid')} on {last.get('host')} is gone without "
+                      f"its last metrics line (killed, e.g. kill -9 or out of memory; {seen}); "
+                      "committed rows are kept: run the job again to resume")
+    if alive == "unknown" and age_s is not None and age_s > STALE_HEARTBEAT_S:
+        return "UNKNOWN", (f"no heartbeat from pid {last.get('pid')} on {last.get('host')} "
+                           f"for {age_s:.0f} s: it may have died (check that host)")
+    return "RUNNING", ""
+
+
+def _heartbeat_age_s(record: dict) -> float | None:
+    import calendar
+    import time
+    try:
+        return time.time() - calendar.timegm(time.strptime(record["time"], "%Y-%m-%dT%H:%M:%SZ"))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _is_failure(state: str) -> bool:
+    word = state.split()[0] if state else ""
+    return word in FINISHED_STATES and word != "COMPLETED"
+
+
+def _failure_reason(job_dir: Path, sid: str | None, records: list[dict], reason: str) -> str:
+    """Why a task failed: its worker's message (metrics), else the last error line of its
+    log; joined to what Slurm says (e.g. "exit 2")."""
+    why = next((r.get("message") for r in records
+                if r.get("status") == "failed" and r.get("message")), None)
+    if why is None and sid is not None:
+        why = last_error_line(job_dir / "logs" / f"slurm-{sid}.out")
+    if not why:
+        return reason
+    return f"{reason}: {why}" if reason else why
+
+
+def last_error_line(log_path: Path) -> str | None:
+    """The last line of a task log that reports an error (the worker's ERROR lines, Slurm's
+    "error:", a Python exception), without its timestamp prefix."""
+    if not log_path.is_file():
+        return None
+    lines = _tail(log_path).splitlines()
+    for line in reversed(lines):
+        if " ERROR " in line:
+            return line.split(" ERROR ", 1)[1].strip()
+        low = line.lower()
+        if "error:" in low or "killed" in low or line.startswith(("Traceback", "slurmstepd")):
+            return line.strip()
+    return None
 
 
 def format_status(info: dict) -> str:
@@ -193,4 +273,4 @@ def _rates(throughput: dict | None) -> str:
 
 
 def all_finished(info: dict) -> bool:
-    return all(t["state"] in commands.FINISHED_STATES for t in info["tasks"])
+    return all(t["state"] in FINISHED_STATES for t in info["tasks"])

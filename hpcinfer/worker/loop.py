@@ -26,6 +26,7 @@ from hpcinfer.io.readers import ShardReadError, ShardReader
 from hpcinfer.io.rows import BadRow, InputRow
 from hpcinfer.io.shard_loop import BadRowError
 from hpcinfer.io.writers import PartWriter
+from hpcinfer.worker.budget import BudgetExceeded
 from hpcinfer.worker.requests import RequestBuilder, to_output_record
 
 log = logging.getLogger("hpcinfer.worker")
@@ -38,11 +39,15 @@ class LoopOptions:
     on_bad_row: str = "skip"              # skip | fail
     max_in_flight: int = 512               # rows held in the engine at once
     step_delay_s: float = 0.0              # test hook only (setup.step_delay_s)
+    # The task's budget.BadRowBudget (input.max_bad_rows), shared by its shards' loops; the
+    # loops only count into it. None: no budget.
+    bad_row_budget: Any = None
 
 
 class ShardLoop:
     """One shard's run. ``run()`` returns "done", "already_done" or "stopped"; it raises
-    ShardReadError (shard FAILED, marked) or BadRowError (on_bad_row: fail)."""
+    ShardReadError (shard FAILED, marked), BadRowError (on_bad_row: fail) or its subclass
+    BudgetExceeded (more bad rows than input.max_bad_rows: shard FAILED, marked)."""
 
     def __init__(self, engine, shard, spec, shard_dir: Path, fmt, builder: RequestBuilder,
                  stop, progress, options: LoopOptions):
@@ -68,6 +73,12 @@ class ShardLoop:
         except ShardReadError as exc:
             self._abort_all()
             writer.commit()                 # keep what was answered before the file broke
+            ledger.mark_failed(self.shard_dir, str(exc))
+            raise
+        except BudgetExceeded as exc:       # too many bad rows: keep what finished, then fail
+            self._read_back(writer)
+            self._abort_all()
+            writer.commit()
             ledger.mark_failed(self.shard_dir, str(exc))
             raise
         except BaseException:
@@ -161,6 +172,8 @@ class ShardLoop:
                               "in errors.jsonl)")
         writer.add_error(bad)
         self.progress.add_rows(1, num_errors=1)
+        if self.options.bad_row_budget is not None:
+            self.options.bad_row_budget.add(bad.to_record())   # raises past the budget
         if writer.should_commit():
             writer.commit()
 

@@ -13,13 +13,15 @@ Phases, in order (docs/worker.md):
   5. the engine is loaded once; each shard goes through ``loop.ShardLoop``.
 
 Exit codes (the batch script acts on them): 0 every shard DONE; 2 something the user must
-fix (config, model, input file, duplicate ids, on_bad_row: fail); 3 stopped by the warning
+fix (config, model, input file, duplicate ids, on_bad_row: fail, more bad rows than
+input.max_bad_rows); 3 stopped by the warning
 signal or SIGTERM after committing ("requeue me"); 4 a rank of the replica was lost
 (lifeline.py names it; requeue me); 1 an unexpected error (a bug: the traceback is in the
 log). Every rank of a replica exits with its driver's code.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -57,7 +59,7 @@ def run(job_dir: Path, stop: StopFlag) -> int:
     record.update(replica=place.replica, num_replicas=place.num_replicas,
                   replica_rank=place.replica_rank)
     metrics = MetricsWriter(job_dir, task_id, record["rank"], base={
-        k: record[k] for k in ("task", "rank", "host", "restart_count", "slurm_job_id",
+        k: record[k] for k in ("task", "rank", "host", "pid", "restart_count", "slurm_job_id",
                                "backend", "replica", "replica_rank")})
     metrics.write(record)
     replica = ranks.join(place, str(cfg.resources.device))
@@ -104,6 +106,9 @@ def _run_shards(job_dir: Path, cfg, plan, shards, stop: StopFlag, metrics: Metri
         metrics.write({"event": "finish", "status": "ok", "shards_failed": []})
         return 0
     spec = setup.input_spec(cfg)
+    budget = _bad_row_budget(cfg, job_dir, shards)
+    if budget.is_exceeded:              # an earlier run of this task stopped on its budget
+        raise TaskFailed(budget.message())
     model = setup.resolve(cfg)          # before torch: a missing model fails in a second
     setup.refuse_duplicate_ids(spec, todo)
     engine = setup.load_engine(cfg, model, driver.make_engine,
@@ -112,7 +117,7 @@ def _run_shards(job_dir: Path, cfg, plan, shards, stop: StopFlag, metrics: Metri
     if pool is not None:     # the chosen KV pool and what it was sized from (docs/worker.md)
         metrics.write({"event": "engine", "status": "running", **pool})
     builder = None if setup.is_pooling(cfg) else setup.request_builder(cfg, engine)
-    options = setup.loop_options(cfg, engine)
+    options = dataclasses.replace(setup.loop_options(cfg, engine), bad_row_budget=budget)
     rows_total = sum(s.num_rows for s in shards)
     rows_done = sum(s.num_rows for s in shards if s not in todo) + sum(
         _committed(ledger.shard_dir(job_dir, s.index)) for s in todo)
@@ -128,6 +133,15 @@ def _run_shards(job_dir: Path, cfg, plan, shards, stop: StopFlag, metrics: Metri
         progress.tick(force=True)
         progress.close()
     return _finish(stop, outcome, failed, metrics, started, progress.snapshot())
+
+
+def _bad_row_budget(cfg, job_dir: Path, shards):
+    """input.max_bad_rows over this task's (replica's) rows, counting committed bad rows."""
+    from hpcinfer.io import ledger
+    from hpcinfer.worker.budget import BadRowBudget
+    return BadRowBudget.for_task(getattr(cfg.input, "max_bad_rows", 0.05),
+                                 [ledger.shard_dir(job_dir, s.index) for s in shards],
+                                 sum(s.num_rows for s in shards))
 
 
 def _pooling_task(cfg) -> tuple[str, str] | None:

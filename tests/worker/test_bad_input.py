@@ -44,7 +44,9 @@ def test_bad_rows_and_bad_files_through_the_worker(tmp_path, model_dir):
     write_parquet(data / "e-nocolumn.parquet", _parquet_rows(5, "n"))
     config = job_config(model_dir, [str(data / "*.jsonl"), str(data / "*.parquet")],
                         model={"id": str(model_dir), "max_model_len": 64},
-                        input={"sampling_field": "sampling", "passthrough": ["topic"]})
+                        # a corpus of bad rows: no bad-row budget (test_bad_row_budget.py)
+                        input={"sampling_field": "sampling", "passthrough": ["topic"],
+                               "max_bad_rows": 1.0})
     job_dir = make_job(tmp_path, config)
     # Broken after the job was planned (what a user editing inputs mid-job does).
     (data / "c-cut.jsonl").write_bytes(b"".join((data / "c-cut.jsonl").open("rb").readlines()[:3]))
@@ -104,7 +106,7 @@ def test_bad_openai_requests(tmp_path, model_dir):
     path = tmp_path / "data" / "batch.jsonl"
     path.parent.mkdir()
     path.write_bytes(b"\n".join(lines) + b"\n")
-    config = job_config(model_dir, str(path), input={"format": "openai-batch"},
+    config = job_config(model_dir, str(path), input={"format": "openai-batch", "max_bad_rows": 1.0},
                         output={"format": "openai-batch"})
     job_dir = make_job(tmp_path, config)
     rc, out = run_worker(job_dir)

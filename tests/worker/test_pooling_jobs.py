@@ -197,6 +197,7 @@ def test_score_jsonl_bad_rows_and_on_long_prompt(tmp_path):
     for policy in ("error", "truncate"):
         config = _pooling_config(model, str(data), "score", resilience={"on_long_prompt": policy},
                                  model={"id": str(model), "max_model_len": 64},
+                                 input={"max_bad_rows": 3},    # the 3 bad pairs above
                                  output={"dir": f"out-{policy}"})
         job_dir = make_job(tmp_path / "job", config)
         rc, out = run_worker(job_dir)

@@ -48,8 +48,9 @@ def _openai_job(tmp_path: Path, model: Path, task: str, lines: list[bytes], **se
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"\n".join(lines) + b"\n")
     config = job_config(model, str(path), task=task, engine=ENGINE,
+                        # corpora of bad lines: no bad-row budget (test_bad_row_budget.py)
                         input={"format": "openai-batch", "id_field": None,
-                               "prompt_field": None},
+                               "prompt_field": None, "max_bad_rows": 1.0},
                         output={"format": "openai-batch", "commit_every_rows": 3}, **sections)
     config.pop("sampling")
     job_dir = make_job(tmp_path / "job", config)
