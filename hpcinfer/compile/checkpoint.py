@@ -86,9 +86,9 @@ def quant_method(hf: dict) -> str | None:
 
 
 def _layout_problem(hf: dict, tensor: int, pipeline: int) -> tuple[str, str] | None:
-    from hpcinfer.distributed.layout import layout_problem
     if tensor * pipeline == 1:
         return None
+    from hpcinfer.distributed.layout import layout_problem
     try:
         heads, layers = int(hf["num_attention_heads"]), int(hf["num_hidden_layers"])
         kv_heads = hf.get("num_key_value_heads")

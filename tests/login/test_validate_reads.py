@@ -177,3 +177,45 @@ def test_models_supported_lists_the_tables_without_torch():
     assert rc == 0 and heavy == []
     assert table["architectures"] == support.supported_architectures()
     assert table["rope_types"] == list(support.SUPPORTED_ROPE_TYPES)
+
+
+# -- the new input/output keys at load time ------------------------------------------------
+@pytest.mark.parametrize("value, ok", [(0, True), (10, True), (0.05, True), (1.0, True),
+                                       (-1, False), (0.0, False), (1.5, False), ("5%", False),
+                                       (True, False)])
+def test_max_bad_rows_is_a_count_or_a_fraction(tmp_path, value, ok):
+    from hpcinfer.config import ConfigError, load_job
+    job = write_job(tmp_path, input={"max_bad_rows": value})
+    if ok:
+        assert load_job(job).input.max_bad_rows == value
+        return
+    with pytest.raises(ConfigError) as info:
+        load_job(job)
+    assert info.value.key_path == "input.max_bad_rows" and "fraction in (0, 1]" in info.value.fix
+
+
+def test_max_bad_rows_default_is_five_percent(tmp_path):
+    from hpcinfer.config import load_job
+    assert load_job(write_job(tmp_path)).input.max_bad_rows == 0.05
+
+
+@pytest.mark.parametrize("sections, key, words", [
+    ({"task": "chat", "input": {"messages_field": "m", "prompt_template": "{{ m }}"}},
+     "input.prompt_template", "does not read"),
+    ({"input": {"prompt_template": "{% if %}"}}, "input.prompt_template", "not valid Jinja2"),
+    ({"output": {"text_field": "id"}}, "output.text_field", "already an output column"),
+    ({"output": {"text_field": "prompt"}, "input": {"passthrough": ["prompt"]}},
+     "output.text_field", "already an output column"),
+])
+def test_template_and_text_field_errors_at_load(tmp_path, sections, key, words):
+    from hpcinfer.config import ConfigError, load_job
+    with pytest.raises(ConfigError) as info:
+        load_job(write_job(tmp_path, **sections))
+    assert info.value.key_path == key and words in info.value.problem
+
+
+def test_template_without_prompt_field_is_fine(tmp_path):
+    from hpcinfer.config import load_job
+    cfg = load_job(write_job(tmp_path, input={"prompt_field": None,
+                                              "prompt_template": "Q: {{ prompt }}"}))
+    assert cfg.input.prompt_field is None
