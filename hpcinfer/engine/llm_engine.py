@@ -20,6 +20,7 @@ from hpcinfer.engine.inflight import InFlight, PinnedTokens, async_safe
 from hpcinfer.engine.model_runner import ModelRunner, resolve_device, resolve_dtype
 from hpcinfer.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from hpcinfer.engine.params import RequestOutputKind, SamplingParams
+from hpcinfer.engine.request_params import NoDetokenizer, resolve_params
 from hpcinfer.engine.request_stats import RequestStats
 from hpcinfer.engine.sampler import Sampler, SamplerOutput
 from hpcinfer.engine.scheduler import Scheduler
@@ -177,7 +178,7 @@ class LLMEngine:
             seq.detok = (IncrementalDetokenizer(self.tokenizer, token_ids,
                                                 params.skip_special_tokens,
                                                 params.spaces_between_special_tokens)
-                         if params.detokenize else _NoDetokenizer())
+                         if params.detokenize else NoDetokenizer())
             self.scheduler.add(seq)
         metrics = RequestMetrics(arrival_time=time.time() if arrival_time is None
                                  else arrival_time)
@@ -186,34 +187,10 @@ class LLMEngine:
         self.stats.num_prompt_tokens += len(token_ids) * num_samples
 
     def resolve_params(self, params: SamplingParams, request_id: str = "?") -> SamplingParams:
-        """The engine's checked copy of ``params`` (SamplingParams.resolved) with the checks
-        that need the model: logprobs against max_logprobs, token ids against the vocabulary,
-        bad_words tokenized. ValueError names the request and the field."""
-        try:
-            params = params.resolved()
-        except ValueError as e:
-            raise ValueError(f"request {request_id!r}: {e}") from None
-        vocab = self.spec.vocab_size
-        if params.logprobs == -1:
-            params.logprobs = vocab
-        max_logprobs = self.config.max_logprobs
-        if params.logprobs is not None and max_logprobs != -1 and params.logprobs > max_logprobs:
-            raise ValueError(f"request {request_id!r}: SamplingParams.logprobs={params.logprobs}"
-                             f" is more than max_logprobs={max_logprobs}: ask for fewer, or "
-                             "raise LLM(max_logprobs=...)")
-        if params.logprobs is not None and params.logprobs > vocab:
-            raise ValueError(f"request {request_id!r}: logprobs={params.logprobs} is more than "
-                             f"the vocabulary ({vocab} tokens)")
-        if params.logit_bias:
-            params.logit_bias = {int(t): float(b) for t, b in params.logit_bias.items()}
-        for name in ("logit_bias", "allowed_token_ids"):
-            bad = [t for t in (getattr(params, name) or ()) if not 0 <= int(t) < vocab]
-            if bad:
-                raise ValueError(f"request {request_id!r}: SamplingParams.{name} has token id "
-                                 f"{bad[0]} outside the vocabulary [0, {vocab})")
-        if params.bad_words:
-            params.bad_words_token_ids = _bad_words_token_ids(self.tokenizer, params.bad_words)
-        return params
+        """The engine's checked copy of ``params`` (engine/request_params.py): ValueError
+        names the request and the field."""
+        return resolve_params(params, request_id, self.spec.vocab_size, self.config.max_logprobs,
+                              self.tokenizer)
 
     def tokenize_prompt(self, prompt, request_id: str = "?",
                         truncate_prompt_tokens: int | None = None) -> tuple[str | None, list[int]]:
@@ -422,7 +399,7 @@ class LLMEngine:
         if stopped_by_token and not params.include_stop_str_in_output:
             seq.detok.flush()  # the stop token's own text is left out, as in vLLM
             return
-        num_new_chars = len(seq.detok.append(token_id))  # _NoDetokenizer: 0
+        num_new_chars = len(seq.detok.append(token_id))  # NoDetokenizer: 0
         if (num_new_chars and params.stop_strings and seq.num_output_tokens > params.min_tokens
                 and seq.finish_reason != "stop"):
             found = find_stop_string(seq.detok.output_text, num_new_chars, params.stop_strings,
@@ -499,30 +476,6 @@ class LLMEngine:
     @property
     def prefix_cache_hits(self) -> int:
         return self.block_manager.prefix_cache_hits
-
-
-class _NoDetokenizer:
-    """SamplingParams.detokenize=False: token ids only, the text stays empty."""
-
-    output_text = ""
-
-    def append(self, token_id: int) -> str:
-        return ""
-
-    def flush(self) -> None:
-        pass
-
-
-def _bad_words_token_ids(tokenizer, bad_words: list[str]) -> tuple[tuple[int, ...], ...]:
-    """Each bad word as token ids, with and without a leading space (vLLM's rule: a word
-    inside a sentence is usually tokenized with its space)."""
-    found: dict[tuple[int, ...], None] = {}
-    for word in bad_words:
-        for text in (word.lstrip(), " " + word.lstrip()):
-            ids = tuple(tokenizer.encode(text, add_special_tokens=False))
-            if ids:
-                found[ids] = None
-    return tuple(found)
 
 
 def _load_tokenizer(model_path: str):

@@ -346,3 +346,168 @@ def test_default_params_come_from_generation_config(checkpoint, tmp_path, prompt
                             use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in explicit]
     assert all(len(o.outputs[0].token_ids) <= 3 for o in outs)
+    # "vllm": vLLM's own defaults; a directory: its generation_config.json
+    assert LLM(str(path), max_model_len=256, generation_config="vllm") \
+        .get_default_sampling_params() == SamplingParams()
+    other = LLM(checkpoint(FAMILY), max_model_len=256, generation_config=str(path))
+    assert other.get_default_sampling_params().max_tokens == 3
+    first = llm.get_default_sampling_params()
+    first.max_tokens = 9  # a new object each call: changing one leaves the next alone
+    assert llm.get_default_sampling_params().max_tokens == 3
+    with pytest.raises(ValueError, match="generation_config='nope'"):
+        LLM(checkpoint(FAMILY), max_model_len=256, generation_config="nope")
+
+
+# --- the vLLM surface of issue 18 ---
+
+def test_sampling_params_are_mutable_and_checked_when_added(llm, prompts):
+    params = SamplingParams(temperature=0, max_tokens=4)
+    params.max_tokens = 6  # vLLM scripts set fields after construction
+    assert len(llm.generate(prompts[:1], params, use_tqdm=False)[0].outputs[0].token_ids) == 6
+    params.top_p = 0.0
+    with pytest.raises(ValueError, match=r"prompt 0: .*SamplingParams\.top_p=0\.0 is invalid"):
+        llm.generate(prompts[:1], params, use_tqdm=False)
+    engine = llm.llm_engine
+    with pytest.raises(ValueError, match=r"request 'x': SamplingParams\.top_p=0\.0"):
+        engine.add_request("x", prompts[0], params)
+    clone = SamplingParams(stop=["a"], logit_bias={3: 1.0}).clone()
+    clone.logit_bias[3] = 2.0
+    assert clone.stop_strings == ("a",)
+    with pytest.raises(ValueError, match=r"logprobs=21 is more than max_logprobs=20"):
+        llm.generate(prompts[:1], greedy(2, logprobs=21), use_tqdm=False)
+    with pytest.raises(ValueError, match=r"SamplingParams.prompt_logprobs=1 .*not supported yet"):
+        SamplingParams(prompt_logprobs=1)
+    assert_no_leaks(llm)
+
+
+def test_logits_edits_follow_their_definitions(llm, prompts):
+    allowed = [11, 12, 13]
+    outs = llm.generate(prompts[:2], greedy(8, allowed_token_ids=allowed), use_tqdm=False)
+    assert all(set(o.outputs[0].token_ids) <= set(allowed) for o in outs)
+    forced = llm.generate(prompts[:2], greedy(5, logit_bias={42: 1000.0}), use_tqdm=False)
+    assert all(o.outputs[0].token_ids == [42] * 5 for o in forced)
+    # bad_words=["the"] bans " the" (one token, 294 in the tiny vocabulary) outright and "the"
+    # (89, 265) after 89; the bias would otherwise make every token 294.
+    resolved = llm.llm_engine.resolve_params(SamplingParams(bad_words=["the"]))
+    assert set(resolved.bad_words_token_ids) == {(89, 265), (294,)}
+    biased = greedy(5, logit_bias={294: 1000.0})
+    assert llm.generate(prompts[:1], biased, use_tqdm=False)[0].outputs[0].token_ids == [294] * 5
+    biased.bad_words = ["the"]
+    out = llm.generate(prompts[:1], biased, use_tqdm=False)[0].outputs[0]
+    assert 294 not in out.token_ids and len(out.token_ids) == 5
+    from hpcinfer.engine.sampler import apply_bad_words
+    row = torch.zeros(10)
+    apply_bad_words(row, ((4, 5), (7,)), [1, 4])
+    assert row[5] == float("-inf") and row[7] == float("-inf") and row[4] == 0
+    row = torch.zeros(10)
+    apply_bad_words(row, ((4, 5),), [4, 1])
+    assert row[5] == 0
+    assert_no_leaks(llm)
+
+
+def test_best_of_returns_the_n_most_likely(llm, prompts):
+    params = SamplingParams(n=2, best_of=5, temperature=1.0, seed=3, max_tokens=6)
+    out = llm.generate(prompts[:1], params, use_tqdm=False)[0]
+    assert [c.index for c in out.outputs] == [0, 1] and out.outputs[0].logprobs is None
+    every = llm.generate(prompts[:1], SamplingParams(n=5, temperature=1.0, seed=3, max_tokens=6,
+                                                     logprobs=0), use_tqdm=False)[0]
+    ranked = sorted(every.outputs, key=lambda c: c.cumulative_logprob, reverse=True)[:2]
+    assert [c.token_ids for c in out.outputs] == [c.token_ids for c in ranked]
+    with pytest.raises(ValueError, match=r"SamplingParams.best_of=1 is invalid"):
+        SamplingParams(n=2, best_of=1)
+
+
+def test_delta_outputs_add_up_and_metrics(llm, prompts):
+    from hpcinfer import RequestOutputKind
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0, max_tokens=10, output_kind=RequestOutputKind.DELTA)
+    engine.add_request("delta", prompts[2], params)
+    pieces, texts, last = [], [], None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            pieces.extend(out.outputs[0].token_ids)
+            texts.append(out.outputs[0].text)
+            last = out
+    full = llm.generate([prompts[2]], greedy(10), use_tqdm=False)[0].outputs[0]
+    assert pieces == full.token_ids[:len(pieces)] and len(pieces) == 10
+    assert "".join(texts) == full.text
+    m = last.metrics
+    assert m.arrival_time <= m.first_token_time <= m.last_token_time <= m.finished_time
+    final = SamplingParams(temperature=0, max_tokens=4, output_kind=RequestOutputKind.FINAL_ONLY)
+    engine.add_request("final", prompts[2], final)
+    seen = []
+    while engine.has_unfinished_requests():
+        seen.extend(engine.step())
+    assert len(seen) == 1 and seen[0].finished and len(seen[0].outputs[0].token_ids) == 4
+    names = {m.name for m in llm.get_metrics()}
+    assert {"vllm:prompt_tokens", "vllm:generation_tokens", "vllm:time_to_first_token_seconds",
+            "vllm:request_success", "vllm:kv_cache_usage_perc"} <= names
+
+
+def test_reset_prefix_cache_forgets_prefixes(checkpoint, prompts):
+    llm = LLM(checkpoint(FAMILY), max_model_len=256, max_num_seqs=4)
+    bm = llm.llm_engine.block_manager
+    first = llm.generate([prompts[3]], greedy(4), use_tqdm=False)
+    hits = bm.prefix_cache_hits
+    llm.generate([prompts[3]], greedy(4), use_tqdm=False)
+    assert bm.prefix_cache_hits > hits
+    assert llm.reset_prefix_cache() and not bm.hash_to_block
+    hits = bm.prefix_cache_hits
+    again = llm.generate([prompts[3]], greedy(4), use_tqdm=False)
+    assert bm.prefix_cache_hits == hits
+    assert again[0].outputs[0].token_ids == first[0].outputs[0].token_ids
+    bm.check_invariants([])
+
+
+def test_engine_args_build_the_same_llm(checkpoint):
+    import dataclasses
+
+    from hpcinfer import EngineArgs
+    engine_args = EngineArgs(model=checkpoint(FAMILY), max_model_len=128, max_num_seqs=2,
+                             swap_space=2)
+    llm = LLM(**dataclasses.asdict(engine_args))
+    assert llm.config.max_model_len == 128 and llm.config.max_num_seqs == 2
+    engine = LLMEngine.from_engine_args(engine_args)
+    assert engine.config == llm.config
+    with pytest.raises(ValueError, match="hpcinfer has no LoRA adapters"):
+        LLM(**dataclasses.asdict(dataclasses.replace(engine_args, enable_lora=True)))
+
+
+def test_async_llm_streams_and_aborts(checkpoint, prompts):
+    import asyncio
+
+    from hpcinfer import AsyncEngineArgs, AsyncLLM, RequestOutputKind
+    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=checkpoint(FAMILY),
+                                                       max_model_len=256))
+
+    async def collect(request_id, params):
+        return [out async for out in engine.generate(prompts[1], params, request_id)]
+
+    async def main():
+        delta = SamplingParams(temperature=0, max_tokens=8, output_kind=RequestOutputKind.DELTA)
+        outs, cumulative = await asyncio.gather(collect("a", delta), collect("b", greedy(8)))
+        assert [t for o in outs for t in o.outputs[0].token_ids] == \
+            cumulative[-1].outputs[0].token_ids
+        assert outs[-1].finished and not any(o.finished for o in outs[:-1])
+        with pytest.raises(ValueError, match=r"request 'bad': SamplingParams\.temperature"):
+            bad = SamplingParams()
+            bad.temperature = -1.0
+            await collect("bad", bad)
+        stream = engine.generate(prompts[2], greedy(200), "long")
+        first = await stream.__anext__()
+        await engine.abort("long")
+        await stream.aclose()
+        return first
+
+    try:
+        first = asyncio.run(main())
+        assert not first.finished
+        for _ in range(100):  # the loop thread applies the abort before its next step
+            if not engine.engine.has_unfinished_requests():
+                break
+            import time
+            time.sleep(0.05)
+        assert not engine.engine.has_unfinished_requests()
+    finally:
+        engine.shutdown()
+    assert not engine.is_running

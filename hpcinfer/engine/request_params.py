@@ -1,0 +1,61 @@
+"""The engine's own copy of a request's SamplingParams, checked against the model.
+
+``SamplingParams.resolved()`` re-validates what the caller may have changed since
+construction; ``resolve_params`` adds the checks that need the loaded model (vocabulary size,
+max_logprobs, the tokenizer for bad_words). LLMEngine.add_request and LLM call it.
+"""
+from __future__ import annotations
+
+from hpcinfer.engine.params import SamplingParams
+
+
+def resolve_params(params: SamplingParams, request_id: str, vocab_size: int,
+                   max_logprobs: int, tokenizer) -> SamplingParams:
+    """A checked, normalised copy of ``params``; ValueError names the request and the field."""
+    try:
+        params = params.resolved()
+    except ValueError as e:
+        raise ValueError(f"request {request_id!r}: {e}") from None
+    if params.logprobs == -1:
+        params.logprobs = vocab_size
+    if params.logprobs is not None and max_logprobs != -1 and params.logprobs > max_logprobs:
+        raise ValueError(f"request {request_id!r}: SamplingParams.logprobs={params.logprobs} "
+                         f"is more than max_logprobs={max_logprobs}: ask for fewer, or raise "
+                         "LLM(max_logprobs=...)")
+    if params.logprobs is not None and params.logprobs > vocab_size:
+        raise ValueError(f"request {request_id!r}: logprobs={params.logprobs} is more than "
+                         f"the vocabulary ({vocab_size} tokens)")
+    if params.logit_bias:
+        params.logit_bias = {int(t): float(b) for t, b in params.logit_bias.items()}
+    for name in ("logit_bias", "allowed_token_ids"):
+        bad = [t for t in (getattr(params, name) or ()) if not 0 <= int(t) < vocab_size]
+        if bad:
+            raise ValueError(f"request {request_id!r}: SamplingParams.{name} has token id "
+                             f"{bad[0]} outside the vocabulary [0, {vocab_size})")
+    if params.bad_words:
+        params.bad_words_token_ids = bad_words_token_ids(tokenizer, params.bad_words)
+    return params
+
+
+class NoDetokenizer:
+    """SamplingParams.detokenize=False: token ids only, the text stays empty."""
+
+    output_text = ""
+
+    def append(self, token_id: int) -> str:
+        return ""
+
+    def flush(self) -> None:
+        pass
+
+
+def bad_words_token_ids(tokenizer, bad_words: list[str]) -> tuple[tuple[int, ...], ...]:
+    """Each bad word as token ids, with and without a leading space (vLLM's rule: a word
+    inside a sentence is usually tokenized with its space)."""
+    found: dict[tuple[int, ...], None] = {}
+    for word in bad_words:
+        for text in (word.lstrip(), " " + word.lstrip()):
+            ids = tuple(tokenizer.encode(text, add_special_tokens=False))
+            if ids:
+                found[ids] = None
+    return tuple(found)
