@@ -9,13 +9,15 @@ How a block is treated (marks: the HTML comment on the line right before the fen
   block is there for the next block. The dir is a small checkout: copies of the repo's
   `configs/` and `dev/` (so `configs/examples/quickstart.yaml` and `bash dev/quickstart.sh`
   work as in the repo, writing under the dir) and `.venv` linking to the repo's venv, whose
-  bin/ is first on PATH (`hpcinfer`, `python`). HOME and the HF cache are inside the dir and
-  HF_HUB_OFFLINE=1: nothing reaches the hub or the user's files.
+  bin/ is first on PATH (`hpcinfer`, `python`). HOME, the HF cache, $SCRATCH and $PROJECT are
+  inside the dir and HF_HUB_OFFLINE=1: nothing reaches the hub or the user's files, except that
+  a block naming one of FAKE_HUB_IDS downloads it from a fake hub on 127.0.0.1.
 - **Unmarked python** blocks run with the venv's python in the same dir.
 - **yaml** blocks: a job file (top-level `model` and `input`) is written to the working dir and
   loaded with the config loader, environment checks included (`load_job`: schema, profile,
-  paths, model dir, output dir). Anything else must be marked `fragment` and still parse, with
-  only job-file keys at the top.
+  paths, model dir, output dir). Anything else must be marked `fragment`: it must parse, have
+  only job-file keys at the top, and load (without the environment checks) once merged into a
+  minimal job file (check_yaml_fragment).
 - **json/jsonl** blocks must parse (jsonl line by line) unless marked `output`.
 - Blocks without a language (or text) are not commands: they must be marked `output`.
 - **Marked** blocks do not run but are still checked where they can be: shell with `bash -n`,
@@ -45,6 +47,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import yaml
@@ -56,6 +59,7 @@ from hpcinfer.testing.docs_blocks import (JSON_LANGS, MARKS, PYTHON_LANGS, SHELL
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 BLOCK_TIMEOUT_S = 180
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"   # the fake hub's only commit
 ANGLE_PLACEHOLDER = re.compile(r"<[A-Za-z][A-Za-z0-9 _.-]*>")
 
 # Commands a README block may carry under `self`: command -> (file CI runs, text it contains).
@@ -77,7 +81,17 @@ PLACEHOLDERS = {
     "/path/to/reranker": "xlm-roberta-reranker",
     "/tmp/mn/models/Llama-3.1-405B-Instruct": "llama",
     "/tmp/mn": "{workdir}/mn",
+    "/path/to/a/model/dir": "llama",
+    "/project/def-pi/hf-hub": "{workdir}/project/def-pi/hf-hub",
+    "<commit sha>": "{hub_commit}",
 }
+
+# Hub ids that blocks download: a fake hub on 127.0.0.1 (hpcinfer.testing.fake_hub) serves each
+# as the tiny llama checkpoint plus a README.md; a block naming one gets HF_ENDPOINT pointing at
+# it and hub access switched on. Anything that needs the real hub (gated access, tokens, `hf auth
+# login`) stays marked needs-hub.
+FAKE_HUB_IDS = ("meta-llama/Llama-3.1-8B-Instruct", "Qwen/Qwen3-8B", "BAAI/bge-m3",
+                "mistralai/Mistral-7B-Instruct-v0.3", "ORG/NAME")
 
 
 BLOCKS = [block for page in doc_pages(REPO) for block in read_blocks(page, REPO)]
@@ -117,6 +131,22 @@ class Pages:
         self.dirs: dict[str, Path] = {}
         self.ran: set[str] = set()
         self.passed_first: dict[str, str] = {}   # text of a page's first runnable block -> id
+        self.hub = None
+
+    def hub_endpoint(self) -> str:
+        """Start the fake hub on first use; serves FAKE_HUB_IDS at commit HUB_COMMIT."""
+        if self.hub is None:
+            from hpcinfer.testing.fake_hub import FakeHub, FakeRepo
+
+            llama = self.models.path("llama")
+            files = {p.relative_to(llama).as_posix(): p.read_bytes()
+                     for p in sorted(llama.rglob("*")) if p.is_file()}
+            files["README.md"] = b"# a tiny random llama served by the docs test\n"
+            self.hub = FakeHub(repos={repo_id: FakeRepo(commits={HUB_COMMIT: files},
+                                                        refs={"main": HUB_COMMIT})
+                                      for repo_id in FAKE_HUB_IDS})
+            self.hub.start()
+        return self.hub.endpoint
 
     def workdir(self, page: str) -> Path:
         if page not in self.dirs:
@@ -135,9 +165,20 @@ class Pages:
         table = {}
         for placeholder, target in PLACEHOLDERS.items():
             if placeholder in text:
-                table[placeholder] = (target.format(workdir=workdir) if "{workdir}" in target
-                                      else str(self.models.path(target)))
+                table[placeholder] = (target.format(workdir=workdir, hub_commit=HUB_COMMIT)
+                                      if "{" in target else str(self.models.path(target)))
         return table
+
+    def env(self, text: str, workdir: Path) -> dict[str, str]:
+        env = _env(workdir)
+        if any(repo_id in text for repo_id in FAKE_HUB_IDS):
+            for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+                env.pop(name)
+            env.update(HF_ENDPOINT=self.hub_endpoint(), NO_PROXY="127.0.0.1,localhost",
+                       HF_HUB_DISABLE_TELEMETRY="1")
+            for name in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+                env.pop(name, None)
+        return env
 
     def same_first_block_passed(self, block: DocBlock) -> str | None:
         """The id of an identical block that passed as the first runnable block of another page
@@ -157,15 +198,23 @@ class Pages:
 @pytest.fixture(scope="session")
 def pages(tmp_path_factory):
     models = TinyModels(tmp_path_factory.mktemp("docs-models"))
-    return Pages(tmp_path_factory.mktemp("docs-pages"), models)
+    pages = Pages(tmp_path_factory.mktemp("docs-pages"), models)
+    yield pages
+    if pages.hub is not None:
+        pages.hub.stop()
 
 
 def _runs(block: DocBlock) -> bool:
     return not block.is_skipped and block.lang in SHELL_LANGS | PYTHON_LANGS
 
 
+def _site_env(workdir: Path) -> dict[str, str]:
+    """What cluster guides take for granted ($SCRATCH, $PROJECT), inside the working dir."""
+    return {"SCRATCH": str(workdir / "scratch"), "PROJECT": str(workdir / "project")}
+
+
 def _env(workdir: Path) -> dict[str, str]:
-    env = dict(os.environ)
+    env = {**os.environ, **_site_env(workdir)}
     env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", VIRTUAL_ENV=str(VENV_BIN.parent),
                HOME=str(workdir / "home"), HF_HOME=str(workdir / "home" / "hf"),
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -200,7 +249,8 @@ def run_block(block: DocBlock, pages: Pages) -> None:
     else:
         argv = ["bash", "-e", "-o", "pipefail", "-c", text]
     try:
-        proc = subprocess.run(argv, cwd=workdir, env=_env(workdir), stdin=subprocess.DEVNULL,
+        proc = subprocess.run(argv, cwd=workdir, env=pages.env(text, workdir),
+                              stdin=subprocess.DEVNULL,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               timeout=BLOCK_TIMEOUT_S)
     except subprocess.TimeoutExpired as exc:
@@ -261,6 +311,7 @@ def check_yaml(block: DocBlock, pages: Pages) -> None:
         _fail(block, block.text, f"has top-level keys {unknown} that a job file does not have "
               f"(job file keys: {list(JobConfig.model_fields)})")
     if "fragment" in block.marks:
+        check_yaml_fragment(block, data, pages)
         return
     if not {"model", "input"} <= set(data):
         _fail(block, block.text, "is an excerpt, not a whole job file (no model/input): mark it "
@@ -274,6 +325,37 @@ def check_yaml(block: DocBlock, pages: Pages) -> None:
         load_job(job_file)
     except ConfigError as exc:
         _fail(block, text, f"the job file does not load: {exc}")
+
+
+def check_yaml_fragment(block: DocBlock, data: dict, pages: Pages) -> None:
+    """Merge the excerpt into a minimal job (the page's cluster for docs/clusters/<name>.md;
+    task embed when it sets pooling) and load it without the environment checks: its keys and
+    values must still be valid."""
+    from hpcinfer.config import ConfigError, load_job
+
+    cluster = Path(block.path).stem if block.path.startswith("docs/clusters/") else "generic"
+    pooling = "pooling" in data
+    base = {"name": "docs-fragment", "cluster": cluster, "task": "embed" if pooling else "generate",
+            "model": {"id": "/nonexistent/model"},
+            "input": {"path": "in.jsonl", ("text_field" if pooling else "prompt_field"): "x"},
+            "output": {"dir": "out"}}
+    workdir = pages.workdir(block.path)
+    job_file = workdir / f"fragment_L{block.line}.yaml"
+    job_file.write_text(yaml.safe_dump(_merged(base, data), sort_keys=False))
+    try:
+        with mock.patch.dict(os.environ, _site_env(workdir)):
+            load_job(job_file, check_environment=False)
+    except ConfigError as exc:
+        _fail(block, job_file.read_text(), f"the excerpt, merged into a minimal job file (shown), "
+              f"does not load: {exc}")
+
+
+def _merged(base: dict, layer: dict) -> dict:
+    out = dict(base)
+    for key, value in layer.items():
+        both_dicts = isinstance(value, dict) and isinstance(base.get(key), dict)
+        out[key] = _merged(base[key], value) if both_dicts else value
+    return out
 
 
 def check_json(block: DocBlock) -> None:
