@@ -77,6 +77,8 @@ class SamplingParams:
     # Token-id sequences of bad_words, filled by the engine (it owns the tokenizer).
     bad_words_token_ids: tuple[tuple[int, ...], ...] = field(default=(), init=False,
                                                              repr=False, compare=False)
+    # True on the engine's checked copy (resolve_params), so it is not checked twice.
+    is_resolved: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._normalise()

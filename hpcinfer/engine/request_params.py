@@ -11,7 +11,11 @@ from hpcinfer.engine.params import SamplingParams
 
 def resolve_params(params: SamplingParams, request_id: str, vocab_size: int,
                    max_logprobs: int, tokenizer) -> SamplingParams:
-    """A checked, normalised copy of ``params``; ValueError names the request and the field."""
+    """A checked, normalised copy of ``params``; ValueError names the request and the field.
+    A copy made here (``is_resolved``) is returned as it is: LLM checks each distinct
+    SamplingParams once for a whole batch, not once per prompt."""
+    if params.is_resolved:
+        return params
     try:
         params = params.resolved()
     except ValueError as e:
@@ -34,6 +38,7 @@ def resolve_params(params: SamplingParams, request_id: str, vocab_size: int,
                              f"{bad[0]} outside the vocabulary [0, {vocab_size})")
     if params.bad_words:
         params.bad_words_token_ids = bad_words_token_ids(tokenizer, params.bad_words)
+    params.is_resolved = True
     return params
 
 
