@@ -90,8 +90,12 @@ def _engine_args_namespace() -> dict:
     def create_engine_config(self) -> EngineConfig:
         """EngineConfig for LLMEngine: the ignored/refused vLLM arguments are applied, the
         arguments only LLM reads must be at their defaults."""
+        from hpcinfer.engine.hf_overrides import with_hf_overrides
         kwargs = dataclasses.asdict(self)
+        kwargs["model"] = with_hf_overrides(kwargs["model"], kwargs.pop("hf_overrides"))
         for name, (default, _) in LLM_ARGS.items():
+            if name not in kwargs:
+                continue
             value = kwargs.pop(name)
             allowed = (default, "generate") if name in ("task", "runner") else (default,)
             if value not in allowed:

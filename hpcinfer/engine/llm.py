@@ -26,7 +26,8 @@ class LLM:
     ``max_num_seqs``, ``max_num_batched_tokens``, ``block_size``, ``enable_prefix_caching``,
     ``gpu_memory_utilization``, ``kv_cache_memory_bytes``, ``enforce_eager``, ``seed``,
     ``tensor_parallel_size``, ``pipeline_parallel_size`` (docs/multi-node.md), ``device``
-    ("auto", "cpu", "cuda", ...), ``max_logprobs``, ``generation_config`` ("auto": the
+    ("auto", "cpu", "cuda", ...), ``max_logprobs``, ``hf_overrides`` (a dict merged into
+    config.json, or a callable on the HF config), ``generation_config`` ("auto": the
     checkpoint's generation_config.json sets the default sampling params; "vllm": vLLM's
     defaults; or a directory holding a generation_config.json). vLLM arguments with no effect
     here are accepted and logged, those naming a missing feature raise ValueError
@@ -40,6 +41,8 @@ class LLM:
         # vLLM's pooler_config (older name: override_pooler_config), see pooling.PoolerConfig
         pooler_config = kwargs.pop("pooler_config", None)
         pooler_config = kwargs.pop("override_pooler_config", None) or pooler_config
+        from hpcinfer.engine.hf_overrides import with_hf_overrides
+        model = with_hf_overrides(str(model), kwargs.pop("hf_overrides", None))
         self.config = EngineConfig.from_kwargs(model, **kwargs)
         self.generation_config = _generation_config_dir(generation_config, self.config.model)
         # task: "generate" or a pooling task (embed/classify/score/reward), see engine.pooling

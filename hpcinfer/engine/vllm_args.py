@@ -88,7 +88,6 @@ REFUSED: dict[str, VllmArg] = {
     "skip_tokenizer_init": _refused(False, bool, "running without a tokenizer"),
     "kv_transfer_config": _refused(None, "json", "KV transfer (disaggregated prefill)"),
     "logits_processors": _refused(None, "json", "custom logits processor classes"),
-    "hf_overrides": _refused(None, "json", "hf_overrides (config overrides, not supported yet)"),
     "disable_sliding_window": _refused(False, bool, "disabling the sliding window"),
     "rope_scaling": _refused(None, "json", "overriding rope_scaling"),
     "rope_theta": _refused(None, float, "overriding rope_theta"),
@@ -102,6 +101,7 @@ LLM_ARGS: dict[str, tuple[Any, type | str]] = {
     "pooler_config": (None, "json"),
     "override_pooler_config": (None, "json"),
     "generation_config": ("auto", str),
+    "hf_overrides": (None, "json"),
 }
 
 

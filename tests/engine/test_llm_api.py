@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -511,3 +512,23 @@ def test_async_llm_streams_and_aborts(checkpoint, prompts):
     finally:
         engine.shutdown()
     assert not engine.is_running
+
+
+def test_hf_overrides_change_the_config_not_the_snapshot(checkpoint, prompts):
+    path = checkpoint(FAMILY)
+    before = (Path(path) / "config.json").read_text()
+    llm = LLM(path, hf_overrides={"max_position_embeddings": 1024})
+    assert llm.llm_engine.max_model_len == 1024
+    assert (Path(path) / "config.json").read_text() == before
+
+    def shorter(config):
+        config.max_position_embeddings = 64
+        return config
+    short = LLM(path, hf_overrides=shorter)
+    assert short.llm_engine.max_model_len == 64
+    base = LLM(path, max_model_len=64)
+    want = base.generate(prompts[:2], greedy(4), use_tqdm=False)
+    got = short.generate(prompts[:2], greedy(4), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    with pytest.raises(ValueError, match="hf_overrides"):
+        LLM(path, hf_overrides="rope")
