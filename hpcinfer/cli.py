@@ -208,7 +208,19 @@ def cmd_init(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+HUB_COMMANDS = ("download", "models", "verify-model")
+
+
+def _needs_hub_commands(argv: list[str] | None) -> bool:
+    """False when argv names another command: the hub package (~50 ms to import) is then left
+    out of the parser, which keeps `render` cold-start fast."""
+    if argv is None:
+        return True
+    words = [a for a in argv if not a.startswith("-")]
+    return not words or words[0] in HUB_COMMANDS or words[0] not in _COMMANDS
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hpcinfer", description="Offline batch LLM inference on Slurm clusters.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
@@ -266,6 +278,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="as for render")
     p.add_argument("--download", action="store_true", help="as for render")
     p.set_defaults(func=cmd_container_build, container_def=True)
+    if _needs_hub_commands(argv):
+        _add_hub_commands(sub)
+    p = sub.add_parser("schema", help="print the job file's JSON Schema")
+    p.set_defaults(func=cmd_schema)
+    p = sub.add_parser("init", help="print an annotated starting job file")
+    p.add_argument("--cluster", default="generic", help="cluster profile name")
+    p.set_defaults(func=cmd_init)
+    return parser
+
+
+def _add_hub_commands(sub) -> None:
     from hpcinfer.hub.cli import add_hub_commands
     add_hub_commands(sub)      # download, models, verify-model (their own one-line errors)
     models = sub.choices["models"]
@@ -275,16 +298,16 @@ def build_parser() -> argparse.ArgumentParser:
     list_downloads = models.get_default("handler")
     models.set_defaults(handler=lambda a: (cmd_models_supported if a.supported
                                            else list_downloads)(a))
-    p = sub.add_parser("schema", help="print the job file's JSON Schema")
-    p.set_defaults(func=cmd_schema)
-    p = sub.add_parser("init", help="print an annotated starting job file")
-    p.add_argument("--cluster", default="generic", help="cluster profile name")
-    p.set_defaults(func=cmd_init)
-    return parser
+
+
+# Every command but the hub's, for _needs_hub_commands.
+_COMMANDS = ("validate", "render", "submit", "run", "status", "collect", "cancel", "container",
+             "schema", "init")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="hpcinfer: %(message)s")
     from hpcinfer.config.errors import ConfigError

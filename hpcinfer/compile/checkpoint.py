@@ -112,9 +112,9 @@ def check_checkpoint(cfg) -> None:
     if hf is None:
         return
     tensor, pipeline = cfg.parallel.tensor, cfg.parallel.pipeline
-    if {"architectures", "model_type"} & set(hf):
+    if "architectures" in hf:
         problem = checkpoint_problem(hf, tensor, pipeline)
-    else:       # no model named at all (a hand-made stub): only the head counts to check
+    else:       # no architecture named (a hand-made stub): only the head counts to check
         problem = _layout_problem(hf, tensor, pipeline)
     if problem is None:
         return

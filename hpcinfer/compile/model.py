@@ -17,8 +17,6 @@ from __future__ import annotations
 import logging
 import os
 
-from hpcinfer.hub.errors import HubError
-
 log = logging.getLogger(__name__)
 
 
@@ -56,6 +54,8 @@ def _is_local(value: str) -> bool:
 
 
 def _resolve(cfg, key_path: str, model_id: str, revision: str | None, download: bool):
+    # Imported here: the hub package costs ~50 ms, and a local model dir never needs it.
+    from hpcinfer.hub.errors import HubError
     from hpcinfer.hub.offline import resolve_model
     try:
         if not download:

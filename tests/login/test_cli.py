@@ -37,6 +37,13 @@ def test_render_of_jsonl_job_imports_nothing_heavy(tmp_path):
         assert heavy == [], f"{argv[0]} imported {heavy}"
 
 
+def test_render_of_a_local_model_leaves_the_hub_and_template_sandbox_out(tmp_path):
+    job = write_job(tmp_path)
+    modules = _modules_after(["render", str(job)], tmp_path)
+    assert not {m for m in modules if m.startswith(("hpcinfer.hub", "huggingface_hub",
+                                                     "jinja2.sandbox", "pyarrow"))}
+
+
 def test_parquet_input_imports_pyarrow_only_then(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
