@@ -29,7 +29,8 @@ _VLLM_DEFAULTS: dict[str, Any] = {
     "async_scheduling": None,
 }
 # vLLM's short aliases.
-_ALIASES = {"tensor_parallel_size": ["-tp"], "pipeline_parallel_size": ["-pp"]}
+_ALIASES = {"tensor_parallel_size": ["-tp"], "pipeline_parallel_size": ["-pp"],
+            "quantization": ["-q"], "data_parallel_size": ["-dp"]}
 _ENGINE_TYPES = {"model": str, "dtype": str, "max_model_len": int, "max_num_seqs": int,
                  "max_num_batched_tokens": int, "block_size": int, "enable_prefix_caching": bool,
                  "gpu_memory_utilization": float, "kv_cache_memory_bytes": int,

@@ -37,7 +37,7 @@ class LLM:
 
     def __init__(self, model: str, task: str = "auto", runner: str = "auto",
                  convert: str = "auto", generation_config: str | None = "auto",
-                 **kwargs: Any):
+                 override_generation_config: dict | None = None, **kwargs: Any):
         # vLLM's pooler_config (older name: override_pooler_config), see pooling.PoolerConfig
         pooler_config = kwargs.pop("pooler_config", None)
         pooler_config = kwargs.pop("override_pooler_config", None) or pooler_config
@@ -45,6 +45,11 @@ class LLM:
         model = with_hf_overrides(str(model), kwargs.pop("hf_overrides", None))
         self.config = EngineConfig.from_kwargs(model, **kwargs)
         self.generation_config = _generation_config_dir(generation_config, self.config.model)
+        self.override_generation_config = dict(override_generation_config or {})
+        unknown = sorted(set(self.override_generation_config) - set(_GENERATION_CONFIG_FIELDS))
+        if unknown:
+            raise ValueError(f"override_generation_config keys {unknown} are not sampling "
+                             f"defaults: use {sorted(_GENERATION_CONFIG_FIELDS)}")
         # task: "generate" or a pooling task (embed/classify/score/reward), see engine.pooling
         self.task = pooling.resolve_task(self.config.model, task, runner, convert)
         if self.task == "generate" and pooler_config is not None:
@@ -65,10 +70,14 @@ class LLM:
         """What ``sampling_params=None`` means, as in vLLM: with generation_config="auto" (or
         a directory) the sampling fields of its generation_config.json (temperature, top_p,
         top_k, min_p, repetition_penalty, max_new_tokens -> max_tokens) over SamplingParams'
-        defaults; with "vllm" SamplingParams(). A new object each call: change it freely."""
+        defaults; with "vllm" SamplingParams(); ``override_generation_config`` (same keys as
+        generation_config.json) on top. A new object each call: change it freely."""
         if self._default_fields is None:
-            self._default_fields = (_generation_config_defaults(self.generation_config)
-                                    if self.generation_config is not None else {})
+            fields = (_generation_config_defaults(self.generation_config)
+                      if self.generation_config is not None else {})
+            for theirs, value in self.override_generation_config.items():
+                fields[_GENERATION_CONFIG_FIELDS[theirs]] = value
+            self._default_fields = fields
         return SamplingParams(**self._default_fields)
 
     def reset_prefix_cache(self, reset_running_requests: bool = False) -> bool:

@@ -69,6 +69,56 @@ IGNORED: dict[str, VllmArg] = {
     "limit_mm_per_prompt": _ignored(None, "json", "text-only models"),
     "mm_processor_kwargs": _ignored(None, "json", "text-only models"),
     "disable_mm_preprocessor_cache": _ignored(False, bool, "text-only models"),
+    "mm_processor_cache_gb": _ignored(4, float, "text-only models"),
+    "interleave_mm_strings": _ignored(False, bool, "text-only models"),
+    "config_format": _ignored("auto", str, "config.json is read with transformers"),
+    "use_v2_block_manager": _ignored(True, bool, "one block manager"),
+    "num_lookahead_slots": _ignored(0, int, "no speculative decoding"),
+    "ray_workers_use_nsight": _ignored(False, bool, "no Ray"),
+    "tokenizer_pool_size": _ignored(0, int, "tokenization runs in the engine's process"),
+    "tokenizer_pool_type": _ignored("ray", str, "no tokenizer pool"),
+    "tokenizer_pool_extra_config": _ignored(None, "json", "no tokenizer pool"),
+    "logits_processor_pattern": _ignored(None, str, "no custom logits processors"),
+    "disable_async_output_proc": _ignored(False, bool, "see async_scheduling"),
+    "num_scheduler_steps": _ignored(1, int, "one scheduling step per forward"),
+    "multi_step_stream_outputs": _ignored(True, bool, "one scheduling step per forward"),
+    "scheduler_delay_factor": _ignored(0.0, float, "requests are admitted at once"),
+    "long_prefill_token_threshold": _ignored(0, int, "one token budget per step"),
+    "max_long_partial_prefills": _ignored(1, int, "one token budget per step"),
+    "cuda_graph_sizes": _ignored(None, "json", "graphs are captured for the decode batch "
+                                              "sizes up to max_num_seqs"),
+    "max_cudagraph_capture_size": _ignored(None, int, "graphs cover batch sizes up to "
+                                                      "max_num_seqs"),
+    "disable_hybrid_kv_cache_manager": _ignored(False, bool, "one KV cache manager"),
+    "prefix_caching_hash_algo": _ignored("builtin", str, "prefix blocks use chained hashes "
+                                                         "checked against their tokens"),
+    "kv_sharing_fast_prefill": _ignored(False, bool, "no cross-layer KV sharing"),
+    "kv_events_config": _ignored(None, "json", "no KV events are published"),
+    "otlp_traces_endpoint": _ignored(None, str, "no tracing"),
+    "collect_detailed_traces": _ignored(None, "json", "no tracing"),
+    "show_hidden_metrics_for_version": _ignored(None, str, "no metrics server"),
+    "reasoning_parser": _ignored("", str, "no server: the output text is returned as is"),
+    "pt_load_map_location": _ignored("cpu", str, "weights load from safetensors"),
+    "ignore_patterns": _ignored(None, "json", "weights are read from the snapshot's index"),
+    "model_loader_extra_config": _ignored(None, "json", "one loader"),
+    "worker_cls": _ignored("auto", str, "one worker implementation"),
+    "worker_extension_cls": _ignored("", str, "one worker implementation"),
+    "additional_config": _ignored(None, "json", "no platform plugins"),
+    "data_parallel_rank": _ignored(None, int, "only with data_parallel_size > 1"),
+    "data_parallel_size_local": _ignored(None, int, "only with data_parallel_size > 1"),
+    "data_parallel_address": _ignored(None, str, "only with data_parallel_size > 1"),
+    "data_parallel_rpc_port": _ignored(None, int, "only with data_parallel_size > 1"),
+    "data_parallel_backend": _ignored("mp", str, "only with data_parallel_size > 1"),
+    "max_loras": _ignored(1, int, "only with enable_lora"),
+    "max_lora_rank": _ignored(16, int, "only with enable_lora"),
+    "max_cpu_loras": _ignored(None, int, "only with enable_lora"),
+    "fully_sharded_loras": _ignored(False, bool, "only with enable_lora"),
+    "lora_dtype": _ignored("auto", str, "only with enable_lora"),
+    "lora_extra_vocab_size": _ignored(256, int, "only with enable_lora"),
+    "enable_dbo": _ignored(False, bool, "no dual-batch overlap"),
+    "mm_encoder_tp_mode": _ignored("weights", str, "text-only models"),
+    "structured_outputs_config": _ignored(None, "json", "structured outputs are not there yet: "
+                                                        "requests asking for them fail"),
 }
 
 
@@ -89,8 +139,17 @@ REFUSED: dict[str, VllmArg] = {
     "kv_transfer_config": _refused(None, "json", "KV transfer (disaggregated prefill)"),
     "logits_processors": _refused(None, "json", "custom logits processor classes"),
     "disable_sliding_window": _refused(False, bool, "disabling the sliding window"),
-    "rope_scaling": _refused(None, "json", "overriding rope_scaling"),
-    "rope_theta": _refused(None, float, "overriding rope_theta"),
+    "rope_scaling": _refused(None, "json", "rope_scaling argument: pass "
+                                           "hf_overrides={'rope_scaling': {...}}"),
+    "rope_theta": _refused(None, float, "rope_theta argument: pass "
+                                        "hf_overrides={'rope_theta': ...}"),
+    "enable_eplb": _refused(False, bool, "expert-parallel load balancing (MoE)"),
+    "qlora_adapter_name_or_path": _refused(None, str, "QLoRA adapters"),
+    "enable_prompt_adapter": _refused(False, bool, "prompt adapters"),
+    "speculative_model": _refused(None, str, "speculative decoding"),
+    "num_speculative_tokens": _refused(None, int, "speculative decoding"),
+    "logprobs_mode": _refused("raw_logprobs", str, "logprobs modes other than raw_logprobs "
+                                                   "(logprobs come from the raw logits)"),
 }
 
 # Arguments LLM reads itself (not EngineConfig fields): name -> (vLLM default, argparse type).
@@ -102,6 +161,7 @@ LLM_ARGS: dict[str, tuple[Any, type | str]] = {
     "override_pooler_config": (None, "json"),
     "generation_config": ("auto", str),
     "hf_overrides": (None, "json"),
+    "override_generation_config": (None, "json"),
 }
 
 

@@ -357,6 +357,9 @@ def test_default_params_come_from_generation_config(checkpoint, tmp_path, prompt
     assert llm.get_default_sampling_params().max_tokens == 3
     with pytest.raises(ValueError, match="generation_config='nope'"):
         LLM(checkpoint(FAMILY), max_model_len=256, generation_config="nope")
+    overridden = LLM(str(path), max_model_len=256, override_generation_config={
+        "max_new_tokens": 5}).get_default_sampling_params()
+    assert overridden.max_tokens == 5 and overridden.is_greedy and overridden.top_k == 50
 
 
 # --- the vLLM surface of issue 18 ---
