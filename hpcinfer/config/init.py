@@ -38,7 +38,8 @@ def init_text(cluster: str = "generic") -> str:
         f"# hpcinfer job file for cluster {cluster!r} (made by `hpcinfer init`).",
         *[f"#   {part}" for part in _wrap(description, 90)],
         "# Values shown are the defaults (the cluster profile's where it sets one): delete any",
-        "# line you do not need. Lines marked CHANGE ME are placeholders.",
+        "# line you do not need. Lines marked CHANGE ME are placeholders: validate refuses",
+        "# them until they hold your values.",
         "# Check with `hpcinfer validate job.yaml`; every key: docs/config-reference.md",
         "",
     ]
