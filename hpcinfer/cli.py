@@ -37,7 +37,8 @@ def _load(args):
 def _compile(args):
     from hpcinfer.compile.jobdir import compile_job
     return compile_job(_load(args), container_def=getattr(args, "container_def", False),
-                       download=getattr(args, "download", False))
+                       download=getattr(args, "download", False),
+                       restart=getattr(args, "restart", False))
 
 
 def cmd_validate(args) -> int:
@@ -248,6 +249,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                        help="also write container.def (an Apptainer definition)")
         p.add_argument("--download", action="store_true",
                        help="download the model first when it is not downloaded yet")
+        p.add_argument("--restart", action="store_true",
+                       help="the job dir holds results of another config: move them to "
+                       "JOBDIR/archive/<time>/ and start over")
         if name == "run":
             p.add_argument("--local", action="store_true", help="run without Slurm (local backend)")
     p = sub.add_parser("status", help="state of a job: per task and per shard rows done, "

@@ -6,15 +6,18 @@ each file is then written to a temporary name in the same directory and renamed 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from hpcinfer.compile.errors import plan_error
+from hpcinfer.compile.fingerprint import FINGERPRINT_FILE
 from hpcinfer.compile.plan import JobPlan
 
 SCRIPT_NAME = "submit.sbatch"
+log = logging.getLogger("hpcinfer")
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,7 @@ class RenderedJob:
     """Everything that goes into a job dir, as text (nothing written yet)."""
     plan: JobPlan
     files: tuple[tuple[str, str], ...]   # (name relative to the job dir, content)
+    restart: bool = False                # --restart: archive the old outputs when writing
 
     @property
     def job_dir(self) -> Path:
@@ -33,7 +37,8 @@ class RenderedJob:
 
 
 def compile_job(cfg, *, job_dir: str | None = None, container_def: bool = False,
-                python: str | None = None, download: bool = False) -> RenderedJob:
+                python: str | None = None, download: bool = False,
+                restart: bool = False) -> RenderedJob:
     """Config -> plan -> rendered files, all in memory. Raises ConfigError on bad input.
 
     A hub model id is pinned to its downloaded snapshot first (compile/model.py); with
@@ -44,14 +49,32 @@ def compile_job(cfg, *, job_dir: str | None = None, container_def: bool = False,
     from hpcinfer.compile.render import render_container_def, render_script
     cfg = resolve_job_model(cfg, download=download)
     plan = build_plan(cfg, job_dir=job_dir, python=python)
-    _check_not_reused(cfg, plan)
+    fingerprint = _check_fingerprint(cfg, plan, restart)
+    if not restart:                      # --restart moves the old shards away first
+        _check_not_reused(cfg, plan)
     files = [("job.yaml", cfg.to_yaml()),
              ("plan.json", json.dumps(plan.to_dict(), indent=1) + "\n"),
+             (FINGERPRINT_FILE, fingerprint.to_json()),
              (SCRIPT_NAME, render_script(plan))]
     if container_def:
         from hpcinfer.compile.container import source_commit
         files.append(("container.def", render_container_def(plan, commit=source_commit())))
-    return RenderedJob(plan=plan, files=tuple(files))
+    return RenderedJob(plan=plan, files=tuple(files), restart=restart)
+
+
+def _check_fingerprint(cfg, plan: JobPlan, restart: bool):
+    """The new config's fingerprint (compile/fingerprint.py); refuses a changed one into a
+    job dir holding committed work, unless --restart."""
+    from hpcinfer.compile import fingerprint
+    new = fingerprint.compute(cfg, plan.input_files)
+    old = fingerprint.load(plan.job_dir)
+    if restart or old is None or old.digest == new.digest:
+        return new
+    if not fingerprint.has_committed_work(plan.job_dir):
+        return new
+    raise plan_error(cfg, "output.dir", fingerprint.changed_message(
+        plan.job_dir, fingerprint.diff(old.values, new.values)),
+        fingerprint.RESTART_HINT.format(job_dir=plan.job_dir))
 
 
 def _check_not_reused(cfg, plan: JobPlan) -> None:
@@ -73,8 +96,14 @@ def _check_not_reused(cfg, plan: JobPlan) -> None:
 
 
 def write_job_dir(job: RenderedJob) -> Path:
-    """Create the job dir and write every file atomically; returns the job dir."""
+    """Create the job dir and write every file atomically; returns the job dir. With
+    ``job.restart`` the old outputs are moved to JOBDIR/archive/<time>/ first."""
     root = job.job_dir
+    if job.restart:
+        from hpcinfer.compile.fingerprint import archive_outputs
+        archived = archive_outputs(root)
+        if archived is not None:
+            log.warning("--restart: moved the old outputs to %s", archived)
     for sub in ("logs", "metrics"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     for name, text in job.files:

@@ -172,8 +172,9 @@ def is_done(directory: str | Path) -> bool:
     return (Path(directory) / DONE_FILE).exists()
 
 
-def mark_done(directory: str | Path, num_rows: int) -> dict:
+def mark_done(directory: str | Path, num_rows: int, fingerprint: str | None = None) -> dict:
     """Write DONE once every one of the shard's `num_rows` rows is committed; else raise.
+    ``fingerprint``: the config the rows were answered under (compile/fingerprint.py).
 
     The check rereads the committed files, so DONE never rests on in-memory state."""
     directory = Path(directory)
@@ -183,6 +184,8 @@ def mark_done(directory: str | Path, num_rows: int) -> dict:
                           "are committed; commit the rest before marking it done")
     summary = {"num_rows": num_rows, "num_results": state.num_results,
                "num_errors": state.num_errors}
+    if fingerprint:
+        summary["fingerprint"] = fingerprint
     atomic_write_bytes(directory / DONE_FILE, (json.dumps(summary) + "\n").encode())
     (directory / FAILED_FILE).unlink(missing_ok=True)   # an earlier run's, since fixed
     return summary

@@ -65,8 +65,10 @@ class Job:
         commands.scancel(self.job_id)
 
 
-def submit(path_or_config, overrides=(), *, job_dir: str | None = None) -> Job:
-    """Validate, render and sbatch a job file (path) or a loaded JobConfig; returns the Job."""
+def submit(path_or_config, overrides=(), *, job_dir: str | None = None,
+           restart: bool = False) -> Job:
+    """Validate, render and sbatch a job file (path) or a loaded JobConfig; returns the Job.
+    ``restart``: as the CLI's --restart (the old outputs of another config are archived)."""
     from hpcinfer.compile.jobdir import compile_job, write_job_dir
     from hpcinfer.slurm.slurm import submit_job_dir
     if isinstance(path_or_config, (str, Path)):
@@ -74,7 +76,7 @@ def submit(path_or_config, overrides=(), *, job_dir: str | None = None) -> Job:
         cfg = load_job(path_or_config, overrides=tuple(overrides))
     else:
         cfg = path_or_config
-    rendered = compile_job(cfg, job_dir=job_dir)
+    rendered = compile_job(cfg, job_dir=job_dir, restart=restart)
     write_job_dir(rendered)
     job_id = submit_job_dir(rendered.job_dir)
     return Job(rendered.job_dir, job_id)

@@ -42,6 +42,7 @@ class LoopOptions:
     # The task's budget.BadRowBudget (input.max_bad_rows), shared by its shards' loops; the
     # loops only count into it. None: no budget.
     bad_row_budget: Any = None
+    fingerprint: str | None = None        # the job dir's config fingerprint, recorded in DONE
 
 
 class ShardLoop:
@@ -90,7 +91,8 @@ class ShardLoop:
             writer.commit()
             return "stopped"
         writer.commit()
-        summary = ledger.mark_done(self.shard_dir, reader.num_rows)
+        summary = ledger.mark_done(self.shard_dir, reader.num_rows,
+                                   fingerprint=self.options.fingerprint)
         log.info("shard %05d done: %d results, %d bad rows", self.shard.index,
                  summary["num_results"], summary["num_errors"])
         return "done"

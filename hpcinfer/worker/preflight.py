@@ -145,12 +145,12 @@ def check(job_dir: Path, record: dict):
     task_id = task_id_from_env(plan)
     shards = plan.shards_for_task(task_id)
     record.update(environment_report(task_id))
+    record["fingerprint"] = check_fingerprint(job_dir, cfg, plan)
     record.update(shards=[s.index for s in shards], rows=sum(s.num_rows for s in shards))
     log.info("task %s rank %d/%d on %s: shards %s (%d rows), restart %d, GPUs %s",
              task_id, record["rank"], record["world_size"], record["host"], record["shards"],
              record["rows"], record["restart_count"], record["gpus"])
     _note_shm(cfg, record)
-    check_device(str(cfg.resources.device), record["gpus"])
     if is_replica_driver(record["rank"], cfg):  # followers neither read input nor write output
         check_inputs(shards)
         check_writable(Path(str(cfg.output.dir)))
@@ -158,10 +158,35 @@ def check(job_dir: Path, record: dict):
     return cfg, plan, task_id, shards
 
 
+def check_fingerprint(job_dir: Path, cfg, plan) -> str:
+    """job.yaml against the fingerprint render stored (compile/fingerprint.py): a job dir
+    with committed work must not go on under another config (job.yaml edited by hand, or a
+    job dir copied over). Returns the fingerprint the outputs are recorded with."""
+    from hpcinfer.compile import fingerprint
+    stored = fingerprint.load(job_dir)
+    if stored is None:                  # rendered before fingerprints existed
+        return fingerprint.compute(cfg, plan.input_files).digest
+    mine = fingerprint.compute(cfg, plan.input_files, with_files=False)
+    changed = fingerprint.diff(stored.config_values(), mine.config_values())
+    if not changed:
+        return stored.digest
+    if fingerprint.has_committed_work(job_dir):
+        raise PreflightFailed(
+            fingerprint.changed_message(job_dir, changed).replace("\n", " ") + ": do not edit "
+            "job.yaml in a job dir; change the job file and render it again (render, run or "
+            "submit), to a new output dir or with --restart")
+    log.warning("job.yaml differs from the config it was rendered with (%s): it was edited "
+                "after rendering; nothing is committed yet, so this run uses it as it is",
+                "; ".join(changed))
+    return fingerprint.compute(cfg, plan.input_files).digest
+
+
 def check_device(device: str, gpus: dict) -> None:
-    """A cuda job where this torch cannot use CUDA fails here, with what to write, rather than
-    deep in model loading with torch's "Torch not compiled with CUDA enabled" (a crash that
-    reads like a bug). torch is imported only for cuda jobs: the engine imports it next anyway."""
+    """A cuda job where this torch cannot use CUDA fails with what to write, rather than deep
+    in model loading with torch's "Torch not compiled with CUDA enabled" (a crash that reads
+    like a bug). It imports torch (for cuda jobs only), so the worker calls it after the
+    torch-free checks (task.py: after the model is resolved, before it is loaded; and in the
+    preflight-only run), which keeps a missing model a one-second error."""
     if device != "cuda":
         return
     import torch
@@ -205,7 +230,8 @@ def run(job_dir: Path, stop: StopFlag) -> int:
     started = time.time()
     record = new_record()
     try:
-        check(job_dir, record)
+        cfg, _, _, _ = check(job_dir, record)
+        check_device(str(cfg.resources.device), record["gpus"])
     except (PreflightFailed, ConfigError, ValueError, OSError) as exc:
         return fail(job_dir, record, exc, started)
     sleep_s = float(os.environ.get("HPCINFER_PREFLIGHT_SLEEP_S", "0") or 0)

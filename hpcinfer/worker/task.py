@@ -60,7 +60,7 @@ def run(job_dir: Path, stop: StopFlag) -> int:
                   replica_rank=place.replica_rank)
     metrics = MetricsWriter(job_dir, task_id, record["rank"], base={
         k: record[k] for k in ("task", "rank", "host", "pid", "restart_count", "slurm_job_id",
-                               "backend", "replica", "replica_rank")})
+                               "backend", "replica", "replica_rank", "fingerprint")})
     metrics.write(record)
     replica = ranks.join(place, str(cfg.resources.device))
     if not place.is_driver:
@@ -110,6 +110,10 @@ def _run_shards(job_dir: Path, cfg, plan, shards, stop: StopFlag, metrics: Metri
     if budget.is_exceeded:              # an earlier run of this task stopped on its budget
         raise TaskFailed(budget.message())
     model = setup.resolve(cfg)          # before torch: a missing model fails in a second
+    try:                                # a cuda job where torch has no CUDA: say what to write
+        preflight.check_device(str(cfg.resources.device), preflight.gpus_seen())
+    except preflight.PreflightFailed as exc:
+        raise TaskFailed(str(exc)) from None
     setup.refuse_duplicate_ids(spec, todo)
     engine = setup.load_engine(cfg, model, driver.make_engine,
                                ranks.device_of(driver.replica.place, cfg))
@@ -117,7 +121,8 @@ def _run_shards(job_dir: Path, cfg, plan, shards, stop: StopFlag, metrics: Metri
     if pool is not None:     # the chosen KV pool and what it was sized from (docs/worker.md)
         metrics.write({"event": "engine", "status": "running", **pool})
     builder = None if setup.is_pooling(cfg) else setup.request_builder(cfg, engine)
-    options = dataclasses.replace(setup.loop_options(cfg, engine), bad_row_budget=budget)
+    options = dataclasses.replace(setup.loop_options(cfg, engine), bad_row_budget=budget,
+                                  fingerprint=metrics.base.get("fingerprint"))
     rows_total = sum(s.num_rows for s in shards)
     rows_done = sum(s.num_rows for s in shards if s not in todo) + sum(
         _committed(ledger.shard_dir(job_dir, s.index)) for s in todo)

@@ -25,6 +25,9 @@ def test_cuda_job_without_cuda_says_write_device_cpu(tmp_path, model_dir):
     assert "resources.device is cuda (the default)" in out
     assert "`device: cpu` under `resources:`" in out
     assert "engine ready" not in out and "KV cache" not in out      # stopped before the model
-    [line] = [json.loads(ln) for p in (job_dir / "metrics").glob("*.jsonl")
-              for ln in p.read_text().splitlines()]
+    line = [json.loads(ln) for p in (job_dir / "metrics").glob("*.jsonl")
+            for ln in p.read_text().splitlines()][-1]
     assert line["status"] == "failed" and "device: cpu" in line["message"]
+    # the preflight-only run (a dry run) says the same
+    rc, out = run_worker(job_dir, CUDA_VISIBLE_DEVICES="", HPCINFER_WORKER_PHASES="preflight")
+    assert rc == 2 and "resources.device is cuda (the default)" in out, out
