@@ -35,6 +35,7 @@ YAML_LANGS = frozenset({"yaml", "yml"})
 JSON_LANGS = frozenset({"json", "jsonl"})
 
 _FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>`{3,}|~{3,})\s*(?P<info>[^`]*)$")
+_ANGLE_PLACEHOLDER = re.compile(r"<[A-Za-z][A-Za-z0-9 _.-]*>")
 _MARK = re.compile(r"^\s*<!--\s*docs-test:\s*(?P<marks>.*?)\s*-->\s*$")
 
 
@@ -115,3 +116,25 @@ def substitute(text: str, table: dict[str, str]) -> str:
     for placeholder in sorted(table, key=len, reverse=True):
         text = text.replace(placeholder, table[placeholder])
     return text
+
+
+def commands_of(text: str) -> str:
+    """The shell lines of ``text`` without comments and blank lines (a crude cut at `` #``,
+    enough to tell two blocks that run the same commands)."""
+    lines = (line.split(" #", 1)[0].strip() for line in text.splitlines())
+    return "\n".join(line for line in lines if line and not line.startswith("#"))
+
+
+def angle_placeholders_as_words(text: str) -> str:
+    """``<commit sha>``-style placeholders as a word, so that ``bash -n`` does not read them as
+    redirections."""
+    return _ANGLE_PLACEHOLDER.sub("PLACEHOLDER", text)
+
+
+def merged(base: dict, layer: dict) -> dict:
+    """``layer`` over ``base``, mappings merged key by key (a YAML excerpt into a job file)."""
+    out = dict(base)
+    for key, value in layer.items():
+        both_dicts = isinstance(value, dict) and isinstance(base.get(key), dict)
+        out[key] = merged(base[key], value) if both_dicts else value
+    return out

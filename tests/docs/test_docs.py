@@ -11,7 +11,7 @@ How a block is treated (marks: the HTML comment on the line right before the fen
   work as in the repo, writing under the dir) and `.venv` linking to the repo's venv, whose
   bin/ is first on PATH (`hpcinfer`, `python`). HOME, the HF cache, $SCRATCH and $PROJECT are
   inside the dir and HF_HUB_OFFLINE=1: nothing reaches the hub or the user's files, except that
-  a block naming one of FAKE_HUB_IDS downloads it from a fake hub on 127.0.0.1.
+  a block naming one of conftest.DocsHub.repo_ids downloads it from a fake hub on 127.0.0.1.
 - **Unmarked python** blocks run with the venv's python in the same dir.
 - **yaml** blocks: a job file (top-level `model` and `input`) is written to the working dir and
   loaded with the config loader, environment checks included (`load_job`: schema, profile,
@@ -53,14 +53,13 @@ import pytest
 import yaml
 
 from hpcinfer.testing.docs_blocks import (JSON_LANGS, MARKS, PYTHON_LANGS, SHELL_LANGS,
-                                          YAML_LANGS, DocBlock, doc_pages, read_blocks,
+                                          YAML_LANGS, DocBlock, angle_placeholders_as_words,
+                                          commands_of, doc_pages, merged, read_blocks,
                                           substitute)
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 BLOCK_TIMEOUT_S = 180
-HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"   # the fake hub's only commit
-ANGLE_PLACEHOLDER = re.compile(r"<[A-Za-z][A-Za-z0-9 _.-]*>")
 
 # Commands a README block may carry under `self`: command -> (file CI runs, text it contains).
 SELF_COMMANDS = {
@@ -83,70 +82,21 @@ PLACEHOLDERS = {
     "/tmp/mn": "{workdir}/mn",
     "/path/to/a/model/dir": "llama",
     "/project/def-pi/hf-hub": "{workdir}/project/def-pi/hf-hub",
-    "<commit sha>": "{hub_commit}",
+    "<commit sha>": "{hub_commit}",        # the fake hub's commit (conftest.DocsHub)
 }
-
-# Hub ids that blocks download: a fake hub on 127.0.0.1 (hpcinfer.testing.fake_hub) serves each
-# as the tiny llama checkpoint plus a README.md; a block naming one gets HF_ENDPOINT pointing at
-# it and hub access switched on. Anything that needs the real hub (gated access, tokens, `hf auth
-# login`) stays marked needs-hub.
-FAKE_HUB_IDS = ("meta-llama/Llama-3.1-8B-Instruct", "Qwen/Qwen3-8B", "BAAI/bge-m3",
-                "mistralai/Mistral-7B-Instruct-v0.3", "ORG/NAME")
 
 
 BLOCKS = [block for page in doc_pages(REPO) for block in read_blocks(page, REPO)]
 
 
-class TinyModels:
-    """Tiny random checkpoints, each built on first use, shared by the whole session."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.paths: dict[str, Path] = {}
-
-    def path(self, name: str) -> Path:
-        if name not in self.paths:
-            self.paths[name] = self._build(name, self.root / name)
-        return self.paths[name]
-
-    @staticmethod
-    def _build(name: str, out_dir: Path) -> Path:
-        from hpcinfer.testing.tiny import build_tiny_checkpoint
-        from hpcinfer.testing.tiny_pooling import build_tiny_pooling_checkpoint
-
-        if name == "bert-st":
-            return build_tiny_pooling_checkpoint("bert", out_dir, sentence_transformers=True)
-        if name == "xlm-roberta-reranker":    # a cross-encoder has one label
-            return build_tiny_pooling_checkpoint("xlm-roberta-cls", out_dir, num_labels=1)
-        if name.endswith("-cls"):
-            return build_tiny_pooling_checkpoint(name, out_dir)
-        return build_tiny_checkpoint(name, out_dir)
-
-
 class Pages:
     """One working dir per page; remembers which blocks ran there (blocks run in page order)."""
 
-    def __init__(self, root: Path, models: TinyModels):
-        self.root, self.models = root, models
+    def __init__(self, root: Path, models, hub):
+        self.root, self.models, self.hub = root, models, hub   # conftest: TinyModels, DocsHub
         self.dirs: dict[str, Path] = {}
         self.ran: set[str] = set()
-        self.passed_first: dict[str, str] = {}   # text of a page's first runnable block -> id
-        self.hub = None
-
-    def hub_endpoint(self) -> str:
-        """Start the fake hub on first use; serves FAKE_HUB_IDS at commit HUB_COMMIT."""
-        if self.hub is None:
-            from hpcinfer.testing.fake_hub import FakeHub, FakeRepo
-
-            llama = self.models.path("llama")
-            files = {p.relative_to(llama).as_posix(): p.read_bytes()
-                     for p in sorted(llama.rglob("*")) if p.is_file()}
-            files["README.md"] = b"# a tiny random llama served by the docs test\n"
-            self.hub = FakeHub(repos={repo_id: FakeRepo(commits={HUB_COMMIT: files},
-                                                        refs={"main": HUB_COMMIT})
-                                      for repo_id in FAKE_HUB_IDS})
-            self.hub.start()
-        return self.hub.endpoint
+        self.passed_first: dict[str, str] = {}   # command key of a page's first block -> id
 
     def workdir(self, page: str) -> Path:
         if page not in self.dirs:
@@ -165,16 +115,16 @@ class Pages:
         table = {}
         for placeholder, target in PLACEHOLDERS.items():
             if placeholder in text:
-                table[placeholder] = (target.format(workdir=workdir, hub_commit=HUB_COMMIT)
+                table[placeholder] = (target.format(workdir=workdir, hub_commit=self.hub.commit)
                                       if "{" in target else str(self.models.path(target)))
         return table
 
     def env(self, text: str, workdir: Path) -> dict[str, str]:
         env = _env(workdir)
-        if any(repo_id in text for repo_id in FAKE_HUB_IDS):
+        if any(repo_id in text for repo_id in self.hub.repo_ids):
             for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
                 env.pop(name)
-            env.update(HF_ENDPOINT=self.hub_endpoint(), NO_PROXY="127.0.0.1,localhost",
+            env.update(HF_ENDPOINT=self.hub.endpoint(), NO_PROXY="127.0.0.1,localhost",
                        HF_HUB_DISABLE_TELEMETRY="1")
             for name in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
                 env.pop(name, None)
@@ -196,12 +146,8 @@ class Pages:
 
 
 @pytest.fixture(scope="session")
-def pages(tmp_path_factory):
-    models = TinyModels(tmp_path_factory.mktemp("docs-models"))
-    pages = Pages(tmp_path_factory.mktemp("docs-pages"), models)
-    yield pages
-    if pages.hub is not None:
-        pages.hub.stop()
+def pages(tmp_path_factory, docs_models, docs_hub):
+    return Pages(tmp_path_factory.mktemp("docs-pages"), docs_models, docs_hub)
 
 
 def _runs(block: DocBlock) -> bool:
@@ -274,13 +220,11 @@ def _runnable_text(block: DocBlock) -> str:
 
 
 def _command_key(block: DocBlock) -> str:
-    """What the block runs, without comments and blank lines (to spot the same block twice)."""
-    lines = (line.split(" #", 1)[0].strip() for line in _runnable_text(block).splitlines())
-    return f"{block.lang}\n" + "\n".join(line for line in lines if line and line[0] != "#")
+    return f"{block.lang}\n{commands_of(_runnable_text(block))}"
 
 
 def _self_command(line: str) -> str | None:
-    command = line.split("#", 1)[0].strip()
+    command = commands_of(line)
     return command if command in SELF_COMMANDS else None
 
 
@@ -341,21 +285,13 @@ def check_yaml_fragment(block: DocBlock, data: dict, pages: Pages) -> None:
             "output": {"dir": "out"}}
     workdir = pages.workdir(block.path)
     job_file = workdir / f"fragment_L{block.line}.yaml"
-    job_file.write_text(yaml.safe_dump(_merged(base, data), sort_keys=False))
+    job_file.write_text(yaml.safe_dump(merged(base, data), sort_keys=False))
     try:
         with mock.patch.dict(os.environ, _site_env(workdir)):
             load_job(job_file, check_environment=False)
     except ConfigError as exc:
         _fail(block, job_file.read_text(), f"the excerpt, merged into a minimal job file (shown), "
               f"does not load: {exc}")
-
-
-def _merged(base: dict, layer: dict) -> dict:
-    out = dict(base)
-    for key, value in layer.items():
-        both_dicts = isinstance(value, dict) and isinstance(base.get(key), dict)
-        out[key] = _merged(base[key], value) if both_dicts else value
-    return out
 
 
 def check_json(block: DocBlock) -> None:
@@ -371,9 +307,8 @@ def check_json(block: DocBlock) -> None:
 def check_syntax(block: DocBlock) -> None:
     """What a marked block must still satisfy."""
     if block.lang in SHELL_LANGS:
-        # `<commit sha>`-style placeholders would read as redirections
-        text = ANGLE_PLACEHOLDER.sub("PLACEHOLDER", block.text)
-        proc = subprocess.run(["bash", "-n"], input=text, capture_output=True, text=True)
+        proc = subprocess.run(["bash", "-n"], input=angle_placeholders_as_words(block.text),
+                              capture_output=True, text=True)
         if proc.returncode != 0:
             _fail(block, block.text, "is not valid bash (bash -n)", proc.stderr)
     elif block.lang in PYTHON_LANGS:
@@ -450,3 +385,20 @@ def test_multi_node_page_shows_the_script_its_job_file_renders(tmp_path, pages):
         pytest.fail(f"{shown.id}: the script shown is not what `hpcinfer render` writes now:\n"
                     f"{diff}\nif the change is meant, paste the rendered script into the page "
                     f"(render {job.id}'s job file with /tmp/mn as in the page)", pytrace=False)
+
+
+def test_a_failing_block_fails_showing_the_block_its_output_and_what_to_do(pages):
+    block = DocBlock("docs/not-a-page.md", 3, "bash", "echo said-by-the-block\nexit 3\n", ())
+    with pytest.raises(pytest.fail.Exception) as failure:
+        run_block(block, pages)
+    message = str(failure.value)
+    assert "docs/not-a-page.md:3: exited with status 3" in message
+    assert "    exit 3" in message and "\nsaid-by-the-block\n" in message
+    assert "<!-- docs-test: needs-gpu -->" in message
+
+
+def test_an_unknown_mark_or_an_unmarked_output_block_fails(pages):
+    for block in (DocBlock("docs/not-a-page.md", 9, "bash", "true\n", ("needs-gpus",)),
+                  DocBlock("docs/not-a-page.md", 19, "", "some output\n", ())):
+        with pytest.raises(pytest.fail.Exception):
+            test_doc_block(block, pages)
