@@ -6,10 +6,7 @@ runtime objects that compute them (ModelRunner, LLMEngine), never back in here.
 from __future__ import annotations
 
 import difflib
-import logging
 from dataclasses import dataclass, fields
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
