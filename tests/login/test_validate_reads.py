@@ -219,3 +219,11 @@ def test_template_without_prompt_field_is_fine(tmp_path):
     cfg = load_job(write_job(tmp_path, input={"prompt_field": None,
                                               "prompt_template": "Q: {{ prompt }}"}))
     assert cfg.input.prompt_field is None
+
+
+def test_pooling_job_may_pass_a_text_column_through(tmp_path):
+    from hpcinfer.config import load_job
+    cfg = load_job(write_job(tmp_path, task="embed",
+                             input={"prompt_field": None, "text_field": "text",
+                                    "passthrough": ["text"]}))
+    assert cfg.input.passthrough == ("text",)
