@@ -13,6 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 DEFAULT_SAMPLE_ROWS = 100
+FULL_ID_CHECK_ROWS = 200_000      # up to this many rows validate also scans every id (< 1 s)
 MAX_SHOWN = 3
 
 # BadRow.kind -> the input key whose value most likely caused it

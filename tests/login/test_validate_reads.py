@@ -91,8 +91,17 @@ def test_large_parquet_sample_reads_only_the_first_row_group(tmp_path, capsys):
     start = time.perf_counter()
     rc, out, _ = _validate(job, capsys)
     assert rc == 0 and f"read {DEFAULT_SAMPLE_ROWS} rows" in out
+    assert f"ids of all {n} rows not checked for duplicates (--full does)" in out
     # what matters is that it does not grow with the file; one row group is a few ms
     assert time.perf_counter() - start < 5
+
+
+def test_duplicate_ids_are_found_on_small_inputs_without_full(tmp_path, capsys):
+    job = write_job(tmp_path, rows=(3, 3))
+    with open(tmp_path / "data" / "part-1.jsonl", "a") as f:
+        f.write('{"id": "r0", "prompt": "again"}\n')
+    rc, _, err = _validate(job, capsys)
+    assert rc == 2 and "duplicate id values" in err and "'r0'" in err
 
 
 def test_text_input_is_validated_like_the_worker_reads_it(tmp_path, capsys):
