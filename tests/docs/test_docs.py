@@ -20,15 +20,17 @@ How a block is treated (marks: the HTML comment on the line right before the fen
   minimal job file (check_yaml_fragment).
 - **json/jsonl** blocks must parse (jsonl line by line) unless marked `output`.
 - Blocks without a language (or text) are not commands: they must be marked `output`.
-- **Marked** blocks do not run but are still checked where they can be: shell with `bash -n`,
-  python with `ast.parse`, yaml with `yaml.safe_load` (`<commit sha>`-style placeholders are
-  words for `bash -n`). `self` (README only) is allowed for the
-  commands in SELF_COMMANDS, each checked to be run by the CI file named there; the block's
-  other lines run.
+- **Marked** blocks do not run but are still checked where they can be: shell with `bash -n`
+  (`<commit sha>`-style placeholders read as words), python with `ast.parse`, yaml `fragment`s
+  as above. `self` (README only) is allowed for the commands in SELF_COMMANDS, each checked to
+  be run by the CI file named there; the block's other lines run.
+- Nothing skips (CI=true or not): a marked block passes once its checks pass.
 
 Placeholders are replaced before a block runs or is loaded (PLACEHOLDERS below: snapshot paths
-and hub ids -> tiny random checkpoints built once per session). A block that cannot run here
-even with a placeholder gets the honest mark; a new placeholder goes in the table.
+and hub ids -> tiny random checkpoints, conftest.TinyModels, built once per session on first
+use). A block that cannot run here even with a placeholder gets the honest mark; a new
+placeholder goes in the table. Cost: about 80 s of CPU in all (README's `bash dev/quickstart.sh`
+and `LLM(..., tensor_parallel_size=2)` are the longest, ~15 s each).
 
 An unmarked block identical to one that already passed, both being the first runnable block of
 their pages (so no page state differs), passes by reference instead of running twice.
@@ -161,7 +163,8 @@ def _site_env(workdir: Path) -> dict[str, str]:
 
 def _env(workdir: Path) -> dict[str, str]:
     env = {**os.environ, **_site_env(workdir)}
-    env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", VIRTUAL_ENV=str(VENV_BIN.parent),
+    env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+               VIRTUAL_ENV=str(VENV_BIN.parent),
                HOME=str(workdir / "home"), HF_HOME=str(workdir / "home" / "hf"),
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_TOKEN", "PYTHONPATH"):
@@ -377,7 +380,8 @@ def test_multi_node_page_shows_the_script_its_job_file_renders(tmp_path, pages):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rendered = (site / "out" / "submit.sbatch").read_text().replace(str(site), "/tmp/mn")
     python = re.compile(r"^worker=\(\S+ -m hpcinfer\.worker", re.M)
-    normalized = [python.sub("worker=(PYTHON -m hpcinfer.worker", t) for t in (shown.text, rendered)]
+    normalized = [python.sub("worker=(PYTHON -m hpcinfer.worker", text)
+                  for text in (shown.text, rendered)]
     if normalized[0] != normalized[1]:
         diff = "".join(difflib.unified_diff(normalized[0].splitlines(True),
                                             normalized[1].splitlines(True),
