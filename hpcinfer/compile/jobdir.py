@@ -92,7 +92,8 @@ def _check_not_reused(cfg, plan: JobPlan) -> None:
     if old_shards != new_shards:
         raise plan_error(cfg, "output.dir",
                          f"{plan.job_dir} holds results of a job with different input shards",
-                         "choose a new output.dir (or --out), or delete the old results")
+                         "choose a new output.dir (or --out), or pass --restart to move the "
+                         "old results to JOBDIR/archive/<time>/")
 
 
 def write_job_dir(job: RenderedJob) -> Path:
