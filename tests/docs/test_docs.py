@@ -15,7 +15,8 @@ How a block is treated (marks: the HTML comment on the line right before the fen
 - **Unmarked python** blocks run with the venv's python in the same dir.
 - **yaml** blocks: a job file (top-level `model` and `input`) is written to the working dir and
   loaded with the config loader, environment checks included (`load_job`: schema, profile,
-  paths, model dir, output dir). Anything else must be marked `fragment`: it must parse, have
+  paths, model dir, output dir); then, over one-row inputs made from the columns it names
+  (write_one_row_inputs; not for OpenAI batch input), `hpcinfer validate` must pass. Anything else must be marked `fragment`: it must parse, have
   only job-file keys at the top, and load (without the environment checks) once merged into a
   minimal job file (check_yaml_fragment).
 - **json/jsonl** blocks must parse (jsonl line by line) unless marked `output`.
@@ -269,9 +270,45 @@ def check_yaml(block: DocBlock, pages: Pages) -> None:
     job_file = workdir / f"job_L{block.line}.yaml"
     job_file.write_text(text)
     try:
-        load_job(job_file)
+        cfg = load_job(job_file)
     except ConfigError as exc:
         _fail(block, text, f"the job file does not load: {exc}")
+    if cfg.input.format == "openai-batch":
+        return      # request bodies differ per url: the loader's checks are what we can do
+    write_one_row_inputs(cfg.input)
+    proc = subprocess.run([str(VENV_BIN / "hpcinfer"), "validate", str(job_file)], cwd=workdir,
+                          env=pages.env(text, workdir), capture_output=True, text=True,
+                          timeout=BLOCK_TIMEOUT_S)
+    if proc.returncode != 0:
+        _fail(block, text, f"`hpcinfer validate` fails (exit {proc.returncode}) with one-row "
+              "inputs made from the file's own column names", proc.stdout + proc.stderr)
+
+
+def write_one_row_inputs(section) -> None:
+    """For each input glob that matches nothing, one file with one row holding every column
+    the section names (the page's own data does not exist here)."""
+    row = {name: "hello world" for name in (section.prompt_field, section.text_field,
+                                            section.text_1_field, section.text_2_field,
+                                            *section.passthrough) if name}
+    if section.id_field:
+        row[section.id_field] = "row-0"
+    if section.messages_field:
+        row[section.messages_field] = [{"role": "user", "content": "hello"}]
+    for pattern in section.path:
+        pattern = Path(pattern)
+        if any(pattern.parent.glob(pattern.name)):
+            continue
+        path = pattern.parent / pattern.name.replace("*", "part-0")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.Table.from_pylist([row]), path)
+        elif path.suffix == ".txt":
+            path.write_text("hello world\n")
+        else:
+            path.write_text(json.dumps(row) + "\n")
 
 
 def check_yaml_fragment(block: DocBlock, data: dict, pages: Pages) -> None:
