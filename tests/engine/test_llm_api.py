@@ -535,3 +535,12 @@ def test_hf_overrides_change_the_config_not_the_snapshot(checkpoint, prompts):
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
     with pytest.raises(ValueError, match="hf_overrides"):
         LLM(path, hf_overrides="rope")
+
+
+def test_chat_hands_tools_to_the_template(llm):
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    template = ("{% for t in tools %}<tool {{ t['function']['name'] }}>{% endfor %}"
+                "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    out = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=1),
+                   chat_template=template, tools=tools, use_tqdm=False)[0]
+    assert out.prompt == "<tool get_weather>hi"
