@@ -18,37 +18,16 @@ from hpcinfer.engine.config import EngineConfig
 from hpcinfer.engine.detokenizer import IncrementalDetokenizer, find_stop_string
 from hpcinfer.engine.inflight import InFlight, PinnedTokens, async_safe
 from hpcinfer.engine.model_runner import ModelRunner, resolve_device, resolve_dtype
-from hpcinfer.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from hpcinfer.engine.params import RequestOutputKind, SamplingParams
+from hpcinfer.engine.outputs import RequestMetrics, RequestOutput
+from hpcinfer.engine.params import SamplingParams
 from hpcinfer.engine.request_params import NoDetokenizer, resolve_params
+from hpcinfer.engine.request_state import RequestState
 from hpcinfer.engine.request_stats import RequestStats
 from hpcinfer.engine.sampler import Sampler, SamplerOutput
 from hpcinfer.engine.scheduler import Scheduler
 from hpcinfer.engine.sequence import Sequence, SequenceStatus
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class _Request:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    seqs: list[Sequence]
-    metrics: RequestMetrics
-    # RequestOutputKind.DELTA: (tokens, characters) of each completion already returned
-    sent: dict[int, tuple[int, int]] = field(default_factory=dict)
-
-    @property
-    def finished(self) -> bool:
-        return all(s.is_finished for s in self.seqs)
-
-    @property
-    def streams(self) -> bool:
-        """Whether unfinished states are returned (best_of ranks only finished samples)."""
-        return (self.params.output_kind is not RequestOutputKind.FINAL_ONLY
-                and len(self.seqs) == self.params.n)
 
 
 @dataclass
@@ -102,7 +81,7 @@ class LLMEngine:
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
-        self.requests: dict[str, _Request] = {}
+        self.requests: dict[str, RequestState] = {}
         self.stats = EngineStats()
         self._arrivals = 0
         # Async scheduling (inflight.py): one process only (ranks sample in lockstep).
@@ -182,7 +161,8 @@ class LLMEngine:
             self.scheduler.add(seq)
         metrics = RequestMetrics(arrival_time=time.time() if arrival_time is None
                                  else arrival_time)
-        self.requests[request_id] = _Request(request_id, text, token_ids, params, seqs, metrics)
+        self.requests[request_id] = RequestState(request_id, text, token_ids, params, seqs,
+                                                metrics)
         self._num_sync_only += not async_safe(seqs[0].params)
         self.stats.num_prompt_tokens += len(token_ids) * num_samples
 
@@ -249,7 +229,7 @@ class LLMEngine:
                 seq.drop_placeholder()  # its in-flight token will be dropped
             self.scheduler.finish(live)
 
-    def _drop_request(self, request_id: str) -> _Request | None:
+    def _drop_request(self, request_id: str) -> RequestState | None:
         request = self.requests.pop(request_id, None)
         if request is not None:
             self._num_sync_only -= not async_safe(request.seqs[0].params)
@@ -383,7 +363,7 @@ class LLMEngine:
                 self._drop_request(rid)
             elif final_only or not request.streams:
                 continue
-            outputs.append(self._request_output(request))
+            outputs.append(request.output())
         return outputs
 
     def _append_token(self, seq: Sequence, token_id: int, logprob: float | None,
@@ -429,28 +409,6 @@ class LLMEngine:
             seq.finish_reason, seq.stop_reason = "stop", token_id
             return True
         return False
-
-    def _request_output(self, request: _Request) -> RequestOutput:
-        seqs, params = request.seqs, request.params
-        if len(seqs) > params.n:  # best_of: the n samples with the highest cumulative logprob
-            seqs = sorted(seqs, key=lambda s: s.cumulative_logprob, reverse=True)[:params.n]
-        wants_logprobs = params.logprobs is not None
-        completions = []
-        for index, s in enumerate(seqs):
-            text, token_ids = s.detok.output_text, s.output_token_ids
-            logprobs = list(s.logprobs) if wants_logprobs else None
-            if params.output_kind is RequestOutputKind.DELTA:
-                num_tokens, num_chars = request.sent.get(index, (0, 0))
-                request.sent[index] = (len(token_ids), len(text))
-                text, token_ids = text[num_chars:], token_ids[num_tokens:]
-                logprobs = logprobs[num_tokens:] if logprobs is not None else None
-            completions.append(CompletionOutput(
-                index=index, text=text, token_ids=token_ids,
-                cumulative_logprob=(s.cumulative_logprob if s.logprobs is not None else None),
-                logprobs=logprobs, finish_reason=s.finish_reason, stop_reason=s.stop_reason))
-        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids,
-                             completions, request.finished, metrics=request.metrics,
-                             num_cached_tokens=seqs[0].num_cached_tokens)
 
     def _record(self, num_seqs: int, is_decode: bool, t: tuple[float, ...]) -> None:
         stats = self.stats
