@@ -110,7 +110,7 @@ def test_alliance_loads_python_and_apptainer_only_with_a_container(tmp_path, wit
         image = tmp_path / "hpcinfer.sif"
         image.write_text("sif")
         overrides.append(f"container={{image: {image}}}")
-    script = compile_job(load_job(job, overrides)).files[2][1]
+    script = dict(compile_job(load_job(job, overrides)).files)["submit.sbatch"]
     modules = [line for line in script.splitlines() if line.startswith("module load")]
     expected = ["module load StdEnv/2023", "module load python/3.12"]
     assert modules == expected + (["module load apptainer"] if with_container else [])
