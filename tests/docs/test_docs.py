@@ -15,8 +15,9 @@ How a block is treated (marks: the HTML comment on the line right before the fen
 - **Unmarked python** blocks run with the venv's python in the same dir.
 - **yaml** blocks: a job file (top-level `model` and `input`) is written to the working dir and
   loaded with the config loader, environment checks included (`load_job`: schema, profile,
-  paths, model dir, output dir); then, over one-row inputs made from the columns it names
-  (write_one_row_inputs; not for OpenAI batch input), `hpcinfer validate` must pass. Anything else must be marked `fragment`: it must parse, have
+  paths, model dir, output dir); then, over a one-row input made from the columns it names
+  (OpenAI batch input: the requests of the last jsonl block above it on the page), `hpcinfer
+  validate` must pass. Anything else must be marked `fragment`: it must parse, have
   only job-file keys at the top, and load (without the environment checks) once merged into a
   minimal job file (check_yaml_fragment).
 - **json/jsonl** blocks must parse (jsonl line by line) unless marked `output`.
@@ -274,19 +275,31 @@ def check_yaml(block: DocBlock, pages: Pages) -> None:
     except ConfigError as exc:
         _fail(block, text, f"the job file does not load: {exc}")
     if cfg.input.format == "openai-batch":
-        return      # request bodies differ per url: the loader's checks are what we can do
-    write_one_row_inputs(cfg.input)
+        requests = _requests_shown_above(block)
+        if requests is None:
+            return      # no example requests on the page: the loader's checks are all we do
+        write_inputs(cfg.input, requests)
+    else:
+        write_inputs(cfg.input, json.dumps(one_row(cfg.input)) + "\n")
     proc = subprocess.run([str(VENV_BIN / "hpcinfer"), "validate", str(job_file)], cwd=workdir,
                           env=pages.env(text, workdir), capture_output=True, text=True,
                           timeout=BLOCK_TIMEOUT_S)
     if proc.returncode != 0:
-        _fail(block, text, f"`hpcinfer validate` fails (exit {proc.returncode}) with one-row "
-              "inputs made from the file's own column names", proc.stdout + proc.stderr)
+        _fail(block, text, f"`hpcinfer validate` fails (exit {proc.returncode}) over inputs "
+              "made from the file's own column names (or the page's example requests)",
+              proc.stdout + proc.stderr)
+    print(f"{block.id}: hpcinfer validate {job_file}:\n{proc.stdout}{proc.stderr}")
 
 
-def write_one_row_inputs(section) -> None:
-    """For each input glob that matches nothing, one file with one row holding every column
-    the section names (the page's own data does not exist here)."""
+def _requests_shown_above(block: DocBlock) -> str | None:
+    """The last jsonl block above ``block`` on its page (OpenAI batch requests), if any."""
+    above = [b for b in BLOCKS if b.path == block.path and b.line < block.line
+             and b.lang == "jsonl"]
+    return above[-1].text if above else None
+
+
+def one_row(section) -> dict:
+    """A row holding every column the input section names (the page's data is not here)."""
     row = {name: "hello world" for name in (section.prompt_field, section.text_field,
                                             section.text_1_field, section.text_2_field,
                                             *section.passthrough) if name}
@@ -294,6 +307,12 @@ def write_one_row_inputs(section) -> None:
         row[section.id_field] = "row-0"
     if section.messages_field:
         row[section.messages_field] = [{"role": "user", "content": "hello"}]
+    return row
+
+
+def write_inputs(section, jsonl: str) -> None:
+    """For each input glob that matches nothing, one file with the ``jsonl`` rows (as Parquet
+    for a .parquet glob)."""
     for pattern in section.path:
         pattern = Path(pattern)
         if any(pattern.parent.glob(pattern.name)):
@@ -304,11 +323,12 @@ def write_one_row_inputs(section) -> None:
             import pyarrow as pa
             import pyarrow.parquet as pq
 
-            pq.write_table(pa.Table.from_pylist([row]), path)
+            rows = [json.loads(line) for line in jsonl.splitlines() if line.strip()]
+            pq.write_table(pa.Table.from_pylist(rows), path)
         elif path.suffix == ".txt":
             path.write_text("hello world\n")
         else:
-            path.write_text(json.dumps(row) + "\n")
+            path.write_text(jsonl)
 
 
 def check_yaml_fragment(block: DocBlock, data: dict, pages: Pages) -> None:
