@@ -58,3 +58,19 @@ def test_status_after_kill_9_of_a_local_run_says_it_died(tmp_path, model_dir):
     text = subprocess.run([sys.executable, "-m", "hpcinfer.cli", "status", str(job_dir)],
                           capture_output=True, text=True, timeout=60).stdout
     assert " DIED " in text and "ETA" not in text and "RUNNING" not in text, text
+
+
+def test_a_failed_tasks_reason_falls_back_to_its_logs_last_error_line(tmp_path):
+    """No worker message (it died before writing one): status quotes the log's last error."""
+    from hpcinfer.slurm.status import last_error_line
+    log = tmp_path / "slurm-42_3.out"
+    log.write_text(
+        "2026-12-02 23:11:21,053 hpcinfer.worker rank 0@node1 INFO task 3 rank 0/1 on node1\n"
+        "2026-12-02 23:11:22,001 hpcinfer.worker rank 0@node1 ERROR cannot load model /m: "
+        "no config.json\n"
+        "hpcinfer: job 42_3 exits 2\n")
+    assert last_error_line(log) == "cannot load model /m: no config.json"
+    log.write_text("slurmstepd: error: Detected 1 oom_kill event in StepId=42.0. Some of the "
+                   "step tasks have been OOM Killed.\n")
+    assert last_error_line(log).startswith("slurmstepd: error: Detected 1 oom_kill event")
+    assert last_error_line(tmp_path / "missing.out") is None
