@@ -28,6 +28,10 @@ def task_env(plan: JobPlan, job_id: str, task_id: int | None, restart_count: int
         "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_SUBMIT_DIR": plan.job_dir,
         "SLURM_CPUS_PER_TASK": str(os.cpu_count() or 1),
     }
+    mem = dict(plan.sbatch_flags).get("mem")
+    if mem:     # as sbatch --mem exports it (MiB): the worker sizes its CPU memory from it
+        from hpcinfer.config.units import mem_bytes
+        env["SLURM_MEM_PER_NODE"] = str(mem_bytes(mem) // 2**20)
     if task_id is not None:
         env.update(SLURM_ARRAY_JOB_ID=job_id, SLURM_ARRAY_TASK_ID=str(task_id),
                    SLURM_ARRAY_TASK_COUNT=str(plan.array_size), SLURM_ARRAY_TASK_MIN="0",

@@ -75,3 +75,8 @@ def test_changed_config_is_refused_with_the_diff_and_restart_archives(tmp_path, 
     assert second["values"]["sampling.max_tokens"] == 3
     assert json.loads((job_dir / "shards/00000/DONE").read_text())["fingerprint"] == \
         second["fingerprint"]
+    # The local backend exports resources.mem (2G) as sbatch would: the KV pool is sized
+    # from it (or from a tighter cgroup limit), never from the machine's free memory.
+    [engine] = [json.loads(ln) for p in (job_dir / "metrics").glob("*.jsonl")
+                for ln in p.read_text().splitlines() if '"event": "engine"' in ln]
+    assert 0 < engine["cpu_memory"]["limit_bytes"] <= 2 * 2**30, engine
