@@ -17,16 +17,17 @@ from hpcinfer.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from hpcinfer.layers.linear import (NO_TP, MergedColumnParallelLinear, QKVParallelLinear,
                                     RowParallelLinear, TensorParallel)
 from hpcinfer.layers.norm import RMSNorm
-from hpcinfer.layers.rotary import RotaryEmbedding, get_rope
+from hpcinfer.layers.rotary import RotaryEmbedding, get_rope, max_position_of
 from hpcinfer.models.spec import head_dim_of
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: Any, tp: TensorParallel):
+    def __init__(self, config: Any, tp: TensorParallel,
+                 gate_up_cls: type[MergedColumnParallelLinear] = MergedColumnParallelLinear):
         super().__init__()
         bias = getattr(config, "mlp_bias", False)
         size = config.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size], bias, tp)
+        self.gate_up_proj = gate_up_cls(config.hidden_size, [size, size], bias, tp)
         self.down_proj = RowParallelLinear(size, config.hidden_size, bias, tp)
         # Gemma configs of transformers 4.x carry the real choice in `hidden_activation`.
         act = getattr(config, "hidden_activation", None) or config.hidden_act
@@ -39,12 +40,13 @@ class LlamaMLP(nn.Module):
 class LlamaAttention(nn.Module):
     def __init__(self, config: Any, rotary_emb: RotaryEmbedding, backend: AttentionBackend,
                  tp: TensorParallel, *, qkv_bias: bool, o_bias: bool, has_qk_norm: bool,
-                 sliding_window: int | None, norm_offset: float):
+                 sliding_window: int | None, norm_offset: float, scale: float | None = None,
+                 logit_softcap: float | None = None,
+                 qkv_cls: type[QKVParallelLinear] = QKVParallelLinear):
         super().__init__()
         head_dim = head_dim_of(config)
-        self.qkv_proj = QKVParallelLinear(config.hidden_size, head_dim,
-                                          config.num_attention_heads,
-                                          config.num_key_value_heads, qkv_bias, tp)
+        self.qkv_proj = qkv_cls(config.hidden_size, head_dim, config.num_attention_heads,
+                                config.num_key_value_heads, qkv_bias, tp)
         self.o_proj = RowParallelLinear(config.num_attention_heads * head_dim,
                                         config.hidden_size, o_bias, tp)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
@@ -53,10 +55,13 @@ class LlamaAttention(nn.Module):
             self.q_norm = RMSNorm(head_dim, config.rms_norm_eps, weight_offset=norm_offset)
             self.k_norm = RMSNorm(head_dim, config.rms_norm_eps, weight_offset=norm_offset)
         self.has_qk_norm = has_qk_norm
-        self.rotary_emb = rotary_emb  # shared by all layers: one cos/sin cache per model
+        # Shared by the layers of one rope type: one cos/sin cache per rope, not per layer.
+        self.rotary_emb = rotary_emb
         causal = not getattr(config, "use_bidirectional_attention", False)
-        self.attn = Attention(self.num_heads, self.num_kv_heads, head_dim, head_dim ** -0.5,
-                              backend=backend, sliding_window=sliding_window, causal=causal)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, head_dim,
+                              head_dim ** -0.5 if scale is None else scale, backend=backend,
+                              sliding_window=sliding_window, causal=causal,
+                              logit_softcap=logit_softcap)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -68,7 +73,7 @@ class LlamaAttention(nn.Module):
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
         if self.has_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
+        q, k = self.rotary_emb(positions, q, k, meta)
         return self.o_proj(self.attn(q, k, v, kv_cache, meta))
 
 
@@ -138,14 +143,23 @@ class LlamaForCausalLM(nn.Module):
     has_qk_norm = False     # Qwen3: True
     norm_offset = 0.0       # Gemma: 1.0, i.e. x * (1 + w)
     scales_embeddings = False  # Gemma: embeddings times sqrt(hidden_size)
+    decoder_layer_cls: type[nn.Module] = LlamaDecoderLayer  # Gemma 2/3: four norms per layer
+    # Phi-3: layers whose loaders also split the checkpoint's fused qkv/gate_up tensors.
+    qkv_cls: type[QKVParallelLinear] = QKVParallelLinear
+    gate_up_cls: type[MergedColumnParallelLinear] = MergedColumnParallelLinear
 
     def __init__(self, config: Any, *, attention_backend: AttentionBackend,
                  tp: TensorParallel = NO_TP):
         super().__init__()
         self.config = config
-        rotary_emb = get_rope(config, head_dim_of(config), config.max_position_embeddings)
-        layers = [self._make_layer(config, i, rotary_emb, attention_backend, tp)
-                  for i in range(config.num_hidden_layers)]
+        ropes: dict[str | None, RotaryEmbedding] = {}
+        layers = []
+        for i in range(config.num_hidden_layers):
+            kind = self.rope_layer_type(config, i)
+            if kind not in ropes:
+                ropes[kind] = get_rope(config, head_dim_of(config), max_position_of(config),
+                                       layer_type=kind)
+            layers.append(self._make_layer(config, i, ropes[kind], attention_backend, tp))
         embed_scale = config.hidden_size ** 0.5 if self.scales_embeddings else None
         self.model = LlamaModel(config, layers, tp, self.norm_offset, embed_scale)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
@@ -164,12 +178,29 @@ class LlamaForCausalLM(nn.Module):
             config, rotary_emb, backend, tp, qkv_bias=self.qkv_bias or attention_bias,
             o_bias=attention_bias, has_qk_norm=self.has_qk_norm,
             sliding_window=self.sliding_window_for(config, layer_idx),
-            norm_offset=self.norm_offset)
-        return LlamaDecoderLayer(self_attn, LlamaMLP(config, tp), config, self.norm_offset)
+            norm_offset=self.norm_offset, scale=self.attention_scale(config),
+            logit_softcap=self.attention_logit_softcap(config), qkv_cls=self.qkv_cls)
+        return self.decoder_layer_cls(self_attn, LlamaMLP(config, tp, self.gate_up_cls), config,
+                                      self.norm_offset)
 
     @staticmethod
     def sliding_window_for(config: Any, layer_idx: int) -> int | None:
         """The attention window of one layer (None = full attention)."""
+        return None
+
+    @staticmethod
+    def rope_layer_type(config: Any, layer_idx: int) -> str | None:
+        """Which of the config's ropes a layer uses (None: the one rope of the config)."""
+        return None
+
+    @staticmethod
+    def attention_scale(config: Any) -> float | None:
+        """q.k scale (None: head_dim ** -0.5)."""
+        return None
+
+    @staticmethod
+    def attention_logit_softcap(config: Any) -> float | None:
+        """Attention logits become cap * tanh(logits / cap) (None: no capping)."""
         return None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,

@@ -15,6 +15,7 @@ from torch import nn
 
 from hpcinfer.layers.attention import AttentionBackend, get_attention_backend
 from hpcinfer.layers.linear import NO_TP, TensorParallel
+from hpcinfer.layers.rotary import max_position_of
 from hpcinfer.models.loader import load_weights
 from hpcinfer.models.spec import ModelSpec, head_dim_of, token_ids
 from hpcinfer.models.support import (  # noqa: F401  (re-exported: the public names)
@@ -110,7 +111,7 @@ def model_spec(config: Any, architecture: str, dtype: torch.dtype,
         head_dim=head_dim_of(config),
         hidden_size=config.hidden_size,
         vocab_size=config.vocab_size,
-        max_position_embeddings=config.max_position_embeddings,
+        max_position_embeddings=max_position_of(config),  # yarn/dynamic extend the config's
         sliding_window=windows.pop() if len(windows) == 1 else None,
         dtype=dtype,
         eos_token_ids=eos,

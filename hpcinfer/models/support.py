@@ -16,6 +16,9 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "Qwen2ForCausalLM": ("hpcinfer.models.qwen2", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("hpcinfer.models.qwen3", "Qwen3ForCausalLM"),
     "GemmaForCausalLM": ("hpcinfer.models.gemma", "GemmaForCausalLM"),
+    "Gemma2ForCausalLM": ("hpcinfer.models.gemma2", "Gemma2ForCausalLM"),
+    "Gemma3ForCausalLM": ("hpcinfer.models.gemma3", "Gemma3ForCausalLM"),
+    "Phi3ForCausalLM": ("hpcinfer.models.phi3", "Phi3ForCausalLM"),
     "OPTForCausalLM": ("hpcinfer.models.opt", "OPTForCausalLM"),
 }
 
@@ -34,7 +37,8 @@ POOLING_ARCHITECTURES: dict[str, tuple[str, str]] = {
 }
 
 # rope_type values (``rope_parameters`` / ``rope_scaling``) that layers/rotary.py builds.
-SUPPORTED_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3", "yarn", "longrope",
+                                          "dynamic")
 
 # quantization_config.quant_method values the engine loads (none yet).
 SUPPORTED_QUANT_METHODS: tuple[str, ...] = ()

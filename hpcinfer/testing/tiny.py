@@ -59,7 +59,44 @@ _FAMILY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
                         "hidden_act": "gelu_pytorch_tanh"}),
     "opt": ("opt", {"ffn_dim": 128, "word_embed_proj_dim": 32, "do_layer_norm_before": True,
                     "enable_bias": True, "tie_word_embeddings": True}),
+    # Issue 17's families and rope types. Small caps and windows so capping and windows bite
+    # at the lengths tests reach; head_dim != hidden / heads and a single KV head (MQA).
+    "gemma2": ("gemma2", {
+        "num_key_value_heads": 2, "head_dim": 32, "query_pre_attn_scalar": 24,
+        "attn_logit_softcapping": 5.0, "final_logit_softcapping": 8.0, "sliding_window": 8,
+        "layer_types": ["sliding_attention", "full_attention"], "tie_word_embeddings": True,
+        "hidden_activation": "gelu_pytorch_tanh"}),
+    "gemma3": ("gemma3_text", {
+        "num_key_value_heads": 1, "head_dim": 32, "query_pre_attn_scalar": 20,
+        "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"],
+        "tie_word_embeddings": True, "hidden_activation": "gelu_pytorch_tanh",
+        "rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}}}),
+    # Phi-3.5 style longrope at a tiny scale: original length 64 (prompts and generations
+    # cross it), rotating half of each 16-channel head (4 factors per table).
+    "phi3": ("phi3", {
+        "num_key_value_heads": 2, "max_position_embeddings": 256,
+        "original_max_position_embeddings": 64,
+        "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0,
+                            "partial_rotary_factor": 0.5,
+                            "short_factor": [1.0, 1.3, 2.1, 3.7],
+                            "long_factor": [1.2, 2.9, 7.5, 19.0]}}),
+    # Qwen2.5 style yarn (factor 4 over an original 64) with one KV head.
+    "qwen2_yarn": ("qwen2", {
+        "num_key_value_heads": 1, "max_position_embeddings": 64,
+        "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                            "original_max_position_embeddings": 64}}),
+    # Dynamic NTK beyond 64 positions (the engine allows 64 x factor).
+    "llama_dynamic": ("llama", {
+        "num_key_value_heads": 2, "max_position_embeddings": 64,
+        "rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}}),
 }
+# The families above added for issue 17, kept out of TINY_FAMILIES: the engine-wide
+# parametrized tests run prompts (200 tokens, chunked prefill of prompts crossing longrope's
+# switch) that these rope types define differently; tests/engine/test_greedy_new_families.py
+# runs them under the conditions docs/models.md states.
+TINY_NEW_FAMILIES = ("gemma2", "gemma3", "phi3", "qwen2_yarn", "llama_dynamic")
 _NOT_FOR_OPT = ("intermediate_size", "num_key_value_heads", "rms_norm_eps")
 
 _CORPUS = [
@@ -100,7 +137,8 @@ def tiny_config(family: str, vocab_size: int, **overrides: Any):
     from transformers import AutoConfig
 
     if family not in _FAMILY_CONFIGS:
-        raise ValueError(f"unknown tiny family {family!r}; choose one of {list(TINY_FAMILIES)}")
+        raise ValueError(f"unknown tiny family {family!r}; choose one of "
+                         f"{list(TINY_FAMILIES + TINY_NEW_FAMILIES)}")
     model_type, extra = _FAMILY_CONFIGS[family]
     kwargs = {**_COMMON, **extra, "vocab_size": vocab_size, "pad_token_id": PAD_ID,
               "bos_token_id": BOS_ID, "eos_token_id": EOS_ID, **overrides}
@@ -143,7 +181,8 @@ def build_tiny_checkpoint(family: str, out_dir: str | Path, *, seed: int = 0,
     with torch.random.fork_rng():  # from_config draws from the global RNG: leave it untouched
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    redraw_weights(model, seed, norm_offset=1.0 if config.model_type == "gemma" else 0.0)
+    is_gemma = config.model_type in ("gemma", "gemma2", "gemma3_text")  # norms x * (1 + w)
+    redraw_weights(model, seed, norm_offset=1.0 if is_gemma else 0.0)
     model.eval()
     params = list(model.parameters())  # tied parameters appear once
     total = sum(p.numel() * p.element_size() for p in params)

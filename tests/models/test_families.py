@@ -12,7 +12,8 @@ import torch
 from hpcinfer.models.registry import load_model
 from hpcinfer.testing.batch import (allocate_kv_caches, assign_block_tables, build_batch,
                                     num_blocks_needed)
-from hpcinfer.testing.tiny import TINY_FAMILIES, build_tiny_checkpoint, tiny_checkpoint
+from hpcinfer.testing.tiny import (TINY_FAMILIES, TINY_NEW_FAMILIES, build_tiny_checkpoint,
+                                   tiny_checkpoint)
 
 BLOCK_SIZE = 4
 PROMPT_LENS = (1, 5, 33, 70)   # crosses blocks, and mistral's 32-token window
@@ -78,6 +79,13 @@ def test_prefill_and_decode_match_transformers(family):
     _check_prefill_then_decode(tiny_checkpoint(family))
 
 
+@pytest.mark.parametrize("family", [f for f in TINY_NEW_FAMILIES if f != "llama_dynamic"])
+def test_new_families_prefill_and_decode_match_transformers(family):
+    """Gemma 2/3 (prompts longer than their 8-token windows), Phi-3 (the 70-token prompt takes
+    longrope's long factors, the others in the same batch the short ones), yarn."""
+    _check_prefill_then_decode(tiny_checkpoint(family))
+
+
 @pytest.mark.parametrize("family,overrides", [
     # opt-350m style: norm after each block, no final norm.
     ("opt", {"do_layer_norm_before": False}),
@@ -91,7 +99,7 @@ def test_config_variants_match_transformers(family, overrides, tmp_path):
                                seed=3)
 
 
-@pytest.mark.parametrize("family", ["llama3", "mistral", "gemma"])
+@pytest.mark.parametrize("family", ["llama3", "mistral", "gemma", "gemma2", "gemma3", "phi3"])
 def test_chunked_prefill_matches_transformers(family):
     """A prompt run in two chunks: the second chunk's queries start mid-sequence and attend
     to the first chunk through the cache."""

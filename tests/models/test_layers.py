@@ -11,7 +11,9 @@ from hpcinfer.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from hpcinfer.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear,
                                     QKVParallelLinear, RowParallelLinear, TensorParallel,
                                     WeightShapeError)
-from hpcinfer.layers.rotary import inverse_frequencies, rope_parameters_of
+from hpcinfer.layers.rotary import (attention_factor_of, build_cos_sin_cache,
+                                    dynamic_inverse_frequencies, get_rope, inverse_frequencies,
+                                    max_position_of, rope_parameters_of)
 from hpcinfer.testing.batch import allocate_kv_caches, assign_block_tables, build_batch
 
 
@@ -47,8 +49,111 @@ def test_old_style_rope_scaling_config_is_read():
 
 
 def test_unsupported_rope_type_lists_the_supported_ones():
-    with pytest.raises(ValueError, match="yarn.*default.*llama3"):
-        inverse_frequencies({"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}, 64)
+    with pytest.raises(ValueError, match="proportional.*default.*llama3.*yarn.*longrope.*dynamic"):
+        inverse_frequencies({"rope_type": "proportional", "rope_theta": 1e4, "factor": 4.0}, 64)
+
+
+def _hf_rope(config_cls, rope: dict, **config_kwargs):
+    """(our params, transformers' config) for one rope dict."""
+    config = config_cls(hidden_size=512, num_attention_heads=4, max_position_embeddings=2048,
+                        rope_parameters=dict(rope), **config_kwargs)
+    return rope_parameters_of(config), config
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+     "original_max_position_embeddings": 512},
+    {"rope_type": "yarn", "rope_theta": 1e6, "factor": 8.0, "original_max_position_embeddings": 256,
+     "beta_fast": 16, "beta_slow": 2, "truncate": False},
+    {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "mscale": 1.0,
+     "mscale_all_dim": 0.7, "original_max_position_embeddings": 64},
+    {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "attention_factor": 1.3,
+     "original_max_position_embeddings": 512, "partial_rotary_factor": 0.5},
+])
+def test_yarn_frequencies_and_attention_factor_equal_transformers(rope):
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params, config = _hf_rope(LlamaConfig, rope)
+    expected, expected_factor = ROPE_INIT_FUNCTIONS["yarn"](config, "cpu")
+    torch.testing.assert_close(inverse_frequencies(params, 128), expected, rtol=0, atol=0)
+    assert attention_factor_of(params) == expected_factor
+
+
+@pytest.mark.parametrize("partial", [1.0, 0.75])
+@pytest.mark.parametrize("given_factor", [None, 1.25])
+def test_longrope_tables_and_attention_factor_equal_transformers(partial, given_factor):
+    from transformers import Phi3Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    half = int(128 * partial) // 2
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": partial,
+            "short_factor": [1.0 + 0.05 * i for i in range(half)],
+            "long_factor": [1.0 + 0.5 * i for i in range(half)]}
+    if given_factor is not None:
+        rope["attention_factor"] = given_factor
+    params, config = _hf_rope(Phi3Config, rope, original_max_position_embeddings=256)
+    short, factor = ROPE_INIT_FUNCTIONS["longrope"](config, "cpu")
+    long, _ = ROPE_INIT_FUNCTIONS["longrope"](config, "cpu", seq_len=257)
+    torch.testing.assert_close(inverse_frequencies(params, 128), short, rtol=0, atol=0)
+    torch.testing.assert_close(inverse_frequencies(params, 128, long=True), long, rtol=0, atol=0)
+    assert attention_factor_of(params) == factor
+    # Rows: the short table for positions < 256, then the long one for every position.
+    cache = build_cos_sin_cache(params, 128, 2048)
+    assert cache.shape == (256 + 2048, 2 * half)
+    angles = torch.tensor([300.0])[:, None] * long[None]
+    torch.testing.assert_close(cache[256 + 300], torch.cat((angles.cos(), angles.sin()), -1)[0]
+                               * factor, rtol=0, atol=0)
+
+
+def test_dynamic_rows_use_the_length_transformers_uses_at_each_position():
+    """Row p holds what transformers computes in a forward whose longest position is p."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params, config = _hf_rope(LlamaConfig, {"rope_type": "dynamic", "rope_theta": 10000.0,
+                                            "factor": 2.0})
+    config.max_position_embeddings = 64
+    params["max_position_embeddings"] = 64
+    rows = dynamic_inverse_frequencies(params, 128, 128)
+    init, _ = ROPE_INIT_FUNCTIONS["dynamic"](config, "cpu")
+    for position in (0, 62, 63):
+        torch.testing.assert_close(rows[position], init, rtol=0, atol=0)
+    for position in (64, 65, 100, 127):
+        grown, _ = ROPE_INIT_FUNCTIONS["dynamic"](config, "cpu",
+                                                  seq_len=torch.tensor(position + 1))
+        torch.testing.assert_close(rows[position], grown, rtol=0, atol=0)
+    assert not torch.equal(rows[64], rows[63])
+    assert max_position_of(config) == 128  # 64 x factor: what the engine allows
+
+
+def test_yarn_extends_the_length_the_engine_allows():
+    from transformers import Qwen2Config
+    config = Qwen2Config(max_position_embeddings=32768, rope_parameters={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768})
+    assert max_position_of(config) == 131072
+
+
+def test_gemma3_local_and_global_ropes_are_read_per_layer_type():
+    from transformers import Gemma3TextConfig
+    config = Gemma3TextConfig(rope_scaling={"rope_type": "linear", "factor": 8.0},
+                              rope_local_base_freq=10000.0, rope_theta=1e6)
+    local = rope_parameters_of(config, "sliding_attention")
+    global_ = rope_parameters_of(config, "full_attention")
+    assert (local["rope_type"], local["rope_theta"]) == ("default", 10000.0)
+    assert (global_["rope_type"], global_["rope_theta"], global_["factor"]) == ("linear", 1e6, 8.0)
+
+
+def test_partial_rotary_leaves_the_other_channels_alone():
+    rope = get_rope(type("Config", (), {"rope_parameters": {
+        "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+        "max_position_embeddings": 32})(), 64, 32)
+    rope.init_buffers()
+    assert rope.rotary_dim == 16 and rope.cos_sin_cache.shape == (32, 16)
+    q, k = _full((5, 2, 64), 1), _full((5, 1, 64), 2)
+    q_rot, k_rot = rope(torch.arange(5) + 3, q, k)
+    assert torch.equal(q_rot[..., 16:], q[..., 16:]) and torch.equal(k_rot[..., 16:], k[..., 16:])
+    assert not torch.allclose(q_rot[..., :16], q[..., :16])
 
 
 def _full(shape, seed):

@@ -14,7 +14,7 @@ from hpcinfer.models.loader import checkpoint_files
 from hpcinfer.models.registry import load_model, supported_architectures
 from hpcinfer.testing.tiny import build_tiny_checkpoint, tiny_checkpoint
 
-FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3", "Gemma", "OPT")
+FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3", "Gemma", "Gemma2", "Gemma3", "Phi3", "OPT")
 
 
 def _load(path, **kwargs):
@@ -188,7 +188,7 @@ def test_architecture_unknown_to_transformers_gets_our_error(tmp_path):
     config = json.loads((path / "config.json").read_text())
     config.update(model_type="foo", architectures=["FooForCausalLM"])
     (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="FooForCausalLM.*supports: GemmaForCausalLM"):
+    with pytest.raises(ValueError, match="FooForCausalLM.*supports: Gemma2ForCausalLM"):
         _load(path)
 
 

@@ -53,9 +53,12 @@ def _free_port() -> int:
 
 
 def test_two_rank_tensor_parallel_equals_one_rank(tmp_path):
-    # GQA + llama3 rope; qkv bias + tied head; OPT (biases, LayerNorm, project_in/out).
-    # One process pair for all three: interpreter start-up dominates.
-    paths = [str(tiny_checkpoint(family)) for family in ("llama3", "qwen2", "opt")]
+    # GQA + llama3 rope; qkv bias + tied head; OPT (biases, LayerNorm, project_in/out);
+    # Phi-3's fused qkv/gate_up tensors split per rank (partial rotary, longrope); Gemma 2's
+    # capped logits gathered across ranks; Gemma 3's single KV head on both ranks.
+    # One process pair for all of them: interpreter start-up dominates.
+    paths = [str(tiny_checkpoint(family))
+             for family in ("llama3", "qwen2", "opt", "phi3", "gemma2", "gemma3")]
     script = tmp_path / "rank.py"
     script.write_text(_RANK_SCRIPT)
     port = str(_free_port())
