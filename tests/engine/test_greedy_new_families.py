@@ -91,10 +91,10 @@ def test_phi3_long_prompts_share_a_prefix_past_the_switch(checkpoint, make_promp
     assert_same(got, hf_greedy("phi3", prompts), prompts)
 
 
-@pytest.mark.parametrize("family", ["gemma3", "phi3"])
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "phi3"])
 def test_triton_backend_in_the_engine(family, checkpoint, make_prompts, hf_greedy):
-    """Per-layer windows, MQA, head_dim 32 (Gemma 3) and a partially rotated longrope model
-    (Phi-3) through the Triton attention kernels (interpreter on CPU: the conftest sets
+    """Logit softcapping and alternating windows (Gemma 2), per-layer windows, MQA, head_dim
+    32 (Gemma 3) and a partially rotated longrope model (Phi-3) through the Triton kernels (interpreter on CPU: the conftest sets
     TRITON_INTERPRET=1), with chunked prefill and a prefix-cache hit."""
     prefix = make_prompts([12], seed=27)[0]
     prompts = make_prompts((3, 30), seed=28) + make_prompts((2, 9), seed=29, prefix=prefix)
