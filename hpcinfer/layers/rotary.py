@@ -45,11 +45,11 @@ def rope_parameters_of(config: Any, layer_type: str | None = None) -> dict:
         params["rope_theta"] = getattr(config, "rope_theta", 10000.0)
     params["rope_type"] = params.get("rope_type", params.get("type", "default")) or "default"
     params.setdefault("max_position_embeddings", getattr(config, "max_position_embeddings", None))
-    original = getattr(config, "original_max_position_embeddings", None)
-    if original is not None and params["rope_type"] == "longrope":
-        # Phi-3 keeps it beside the rope dict; transformers gives that value priority.
-        params["original_max_position_embeddings"] = original
     if params["rope_type"] in ("yarn", "longrope", "llama3"):
+        original = getattr(config, "original_max_position_embeddings", None)
+        if original is not None:
+            # Phi-3 keeps it beside the rope dict; transformers gives that value priority.
+            params["original_max_position_embeddings"] = original
         params.setdefault("original_max_position_embeddings", params["max_position_embeddings"])
     return params
 

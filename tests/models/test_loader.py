@@ -145,6 +145,27 @@ def test_wrong_shape_of_a_plain_parameter(tmp_path):
         _load(path)
 
 
+def test_fused_phi3_tensors_of_the_wrong_size_name_both_shapes(tmp_path):
+    """Phi-3's fused qkv_proj ([q | k | v], 64 + 2 x 32 rows) is split at load: a tensor of
+    another size is a shape error naming it, not a silent mis-split."""
+    path = _copy("phi3", tmp_path)
+    name = "model.layers.0.self_attn.qkv_proj.weight"
+    _rewrite_tensor(path, name, lambda t: t.__setitem__(name, t[name][:112].clone()))
+    with pytest.raises(ValueError, match=re.escape(name) + r".*\(128, 64\).*\(112, 64\)"):
+        _load(path)
+
+
+def test_missing_fused_phi3_tensor_is_an_error(tmp_path):
+    path = _copy("phi3", tmp_path)
+    name = "model.layers.1.mlp.gate_up_proj.weight"
+    _rewrite_tensor(path, name, lambda t: t.pop(name))
+    index = _index(path)
+    del index["weight_map"][name]
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"no tensor for 1 parameter.*" + re.escape(name)):
+        _load(path)
+
+
 def test_missing_tensor_is_an_error(tmp_path):
     path = _copy("llama", tmp_path)
     name = "model.layers.0.mlp.up_proj.weight"
