@@ -134,3 +134,39 @@ def test_phi3_crossing_the_switch_while_decoding(checkpoint, make_prompts, hf_gr
         assert tokens == _greedy_without_cache_reset(checkpoint("phi3"), prompt, 32)
         before_crossing = 64 - len(prompt) + 1  # tokens sampled from forwards of <= 64 tokens
         assert tokens[:before_crossing] == reference[:before_crossing]
+
+
+def test_phi3_through_the_decode_graph_buffers(checkpoint, make_prompts, hf_greedy):
+    """Longrope picks rows per sequence from the step's metadata; under CUDA graphs that is
+    the padded static buffers (padding rows have length 0), with long and short sequences
+    decoding in one padded batch. The graphs are stood in for by eager replays over those
+    buffers (as tests/engine/test_cuda_graphs_cpu.py does; test modules cannot import each
+    other)."""
+    from hpcinfer.engine.cuda_graphs import DecodeGraphs
+
+    # 18 short prompts, then long ones admitted as short ones finish (prefilled whole: a
+    # budget of 512), then decoding beside the short ones.
+    prompts = make_prompts([2 + i for i in range(18)] + [70, 90, 66], seed=31)
+    llm = LLM(checkpoint("phi3"), device="cpu", dtype="float32", max_model_len=256,
+              max_num_seqs=18, max_num_batched_tokens=512, attention_backend="torch_ref")
+    runner = llm.llm_engine.runner
+    graphs = DecodeGraphs(runner.model, runner.kv_caches, runner.config.max_num_seqs,
+                          runner.max_blocks_per_seq, runner.spec.hidden_size, runner.spec.dtype,
+                          runner.device)
+
+    class EagerGraph:
+        def __init__(self, bs):
+            self.bs = bs
+
+        def replay(self):
+            graphs.outputs[self.bs] = graphs._forward(self.bs)
+
+    graphs.graphs = {bs: EagerGraph(bs) for bs in graphs.sizes}
+    runner.graphs = graphs
+    params = [SamplingParams(temperature=0, max_tokens=6 + i % 9, ignore_eos=True)
+              for i in range(len(prompts))]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert graphs.num_replays > 0
+    for prompt, out, param in zip(prompts, outs, params):
+        want = hf_greedy("phi3", [prompt], param.max_tokens)[0]
+        assert out.outputs[0].token_ids == want, f"prompt of {len(prompt)} tokens"
