@@ -16,7 +16,8 @@ import pytest
 from hpcinfer import LLM, SamplingParams
 from hpcinfer.testing.real_models import SMOLLM2_CONVERSATIONS, transformers_greedy
 
-pytestmark = pytest.mark.timeout(600)
+# slow: over 20 s on 2 cores (the marker's meaning); CI runs slow tests too.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 MAX_NEW_TOKENS = 24
 
@@ -44,6 +45,7 @@ def _greedy() -> SamplingParams:
 
 
 def _assert_same(outputs, expected: list[list[int]], eos_ids: set[int], tokenizer) -> None:
+    """Our greedy tokens equal transformers', and each stops exactly where transformers does."""
     ours = [list(o.outputs[0].token_ids) for o in outputs]
     for i, (got, want) in enumerate(zip(ours, expected)):
         assert got == want, (f"prompt {i}: ours {tokenizer.decode(got)!r} != transformers "
@@ -53,8 +55,6 @@ def _assert_same(outputs, expected: list[list[int]], eos_ids: set[int], tokenize
         assert o.outputs[0].finish_reason == ("stop" if stopped else "length")
         if not stopped:
             assert len(want) == MAX_NEW_TOKENS
-    # Otherwise EOS handling would go untested: some answers end before the token limit.
-    assert any(w[-1] in eos_ids for w in expected), "no prompt reached EOS"
 
 
 def test_smollm2_chat_equals_transformers(smollm2_dir):
@@ -69,7 +69,11 @@ def test_smollm2_chat_equals_transformers(smollm2_dir):
     assert [o.prompt_token_ids for o in outputs] == want_prompts
     eos = GenerationConfig.from_pretrained(smollm2_dir).eos_token_id
     assert eos == 2 and tokenizer.convert_ids_to_tokens(2) == "<|im_end|>"
-    _assert_same(outputs, transformers_greedy(smollm2_dir, want_prompts, MAX_NEW_TOKENS), {eos}, tokenizer)
+    assert set(llm.llm_engine.eos_token_ids) == {eos}
+    expected = transformers_greedy(smollm2_dir, want_prompts, MAX_NEW_TOKENS)
+    _assert_same(outputs, expected, {eos}, tokenizer)
+    # Otherwise stopping at EOS would go untested: some answers end before the token limit.
+    assert any(w[-1] == eos for w in expected), "no prompt reached EOS"
     # Trained weights answer: the text is English, not the noise of a random model.
     assert "Paris" in outputs[0].outputs[0].text
 
@@ -84,5 +88,8 @@ def test_gemma3_text_prompts_equal_transformers(gemma3_dir):
     outputs = llm.generate(TEXT_PROMPTS, _greedy(), use_tqdm=False)
     assert [o.prompt_token_ids for o in outputs] == want_prompts
     eos = set(GenerationConfig.from_pretrained(gemma3_dir).eos_token_id)
-    assert eos == {1, 106}
-    _assert_same(outputs, transformers_greedy(gemma3_dir, want_prompts, MAX_NEW_TOKENS), eos, tokenizer)
+    # The base model rarely ends a text within MAX_NEW_TOKENS (none of these prompts does),
+    # so stopping is compared on SmolLM2; here: the same EOS set as transformers' generate.
+    assert eos == {1, 106} and set(llm.llm_engine.eos_token_ids) == eos
+    expected = transformers_greedy(gemma3_dir, want_prompts, MAX_NEW_TOKENS)
+    _assert_same(outputs, expected, eos, tokenizer)

@@ -14,7 +14,8 @@ from hpcinfer.testing.real_models import (SMOLLM2, SMOLLM2_CONVERSATIONS, RealMo
 from hpcinfer.testing.require import require
 from hpcinfer.testing.worker_jobs import job_config, make_job, read_results, run_worker, write_jsonl
 
-pytestmark = pytest.mark.timeout(600)
+# slow: over 20 s on 2 cores (the marker's meaning); CI runs slow tests too.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 MAX_TOKENS = 24
 NUM_ROWS = 4    # the first conversations of the model test: the transformers side is shared
