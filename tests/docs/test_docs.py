@@ -9,7 +9,9 @@ How a block is treated (marks: the HTML comment on the line right before the fen
   block is there for the next block. The dir is a small checkout: copies of the repo's
   `configs/` and `dev/` (so `configs/examples/quickstart.yaml` and `bash dev/quickstart.sh`
   work as in the repo, writing under the dir) and `.venv` linking to the repo's venv, whose
-  bin/ is first on PATH (`hpcinfer`, `python`). HOME, the HF cache, $SCRATCH and $PROJECT are
+  bin/ is first on PATH (`hpcinfer`, `python`); the real test models' cache
+  (hpcinfer.testing.real_models, $HPCINFER_TEST_MODELS) is shared with the test suite, like
+  the venv. HOME, the HF cache, $SCRATCH and $PROJECT are
   inside the dir and HF_HUB_OFFLINE=1: nothing reaches the hub or the user's files, except that
   a block naming one of conftest.DocsHub.repo_ids downloads it from a fake hub on 127.0.0.1.
 - **Unmarked python** blocks run with the venv's python in the same dir.
@@ -60,6 +62,7 @@ from hpcinfer.testing.docs_blocks import (JSON_LANGS, MARKS, PYTHON_LANGS, SHELL
                                           YAML_LANGS, DocBlock, angle_placeholders_as_words,
                                           commands_of, doc_pages, merged, read_blocks,
                                           substitute)
+from hpcinfer.testing.real_models import cache_root as real_models_cache
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -87,6 +90,9 @@ PLACEHOLDERS = {
     "/path/to/a/model/dir": "llama",
     "/project/def-pi/hf-hub": "{workdir}/project/def-pi/hf-hub",
     "<commit sha>": "{hub_commit}",        # the fake hub's commit (conftest.DocsHub)
+    # The real SmolLM2 answers at ~2 tokens/s on 2 busy cores: README's `bash dev/quickstart.sh`
+    # runs it once; other blocks that name it get the tiny llama.
+    "$(python -m hpcinfer.testing.real_models smollm2-135m-instruct)": "llama",
 }
 
 
@@ -168,7 +174,8 @@ def _env(workdir: Path) -> dict[str, str]:
     env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
                VIRTUAL_ENV=str(VENV_BIN.parent),
                HOME=str(workdir / "home"), HF_HOME=str(workdir / "home" / "hf"),
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               HPCINFER_TEST_MODELS=str(real_models_cache()))
     for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_TOKEN", "PYTHONPATH"):
         env.pop(name, None)
     return env
