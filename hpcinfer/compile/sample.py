@@ -148,6 +148,7 @@ def warnings_of(cfg, samples: list[FileSample]) -> list[str]:
 
 
 def _over_budget(budget, num_bad: int, num_rows: int) -> bool:
-    if isinstance(budget, float):
-        return num_bad > budget * num_rows
-    return num_bad > budget
+    """As the worker counts it (its rounding included), over the sampled rows."""
+    from hpcinfer.worker.budget import allowed_bad_rows
+    allowed = allowed_bad_rows(budget, num_rows)
+    return allowed is not None and num_bad > allowed

@@ -15,7 +15,9 @@ class ModelSpec:
     holds). ``sliding_window`` is set only when *every* layer attends within that window (so
     blocks older than it may be dropped); otherwise None. ``eos_token_ids`` joins the config's
     ``eos_token_id`` with the checkpoint's generation_config.json (Llama-3 instruct lists
-    several there).
+    several there). ``max_position_embeddings`` is the longest sequence the rope covers
+    (``layers.rotary.max_position_of``: the config's value, extended by yarn and dynamic
+    scaling, whose configs keep the pretraining length there).
     """
     architecture: str
     num_layers: int

@@ -40,6 +40,17 @@ POOLING_ARCHITECTURES: dict[str, tuple[str, str]] = {
 SUPPORTED_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3", "yarn", "longrope",
                                           "dynamic")
 
+# Old names transformers' config classes rename on load (Phi3Config: the first Phi-3 releases
+# wrote "su", some "yarn", for what is longrope); the engine reads the renamed config, the
+# login-side check reads config.json, so both go through this.
+_ROPE_TYPE_ALIASES = {"phi3": {"su": "longrope", "yarn": "longrope"}}
+
+
+def rope_type_alias(model_type: str | None, rope_type: str) -> str:
+    """The rope type transformers loads for ``rope_type`` in a ``model_type`` config."""
+    return _ROPE_TYPE_ALIASES.get(model_type or "", {}).get(rope_type, rope_type)
+
+
 # quantization_config.quant_method values the engine loads (none yet).
 SUPPORTED_QUANT_METHODS: tuple[str, ...] = ()
 

@@ -39,7 +39,17 @@ def test_broken_json_line_is_a_warning_with_counts_and_line(tmp_path, capsys):
     assert rc == 0 and "11 rows" in out and "10 usable" in out
     assert f"part-1.jsonl: 1 of 6 sampled rows are bad (1 invalid_json), e.g. " in err
     assert f"part-1.jsonl:6: line is not valid JSON" in err
-    assert "over input.max_bad_rows (0.05)" in err
+    # The worker rounds a fraction up (5% of 6 rows allows one): no false alarm.
+    assert "max_bad_rows" not in err
+
+
+def test_sampled_bad_rows_over_the_budget_say_the_task_would_fail(tmp_path, capsys):
+    job = write_job(tmp_path)
+    with open(tmp_path / "data" / "part-1.jsonl", "a") as f:
+        f.write("{broken\n[2]\n")
+    rc, _, err = _validate(job, capsys)
+    assert rc == 0 and "2 of 7 sampled rows are bad" in err
+    assert "over input.max_bad_rows (0.05): a task with as many would stop and fail" in err
 
 
 def test_every_line_broken_fails(tmp_path, capsys):
@@ -153,6 +163,22 @@ def test_rope_types_follow_the_table(where):
     key, message = checkpoint_problem(config("not-a-rope-type"))
     assert key == "model.id" and message == (
         f"unsupported rope_type 'not-a-rope-type'; supported: {list(support.SUPPORTED_ROPE_TYPES)}")
+
+
+@pytest.mark.parametrize("old_name", ["su", "yarn"])
+def test_first_phi3_releases_rope_names_pass_as_transformers_loads_them(old_name):
+    from transformers import Phi3Config
+    rope = {"type": old_name, "short_factor": [1.0] * 4, "long_factor": [2.0] * 4}
+    hf = {**LLAMA, "architectures": ["Phi3ForCausalLM"], "model_type": "phi3",
+          "rope_scaling": rope, "original_max_position_embeddings": 64}
+    assert checkpoint_problem(hf) is None
+    loaded = Phi3Config(hidden_size=64, num_attention_heads=8,
+                        rope_scaling={**rope, "original_max_position_embeddings": 64},
+                        max_position_embeddings=128, original_max_position_embeddings=64)
+    assert loaded.rope_parameters["rope_type"] == "longrope"
+    # elsewhere the old name means nothing: refused as before
+    assert checkpoint_problem({**LLAMA, "rope_scaling": {"type": "su"}})[1].startswith(
+        "unsupported rope_type 'su'")
 
 
 def test_quantized_checkpoint_fails(tmp_path, capsys):
