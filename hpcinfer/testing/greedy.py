@@ -59,8 +59,8 @@ class ForcedSampler:
 
 def agreement_run(path: str, prompts: list[list[int]], *, fast: bool, forced=None,
                   dtype: str = "bfloat16", device: str = "cuda", max_num_seqs: int = 64,
-                  max_model_len: int = 512) -> ForcedSampler:
-    """One greedy MAX_NEW-step run of the bf16 agreement checks (tests/gpu/test_engine_gpu.py,
+                  max_model_len: int = 512, max_new: int = MAX_NEW) -> ForcedSampler:
+    """One greedy ``max_new``-step run of the bf16 agreement checks (tests/gpu/test_engine_gpu.py,
     agreement_probe.py): fast = Triton + CUDA graphs, else torch_ref attention + torch ops
     (eager). Synchronous steps so the wrapper sees every row. Returns the wrapper."""
     import gc
@@ -81,7 +81,7 @@ def agreement_run(path: str, prompts: list[list[int]], *, fast: bool, forced=Non
         wrapper = ForcedSampler(engine.sampler, forced)
         engine.sampler = wrapper
         llm.generate([{"prompt_token_ids": p} for p in prompts],
-                     SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True),
+                     SamplingParams(temperature=0, max_tokens=max_new, ignore_eos=True),
                      use_tqdm=False)
         if fast and device == "cuda":
             assert engine.runner.graphs is not None and engine.runner.graphs.num_replays > 0

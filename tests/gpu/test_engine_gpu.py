@@ -42,7 +42,8 @@ def _generate(path, prompts, params, **kwargs):
 
 
 @pytest.mark.parametrize("family", ["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma",
-                                    "opt"])
+                                    "opt", "gemma2", "gemma3", "phi3", "qwen2_yarn",
+                                    "llama_dynamic"])
 def test_tiny_fp32_greedy_matches_transformers_with_graphs(family):
     from hpcinfer import SamplingParams
     from hpcinfer.testing.tiny import tiny_checkpoint
