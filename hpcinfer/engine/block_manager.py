@@ -62,7 +62,7 @@ class BlockManager:
         """
         if not self.enable_prefix_caching:
             return []
-        max_blocks = (len(seq) - 1) // self.block_size  # the last token must be computed for logits
+        max_blocks = seq.max_prefix_hit_tokens // self.block_size
         self._extend_hashes(seq, max_blocks)
         blocks = []
         for i in range(max_blocks):

@@ -47,11 +47,13 @@ from hpcinfer.distributed.world import (
     init_world_explicit,
 )
 from hpcinfer.engine.model_runner import Batch, ModelRunner
+from hpcinfer.engine.prompt_logprobs import reduce_rows
 
 log = logging.getLogger(__name__)
 
 FORCE_ENV = "HPCINFER_FORCE_DISTRIBUTED"   # "1": the distributed path even for one rank
 _LOGITS_TAG = 1 << 20                      # p2p tags: hidden states use 0.., logits this on
+_PROMPT_LOGPROBS_TAG = _LOGITS_TAG - 1     # a step's prompt-logprob result (one tensor)
 
 
 @dataclass
@@ -142,7 +144,8 @@ class DistributedRunner(ModelRunner):
         batch = super().prepare(seqs, num_new_tokens, block_manager, **kwargs)
         num_micro = num_micro_batches(self.parallel.micro_batches, self.parallel.stage.size,
                                       len(seqs), batch.input_ids.shape[0])
-        if num_micro == 1:
+        if num_micro == 1 or batch.prompt_rows is not None:
+            # (prompt-logprob rows: one micro-batch, so their result is one tensor to rank 0)
             return batch
         # Same numbers on every rank (same scheduler state), so the cut is the same everywhere.
         seq_lens = [s.num_computed_tokens + q for s, q in zip(seqs, num_new_tokens)]
@@ -190,7 +193,12 @@ class DistributedRunner(ModelRunner):
                     t = t.contiguous()
                     outbox.append((t, dist.isend(t, dst=stage.next_rank,
                                                  tag=m * self.num_intermediates + i)))
-            elif mb.sample_seqs:  # every TP rank of the last stage: the head all-gathers
+            elif mb.prompt_rows is not None:  # always before the logits: NCCL pairs in order
+                mb.prompt_rows.result = result = reduce_rows(self.model.compute_logits, out,
+                                                             mb.prompt_rows)
+                if world.rank == driver:
+                    outbox.append((result, dist.isend(result, dst=0, tag=_PROMPT_LOGPROBS_TAG)))
+            if stage.is_last and mb.sample_seqs:  # every TP rank: the head all-gathers
                 part = self.model.compute_logits(out[mb.sample_indices]).float()
                 parts.append(part)
                 if world.rank == driver:
@@ -204,6 +212,11 @@ class DistributedRunner(ModelRunner):
         else:
             logits = torch.empty((num_sampled, spec.vocab_size), dtype=torch.float32,
                                  device=self.device)
+            rows = batch.prompt_rows
+            if world.rank == 0 and rows is not None:
+                rows.result = torch.empty((rows.num_rows, rows.result_width),
+                                          dtype=torch.float32, device=self.device)
+                dist.recv(rows.result, src=driver, tag=_PROMPT_LOGPROBS_TAG)
             if world.rank == 0 and num_sampled:
                 self._receive_logits(logits, micro, driver)
         for _, work in outbox:

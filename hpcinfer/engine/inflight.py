@@ -22,9 +22,9 @@ scheduled for step N+1: that one row is wasted and its token dropped. A sequence
 placeholder, so the scheduler skips it (nothing to compute) and no row is wasted.
 
 Only requests whose sampling is the same whatever else shares the batch run async: greedy
-or seeded, no logprobs (read back a step later than asked), no penalties (they read the
-previous outputs, which would still be placeholders). Other requests make the engine run
-synchronous steps while they are live (``async_safe``).
+or seeded, no logprobs or prompt logprobs (read back a step later than asked), no penalties
+(they read the previous outputs, which would still be placeholders). Other requests make the
+engine run synchronous steps while they are live (``async_safe``).
 """
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ from hpcinfer.engine.sequence import Sequence
 
 def async_safe(params: SamplingParams) -> bool:
     """True if a sequence's tokens do not depend on reading the last one back first."""
-    return (params.logprobs is None and not params.reads_output_tokens
+    return (params.logprobs is None and params.prompt_logprobs is None
+            and not params.reads_output_tokens
             and (params.is_greedy or params.seed is not None))
 
 

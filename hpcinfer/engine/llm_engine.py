@@ -20,6 +20,7 @@ from hpcinfer.engine.inflight import InFlight, PinnedTokens, async_safe
 from hpcinfer.engine.model_runner import ModelRunner, resolve_device, resolve_dtype
 from hpcinfer.engine.outputs import RequestMetrics, RequestOutput
 from hpcinfer.engine.params import SamplingParams
+from hpcinfer.engine.prompt_logprobs import record as record_prompt_logprobs
 from hpcinfer.engine.request_params import NoDetokenizer, resolve_params
 from hpcinfer.engine.request_state import RequestState
 from hpcinfer.engine.request_stats import RequestStats
@@ -268,6 +269,8 @@ class LLMEngine:
         batch = self.runner.prepare(scheduled.seqs, scheduled.num_new_tokens, self.block_manager)
         t2 = time.perf_counter()
         logits = self.runner.run(batch)
+        if batch.prompt_rows is not None:  # (such requests always take synchronous steps)
+            record_prompt_logprobs(batch.prompt_rows, self.tokenizer, self.parallel)
         self.scheduler.update_computed(scheduled)
         t3 = time.perf_counter()
         sampled = (self.sampler(logits, batch.sample_seqs, self.eos_token_ids)

@@ -17,6 +17,7 @@ import torch
 from hpcinfer.engine.block_manager import BlockManager, cdiv
 from hpcinfer.engine.config import EngineConfig
 from hpcinfer.engine.cuda_graphs import aligned_offsets
+from hpcinfer.engine.prompt_logprobs import PromptRows, plan_rows, reduce_rows
 from hpcinfer.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ class Batch:
     sample_indices: torch.Tensor  # [num_sampled] rows of the hidden states to sample from
     sample_seqs: list[Sequence]  # the sequences those rows belong to (prefill done)
     num_decode_prefix: int = 0   # leading sequences with one query token (cuda_graphs.py)
+    prompt_rows: PromptRows | None = None  # rows owing prompt logprobs (prompt_logprobs.py)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -192,6 +194,7 @@ class ModelRunner:
         sample_indices = cu_seqlens[1:][done] - 1
         sample_seqs = [s for s, d in zip(seqs, done.tolist()) if d]
         patch_rows, patch_src = _placeholder_rows(seqs, cu_seqlens, pending)
+        prompt_rows = plan_rows(seqs, starts, num_new_tokens, cu_seqlens, self.device)
         # Mixed steps: running sequences (one token each) come first (the scheduler's order).
         num_decode_prefix = num_seqs if is_decode else int(np.argmax(q_lens != 1))
         k = num_decode_prefix
@@ -222,7 +225,8 @@ class ModelRunner:
             slot_mapping=slot_mapping, cu_seqlens_q=cu_q, seq_lens=lens,
             block_tables=tables.view(block_tables.shape), max_seqlen_q=int(q_lens.max()),
             max_seqlen_k=max_seqlen_k, is_decode=is_decode, decode_split=decode_split)
-        return Batch(input_ids, positions, meta, sample_indices, sample_seqs, num_decode_prefix)
+        return Batch(input_ids, positions, meta, sample_indices, sample_seqs, num_decode_prefix,
+                     prompt_rows)
 
     def _upload(self, int64_arrays: list[np.ndarray], int32_arrays: list[np.ndarray]
                 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -264,12 +268,16 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: Batch) -> torch.Tensor:
-        """Forward the batch; return float32 logits [num_sampled, vocab] (maybe 0 rows)."""
+        """Forward the batch; return float32 logits [num_sampled, vocab] (maybe 0 rows).
+        Prompt-logprob rows, if any, are reduced into ``batch.prompt_rows.result``."""
         if self.graphs is not None:
             hidden = self.graphs.forward(batch)   # graph replay, split or eager as fits
         else:
             hidden = self.model.forward(batch.input_ids, batch.positions, self.kv_caches,
                                         batch.meta)
+        if batch.prompt_rows is not None:
+            batch.prompt_rows.result = reduce_rows(self.model.compute_logits, hidden,
+                                                   batch.prompt_rows)
         if not batch.sample_seqs:
             return hidden.new_empty((0, self.spec.vocab_size), dtype=torch.float32)
         return self.model.compute_logits(hidden[batch.sample_indices]).float()

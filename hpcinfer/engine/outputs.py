@@ -15,6 +15,8 @@ class Logprob:
 
 # Per generated token: {token_id: Logprob} holding the top-k tokens plus the sampled one.
 SampleLogprobs = list[dict[int, Logprob]]
+# Per prompt token: None for the first, then {token_id: Logprob}: the actual token + top-k.
+PromptLogprobs = list[dict[int, Logprob] | None]
 
 
 @dataclass
@@ -65,7 +67,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
-    prompt_logprobs: None = None
+    prompt_logprobs: PromptLogprobs | None = None
     metrics: RequestMetrics | None = None
     num_cached_tokens: int | None = None
 

@@ -33,8 +33,9 @@ class SamplingParams:
 
     ``top_k`` of 0 or -1 means "all tokens". ``logprobs=k`` returns the k most likely tokens
     plus the sampled one per generated token (log-softmax of the raw model logits, as vLLM's
-    default ``raw_logprobs`` mode). ``seed`` gives a per-request generator, so the same seed
-    gives the same text whatever else is in the batch. ``best_of`` samples that many
+    default ``raw_logprobs`` mode); ``prompt_logprobs=k`` the same for every prompt token
+    after the first (engine/prompt_logprobs.py). ``seed`` gives a per-request generator, so
+    the same seed gives the same text whatever else is in the batch. ``best_of`` samples that many
     completions and returns the ``n`` with the highest cumulative logprob. ``logit_bias``
     ({token id: bias}), ``allowed_token_ids`` and ``bad_words`` edit the logits before
     sampling, as vLLM's built-in logits processors.
@@ -182,8 +183,10 @@ class SamplingParams:
         self._validate_vllm_extras()
 
     def _validate_vllm_extras(self) -> None:
-        _check(self.prompt_logprobs is None, "prompt_logprobs", self.prompt_logprobs,
-               "None: prompt logprobs are not supported yet in hpcinfer")
+        _check(self.prompt_logprobs is None or (
+            isinstance(self.prompt_logprobs, int) and not isinstance(self.prompt_logprobs, bool)
+            and self.prompt_logprobs >= -1), "prompt_logprobs", self.prompt_logprobs,
+            "None or an integer >= 0 (-1: the whole vocabulary)")
         for name in ("logits_processors", "guided_decoding", "structured_outputs"):
             _check(getattr(self, name) is None, name, getattr(self, name),
                    "None: hpcinfer has no " + ("custom logits processors" if name ==

@@ -20,15 +20,8 @@ def resolve_params(params: SamplingParams, request_id: str, vocab_size: int,
         params = params.resolved()
     except ValueError as e:
         raise ValueError(f"request {request_id!r}: {e}") from None
-    if params.logprobs == -1:
-        params.logprobs = vocab_size
-    if params.logprobs is not None and max_logprobs != -1 and params.logprobs > max_logprobs:
-        raise ValueError(f"request {request_id!r}: SamplingParams.logprobs={params.logprobs} "
-                         f"is more than max_logprobs={max_logprobs}: ask for fewer, or raise "
-                         "LLM(max_logprobs=...)")
-    if params.logprobs is not None and params.logprobs > vocab_size:
-        raise ValueError(f"request {request_id!r}: logprobs={params.logprobs} is more than "
-                         f"the vocabulary ({vocab_size} tokens)")
+    for name in ("logprobs", "prompt_logprobs"):
+        _check_num_logprobs(params, name, request_id, vocab_size, max_logprobs)
     if params.logit_bias:
         params.logit_bias = {int(t): float(b) for t, b in params.logit_bias.items()}
     for name in ("logit_bias", "allowed_token_ids"):
@@ -40,6 +33,22 @@ def resolve_params(params: SamplingParams, request_id: str, vocab_size: int,
         params.bad_words_token_ids = bad_words_token_ids(tokenizer, params.bad_words)
     params.is_resolved = True
     return params
+
+
+def _check_num_logprobs(params: SamplingParams, name: str, request_id: str, vocab_size: int,
+                        max_logprobs: int) -> None:
+    """-1 means the whole vocabulary; more than max_logprobs (or the vocabulary) is refused."""
+    k = getattr(params, name)
+    if k == -1:
+        k = vocab_size
+        setattr(params, name, k)
+    if k is not None and max_logprobs != -1 and k > max_logprobs:
+        raise ValueError(f"request {request_id!r}: SamplingParams.{name}={k} is more than "
+                         f"max_logprobs={max_logprobs}: ask for fewer, or raise "
+                         "LLM(max_logprobs=...)")
+    if k is not None and k > vocab_size:
+        raise ValueError(f"request {request_id!r}: {name}={k} is more than the vocabulary "
+                         f"({vocab_size} tokens)")
 
 
 class NoDetokenizer:

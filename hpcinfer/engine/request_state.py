@@ -21,6 +21,7 @@ class RequestState:
     metrics: RequestMetrics
     # RequestOutputKind.DELTA: (tokens, characters) of each completion already returned
     sent: dict[int, tuple[int, int]] = field(default_factory=dict)
+    sent_prompt_logprobs: bool = False  # DELTA: they go out once, with the first output
 
     @property
     def finished(self) -> bool:
@@ -39,8 +40,19 @@ class RequestState:
             seqs = sorted(seqs, key=lambda s: s.cumulative_logprob, reverse=True)[:params.n]
         completions = [self._completion(index, s) for index, s in enumerate(seqs)]
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, completions,
-                             self.finished, metrics=self.metrics,
-                             num_cached_tokens=seqs[0].num_cached_tokens)
+                             self.finished, prompt_logprobs=self._prompt_logprobs(),
+                             metrics=self.metrics, num_cached_tokens=seqs[0].num_cached_tokens)
+
+    def _prompt_logprobs(self) -> list | None:
+        collected = self.seqs[0].prompt_logprobs  # the first sequence collects them
+        if collected is None:
+            return None
+        if self.params.output_kind is RequestOutputKind.DELTA:
+            # As vLLM: all at once when complete (n > 1: another sample may come first).
+            if self.sent_prompt_logprobs or self.seqs[0].needs_prompt_logprobs:
+                return []
+            self.sent_prompt_logprobs = True
+        return list(collected)
 
     def _completion(self, index: int, seq: Sequence) -> CompletionOutput:
         text, token_ids = seq.detok.output_text, seq.output_token_ids

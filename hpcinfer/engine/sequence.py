@@ -44,6 +44,10 @@ class Sequence:
         self.stop_reason: int | str | None = None
         self.cumulative_logprob = 0.0
         self.logprobs: list[dict] | None = [] if params.logprobs is not None else None
+        # Prompt logprobs (engine/prompt_logprobs.py): one entry per prompt token, None for the
+        # first; only the request's first sequence collects them (they are the same for all).
+        self.prompt_logprobs: list[dict | None] | None = (
+            [None] if params.prompt_logprobs is not None and index == 0 else None)
         self.generator = None                    # torch.Generator when params.seed is set
         self.detok = None                        # IncrementalDetokenizer, set by the engine
         self.has_placeholder = False             # token_ids[-1] is PLACEHOLDER_TOKEN
@@ -69,6 +73,19 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        return (self.prompt_logprobs is not None
+                and len(self.prompt_logprobs) < self.num_prompt_tokens)
+
+    @property
+    def max_prefix_hit_tokens(self) -> int:
+        """How many leading tokens the prefix cache may supply: all but the last (it must be
+        computed for the logits), and none whose logits still owe a prompt logprob."""
+        if self.needs_prompt_logprobs:
+            return len(self.prompt_logprobs) - 1  # entry i comes from position i - 1's logits
+        return len(self.token_ids) - 1
 
     @property
     def last_token_id(self) -> int:

@@ -379,8 +379,6 @@ def test_sampling_params_are_mutable_and_checked_when_added(llm, prompts):
     assert clone.stop_strings == ("a",)
     with pytest.raises(ValueError, match=r"logprobs=21 is more than max_logprobs=20"):
         llm.generate(prompts[:1], greedy(2, logprobs=21), use_tqdm=False)
-    with pytest.raises(ValueError, match=r"SamplingParams.prompt_logprobs=1 .*not supported yet"):
-        SamplingParams(prompt_logprobs=1)
     assert_no_leaks(llm)
 
 
