@@ -38,7 +38,7 @@ _ENGINE_TYPES = {"model": str, "dtype": str, "max_model_len": int, "max_num_seqs
                  "tensor_parallel_size": int, "pipeline_parallel_size": int,
                  "pipeline_micro_batches": int, "num_gpu_blocks_override": int, "device": str,
                  "attention_backend": str, "tokenizer": str, "trust_remote_code": bool,
-                 "max_logprobs": int}
+                 "max_logprobs": int, "quantization": str}
 
 
 def _field_specs() -> list[tuple[str, Any, type | str, str]]:

@@ -32,6 +32,7 @@ class EngineConfig:
     tokenizer: str | None = None          # a tokenizer directory other than the model's
     trust_remote_code: bool = False       # accepted for vLLM scripts; no remote code is run
     max_logprobs: int = 20                # most logprobs a request may ask for (vLLM's default)
+    quantization: str | None = None       # None: the checkpoint's; "fp8" also quantizes online
 
     def __post_init__(self) -> None:
         _positive_int(self, "max_num_seqs")
@@ -53,6 +54,7 @@ class EngineConfig:
                              "(-1: up to the vocabulary size)")
         if self.num_gpu_blocks_override is not None:
             _positive_int(self, "num_gpu_blocks_override")
+        _check_quantization(self.quantization)
         if self.dtype not in DTYPE_NAMES:
             raise ValueError(f"dtype={self.dtype!r} is not supported: use one of "
                              f"{sorted(DTYPE_NAMES)}")
@@ -84,6 +86,13 @@ def _default_of(cls, name: str):
     return next(f.default for f in fields(cls) if f.name == name)
 
 DTYPE_NAMES = {"auto", "float32", "float", "float16", "half", "bfloat16", "fp32", "fp16", "bf16"}
+
+
+def _check_quantization(value) -> None:
+    from hpcinfer.layers.quant.config import SUPPORTED_QUANT_METHODS, SUPPORTED_TEXT
+    if value not in (None, "auto", *SUPPORTED_QUANT_METHODS):
+        raise ValueError(f"quantization={value!r} is not supported; hpcinfer supports "
+                         f"{SUPPORTED_TEXT}")
 
 
 def _positive_int(config: EngineConfig, name: str) -> None:

@@ -63,6 +63,7 @@ class LLMEngine:
         torch.manual_seed(config.seed)
         model = load_model(config.model, dtype=model_dtype, device=self.device,
                            attention_backend=config.attention_backend,
+                           quantization=config.quantization,
                            **(self.parallel.load_kwargs() if self.parallel else {}))
         self.spec = model.spec
         self.max_model_len = self._resolve_max_model_len()

@@ -127,7 +127,6 @@ def _refused(default, kind, feature) -> VllmArg:
 
 
 REFUSED: dict[str, VllmArg] = {
-    "quantization": _refused(None, str, "quantized checkpoints (not supported yet)"),
     "enable_lora": _refused(False, bool, "LoRA adapters (not supported yet)"),
     "speculative_config": _refused(None, "json", "speculative decoding"),
     "data_parallel_size": _refused(1, int, "data parallelism inside one LLM: run one Slurm "

@@ -63,7 +63,9 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
 
     ``model.packed_modules_mapping`` maps HF projection names onto merged ones, e.g.
     ``{"q_proj": ("qkv_proj", "q")}``; a model may define ``checkpoint_name(name)`` to rename
-    legacy tensor names. Tied parameters (one tensor under two names) load once.
+    legacy tensor names; ``model.unused_checkpoint_suffixes`` names tensors to skip (set by
+hpcinfer.layers.quant for scales it does not use). Tied parameters (one tensor under two
+names) load once.
     """
     params = dict(model.named_parameters())  # tied params appear once, under the first name
     modules = dict(model.named_modules())
@@ -120,7 +122,7 @@ def _target_of(model: nn.Module, name: str, params: dict[str, nn.Parameter]
                ) -> tuple[str, object] | None:
     """(parameter name, shard id) a checkpoint tensor goes to; None if it is to be skipped,
     ``_UNKNOWN`` if nothing takes it."""
-    if name.endswith(IGNORABLE_SUFFIXES):
+    if name.endswith(IGNORABLE_SUFFIXES + getattr(model, "unused_checkpoint_suffixes", ())):
         return None
     rename = getattr(model, "checkpoint_name", None)
     if rename is not None:

@@ -16,7 +16,8 @@ from torch import nn
 from hpcinfer.layers.attention import AttentionBackend, get_attention_backend
 from hpcinfer.layers.linear import NO_TP, TensorParallel
 from hpcinfer.layers.rotary import max_position_of
-from hpcinfer.models.loader import load_weights
+from hpcinfer.layers.quant.apply import apply_quantization, finish_quantization
+from hpcinfer.models.loader import checkpoint_files, load_weights
 from hpcinfer.models.spec import ModelSpec, head_dim_of, token_ids
 from hpcinfer.models.support import (  # noqa: F401  (re-exported: the public names)
     architecture_of, known_architecture, supported_architectures, supported_text)
@@ -50,10 +51,13 @@ def load_config(model_path: str | Path) -> Any:
 
 def load_model(model_path: str | Path, *, dtype: torch.dtype, device: torch.device | str,
                attention_backend: str | AttentionBackend = "auto",
-               tp: TensorParallel = NO_TP, pp: Any = None) -> nn.Module:
+               tp: TensorParallel = NO_TP, pp: Any = None, quantization: str | None = None) -> nn.Module:
     """Build the model of a local checkpoint on the meta device, then load its weights.
 
     ``tp``/``pp`` (a hpcinfer.distributed.groups.PipelineStage) make it this rank's part.
+    ``quantization`` (vLLM's argument; None: the checkpoint's quantization_config) picks the
+    linear layers' method (hpcinfer.layers.quant); a config it cannot run is refused here,
+    before any weight is read.
 
     The returned model is in eval mode with ``model.spec`` (a ModelSpec) set. ``dtype`` is a
     torch.dtype (resolving "auto" is the caller's job); parameters are allocated directly on
@@ -71,11 +75,14 @@ def load_model(model_path: str | Path, *, dtype: torch.dtype, device: torch.devi
         from hpcinfer.distributed.pipeline import prune_to_stage
         prune_to_stage(model, pp)  # only this stage's layers get memory and weights
     model.load_slices_only = tp.size > 1 or (pp is not None and pp.size > 1)
-    model = model.to(dtype=dtype).to_empty(device=device)
+    model = model.to(dtype=dtype)
+    _quantize(model, model_path, quantization, dtype, tp)   # still on meta: nothing read yet
+    model = model.to_empty(device=device)
     model.tie_weights()  # leaving the meta device unties shared parameters
     _init_buffers(model)
     with torch.no_grad():
         load_weights(model, model_path)
+        finish_quantization(model)
     model.eval().requires_grad_(False)  # inference only: never build an autograd graph
     model.spec = model_spec(config, architecture, dtype, tp, model_path)
     if pp is not None and pp.size > 1:
@@ -84,6 +91,15 @@ def load_model(model_path: str | Path, *, dtype: torch.dtype, device: torch.devi
     log.info("loaded %s from %s (%s, %s, backend %s)", architecture, model_path, dtype, device,
              backend.name)
     return model
+
+
+def _quantize(model: nn.Module, model_path: str | Path, quantization: str | None,
+              dtype: torch.dtype, tp: TensorParallel) -> None:
+    from hpcinfer.layers.quant.config import quant_spec_of
+    spec = quant_spec_of(json.loads((Path(model_path) / "config.json").read_text()),
+                         quantization)
+    if spec is not None:
+        apply_quantization(model, spec, dtype, list(checkpoint_files(model_path)), tp.size)
 
 
 def _init_buffers(model: nn.Module) -> None:

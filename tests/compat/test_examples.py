@@ -122,7 +122,7 @@ def test_async_streaming_deltas_add_up(outputs):
 
 
 @pytest.mark.slow
-def test_refused_flag_names_the_feature(outputs):
+def test_quantization_flag_on_an_unquantized_checkpoint_is_refused(outputs):
     rc, text = outputs[12]
     assert rc == 1
-    assert "LLM(quantization='awq'): hpcinfer has no quantized checkpoints" in text
+    assert "quantization awq: needs a checkpoint quantized that way" in text

@@ -1,0 +1,96 @@
+"""FP8 (e4m3) weights: block-wise (HF ``fp8``, compressed-tensors block), per-channel
+(compressed-tensors channel, FBGEMM, online), per-tensor (compressed-tensors tensor, serialized
+``fp8`` without blocks).
+
+Where the GPU runs FP8 (compute capability >= 8.9) the weights stay e4m3 and the matmul is
+W8A8 (hpcinfer.kernels.fp8_gemm: torch._scaled_mm for per-tensor/per-channel scales, our
+Triton block-scaled GEMM for block-wise ones; activations quantized per token on the fly).
+Elsewhere, CPU included, the weights are dequantized once to the compute dtype and the layer
+is a plain matmul: that is the reference path the tests hold to transformers.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hpcinfer.layers.quant import reference as ref
+from hpcinfer.layers.quant.base import (PER_PIECE, WEIGHT, ParamSharding, QuantMethod,
+                                        add_param, replace_weight)
+from hpcinfer.layers.quant.config import QuantSpec
+
+
+def runs_fp8(device: torch.device) -> bool:
+    """Whether this device multiplies e4m3 natively (Ada/Hopper and later)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+class Fp8Method(QuantMethod):
+    """e4m3 ``weight`` [out, in] with the scale parameters of ``spec.scheme``."""
+
+    def __init__(self, spec: QuantSpec):
+        self.spec = spec
+        self.name = spec.scheme
+        self.scale_name = ("weight_scale_inv" if spec.method == "fp8" and spec.block
+                           else "weight_scale")
+
+    def create_weights(self, layer: nn.Module) -> None:
+        out, inp = layer.output_size, layer.input_size
+        add_param(layer, "weight", (out, inp), ref.FP8, WEIGHT)
+        if self.spec.scheme == "fp8_block":
+            b0, b1 = self.spec.block
+            add_param(layer, self.scale_name, (-(-out // b0), -(-inp // b1)), torch.float32,
+                      ParamSharding(out_per_element=b0, in_per_element=b1))
+        elif self.spec.scheme == "fp8_channel":
+            add_param(layer, self.scale_name, (out, 1), torch.float32,
+                      ParamSharding(out_dim=0, in_dim=None))
+        else:
+            add_param(layer, self.scale_name, (len(layer.out_pieces),), torch.float32, PER_PIECE)
+        if self.spec.static_input_scale:  # used by the W8A8 path only
+            add_param(layer, "input_scale", (len(layer.out_pieces),), torch.float32, PER_PIECE)
+
+    def row_scales(self, layer: nn.Module) -> torch.Tensor:
+        """Per-tensor scales spread over their pieces' rows: [out]."""
+        scale = getattr(layer, self.scale_name)
+        if self.spec.scheme == "fp8_channel":
+            return scale.reshape(-1)
+        return torch.cat([scale[i].expand(rows) for i, rows in enumerate(layer.out_pieces)])
+
+    def dequantized(self, layer: nn.Module) -> torch.Tensor:
+        if self.spec.scheme == "fp8_block":
+            return ref.dequant_fp8_block(layer.weight, getattr(layer, self.scale_name),
+                                         self.spec.block)
+        return ref.dequant_fp8_rows(layer.weight, self.row_scales(layer))
+
+    def process_after_loading(self, layer: nn.Module) -> None:
+        if runs_fp8(layer.weight.device):
+            from hpcinfer.kernels.fp8_gemm import prepare_fp8_layer
+            prepare_fp8_layer(layer, self)
+            return
+        replace_weight(layer, self.dequantized(layer).to(layer.params_dtype),
+                       drop=("weight", self.scale_name, "input_scale"))
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None
+              ) -> torch.Tensor:
+        if layer.weight.dtype != ref.FP8:
+            return F.linear(x, layer.weight, bias)
+        from hpcinfer.kernels.fp8_gemm import fp8_linear
+        return fp8_linear(layer, x, bias)
+
+
+class Fp8OnlineMethod(Fp8Method):
+    """``LLM(quantization="fp8")`` on an unquantized checkpoint: the weight loads in the
+    compute dtype and is quantized per output channel once loaded."""
+
+    def create_weights(self, layer: nn.Module) -> None:
+        add_param(layer, "weight", (layer.output_size, layer.input_size), layer.params_dtype,
+                  WEIGHT)
+
+    def process_after_loading(self, layer: nn.Module) -> None:
+        weight, scales = ref.quantize_fp8_rows(layer.weight)
+        # Keep the quantized form in the loaded layout, then take the checkpoint path.
+        layer._parameters["weight"] = nn.Parameter(weight, requires_grad=False)
+        add_param(layer, self.scale_name, (layer.output_size, 1), torch.float32,
+                  ParamSharding(out_dim=0, in_dim=None))
+        getattr(layer, self.scale_name).data = scales.reshape(-1, 1)
+        super().process_after_loading(layer)
