@@ -180,8 +180,12 @@ class LlamaForCausalLM(nn.Module):
             sliding_window=self.sliding_window_for(config, layer_idx),
             norm_offset=self.norm_offset, scale=self.attention_scale(config),
             logit_softcap=self.attention_logit_softcap(config), qkv_cls=self.qkv_cls)
-        return self.decoder_layer_cls(self_attn, LlamaMLP(config, tp, self.gate_up_cls), config,
+        return self.decoder_layer_cls(self_attn, self.make_mlp(config, layer_idx, tp), config,
                                       self.norm_offset)
+
+    def make_mlp(self, config: Any, layer_idx: int, tp: TensorParallel) -> nn.Module:
+        """The feed-forward block of one layer (MoE families: a SparseMoE on sparse layers)."""
+        return LlamaMLP(config, tp, self.gate_up_cls)
 
     @staticmethod
     def sliding_window_for(config: Any, layer_idx: int) -> int | None:

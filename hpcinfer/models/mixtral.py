@@ -17,8 +17,7 @@ from torch import nn
 from hpcinfer.layers.attention import AttentionBackend
 from hpcinfer.layers.linear import NO_TP, TensorParallel
 from hpcinfer.layers.moe import MoESpec, SparseMoE, expert_checkpoint_mapping
-from hpcinfer.layers.rotary import RotaryEmbedding
-from hpcinfer.models.llama import LlamaDecoderLayer, LlamaForCausalLM
+from hpcinfer.models.llama import LlamaForCausalLM
 
 
 class MoECausalLM(LlamaForCausalLM):
@@ -39,13 +38,10 @@ class MoECausalLM(LlamaForCausalLM):
             **expert_checkpoint_mapping("experts", self.moe_spec(config).num_experts,
                                         self.expert_tensor_names)}
 
-    def _make_layer(self, config: Any, layer_idx: int, rotary_emb: RotaryEmbedding,
-                    backend: AttentionBackend, tp: TensorParallel) -> LlamaDecoderLayer:
-        layer = super()._make_layer(config, layer_idx, rotary_emb, backend, tp)
+    def make_mlp(self, config: Any, layer_idx: int, tp: TensorParallel) -> nn.Module:
         if self.is_moe_layer(config, layer_idx):
-            # The dense MLP built above lives on the meta device (load_model): free to drop.
-            layer.mlp = self.make_moe(config, tp)
-        return layer
+            return self.make_moe(config, tp)
+        return super().make_mlp(config, layer_idx, tp)
 
     def make_moe(self, config: Any, tp: TensorParallel) -> nn.Module:
         return SparseMoE(self.moe_spec(config), tp, expert_parallel=self.expert_parallel)

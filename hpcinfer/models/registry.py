@@ -51,13 +51,16 @@ def load_config(model_path: str | Path) -> Any:
 
 def load_model(model_path: str | Path, *, dtype: torch.dtype, device: torch.device | str,
                attention_backend: str | AttentionBackend = "auto",
-               tp: TensorParallel = NO_TP, pp: Any = None, quantization: str | None = None) -> nn.Module:
+               tp: TensorParallel = NO_TP, pp: Any = None, quantization: str | None = None,
+               expert_parallel: bool = False) -> nn.Module:
     """Build the model of a local checkpoint on the meta device, then load its weights.
 
     ``tp``/``pp`` (a hpcinfer.distributed.groups.PipelineStage) make it this rank's part.
     ``quantization`` (vLLM's argument; None: the checkpoint's quantization_config) picks the
     linear layers' method (hpcinfer.layers.quant); a config it cannot run is refused here,
     before any weight is read.
+    ``expert_parallel``: a MoE model spreads whole experts over the tensor-parallel ranks
+    instead of splitting each expert (vLLM's enable_expert_parallel); dense models ignore it.
 
     The returned model is in eval mode with ``model.spec`` (a ModelSpec) set. ``dtype`` is a
     torch.dtype (resolving "auto" is the caller's job); parameters are allocated directly on
@@ -69,8 +72,14 @@ def load_model(model_path: str | Path, *, dtype: torch.dtype, device: torch.devi
     backend = (get_attention_backend(attention_backend, device)
                if isinstance(attention_backend, str) else attention_backend)
     cls = model_class(architecture)
+    extra = {}
+    if expert_parallel and getattr(cls, "supports_expert_parallel", False):
+        extra["expert_parallel"] = True
+    elif expert_parallel:
+        log.info("%s has no experts: expert parallelism changes nothing", architecture)
+    # Layout errors (heads or experts that do not divide) are raised here, before any read.
     with torch.device("meta"):
-        model = cls(config, attention_backend=backend, tp=tp)
+        model = cls(config, attention_backend=backend, tp=tp, **extra)
     if pp is not None and pp.size > 1:
         from hpcinfer.distributed.pipeline import prune_to_stage
         prune_to_stage(model, pp)  # only this stage's layers get memory and weights

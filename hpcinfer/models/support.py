@@ -20,6 +20,11 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "Gemma3ForCausalLM": ("hpcinfer.models.gemma3", "Gemma3ForCausalLM"),
     "Phi3ForCausalLM": ("hpcinfer.models.phi3", "Phi3ForCausalLM"),
     "OPTForCausalLM": ("hpcinfer.models.opt", "OPTForCausalLM"),
+    # Mixture of experts (layers/moe.py)
+    "MixtralForCausalLM": ("hpcinfer.models.mixtral", "MixtralForCausalLM"),
+    "Qwen2MoeForCausalLM": ("hpcinfer.models.qwen2_moe", "Qwen2MoeForCausalLM"),
+    "Qwen3MoeForCausalLM": ("hpcinfer.models.qwen3_moe", "Qwen3MoeForCausalLM"),
+    "GptOssForCausalLM": ("hpcinfer.models.gpt_oss", "GptOssForCausalLM"),
 }
 
 # Pooling models (embed / classify / score / reward), run by hpcinfer.engine.pooling.

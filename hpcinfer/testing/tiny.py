@@ -207,3 +207,30 @@ def tiny_checkpoint(family: str) -> Path:
     root = Path(tempfile.mkdtemp(prefix=f"hpcinfer-tiny-{family}-"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     return build_tiny_checkpoint(family, root / family)
+
+
+# Issue 21's MoE families, kept out of TINY_FAMILIES (tests/moe runs them). Odd expert counts,
+# top-k 1/2/4, a shared expert, a dense first layer, a sparse step, and for gpt-oss sinks,
+# alternating 8-token windows, yarn and a low swiglu_limit so the clamps bite.
+TINY_MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss")
+_FAMILY_CONFIGS.update({
+    "mixtral": ("mixtral", {"num_key_value_heads": 2, "num_local_experts": 5,
+                            "num_experts_per_tok": 2, "intermediate_size": 48}),
+    "qwen2_moe": ("qwen2_moe", {
+        "num_hidden_layers": 3, "num_key_value_heads": 2, "num_experts": 7,
+        "num_experts_per_tok": 4, "moe_intermediate_size": 32, "intermediate_size": 96,
+        "shared_expert_intermediate_size": 48, "norm_topk_prob": False,
+        "mlp_only_layers": [0], "decoder_sparse_step": 1}),
+    "qwen3_moe": ("qwen3_moe", {
+        "num_hidden_layers": 2, "num_key_value_heads": 2, "head_dim": 32, "num_experts": 6,
+        "num_experts_per_tok": 1, "moe_intermediate_size": 32, "intermediate_size": 96,
+        "norm_topk_prob": True, "decoder_sparse_step": 2, "mlp_only_layers": []}),
+    "gpt_oss": ("gpt_oss", {
+        "num_key_value_heads": 2, "head_dim": 16, "num_local_experts": 5,
+        "max_position_embeddings": 256,
+        "num_experts_per_tok": 2, "intermediate_size": 32, "sliding_window": 8,
+        "layer_types": ["sliding_attention", "full_attention"], "swiglu_limit": 1.5,
+        "rope_parameters": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0,
+                            "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                            "original_max_position_embeddings": 64}}),
+})
