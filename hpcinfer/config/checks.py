@@ -123,7 +123,7 @@ def _check_output_columns(cfg: JobConfig) -> None:
         raise cfg.error_at("output.text_field", "the output column name is empty",
                            "write e.g. `text_field: generated_text` under output")
     reserved = {"row_index", "num_prompt_tokens", "num_output_tokens", "finish_reason",
-                "logprobs"}
+                "logprobs", "prompt_logprobs"}
     taken = reserved | set(cfg.input.passthrough) | {cfg.input.id_field}
     if name in taken:
         raise cfg.error_at("output.text_field", f"{name!r} is already an output column (the id, "
@@ -175,6 +175,13 @@ def _check_pooling(cfg: JobConfig) -> None:
 
 def _check_sampling(cfg: JobConfig) -> None:
     s = cfg.sampling
+    if s.prompt_logprobs is not None and (cfg.output.format == "openai-batch"
+                                          or cfg.task in POOLING_TASKS):
+        raise cfg.error_at("sampling.prompt_logprobs",
+                           "prompt logprobs are written by generate/chat jobs with jsonl or "
+                           f"parquet output only (this job: task {cfg.task}, output "
+                           f"{cfg.output.format})",
+                           "use output.format: jsonl or parquet, or remove prompt_logprobs")
     if s.min_tokens > s.max_tokens:
         raise cfg.error_at("sampling.min_tokens",
                            f"min_tokens ({s.min_tokens}) is above max_tokens ({s.max_tokens})",

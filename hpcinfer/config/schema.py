@@ -187,6 +187,9 @@ class SamplingSection(Section):
     seed: Optional[int] = Field(None, description="Per-request seed; null = nondeterministic")
     logprobs: Optional[int] = Field(
         None, ge=0, description="Top logprobs per output token; null = none")
+    prompt_logprobs: Optional[int] = Field(
+        None, ge=0, description="Top logprobs per prompt token, written as the "
+                                "prompt_logprobs column (jsonl, parquet); null = none")
     skip_special_tokens: bool = Field(True, description="Drop special tokens when detokenizing")
     include_stop_str_in_output: bool = Field(False, description="Keep the stop string")
 

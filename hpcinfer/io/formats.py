@@ -5,7 +5,8 @@ it to know what is done and collect sorts by it. Field order is fixed so equal r
 equal bytes. Formats:
 
 - jsonl: ``{"row_index", <id>, <passthrough...>, "text", "num_prompt_tokens",
-  "num_output_tokens", "finish_reason"[, "logprobs"]}`` one JSON object per line.
+  "num_output_tokens", "finish_reason"[, "logprobs"][, "prompt_logprobs"]}`` one JSON object
+  per line.
   ``text`` is named by output.text_field (e.g. ``generated_text``, as Ray Data's template
   writes it).
 - parquet: the same columns with an explicit schema.
@@ -53,8 +54,8 @@ class JsonlFormat:
 
     def __init__(self, *, id_name: str | None = "id", passthrough: tuple[str, ...] = (),
                  logprobs: bool = False, column_types: dict | None = None,
-                 text_field: str = "text", **_: Any):
-        reserved = {"row_index", *RESULT_FIELDS[1:], text_field, "logprobs"}
+                 text_field: str = "text", prompt_logprobs: bool = False, **_: Any):
+        reserved = {"row_index", *RESULT_FIELDS[1:], text_field, "logprobs", "prompt_logprobs"}
         clash = reserved & (set(passthrough) | {id_name})
         if clash:
             raise ValueError(f"input.passthrough / id_field name {sorted(clash)} clashes with "
@@ -63,6 +64,7 @@ class JsonlFormat:
         self.id_name = id_name
         self.passthrough = tuple(c for c in passthrough if c != id_name)
         self.logprobs = logprobs
+        self.prompt_logprobs = prompt_logprobs
         self.column_types = column_types or {}
         self.text_field = text_field
 
@@ -91,6 +93,11 @@ class JsonlFormat:
             rec["logprobs"] = None if out.logprobs is None else [
                 [{"token_id": int(t), "logprob": float(lp)} for t, lp in pos]
                 for pos in out.logprobs]
+        if self.prompt_logprobs:
+            rec["prompt_logprobs"] = None if out.prompt_logprobs is None else [
+                None if pos is None else
+                [{"token_id": int(t), "logprob": float(lp)} for t, lp in pos]
+                for pos in out.prompt_logprobs]
         return rec
 
     def write(self, records: list[dict], f: IO[bytes]) -> None:
@@ -135,7 +142,8 @@ class ParquetFormat(JsonlFormat):
     def _names(self) -> list[str]:
         results = [self.text_field if f == "text" else f for f in RESULT_FIELDS]
         return ["row_index", *([self.id_name] if self.id_name else []), *self.passthrough,
-                *results, *(["logprobs"] if self.logprobs else [])]
+                *results, *(["logprobs"] if self.logprobs else []),
+                *(["prompt_logprobs"] if self.prompt_logprobs else [])]
 
     def _array(self, name: str, values: list):
         import pyarrow as pa
@@ -175,7 +183,7 @@ def _fixed_types() -> dict:
     token = pa.struct([("token_id", pa.int64()), ("logprob", pa.float64())])
     return {"row_index": pa.int64(), "text": pa.string(), "num_prompt_tokens": pa.int64(),
             "num_output_tokens": pa.int64(), "finish_reason": pa.string(),
-            "logprobs": pa.list_(pa.list_(token))}
+            "logprobs": pa.list_(pa.list_(token)), "prompt_logprobs": pa.list_(pa.list_(token))}
 
 
 # pooling task -> the output column holding its result

@@ -147,6 +147,8 @@ class OutputRecord:
     finish_reason: str | None            # stop | length | abort | None
     # Per output token: [(token_id, logprob), ...], the sampled token first, then top-k.
     logprobs: list | None = None
+    # Per prompt token: None for the first, then the same shape with the actual token first.
+    prompt_logprobs: list | None = None
 
 
 def prompt_too_long(row: InputRow, num_prompt_tokens: int, max_model_len: int) -> BadRow:

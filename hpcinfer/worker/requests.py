@@ -105,13 +105,18 @@ def to_output_record(out, params) -> Any:
     if params.logprobs is not None and completion.logprobs is not None:
         logprobs = [_position(token_id, top)
                     for token_id, top in zip(completion.token_ids, completion.logprobs)]
+    prompt_logprobs = None
+    if params.prompt_logprobs is not None and out.prompt_logprobs is not None:
+        prompt_logprobs = [None] + [_position(token_id, top) for token_id, top in
+                                    zip(out.prompt_token_ids[1:], out.prompt_logprobs[1:])]
     return OutputRecord(text=completion.text, num_prompt_tokens=len(out.prompt_token_ids),
                         num_output_tokens=len(completion.token_ids),
-                        finish_reason=completion.finish_reason, logprobs=logprobs)
+                        finish_reason=completion.finish_reason, logprobs=logprobs,
+                        prompt_logprobs=prompt_logprobs)
 
 
 def _position(token_id: int, top: dict) -> list[tuple[int, float]]:
-    """One output position: the sampled token first, then the alternatives by rank."""
+    """One position: the sampled (or prompt) token first, then the alternatives by rank."""
     sampled = [(int(token_id), float(top[token_id].logprob))] if token_id in top else []
     others = sorted(((t, lp) for t, lp in top.items() if t != token_id),
                     key=lambda item: (item[1].rank or 0, -item[1].logprob))

@@ -171,6 +171,8 @@ def output_format(cfg, spec, shard):
     try:
         return make_format(str(cfg.output.format), task=str(cfg.task), id_name=spec.id_name,
                            passthrough=tuple(spec.passthrough), logprobs=bool(cfg.output.logprobs),
+                           prompt_logprobs=cfg.task in ("generate", "chat")
+                           and cfg.sampling.prompt_logprobs is not None,
                            text_field=str(getattr(cfg.output, "text_field", "text")),
                            model=str(cfg.model.id), created_s=created_s)
     except ValueError as exc:
