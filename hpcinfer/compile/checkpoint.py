@@ -5,9 +5,10 @@ engine reads too, so both sides always agree on what loads.
 
 Checked: the architecture, every rope type (``rope_parameters`` of transformers 5, including
 its per-layer-type dicts, or ``rope_scaling`` of transformers 4, at the top level and in a
-``text_config``), ``quantization_config.quant_method``, and the head counts against
-parallel.tensor / parallel.pipeline. A model directory without a readable config.json is left
-to the other checks (not downloaded yet, or a path typo: config/checks.py).
+``text_config``), ``quantization_config.quant_method``, the head counts against
+parallel.tensor / parallel.pipeline, and a MoE model's expert sizes against parallel.tensor.
+A model directory without a readable config.json is left to the other checks (not
+downloaded yet, or a path typo: config/checks.py).
 """
 from __future__ import annotations
 
@@ -97,7 +98,17 @@ def _layout_problem(hf: dict, tensor: int, pipeline: int) -> tuple[str, str] | N
     except (KeyError, TypeError, ValueError):
         return None      # the engine reads these through transformers; not ours to guess
     problem = layout_problem(heads, kv_heads, layers, tensor, pipeline)
+    if problem is None:
+        problem = _expert_problem(hf, tensor)
     return None if problem is None else (f"parallel.{problem[0]}", problem[1])
+
+
+def _expert_problem(hf: dict, tensor: int) -> tuple[str, str] | None:
+    # MoE checkpoints: each expert's intermediate dimension is split over the TP ranks.
+    from hpcinfer.distributed.layout import expert_layout_problem, moe_sizes
+    sizes = moe_sizes(hf)
+    message = None if sizes is None else expert_layout_problem(*sizes, tensor)
+    return None if message is None else ("tensor", message)
 
 
 def _multimodal_hint(hf: dict) -> str:

@@ -19,3 +19,31 @@ def layout_problem(num_heads: int, num_kv_heads: int | None, num_layers: int, tp
         return "pipeline", (f"pipeline_parallel_size={pp} is more than the model's {num_layers} "
                             "layers")
     return None
+
+
+def moe_sizes(hf: dict) -> tuple[int, int] | None:
+    """(num_experts, each expert's intermediate size) of a MoE config.json; None when dense.
+
+    Mixtral and gpt-oss name them num_local_experts / intermediate_size, Qwen-MoE
+    num_experts / moe_intermediate_size (its intermediate_size is the dense layers')."""
+    experts = hf.get("num_local_experts") or hf.get("num_experts")
+    inter = hf.get("moe_intermediate_size") or hf.get("intermediate_size")
+    if not isinstance(experts, int) or not isinstance(inter, int) or experts <= 0:
+        return None
+    return experts, inter
+
+
+def expert_layout_problem(num_experts: int, expert_inter: int, tp: int,
+                          expert_parallel: bool = False) -> str | None:
+    """None if the experts split over ``tp`` ranks, else what is wrong and what to do. The
+    engine raises the same refusal while building the model, before reading any weight."""
+    if expert_parallel and num_experts % tp:
+        return (f"expert parallelism over {tp} ranks cannot place the model's {num_experts} "
+                f"experts evenly: use a tensor_parallel_size that divides {num_experts}, or "
+                "turn enable_expert_parallel off")
+    if not expert_parallel and expert_inter % tp:
+        hint = (f", or enable_expert_parallel=True ({num_experts} experts split evenly)"
+                if num_experts % tp == 0 else "")
+        return (f"tensor_parallel_size={tp} does not divide each expert's intermediate size "
+                f"{expert_inter}: use a divisor of it{hint}")
+    return None
