@@ -44,6 +44,8 @@ class EngineStats:
     postprocess_s: float = 0.0
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0
+    grammar_mask_s: float = 0.0     # structured outputs: host time filling the bitmasks
+    num_grammar_masks: int = 0      # ... and how many steps filled one
     last_step: dict = field(default_factory=dict)
     requests: RequestStats = field(default_factory=RequestStats)
 
@@ -84,6 +86,7 @@ class LLMEngine:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
         self.requests: dict[str, RequestState] = {}
+        self.structured = None   # engine/structured.py, made at the first constrained request
         self.stats = EngineStats()
         self._arrivals = 0
         # Async scheduling (inflight.py): one process only (ranks sample in lockstep).
@@ -147,6 +150,7 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request {request_id!r}: a request with this id is already running")
         params = self.resolve_params(params, request_id)
+        grammar = self._compile_grammar(params, request_id)
         text, token_ids = self.tokenize_prompt(prompt, request_id, params.truncate_prompt_tokens)
         self._arrivals += 1
         num_samples = params.num_samples
@@ -160,6 +164,8 @@ class LLMEngine:
                                                 params.skip_special_tokens,
                                                 params.spaces_between_special_tokens)
                          if params.detokenize else NoDetokenizer())
+            if grammar is not None:  # each sample walks the grammar on its own
+                seq.grammar = self.structured.matcher(grammar)
             self.scheduler.add(seq)
         metrics = RequestMetrics(arrival_time=time.time() if arrival_time is None
                                  else arrival_time)
@@ -167,6 +173,31 @@ class LLMEngine:
                                                 metrics)
         self._num_sync_only += not async_safe(seqs[0].params)
         self.stats.num_prompt_tokens += len(token_ids) * num_samples
+
+    def _compile_grammar(self, params: SamplingParams, request_id: str):
+        """The request's compiled structured-outputs constraint (None without one)."""
+        if params.structured_outputs is None:
+            return None
+        if self.structured is None:
+            from hpcinfer.engine.structured import StructuredOutputs
+            self.structured = StructuredOutputs(
+                self.tokenizer, self.spec.vocab_size, self.eos_token_ids, self.device,
+                fills_masks=self.parallel is None or self.parallel.rank == 0)
+        try:
+            return self.structured.compile(params.structured_outputs)
+        except ValueError as e:
+            raise ValueError(f"request {request_id!r}: {e}") from None
+
+    def _grammar_mask(self, seqs: list[Sequence]):
+        """This step's structured-outputs bitmask, filled while the GPU runs the forward."""
+        if self.structured is None or not seqs:
+            return None
+        num_before, t0 = self.structured.num_masks, time.perf_counter()
+        mask = self.structured.fill(seqs)
+        if self.structured.num_masks != num_before:
+            self.stats.num_grammar_masks += 1
+            self.stats.grammar_mask_s += time.perf_counter() - t0
+        return mask
 
     def resolve_params(self, params: SamplingParams, request_id: str = "?") -> SamplingParams:
         """The engine's checked copy of ``params`` (engine/request_params.py): ValueError
@@ -273,8 +304,9 @@ class LLMEngine:
         if batch.prompt_rows is not None:  # (such requests always take synchronous steps)
             record_prompt_logprobs(batch.prompt_rows, self.tokenizer, self.parallel)
         self.scheduler.update_computed(scheduled)
+        mask = self._grammar_mask(batch.sample_seqs)
         t3 = time.perf_counter()
-        sampled = (self.sampler(logits, batch.sample_seqs, self.eos_token_ids)
+        sampled = (self.sampler(logits, batch.sample_seqs, self.eos_token_ids, mask)
                    if batch.sample_seqs else SamplerOutput([], [], []))
         t4 = time.perf_counter()
         outputs = self._postprocess(batch.sample_seqs, sampled, final_only)
@@ -299,12 +331,19 @@ class LLMEngine:
                                     pending=pending)
         t2 = time.perf_counter()
         logits = self.runner.run(batch)
-        launched = None
+        launched, outputs, mask = None, None, None
         if batch.sample_seqs:
-            tokens = self.sampler.sample_tokens(logits, batch.sample_seqs, self.eos_token_ids)
+            if any(s.grammar is not None for s in batch.sample_seqs):
+                # The mask needs the previous step's tokens: read them back now, while the
+                # GPU runs this step's forward, then fill the mask before sampling.
+                outputs = self._resolve_inflight(final_only) if pending is not None else []
+                mask = self._grammar_mask(batch.sample_seqs)
+            tokens = self.sampler.sample_tokens(logits, batch.sample_seqs, self.eos_token_ids,
+                                                mask)
             launched = InFlight.launch(batch.sample_seqs, tokens, self._pinned)
         t3 = time.perf_counter()
-        outputs = self._resolve_inflight(final_only) if pending is not None else []
+        if outputs is None:
+            outputs = self._resolve_inflight(final_only) if pending is not None else []
         t4 = time.perf_counter()
         # After the read-back: blocks filled by this step hash real tokens, not placeholders,
         # and sequences it stopped are skipped.
@@ -380,6 +419,10 @@ class LLMEngine:
             seq.logprobs.append(top)
         params = seq.params
         stopped_by_token = self._check_stop_token(seq, token_id)
+        if seq.grammar is not None and seq.finish_reason is None:
+            # a complete grammar ends the row as EOS would (it allowed only stop tokens)
+            seq.finish_reason = self.structured.accept(seq, token_id)
+            stopped_by_token = seq.finish_reason == "stop" and token_id in self.eos_token_ids
         if stopped_by_token and not params.include_stop_str_in_output:
             seq.detok.flush()  # the stop token's own text is left out, as in vLLM
             return

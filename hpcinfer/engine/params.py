@@ -15,6 +15,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from hpcinfer.engine.structured_params import StructuredOutputsParams
+
 # Below this temperature sampling is greedy (vLLM's _SAMPLING_EPS).
 SAMPLING_EPS = 1e-5
 
@@ -38,7 +40,9 @@ class SamplingParams:
     the same seed gives the same text whatever else is in the batch. ``best_of`` samples that many
     completions and returns the ``n`` with the highest cumulative logprob. ``logit_bias``
     ({token id: bias}), ``allowed_token_ids`` and ``bad_words`` edit the logits before
-    sampling, as vLLM's built-in logits processors.
+    sampling, as vLLM's built-in logits processors. ``structured_outputs`` (a
+    StructuredOutputsParams; ``guided_decoding`` is its older name) constrains the output to a
+    JSON schema, regex, choice or grammar (docs/structured-outputs.md).
     """
 
     n: int = 1
@@ -143,6 +147,9 @@ class SamplingParams:
         return child
 
     def _normalise(self) -> None:
+        if self.guided_decoding is not None and self.structured_outputs is None:
+            # vLLM's older name: the engine reads structured_outputs only
+            self.structured_outputs, self.guided_decoding = self.guided_decoding, None
         self.stop_strings = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         self.stop_token_id_set = frozenset(self.stop_token_ids or ())
         if self.top_k == -1:
@@ -187,10 +194,9 @@ class SamplingParams:
             isinstance(self.prompt_logprobs, int) and not isinstance(self.prompt_logprobs, bool)
             and self.prompt_logprobs >= -1), "prompt_logprobs", self.prompt_logprobs,
             "None or an integer >= 0 (-1: the whole vocabulary)")
-        for name in ("logits_processors", "guided_decoding", "structured_outputs"):
-            _check(getattr(self, name) is None, name, getattr(self, name),
-                   "None: hpcinfer has no " + ("custom logits processors" if name ==
-                                               "logits_processors" else "structured outputs yet"))
+        _check(self.logits_processors is None, "logits_processors", self.logits_processors,
+               "None: hpcinfer has no custom logits processors")
+        self._validate_structured_outputs()
         _check(isinstance(self.detokenize, bool), "detokenize", self.detokenize, "True or False")
         _check(self.detokenize or not self.stop_strings, "detokenize", self.detokenize,
                "True when stop strings are given (they are matched on the text)")
@@ -213,6 +219,17 @@ class SamplingParams:
             "bad_words", self.bad_words, "None or a list of non-empty strings")
         _check(self.extra_args is None or isinstance(self.extra_args, dict), "extra_args",
                self.extra_args, "None or a dict")
+
+    def _validate_structured_outputs(self) -> None:
+        so = self.structured_outputs
+        _check(self.guided_decoding is None, "guided_decoding", self.guided_decoding,
+               "None when structured_outputs is given (it is the older name of the same thing)")
+        _check(so is None or isinstance(so, StructuredOutputsParams), "structured_outputs", so,
+               "None or a StructuredOutputsParams (hpcinfer.sampling_params)")
+        # The grammar decides where the output ends (it allows EOS only when complete): a
+        # min_tokens ban on EOS could leave a row with no allowed token.
+        _check(so is None or self.min_tokens == 0, "min_tokens", self.min_tokens,
+               "0 with structured_outputs (the constraint decides where the output ends)")
 
 
 def _is_number(value) -> bool:

@@ -1,6 +1,7 @@
 """Sampler: turns the last-position logits of a batch into tokens, vectorised over rows.
 
-Order (as vLLM v1): logprobs from the raw logits; allowed_token_ids, bad_words, min_tokens
+Order (as vLLM v1): the structured-outputs bitmask (engine/structured.py) on the rows it
+constrains; logprobs from those logits; allowed_token_ids, bad_words, min_tokens
 and logit_bias edit the logits; penalties;
 greedy rows take argmax; the others are divided by temperature, filtered by min-p, top-k and
 top-p, and sampled with the exponential-race trick (argmax of probs / Exp(1) noise), whose
@@ -37,14 +38,14 @@ class Sampler:
         return generator
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence],
-                 eos_token_ids: frozenset[int]) -> SamplerOutput:
+                 eos_token_ids: frozenset[int], grammar_mask=None) -> SamplerOutput:
         # logits: [num_rows, vocab] float32, one row per sequence in seqs
-        if all(_plain_greedy(s) for s in seqs):
+        if grammar_mask is None and all(_plain_greedy(s) for s in seqs):
             # The common offline case (every row greedy, nothing to mask or report): one
             # argmax, no copy of the logits, one host sync.
             return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(seqs),
                                  [None] * len(seqs))
-        logits = logits.float()
+        logits = self._masked(logits, grammar_mask)
         want_logprobs = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         raw_logprobs = (torch.log_softmax(logits[want_logprobs], dim=-1)
                         if want_logprobs else None)
@@ -55,14 +56,24 @@ class Sampler:
         return self._gather_logprobs(token_ids, raw_logprobs, want_logprobs, seqs)
 
     def sample_tokens(self, logits: torch.Tensor, seqs: list[Sequence],
-                      eos_token_ids: frozenset[int]) -> torch.Tensor:
+                      eos_token_ids: frozenset[int], grammar_mask=None) -> torch.Tensor:
         """Tokens only, left on the device: [num_rows] int64 (async scheduling, inflight.py).
         The same computation as __call__ for rows without logprobs or penalties."""
-        if all(_plain_greedy(s) for s in seqs):
+        if grammar_mask is None and all(_plain_greedy(s) for s in seqs):
             return logits.argmax(dim=-1)
-        logits = logits.float().clone()
+        logits = (self._masked(logits, grammar_mask) if grammar_mask is not None
+                  else logits.float().clone())
         apply_logits_edits(logits, seqs, eos_token_ids)
         return self._sample(logits, seqs)
+
+    @staticmethod
+    def _masked(logits: torch.Tensor, grammar_mask) -> torch.Tensor:
+        """float32 logits with the grammar bitmask applied (a copy when it is)."""
+        logits = logits.float()
+        if grammar_mask is not None:
+            logits = logits.clone()
+            grammar_mask.apply(logits)
+        return logits
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         tokens = logits.argmax(dim=-1)

@@ -50,6 +50,7 @@ class Sequence:
             [None] if params.prompt_logprobs is not None and index == 0 else None)
         self.generator = None                    # torch.Generator when params.seed is set
         self.detok = None                        # IncrementalDetokenizer, set by the engine
+        self.grammar = None                      # xgrammar matcher with structured outputs
         self.has_placeholder = False             # token_ids[-1] is PLACEHOLDER_TOKEN
 
     def __len__(self) -> int:
