@@ -41,13 +41,15 @@ def main() -> None:
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     rows = []
     dtypes = [torch.bfloat16] if args.quick else [torch.bfloat16, torch.float16, torch.float32]
-    benches = [bench_copy, bench_decode, bench_prefill, bench_cache, bench_elementwise]
+    benches = [bench_copy, bench_decode, bench_prefill, bench_cache, bench_elementwise,
+               bench_moe]
     if args.sweep:
-        benches += [sweep_decode, sweep_prefill]
+        benches += [sweep_decode, sweep_prefill, sweep_moe]
     if args.only:
         wanted = set(args.only.split(","))
         benches = [f for f in (bench_copy, bench_decode, bench_prefill, bench_cache,
-                               bench_elementwise, sweep_decode, sweep_prefill, bench_decode_mix)
+                               bench_elementwise, sweep_decode, sweep_prefill, bench_decode_mix,
+                               bench_moe, sweep_moe)
                    if f.__name__.removeprefix("bench_").removeprefix("sweep_") in wanted
                    or f.__name__ in wanted]
     for bench in benches:
@@ -83,6 +85,8 @@ def _format(row: dict) -> str:
     extra = f"  {row['tflops']:.0f} TFLOP/s" if row.get("tflops") else ""
     if "config" in row:
         extra += f"  {row['config']} err={row['rel_err']:.1e}"
+    if row.get("speedup"):
+        extra += f"  {row['speedup']:.1f}x the torch reference, err={row['rel_err']:.1e}"
     return (f"{row['kernel']:<22} {row['shape']:<44} {row['dtype']:<9} {row['ms']:9.4f} "
             f"{gb_s} {peer}{extra}")
 
@@ -240,6 +244,55 @@ def bench_elementwise(dtypes):
         yield _row("silu_and_mul", f"{num_tokens}x(2x14336)", dtype, ms,
                    gate_up.nbytes * 3 // 2, peer)
         del x, res, qkv, gate_up
+
+
+# Qwen3-30B-A3B's MoE layer (workload C): hidden 2048, 128 experts of intermediate 768, top 8.
+MOE_SHAPE = dict(hidden=2048, inter=768, experts=128, top_k=8)
+
+
+def _moe_problem(num_tokens: int, dtype: torch.dtype):
+    from hpcinfer.kernels import moe_reference
+    h, i, e, k = (MOE_SHAPE[n] for n in ("hidden", "inter", "experts", "top_k"))
+    x = torch.randn(num_tokens, h, device="cuda", dtype=dtype)
+    w_gate_up = torch.randn(e, 2 * i, h, device="cuda", dtype=dtype) * h ** -0.5
+    w_down = torch.randn(e, h, i, device="cuda", dtype=dtype) * i ** -0.5
+    logits = torch.randn(num_tokens, e, device="cuda")
+    weights, ids = moe_reference.select_experts(logits, k, scoring="softmax_topk",
+                                                renormalize=True)
+    # The fewest bytes: every expert hit read once, x read and the output written once.
+    num_hit = int(torch.unique(ids).numel())
+    num_bytes = (num_hit * 3 * i * h + 2 * num_tokens * h) * x.element_size()
+    return (x, w_gate_up, w_down, weights, ids), num_bytes
+
+
+def bench_moe(dtypes):
+    """Fused MoE (Triton) vs the torch reference's per-expert loop, Qwen3-30B-A3B layer."""
+    from hpcinfer.kernels import moe_reference
+    from hpcinfer.kernels.fused_moe import fused_experts
+    for num_tokens in (1, 16, 64, 256, 1024, 8192):
+        args, num_bytes = _moe_problem(num_tokens, torch.bfloat16)
+        ms = time_ms(lambda: fused_experts(*args))
+        peer = time_ms(lambda: moe_reference.fused_experts(*args))
+        err = _rel_err(fused_experts(*args), moe_reference.fused_experts(*args))
+        shape = (f"{num_tokens} tok, h{MOE_SHAPE['hidden']}, {MOE_SHAPE['experts']}x"
+                 f"i{MOE_SHAPE['inter']}, top{MOE_SHAPE['top_k']}")
+        yield _row("fused_moe", shape, torch.bfloat16, ms, num_bytes, peer,
+                   speedup=peer / ms, rel_err=err)
+
+
+def sweep_moe(dtypes):
+    from hpcinfer.kernels import fused_moe, moe_reference
+    variants = [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st)
+                for m, n, k, w, st in [(16, 64, 64, 4, 3), (16, 128, 64, 4, 3),
+                                       (16, 64, 128, 4, 3), (16, 128, 128, 8, 3),
+                                       (32, 64, 64, 4, 4), (64, 128, 64, 8, 3),
+                                       (64, 64, 64, 4, 3), (128, 128, 64, 8, 3)]]
+    for num_tokens in (64, 256, 8192):
+        args, num_bytes = _moe_problem(num_tokens, torch.bfloat16)
+        expected = moe_reference.fused_experts(*args)
+        yield from _sweep("fused_moe", f"{num_tokens} tok, Qwen3-30B-A3B layer", fused_moe,
+                          "_moe_config", variants, lambda: fused_moe.fused_experts(*args),
+                          expected, num_bytes)
 
 
 def _rel_err(got: torch.Tensor, expected: torch.Tensor) -> float:

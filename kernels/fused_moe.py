@@ -149,14 +149,16 @@ def _moe_down_kernel(
              mask=row_mask[:, None] & n_mask[None, :])
 
 
-def _block_sizes(num_pairs: int, num_experts: int, is_interpreted: bool) -> tuple[int, int, int]:
-    # Rows per expert decide BLOCK_M: decode batches give each expert a handful of pairs, and a
-    # 64-row block would be mostly padding. The interpreter wants small tiles (it is slow).
-    if is_interpreted:
-        return 16, 32, 32
+def _moe_config(num_pairs: int, num_experts: int) -> dict:
+    """Tile sizes and launch settings (bench/kernels.py --sweep replaces this to try others).
+
+    Rows per expert decide BLOCK_M: decode batches give each expert a handful of pairs, and a
+    64-row block would be mostly padding. The interpreter wants small tiles (it is slow)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4)
     rows_per_expert = num_pairs / max(num_experts, 1)
     block_m = 16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 64 else 64
-    return block_m, 64, 64
+    return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
 
 
 def _check(x, w_gate_up, w_down, topk_weights, topk_ids, b_gate_up, b_down, activation):
@@ -206,8 +208,8 @@ def fused_experts(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor
     num_pairs = num_tokens * top_k
     if num_pairs == 0:
         return torch.zeros_like(x)
-    is_interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    block_m, block_n, block_k = _block_sizes(num_pairs, num_experts, is_interpreted)
+    config = _moe_config(num_pairs, num_experts)
+    block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
     sorted_pairs, block_expert, num_rows = align_pairs_to_blocks(topk_ids, num_experts, block_m)
     num_blocks_m = block_expert.shape[0]
     # fp32 models get full-precision dots (the default would be TF32 on the GPU).
@@ -219,7 +221,7 @@ def fused_experts(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor
         x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1),
         b_gate_up.stride(0) if b_gate_up is not None else 0, h.stride(0),
         HAS_BIAS=b_gate_up is not None, ACT=_ACT_CODES[activation], PRECISION=precision,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+        **config)
     # Pairs of another rank's experts are never written: start from zeros then.
     out = torch.zeros(num_pairs, hidden, dtype=torch.float32, device=x.device)
     _moe_down_kernel[(num_blocks_m, triton.cdiv(hidden, block_n))](
@@ -227,6 +229,5 @@ def fused_experts(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor
         block_expert, num_rows, num_pairs, hidden, inter,
         h.stride(0), w_down.stride(0), w_down.stride(1),
         b_down.stride(0) if b_down is not None else 0, out.stride(0),
-        HAS_BIAS=b_down is not None, PRECISION=precision,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+        HAS_BIAS=b_down is not None, PRECISION=precision, **config)
     return out.view(num_tokens, top_k, hidden).sum(dim=1).to(x.dtype)
