@@ -135,6 +135,20 @@ class LLM:
                 raise ValueError(f"conversation {i}: the chat template failed: {e}") from e
         return self._run(prompts, sampling_params, use_tqdm)
 
+    def beam_search(self, prompts, params, lora_request=None, use_tqdm: bool = False,
+                    concurrency_limit: int | None = None):
+        """vLLM's beam search: prompts (strings, token-id lists or TextPrompt/TokensPrompt
+        dicts) and a BeamSearchParams -> one BeamSearchOutput per prompt, sequences best
+        first. transformers' beam semantics (engine/beam_search.py, docs/python-api.md);
+        ``concurrency_limit`` prompts are searched at a time (None: all)."""
+        from hpcinfer.engine.beam_search import beam_search
+        _refuse_lora(lora_request)
+        self._check_generate("beam_search()")
+        prompts = _as_prompt_list(prompts)
+        step = concurrency_limit or max(len(prompts), 1)
+        return [out for i in range(0, len(prompts), step)
+                for out in beam_search(self.llm_engine, prompts[i:i + step], params)]
+
     def _render_chat(self, conversation, chat_template, add_generation_prompt,
                      continue_final_message, extra) -> dict:
         tokenizer = self.get_tokenizer()
