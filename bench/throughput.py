@@ -12,6 +12,8 @@ Workloads (issue 8):
   A  Llama-3.2-1B shape, bf16, 256 prompts x 256 random input ids, 256 output tokens each
   B  Llama-3.1-8B shape, bf16, 1000 prompts, seeded ShareGPT-like lengths (in 16-1024,
      out 16-512)
+  C  Qwen3-30B-A3B shape (MoE: 128 experts, top 8), bf16, B's 1000 ShareGPT-like prompts
+     (bench/moe_workload.py; --layers N keeps N of its 48 layers)
   T  tiny Llama shape (hidden 64, 2 layers), 16 short prompts: CPU-sized, to run the TP/PP/DP
      plumbing without a GPU (--device cpu; bench/parallel_variants.py)
 All requests ignore EOS, so every engine produces exactly the requested tokens.
@@ -39,6 +41,9 @@ import numpy as np
 
 from results_file import append_rows  # bench/results_file.py (this script's directory)
 
+from moe_workload import (MOE_SHAPES, is_moe, moe_bound_output_tok_s, moe_config_dict,
+                          moe_layer_tensors)
+
 from hpcinfer.testing.llama_shapes import SHAPES
 
 log = logging.getLogger("bench.throughput")
@@ -52,6 +57,8 @@ WORKLOADS = {
     # B: 1024 sequences (all 1000 prompts admitted at once) gave 12,230-12,253 output tok/s
     # vs 11,165 at 512 and 11,859 at 768 in one H100 run (docs/performance.md).
     "B": dict(shape="llama-3.1-8b", num_prompts=1000, max_num_seqs=1024,
+              max_num_batched_tokens=8192),
+    "C": dict(shape="qwen3-30b-a3b", num_prompts=1000, max_num_seqs=1024,
               max_num_batched_tokens=8192),
     "T": dict(shape="tiny", num_prompts=16, max_num_seqs=8, max_num_batched_tokens=8192),
 }
@@ -86,15 +93,16 @@ def write_checkpoint(out_dir: Path, shape: dict, *, seed: int = 0, layers: int |
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator(device=device).manual_seed(seed)
     h, inter, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    head_dim = h // cfg["num_attention_heads"]
-    kv = cfg["num_key_value_heads"] * head_dim
+    head_dim = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * head_dim, cfg["num_key_value_heads"] * head_dim
 
     def randn(*size, std=1.0):
         return (torch.randn(*size, generator=gen, device=device, dtype=torch.float32) * std
                 ).to(torch.bfloat16).cpu()
 
-    def norm():
-        return (1.0 + 0.1 * torch.randn(h, generator=gen, device=device)).to(torch.bfloat16).cpu()
+    def norm(size=h):
+        return (1.0 + 0.1 * torch.randn(size, generator=gen, device=device)
+                ).to(torch.bfloat16).cpu()
 
     def tensors():
         yield "model.embed_tokens.weight", randn(vocab, h)
@@ -102,9 +110,12 @@ def write_checkpoint(out_dir: Path, shape: dict, *, seed: int = 0, layers: int |
             p = f"model.layers.{i}."
             yield p + "input_layernorm.weight", norm()
             yield p + "post_attention_layernorm.weight", norm()
-            for name, rows, cols in (("q_proj", h, h), ("k_proj", kv, h), ("v_proj", kv, h),
-                                     ("o_proj", h, h)):
+            for name, rows, cols in (("q_proj", q, h), ("k_proj", kv, h), ("v_proj", kv, h),
+                                     ("o_proj", h, q)):
                 yield p + f"self_attn.{name}.weight", randn(rows, cols, std=cols ** -0.5)
+            if is_moe(cfg):   # workload C (bench/moe_workload.py)
+                yield from moe_layer_tensors(p, cfg, randn, norm)
+                continue
             for name, rows, cols in (("gate_proj", inter, h), ("up_proj", inter, h),
                                      ("down_proj", h, inter)):
                 yield p + f"mlp.{name}.weight", randn(rows, cols, std=cols ** -0.5)
@@ -141,7 +152,8 @@ def write_checkpoint(out_dir: Path, shape: dict, *, seed: int = 0, layers: int |
     index = {"metadata": {"total_size": total},
              "weight_map": {k: final[v] for k, v in weight_map.items()}}
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
-    config = llama_config_dict(cfg, max_position_embeddings=max_position_embeddings)
+    config = (moe_config_dict if is_moe(cfg) else llama_config_dict)(
+        cfg, max_position_embeddings=max_position_embeddings)
     (out_dir / "config.json").write_text(json.dumps(config, indent=1))
     write_word_tokenizer(out_dir, cfg["vocab_size"])
     marker.write_text(want)
@@ -156,7 +168,7 @@ def make_requests(workload: str, num_prompts: int | None = None, seed: int = 0
     rng = np.random.default_rng(seed)
     spec = WORKLOADS[workload]
     n = num_prompts or spec["num_prompts"]
-    vocab = SHAPES[spec["shape"]]["vocab_size"]
+    vocab = shape_of(spec["shape"])["vocab_size"]
     if workload == "A":
         lens_in, lens_out = np.full(n, 256), np.full(n, 256)
     elif workload == "T":
@@ -167,6 +179,14 @@ def make_requests(workload: str, num_prompts: int | None = None, seed: int = 0
         lens_out = np.clip(rng.lognormal(np.log(190), 0.8, n), 16, 512).astype(int)
     return [(rng.integers(0, 128000, int(li)).tolist(), int(lo))
             for li, lo in zip(lens_in, lens_out)]
+
+
+def shape_of(name: str, layers: int | None = None) -> dict:
+    """A dense (llama_shapes) or MoE (moe_workload) shape, optionally with fewer layers."""
+    shape = dict(SHAPES.get(name) or MOE_SHAPES[name])
+    if layers is not None:
+        shape["num_hidden_layers"] = layers
+    return shape
 
 
 def max_model_len_for(requests) -> int:
@@ -212,6 +232,8 @@ def measure_device_rates() -> dict:
 
 
 def bound_output_tok_s(shape: dict, requests, max_num_seqs: int, rates: dict) -> float:
+    if is_moe(shape):
+        return moe_bound_output_tok_s(shape, requests, max_num_seqs, rates)
     h, inter, vocab = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
     layers, heads, kv_heads = (shape["num_hidden_layers"], shape["num_attention_heads"],
                                shape["num_key_value_heads"])
@@ -605,6 +627,7 @@ def main() -> None:
     p.add_argument("--ckpt-root", default=os.path.join(tempfile.gettempdir(), "hpcinfer-bench"))
     p.add_argument("--out", default=str(RESULTS), help="results dir")
     p.add_argument("--num-prompts", type=int, help="override the workload's prompt count")
+    p.add_argument("--layers", type=int, help="keep this many layers of the shape (disk/time)")
     p.add_argument("--hf-batch-size", type=int, default=256)
     p.add_argument("--profile", action="store_true", help="torch profiler summary (hpcinfer)")
     p.add_argument("--label", default="", help="free text stored with every row")
@@ -641,7 +664,7 @@ def main() -> None:
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     for workload in [w.strip() for w in args.workloads.split(",") if w.strip()]:
         spec = WORKLOADS[workload]
-        shape = SHAPES[spec["shape"]]
+        shape = shape_of(spec["shape"], args.layers)
         requests = make_requests(workload, args.num_prompts)
         t0 = time.perf_counter()
         ckpt = write_checkpoint(Path(args.ckpt_root) / spec["shape"], shape)
@@ -653,6 +676,7 @@ def main() -> None:
         for engine in engines:
             base = {"engine": engine, "workload": workload, "tp": args.tp, "device": device,
                     "date": date, "model_shape": spec["shape"], "dtype": "bfloat16",
+                    "num_layers": shape["num_hidden_layers"],
                     "num_prompts": len(requests), "label": args.label,
                     "bound_output_tok_s": bound}
             if engine == "vllm":
