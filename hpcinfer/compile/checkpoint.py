@@ -5,7 +5,9 @@ engine reads too, so both sides always agree on what loads.
 
 Checked: the architecture, every rope type (``rope_parameters`` of transformers 5, including
 its per-layer-type dicts, or ``rope_scaling`` of transformers 4, at the top level and in a
-``text_config``), ``quantization_config.quant_method``, the head counts against
+``text_config``), the quantization (hpcinfer.layers.quant.config: the method, block and
+group sizes against the layers' shapes per rank, every scale present in the safetensors
+index), the head counts against
 parallel.tensor / parallel.pipeline, and a MoE model's expert sizes against parallel.tensor.
 A model directory without a readable config.json is left to the other checks (not
 downloaded yet, or a path typo: config/checks.py).
@@ -16,6 +18,7 @@ import json
 import os
 from typing import Any, Iterator
 
+from hpcinfer.layers.quant import config as quant_config
 from hpcinfer.models import support
 
 FIX_MODEL = "pick a model hpcinfer loads (`hpcinfer models --supported` lists them)"
@@ -31,7 +34,8 @@ def read_config_json(model_dir: str) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def checkpoint_problem(hf: dict, tensor: int = 1, pipeline: int = 1) -> tuple[str, str] | None:
+def checkpoint_problem(hf: dict, tensor: int = 1, pipeline: int = 1,
+                       quantization: str | None = None) -> tuple[str, str] | None:
     """(config key, the engine's message) for the first thing the engine cannot load, or None."""
     try:
         support.architecture_of(_Names(hf.get("architectures")))
@@ -41,13 +45,43 @@ def checkpoint_problem(hf: dict, tensor: int = 1, pipeline: int = 1) -> tuple[st
         if rope_type not in support.SUPPORTED_ROPE_TYPES:
             return "model.id", (f"unsupported rope_type {rope_type!r}; supported: "
                                 f"{list(support.SUPPORTED_ROPE_TYPES)}")
-    method = quant_method(hf)
-    if method is not None and method not in support.SUPPORTED_QUANT_METHODS:
-        supported = ", ".join(support.SUPPORTED_QUANT_METHODS) or "none yet (unquantized " \
-            "float16/bfloat16/float32 checkpoints only)"
-        return "model.id", (f"quantized checkpoints (quant_method {method}) are not supported "
-                            f"yet; supported: {supported}")
+    problem = quant_config.config_problem(_text_config_with_quant(hf), tensor, quantization)
+    if problem is not None:
+        return "model.id", problem
     return _layout_problem(_text_config(hf), tensor, pipeline)
+
+
+def _text_config_with_quant(hf: dict) -> dict:
+    text = _text_config(hf)
+    if text is not hf and "quantization_config" in hf:
+        return {**text, "quantization_config": hf["quantization_config"]}
+    return text
+
+
+def quantization_problem(hf: dict, model_dir: str, quantization: str | None = None
+                         ) -> str | None:
+    """The engine's refusal of a checkpoint whose tensors miss a scale its quantization needs
+    (read from the safetensors index or header: names only, nothing loaded)."""
+    try:
+        spec = quant_config.quant_spec_of(hf, quantization)
+    except quant_config.QuantConfigError:
+        return None      # checkpoint_problem reports it
+    names = None if spec is None or spec.online else _tensor_names(model_dir)
+    return None if names is None else quant_config.missing_tensor_problem(spec, names)
+
+
+def _tensor_names(model_dir: str) -> list[str] | None:
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    single = os.path.join(model_dir, "model.safetensors")
+    try:
+        if os.path.isfile(index):
+            with open(index, encoding="utf-8") as f:
+                return list(json.load(f)["weight_map"])
+        with open(single, "rb") as f:   # safetensors: 8-byte length, then a JSON header
+            size = int.from_bytes(f.read(8), "little")
+            return [k for k in json.loads(f.read(size)) if k != "__metadata__"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 class _Names:
@@ -78,13 +112,6 @@ def _rope_dicts(config: dict) -> Iterator[dict]:
         yield params
     elif isinstance(config.get("rope_scaling"), dict):
         yield config["rope_scaling"]      # transformers 4
-
-
-def quant_method(hf: dict) -> str | None:
-    quant = hf.get("quantization_config")
-    if not isinstance(quant, dict):
-        return None
-    return str(quant.get("quant_method") or "unknown")
 
 
 def _layout_problem(hf: dict, tensor: int, pipeline: int) -> tuple[str, str] | None:
@@ -124,8 +151,12 @@ def check_checkpoint(cfg) -> None:
     if hf is None:
         return
     tensor, pipeline = cfg.parallel.tensor, cfg.parallel.pipeline
+    quantization = getattr(cfg.engine, "quantization", None)
     if "architectures" in hf:
-        problem = checkpoint_problem(hf, tensor, pipeline)
+        problem = checkpoint_problem(hf, tensor, pipeline, quantization)
+        missing = quantization_problem(hf, cfg.model.id, quantization)
+        if problem is None and missing is not None:
+            problem = ("model.id", missing)
     else:       # no architecture named (a hand-made stub): only the head counts to check
         problem = _layout_problem(hf, tensor, pipeline)
     if problem is None:

@@ -234,6 +234,10 @@ class EngineSection(Section):
         None, ge=1, description="Micro-batches each step is cut into with parallel.pipeline > "
                                 "1 (default: one per stage while each keeps enough tokens; "
                                 "docs/multi-node.md)")
+    quantization: Optional[Literal["fp8", "fbgemm_fp8", "compressed-tensors", "awq", "gptq"]] = \
+        Field(None, description="Weight quantization (default: the checkpoint's "
+                                "quantization_config); fp8 on an unquantized checkpoint "
+                                "quantizes it at load (docs/quantization.md)")
 
 
 class ParallelSection(Section):

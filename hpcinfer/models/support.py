@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from hpcinfer.layers.quant import config as quant_config
+
 # HF ``architectures`` entry -> (module, class), generation models.
 ARCHITECTURES: dict[str, tuple[str, str]] = {
     "LlamaForCausalLM": ("hpcinfer.models.llama", "LlamaForCausalLM"),
@@ -56,8 +58,8 @@ def rope_type_alias(model_type: str | None, rope_type: str) -> str:
     return _ROPE_TYPE_ALIASES.get(model_type or "", {}).get(rope_type, rope_type)
 
 
-# quantization_config.quant_method values the engine loads (none yet).
-SUPPORTED_QUANT_METHODS: tuple[str, ...] = ()
+# quantization_config.quant_method values the engine loads (hpcinfer.layers.quant.config).
+SUPPORTED_QUANT_METHODS: tuple[str, ...] = quant_config.SUPPORTED_QUANT_METHODS
 
 
 def supported_architectures(pooling: bool = False) -> list[str]:

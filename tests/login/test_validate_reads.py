@@ -181,13 +181,24 @@ def test_first_phi3_releases_rope_names_pass_as_transformers_loads_them(old_name
         "unsupported rope_type 'su'")
 
 
-def test_quantized_checkpoint_fails(tmp_path, capsys):
-    method = "awq"
+def test_unsupported_quantization_fails(tmp_path, capsys):
+    method = "bitsandbytes"
     assert method not in support.SUPPORTED_QUANT_METHODS
     hf = {**LLAMA, "quantization_config": {"quant_method": method, "bits": 4}}
     rc, _, err = _validate(_model_job(tmp_path, hf), capsys)
-    assert rc == 2 and "quantized checkpoints (quant_method awq) are not supported yet; " \
-                      "supported: " in err
+    assert rc == 2 and "quantization bitsandbytes: unknown quant_method 'bitsandbytes'; " \
+                      "hpcinfer supports fp8" in err
+
+
+def test_quantization_with_groups_split_by_tensor_parallel_fails(tmp_path, capsys):
+    # 4-bit groups of 128 over 512 / 8 = 64 input features per rank of o_proj
+    hf = {**LLAMA, "hidden_size": 512, "num_attention_heads": 8, "num_key_value_heads": 8,
+          "intermediate_size": 1024,
+          "quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 128,
+                                  "zero_point": True, "version": "gemm"}}
+    job = _model_job(tmp_path, hf, parallel={"tensor": 8, "replicas": 1})
+    rc, _, err = _validate(job, capsys)
+    assert rc == 2 and "quantization awq: 4-bit weights need" in err and "group size 128" in err
 
 
 def test_heads_not_divisible_by_tensor(tmp_path, capsys):

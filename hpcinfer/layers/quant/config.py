@@ -251,13 +251,14 @@ def shape_problem(spec: QuantSpec, leaf: str, out_pieces: list[int], in_size: in
                     f"{out_pieces}, {in_size} input features per rank at tensor parallel size "
                     f"{tp_size}): pick a tensor_parallel_size that keeps whole blocks per rank")
         return None
-    group = in_size if spec.group_size == -1 else spec.group_size
+    # desc_act: any input may use any group (g_idx), so groups need not be whole per rank.
+    group = in_size if spec.group_size == -1 or spec.desc_act else spec.group_size
     bad = [n for n in out_pieces if n % PACK] or in_size % PACK or in_size % group
     if bad:
         return (f"4-bit weights need {leaf}'s output pieces {out_pieces} and its {in_size} input "
                 f"features per rank (tensor parallel size {tp_size}) to be multiples of {PACK}, "
                 f"and the input features of group size {group}: pick a tensor_parallel_size "
-                "that keeps whole groups per rank")
+                "that keeps whole groups per rank, or a checkpoint with a smaller group size")
     return None
 
 

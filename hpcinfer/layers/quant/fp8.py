@@ -87,7 +87,12 @@ class Fp8OnlineMethod(Fp8Method):
                   WEIGHT)
 
     def process_after_loading(self, layer: nn.Module) -> None:
-        weight, scales = ref.quantize_fp8_rows(layer.weight)
+        amax = layer.weight.float().abs().amax(dim=1)
+        tp = getattr(layer, "tp", None)
+        if getattr(layer, "splits_input", False) and tp is not None and tp.size > 1:
+            # a row-parallel rank holds part of each row: scale by the whole row, as TP=1 does
+            torch.distributed.all_reduce(amax, op=torch.distributed.ReduceOp.MAX, group=tp.group)
+        weight, scales = ref.quantize_fp8_rows(layer.weight, amax)
         # Keep the quantized form in the loaded layout, then take the checkpoint path.
         layer._parameters["weight"] = nn.Parameter(weight, requires_grad=False)
         add_param(layer, self.scale_name, (layer.output_size, 1), torch.float32,

@@ -30,10 +30,13 @@ def dequant_fp8_rows(weight: torch.Tensor, row_scales: torch.Tensor) -> torch.Te
     return weight.float() * row_scales.float().reshape(-1, 1)
 
 
-def quantize_fp8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output-channel e4m3: (weight_fp8 [out, in], scales [out] fp32), amax / 448."""
-    amax = weight.float().abs().amax(dim=1).clamp(min=1e-12)
-    scales = amax / FP8_MAX
+def quantize_fp8_rows(weight: torch.Tensor, amax: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel e4m3: (weight_fp8 [out, in], scales [out] fp32), amax / 448
+    (``amax``: each row's absolute maximum when the rows are split over ranks)."""
+    if amax is None:
+        amax = weight.float().abs().amax(dim=1)
+    scales = amax.clamp(min=1e-12) / FP8_MAX
     q = (weight.float() / scales[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return q, scales
 

@@ -1,0 +1,36 @@
+"""Every quantized format, packed by hpcinfer.testing.quant as its own tools pack it, gives the
+greedy tokens transformers gives on the same weights dequantized to fp32 (CPU: the engine
+dequantizes once at load, so the weights are the oracle's bit for bit)."""
+from __future__ import annotations
+
+import pytest
+
+from hpcinfer.layers.linear import LinearBase
+from hpcinfer.testing.quant import FORMATS
+
+
+def _quant_methods(llm) -> set[str]:
+    model = llm.llm_engine.runner.model
+    return {type(m.quant_method).__name__ for m in model.modules() if isinstance(m, LinearBase)}
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_greedy_equals_transformers_on_dequantized_weights(fmt, quantized, engine_tokens,
+                                                           oracle_tokens):
+    quant_dir, oracle_dir = quantized(fmt)
+    got, llm = engine_tokens(quant_dir)
+    # Decoder projections quantized, and nothing else (OPT-style project_in/out, lm_head).
+    assert _quant_methods(llm) == {"Fp8Method" if "fp8" in fmt else "Int4Method"}
+    assert got == oracle_tokens(oracle_dir)
+
+
+def test_online_fp8_equals_transformers_on_its_weights(base_dir, tmp_path, engine_tokens,
+                                                       oracle_tokens):
+    from hpcinfer.testing.quant import build_online_fp8_oracle
+    oracle = build_online_fp8_oracle(base_dir, tmp_path / "online-oracle")
+    got, llm = engine_tokens(str(base_dir), quantization="fp8")
+    assert _quant_methods(llm) == {"Fp8OnlineMethod"}
+    want = oracle_tokens(str(oracle))
+    assert got == want
+    plain, _ = engine_tokens(str(base_dir))
+    assert plain != want, "fp8 rounding changed no token: the test could not fail"
