@@ -36,7 +36,8 @@ _ENGINE_TYPES = {"model": str, "dtype": str, "max_model_len": int, "max_num_seqs
                  "gpu_memory_utilization": float, "kv_cache_memory_bytes": int,
                  "enforce_eager": bool, "async_scheduling": bool, "seed": int,
                  "tensor_parallel_size": int, "pipeline_parallel_size": int,
-                 "pipeline_micro_batches": int, "num_gpu_blocks_override": int, "device": str,
+                 "pipeline_micro_batches": int, "enable_expert_parallel": bool,
+                 "num_gpu_blocks_override": int, "device": str,
                  "attention_backend": str, "tokenizer": str, "trust_remote_code": bool,
                  "max_logprobs": int, "quantization": str}
 

@@ -26,6 +26,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1       # see docs/multi-node.md
     pipeline_micro_batches: int | None = None  # per step with PP; None: automatic (multi-node.md)
+    enable_expert_parallel: bool = False  # MoE: whole experts per TP rank (docs/models.md)
     num_gpu_blocks_override: int | None = None  # KV pool size in blocks (tests, tuning)
     device: str = "auto"
     attention_backend: str = "auto"

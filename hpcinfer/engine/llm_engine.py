@@ -66,6 +66,7 @@ class LLMEngine:
         model = load_model(config.model, dtype=model_dtype, device=self.device,
                            attention_backend=config.attention_backend,
                            quantization=config.quantization,
+                           expert_parallel=config.enable_expert_parallel,
                            **(self.parallel.load_kwargs() if self.parallel else {}))
         self.spec = model.spec
         self.max_model_len = self._resolve_max_model_len()

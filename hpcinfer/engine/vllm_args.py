@@ -131,7 +131,6 @@ REFUSED: dict[str, VllmArg] = {
     "speculative_config": _refused(None, "json", "speculative decoding"),
     "data_parallel_size": _refused(1, int, "data parallelism inside one LLM: run one Slurm "
                                            "array task per replica instead (docs/slurm.md)"),
-    "enable_expert_parallel": _refused(False, bool, "expert parallelism (MoE)"),
     "enable_sleep_mode": _refused(False, bool, "sleep mode"),
     "enable_prompt_embeds": _refused(False, bool, "prompt embeddings as input"),
     "skip_tokenizer_init": _refused(False, bool, "running without a tokenizer"),

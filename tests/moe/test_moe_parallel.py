@@ -94,3 +94,19 @@ def test_tensor_and_expert_parallel_equal_one_process(tmp_path):
     ep_paths.append(str(tiny_checkpoint("qwen3_moe")))            # 6 experts already
     runs = [f"{tiny_checkpoint(f)}@tp" for f in TINY_MOE_FAMILIES] + [f"{p}@ep" for p in ep_paths]
     _run_two_ranks(tmp_path, runs)
+
+
+def test_llm_with_expert_parallel_matches_transformers():
+    # The vLLM-style entry point: one process asks for two ranks and expert parallelism.
+    from hpcinfer import LLM, SamplingParams
+    from hpcinfer.testing.greedy import hf_greedy, random_prompts
+    path = str(tiny_checkpoint("qwen3_moe"))
+    prompts = random_prompts((1, 9, 40), seed=5)
+    llm = LLM(path, device="cpu", dtype="float32", tensor_parallel_size=2,
+              enable_expert_parallel=True, max_model_len=128)
+    experts = llm.llm_engine.runner.model.model.layers[1].mlp.experts
+    assert experts.layout.num_local_experts == 3       # this rank holds 3 of the 6, whole
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+                        use_tqdm=False)
+    want = hf_greedy(path, prompts, max_new=12)
+    assert [list(o.outputs[0].token_ids) for o in outs] == want
