@@ -47,3 +47,19 @@ def expert_layout_problem(num_experts: int, expert_inter: int, tp: int,
         return (f"tensor_parallel_size={tp} does not divide each expert's intermediate size "
                 f"{expert_inter}: use a divisor of it{hint}")
     return None
+
+
+def weights_fit_problem(rank_weight_bytes: int, free_bytes: int, num_ranks: int,
+                        has_experts: bool = False) -> str | None:
+    """None if one rank's weights fit in its device's free memory, else how many GPUs the
+    model needs. Checked on the meta-device model, so the refusal comes before any read.
+    The estimate keeps 15% of each GPU for the KV cache and activations."""
+    if rank_weight_bytes <= free_bytes:
+        return None
+    total = rank_weight_bytes * num_ranks
+    needed = -(-total // max(int(free_bytes * 0.85), 1))
+    how = ("tensor_parallel_size (with enable_expert_parallel=True for whole experts per GPU)"
+           if has_experts else "tensor_parallel_size / pipeline_parallel_size")
+    return (f"the weights need {rank_weight_bytes / 2**30:.1f} GiB per GPU with {num_ranks} "
+            f"rank(s) but the GPU has {free_bytes / 2**30:.1f} GiB free: this model needs "
+            f"about {needed} GPUs of this size; raise {how}, or pick a smaller dtype")

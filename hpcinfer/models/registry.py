@@ -86,6 +86,7 @@ def load_model(model_path: str | Path, *, dtype: torch.dtype, device: torch.devi
     model.load_slices_only = tp.size > 1 or (pp is not None and pp.size > 1)
     model = model.to(dtype=dtype)
     _quantize(model, model_path, quantization, dtype, tp)   # still on meta: nothing read yet
+    _check_weights_fit(model, device, tp, pp)
     model = model.to_empty(device=device)
     model.tie_weights()  # leaving the meta device unties shared parameters
     _init_buffers(model)
@@ -109,6 +110,21 @@ def _quantize(model: nn.Module, model_path: str | Path, quantization: str | None
                          quantization)
     if spec is not None:
         apply_quantization(model, spec, dtype, list(checkpoint_files(model_path)), tp.size)
+
+
+def _check_weights_fit(model: nn.Module, device: torch.device, tp: TensorParallel,
+                       pp: Any) -> None:
+    # On the meta model (after quantization chose its dtypes): refuse before reading weights.
+    if device.type != "cuda":
+        return
+    from hpcinfer.distributed.layout import weights_fit_problem
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    free_bytes, _ = torch.cuda.mem_get_info(device)
+    num_ranks = tp.size * (pp.size if pp is not None else 1)
+    problem = weights_fit_problem(weight_bytes, free_bytes, num_ranks,
+                                  getattr(model, "supports_expert_parallel", False))
+    if problem is not None:
+        raise ValueError(problem)
 
 
 def _init_buffers(model: nn.Module) -> None:

@@ -41,3 +41,12 @@ def test_login_check_stays_torch_free():
             f"checkpoint_problem({QWEN3_30B!r}, tensor=3); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_weights_that_do_not_fit_say_how_many_gpus():
+    from hpcinfer.distributed.layout import weights_fit_problem
+    gib = 2 ** 30
+    assert weights_fit_problem(60 * gib, 130 * gib, 1) is None
+    # Qwen3-235B-A22B in bf16 (~470 GB) on one 141 GB GPU: 470 / (130 * 0.85) -> 5 GPUs.
+    message = weights_fit_problem(470 * gib, 130 * gib, 1, has_experts=True)
+    assert "needs about 5 GPUs" in message and "enable_expert_parallel" in message
