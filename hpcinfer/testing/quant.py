@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import zlib
 from pathlib import Path
 
 import torch
@@ -199,11 +200,22 @@ def _is_quantized(name: str) -> bool:
     return ".layers." in name and (leaf.endswith("proj") or leaf in ("fc1", "fc2"))
 
 
+def _act_order_seed(prefix: str, seed: int) -> int:
+    """Projections reading the same input (q/k/v, gate/up) share one act order, as GPTQ's
+    (its order follows the input's Hessian)."""
+    for parts, shared in ((("q_proj", "k_proj", "v_proj"), "qkv"), (("gate_proj", "up_proj"),
+                                                                    "gate_up")):
+        for part in parts:
+            if prefix.endswith(part):
+                prefix = prefix.removesuffix(part) + shared
+    return seed + zlib.crc32(prefix.encode())
+
+
 def quantize_tensors(tensors: dict[str, torch.Tensor], fmt: str, seed: int = 0):
     """(quantized checkpoint tensors, oracle fp32 tensors) of a plain fp32 state dict."""
     config, opts = FORMATS[fmt]
     quantized, oracle = {}, {}
-    for i, (name, tensor) in enumerate(sorted(tensors.items())):
+    for name, tensor in sorted(tensors.items()):
         prefix = name.removesuffix(".weight")
         if not (name.endswith(".weight") and _is_quantized(prefix)):
             quantized[name] = oracle[name] = tensor
@@ -212,7 +224,8 @@ def quantize_tensors(tensors: dict[str, torch.Tensor], fmt: str, seed: int = 0):
             layout = {"awq": "awq", "gptq": "gptq"}.get(config["quant_method"], "pack_quantized")
             q, deq = quantize_int4(tensor, prefix, layout, group=opts["group"],
                                    sym=opts.get("sym", False),
-                                   desc_act=opts.get("desc_act", False), seed=seed + i)
+                                   desc_act=opts.get("desc_act", False),
+                                   seed=_act_order_seed(prefix, seed))
         else:
             scale_name = "weight_scale_inv" if config["quant_method"] == "fp8" else "weight_scale"
             q, deq = quantize_fp8(tensor, prefix, block=opts.get("block"),

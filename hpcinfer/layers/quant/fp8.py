@@ -63,19 +63,47 @@ class Fp8Method(QuantMethod):
         return ref.dequant_fp8_rows(layer.weight, self.row_scales(layer))
 
     def process_after_loading(self, layer: nn.Module) -> None:
-        if runs_fp8(layer.weight.device):
-            from hpcinfer.kernels.fp8_gemm import prepare_fp8_layer
-            prepare_fp8_layer(layer, self)
+        if runs_fp8(layer.weight.device) and self._kernel_fits(layer):
+            self._prepare_w8a8(layer)
             return
         replace_weight(layer, self.dequantized(layer).to(layer.params_dtype),
                        drop=("weight", self.scale_name, "input_scale"))
+
+    def _kernel_fits(self, layer: nn.Module) -> bool:
+        out, inp = layer.output_size, layer.input_size
+        if self.spec.scheme == "fp8_block":
+            return inp % self.spec.block[1] == 0 and self.spec.block[1] >= 16
+        return inp % 16 == 0 and out % 16 == 0      # cuBLASLt's fp8 alignment
+
+    def _prepare_w8a8(self, layer: nn.Module) -> None:
+        # W8A8: the weight stays e4m3 [out, in]; activations are quantized per token (and per
+        # K block for block-wise weights) at each call. Static input scales are not used.
+        if self.spec.scheme == "fp8_block":
+            layer.fp8_block_scales = getattr(layer, self.scale_name).data.contiguous()
+        else:
+            layer.fp8_row_scales = self.row_scales(layer).float().reshape(1, -1).contiguous()
+        for name in (self.scale_name, "input_scale"):
+            layer._parameters.pop(name, None)
+            layer.shardings.pop(name, None)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None
               ) -> torch.Tensor:
         if layer.weight.dtype != ref.FP8:
             return F.linear(x, layer.weight, bias)
-        from hpcinfer.kernels.fp8_gemm import fp8_linear
-        return fp8_linear(layer, x, bias)
+        from hpcinfer.kernels import quant_reference as kref
+        from hpcinfer.kernels.fp8_gemm import fp8_block_gemm, fp8_scaled_mm
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.spec.scheme == "fp8_block":
+            a, a_scales = kref.quantize_per_token_group(x2, self.spec.block[1])
+            y = fp8_block_gemm(a, a_scales, layer.weight, layer.fp8_block_scales,
+                               self.spec.block, x.dtype)
+            if bias is not None:
+                y += bias
+        else:
+            a, a_scales = kref.quantize_per_token(x2)
+            y = fp8_scaled_mm(a, a_scales, layer.weight.t(), layer.fp8_row_scales, x.dtype,
+                              bias)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 class Fp8OnlineMethod(Fp8Method):

@@ -107,16 +107,37 @@ class Int4Method(QuantMethod):
         names = tuple(layer.shardings)
         device = getattr(layer, "scales" if self.spec.layout != "pack_quantized"
                          else "weight_scale").device
-        if device.type == "cuda":
-            from hpcinfer.kernels.w4a16_gemm import prepare_int4_layer
-            prepare_int4_layer(layer, self, drop=tuple(n for n in names if n != "bias"))
+        drop = tuple(n for n in names if n != "bias")
+        if device.type == "cuda" and self._prepare_kernel(layer, drop):
             return
-        replace_weight(layer, self.dequantized(layer).to(layer.params_dtype),
-                       drop=tuple(n for n in names if n != "bias"))
+        replace_weight(layer, self.dequantized(layer).to(layer.params_dtype), drop=drop)
+
+    def _prepare_kernel(self, layer: nn.Module, drop: tuple[str, ...]) -> bool:
+        """Repack for hpcinfer.kernels.w4a16_gemm; False when the layer does not fit it (K not
+        a multiple of 64, or merged pieces with different act orders): dequantize instead."""
+        from hpcinfer.kernels.quant_reference import pack_k
+        if layer.input_size % 64:
+            return False
+        q, zeros, scales, g_idx = self.canonical(layer)
+        if self.spec.desc_act and any(not torch.equal(g, g_idx[0]) for g in g_idx[1:]):
+            return False
+        layer.w4_qweight = pack_k(q.t().contiguous())
+        layer.w4_zeros = zeros.t().to(_I32).contiguous()
+        layer.w4_scales = scales.t().float().contiguous()
+        layer.w4_g_idx = g_idx[0].to(_I32).contiguous() if self.spec.desc_act else None
+        layer.w4_group_size = (layer.input_size if self.spec.group_size == -1
+                               else self.spec.group_size)
+        for name in drop:
+            del layer._parameters[name], layer.shardings[name]
+        return True
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None
               ) -> torch.Tensor:
         if "weight" in layer._parameters:
             return F.linear(x, layer.weight, bias)
-        from hpcinfer.kernels.w4a16_gemm import w4a16_linear
-        return w4a16_linear(layer, x, bias)
+        from hpcinfer.kernels.w4a16_gemm import w4a16_gemm
+        y = w4a16_gemm(x.reshape(-1, x.shape[-1]), layer.w4_qweight, layer.w4_zeros,
+                       layer.w4_scales, layer.w4_g_idx, layer.w4_group_size)
+        if bias is not None:
+            y += bias
+        return y.reshape(*x.shape[:-1], y.shape[-1])
