@@ -14,7 +14,8 @@ from hpcinfer.models.loader import checkpoint_files
 from hpcinfer.models.registry import load_model, supported_architectures
 from hpcinfer.testing.tiny import build_tiny_checkpoint, tiny_checkpoint
 
-FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3", "Gemma", "Gemma2", "Gemma3", "Phi3", "OPT")
+FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3", "Gemma", "Gemma2", "Gemma3", "Phi3", "OPT",
+            "Mixtral", "Qwen2Moe", "Qwen3Moe", "GptOss")
 
 
 def _load(path, **kwargs):
