@@ -42,14 +42,14 @@ def main() -> None:
     rows = []
     dtypes = [torch.bfloat16] if args.quick else [torch.bfloat16, torch.float16, torch.float32]
     benches = [bench_copy, bench_decode, bench_prefill, bench_cache, bench_elementwise,
-               bench_moe]
+               bench_moe, bench_quant_gemm]
     if args.sweep:
         benches += [sweep_decode, sweep_prefill, sweep_moe]
     if args.only:
         wanted = set(args.only.split(","))
         benches = [f for f in (bench_copy, bench_decode, bench_prefill, bench_cache,
                                bench_elementwise, sweep_decode, sweep_prefill, bench_decode_mix,
-                               bench_moe, sweep_moe)
+                               bench_moe, sweep_moe, bench_quant_gemm)
                    if f.__name__.removeprefix("bench_").removeprefix("sweep_") in wanted
                    or f.__name__ in wanted]
     for bench in benches:
@@ -293,6 +293,62 @@ def sweep_moe(dtypes):
         yield from _sweep("fused_moe", f"{num_tokens} tok, Qwen3-30B-A3B layer", fused_moe,
                           "_moe_config", variants, lambda: fused_moe.fused_experts(*args),
                           expected, num_bytes)
+
+
+# (K, N) of Llama-3.1-8B's q/k/v, gate/up and down projections
+QUANT_SHAPES = [(4096, 6144), (4096, 28672), (14336, 4096)]
+
+
+def bench_quant_gemm(dtypes):
+    """Quantized GEMMs next to the bf16 GEMM of the same shape (peer_ms = F.linear bf16):
+    W4A16 (group 128), FP8 block-scaled (Triton, incl. the per-token-group activation
+    quantization) and FP8 rowwise (torch._scaled_mm, incl. the per-token quantization)."""
+    from hpcinfer.kernels import quant_reference as kref
+    from hpcinfer.kernels.fp8_gemm import fp8_block_gemm, fp8_scaled_mm
+    from hpcinfer.kernels.w4a16_gemm import w4a16_gemm
+    fp8 = torch.cuda.get_device_capability() >= (8, 9)
+    for k, n in QUANT_SHAPES:
+        w = torch.randn(n, k, device="cuda") * k ** -0.5
+        wb = w.bfloat16()
+        codes = torch.randint(0, 16, (k, n), device="cuda")
+        zeros = torch.full((k // 128, n), 8, dtype=torch.int32, device="cuda")
+        scales = torch.rand(k // 128, n, device="cuda") * 0.01
+        qweight = kref.pack_k(codes)
+        b_block_scales = w.reshape(n // 128, 128, k // 128, 128).abs().amax(dim=(1, 3)) / 448
+        b_block = (w / b_block_scales.repeat_interleave(128, 0)
+                   .repeat_interleave(128, 1)).to(kref.FP8)
+        row_scales = w.abs().amax(dim=1) / 448
+        b_row = (w / row_scales[:, None]).to(kref.FP8)
+        for m in (1, 16, 128, 4096):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            shape = f"M{m} K{k} N{n}"
+            bf16_ms = time_ms(lambda: F.linear(x, wb))
+            yield _row("bf16_gemm", shape, torch.bfloat16, bf16_ms,
+                       (m * k + k * n + m * n) * 2, tflops=2 * m * n * k / bf16_ms / 1e9)
+            ms = time_ms(lambda: w4a16_gemm(x, qweight, zeros, scales, None, 128))
+            err = _rel_err(w4a16_gemm(x, qweight, zeros, scales, None, 128),
+                           kref.w4a16_gemm(x, qweight, zeros, scales, None, 128))
+            yield _row("w4a16_gemm", shape + " g128", torch.bfloat16, ms,
+                       (m * k + m * n) * 2 + k * n // 2 + 8 * (k // 128) * n, bf16_ms,
+                       speedup=bf16_ms / ms, rel_err=err, tflops=2 * m * n * k / ms / 1e9)
+            if not fp8:
+                continue
+
+            def block():
+                a, a_s = kref.quantize_per_token_group(x, 128)
+                return fp8_block_gemm(a, a_s, b_block, b_block_scales, (128, 128),
+                                      torch.bfloat16)
+
+            def rowwise():
+                a, a_s = kref.quantize_per_token(x)
+                return fp8_scaled_mm(a, a_s, b_row.t(), row_scales.reshape(1, -1),
+                                     torch.bfloat16)
+            for name, fn in (("fp8_block_gemm", block), ("fp8_scaled_mm", rowwise)):
+                ms = time_ms(fn)
+                err = _rel_err(fn(), F.linear(x.float(), w).bfloat16())
+                yield _row(name, shape, torch.bfloat16, ms, m * k * 2 + k * n + m * n * 2,
+                           bf16_ms, speedup=bf16_ms / ms, rel_err=err,
+                           tflops=2 * m * n * k / ms / 1e9)
 
 
 def _rel_err(got: torch.Tensor, expected: torch.Tensor) -> float:

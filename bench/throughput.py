@@ -357,6 +357,8 @@ def run_hpcinfer(ckpt: Path, requests, max_num_seqs: int, profile_dir: Path | No
               max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
               gpu_memory_utilization=0.9, enable_prefix_caching=False, device=device,
               **{"async_scheduling": os.environ.get("BENCH_ASYNC", "1") == "1",
+                 # BENCH_QUANTIZATION=fp8: online FP8 of the bf16 checkpoint (issue 20)
+                 "quantization": os.environ.get("BENCH_QUANTIZATION") or None,
                  **(llm_kwargs or {})})
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     sync()

@@ -21,6 +21,7 @@ ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 @triton.jit
 def _w4a16_gemm_kernel(A, QW, Z, S, G_IDX, OUT, M, N, K, stride_am, stride_om,
                        GROUP_SIZE: tl.constexpr, HAS_G_IDX: tl.constexpr,
+                       ONE_GROUP_PER_STEP: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -37,11 +38,14 @@ def _w4a16_gemm_kernel(A, QW, Z, S, G_IDX, OUT, M, N, K, stride_am, stride_om,
         words = tl.load(QW + (k // 8)[:, None].to(tl.int64) * N + offs_n[None, :],
                         mask=mask_n[None, :], other=0)
         codes = (words >> shifts) & 0xF
-        if HAS_G_IDX:
-            g = tl.load(G_IDX + k)
+        if ONE_GROUP_PER_STEP:   # the step lies in one group: one row of zeros and scales
+            gn = (k0 // GROUP_SIZE) * N + offs_n[None, :].to(tl.int64)
         else:
-            g = k // GROUP_SIZE
-        gn = g[:, None].to(tl.int64) * N + offs_n[None, :]
+            if HAS_G_IDX:
+                g = tl.load(G_IDX + k)
+            else:
+                g = k // GROUP_SIZE
+            gn = g[:, None].to(tl.int64) * N + offs_n[None, :]
         zeros = tl.load(Z + gn, mask=mask_n[None, :], other=0)
         scales = tl.load(S + gn, mask=mask_n[None, :], other=0.0)
         w = ((codes - zeros).to(tl.float32) * scales).to(A.dtype.element_ty)
@@ -98,9 +102,13 @@ def w4a16_gemm(a: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor,
     block_m, block_n, block_k, warps = _tiles(m)
     if k % block_k:
         block_k = 64
+    if g_idx is None and group_size % 32 == 0 and k % group_size == 0:
+        block_k = min(block_k, group_size)   # then each K step reads one group's row
+    one_group = g_idx is None and group_size % block_k == 0
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _w4a16_gemm_kernel[grid](
         a, qweight, zeros, scales, g_idx if g_idx is not None else zeros, out, m, n, k,
         a.stride(0), out.stride(0), GROUP_SIZE=group_size, HAS_G_IDX=g_idx is not None,
+        ONE_GROUP_PER_STEP=one_group,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
     return out
