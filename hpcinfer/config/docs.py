@@ -27,6 +27,7 @@ _TYPE_OVERRIDES = {
     "resources.gpus_per_node": "integer >= 1",
     "input.path": "glob or list of globs",
     "resilience.signal": "USR1 | USR2 | TERM | INT | HUP | ALRM | QUIT",
+    "sampling.structured_outputs": "mapping",
 }
 
 INTRO = """\

@@ -17,6 +17,7 @@ from hpcinfer.config import checks
 from hpcinfer.config.errors import ConfigError
 from hpcinfer.config.overrides import check_not_into_scalar, overrides_as_layer
 from hpcinfer.config.paths import resolve_paths
+from hpcinfer.config.structured import inline_schema_file
 from hpcinfer.config.profiles import read_profile
 from hpcinfer.config.schema import ClusterProfile, JobConfig
 from hpcinfer.config.translate import first_error
@@ -75,6 +76,7 @@ def load_job(path: str | Path, overrides: Sequence[str] = (), *,
     cfg = _validate_job(data, origins, label)
     _attach(cfg, origins, str(source), profile, profile_path, tuple(overrides))
     cfg = resolve_paths(cfg, source.parent)
+    cfg = inline_schema_file(cfg, source.parent)
     checks.check_consistency(cfg)
     if check_environment:
         checks.check_environment(cfg)

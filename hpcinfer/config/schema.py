@@ -170,6 +170,35 @@ class OutputSection(Section):
     logprobs: bool = Field(False, description="Write token logprobs to the output")
 
 
+def _structured_outputs(value: Any) -> Any:
+    from hpcinfer.io.constraints import check_structured_outputs, looks_like_json_text
+    if not isinstance(value, dict):
+        raise user_error("structured_outputs must be a mapping",
+                         "write e.g. `structured_outputs: {json: schemas/answer.json}`")
+    json_value = value.get("json")
+    checked = value
+    if isinstance(json_value, str) and not looks_like_json_text(json_value):
+        checked = {**value, "json": {}}   # a schema file: read and checked at load (loader.py)
+    problem = check_structured_outputs(checked)
+    if problem:
+        raise user_error(problem, "see docs/structured-outputs.md for the keys and forms")
+    return value
+
+
+StructuredOutputs = Annotated[dict, AfterValidator(_structured_outputs), WithJsonSchema({
+    "type": "object", "description": "json | regex | choice | grammar | json_object, plus "
+    "disable_any_whitespace (vLLM's StructuredOutputsParams)",
+    "properties": {"json": {"anyOf": [{"type": "object"}, {"type": "string"},
+                                      {"type": "boolean"}]},
+                   "regex": {"type": "string"},
+                   "choice": {"type": "array", "items": {"type": "string"}},
+                   "grammar": {"type": "string"}, "json_object": {"type": "boolean"},
+                   "disable_any_whitespace": {"type": "boolean"},
+                   "disable_additional_properties": {"type": "boolean"},
+                   "disable_fallback": {"type": "boolean"}},
+    "additionalProperties": False})]
+
+
 class SamplingSection(Section):
     n: int = Field(1, ge=1, description="Completions per prompt")
     temperature: float = Field(1.0, ge=0, description="0 = greedy")
@@ -192,6 +221,11 @@ class SamplingSection(Section):
                                 "prompt_logprobs column (jsonl, parquet); null = none")
     skip_special_tokens: bool = Field(True, description="Drop special tokens when detokenizing")
     include_stop_str_in_output: bool = Field(False, description="Keep the stop string")
+    structured_outputs: Optional[StructuredOutputs] = Field(
+        None, description="Constrain every output: one of json (a schema inline, as JSON "
+                          "text, or a schema file's path), regex, choice, grammar (EBNF), "
+                          "json_object: true; rows may override it "
+                          "(docs/structured-outputs.md)")
 
 
 def _upper(value: Any) -> Any:

@@ -115,10 +115,59 @@ def _sampling(url: str, body: dict) -> tuple[dict, tuple[str, str] | None]:
                 sampling["logprobs"] = value
         elif key == "echo" and not value:
             continue
+        elif key in _CONSTRAINT_KEYS:
+            problem = _constraint(sampling, key, value)
+            if problem:
+                return {}, problem
         elif key not in _IGNORED and key not in content_keys:
             return {}, ("unsupported_body_key", f"body.{key} is not supported by hpcinfer's "
                         "batch runner: remove it from the request")
     return sampling, None
+
+
+# Where a request body may carry a structured-outputs constraint: OpenAI's response_format,
+# vLLM's structured_outputs extra, and vLLM's older guided_* extras.
+_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+           "guided_grammar": "grammar"}
+_CONSTRAINT_KEYS = ("response_format", "structured_outputs", *_GUIDED)
+
+
+def _constraint(sampling: dict, key: str, value: Any) -> tuple[str, str] | None:
+    """Put the body's constraint into ``sampling``; (kind, reason) when it is malformed."""
+    if value is None:
+        return None
+    if key == "response_format":
+        constraint, problem = response_format_constraint(value)
+    elif key == "structured_outputs":
+        constraint, problem = value, None
+    else:
+        constraint, problem = {_GUIDED[key]: value}, None
+    if problem:
+        return "invalid_response_format", problem
+    if constraint is None:
+        return None
+    if "structured_outputs" in sampling:
+        return ("invalid_sampling", f"body.{key}: the request already has a structured-outputs "
+                "constraint (give one of response_format, structured_outputs, guided_*)")
+    sampling["structured_outputs"] = constraint
+    return None
+
+
+def response_format_constraint(value: Any) -> tuple[dict | None, str | None]:
+    """OpenAI's response_format -> (constraint or None for plain text, problem)."""
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None, None
+    if kind == "json_object":
+        return {"json_object": True}, None
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or "schema" not in spec:
+            return None, ('body.response_format.json_schema needs a "schema" (and a "name"): '
+                          '{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}')
+        return {"json": spec["schema"]}, None   # strict: outputs always follow the schema
+    return None, ("body.response_format.type must be text, json_object or json_schema, got "
+                  f"{kind!r}")
 
 
 def request_id(custom_id: Any) -> str:

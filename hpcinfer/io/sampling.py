@@ -7,8 +7,11 @@ sampling config when it builds the engine's SamplingParams.
 from __future__ import annotations
 
 import difflib
+import json
 import math
 from typing import Any, Callable
+
+from hpcinfer.io.constraints import check_structured_outputs
 
 # key -> check(value) returning None when valid, else the problem in words.
 _Check = Callable[[Any], "str | None"]
@@ -87,6 +90,8 @@ SAMPLING_CHECKS: dict[str, _Check] = {
     "logprobs": _optional(_int_at_least(0)),
     "skip_special_tokens": _bool,
     "include_stop_str_in_output": _bool,
+    # checked by check_structured_outputs (its messages name the nested key)
+    "structured_outputs": lambda v: None,
 }
 SAMPLING_KEYS = tuple(SAMPLING_CHECKS)
 
@@ -106,6 +111,12 @@ def check_sampling_overrides(overrides: Any) -> tuple[dict, str | None]:
             hint = f" (did you mean {near[0]!r}?)" if near else ""
             return {}, (f"unknown sampling key {key!r}{hint}; valid keys: "
                         f"{', '.join(SAMPLING_KEYS)}")
+        if key == "structured_outputs":
+            value = cleaned[key] = _parsed(value)
+            problem = check_structured_outputs(value, "sampling.structured_outputs")
+            if problem:
+                return {}, problem
+            continue
         problem = check(value)
         if problem:
             return {}, f"sampling.{key} {problem}"
@@ -113,4 +124,17 @@ def check_sampling_overrides(overrides: Any) -> tuple[dict, str | None]:
             and cleaned["min_tokens"] > cleaned["max_tokens"]:
         return {}, (f"sampling.min_tokens ({cleaned['min_tokens']}) is larger than "
                     f"sampling.max_tokens ({cleaned['max_tokens']})")
+    if "structured_outputs" in cleaned and cleaned.get("min_tokens"):
+        return {}, ("sampling.min_tokens must be 0 with structured_outputs (the constraint "
+                    "decides where the output ends)")
     return cleaned, None
+
+
+def _parsed(value: Any) -> Any:
+    """A constraint stored as JSON text (a Parquet string column) as a mapping."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value    # check_structured_outputs says it is not an object
+    return value

@@ -63,6 +63,7 @@ class RequestBuilder:
 
     def sampling_params(self, row: InputRow):
         from hpcinfer.engine.params import SamplingParams
+        from hpcinfer.engine.structured_params import StructuredOutputsParams
         merged = {**self.base, **row.sampling}
         if self.want_logprobs and merged.get("logprobs") is None:
             merged["logprobs"] = 0                  # output.logprobs: the sampled token's
@@ -70,6 +71,9 @@ class RequestBuilder:
             return _bad(row, "invalid_sampling", f"sampling.n={merged['n']}: several "
                         "completions per row are not written yet (one text per row); use n: 1")
         try:
+            if merged.get("structured_outputs") is not None:  # a row's replaces the job's
+                merged["structured_outputs"] = StructuredOutputsParams(
+                    **merged["structured_outputs"])
             return SamplingParams(**merged)
         except (TypeError, ValueError) as exc:
             return _bad(row, "invalid_sampling", str(exc))

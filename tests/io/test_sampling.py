@@ -9,7 +9,7 @@ VALID = {"n": 2, "temperature": 0.0, "top_p": 1.0, "top_k": -1, "min_p": 0.5,
          "presence_penalty": -2.0, "frequency_penalty": 2, "repetition_penalty": 1.1,
          "max_tokens": 1, "min_tokens": 0, "stop": "###", "stop_token_ids": [0, 2],
          "ignore_eos": True, "seed": 0, "logprobs": 5, "skip_special_tokens": False,
-         "include_stop_str_in_output": True}
+         "include_stop_str_in_output": True, "structured_outputs": {"regex": "[a-z]+"}}
 
 
 def test_every_schema_key_is_checked_and_valid_values_pass():

@@ -1,0 +1,197 @@
+"""Structured-outputs constraints in job files and rows: shape checks that need no xgrammar.
+
+A constraint is a mapping with vLLM's StructuredOutputsParams keys (``json``, ``regex``,
+``choice``, ``grammar``, ``json_object`` and the options). These checks run where xgrammar
+cannot (it imports torch): ``hpcinfer validate`` on the login node and the reader of each
+row, so a broken schema fails before a job is queued and a broken row becomes a bad row
+before it reaches the engine. They catch what is cheap to know: JSON that does not parse,
+unknown schema types, patterns Python cannot compile or that use lookaround or
+backreferences (xgrammar has neither), ``$ref`` pointing nowhere, min above max, a grammar
+without a ``root`` rule. The engine compiles the constraint and is the final judge: a row
+whose constraint still fails there is a bad row too (docs/structured-outputs.md).
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from typing import Any
+
+KINDS = ("json", "regex", "choice", "grammar", "json_object")
+OPTIONS = ("disable_any_whitespace", "disable_additional_properties", "disable_fallback")
+KEYS = KINDS + OPTIONS
+JSON_TYPES = ("object", "array", "string", "integer", "number", "boolean", "null")
+# Sub-schema keywords: (keyword, shape) where shape is "one", "list" or "map".
+_SUBSCHEMAS = (("items", "one"), ("additionalProperties", "one"), ("not", "one"),
+               ("contains", "one"), ("if", "one"), ("then", "one"), ("else", "one"),
+               ("properties", "map"), ("patternProperties", "map"), ("$defs", "map"),
+               ("definitions", "map"), ("prefixItems", "list"), ("anyOf", "list"),
+               ("oneOf", "list"), ("allOf", "list"))
+_BOUNDS = (("minItems", "maxItems"), ("minLength", "maxLength"),
+           ("minProperties", "maxProperties"), ("minimum", "maximum"))
+_UNSUPPORTED_REGEX = re.compile(r"\(\?<?[=!]|\\[1-9]|\(\?P=")
+_ROOT_RULE = re.compile(r"(^|\n)\s*root\s*::=")
+
+
+def check_structured_outputs(value: Any, where: str = "structured_outputs") -> str | None:
+    """None when ``value`` is a constraint these checks accept, else the problem in words.
+    A ``json`` string must be JSON text here (job files resolve schema file paths first)."""
+    if not isinstance(value, dict):
+        return f"{where} must be an object with one of {', '.join(KINDS)}"
+    for key in value:
+        if key not in KEYS:
+            near = difflib.get_close_matches(str(key), KEYS, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            return f"{where}.{key} is not a structured-outputs key{hint}; use {', '.join(KEYS)}"
+    given = [k for k in KINDS if value.get(k) not in (None, False)]
+    if len(given) != 1:
+        return (f"{where} needs exactly one of {', '.join(KINDS)}, got "
+                f"{', '.join(given) or 'none'}")
+    for option in OPTIONS:
+        if not isinstance(value.get(option, False), bool):
+            return f"{where}.{option} must be true or false"
+    kind = given[0]
+    return _CHECKS[kind](value[kind], f"{where}.{kind}")
+
+
+def looks_like_json_text(text: str) -> bool:
+    """A ``json`` string holding the schema itself (else it names a schema file)."""
+    return text.strip().startswith("{") or text.strip() in ("true", "false")
+
+
+def _check_json(value: Any, where: str) -> str | None:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            return f"{where} is not valid JSON ({exc})"
+    if isinstance(value, bool):
+        return None
+    if not isinstance(value, dict):
+        return f"{where} must be a JSON schema (an object), got {type(value).__name__}"
+    return schema_problem(value, value, where)
+
+
+def schema_problem(schema: Any, root: dict, where: str) -> str | None:
+    """The first problem found walking ``schema`` (a JSON schema node), or None."""
+    if isinstance(schema, bool):
+        return None
+    if not isinstance(schema, dict):
+        return f"{where} must be a schema (an object or true/false)"
+    problem = (_type_problem(schema.get("type"), where)
+               or _pattern_problem(schema.get("pattern"), f"{where}.pattern")
+               or _keyword_problem(schema, root, where)
+               or _bounds_problem(schema, where))
+    if problem:
+        return problem
+    for keyword, shape in _SUBSCHEMAS:
+        sub = schema.get(keyword)
+        if sub is None:
+            continue
+        if shape == "one":
+            children = [(f"{where}.{keyword}", sub)]
+        elif shape == "map" and isinstance(sub, dict):
+            children = [(f"{where}.{keyword}.{k}", v) for k, v in sub.items()]
+        elif shape == "list" and isinstance(sub, list):
+            children = [(f"{where}.{keyword}[{i}]", v) for i, v in enumerate(sub)]
+        else:
+            return f"{where}.{keyword} must be {'an object' if shape == 'map' else 'a list'}"
+        for child_where, child in children:
+            problem = schema_problem(child, root, child_where)
+            if problem:
+                return problem
+    return None
+
+
+def _type_problem(kind: Any, where: str) -> str | None:
+    kinds = kind if isinstance(kind, list) else [kind]
+    bad = [k for k in kinds if k is not None and k not in JSON_TYPES]
+    if bad:
+        near = difflib.get_close_matches(str(bad[0]), JSON_TYPES, n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        return f"{where}.type {bad[0]!r} is not a JSON schema type{hint}"
+    return None
+
+
+def _pattern_problem(pattern: Any, where: str) -> str | None:
+    if pattern is None:
+        return None
+    if not isinstance(pattern, str):
+        return f"{where} must be a string"
+    return _check_regex(pattern, where)
+
+
+def _keyword_problem(schema: dict, root: dict, where: str) -> str | None:
+    if "enum" in schema and not (isinstance(schema["enum"], list) and schema["enum"]):
+        return f"{where}.enum must be a non-empty list"
+    required = schema.get("required")
+    if required is not None and not (isinstance(required, list)
+                                     and all(isinstance(r, str) for r in required)):
+        return f"{where}.required must be a list of property names"
+    ref = schema.get("$ref")
+    if ref is not None and _resolve_ref(ref, root) is None:
+        return (f"{where}.$ref {ref!r} points nowhere: use a local reference such as "
+                "'#/$defs/Name' to a definition in the same schema")
+    return None
+
+
+def _resolve_ref(ref: Any, root: dict) -> Any:
+    if not isinstance(ref, str) or not ref.startswith("#"):
+        return None
+    node: Any = root
+    for part in [p for p in ref[1:].split("/") if p]:
+        part = part.replace("~1", "/").replace("~0", "~")
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _bounds_problem(schema: dict, where: str) -> str | None:
+    for low_key, high_key in _BOUNDS:
+        low, high = schema.get(low_key), schema.get(high_key)
+        for key, bound in ((low_key, low), (high_key, high)):
+            if bound is not None and (isinstance(bound, bool)
+                                      or not isinstance(bound, (int, float))):
+                return f"{where}.{key} must be a number"
+            if bound is not None and key.startswith(("minI", "maxI", "minL", "maxL", "minP",
+                                                     "maxP")) and bound < 0:
+                return f"{where}.{key} must be >= 0"
+        if low is not None and high is not None and low > high:
+            return f"{where}.{low_key} ({low}) is larger than {high_key} ({high})"
+    return None
+
+
+def _check_regex(value: Any, where: str) -> str | None:
+    if not isinstance(value, str) or not value:
+        return f"{where} must be a non-empty string"
+    if _UNSUPPORTED_REGEX.search(value):
+        return (f"{where} uses lookaround or a backreference, which xgrammar does not "
+                "support: rewrite it without them")
+    try:
+        re.compile(value)
+    except re.error as exc:
+        return f"{where} is not a valid regular expression ({exc})"
+    return None
+
+
+def _check_choice(value: Any, where: str) -> str | None:
+    if isinstance(value, list) and value and all(isinstance(c, str) and c for c in value):
+        return None
+    return f"{where} must be a non-empty list of non-empty strings"
+
+
+def _check_grammar(value: Any, where: str) -> str | None:
+    if not isinstance(value, str) or not value.strip():
+        return f"{where} must be a non-empty EBNF grammar"
+    if not _ROOT_RULE.search(value):
+        return f"{where} has no root rule: the grammar starts at `root ::= ...`"
+    return None
+
+
+def _check_json_object(value: Any, where: str) -> str | None:
+    return None if value is True else f"{where} must be true"
+
+
+_CHECKS = {"json": _check_json, "regex": _check_regex, "choice": _check_choice,
+           "grammar": _check_grammar, "json_object": _check_json_object}
