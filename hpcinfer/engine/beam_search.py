@@ -123,7 +123,8 @@ def beam_search(engine, prompts: list, params: BeamSearchParams) -> list[BeamSea
             raise ValueError(f"prompt {i}: its {len(tokens)} tokens leave no room to generate "
                              f"within max_model_len={engine.max_model_len}")
         instances.append(_Instance(len(tokens), max_new, [BeamSearchSequence(tokens)]))
-    num_candidates = max(2, 1 + len(eos)) * params.beam_width
+    # (never more than the vocabulary: a huge width on a tiny model)
+    num_candidates = min(max(2, 1 + len(eos)) * params.beam_width, engine.spec.vocab_size)
     step_params = _step_params(num_candidates)
     while not all(inst.is_done for inst in instances):
         live = [inst for inst in instances if not inst.is_done]
