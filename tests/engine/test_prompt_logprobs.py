@@ -136,3 +136,27 @@ def test_bad_values_name_the_field(checkpoint):
     llm = LLM(checkpoint(FAMILY), max_model_len=64)
     with pytest.raises(ValueError, match=r"prompt_logprobs=21 is more than max_logprobs=20"):
         llm.generate(["hi"], SamplingParams(prompt_logprobs=21), use_tqdm=False)
+
+
+def test_rows_only_for_owed_positions(checkpoint, prompts):
+    """Logits rows are added for the positions still owing an entry, only in steps that hold
+    them: steps of requests that do not ask carry none (their cost is unchanged)."""
+    llm = LLM(checkpoint(FAMILY), max_model_len=256, max_num_batched_tokens=16,
+              enable_prefix_caching=False)
+    engine = llm.llm_engine
+    seen, run = [], engine.runner.run
+
+    def spy(batch):
+        seen.append(batch.prompt_rows)
+        return run(batch)
+    engine.runner.run = spy
+    engine.add_request("asks", {"prompt_token_ids": prompts[4]}, params(1, max_tokens=4))
+    engine.add_request("plain", {"prompt_token_ids": prompts[3]},
+                       SamplingParams(temperature=0, max_tokens=4))
+    while engine.has_unfinished_requests():
+        engine.step()
+    with_rows = [rows for rows in seen if rows is not None]
+    assert sum(rows.num_rows for rows in with_rows) == len(prompts[4]) - 1
+    assert all(s.request_id == "asks" for rows in with_rows for s in rows.seqs)
+    assert len(with_rows) == -(-len(prompts[4]) // 16)  # one per prefill chunk
+    assert seen[-1] is None and len(seen) > len(with_rows)
