@@ -58,6 +58,10 @@ def cmd_validate(args) -> int:
     samples = sample_inputs(cfg, plan, None if args.full else DEFAULT_SAMPLE_ROWS)
     for line in warnings_of(cfg, samples):
         print(f"hpcinfer: warning: {line}", file=sys.stderr)
+    from hpcinfer.compile.checkpoint import quantization_note
+    note = quantization_note(cfg)
+    if note:
+        print(f"{args.job}: quantization: {note}")
     num_read = sum(s.num_rows for s in samples)
     print(f"{args.job}: ok: {describe(plan)}; read {num_read} rows "
           f"({'all' if args.full else f'first {DEFAULT_SAMPLE_ROWS} per file'}), "

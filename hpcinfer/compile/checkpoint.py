@@ -70,6 +70,21 @@ def quantization_problem(hf: dict, model_dir: str, quantization: str | None = No
     return None if names is None else quant_config.missing_tensor_problem(spec, names)
 
 
+def quantization_note(cfg) -> str | None:
+    """What validate says of a quantized checkpoint: its scheme and whether the job's GPU
+    (resources.gpu_type) runs it natively (FP8 needs compute capability >= 8.9)."""
+    hf = read_config_json(cfg.model.id)
+    quantization = getattr(cfg.engine, "quantization", None)
+    try:
+        spec = None if hf is None else quant_config.quant_spec_of(hf, quantization)
+    except quant_config.QuantConfigError:
+        return None      # refused already by check_checkpoint
+    if spec is None:
+        return None
+    return quant_config.runtime_note(spec, getattr(cfg.resources, "gpu_type", None),
+                                     str(getattr(cfg.resources, "device", "cuda")))
+
+
 def _tensor_names(model_dir: str) -> list[str] | None:
     index = os.path.join(model_dir, "model.safetensors.index.json")
     single = os.path.join(model_dir, "model.safetensors")

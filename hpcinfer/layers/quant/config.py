@@ -331,3 +331,41 @@ def missing_tensor_problem(spec: QuantSpec, tensor_names: Iterable[str]) -> str 
     return (f"quantization {spec.method}: the checkpoint has no {suffix} for "
             f"{len(layers_without)} quantized layer(s), e.g. {layers_without[0]}.{suffix}: it is "
             "incomplete, or its quantization_config does not describe its tensors")
+
+
+# ---- what the job's GPU makes of it (hpcinfer validate) ----------------------------------
+
+# Slurm GPU type names (resources.gpu_type, lower case) -> CUDA compute capability.
+GPU_CAPABILITY: dict[str, tuple[int, int]] = {
+    "v100": (7, 0), "t4": (7, 5), "rtx6000": (7, 5), "a100": (8, 0), "a30": (8, 0),
+    "a10": (8, 6), "a40": (8, 6), "a6000": (8, 6), "rtx3090": (8, 6), "l4": (8, 9),
+    "l40": (8, 9), "l40s": (8, 9), "rtx4090": (8, 9), "h100": (9, 0), "h200": (9, 0),
+    "gh200": (9, 0), "b200": (10, 0)}
+FP8_CAPABILITY = (8, 9)
+
+
+def capability_of(gpu_type: str | None) -> tuple[int, int] | None:
+    """Compute capability of a Slurm GPU type such as "a100" or "h100_80gb" (None: unknown)."""
+    name = (gpu_type or "").lower().replace("-", "").replace(" ", "")
+    for known in sorted(GPU_CAPABILITY, key=len, reverse=True):
+        if name.startswith(known):
+            return GPU_CAPABILITY[known]
+    return None
+
+
+def runtime_note(spec: QuantSpec, gpu_type: str | None, device: str = "cuda") -> str:
+    """One line: the checkpoint's quantization and how this job's device will run it."""
+    if device == "cpu":
+        return f"{spec.describe()}; on CPU the weights are dequantized once at load"
+    capability = capability_of(gpu_type)
+    if not spec.is_fp8:
+        return f"{spec.describe()}; W4A16 Triton kernel on the GPU"
+    if capability is None:
+        return (f"{spec.describe()}; W8A8 on GPUs of compute capability >= 8.9 (H100, H200, "
+                "L40S, L4), dequantized elsewhere (set resources.gpu_type to know which)")
+    if capability < FP8_CAPABILITY:
+        return (f"{spec.describe()}; {gpu_type} (compute capability {capability[0]}."
+                f"{capability[1]}) has no FP8 matmul: the weights run dequantized to the model "
+                "dtype, with no speedup and full-size weights in memory")
+    return f"{spec.describe()}; W8A8 on {gpu_type} (compute capability {capability[0]}." \
+           f"{capability[1]})"
