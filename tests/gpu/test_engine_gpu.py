@@ -26,7 +26,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpcinfer.testing.greedy import MAX_NEW, agreement_run, hf_greedy, random_prompts
+from hpcinfer.testing.greedy import (MAX_NEW, PROMPT_LENGTHS, agreement_run, hf_greedy,
+                                      random_prompts)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="GPU-only: run tests/gpu/run_gpu_checks.sh on a GPU")
@@ -41,6 +42,14 @@ def _generate(path, prompts, params, **kwargs):
     return [o.outputs[0].token_ids for o in outs], llm.llm_engine
 
 
+# Prompt lengths under which transformers and we define longrope and dynamic NTK the same way
+# (tests/engine/test_greedy_new_families.py's PLAIN table; docs/models.md says why): Phi-3's
+# tiny config switches factors at 64 and no sequence crosses it while decoding; the dynamic
+# Llama's rope covers 2 x 64 positions.
+ROPE_SWITCH_LENGTHS = {"phi3": ((1, 9, 33, 65, 77, 200), 256),
+                       "llama_dynamic": ((1, 9, 33, 50, 63), 128)}
+
+
 @pytest.mark.parametrize("family", ["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma",
                                     "opt", "gemma2", "gemma3", "phi3", "qwen2_yarn",
                                     "llama_dynamic"])
@@ -48,10 +57,11 @@ def test_tiny_fp32_greedy_matches_transformers_with_graphs(family):
     from hpcinfer import SamplingParams
     from hpcinfer.testing.tiny import tiny_checkpoint
     path = str(tiny_checkpoint(family))
-    prompts = random_prompts()
+    lengths, max_model_len = ROPE_SWITCH_LENGTHS.get(family, (PROMPT_LENGTHS, 256))
+    prompts = random_prompts(lengths)
     got, engine = _generate(path, prompts,
                             SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True),
-                            dtype="float32", max_model_len=256, max_num_seqs=16)
+                            dtype="float32", max_model_len=max_model_len, max_num_seqs=16)
     runner = engine.runner
     assert runner.graphs is not None and runner.graphs.num_replays >= MAX_NEW - 1
     want = hf_greedy(path, prompts)
