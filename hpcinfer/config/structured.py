@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from hpcinfer.config.schema import JobConfig
-from hpcinfer.io.constraints import check_structured_outputs, looks_like_json_text
+from hpcinfer.io.constraints import check_json_schema, looks_like_json_text
 
 KEY = "sampling.structured_outputs.json"
 
@@ -31,9 +31,9 @@ def inline_schema_file(cfg: JobConfig, base: Path) -> JobConfig:
     except ValueError as exc:
         raise cfg.error_at(KEY, f"the schema file {file} is not JSON ({exc})",
                            "fix the file (a JSON schema object)")
-    inlined = {**constraint, "json": schema}
-    problem = check_structured_outputs(inlined, f"{KEY} ({file})")
+    problem = check_json_schema(schema, "schema")
     if problem:
-        raise cfg.error_at(KEY, problem, "fix the schema file")
+        raise cfg.error_at(KEY, f"in the schema file {file}: {problem}", "fix the schema file")
+    inlined = {**constraint, "json": schema}
     sampling = cfg.sampling.model_copy(update={"structured_outputs": inlined})
     return cfg.model_copy(update={"sampling": sampling})

@@ -61,8 +61,8 @@ IGNORED: dict[str, VllmArg] = {
     "calculate_kv_scales": _ignored(False, bool, "the KV cache is not quantized"),
     "kv_cache_dtype": _ignored("auto", str, "the KV cache has the model's dtype"),
     "compilation_config": _ignored(None, "json", "CUDA graphs follow enforce_eager"),
-    "guided_decoding_backend": _ignored("auto", str, "structured outputs are not there yet: "
-                                                     "requests asking for them fail"),
+    "guided_decoding_backend": _ignored("auto", str, "structured outputs always use xgrammar "
+                                                     "(docs/structured-outputs.md)"),
     "max_parallel_loading_workers": _ignored(None, int, "each rank reads its own slices"),
     "use_tqdm_on_load": _ignored(True, bool, "loading is logged, not drawn"),
     "allowed_local_media_path": _ignored("", str, "text-only models"),
@@ -117,8 +117,9 @@ IGNORED: dict[str, VllmArg] = {
     "lora_extra_vocab_size": _ignored(256, int, "only with enable_lora"),
     "enable_dbo": _ignored(False, bool, "no dual-batch overlap"),
     "mm_encoder_tp_mode": _ignored("weights", str, "text-only models"),
-    "structured_outputs_config": _ignored(None, "json", "structured outputs are not there yet: "
-                                                        "requests asking for them fail"),
+    "structured_outputs_config": _ignored(None, "json", "structured outputs use xgrammar; "
+                                                        "whitespace is set per request "
+                                                        "(StructuredOutputsParams)"),
 }
 
 

@@ -59,7 +59,8 @@ def looks_like_json_text(text: str) -> bool:
     return text.strip().startswith("{") or text.strip() in ("true", "false")
 
 
-def _check_json(value: Any, where: str) -> str | None:
+def check_json_schema(value: Any, where: str) -> str | None:
+    """None when ``value`` (a schema, or JSON text of one) passes the checks, else the problem."""
     if isinstance(value, str):
         try:
             value = json.loads(value)
@@ -193,5 +194,5 @@ def _check_json_object(value: Any, where: str) -> str | None:
     return None if value is True else f"{where} must be true"
 
 
-_CHECKS = {"json": _check_json, "regex": _check_regex, "choice": _check_choice,
+_CHECKS = {"json": check_json_schema, "regex": _check_regex, "choice": _check_choice,
            "grammar": _check_grammar, "json_object": _check_json_object}
