@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
 DEVICE = "cuda"
 # (K, N): 8B q/k/v, 8B down, 70B gate/up (one of the two pieces)
 SHAPES = [(4096, 6144), (14336, 4096), (8192, 28672)]
-TOKENS = [1, 16, 128, 2048]
+TOKENS = [1, 16, 2048]
 
 
 def rel_err(got: torch.Tensor, expected: torch.Tensor) -> float:
@@ -32,7 +32,7 @@ def fp8_supported() -> bool:
 
 @pytest.mark.parametrize("k, n", SHAPES)
 @pytest.mark.parametrize("m", TOKENS)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16])   # fp16/fp32: the interpreter tests
 @pytest.mark.parametrize("group, desc_act", [(128, False), (32, False), (128, True)])
 def test_w4a16_full_shapes(k, n, m, dtype, group, desc_act):
     g = torch.Generator(device=DEVICE).manual_seed(k + n + m)

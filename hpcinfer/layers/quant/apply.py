@@ -3,7 +3,6 @@ the weights load. Model files never see this: it walks their linear layers by na
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 from torch import nn
