@@ -34,7 +34,11 @@ from hpcinfer.engine.structured_params import StructuredOutputsParams
 
 log = logging.getLogger(__name__)
 
+# The compiled-grammar cache keeps at most this many entries and bytes (a compiled JSON
+# schema holds token-mask tables of a few MB for a 100k-token vocabulary); the oldest used go
+# first. Running sequences keep their own grammar, so eviction never touches them.
 MAX_CACHED_GRAMMARS = 1024
+MAX_CACHED_GRAMMAR_BYTES = 1 << 30
 # Whitespace between JSON tokens, at most this many characters in a row (vLLM: unbounded).
 # Enough for pretty-printing seven levels deep; without a cap a model can spend all of
 # max_tokens on whitespace and leave the row unparseable.
@@ -86,6 +90,7 @@ class StructuredOutputs:
         self._batch = xgr.BatchGrammarMatcher(max_threads)
         self._num_words = (info.vocab_size + 31) // 32
         self._compiled: OrderedDict[tuple, object] = OrderedDict()   # key -> grammar | error
+        self._cached_bytes = 0
         # bit j of each int32 word, for unpacking the mask on the device
         self._bits = torch.tensor([1 << j for j in range(31)] + [-(1 << 31)],
                                   dtype=torch.int32, device=device)
@@ -100,8 +105,10 @@ class StructuredOutputs:
         if found is None:
             found = self._compile_uncached(so)
             self._compiled[key] = found
-            if len(self._compiled) > MAX_CACHED_GRAMMARS:
-                self._compiled.popitem(last=False)
+            self._cached_bytes += _size(found)
+            while len(self._compiled) > 1 and (len(self._compiled) > MAX_CACHED_GRAMMARS or
+                                               self._cached_bytes > MAX_CACHED_GRAMMAR_BYTES):
+                self._cached_bytes -= _size(self._compiled.popitem(last=False)[1])
         else:
             self._compiled.move_to_end(key)
         if isinstance(found, str):
@@ -188,6 +195,10 @@ def choice_grammar(choices: list[str]) -> str:
     import json
     # EBNF string literals take JSON's escapes for quotes, backslashes and control chars
     return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+
+
+def _size(entry) -> int:
+    return 0 if isinstance(entry, str) else entry.memory_size_bytes
 
 
 def _clean(exc: Exception) -> str:

@@ -280,3 +280,16 @@ def test_compiled_once_per_distinct_constraint(llm):
     assert stage.compile(so) is compiled
     keys = [k for k in stage._compiled if k[0] == "regex" and k[1] == "[a-c]{2}"]
     assert len(keys) == 1
+
+
+def test_cache_is_bounded_by_bytes(llm, monkeypatch):
+    from hpcinfer.engine import structured
+    llm.llm_engine._compile_grammar(SamplingParams(
+        structured_outputs=StructuredOutputsParams(regex="a")), "x")   # makes the stage
+    stage = llm.llm_engine.structured
+    size = stage.compile(StructuredOutputsParams(regex="[a-c]{2}")).memory_size_bytes
+    monkeypatch.setattr(structured, "MAX_CACHED_GRAMMAR_BYTES", 3 * size)
+    for i in range(6):
+        stage.compile(StructuredOutputsParams(regex=f"[a-c]{{{i + 3}}}"))
+    assert stage._cached_bytes <= 3.5 * size and len(stage._compiled) <= 4
+    assert stage._cached_bytes == sum(structured._size(v) for v in stage._compiled.values())
