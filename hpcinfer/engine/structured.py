@@ -20,6 +20,7 @@ the same tokens and must end a row at the same step), but only the sampling rank
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -119,10 +120,7 @@ class StructuredOutputs:
         kind = so.kind
         try:
             if kind == "json":
-                schema = so.json
-                if isinstance(schema, dict) or isinstance(schema, bool):
-                    import json
-                    schema = json.dumps(schema)
+                schema = so.json if isinstance(so.json, str) else json.dumps(so.json)
                 return self.compiler.compile_grammar(self._json_schema_grammar(
                     schema, any_whitespace=not so.disable_any_whitespace))
             if kind == "json_object":
@@ -192,7 +190,6 @@ class StructuredOutputs:
 
 def choice_grammar(choices: list[str]) -> str:
     """An EBNF grammar whose sentences are exactly ``choices``."""
-    import json
     # EBNF string literals take JSON's escapes for quotes, backslashes and control chars
     return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
 
