@@ -60,10 +60,12 @@ def moe_bound_output_tok_s(shape: dict, requests, max_num_seqs: int, rates: dict
     attn = 2 * h * heads * head_dim + 2 * h * kv_heads * head_dim + shape["num_experts"] * h
     expert = 3 * h * shape["moe_intermediate_size"]
     head = vocab * h * (1 if shape["tie_word_embeddings"] else 2)
-    step_bytes = 2 * (layers * (attn + experts_hit(shape, max_num_seqs) * expert) + head)
+    # A step holds at most max_num_seqs sequences, and never more than there are requests.
+    batch = min(max_num_seqs, len(requests))
+    step_bytes = 2 * (layers * (attn + experts_hit(shape, batch) * expert) + head)
     kv_bytes_per_token = 2 * layers * kv_heads * head_dim * 2
     num_out = sum(o for _, o in requests)
-    decode_steps = -(-num_out // max_num_seqs)
+    decode_steps = -(-num_out // batch)
     kv_read = sum(o * len(p) + o * (o - 1) / 2 for p, o in requests) * kv_bytes_per_token
     num_in = sum(len(p) for p, _ in requests)
     active = layers * (attn + shape["num_experts_per_tok"] * expert) + vocab * h

@@ -228,7 +228,8 @@ _FAMILY_CONFIGS.update({
     "gpt_oss": ("gpt_oss", {
         "num_key_value_heads": 2, "head_dim": 16, "num_local_experts": 5,
         "max_position_embeddings": 256,
-        "num_experts_per_tok": 2, "intermediate_size": 32, "sliding_window": 8,
+        # 2 * intermediate != hidden, so a transposed expert layout cannot load silently.
+        "num_experts_per_tok": 2, "intermediate_size": 48, "sliding_window": 8,
         "layer_types": ["sliding_attention", "full_attention"], "swiglu_limit": 1.5,
         "rope_parameters": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0,
                             "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,

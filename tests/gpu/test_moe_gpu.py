@@ -95,11 +95,22 @@ def test_moe_layer_replays_in_a_cuda_graph():
         torch.testing.assert_close(static_out, layer(new), atol=0, rtol=0)
 
 
+def _hf_reads_swiglu_limit() -> bool:
+    # transformers before 5.2x hard-codes GptOssExperts' limit to 7.0 (5.17 does; the GPU
+    # image has it), where later versions and hpcinfer read config.swiglu_limit. The tiny
+    # config's 1.5 would make that oracle disagree, so it gets the released 7.0 there.
+    import inspect
+    from transformers.models.gpt_oss import modeling_gpt_oss
+    return "config.swiglu_limit" in inspect.getsource(modeling_gpt_oss.GptOssExperts.__init__)
+
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"])
-def test_tiny_moe_fp32_greedy_matches_transformers_with_graphs(family):
+def test_tiny_moe_fp32_greedy_matches_transformers_with_graphs(family, tmp_path):
     from hpcinfer import LLM, SamplingParams
-    from hpcinfer.testing.tiny import tiny_checkpoint
+    from hpcinfer.testing.tiny import build_tiny_checkpoint, tiny_checkpoint
     path = str(tiny_checkpoint(family))
+    if family == "gpt_oss" and not _hf_reads_swiglu_limit():
+        path = str(build_tiny_checkpoint(family, tmp_path / family, swiglu_limit=7.0))
     prompts = random_prompts((1, 3, 9, 17, 40, 77, 130, 200))
     llm = LLM(path, device="cuda", dtype="float32", max_model_len=256, max_num_seqs=16)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
