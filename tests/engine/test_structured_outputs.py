@@ -293,3 +293,16 @@ def test_cache_is_bounded_by_bytes(llm, monkeypatch):
         stage.compile(StructuredOutputsParams(regex=f"[a-c]{{{i + 3}}}"))
     assert stage._cached_bytes <= 3.5 * size and len(stage._compiled) <= 4
     assert stage._cached_bytes == sum(structured._size(v) for v in stage._compiled.values())
+
+
+def test_threaded_and_single_thread_fills_agree(llm, prompts, monkeypatch):
+    """Few rows fill their masks on one thread, many through xgrammar's thread pool: the same
+    masks, so the same tokens."""
+    from hpcinfer.engine import structured
+    so = _constraints()["json"][0]
+    params = [SamplingParams(temperature=1.0, seed=s, max_tokens=300, structured_outputs=so)
+              for s in range(len(prompts))]
+    single = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    monkeypatch.setattr(structured, "MIN_ROWS_FOR_THREADS", 1)
+    threaded = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert threaded == single
