@@ -137,3 +137,17 @@ def test_merged_pieces_with_different_act_orders_fall_back_to_dequantized():
     layer.g_idx.data[1] = layer.g_idx.data[1].flip(0)     # k's act order differs from q's
     drop = tuple(n for n in layer.shardings if n != "bias")
     assert not layer.quant_method._prepare_kernel(layer, drop)
+
+
+@pytest.mark.parametrize("fmt", ["ct_fp8_channel", "ct_fp8_tensor_static", "fbgemm_fp8"])
+def test_fp8_rowwise_layer_path(fmt):
+    # torch._scaled_mm runs on CPU too: the GPU path's operand layout and scale shapes
+    layer, oracle = _loaded_qkv_layer(fmt)
+    assert layer.quant_method._kernel_fits(layer)
+    layer.quant_method._prepare_w8a8(layer)
+    assert "input_scale" not in layer._parameters          # W8A8 quantizes per token
+    x = torch.randn(7, 128, generator=torch.Generator().manual_seed(4))
+    got = layer(x)
+    a, a_scales = kref.quantize_per_token(x)
+    want = (a.float() * a_scales) @ oracle.t()              # oracle = e4m3 weight x its scale
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -121,9 +121,10 @@ class Fp8OnlineMethod(Fp8Method):
             # a row-parallel rank holds part of each row: scale by the whole row, as TP=1 does
             torch.distributed.all_reduce(amax, op=torch.distributed.ReduceOp.MAX, group=tp.group)
         weight, scales = ref.quantize_fp8_rows(layer.weight, amax)
-        # Keep the quantized form in the loaded layout, then take the checkpoint path.
+        # Keep the quantized form in the checkpoint layout (on the weight's device), then take
+        # the checkpoint path.
         layer._parameters["weight"] = nn.Parameter(weight, requires_grad=False)
-        add_param(layer, self.scale_name, (layer.output_size, 1), torch.float32,
-                  ParamSharding(out_dim=0, in_dim=None))
-        getattr(layer, self.scale_name).data = scales.reshape(-1, 1)
+        layer.register_parameter(self.scale_name,
+                                 nn.Parameter(scales.reshape(-1, 1), requires_grad=False))
+        layer.shardings[self.scale_name] = ParamSharding(out_dim=0, in_dim=None)
         super().process_after_loading(layer)
