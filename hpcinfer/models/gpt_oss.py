@@ -28,13 +28,8 @@ from hpcinfer.layers.rotary import RotaryEmbedding
 from hpcinfer.models.gemma2 import gemma_sliding_window_for
 from hpcinfer.models.llama import LlamaDecoderLayer
 from hpcinfer.models.mixtral import MoECausalLM
+from hpcinfer.models.support import MXFP4_DEQUANTIZE_FIX
 
-MXFP4_FIX = (
-    "this gpt-oss checkpoint stores its experts in MXFP4, which hpcinfer does not load yet. "
-    "Dequantize it once on a machine with enough memory and load the copy: "
-    "`from transformers import AutoModelForCausalLM, Mxfp4Config; AutoModelForCausalLM."
-    "from_pretrained(path, quantization_config=Mxfp4Config(dequantize=True), "
-    "dtype='bfloat16').save_pretrained(out)`")
 
 # Checkpoint name -> ours: the stacked expert tensors become stacked weight/bias params,
 # the router is the MoE block's `gate`, the sinks belong to the Attention layer.
@@ -51,7 +46,7 @@ def check_not_mxfp4(config: Any) -> None:
     method = quant.get("quant_method") if isinstance(quant, dict) else getattr(
         quant, "quant_method", None)
     if method is not None and str(method).lower() == "mxfp4":
-        raise ValueError(MXFP4_FIX)
+        raise ValueError(MXFP4_DEQUANTIZE_FIX)
 
 
 class GptOssForCausalLM(MoECausalLM):
