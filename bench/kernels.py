@@ -87,6 +87,8 @@ def _format(row: dict) -> str:
         extra += f"  {row['config']} err={row['rel_err']:.1e}"
     if row.get("speedup"):
         extra += f"  {row['speedup']:.1f}x the torch reference, err={row['rel_err']:.1e}"
+    if row.get("graph_ms"):
+        extra += f"  graph {row['graph_ms']:.4f} ms = {row['graph_gb_s']:.0f} GB/s"
     return (f"{row['kernel']:<22} {row['shape']:<44} {row['dtype']:<9} {row['ms']:9.4f} "
             f"{gb_s} {peer}{extra}")
 
@@ -266,18 +268,37 @@ def _moe_problem(num_tokens: int, dtype: torch.dtype):
 
 
 def bench_moe(dtypes):
-    """Fused MoE (Triton) vs the torch reference's per-expert loop, Qwen3-30B-A3B layer."""
+    """Fused MoE (Triton) vs the torch reference's per-expert loop, Qwen3-30B-A3B layer.
+
+    ``ms`` is an eager call (the ~35 small torch ops that sort the pairs launch from the
+    host, which dominates at decode sizes); ``graph_ms`` replays the same call captured in a
+    CUDA graph, as the engine's decode steps run it."""
     from hpcinfer.kernels import moe_reference
     from hpcinfer.kernels.fused_moe import fused_experts
     for num_tokens in (1, 16, 64, 256, 1024, 8192):
         args, num_bytes = _moe_problem(num_tokens, torch.bfloat16)
         ms = time_ms(lambda: fused_experts(*args))
+        graph_ms = time_ms(_captured(lambda: fused_experts(*args)))
         peer = time_ms(lambda: moe_reference.fused_experts(*args))
         err = _rel_err(fused_experts(*args), moe_reference.fused_experts(*args))
         shape = (f"{num_tokens} tok, h{MOE_SHAPE['hidden']}, {MOE_SHAPE['experts']}x"
                  f"i{MOE_SHAPE['inter']}, top{MOE_SHAPE['top_k']}")
         yield _row("fused_moe", shape, torch.bfloat16, ms, num_bytes, peer,
-                   speedup=peer / ms, rel_err=err)
+                   speedup=peer / ms, rel_err=err, graph_ms=graph_ms,
+                   graph_gb_s=num_bytes / graph_ms / 1e6)
+
+
+def _captured(fn):
+    """fn captured in a CUDA graph (after a warm-up run that compiles); returns its replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def sweep_moe(dtypes):
