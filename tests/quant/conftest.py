@@ -34,14 +34,16 @@ def quantized(base_dir, tmp_path_factory):
     from hpcinfer.testing.tiny import build_tiny_checkpoint
     root, built = tmp_path_factory.mktemp("quant"), {}
 
-    def get(fmt: str):
-        if fmt not in built:
-            base = base_dir
+    def get(fmt: str, family: str = FAMILY):
+        if (fmt, family) not in built:
+            from hpcinfer.testing.tiny import tiny_checkpoint
+            base = base_dir if family == FAMILY else tiny_checkpoint(family)
             if fmt in BASE_OVERRIDES:
-                base = build_tiny_checkpoint(FAMILY, root / f"{fmt}-base", seed=1,
+                base = build_tiny_checkpoint(family, root / f"{fmt}-{family}-base", seed=1,
                                              **BASE_OVERRIDES[fmt])
-            built[fmt] = tuple(str(p) for p in build_quantized(base, fmt, root))
-        return built[fmt]
+            built[fmt, family] = tuple(str(p) for p in build_quantized(base, fmt,
+                                                                       root / family))
+        return built[fmt, family]
     return get
 
 

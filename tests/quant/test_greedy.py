@@ -24,6 +24,18 @@ def test_greedy_equals_transformers_on_dequantized_weights(fmt, quantized, engin
     assert got == oracle_tokens(oracle_dir)
 
 
+@pytest.mark.parametrize("family, fmt", [
+    ("qwen2", "awq"),               # q/k/v biases beside packed weights, tied embeddings
+    ("qwen3", "fp8_block"),         # q/k norms, head_dim 32 != hidden / heads
+    ("gemma", "ct_w4a16_asym"),     # one KV head, (1 + w) norms, GeGLU
+    ("opt", "gptq_asym_desc_act"),  # out_proj / fc1 / fc2 with biases; project_in/out stay
+])
+def test_other_families(family, fmt, quantized, engine_tokens, oracle_tokens):
+    quant_dir, oracle_dir = quantized(fmt, family)
+    got, _ = engine_tokens(quant_dir)
+    assert got == oracle_tokens(oracle_dir)
+
+
 def test_online_fp8_equals_transformers_on_its_weights(base_dir, tmp_path, engine_tokens,
                                                        oracle_tokens):
     from hpcinfer.testing.quant import build_online_fp8_oracle
