@@ -155,7 +155,7 @@ class StackedExpertWeight(nn.Module):
             raise WeightShapeError((self.num_experts, *param.shape[1:]), tuple(loaded.shape))
         for local in range(self.layout.num_local_experts):
             one = _materialize(loaded.narrow(0, self.layout.expert_start + local, 1))[0]
-            param.data[local].copy_(self._from_gpt_oss(one, is_bias=param.dim() == 2))
+            copy_checked(param.data[local], self._from_gpt_oss(one, is_bias=param.dim() == 2))
 
     def _from_gpt_oss(self, one: torch.Tensor, is_bias: bool) -> torch.Tensor:
         # one expert: weight [in, out] (bias [out]); ours is [out, in] with [gate | up] rows.

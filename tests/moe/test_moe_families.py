@@ -125,3 +125,17 @@ def test_expert_layout_that_does_not_divide_is_refused_before_loading(tmp_path):
     with pytest.raises(ValueError, match="intermediate size=45 is not divisible by the "
                                          "tensor-parallel size 2.*enable_expert_parallel"):
         load_model(path, dtype=torch.float32, device="cpu", tp=TensorParallel(0, 2))
+
+
+def test_gpt_oss_expert_tensor_of_the_wrong_layout_is_refused(tmp_path):
+    # A checkpoint whose stacked experts are [E, 2I, H] instead of gpt-oss's [E, H, 2I].
+    from safetensors.torch import load_file, save_file
+    path = _copy("gpt_oss", tmp_path)
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    shard = path / index["weight_map"][name]
+    tensors = load_file(shard)
+    tensors[name] = tensors[name].transpose(1, 2).contiguous()
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=name.replace(".", r"\.") + ".*wrong shape"):
+        load_model(path, dtype=torch.float32, device="cpu")
