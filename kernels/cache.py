@@ -8,8 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch_checks import (FLOAT_DTYPES, INDEX_DTYPES, check_dim, check_dtype, check_head_dim,
-                            check_last_dim_contiguous, check_same_device)
+from .launch_checks import (FLOAT_DTYPES, INDEX_DTYPES, KV_CACHE_DTYPES, check_dim, check_dtype,
+                            check_head_dim, check_last_dim_contiguous, check_same_device)
 
 
 @triton.jit
@@ -18,7 +18,7 @@ def _reshape_and_cache_kernel(
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cb, stride_cs, stride_ch,          # shared by k_cache and v_cache (checked)
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, SATURATE_FP8: tl.constexpr = False,
 ):
     # One program per token: it copies all kv heads of that token, [BLOCK_H, BLOCK_D] at once.
     token = tl.program_id(0)
@@ -37,6 +37,9 @@ def _reshape_and_cache_kernel(
     v = tl.load(VALUE + token * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :],
                 mask=mask)
     dst = block * stride_cb + offset * stride_cs + offs_h[:, None] * stride_ch + offs_d[None, :]
+    if SATURATE_FP8:   # an e4m3 cache: clamp to its largest finite value, as torch's cast does
+        k = tl.minimum(tl.maximum(k.to(tl.float32), -448.0), 448.0)
+        v = tl.minimum(tl.maximum(v.to(tl.float32), -448.0), 448.0)
     tl.store(K_CACHE + dst, k.to(K_CACHE.dtype.element_ty), mask=mask)
     tl.store(V_CACHE + dst, v.to(V_CACHE.dtype.element_ty), mask=mask)
 
@@ -65,7 +68,7 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Ten
         raise ValueError(f"slot_mapping must be [{num_tokens}], got {tuple(slot_mapping.shape)}")
     check_head_dim(head_dim)
     for name, t in (("key", key), ("value", value), ("k_cache", k_cache), ("v_cache", v_cache)):
-        check_dtype(name, t, FLOAT_DTYPES)
+        check_dtype(name, t, FLOAT_DTYPES if name in ("key", "value") else KV_CACHE_DTYPES)
         check_last_dim_contiguous(name, t)
     check_dtype("slot_mapping", slot_mapping, INDEX_DTYPES)
     check_last_dim_contiguous("slot_mapping", slot_mapping)
@@ -79,4 +82,5 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Ten
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
         BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
+        SATURATE_FP8=k_cache.dtype == torch.float8_e4m3fn,
     )

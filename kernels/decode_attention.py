@@ -25,9 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch_checks import (FLOAT_DTYPES, INDEX_DTYPES, KernelArgumentError, check_dim,
-                            check_dtype, check_head_dim, check_last_dim_contiguous, check_out,
-                            check_same_device, check_sinks)
+from .launch_checks import (FLOAT_DTYPES, INDEX_DTYPES, KV_CACHE_DTYPES, KernelArgumentError,
+                            check_dim, check_dtype, check_head_dim, check_last_dim_contiguous,
+                            check_out, check_same_device, check_sinks)
 from .paged_tiles import attend_key_tiles, pv_precision, sink_denominator, softcap_args
 
 LOG2E = 1.4426950408889634
@@ -275,12 +275,13 @@ def check_paged_kv(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         raise ValueError(f"num_heads={num_heads} is not a multiple of "
                          f"num_kv_heads={num_kv_heads}")
     check_head_dim(head_dim)
+    check_dtype("q", q, FLOAT_DTYPES)
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        check_dtype(name, t, FLOAT_DTYPES)
+        check_dtype(name, t, KV_CACHE_DTYPES)
         check_last_dim_contiguous(name, t)
-    if k_cache.dtype != q.dtype:
+    if k_cache.dtype not in (q.dtype, torch.float8_e4m3fn):
         raise KernelArgumentError(f"q is {q.dtype} but the cache is {k_cache.dtype}: allocate "
-                                  "the KV cache in the model's dtype")
+                                  "the KV cache in the model's dtype (or e4m3)")
     check_dtype("block_tables", block_tables, INDEX_DTYPES)
     check_last_dim_contiguous("block_tables", block_tables)
     check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables)

@@ -10,6 +10,9 @@ from __future__ import annotations
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# KV caches may also hold e4m3 (kv_cache_dtype="fp8", per-tensor scale 1.0): written with a
+# saturating cast, read back in q's dtype.
+KV_CACHE_DTYPES = FLOAT_DTYPES + (torch.float8_e4m3fn,)
 INDEX_DTYPES = (torch.int32, torch.int64)
 MAX_HEAD_DIM = 256
 

@@ -53,7 +53,8 @@ def attend_key_tiles(acc, l_i, m_i, q, K_CACHE, V_CACHE, table, kv_head, q_pos, 
         kv_off = (block[:, None] * stride_cb + (k_pos % BLOCK_SIZE)[:, None] * stride_cs
                   + kv_head * stride_ch + offs_d[None, :])
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(K_CACHE + kv_off, mask=kv_mask, other=0.0)            # [BLOCK_N, BLOCK_D]
+        # .to(q.dtype): a no-op unless the cache holds e4m3 (kv_cache_dtype="fp8")
+        k = tl.load(K_CACHE + kv_off, mask=kv_mask, other=0.0).to(q.dtype)  # [BLOCK_N, BLOCK_D]
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if HAS_SOFTCAP:   # before the masks, as transformers' Gemma 2 does
             qk = tanh(qk) * softcap_log2
@@ -69,7 +70,7 @@ def attend_key_tiles(acc, l_i, m_i, q, K_CACHE, V_CACHE, table, kv_head, q_pos, 
         p = tl.math.exp2(qk - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V_CACHE + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(V_CACHE + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
         if PV_PRECISION is None:
             pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         else:   # P kept in fp32 (see the module docstring)

@@ -272,6 +272,10 @@ class EngineSection(Section):
         Field(None, description="Weight quantization (default: the checkpoint's "
                                 "quantization_config); fp8 on an unquantized checkpoint "
                                 "quantizes it at load (docs/quantization.md)")
+    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3"] = Field(
+        "auto", description="KV cache storage: auto (the model's dtype) or fp8 (e4m3, "
+                            "per-tensor scale 1.0: twice the tokens of bf16; "
+                            "docs/quantization.md)")
 
 
 class ParallelSection(Section):

@@ -39,7 +39,8 @@ _ENGINE_TYPES = {"model": str, "dtype": str, "max_model_len": int, "max_num_seqs
                  "pipeline_micro_batches": int, "enable_expert_parallel": bool,
                  "num_gpu_blocks_override": int, "device": str,
                  "attention_backend": str, "tokenizer": str, "trust_remote_code": bool,
-                 "max_logprobs": int, "quantization": str}
+                 "max_logprobs": int, "quantization": str,
+                 "kv_cache_dtype": str}
 
 
 def _field_specs() -> list[tuple[str, Any, type | str, str]]:

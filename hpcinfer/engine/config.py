@@ -34,6 +34,7 @@ class EngineConfig:
     trust_remote_code: bool = False       # accepted for vLLM scripts; no remote code is run
     max_logprobs: int = 20                # most logprobs a request may ask for (vLLM's default)
     quantization: str | None = None       # None: the checkpoint's; "fp8" also quantizes online
+    kv_cache_dtype: str = "auto"          # "fp8"/"fp8_e4m3": e4m3 cache, scale 1.0 (quantization.md)
 
     def __post_init__(self) -> None:
         _positive_int(self, "max_num_seqs")
@@ -56,6 +57,9 @@ class EngineConfig:
         if self.num_gpu_blocks_override is not None:
             _positive_int(self, "num_gpu_blocks_override")
         _check_quantization(self.quantization)
+        if self.kv_cache_dtype not in ("auto", "fp8", "fp8_e4m3"):
+            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported: use "
+                             "auto (the model's dtype), fp8 or fp8_e4m3")
         if self.dtype not in DTYPE_NAMES:
             raise ValueError(f"dtype={self.dtype!r} is not supported: use one of "
                              f"{sorted(DTYPE_NAMES)}")

@@ -44,6 +44,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# kv_cache_dtype -> the cache's torch dtype (None: the model's).
+KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
+
 def resolve_dtype(name: str, config_dtype, device: torch.device) -> torch.dtype:
     """"auto": the checkpoint's dtype; fp32 checkpoints run in bf16 on GPU, fp32 on CPU."""
     if name != "auto":
@@ -76,9 +79,14 @@ class ModelRunner:
         self.cpu_memory = None      # memory.CpuMemory when it was sized on the CPU
 
     # --- KV cache ---
+    @property
+    def kv_cache_dtype(self) -> torch.dtype:
+        """The model's dtype, or e4m3 with kv_cache_dtype="fp8" (per-tensor scale 1.0)."""
+        return KV_CACHE_DTYPES.get(self.config.kv_cache_dtype) or self.spec.dtype
+
     def bytes_per_block(self) -> int:
         spec = self.spec
-        elem = torch.empty((), dtype=spec.dtype).element_size()
+        elem = torch.empty((), dtype=self.kv_cache_dtype).element_size()
         return 2 * spec.num_layers * self.block_size * spec.num_kv_heads * spec.head_dim * elem
 
     def allocate_kv_cache(self, max_model_len: int) -> int:
@@ -95,13 +103,14 @@ class ModelRunner:
                 "lower max_model_len")
         spec = self.spec
         shape = (num_blocks, self.block_size, spec.num_kv_heads, spec.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=spec.dtype, device=self.device),
-                           torch.zeros(shape, dtype=spec.dtype, device=self.device))
+        dtype = self.kv_cache_dtype
+        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=self.device),
+                           torch.zeros(shape, dtype=dtype, device=self.device))
                           for _ in range(spec.num_layers)]
         self.num_blocks = num_blocks
-        log.info("KV cache: %d blocks x %d tokens = %d tokens, %.3f GiB on %s", num_blocks,
+        log.info("KV cache: %d blocks x %d tokens = %d tokens, %.3f GiB on %s (%s)", num_blocks,
                  self.block_size, num_blocks * self.block_size,
-                 num_blocks * per_block / 2**30, self.device)
+                 num_blocks * per_block / 2**30, self.device, dtype)
         return num_blocks
 
     def _kv_budget_bytes(self, max_model_len: int) -> int:

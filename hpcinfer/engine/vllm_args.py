@@ -58,8 +58,8 @@ IGNORED: dict[str, VllmArg] = {
     "preemption_mode": _ignored(None, str, "preemption always recomputes"),
     "scheduling_policy": _ignored("fcfs", str, "requests are served first come, first served"),
     "disable_cascade_attn": _ignored(False, bool, "no cascade attention"),
-    "calculate_kv_scales": _ignored(False, bool, "the KV cache is not quantized"),
-    "kv_cache_dtype": _ignored("auto", str, "the KV cache has the model's dtype"),
+    "calculate_kv_scales": _ignored(False, bool, "an fp8 KV cache uses scale "
+                                                     "1.0"),
     "compilation_config": _ignored(None, "json", "CUDA graphs follow enforce_eager"),
     "guided_decoding_backend": _ignored("auto", str, "structured outputs always use xgrammar "
                                                      "(docs/structured-outputs.md)"),

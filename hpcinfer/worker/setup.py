@@ -134,7 +134,8 @@ def engine_config(cfg, model, device: str | None = None):
             tensor_parallel_size=int(cfg.parallel.tensor),
             pipeline_parallel_size=int(cfg.parallel.pipeline),
             device=device or str(cfg.resources.device),
-            tokenizer=_tokenizer_path(cfg), quantization=e.quantization)
+            tokenizer=_tokenizer_path(cfg), quantization=e.quantization,
+            kv_cache_dtype=e.kv_cache_dtype)
     except ValueError as exc:
         raise TaskFailed(f"engine: {exc}") from None
 
