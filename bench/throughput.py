@@ -359,6 +359,7 @@ def run_hpcinfer(ckpt: Path, requests, max_num_seqs: int, profile_dir: Path | No
               **{"async_scheduling": os.environ.get("BENCH_ASYNC", "1") == "1",
                  # BENCH_QUANTIZATION=fp8: online FP8 of the bf16 checkpoint (issue 20)
                  "quantization": os.environ.get("BENCH_QUANTIZATION") or None,
+                 "kv_cache_dtype": os.environ.get("BENCH_KV_CACHE_DTYPE") or "auto",
                  **(llm_kwargs or {})})
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     sync()

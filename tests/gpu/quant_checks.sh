@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 20 on a GPU: the quantized GEMM kernels at full shapes (tests/gpu/test_quant_gpu.py),
 # their bench/kernels.py rows next to the bf16 GEMM of the same shape, then (THROUGHPUT=1)
-# workload B bf16 vs online FP8 (BENCH_QUANTIZATION=fp8). Writes logs and JSON to RESULTS_DIR.
+# workload B bf16 vs online FP8 (BENCH_QUANTIZATION=fp8) vs online FP8 with an FP8 KV cache
+# (BENCH_KV_CACHE_DTYPE=fp8). Writes logs and JSON to RESULTS_DIR.
 #
 #   tests/gpu/quant_checks.sh [RESULTS_DIR]     # default: $OUT if set, else bench/results
 set -uo pipefail
@@ -29,12 +30,14 @@ echo "bench: exit $? in $(( $(date +%s) - start )) s"
 grep -E "^(kernel|device_copy|bf16_gemm|w4a16|fp8)" "$RESULTS_DIR/quant-kernels.log" | tail -40
 
 if [[ ${THROUGHPUT:-0} == 1 ]]; then
-  for quant in "" fp8; do
+  for variant in bf16 fp8 fp8-kvfp8; do
+    quant=${variant%%-*}; [[ $quant == bf16 ]] && quant=""
+    kv=auto; [[ $variant == *kvfp8 ]] && kv=fp8
     start=$(date +%s)
-    BENCH_QUANTIZATION=$quant timeout "${THROUGHPUT_TIMEOUT:-170}" "$PY" \
-      "$REPO/bench/throughput.py" --workloads B --engines hpcinfer --out "$RESULTS_DIR" \
-      --label "issue 20: ${quant:-bf16}" > "$RESULTS_DIR/quant-throughput-${quant:-bf16}.log" 2>&1
-    echo "throughput ${quant:-bf16}: exit $? in $(( $(date +%s) - start )) s"
-    grep -E "^===|start-up|KV pool" "$RESULTS_DIR/quant-throughput-${quant:-bf16}.log"
+    BENCH_QUANTIZATION=$quant BENCH_KV_CACHE_DTYPE=$kv timeout "${THROUGHPUT_TIMEOUT:-170}" \
+      "$PY" "$REPO/bench/throughput.py" --workloads B --engines hpcinfer --out "$RESULTS_DIR" \
+      --label "issue 20: $variant" > "$RESULTS_DIR/quant-throughput-$variant.log" 2>&1
+    echo "throughput $variant: exit $? in $(( $(date +%s) - start )) s"
+    grep -E "^===|start-up|KV pool" "$RESULTS_DIR/quant-throughput-$variant.log"
   done
 fi
