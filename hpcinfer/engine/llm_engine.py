@@ -1,7 +1,8 @@
 """LLMEngine: the streaming step loop (add_request / step / abort_request).
 
 Ownership: the scheduler moves sequences and the block manager writes block tables; the
-engine alone appends sampled tokens, detokenizes and decides when a sequence is finished.
+engine alone appends sampled tokens, detokenizes and decides when a sequence is finished
+(through its TokenAppender, engine/token_appender.py).
 A bad request raises ValueError in ``add_request`` before any state changes, so it never
 disturbs the requests already running.
 """
@@ -15,18 +16,20 @@ import torch
 
 from hpcinfer.engine.block_manager import BlockManager
 from hpcinfer.engine.config import EngineConfig
-from hpcinfer.engine.detokenizer import IncrementalDetokenizer, find_stop_string
+from hpcinfer.engine.detokenizer import IncrementalDetokenizer
 from hpcinfer.engine.inflight import InFlight, PinnedTokens, async_safe
 from hpcinfer.engine.model_runner import ModelRunner, resolve_device, resolve_dtype
 from hpcinfer.engine.outputs import RequestMetrics, RequestOutput
 from hpcinfer.engine.params import SamplingParams
+from hpcinfer.engine.prompt_input import tokenize_prompt
 from hpcinfer.engine.prompt_logprobs import record as record_prompt_logprobs
 from hpcinfer.engine.request_params import NoDetokenizer, resolve_params
 from hpcinfer.engine.request_state import RequestState
 from hpcinfer.engine.request_stats import RequestStats
 from hpcinfer.engine.sampler import Sampler, SamplerOutput
 from hpcinfer.engine.scheduler import Scheduler
-from hpcinfer.engine.sequence import Sequence, SequenceStatus
+from hpcinfer.engine.sequence import Sequence
+from hpcinfer.engine.token_appender import TokenAppender
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +88,7 @@ class LLMEngine:
         eos = set(self.spec.eos_token_ids or ())
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
             eos.add(self.tokenizer.eos_token_id)
-        self.eos_token_ids = frozenset(eos)
+        self.appender = TokenAppender(self.tokenizer, self.max_model_len, frozenset(eos))
         self.requests: dict[str, RequestState] = {}
         self.structured = None   # engine/structured.py, made at the first constrained request
         self.stats = EngineStats()
@@ -208,47 +211,11 @@ class LLMEngine:
 
     def tokenize_prompt(self, prompt, request_id: str = "?",
                         truncate_prompt_tokens: int | None = None) -> tuple[str | None, list[int]]:
-        """(prompt text or None, prompt token ids), validated against vocab and max_model_len.
-        ``truncate_prompt_tokens``: keep only the last k tokens (-1: max_model_len), as vLLM."""
-        text, token_ids = None, None
-        if isinstance(prompt, dict):
-            # TextPrompt / TokensPrompt keys; multi_modal_data etc. are refused below
-            unknown = set(prompt) - {"prompt", "prompt_token_ids", "cache_salt"}
-            if unknown:
-                raise ValueError(f"request {request_id!r}: unknown prompt keys {sorted(unknown)}; "
-                                 "use 'prompt' and/or 'prompt_token_ids'")
-            text, token_ids = prompt.get("prompt"), prompt.get("prompt_token_ids")
-        elif isinstance(prompt, str):
-            text = prompt
-        elif isinstance(prompt, (list, tuple)):
-            token_ids = prompt
-        else:
-            raise ValueError(f"request {request_id!r}: a prompt must be a string, a list of "
-                             f"token ids or a dict, got {type(prompt).__name__}")
-        if token_ids is None:
-            if not isinstance(text, str):
-                raise ValueError(f"request {request_id!r}: prompt text must be a string")
-            token_ids = self.tokenizer(text).input_ids if text else []
-        token_ids = [int(t) for t in token_ids]
-        if truncate_prompt_tokens is not None:
-            keep = self.max_model_len if truncate_prompt_tokens == -1 else truncate_prompt_tokens
-            token_ids = token_ids[-keep:]
-        self._check_prompt(request_id, token_ids)
-        return text, token_ids
-
-    def _check_prompt(self, request_id: str, token_ids: list[int]) -> None:
-        if not token_ids:
-            raise ValueError(f"request {request_id!r}: the prompt is empty (0 tokens); "
-                             "give at least one token")
-        if len(token_ids) > self.max_model_len:
-            raise ValueError(f"request {request_id!r}: the prompt has {len(token_ids)} tokens, "
-                             f"more than max_model_len={self.max_model_len}; shorten it or "
-                             "raise max_model_len")
-        vocab = self.spec.vocab_size
-        if min(token_ids) < 0 or max(token_ids) >= vocab:
-            bad = next(t for t in token_ids if t < 0 or t >= vocab)
-            raise ValueError(f"request {request_id!r}: token id {bad} is outside the "
-                             f"vocabulary [0, {vocab})")
+        """(prompt text or None, prompt token ids), validated against vocab and max_model_len
+        (engine/prompt_input.py)."""
+        return tokenize_prompt(self.tokenizer, prompt, request_id,
+                               max_model_len=self.max_model_len, vocab_size=self.spec.vocab_size,
+                               truncate_prompt_tokens=truncate_prompt_tokens)
 
     def abort_request(self, request_id: str | list[str]) -> None:
         """Stop requests (unknown or finished ids are ignored, as in vLLM) and free their KV."""
@@ -351,7 +318,7 @@ class LLMEngine:
         self.scheduler.update_computed(scheduled)
         if launched is not None:
             for seq in launched.seqs:
-                if not seq.is_finished and not self._ends_by_length_next(seq):
+                if not seq.is_finished and not self.appender.ends_by_length_next(seq):
                     seq.add_placeholder()
         self._inflight = launched
         t5 = time.perf_counter()
@@ -378,18 +345,12 @@ class LLMEngine:
         none = [None] * len(seqs)
         return self._postprocess(seqs, SamplerOutput(tokens, none, list(none)), final_only)
 
-    def _ends_by_length_next(self, seq: Sequence) -> bool:
-        """Whether the token now being sampled ends ``seq`` by length (as _check_stop_token)."""
-        max_tokens = seq.params.max_tokens
-        return len(seq) + 1 >= self.max_model_len or (
-            max_tokens is not None and seq.num_output_tokens + 1 >= max_tokens)
-
     def _postprocess(self, seqs: list[Sequence], sampled: SamplerOutput,
                      final_only: bool) -> list[RequestOutput]:
         finished, touched = [], {}
         for i, seq in enumerate(seqs):
-            self._append_token(seq, sampled.token_ids[i], sampled.sampled_logprobs[i],
-                               sampled.top_logprobs[i])
+            self.appender.append(seq, sampled.token_ids[i], sampled.sampled_logprobs[i],
+                                 sampled.top_logprobs[i], self.structured)
             if seq.finish_reason is not None:
                 finished.append(seq)
             touched[seq.request_id] = None
@@ -410,54 +371,6 @@ class LLMEngine:
             outputs.append(request.output())
         return outputs
 
-    def _append_token(self, seq: Sequence, token_id: int, logprob: float | None,
-                      top: dict | None) -> None:
-        seq.token_ids.append(token_id)
-        if seq.logprobs is not None:
-            seq.cumulative_logprob += logprob
-            for tid, entry in top.items():
-                entry.decoded_token = self.tokenizer.decode([tid])
-            seq.logprobs.append(top)
-        params = seq.params
-        stopped_by_token = self._check_stop_token(seq, token_id)
-        if seq.grammar is not None and seq.finish_reason is None:
-            # a complete grammar ends the row as EOS would (it allowed only stop tokens)
-            seq.finish_reason = self.structured.accept(seq, token_id)
-            stopped_by_token = seq.finish_reason == "stop" and token_id in self.eos_token_ids
-        if stopped_by_token and not params.include_stop_str_in_output:
-            seq.detok.flush()  # the stop token's own text is left out, as in vLLM
-            return
-        num_new_chars = len(seq.detok.append(token_id))  # NoDetokenizer: 0
-        if (num_new_chars and params.stop_strings and seq.num_output_tokens > params.min_tokens
-                and seq.finish_reason != "stop"):
-            found = find_stop_string(seq.detok.output_text, num_new_chars, params.stop_strings,
-                                     params.include_stop_str_in_output)
-            if found is not None:
-                stop_str, text_len = found
-                seq.detok.output_text = seq.detok.output_text[:text_len]
-                seq.finish_reason, seq.stop_reason = "stop", stop_str
-                return
-        if seq.finish_reason is not None:
-            seq.detok.flush()  # a character still incomplete at the end shows as U+FFFD
-
-    def _check_stop_token(self, seq: Sequence, token_id: int) -> bool:
-        """Set finish fields for length / EOS / stop token (vLLM's order); True if the last
-        token is a stop token."""
-        params = seq.params
-        if len(seq) >= self.max_model_len or (params.max_tokens is not None
-                                              and seq.num_output_tokens >= params.max_tokens):
-            seq.finish_reason = "length"
-            return False
-        if seq.num_output_tokens < params.min_tokens:
-            return False
-        if not params.ignore_eos and token_id in self.eos_token_ids:
-            seq.finish_reason = "stop"
-            return True
-        if token_id in params.stop_token_id_set:
-            seq.finish_reason, seq.stop_reason = "stop", token_id
-            return True
-        return False
-
     def _record(self, num_seqs: int, is_decode: bool, t: tuple[float, ...]) -> None:
         stats = self.stats
         stats.num_steps += 1
@@ -469,6 +382,15 @@ class LLMEngine:
         stats.postprocess_s += t[5] - t[4]
         stats.last_step = {"num_seqs": num_seqs, "is_decode": is_decode,
                            "schedule_s": t[1] - t[0], "prepare_s": t[2] - t[1]}
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """The ids that end a sequence (config, generation_config and the tokenizer's)."""
+        return self.appender.eos_token_ids
+
+    @eos_token_ids.setter
+    def eos_token_ids(self, ids) -> None:  # tests make a frequent token the EOS
+        self.appender.eos_token_ids = frozenset(ids)
 
     @property
     def num_preemptions(self) -> int:
