@@ -18,9 +18,8 @@ from torch import nn
 from hpcinfer.layers.linear import ReplicatedLinear, TensorParallel
 from hpcinfer.layers.moe import MoESpec, SparseMoE
 from hpcinfer.models.llama import LlamaMLP
-from hpcinfer.models.mixtral import MoECausalLM
 from hpcinfer.models.qwen2 import qwen_sliding_window_for
-from hpcinfer.models.qwen3_moe import qwen_is_moe_layer, qwen_moe_spec
+from hpcinfer.models.qwen3_moe import QwenMoeCausalLM
 
 
 class SharedExpertMoE(SparseMoE):
@@ -40,7 +39,7 @@ class SharedExpertMoE(SparseMoE):
         return super().forward(x) + shared
 
 
-class Qwen2MoeForCausalLM(MoECausalLM):
+class Qwen2MoeForCausalLM(QwenMoeCausalLM):
 
     def __init__(self, config: Any, **kwargs):
         self.qkv_bias = getattr(config, "qkv_bias", True)   # read by _make_layer
@@ -51,14 +50,6 @@ class Qwen2MoeForCausalLM(MoECausalLM):
             return super().make_moe(config, tp)
         return SharedExpertMoE(self.moe_spec(config), config, tp,
                                expert_parallel=self.expert_parallel)
-
-    @staticmethod
-    def is_moe_layer(config: Any, layer_idx: int) -> bool:
-        return qwen_is_moe_layer(config, layer_idx)
-
-    @staticmethod
-    def moe_spec(config: Any) -> MoESpec:
-        return qwen_moe_spec(config)
 
     @staticmethod
     def sliding_window_for(config: Any, layer_idx: int) -> int | None:

@@ -26,8 +26,8 @@ def qwen_moe_spec(config: Any) -> MoESpec:
                    scoring="softmax_topk", renormalize=bool(config.norm_topk_prob))
 
 
-class Qwen3MoeForCausalLM(MoECausalLM):
-    has_qk_norm = True
+class QwenMoeCausalLM(MoECausalLM):
+    """Qwen2-MoE's and Qwen3-MoE's shared layout: which layers are sparse, and the router."""
 
     @staticmethod
     def is_moe_layer(config: Any, layer_idx: int) -> bool:
@@ -36,6 +36,10 @@ class Qwen3MoeForCausalLM(MoECausalLM):
     @staticmethod
     def moe_spec(config: Any) -> MoESpec:
         return qwen_moe_spec(config)
+
+
+class Qwen3MoeForCausalLM(QwenMoeCausalLM):
+    has_qk_norm = True
 
     @staticmethod
     def sliding_window_for(config: Any, layer_idx: int) -> int | None:

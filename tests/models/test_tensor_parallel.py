@@ -2,12 +2,9 @@
 tiny checkpoint; their logits must equal the unsharded model's."""
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 
+from hpcinfer.testing.gloo_ranks import run_two_ranks
 from hpcinfer.testing.tiny import tiny_checkpoint
 
 _RANK_SCRIPT = textwrap.dedent("""
@@ -46,12 +43,6 @@ _RANK_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_rank_tensor_parallel_equals_one_rank(tmp_path):
     # GQA + llama3 rope; qkv bias + tied head; OPT (biases, LayerNorm, project_in/out);
     # Phi-3's fused qkv/gate_up tensors split per rank (partial rotary, longrope); Gemma 2's
@@ -59,21 +50,4 @@ def test_two_rank_tensor_parallel_equals_one_rank(tmp_path):
     # One process pair for all of them: interpreter start-up dominates.
     paths = [str(tiny_checkpoint(family))
              for family in ("llama3", "qwen2", "opt", "phi3", "gemma2", "gemma3")]
-    script = tmp_path / "rank.py"
-    script.write_text(_RANK_SCRIPT)
-    port = str(_free_port())
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, str(script), str(rank), port, *paths],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-             for rank in range(2)]
-    outputs = []
-    for proc in procs:
-        try:
-            outputs.append(proc.communicate(timeout=120)[0])
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            raise
-    for rank, (proc, out) in enumerate(zip(procs, outputs)):
-        assert proc.returncode == 0, f"rank {rank} failed:\n{out[-3000:]}"
-        assert f"rank {rank} ok" in out
+    run_two_ranks(tmp_path, _RANK_SCRIPT, paths, timeout_s=120)

@@ -8,12 +8,9 @@ EP needs an even expert count, so it runs on copies of the tiny configs with 6 o
 """
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 
+from hpcinfer.testing.gloo_ranks import run_two_ranks
 from hpcinfer.testing.tiny import TINY_MOE_FAMILIES, build_tiny_checkpoint, tiny_checkpoint
 
 _RANK_SCRIPT = textwrap.dedent("""
@@ -59,33 +56,6 @@ _RANK_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run_two_ranks(tmp_path, runs: list[str]) -> None:
-    script = tmp_path / "rank.py"
-    script.write_text(_RANK_SCRIPT)
-    port = str(_free_port())
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, str(script), str(rank), port, *runs],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-             for rank in range(2)]
-    outputs = []
-    for proc in procs:
-        try:
-            outputs.append(proc.communicate(timeout=180)[0])
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            raise
-    for rank, (proc, out) in enumerate(zip(procs, outputs)):
-        assert proc.returncode == 0, f"rank {rank} failed:\n{out[-3000:]}"
-        assert f"rank {rank} ok" in out
-
-
 def test_tensor_and_expert_parallel_equal_one_process(tmp_path):
     # One process pair for every case: interpreter start-up dominates.
     even = {"mixtral": dict(num_local_experts=6), "qwen2_moe": dict(num_experts=8),
@@ -93,7 +63,7 @@ def test_tensor_and_expert_parallel_equal_one_process(tmp_path):
     ep_paths = [str(build_tiny_checkpoint(f, tmp_path / f, **kw)) for f, kw in even.items()]
     ep_paths.append(str(tiny_checkpoint("qwen3_moe")))            # 6 experts already
     runs = [f"{tiny_checkpoint(f)}@tp" for f in TINY_MOE_FAMILIES] + [f"{p}@ep" for p in ep_paths]
-    _run_two_ranks(tmp_path, runs)
+    run_two_ranks(tmp_path, _RANK_SCRIPT, runs)
 
 
 def test_llm_with_expert_parallel_matches_transformers():
