@@ -60,9 +60,9 @@ class DriverEngine(LLMEngine):
         self.channel = channel
         super().__init__(config, tokenizer)
 
-    def add_request(self, request_id, prompt, params=None):
-        super().add_request(request_id, prompt, params)
-        self.channel.queue("add", request_id, prompt, params)
+    def add_request(self, request_id, prompt, params=None, lora_request=None, **_vllm_only):
+        super().add_request(request_id, prompt, params, lora_request=lora_request)
+        self.channel.queue("add", request_id, prompt, params, lora_request)
 
     def abort_request(self, request_id):
         self.channel.queue("abort", request_id)

@@ -143,10 +143,7 @@ class AsyncLLM:
         if request_id not in self._streams:  # aborted before it was added
             return
         try:
-            if lora_request is not None:
-                raise ValueError(f"request {request_id!r}: hpcinfer has no LoRA adapters yet; "
-                                 "pass lora_request=None")
-            self.engine.add_request(request_id, prompt, params)
+            self.engine.add_request(request_id, prompt, params, lora_request=lora_request)
         except ValueError as e:
             self._post(request_id, e, True)
 

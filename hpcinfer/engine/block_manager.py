@@ -159,7 +159,10 @@ class BlockManager:
     def _extend_hashes(self, seq: Sequence, num_blocks: int) -> None:
         hashes = seq.block_hashes
         while len(hashes) < num_blocks:
-            parent = hashes[-1] if hashes else _ROOT_HASH
+            # A LoRA adapter changes every KV entry: its id seeds the chain, so two adapters
+            # (or an adapter and the base) never share a block.
+            parent = hashes[-1] if hashes else (hash((_ROOT_HASH, "lora", seq.lora_id))
+                                                if seq.lora_id else _ROOT_HASH)
             hashes.append(hash((parent, self._tokens_of(seq, len(hashes)))))
 
     def check_invariants(self, live_seqs: list[Sequence]) -> None:

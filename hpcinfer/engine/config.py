@@ -35,6 +35,10 @@ class EngineConfig:
     max_logprobs: int = 20                # most logprobs a request may ask for (vLLM's default)
     quantization: str | None = None       # None: the checkpoint's; "fp8" also quantizes online
     kv_cache_dtype: str = "auto"          # "fp8"/"fp8_e4m3": e4m3 cache, scale 1.0 (quantization.md)
+    enable_lora: bool = False             # LoRA adapters per request (docs/lora.md)
+    max_loras: int = 1                    # adapters in the slot pool (distinct ones per step)
+    max_lora_rank: int = 16               # largest adapter rank accepted
+    max_cpu_loras: int | None = None      # adapters kept read on the CPU; None: max_loras
 
     def __post_init__(self) -> None:
         _positive_int(self, "max_num_seqs")
@@ -60,6 +64,7 @@ class EngineConfig:
         if self.kv_cache_dtype not in ("auto", "fp8", "fp8_e4m3"):
             raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported: use "
                              "auto (the model's dtype), fp8 or fp8_e4m3")
+        _check_lora(self)
         if self.dtype not in DTYPE_NAMES:
             raise ValueError(f"dtype={self.dtype!r} is not supported: use one of "
                              f"{sorted(DTYPE_NAMES)}")
@@ -98,6 +103,16 @@ def _check_quantization(value) -> None:
     if value not in (None, "auto", *SUPPORTED_QUANT_METHODS):
         raise ValueError(f"quantization={value!r} is not supported; hpcinfer supports "
                          f"{SUPPORTED_TEXT}")
+
+
+def _check_lora(config: EngineConfig) -> None:
+    _positive_int(config, "max_loras")
+    _positive_int(config, "max_lora_rank")
+    if config.max_cpu_loras is not None:
+        _positive_int(config, "max_cpu_loras")
+        if config.max_cpu_loras < config.max_loras:
+            raise ValueError(f"max_cpu_loras={config.max_cpu_loras} must be >= max_loras="
+                             f"{config.max_loras}: raise it or leave it None")
 
 
 def _positive_int(config: EngineConfig, name: str) -> None:

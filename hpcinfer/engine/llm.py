@@ -15,6 +15,7 @@ from hpcinfer.engine.config import EngineConfig
 from hpcinfer.engine.llm_engine import LLMEngine
 from hpcinfer.engine.outputs import RequestOutput
 from hpcinfer.engine.params import RequestOutputKind, SamplingParams
+from hpcinfer.lora.manager import check_lora_request, lora_requests_per_prompt
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +103,10 @@ class LLM:
                  use_tqdm: bool = True, lora_request=None, **_vllm_only) -> list[RequestOutput]:
         """prompts: a string, a list of token ids, a {"prompt"/"prompt_token_ids"} dict
         (TextPrompt / TokensPrompt), or a list of those. sampling_params: one for all prompts
-        or one per prompt."""
-        _refuse_lora(lora_request)
+        or one per prompt. lora_request: a LoRARequest for all prompts, or a list with one
+        (or None) per prompt; needs enable_lora=True (docs/lora.md)."""
         prompt_list = _as_prompt_list(prompts)
-        return self._run(prompt_list, sampling_params, use_tqdm)
+        return self._run(prompt_list, sampling_params, use_tqdm, lora_request)
 
     def chat(self, messages, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, lora_request=None, chat_template: str | None = None,
@@ -116,7 +117,6 @@ class LLM:
         """messages: one conversation (a list of {"role", "content"} dicts) or a list of them;
         each is rendered with the tokenizer's chat template (or ``chat_template``), ``tools``
         (OpenAI-style function specs) passed to the template as transformers does."""
-        _refuse_lora(lora_request)
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         if add_generation_prompt and continue_final_message:
             raise ValueError("chat(): add_generation_prompt and continue_final_message cannot "
@@ -133,7 +133,7 @@ class LLM:
                                                  extra))
             except Exception as e:  # jinja2 and tokenizer errors carry no request index
                 raise ValueError(f"conversation {i}: the chat template failed: {e}") from e
-        return self._run(prompts, sampling_params, use_tqdm)
+        return self._run(prompts, sampling_params, use_tqdm, lora_request)
 
     def beam_search(self, prompts, params, lora_request=None, use_tqdm: bool = False,
                     concurrency_limit: int | None = None):
@@ -193,7 +193,8 @@ class LLM:
             truncate_prompt_tokens)
 
     # --- the loop ---
-    def _run(self, prompts: list, sampling_params, use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, prompts: list, sampling_params, use_tqdm: bool,
+             lora_request=None) -> list[RequestOutput]:
         if self.task != "generate":
             raise ValueError(f"this LLM was loaded for task={self.task!r}: generate() and chat() "
                              "need a causal LM; use embed/classify/score/reward/encode")
@@ -201,16 +202,18 @@ class LLM:
             sampling_params = self.get_default_sampling_params()
         engine = self.llm_engine
         params = self._resolve_all(_params_per_prompt(sampling_params, len(prompts)))
-        for i, (prompt, p) in enumerate(zip(prompts, params)):  # validate before queueing
+        loras = lora_requests_per_prompt(lora_request, len(prompts))
+        for i, (prompt, p, lora) in enumerate(zip(prompts, params, loras)):  # validate first
             try:
                 engine.tokenize_prompt(prompt, str(i), p.truncate_prompt_tokens)
+                check_lora_request(engine.lora, lora, str(i))
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
         request_ids = []
-        for prompt, p in zip(prompts, params):
+        for prompt, p, lora in zip(prompts, params, loras):
             request_id = str(self._next_request)
             self._next_request += 1
-            engine.add_request(request_id, prompt, p)
+            engine.add_request(request_id, prompt, p, lora_request=lora)
             request_ids.append(request_id)
         finished: dict[str, RequestOutput] = {}
         bar = _progress_bar(len(prompts)) if use_tqdm else None
@@ -246,8 +249,8 @@ class LLM:
 
 
 def _refuse_lora(lora_request) -> None:
-    if lora_request is not None:
-        raise ValueError("hpcinfer has no LoRA adapters yet: pass lora_request=None (or merge "
+    if lora_request is not None:  # beam search: not wired to adapters yet (docs/lora.md)
+        raise ValueError("beam_search() does not take a lora_request yet: pass None (or merge "
                          "the adapter into the weights with peft's merge_and_unload)")
 
 

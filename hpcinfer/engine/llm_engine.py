@@ -30,6 +30,7 @@ from hpcinfer.engine.sampler import Sampler, SamplerOutput
 from hpcinfer.engine.scheduler import Scheduler
 from hpcinfer.engine.sequence import Sequence
 from hpcinfer.engine.token_appender import TokenAppender
+from hpcinfer.lora.manager import attach_lora, check_lora_request
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +76,15 @@ class LLMEngine:
         self.max_model_len = self._resolve_max_model_len()
         self.runner = (ModelRunner(config, model, self.device) if self.parallel is None
                        else self.parallel.runner(config, model, self.device))
+        self.lora = attach_lora(config, self.runner)  # None without enable_lora (lora/)
         num_blocks = self.runner.allocate_kv_cache(self.max_model_len)
         self.runner.capture_cuda_graphs()  # no-op on CPU and with enforce_eager
         self.block_manager = BlockManager(num_blocks, config.block_size, config.max_num_seqs,
                                           self.runner.max_blocks_per_seq,
                                           config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
-                                   config.max_num_batched_tokens)
+                                   config.max_num_batched_tokens,
+                                   config.max_loras if config.enable_lora else None)
         self.sampler = Sampler(self.spec.vocab_size, self.device, config.seed)
         if self.parallel is not None:  # rank 0 samples, every rank gets the tokens
             self.sampler = self.parallel.sampler(self.sampler)
@@ -148,13 +151,11 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"request {request_id!r}: params must be a SamplingParams, "
                              f"got {type(params).__name__}")
-        if lora_request is not None:
-            raise ValueError(f"request {request_id!r}: hpcinfer has no LoRA adapters yet; "
-                             "pass lora_request=None")
         if request_id in self.requests:
             raise ValueError(f"request {request_id!r}: a request with this id is already running")
         params = self.resolve_params(params, request_id)
         grammar = self._compile_grammar(params, request_id)
+        lora_request = check_lora_request(self.lora, lora_request, request_id)
         text, token_ids = self.tokenize_prompt(prompt, request_id, params.truncate_prompt_tokens)
         self._arrivals += 1
         num_samples = params.num_samples
@@ -170,6 +171,8 @@ class LLMEngine:
                          if params.detokenize else NoDetokenizer())
             if grammar is not None:  # each sample walks the grammar on its own
                 seq.grammar = self.structured.matcher(grammar)
+            if lora_request is not None:
+                seq.lora_request, seq.lora_id = lora_request, lora_request.lora_int_id
             self.scheduler.add(seq)
         metrics = RequestMetrics(arrival_time=time.time() if arrival_time is None
                                  else arrival_time)

@@ -72,6 +72,7 @@ class ModelRunner:
         self._staging: dict[type, torch.Tensor] = {}  # pinned host buffers for uploads
         self._copy_done: dict[type, torch.cuda.Event] = {}
         self.graphs = None          # DecodeGraphs once captured (capture_cuda_graphs)
+        self.lora = None            # lora.manager.LoRAManager with enable_lora
         # Mixed steps carry a DecodeSplit (layers/attention.py) for the triton backend. Set
         # with the graphs: one process and stage (pipeline micro-batches would not cut it).
         self.split_mixed_attention = False
@@ -162,6 +163,8 @@ class ModelRunner:
         from hpcinfer.engine.cuda_graphs import DecodeGraphs, graph_safe
         if self.device.type != "cuda" or self.config.enforce_eager or not graph_safe(self.model):
             return
+        if self.lora is not None:  # not captured with LoRA yet: decode runs eager (lora.md)
+            return
         self.graphs = DecodeGraphs(self.model, self.kv_caches, self.config.max_num_seqs,
                                    self.max_blocks_per_seq, self.spec.hidden_size,
                                    self.spec.dtype, self.device)
@@ -175,6 +178,8 @@ class ModelRunner:
         whose input is its placeholder take their token from its device tensor."""
         from hpcinfer.layers.attention import AttentionMetadata, DecodeSplit
         num_seqs = len(seqs)
+        if self.lora is not None:  # adapters into slots, each token row's slot
+            self.lora.prepare_step(seqs, num_new_tokens)
         q_lens = np.array(num_new_tokens, dtype=np.int64)
         starts = np.fromiter((s.num_computed_tokens for s in seqs), np.int64, num_seqs)
         rows = np.fromiter((s.kv_row for s in seqs), np.int64, num_seqs)

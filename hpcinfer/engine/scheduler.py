@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from hpcinfer.engine.block_manager import BlockManager
 from hpcinfer.engine.sequence import Sequence, SequenceStatus
+from hpcinfer.lora.scheduling import RunningAdapters
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,10 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int,
-                 max_num_batched_tokens: int):
+                 max_num_batched_tokens: int, max_loras: int | None = None):
         self.block_manager = block_manager
+        # LoRA: at most max_loras distinct adapters running (lora/scheduling.py)
+        self.adapters = RunningAdapters(max_loras) if max_loras else None
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -79,9 +82,12 @@ class Scheduler:
         return budget, preempted
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        bm = self.block_manager
+        bm, adapters, skipped = self.block_manager, self.adapters, []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if adapters is not None and not adapters.admits(seq.lora_id):
+                skipped.append(self.waiting.popleft())  # its adapter waits for a free slot
+                continue
             cached = bm.find_cached_prefix(seq)
             num_cached_tokens = len(cached) * bm.block_size
             num_new = min(len(seq) - num_cached_tokens, budget)
@@ -91,11 +97,16 @@ class Scheduler:
             seq.num_computed_tokens = seq.num_cached_tokens = num_cached_tokens
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            if adapters is not None:
+                adapters.add(seq.lora_id)
             out.seqs.append(seq)
             out.num_new_tokens.append(num_new)
             budget -= num_new
+        self.waiting.extendleft(reversed(skipped))  # back in front, in their order
 
     def _preempt(self, seq: Sequence) -> None:
+        if self.adapters is not None:
+            self.adapters.remove(seq.lora_id)
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
@@ -123,5 +134,7 @@ class Scheduler:
         if any(s.status is SequenceStatus.WAITING for s in seqs):
             self.waiting = deque(s for s in self.waiting if id(s) not in gone)
         for seq in seqs:
+            if self.adapters is not None and seq.status is SequenceStatus.RUNNING:
+                self.adapters.remove(seq.lora_id)
             self.block_manager.free(seq)
             seq.status = SequenceStatus.FINISHED

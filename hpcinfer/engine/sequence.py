@@ -52,6 +52,10 @@ class Sequence:
         self.detok = None                        # IncrementalDetokenizer, set by the engine
         self.grammar = None                      # xgrammar matcher with structured outputs
         self.has_placeholder = False             # token_ids[-1] is PLACEHOLDER_TOKEN
+        # LoRA (hpcinfer/lora): the request's adapter; lora_id 0 is the base model. Set by the
+        # engine at add_request; the scheduler and the prefix-cache hash read lora_id.
+        self.lora_request = None
+        self.lora_id = 0
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -109,12 +109,10 @@ IGNORED: dict[str, VllmArg] = {
     "data_parallel_address": _ignored(None, str, "only with data_parallel_size > 1"),
     "data_parallel_rpc_port": _ignored(None, int, "only with data_parallel_size > 1"),
     "data_parallel_backend": _ignored("mp", str, "only with data_parallel_size > 1"),
-    "max_loras": _ignored(1, int, "only with enable_lora"),
-    "max_lora_rank": _ignored(16, int, "only with enable_lora"),
-    "max_cpu_loras": _ignored(None, int, "only with enable_lora"),
-    "fully_sharded_loras": _ignored(False, bool, "only with enable_lora"),
-    "lora_dtype": _ignored("auto", str, "only with enable_lora"),
-    "lora_extra_vocab_size": _ignored(256, int, "only with enable_lora"),
+    "fully_sharded_loras": _ignored(False, bool, "LoRA shards B (column layers) or A (row "
+                                                 "layers) like the base layer (docs/lora.md)"),
+    "lora_dtype": _ignored("auto", str, "adapters run in the model's dtype"),
+    "lora_extra_vocab_size": _ignored(256, int, "adapters with extra vocabulary are refused"),
     "enable_dbo": _ignored(False, bool, "no dual-batch overlap"),
     "mm_encoder_tp_mode": _ignored("weights", str, "text-only models"),
     "structured_outputs_config": _ignored(None, "json", "structured outputs use xgrammar; "
@@ -128,7 +126,6 @@ def _refused(default, kind, feature) -> VllmArg:
 
 
 REFUSED: dict[str, VllmArg] = {
-    "enable_lora": _refused(False, bool, "LoRA adapters (not supported yet)"),
     "speculative_config": _refused(None, "json", "speculative decoding"),
     "data_parallel_size": _refused(1, int, "data parallelism inside one LLM: run one Slurm "
                                            "array task per replica instead (docs/slurm.md)"),

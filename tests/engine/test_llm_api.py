@@ -471,8 +471,8 @@ def test_engine_args_build_the_same_llm(checkpoint):
     assert llm.config.max_model_len == 128 and llm.config.max_num_seqs == 2
     engine = LLMEngine.from_engine_args(engine_args)
     assert engine.config == llm.config
-    with pytest.raises(ValueError, match="hpcinfer has no LoRA adapters"):
-        LLM(**dataclasses.asdict(dataclasses.replace(engine_args, enable_lora=True)))
+    with pytest.raises(ValueError, match="hpcinfer has no sleep mode"):
+        LLM(**dataclasses.asdict(dataclasses.replace(engine_args, enable_sleep_mode=True)))
 
 
 def test_async_llm_streams_and_aborts(checkpoint, prompts):

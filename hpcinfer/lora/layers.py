@@ -1,0 +1,106 @@
+"""The LoRA side of one linear layer: its slot weights and the forward hook adding the delta.
+
+A ``LoRALayer`` wraps a target layer (qkv_proj, o_proj, gate_up_proj, down_proj) without
+changing it: a forward hook adds ``(x @ A^T) @ B^T`` per token row to the layer's output,
+with A and B taken from each row's slot (``StepSlots``; -1 rows get nothing). The pieces of a
+merged layer (q/k/v, gate/up) are stacked along the rank in A, so one shrink serves all of
+them, and each piece's B expands into its columns of the output.
+
+Tensor parallelism follows the base layer: a column layer's B keeps this rank's output rows;
+a row layer's A keeps this rank's input columns, so its shrink is a partial sum that is
+all-reduced ([T, pieces * rank], small) before the expand adds the delta to the already
+reduced output on every rank.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from hpcinfer.kernels import lora_reference
+from hpcinfer.layers.linear import LinearBase, _shard
+
+
+class StepSlots:
+    """Each token row's slot this step, in one persistent buffer (a static address, as
+    decode CUDA graphs need). Written by the manager before the forward, read by the hooks."""
+
+    def __init__(self, max_num_tokens: int, device: torch.device):
+        self.buffer = torch.full((max_num_tokens,), -1, dtype=torch.int32, device=device)
+        self.num_tokens = 0
+        self.has_adapter = False   # whether any row this step has one (else the hooks skip)
+
+    def set(self, token_slots) -> None:
+        """token_slots: numpy int array [num_tokens]."""
+        n = len(token_slots)
+        if n > self.buffer.shape[0]:  # never with the scheduler's budget; grow to stay correct
+            self.buffer = torch.full((n,), -1, dtype=torch.int32, device=self.buffer.device)
+        self.buffer[:n].copy_(torch.from_numpy(token_slots.astype("int32")), non_blocking=True)
+        self.num_tokens, self.has_adapter = n, bool((token_slots >= 0).any())
+
+
+class LoRALayer:
+    """Slot weights of one target layer: lora_a [slots, pieces * rank, in_local] and per piece
+    lora_b [slots, out_rows_local, rank] (scaling folded in)."""
+
+    def __init__(self, name: str, layer: LinearBase, max_loras: int, max_rank: int,
+                 slots: StepSlots, dtype: torch.dtype, device: torch.device):
+        self.name, self.layer, self.slots, self.rank = name, layer, slots, max_rank
+        self.is_row_parallel = layer.splits_input
+        self.pieces = list(layer.shard_ids)
+        self.lora_a = torch.zeros((max_loras, len(self.pieces) * max_rank, layer.input_size),
+                                  dtype=dtype, device=device)
+        # (offset, rows) of each piece in this rank's output columns
+        self.out_slices = [layer._out_slice(p)[:2] for p in self.pieces]
+        self.lora_b = [torch.zeros((max_loras, rows, max_rank), dtype=dtype, device=device)
+                       for _, rows in self.out_slices]
+        self.handle = layer.register_forward_hook(self._add_delta)
+
+    def full_shapes(self, piece) -> tuple[int, int]:
+        """(input features, output features) of the piece's HF tensor: what A and B must fit."""
+        layer = self.layer
+        full_in = layer.full_input_size if self.is_row_parallel else layer.input_size
+        return full_in, layer._out_slice(piece)[3]
+
+    def load(self, slot: int, piece, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Write one piece of an adapter (full HF tensors a: [r, in], b: [out, r], scaling
+        already in b) into ``slot``, keeping this rank's part."""
+        layer, i = self.layer, self.pieces.index(piece)
+        r = a.shape[0]
+        if self.is_row_parallel:
+            a = _shard(a, 1, layer.tp, layer.full_input_size)
+        else:
+            _, _, tp, full = layer._out_slice(piece)
+            b = _shard(b, 0, tp, full)
+        self.lora_a[slot, i * self.rank:i * self.rank + r].copy_(a)
+        self.lora_b[i][slot, :, :r].copy_(b)
+
+    def clear(self, slot: int) -> None:
+        """Zero a slot (a smaller rank or fewer targets must not see the previous adapter)."""
+        self.lora_a[slot].zero_()
+        for b in self.lora_b:
+            b[slot].zero_()
+
+    def _add_delta(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        slots = self.slots
+        if not slots.has_adapter:
+            return out
+        x = args[0]
+        token_slots = slots.buffer[:x.shape[0]]
+        kernels = _kernels(x)
+        shrunk = kernels.lora_shrink(x, self.lora_a, token_slots)  # [T, pieces * rank]
+        if self.is_row_parallel and self.layer.tp.size > 1:
+            dist.all_reduce(shrunk, group=self.layer.tp.group)
+        for i, (offset, rows) in enumerate(self.out_slices):
+            kernels.lora_expand(out[:, offset:offset + rows],
+                                shrunk[:, i * self.rank:(i + 1) * self.rank], self.lora_b[i],
+                                token_slots)
+        return out
+
+
+def _kernels(x: torch.Tensor):
+    # The Triton kernels on a GPU, the torch reference elsewhere (as layers/moe.py does).
+    if x.is_cuda:
+        from hpcinfer.kernels import lora
+        return lora
+    return lora_reference
