@@ -1,0 +1,58 @@
+"""Fixtures for the LoRA tests: tiny bases, PEFT adapters built once per session, and the
+transformers + peft greedy oracle (cached per adapter and prompt set)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    # 2 shared cores in CI: one intra-op thread is faster at these sizes (tests/engine does so)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def base():
+    from hpcinfer.testing.tiny import tiny_checkpoint
+    return lambda family: str(tiny_checkpoint(family))
+
+
+@pytest.fixture(scope="session")
+def adapter(tmp_path_factory, base):
+    """adapter(family, name, **build_kwargs) -> path of a PEFT adapter, built once."""
+    from hpcinfer.testing.tiny_lora import build_tiny_adapter
+    built = {}
+
+    def make(family, name, **kwargs):
+        key = (family, name)
+        if key not in built:
+            built[key] = str(build_tiny_adapter(base(family),
+                                                tmp_path_factory.mktemp(f"{family}-{name}"),
+                                                **kwargs))
+        return built[key]
+    return make
+
+
+@pytest.fixture(scope="session")
+def oracle(base):
+    """oracle(family, adapter_path_or_None, prompts, max_new) -> transformers(+peft) tokens."""
+    from hpcinfer.testing.tiny_lora import peft_greedy
+    cache = {}
+
+    def run(family, adapter_path, prompts, max_new):
+        key = (family, adapter_path, tuple(map(tuple, prompts)), max_new)
+        if key not in cache:
+            cache[key] = peft_greedy(base(family), adapter_path, prompts, max_new)
+        return cache[key]
+    return run
+
+
+@pytest.fixture(scope="session")
+def prompts():
+    g = torch.Generator().manual_seed(3)
+    # 1 token, a block boundary (16), > 2 blocks: prefill chunks and decode both see LoRA
+    return [torch.randint(6, 380, (n,), generator=g).tolist() for n in (1, 16, 37)]
