@@ -8,7 +8,7 @@ add/abort calls and sends them, with the ``step``, in **one broadcast per step**
 
 Message (a list of ops, broadcast from the group's rank 0)::
 
-    [("add", request_id, prompt, params), ("abort", request_ids), ..., FINAL]
+    [("add", request_id, prompt, params, lora_request), ("abort", request_ids), ..., FINAL]
     FINAL = ("step", final_only) | ("stop", exit_code)
 
 ``("stop", code)`` ends ``follow()``, which returns ``code``: the driver alone decides when
@@ -80,8 +80,8 @@ def follow(engine: LLMEngine, group) -> int:
         dist.broadcast_object_list(box, src=0, group=group)
         for op in box[0]:
             kind = op[0]
-            if kind == "add":
-                engine.add_request(*op[1:])
+            if kind == "add":  # (request_id, prompt, params, lora_request)
+                engine.add_request(*op[1:4], lora_request=op[4])
             elif kind == "abort":
                 engine.abort_request(op[1])
             elif kind == "step":
