@@ -53,6 +53,9 @@ class LLM:
                              f"defaults: use {sorted(_GENERATION_CONFIG_FIELDS)}")
         # task: "generate" or a pooling task (embed/classify/score/reward), see engine.pooling
         self.task = pooling.resolve_task(self.config.model, task, runner, convert)
+        if self.task != "generate" and self.config.enable_lora:
+            raise ValueError(f"enable_lora=True is for generation: task={self.task!r} takes no "
+                             "LoRA adapters yet (docs/lora.md); remove enable_lora")
         if self.task == "generate" and pooler_config is not None:
             raise ValueError("pooler_config is for pooling tasks (embed, classify, score, "
                              "reward): remove it, or pass task='embed' (or another)")
@@ -142,7 +145,7 @@ class LLM:
         first. transformers' beam semantics (engine/beam_search.py, docs/python-api.md);
         ``concurrency_limit`` prompts are searched at a time (None: all)."""
         from hpcinfer.engine.beam_search import beam_search
-        _refuse_lora(lora_request)
+        _refuse_lora(lora_request, "beam_search()")
         self._check_generate("beam_search()")
         prompts = _as_prompt_list(prompts)
         step = concurrency_limit or max(len(prompts), 1)
@@ -164,30 +167,35 @@ class LLM:
     def embed(self, prompts, *, truncate_prompt_tokens: int | None = None, use_tqdm: bool = True,
               pooling_params=None, lora_request=None):
         """-> list[EmbeddingRequestOutput] (``.outputs.embedding``)."""
+        _refuse_lora(lora_request, "embed()")
         return pooling.engine_for(self, "embed").embed(
             prompts, pooling.as_pooling_params(pooling_params), truncate_prompt_tokens)
 
     def classify(self, prompts, *, truncate_prompt_tokens: int | None = None,
                  use_tqdm: bool = True, pooling_params=None, lora_request=None):
         """-> list[ClassificationRequestOutput] (``.outputs.probs``)."""
+        _refuse_lora(lora_request, "classify()")
         return pooling.engine_for(self, "classify").classify(
             prompts, pooling.as_pooling_params(pooling_params), truncate_prompt_tokens)
 
     def score(self, data_1, data_2, /, *, truncate_prompt_tokens: int | None = None,
               use_tqdm: bool = True, pooling_params=None, lora_request=None):
         """-> list[ScoringRequestOutput] (``.outputs.score``), one-to-one or one-to-many."""
+        _refuse_lora(lora_request, "score()")
         return pooling.engine_for(self, "score").score(
             data_1, data_2, pooling.as_pooling_params(pooling_params), truncate_prompt_tokens)
 
     def reward(self, prompts, *, truncate_prompt_tokens: int | None = None,
                use_tqdm: bool = True, pooling_params=None, lora_request=None):
         """-> list[PoolingRequestOutput] (``.outputs.data``: per-token [num_tokens, labels])."""
+        _refuse_lora(lora_request, "reward()")
         return pooling.engine_for(self, "reward").reward(
             prompts, pooling.as_pooling_params(pooling_params), truncate_prompt_tokens)
 
     def encode(self, prompts, pooling_params=None, *, truncate_prompt_tokens: int | None = None,
                use_tqdm: bool = True, pooling_task: str | None = None, lora_request=None):
         """-> list[PoolingRequestOutput] (``.outputs.data``, a tensor)."""
+        _refuse_lora(lora_request, "encode()")
         return pooling.engine_for(self, "encode").encode(
             prompts, pooling.as_pooling_params(pooling_params), pooling_task,
             truncate_prompt_tokens)
@@ -248,10 +256,10 @@ class LLM:
         return out
 
 
-def _refuse_lora(lora_request) -> None:
-    if lora_request is not None:  # beam search: not wired to adapters yet (docs/lora.md)
-        raise ValueError("beam_search() does not take a lora_request yet: pass None (or merge "
-                         "the adapter into the weights with peft's merge_and_unload)")
+def _refuse_lora(lora_request, method: str) -> None:
+    if lora_request is not None:  # beam search and pooling: not wired to adapters yet (lora.md)
+        raise ValueError(f"{method} does not take a lora_request yet: pass None (or merge the "
+                         "adapter into the weights with peft's merge_and_unload)")
 
 
 def _generation_config_dir(generation_config: str | None, model_path: str) -> str | None:

@@ -103,3 +103,24 @@ def test_prefix_cache_never_shares_kv_between_adapters(base, adapter, oracle, pr
         assert got == want, lora
     # first runs of each adapter find nothing; the repeats (base, "a") reuse their own blocks
     assert hits[:3] == [0, 0, 0] and hits[3] > 0 and hits[4] > 0
+
+
+def test_triton_kernels_in_the_engine_give_the_same_tokens(base, adapter, oracle, prompts,
+                                                           monkeypatch):
+    """The GPU path of the hooks (Triton shrink, expand into each piece's column slice of the
+    merged qkv/gate_up output), run by the interpreter on CPU: same tokens as peft."""
+    from hpcinfer.kernels import lora as lora_kernels
+    from hpcinfer.lora import layers
+    monkeypatch.setattr(layers, "_kernels", lambda x: lora_kernels)
+    paths = {"all-r8-rs": adapter("qwen2", "all-r8-rs", rank=8, alpha=4.0, use_rslora=True,
+                                  targets=ATTENTION + MLP, seed=12),
+             "qv-r4": adapter("qwen2", "qv-r4", rank=4, alpha=8.0, targets=("q_proj", "v_proj"),
+                              seed=11)}
+    requests = [LoRARequest(name, i + 1, p) for i, (name, p) in enumerate(paths.items())]
+    short = [p[:9] for p in prompts[1:]]
+    rows = [(p, r) for p in short for r in (*requests, None)]
+    llm = make_llm(base("qwen2"), max_loras=2)
+    got = tokens(llm.generate(token_prompts([p for p, _ in rows]), greedy(4), use_tqdm=False,
+                              lora_request=[r for _, r in rows]))
+    for (prompt, r), row in zip(rows, got):
+        assert row == oracle("qwen2", r.lora_path if r else None, [prompt], 4)[0]
