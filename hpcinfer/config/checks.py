@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 from hpcinfer.config import units
+from hpcinfer.config.lora_checks import check_lora_adapters, check_lora_consistency
 from hpcinfer.config.schema import ENV_NAME, MANAGED_SBATCH, JobConfig
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ def check_consistency(cfg: JobConfig) -> None:
     _check_env_names(cfg)
     _check_extra_sbatch(cfg)
     _check_signal_time(cfg)
+    check_lora_consistency(cfg)
 
 
 def check_environment(cfg: JobConfig) -> None:
@@ -39,6 +41,7 @@ def check_environment(cfg: JobConfig) -> None:
     _check_container(cfg)
     _check_account(cfg)
     _check_model_dir(cfg)
+    check_lora_adapters(cfg)
     _note_missing_env(cfg)
 
 

@@ -41,14 +41,17 @@ def _bind(base: Path, cfg: JobConfig, key_path: str, spec: str) -> str:
 
 
 def resolve_paths(cfg: JobConfig, base: Path) -> JobConfig:
-    """A copy of ``cfg`` with input globs, output dir, model/tokenizer dirs, container image and
-    bind sources absolute. ``output.dir`` null becomes ``results/<name>``."""
+    """A copy of ``cfg`` with input globs, output dir, model/tokenizer dirs, LoRA adapter dirs,
+    container image and bind sources absolute. ``output.dir`` null becomes ``results/<name>``."""
     paths = tuple(_absolute(base, cfg, f"input.path.{i}", p) for i, p in enumerate(cfg.input.path))
     out_dir = _absolute(base, cfg, "output.dir", cfg.output.dir or f"results/{cfg.name}")
     update: dict = {
         "input": cfg.input.model_copy(update={"path": paths}),
         "output": cfg.output.model_copy(update={"dir": out_dir}),
         "model": cfg.model.model_copy(update=_model_update(cfg, base)),
+        "lora": cfg.lora.model_copy(update={"adapters": {
+            name: _absolute(base, cfg, f"lora.adapters.{name}", path)
+            for name, path in cfg.lora.adapters.items()}}),
     }
     if cfg.container is not None:
         image = cfg.container.image

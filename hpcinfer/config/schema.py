@@ -150,6 +150,9 @@ class InputSection(Section):
     text_2_field: Optional[str] = Field(None, description="Second text column (task score)")
     sampling_field: Optional[str] = Field(
         None, description="Column with a per-row dict of sampling overrides")
+    adapter_field: Optional[str] = Field(
+        None, description="Column naming each row's LoRA adapter (a key of lora.adapters; "
+                          "null or empty = the base model); docs/lora.md")
     passthrough: StrTuple = Field(
         (), description="Input columns copied unchanged to the output")
     shard_rows: int = Field(
@@ -276,6 +279,16 @@ class EngineSection(Section):
         "auto", description="KV cache storage: auto (the model's dtype) or fp8 (e4m3, "
                             "per-tensor scale 1.0: twice the tokens of bf16; "
                             "docs/quantization.md)")
+
+
+class LoRASection(Section):
+    adapters: dict[str, str] = Field(
+        default_factory=dict, description="LoRA adapters by name: a local PEFT adapter "
+                                          "directory each (adapter_config.json + "
+                                          "adapter_model.safetensors); docs/lora.md")
+    max_loras: Optional[int] = Field(
+        None, ge=1, description="Adapters held at once (slots); null = all of them")
+    max_lora_rank: int = Field(16, ge=1, description="Largest adapter rank accepted")
 
 
 class ParallelSection(Section):
@@ -427,6 +440,8 @@ class JobConfig(Section):
                                                 "(vLLM's PoolerConfig)")
     engine: EngineSection = Field(default_factory=EngineSection,
                                   description="Engine batch and memory settings")
+    lora: LoRASection = Field(default_factory=LoRASection,
+                              description="LoRA adapters rows may name (task generate/chat)")
     parallel: ParallelSection = Field(default_factory=ParallelSection,
                                       description="Tensor/pipeline parallel layout")
     resources: ResourcesSection = Field(default_factory=ResourcesSection,

@@ -38,6 +38,7 @@ class InputSpec:
     text_1_field: str | None = None
     text_2_field: str | None = None
     sampling_field: str | None = None
+    adapter_field: str | None = None     # LoRA: the column naming each row's adapter
     passthrough: tuple[str, ...] = ()
     prompt_template: str | None = None   # Jinja2 over the row's columns (io/template.py)
 
@@ -59,7 +60,8 @@ class InputSpec:
             (lambda k, d=None: getattr(input_cfg, k, d))
         kwargs = {k: get(k, getattr(cls, k)) for k in (
             "format", "id_field", "prompt_field", "messages_field", "text_field",
-            "text_1_field", "text_2_field", "sampling_field", "prompt_template")}
+            "text_1_field", "text_2_field", "sampling_field", "adapter_field",
+            "prompt_template")}
         return cls(task=task, passthrough=tuple(get("passthrough", ()) or ()), **kwargs)
 
     @cached_property
@@ -100,7 +102,8 @@ class InputSpec:
             content = list(template_columns(self.prompt_template))
         else:
             content = [self.content_field]
-        names = [self.id_field, *content, self.sampling_field, *self.passthrough]
+        names = [self.id_field, *content, self.sampling_field, self.adapter_field,
+                 *self.passthrough]
         if self.task == "score":
             names.insert(2, self.text_2_field)
         return list(dict.fromkeys(n for n in names if n))
@@ -118,6 +121,7 @@ class InputRow:
     texts: tuple[str, ...] | None = None  # embed/classify/reward: (text,); score: (t1, t2)
     sampling: dict = field(default_factory=dict)      # validated per-row overrides
     passthrough: dict = field(default_factory=dict)   # column -> value copied to outputs
+    adapter: str | None = None           # LoRA adapter name (a key of lora.adapters)
     url: str | None = None               # OpenAI batch only
     body: dict | None = None             # OpenAI batch only (the request body, as given)
 
@@ -189,10 +193,15 @@ def validate_record(index: int, file: str, obj: Any, spec: InputSpec,
         sampling, reason = _sampling(obj[spec.sampling_field])
         if reason:
             return bad("invalid_sampling", reason, row_id)
+    adapter = obj.get(spec.adapter_field) if spec.adapter_field else None
+    if adapter is not None and not isinstance(adapter, str):
+        return bad("invalid_adapter", f"{spec.adapter_field} is a {type(adapter).__name__}; "
+                   "write the name of an adapter of lora.adapters (or null for the base model)",
+                   row_id)
     key = row_id if spec.id_field else f"{file}#{index}"
     passthrough = {name: obj.get(name) for name in spec.passthrough}
     return InputRow(index, file, key, row_id, sampling=sampling, passthrough=passthrough,
-                    **content)
+                    adapter=adapter or None, **content)
 
 
 def _row_id(obj: dict, id_field: str | None) -> tuple[Any, tuple[str, str] | None]:

@@ -153,7 +153,8 @@ class ShardLoop:
         if not isinstance(request, BadRow):
             request_id = f"{self.shard.index}:{item.index}"
             try:
-                self.engine.add_request(request_id, request.prompt, request.params)
+                self.engine.add_request(request_id, request.prompt, request.params,
+                                        lora_request=request.lora_request)
             except ValueError as exc:      # the engine's own checks (vocab, length)
                 request = BadRow(item.index, item.file, item.id, "engine_rejected", str(exc),
                                  "")

@@ -20,6 +20,7 @@ class EngineRequest:
     prompt: dict               # {"prompt": text | None, "prompt_token_ids": [...]}
     params: Any                # SamplingParams
     num_truncated_tokens: int = 0
+    lora_request: Any = None   # hpcinfer.lora.request.LoRARequest, None: the base model
 
 
 def base_sampling(sampling_cfg: Any) -> dict:
@@ -34,8 +35,10 @@ class RequestBuilder:
     """Builds engine requests for one job (tokenizer, sampling defaults and limits fixed)."""
 
     def __init__(self, tokenizer, base: dict, max_model_len: int, *,
-                 on_long_prompt: str = "error", want_logprobs: bool = False):
+                 on_long_prompt: str = "error", want_logprobs: bool = False,
+                 adapters: dict | None = None):
         self.tokenizer = tokenizer
+        self.adapters = adapters or {}   # lora.adapters name -> LoRARequest
         self.base = base
         self.max_model_len = max_model_len
         self.on_long_prompt = on_long_prompt
@@ -45,6 +48,9 @@ class RequestBuilder:
         params = self.sampling_params(row)
         if isinstance(params, BadRow):
             return params
+        lora = self.lora_request(row)
+        if isinstance(lora, BadRow):
+            return lora
         try:
             text, token_ids = self._tokens(row)
         except Exception as exc:  # jinja2 / tokenizer errors: the row's content is the cause
@@ -59,7 +65,22 @@ class RequestBuilder:
             keep = self.max_model_len - 1           # room for at least one generated token
             num_cut = len(token_ids) - keep
             token_ids, text = token_ids[-keep:], None
-        return EngineRequest({"prompt": text, "prompt_token_ids": token_ids}, params, num_cut)
+        return EngineRequest({"prompt": text, "prompt_token_ids": token_ids}, params, num_cut,
+                             lora)
+
+    def lora_request(self, row: InputRow):
+        """The row's adapter: its adapter column, or an OpenAI-batch body.model that names one
+        (vLLM's run-batch; any other model name is the base). None: the base model."""
+        name = row.adapter
+        if name is None and row.body is not None and row.body.get("model") in self.adapters:
+            name = row.body["model"]
+        if name is None:
+            return None
+        if name not in self.adapters:
+            known = ", ".join(sorted(self.adapters)) or "none: the job has no lora.adapters"
+            return _bad(row, "unknown_adapter", f"adapter {name!r} is not in lora.adapters "
+                        f"(known: {known}); add it there or fix the row")
+        return self.adapters[name]
 
     def sampling_params(self, row: InputRow):
         from hpcinfer.engine.params import SamplingParams

@@ -135,7 +135,7 @@ def engine_config(cfg, model, device: str | None = None):
             pipeline_parallel_size=int(cfg.parallel.pipeline),
             device=device or str(cfg.resources.device),
             tokenizer=_tokenizer_path(cfg), quantization=e.quantization,
-            kv_cache_dtype=e.kv_cache_dtype)
+            kv_cache_dtype=e.kv_cache_dtype, **lora_engine_args(cfg))
     except ValueError as exc:
         raise TaskFailed(f"engine: {exc}") from None
 
@@ -180,11 +180,29 @@ def output_format(cfg, spec, shard):
         raise TaskFailed(f"output: {exc}") from None
 
 
+def lora_engine_args(cfg) -> dict:
+    """EngineConfig's LoRA fields from the job's ``lora:`` block (none without adapters)."""
+    lora = getattr(cfg, "lora", None)
+    if lora is None or not lora.adapters:
+        return {}
+    return {"enable_lora": True, "max_loras": lora.max_loras or len(lora.adapters),
+            "max_lora_rank": lora.max_lora_rank}
+
+
+def lora_requests(cfg) -> dict:
+    """lora.adapters as LoRARequests; ids by sorted name, so every rank and task agrees."""
+    from hpcinfer.lora.request import LoRARequest
+    adapters = getattr(getattr(cfg, "lora", None), "adapters", None) or {}
+    return {name: LoRARequest(name, i + 1, adapters[name])
+            for i, name in enumerate(sorted(adapters))}
+
+
 def request_builder(cfg, engine):
     from hpcinfer.worker.requests import RequestBuilder, base_sampling
     return RequestBuilder(engine.tokenizer, base_sampling(cfg.sampling), engine.max_model_len,
                           on_long_prompt=str(cfg.resilience.on_long_prompt),
-                          want_logprobs=bool(cfg.output.logprobs))
+                          want_logprobs=bool(cfg.output.logprobs),
+                          adapters=lora_requests(cfg))
 
 
 def loop_options(cfg, engine):

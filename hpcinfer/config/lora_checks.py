@@ -1,0 +1,38 @@
+"""The job's ``lora:`` block: each adapter read and checked against the base before
+submission (rank, files, targets and sizes), torch-free (hpcinfer.lora.adapter_config)."""
+from __future__ import annotations
+
+import os
+
+from hpcinfer.config.schema import JobConfig
+from hpcinfer.lora.adapter_config import AdapterError, check_rank, read_adapter_config
+from hpcinfer.lora.base_check import adapter_base_problem
+
+GENERATION_TASKS = ("generate", "chat")
+
+
+def check_lora_consistency(cfg: JobConfig) -> None:
+    if cfg.input.adapter_field and not cfg.lora.adapters:
+        raise cfg.error_at("input.adapter_field", "rows name adapters but lora.adapters is "
+                           "empty", "list the adapters under lora.adapters: {name: path}, or "
+                           "remove input.adapter_field")
+    if cfg.lora.adapters and cfg.task not in GENERATION_TASKS:
+        raise cfg.error_at("lora.adapters", f"task {cfg.task} takes no LoRA adapters yet",
+                           "remove lora.adapters, or use task generate or chat")
+
+
+def check_lora_adapters(cfg: JobConfig) -> None:
+    """Each adapter readable, within max_lora_rank and, when the base is a local directory,
+    fitting its config.json."""
+    model_dir = cfg.model.id if os.path.isabs(cfg.model.id) else None
+    for name, path in cfg.lora.adapters.items():
+        key = f"lora.adapters.{name}"
+        try:
+            adapter = read_adapter_config(path, name)
+            check_rank(adapter, cfg.lora.max_lora_rank, name)
+        except AdapterError as exc:   # the message says what to do
+            raise cfg.error_at(key, str(exc)) from None
+        problem = adapter_base_problem(adapter, model_dir) if model_dir else None
+        if problem is not None:
+            raise cfg.error_at(key, f"adapter {name!r} does not fit model {cfg.model.id}: "
+                               f"{problem}", "use an adapter trained on this base model")
