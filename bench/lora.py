@@ -1,0 +1,120 @@
+"""LoRA throughput (issue 23): workload A with its rows spread evenly over N rank-r adapters
+vs the same rows without LoRA, one process, one GPU. The target is >= 80% of the no-LoRA
+output tok/s with 4 rank-16 adapters on every target (q/k/v/o/gate/up/down).
+
+    python bench/lora.py                          # workload A, 4 adapters of rank 16
+    python bench/lora.py --workload T --device cpu   # the CPU-sized plumbing run
+
+Adapters are random PEFT directories written directly (adapter_config.json + safetensors,
+no peft needed). Rows go to bench/results/lora-<device>-<date>.json (engine hpcinfer,
+workload "A-lora<N>x<r>" and "A" for the baseline). Not run on a GPU yet (docs/lora.md).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_file import append_rows  # noqa: E402  (bench/results_file.py)
+from throughput import (RESULTS, WORKLOADS, device_slug, make_requests,  # noqa: E402
+                        max_model_len_for, shape_of, write_checkpoint)
+
+TARGETS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+           "mlp": ("gate_proj", "up_proj", "down_proj")}
+
+
+def write_adapter(out_dir: Path, config: dict, rank: int, seed: int) -> Path:
+    """A random rank-``rank`` LoRA on every projection of a Llama config, in PEFT's layout."""
+    import torch
+    from safetensors.torch import save_file
+    from hpcinfer.lora.base_check import base_sizes
+    sizes, gen = base_sizes(config), torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(config["num_hidden_layers"]):
+        for block, names in TARGETS.items():
+            for name in names:
+                fan_in, fan_out = sizes[name]
+                key = f"base_model.model.model.layers.{layer}.{block}.{name}"
+                tensors[f"{key}.lora_A.weight"] = torch.randn(rank, fan_in, generator=gen) \
+                    / fan_in ** 0.5
+                tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, rank, generator=gen) \
+                    / rank ** 0.5 * 0.1
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()},
+              str(out_dir / "adapter_model.safetensors"))
+    (out_dir / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "bias": "none",
+        "target_modules": [n for names in TARGETS.values() for n in names]}))
+    return out_dir
+
+
+def timed_run(ckpt: Path, requests, spec: dict, device: str, adapters: list[Path],
+              rank: int = 16) -> dict:
+    import torch
+    from hpcinfer import LLM, SamplingParams
+    from hpcinfer.lora.request import LoRARequest
+    lora_kwargs = (dict(enable_lora=True, max_loras=len(adapters),
+                        max_lora_rank=rank) if adapters else {})
+    llm = LLM(str(ckpt), dtype="bfloat16" if device == "cuda" else "float32",
+              max_model_len=max_model_len_for(requests), max_num_seqs=spec["max_num_seqs"],
+              max_num_batched_tokens=spec["max_num_batched_tokens"],
+              enable_prefix_caching=False, device=device, **lora_kwargs)
+    loras = [LoRARequest(f"a{i}", i + 1, str(p)) for i, p in enumerate(adapters)]
+    per_row = [loras[i % len(loras)] for i in range(len(requests))] if loras else None
+    prompts = [{"prompt_token_ids": p} for p, _ in requests]
+    params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in requests]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    llm.generate(prompts, [SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)]
+                 * len(prompts), use_tqdm=False, lora_request=per_row)   # warm-up (compiles)
+    sync()
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False, lora_request=per_row)
+    sync()
+    wall = time.perf_counter() - start
+    num_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    del llm
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return {"output_tok_s": num_out / wall, "wall_s": wall, "num_output_tokens": num_out,
+            "total_tok_s": (num_out + sum(len(p) for p, _ in requests)) / wall}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", default="A", choices=("A", "T"))
+    parser.add_argument("--num-adapters", type=int, default=4)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--device", default="cuda")
+    args = parser.parse_args()
+    import torch
+    spec = WORKLOADS[args.workload]
+    requests = make_requests(args.workload)
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    with tempfile.TemporaryDirectory(prefix="bench-lora-") as tmp:
+        ckpt = write_checkpoint(Path(tmp) / "ckpt", shape_of(spec["shape"]))
+        config = json.loads((ckpt / "config.json").read_text())
+        adapters = [write_adapter(Path(tmp) / f"a{i}", config, args.rank, seed=i)
+                    for i in range(args.num_adapters)]
+        base = timed_run(ckpt, requests, spec, args.device, [])
+        lora = timed_run(ckpt, requests, spec, args.device, adapters, args.rank)
+    ratio = lora["output_tok_s"] / base["output_tok_s"]
+    print(f"no LoRA {base['output_tok_s']:.0f} output tok/s; {args.num_adapters} adapters of "
+          f"rank {args.rank}: {lora['output_tok_s']:.0f} ({100 * ratio:.1f}%)", flush=True)
+    date = dt.date.today().isoformat()
+    common = dict(engine="hpcinfer", tp=1, device=device_name, date=date)
+    rows = [{**common, **base, "workload": args.workload},
+            {**common, **lora, "workload": f"{args.workload}-lora{args.num_adapters}x{args.rank}",
+             "pct_of_no_lora": 100 * ratio}]
+    if args.device == "cuda":   # CPU plumbing runs are not results
+        append_rows(RESULTS / f"lora-{device_slug(device_name)}-{date}.json", rows)
+
+
+if __name__ == "__main__":
+    main()
