@@ -54,7 +54,7 @@ class FakeEngine:
     max_in_flight: int = 0
     num_steps: int = 0
 
-    def add_request(self, request_id, prompt, params):
+    def add_request(self, request_id, prompt, params, lora_request=None):
         self.requests[request_id] = prompt["prompt_token_ids"]
         self.max_in_flight = max(self.max_in_flight, len(self.requests))
 
