@@ -124,3 +124,27 @@ def test_triton_kernels_in_the_engine_give_the_same_tokens(base, adapter, oracle
                               lora_request=[r for _, r in rows]))
     for (prompt, r), row in zip(rows, got):
         assert row == oracle("qwen2", r.lora_path if r else None, [prompt], 4)[0]
+
+
+def test_async_llm_streams_with_an_adapter(base, adapter, oracle, prompts):
+    import asyncio
+
+    from hpcinfer import AsyncEngineArgs, AsyncLLM
+    path = adapter("llama", "all-r8", rank=8, alpha=24.0)
+    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
+        model=base("llama"), max_model_len=128, device="cpu", enable_lora=True))
+
+    async def collect(prompt, lora, request_id):
+        outs = [o async for o in engine.generate({"prompt_token_ids": prompt}, greedy(),
+                                                 request_id, lora_request=lora)]
+        return outs[-1].outputs[0].token_ids
+
+    async def main():
+        return await asyncio.gather(collect(prompts[2], LoRARequest("a", 1, path), "a"),
+                                    collect(prompts[2], None, "base"))
+    try:
+        with_lora, plain = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert with_lora == oracle("llama", path, [prompts[2]], MAX_NEW)[0]
+    assert plain == oracle("llama", None, [prompts[2]], MAX_NEW)[0]
