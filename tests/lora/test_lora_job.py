@@ -10,7 +10,7 @@ from hpcinfer import LLM, SamplingParams
 from hpcinfer.lora.request import LoRARequest
 from hpcinfer.testing.tiny_lora import build_tiny_adapter
 from hpcinfer.testing.worker_jobs import (job_config, make_job, read_errors, read_results,
-                                          run_worker, write_jsonl)
+                                          run_worker, write_jsonl, write_parquet)
 
 pytestmark = pytest.mark.timeout(300)
 MAX_TOKENS = 6
@@ -39,14 +39,15 @@ def python_api_texts(model, adapters, rows):
     return [o.outputs[0].text for o in outs]
 
 
-def test_per_row_adapter_column(tmp_path, setup):
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_per_row_adapter_column(tmp_path, setup, fmt):
     _, model, adapters = setup
     prompts = ["Hello cluster: what is GPU?", "Batch inference reads prompts", "Paged attention"]
     rows = [{"id": f"r{i}-{a}", "prompt": p, "adapter": a}
             for i, p in enumerate(prompts) for a in ("alpha", "beta", None)]
     rows.append({"id": "unknown", "prompt": "x", "adapter": "gamma"})
-    write_jsonl(tmp_path / "data" / "rows.jsonl", rows)
-    config = job_config(model, "data/rows.jsonl", input={"adapter_field": "adapter",
+    (write_jsonl if fmt == "jsonl" else write_parquet)(tmp_path / "data" / f"rows.{fmt}", rows)
+    config = job_config(model, f"data/rows.{fmt}", input={"adapter_field": "adapter",
                                                          "max_bad_rows": 0.5},
                         lora={"adapters": adapters, "max_loras": 1})
     job_dir = make_job(tmp_path, config)
