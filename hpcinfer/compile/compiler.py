@@ -205,6 +205,8 @@ def _container(cfg, job_dir: str, files, use_gpu: bool) -> ContainerPlan | None:
     hf_home = os.environ.get("HF_HOME") or os.path.join(Path.home(), ".cache", "huggingface")
     models = [str(p) for p in (cfg.model.id, cfg.model.tokenizer) if p and os.path.isabs(str(p))]
     binds.update(model_binds(models, hf_home, str(hub_cache_dir())))
+    lora = getattr(cfg, "lora", None)   # LoRA adapter directories (absolute after loading)
+    binds.update(str(p) for p in (getattr(lora, "adapters", None) or {}).values())
     binds.add("/dev/shm")  # the host's shm (sized by the node), which NCCL needs
     binds.update(str(b) for b in (getattr(c, "binds", None) or ()))
     env = {}

@@ -117,3 +117,16 @@ def test_validate_checks_each_adapter_against_the_base(tmp_path, setup):
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(
         job_config(model, "data/rows.jsonl", lora={"adapters": adapters})))
     assert set(load_job(tmp_path / "job.yaml").lora.adapters) == {"alpha", "beta"}
+
+
+def test_a_container_job_binds_the_adapter_directories(tmp_path, setup):
+    from hpcinfer.compile.jobdir import compile_job
+    from hpcinfer.config import load_job
+    _, model, adapters = setup
+    write_jsonl(tmp_path / "data" / "rows.jsonl", [{"id": "x", "prompt": "x"}])
+    (tmp_path / "image.sif").write_text("sif")
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job_config(
+        model, "data/rows.jsonl", lora={"adapters": adapters},
+        container={"image": str(tmp_path / "image.sif")})))
+    binds = compile_job(load_job(tmp_path / "job.yaml")).plan.container.binds
+    assert set(adapters.values()) <= set(binds)
