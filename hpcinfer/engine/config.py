@@ -106,6 +106,9 @@ def _check_quantization(value) -> None:
 
 
 def _check_lora(config: EngineConfig) -> None:
+    if config.enable_lora and config.pipeline_parallel_size > 1:
+        raise ValueError("enable_lora=True with pipeline_parallel_size > 1 is not supported "
+                         "yet: use tensor_parallel_size only (docs/lora.md)")
     _positive_int(config, "max_loras")
     _positive_int(config, "max_lora_rank")
     if config.max_cpu_loras is not None:

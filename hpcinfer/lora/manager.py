@@ -132,9 +132,6 @@ def attach_lora(config, runner) -> LoRAManager | None:
     """The engine's LoRA manager (None without enable_lora), hooked into ``runner``'s model."""
     if not config.enable_lora:
         return None
-    if config.pipeline_parallel_size > 1:
-        raise ValueError("enable_lora=True with pipeline_parallel_size > 1 is not supported "
-                         "yet: use tensor_parallel_size only (docs/lora.md)")
     manager = LoRAManager(runner.model, config.max_loras, config.max_lora_rank,
                           config.max_cpu_loras or config.max_loras,
                           config.max_num_batched_tokens, runner.device, runner.spec.dtype)

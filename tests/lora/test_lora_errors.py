@@ -94,6 +94,8 @@ def test_bad_arguments(llm, base, adapter):
     plain = LLM(base("llama"), device="cpu", max_model_len=64)
     with pytest.raises(ValueError, match="LoRA is off: create the LLM with enable_lora=True"):
         run(plain, LoRARequest("a", 1, path))
+    with pytest.raises(ValueError, match="pipeline_parallel_size > 1 is not supported yet"):
+        LLM(base("llama"), device="cpu", enable_lora=True, pipeline_parallel_size=2)
     with pytest.raises(ValueError, match="max_cpu_loras=1 must be >= max_loras=2"):
         LLM(base("llama"), device="cpu", enable_lora=True, max_loras=2, max_cpu_loras=1)
 
