@@ -14,6 +14,7 @@ from hpcinfer.config.errors import ConfigError
 from hpcinfer.config.loader import load_job, load_resolved
 from hpcinfer.config.profiles import list_profiles
 from hpcinfer.config.schema import ClusterProfile, JobConfig
+from hpcinfer.config.vllm_configs import AttentionConfig  # vLLM's vllm.config path
 
 
 def json_schema() -> dict:
@@ -28,5 +29,5 @@ def init_text(cluster: str = "generic") -> str:
     return _init_text(cluster)
 
 
-__all__ = ["ConfigError", "JobConfig", "ClusterProfile", "load_job", "load_resolved",
+__all__ = ["AttentionConfig", "ConfigError", "JobConfig", "ClusterProfile", "load_job", "load_resolved",
            "json_schema", "init_text", "list_profiles"]

@@ -61,6 +61,8 @@ IGNORED: dict[str, VllmArg] = {
     "calculate_kv_scales": _ignored(False, bool, "an fp8 KV cache uses scale "
                                                      "1.0"),
     "compilation_config": _ignored(None, "json", "CUDA graphs follow enforce_eager"),
+    "attention_config": _ignored(None, "json", "one attention implementation per device "
+                                               "(hpcinfer.config.AttentionConfig is accepted)"),
     "guided_decoding_backend": _ignored("auto", str, "structured outputs always use xgrammar "
                                                      "(docs/structured-outputs.md)"),
     "max_parallel_loading_workers": _ignored(None, int, "each rank reads its own slices"),

@@ -94,3 +94,19 @@ def test_cli_namespace_and_engine_args_become_llm_kwargs():
     assert engine_config.block_size == 16  # None -> the engine's default
     with pytest.raises(ValueError, match="read by LLM, not LLMEngine"):
         EngineArgs(model="m", task="embed").create_engine_config()
+
+
+def test_newer_examples_attention_backend_choice_imports_and_is_ignored(caplog):
+    # vLLM's newer basic/embed.py and score.py import these and, on ROCm only, pass
+    # attention_config=AttentionConfig(backend=AttentionBackendEnum.FLEX_ATTENTION).
+    from hpcinfer.attention.backends.registry import AttentionBackendEnum
+    from hpcinfer.config import AttentionConfig
+    from hpcinfer.platforms import current_platform
+    from hpcinfer.v1.attention.backends.registry import AttentionBackendEnum as V1Enum
+    assert V1Enum is AttentionBackendEnum
+    assert current_platform.is_rocm() is False and current_platform.is_cpu() is True
+    chosen = AttentionConfig(backend=AttentionBackendEnum.FLEX_ATTENTION)
+    with caplog.at_level(logging.INFO, logger="hpcinfer.engine.vllm_args"):
+        config = EngineConfig.from_kwargs("m", attention_config=chosen)
+    assert config.attention_backend == "auto"  # our own choice stands
+    assert len(caplog.records) == 1 and "attention_config" in caplog.records[0].getMessage()
