@@ -8,24 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hpcinfer.testing.pytest_fixtures import checkpoint, one_torch_thread  # noqa: F401
+
 PROMPT_LENGTHS = (1, 3, 9, 17, 40, 77, 130, 200)
 MAX_NEW = 32
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # The CI box has 2 cores shared with other jobs; torch's intra-op threads then fight
-    # over them and tiny ops get ~100x slower. One thread is faster for these sizes.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="session")
-def checkpoint():
-    from hpcinfer.testing.tiny import tiny_checkpoint
-    return lambda family: str(tiny_checkpoint(family))
 
 
 @pytest.fixture(scope="session")

@@ -5,20 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # 2 shared cores in CI: one intra-op thread is faster at these sizes (tests/engine does so)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="session")
-def base():
-    from hpcinfer.testing.tiny import tiny_checkpoint
-    return lambda family: str(tiny_checkpoint(family))
+from hpcinfer.testing.pytest_fixtures import checkpoint as base  # noqa: F401
+from hpcinfer.testing.pytest_fixtures import one_torch_thread  # noqa: F401
 
 
 @pytest.fixture(scope="session")
