@@ -279,6 +279,10 @@ class EngineSection(Section):
         "auto", description="KV cache storage: auto (the model's dtype) or fp8 (e4m3, "
                             "per-tensor scale 1.0: twice the tokens of bf16; "
                             "docs/quantization.md)")
+    load_format: Literal["auto", "safetensors", "dummy"] = Field(
+        "auto", description="auto/safetensors: read the checkpoint's weights; dummy: seeded "
+                            "random weights built from config.json alone (benchmarks; the "
+                            "output text is meaningless; docs/quantization.md)")
 
 
 class LoRASection(Section):

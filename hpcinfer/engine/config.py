@@ -35,6 +35,7 @@ class EngineConfig:
     max_logprobs: int = 20                # most logprobs a request may ask for (vLLM's default)
     quantization: str | None = None       # None: the checkpoint's; "fp8" also quantizes online
     kv_cache_dtype: str = "auto"          # "fp8"/"fp8_e4m3": e4m3 cache, scale 1.0 (quantization.md)
+    load_format: str = "auto"             # "dummy": random weights from config.json alone
     enable_lora: bool = False             # LoRA adapters per request (docs/lora.md)
     max_loras: int = 1                    # adapters in the slot pool (distinct ones per step)
     max_lora_rank: int = 16               # largest adapter rank accepted
@@ -65,6 +66,10 @@ class EngineConfig:
             raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported: use "
                              "auto (the model's dtype), fp8 or fp8_e4m3")
         _check_lora(self)
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format={self.load_format!r} is not supported: use auto or "
+                             "safetensors (the checkpoint's safetensors) or dummy (random "
+                             "weights from config.json alone, for benchmarks)")
         if self.dtype not in DTYPE_NAMES:
             raise ValueError(f"dtype={self.dtype!r} is not supported: use one of "
                              f"{sorted(DTYPE_NAMES)}")
@@ -95,6 +100,7 @@ class EngineConfig:
 def _default_of(cls, name: str):
     return next(f.default for f in fields(cls) if f.name == name)
 
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
 DTYPE_NAMES = {"auto", "float32", "float", "float16", "half", "bfloat16", "fp32", "fp16", "bf16"}
 
 

@@ -71,6 +71,7 @@ class LLMEngine:
                            attention_backend=config.attention_backend,
                            quantization=config.quantization,
                            expert_parallel=config.enable_expert_parallel,
+                           load_format=config.load_format, seed=config.seed,
                            **(self.parallel.load_kwargs() if self.parallel else {}))
         self.spec = model.spec
         self.max_model_len = self._resolve_max_model_len()

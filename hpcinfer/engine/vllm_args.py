@@ -42,7 +42,6 @@ IGNORED: dict[str, VllmArg] = {
     "max_seq_len_to_capture": _ignored(8192, int, "CUDA graphs cover decode batch sizes"),
     "tokenizer_mode": _ignored("auto", str, "the tokenizer is transformers' AutoTokenizer"),
     "download_dir": _ignored(None, str, "models are local snapshots (hpcinfer download)"),
-    "load_format": _ignored("auto", str, "weights load from safetensors"),
     "distributed_executor_backend": _ignored(None, str,
                                              "ranks are spawned or MPI-launched (docs/multi-node.md)"),
     "revision": _ignored(None, str, "--model is a local snapshot; the revision is pinned by "

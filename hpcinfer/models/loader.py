@@ -1,5 +1,6 @@
 """Our safetensors weight loader: sharded (model.safetensors.index.json) or single-file,
-memory-mapped, each tensor copied once into its (already allocated, target-dtype) parameter.
+memory-mapped, each tensor copied once into its (already allocated, target-dtype) parameter;
+and ``load_dummy_weights`` (vLLM's ``load_format="dummy"``): random weights, nothing read.
 
 Names are matched exactly. A checkpoint tensor with no parameter, a parameter (or a piece of
 a merged one) that no tensor filled, a missing shard file and a wrong shape are all errors that
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -139,3 +141,58 @@ def _target_of(model: nn.Module, name: str, params: dict[str, nn.Parameter]
     if name in params:
         return name, None
     return _UNKNOWN
+
+
+DUMMY_EMBEDDING_RANGE = 1.0   # embeddings U(-1, 1): the first RMSNorm rescales them anyway
+DUMMY_VECTOR_RANGE = 0.02     # biases, sinks and other 1-D parameters that are not norms
+
+
+def load_dummy_weights(model: nn.Module, seed: int = 0) -> None:
+    """Fill every parameter with seeded random values instead of reading a checkpoint
+    (``load_format="dummy"``: benchmarks and shape checks of models one cannot or need not
+    download, e.g. a 70B W4A16 model from its config.json alone).
+
+    Each module draws from its own generator seeded by ``seed`` and its name, on the
+    parameter's device: the same seed gives the same weights on the same device, whatever
+    the tensor-parallel layout or the order of the parameters. A quantized linear layer fills
+    its checkpoint-layout parameters through its method (``QuantMethod.dummy_weights``: packed
+    4-bit codes, fp8 codes with scales), so its ``process_after_loading`` runs unchanged.
+    Other parameters: 2-D and larger U(+-1/sqrt(last dim)) (embeddings U(+-1)), norm weights
+    1, other vectors U(+-0.02). The values are small enough for bf16 to stay finite through
+    any depth (every layer's output keeps its input's scale), not a trained model's: the
+    generated text is meaningless.
+    """
+    from hpcinfer.layers.linear import LinearBase
+    done: set[int] = set()
+    count = 0
+    for module_name, module in model.named_modules():
+        own = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) not in done]
+        if not own:
+            continue
+        gen = torch.Generator(device=own[0][1].device)
+        gen.manual_seed((seed * 1_000_003 + zlib.crc32(module_name.encode())) % 2 ** 63)
+        if isinstance(module, LinearBase):
+            module.quant_method.dummy_weights(module, gen)
+        else:
+            for name, param in own:
+                _dummy_fill(f"{module_name}.{name}", module, param, gen)
+        for _, param in own:
+            done.add(id(param))
+            count += 1
+    log.info("load_format=dummy: %d parameters filled with random values (seed %d)", count, seed)
+
+
+def _dummy_fill(name: str, module: nn.Module, param: nn.Parameter, gen: torch.Generator
+                ) -> None:
+    from hpcinfer.layers.quant.base import uniform_
+    data = param.data
+    if not data.is_floating_point():
+        data.zero_()
+    elif data.dim() == 1 and "norm" in name.lower():
+        data.fill_(1.0)
+    elif data.dim() == 1:
+        uniform_(data, DUMMY_VECTOR_RANGE, gen)
+    elif "embed" in name.lower() or type(module).__name__.endswith("Embedding"):
+        uniform_(data, DUMMY_EMBEDDING_RANGE, gen)
+    else:
+        uniform_(data, float(data.shape[-1]) ** -0.5, gen)

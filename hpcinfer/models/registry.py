@@ -17,7 +17,7 @@ from hpcinfer.layers.attention import AttentionBackend, get_attention_backend
 from hpcinfer.layers.linear import NO_TP, TensorParallel
 from hpcinfer.layers.rotary import max_position_of
 from hpcinfer.layers.quant.apply import apply_quantization, finish_quantization
-from hpcinfer.models.loader import checkpoint_files, load_weights
+from hpcinfer.models.loader import checkpoint_files, load_dummy_weights, load_weights
 from hpcinfer.models.spec import ModelSpec, head_dim_of, token_ids
 from hpcinfer.models.support import (  # noqa: F401  (re-exported: the public names)
     architecture_of, known_architecture, supported_architectures, supported_text)
@@ -52,7 +52,8 @@ def load_config(model_path: str | Path) -> Any:
 def load_model(model_path: str | Path, *, dtype: torch.dtype, device: torch.device | str,
                attention_backend: str | AttentionBackend = "auto",
                tp: TensorParallel = NO_TP, pp: Any = None, quantization: str | None = None,
-               expert_parallel: bool = False) -> nn.Module:
+               expert_parallel: bool = False, load_format: str = "auto",
+               seed: int = 0) -> nn.Module:
     """Build the model of a local checkpoint on the meta device, then load its weights.
 
     ``tp``/``pp`` (a hpcinfer.distributed.groups.PipelineStage) make it this rank's part.
@@ -61,6 +62,8 @@ def load_model(model_path: str | Path, *, dtype: torch.dtype, device: torch.devi
     before any weight is read.
     ``expert_parallel``: a MoE model spreads whole experts over the tensor-parallel ranks
     instead of splitting each expert (vLLM's enable_expert_parallel); dense models ignore it.
+    ``load_format="dummy"`` (vLLM's name): random weights seeded by ``seed``
+    (hpcinfer.models.loader.load_dummy_weights); only config.json is read.
 
     The returned model is in eval mode with ``model.spec`` (a ModelSpec) set. ``dtype`` is a
     torch.dtype (resolving "auto" is the caller's job); parameters are allocated directly on
@@ -85,13 +88,17 @@ def load_model(model_path: str | Path, *, dtype: torch.dtype, device: torch.devi
         prune_to_stage(model, pp)  # only this stage's layers get memory and weights
     model.load_slices_only = tp.size > 1 or (pp is not None and pp.size > 1)
     model = model.to(dtype=dtype)
-    _quantize(model, model_path, quantization, dtype, tp)   # still on meta: nothing read yet
+    dummy = load_format == "dummy"
+    _quantize(model, model_path, quantization, dtype, tp, dummy)  # on meta: nothing read yet
     _check_weights_fit(model, device, tp, pp)
     model = model.to_empty(device=device)
     model.tie_weights()  # leaving the meta device unties shared parameters
     _init_buffers(model)
     with torch.no_grad():
-        load_weights(model, model_path)
+        if dummy:
+            load_dummy_weights(model, seed)
+        else:
+            load_weights(model, model_path)
         finish_quantization(model)
     model.eval().requires_grad_(False)  # inference only: never build an autograd graph
     model.spec = model_spec(config, architecture, dtype, tp, model_path)
@@ -104,12 +111,13 @@ def load_model(model_path: str | Path, *, dtype: torch.dtype, device: torch.devi
 
 
 def _quantize(model: nn.Module, model_path: str | Path, quantization: str | None,
-              dtype: torch.dtype, tp: TensorParallel) -> None:
+              dtype: torch.dtype, tp: TensorParallel, dummy: bool = False) -> None:
     from hpcinfer.layers.quant.config import quant_spec_of
     spec = quant_spec_of(json.loads((Path(model_path) / "config.json").read_text()),
                          quantization)
-    if spec is not None:
-        apply_quantization(model, spec, dtype, list(checkpoint_files(model_path)), tp.size)
+    if spec is not None:   # dummy weights: no checkpoint whose tensors could be missing
+        names = None if dummy else list(checkpoint_files(model_path))
+        apply_quantization(model, spec, dtype, names, tp.size)
 
 
 def _check_weights_fit(model: nn.Module, device: torch.device, tp: TensorParallel,

@@ -135,7 +135,8 @@ def engine_config(cfg, model, device: str | None = None):
             pipeline_parallel_size=int(cfg.parallel.pipeline),
             device=device or str(cfg.resources.device),
             tokenizer=_tokenizer_path(cfg), quantization=e.quantization,
-            kv_cache_dtype=e.kv_cache_dtype, **lora_engine_args(cfg))
+            kv_cache_dtype=e.kv_cache_dtype, load_format=e.load_format,
+            **lora_engine_args(cfg))
     except ValueError as exc:
         raise TaskFailed(f"engine: {exc}") from None
 

@@ -42,11 +42,12 @@ def hf_name_of(model: nn.Module, module_name: str, layer: LinearBase) -> str:
 
 
 def apply_quantization(model: nn.Module, spec: QuantSpec, dtype: torch.dtype,
-                       checkpoint_names: list[str], tp_size: int) -> int:
+                       checkpoint_names: list[str] | None, tp_size: int) -> int:
     """Give every quantized linear layer of ``model`` (on meta, already in ``dtype``) its
     method; raise QuantConfigError for a layer that does not fit or a checkpoint that lacks a
-    tensor, before any weight is read. Returns the number of quantized layers."""
-    if not spec.online:
+    tensor, before any weight is read. Returns the number of quantized layers.
+    ``checkpoint_names`` None: no checkpoint (load_format="dummy"), nothing to check."""
+    if not spec.online and checkpoint_names is not None:
         problem = missing_tensor_problem(spec, checkpoint_names)
         if problem is not None:
             raise QuantConfigError(problem)

@@ -77,6 +77,40 @@ class QuantMethod:
               ) -> torch.Tensor:
         raise NotImplementedError
 
+    def dummy_weights(self, layer: nn.Module, gen: torch.Generator) -> None:
+        """Fill the layer's parameters with random values in this method's own layout
+        (``load_format="dummy"``, hpcinfer.models.loader.load_dummy_weights), so that
+        ``process_after_loading`` sees what a checkpoint would give it. Default: every
+        floating-point parameter uniform in +-dummy_range(layer)."""
+        for name in layer.shardings:
+            param = layer._parameters.get(name)
+            if param is not None:
+                uniform_(param.data, dummy_range(layer), gen)
+
+
+def dummy_range(layer: nn.Module) -> float:
+    """Half-width of a dummy weight's uniform values: 1/sqrt(fan_in) of the whole layer (a
+    row-parallel rank's slice uses the full input size), so activations keep their scale
+    through every layer and bf16 stays finite."""
+    fan_in = getattr(layer, "full_input_size", None) or layer.input_size
+    return float(fan_in) ** -0.5
+
+
+def uniform_(t: torch.Tensor, r: float, gen: torch.Generator) -> torch.Tensor:
+    """``t`` (any float dtype, fp8 included) filled in place with U(-r, r) drawn by ``gen``
+    in fp32 on t's device."""
+    values = torch.empty(t.shape, dtype=torch.float32, device=t.device)
+    values.uniform_(-r, r, generator=gen)
+    t.copy_(values)
+    return t
+
+
+def random_words(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """``t`` (int32) filled in place with random 32-bit words: eight uniform 4-bit codes each."""
+    t.copy_(torch.randint(-2 ** 31, 2 ** 31 - 1, t.shape, dtype=torch.int32, device=t.device,
+                          generator=gen))
+    return t
+
 
 class UnquantizedMethod(QuantMethod):
     """A plain ``weight`` [out, in] in the compute dtype: y = x W^T + b."""

@@ -16,7 +16,7 @@ from torch import nn
 
 from hpcinfer.layers.quant import reference as ref
 from hpcinfer.layers.quant.base import (PER_PIECE, WEIGHT, ParamSharding, QuantMethod,
-                                        add_param, replace_weight)
+                                        add_param, dummy_range, replace_weight, uniform_)
 from hpcinfer.layers.quant.config import QuantSpec
 
 
@@ -48,6 +48,18 @@ class Fp8Method(QuantMethod):
             add_param(layer, self.scale_name, (len(layer.out_pieces),), torch.float32, PER_PIECE)
         if self.spec.static_input_scale:  # used by the W8A8 path only
             add_param(layer, "input_scale", (len(layer.out_pieces),), torch.float32, PER_PIECE)
+
+    def dummy_weights(self, layer: nn.Module, gen: torch.Generator) -> None:
+        """e4m3 codes uniform over +-448 and scales in [0.5, 1] x range/448 (per block, row or
+        piece as the scheme has them): dequantized weights within +-dummy_range(layer)."""
+        r = dummy_range(layer)
+        uniform_(layer.weight.data, ref.FP8_MAX, gen)
+        scale = getattr(layer, self.scale_name).data
+        uniform_(scale, 0.25, gen).add_(0.75).mul_(r / ref.FP8_MAX)
+        if "input_scale" in layer._parameters:   # static activation scale: |x| up to ~22
+            layer.input_scale.data.fill_(0.05)
+        if layer.bias is not None:
+            uniform_(layer.bias.data, r, gen)
 
     def row_scales(self, layer: nn.Module) -> torch.Tensor:
         """Per-tensor scales spread over their pieces' rows: [out]."""
@@ -113,6 +125,8 @@ class Fp8OnlineMethod(Fp8Method):
     def create_weights(self, layer: nn.Module) -> None:
         add_param(layer, "weight", (layer.output_size, layer.input_size), layer.params_dtype,
                   WEIGHT)
+
+    dummy_weights = QuantMethod.dummy_weights   # a plain weight in the compute dtype
 
     def process_after_loading(self, layer: nn.Module) -> None:
         amax = layer.weight.float().abs().amax(dim=1)

@@ -12,10 +12,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from hpcinfer.layers.quant import reference as ref
-from hpcinfer.layers.quant.base import ParamSharding, QuantMethod, add_param, replace_weight
+from hpcinfer.layers.quant.base import (ParamSharding, QuantMethod, add_param, dummy_range,
+                                        random_words, replace_weight, uniform_)
 from hpcinfer.layers.quant.config import PACK, QuantSpec
 
 _I32 = torch.int32
+
+
+def _nibbles(code: int) -> int:
+    """The int32 word whose eight 4-bit codes all equal ``code``."""
+    word = sum(code << (4 * i) for i in range(PACK))
+    return word - 2 ** 32 if word >= 2 ** 31 else word
 
 
 class Int4Method(QuantMethod):
@@ -70,6 +77,27 @@ class Int4Method(QuantMethod):
             if self.spec.desc_act:
                 add_param(layer, "weight_g_idx", (len(layer.out_pieces), inp), _I32,
                           ParamSharding(out_dim=None, in_dim=1, per_piece=True))
+
+    def dummy_weights(self, layer: nn.Module, gen: torch.Generator) -> None:
+        """Random packed codes (every nibble uniform 0..15), zero points 8 (stored as the
+        layout stores them), scales in [0.5, 1] x range/8 per group, and consecutive groups for
+        g_idx: dequantized weights within +-dummy_range(layer)."""
+        r, layout = dummy_range(layer), self.spec.layout
+        main, scale = (("weight_packed", "weight_scale") if layout == "pack_quantized"
+                       else ("qweight", "scales"))
+        random_words(getattr(layer, main).data, gen)
+        uniform_(getattr(layer, scale).data, 0.25, gen).add_(0.75).mul_(r / 8)
+        zero_name = "weight_zero_point" if layout == "pack_quantized" else "qzeros"
+        if zero_name in layer._parameters:
+            offset = self.spec.gptq_zero_offset if layout == "gptq" else 0
+            getattr(layer, zero_name).data.fill_(_nibbles(8 - offset))
+        g_name = "weight_g_idx" if layout == "pack_quantized" else "g_idx"
+        if g_name in layer._parameters:
+            g = getattr(layer, g_name).data
+            _, size = self._groups(layer, replicated=False)
+            g.copy_(ref.group_index(layer.input_size, size, g.device).to(_I32).expand_as(g))
+        if layer.bias is not None:
+            uniform_(layer.bias.data, r, gen)
 
     def canonical(self, layer: nn.Module):
         """(q [out, in], zeros [out, groups], scales [out, groups], g_idx [out pieces][in])."""
