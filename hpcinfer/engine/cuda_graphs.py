@@ -18,9 +18,16 @@ lengths, so a graph stays valid while sequences grow. Stale block-table entries 
 sequence's length are never read (the kernel stops at seq_lens). Graphs share one memory
 pool, captured largest first; their outputs alias each other, so a step must consume its
 hidden states (``compute_logits`` gathers rows into a new tensor) before the next replay.
+
+With LoRA (``lora``: the engine's LoRAManager) the graphs include the shrink/expand kernels
+of every wrapped layer, captured over two more static inputs that live in the manager and
+never move: each layer's slot weights (a slot swap copies into them) and the step's slot
+index per row (``StepSlots.buffer``, written by the manager before the replay; padded rows
+get the null slot -1, whose contribution the kernels skip). docs/lora.md.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -68,10 +75,12 @@ class DecodeGraphs:
     """Captures and replays decode forwards. ``run(batch)`` -> hidden [num_seqs, hidden]."""
 
     def __init__(self, model, kv_caches, max_num_seqs: int, max_blocks_per_seq: int,
-                 hidden_size: int, dtype: torch.dtype, device: torch.device):
+                 hidden_size: int, dtype: torch.dtype, device: torch.device, lora=None):
         from hpcinfer.layers.attention import AttentionMetadata
         self._meta_cls = AttentionMetadata
         self.model, self.kv_caches, self.device = model, kv_caches, device
+        # LoRA: each token row's slot index, a static input of every graph (None: no LoRA)
+        self.lora_slots = lora.step_slots if lora is not None else None
         self.sizes = batch_size_ladder(max_num_seqs)
         self.max_bs = self.sizes[-1]
         self.block_size = kv_caches[0][0].shape[1]
@@ -107,21 +116,34 @@ class DecodeGraphs:
 
         With all slots at -1 and lengths 0 the capture forwards write nothing to the KV cache."""
         start = time.perf_counter()
-        self.warm_up_prefill()
+        with self._lora_applied(self.max_bs):
+            self.warm_up_prefill()
         pool = None
         for bs in reversed(self.sizes):
-            self._forward(bs)             # warm-up outside capture: Triton compiles, cuBLAS plans
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                out = self._forward(bs)
-            if pool is None:
-                pool = graph.pool()
-            self.graphs[bs], self.outputs[bs] = graph, out
-        torch.cuda.synchronize(self.device)
+            with self._lora_applied(bs):
+                self._forward(bs)         # warm-up outside capture: Triton compiles, cuBLAS plans
+                self.graphs[bs], self.outputs[bs], pool = self._capture_one(bs, pool)
+        self._synchronize()
         self.capture_s = time.perf_counter() - start
         log.info("CUDA graphs: captured %d decode batch sizes (1..%d) in %.1f s",
                  len(self.sizes), self.max_bs, self.capture_s)
+
+    def _capture_one(self, bs: int, pool):
+        """(graph, its output, the shared memory pool) for batch size ``bs``."""
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = self._forward(bs)
+        return graph, out, pool if pool is not None else graph.pool()
+
+    def _synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def _lora_applied(self, num_rows: int):
+        """Capture with the LoRA kernels in (over null slots), whatever the current step."""
+        if self.lora_slots is None:
+            return contextlib.nullcontext()
+        return self.lora_slots.always_applied(num_rows)
 
     @torch.inference_mode()
     def warm_up_prefill(self) -> None:
@@ -168,8 +190,10 @@ class DecodeGraphs:
         if meta.is_decode or k < MIN_SPLIT_DECODES or not fits:
             return self.model.forward(batch.input_ids, batch.positions, self.kv_caches, meta)
         # Rows [0, k) are sequences with one query token each (token i = sequence i).
+        rest_lora_slots = self._take_lora_slots(k, n)
         decode = self._replay(batch.input_ids[:k], batch.positions[:k], meta.slot_mapping[:k],
                               meta.seq_lens[:k], meta.block_tables[:k])
+        self._put_lora_slots(rest_lora_slots)
         # clone(): slices at row k start at arbitrary offsets; fresh tensors are aligned,
         # so the kernels see the alignment they were compiled for (see aligned_offsets).
         rest = self._meta_cls(
@@ -180,6 +204,17 @@ class DecodeGraphs:
                                      self.kv_caches, rest)
         self.num_splits += 1
         return torch.cat([decode, prefill])   # copies the graph's output before any replay
+
+    def _take_lora_slots(self, k: int, n: int) -> torch.Tensor | None:
+        """A copy of the prefill rows' LoRA slots [k, n): the replay pads rows from k on."""
+        return None if self.lora_slots is None else self.lora_slots.buffer[k:n].clone()
+
+    def _put_lora_slots(self, rest: torch.Tensor | None) -> None:
+        """The prefill rows' slots at the buffer's start, where the eager forward of those
+        rows alone reads them (its hooks take the first rows). Stream-ordered after the
+        replay, so the graph has read the decode rows' slots by then."""
+        if rest is not None:
+            self.lora_slots.buffer[:rest.shape[0]].copy_(rest)
 
     def padded_size(self, n: int) -> int:
         return next(b for b in self.sizes if b >= n)
@@ -200,6 +235,9 @@ class DecodeGraphs:
             # Padded rows: write no KV (slot -1) and attend to nothing (length 0).
             self.slot_mapping[n:bs].fill_(-1)
             self.seq_lens[n:bs].fill_(0)
+        if self.lora_slots is not None:
+            # Rows [0, n) hold the step's slots (LoRAManager.prepare_step); padded rows none.
+            self.lora_slots.pad(n, bs)
         self.graphs[bs].replay()
         self.num_replays += 1
         return self.outputs[bs][:n]

@@ -163,11 +163,9 @@ class ModelRunner:
         from hpcinfer.engine.cuda_graphs import DecodeGraphs, graph_safe
         if self.device.type != "cuda" or self.config.enforce_eager or not graph_safe(self.model):
             return
-        if self.lora is not None:  # not captured with LoRA yet: decode runs eager (lora.md)
-            return
         self.graphs = DecodeGraphs(self.model, self.kv_caches, self.config.max_num_seqs,
                                    self.max_blocks_per_seq, self.spec.hidden_size,
-                                   self.spec.dtype, self.device)
+                                   self.spec.dtype, self.device, lora=self.lora)
         self.graphs.capture()
         self.split_mixed_attention = True
 

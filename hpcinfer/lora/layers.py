@@ -13,6 +13,8 @@ reduced output on every rank.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -21,22 +23,47 @@ from hpcinfer.kernels import lora_reference
 from hpcinfer.layers.linear import LinearBase, _shard
 
 
+NULL_SLOT = -1   # a row without an adapter: the kernels load and add nothing for it
+
+
 class StepSlots:
-    """Each token row's slot this step, in one persistent buffer (a static address, as
-    decode CUDA graphs need). Written by the manager before the forward, read by the hooks."""
+    """Each token row's slot this step, in one persistent buffer: its address never changes,
+    so decode CUDA graphs read it as a static input. Written by the manager before the
+    forward (and by DecodeGraphs for the rows it pads), read by the hooks."""
 
     def __init__(self, max_num_tokens: int, device: torch.device):
-        self.buffer = torch.full((max_num_tokens,), -1, dtype=torch.int32, device=device)
+        self.buffer = torch.full((max_num_tokens,), NULL_SLOT, dtype=torch.int32, device=device)
         self.num_tokens = 0
         self.has_adapter = False   # whether any row this step has one (else the hooks skip)
 
     def set(self, token_slots) -> None:
         """token_slots: numpy int array [num_tokens]."""
         n = len(token_slots)
-        if n > self.buffer.shape[0]:  # never with the scheduler's budget; grow to stay correct
-            self.buffer = torch.full((n,), -1, dtype=torch.int32, device=self.buffer.device)
+        if n > self.buffer.shape[0]:
+            # Never reallocated: captured graphs hold this address. The scheduler's token
+            # budget and max_num_seqs bound every step (LoRAManager sizes the buffer).
+            raise RuntimeError(f"a step of {n} tokens but the LoRA slot buffer holds "
+                               f"{self.buffer.shape[0]}; this is a bug: please report it")
         self.buffer[:n].copy_(torch.from_numpy(token_slots.astype("int32")), non_blocking=True)
         self.num_tokens, self.has_adapter = n, bool((token_slots >= 0).any())
+
+    def pad(self, start: int, stop: int) -> None:
+        """Rows [start, stop) are padding of a graph batch: no adapter (stream-ordered)."""
+        if stop > start:
+            self.buffer[start:stop].fill_(NULL_SLOT)
+
+    @contextlib.contextmanager
+    def always_applied(self, num_rows: int):
+        """For graph capture (and its warm-up): every hook launches its kernels, over
+        ``num_rows`` null-slot rows (0: the rows are left as they are). A captured graph
+        replays those launches on whatever the buffer holds then, so a replayed step needs
+        no host-side flag."""
+        self.pad(0, num_rows)
+        saved, self.has_adapter = self.has_adapter, True
+        try:
+            yield
+        finally:
+            self.has_adapter = saved
 
 
 class LoRALayer:

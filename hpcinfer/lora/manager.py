@@ -134,7 +134,9 @@ def attach_lora(config, runner) -> LoRAManager | None:
         return None
     manager = LoRAManager(runner.model, config.max_loras, config.max_lora_rank,
                           config.max_cpu_loras or config.max_loras,
-                          config.max_num_batched_tokens, runner.device, runner.spec.dtype)
+                          # every step's rows, and every decode graph's (padded) batch
+                          max(config.max_num_batched_tokens, config.max_num_seqs),
+                          runner.device, runner.spec.dtype)
     runner.lora = manager
     return manager
 
