@@ -49,7 +49,7 @@ def main() -> None:
         wanted = set(args.only.split(","))
         benches = [f for f in (bench_copy, bench_decode, bench_prefill, bench_cache,
                                bench_elementwise, sweep_decode, sweep_prefill, bench_decode_mix,
-                               bench_moe, sweep_moe, bench_quant_gemm)
+                               bench_moe, sweep_moe, bench_quant_gemm, sweep_w4a16)
                    if f.__name__.removeprefix("bench_").removeprefix("sweep_") in wanted
                    or f.__name__ in wanted]
     for bench in benches:
@@ -316,8 +316,12 @@ def sweep_moe(dtypes):
                           expected, num_bytes)
 
 
-# (K, N) of Llama-3.1-8B's q/k/v, gate/up and down projections
-QUANT_SHAPES = [(4096, 6144), (4096, 28672), (14336, 4096)]
+# (K, N, model) of the merged q/k/v, o, gate/up and down projections of Llama-3.1-8B and -70B
+QUANT_SHAPES = [(4096, 6144, "8B qkv"), (4096, 4096, "8B o"), (4096, 28672, "8B gate_up"),
+                (14336, 4096, "8B down"),
+                (8192, 10240, "70B qkv"), (8192, 8192, "70B o"), (8192, 57344, "70B gate_up"),
+                (28672, 8192, "70B down")]
+QUANT_MS = (1, 16, 64, 256, 2048)      # decode batch sizes, then a prefill chunk
 
 
 def bench_quant_gemm(dtypes):
@@ -327,8 +331,9 @@ def bench_quant_gemm(dtypes):
     from hpcinfer.kernels import quant_reference as kref
     from hpcinfer.kernels.fp8_gemm import fp8_block_gemm, fp8_scaled_mm
     from hpcinfer.kernels.w4a16_gemm import w4a16_gemm
+    from hpcinfer.kernels.w4a16_gemm import config_for, num_sms
     fp8 = torch.cuda.get_device_capability() >= (8, 9)
-    for k, n in QUANT_SHAPES:
+    for k, n, model in QUANT_SHAPES:
         w = torch.randn(n, k, device="cuda") * k ** -0.5
         wb = w.bfloat16()
         codes = torch.randint(0, 16, (k, n), device="cuda")
@@ -340,18 +345,20 @@ def bench_quant_gemm(dtypes):
                    .repeat_interleave(128, 1)).to(kref.FP8)
         row_scales = w.abs().amax(dim=1) / 448
         b_row = (w / row_scales[:, None]).to(kref.FP8)
-        for m in (1, 16, 128, 4096):
+        for m in QUANT_MS:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            shape = f"M{m} K{k} N{n}"
+            shape = f"M{m} K{k} N{n} ({model})"
             bf16_ms = time_ms(lambda: F.linear(x, wb))
             yield _row("bf16_gemm", shape, torch.bfloat16, bf16_ms,
                        (m * k + k * n + m * n) * 2, tflops=2 * m * n * k / bf16_ms / 1e9)
             ms = time_ms(lambda: w4a16_gemm(x, qweight, zeros, scales, None, 128))
             err = _rel_err(w4a16_gemm(x, qweight, zeros, scales, None, 128),
                            kref.w4a16_gemm(x, qweight, zeros, scales, None, 128))
+            cfg = config_for(m, n, k, 128, False, num_sms(x.device))
             yield _row("w4a16_gemm", shape + " g128", torch.bfloat16, ms,
                        (m * k + m * n) * 2 + k * n // 2 + 8 * (k // 128) * n, bf16_ms,
-                       speedup=bf16_ms / ms, rel_err=err, tflops=2 * m * n * k / ms / 1e9)
+                       speedup=bf16_ms / ms, rel_err=err, tflops=2 * m * n * k / ms / 1e9,
+                       launch=cfg._asdict())
             if not fp8:
                 continue
 
@@ -370,6 +377,39 @@ def bench_quant_gemm(dtypes):
                 yield _row(name, shape, torch.bfloat16, ms, m * k * 2 + k * n + m * n * 2,
                            bf16_ms, speedup=bf16_ms / ms, rel_err=err,
                            tflops=2 * m * n * k / ms / 1e9)
+
+
+def sweep_w4a16(dtypes):
+    """W4A16 launch configs (tile, warps, split-K) at decode M on the 8B/70B shapes, each
+    checked against the torch reference first; the row with config=None is config_for's."""
+    from hpcinfer.kernels import quant_reference as kref
+    from hpcinfer.kernels.w4a16_gemm import W4A16Config, w4a16_gemm
+    tiles = [(16, 64, 128, 4), (16, 128, 128, 4), (16, 32, 128, 4), (16, 64, 64, 4),
+             (32, 64, 128, 4), (64, 64, 64, 4), (64, 128, 64, 4), (128, 128, 64, 8)]
+    for k, n, model in QUANT_SHAPES:
+        codes = torch.randint(0, 16, (k, n), device="cuda")
+        zeros = torch.full((k // 128, n), 8, dtype=torch.int32, device="cuda")
+        scales = torch.rand(k // 128, n, device="cuda") * 0.01
+        qweight = kref.pack_k(codes)
+        del codes
+        for m in (1, 16, 64, 256):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            expected = kref.w4a16_gemm(x, qweight, zeros, scales, None, 128)
+            num_bytes = (m * k + m * n) * 2 + k * n // 2 + 8 * (k // 128) * n
+            variants = [None] + [W4A16Config(*t, split_k=sk) for t in tiles if t[0] >= min(m, 16)
+                                 and t[0] <= max(16, 2 * m) for sk in (1, 2, 4, 8)]
+            for cfg in variants:
+                def run(cfg=cfg):
+                    return w4a16_gemm(x, qweight, zeros, scales, None, 128, config=cfg)
+                try:
+                    err = _rel_err(run(), expected)
+                    ms = time_ms(run) if err < 2e-2 else float("nan")
+                except Exception as e:   # shared memory, registers: record, go on
+                    log.warning("w4a16 %s failed: %s", cfg, str(e).splitlines()[0][:200])
+                    err, ms = float("inf"), float("nan")
+                yield _row("w4a16_gemm:sweep", f"M{m} K{k} N{n} ({model}) g128",
+                           torch.bfloat16, ms, num_bytes,
+                           config=None if cfg is None else cfg._asdict(), rel_err=err)
 
 
 def _rel_err(got: torch.Tensor, expected: torch.Tensor) -> float:

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
 DEVICE = "cuda"
 # (K, N): 8B q/k/v, 8B down, 70B gate/up (one of the two pieces)
 SHAPES = [(4096, 6144), (14336, 4096), (8192, 28672)]
-TOKENS = [1, 16, 2048]
+TOKENS = [1, 16, 64, 256, 2048]
 
 
 def rel_err(got: torch.Tensor, expected: torch.Tensor) -> float:
@@ -46,6 +46,46 @@ def test_w4a16_full_shapes(k, n, m, dtype, group, desc_act):
     got = w4a16_gemm(a, qweight, zeros, scales, g_idx, group)
     want = kref.w4a16_gemm(a, qweight, zeros, scales, g_idx, group)
     assert rel_err(got, want) < (1e-2 if dtype == torch.bfloat16 else 2e-3)
+
+
+def _w4a16_problem(k, n, m, group=128):
+    g = torch.Generator(device=DEVICE).manual_seed(k + n + m)
+    qweight = kref.pack_k(torch.randint(0, 16, (k, n), generator=g, device=DEVICE))
+    zeros = torch.full((k // group, n), 8, device=DEVICE, dtype=torch.int32)
+    scales = torch.rand(k // group, n, generator=g, device=DEVICE) * 0.02 + 0.001
+    a = torch.randn(m, k, generator=g, device=DEVICE).bfloat16()
+    return a, qweight, zeros, scales
+
+
+@pytest.mark.parametrize("k, n", SHAPES)
+@pytest.mark.parametrize("m", [1, 64])
+@pytest.mark.parametrize("split_k", [1, 2, 4, 8])
+def test_w4a16_split_k_full_shapes(k, n, m, split_k):
+    from hpcinfer.kernels.w4a16_gemm import W4A16Config
+    a, qweight, zeros, scales = _w4a16_problem(k, n, m)
+    cfg = W4A16Config(16 if m == 1 else 64, 64, 128, 4, split_k)
+    got = w4a16_gemm(a, qweight, zeros, scales, None, 128, config=cfg)
+    assert rel_err(got, kref.w4a16_gemm(a, qweight, zeros, scales, None, 128)) < 1e-2
+
+
+def test_w4a16_split_k_in_a_cuda_graph():
+    """Decode runs in CUDA graphs: the split-K workspace is allocated inside the capture."""
+    from hpcinfer.kernels.w4a16_gemm import config_for, num_sms
+    a, qweight, zeros, scales = _w4a16_problem(4096, 4096, 4)
+    assert config_for(4, 4096, 4096, 128, False, num_sms(a.device)).split_k > 1
+    run = lambda: w4a16_gemm(a, qweight, zeros, scales, None, 128)   # noqa: E731
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    a.copy_(torch.randn_like(a))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(out, kref.w4a16_gemm(a, qweight, zeros, scales, None, 128)) < 1e-2
 
 
 @pytest.mark.skipif(not fp8_supported(), reason="e4m3 needs compute capability >= 8.9")

@@ -45,6 +45,40 @@ def test_w4a16_kernel_matches_reference(m, dtype, group, desc_act):
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * 10)
 
 
+@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("split_k", [2, 3, 4])
+@pytest.mark.parametrize("group, desc_act", [(32, False), (64, True), (128, False)])
+def test_w4a16_split_k_matches_reference(m, split_k, group, desc_act):
+    """Split-K (disjoint K ranges, fp32 partials summed): K=512 in 64-wide steps is 8 steps,
+    3 splits leave a short last one."""
+    from hpcinfer.kernels.w4a16_gemm import W4A16Config
+    k, n = 512, 48
+    qweight, _, zeros, scales, g_idx = _int4_weight(k, n, group, desc_act, seed=split_k)
+    a = torch.randn(m, k, generator=torch.Generator().manual_seed(2)).to(torch.float16)
+    cfg = W4A16Config(16, 32, 64, 4, split_k)
+    got = w4a16_gemm(a, qweight, zeros, scales, g_idx, group, config=cfg)
+    want = kref.w4a16_gemm(a, qweight, zeros, scales, g_idx, group)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-3, atol=2e-2)
+    single = w4a16_gemm(a, qweight, zeros, scales, g_idx, group, config=cfg._replace(split_k=1))
+    assert not torch.equal(got, torch.zeros_like(got))
+    torch.testing.assert_close(got.float(), single.float(), rtol=2e-3, atol=2e-2)
+
+
+def test_w4a16_config_table_by_m():
+    """Decode rows get thin tiles and split-K up to about one wave of SMs; prefill none."""
+    from hpcinfer.kernels.w4a16_gemm import config_for
+    decode = config_for(1, 4096, 4096, 128, False, sms=132)      # 64 tiles of 64 columns
+    assert (decode.block_m, decode.block_n, decode.split_k) == (16, 64, 4)
+    assert config_for(1, 57344, 8192, 128, False, sms=132).split_k == 1   # 70B gate_up
+    assert config_for(1, 8192, 28672, 128, False, sms=132).split_k == 2   # 70B down
+    assert config_for(256, 4096, 4096, 128, False, sms=132).block_m == 128
+    prefill = config_for(2048, 4096, 4096, 128, False, sms=132)
+    assert prefill.split_k == 1 and prefill.block_m == 128
+    assert config_for(1, 4096, 4096, 32, False).block_k == 32            # one group a step
+    assert config_for(1, 4096, 4096, 128, True).block_k == 128           # g_idx: any step
+    assert config_for(1, 64, 256, 128, False, sms=132).split_k == 1      # 4 steps: no split
+
+
 def test_w4a16_launcher_checks():
     qweight, _, zeros, scales, _ = _int4_weight(128, 64, 32, False)
     with pytest.raises(KernelArgumentError, match="packs 128 input features, a has 64"):
