@@ -9,11 +9,14 @@ Phases, in order (docs/worker.md):
      (pooling_loop.PoolingShardLoop);
   3. model: HF offline variables set, then ``hub.offline.resolve_model`` (no network, no
      torch import yet, so a missing model fails in about a second);
-  4. duplicate ids in this task's input files are refused (``find_duplicate_ids``);
+  4. a job-level structured-outputs constraint is compiled (constraint_check.py: xgrammar
+     is the final judge, and every row would use it); duplicate ids in this task's input
+     files are refused (``find_duplicate_ids``);
   5. the engine is loaded once; each shard goes through ``loop.ShardLoop``.
 
 Exit codes (the batch script acts on them): 0 every shard DONE; 2 something the user must
-fix (config, model, input file, duplicate ids, on_bad_row: fail, more bad rows than
+fix (config, model, input file, a job-level constraint that does not compile,
+duplicate ids, on_bad_row: fail, more bad rows than
 input.max_bad_rows); 3 stopped by the warning
 signal or SIGTERM after committing ("requeue me"); 4 a rank of the replica was lost
 (lifeline.py names it; requeue me); 1 an unexpected error (a bug: the traceback is in the
@@ -30,6 +33,7 @@ from pathlib import Path
 
 from hpcinfer.compile.plan import EXIT_BAD_INPUT, EXIT_REQUEUE
 from hpcinfer.worker import preflight, ranks
+from hpcinfer.worker.constraint_check import check_job_constraint
 from hpcinfer.worker.metrics import MetricsWriter
 from hpcinfer.worker.replica import DriverSide, run_follower
 from hpcinfer.worker.setup import TaskFailed
@@ -114,6 +118,8 @@ def _run_shards(job_dir: Path, cfg, plan, shards, stop: StopFlag, metrics: Metri
         preflight.check_device(str(cfg.resources.device), preflight.gpus_seen())
     except preflight.PreflightFailed as exc:
         raise TaskFailed(str(exc)) from None
+    # a job-level constraint xgrammar refuses would make every row bad: stop before the rows
+    check_job_constraint(cfg, model.path)
     setup.refuse_duplicate_ids(spec, todo)
     engine = setup.load_engine(cfg, model, driver.make_engine,
                                ranks.device_of(driver.replica.place, cfg))

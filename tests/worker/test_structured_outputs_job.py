@@ -9,6 +9,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -226,3 +228,39 @@ def test_kill_9_then_rerun_every_row_once_and_valid(tmp_path, model_dir):
     for record in records:
         assert record["finish_reason"] == "stop"
         _check_schema(record["text"])
+
+
+# --- a job-level constraint that passes `hpcinfer validate` but not xgrammar ---------------
+@pytest.mark.parametrize("constraint, words", [
+    ({"grammar": 'root ::= "(" num ")"\nnums ::= [0-9]+'},
+     'structured_outputs.grammar does not compile: EBNF parser error at line 1, column '),
+    ({"json": {"type": "object", "minProperties": 1}},
+     "structured_outputs.json does not compile: minProperties is greater than the number of "
+     "properties, but additional properties aren't allowed: 1 > 0"),
+])
+def test_job_constraint_xgrammar_refuses_fails_the_job_before_the_model(tmp_path, model_dir,
+                                                                         constraint, words):
+    write_jsonl(tmp_path / "data" / "in.jsonl",
+                [{"id": f"q{i}", "prompt": f"Row {i}:"} for i in range(3)])
+    config = job_config(model_dir, "data/in.jsonl",
+                        sampling={"max_tokens": 20, "structured_outputs": constraint})
+    job_dir = make_job(tmp_path, config, render=False)
+    validate = _cli("validate", str(tmp_path / "job.yaml"))
+    assert validate.returncode == 0, validate.stderr   # the login checks let it through
+    run = _cli("run", str(tmp_path / "job.yaml"), "--local")
+    out = run.stdout + run.stderr
+    assert run.returncode != 0 and "worker exited with status 2" in out, out
+    assert "worker crashed" not in out and "Traceback" not in out, out
+    assert f"sampling.{words}" in out
+    assert "fix sampling.structured_outputs in the job file" in out
+    assert "engine ready" not in out and "KV cache" not in out      # stopped before the model
+    assert not list((job_dir / "shards").glob("*/part-*"))           # and before the rows
+    assert not read_errors(job_dir)
+    status = _cli("status", str(job_dir))
+    [task_line] = [ln for ln in status.stdout.splitlines() if " FAILED " in ln]
+    assert f"sampling.{words}" in task_line, status.stdout
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hpcinfer.cli", *args], capture_output=True,
+                          text=True, timeout=180)
