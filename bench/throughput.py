@@ -16,6 +16,15 @@ Workloads (issue 8):
      (bench/moe_workload.py; --layers N keeps N of its 48 layers)
   T  tiny Llama shape (hidden 64, 2 layers), 16 short prompts: CPU-sized, to run the TP/PP/DP
      plumbing without a GPU (--device cpu; bench/parallel_variants.py)
+  L  Llama-3.1-70B shape, W4A16 only (BENCH_QUANTIZATION=awq or gptq; bf16 would not fit one
+     GPU), 256 of B's ShareGPT-like prompts, 256 sequences
+Quantized runs (issue 20, hpcinfer only): BENCH_QUANTIZATION=fp8 quantizes the bf16 checkpoint
+online; BENCH_QUANTIZATION=awq / gptq builds a W4A16 model from config.json with
+load_format="dummy" (random packed weights; no 4-bit checkpoint is written);
+BENCH_KV_CACHE_DTYPE=fp8 stores the KV cache in e4m3; BENCH_LOAD_FORMAT=dummy (or
+--load-format dummy) skips writing the bf16 checkpoint too. awq is the W4A16 default of
+tests/gpu/quant_checks.sh: AWQ and GPTQ without desc_act become the same kernel layout at load
+(one group per K step); GPTQ with desc_act adds a g_idx lookup per k.
 All requests ignore EOS, so every engine produces exactly the requested tokens.
 Multi-GPU: --tp N / --pp N / --dp N run bench/parallel_variants.py (TP=1 baseline first).
 
@@ -61,7 +70,10 @@ WORKLOADS = {
     "C": dict(shape="qwen3-30b-a3b", num_prompts=1000, max_num_seqs=1024,
               max_num_batched_tokens=8192),
     "T": dict(shape="tiny", num_prompts=16, max_num_seqs=8, max_num_batched_tokens=8192),
+    "L": dict(shape="llama-3.1-70b", num_prompts=256, max_num_seqs=256,
+              max_num_batched_tokens=8192),
 }
+W4A16_METHODS = ("awq", "gptq")
 ENGINES = ("hpcinfer", "transformers", "transformers-batch", "vllm")
 
 
@@ -231,7 +243,11 @@ def measure_device_rates() -> dict:
             "device": torch.cuda.get_device_name(0)}
 
 
-def bound_output_tok_s(shape: dict, requests, max_num_seqs: int, rates: dict) -> float:
+def bound_output_tok_s(shape: dict, requests, max_num_seqs: int, rates: dict,
+                       quantization: str | None = None, kv_cache_dtype: str = "auto") -> float:
+    """``quantization`` fp8 / awq / gptq: the decoder projections stream 1 / 0.5625 bytes a
+    weight (4-bit codes plus an int32 zero and fp32 scale per 128) instead of 2; fp8 KV cache:
+    1 byte an element. Prefill FLOPs at the bf16 rate either way."""
     if is_moe(shape):
         return moe_bound_output_tok_s(shape, requests, max_num_seqs, rates)
     h, inter, vocab = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
@@ -240,8 +256,10 @@ def bound_output_tok_s(shape: dict, requests, max_num_seqs: int, rates: dict) ->
     head_dim = h // heads
     layer_params = 2 * h * h + 2 * h * kv_heads * head_dim + 3 * h * inter
     params = layers * layer_params + vocab * h * (1 if shape["tie_word_embeddings"] else 2)
-    weight_bytes = 2 * params
-    kv_bytes_per_token = 2 * layers * kv_heads * head_dim * 2
+    linear_bytes = {"fp8": 1.0, "awq": 0.5625, "gptq": 0.5625}.get(quantization or "", 2.0)
+    weight_bytes = 2 * (params - layers * layer_params) + linear_bytes * layers * layer_params
+    kv_bytes_per_token = 2 * layers * kv_heads * head_dim * (1 if kv_cache_dtype != "auto"
+                                                             else 2)
     num_out = sum(o for _, o in requests)
     decode_steps = -(-num_out // max_num_seqs)
     # every output token reads its whole context (prompt + earlier outputs) once
@@ -360,6 +378,8 @@ def run_hpcinfer(ckpt: Path, requests, max_num_seqs: int, profile_dir: Path | No
                  # BENCH_QUANTIZATION=fp8: online FP8 of the bf16 checkpoint (issue 20)
                  "quantization": os.environ.get("BENCH_QUANTIZATION") or None,
                  "kv_cache_dtype": os.environ.get("BENCH_KV_CACHE_DTYPE") or "auto",
+                 # dummy: random weights from config.json (W4A16 runs, workload L)
+                 "load_format": os.environ.get("BENCH_LOAD_FORMAT") or "auto",
                  **(llm_kwargs or {})})
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     sync()
@@ -639,6 +659,10 @@ def main() -> None:
                    help="hpcinfer: override the workload's (8192)")
     p.add_argument("--step-breakdown", action="store_true",
                    help="hpcinfer: time per step kind (prefill, mixed, decode, tail)")
+    p.add_argument("--load-format", default=os.environ.get("BENCH_LOAD_FORMAT") or "auto",
+                   choices=("auto", "dummy"), help="dummy: no checkpoint is written, the "
+                   "engine builds random weights from config.json (hpcinfer only); implied by "
+                   "BENCH_QUANTIZATION=awq/gptq and workload L")
     # internal: one engine in a subprocess
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--workload", help=argparse.SUPPRESS)
@@ -665,20 +689,32 @@ def main() -> None:
     date = dt.date.today().isoformat()
     rows = []
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    quant = os.environ.get("BENCH_QUANTIZATION") or None
+    kv_dtype = os.environ.get("BENCH_KV_CACHE_DTYPE") or "auto"
     for workload in [w.strip() for w in args.workloads.split(",") if w.strip()]:
         spec = WORKLOADS[workload]
         shape = shape_of(spec["shape"], args.layers)
         requests = make_requests(workload, args.num_prompts)
         t0 = time.perf_counter()
-        ckpt = write_checkpoint(Path(args.ckpt_root) / spec["shape"], shape)
+        ckpt, load_format = model_dir_for(workload, shape, Path(args.ckpt_root), quant,
+                                          args.load_format)
+        env["BENCH_LOAD_FORMAT"] = load_format
+        if load_format == "dummy" and any(e != "hpcinfer" for e in engines):
+            print(f"load_format=dummy: only hpcinfer runs (no weights for the others); "
+                  f"skipping {', '.join(e for e in engines if e != 'hpcinfer')}", flush=True)
         print(f"workload {workload}: checkpoint {ckpt} ready in {time.perf_counter() - t0:.1f} s"
               f"; {len(requests)} prompts, {sum(len(q) for q, _ in requests)} input and "
               f"{sum(o for _, o in requests)} output tokens", flush=True)
         bound = bound_output_tok_s(shape, requests, args.max_num_seqs or spec["max_num_seqs"],
-                                   rates)
+                                   rates, quant, kv_dtype)
         for engine in engines:
+            if load_format == "dummy" and engine != "hpcinfer":
+                continue
             base = {"engine": engine, "workload": workload, "tp": args.tp, "device": device,
                     "date": date, "model_shape": spec["shape"], "dtype": "bfloat16",
+                    "quantization": quant if engine == "hpcinfer" else None,
+                    "kv_cache_dtype": kv_dtype if engine == "hpcinfer" else "auto",
+                    "load_format": load_format,
                     "num_layers": shape["num_hidden_layers"],
                     "num_prompts": len(requests), "label": args.label,
                     "bound_output_tok_s": bound}
@@ -730,6 +766,29 @@ def main() -> None:
                   f"{result['total_tok_s']:.0f} total tok/s, wall {result['wall_s']:.2f} s, "
                   f"start-up {result['load_s']:.1f} s", flush=True)
     _print_table(rows)
+
+
+def model_dir_for(workload: str, shape: dict, root: Path, quantization: str | None,
+                  load_format: str) -> tuple[Path, str]:
+    """(model directory, load format) of a workload: a written bf16 checkpoint, or for
+    W4A16 (awq / gptq), workload L and --load-format dummy a config.json + tokenizer only."""
+    from hpcinfer.testing.llama_shapes import write_dummy_model
+    w4a16 = quantization in W4A16_METHODS
+    if workload == "L" and not w4a16:
+        raise SystemExit("workload L (Llama-3.1-70B shape) runs W4A16 only on one GPU: set "
+                         "BENCH_QUANTIZATION=awq (or gptq); bf16 weights need 141 GB")
+    if quantization not in (None, "fp8", *W4A16_METHODS):
+        raise SystemExit(f"BENCH_QUANTIZATION={quantization}: use fp8 (online), awq or gptq")
+    name = WORKLOADS[workload]["shape"]
+    if w4a16 or load_format == "dummy" or workload == "L":
+        if is_moe(shape):
+            raise SystemExit("load_format=dummy model directories are written for Llama "
+                             "shapes only here; run workload C with a written checkpoint")
+        suffix = f"-{quantization}" if w4a16 else ""
+        return write_dummy_model(root / f"{name}{suffix}-dummy", shape,
+                                 max_position_embeddings=131072,
+                                 quantization=quantization if w4a16 else None), "dummy"
+    return write_checkpoint(root / name, shape), "auto"
 
 
 def _print_table(rows) -> None:

@@ -1,7 +1,8 @@
-"""Llama checkpoints of real shapes (Llama-3.2-1B, Llama-3.1-8B) for the benchmarks and the
-GPU tests: the config.json fields every such checkpoint shares, and a word-level tokenizer
-over the whole vocabulary. Used by bench/throughput.py (random weights written shard by
-shard) and hpcinfer/testing/copy_model.py (weights trained in the test)."""
+"""Llama checkpoints of real shapes (Llama-3.2-1B, Llama-3.1-8B, Llama-3.1-70B) for the
+benchmarks and the GPU tests: the config.json fields every such checkpoint shares, and a
+word-level tokenizer over the whole vocabulary. Used by bench/throughput.py (random weights
+written shard by shard, or none: write_dummy_model for load_format="dummy") and
+hpcinfer/testing/copy_model.py (weights trained in the test)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,6 +17,12 @@ SHAPES = {
                      "num_hidden_layers": 32, "num_attention_heads": 32,
                      "num_key_value_heads": 8, "tie_word_embeddings": False,
                      "rope_theta": 500000.0},
+    # 70B: bench/throughput.py runs it W4A16 with load_format="dummy" (one H200: ~38 GiB of
+    # 4-bit weights plus bf16 embeddings; bf16 would need 141 GB).
+    "llama-3.1-70b": {"vocab_size": 128256, "hidden_size": 8192, "intermediate_size": 28672,
+                      "num_hidden_layers": 80, "num_attention_heads": 64,
+                      "num_key_value_heads": 8, "tie_word_embeddings": False,
+                      "rope_theta": 500000.0},
     "tiny": {"vocab_size": 128256, "hidden_size": 64, "intermediate_size": 128,
              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
              "tie_word_embeddings": False, "rope_theta": 500000.0},
@@ -35,6 +42,36 @@ def llama_config_dict(shape: dict, *, max_position_embeddings: int,
                 rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                               "high_freq_factor": 4.0,
                               "original_max_position_embeddings": 8192}, **shape)
+
+
+# 4-bit quantization_config of a W4A16 checkpoint of these shapes (group 128, as the
+# published AWQ / GPTQ builds of Llama 3.x use), for load_format="dummy" runs.
+W4A16_CONFIGS = {
+    "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True,
+            "version": "gemm"},
+    "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False,
+             "sym": True, "checkpoint_format": "gptq"},
+}
+
+
+def write_dummy_model(out_dir: Path, shape: dict, *, max_position_embeddings: int,
+                      quantization: str | None = None) -> Path:
+    """config.json (with the W4A16_CONFIGS[quantization] quantization_config when given) and
+    the word-level tokenizer, no weights: a model directory for load_format="dummy"."""
+    import json
+    out_dir = Path(out_dir)
+    config = llama_config_dict(shape, max_position_embeddings=max_position_embeddings)
+    if quantization is not None:
+        config["quantization_config"] = dict(W4A16_CONFIGS[quantization])
+    text = json.dumps(config, indent=1)
+    cfg_path = out_dir / "config.json"
+    if (cfg_path.is_file() and cfg_path.read_text() == text
+            and (out_dir / "tokenizer.json").is_file()):
+        return out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_word_tokenizer(out_dir, shape["vocab_size"])
+    cfg_path.write_text(text)
+    return out_dir
 
 
 def write_word_tokenizer(out_dir: Path, vocab_size: int) -> None:
