@@ -16,6 +16,13 @@ def check_lora_consistency(cfg: JobConfig) -> None:
         raise cfg.error_at("input.adapter_field", "rows name adapters but lora.adapters is "
                            "empty", "list the adapters under lora.adapters: {name: path}, or "
                            "remove input.adapter_field")
+    if cfg.lora.adapters and cfg.parallel.pipeline > 1:
+        # The slot pool checks every adapter target against this rank's layers; a pipeline
+        # stage holds only some of them (and the engine refuses enable_lora with stages).
+        raise cfg.error_at("parallel.pipeline", f"LoRA adapters do not run with pipeline "
+                           f"parallelism (pipeline: {cfg.parallel.pipeline})",
+                           "set parallel.pipeline: 1 and split the model with parallel.tensor "
+                           "instead (tensor parallelism takes adapters), or drop lora.adapters")
     if cfg.lora.adapters and cfg.task not in GENERATION_TASKS:
         raise cfg.error_at("lora.adapters", f"task {cfg.task} takes no LoRA adapters yet",
                            "remove lora.adapters, or use task generate or chat")

@@ -130,3 +130,19 @@ def test_a_container_job_binds_the_adapter_directories(tmp_path, setup):
         container={"image": str(tmp_path / "image.sif")})))
     binds = compile_job(load_job(tmp_path / "job.yaml")).plan.container.binds
     assert set(adapters.values()) <= set(binds)
+
+
+def test_validate_refuses_adapters_with_pipeline_stages(tmp_path, setup):
+    from hpcinfer.config import load_job
+    from hpcinfer.config.errors import ConfigError
+    _, model, adapters = setup
+    write_jsonl(tmp_path / "data" / "rows.jsonl", [{"id": "x", "prompt": "x"}])
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job_config(
+        model, "data/rows.jsonl", lora={"adapters": adapters}, parallel={"pipeline": 2})))
+    with pytest.raises(ConfigError) as info:
+        load_job(tmp_path / "job.yaml")
+    assert info.value.key_path == "parallel.pipeline"
+    assert "split the model with parallel.tensor" in str(info.value)
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job_config(
+        model, "data/rows.jsonl", lora={"adapters": adapters}, parallel={"tensor": 2})))
+    assert load_job(tmp_path / "job.yaml").parallel.tensor == 2
