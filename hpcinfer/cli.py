@@ -325,13 +325,25 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="hpcinfer: %(message)s")
-    from hpcinfer.config.errors import ConfigError
-    from hpcinfer.slurm.commands import SlurmError, SlurmMissing
     try:
         return args.func(args) if hasattr(args, "func") else args.handler(args)
-    except (ConfigError, SlurmError, SlurmMissing, UserError) as exc:
+    except Exception as exc:
+        if not isinstance(exc, _user_errors()):
+            raise
         print(f"hpcinfer: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """The errors printed as one line and exit 2. Slurm's are raised only by
+    hpcinfer.slurm.commands, so they are looked up only when that module ran: `render` and
+    `validate` never import it (the 0.3 s budget)."""
+    from hpcinfer.config.errors import ConfigError
+    errors: tuple[type[Exception], ...] = (ConfigError, UserError)
+    commands = sys.modules.get("hpcinfer.slurm.commands")
+    if commands is not None:
+        errors += (commands.SlurmError, commands.SlurmMissing)
+    return errors
 
 
 if __name__ == "__main__":

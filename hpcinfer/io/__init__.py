@@ -16,13 +16,27 @@ imported only when a Parquet file is touched).
 """
 from __future__ import annotations
 
-from hpcinfer.io import ledger
-from hpcinfer.io.collect import CollectError, collect
-from hpcinfer.io.formats import make_format
-from hpcinfer.io.readers import ShardReadError, ShardReader, find_duplicate_ids
-from hpcinfer.io.rows import BadRow, InputRow, InputSpec, OutputRecord, prompt_too_long
-from hpcinfer.io.writers import PartWriter
+import importlib
 
-__all__ = ["BadRow", "CollectError", "InputRow", "InputSpec", "OutputRecord", "PartWriter",
-           "ShardReadError", "ShardReader", "collect", "find_duplicate_ids", "ledger",
-           "make_format", "prompt_too_long"]
+# Names resolve on first use (PEP 562), so a login-side import of one small module here
+# (hpcinfer.io.constraints from `hpcinfer validate`/`render`) does not pay for the readers,
+# writers and ledger: `hpcinfer render` has a 0.3 s budget on a slow login node. Submodules
+# (ledger, collect, ...) import as usual: `from hpcinfer.io import ledger`.
+_WHERE = {
+    "CollectError": "hpcinfer.io.collect",
+    "make_format": "hpcinfer.io.formats",
+    "ShardReadError": "hpcinfer.io.readers", "ShardReader": "hpcinfer.io.readers",
+    "find_duplicate_ids": "hpcinfer.io.readers",
+    "BadRow": "hpcinfer.io.rows", "InputRow": "hpcinfer.io.rows", "InputSpec": "hpcinfer.io.rows",
+    "OutputRecord": "hpcinfer.io.rows", "prompt_too_long": "hpcinfer.io.rows",
+    "PartWriter": "hpcinfer.io.writers",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'hpcinfer.io' has no attribute {name!r}")
+    module = importlib.import_module(_WHERE[name])
+    value = globals()[name] = getattr(module, name)
+    return value
