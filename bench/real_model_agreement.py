@@ -19,6 +19,24 @@ Real small models have near-ties, so free-running bf16 drifts for both engines; 
 
 Needs the real-model packages installed (see hpcinfer/testing/real_models.py). Writes
 DIR/agreement-real-models-<device>-<date>.jsonl (one line per model) and prints a table.
+
+--quant (issue 20): each quantized path against our bf16 path on the same real model
+(SmolLM2-135M-Instruct by default; --model-dir runs any local checkpoint, e.g. a tiny one on
+CPU), all ours with Triton + CUDA graphs, 64 greedy tokens, EOS ignored:
+  fp8               LLM(quantization="fp8"): per-channel e4m3 weights computed at load, W8A8
+  fp8+kvfp8         the same with kv_cache_dtype="fp8" (e4m3 cache, scale 1.0)
+  w4a16-awq         the bf16 checkpoint's fp32 weights quantized to 4 bits offline by
+                    hpcinfer.testing.quant (AWQ GEMM packing, round to nearest, asymmetric,
+                    group 64: SmolLM2's 576 features take no group of 128), W4A16 kernel
+and for scale the bf16 path against our fp32 path. Per path: identical rows and the mean share
+of tokens before the first divergence (free-running, against the bf16 tokens), and
+teacher-forced: the bf16 tokens fed back, the share of positions whose argmax is the bf16
+token. Also how the linear layers ran (w4a16 kernel / w8a8 / dequantized weight), so a row
+that fell back to dequantized weights says so. Rows go to
+DIR/agreement-quant-<device>-<date>.jsonl.
+
+    python bench/real_model_agreement.py --quant [--model-dir DIR] [--prompts 64]
+        [--max-new 64] [--device cuda] [--w4a16-group 64]
 """
 from __future__ import annotations
 
@@ -87,10 +105,13 @@ def hf_model(path: str, dtype, device: str):
 
 
 def ours(path: str, prompts, *, dtype: str, fast: bool, max_new: int, device: str,
-         forced=None) -> list[list[int]]:
+         forced=None, forms: dict | None = None, **engine_kwargs) -> list[list[int]]:
+    """Greedy tokens of our engine (``forms``: filled with how the linear layers ran)."""
     from hpcinfer.testing.greedy import agreement_run
     w = agreement_run(path, prompts, fast=fast, forced=forced, dtype=dtype, device=device,
-                      max_new=max_new, max_model_len=512)
+                      max_new=max_new, max_model_len=512, **engine_kwargs)
+    if forms is not None:
+        forms.update(w.linear_forms)
     return [w.argmax[i] for i in range(len(prompts))]
 
 
@@ -153,6 +174,78 @@ def measure(name: str, n: int, max_new: int, device: str) -> dict:
     }
 
 
+QUANT_PATHS = {"fp8": {"quantization": "fp8"},
+               "fp8+kvfp8": {"quantization": "fp8", "kv_cache_dtype": "fp8"},
+               "w4a16-awq": {}}
+
+
+def measure_quant(path: str, name: str, prompts, max_new: int, device: str,
+                  w4a16_group: int, work_dir: Path) -> dict:
+    """Each quantized path vs our bf16 path on ``path`` (see the module docstring)."""
+    from hpcinfer.testing.quant import FORMATS, build_quantized
+    t0 = time.time()
+    run = dict(dtype="bfloat16", fast=True, max_new=max_new, device=device)
+    bf16_forms: dict = {}
+    bf16 = ours(path, prompts, forms=bf16_forms, **run)
+    fp32 = ours(path, prompts, **{**run, "dtype": "float32"})
+    config = {**FORMATS["awq"][0], "group_size": w4a16_group}
+    awq_dir, _ = build_quantized(path, "awq", work_dir, quantization_config=config,
+                                 options={"group": w4a16_group})
+    n = len(prompts)
+    row = {"name": "quantized paths vs bf16, real trained model", "model": name,
+           "prompts": n, "max_new": max_new, "reference": "ours bf16 (Triton + CUDA graphs)",
+           "bf16_vs_fp32": {"identical": f"{identical(bf16, fp32)}/{n}",
+                            "prefix_share": prefix_share(bf16, fp32),
+                            "linear_layers": bf16_forms},
+           "w4a16_quantizer": f"round to nearest, AWQ GEMM packing, asymmetric, group "
+                              f"{w4a16_group} (hpcinfer.testing.quant)"}
+    for label, kwargs in QUANT_PATHS.items():
+        model = str(awq_dir) if label.startswith("w4a16") else path
+        forms: dict = {}
+        free = ours(model, prompts, forms=forms, **run, **kwargs)
+        forced = ours(model, prompts, forced=bf16, **run, **kwargs)
+        row[label] = {"identical": f"{identical(free, bf16)}/{n}",
+                      "prefix_share": prefix_share(free, bf16),
+                      "teacher_forced": positions(forced, bf16), "linear_layers": forms}
+    row["seconds"] = round(time.time() - t0, 1)
+    return row
+
+
+def main_quant(args) -> int:
+    import tempfile
+
+    import torch
+    from transformers import AutoTokenizer
+    if args.model_dir:
+        path, name = str(args.model_dir), Path(args.model_dir).name
+    else:
+        from hpcinfer.testing.real_models import real_model_dir
+        name = "smollm2-135m-instruct"
+        path = str(real_model_dir(name))
+    tok = AutoTokenizer.from_pretrained(path)
+    prompts = (chat_prompts(tok, args.prompts) if tok.chat_template
+               else text_prompts(tok, args.prompts))
+    device_name = (torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu")
+    slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
+    date = dt.date.today().isoformat()
+    with tempfile.TemporaryDirectory(prefix="hpcinfer-quant-agreement-") as work:
+        row = {**measure_quant(path, name, prompts, args.max_new, args.device,
+                               args.w4a16_group, Path(work)),
+               "device": device_name, "date": date}
+    out = args.out / f"agreement-quant-{slug}-{date}.jsonl"
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(out, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row, indent=1))
+    print(f"{'path':<12} {'identical':>10} {'prefix':>7} {'forced':>7}  linear layers")
+    for label in ("bf16_vs_fp32", *QUANT_PATHS):
+        r = row[label]
+        print(f"{label:<12} {r['identical']:>10} {r['prefix_share']:>7.3f} "
+              f"{r.get('teacher_forced', float('nan')):>7.3f}  {r['linear_layers']}")
+    print(f"wrote {out}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
@@ -160,8 +253,15 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--max-new", type=int, default=64)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--quant", action="store_true",
+                    help="quantized paths (fp8, fp8 + fp8 KV, W4A16) vs bf16 (issue 20)")
+    ap.add_argument("--model-dir", type=Path, help="--quant: a local checkpoint instead of "
+                    "SmolLM2-135M-Instruct")
+    ap.add_argument("--w4a16-group", type=int, default=64, help="--quant: 4-bit group size")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.quant:
+        return main_quant(args)
     import torch
     device_name = (torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu")
     slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")

@@ -44,8 +44,8 @@ class ForcedSampler:
         self.argmax: dict[int, list[int]] = {}
         self.gaps: dict[int, list[float]] = {}
 
-    def __call__(self, logits, seqs, eos_token_ids):
-        out = self.inner(logits, seqs, eos_token_ids)
+    def __call__(self, logits, seqs, eos_token_ids, grammar_mask=None):
+        out = self.inner(logits, seqs, eos_token_ids, grammar_mask)
         top = logits.float().topk(2, dim=-1).values
         gaps = (top[:, 0] - top[:, 1]).tolist()
         for i, seq in enumerate(seqs):
@@ -57,12 +57,37 @@ class ForcedSampler:
         return out
 
 
+def linear_forms(model) -> dict[str, int]:
+    """How the linear layers run, counted: "<method>: w4a16 kernel" (packed 4-bit weights),
+    "<method>: w8a8" (e4m3 weights) or "<method>: <dtype> weight" (plain or dequantized)."""
+    import torch
+
+    from hpcinfer.layers.linear import LinearBase
+    forms: dict[str, int] = {}
+    for m in model.modules():
+        if not isinstance(m, LinearBase):
+            continue
+        name = type(m.quant_method).__name__
+        weight = m._parameters.get("weight")
+        if hasattr(m, "w4_qweight"):
+            form = "w4a16 kernel"
+        elif weight is not None and weight.dtype == torch.float8_e4m3fn:
+            form = "w8a8"
+        else:
+            form = f"{str(weight.dtype).removeprefix('torch.')} weight"
+        forms[f"{name}: {form}"] = forms.get(f"{name}: {form}", 0) + 1
+    return forms
+
+
 def agreement_run(path: str, prompts: list[list[int]], *, fast: bool, forced=None,
                   dtype: str = "bfloat16", device: str = "cuda", max_num_seqs: int = 64,
-                  max_model_len: int = 512, max_new: int = MAX_NEW) -> ForcedSampler:
+                  max_model_len: int = 512, max_new: int = MAX_NEW,
+                  **engine_kwargs) -> ForcedSampler:
     """One greedy ``max_new``-step run of the bf16 agreement checks (tests/gpu/test_engine_gpu.py,
     agreement_probe.py): fast = Triton + CUDA graphs, else torch_ref attention + torch ops
-    (eager). Synchronous steps so the wrapper sees every row. Returns the wrapper."""
+    (eager). Synchronous steps so the wrapper sees every row. ``engine_kwargs``: more LLM
+    arguments (quantization, kv_cache_dtype: bench/real_model_agreement.py --quant). Returns
+    the wrapper."""
     import gc
     import os
 
@@ -74,7 +99,9 @@ def agreement_run(path: str, prompts: list[list[int]], *, fast: bool, forced=Non
         os.environ["HPCINFER_TORCH_OPS"] = "1"
     ops._triton_ops.cache_clear()
     try:
-        kwargs = {} if fast else {"enforce_eager": True, "attention_backend": "torch_ref"}
+        kwargs = dict(engine_kwargs) if fast else {"enforce_eager": True,
+                                                   "attention_backend": "torch_ref",
+                                                   **engine_kwargs}
         llm = LLM(path, device=device, dtype=dtype, max_model_len=max_model_len,
                   max_num_seqs=max_num_seqs, async_scheduling=False, **kwargs)
         engine = llm.llm_engine
@@ -83,8 +110,9 @@ def agreement_run(path: str, prompts: list[list[int]], *, fast: bool, forced=Non
         llm.generate([{"prompt_token_ids": p} for p in prompts],
                      SamplingParams(temperature=0, max_tokens=max_new, ignore_eos=True),
                      use_tqdm=False)
-        if fast and device == "cuda":
+        if fast and device == "cuda" and not kwargs.get("enforce_eager"):
             assert engine.runner.graphs is not None and engine.runner.graphs.num_replays > 0
+        wrapper.linear_forms = linear_forms(engine.runner.model)
     finally:
         os.environ.pop("HPCINFER_TORCH_OPS", None)
         ops._triton_ops.cache_clear()

@@ -211,9 +211,12 @@ def _act_order_seed(prefix: str, seed: int) -> int:
     return seed + zlib.crc32(prefix.encode())
 
 
-def quantize_tensors(tensors: dict[str, torch.Tensor], fmt: str, seed: int = 0):
-    """(quantized checkpoint tensors, oracle fp32 tensors) of a plain fp32 state dict."""
+def quantize_tensors(tensors: dict[str, torch.Tensor], fmt: str, seed: int = 0,
+                     options: dict | None = None):
+    """(quantized checkpoint tensors, oracle fp32 tensors) of a plain fp32 state dict.
+    ``options`` update the format's quantizer options (e.g. {"group": 64})."""
     config, opts = FORMATS[fmt]
+    opts = {**opts, **(options or {})}
     quantized, oracle = {}, {}
     for name, tensor in sorted(tensors.items()):
         prefix = name.removesuffix(".weight")
@@ -259,11 +262,13 @@ def _write(out_dir: Path, src: Path, tensors: dict, quantization_config: dict | 
 
 
 def build_quantized(base_dir: str | Path, fmt: str, out_dir: str | Path, seed: int = 0,
-                    quantization_config: dict | None = None) -> tuple[Path, Path]:
+                    quantization_config: dict | None = None, options: dict | None = None
+                    ) -> tuple[Path, Path]:
     """Quantize the fp32 checkpoint ``base_dir`` as ``fmt``: (quantized dir, oracle dir) under
-    out_dir. ``quantization_config`` overrides the format's (tests of bad configs)."""
+    out_dir. ``quantization_config`` overrides the format's (tests of bad configs, or with
+    ``options`` a group size the model's widths need: bench/real_model_agreement.py)."""
     base_dir, out_dir = Path(base_dir), Path(out_dir)
-    quantized, oracle = quantize_tensors(_read_tensors(base_dir), fmt, seed)
+    quantized, oracle = quantize_tensors(_read_tensors(base_dir), fmt, seed, options)
     config = FORMATS[fmt][0] if quantization_config is None else quantization_config
     _write(out_dir / fmt, base_dir, quantized, config)
     _write(out_dir / f"{fmt}-oracle", base_dir, oracle, None)
