@@ -5,15 +5,20 @@ A constraint is a mapping with vLLM's StructuredOutputsParams keys (``json``, ``
 cannot (it imports torch): ``hpcinfer validate`` on the login node and the reader of each
 row, so a broken schema fails before a job is queued and a broken row becomes a bad row
 before it reaches the engine. They catch what is cheap to know: JSON that does not parse,
-unknown schema types, patterns Python cannot compile or that use lookaround or
-backreferences (xgrammar has neither), ``$ref`` pointing nowhere, min above max, a grammar
-without a ``root`` rule. The engine compiles the constraint and is the final judge: a row
-whose constraint still fails there is a bad row too (docs/structured-outputs.md).
+unknown schema types, patterns Python cannot compile or that use what xgrammar's regex
+engine lacks (lookaround, backreferences, word boundaries, inline flags and other ``(?...)``
+groups but ``(?:`` and ``(?<name>``, possessive quantifiers, ``{,n}``), ``$ref`` pointing
+nowhere, min above max, number bounds that leave no value or are not whole for an integer,
+a grammar without a ``root`` rule. The engine compiles the constraint and is the final
+judge: the worker compiles a job-level constraint before loading the model and stops the
+job if it fails (worker/constraint_check.py); a row whose own constraint fails there is a
+bad row (docs/structured-outputs.md).
 """
 from __future__ import annotations
 
 import difflib
 import json
+import math
 import re
 from typing import Any
 
@@ -28,8 +33,9 @@ _SUBSCHEMAS = (("items", "one"), ("additionalProperties", "one"), ("not", "one")
                ("definitions", "map"), ("prefixItems", "list"), ("anyOf", "list"),
                ("oneOf", "list"), ("allOf", "list"))
 _BOUNDS = (("minItems", "maxItems"), ("minLength", "maxLength"),
-           ("minProperties", "maxProperties"), ("minimum", "maximum"))
-_UNSUPPORTED_REGEX = re.compile(r"\(\?<?[=!]|\\[1-9]|\(\?P=")
+           ("minProperties", "maxProperties"))
+_NUMBER_BOUNDS = ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")
+MAX_INT64 = 2 ** 63 - 1     # xgrammar's integer bounds are int64
 _ROOT_RULE = re.compile(r"(^|\n)\s*root\s*::=")
 
 
@@ -82,7 +88,8 @@ def schema_problem(schema: Any, root: dict, where: str) -> str | None:
     problem = (_type_problem(schema.get("type"), where)
                or _pattern_problem(schema.get("pattern"), f"{where}.pattern")
                or _keyword_problem(schema, root, where)
-               or _bounds_problem(schema, where))
+               or _bounds_problem(schema, where)
+               or _number_problem(schema, where))
     if problem:
         return problem
     for keyword, shape in _SUBSCHEMAS:
@@ -119,7 +126,7 @@ def _pattern_problem(pattern: Any, where: str) -> str | None:
         return None
     if not isinstance(pattern, str):
         return f"{where} must be a string"
-    return _check_regex(pattern, where)
+    return _check_regex(pattern, where, in_schema=True)
 
 
 def _keyword_problem(schema: dict, root: dict, where: str) -> str | None:
@@ -163,17 +170,128 @@ def _bounds_problem(schema: dict, where: str) -> str | None:
     return None
 
 
-def _check_regex(value: Any, where: str) -> str | None:
+def _number_problem(schema: dict, where: str) -> str | None:
+    """minimum/maximum and their exclusive forms: numbers, whole ones (in int64) for an
+    integer, and leaving at least one value (xgrammar refuses an empty range)."""
+    bounds = {k: schema[k] for k in _NUMBER_BOUNDS if k in schema}
+    for key, bound in bounds.items():
+        if isinstance(bound, bool) or not isinstance(bound, (int, float)) \
+                or not math.isfinite(bound):
+            return (f"{where}.{key} must be a finite number (draft 4's boolean "
+                    "exclusiveMinimum/exclusiveMaximum: write the bound itself there)")
+    kind = schema.get("type")
+    if "integer" in (kind if isinstance(kind, list) else [kind]):
+        for key, bound in bounds.items():
+            if bound != int(bound) or abs(bound) > MAX_INT64:
+                return (f"{where}.{key} ({bound}) must be a whole number within int64 for "
+                        "type integer")
+        low = max([math.ceil(bounds[k]) for k in ("minimum",) if k in bounds]
+                  + [math.floor(bounds[k]) + 1 for k in ("exclusiveMinimum",) if k in bounds],
+                  default=None)
+        high = min([math.floor(bounds[k]) for k in ("maximum",) if k in bounds]
+                   + [math.ceil(bounds[k]) - 1 for k in ("exclusiveMaximum",) if k in bounds],
+                   default=None)
+        empty = low is not None and high is not None and low > high
+    else:
+        lows = [(v, k != "minimum") for k, v in bounds.items() if k.endswith("inimum")]
+        highs = [(v, k != "maximum") for k, v in bounds.items() if k.endswith("aximum")]
+        empty = any(lo > hi or (lo == hi and (lo_open or hi_open))
+                    for lo, lo_open in lows for hi, hi_open in highs)
+    if empty:
+        shown = ", ".join(f"{k} {v}" for k, v in bounds.items())
+        return f"{where} allows no number ({shown}): widen the range"
+    return None
+
+
+def _check_regex(value: Any, where: str, in_schema: bool = False) -> str | None:
     if not isinstance(value, str) or not value:
         return f"{where} must be a non-empty string"
-    if _UNSUPPORTED_REGEX.search(value):
-        return (f"{where} uses lookaround or a backreference, which xgrammar does not "
-                "support: rewrite it without them")
-    try:
-        re.compile(value)
+    problem = regex_feature_problem(value, in_schema)
+    if problem:
+        return f"{where} {problem}"
+    try:   # JSON schema's (ECMA) named groups (?<name>...) are Python's (?P<name>...)
+        re.compile(_NAMED_GROUP.sub("(?P<", value))
     except re.error as exc:
         return f"{where} is not a valid regular expression ({exc})"
     return None
+
+
+# An escaped "\\(?<a" rewritten too still compiles the same way in Python: harmless.
+_NAMED_GROUP = re.compile(r"\(\?<(?=[A-Za-z_])")
+_COUNTED = re.compile(r"\{\d+(,\d*)?\}")      # {m}, {m,}, {m,n}: a quantifier
+
+
+def regex_feature_problem(pattern: str, in_schema: bool = False) -> str | None:
+    """What ``pattern`` uses that xgrammar's regex engine lacks (None: nothing found).
+    Walks the pattern once, skipping escaped characters and the insides of [...] classes.
+    ``in_schema``: a JSON schema's ``pattern``, which xgrammar reads with more of ECMA's
+    syntax (lookahead, a leading (?i), (?P<name>, possessive quantifiers)."""
+    i, n, after_quantifier = 0, len(pattern), False
+    while i < n:
+        char = pattern[i]
+        if char == "\\":
+            problem = _escape_problem(pattern[i + 1:i + 2])
+            if problem:
+                return problem
+            i, after_quantifier = i + 2, False
+            continue
+        if char == "[":
+            if pattern[i + 1:i + 2] == "]":
+                return ("puts ] first in a character class, which xgrammar reads as an empty "
+                        "class: escape it as \\]")
+            i, after_quantifier = _class_end(pattern, i), False
+            continue
+        if char == "+" and after_quantifier and not in_schema:
+            return ("uses a possessive quantifier (++, *+, ?+, }+), which xgrammar does not "
+                    "support: drop the second +")
+        if char == "(" and pattern[i + 1:i + 2] == "?":
+            problem = _group_problem(pattern[i + 2:i + 4], in_schema, at_start=i == 0)
+            if problem:
+                return problem
+        if char == "{" and re.match(r"\{,\d+\}", pattern[i:]):
+            return "uses {,n}, which xgrammar does not read: write {0,n}"
+        counted = _COUNTED.match(pattern, i) if char == "{" else None
+        if counted:
+            i, after_quantifier = counted.end(), True
+            continue
+        # a quantifier; a ? right after one makes it lazy (a+?) and ends it
+        after_quantifier = char in "*+?" and not (char == "?" and after_quantifier)
+        i += 1
+    return None
+
+
+def _escape_problem(escaped: str) -> str | None:
+    if escaped in ("b", "B"):
+        return ("uses a word boundary (\\b, \\B), which xgrammar does not support: match "
+                "the characters around it instead")
+    if escaped and escaped in "123456789k":
+        return "uses a backreference, which xgrammar does not support: rewrite it without"
+    if escaped in ("p", "P", "N"):
+        return (f"uses \\{escaped}, which xgrammar does not support: spell the characters "
+                "out as a class such as [A-Za-z]")
+    return None
+
+
+def _group_problem(head: str, in_schema: bool, at_start: bool) -> str | None:
+    """``head``: the two characters after ``(?``."""
+    if head[:1] == ":" or (head[:1] == "<" and head[1:2] not in ("=", "!")):
+        return None                       # (?:...) and ECMA named groups (?<name>...)
+    if in_schema and (head[:1] in ("=", "!") or head == "P<" or (head == "i)" and at_start)):
+        return None
+    if head[:1] in ("=", "!") or head in ("<=", "<!"):
+        return ("uses lookaround ((?=, (?!, (?<=, (?<!), which xgrammar does not support: "
+                "rewrite it without")
+    return (f"uses (?{head[:1]}, which xgrammar does not support (inline flags, (?P<name>, "
+            "comments, atomic groups): use a plain group (...) or (?:...)")
+
+
+def _class_end(pattern: str, start: int) -> int:
+    """The index after the ] that closes the class opened at ``start``."""
+    i = start + 1 + (pattern[start + 1:start + 2] == "^")
+    i += pattern[i:i + 1] == "]"            # [^]...]: a literal ] (both engines agree)
+    while i < len(pattern) and pattern[i] != "]":
+        i += 2 if pattern[i] == "\\" else 1
+    return i + 1
 
 
 def _check_choice(value: Any, where: str) -> str | None:
