@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 EXIT_USER_ERROR = 2
@@ -321,6 +322,11 @@ _COMMANDS = ("validate", "render", "submit", "run", "status", "collect", "cancel
 
 
 def main(argv: list[str] | None = None) -> int:
+    # pydantic looks for plugins the first time a model validates: it scans the entry points
+    # of every installed distribution (slow on a cluster's shared Python on NFS) and imports
+    # what it finds (logfire's adds ~100 ms). The CLI validates job files and needs none;
+    # set PYDANTIC_DISABLE_PLUGINS= (empty) to have them anyway.
+    os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

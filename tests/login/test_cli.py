@@ -44,6 +44,26 @@ def test_render_of_a_local_model_leaves_the_hub_and_template_sandbox_out(tmp_pat
                                                      "jinja2.sandbox", "pyarrow"))}
 
 
+def test_render_loads_neither_slurm_commands_nor_the_row_readers(tmp_path):
+    # `hpcinfer render` has a 0.3 s budget (bench/cli_latency.py): what it does not need
+    # stays unimported, and pydantic does not scan every distribution for plugins.
+    job = write_job(tmp_path)
+    code = ("import sys, json, contextlib, io\n"
+            "from hpcinfer.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            f"    rc = main(['render', {str(job)!r}])\n"
+            "import pydantic.plugin._loader as loader\n"
+            "print(json.dumps([rc, loader._plugins is None, sorted(sys.modules)]))\n")
+    for env, scanned in (({}, False), ({"PYDANTIC_DISABLE_PLUGINS": ""}, True)):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              cwd=tmp_path, env={**os.environ, **env})
+        assert proc.returncode == 0, proc.stderr
+        rc, never_scanned, modules = json.loads(proc.stdout.splitlines()[-1])
+        assert rc == 0 and never_scanned is not scanned
+        assert not {"hpcinfer.slurm.commands", "hpcinfer.io.readers", "hpcinfer.io.rows",
+                    "hpcinfer.io.ledger"} & set(modules)
+
+
 def test_parquet_input_imports_pyarrow_only_then(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
