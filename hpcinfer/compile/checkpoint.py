@@ -163,8 +163,9 @@ def _expert_problem(hf: dict, tensor: int) -> tuple[str, str] | None:
 
 def _multimodal_hint(hf: dict) -> str:
     if isinstance(hf.get("text_config"), dict) or isinstance(hf.get("vision_config"), dict):
-        return (" (this is a multimodal checkpoint: images are not supported yet; a text-only "
-                "checkpoint of the same family may be)")
+        return (" (this is a multimodal checkpoint of a family hpcinfer does not run yet; "
+                "of the vision-language families it runs LlavaForConditionalGeneration "
+                "(docs/images.md), and a text-only checkpoint of the same family may load)")
     return ""
 
 

@@ -5,11 +5,12 @@ Blocks are fixed-size (``block_size`` tokens). A sequence holding blocks owns on
 fancy-index per step instead of walking Python lists.
 
 Prefix caching: a full block is identified by a chained hash of (parent block's hash, the
-block's token ids), so equal hashes mean equal prefixes. Once computed, a block's hash is
-registered; when its ref count drops to 0 it goes to the free queue *keeping* its hash, and a
-later request with the same prefix takes it back. Allocating a new block evicts the least
-recently freed one (the front of the queue) and forgets its hash. A sequence's blocks are
-freed tail first, so shared heads outlive the tails.
+block's token ids and, where the block holds image placeholders, each image's hash and the
+offset into it), so equal hashes mean equal prefixes, images included. Once computed, a
+block's hash is registered; when its ref count drops to 0 it goes to the free queue
+*keeping* its hash, and a later request with the same prefix takes it back. Allocating a new
+block evicts the least recently freed one (the front of the queue) and forgets its hash. A
+sequence's blocks are freed tail first, so shared heads outlive the tails.
 """
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ class BlockManager:
         blocks = []
         for i in range(max_blocks):
             block = self.hash_to_block.get(seq.block_hashes[i])
-            if block is None or self.block_tokens[block] != self._tokens_of(seq, i):
+            if block is None or self.block_tokens[block] != self._block_key(seq, i):
                 break
             blocks.append(block)
         return blocks
@@ -127,7 +128,7 @@ class BlockManager:
             block, block_hash = int(row[i]), seq.block_hashes[i]
             if self.block_hash[block] is None and block_hash not in self.hash_to_block:
                 self.block_hash[block] = block_hash
-                self.block_tokens[block] = self._tokens_of(seq, i)
+                self.block_tokens[block] = self._block_key(seq, i)
                 self.hash_to_block[block_hash] = block
         seq.num_registered_blocks = num_full
 
@@ -156,6 +157,16 @@ class BlockManager:
         start = block_index * self.block_size
         return tuple(seq.token_ids[start:start + self.block_size])
 
+    def _block_key(self, seq: Sequence, block_index: int) -> tuple:
+        """What a block's KV depends on besides its prefix: its tokens, and the images whose
+        placeholders it holds (placeholder ids are equal for every image)."""
+        tokens = self._tokens_of(seq, block_index)
+        if seq.mm_inputs is None:
+            return tokens
+        start = block_index * self.block_size
+        extra = seq.mm_inputs.block_extra_keys(start, start + self.block_size)
+        return (tokens, extra) if extra else tokens
+
     def _extend_hashes(self, seq: Sequence, num_blocks: int) -> None:
         hashes = seq.block_hashes
         while len(hashes) < num_blocks:
@@ -163,7 +174,7 @@ class BlockManager:
             # (or an adapter and the base) never share a block.
             parent = hashes[-1] if hashes else (hash((_ROOT_HASH, "lora", seq.lora_id))
                                                 if seq.lora_id else _ROOT_HASH)
-            hashes.append(hash((parent, self._tokens_of(seq, len(hashes)))))
+            hashes.append(hash((parent, self._block_key(seq, len(hashes)))))
 
     def check_invariants(self, live_seqs: list[Sequence]) -> None:
         """Raise AssertionError unless ref counts equal the live sequences' references, free

@@ -126,7 +126,15 @@ class LLM:
                              "both be True; set add_generation_prompt=False to continue the "
                              "final message")
         prompts = []
+        multimodal = getattr(self.llm_engine, "multimodal", None)
         for i, conversation in enumerate(conversations):
+            if multimodal is not None:  # image parts; the processor's chat template
+                prompts.append(multimodal.render_chat(
+                    conversation, f"conversation {i}", chat_template=chat_template,
+                    add_generation_prompt=add_generation_prompt,
+                    continue_final_message=continue_final_message, tools=tools,
+                    **(chat_template_kwargs or {})))
+                continue
             try:
                 extra = dict(chat_template_kwargs or {})
                 if tools is not None:
@@ -211,9 +219,10 @@ class LLM:
         engine = self.llm_engine
         params = self._resolve_all(_params_per_prompt(sampling_params, len(prompts)))
         loras = lora_requests_per_prompt(lora_request, len(prompts))
+        prompts = list(prompts)
         for i, (prompt, p, lora) in enumerate(zip(prompts, params, loras)):  # validate first
-            try:
-                engine.tokenize_prompt(prompt, str(i), p.truncate_prompt_tokens)
+            try:  # (processed once: images are not preprocessed twice)
+                prompts[i] = engine.process_prompt(prompt, str(i), p.truncate_prompt_tokens)
                 check_lora_request(engine.lora, lora, str(i))
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None

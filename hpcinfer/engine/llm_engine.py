@@ -21,7 +21,7 @@ from hpcinfer.engine.inflight import InFlight, PinnedTokens, async_safe
 from hpcinfer.engine.model_runner import ModelRunner, resolve_device, resolve_dtype
 from hpcinfer.engine.outputs import RequestMetrics, RequestOutput
 from hpcinfer.engine.params import SamplingParams
-from hpcinfer.engine.prompt_input import tokenize_prompt
+from hpcinfer.engine.prompt_input import check_prompt, tokenize_prompt
 from hpcinfer.engine.prompt_logprobs import record as record_prompt_logprobs
 from hpcinfer.engine.request_params import NoDetokenizer, resolve_params
 from hpcinfer.engine.request_state import RequestState
@@ -31,6 +31,7 @@ from hpcinfer.engine.scheduler import Scheduler
 from hpcinfer.engine.sequence import Sequence
 from hpcinfer.engine.token_appender import TokenAppender
 from hpcinfer.lora.manager import attach_lora, check_lora_request
+from hpcinfer.multimodal.inputs import ProcessedPrompt
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,10 @@ class LLMEngine:
                            **(self.parallel.load_kwargs() if self.parallel else {}))
         self.spec = model.spec
         self.max_model_len = self._resolve_max_model_len()
+        self.multimodal = None  # multimodal.processor.MultiModalProcessor for image models
+        if getattr(model, "takes_images", False):
+            from hpcinfer.multimodal.processor import MultiModalProcessor
+            self.multimodal = MultiModalProcessor(config.model, model)
         self.runner = (ModelRunner(config, model, self.device) if self.parallel is None
                        else self.parallel.runner(config, model, self.device))
         self.lora = attach_lora(config, self.runner)  # None without enable_lora (lora/)
@@ -157,7 +162,8 @@ class LLMEngine:
         params = self.resolve_params(params, request_id)
         grammar = self._compile_grammar(params, request_id)
         lora_request = check_lora_request(self.lora, lora_request, request_id)
-        text, token_ids = self.tokenize_prompt(prompt, request_id, params.truncate_prompt_tokens)
+        processed = self.process_prompt(prompt, request_id, params.truncate_prompt_tokens)
+        text, token_ids = processed.text, processed.token_ids
         self._arrivals += 1
         num_samples = params.num_samples
         seqs = [Sequence(request_id, i, token_ids,
@@ -174,6 +180,7 @@ class LLMEngine:
                 seq.grammar = self.structured.matcher(grammar)
             if lora_request is not None:
                 seq.lora_request, seq.lora_id = lora_request, lora_request.lora_int_id
+            seq.mm_inputs = processed.mm_inputs
             self.scheduler.add(seq)
         metrics = RequestMetrics(arrival_time=time.time() if arrival_time is None
                                  else arrival_time)
@@ -220,6 +227,31 @@ class LLMEngine:
         return tokenize_prompt(self.tokenizer, prompt, request_id,
                                max_model_len=self.max_model_len, vocab_size=self.spec.vocab_size,
                                truncate_prompt_tokens=truncate_prompt_tokens)
+
+    def process_prompt(self, prompt, request_id: str = "?",
+                       truncate_prompt_tokens: int | None = None) -> ProcessedPrompt:
+        """The prompt as checked token ids and, for a model that takes images, its images
+        (hpcinfer/multimodal: {"prompt": text, "multi_modal_data": {"image": ...}}). A
+        ProcessedPrompt (LLM made it already) is only checked again."""
+        if isinstance(prompt, ProcessedPrompt):
+            check_prompt(request_id, prompt.token_ids, self.max_model_len, self.spec.vocab_size)
+            return prompt
+        if isinstance(prompt, dict) and "multi_modal_data" in prompt:
+            if self.multimodal is None:
+                raise ValueError(f"request {request_id!r}: {self.spec.architecture} takes no "
+                                 "images: remove multi_modal_data, or load a vision-language "
+                                 "model (docs/images.md)")
+            if truncate_prompt_tokens is not None:
+                raise ValueError(f"request {request_id!r}: truncate_prompt_tokens would cut "
+                                 "image placeholders: leave it None for prompts with images")
+            processed = self.multimodal.process(prompt, request_id)
+            check_prompt(request_id, processed.token_ids, self.max_model_len,
+                         self.spec.vocab_size)
+            return processed
+        text, token_ids = self.tokenize_prompt(prompt, request_id, truncate_prompt_tokens)
+        if self.multimodal is not None:
+            self.multimodal.check_text_only(token_ids, f"request {request_id!r}")
+        return ProcessedPrompt(text, token_ids)
 
     def abort_request(self, request_id: str | list[str]) -> None:
         """Stop requests (unknown or finished ids are ignored, as in vLLM) and free their KV."""

@@ -36,6 +36,7 @@ class Batch:
     sample_seqs: list[Sequence]  # the sequences those rows belong to (prefill done)
     num_decode_prefix: int = 0   # leading sequences with one query token (cuda_graphs.py)
     prompt_rows: PromptRows | None = None  # rows owing prompt logprobs (prompt_logprobs.py)
+    image_rows: object | None = None  # multimodal.step.ImageRows: rows taking image embeddings
 
 
 def resolve_device(name: str) -> torch.device:
@@ -77,6 +78,7 @@ class ModelRunner:
         # with the graphs: one process and stage (pipeline micro-batches would not cut it).
         self.split_mixed_attention = False
         self.memory_profile = None  # memory.MemoryProfile when the pool was sized on a GPU
+        self.takes_images = getattr(model, "takes_images", False)  # hpcinfer/multimodal
         self.cpu_memory = None      # memory.CpuMemory when it was sized on the CPU
 
     # --- KV cache ---
@@ -207,6 +209,10 @@ class ModelRunner:
         sample_seqs = [s for s, d in zip(seqs, done.tolist()) if d]
         patch_rows, patch_src = _placeholder_rows(seqs, cu_seqlens, pending)
         prompt_rows = plan_rows(seqs, starts, num_new_tokens, cu_seqlens, self.device)
+        image_rows = None
+        if self.takes_images:
+            from hpcinfer.multimodal.step import plan_image_rows
+            image_rows = plan_image_rows(seqs, starts, q_lens, cu_seqlens)
         # Mixed steps: running sequences (one token each) come first (the scheduler's order).
         num_decode_prefix = num_seqs if is_decode else int(np.argmax(q_lens != 1))
         k = num_decode_prefix
@@ -238,7 +244,7 @@ class ModelRunner:
             block_tables=tables.view(block_tables.shape), max_seqlen_q=int(q_lens.max()),
             max_seqlen_k=max_seqlen_k, is_decode=is_decode, decode_split=decode_split)
         return Batch(input_ids, positions, meta, sample_indices, sample_seqs, num_decode_prefix,
-                     prompt_rows)
+                     prompt_rows, image_rows)
 
     def _upload(self, int64_arrays: list[np.ndarray], int32_arrays: list[np.ndarray]
                 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -282,7 +288,12 @@ class ModelRunner:
     def run(self, batch: Batch) -> torch.Tensor:
         """Forward the batch; return float32 logits [num_sampled, vocab] (maybe 0 rows).
         Prompt-logprob rows, if any, are reduced into ``batch.prompt_rows.result``."""
-        if self.graphs is not None:
+        if batch.image_rows is not None:  # eager: the vision encoder and embeddings first
+            from hpcinfer.multimodal.step import image_embeds
+            hidden = self.model.forward(batch.input_ids, batch.positions, self.kv_caches,
+                                        batch.meta, image_embeds=image_embeds(
+                                            batch.image_rows, self.model, self.device))
+        elif self.graphs is not None:
             hidden = self.graphs.forward(batch)   # graph replay, split or eager as fits
         else:
             hidden = self.model.forward(batch.input_ids, batch.positions, self.kv_caches,

@@ -56,6 +56,9 @@ class Sequence:
         # engine at add_request; the scheduler and the prefix-cache hash read lora_id.
         self.lora_request = None
         self.lora_id = 0
+        # Images (hpcinfer/multimodal): the request's MultiModalInputs, shared by its n
+        # sequences; set by the engine at add_request. None for text-only prompts.
+        self.mm_inputs = None
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -147,6 +147,8 @@ def model_spec(config: Any, architecture: str, dtype: torch.dtype,
                tp: TensorParallel = NO_TP, model_path: str | Path | None = None) -> ModelSpec:
     """The engine-facing facts of a model (per tensor-parallel rank where that matters)."""
     cls = model_class(architecture)
+    if getattr(cls, "takes_images", False):  # vision-language: the language model's sizes
+        config = config.get_text_config()
     windows = {getattr(cls, "sliding_window_for", lambda c, i: None)(config, i)
                for i in range(config.num_hidden_layers)}
     eos = token_ids(getattr(config, "eos_token_id", None))

@@ -27,6 +27,8 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "Qwen2MoeForCausalLM": ("hpcinfer.models.qwen2_moe", "Qwen2MoeForCausalLM"),
     "Qwen3MoeForCausalLM": ("hpcinfer.models.qwen3_moe", "Qwen3MoeForCausalLM"),
     "GptOssForCausalLM": ("hpcinfer.models.gpt_oss", "GptOssForCausalLM"),
+    # Images in, text out (hpcinfer/multimodal, docs/images.md)
+    "LlavaForConditionalGeneration": ("hpcinfer.models.llava", "LlavaForConditionalGeneration"),
 }
 
 # Pooling models (embed / classify / score / reward), run by hpcinfer.engine.pooling.

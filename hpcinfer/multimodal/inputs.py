@@ -1,0 +1,47 @@
+"""A request's images after processing: where each image's placeholder tokens are, its
+preprocessed tensors, its hash, and its encoder output while the prefill needs it.
+
+Ownership: the processor builds these once per request (shared by the request's n
+sequences); the model runner alone writes ``embeddings`` (engine/model_runner.py through
+multimodal/step.py); the block manager reads ``block_extra_keys`` for prefix-cache hashes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ImageItem:
+    offset: int                # first placeholder token's index in the prompt
+    length: int                # placeholder tokens (= rows of its embedding)
+    hash: int                  # media.image_hash of the image as given
+    inputs: dict[str, Any]     # this image's processor tensors, e.g. pixel_values [1, C, H, W]
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+@dataclass
+class MultiModalInputs:
+    items: list[ImageItem]
+    # item index -> encoder output [length, hidden], kept from the step the prefill reaches
+    # the image until the step that computes its last placeholder token.
+    embeddings: dict[int, Any] = field(default_factory=dict)
+
+    def block_extra_keys(self, start: int, end: int) -> tuple:
+        """What, besides token ids, the KV of tokens [start, end) depends on: (hash, offset of
+        the block's first covered token within the image) of each overlapping image."""
+        return tuple((item.hash, max(start - item.offset, 0)) for item in self.items
+                     if item.offset < end and start < item.end)
+
+
+@dataclass
+class ProcessedPrompt:
+    """A prompt the engine has already turned into token ids (and images): ``add_request``
+    and ``LLM`` pass it on instead of processing again."""
+
+    text: str | None
+    token_ids: list[int]
+    mm_inputs: MultiModalInputs | None = None

@@ -1,0 +1,146 @@
+"""The checkpoint's transformers processor, run once per request on the host.
+
+``AutoProcessor`` expands each image placeholder into the model's number of image tokens,
+resizes and normalises the images and renders chat templates with image parts, so prompts
+and pixels are exactly what transformers gives the model. We then find each image's
+placeholder span (the model says how many tokens each image fills) and hash each image.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from hpcinfer.multimodal.inputs import ImageItem, MultiModalInputs, ProcessedPrompt
+from hpcinfer.multimodal.media import (CHAT_IMAGE_PARTS, as_image_list, check_pil, image_hash,
+                                       load_image_url)
+
+PROMPT_KEYS = frozenset({"prompt", "multi_modal_data", "cache_salt"})
+_NOT_PER_IMAGE = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+
+
+class MultiModalProcessor:
+    def __init__(self, model_path: str, model: Any):
+        from transformers import AutoProcessor
+        try:
+            self.processor = AutoProcessor.from_pretrained(model_path)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{model_path} has no usable processor for images ({e}): the "
+                             "checkpoint needs its preprocessor_config.json / "
+                             "processor_config.json (download the full snapshot)") from None
+        self.model = model
+        self.image_token_id = model.image_token_id
+        self.placeholder = getattr(self.processor, "image_token", None) or "<image>"
+
+    # --- generate(): {"prompt": text, "multi_modal_data": {"image": ...}} ---
+    def process(self, prompt: dict, request_id: str) -> ProcessedPrompt:
+        unknown = set(prompt) - PROMPT_KEYS
+        if "prompt_token_ids" in unknown:
+            raise ValueError(f"request {request_id!r}: prompt_token_ids with multi_modal_data "
+                             "is not supported yet: pass the text as 'prompt' with the "
+                             f"model's placeholder {self.placeholder!r} per image")
+        if unknown:
+            raise ValueError(f"request {request_id!r}: unknown prompt keys {sorted(unknown)}; "
+                             f"use {sorted(PROMPT_KEYS)}")
+        text, data = prompt.get("prompt"), prompt["multi_modal_data"]
+        if not isinstance(text, str):
+            raise ValueError(f"request {request_id!r}: 'prompt' must be the prompt text")
+        if not isinstance(data, dict) or set(data) - {"image"}:
+            kinds = sorted(data) if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"request {request_id!r}: multi_modal_data must be "
+                             f"{{'image': PIL image or list of them}}, got {kinds} (only "
+                             "images are supported)")
+        images = as_image_list(data["image"], request_id) if "image" in data else []
+        return self._process(text, images, f"request {request_id!r}", add_special_tokens=True)
+
+    # --- chat(): OpenAI-style messages with image parts ---
+    def render_chat(self, conversation: list[dict], where: str, **template_kwargs
+                    ) -> ProcessedPrompt:
+        """Render with the processor's chat template; the template writes the special tokens,
+        so the text is tokenized without adding any (as transformers does)."""
+        messages, images = to_hf_messages(conversation, where)
+        try:
+            text = self.processor.apply_chat_template(messages, tokenize=False,
+                                                      **template_kwargs)
+        except Exception as e:  # jinja2 errors name no conversation
+            raise ValueError(f"{where}: the chat template failed: {e}") from e
+        return self._process(text, images, where, add_special_tokens=False)
+
+    def check_text_only(self, token_ids: list[int], where: str) -> None:
+        """A text prompt holding image placeholders would run the model on them as tokens."""
+        if self.image_token_id in token_ids:
+            raise ValueError(f"{where}: the prompt has image placeholder "
+                             f"tokens ({self.placeholder!r}) but no images: pass "
+                             "{'prompt': ..., 'multi_modal_data': {'image': [...]}}, one image "
+                             "per placeholder")
+
+    def _process(self, text: str, images: list, where: str, *,
+                 add_special_tokens: bool) -> ProcessedPrompt:
+        try:
+            out = self.processor(text=[text], images=images or None, return_tensors="pt",
+                                 add_special_tokens=add_special_tokens)
+        except Exception as e:  # the processor's errors (counts, sizes) name no request
+            raise ValueError(f"{where}: the model's processor refused the prompt with "
+                             f"{len(images)} image(s): {e}") from None
+        token_ids = out["input_ids"][0].tolist()
+        if not images:
+            self.check_text_only(token_ids, where)
+            return ProcessedPrompt(text, token_ids)
+        per_image = _split_per_image(out, len(images))
+        counts = self.model.image_token_counts(per_image)
+        positions = [i for i, t in enumerate(token_ids) if t == self.image_token_id]
+        if len(positions) != sum(counts):
+            raise ValueError(f"{where}: {len(images)} image(s) need {sum(counts)} image "
+                             f"tokens but the prompt has {len(positions)}: put exactly one "
+                             f"{self.placeholder!r} in the prompt per image")
+        items, k = [], 0
+        for image, count, inputs in zip(images, counts, per_image):
+            span = positions[k:k + count]
+            if span[-1] - span[0] != count - 1:
+                raise ValueError(f"{where}: image {len(items)}'s placeholder tokens are not "
+                                 "contiguous; do not write image tokens into the text yourself")
+            items.append(ImageItem(span[0], count, image_hash(image), inputs))
+            k += count
+        return ProcessedPrompt(text, token_ids, MultiModalInputs(items))
+
+
+def _split_per_image(out: Any, num_images: int) -> list[dict]:
+    """The processor's batched image tensors ([num_images, ...]) as one dict per image."""
+    per_image: list[dict] = [{} for _ in range(num_images)]
+    for key, value in out.items():
+        if key in _NOT_PER_IMAGE:
+            continue
+        if getattr(value, "shape", None) is None or value.shape[0] != num_images:
+            raise ValueError(f"processor output {key!r} is not one entry per image; this "
+                             "model's processor is not supported yet")
+        for i in range(num_images):
+            per_image[i][key] = value[i:i + 1]
+    return per_image
+
+
+def to_hf_messages(conversation: list[dict], where: str) -> tuple[list[dict], list]:
+    """OpenAI-style messages (content a string, or parts: {"type": "text", "text"},
+    {"type": "image_url", "image_url": {"url"}}, {"type": "image_pil", "image_pil"}) ->
+    (transformers' messages with {"type": "image"} parts, the images in order)."""
+    messages, images = [], []
+    for m, message in enumerate(conversation):
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list):
+            messages.append(message)
+            continue
+        parts = []
+        for p, part in enumerate(content):
+            at = f"{where}, message {m}, part {p}"
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                parts.append({"type": "text", "text": part.get("text", "")})
+            elif kind == "image_url":
+                images.append(load_image_url(part.get("image_url"), at))
+                parts.append({"type": "image"})
+            elif kind == "image_pil":
+                check_pil(part.get("image_pil"), at)
+                images.append(part["image_pil"])
+                parts.append({"type": "image"})
+            else:
+                raise ValueError(f"{at}: content part type {kind!r} is not supported; use "
+                                 f"'text' or one of {list(CHAT_IMAGE_PARTS)}")
+        messages.append({**message, "content": parts})
+    return messages, images

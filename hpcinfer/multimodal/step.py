@@ -1,0 +1,73 @@
+"""Images in a step: which rows of the flattened batch take image embeddings, and the
+encoder runs that produce them.
+
+Policy (the simplest correct one; no separate encoder budget yet): an image is encoded in
+the first step whose scheduled tokens reach one of its placeholder tokens, all such images
+of the step in one ``encode_images`` call. The output is kept on the request's
+MultiModalInputs and sliced per chunk, so chunked prefill may cut through a placeholder span
+anywhere: each chunk takes rows [lo, hi) of the one encoder output. It is dropped after the
+step that computes the image's last placeholder token. The token budget bounds the work
+indirectly: a step encodes at most the images its chunks touch. Placeholder tokens that came
+from the prefix cache are never scheduled, so their images are not encoded at all. A
+preempted sequence (recompute) or a second sample of an n > 1 request whose prefix missed
+the cache encodes again.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hpcinfer.multimodal.inputs import MultiModalInputs
+
+
+@dataclass
+class ImageRows:
+    rows: np.ndarray                                  # [R] flat batch rows, in piece order
+    pieces: list[tuple[MultiModalInputs, int, int, int]]  # (inputs, item, lo, hi) per slice
+
+
+def plan_image_rows(seqs, starts: np.ndarray, q_lens: np.ndarray,
+                    cu_seqlens: np.ndarray) -> ImageRows | None:
+    """The batch rows holding image placeholders this step; None when there are none."""
+    rows, pieces = [], []
+    for i, seq in enumerate(seqs):
+        mm = seq.mm_inputs
+        if mm is None:
+            continue
+        start, end = int(starts[i]), int(starts[i] + q_lens[i])
+        for k, item in enumerate(mm.items):
+            lo, hi = max(start, item.offset), min(end, item.end)
+            if lo < hi:
+                base = int(cu_seqlens[i]) - start
+                rows.append(np.arange(base + lo, base + hi))
+                pieces.append((mm, k, lo - item.offset, hi - item.offset))
+    if not pieces:
+        return None
+    return ImageRows(np.concatenate(rows), pieces)
+
+
+def image_embeds(plan: ImageRows, model, device: torch.device
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows [R] int64, embeddings [R, hidden]) for the step; encodes the images not cached."""
+    missing, seen = [], set()
+    for mm, k, _, _ in plan.pieces:
+        if k not in mm.embeddings and (id(mm), k) not in seen:
+            seen.add((id(mm), k))
+            missing.append((mm, k))
+    if missing:
+        inputs = [{name: t.to(device) for name, t in mm.items[k].inputs.items()}
+                  for mm, k in missing]
+        for (mm, k), out in zip(missing, model.encode_images(inputs)):
+            if out.shape[0] != mm.items[k].length:
+                raise RuntimeError(f"the vision encoder gave {out.shape[0]} embeddings for an "
+                                   f"image with {mm.items[k].length} placeholder tokens; this "
+                                   "is a bug: please report it with the model")
+            mm.embeddings[k] = out
+    embeds = torch.cat([mm.embeddings[k][lo:hi] for mm, k, lo, hi in plan.pieces])
+    for mm, k, _, hi in plan.pieces:   # after the slicing: two samples may share an image
+        if hi == mm.items[k].length:
+            mm.embeddings.pop(k, None)
+    rows = torch.from_numpy(plan.rows).to(device)
+    return rows, embeds

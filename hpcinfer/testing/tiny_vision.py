@@ -1,0 +1,101 @@
+"""Tiny random vision-language checkpoints for tests (issue 24): a LLaVA built with
+transformers from a tiny CLIP vision config and the tiny Llama text config, saved with a
+processor (the tiny tokenizer plus a CLIPImageProcessor and a chat template that takes image
+parts), so tests never touch the hub.
+
+``tiny_llava()`` builds one per process in a temporary directory removed at exit; tests
+that edit a checkpoint build their own with ``build_tiny_llava``. ``test_images()`` gives
+seeded PIL images of several sizes and aspect ratios (the processor resizes and crops).
+"""
+from __future__ import annotations
+
+import atexit
+import functools
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from hpcinfer.testing.tiny import (BOS_ID, EOS_ID, PAD_ID, _COMMON, _tiny_tokenizer,
+                                   redraw_weights)
+
+IMAGE_TOKEN = "<image>"
+# 28x28 pixels in 7x7 patches: 16 patches (+ CLS), so 16 placeholder tokens per image with
+# the "default" strategy (CLS dropped), 17 with "full".
+IMAGE_SIZE, PATCH_SIZE = 28, 7
+
+# Content lists with {"type": "image"} / {"type": "text"} parts, as HF's LLaVA templates.
+LLAVA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ message['role'].upper() }}: "
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}\n"
+    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+
+def build_tiny_llava(out_dir: str | Path, *, seed: int = 0, select_strategy: str = "default",
+                     feature_layer: int | list[int] = -2, **text_overrides: Any) -> Path:
+    """Write a random fp32 LlavaForConditionalGeneration (3-layer CLIP tower, 2-layer Llama)
+    and its processor to ``out_dir``; returns it."""
+    import torch
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    out_dir = Path(out_dir)
+    tokenizer = _tiny_tokenizer()
+    tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    tokenizer.chat_template = LLAVA_CHAT_TEMPLATE  # one template, as llava-hf checkpoints
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    text_config = LlamaConfig(**{**_COMMON, "num_key_value_heads": 2,
+                                 "vocab_size": len(tokenizer), "pad_token_id": PAD_ID,
+                                 "bos_token_id": BOS_ID, "eos_token_id": EOS_ID,
+                                 **text_overrides})
+    vision_config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                     num_attention_heads=4, image_size=IMAGE_SIZE,
+                                     patch_size=PATCH_SIZE, hidden_act="quick_gelu",
+                                     projection_dim=32)
+    config = LlavaConfig(vision_config=vision_config, text_config=text_config,
+                         image_token_index=image_token_id, projector_hidden_act="gelu",
+                         vision_feature_select_strategy=select_strategy,
+                         vision_feature_layer=feature_layer,
+                         image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config).to(torch.float32)
+    redraw_weights(model, seed)
+    with torch.no_grad():  # CLIP's layer_norm1/2 miss redraw's "norm.weight": weights near 1
+        for name, param in model.named_parameters():
+            if "layer_norm" in name and name.endswith("weight"):
+                param.add_(1.0)
+    model.eval().save_pretrained(out_dir)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        do_center_crop=True, do_resize=True, do_normalize=True, do_rescale=True)
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                               patch_size=PATCH_SIZE, vision_feature_select_strategy=select_strategy,
+                               chat_template=LLAVA_CHAT_TEMPLATE, image_token=IMAGE_TOKEN,
+                               num_additional_image_tokens=1)
+    processor.save_pretrained(out_dir)  # with the tokenizer
+    return out_dir
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_llava(select_strategy: str = "default",
+               feature_layer: int | tuple[int, ...] = -2) -> Path:
+    """``build_tiny_llava`` once per process per variant; treat the directory as read-only."""
+    root = Path(tempfile.mkdtemp(prefix="hpcinfer-tiny-llava-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    layer = list(feature_layer) if isinstance(feature_layer, tuple) else feature_layer
+    return build_tiny_llava(root / "llava", select_strategy=select_strategy,
+                            feature_layer=layer)
+
+
+def test_images(seed: int = 0) -> list:
+    """Seeded RGB noise images: square, wide, tall and small (upscaled by the processor)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    sizes = [(40, 40), (64, 30), (25, 50), (12, 20)]  # (width, height)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
+            for w, h in sizes]

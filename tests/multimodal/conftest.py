@@ -1,0 +1,50 @@
+"""Fixtures for the image tests: one thread, tiny LLaVA checkpoints, transformers as the oracle."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hpcinfer.testing.pytest_fixtures import one_torch_thread  # noqa: F401
+
+MAX_NEW = 12
+
+
+@pytest.fixture(scope="session")
+def hf_llava():
+    """hf_llava(path) -> generate(text | messages, images) giving transformers' greedy
+    continuation (fp32, never stopping at EOS) and the prompt's token ids."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    loaded = {}
+
+    def load(path):
+        if path not in loaded:
+            model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+            model.generation_config.eos_token_id = None
+            loaded[path] = (AutoProcessor.from_pretrained(path), model.eval())
+        return loaded[path]
+
+    def generate(path, text=None, images=None, messages=None, max_new=MAX_NEW):
+        processor, model = load(str(path))
+        if messages is not None:
+            inputs = processor.apply_chat_template(messages, add_generation_prompt=True,
+                                                   tokenize=True, return_dict=True,
+                                                   return_tensors="pt")
+        else:
+            inputs = processor(text=[text], images=images or None, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=max_new, do_sample=False)
+        num_prompt = inputs["input_ids"].shape[1]
+        return out[0, num_prompt:].tolist(), inputs["input_ids"][0].tolist()
+    return generate
+
+
+@pytest.fixture(scope="session")
+def llava_dir():
+    from hpcinfer.testing.tiny_vision import tiny_llava
+    return str(tiny_llava())
+
+
+@pytest.fixture(scope="session")
+def images():
+    from hpcinfer.testing.tiny_vision import test_images
+    return test_images()
