@@ -19,27 +19,55 @@ from hpcinfer.layers.linear import (MergedColumnParallelLinear, QKVParallelLinea
 from hpcinfer.models.llama import LlamaForCausalLM, MistralForCausalLM
 
 
-def _split_rows(loaded: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
-    # loaded: [sum(sizes), ...] (a tensor or a lazy slice); a wrong total is a shape error.
-    if loaded.shape[0] != sum(sizes):
-        raise WeightShapeError((sum(sizes), *loaded.shape[1:]), tuple(loaded.shape))
+def _split_rows(layer: nn.Module, param: nn.Parameter, loaded: torch.Tensor,
+                row_sizes: list[int]) -> list[torch.Tensor]:
+    """The pieces of a fused checkpoint tensor, one per merged piece (q, k, v; gate, up).
+
+    Which dim follows the output rows, and how many rows one element covers, is the
+    parameter's ParamSharding (hpcinfer.layers.quant.base): a plain or e4m3 weight [out, in]
+    splits its rows, an fp8 block scale [out/B0, in/B1] its blocks, AWQ/GPTQ tensors their
+    packed output columns. A parameter not split along the output (one scale for the whole
+    fused tensor, GPTQ's g_idx) goes whole to every piece. ``loaded`` may be a lazy slice."""
+    sharding = layer.shardings.get(layer._name_of(param))
+    if sharding is None or sharding.per_piece or sharding.out_dim is None:
+        return [loaded] * len(row_sizes)
+    per, dim = sharding.out_per_element, sharding.out_dim
+    if any(size % per for size in row_sizes):
+        raise ValueError(f"a fused tensor with pieces of {row_sizes} rows cannot be split "
+                         f"into elements of {per} rows each (a quantization block or pack "
+                         "crosses two pieces): this checkpoint's quantization does not fit "
+                         "the model's fused projections")
+    sizes = [size // per for size in row_sizes]
+    if loaded.shape[dim] != sum(sizes):
+        expected = list(loaded.shape)
+        expected[dim] = sum(sizes)
+        raise WeightShapeError(tuple(expected), tuple(loaded.shape))
     pieces, offset = [], 0
     for size in sizes:
-        pieces.append(loaded.narrow(0, offset, size))
+        pieces.append(loaded.narrow(dim, offset, size))
         offset += size
     return pieces
 
 
 class FusedQKVParallelLinear(QKVParallelLinear):
-    """``qkv_proj`` loaded from one checkpoint tensor ``[q | k | v]`` (all heads)."""
+    """``qkv_proj`` loaded from one checkpoint tensor ``[q | k | v]`` (all heads), plain or
+    quantized (each of the method's tensors split by its own sharding)."""
 
     shard_ids = (None,)
+    pieces = ("q", "k", "v")
+
+    @property
+    def out_pieces(self) -> list[int]:
+        return [self._slices[s][1] for s in self.pieces]
+
+    def piece_index(self, shard_id) -> int:
+        return self.pieces.index(shard_id)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
         q_rows = self.num_heads * self.tp.size * self.head_dim
         kv_rows = self.total_kv_heads * self.head_dim
-        pieces = _split_rows(loaded_weight, [q_rows, kv_rows, kv_rows])
-        for shard_id, piece in zip(("q", "k", "v"), pieces, strict=True):
+        pieces = _split_rows(self, param, loaded_weight, [q_rows, kv_rows, kv_rows])
+        for shard_id, piece in zip(self.pieces, pieces, strict=True):
             super().weight_loader(param, piece, shard_id)
 
 
@@ -50,8 +78,12 @@ class FusedMergedColumnParallelLinear(MergedColumnParallelLinear):
         super().__init__(*args, **kwargs)
         self.shard_ids = (None,)  # one tensor fills it (the base class lists gate and up)
 
+    def piece_index(self, shard_id) -> int:
+        return shard_id
+
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
-        for shard_id, piece in enumerate(_split_rows(loaded_weight, self.output_sizes)):
+        pieces = _split_rows(self, param, loaded_weight, self.output_sizes)
+        for shard_id, piece in enumerate(pieces):
             super().weight_loader(param, piece, shard_id)
 
 

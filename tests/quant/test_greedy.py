@@ -46,3 +46,15 @@ def test_online_fp8_equals_transformers_on_its_weights(base_dir, tmp_path, engin
     assert got == want
     plain, _ = engine_tokens(str(base_dir))
     assert plain != want, "fp8 rounding changed no token: the test could not fail"
+
+
+@pytest.mark.parametrize("fmt", ["fp8_block", "ct_fp8_tensor_static", "fbgemm_fp8", "awq",
+                                 "gptq_asym_desc_act", "ct_w4a16_asym"])
+def test_phi3_fused_projections(fmt, quantized, engine_tokens, oracle_tokens):
+    """Phi-3 stores qkv_proj and gate_up_proj fused: quantized as one layer each (one
+    per-tensor scale, blocks and packs across the q|k|v rows, one act order), split into our
+    merged layers' pieces at load."""
+    quant_dir, oracle_dir = quantized(fmt, "phi3")
+    got, llm = engine_tokens(quant_dir)
+    assert _quant_methods(llm) == {"Fp8Method" if "fp8" in fmt else "Int4Method"}
+    assert got == oracle_tokens(oracle_dir)
