@@ -3,11 +3,15 @@ vs the same rows without LoRA, one process, one GPU. The target is >= 80% of the
 output tok/s with 4 rank-16 adapters on every target (q/k/v/o/gate/up/down).
 
     python bench/lora.py                          # workload A, 4 adapters of rank 16
+    python bench/lora.py --out "$OUT"             # results elsewhere than bench/results
+    python bench/lora.py --enforce-eager          # both runs without CUDA graphs
     python bench/lora.py --workload T --device cpu   # the CPU-sized plumbing run
 
-Adapters are random PEFT directories written directly (adapter_config.json + safetensors,
-no peft needed). Rows go to bench/results/lora-<device>-<date>.json (engine hpcinfer,
-workload "A-lora<N>x<r>" and "A" for the baseline). Not run on a GPU yet (docs/lora.md).
+Decode runs in CUDA graphs by default on a GPU, the LoRA kernels inside them; each row
+records whether graphs were used and how many steps replayed one. Adapters are random PEFT
+directories written directly (adapter_config.json + safetensors, no peft needed). Rows go to
+<out>/lora-<device>-<date>.json (engine hpcinfer, workload "A-lora<N>x<r>" and "A" for the
+baseline). Not run on a GPU yet (docs/lora.md).
 """
 from __future__ import annotations
 
@@ -55,7 +59,7 @@ def write_adapter(out_dir: Path, config: dict, rank: int, seed: int) -> Path:
 
 
 def timed_run(ckpt: Path, requests, spec: dict, device: str, adapters: list[Path],
-              rank: int = 16) -> dict:
+              rank: int = 16, enforce_eager: bool = False) -> dict:
     import torch
     from hpcinfer import LLM, SamplingParams
     from hpcinfer.lora.request import LoRARequest
@@ -64,7 +68,8 @@ def timed_run(ckpt: Path, requests, spec: dict, device: str, adapters: list[Path
     llm = LLM(str(ckpt), dtype="bfloat16" if device == "cuda" else "float32",
               max_model_len=max_model_len_for(requests), max_num_seqs=spec["max_num_seqs"],
               max_num_batched_tokens=spec["max_num_batched_tokens"],
-              enable_prefix_caching=False, device=device, **lora_kwargs)
+              enable_prefix_caching=False, device=device, enforce_eager=enforce_eager,
+              **lora_kwargs)
     loras = [LoRARequest(f"a{i}", i + 1, str(p)) for i, p in enumerate(adapters)]
     per_row = [loras[i % len(loras)] for i in range(len(requests))] if loras else None
     prompts = [{"prompt_token_ids": p} for p, _ in requests]
@@ -78,12 +83,17 @@ def timed_run(ckpt: Path, requests, spec: dict, device: str, adapters: list[Path
     sync()
     wall = time.perf_counter() - start
     num_out = sum(len(o.outputs[0].token_ids) for o in outs)
-    del llm
+    engine = llm.llm_engine
+    graphs = engine.runner.graphs
+    how = {"cuda_graphs": graphs is not None,
+           "num_graph_replays": graphs.num_replays if graphs is not None else 0,
+           "num_slot_loads": engine.lora.num_slot_loads if engine.lora is not None else 0}
+    del llm, engine, graphs
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
     return {"output_tok_s": num_out / wall, "wall_s": wall, "num_output_tokens": num_out,
-            "total_tok_s": (num_out + sum(len(p) for p, _ in requests)) / wall}
+            "total_tok_s": (num_out + sum(len(p) for p, _ in requests)) / wall, **how}
 
 
 def main() -> None:
@@ -92,6 +102,9 @@ def main() -> None:
     parser.add_argument("--num-adapters", type=int, default=4)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="no CUDA graphs, in both runs (default: graphs on a GPU)")
+    parser.add_argument("--out", default=str(RESULTS), help="results dir")
     args = parser.parse_args()
     import torch
     spec = WORKLOADS[args.workload]
@@ -102,18 +115,23 @@ def main() -> None:
         config = json.loads((ckpt / "config.json").read_text())
         adapters = [write_adapter(Path(tmp) / f"a{i}", config, args.rank, seed=i)
                     for i in range(args.num_adapters)]
-        base = timed_run(ckpt, requests, spec, args.device, [])
-        lora = timed_run(ckpt, requests, spec, args.device, adapters, args.rank)
+        base = timed_run(ckpt, requests, spec, args.device, [],
+                         enforce_eager=args.enforce_eager)
+        lora = timed_run(ckpt, requests, spec, args.device, adapters, args.rank,
+                         enforce_eager=args.enforce_eager)
     ratio = lora["output_tok_s"] / base["output_tok_s"]
+    graphs = "CUDA graphs" if lora["cuda_graphs"] else "eager"
     print(f"no LoRA {base['output_tok_s']:.0f} output tok/s; {args.num_adapters} adapters of "
-          f"rank {args.rank}: {lora['output_tok_s']:.0f} ({100 * ratio:.1f}%)", flush=True)
+          f"rank {args.rank}: {lora['output_tok_s']:.0f} ({100 * ratio:.1f}%); decode {graphs} "
+          f"({lora['num_graph_replays']} replays with LoRA, {base['num_graph_replays']} "
+          f"without); {lora['num_slot_loads']} adapter loads", flush=True)
     date = dt.date.today().isoformat()
     common = dict(engine="hpcinfer", tp=1, device=device_name, date=date)
     rows = [{**common, **base, "workload": args.workload},
             {**common, **lora, "workload": f"{args.workload}-lora{args.num_adapters}x{args.rank}",
              "pct_of_no_lora": 100 * ratio}]
     if args.device == "cuda":   # CPU plumbing runs are not results
-        append_rows(RESULTS / f"lora-{device_slug(device_name)}-{date}.json", rows)
+        append_rows(Path(args.out) / f"lora-{device_slug(device_name)}-{date}.json", rows)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ def resolve_job_model(cfg, *, download: bool = False):
         update["tokenizer"] = _resolve(cfg, "model.tokenizer", model.tokenizer, None, download).path
     if update:
         cfg = cfg.model_copy(update={"model": model.model_copy(update=update)})
+    from hpcinfer.config.lora_checks import resolve_job_adapters
+    cfg = resolve_job_adapters(cfg, download=download)   # hub LoRA adapters -> snapshots
     check_parallel_layout(cfg)
     return cfg
 

@@ -30,10 +30,13 @@ def check_lora_consistency(cfg: JobConfig) -> None:
 
 def check_lora_adapters(cfg: JobConfig) -> None:
     """Each adapter readable, within max_lora_rank and, when the base is a local directory,
-    fitting its config.json."""
+    fitting its config.json. Hub adapter ids are checked once resolve_job_adapters has
+    pinned them (as hub model ids are checked once resolved)."""
     model_dir = cfg.model.id if os.path.isabs(cfg.model.id) else None
     for name, path in cfg.lora.adapters.items():
         key = f"lora.adapters.{name}"
+        if not os.path.isabs(path):
+            continue
         try:
             adapter = read_adapter_config(path, name)
             check_rank(adapter, cfg.lora.max_lora_rank, name)
@@ -43,3 +46,27 @@ def check_lora_adapters(cfg: JobConfig) -> None:
         if problem is not None:
             raise cfg.error_at(key, f"adapter {name!r} does not fit model {cfg.model.id}: "
                                f"{problem}", "use an adapter trained on this base model")
+
+
+def resolve_job_adapters(cfg: JobConfig, *, download: bool = False) -> JobConfig:
+    """``cfg`` with each hub adapter id in lora.adapters replaced by its downloaded snapshot
+    directory (``hpcinfer download --job``; with ``download`` fetched now if missing), then
+    every adapter checked. Runs at validate/render, after the model is resolved, so the base
+    check sees the model's snapshot. ConfigError at the adapter's line otherwise."""
+    hub_ids = {name: v for name, v in cfg.lora.adapters.items() if not os.path.isabs(v)}
+    if not hub_ids:
+        return cfg
+    from hpcinfer.hub.adapters import resolve_adapter, resolve_or_download_adapter
+    from hpcinfer.hub.errors import HubError
+    pinned = dict(cfg.lora.adapters)
+    for name, adapter_id in hub_ids.items():
+        try:
+            pinned[name] = (resolve_or_download_adapter(adapter_id, job_file=cfg.source_file)
+                            if download else resolve_adapter(adapter_id,
+                                                             job_file=cfg.source_file))
+        except HubError as exc:
+            fix = "" if download else "or render with --download to fetch it now"
+            raise cfg.error_at(f"lora.adapters.{name}", str(exc), fix) from None
+    cfg = cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"adapters": pinned})})
+    check_lora_adapters(cfg)
+    return cfg

@@ -49,8 +49,11 @@ def resolve_paths(cfg: JobConfig, base: Path) -> JobConfig:
         "input": cfg.input.model_copy(update={"path": paths}),
         "output": cfg.output.model_copy(update={"dir": out_dir}),
         "model": cfg.model.model_copy(update=_model_update(cfg, base)),
+        # A hub adapter id (org/name, no such directory here) stays as written: render pins
+        # it to its downloaded snapshot (config/lora_checks.py resolve_job_adapters).
         "lora": cfg.lora.model_copy(update={"adapters": {
             name: _absolute(base, cfg, f"lora.adapters.{name}", path)
+            if is_local_model(path, base) else path
             for name, path in cfg.lora.adapters.items()}}),
     }
     if cfg.container is not None:

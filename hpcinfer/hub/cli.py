@@ -31,8 +31,17 @@ def add_hub_commands(subparsers) -> None:
     p = subparsers.add_parser("download", help="download a model on the login node (pins the commit)",
                               description="Download a model's weights (safetensors, one copy), "
                               "config and tokenizer into the HF cache, verify it and record the "
-                              "pinned commit for `render`. Re-run to resume.")
-    p.add_argument("model", metavar="MODEL", help="hub id, e.g. meta-llama/Llama-3.1-8B-Instruct")
+                              "pinned commit for `render`. Re-run to resume. With --adapter, a "
+                              "PEFT LoRA adapter; with --job, everything a job file names on the "
+                              "hub (model, tokenizer, lora.adapters).")
+    p.add_argument("model", metavar="MODEL", nargs="?",
+                   help="hub id, e.g. meta-llama/Llama-3.1-8B-Instruct")
+    p.add_argument("--adapter", action="store_true",
+                   help="MODEL is a PEFT LoRA adapter: fetch adapter_config.json and "
+                        "adapter_model.safetensors only")
+    p.add_argument("--job", metavar="JOB_FILE",
+                   help="download the job's hub model, tokenizer and lora.adapters (local "
+                        "directories are left alone)")
     p.add_argument("--revision", help="branch, tag or commit (default: main)")
     p.add_argument("--include", action="append", default=[], metavar="PATTERN",
                    help="also download repo files matching this glob (repeatable)")
@@ -56,13 +65,60 @@ def add_hub_commands(subparsers) -> None:
 def run_download(args: argparse.Namespace) -> int:
     from hpcinfer.hub.download import download_model
 
+    if args.job:
+        if args.model or args.adapter or args.include or args.exclude:
+            raise HubError("--job downloads what the job file names: drop MODEL, --adapter, "
+                           "--include and --exclude (or download one model without --job)")
+        return run_download_job(args)
+    if not args.model:
+        raise HubError("give the hub id to download (`hpcinfer download ORG/NAME`), or a job "
+                       "file (`hpcinfer download --job job.yaml`)")
+    if args.adapter:
+        if args.include or args.exclude:
+            raise HubError("--adapter fetches the adapter's two files: drop --include/--exclude")
+        from hpcinfer.hub.adapters import download_adapter
+        with exit_at_once_on_interrupt(f"interrupted: run `hpcinfer download --adapter "
+                                        f"{args.model}` again to resume"):
+            _print_record(download_adapter(args.model, args.revision, args.cache_dir))
+        return 0
+
     with exit_at_once_on_interrupt(f"interrupted: run `hpcinfer download {args.model}` again "
                                     f"to resume (finished files are kept)"):
         record = download_model(args.model, args.revision, args.include, args.exclude,
                                 args.cache_dir)
+    _print_record(record)
+    return 0
+
+
+def run_download_job(args: argparse.Namespace) -> int:
+    """Everything the job file names by hub id: model.id, model.tokenizer, lora.adapters."""
+    from hpcinfer.config import load_job
+    from hpcinfer.config.errors import ConfigError
+    from hpcinfer.hub.adapters import download_adapter, looks_like_hub_id
+    from hpcinfer.hub.download import download_model
+    try:
+        # The environment checks would refuse hub adapters that are not downloaded yet.
+        cfg = load_job(args.job, check_environment=False)
+    except ConfigError as exc:
+        raise HubError(str(exc)) from None
+    models = [(cfg.model.id, cfg.model.revision), (cfg.model.tokenizer, None)]
+    models = [(m, rev) for m, rev in models if m and not os.path.isabs(m)]
+    adapters = sorted({v for v in cfg.lora.adapters.values() if looks_like_hub_id(v)})
+    with exit_at_once_on_interrupt(f"interrupted: run `hpcinfer download --job {args.job}` "
+                                    "again to resume (finished files are kept)"):
+        for model_id, revision in dict.fromkeys(models):
+            _print_record(download_model(model_id, revision, cache_dir=args.cache_dir))
+        for adapter_id in adapters:
+            _print_record(download_adapter(adapter_id, cache_dir=args.cache_dir))
+    if not models and not adapters:
+        sys.stdout.write(f"{args.job}: nothing to download (the model and the adapters are "
+                         "local directories)\n")
+    return 0
+
+
+def _print_record(record) -> None:
     sys.stdout.write(f"{record.id} {record.revision} -> commit {record.commit}: "
                      f"{len(record.files)} files, {_human(record.size)} in {record.path}\n")
-    return 0
 
 
 def run_models(args: argparse.Namespace) -> int:
