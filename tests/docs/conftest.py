@@ -24,6 +24,9 @@ class TinyModels:
         from hpcinfer.testing.tiny import build_tiny_checkpoint
         from hpcinfer.testing.tiny_pooling import build_tiny_pooling_checkpoint
 
+        if name == "llava":             # a vision-language model with its processor
+            from hpcinfer.testing.tiny_vision import build_tiny_llava
+            return build_tiny_llava(out_dir)
         if name == "bert-st":           # a sentence-transformers embedding model
             return build_tiny_pooling_checkpoint("bert", out_dir, sentence_transformers=True)
         if name == "xlm-roberta-reranker":    # a cross-encoder has one label
