@@ -178,13 +178,11 @@ def _check_pooling(cfg: JobConfig) -> None:
 
 def _check_sampling(cfg: JobConfig) -> None:
     s = cfg.sampling
-    if s.prompt_logprobs is not None and (cfg.output.format == "openai-batch"
-                                          or cfg.task in POOLING_TASKS):
+    if s.prompt_logprobs is not None and cfg.task in POOLING_TASKS:
         raise cfg.error_at("sampling.prompt_logprobs",
-                           "prompt logprobs are written by generate/chat jobs with jsonl or "
-                           f"parquet output only (this job: task {cfg.task}, output "
-                           f"{cfg.output.format})",
-                           "use output.format: jsonl or parquet, or remove prompt_logprobs")
+                           "prompt logprobs are written by generate/chat jobs only (this "
+                           f"job: task {cfg.task})",
+                           "remove prompt_logprobs, or use task generate")
     if s.min_tokens > s.max_tokens:
         raise cfg.error_at("sampling.min_tokens",
                            f"min_tokens ({s.min_tokens}) is above max_tokens ({s.max_tokens})",

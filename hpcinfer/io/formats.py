@@ -10,7 +10,9 @@ equal bytes. Formats:
   ``text`` is named by output.text_field (e.g. ``generated_text``, as Ray Data's template
   writes it).
 - parquet: the same columns with an explicit schema.
-- openai-batch: the OpenAI batch output line plus ``row_index`` (collect drops it).
+- openai-batch: the OpenAI batch output line plus ``row_index`` (collect drops it); with
+  sampling.prompt_logprobs, vLLM's ``prompt_logprobs`` in the response body (chat) or its
+  choice (completions), as vLLM's server writes them (openai_batch.response_line).
 
 Pooling tasks (embed/classify/score/reward) write ``{"row_index", <id>, <passthrough...>,
 <embedding|probs|score|reward>, "num_prompt_tokens"}`` instead: JSONL arrays, Parquet
@@ -96,7 +98,7 @@ class JsonlFormat:
         if self.prompt_logprobs:
             rec["prompt_logprobs"] = None if out.prompt_logprobs is None else [
                 None if pos is None else
-                [{"token_id": int(t), "logprob": float(lp)} for t, lp in pos]
+                [{"token_id": int(t), "logprob": float(lp)} for t, lp, *_ in pos]
                 for pos in out.prompt_logprobs]
         return rec
 

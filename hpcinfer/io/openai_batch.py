@@ -185,6 +185,7 @@ def response_line(row, out, *, created_s: int, model: str) -> dict:
          "top_logprobs": [{"token_id": t, "logprob": lp} for t, lp in pos[1:]]}
         for pos in out.logprobs]}
     model = (row.body or {}).get("model") or model
+    prompt_logprobs = vllm_prompt_logprobs(out.prompt_logprobs)
     if row.url == CHAT_URL:
         choice = {"index": 0, "message": {"role": "assistant", "content": out.text},
                   "logprobs": logprobs, "finish_reason": out.finish_reason}
@@ -192,9 +193,29 @@ def response_line(row, out, *, created_s: int, model: str) -> dict:
     else:
         choice = {"index": 0, "text": out.text, "logprobs": logprobs,
                   "finish_reason": out.finish_reason}
+        if prompt_logprobs is not None:     # vLLM: on each completion choice
+            choice["prompt_logprobs"] = prompt_logprobs
         body = {"id": f"cmpl-{rid}", "object": "text_completion"}
     body.update({"created": created_s, "model": model, "choices": [choice], "usage": usage})
+    if prompt_logprobs is not None and row.url == CHAT_URL:   # vLLM: on the chat response
+        body["prompt_logprobs"] = prompt_logprobs
     return _batch_line(row, rid, body)
+
+
+# vLLM's server writes -inf logprobs as this (clamp_prompt_logprobs): JSON has no -inf.
+MIN_JSON_LOGPROB = -9999.0
+
+
+def vllm_prompt_logprobs(positions: list | None) -> list | None:
+    """OutputRecord.prompt_logprobs as vLLM's OpenAI server returns them: per prompt token
+    None (the first) or {token id: {"logprob", "rank", "decoded_token"}}, the prompt token
+    first (JSON object keys are strings)."""
+    if positions is None:
+        return None
+    return [None if pos is None else
+            {str(t): {"logprob": max(lp, MIN_JSON_LOGPROB), "rank": rank,
+                      "decoded_token": text} for t, lp, rank, text in pos}
+            for pos in positions]
 
 
 def _batch_line(row, rid: str, body: dict) -> dict:

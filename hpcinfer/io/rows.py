@@ -151,7 +151,8 @@ class OutputRecord:
     finish_reason: str | None            # stop | length | abort | None
     # Per output token: [(token_id, logprob), ...], the sampled token first, then top-k.
     logprobs: list | None = None
-    # Per prompt token: None for the first, then the same shape with the actual token first.
+    # Per prompt token: None for the first, then [(token_id, logprob, rank, decoded_token),
+    # ...] with the actual token first, then the top-k by rank.
     prompt_logprobs: list | None = None
 
 

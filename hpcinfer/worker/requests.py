@@ -132,7 +132,7 @@ def to_output_record(out, params) -> Any:
                     for token_id, top in zip(completion.token_ids, completion.logprobs)]
     prompt_logprobs = None
     if params.prompt_logprobs is not None and out.prompt_logprobs is not None:
-        prompt_logprobs = [None] + [_position(token_id, top) for token_id, top in
+        prompt_logprobs = [None] + [_prompt_position(token_id, top) for token_id, top in
                                     zip(out.prompt_token_ids[1:], out.prompt_logprobs[1:])]
     return OutputRecord(text=completion.text, num_prompt_tokens=len(out.prompt_token_ids),
                         num_output_tokens=len(completion.token_ids),
@@ -146,3 +146,9 @@ def _position(token_id: int, top: dict) -> list[tuple[int, float]]:
     others = sorted(((t, lp) for t, lp in top.items() if t != token_id),
                     key=lambda item: (item[1].rank or 0, -item[1].logprob))
     return sampled + [(int(t), float(lp.logprob)) for t, lp in others]
+
+
+def _prompt_position(token_id: int, top: dict) -> list[tuple[int, float, int | None, str | None]]:
+    """One prompt position as (token_id, logprob, rank, decoded token), in _position's order
+    (the prompt token first, then the top-k by rank): OpenAI-batch output writes all four."""
+    return [(t, lp, top[t].rank, top[t].decoded_token) for t, lp in _position(token_id, top)]
