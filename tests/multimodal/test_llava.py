@@ -189,3 +189,17 @@ def _shared_llm(path):
     if path not in _LLMS:
         _LLMS[path] = make_llm(path)
     return _LLMS[path]
+
+
+def test_preemption_and_samples_reencode(llava_dir, images, hf_llava):
+    # A pool of 28 blocks of 4 tokens holds two 51-token prompts but not their 12 new tokens:
+    # some are preempted (recompute) and encode their images again; n=2 samples share them.
+    prompts = [{"prompt": ONE, "multi_modal_data": {"image": images[i]}} for i in range(3)]
+    llm = make_llm(llava_dir, block_size=4, num_gpu_blocks_override=28, max_model_len=64,
+                   enable_prefix_caching=False)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, n=2)
+    out = llm.generate(prompts, params, use_tqdm=False)
+    assert llm.llm_engine.num_preemptions > 0
+    for i, request in enumerate(out):
+        expected = hf_llava(llava_dir, ONE, [images[i]])[0]
+        assert [c.token_ids for c in request.outputs] == [expected, expected]
