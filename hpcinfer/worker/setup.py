@@ -89,20 +89,22 @@ def resolve(cfg):
         model = resolve_model(str(cfg.model.id), cfg.model.revision)
     except HubError as exc:
         raise TaskFailed(str(exc)) from None
-    check_model_files(Path(model.path), str(cfg.model.id))
+    check_model_files(Path(model.path), str(cfg.model.id),
+                      weights=getattr(cfg.engine, "load_format", "auto") != "dummy")
     return model
 
 
-def check_model_files(path: Path, model_id: str) -> None:
+def check_model_files(path: Path, model_id: str, weights: bool = True) -> None:
     """A directory without config.json or weights fails here with advice, rather than
-    deep inside transformers with a message about tokenizer classes."""
+    deep inside transformers with a message about tokenizer classes (``weights`` False:
+    engine.load_format dummy, which reads config.json only)."""
     advice = "point model.id at a complete checkpoint (config.json, *.safetensors, tokenizer)"
     if not model_id.startswith(("/", ".", "~")):    # a hub id: its snapshot is damaged
         advice = (f"run `hpcinfer download {model_id}` on a login node again (`hpcinfer "
                   f"verify-model {model_id}` shows what is missing)")
     if not (path / "config.json").is_file():
         raise TaskFailed(f"model dir {path} has no config.json: {advice}")
-    if not any(path.glob("*.safetensors")):
+    if weights and not any(path.glob("*.safetensors")):
         raise TaskFailed(f"model dir {path} has no *.safetensors weights: {advice}")
 
 
