@@ -17,7 +17,7 @@ Workloads (issue 8):
   T  tiny Llama shape (hidden 64, 2 layers), 16 short prompts: CPU-sized, to run the TP/PP/DP
      plumbing without a GPU (--device cpu; bench/parallel_variants.py)
   L  Llama-3.1-70B shape, W4A16 only (BENCH_QUANTIZATION=awq or gptq; bf16 would not fit one
-     GPU), 256 of B's ShareGPT-like prompts, 256 sequences
+     GPU), 256 prompts of B's ShareGPT-like lengths, 256 sequences
 Quantized runs (issue 20, hpcinfer only): BENCH_QUANTIZATION=fp8 quantizes the bf16 checkpoint
 online; BENCH_QUANTIZATION=awq / gptq builds a W4A16 model from config.json with
 load_format="dummy" (random packed weights; no 4-bit checkpoint is written);
