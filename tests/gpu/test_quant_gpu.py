@@ -119,3 +119,46 @@ def test_fp8_rowwise_scaled_mm(k, n, m):
     got = fp8_scaled_mm(a, a_scales, b.t(), w_scales.reshape(1, -1), torch.bfloat16)
     want = (a.float() * a_scales) @ (b.float() * w_scales[:, None]).t()
     assert rel_err(got, want) < 1e-2
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_w4a16_dummy_model_on_gpu(method, tmp_path, monkeypatch):
+    """load_format="dummy" with a W4A16 quantization_config at Llama-3.1-8B widths (2 layers):
+    every projection is repacked for the kernel, its output equals x @ the layout's own
+    dequantized dummy weights, and the engine (CUDA graphs, split-K at decode) generates."""
+    from hpcinfer import LLM, SamplingParams
+    from hpcinfer.layers.linear import LinearBase
+    from hpcinfer.layers.quant.int4 import Int4Method
+    from hpcinfer.models import registry
+    from hpcinfer.testing.llama_shapes import SHAPES, write_dummy_model
+    path = write_dummy_model(tmp_path / method, {**SHAPES["llama-3.1-8b"],
+                                                 "num_hidden_layers": 2},
+                             max_position_embeddings=8192, quantization=method)
+    dequantized, real_finish = {}, registry.finish_quantization
+
+    def finish(model):
+        for name, m in model.named_modules():
+            if isinstance(m, LinearBase) and isinstance(m.quant_method, Int4Method):
+                dequantized[name] = m.quant_method.dequantized(m)
+        real_finish(model)
+    monkeypatch.setattr(registry, "finish_quantization", finish)
+    model = registry.load_model(path, dtype=torch.bfloat16, device=DEVICE, load_format="dummy")
+    assert len(dequantized) == 8
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    for name, m in model.named_modules():
+        if name in dequantized:
+            assert hasattr(m, "w4_qweight"), f"{name} fell back to dequantized weights"
+            for rows in (1, 5, 300):
+                x = torch.randn(rows, m.input_size, generator=g, device=DEVICE).bfloat16()
+                got = m.quant_method.apply(m, x, None)
+                assert rel_err(got, x.float() @ dequantized[name].t()) < 1e-2, (name, rows)
+    del model, dequantized
+    monkeypatch.undo()
+    torch.cuda.empty_cache()
+    llm = LLM(str(path), load_format="dummy", max_model_len=512, max_num_seqs=16,
+              kv_cache_memory_bytes=2 * 2**30)
+    outs = llm.generate([{"prompt_token_ids": list(range(100, 100 + n))} for n in (3, 40, 200)],
+                        SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+                        use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [24, 24, 24]
+    assert llm.llm_engine.runner.graphs is not None and llm.llm_engine.runner.graphs.num_replays
