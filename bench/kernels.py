@@ -379,14 +379,21 @@ def bench_quant_gemm(dtypes):
                            tflops=2 * m * n * k / ms / 1e9)
 
 
+SWEEP_W4A16_SHAPES = [(4096, 6144, "8B qkv"), (14336, 4096, "8B down"),
+                      (8192, 57344, "70B gate_up"), (28672, 8192, "70B down")]
+
+
 def sweep_w4a16(dtypes):
-    """W4A16 launch configs (tile, warps, split-K) at decode M on the 8B/70B shapes, each
-    checked against the torch reference first; the row with config=None is config_for's."""
+    """W4A16 launch configs (tile, warps, split-K, how packed words are read) at decode M on
+    8B/70B shapes, each checked against the torch reference first; config=None is
+    config_for's pick. Short timings (rep 30 ms) so the sweep fits one 10-minute call."""
+    from triton.testing import do_bench
+
     from hpcinfer.kernels import quant_reference as kref
     from hpcinfer.kernels.w4a16_gemm import W4A16Config, w4a16_gemm
     tiles = [(16, 64, 128, 4), (16, 128, 128, 4), (16, 32, 128, 4), (16, 64, 64, 4),
              (32, 64, 128, 4), (64, 64, 64, 4), (64, 128, 64, 4), (128, 128, 64, 8)]
-    for k, n, model in QUANT_SHAPES:
+    for k, n, model in SWEEP_W4A16_SHAPES:
         codes = torch.randint(0, 16, (k, n), device="cuda")
         zeros = torch.full((k // 128, n), 8, dtype=torch.int32, device="cuda")
         scales = torch.rand(k // 128, n, device="cuda") * 0.01
@@ -396,14 +403,16 @@ def sweep_w4a16(dtypes):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             expected = kref.w4a16_gemm(x, qweight, zeros, scales, None, 128)
             num_bytes = (m * k + m * n) * 2 + k * n // 2 + 8 * (k // 128) * n
-            variants = [None] + [W4A16Config(*t, split_k=sk) for t in tiles if t[0] >= min(m, 16)
-                                 and t[0] <= max(16, 2 * m) for sk in (1, 2, 4, 8)]
+            variants = [None] + [W4A16Config(*t, split_k=sk, unpack_reshape=r)
+                                 for t in tiles if min(m, 16) <= t[0] <= max(16, 2 * m)
+                                 for sk in (1, 2, 4, 8) for r in (False, True)]
             for cfg in variants:
                 def run(cfg=cfg):
                     return w4a16_gemm(x, qweight, zeros, scales, None, 128, config=cfg)
                 try:
                     err = _rel_err(run(), expected)
-                    ms = time_ms(run) if err < 2e-2 else float("nan")
+                    ms = (do_bench(run, warmup=10, rep=30, return_mode="median")
+                          if err < 2e-2 else float("nan"))
                 except Exception as e:   # shared memory, registers: record, go on
                     log.warning("w4a16 %s failed: %s", cfg, str(e).splitlines()[0][:200])
                     err, ms = float("inf"), float("nan")

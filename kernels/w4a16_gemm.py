@@ -34,6 +34,7 @@ MIN_STEPS_PER_SPLIT = 4    # K steps each split keeps (fewer: the partial sums c
 def _w4a16_gemm_kernel(A, QW, Z, S, G_IDX, OUT, M, N, K, K_PER_SPLIT, stride_am, stride_om,
                        GROUP_SIZE: tl.constexpr, HAS_G_IDX: tl.constexpr,
                        ONE_GROUP_PER_STEP: tl.constexpr, SPLIT_K: tl.constexpr,
+                       UNPACK_RESHAPE: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -41,6 +42,8 @@ def _w4a16_gemm_kernel(A, QW, Z, S, G_IDX, OUT, M, N, K, K_PER_SPLIT, stride_am,
     offs_k = tl.arange(0, BLOCK_K)
     mask_m, mask_n = offs_m < M, offs_n < N
     shifts = ((offs_k % 8) * 4)[:, None]                  # nibble of each k in its word
+    offs_w = tl.arange(0, BLOCK_K // 8)                   # UNPACK_RESHAPE: words of a step
+    shifts8 = (tl.arange(0, 8) * 4)[None, :, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * K_PER_SPLIT                         # a multiple of BLOCK_K
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
@@ -48,10 +51,17 @@ def _w4a16_gemm_kernel(A, QW, Z, S, G_IDX, OUT, M, N, K, K_PER_SPLIT, stride_am,
         k = k0 + offs_k
         a = tl.load(A + offs_m[:, None].to(tl.int64) * stride_am + k[None, :],
                     mask=mask_m[:, None], other=0.0)
-        # [BLOCK_K, BLOCK_N]: each word is loaded for its 8 k rows (cached after the first)
-        words = tl.load(QW + (k // 8)[:, None].to(tl.int64) * N + offs_n[None, :],
-                        mask=mask_n[None, :], other=0)
-        codes = (words >> shifts) & 0xF
+        if UNPACK_RESHAPE:
+            # [BLOCK_K/8, BLOCK_N] words loaded once, unpacked to [BLOCK_K/8, 8, BLOCK_N] and
+            # reshaped in k order (k = 8 * word + nibble)
+            words = tl.load(QW + (k0 // 8 + offs_w)[:, None].to(tl.int64) * N
+                            + offs_n[None, :], mask=mask_n[None, :], other=0)
+            codes = tl.reshape((words[:, None, :] >> shifts8) & 0xF, (BLOCK_K, BLOCK_N))
+        else:
+            # [BLOCK_K, BLOCK_N]: each word is loaded for its 8 k rows (cached after the first)
+            words = tl.load(QW + (k // 8)[:, None].to(tl.int64) * N + offs_n[None, :],
+                            mask=mask_n[None, :], other=0)
+            codes = (words >> shifts) & 0xF
         if ONE_GROUP_PER_STEP:   # the step lies in one group: one row of zeros and scales
             gn = (k0 // GROUP_SIZE) * N + offs_n[None, :].to(tl.int64)
         else:
@@ -75,12 +85,15 @@ def _w4a16_gemm_kernel(A, QW, Z, S, G_IDX, OUT, M, N, K, K_PER_SPLIT, stride_am,
 
 
 class W4A16Config(NamedTuple):
-    """One launch: tile [block_m, block_n], K step block_k, warps, and K split in split_k."""
+    """One launch: tile [block_m, block_n], K step block_k, warps, K split in split_k, and
+    how the packed words are read: each word once then reshaped (unpack_reshape), or once
+    per k row from cache (the default until a GPU sweep says otherwise)."""
     block_m: int
     block_n: int
     block_k: int
     num_warps: int
     split_k: int = 1
+    unpack_reshape: bool = False
 
 
 # By M (the rows of a: tokens in the step): thin tiles for decode, square ones for prefill.
@@ -172,6 +185,7 @@ def w4a16_gemm(a: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor,
         a, qweight, zeros, scales, g_idx if g_idx is not None else zeros, target, m, n, k,
         k_per_split, a.stride(0), out.stride(0), GROUP_SIZE=group_size,
         HAS_G_IDX=g_idx is not None, ONE_GROUP_PER_STEP=one_group, SPLIT_K=split,
+        UNPACK_RESHAPE=bool(cfg.unpack_reshape),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps)
     if split > 1:
         out.copy_(target.sum(dim=0))

@@ -60,10 +60,11 @@ def _w4a16_problem(k, n, m, group=128):
 @pytest.mark.parametrize("k, n", SHAPES)
 @pytest.mark.parametrize("m", [1, 64])
 @pytest.mark.parametrize("split_k", [1, 2, 4, 8])
-def test_w4a16_split_k_full_shapes(k, n, m, split_k):
+@pytest.mark.parametrize("reshape", [False, True])
+def test_w4a16_split_k_full_shapes(k, n, m, split_k, reshape):
     from hpcinfer.kernels.w4a16_gemm import W4A16Config
     a, qweight, zeros, scales = _w4a16_problem(k, n, m)
-    cfg = W4A16Config(16 if m == 1 else 64, 64, 128, 4, split_k)
+    cfg = W4A16Config(16 if m == 1 else 64, 64, 128, 4, split_k, reshape)
     got = w4a16_gemm(a, qweight, zeros, scales, None, 128, config=cfg)
     assert rel_err(got, kref.w4a16_gemm(a, qweight, zeros, scales, None, 128)) < 1e-2
 

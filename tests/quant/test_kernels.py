@@ -48,14 +48,15 @@ def test_w4a16_kernel_matches_reference(m, dtype, group, desc_act):
 @pytest.mark.parametrize("m", [1, 3, 17])
 @pytest.mark.parametrize("split_k", [2, 3, 4])
 @pytest.mark.parametrize("group, desc_act", [(32, False), (64, True), (128, False)])
-def test_w4a16_split_k_matches_reference(m, split_k, group, desc_act):
+@pytest.mark.parametrize("reshape", [False, True])
+def test_w4a16_split_k_matches_reference(m, split_k, group, desc_act, reshape):
     """Split-K (disjoint K ranges, fp32 partials summed): K=512 in 64-wide steps is 8 steps,
-    3 splits leave a short last one."""
+    3 splits leave a short last one; both ways of reading the packed words."""
     from hpcinfer.kernels.w4a16_gemm import W4A16Config
     k, n = 512, 48
     qweight, _, zeros, scales, g_idx = _int4_weight(k, n, group, desc_act, seed=split_k)
     a = torch.randn(m, k, generator=torch.Generator().manual_seed(2)).to(torch.float16)
-    cfg = W4A16Config(16, 32, 64, 4, split_k)
+    cfg = W4A16Config(16, 32, 64, 4, split_k, reshape)
     got = w4a16_gemm(a, qweight, zeros, scales, g_idx, group, config=cfg)
     want = kref.w4a16_gemm(a, qweight, zeros, scales, g_idx, group)
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-3, atol=2e-2)
