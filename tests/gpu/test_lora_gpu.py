@@ -4,7 +4,7 @@ and the engine's decode graphs with adapters (issue 23).
 Not part of CI (CI has no GPU): run through tests/gpu/run_gpu_checks.sh on a GPU machine,
 e.g. ``GPU_TESTS=tests/gpu/test_lora_gpu.py bash tests/gpu/run_gpu_checks.sh "$OUT"``.
 Needs peft (the oracle, and to write the test adapters): ``pip install --no-deps
-peft==0.21.2 accelerate==1.16.0`` where the image lacks them.
+peft==0.21.2 accelerate==1.16.0 psutil`` where the image lacks them (peft imports both).
 
 - kernels: bf16 and fp32 at Llama-8B widths, rows of 4 slots and base rows, against the
   torch reference on the GPU;
@@ -34,7 +34,7 @@ TIE_TOL = 0.25   # nats, as test_engine_gpu.py: bf16 rounding noise of a tiny ra
 def _require_peft():
     if importlib.util.find_spec("peft") is None:
         pytest.fail("these tests need peft (oracle and test adapters): pip install --no-deps "
-                    "peft==0.21.2 accelerate==1.16.0", pytrace=False)
+                    "peft==0.21.2 accelerate==1.16.0 psutil", pytrace=False)
 
 
 # --- kernels ---

@@ -13,7 +13,7 @@ import yaml
 
 from hpcinfer.hub.errors import EXIT_CODE
 from hpcinfer.hub.record import find_record
-from hpcinfer.testing.fake_hub import FakeHub, FakeRepo, commit_sha, tiny_checkpoint
+from hpcinfer.testing.fake_hub import FakeRepo, commit_sha
 
 from .conftest import REPO_ROOT, HubEnv
 
