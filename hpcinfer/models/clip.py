@@ -107,13 +107,24 @@ class CLIPVisionModel(nn.Module):
         self.encoder = CLIPEncoder(config)
         self.post_layernorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
+    has_cls = True  # a CLS token precedes the patches
+    unused_checkpoint_suffixes: tuple[str, ...] = ()
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens per image in each hidden state: the patches (+ CLS)."""
+        return (self.config.image_size // self.config.patch_size) ** 2 + self.has_cls
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.pre_layrnorm(self.embeddings(pixel_values))
+
     def hidden_states(self, pixel_values: torch.Tensor, indices: list[int]
                       ) -> list[torch.Tensor]:
-        """pixel_values [N, C, H, W] -> one [N, 1 + num_patches, dim] per index (indices as
+        """pixel_values [N, C, H, W] -> one [N, num_tokens, dim] per index (indices as
         transformers takes them: negative ones count from num_hidden_layers + 1)."""
         num_states = len(self.encoder.layers) + 1
         wanted = [i % num_states for i in indices]
-        hidden = self.pre_layrnorm(self.embeddings(pixel_values))
+        hidden = self.embed(pixel_values)
         states = {0: hidden}
         for i, layer in enumerate(self.encoder.layers[:max(wanted)], start=1):
             hidden = layer(hidden)

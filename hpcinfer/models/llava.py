@@ -4,7 +4,8 @@ embeddings (hpcinfer/multimodal: the engine plans which batch rows they fill).
 
 The image features are the tower's hidden states ``vision_feature_layer`` (an index into
 transformers' ``hidden_states`` tuple, or a list of them concatenated on channels), without
-the CLS token when ``vision_feature_select_strategy`` is "default", then projected.
+their first token when ``vision_feature_select_strategy`` is "default" (CLIP's CLS; on a
+SigLIP tower, which has none, the first patch, as transformers does), then projected.
 
 Checkpoint names: llava-hf checkpoints write ``language_model.model.*``,
 ``language_model.lm_head.weight``, ``vision_tower.vision_model.*`` and
@@ -24,9 +25,10 @@ from hpcinfer.layers.attention import AttentionBackend, AttentionMetadata, KVCac
 from hpcinfer.layers.linear import NO_TP, ReplicatedLinear, TensorParallel
 from hpcinfer.models.clip import CLIPVisionModel
 from hpcinfer.models.llama import LlamaForCausalLM, MistralForCausalLM
+from hpcinfer.models.siglip import SiglipVisionModel
 
 _TEXT_MODELS = {"llama": LlamaForCausalLM, "mistral": MistralForCausalLM}
-_VISION_TOWERS = {"clip_vision_model": CLIPVisionModel}
+_VISION_TOWERS = {"clip_vision_model": CLIPVisionModel, "siglip_vision_model": SiglipVisionModel}
 # (checkpoint prefix, ours), first match wins
 _RENAMES = (("model.language_model.", "language_model.model."),
             ("model.vision_tower.vision_model.", "vision_tower."),
@@ -73,12 +75,13 @@ class LlavaForConditionalGeneration(nn.Module):
         self.vision_tower = _VISION_TOWERS[vision_type](config.vision_config)
         layer = config.vision_feature_layer
         self.feature_layers = [layer] if isinstance(layer, int) else list(layer)
-        self.drops_cls = config.vision_feature_select_strategy == "default"
+        self.drops_cls = config.vision_feature_select_strategy == "default"  # first token
         self.multi_modal_projector = LlavaMultiModalProjector(
             config, config.vision_config.hidden_size * len(self.feature_layers))
         self.image_token_id = config.image_token_index
-        if config.text_config.tie_word_embeddings:  # the head is the embedding: skip a copy
-            self.unused_checkpoint_suffixes = ("lm_head.weight",)
+        # Tensors we never use: SigLIP's pooling head; the LM head when it is the embedding.
+        self.unused_checkpoint_suffixes = self.vision_tower.unused_checkpoint_suffixes + (
+            ("lm_head.weight",) if config.text_config.tie_word_embeddings else ())
 
     def tie_weights(self) -> None:
         self.language_model.tie_weights()
@@ -92,10 +95,9 @@ class LlavaForConditionalGeneration(nn.Module):
 
     # --- images ---
     def image_token_counts(self, image_inputs: list[dict[str, torch.Tensor]]) -> list[int]:
-        """Placeholder tokens each image fills: its patches (+ CLS with "full")."""
-        vision = self.config.vision_config
-        num_patches = (vision.image_size // vision.patch_size) ** 2
-        return [num_patches + (0 if self.drops_cls else 1)] * len(image_inputs)
+        """Placeholder tokens each image fills: the tower's tokens, less the first with
+        "default"."""
+        return [self.vision_tower.num_tokens - self.drops_cls] * len(image_inputs)
 
     def encode_images(self, image_inputs: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
         """One processor output per image ({"pixel_values": [1, C, H, W]}) -> one

@@ -34,26 +34,35 @@ LLAVA_CHAT_TEMPLATE = (
 
 
 def build_tiny_llava(out_dir: str | Path, *, seed: int = 0, select_strategy: str = "default",
-                     feature_layer: int | list[int] = -2, **text_overrides: Any) -> Path:
-    """Write a random fp32 LlavaForConditionalGeneration (3-layer CLIP tower, 2-layer Llama)
-    and its processor to ``out_dir``; returns it."""
+                     feature_layer: int | list[int] = -2, vision: str = "clip",
+                     text: str = "llama", **text_overrides: Any) -> Path:
+    """Write a random fp32 LlavaForConditionalGeneration (3-layer CLIP or SigLIP tower,
+    2-layer Llama or Mistral) and its processor to ``out_dir``; returns it."""
     import torch
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import (AutoConfig, CLIPImageProcessor, CLIPVisionConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor,
+                              SiglipImageProcessor, SiglipVisionConfig)
 
     out_dir = Path(out_dir)
     tokenizer = _tiny_tokenizer()
     tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
     tokenizer.chat_template = LLAVA_CHAT_TEMPLATE  # one template, as llava-hf checkpoints
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    text_config = LlamaConfig(**{**_COMMON, "num_key_value_heads": 2,
-                                 "vocab_size": len(tokenizer), "pad_token_id": PAD_ID,
-                                 "bos_token_id": BOS_ID, "eos_token_id": EOS_ID,
-                                 **text_overrides})
-    vision_config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                     num_attention_heads=4, image_size=IMAGE_SIZE,
-                                     patch_size=PATCH_SIZE, hidden_act="quick_gelu",
-                                     projection_dim=32)
+    text_extra = {"sliding_window": 24, "head_dim": 16} if text == "mistral" else {}
+    text_config = AutoConfig.for_model(text, **{
+        **_COMMON, "num_key_value_heads": 2, "vocab_size": len(tokenizer),
+        "pad_token_id": PAD_ID, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID, **text_extra,
+        **text_overrides})
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                 num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE)
+    if vision == "siglip":  # no CLS token: one placeholder token fewer per image
+        vision_config = SiglipVisionConfig(**tower, hidden_act="gelu_pytorch_tanh")
+        image_processor = SiglipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    else:
+        vision_config = CLIPVisionConfig(**tower, hidden_act="quick_gelu", projection_dim=32)
+        image_processor = CLIPImageProcessor(
+            size={"shortest_edge": IMAGE_SIZE},
+            crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_center_crop=True)
     config = LlavaConfig(vision_config=vision_config, text_config=text_config,
                          image_token_index=image_token_id, projector_hidden_act="gelu",
                          vision_feature_select_strategy=select_strategy,
@@ -68,26 +77,23 @@ def build_tiny_llava(out_dir: str | Path, *, seed: int = 0, select_strategy: str
             if "layer_norm" in name and name.endswith("weight"):
                 param.add_(1.0)
     model.eval().save_pretrained(out_dir)
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        do_center_crop=True, do_resize=True, do_normalize=True, do_rescale=True)
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                patch_size=PATCH_SIZE, vision_feature_select_strategy=select_strategy,
                                chat_template=LLAVA_CHAT_TEMPLATE, image_token=IMAGE_TOKEN,
-                               num_additional_image_tokens=1)
+                               num_additional_image_tokens=0 if vision == "siglip" else 1)
     processor.save_pretrained(out_dir)  # with the tokenizer
     return out_dir
 
 
 @functools.lru_cache(maxsize=None)
-def tiny_llava(select_strategy: str = "default",
-               feature_layer: int | tuple[int, ...] = -2) -> Path:
+def tiny_llava(select_strategy: str = "default", feature_layer: int | tuple[int, ...] = -2,
+               vision: str = "clip", text: str = "llama") -> Path:
     """``build_tiny_llava`` once per process per variant; treat the directory as read-only."""
     root = Path(tempfile.mkdtemp(prefix="hpcinfer-tiny-llava-"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     layer = list(feature_layer) if isinstance(feature_layer, tuple) else feature_layer
     return build_tiny_llava(root / "llava", select_strategy=select_strategy,
-                            feature_layer=layer)
+                            feature_layer=layer, vision=vision, text=text)
 
 
 def test_images(seed: int = 0) -> list:

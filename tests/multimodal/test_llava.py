@@ -64,6 +64,20 @@ def test_feature_layer_list_and_full_strategy(images, hf_llava):
     assert got == [hf_llava(path, TWO, images[2:4])[0], hf_llava(path, TEXT)[0]]
 
 
+@pytest.mark.parametrize("strategy", ["full", "default"])
+def test_siglip_tower_and_mistral_text(images, hf_llava, strategy):
+    # SigLIP: no CLS ("default" drops the first patch, as transformers does), bias in the
+    # patch embedding, an unused pooling head in the checkpoint; Mistral: a 24-token window.
+    from hpcinfer.testing.tiny_vision import tiny_llava
+    path = str(tiny_llava(strategy, -1, vision="siglip", text="mistral"))
+    llm = make_llm(path)
+    prompts = [{"prompt": TWO, "multi_modal_data": {"image": images[:2]}}, TEXT,
+               {"prompt": ONE, "multi_modal_data": {"image": images[3]}}]
+    got = tokens(llm.generate(prompts, GREEDY, use_tqdm=False))
+    assert got == [hf_llava(path, TWO, images[:2])[0], hf_llava(path, TEXT)[0],
+                   hf_llava(path, ONE, images[3:])[0]]
+
+
 def test_chunked_prefill_cuts_through_images(llava_dir, images, hf_llava):
     # 5-token steps: every 16-token placeholder span is split over 4-5 chunks, and
     # several sequences share each step's budget.

@@ -1,0 +1,55 @@
+"""SigLIP's vision transformer (LLaVA towers; the base of Gemma 3's): CLIP's encoder layers
+(models/clip.py, same names) after a patch embedding with a bias and learned positions, no
+CLS token and no pre-norm. The attention-pooling ``head`` (SigLIP's image embedding for
+contrastive training) is never used by vision-language models: its checkpoint tensors are
+skipped."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from hpcinfer.layers.norm import LayerNorm
+from hpcinfer.models.clip import CLIPEncoder, CLIPVisionModel
+
+_HEAD_TENSORS = tuple(f"head.{name}" for name in (
+    "probe", "attention.in_proj_weight", "attention.in_proj_bias", "attention.out_proj.weight",
+    "attention.out_proj.bias", "layernorm.weight", "layernorm.bias", "mlp.fc1.weight",
+    "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias"))
+
+
+class SiglipVisionEmbeddings(nn.Module):
+    def __init__(self, config: Any):
+        super().__init__()
+        self.image_size, self.patch_size = config.image_size, config.patch_size
+        self.patch_embedding = nn.Conv2d(config.num_channels, config.hidden_size,
+                                         kernel_size=self.patch_size, stride=self.patch_size)
+        num_patches = (self.image_size // self.patch_size) ** 2
+        self.position_embedding = nn.Embedding(num_patches, config.hidden_size)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # pixel_values: [N, C, H, W] -> [N, num_patches, dim]
+        height, width = pixel_values.shape[-2:]
+        if height != self.image_size or width != self.image_size:
+            raise ValueError(f"the image processor gave {height}x{width} pixels but the vision "
+                             f"tower takes {self.image_size}x{self.image_size}: use the "
+                             "checkpoint's own preprocessor_config.json")
+        weight = self.patch_embedding.weight
+        patches = self.patch_embedding(pixel_values.to(weight.dtype)).flatten(2).transpose(1, 2)
+        return patches + self.position_embedding.weight
+
+
+class SiglipVisionModel(CLIPVisionModel):
+    has_cls = False
+    unused_checkpoint_suffixes = _HEAD_TENSORS
+
+    def __init__(self, config: Any):
+        nn.Module.__init__(self)
+        self.config = config
+        self.embeddings = SiglipVisionEmbeddings(config)
+        self.encoder = CLIPEncoder(config)
+        self.post_layernorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.embeddings(pixel_values)
