@@ -131,10 +131,13 @@ def check_sampling_overrides(overrides: Any) -> tuple[dict, str | None]:
 
 
 def _parsed(value: Any) -> Any:
-    """A constraint stored as JSON text (a Parquet string column) as a mapping."""
+    """A constraint stored as JSON text (a Parquet string column) as a mapping; null keys
+    dropped (a Parquet struct column fills the keys a row does not set with null)."""
     if isinstance(value, str):
         try:
-            return json.loads(value)
+            value = json.loads(value)
         except ValueError:
             return value    # check_structured_outputs says it is not an object
+    if isinstance(value, dict):
+        return {k: v for k, v in value.items() if v is not None}
     return value

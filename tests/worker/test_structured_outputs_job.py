@@ -62,7 +62,8 @@ def _rows() -> tuple[list[dict], dict]:
                      "sampling": sampling})
         checks[f"j{i}"] = _check_schema
     overrides = {
-        "r0": ({"structured_outputs": {"regex": REGEX}},
+        # an option on one row only: in a Parquet struct column the others read it as null
+        "r0": ({"structured_outputs": {"regex": REGEX, "disable_any_whitespace": True}},
                lambda t: _assert(re.fullmatch(REGEX, t), t)),
         "c0": ({"structured_outputs": {"choice": CHOICES}, "temperature": 1.0, "seed": 3},
                lambda t: _assert(t in CHOICES, t)),
@@ -97,18 +98,21 @@ def _write_schema(root: Path) -> None:
     (root / "schemas" / "review.json").write_text(json.dumps(SCHEMA))
 
 
-@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "parquet-struct"])
 def test_rows_follow_their_constraints_and_bad_ones_are_set_aside(tmp_path, model_dir, llm,
                                                                   fmt):
     rows, checks = _rows()
+    suffix = fmt.split("-")[0]
     if fmt == "jsonl":
         write_jsonl(tmp_path / "data" / "in.jsonl", rows)
-    else:  # a Parquet sampling column holds JSON text (one schema for mixed keys)
+    elif fmt == "parquet":  # a Parquet sampling column holding JSON text
         write_parquet(tmp_path / "data" / "in.parquet",
                       [{**r, "sampling": json.dumps(r["sampling"]) if r["sampling"] else None}
                        for r in rows])
+    else:  # a struct column: the keys a row does not set (nested ones too) read as null
+        write_parquet(tmp_path / "data" / "in.parquet", rows)
     _write_schema(tmp_path)
-    job_dir = make_job(tmp_path, _config(model_dir, f"data/in.{fmt}"))
+    job_dir = make_job(tmp_path, _config(model_dir, f"data/in.{suffix}"))
     rc, out = run_worker(job_dir)
     assert rc == 0, out
     [records] = read_results(job_dir).values()
@@ -125,6 +129,26 @@ def test_rows_follow_their_constraints_and_bad_ones_are_set_aside(tmp_path, mode
     assert "lookaround" in errors["bad_regex"]["reason"]
     assert "exactly one of" in errors["bad_two"]["reason"]
     _equal_to_python_api(llm, rows[:2], answered)
+
+
+@pytest.mark.parametrize("inline", ["dict", "json-text"])
+def test_job_level_inline_schema(tmp_path, model_dir, inline):
+    """sampling.structured_outputs.json given in the job file itself (a mapping, or JSON
+    text), not as a schema file: every row follows it."""
+    write_jsonl(tmp_path / "data" / "in.jsonl",
+                [{"id": f"q{i}", "prompt": f"Review {i}: fine."} for i in range(4)])
+    schema = SCHEMA if inline == "dict" else json.dumps(SCHEMA)
+    config = _config(model_dir, "data/in.jsonl", sampling={
+        "temperature": 0.0, "max_tokens": MAX_TOKENS,
+        "structured_outputs": {"json": schema, "disable_any_whitespace": True}})
+    job_dir = make_job(tmp_path, config)
+    rc, out = run_worker(job_dir)
+    assert rc == 0, out
+    [records] = read_results(job_dir).values()
+    assert [r["id"] for r in records] == [f"q{i}" for i in range(4)]
+    for record in records:
+        assert record["finish_reason"] == "stop", record
+        _check_schema(record["text"])
 
 
 def _equal_to_python_api(llm, rows, answered) -> None:
@@ -152,6 +176,8 @@ def _openai_rows() -> list[dict]:
                                           "response_format": schema_format}),
         line("completion-schema", "/v1/completions", {"prompt": "Review: fine.",
                                                       "response_format": schema_format}),
+        line("chat-object", chat, {"messages": [{"role": "user", "content": "As JSON"}],
+                                   "response_format": {"type": "json_object"}}),
         line("completion-object", "/v1/completions", {
             "prompt": "JSON:", "response_format": {"type": "json_object"},
             "structured_outputs": None}),
@@ -186,11 +212,13 @@ def test_openai_batch_response_format(tmp_path, model_dir):
     assert by_id["completion-schema"]["finish_reason"] == "stop"
     _check_schema(by_id["completion-schema"]["text"])
     assert re.fullmatch(r"\(\d{1,2}(,\d{1,2}){0,3}\)", by_id["completion-grammar"]["text"])
-    obj = by_id["completion-object"]
-    if obj["finish_reason"] == "stop":   # unbounded strings: a random model may run out
-        assert isinstance(json.loads(obj["text"]), dict)
-    else:
-        assert obj["finish_reason"] == "length" and obj["text"].startswith("{")
+    for cid in ("chat-object", "completion-object"):
+        choice = by_id[cid]
+        text = choice["message"]["content"] if cid.startswith("chat") else choice["text"]
+        if choice["finish_reason"] == "stop":   # unbounded strings: a random model may run out
+            assert isinstance(json.loads(text), dict), text
+        else:
+            assert choice["finish_reason"] == "length" and text.lstrip().startswith("{"), text
     errors = {e["id"]: e for e in read_errors(job_dir)}
     assert set(errors) == {"bad-type", "bad-compile"}
     assert errors["bad-type"]["kind"] == "invalid_response_format"
