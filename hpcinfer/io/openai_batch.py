@@ -119,6 +119,13 @@ def _sampling(url: str, body: dict) -> tuple[dict, tuple[str, str] | None]:
             problem = _constraint(sampling, key, value)
             if problem:
                 return {}, problem
+        elif key == "prompt_logprobs":
+            if value is None:       # not asked
+                continue
+            return {}, ("unsupported_body_key", "body.prompt_logprobs is set for the whole "
+                        "job in hpcinfer: remove it from the request and write "
+                        "`prompt_logprobs: k` under sampling in the job file (the responses "
+                        "then carry vLLM's prompt_logprobs)")
         elif key not in _IGNORED and key not in content_keys:
             return {}, ("unsupported_body_key", f"body.{key} is not supported by hpcinfer's "
                         "batch runner: remove it from the request")

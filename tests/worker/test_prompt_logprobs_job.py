@@ -131,3 +131,14 @@ def test_pooling_task_is_refused_at_validate(tmp_path, model_dir):
     with pytest.raises(ConfigError, match=r"sampling.prompt_logprobs: prompt logprobs are "
                                           r"written by generate/chat jobs only"):
         make_job(tmp_path, config)
+
+
+def test_openai_body_prompt_logprobs_says_where_the_switch_is():
+    from hpcinfer.io import openai_batch
+    obj = {"custom_id": "x", "method": "POST", "url": "/v1/completions",
+           "body": {"prompt": "hi", "prompt_logprobs": 1}}
+    _, (kind, reason) = openai_batch.parse_request(obj, "generate")
+    assert kind == "unsupported_body_key"
+    assert "write `prompt_logprobs: k` under sampling in the job file" in reason
+    obj["body"]["prompt_logprobs"] = None          # null: not asked, as vLLM reads it
+    assert openai_batch.parse_request(obj, "generate")[1] is None
