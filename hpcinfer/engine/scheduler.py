@@ -6,6 +6,11 @@ then waiting sequences are admitted while slots, budget and KV blocks last. When
 sequence cannot get a block, the newest running sequence is preempted by recompute: its
 blocks are freed and it goes back to the front of the queue (its prefix-cached blocks
 usually come straight back).
+
+Images (hpcinfer/multimodal): a step also has an encoder budget, in image tokens (vLLM's
+max_num_encoder_input_tokens; here max_num_batched_tokens). A chunk that would reach an image
+the budget cannot take ends before that image; an image larger than the whole budget runs
+alone in a step, so every image is encoded eventually.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ log = logging.getLogger(__name__)
 class SchedulerOutput:
     seqs: list[Sequence]           # in batch order
     num_new_tokens: list[int]      # query tokens per sequence this step
+    num_encoder_tokens: int = 0    # image tokens the vision encoder produces this step
 
     @property
     def num_tokens(self) -> int:
@@ -38,6 +44,7 @@ class Scheduler:
         self.adapters = RunningAdapters(max_loras) if max_loras else None
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_encoder_tokens = max_num_batched_tokens  # image tokens encoded per step
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -63,7 +70,10 @@ class Scheduler:
         preempted, i = False, 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
+            num_new, num_encoder = min(len(seq.token_ids) - seq.num_computed_tokens, budget), 0
+            if seq.mm_inputs is not None:
+                num_new, num_encoder = self._fit_encoder_budget(seq, seq.num_computed_tokens,
+                                                                num_new, out)
             if num_new <= 0:
                 # Async scheduling: its last token, still in flight, ends it (max_tokens or
                 # max_model_len), so it gets no placeholder and nothing to compute here.
@@ -77,6 +87,7 @@ class Scheduler:
                     return budget, preempted
             seqs.append(seq)
             num_new_tokens.append(num_new)
+            out.num_encoder_tokens += num_encoder
             budget -= num_new
             i += 1
         return budget, preempted
@@ -90,8 +101,11 @@ class Scheduler:
                 continue
             cached = bm.find_cached_prefix(seq)
             num_cached_tokens = len(cached) * bm.block_size
-            num_new = min(len(seq) - num_cached_tokens, budget)
-            if not bm.allocate(seq, num_cached_tokens + num_new, cached):
+            num_new, num_encoder = min(len(seq) - num_cached_tokens, budget), 0
+            if seq.mm_inputs is not None:
+                num_new, num_encoder = self._fit_encoder_budget(seq, num_cached_tokens,
+                                                                num_new, out)
+            if num_new <= 0 or not bm.allocate(seq, num_cached_tokens + num_new, cached):
                 break
             self.waiting.popleft()
             seq.num_computed_tokens = seq.num_cached_tokens = num_cached_tokens
@@ -101,8 +115,21 @@ class Scheduler:
                 adapters.add(seq.lora_id)
             out.seqs.append(seq)
             out.num_new_tokens.append(num_new)
+            out.num_encoder_tokens += num_encoder
             budget -= num_new
         self.waiting.extendleft(reversed(skipped))  # back in front, in their order
+
+    def _fit_encoder_budget(self, seq: Sequence, start: int, num_new: int,
+                            out: SchedulerOutput) -> tuple[int, int]:
+        """(query tokens, image tokens to encode): ``num_new``, or fewer so that the chunk
+        stops before the first image the step's encoder budget cannot take (0 tokens: the
+        sequence waits a step). The step's first image always fits, however large."""
+        used = out.num_encoder_tokens
+        for item in seq.mm_inputs.items_to_encode(start, start + num_new):
+            if used > 0 and used + item.length > self.max_num_encoder_tokens:
+                return max(item.offset - start, 0), used - out.num_encoder_tokens
+            used += item.length
+        return num_new, used - out.num_encoder_tokens
 
     def _preempt(self, seq: Sequence) -> None:
         if self.adapters is not None:

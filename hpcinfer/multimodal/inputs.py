@@ -30,6 +30,12 @@ class MultiModalInputs:
     # the image until the step that computes its last placeholder token.
     embeddings: dict[int, Any] = field(default_factory=dict)
 
+    def items_to_encode(self, start: int, end: int) -> list[ImageItem]:
+        """The images whose placeholders tokens [start, end) reach and whose encoder output is
+        not held (the scheduler charges them to the step's encoder budget)."""
+        return [item for k, item in enumerate(self.items)
+                if item.offset < end and start < item.end and k not in self.embeddings]
+
     def block_extra_keys(self, start: int, end: int) -> tuple:
         """What, besides token ids, the KV of tokens [start, end) depends on: (hash, offset of
         the block's first covered token within the image) of each overlapping image."""

@@ -1,15 +1,14 @@
 """Images in a step: which rows of the flattened batch take image embeddings, and the
 encoder runs that produce them.
 
-Policy (the simplest correct one; no separate encoder budget yet): an image is encoded in
-the first step whose scheduled tokens reach one of its placeholder tokens, all such images
-of the step in one ``encode_images`` call. The output is kept on the request's
-MultiModalInputs and sliced per chunk, so chunked prefill may cut through a placeholder span
-anywhere: each chunk takes rows [lo, hi) of the one encoder output. It is dropped after the
-step that computes the image's last placeholder token. The token budget bounds the work
-indirectly: a step encodes at most the images its chunks touch. Placeholder tokens that came
-from the prefix cache are never scheduled, so their images are not encoded at all. A
-preempted sequence (recompute) or a second sample of an n > 1 request whose prefix missed
+Policy: an image is encoded in the first step whose scheduled tokens reach one of its
+placeholder tokens, all such images of the step in one ``encode_images`` call; the scheduler
+keeps their tokens within the step's encoder budget (engine/scheduler.py). The output is kept
+on the request's MultiModalInputs and sliced per chunk, so chunked prefill may cut through a
+placeholder span anywhere: each chunk takes rows [lo, hi) of the one encoder output. It is
+dropped after the step that computes the image's last placeholder token. Placeholder tokens
+that came from the prefix cache are never scheduled, so their images are not encoded at all.
+A preempted sequence (recompute) or a second sample of an n > 1 request whose prefix missed
 the cache encodes again.
 """
 from __future__ import annotations

@@ -217,3 +217,17 @@ def test_preemption_and_samples_reencode(llava_dir, images, hf_llava):
     for i, request in enumerate(out):
         expected = hf_llava(llava_dir, ONE, [images[i]])[0]
         assert [c.token_ids for c in request.outputs] == [expected, expected]
+
+
+def test_encoder_budget_per_step(llava_dir, images, hf_llava):
+    # Prompts that open with their images, 24-token steps: without the budget, one step's
+    # chunks reach 2-3 fresh 16-token images. With it, a step encodes at most 24 image tokens
+    # (or one image, however large), and the tokens stay transformers'.
+    lead = "<image><image>\nUSER: Which is brighter? ASSISTANT:"
+    prompts = [{"prompt": lead, "multi_modal_data": {"image": [images[i], images[i + 1]]}}
+               for i in range(3)]
+    llm = make_llm(llava_dir, max_num_batched_tokens=24, enable_prefix_caching=False)
+    calls = counting_encoder(llm)
+    got = tokens(llm.generate(prompts, GREEDY, use_tqdm=False))
+    assert got == [hf_llava(llava_dir, lead, [images[i], images[i + 1]])[0] for i in range(3)]
+    assert sum(calls) == 6 and max(calls) == 1  # 16 tokens each: one image per step
