@@ -226,14 +226,9 @@ def test_openai_batch_response_format(tmp_path, model_dir):
 
 
 @pytest.mark.slow
-def test_kill_9_then_rerun_every_row_once_and_valid(tmp_path, model_dir):
-    rows = [{"id": f"k{i}", "prompt": f"Review {i}: it was fine.",
-             "sampling": {"seed": i, "temperature": 1.0} if i % 3 else None}
-            for i in range(24)]
-    write_jsonl(tmp_path / "data" / "in.jsonl", rows)
-    _write_schema(tmp_path)
-    config = _config(model_dir, "data/in.jsonl",
-                     output={"dir": "out", "commit_every_rows": 2, "commit_every_s": 30})
+@pytest.mark.parametrize("fmt", ["jsonl", "openai-batch"])
+def test_kill_9_then_rerun_every_row_once_and_valid(tmp_path, model_dir, fmt):
+    rows, key, config = _kill_job(tmp_path, model_dir, fmt)
     job_dir = make_job(tmp_path, config)
     log = tmp_path / "worker.log"
     proc = start_worker(job_dir, log_path=log, HPCINFER_WORKER_STEP_DELAY_S="0.01")
@@ -251,11 +246,51 @@ def test_kill_9_then_rerun_every_row_once_and_valid(tmp_path, model_dir):
     rc, out = run_worker(job_dir)
     assert rc == 0, out
     [records] = read_results(job_dir).values()
-    ids = [r["id"] for r in records]
-    assert sorted(ids) == sorted(r["id"] for r in rows) and len(ids) == len(set(ids))
+    ids = [r[key] for r in records]
+    assert sorted(ids) == sorted(r[key] for r in rows) and len(ids) == len(set(ids))
     for record in records:
-        assert record["finish_reason"] == "stop"
-        _check_schema(record["text"])
+        if fmt == "jsonl":
+            finish_reason, text = record["finish_reason"], record["text"]
+        else:
+            choice = record["response"]["body"]["choices"][0]
+            finish_reason = choice["finish_reason"]
+            text = choice["message"]["content"] if "message" in choice else choice["text"]
+        assert finish_reason == "stop", record
+        _check_schema(text)
+
+
+def _kill_job(tmp_path: Path, model_dir, fmt: str) -> tuple[list[dict], str, dict]:
+    """(rows, their id key, job config): 24 rows under the review schema, a third greedy."""
+    output = {"dir": "out", "commit_every_rows": 2, "commit_every_s": 30}
+    if fmt == "jsonl":
+        rows = [{"id": f"k{i}", "prompt": f"Review {i}: it was fine.",
+                 "sampling": {"seed": i, "temperature": 1.0} if i % 3 else None}
+                for i in range(24)]
+        write_jsonl(tmp_path / "data" / "in.jsonl", rows)
+        _write_schema(tmp_path)
+        return rows, "id", _config(model_dir, "data/in.jsonl", output=output)
+    # chat and completions rows; response_format on every fourth (vLLM's whitespace rule:
+    # room for it), compact structured_outputs on the others
+    rows = []
+    for i in range(24):
+        url = "/v1/chat/completions" if i % 2 else "/v1/completions"
+        body = ({"messages": [{"role": "user", "content": f"Review {i}: fine."}]}
+                if i % 2 else {"prompt": f"Review {i}: it was fine."})
+        if i % 4 == 0:
+            body.update(max_tokens=OPENAI_MAX_TOKENS, response_format={
+                "type": "json_schema", "json_schema": {"name": "review", "schema": SCHEMA}})
+        else:
+            body.update(max_tokens=MAX_TOKENS, structured_outputs={
+                "json": SCHEMA, "disable_any_whitespace": True})
+        body.update({"seed": i, "temperature": 1.0} if i % 3 else {"temperature": 0})
+        rows.append({"custom_id": f"k{i}", "method": "POST", "url": url, "body": body})
+    write_jsonl(tmp_path / "data" / "batch.jsonl", rows)
+    config = job_config(model_dir, "data/batch.jsonl", task="chat",
+                        input={"format": "openai-batch", "id_field": None,
+                               "prompt_field": None},
+                        output={"format": "openai-batch", **output},
+                        engine={"max_num_seqs": 6, "max_num_batched_tokens": 256})
+    return rows, "custom_id", config
 
 
 # --- a job-level constraint that passes `hpcinfer validate` but not xgrammar ---------------
