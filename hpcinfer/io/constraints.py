@@ -9,10 +9,11 @@ unknown schema types, patterns Python cannot compile or that use what xgrammar's
 engine lacks (lookaround, backreferences, word boundaries, inline flags and other ``(?...)``
 groups but ``(?:`` and ``(?<name>``, possessive quantifiers, ``{,n}``), ``$ref`` pointing
 nowhere, min above max, number bounds that leave no value or are not whole for an integer,
-a grammar without a ``root`` rule. The engine compiles the constraint and is the final
-judge: the worker compiles a job-level constraint before loading the model and stops the
-job if it fails (worker/constraint_check.py); a row whose own constraint fails there is a
-bad row (docs/structured-outputs.md).
+a grammar without a ``root`` rule, or using a rule it does not define exactly once. The
+engine compiles the constraint and is the final judge: the worker compiles a job-level
+constraint before loading the model and stops the job if it fails
+(worker/constraint_check.py); a row whose own constraint fails there is a bad row
+(docs/structured-outputs.md).
 """
 from __future__ import annotations
 
@@ -305,7 +306,76 @@ def _check_grammar(value: Any, where: str) -> str | None:
         return f"{where} must be a non-empty EBNF grammar"
     if not _ROOT_RULE.search(value):
         return f"{where} has no root rule: the grammar starts at `root ::= ...`"
+    problem = grammar_rule_problem(value)
+    return f"{where} {problem}" if problem else None
+
+
+_NAME_START = re.compile(r"[A-Za-z_]")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
+_DEFINES = re.compile(r"[ \t]*::=")
+
+
+def grammar_rule_problem(text: str) -> str | None:
+    """An unclosed string, a rule defined twice or used but never defined (xgrammar's EBNF),
+    else None. Conservative: syntax it does not follow (macros such as TagDispatch(...),
+    lookahead (= ...)) gives no opinion; the worker's compile judges those."""
+    defined: dict[str, int] = {}
+    used: dict[str, int] = {}
+    i, n = 0, len(text)
+    while i < n:
+        char, line = text[i], text.count("\n", 0, i) + 1
+        if char.isspace() or char in "()|*+?{},0123456789":
+            i += 1
+        elif char == "#":
+            i = _line_end(text, i)
+        elif char == '"':
+            i = _literal_end(text, i, '"')
+            if i < 0:
+                return f"has a string literal that is not closed on its line (line {line})"
+        elif char == "[":
+            i = _literal_end(text, i, "]")
+            if i < 0:
+                return None
+        elif _NAME_START.match(char):
+            name = _NAME.match(text, i).group()
+            i += len(name)
+            if text.startswith("(", i):
+                return None                   # a macro call: not followed here
+            defines = _DEFINES.match(text, i)
+            if defines:
+                if name in defined:
+                    return (f"defines rule {name!r} twice (lines {defined[name]} and {line}): "
+                            "join the alternatives with | in one rule")
+                defined[name] = line
+                i = defines.end()
+            else:
+                used.setdefault(name, line)
+        else:
+            return None                       # syntax not followed here (e.g. "(=")
+    missing = [(line, name) for name, line in used.items() if name not in defined]
+    if missing:
+        line, name = min(missing)
+        return f"uses rule {name!r} (line {line}), which is not defined: add `{name} ::= ...`"
     return None
+
+
+def _line_end(text: str, i: int) -> int:
+    end = text.find("\n", i)
+    return len(text) if end < 0 else end
+
+
+def _literal_end(text: str, i: int, close: str) -> int:
+    """The index after the ``close`` ending the literal opened at ``i``; -1 if the line
+    ends first (EBNF literals do not span lines)."""
+    i += 1
+    while i < len(text) and text[i] != "\n":
+        if text[i] == "\\":
+            i += 2
+        elif text[i] == close:
+            return i + 1
+        else:
+            i += 1
+    return -1
 
 
 def _check_json_object(value: Any, where: str) -> str | None:

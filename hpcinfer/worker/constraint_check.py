@@ -2,8 +2,8 @@
 is loaded.
 
 ``hpcinfer validate`` checks a constraint's shape on the login node (io/constraints.py), but
-only xgrammar knows every rule it refuses (a word boundary in a pattern, an EBNF rule that
-is never defined, minProperties above what the schema allows ...), and xgrammar imports torch,
+only xgrammar knows every rule it refuses (an EBNF syntax error, minProperties above what
+the schema allows, a $ref cycle ...), and xgrammar imports torch,
 so it cannot run there. Without this check such a job would load the model, read every row
 and set each one aside as a bad row. Here the worker loads the tokenizer (seconds) and
 compiles ``sampling.structured_outputs`` with the engine's own compiler

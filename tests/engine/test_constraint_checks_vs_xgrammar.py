@@ -1,6 +1,6 @@
 """The login-side constraint checks (io/constraints.py, no xgrammar) against xgrammar itself.
 
-For each regex, schema pattern and number range below, `hpcinfer validate`'s verdict must be
+For each regex, schema pattern, grammar and number range below, `hpcinfer validate`'s verdict must be
 xgrammar's: a constraint xgrammar compiles is never refused on the login node, and each one
 it refuses for a reason the checks know is refused there, before the job is queued. What the
 checks cannot see (listed in LEFT_TO_THE_WORKER) is compiled by the worker before it loads
@@ -52,10 +52,24 @@ NUMBERS = [
     ({"type": "number", "minimum": 6, "exclusiveMaximum": 5}, False),
     ({"type": "number", "exclusiveMinimum": True, "minimum": 3}, False),
 ]
+GRAMMARS = [
+    ('root ::= "(" num ("," num){0,3} ")"\nnum ::= [1-9] [0-9]?', True),
+    ('root ::= a-b\na-b ::= "x"', True), ('root ::= "a" (= "b")', True),
+    ('root ::= [a-z]+ # c\n', True), ('root ::= x\nx ::= "a" | ""', True),
+    ('root ::= TagDispatch(("a", x), loop_after_dispatch=true)\nx ::= "b"', True),
+    ('root ::= "a"\n\n  | "b"', True), ('root ::= "\\u00e9"', True),
+    ('root ::= ws\nws ::= [ \\t\\n]*', True), ('root ::= "\\"" [^"\\\\]* "\\""', True),
+    ('root ::= [\\]] "x"', True), ('root ::= "#" x\nx ::= "y"', True),
+    ('x ::= "b"\nroot ::= "a"', True), ('root ::= x_1\nx_1 ::= "a"', True),
+    ('root ::= "yes" | "no" | "q\\"uote"', True),
+    ("root ::= foo", False), ('root ::= "(" num ")"\nnums ::= [0-9]+', False),
+    ('root ::= "a"\nroot ::= "b"', False), ('root ::= "a\nb"', False),
+    ('root ::= a.b', False), ('root ::= "a', False),
+]
 # Refused by xgrammar, passed by the login checks: the worker's start check finds these.
 LEFT_TO_THE_WORKER = [
-    {"grammar": 'root ::= "a" |'}, {"grammar": "root ::= foo"},
-    {"grammar": 'root ::= "a"\nroot ::= "b"'}, {"grammar": "root ::= [z-a]"},
+    {"grammar": 'root ::= "a" |'}, {"grammar": "root ::= [z-a]"},
+    {"grammar": 'root ::= "a"{3,1}'}, {"grammar": 'root ::= "a"\nfoo := "b"'},
     {"json": {"type": "object", "minProperties": 2}},
     {"json": {"type": "object", "required": ["a"], "properties": {"a": False}}},
     {"json": {"$defs": {"A": {"$ref": "#/$defs/A"}}, "$ref": "#/$defs/A"}},
@@ -86,6 +100,13 @@ def test_schema_pattern_verdicts_agree(pattern, compiles):
     assert (problem is None) is compiles, problem
 
 
+@pytest.mark.parametrize("grammar, compiles", GRAMMARS)
+def test_grammar_verdicts_agree(grammar, compiles):
+    assert _compiles(lambda: xgr.Grammar.from_ebnf(grammar)) is compiles
+    problem = check_structured_outputs({"grammar": grammar})
+    assert (problem is None) is compiles, problem
+
+
 @pytest.mark.parametrize("schema, compiles", NUMBERS)
 def test_number_range_verdicts_agree(schema, compiles):
     assert _compiles(lambda: xgr.Grammar.from_json_schema(json.dumps(schema))) is compiles
@@ -94,6 +115,11 @@ def test_number_range_verdicts_agree(schema, compiles):
 
 
 def test_messages_say_what_to_write():
+    assert check_structured_outputs({"grammar": 'root ::= "(" num ")"\nnums ::= [0-9]+'}) == (
+        "structured_outputs.grammar uses rule 'num' (line 1), which is not defined: add "
+        "`num ::= ...`")
+    assert "join the alternatives with | in one rule" in check_structured_outputs(
+        {"grammar": 'root ::= "a"\nroot ::= "b"'})
     assert check_structured_outputs({"regex": "a{,3}"}) == (
         "structured_outputs.regex uses {,n}, which xgrammar does not read: write {0,n}")
     assert "escape it as \\]" in check_structured_outputs({"regex": "[]a]"})
