@@ -79,6 +79,7 @@ class ModelRunner:
         self.split_mixed_attention = False
         self.memory_profile = None  # memory.MemoryProfile when the pool was sized on a GPU
         self.takes_images = getattr(model, "takes_images", False)  # hpcinfer/multimodal
+        self.uses_mrope = getattr(model, "uses_mrope", False)      # positions [3, T]
         self.cpu_memory = None      # memory.CpuMemory when it was sized on the CPU
 
     # --- KV cache ---
@@ -165,6 +166,8 @@ class ModelRunner:
         from hpcinfer.engine.cuda_graphs import DecodeGraphs, graph_safe
         if self.device.type != "cuda" or self.config.enforce_eager or not graph_safe(self.model):
             return
+        if self.uses_mrope:  # the graphs' position buffer is [T]; M-RoPE models run eager
+            return
         self.graphs = DecodeGraphs(self.model, self.kv_caches, self.config.max_num_seqs,
                                    self.max_blocks_per_seq, self.spec.hidden_size,
                                    self.spec.dtype, self.device, lora=self.lora)
@@ -198,6 +201,10 @@ class ModelRunner:
         num_tokens = int(cu_seqlens[-1])
         # positions: [num_tokens]; each sequence's queries continue from its computed tokens
         positions = np.arange(num_tokens) + np.repeat(starts - cu_seqlens[:-1], q_lens)
+        rope_positions = positions
+        if self.uses_mrope:  # Qwen2-VL: [3, num_tokens] (multimodal/step.py)
+            from hpcinfer.multimodal.step import mrope_positions
+            rope_positions = mrope_positions(seqs, starts, q_lens, positions)
         max_seqlen_k = int(seq_lens.max())
         block_tables = block_manager.block_tables[rows, :cdiv(max_seqlen_k, self.block_size)]
         seq_of_token = np.repeat(np.arange(num_seqs), q_lens)
@@ -224,8 +231,11 @@ class ModelRunner:
                         ] if split else []
         (input_ids, positions, slot_mapping, sample_indices, patch_rows, patch_src), \
             (cu_q, lens, tables, *parts) = self._upload(
-                [input_ids, positions, slot_mapping, sample_indices, patch_rows, patch_src],
+                [input_ids, rope_positions, slot_mapping, sample_indices, patch_rows,
+                 patch_src],
                 [cu_seqlens, seq_lens, block_tables, *split_arrays])
+        if self.uses_mrope:
+            positions = positions.view(3, -1)
         if patch_rows.numel():
             # After the previous step's sampling in stream order; the host never waits.
             input_ids[patch_rows] = pending.tokens[patch_src]

@@ -294,3 +294,41 @@ def get_rope(config: Any, head_dim: int, max_position: int,
                            lambda device: build_cos_sin_cache(params, head_dim, max_position,
                                                               device),
                            long_threshold=threshold)
+
+
+class MRotaryEmbedding(RotaryEmbedding):
+    """Qwen2-VL's multimodal rope (M-RoPE): positions [3, T] (temporal, height, width); the
+    rotary channel pairs are split into ``mrope_section`` (e.g. [16, 24, 24]) and section i
+    rotates by the angle of position row i. Text tokens have three equal rows, which is
+    plain rope; positions [T] are taken as such (text-only steps, memory profiling)."""
+
+    def __init__(self, head_dim: int, rotary_dim: int, max_position: int,
+                 build: Callable[[torch.device], torch.Tensor], mrope_section: list[int]):
+        super().__init__(head_dim, rotary_dim, max_position, build)
+        if sum(mrope_section) * 2 != rotary_dim:
+            raise ValueError(f"mrope_section {mrope_section} covers {sum(mrope_section)} "
+                             f"channel pairs but the rotary dim {rotary_dim} has "
+                             f"{rotary_dim // 2}: check rope_parameters in config.json")
+        pairs = [row for row, n in enumerate(mrope_section) for _ in range(n)]
+        self.row_of_channel = pairs + pairs   # cos half | sin half of the cache
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                meta: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if positions.dim() == 1:
+            return super().forward(positions, q, k, meta)
+        # table: [3, T, rotary_dim] -> each channel from its section's row: [T, rotary_dim]
+        table = self.cos_sin_cache[positions]
+        rows = torch.tensor(self.row_of_channel, device=table.device)
+        per_token = table.gather(0, rows.view(1, 1, -1).expand(1, table.shape[1], -1))[0]
+        steps = torch.arange(per_token.shape[0], device=per_token.device)
+        return ops.rotary_embedding(steps, q, k, per_token)
+
+
+def get_mrope(config: Any, head_dim: int, max_position: int) -> MRotaryEmbedding:
+    """The M-RoPE of a Qwen2-VL text config (``rope_parameters["mrope_section"]``)."""
+    params = rope_parameters_of(config, None)
+    check_rope_type(params)
+    return MRotaryEmbedding(head_dim, rotary_dim_of(params, head_dim), max_position,
+                            lambda device: build_cos_sin_cache(params, head_dim, max_position,
+                                                               device),
+                            list(params["mrope_section"]))

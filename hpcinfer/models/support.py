@@ -29,6 +29,8 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "GptOssForCausalLM": ("hpcinfer.models.gpt_oss", "GptOssForCausalLM"),
     # Images in, text out (hpcinfer/multimodal, docs/images.md)
     "LlavaForConditionalGeneration": ("hpcinfer.models.llava", "LlavaForConditionalGeneration"),
+    "Qwen2VLForConditionalGeneration": ("hpcinfer.models.qwen2_vl",
+                                        "Qwen2VLForConditionalGeneration"),
 }
 
 # Pooling models (embed / classify / score / reward), run by hpcinfer.engine.pooling.
@@ -52,7 +54,9 @@ SUPPORTED_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3", "yarn", 
 # Old names transformers' config classes rename on load (Phi3Config: the first Phi-3 releases
 # wrote "su", some "yarn", for what is longrope); the engine reads the renamed config, the
 # login-side check reads config.json, so both go through this.
-_ROPE_TYPE_ALIASES = {"phi3": {"su": "longrope", "yarn": "longrope"}}
+_ROPE_TYPE_ALIASES = {"phi3": {"su": "longrope", "yarn": "longrope"},
+                      # Qwen2-VL's M-RoPE is default rope over 3-D positions (models/qwen2_vl.py)
+                      "qwen2_vl": {"mrope": "default"}, "qwen2_vl_text": {"mrope": "default"}}
 
 
 def rope_type_alias(model_type: str | None, rope_type: str) -> str:

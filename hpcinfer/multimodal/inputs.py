@@ -29,6 +29,10 @@ class MultiModalInputs:
     # item index -> encoder output [length, hidden], kept from the step the prefill reaches
     # the image until the step that computes its last placeholder token.
     embeddings: dict[int, Any] = field(default_factory=dict)
+    # M-RoPE models (Qwen2-VL): the prompt's positions [3, prompt_len] (numpy int64) and the
+    # shift of every later token's position (rope_delta <= 0).
+    rope_positions: Any = None
+    rope_delta: int = 0
 
     def items_to_encode(self, start: int, end: int) -> list[ImageItem]:
         """The images whose placeholders tokens [start, end) reach and whose encoder output is

@@ -22,10 +22,12 @@ class MultiModalProcessor:
         from transformers import AutoProcessor
         try:
             self.processor = AutoProcessor.from_pretrained(model_path)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{model_path} has no usable processor for images ({e}): the "
-                             "checkpoint needs its preprocessor_config.json / "
-                             "processor_config.json (download the full snapshot)") from None
+        except Exception as e:  # transformers raises OSError, ValueError, AttributeError...
+            raise ValueError(f"{model_path}: transformers could not load the model's processor "
+                             f"({type(e).__name__}: {e}). The checkpoint needs its "
+                             "preprocessor_config.json (download the full snapshot); Qwen2-VL's "
+                             "processor in transformers 5 also needs torchvision "
+                             "(pip install torchvision matching your torch)") from None
         self.model = model
         self.image_token_id = model.image_token_id
         self.placeholder = getattr(self.processor, "image_token", None) or "<image>"
@@ -54,15 +56,18 @@ class MultiModalProcessor:
     # --- chat(): OpenAI-style messages with image parts ---
     def render_chat(self, conversation: list[dict], where: str, **template_kwargs
                     ) -> ProcessedPrompt:
-        """Render with the processor's chat template; the template writes the special tokens,
-        so the text is tokenized without adding any (as transformers does)."""
+        """Render with the processor's chat template and tokenize as transformers'
+        ``processor.apply_chat_template(tokenize=True)`` does: special tokens are added only
+        when the rendered text does not already start with the BOS token."""
         messages, images = to_hf_messages(conversation, where)
         try:
             text = self.processor.apply_chat_template(messages, tokenize=False,
                                                       **template_kwargs)
         except Exception as e:  # jinja2 errors name no conversation
             raise ValueError(f"{where}: the chat template failed: {e}") from e
-        return self._process(text, images, where, add_special_tokens=False)
+        bos = getattr(self.processor.tokenizer, "bos_token", None)
+        return self._process(text, images, where,
+                             add_special_tokens=not (bos is not None and text.startswith(bos)))
 
     def check_text_only(self, token_ids: list[int], where: str) -> None:
         """A text prompt holding image placeholders would run the model on them as tokens."""
@@ -84,7 +89,8 @@ class MultiModalProcessor:
         if not images:
             self.check_text_only(token_ids, where)
             return ProcessedPrompt(text, token_ids)
-        per_image = _split_per_image(out, len(images))
+        split = getattr(self.model, "split_image_inputs", None) or _split_per_image
+        per_image = split(out, len(images))
         counts = self.model.image_token_counts(per_image)
         positions = [i for i, t in enumerate(token_ids) if t == self.image_token_id]
         if len(positions) != sum(counts):
@@ -99,7 +105,10 @@ class MultiModalProcessor:
                                  "contiguous; do not write image tokens into the text yourself")
             items.append(ImageItem(span[0], count, image_hash(image), inputs))
             k += count
-        return ProcessedPrompt(text, token_ids, MultiModalInputs(items))
+        mm = MultiModalInputs(items)
+        if getattr(self.model, "uses_mrope", False):
+            mm.rope_positions, mm.rope_delta = self.model.rope_positions(len(token_ids), items)
+        return ProcessedPrompt(text, token_ids, mm)
 
 
 def _split_per_image(out: Any, num_images: int) -> list[dict]:

@@ -70,3 +70,21 @@ def image_embeds(plan: ImageRows, model, device: torch.device
             mm.embeddings.pop(k, None)
     rows = torch.from_numpy(plan.rows).to(device)
     return rows, embeds
+
+
+def mrope_positions(seqs, starts: np.ndarray, q_lens: np.ndarray,
+                    positions: np.ndarray) -> np.ndarray:
+    """M-RoPE positions [3, T] of a step: a prompt with images reads its table, tokens after
+    it (and text-only sequences) take their position (+ the prompt's rope delta) on all
+    three rows."""
+    out = np.repeat(positions[None], 3, axis=0)
+    row = 0
+    for seq, start, q in zip(seqs, starts.tolist(), q_lens.tolist()):
+        mm = seq.mm_inputs
+        if mm is not None and mm.rope_positions is not None:
+            prompt_len = mm.rope_positions.shape[1]
+            in_prompt = max(min(start + q, prompt_len) - start, 0)
+            out[:, row:row + in_prompt] = mm.rope_positions[:, start:start + in_prompt]
+            out[:, row + in_prompt:row + q] += mm.rope_delta
+        row += q
+    return out

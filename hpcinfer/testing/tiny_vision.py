@@ -105,3 +105,86 @@ def test_images(seed: int = 0) -> list:
     sizes = [(40, 40), (64, 30), (25, 50), (12, 20)]  # (width, height)
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
             for w, h in sizes]
+
+
+# Qwen2-VL: 14-pixel patches merged 2x2, so an image resized to H x W pixels (multiples of 28
+# within [min_pixels, max_pixels]) fills (H / 28) * (W / 28) placeholder tokens.
+QWEN2_VL_SPECIAL = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def build_tiny_qwen2_vl(out_dir: str | Path, *, seed: int = 0) -> Path:
+    """Write a random fp32 Qwen2VLForConditionalGeneration (2-block vision transformer with
+    the 2x2 patch merger, 2-layer Qwen2 with M-RoPE), its image processor and tokenizer to
+    ``out_dir``. No processor_config.json: transformers 5's Qwen2VLProcessor needs
+    torchvision (its video processor); ``qwen2_vl_image_processor`` builds one without."""
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil)
+
+    out_dir = Path(out_dir)
+    tokenizer = _tiny_tokenizer()
+    tokenizer.add_tokens(QWEN2_VL_SPECIAL, special_tokens=True)
+    tokenizer.chat_template = QWEN2_VL_CHAT_TEMPLATE
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN2_VL_SPECIAL}
+    # head_dim 16: M-RoPE sections of 8 frequency pairs (temporal 2, height 3, width 3)
+    text_config = {**_COMMON, "num_key_value_heads": 2, "vocab_size": len(tokenizer),
+                   "pad_token_id": PAD_ID, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID,
+                   "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                       "mrope_section": [2, 3, 3]}}
+    vision_config = {"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 4,
+                     "mlp_ratio": 2, "patch_size": 14, "spatial_merge_size": 2,
+                     "temporal_patch_size": 2, "hidden_act": "quick_gelu"}
+    config = Qwen2VLConfig(text_config=text_config, vision_config=vision_config,
+                           image_token_id=ids["<|image_pad|>"],
+                           video_token_id=ids["<|video_pad|>"],
+                           vision_start_token_id=ids["<|vision_start|>"],
+                           vision_end_token_id=ids["<|vision_end|>"])
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Qwen2VLForConditionalGeneration(config).to(torch.float32)
+    redraw_weights(model, seed)
+    with torch.no_grad():  # the vision LayerNorms (norm1/2, ln_q) miss redraw's "norm.weight"
+        for name, param in model.named_parameters():
+            if name.endswith(("norm1.weight", "norm2.weight", "ln_q.weight")):
+                param.add_(1.0)
+    model.eval().save_pretrained(out_dir)
+    Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 2, max_pixels=28 * 28 * 12, patch_size=14,
+                             merge_size=2, temporal_patch_size=2).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def qwen2_vl_image_processor(path: str | Path):
+    """transformers' Qwen2VLProcessor for ``path`` with its video attribute removed: its
+    placeholder expansion and chat template, without the torchvision-only video processor."""
+    from transformers import AutoTokenizer, Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil)
+
+    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+        @classmethod
+        def get_attributes(cls):
+            return ["image_processor", "tokenizer"]
+
+        def __init__(self, image_processor, tokenizer, chat_template=None):
+            super().__init__(image_processor, tokenizer, None, chat_template=chat_template)
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return ImageOnlyQwen2VLProcessor(Qwen2VLImageProcessorPil.from_pretrained(path), tokenizer,
+                                     chat_template=tokenizer.chat_template)
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_qwen2_vl() -> Path:
+    """``build_tiny_qwen2_vl`` once per process; treat the directory as read-only."""
+    root = Path(tempfile.mkdtemp(prefix="hpcinfer-tiny-qwen2vl-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return build_tiny_qwen2_vl(root / "qwen2_vl")

@@ -66,7 +66,8 @@ def test_unknown_tiny_family_is_rejected(tmp_path):
 def test_supported_architectures_lists_every_family():
     # vision-language models (tests/multimodal) end in ForConditionalGeneration
     assert supported_architectures() == sorted(
-        [f"{f}ForCausalLM" for f in FAMILIES] + ["LlavaForConditionalGeneration"])
+        [f"{f}ForCausalLM" for f in FAMILIES]
+        + ["LlavaForConditionalGeneration", "Qwen2VLForConditionalGeneration"])
 
 
 def test_single_file_checkpoint_loads(tmp_path):
