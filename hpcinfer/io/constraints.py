@@ -18,6 +18,7 @@ constraint before loading the model and stops the job if it fails
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import math
 import re
@@ -204,6 +205,12 @@ def _number_problem(schema: dict, where: str) -> str | None:
     return None
 
 
+@functools.cache
+def _regex(pattern: str) -> re.Pattern:
+    """Compiled on first use: `hpcinfer render` imports this module and must stay fast."""
+    return re.compile(pattern)
+
+
 def _check_regex(value: Any, where: str, in_schema: bool = False) -> str | None:
     if not isinstance(value, str) or not value:
         return f"{where} must be a non-empty string"
@@ -211,15 +218,15 @@ def _check_regex(value: Any, where: str, in_schema: bool = False) -> str | None:
     if problem:
         return f"{where} {problem}"
     try:   # JSON schema's (ECMA) named groups (?<name>...) are Python's (?P<name>...)
-        re.compile(_NAMED_GROUP.sub("(?P<", value))
+        re.compile(_regex(_NAMED_GROUP).sub("(?P<", value))
     except re.error as exc:
         return f"{where} is not a valid regular expression ({exc})"
     return None
 
 
 # An escaped "\\(?<a" rewritten too still compiles the same way in Python: harmless.
-_NAMED_GROUP = re.compile(r"\(\?<(?=[A-Za-z_])")
-_COUNTED = re.compile(r"\{\d+(,\d*)?\}")      # {m}, {m,}, {m,n}: a quantifier
+_NAMED_GROUP = r"\(\?<(?=[A-Za-z_])"
+_COUNTED = r"\{\d+(,\d*)?\}"      # {m}, {m,}, {m,n}: a quantifier
 
 
 def regex_feature_problem(pattern: str, in_schema: bool = False) -> str | None:
@@ -251,7 +258,7 @@ def regex_feature_problem(pattern: str, in_schema: bool = False) -> str | None:
                 return problem
         if char == "{" and re.match(r"\{,\d+\}", pattern[i:]):
             return "uses {,n}, which xgrammar does not read: write {0,n}"
-        counted = _COUNTED.match(pattern, i) if char == "{" else None
+        counted = _regex(_COUNTED).match(pattern, i) if char == "{" else None
         if counted:
             i, after_quantifier = counted.end(), True
             continue
@@ -310,9 +317,8 @@ def _check_grammar(value: Any, where: str) -> str | None:
     return f"{where} {problem}" if problem else None
 
 
-_NAME_START = re.compile(r"[A-Za-z_]")
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
-_DEFINES = re.compile(r"[ \t]*::=")
+_NAME = r"[A-Za-z_][A-Za-z0-9_.-]*"
+_DEFINES = r"[ \t]*::="
 
 
 def grammar_rule_problem(text: str) -> str | None:
@@ -336,12 +342,12 @@ def grammar_rule_problem(text: str) -> str | None:
             i = _literal_end(text, i, "]")
             if i < 0:
                 return None
-        elif _NAME_START.match(char):
-            name = _NAME.match(text, i).group()
+        elif char.isascii() and (char.isalpha() or char == "_"):
+            name = _regex(_NAME).match(text, i).group()
             i += len(name)
             if text.startswith("(", i):
                 return None                   # a macro call: not followed here
-            defines = _DEFINES.match(text, i)
+            defines = _regex(_DEFINES).match(text, i)
             if defines:
                 if name in defined:
                     return (f"defines rule {name!r} twice (lines {defined[name]} and {line}): "
