@@ -2,7 +2,7 @@
 a bad prompt from reaching the scheduler (one ValueError naming the request)."""
 from __future__ import annotations
 
-# TextPrompt / TokensPrompt keys; multi_modal_data etc. are refused
+# TextPrompt / TokensPrompt keys; multi_modal_data is LLMEngine.process_prompt's (images)
 PROMPT_KEYS = frozenset({"prompt", "prompt_token_ids", "cache_salt"})
 
 
@@ -14,6 +14,10 @@ def tokenize_prompt(tokenizer, prompt, request_id: str, *, max_model_len: int, v
     text, token_ids = None, None
     if isinstance(prompt, dict):
         unknown = set(prompt) - PROMPT_KEYS
+        if "multi_modal_data" in unknown:  # generate() and chat() take images: not here
+            raise ValueError(f"request {request_id!r}: images (multi_modal_data) go through "
+                             "generate() and chat() only; beam search and pooling tasks take "
+                             "text for now (docs/images.md)")
         if unknown:
             raise ValueError(f"request {request_id!r}: unknown prompt keys {sorted(unknown)}; "
                              "use 'prompt' and/or 'prompt_token_ids'")

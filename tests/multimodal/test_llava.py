@@ -231,3 +231,31 @@ def test_encoder_budget_per_step(llava_dir, images, hf_llava):
     got = tokens(llm.generate(prompts, GREEDY, use_tqdm=False))
     assert got == [hf_llava(llava_dir, lead, [images[i], images[i + 1]])[0] for i in range(3)]
     assert sum(calls) == 6 and max(calls) == 1  # 16 tokens each: one image per step
+
+
+def test_beam_search_refuses_images_clearly(llava_dir, images):
+    from hpcinfer.sampling_params import BeamSearchParams
+    llm = _shared_llm(llava_dir)
+    with pytest.raises(ValueError, match="images .* go through generate\\(\\) and chat\\(\\)"):
+        llm.beam_search([{"prompt": ONE, "multi_modal_data": {"image": images[0]}}],
+                        BeamSearchParams(beam_width=2, max_tokens=4))
+
+
+def test_async_llm_streams_with_images(llava_dir, images, hf_llava):
+    import asyncio
+
+    from hpcinfer.engine.async_llm import AsyncLLM
+    from hpcinfer.engine.arg_utils import AsyncEngineArgs
+    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
+        model=llava_dir, device="cpu", dtype="float32", max_model_len=256))
+
+    async def run():
+        final = None
+        prompt = {"prompt": ONE, "multi_modal_data": {"image": images[2]}}
+        async for out in engine.generate(prompt, GREEDY, request_id="img-0"):
+            final = out
+        return final.outputs[0].token_ids
+    try:
+        assert asyncio.run(run()) == hf_llava(llava_dir, ONE, [images[2]])[0]
+    finally:
+        engine.shutdown()
