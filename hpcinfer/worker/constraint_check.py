@@ -61,11 +61,16 @@ def compile_problem(constraint: dict, model_path: str,
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_path)
     except (OSError, ValueError) as exc:
         raise TaskFailed(f"cannot load the tokenizer of {tokenizer_path or model_path} "
-                         f"({exc}): point model.id (or model.tokenizer) at a complete "
+                         f"({' '.join(str(exc).split())}): point model.id (or model.tokenizer) at a complete "
                          "checkpoint") from None
     eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    compiler = StructuredOutputs(tokenizer, _vocab_size(model_path, len(tokenizer)), eos,
-                                 torch.device("cpu"), fills_masks=False, max_threads=1)
+    try:
+        compiler = StructuredOutputs(tokenizer, _vocab_size(model_path, len(tokenizer)), eos,
+                                     torch.device("cpu"), fills_masks=False, max_threads=1)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise TaskFailed(f"xgrammar cannot read the tokenizer of {tokenizer_path or model_path} "
+                         f"({exc}), so this job's sampling.structured_outputs cannot be used "
+                         "with this model: remove the constraint or use another model") from None
     try:
         compiler.compile(params)
     except ValueError as exc:
