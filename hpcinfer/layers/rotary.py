@@ -309,8 +309,16 @@ class MRotaryEmbedding(RotaryEmbedding):
             raise ValueError(f"mrope_section {mrope_section} covers {sum(mrope_section)} "
                              f"channel pairs but the rotary dim {rotary_dim} has "
                              f"{rotary_dim // 2}: check rope_parameters in config.json")
-        pairs = [row for row, n in enumerate(mrope_section) for _ in range(n)]
-        self.row_of_channel = pairs + pairs   # cos half | sin half of the cache
+        self.mrope_section = list(mrope_section)
+        # The position row each cache column reads (cos half | sin half), on the device once.
+        self.register_buffer("channel_rows", torch.empty(rotary_dim, dtype=torch.int64),
+                             persistent=False)
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        super().init_buffers()
+        pairs = [row for row, n in enumerate(self.mrope_section) for _ in range(n)]
+        self.channel_rows = torch.tensor(pairs + pairs, device=self.channel_rows.device)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                 meta: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -318,8 +326,8 @@ class MRotaryEmbedding(RotaryEmbedding):
             return super().forward(positions, q, k, meta)
         # table: [3, T, rotary_dim] -> each channel from its section's row: [T, rotary_dim]
         table = self.cos_sin_cache[positions]
-        rows = torch.tensor(self.row_of_channel, device=table.device)
-        per_token = table.gather(0, rows.view(1, 1, -1).expand(1, table.shape[1], -1))[0]
+        index = self.channel_rows.view(1, 1, -1).expand(1, table.shape[1], -1)
+        per_token = table.gather(0, index)[0]
         steps = torch.arange(per_token.shape[0], device=per_token.device)
         return ops.rotary_embedding(steps, q, k, per_token)
 
