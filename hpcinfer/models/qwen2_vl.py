@@ -57,30 +57,40 @@ class VisionAttention(nn.Module):
         return self.proj(torch.cat(outs).reshape(n, -1))
 
 
-class VisionBlock(nn.Module):
-    def __init__(self, config: Any):
+class VisionMLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, act: str):
         super().__init__()
-        dim = config.embed_dim
-        self.norm1 = LayerNorm(dim, eps=1e-6)
-        self.norm2 = LayerNorm(dim, eps=1e-6)
-        self.attn = VisionAttention(dim, config.num_heads)
-        hidden = int(dim * config.mlp_ratio)
-        self.mlp = nn.Module()
-        self.mlp.fc1 = ReplicatedLinear(dim, hidden, True)
-        self.mlp.fc2 = ReplicatedLinear(hidden, dim, True)
-        self.act = PlainActivation(config.hidden_act)
+        self.fc1 = ReplicatedLinear(dim, hidden, True)
+        self.fc2 = ReplicatedLinear(hidden, dim, True)
+        self.act = PlainActivation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class VisionBlock(nn.Module):
+    """Pre-norm block; Qwen2-VL: LayerNorm and a plain MLP (Qwen2.5-VL passes RMSNorm and a
+    gated MLP)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp: nn.Module, norm_cls: type = LayerNorm):
+        super().__init__()
+        self.norm1 = norm_cls(dim, eps=1e-6)
+        self.norm2 = norm_cls(dim, eps=1e-6)
+        self.attn = VisionAttention(dim, num_heads)
+        self.mlp = mlp
 
     def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, lengths: list[int]
                 ) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), cos_sin, lengths)
-        return x + self.mlp.fc2(self.act(self.mlp.fc1(self.norm2(x))))
+        return x + self.mlp(self.norm2(x))
 
 
 class PatchMerger(nn.Module):
-    def __init__(self, out_dim: int, context_dim: int, merge_size: int):
+    def __init__(self, out_dim: int, context_dim: int, merge_size: int,
+                 norm_cls: type = LayerNorm):
         super().__init__()
         self.hidden = context_dim * merge_size ** 2
-        self.ln_q = LayerNorm(context_dim, eps=1e-6)
+        self.ln_q = norm_cls(context_dim, eps=1e-6)
         self.mlp = nn.Sequential(ReplicatedLinear(self.hidden, self.hidden, True),
                                  PlainActivation("gelu"),
                                  ReplicatedLinear(self.hidden, out_dim, True))
@@ -94,14 +104,26 @@ class Qwen2VisionTransformer(nn.Module):
     def __init__(self, config: Any):
         super().__init__()
         self.config, self.merge_size = config, config.spatial_merge_size
+        self.width, self.num_heads = self.vision_width(config), config.num_heads
         kernel = (config.temporal_patch_size, config.patch_size, config.patch_size)
         self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv3d(config.in_channels, config.embed_dim, kernel,
+        self.patch_embed.proj = nn.Conv3d(config.in_channels, self.width, kernel,
                                           stride=kernel, bias=False)
-        self.blocks = nn.ModuleList(VisionBlock(config) for _ in range(config.depth))
-        self.merger = PatchMerger(config.hidden_size, config.embed_dim, self.merge_size)
+        self.blocks = nn.ModuleList(self.make_block(config) for _ in range(config.depth))
+        self.merger = self.make_merger(config)
         rope = getattr(config, "rope_parameters", None) or {}
         self.rope_theta = float(rope.get("rope_theta", 10000.0))
+
+    @staticmethod
+    def vision_width(config: Any) -> int:
+        return config.embed_dim
+
+    def make_block(self, config: Any) -> VisionBlock:
+        mlp = VisionMLP(self.width, int(self.width * config.mlp_ratio), config.hidden_act)
+        return VisionBlock(self.width, config.num_heads, mlp)
+
+    def make_merger(self, config: Any) -> PatchMerger:
+        return PatchMerger(config.hidden_size, self.width, self.merge_size)
 
     def forward(self, pixels: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
         """pixels: [num_patches, C * T * P * P] in the processor's order, grids: (t, h, w)
@@ -117,7 +139,7 @@ class Qwen2VisionTransformer(nn.Module):
     def _rope_table(self, grids, device) -> torch.Tensor:
         # Per patch its (row, column), block-major over merge x merge blocks, as the processor
         # orders patches; rows and columns each rotate a quarter of the head's channels.
-        head_dim = self.config.embed_dim // self.config.num_heads
+        head_dim = self.width // self.num_heads
         quarter = head_dim // 2
         inv_freq = 1.0 / self.rope_theta ** (torch.arange(0, quarter, 2, dtype=torch.float32,
                                                           device=device) / quarter)
@@ -139,6 +161,7 @@ class Qwen2VLForConditionalGeneration(nn.Module):
     takes_images = True
     uses_mrope = True
     packed_modules_mapping = Qwen2ForCausalLM.packed_modules_mapping
+    vision_cls: type[nn.Module] = Qwen2VisionTransformer
 
     def __init__(self, config: Any, *, attention_backend: AttentionBackend,
                  tp: TensorParallel = NO_TP):
@@ -152,7 +175,7 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         mrope = get_mrope(text, head_dim_of(text), max_position_of(text))
         for layer in self.language_model.model.layers:  # one M-RoPE, shared like the ropes
             layer.self_attn.rotary_emb = mrope
-        self.visual = Qwen2VisionTransformer(config.vision_config)
+        self.visual = self.vision_cls(config.vision_config)
         self.image_token_id = config.image_token_id
         self.merge_size = config.vision_config.spatial_merge_size
         if text.tie_word_embeddings:

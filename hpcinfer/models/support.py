@@ -31,6 +31,8 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "LlavaForConditionalGeneration": ("hpcinfer.models.llava", "LlavaForConditionalGeneration"),
     "Qwen2VLForConditionalGeneration": ("hpcinfer.models.qwen2_vl",
                                         "Qwen2VLForConditionalGeneration"),
+    "Qwen2_5_VLForConditionalGeneration": ("hpcinfer.models.qwen2_5_vl",
+                                           "Qwen2_5_VLForConditionalGeneration"),
 }
 
 # Pooling models (embed / classify / score / reward), run by hpcinfer.engine.pooling.
@@ -56,7 +58,8 @@ SUPPORTED_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3", "yarn", 
 # login-side check reads config.json, so both go through this.
 _ROPE_TYPE_ALIASES = {"phi3": {"su": "longrope", "yarn": "longrope"},
                       # Qwen2-VL's M-RoPE is default rope over 3-D positions (models/qwen2_vl.py)
-                      "qwen2_vl": {"mrope": "default"}, "qwen2_vl_text": {"mrope": "default"}}
+                      **{model_type: {"mrope": "default"} for model_type in (
+                          "qwen2_vl", "qwen2_vl_text", "qwen2_5_vl", "qwen2_5_vl_text")}}
 
 
 def rope_type_alias(model_type: str | None, rope_type: str) -> str:

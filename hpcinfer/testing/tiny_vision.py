@@ -77,10 +77,10 @@ def build_tiny_llava(out_dir: str | Path, *, seed: int = 0, select_strategy: str
             if "layer_norm" in name and name.endswith("weight"):
                 param.add_(1.0)
     model.eval().save_pretrained(out_dir)
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                               patch_size=PATCH_SIZE, vision_feature_select_strategy=select_strategy,
-                               chat_template=LLAVA_CHAT_TEMPLATE, image_token=IMAGE_TOKEN,
-                               num_additional_image_tokens=0 if vision == "siglip" else 1)
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH_SIZE,
+        vision_feature_select_strategy=select_strategy, chat_template=LLAVA_CHAT_TEMPLATE,
+        image_token=IMAGE_TOKEN, num_additional_image_tokens=0 if vision == "siglip" else 1)
     processor.save_pretrained(out_dir)  # with the tokenizer
     return out_dir
 
@@ -119,13 +119,16 @@ QWEN2_VL_CHAT_TEMPLATE = (
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def build_tiny_qwen2_vl(out_dir: str | Path, *, seed: int = 0) -> Path:
+def build_tiny_qwen2_vl(out_dir: str | Path, *, seed: int = 0, version: str = "2") -> Path:
     """Write a random fp32 Qwen2VLForConditionalGeneration (2-block vision transformer with
-    the 2x2 patch merger, 2-layer Qwen2 with M-RoPE), its image processor and tokenizer to
-    ``out_dir``. No processor_config.json: transformers 5's Qwen2VLProcessor needs
-    torchvision (its video processor); ``qwen2_vl_image_processor`` builds one without."""
+    the 2x2 patch merger, 2-layer Qwen2 with M-RoPE), or with ``version="2.5"`` a
+    Qwen2_5_VLForConditionalGeneration (4 blocks, 2x2-block windows, full attention in blocks
+    1 and 3), its image processor and tokenizer to ``out_dir``. No processor_config.json:
+    transformers 5's Qwen2VLProcessor needs torchvision (its video processor);
+    ``qwen2_vl_image_processor`` builds one without."""
     import torch
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                              Qwen2VLConfig, Qwen2VLForConditionalGeneration)
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
         Qwen2VLImageProcessorPil)
 
@@ -142,16 +145,24 @@ def build_tiny_qwen2_vl(out_dir: str | Path, *, seed: int = 0) -> Path:
     vision_config = {"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 4,
                      "mlp_ratio": 2, "patch_size": 14, "spatial_merge_size": 2,
                      "temporal_patch_size": 2, "hidden_act": "quick_gelu"}
-    config = Qwen2VLConfig(text_config=text_config, vision_config=vision_config,
+    config_cls, model_cls = Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    if version == "2.5":  # windows of 56 pixels = 2x2 merge blocks; images reach 4x3 blocks
+        vision_config = {"depth": 4, "hidden_size": 32, "intermediate_size": 48,
+                         "out_hidden_size": 64, "num_heads": 4, "patch_size": 14,
+                         "spatial_merge_size": 2, "temporal_patch_size": 2,
+                         "hidden_act": "silu", "window_size": 56,
+                         "fullatt_block_indexes": [1, 3]}
+        config_cls, model_cls = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    config = config_cls(text_config=text_config, vision_config=vision_config,
                            image_token_id=ids["<|image_pad|>"],
                            video_token_id=ids["<|video_pad|>"],
                            vision_start_token_id=ids["<|vision_start|>"],
                            vision_end_token_id=ids["<|vision_end|>"])
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = Qwen2VLForConditionalGeneration(config).to(torch.float32)
+        model = model_cls(config).to(torch.float32)
     redraw_weights(model, seed)
-    with torch.no_grad():  # the vision LayerNorms (norm1/2, ln_q) miss redraw's "norm.weight"
+    with torch.no_grad():  # the vision norms (norm1/2, ln_q) miss redraw's "norm.weight"
         for name, param in model.named_parameters():
             if name.endswith(("norm1.weight", "norm2.weight", "ln_q.weight")):
                 param.add_(1.0)
@@ -162,14 +173,17 @@ def build_tiny_qwen2_vl(out_dir: str | Path, *, seed: int = 0) -> Path:
     return out_dir
 
 
-def qwen2_vl_image_processor(path: str | Path):
-    """transformers' Qwen2VLProcessor for ``path`` with its video attribute removed: its
-    placeholder expansion and chat template, without the torchvision-only video processor."""
-    from transformers import AutoTokenizer, Qwen2VLProcessor
+def qwen2_vl_image_processor(path: str | Path, version: str = "2"):
+    """transformers' Qwen2VLProcessor (Qwen2_5_VLProcessor with ``version="2.5"``) for
+    ``path`` with its video attribute removed: its placeholder expansion and chat template,
+    without the torchvision-only video processor."""
+    from transformers import AutoTokenizer, Qwen2_5_VLProcessor, Qwen2VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
         Qwen2VLImageProcessorPil)
 
-    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+    base = Qwen2_5_VLProcessor if version == "2.5" else Qwen2VLProcessor
+
+    class ImageOnlyQwen2VLProcessor(base):
         @classmethod
         def get_attributes(cls):
             return ["image_processor", "tokenizer"]
@@ -183,8 +197,8 @@ def qwen2_vl_image_processor(path: str | Path):
 
 
 @functools.lru_cache(maxsize=None)
-def tiny_qwen2_vl() -> Path:
-    """``build_tiny_qwen2_vl`` once per process; treat the directory as read-only."""
+def tiny_qwen2_vl(version: str = "2") -> Path:
+    """``build_tiny_qwen2_vl`` once per process per version; treat it as read-only."""
     root = Path(tempfile.mkdtemp(prefix="hpcinfer-tiny-qwen2vl-"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)
-    return build_tiny_qwen2_vl(root / "qwen2_vl")
+    return build_tiny_qwen2_vl(root / "qwen2_vl", version=version)

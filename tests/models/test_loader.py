@@ -67,7 +67,8 @@ def test_supported_architectures_lists_every_family():
     # vision-language models (tests/multimodal) end in ForConditionalGeneration
     assert supported_architectures() == sorted(
         [f"{f}ForCausalLM" for f in FAMILIES]
-        + ["LlavaForConditionalGeneration", "Qwen2VLForConditionalGeneration"])
+        + ["LlavaForConditionalGeneration", "Qwen2VLForConditionalGeneration",
+           "Qwen2_5_VLForConditionalGeneration"])
 
 
 def test_single_file_checkpoint_loads(tmp_path):

@@ -1,0 +1,84 @@
+"""Qwen2.5-VL (``Qwen2_5_VLForConditionalGeneration``): Qwen2-VL (models/qwen2_vl.py) with a
+different vision transformer: RMSNorm and a gated (SwiGLU) MLP in its blocks, an RMSNorm in
+the merger, and window attention: patches are regrouped into windows of ``window_size``
+pixels (in whole 2x2 merge blocks) and attend within their window, except in the
+``fullatt_block_indexes`` blocks, which attend over the whole image; the merged tokens are put
+back in image order at the end. The language model and its M-RoPE positions are Qwen2-VL's
+(images; videos' ``second_per_grid_ts`` are not taken yet).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hpcinfer.layers.activation import get_gated_activation
+from hpcinfer.layers.linear import MergedColumnParallelLinear, RowParallelLinear
+from hpcinfer.layers.norm import RMSNorm
+from hpcinfer.models.qwen2_vl import (PatchMerger, Qwen2VisionTransformer,
+                                      Qwen2VLForConditionalGeneration, VisionBlock)
+
+
+class GatedVisionMLP(nn.Module):
+    """down(act(gate(x)) * up(x)) with biases; gate/up_proj load into ``gate_up_proj``."""
+
+    def __init__(self, dim: int, hidden: int, act: str):
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(dim, [hidden, hidden], True)
+        self.down_proj = RowParallelLinear(hidden, dim, True)
+        self.act_fn = get_gated_activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class Qwen2_5VisionTransformer(Qwen2VisionTransformer):
+    @staticmethod
+    def vision_width(config: Any) -> int:
+        return config.hidden_size
+
+    def make_block(self, config: Any) -> VisionBlock:
+        mlp = GatedVisionMLP(self.width, config.intermediate_size, config.hidden_act)
+        return VisionBlock(self.width, config.num_heads, mlp, norm_cls=RMSNorm)
+
+    def make_merger(self, config: Any) -> PatchMerger:
+        return PatchMerger(config.out_hidden_size, self.width, self.merge_size, norm_cls=RMSNorm)
+
+    def forward(self, pixels: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
+        weight = self.patch_embed.proj.weight
+        x = F.linear(pixels.to(weight.dtype), weight.reshape(weight.shape[0], -1))
+        order, window_lengths = self._windows(grids, x.device)
+        unit = self.merge_size ** 2          # patches of one merge block stay together
+        x = x.view(-1, unit, x.shape[-1])[order].flatten(0, 1)
+        cos_sin = self._rope_table(grids, x.device)
+        cos_sin = cos_sin.view(-1, unit, cos_sin.shape[-1])[order].flatten(0, 1)
+        image_lengths = [h * w for t, h, w in grids for _ in range(t)]
+        full = set(self.config.fullatt_block_indexes)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos_sin, image_lengths if i in full else window_lengths)
+        merged = self.merger(x)
+        return merged[torch.argsort(order)]  # back to image order
+
+    def _windows(self, grids, device) -> tuple[torch.Tensor, list[int]]:
+        """(merge blocks in window order [num_blocks], patches per window). Windows tile each
+        frame's grid of merge blocks from the top left; the last row and column may be cut."""
+        m, side = self.merge_size, self.config.window_size // self.merge_size // \
+            self.config.patch_size
+        order, lengths, first = [], [], 0
+        for t, h, w in grids:
+            rows, cols = h // m, w // m
+            blocks = torch.arange(t * rows * cols, device=device).view(t, rows, cols) + first
+            for frame in blocks:
+                for r in range(0, rows, side):
+                    for c in range(0, cols, side):
+                        window = frame[r:r + side, c:c + side].reshape(-1)
+                        order.append(window)
+                        lengths.append(window.numel() * m * m)
+            first += t * rows * cols
+        return torch.cat(order), lengths
+
+
+class Qwen2_5_VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
+    vision_cls = Qwen2_5VisionTransformer
