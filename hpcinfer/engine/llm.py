@@ -116,10 +116,12 @@ class LLM:
              chat_template_content_format: str = "auto",
              add_generation_prompt: bool = True, continue_final_message: bool = False,
              tools: list[dict] | None = None, chat_template_kwargs: dict | None = None,
-             **_vllm_only) -> list[RequestOutput]:
+             mm_processor_kwargs: dict | None = None, **_vllm_only) -> list[RequestOutput]:
         """messages: one conversation (a list of {"role", "content"} dicts) or a list of them;
         each is rendered with the tokenizer's chat template (or ``chat_template``), ``tools``
-        (OpenAI-style function specs) passed to the template as transformers does."""
+        (OpenAI-style function specs) passed to the template as transformers does. With a
+        vision-language model, content may hold image parts (docs/images.md) and
+        ``mm_processor_kwargs`` go to its processor."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         if add_generation_prompt and continue_final_message:
             raise ValueError("chat(): add_generation_prompt and continue_final_message cannot "
@@ -130,7 +132,8 @@ class LLM:
         for i, conversation in enumerate(conversations):
             if multimodal is not None:  # image parts; the processor's chat template
                 prompts.append(multimodal.render_chat(
-                    conversation, f"conversation {i}", chat_template=chat_template,
+                    conversation, f"conversation {i}", mm_processor_kwargs,
+                    chat_template=chat_template,
                     add_generation_prompt=add_generation_prompt,
                     continue_final_message=continue_final_message, tools=tools,
                     **(chat_template_kwargs or {})))

@@ -13,7 +13,7 @@ from hpcinfer.multimodal.inputs import ImageItem, MultiModalInputs, ProcessedPro
 from hpcinfer.multimodal.media import (CHAT_IMAGE_PARTS, as_image_list, check_pil, image_hash,
                                        load_image_url)
 
-PROMPT_KEYS = frozenset({"prompt", "multi_modal_data", "cache_salt"})
+PROMPT_KEYS = frozenset({"prompt", "multi_modal_data", "mm_processor_kwargs", "cache_salt"})
 _NOT_PER_IMAGE = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
 
 
@@ -51,11 +51,12 @@ class MultiModalProcessor:
                              f"{{'image': PIL image or list of them}}, got {kinds} (only "
                              "images are supported)")
         images = as_image_list(data["image"], request_id) if "image" in data else []
-        return self._process(text, images, f"request {request_id!r}", add_special_tokens=True)
+        return self._process(text, images, f"request {request_id!r}", add_special_tokens=True,
+                             processor_kwargs=prompt.get("mm_processor_kwargs"))
 
     # --- chat(): OpenAI-style messages with image parts ---
-    def render_chat(self, conversation: list[dict], where: str, **template_kwargs
-                    ) -> ProcessedPrompt:
+    def render_chat(self, conversation: list[dict], where: str,
+                    processor_kwargs: dict | None = None, **template_kwargs) -> ProcessedPrompt:
         """Render with the processor's chat template and tokenize as transformers'
         ``processor.apply_chat_template(tokenize=True)`` does: special tokens are added only
         when the rendered text does not already start with the BOS token."""
@@ -67,7 +68,8 @@ class MultiModalProcessor:
             raise ValueError(f"{where}: the chat template failed: {e}") from e
         bos = getattr(self.processor.tokenizer, "bos_token", None)
         return self._process(text, images, where,
-                             add_special_tokens=not (bos is not None and text.startswith(bos)))
+                             add_special_tokens=not (bos is not None and text.startswith(bos)),
+                             processor_kwargs=processor_kwargs)
 
     def check_text_only(self, token_ids: list[int], where: str) -> None:
         """A text prompt holding image placeholders would run the model on them as tokens."""
@@ -77,11 +79,18 @@ class MultiModalProcessor:
                              "{'prompt': ..., 'multi_modal_data': {'image': [...]}}, one image "
                              "per placeholder")
 
-    def _process(self, text: str, images: list, where: str, *,
-                 add_special_tokens: bool) -> ProcessedPrompt:
+    def _process(self, text: str, images: list, where: str, *, add_special_tokens: bool,
+                 processor_kwargs: dict | None = None) -> ProcessedPrompt:
+        """``processor_kwargs`` (vLLM's mm_processor_kwargs, e.g. Qwen2-VL's min_pixels /
+        max_pixels) go to the processor call and into each image's hash: the same image
+        preprocessed otherwise never shares KV."""
+        if processor_kwargs is not None and not isinstance(processor_kwargs, dict):
+            raise ValueError(f"{where}: mm_processor_kwargs must be a dict, e.g. "
+                             "{'max_pixels': 1003520}")
+        kwargs = dict(processor_kwargs or {})
         try:
             out = self.processor(text=[text], images=images or None, return_tensors="pt",
-                                 add_special_tokens=add_special_tokens)
+                                 add_special_tokens=add_special_tokens, **kwargs)
         except Exception as e:  # the processor's errors (counts, sizes) name no request
             raise ValueError(f"{where}: the model's processor refused the prompt with "
                              f"{len(images)} image(s): {e}") from None
@@ -98,12 +107,14 @@ class MultiModalProcessor:
                              f"tokens but the prompt has {len(positions)}: put exactly one "
                              f"{self.placeholder!r} in the prompt per image")
         items, k = [], 0
+        salt = hash(repr(sorted(kwargs.items()))) if kwargs else None
         for image, count, inputs in zip(images, counts, per_image):
             span = positions[k:k + count]
             if span[-1] - span[0] != count - 1:
                 raise ValueError(f"{where}: image {len(items)}'s placeholder tokens are not "
                                  "contiguous; do not write image tokens into the text yourself")
-            items.append(ImageItem(span[0], count, image_hash(image), inputs))
+            digest = image_hash(image) if salt is None else hash((image_hash(image), salt))
+            items.append(ImageItem(span[0], count, digest, inputs))
             k += count
         mm = MultiModalInputs(items)
         if getattr(self.model, "uses_mrope", False):

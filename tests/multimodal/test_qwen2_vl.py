@@ -135,3 +135,29 @@ def test_processor_that_does_not_load_is_one_clear_error(qwen_dir, monkeypatch):
     monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", broken)
     with pytest.raises(ValueError, match="could not load the model's processor.*torchvision"):
         make_llm(qwen_dir)
+
+
+def test_mm_processor_kwargs(qwen_dir, images, processor):
+    # Per-prompt processor arguments (vLLM's mm_processor_kwargs): a larger pixel budget gives
+    # a larger grid; the same image preprocessed otherwise never shares KV.
+    from transformers import Qwen2VLForConditionalGeneration
+    kwargs = {"min_pixels": 28 * 28 * 8, "max_pixels": 28 * 28 * 12}
+    model = Qwen2VLForConditionalGeneration.from_pretrained(qwen_dir, dtype=torch.float32)
+    model.generation_config.eos_token_id = None
+    inputs = processor(text=[ONE], images=[images[1]], return_tensors="pt", **kwargs)
+    with torch.no_grad():
+        expected = model.eval().generate(**inputs, max_new_tokens=12, do_sample=False)
+    expected = expected[0, inputs["input_ids"].shape[1]:].tolist()
+    llm = make_llm(qwen_dir, block_size=4)
+    plain = {"prompt": ONE, "multi_modal_data": {"image": images[1]}}
+    out = llm.generate([{**plain, "mm_processor_kwargs": kwargs}], GREEDY, use_tqdm=False)
+    assert out[0].outputs[0].token_ids == expected
+    assert len(out[0].prompt_token_ids) == inputs["input_ids"].shape[1]
+    bm = llm.llm_engine.block_manager
+    llm.generate(plain, GREEDY, use_tqdm=False)
+    hits = bm.prefix_cache_hits
+    llm.generate({**plain, "mm_processor_kwargs": {"do_normalize": False}}, GREEDY,
+                 use_tqdm=False)  # same grid, other pixels: only the text before the image
+    assert bm.prefix_cache_hits - hits <= 4
+    with pytest.raises(ValueError, match="mm_processor_kwargs must be a dict"):
+        llm.generate({**plain, "mm_processor_kwargs": "max_pixels=5"}, GREEDY)
