@@ -109,28 +109,12 @@ class RequestBuilder:
 
 def render_chat(tokenizer, messages: list) -> tuple[str, list[int]]:
     """(text, token ids) of a conversation, as LLM.chat renders it."""
-    _refuse_image_parts(messages)
     kwargs = dict(chat_template=None, add_generation_prompt=True, continue_final_message=False)
     text = tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
     ids = tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):
         ids = ids["input_ids"]
     return text, list(ids)
-
-
-_IMAGE_PARTS = ("image_url", "image_pil", "image", "input_image")
-
-
-def _refuse_image_parts(messages: list) -> None:
-    # Job files take no images yet (docs/images.md): a template would drop the part silently
-    # and the model would answer without the image, so the row is a bad row instead.
-    for message in messages:
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, list) and any(isinstance(part, dict) and
-                                             part.get("type") in _IMAGE_PARTS
-                                             for part in content):
-            raise ValueError("image parts are not supported in job files yet (images work "
-                             "from the Python API: docs/images.md)")
 
 
 def _bad(row: InputRow, kind: str, reason: str) -> BadRow:

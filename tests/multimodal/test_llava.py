@@ -260,16 +260,3 @@ def test_async_llm_streams_with_images(llava_dir, images, hf_llava):
     finally:
         engine.shutdown()
 
-
-def test_job_rows_with_image_parts_are_refused_not_dropped(llava_dir):
-    # Job files take no images yet: a template would silently drop an image_url part.
-    from transformers import AutoTokenizer
-
-    from hpcinfer.worker.requests import render_chat
-    tokenizer = AutoTokenizer.from_pretrained(llava_dir)
-    text_only = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
-    assert render_chat(tokenizer, text_only)[1]
-    with pytest.raises(ValueError, match="image parts are not supported in job files yet"):
-        render_chat(tokenizer, [{"role": "user", "content": [
-            {"type": "text", "text": "What is it?"},
-            {"type": "image_url", "image_url": {"url": "file:///data/cat.png"}}]}])

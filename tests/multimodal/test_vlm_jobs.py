@@ -1,0 +1,39 @@
+"""A vision-language checkpoint in a job file today (issue 24, before image columns): text
+rows run and give the Python API's tokens, a chat row with an image part and a text row
+holding image placeholders are bad rows, the rest of the shard goes on."""
+from __future__ import annotations
+
+from hpcinfer.testing.worker_jobs import (job_config, make_job, read_errors, read_results,
+                                          run_worker, write_jsonl)
+
+
+def test_text_job_on_llava_with_bad_image_rows(tmp_path, llava_dir):
+    rows = [{"id": "a", "prompt": "Hello world, what is a cluster?"},
+            {"id": "b", "prompt": "USER: <image>\nWhat is it? ASSISTANT:"},
+            {"id": "c", "prompt": "Batch inference on Slurm"}]
+    chat = [{"id": "d", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is it?"},
+        {"type": "image_url", "image_url": {"url": "file:///data/cat.png"}}]}]},
+            {"id": "e", "messages": [{"role": "user", "content": "Say hello"}]}]
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    messages = write_jsonl(tmp_path / "chat.jsonl", chat)
+    job = make_job(tmp_path / "gen", job_config(llava_dir, str(prompts)))
+    chat_job = make_job(tmp_path / "chat", job_config(
+        llava_dir, str(messages), task="chat",
+        input={"path": str(messages), "id_field": "id", "messages_field": "messages",
+               "prompt_field": None}))
+    for job_dir in (job, chat_job):
+        rc, out = run_worker(job_dir, timeout_s=300)
+        assert rc == 0, out
+    texts = {r["id"]: r for r in read_results(job)[0]}
+    assert sorted(texts) == ["a", "c"]
+    errors = {e["id"]: e for e in read_errors(job) + read_errors(chat_job)}
+    assert errors["b"]["kind"] == "engine_rejected" and "no images" in errors["b"]["reason"]
+    # the reader takes text parts only (hpcinfer/io/rows.py check_messages)
+    assert "content must be a string or a list of" in errors["d"]["reason"]
+    assert [r["id"] for r in read_results(chat_job)[0]] == ["e"]
+    from hpcinfer import LLM, SamplingParams
+    llm = LLM(llava_dir, device="cpu", dtype="float32", max_num_seqs=4)
+    api = llm.generate([rows[0]["prompt"]], SamplingParams(temperature=0.0, max_tokens=6),
+                       use_tqdm=False)
+    assert texts["a"]["text"] == api[0].outputs[0].text
