@@ -221,7 +221,8 @@ class SamplingSection(Section):
         None, ge=0, description="Top logprobs per output token; null = none")
     prompt_logprobs: Optional[int] = Field(
         None, ge=0, description="Top logprobs per prompt token, written as the "
-                                "prompt_logprobs column (jsonl, parquet); null = none")
+                                "prompt_logprobs column (jsonl, parquet) or in each response "
+                                "as vLLM's server puts them (openai-batch); null = none")
     skip_special_tokens: bool = Field(True, description="Drop special tokens when detokenizing")
     include_stop_str_in_output: bool = Field(False, description="Keep the stop string")
     structured_outputs: Optional[StructuredOutputs] = Field(
@@ -288,8 +289,9 @@ class EngineSection(Section):
 class LoRASection(Section):
     adapters: dict[str, str] = Field(
         default_factory=dict, description="LoRA adapters by name: a local PEFT adapter "
-                                          "directory each (adapter_config.json + "
-                                          "adapter_model.safetensors); docs/lora.md")
+                                          "directory (adapter_config.json + "
+                                          "adapter_model.safetensors) or a hub id that "
+                                          "`hpcinfer download --job` fetches; docs/lora.md")
     max_loras: Optional[int] = Field(
         None, ge=1, description="Adapters held at once (slots); null = all of them")
     max_lora_rank: int = Field(16, ge=1, description="Largest adapter rank accepted")
