@@ -70,10 +70,11 @@ class Scheduler:
         preempted, i = False, 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new, num_encoder = min(len(seq.token_ids) - seq.num_computed_tokens, budget), 0
-            if seq.mm_inputs is not None:
+            num_new = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
+            if seq.mm_inputs is not None:  # (text sequences pay one attribute test)
                 num_new, num_encoder = self._fit_encoder_budget(seq, seq.num_computed_tokens,
                                                                 num_new, out)
+                out.num_encoder_tokens += num_encoder if num_new > 0 else 0
             if num_new <= 0:
                 # Async scheduling: its last token, still in flight, ends it (max_tokens or
                 # max_model_len), so it gets no placeholder and nothing to compute here.
@@ -87,7 +88,6 @@ class Scheduler:
                     return budget, preempted
             seqs.append(seq)
             num_new_tokens.append(num_new)
-            out.num_encoder_tokens += num_encoder
             budget -= num_new
             i += 1
         return budget, preempted
