@@ -1,0 +1,99 @@
+"""Pure pieces of hpcinfer/multimodal: image URLs and hashes, chat part conversion, block
+hash keys, the batch rows a step's chunks give images, M-RoPE positions of a step."""
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hpcinfer.multimodal.inputs import ImageItem, MultiModalInputs
+from hpcinfer.multimodal.media import image_hash, load_image_url
+from hpcinfer.multimodal.processor import to_hf_messages
+from hpcinfer.multimodal.step import mrope_positions, plan_image_rows
+
+
+def _png(color=(10, 20, 30), size=(6, 4)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_image_urls(tmp_path):
+    path = tmp_path / "a b.png"
+    path.write_bytes(_png())
+    data = "data:image/png;base64," + base64.b64encode(_png()).decode()
+    for url in (data, {"url": data}, f"file://{path}", f"file://localhost{path}", str(path),
+                f"file://{str(path).replace(' ', '%20')}"):
+        assert load_image_url(url, "here").size == (6, 4)
+    with pytest.raises(ValueError, match="here: .*remote host"):
+        load_image_url(f"file://server{path}", "here")
+    with pytest.raises(ValueError, match="unsupported image URL"):
+        load_image_url("relative/cat.png", "here")
+    with pytest.raises(ValueError, match="base64 payload does not decode"):
+        load_image_url("data:image/png;base64,@@@", "here")
+    truncated = "data:image/png;base64," + base64.b64encode(_png()[:40]).decode()
+    with pytest.raises(ValueError, match="not a readable image"):
+        load_image_url(truncated, "here")
+
+
+def test_image_hash_is_content():
+    a, b = Image.open(io.BytesIO(_png())), Image.open(io.BytesIO(_png()))
+    assert image_hash(a) == image_hash(b)
+    assert image_hash(a) != image_hash(Image.new("RGB", (6, 4), (10, 20, 31)))
+    assert image_hash(a) != image_hash(Image.new("RGB", (4, 6), (10, 20, 30)))  # same bytes
+
+
+def test_chat_parts_become_transformers_parts():
+    image = Image.new("RGB", (3, 3))
+    conversation = [{"role": "system", "content": "be brief"},
+                    {"role": "user", "content": [{"type": "text", "text": "a"},
+                                                 {"type": "image_pil", "image_pil": image}]}]
+    messages, images = to_hf_messages(conversation, "conversation 0")
+    assert messages[0] == conversation[0] and images == [image]
+    assert messages[1]["content"] == [{"type": "text", "text": "a"}, {"type": "image"}]
+    with pytest.raises(ValueError, match="message 0, part 0: content part type 'audio_url'"):
+        to_hf_messages([{"role": "user", "content": [{"type": "audio_url"}]}], "conversation 0")
+
+
+def _mm(*spans, hashes=None):
+    hashes = hashes or list(range(len(spans)))
+    return MultiModalInputs([ImageItem(o, n, h, {}) for (o, n), h in zip(spans, hashes)])
+
+
+def test_block_extra_keys_name_the_images_a_block_holds():
+    mm = _mm((5, 10), (20, 4), hashes=[111, 222])
+    assert mm.block_extra_keys(0, 4) == ()
+    assert mm.block_extra_keys(4, 8) == ((111, 0),)
+    assert mm.block_extra_keys(12, 16) == ((111, 7),)
+    assert mm.block_extra_keys(12, 24) == ((111, 7), (222, 0))
+    assert mm.block_extra_keys(24, 28) == ()
+
+
+class _Seq:
+    def __init__(self, mm):
+        self.mm_inputs = mm
+
+
+def test_plan_rows_slice_each_image_per_chunk():
+    # seq 0: image at [2, 8) computed from 4, 3 tokens; seq 1 text; seq 2: image at [0, 3)
+    seqs = [_Seq(_mm((2, 6))), _Seq(None), _Seq(_mm((0, 3)))]
+    starts, q_lens = np.array([4, 0, 0]), np.array([3, 2, 5])
+    cu = np.array([0, 3, 5, 10])
+    plan = plan_image_rows(seqs, starts, q_lens, cu)
+    assert plan.rows.tolist() == [0, 1, 2, 5, 6, 7]
+    assert [(k, lo, hi) for _, k, lo, hi in plan.pieces] == [(0, 2, 5), (0, 0, 3)]
+    assert plan_image_rows([_Seq(_mm((2, 6)))], np.array([8]), np.array([1]),
+                           np.array([0, 1])) is None  # past the image: no rows
+
+
+def test_mrope_positions_of_a_step():
+    mm = _mm((1, 4))
+    mm.rope_positions = np.array([[0, 1, 1, 1, 1, 3], [0, 1, 1, 2, 2, 3], [0, 1, 2, 1, 2, 3]])
+    mm.rope_delta = -2
+    seqs = [_Seq(mm), _Seq(None)]
+    # seq 0: prompt tokens 4, 5 and its first generated token 6; seq 1: text at 7, 8
+    out = mrope_positions(seqs, np.array([4, 7]), np.array([3, 2]), np.array([4, 5, 6, 7, 8]))
+    assert out.tolist() == [[1, 3, 4, 7, 8], [2, 3, 4, 7, 8], [2, 3, 4, 7, 8]]
