@@ -260,3 +260,20 @@ def test_async_llm_streams_with_images(llava_dir, images, hf_llava):
     finally:
         engine.shutdown()
 
+
+
+def test_prefix_hit_ending_inside_an_image(llava_dir, images, hf_llava):
+    # The prompt ends with its image: a repeat takes all but the last block from the cache,
+    # so its first chunk starts inside the placeholder span; the image is encoded again and
+    # only its last rows are used.
+    tail = "USER: <image>"
+    llm = make_llm(llava_dir, block_size=4)
+    calls = counting_encoder(llm)
+    prompt = {"prompt": tail, "multi_modal_data": {"image": images[1]}}
+    first = tokens(llm.generate(prompt, GREEDY, use_tqdm=False))
+    hits = llm.llm_engine.block_manager.prefix_cache_hits
+    again = tokens(llm.generate(prompt, GREEDY, use_tqdm=False))
+    num_prompt = 1 + 4 + 16  # BOS, "USER: " (4 tokens here), 16 image tokens
+    assert llm.llm_engine.block_manager.prefix_cache_hits - hits == 4 * ((num_prompt - 1) // 4)
+    assert calls == [1, 1]
+    assert first == again == [hf_llava(llava_dir, tail, [images[1]])[0]]
