@@ -99,3 +99,187 @@ def fp8_scaled_mm(a: torch.Tensor, a_scales: torch.Tensor, b_t: torch.Tensor,
     [N, K] weight's .t()) with per-channel scales [1, N] -> [M, N] (cuBLASLt rowwise)."""
     return torch._scaled_mm(a, b_t, scale_a=a_scales, scale_b=b_scales, out_dtype=out_dtype,
                             bias=bias)
+
+
+# ---- dynamic per-token (per-token-group) activation quantization, one launch ------------
+
+FP8_MAX = 448.0
+MIN_SCALE = 1e-12
+
+
+@triton.jit
+def _round_to_e4m3_grid(v):
+    # v (fp32, |v| <= 448) rounded to the nearest e4m3 value (ties to even) in fp32, so the
+    # cast that follows is exact: the spacing of e4m3 around v is 2^(exponent - 3) (floored at
+    # the subnormal spacing 2^-9), and adding then subtracting 1.5 * 2^23 spacings rounds to a
+    # multiple of it in fp32's round-to-nearest-even. The GPU's cvt would round the same way
+    # by itself; the CPU interpreter's e4m3 cast does not (127.2 came out 64, not 128).
+    exponent = ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    spacing = ((tl.maximum(exponent, -6) - 3 + 127) << 23).to(tl.float32, bitcast=True)
+    magic = spacing * 12582912.0        # 1.5 * 2^23
+    return (v + magic) - magic
+
+
+@triton.jit
+def _quant_fp8_kernel(X, Q, S, K, stride_xm, GROUP: tl.constexpr, BLOCK: tl.constexpr,
+                      ONE_PASS: tl.constexpr):
+    # one program per (token, group of GROUP inputs): amax over the group, scale =
+    # max(amax / 448, 1e-12), q = clamp(x / scale, +-448) as e4m3, scale written to S[m, g].
+    # div_rn: IEEE division as torch's (Triton's "/" on fp32 is the approximate div.full)
+    row, grp = tl.program_id(0), tl.program_id(1)
+    x_row = X + row.to(tl.int64) * stride_xm + grp * GROUP
+    q_row = Q + row.to(tl.int64) * K + grp * GROUP
+    offs = tl.arange(0, BLOCK)
+    if ONE_PASS:   # the group fits one block: load once
+        x = tl.load(x_row + offs, mask=offs < GROUP, other=0.0).to(tl.float32)
+        scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=0), 448.0), 1e-12)
+        q = _round_to_e4m3_grid(tl.clamp(tl.math.div_rn(x, scale), -448.0, 448.0))
+        tl.store(q_row + offs, q.to(Q.dtype.element_ty), mask=offs < GROUP)
+    else:          # GROUP a multiple of BLOCK: amax pass, then quantize (re-read from L2)
+        amax = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k0 in range(0, GROUP, BLOCK):
+            x = tl.load(x_row + k0 + offs).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(x))
+        scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), 448.0), 1e-12)
+        for k0 in range(0, GROUP, BLOCK):
+            x = tl.load(x_row + k0 + offs).to(tl.float32)
+            q = _round_to_e4m3_grid(tl.clamp(tl.math.div_rn(x, scale), -448.0, 448.0))
+            tl.store(q_row + k0 + offs, q.to(Q.dtype.element_ty))
+    tl.store(S + row.to(tl.int64) * (K // GROUP) + grp, scale)
+
+
+def quantize_fp8(x: torch.Tensor, group: int | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (fp16/bf16/fp32, stride 1 in K) -> (e4m3 [M, K], fp32 scales [M, K/group]):
+    one scale per token (group None: [M, 1]) or per token and group of inputs, in one kernel
+    launch. Reference: quant_reference.quantize_per_token(_group) (same formula: amax / 448
+    floored at 1e-12, x / scale clamped to +-448)."""
+    check_dim("x", x, 2, "[M, K]")
+    check_dtype("x", x, OUT_DTYPES)
+    m, k = x.shape
+    group = k if group is None else group
+    if k % group:
+        raise KernelArgumentError(f"K={k} is not a multiple of the group {group}")
+    if x.stride(1) != 1:
+        raise KernelArgumentError(f"x must have stride 1 in K, got strides {x.stride()}")
+    q = torch.empty(m, k, dtype=FP8, device=x.device)
+    scales = torch.empty(m, k // group, dtype=torch.float32, device=x.device)
+    if m == 0:
+        return q, scales
+    one_pass = group <= 4096
+    block = triton.next_power_of_2(group) if one_pass else 1024
+    if not one_pass and group % block:
+        one_pass, block = True, triton.next_power_of_2(group)
+    _quant_fp8_kernel[(m, k // group)](x, q, scales, k, x.stride(0), GROUP=group, BLOCK=block,
+                                       ONE_PASS=one_pass,
+                                       num_warps=4 if block <= 1024 else 8)
+    return q, scales
+
+
+# ---- W8A16 for decode-sized M: e4m3 weights upcast in the GEMM, no activation quant ------
+
+@triton.jit
+def _fp8_w8a16_kernel(A, B, BS, OUT, M, N, K, K_PER_SPLIT, stride_am, stride_om,
+                      SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+    # out = (a @ b^T) * b_scale[n]: b [N, K] e4m3 loaded as [BLOCK_K, BLOCK_N] tiles, upcast
+    # to a's dtype (exact: e4m3's 3 mantissa bits and range fit fp16/bf16), fp32 accumulation,
+    # the per-channel scale applied once to the product; split-K as in w4a16_gemm
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        k = k0 + offs_k
+        a = tl.load(A + offs_m[:, None].to(tl.int64) * stride_am + k[None, :],
+                    mask=mask_m[:, None], other=0.0)
+        b = tl.load(B + offs_n[None, :].to(tl.int64) * K + k[:, None], mask=mask_n[None, :],
+                    other=0.0)
+        acc += tl.dot(a, b.to(tl.float32).to(A.dtype.element_ty))
+    scale = tl.load(BS + offs_n, mask=mask_n, other=0.0)
+    acc = acc * scale[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        out = OUT + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+        tl.store(out, acc.to(OUT.dtype.element_ty), mask=mask)
+    else:
+        out = (OUT + pid_k.to(tl.int64) * M * N + offs_m[:, None].to(tl.int64) * N
+               + offs_n[None, :])
+        tl.store(out, acc, mask=mask)
+
+
+# Launches by M (first bound >= M): (block_m, block_n, block_k, warps), split-K doubled up to 8
+# while the grid is under 4 waves of SMs, as the W4A16 sweep's decode rows did best (that
+# sweep, not one of this kernel: bench/kernels.py's fp8_w8a16 rows are its first timings).
+W8A16_TABLE = ((16, (16, 128, 128, 4)), (1 << 62, (64, 128, 64, 4)))
+
+
+def fp8_w8a16_gemm(a: torch.Tensor, b: torch.Tensor, b_scales: torch.Tensor,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a [M, K] (fp16/bf16/fp32) x b [N, K] e4m3 with per-channel scales [N] (or [1, N])
+    -> a @ (b * scales)^T [M, N] in a's dtype (+ bias). K a multiple of 64."""
+    from .w4a16_gemm import MIN_STEPS_PER_SPLIT, _sum_splits_kernel, num_sms
+    check_dim("a", a, 2, "[M, K]")
+    check_dim("b", b, 2, "[N, K] e4m3")
+    check_dtype("a", a, OUT_DTYPES)
+    check_dtype("b", b, (FP8,))
+    check_dtype("b_scales", b_scales, (torch.float32,))
+    m, k = a.shape
+    n = b.shape[0]
+    if b.shape[1] != k or k % 64:
+        raise KernelArgumentError(f"a {tuple(a.shape)} and b {tuple(b.shape)} must share K, a "
+                                  "multiple of 64")
+    if b_scales.numel() != n:
+        raise KernelArgumentError(f"b_scales must have N={n} entries, got "
+                                  f"{tuple(b_scales.shape)}")
+    if a.stride(1) != 1:
+        raise KernelArgumentError(f"a must have stride 1 in K, got strides {a.stride()}")
+    check_contiguous("b", b)
+    out = torch.empty(m, n, dtype=a.dtype, device=a.device)
+    if m == 0:
+        return out
+    block_m, block_n, block_k, warps = next(c for bound, c in W8A16_TABLE if m <= bound)
+    block_k = block_k if k % block_k == 0 else 64
+    tiles, steps, split = triton.cdiv(m, block_m) * triton.cdiv(n, block_n), k // block_k, 1
+    while (tiles * split < 4 * num_sms(a.device) and split < 8
+           and steps // (split * 2) >= MIN_STEPS_PER_SPLIT):
+        split *= 2
+    k_per_split = triton.cdiv(steps, split) * block_k
+    split = triton.cdiv(k, k_per_split)
+    target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32,
+                                                device=a.device)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)
+    _fp8_w8a16_kernel[grid](a, b, b_scales.contiguous(), target, m, n, k, k_per_split,
+                            a.stride(0), out.stride(0), SPLIT_K=split, BLOCK_M=block_m,
+                            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+    if split > 1:
+        _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](target, out, m * n, SPLIT_K=split,
+                                                         BLOCK=1024)
+    if bias is not None:
+        out += bias
+    return out
+
+
+# ---- the per-M choice for per-channel / per-tensor e4m3 weights, in one place -----------
+
+# Up to this many rows the layer runs W8A16 (fp8_w8a16_gemm: decode is memory-bound, the
+# e4m3 weight is half bf16's bytes and no activation is quantized); above, W8A8: one fused
+# quantize_fp8 launch and torch._scaled_mm (cuBLASLt) on the tensor cores' e4m3 path.
+# Why: on the H200 (bench/results/kernels-quant-nvidia-h200-2026-12-03.json) the W8A8 call
+# (torch per-token quantization + _scaled_mm) took 0.08-0.23 ms at M 1-64 where bf16 took
+# 0.019-0.07 ms, i.e. a fixed ~60 us per call; not yet re-measured with this split.
+W8A16_MAX_M = 64
+
+
+def fp8_rowwise_linear(x: torch.Tensor, b: torch.Tensor, b_scales: torch.Tensor,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ (b [N, K] e4m3 * b_scales [1, N])^T (+ bias) -> [M, N] in x's dtype, as the
+    FP8 per-channel / per-tensor layers run it (W8A16 up to W8A16_MAX_M rows, else W8A8)."""
+    if x.shape[0] <= W8A16_MAX_M and x.shape[1] % 64 == 0:
+        return fp8_w8a16_gemm(x, b, b_scales, bias)
+    a, a_scales = quantize_fp8(x)
+    return fp8_scaled_mm(a, a_scales, b.t(), b_scales, x.dtype, bias)

@@ -4,7 +4,9 @@
 #
 #   kernels     tests/gpu/test_quant_gpu.py (W4A16 incl. split-K and CUDA graphs, FP8), then
 #               bench/kernels.py's quant_gemm rows: 8B and 70B projections at M 1/16/64/256/2048
-#               next to the bf16 GEMM                                             (~4-6 min)
+#               next to the bf16 GEMM, each quantized path timed as the layer calls it
+#               (*_linear rows, activation quantization included) and as the GEMM alone
+#               (QUANT_MODELS=8B: the 8B shapes only, about half the time)       (~4-6 min)
 #   sweep       bench/kernels.py --only w4a16: W4A16 tile x split-K variants at decode M (~5 min)
 #   throughput  workload B (Llama-3.1-8B shape, 1000 prompts), hpcinfer only, every variant
 #               with load_format=dummy (same weights source, nothing written to disk):
@@ -42,9 +44,10 @@ if [[ $STAGES == *" kernels "* ]]; then
 
   start=$(date +%s)
   timeout "${BENCH_TIMEOUT:-240}" "$PY" "$REPO/bench/kernels.py" --only copy,quant_gemm \
+    ${QUANT_MODELS:+--quant-models "$QUANT_MODELS"} \
     --out "$RESULTS_DIR" > "$RESULTS_DIR/quant-kernels.log" 2>&1
   echo "bench: exit $? in $(( $(date +%s) - start )) s"
-  grep -E "^(kernel|device_copy|bf16_gemm|w4a16|fp8)" "$RESULTS_DIR/quant-kernels.log" | tail -170
+  grep -E "^(kernel|device_copy|bf16_gemm|w4a16|fp8)" "$RESULTS_DIR/quant-kernels.log" | tail -400
 fi
 
 if [[ $STAGES == *" sweep "* ]]; then

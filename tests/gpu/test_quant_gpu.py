@@ -122,6 +122,91 @@ def test_fp8_rowwise_scaled_mm(k, n, m):
     assert rel_err(got, want) < 1e-2
 
 
+@pytest.mark.parametrize("k, n", SHAPES)
+@pytest.mark.parametrize("m", TOKENS)
+@pytest.mark.parametrize("group, desc_act", [(128, False), (128, True)])
+def test_w4a16_linear_full_shapes(k, n, m, group, desc_act):
+    """The layers' entry: fused kernel below DEQUANT_MIN_M rows, dequantize + cuBLAS from it
+    (M 256 and 2048 here); the dequantized weight equals the reference's bit for bit."""
+    from hpcinfer.kernels.w4a16_gemm import DEQUANT_MIN_M, w4a16_dequantize, w4a16_linear
+    assert 64 < DEQUANT_MIN_M <= 256
+    g = torch.Generator(device=DEVICE).manual_seed(k + n + m + 1)
+    codes = torch.randint(0, 16, (k, n), generator=g, device=DEVICE)
+    zeros = torch.randint(0, 16, (k // group, n), generator=g, device=DEVICE, dtype=torch.int32)
+    scales = torch.rand(k // group, n, generator=g, device=DEVICE) * 0.02 + 0.001
+    g_idx = (torch.randperm(k, generator=g, device=DEVICE).to(torch.int32) // group
+             if desc_act else None)
+    qweight = kref.pack_k(codes)
+    a = torch.randn(m, k, generator=g, device=DEVICE).bfloat16()
+    got = w4a16_linear(a, qweight, zeros, scales, g_idx, group)
+    assert rel_err(got, kref.w4a16_gemm(a, qweight, zeros, scales, g_idx, group)) < 1e-2
+    if m == 1:
+        want = kref.w4a16_weight(qweight, zeros, scales, g_idx, group).bfloat16()
+        assert torch.equal(w4a16_dequantize(qweight, zeros, scales, g_idx, group,
+                                            torch.bfloat16), want)
+        assert torch.equal(w4a16_dequantize(qweight, zeros, scales, g_idx, group,
+                                            torch.bfloat16, 256, 1000), want[:, 256:1000])
+
+
+@pytest.mark.skipif(not fp8_supported(), reason="e4m3 needs compute capability >= 8.9")
+@pytest.mark.parametrize("k", [4096, 14336])
+@pytest.mark.parametrize("m", TOKENS)
+@pytest.mark.parametrize("group", [None, 128])
+def test_quantize_fp8_full_shapes(k, m, group):
+    """The fused activation quantization equals the torch reference bit for bit on the GPU."""
+    from hpcinfer.kernels.fp8_gemm import quantize_fp8
+    g = torch.Generator(device=DEVICE).manual_seed(k + m)
+    x = (torch.randn(m, k, generator=g, device=DEVICE) * 4).bfloat16()
+    q, scales = quantize_fp8(x, group)
+    want_q, want_scales = kref.quantize_per_token_group(x, group or k)
+    assert torch.equal(scales, want_scales)
+    assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
+
+
+@pytest.mark.skipif(not fp8_supported(), reason="e4m3 needs compute capability >= 8.9")
+@pytest.mark.parametrize("k, n", SHAPES)
+@pytest.mark.parametrize("m", TOKENS)
+def test_fp8_rowwise_linear_full_shapes(k, n, m):
+    """fp8_rowwise_linear: W8A16 up to W8A16_MAX_M rows (against x @ the dequantized weight),
+    W8A8 above (against the per-token-quantized product)."""
+    from hpcinfer.kernels.fp8_gemm import W8A16_MAX_M, fp8_rowwise_linear
+    g = torch.Generator(device=DEVICE).manual_seed(k + n + m)
+    x = torch.randn(m, k, generator=g, device=DEVICE).bfloat16()
+    w = torch.randn(n, k, generator=g, device=DEVICE)
+    w_scales = w.abs().amax(dim=1) / 448
+    b = (w / w_scales[:, None]).to(kref.FP8)
+    w_deq = b.float() * w_scales[:, None]
+    got = fp8_rowwise_linear(x, b, w_scales.reshape(1, -1))
+    if m <= W8A16_MAX_M:
+        assert rel_err(got, x.float() @ w_deq.t()) < 1e-2
+    else:
+        a, a_scales = kref.quantize_per_token(x)
+        assert rel_err(got, (a.float() * a_scales) @ w_deq.t()) < 1e-2
+
+
+@pytest.mark.skipif(not fp8_supported(), reason="e4m3 needs compute capability >= 8.9")
+def test_fp8_w8a16_split_k_in_a_cuda_graph():
+    from hpcinfer.kernels.fp8_gemm import fp8_w8a16_gemm
+    g = torch.Generator(device=DEVICE).manual_seed(3)
+    a = torch.randn(4, 4096, generator=g, device=DEVICE).bfloat16()
+    w = torch.randn(4096, 4096, generator=g, device=DEVICE)
+    w_scales = w.abs().amax(dim=1) / 448
+    b = (w / w_scales[:, None]).to(kref.FP8)
+    run = lambda: fp8_w8a16_gemm(a, b, w_scales)   # noqa: E731
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    a.copy_(torch.randn_like(a))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(out, a.float() @ (b.float() * w_scales[:, None]).t()) < 1e-2
+
+
 @pytest.mark.parametrize("method", ["awq", "gptq"])
 def test_w4a16_dummy_model_on_gpu(method, tmp_path, monkeypatch):
     """load_format="dummy" with a W4A16 quantization_config at Llama-3.1-8B widths (2 layers):

@@ -2,9 +2,11 @@
 (compressed-tensors channel, FBGEMM, online), per-tensor (compressed-tensors tensor, serialized
 ``fp8`` without blocks).
 
-Where the GPU runs FP8 (compute capability >= 8.9) the weights stay e4m3 and the matmul is
-W8A8 (hpcinfer.kernels.fp8_gemm: torch._scaled_mm for per-tensor/per-channel scales, our
-Triton block-scaled GEMM for block-wise ones; activations quantized per token on the fly).
+Where the GPU runs FP8 (compute capability >= 8.9) the weights stay e4m3 (hpcinfer.kernels
+.fp8_gemm). Per-tensor/per-channel scales: fp8_rowwise_linear picks by M, W8A16 (our Triton
+GEMM upcasting the e4m3 weight, no activation quantization) up to W8A16_MAX_M rows, else W8A8
+(one fused per-token quantization launch + torch._scaled_mm). Block-wise scales: W8A8 with the
+fused per-token-group quantization and our Triton block-scaled GEMM.
 Elsewhere, CPU included, the weights are dequantized once to the compute dtype and the layer
 is a plain matmul: that is the reference path the tests hold to transformers.
 """
@@ -102,19 +104,18 @@ class Fp8Method(QuantMethod):
               ) -> torch.Tensor:
         if layer.weight.dtype != ref.FP8:
             return F.linear(x, layer.weight, bias)
-        from hpcinfer.kernels import quant_reference as kref
-        from hpcinfer.kernels.fp8_gemm import fp8_block_gemm, fp8_scaled_mm
+        from hpcinfer.kernels.fp8_gemm import fp8_block_gemm, fp8_rowwise_linear, quantize_fp8
         x2 = x.reshape(-1, x.shape[-1])
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
         if self.spec.scheme == "fp8_block":
-            a, a_scales = kref.quantize_per_token_group(x2, self.spec.block[1])
+            a, a_scales = quantize_fp8(x2, self.spec.block[1])   # one fused launch
             y = fp8_block_gemm(a, a_scales, layer.weight, layer.fp8_block_scales,
                                self.spec.block, x.dtype)
             if bias is not None:
                 y += bias
-        else:
-            a, a_scales = kref.quantize_per_token(x2)
-            y = fp8_scaled_mm(a, a_scales, layer.weight.t(), layer.fp8_row_scales, x.dtype,
-                              bias)
+        else:   # W8A16 at decode M, W8A8 (fused quantization + _scaled_mm) above: fp8_gemm
+            y = fp8_rowwise_linear(x2, layer.weight, layer.fp8_row_scales, bias)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 

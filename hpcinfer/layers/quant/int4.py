@@ -2,7 +2,8 @@
 pack-quantized, each loaded in its own packed layout and turned into one canonical form.
 
 On CUDA the canonical form is packed for the Triton dequantize-in-the-GEMM kernel
-(hpcinfer.kernels.w4a16_gemm); elsewhere, CPU included, the weights are dequantized once to the
+(hpcinfer.kernels.w4a16_gemm: the fused kernel at decode M, a dequantize pass + cuBLAS from
+w4a16_gemm.DEQUANT_MIN_M rows on); elsewhere, CPU included, the weights are dequantized once to the
 compute dtype (the reference path the tests hold to transformers).
 """
 from __future__ import annotations
@@ -163,9 +164,9 @@ class Int4Method(QuantMethod):
               ) -> torch.Tensor:
         if "weight" in layer._parameters:
             return F.linear(x, layer.weight, bias)
-        from hpcinfer.kernels.w4a16_gemm import w4a16_gemm
-        y = w4a16_gemm(x.reshape(-1, x.shape[-1]), layer.w4_qweight, layer.w4_zeros,
-                       layer.w4_scales, layer.w4_g_idx, layer.w4_group_size)
+        from hpcinfer.kernels.w4a16_gemm import w4a16_linear   # picks the path by M
+        y = w4a16_linear(x.reshape(-1, x.shape[-1]), layer.w4_qweight, layer.w4_zeros,
+                         layer.w4_scales, layer.w4_g_idx, layer.w4_group_size)
         if bias is not None:
             y += bias
         return y.reshape(*x.shape[:-1], y.shape[-1])
