@@ -33,7 +33,12 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true",
                         help="also time alternative tile configs (bf16), each checked first")
     parser.add_argument("--only", help="comma-separated bench names, e.g. decode_mix")
+    parser.add_argument("--quant-models", help="quant_gemm rows for these shapes only: "
+                        "8B, 70B or 8B,70B (default both)")
     args = parser.parse_args()
+    if args.quant_models:
+        global QUANT_MODELS
+        QUANT_MODELS = tuple(args.quant_models.split(","))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not torch.cuda.is_available():
         raise SystemExit("bench/kernels.py needs a CUDA GPU (the interpreter would time numpy)")
@@ -322,61 +327,90 @@ QUANT_SHAPES = [(4096, 6144, "8B qkv"), (4096, 4096, "8B o"), (4096, 28672, "8B 
                 (8192, 10240, "70B qkv"), (8192, 8192, "70B o"), (8192, 57344, "70B gate_up"),
                 (28672, 8192, "70B down")]
 QUANT_MS = (1, 16, 64, 256, 2048)      # decode batch sizes, then a prefill chunk
+QUANT_MODELS = ("8B", "70B")           # --quant-models narrows QUANT_SHAPES
 
 
 def bench_quant_gemm(dtypes):
-    """Quantized GEMMs next to the bf16 GEMM of the same shape (peer_ms = F.linear bf16):
-    W4A16 (group 128), FP8 block-scaled (Triton, incl. the per-token-group activation
-    quantization) and FP8 rowwise (torch._scaled_mm, incl. the per-token quantization)."""
+    """Quantized linears next to the bf16 GEMM of the same shape (peer_ms = F.linear bf16).
+    Two kinds of row, so a run separates the GEMM from what surrounds it:
+
+    * ``*_linear``: the whole call as the layer makes it (quant_method.apply minus reshapes):
+      w4a16_linear (fused kernel below DEQUANT_MIN_M rows, dequantize + cuBLAS from it),
+      fp8_linear (fp8_rowwise_linear: W8A16 up to W8A16_MAX_M, else the fused per-token
+      quantization + _scaled_mm), fp8_block_linear (fused per-token-group quantization +
+      the Triton block GEMM), and fp8_linear:torch_quant (the 2026-12-03 path: torch ops
+      for the per-token quantization, then _scaled_mm) for comparison.
+    * GEMM alone, activations already quantized: w4a16_gemm (the fused kernel at config_for's
+      launch, every M), fp8_scaled_mm, fp8_block_gemm, fp8_w8a16_gemm (M <= 256), and
+      fp8_quant (quantize_fp8 alone, per token)."""
     from hpcinfer.kernels import quant_reference as kref
-    from hpcinfer.kernels.fp8_gemm import fp8_block_gemm, fp8_scaled_mm
-    from hpcinfer.kernels.w4a16_gemm import w4a16_gemm
-    from hpcinfer.kernels.w4a16_gemm import config_for, num_sms
+    from hpcinfer.kernels.fp8_gemm import (fp8_block_gemm, fp8_rowwise_linear, fp8_scaled_mm,
+                                           fp8_w8a16_gemm, quantize_fp8)
+    from hpcinfer.kernels.w4a16_gemm import config_for, num_sms, w4a16_gemm, w4a16_linear
     fp8 = torch.cuda.get_device_capability() >= (8, 9)
     for k, n, model in QUANT_SHAPES:
+        if model.split()[0] not in QUANT_MODELS:
+            continue
         w = torch.randn(n, k, device="cuda") * k ** -0.5
         wb = w.bfloat16()
         codes = torch.randint(0, 16, (k, n), device="cuda")
         zeros = torch.full((k // 128, n), 8, dtype=torch.int32, device="cuda")
         scales = torch.rand(k // 128, n, device="cuda") * 0.01
         qweight = kref.pack_k(codes)
+        del codes
         b_block_scales = w.reshape(n // 128, 128, k // 128, 128).abs().amax(dim=(1, 3)) / 448
         b_block = (w / b_block_scales.repeat_interleave(128, 0)
                    .repeat_interleave(128, 1)).to(kref.FP8)
-        row_scales = w.abs().amax(dim=1) / 448
-        b_row = (w / row_scales[:, None]).to(kref.FP8)
+        row_scales = (w.abs().amax(dim=1) / 448).reshape(1, -1).contiguous()
+        b_row = (w / row_scales.reshape(-1, 1)).to(kref.FP8)
         for m in QUANT_MS:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             shape = f"M{m} K{k} N{n} ({model})"
+            flops = 2 * m * n * k
             bf16_ms = time_ms(lambda: F.linear(x, wb))
             yield _row("bf16_gemm", shape, torch.bfloat16, bf16_ms,
-                       (m * k + k * n + m * n) * 2, tflops=2 * m * n * k / bf16_ms / 1e9)
-            ms = time_ms(lambda: w4a16_gemm(x, qweight, zeros, scales, None, 128))
-            err = _rel_err(w4a16_gemm(x, qweight, zeros, scales, None, 128),
-                           kref.w4a16_gemm(x, qweight, zeros, scales, None, 128))
+                       (m * k + k * n + m * n) * 2, tflops=flops / bf16_ms / 1e9)
+            w4_bytes = (m * k + m * n) * 2 + k * n // 2 + 8 * (k // 128) * n
+            want = kref.w4a16_gemm(x, qweight, zeros, scales, None, 128)
             cfg = config_for(m, n, k, 128, False, num_sms(x.device))
-            yield _row("w4a16_gemm", shape + " g128", torch.bfloat16, ms,
-                       (m * k + m * n) * 2 + k * n // 2 + 8 * (k // 128) * n, bf16_ms,
-                       speedup=bf16_ms / ms, rel_err=err, tflops=2 * m * n * k / ms / 1e9,
-                       launch=cfg._asdict())
+            for name, fn in (
+                    ("w4a16_linear", lambda: w4a16_linear(x, qweight, zeros, scales, None, 128)),
+                    ("w4a16_gemm", lambda: w4a16_gemm(x, qweight, zeros, scales, None, 128))):
+                ms = time_ms(fn)
+                yield _row(name, shape + " g128", torch.bfloat16, ms, w4_bytes, bf16_ms,
+                           speedup=bf16_ms / ms, rel_err=_rel_err(fn(), want),
+                           tflops=flops / ms / 1e9, launch=cfg._asdict())
+            del want
             if not fp8:
                 continue
+            exact = F.linear(x.float(), w).bfloat16()
+            a_row, a_row_s = quantize_fp8(x)
+            a_blk, a_blk_s = quantize_fp8(x, 128)
 
-            def block():
-                a, a_s = kref.quantize_per_token_group(x, 128)
-                return fp8_block_gemm(a, a_s, b_block, b_block_scales, (128, 128),
-                                      torch.bfloat16)
-
-            def rowwise():
+            def torch_quant_linear():
                 a, a_s = kref.quantize_per_token(x)
-                return fp8_scaled_mm(a, a_s, b_row.t(), row_scales.reshape(1, -1),
-                                     torch.bfloat16)
-            for name, fn in (("fp8_block_gemm", block), ("fp8_scaled_mm", rowwise)):
+                return fp8_scaled_mm(a, a_s, b_row.t(), row_scales, torch.bfloat16)
+            fp8_bytes = m * k * 2 + k * n + m * n * 2
+            variants = [
+                ("fp8_linear", lambda: fp8_rowwise_linear(x, b_row, row_scales)),
+                ("fp8_linear:torch_quant", torch_quant_linear),
+                ("fp8_block_linear", lambda: fp8_block_gemm(
+                    *quantize_fp8(x, 128), b_block, b_block_scales, (128, 128), torch.bfloat16)),
+                ("fp8_scaled_mm", lambda: fp8_scaled_mm(a_row, a_row_s, b_row.t(), row_scales,
+                                                        torch.bfloat16)),
+                ("fp8_block_gemm", lambda: fp8_block_gemm(a_blk, a_blk_s, b_block,
+                                                          b_block_scales, (128, 128),
+                                                          torch.bfloat16))]
+            if m <= 256:
+                variants.append(("fp8_w8a16_gemm", lambda: fp8_w8a16_gemm(x, b_row, row_scales)))
+            for name, fn in variants:
                 ms = time_ms(fn)
-                err = _rel_err(fn(), F.linear(x.float(), w).bfloat16())
-                yield _row(name, shape, torch.bfloat16, ms, m * k * 2 + k * n + m * n * 2,
-                           bf16_ms, speedup=bf16_ms / ms, rel_err=err,
-                           tflops=2 * m * n * k / ms / 1e9)
+                yield _row(name, shape, torch.bfloat16, ms, fp8_bytes, bf16_ms,
+                           speedup=bf16_ms / ms, rel_err=_rel_err(fn(), exact),
+                           tflops=flops / ms / 1e9)
+            ms = time_ms(lambda: quantize_fp8(x))
+            yield _row("fp8_quant", f"M{m} K{k} per token", torch.bfloat16, ms,
+                       m * k * 3 + m * 4)
 
 
 SWEEP_W4A16_SHAPES = [(4096, 6144, "8B qkv"), (14336, 4096, "8B down"),
