@@ -165,7 +165,7 @@ def _multimodal_hint(hf: dict) -> str:
     if isinstance(hf.get("text_config"), dict) or isinstance(hf.get("vision_config"), dict):
         return (" (this is a multimodal checkpoint of a family hpcinfer does not run yet; "
                 "of the vision-language families it runs LlavaForConditionalGeneration "
-                "(docs/images.md), and a text-only checkpoint of the same family may load)")
+                "(docs/vision.md), and a text-only checkpoint of the same family may load)")
     return ""
 
 

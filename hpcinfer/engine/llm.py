@@ -120,7 +120,7 @@ class LLM:
         """messages: one conversation (a list of {"role", "content"} dicts) or a list of them;
         each is rendered with the tokenizer's chat template (or ``chat_template``), ``tools``
         (OpenAI-style function specs) passed to the template as transformers does. With a
-        vision-language model, content may hold image parts (docs/images.md) and
+        vision-language model, content may hold image parts (docs/vision.md) and
         ``mm_processor_kwargs`` go to its processor."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         if add_generation_prompt and continue_final_message:

@@ -240,7 +240,7 @@ class LLMEngine:
             if self.multimodal is None:
                 raise ValueError(f"request {request_id!r}: {self.spec.architecture} takes no "
                                  "images: remove multi_modal_data, or load a vision-language "
-                                 "model (docs/images.md)")
+                                 "model (docs/vision.md)")
             if truncate_prompt_tokens is not None:
                 raise ValueError(f"request {request_id!r}: truncate_prompt_tokens would cut "
                                  "image placeholders: leave it None for prompts with images")

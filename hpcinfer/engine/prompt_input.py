@@ -17,7 +17,7 @@ def tokenize_prompt(tokenizer, prompt, request_id: str, *, max_model_len: int, v
         if "multi_modal_data" in unknown:  # generate() and chat() take images: not here
             raise ValueError(f"request {request_id!r}: images (multi_modal_data) go through "
                              "generate() and chat() only; beam search and pooling tasks take "
-                             "text for now (docs/images.md)")
+                             "text for now (docs/vision.md)")
         if unknown:
             raise ValueError(f"request {request_id!r}: unknown prompt keys {sorted(unknown)}; "
                              "use 'prompt' and/or 'prompt_token_ids'")

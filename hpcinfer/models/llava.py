@@ -63,7 +63,7 @@ class LlavaForConditionalGeneration(nn.Module):
         super().__init__()
         if tp.size > 1:
             raise ValueError("LLaVA runs on one GPU for now (images with tensor parallelism "
-                             "are not built yet, docs/images.md): set tensor_parallel_size=1")
+                             "are not built yet, docs/vision.md): set tensor_parallel_size=1")
         text_type, vision_type = config.text_config.model_type, config.vision_config.model_type
         if text_type not in _TEXT_MODELS or vision_type not in _VISION_TOWERS:
             raise ValueError(f"LLaVA with a {vision_type} tower and a {text_type} language "

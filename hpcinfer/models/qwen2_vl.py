@@ -168,7 +168,7 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         super().__init__()
         if tp.size > 1:
             raise ValueError("Qwen2-VL runs on one GPU for now (images with tensor "
-                             "parallelism are not built yet, docs/images.md): set "
+                             "parallelism are not built yet, docs/vision.md): set "
                              "tensor_parallel_size=1")
         self.config, text = config, config.text_config
         self.language_model = Qwen2ForCausalLM(text, attention_backend=attention_backend, tp=tp)

@@ -77,7 +77,7 @@ def load_model(model_path: str | Path, *, dtype: torch.dtype, device: torch.devi
     cls = model_class(architecture)
     if getattr(cls, "takes_images", False) and pp is not None and pp.size > 1:
         raise ValueError(f"{architecture} runs in one process for now (images with pipeline "
-                         "parallelism are not built yet, docs/images.md): set "
+                         "parallelism are not built yet, docs/vision.md): set "
                          "pipeline_parallel_size=1")
     extra = {}
     if expert_parallel and getattr(cls, "supports_expert_parallel", False):

@@ -27,7 +27,7 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "Qwen2MoeForCausalLM": ("hpcinfer.models.qwen2_moe", "Qwen2MoeForCausalLM"),
     "Qwen3MoeForCausalLM": ("hpcinfer.models.qwen3_moe", "Qwen3MoeForCausalLM"),
     "GptOssForCausalLM": ("hpcinfer.models.gpt_oss", "GptOssForCausalLM"),
-    # Images in, text out (hpcinfer/multimodal, docs/images.md)
+    # Images in, text out (hpcinfer/multimodal, docs/vision.md)
     "LlavaForConditionalGeneration": ("hpcinfer.models.llava", "LlavaForConditionalGeneration"),
     "Qwen2VLForConditionalGeneration": ("hpcinfer.models.qwen2_vl",
                                         "Qwen2VLForConditionalGeneration"),

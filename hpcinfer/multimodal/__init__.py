@@ -1,4 +1,4 @@
-"""Images in, text out (issue 24; docs/images.md).
+"""Images in, text out (issue 24; docs/vision.md).
 
 Where each part lives (DESIGN §7a: images are a model input):
 

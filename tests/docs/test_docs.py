@@ -88,7 +88,7 @@ PLACEHOLDERS = {
     "/tmp/mn/models/Llama-3.1-405B-Instruct": "llama",
     "/tmp/mn": "{workdir}/mn",
     "/path/to/a/model/dir": "llama",
-    "/path/to/llava-snapshot": "llava",    # docs/images.md
+    "/path/to/llava-snapshot": "llava",    # docs/vision.md
     "/project/def-pi/hf-hub": "{workdir}/project/def-pi/hf-hub",
     "<commit sha>": "{hub_commit}",        # the fake hub's commit (conftest.DocsHub)
     # The real SmolLM2 answers at ~2 tokens/s on 2 busy cores: README's `bash dev/quickstart.sh`
