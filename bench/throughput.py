@@ -16,6 +16,9 @@ Workloads (issue 8):
      (bench/moe_workload.py; --layers N keeps N of its 48 layers)
   T  tiny Llama shape (hidden 64, 2 layers), 16 short prompts: CPU-sized, to run the TP/PP/DP
      plumbing without a GPU (--device cpu; bench/parallel_variants.py)
+  P  Llama-3.1-8B shape, 2000 prompts = one shared 1,024-token system prompt (the same ids in
+     every row) + a 64-token question of its own, 128 output tokens each (issue 22 item 4: the
+     common batch job of many rows behind one long instruction; run with prefix caching on)
   L  Llama-3.1-70B shape, W4A16 only (BENCH_QUANTIZATION=awq or gptq; bf16 would not fit one
      GPU), 256 prompts of B's ShareGPT-like lengths, 256 sequences
 Quantized runs (issue 20, hpcinfer only): BENCH_QUANTIZATION=fp8 quantizes the bf16 checkpoint
@@ -26,6 +29,24 @@ BENCH_KV_CACHE_DTYPE=fp8 stores the KV cache in e4m3; BENCH_LOAD_FORMAT=dummy (o
 tests/gpu/quant_checks.sh: AWQ and GPTQ without desc_act become the same kernel layout at load
 (one group per K step); GPTQ with desc_act adds a g_idx lookup per k.
 All requests ignore EOS, so every engine produces exactly the requested tokens.
+
+vLLM side by side (issue 22): --engines hpcinfer,vllm,transformers --processes 3 runs every
+engine in its own subprocess, once per process index (engines interleaved: hpcinfer 0, vllm 0,
+transformers 0, hpcinfer 1, ...), on the same checkpoint directory and prompt token ids. Each
+process warms up on other prompts (seed 1) first, clears its prefix cache
+(reset_prefix_cache()) before each timed rep (--reps) and times the generate call alone;
+start-up (the constructor) and, for vLLM, `import vllm` are reported on their own. vLLM runs
+with its own defaults (max_num_seqs, max_num_batched_tokens, prefix caching on) except
+max_model_len, which is ours, skip_tokenizer_init=True, TokensPrompt prompts and
+SamplingParams(temperature=0, max_tokens=N, min_tokens=N, ignore_eos=True, detokenize=False),
+with VLLM_USE_FLASHINFER_SAMPLER=0 in its environment (../shared/recipes/vllm-peer.md).
+hpcinfer gets the same prompts and max_tokens=N, ignore_eos=True, detokenize=False; its
+min_tokens stays 0 (with ignore_eos and no stop tokens it bans nothing, and min_tokens > 0
+takes our sampler off its plain-greedy path), and the worker checks that every prompt got
+exactly N tokens. Printed: every process's output tok/s, the median per engine, and the
+first-token agreement between engines (share of prompts whose first generated token is
+equal). An engine that is not importable is skipped with one line. --device cpu (workload
+T) runs the same machinery without a GPU.
 Multi-GPU: --tp N / --pp N / --dp N run bench/parallel_variants.py (TP=1 baseline first).
 
 pct_of_bandwidth_bound: output tok/s over the tok/s of an ideal engine that streams the
@@ -72,7 +93,14 @@ WORKLOADS = {
     "T": dict(shape="tiny", num_prompts=16, max_num_seqs=8, max_num_batched_tokens=8192),
     "L": dict(shape="llama-3.1-70b", num_prompts=256, max_num_seqs=256,
               max_num_batched_tokens=8192),
+    # P: issue 22's shared-prompt job (1,088-token prompts, 8 admitted per 8192-token step).
+    "P": dict(shape="llama-3.1-8b", num_prompts=2000, max_num_seqs=1024,
+              max_num_batched_tokens=8192, prefix_caching=True),
 }
+P_SYSTEM_TOKENS, P_QUESTION_TOKENS, P_OUTPUT_TOKENS = 1024, 64, 128
+# Engines whose import name differs from the engine name (transformers-batch).
+ENGINE_MODULES = {"hpcinfer": "hpcinfer", "transformers": "transformers",
+                  "transformers-batch": "transformers", "vllm": "vllm"}
 W4A16_METHODS = ("awq", "gptq")
 ENGINES = ("hpcinfer", "transformers", "transformers-batch", "vllm")
 
@@ -185,6 +213,10 @@ def make_requests(workload: str, num_prompts: int | None = None, seed: int = 0
         lens_in, lens_out = np.full(n, 256), np.full(n, 256)
     elif workload == "T":
         lens_in, lens_out = rng.integers(4, 24, n), rng.integers(4, 12, n)
+    elif workload == "P":
+        system = rng.integers(0, 128000, P_SYSTEM_TOKENS).tolist()
+        return [(system + rng.integers(0, 128000, P_QUESTION_TOKENS).tolist(), P_OUTPUT_TOKENS)
+                for _ in range(n)]
     else:
         # ShareGPT-like: long-tailed prompts (median ~220) and answers (median ~190).
         lens_in = np.clip(rng.lognormal(np.log(220), 0.9, n), 16, 1024).astype(int)
@@ -366,14 +398,19 @@ def print_step_breakdown(breakdown: dict) -> None:
 def run_hpcinfer(ckpt: Path, requests, max_num_seqs: int, profile_dir: Path | None,
                  workload: str = "", llm_kwargs: dict | None = None,
                  device: str = "cuda", max_num_batched_tokens: int = 8192,
-                 step_breakdown: bool = False) -> dict:
-    """llm_kwargs (tensor_parallel_size, ...) and device: bench/parallel_variants.py."""
+                 step_breakdown: bool = False, warm_requests=None, reps: int = 1,
+                 prefix_caching: bool = False) -> dict:
+    """llm_kwargs (tensor_parallel_size, ...) and device: bench/parallel_variants.py.
+    warm_requests: the warm-up prompts (default: the first 256 timed ones); reps: timed runs,
+    each after reset_prefix_cache() when prefix_caching is on (the row's numbers are their
+    median, every rep's output tok/s is kept)."""
     import torch
-    from hpcinfer import LLM, SamplingParams
+    import hpcinfer
+    from hpcinfer import LLM, SamplingParams, TokensPrompt
     t0 = time.perf_counter()
     llm = LLM(str(ckpt), dtype="bfloat16", max_model_len=max_model_len_for(requests),
               max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-              gpu_memory_utilization=0.9, enable_prefix_caching=False, device=device,
+              gpu_memory_utilization=0.9, enable_prefix_caching=prefix_caching, device=device,
               **{"async_scheduling": os.environ.get("BENCH_ASYNC", "1") == "1",
                  # BENCH_QUANTIZATION=fp8: online FP8 of the bf16 checkpoint (issue 20)
                  "quantization": os.environ.get("BENCH_QUANTIZATION") or None,
@@ -392,27 +429,41 @@ def run_hpcinfer(ckpt: Path, requests, max_num_seqs: int, profile_dir: Path | No
     print(f"hpcinfer start-up (load + profile + graph capture): {startup_s:.1f} s "
           f"(graphs {graphs.capture_s if graphs else 0:.1f} s); KV pool {runner.num_blocks} "
           f"blocks = {runner.num_blocks * runner.bytes_per_block() / GiB:.2f} GiB", flush=True)
-    prompts = [{"prompt_token_ids": p} for p, _ in requests]
-    params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in requests]
+    prompts = [TokensPrompt(prompt_token_ids=p) for p, _ in requests]
+    # min_tokens stays 0: with ignore_eos and no stop tokens it would ban nothing, and
+    # min_tokens > 0 keeps a row off the sampler's plain-greedy path (module docstring).
+    params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True, detokenize=False)
+              for _, o in requests]
     # Warm-up: Triton compiles the prefill kernels for the argument specialisations a run
     # meets (mixed prefill + decode steps included); graphs were captured at start-up.
     t1 = time.perf_counter()
-    warm = prompts[:256]
-    llm.generate(warm, [SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)]
-                 * len(warm), use_tqdm=False)
+    warm = ([TokensPrompt(prompt_token_ids=p) for p, _ in warm_requests]
+            if warm_requests is not None else prompts[:256])
+    llm.generate(warm, [SamplingParams(temperature=0, max_tokens=4, ignore_eos=True,
+                                       detokenize=False)] * len(warm), use_tqdm=False)
     sync()
     warmup_s = time.perf_counter() - t1
-    stats_before = _stats_dict(engine.stats)
-    timeline = StepTimeline(engine, max_num_seqs) if step_breakdown else None
-    profiler = None
-    if os.environ.get("BENCH_CPROFILE") == "1":   # host hot spots of the timed run
-        import cProfile
-        profiler = cProfile.Profile()
-        profiler.enable()
-    start = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    sync()
-    wall = time.perf_counter() - start
+    rep_tok_s, walls = [], []
+    for _ in range(reps):
+        if prefix_caching:
+            llm.reset_prefix_cache()   # every rep starts from an empty prefix cache
+        stats_before = _stats_dict(engine.stats)
+        hits_before = engine.block_manager.prefix_cache_hits if prefix_caching else 0
+        queries_before = engine.block_manager.prefix_cache_queries if prefix_caching else 0
+        timeline = StepTimeline(engine, max_num_seqs) if step_breakdown else None
+        profiler = None
+        if os.environ.get("BENCH_CPROFILE") == "1":   # host hot spots of the timed run
+            import cProfile
+            profiler = cProfile.Profile()
+            profiler.enable()
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        sync()
+        wall = time.perf_counter() - start
+        rep_tok_s.append(sum(len(o.outputs[0].token_ids) for o in outs) / wall)
+        walls.append(wall)
+    # The reported run: the median rep (the last one's outputs, stats and timeline).
+    wall = float(np.median(walls))
     if profiler is not None:
         import pstats
         profiler.disable()
@@ -420,10 +471,16 @@ def run_hpcinfer(ckpt: Path, requests, max_num_seqs: int, profile_dir: Path | No
     stats = {k: v - stats_before.get(k, 0) for k, v in _stats_dict(engine.stats).items()}
     print("host breakdown (s):", json.dumps({k: round(v, 3) for k, v in stats.items()}),
           flush=True)
-    num_out = sum(len(o.outputs[0].token_ids) for o in outs)
-    row = _row(num_out, requests, wall, startup_s)
+    tokens = [list(o.outputs[0].token_ids) for o in outs]
+    row = _row(sum(map(len, tokens)), requests, wall, startup_s)
+    row.update(_exactness(tokens, requests))
     row.update(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-               num_preemptions=engine.num_preemptions)
+               num_preemptions=engine.num_preemptions, engine_version=hpcinfer.__version__,
+               reps=reps, rep_output_tok_s=rep_tok_s, enable_prefix_caching=prefix_caching)
+    if prefix_caching:   # of the last rep's prompt tokens, the share found in the cache
+        queries = engine.block_manager.prefix_cache_queries - queries_before
+        hits = engine.block_manager.prefix_cache_hits - hits_before
+        row["prefix_cache_hit_rate"] = hits / queries if queries else None
     if timeline is not None:
         row["step_breakdown"] = timeline.summary(wall)
         print_step_breakdown(row["step_breakdown"])
@@ -440,6 +497,83 @@ def run_hpcinfer(ckpt: Path, requests, max_num_seqs: int, profile_dir: Path | No
         row["profile"] = profile_hpcinfer(llm, prompts, profile_dir, workload)
         row["decode_profile"] = profile_decode(llm, prompts, profile_dir, workload)
     return row
+
+
+def _exactness(tokens: list[list[int]], requests) -> dict:
+    """Whether every prompt got exactly its requested tokens, and each prompt's first
+    generated token (for the agreement between engines; the driver does not store it)."""
+    short = sum(1 for t, (_, o) in zip(tokens, requests) if len(t) != o)
+    if short:
+        print(f"WARNING: {short} of {len(requests)} prompts did not get exactly their "
+              "requested tokens", flush=True)
+    return {"exact_tokens": short == 0 and len(tokens) == len(requests),
+            "first_tokens": [int(t[0]) if len(t) else None for t in tokens]}
+
+
+def run_vllm(ckpt: Path, requests, warm_requests, reps: int = 1,
+             prefix_caching: bool | None = None) -> dict:
+    """vLLM's offline LLM on the same checkpoint and prompt ids (written from vLLM's
+    documented API; see the module docstring). prefix_caching None: vLLM's default (on)."""
+    t_import = time.perf_counter()
+    import vllm
+    from vllm import LLM, SamplingParams
+    try:
+        from vllm.inputs import TokensPrompt
+    except ImportError:   # older layouts export it at the top only
+        from vllm import TokensPrompt
+    import_s = time.perf_counter() - t_import
+    print(f"vllm {vllm.__version__}: import {import_s:.1f} s", flush=True)
+    kwargs = dict(model=str(ckpt), dtype="bfloat16", max_model_len=max_model_len_for(requests),
+                  skip_tokenizer_init=True, gpu_memory_utilization=0.9, seed=0)
+    if prefix_caching is not None:
+        kwargs["enable_prefix_caching"] = prefix_caching
+    t0 = time.perf_counter()
+    llm = LLM(**kwargs)
+    startup_s = time.perf_counter() - t0
+    print(f"vllm start-up (LLM constructor): {startup_s:.1f} s", flush=True)
+
+    def params(n: int):
+        return SamplingParams(temperature=0, max_tokens=n, min_tokens=n, ignore_eos=True,
+                              detokenize=False)
+
+    prompts = [TokensPrompt(prompt_token_ids=p) for p, _ in requests]
+    sampling = [params(o) for _, o in requests]
+    t1 = time.perf_counter()
+    llm.generate([TokensPrompt(prompt_token_ids=p) for p, _ in warm_requests],
+                 [params(4)] * len(warm_requests), use_tqdm=False)
+    warmup_s = time.perf_counter() - t1
+    walls, rep_tok_s, outs = [], [], []
+    for _ in range(reps):
+        llm.reset_prefix_cache()   # every rep starts from an empty prefix cache
+        start = time.perf_counter()
+        outs = llm.generate(prompts, sampling, use_tqdm=False)   # returns when all are done
+        wall = time.perf_counter() - start
+        walls.append(wall)
+        rep_tok_s.append(sum(len(o.outputs[0].token_ids) for o in outs) / wall)
+    tokens = [list(o.outputs[0].token_ids) for o in outs]
+    row = _row(sum(map(len, tokens)), requests, float(np.median(walls)), startup_s)
+    row.update(_exactness(tokens, requests))
+    row.update(import_s=import_s, warmup_s=warmup_s, engine_version=vllm.__version__,
+               reps=reps, rep_output_tok_s=rep_tok_s,
+               enable_prefix_caching=True if prefix_caching is None else prefix_caching)
+    scheduler = _vllm_scheduler_config(llm)
+    if scheduler:
+        row.update(scheduler)
+    return row
+
+
+def _vllm_scheduler_config(llm) -> dict:
+    """vLLM's effective max_num_seqs / max_num_batched_tokens, where its config is reachable
+    (the attribute path has moved between versions: best effort, {} otherwise)."""
+    for path in (("llm_engine", "vllm_config", "scheduler_config"),
+                 ("llm_engine", "scheduler_config")):
+        obj = llm
+        for name in path:
+            obj = getattr(obj, name, None)
+        if obj is not None:
+            return {k: getattr(obj, k) for k in ("max_num_seqs", "max_num_batched_tokens")
+                    if isinstance(getattr(obj, k, None), int)}
+    return {}
 
 
 def profile_decode(llm, prompts, out_dir: Path, workload: str, steps: int = 32) -> dict:
@@ -512,18 +646,21 @@ def profile_hpcinfer(llm, prompts, out_dir: Path, workload: str) -> dict:
     return summary
 
 
-def run_transformers(ckpt: Path, requests, batch_size: int) -> dict:
+def run_transformers(ckpt: Path, requests, batch_size: int, device: str = "cuda",
+                     warm_requests=None) -> dict:
     import torch
+    import transformers
     from transformers import AutoModelForCausalLM
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.bfloat16,
-                                                 attn_implementation="sdpa", device_map="cuda")
+                                                 attn_implementation="sdpa", device_map=device)
     model.eval()
     model.generation_config.eos_token_id = None   # ignore EOS
-    torch.cuda.synchronize()
+    sync()
     load_s = time.perf_counter() - t0
 
-    def generate(batch):
+    def generate(batch, first=None):
         width = max(len(p) for p, _ in batch)
         ids = torch.zeros(len(batch), width, dtype=torch.long)
         mask = torch.zeros(len(batch), width, dtype=torch.long)
@@ -532,21 +669,30 @@ def run_transformers(ckpt: Path, requests, batch_size: int) -> dict:
             mask[i, width - len(p):] = 1
         new = max(o for _, o in batch)
         with torch.no_grad():
-            out = model.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=new,
-                                 min_new_tokens=new, do_sample=False, pad_token_id=0)
+            out = model.generate(ids.to(device), attention_mask=mask.to(device),
+                                 max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                 pad_token_id=0)
+        if first is not None:
+            first.extend(out[:, width].tolist())
         return out.shape[1] - width
 
-    generate(requests[:8] if len(requests) >= 8 else requests)   # warm-up
+    warm = warm_requests if warm_requests is not None else requests
+    generate(warm[:8])   # warm-up
     order = sorted(range(len(requests)), key=lambda i: len(requests[i][0]))
+    first_sorted: list[int] = []
     start = time.perf_counter()
     for b in range(0, len(order), batch_size):
-        generate([requests[i] for i in order[b:b + batch_size]])
-    torch.cuda.synchronize()
+        generate([requests[i] for i in order[b:b + batch_size]], first_sorted)
+    sync()
     wall = time.perf_counter() - start
     # Only the requested tokens count (static batches generate up to the longest request).
     num_out = sum(o for _, o in requests)
     row = _row(num_out, requests, wall, load_s)
-    row["batch_size"] = batch_size
+    first = [0] * len(requests)
+    for i, token in zip(order, first_sorted):
+        first[i] = int(token)
+    row.update(batch_size=batch_size, first_tokens=first, exact_tokens=True,
+               engine_version=transformers.__version__)
     return row
 
 
@@ -598,14 +744,23 @@ def worker_main(args) -> None:
     options = json.loads(args.parallel) if args.parallel else {}  # bench/parallel_variants.py
     replica, num_replicas = options.pop("shard", (0, 1))
     requests = requests[replica::num_replicas]
+    # Warm-up prompts: the workload's shape, other ids (seed 1; for P another system prompt).
+    warm = make_requests(args.workload, min(256, len(requests)), seed=1)
+    caching = prefix_caching_for(args.workload, args.prefix_caching)
     if args.worker == "hpcinfer":
+        options.setdefault("device", args.device)
         row = run_hpcinfer(ckpt, requests, args.max_num_seqs or spec["max_num_seqs"],
                            Path(args.profile_dir) if args.profile_dir else None, args.workload,
                            max_num_batched_tokens=(args.max_num_batched_tokens
                                                    or spec["max_num_batched_tokens"]),
-                           step_breakdown=args.step_breakdown, **options)
+                           step_breakdown=args.step_breakdown, warm_requests=warm,
+                           reps=args.reps, prefix_caching=bool(caching), **options)
+    elif args.worker == "vllm":
+        # None: vLLM's own default (prefix caching on) unless --prefix-caching says otherwise
+        row = run_vllm(ckpt, requests, warm, args.reps,
+                       None if args.prefix_caching == "auto" else caching)
     elif args.worker == "transformers":
-        row = run_transformers(ckpt, requests, args.hf_batch_size)
+        row = run_transformers(ckpt, requests, args.hf_batch_size, args.device, warm)
     elif args.worker == "transformers-batch":
         row = run_transformers_batch(ckpt, requests)
     else:
@@ -633,6 +788,65 @@ def importable_env() -> dict:
     return env
 
 
+def prefix_caching_for(workload: str, choice: str = "auto") -> bool:
+    """hpcinfer's prefix caching: on / off, or auto = the workload's (on for P only)."""
+    if choice == "auto":
+        return bool(WORKLOADS[workload].get("prefix_caching", False))
+    return choice == "on"
+
+
+def engine_importable(engine: str) -> bool:
+    """Whether the engine's package can be imported here (found on sys.path / PYTHONPATH),
+    without importing it (import vllm alone takes 12-14 s)."""
+    import importlib.util
+    try:
+        return importlib.util.find_spec(ENGINE_MODULES.get(engine, engine)) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def first_token_agreement(a: list, b: list) -> float | None:
+    """Share of prompts whose first generated token is the same in both lists."""
+    if not a or len(a) != len(b):
+        return None
+    return sum(1 for x, y in zip(a, b) if x is not None and x == y) / len(a)
+
+
+def summarize(rows: list[dict], first_tokens: dict, measured=()) -> None:
+    """Every process's output tok/s and the median per engine and workload; the first-token
+    agreement between engines (each engine's first process; pairs with at least one engine
+    of ``measured``, the others' tokens come from an earlier run)."""
+    fmt = "{:<19} {:>3} {:>11} {:>10} {:>9}  {}"
+    print(fmt.format("engine", "wl", "median out", "start-up s", "import s",
+                     "every process's output tok/s"), flush=True)
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["workload"], r["engine"]), []).append(r)
+    for (workload, engine), group in groups.items():
+        ok = [r for r in group if r.get("output_tok_s")]
+        each = ", ".join(f"{r['output_tok_s']:.0f}" if r.get("output_tok_s") else "error"
+                         for r in group)
+        if not ok:
+            print(fmt.format(engine, workload, "error", "", "", each), flush=True)
+            continue
+        imports = [r["import_s"] for r in ok if r.get("import_s") is not None]
+        print(fmt.format(engine, workload,
+                         f"{np.median([r['output_tok_s'] for r in ok]):.0f}",
+                         f"{np.median([r['load_s'] for r in ok]):.1f}",
+                         f"{np.median(imports):.1f}" if imports else "-", each), flush=True)
+    for workload in dict.fromkeys(w for w, _ in first_tokens):
+        engines = [e for w, e in first_tokens if w == workload]
+        for i, a in enumerate(engines):
+            for b in engines[i + 1:]:
+                if a not in measured and b not in measured:
+                    continue
+                share = first_token_agreement(first_tokens[workload, a],
+                                              first_tokens[workload, b])
+                text = "n/a (different prompt counts)" if share is None else (
+                    f"{share:.1%} of {len(first_tokens[workload, a])} prompts")
+                print(f"first-token agreement on {workload}: {a} vs {b}: {text}", flush=True)
+
+
 def device_slug(name: str) -> str:
     return "-".join(name.lower().replace("_", " ").split())
 
@@ -647,6 +861,13 @@ def main() -> None:
     p.add_argument("--combine", action="store_true", help="one tp x pp x dp layout instead of "
                    "each size on its own")
     p.add_argument("--device", default="cuda", help="cpu: tiny plumbing run (--workloads T)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="run every engine in this many processes (one subprocess each, "
+                   "engines interleaved); every process's number is printed and stored")
+    p.add_argument("--reps", type=int, default=1,
+                   help="timed runs in each process, prefix cache cleared before each")
+    p.add_argument("--prefix-caching", default="auto", choices=("auto", "on", "off"),
+                   help="auto: hpcinfer on for workload P only, vLLM its default (on)")
     p.add_argument("--ckpt-root", default=os.path.join(tempfile.gettempdir(), "hpcinfer-bench"))
     p.add_argument("--out", default=str(RESULTS), help="results dir")
     p.add_argument("--num-prompts", type=int, help="override the workload's prompt count")
@@ -675,20 +896,36 @@ def main() -> None:
     if args.worker:
         worker_main(args)
         return
-    if (args.tp, args.pp, args.dp) != (1, 1, 1) or args.device != "cuda":
+    if (args.tp, args.pp, args.dp) != (1, 1, 1):
         import parallel_variants  # bench/parallel_variants.py (this script's directory)
         parallel_variants.main(args, sys.modules[__name__])
         return
-    import torch
-    rates = measure_device_rates()
-    device = rates["device"]
-    print(f"device {device}: copy {rates['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul "
-          f"{rates['matmul_flops'] / 1e12:.0f} TFLOP/s", flush=True)
-    torch.cuda.empty_cache()
+    if args.processes < 1 or args.reps < 1:
+        raise SystemExit("--processes and --reps: 1 or more")
     env = importable_env()
+    if args.device == "cuda":
+        import torch
+        rates = measure_device_rates()
+        device = rates["device"]
+        print(f"device {device}: copy {rates['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 "
+              f"matmul {rates['matmul_flops'] / 1e12:.0f} TFLOP/s", flush=True)
+        torch.cuda.empty_cache()
+    else:   # the tiny plumbing run: no bound, Triton kernels interpreted
+        import platform
+        rates, device = None, f"cpu-{platform.machine()}"
+        env["TRITON_INTERPRET"] = "1"
     date = dt.date.today().isoformat()
     rows = []
-    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    first_tokens: dict[tuple[str, str], list] = {}   # (workload, engine): process 0's
+    engines = []
+    for e in (e.strip() for e in args.engines.split(",") if e.strip()):
+        if e not in ENGINES:
+            raise SystemExit(f"--engines: unknown engine {e!r} (known: {', '.join(ENGINES)})")
+        if engine_importable(e):
+            engines.append(e)
+        else:
+            print(f"{e}: not importable here (no {ENGINE_MODULES[e]} package); skipped",
+                  flush=True)
     quant = os.environ.get("BENCH_QUANTIZATION") or None
     kv_dtype = os.environ.get("BENCH_KV_CACHE_DTYPE") or "auto"
     for workload in [w.strip() for w in args.workloads.split(",") if w.strip()]:
@@ -699,18 +936,30 @@ def main() -> None:
         ckpt, load_format = model_dir_for(workload, shape, Path(args.ckpt_root), quant,
                                           args.load_format)
         env["BENCH_LOAD_FORMAT"] = load_format
+        if rates:   # the checkpoint was generated on the GPU: give its blocks back for the
+            torch.cuda.empty_cache()   # engines' memory checks (vLLM's asks for 90% free)
         if load_format == "dummy" and any(e != "hpcinfer" for e in engines):
             print(f"load_format=dummy: only hpcinfer runs (no weights for the others); "
                   f"skipping {', '.join(e for e in engines if e != 'hpcinfer')}", flush=True)
         print(f"workload {workload}: checkpoint {ckpt} ready in {time.perf_counter() - t0:.1f} s"
               f"; {len(requests)} prompts, {sum(len(q) for q, _ in requests)} input and "
               f"{sum(o for _, o in requests)} output tokens", flush=True)
-        bound = bound_output_tok_s(shape, requests, args.max_num_seqs or spec["max_num_seqs"],
-                                   rates, quant, kv_dtype)
-        for engine in engines:
+        # First tokens of engines run earlier on this workload with this ckpt-root (the GPU
+        # machine's two-call side by side: hpcinfer in call 1, vLLM in call 2).
+        earlier_file = Path(args.ckpt_root) / f"first-tokens-{workload}-{len(requests)}.json"
+        earlier = json.loads(earlier_file.read_text()) if earlier_file.is_file() else {}
+        for engine, firsts in earlier.items():
+            if engine not in engines:
+                first_tokens[workload, engine] = firsts
+                print(f"first tokens of {engine} on {workload}: from an earlier run "
+                      f"({earlier_file})", flush=True)
+        bound = (bound_output_tok_s(shape, requests, args.max_num_seqs or spec["max_num_seqs"],
+                                    rates, quant, kv_dtype) if rates else None)
+        for process, engine in ((i, e) for i in range(args.processes) for e in engines):
             if load_format == "dummy" and engine != "hpcinfer":
                 continue
             base = {"engine": engine, "workload": workload, "tp": args.tp, "device": device,
+                    "process": process, "processes": args.processes,
                     "date": date, "model_shape": spec["shape"], "dtype": "bfloat16",
                     "quantization": quant if engine == "hpcinfer" else None,
                     "kv_cache_dtype": kv_dtype if engine == "hpcinfer" else "auto",
@@ -718,17 +967,12 @@ def main() -> None:
                     "num_layers": shape["num_hidden_layers"],
                     "num_prompts": len(requests), "label": args.label,
                     "bound_output_tok_s": bound}
-            if engine == "vllm":
-                try:
-                    import vllm  # noqa: F401
-                    print("vllm is installed but its runner is not wired in this script yet")
-                except ImportError:
-                    print("vllm: not installed on this machine; skipped", flush=True)
-                continue
             result_file = Path(tempfile.mkstemp(suffix=".json")[1])
             cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", engine,
                    "--workload", workload, "--ckpt", str(ckpt), "--result-file",
-                   str(result_file), "--hf-batch-size", str(args.hf_batch_size)]
+                   str(result_file), "--hf-batch-size", str(args.hf_batch_size),
+                   "--device", args.device, "--reps", str(args.reps),
+                   "--prefix-caching", args.prefix_caching]
             if args.num_prompts:
                 cmd += ["--num-prompts", str(args.num_prompts)]
             for flag, value in (("--max-num-seqs", args.max_num_seqs),
@@ -739,12 +983,18 @@ def main() -> None:
                 cmd.append("--step-breakdown")
             if args.profile and engine == "hpcinfer":
                 cmd += ["--profile-dir", args.out]
-            print(f"--- {engine} on workload {workload}", flush=True)
+            print(f"--- {engine} on workload {workload}, process {process + 1} of "
+                  f"{args.processes}", flush=True)
             start = time.perf_counter()
-            proc = subprocess.run(cmd, env=env)
+            # flashinfer is not shipped with the GPU machine's vLLM (vllm-peer.md)
+            proc = subprocess.run(cmd, env=(dict(env, VLLM_USE_FLASHINFER_SAMPLER="0")
+                                            if engine == "vllm" else env))
             text = result_file.read_text() if result_file.stat().st_size else ""
             result_file.unlink()
-            if proc.returncode != 0 or not text:
+            if proc.returncode != 0 and text:   # measured, then failed at shutdown
+                print(f"{engine} on {workload}: exit {proc.returncode} after writing its "
+                      "result (kept)", flush=True)
+            if not text:
                 print(f"{engine} on {workload}: failed (exit {proc.returncode}) after "
                       f"{time.perf_counter() - start:.0f} s", flush=True)
                 row = {**base, "error": f"exit {proc.returncode}", "output_tok_s": None,
@@ -756,16 +1006,31 @@ def main() -> None:
             if "skipped" in result:
                 print(f"{engine}: {result['skipped']}; skipped", flush=True)
                 continue
-            result["pct_of_bandwidth_bound"] = 100 * result["output_tok_s"] / bound
+            result["pct_of_bandwidth_bound"] = (100 * result["output_tok_s"] / bound
+                                                if bound else None)
+            result["startup_s"] = result["load_s"]   # the constructor (import not included)
+            firsts = result.pop("first_tokens", None)
+            if firsts is not None:
+                if process == 0:
+                    first_tokens[workload, engine] = firsts
+                    earlier[engine] = firsts
+                    earlier_file.write_text(json.dumps(earlier))
+                if engine != "hpcinfer" and (workload, "hpcinfer") in first_tokens:
+                    result["first_token_agreement_vs_hpcinfer"] = first_token_agreement(
+                        first_tokens[workload, "hpcinfer"], firsts)
             row = {**base, **result}
             rows.append(row)
             # Saved and printed as each engine finishes, so a run cut off by a time limit
             # keeps what it measured.
             _save([row], Path(args.out), device, date)
-            print(f"=== {engine} on {workload}: {result['output_tok_s']:.0f} output tok/s, "
-                  f"{result['total_tok_s']:.0f} total tok/s, wall {result['wall_s']:.2f} s, "
-                  f"start-up {result['load_s']:.1f} s", flush=True)
+            imported = (f", import {result['import_s']:.1f} s" if result.get("import_s")
+                        is not None else "")
+            print(f"=== {engine} on {workload}, process {process + 1}: "
+                  f"{result['output_tok_s']:.0f} output tok/s, {result['total_tok_s']:.0f} "
+                  f"total tok/s, wall {result['wall_s']:.2f} s, start-up "
+                  f"{result['load_s']:.1f} s{imported}", flush=True)
     _print_table(rows)
+    summarize(rows, first_tokens, engines)
 
 
 def model_dir_for(workload: str, shape: dict, root: Path, quantization: str | None,
@@ -802,9 +1067,10 @@ def _print_table(rows) -> None:
             print(fmt.format(r["engine"], r["workload"], "error", "", "", "", "", ""))
             continue
         ratio = r["output_tok_s"] / hf[r["workload"]] if r["workload"] in hf else float("nan")
+        pct = r.get("pct_of_bandwidth_bound")
         print(fmt.format(r["engine"], r["workload"], f"{r['output_tok_s']:.0f}",
                          f"{r['total_tok_s']:.0f}", f"{r['load_s']:.1f}",
-                         f"{r['peak_gpu_mem_gib']:.1f}", f"{r['pct_of_bandwidth_bound']:.0f}",
+                         f"{r['peak_gpu_mem_gib']:.1f}", "-" if pct is None else f"{pct:.0f}",
                          f"{ratio:.1f}"))
 
 
