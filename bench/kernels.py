@@ -47,14 +47,15 @@ def main() -> None:
     rows = []
     dtypes = [torch.bfloat16] if args.quick else [torch.bfloat16, torch.float16, torch.float32]
     benches = [bench_copy, bench_decode, bench_prefill, bench_cache, bench_elementwise,
-               bench_moe, bench_quant_gemm]
+               bench_moe, bench_quant_gemm, bench_lora]
     if args.sweep:
         benches += [sweep_decode, sweep_prefill, sweep_moe]
     if args.only:
         wanted = set(args.only.split(","))
         benches = [f for f in (bench_copy, bench_decode, bench_prefill, bench_cache,
                                bench_elementwise, sweep_decode, sweep_prefill, bench_decode_mix,
-                               bench_moe, sweep_moe, bench_quant_gemm, sweep_w4a16)
+                               bench_moe, sweep_moe, bench_quant_gemm, sweep_w4a16,
+                               bench_lora)
                    if f.__name__.removeprefix("bench_").removeprefix("sweep_") in wanted
                    or f.__name__ in wanted]
     for bench in benches:
@@ -319,6 +320,50 @@ def sweep_moe(dtypes):
         yield from _sweep("fused_moe", f"{num_tokens} tok, Qwen3-30B-A3B layer", fused_moe,
                           "_moe_config", variants, lambda: fused_moe.fused_experts(*args),
                           expected, num_bytes)
+
+
+# LoRA: (K, output pieces, model layer) of Llama-3.2-1B and Llama-3.1-8B's wrapped layers
+LORA_SHAPES = [(2048, (2048, 512, 512), "1B qkv"), (2048, (2048,), "1B o"),
+               (2048, (8192, 8192), "1B gate_up"), (8192, (2048,), "1B down"),
+               (4096, (4096, 1024, 1024), "8B qkv"), (4096, (4096,), "8B o"),
+               (4096, (14336, 14336), "8B gate_up"), (14336, (4096,), "8B down")]
+
+
+def bench_lora(dtypes, num_adapters=4, rank=16):
+    """Batched LoRA (shrink + expand, as one wrapped layer runs them) at decode batch sizes,
+    rows spread evenly over ``num_adapters`` rank-``rank`` adapters, next to the base bf16
+    GEMM of the same projection (peer_ms = F.linear). ``graph_ms``: the pair captured in a
+    CUDA graph, as decode steps run it; ``lora_over_base`` = graph_ms / peer_ms."""
+    from hpcinfer.kernels import lora, lora_reference
+    for k, pieces, name in LORA_SHAPES:
+        n, p = sum(pieces), len(pieces)
+        bounds = tuple(sum(pieces[:i]) for i in range(p + 1))
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5
+        a = torch.randn(num_adapters, p * rank, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5
+        b = torch.randn(num_adapters, n, rank, device="cuda", dtype=torch.bfloat16) * rank ** -0.5
+        for m in (64, 256):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            slots = (torch.arange(m, device="cuda", dtype=torch.int32) % num_adapters)
+            y = x @ w.t()
+
+            def run():
+                lora.lora_expand(y, lora.lora_shrink_partials(x, a, slots), b, slots, bounds)
+            want = y.float().clone()
+            lora_reference.lora_expand(want, lora_reference.lora_shrink(x.float(), a.float(),
+                                                                        slots), b.float(),
+                                       slots, bounds)
+            got = y.clone()
+            lora.lora_expand(got, lora.lora_shrink_partials(x, a, slots), b, slots, bounds)
+            err = _rel_err(got.float() - y.float(), want - y.float())
+            ms = time_ms(run)
+            graph_ms = time_ms(_captured(run))
+            peer = time_ms(lambda: F.linear(x, w))
+            # the fewest bytes: each adapter's A and B read once, x read, y read and written
+            num_bytes = (a.numel() + b.numel() + m * k + 2 * m * n) * 2
+            yield _row("lora_shrink_expand", f"{m} tok, {name} K{k} N{n}, {num_adapters}x r{rank}",
+                       torch.bfloat16, ms, num_bytes, peer, rel_err=err, graph_ms=graph_ms,
+                       graph_gb_s=num_bytes / graph_ms / 1e6, lora_over_base=graph_ms / peer,
+                       splits=lora.shrink_split(m, k))
 
 
 # (K, N, model) of the merged q/k/v, o, gate/up and down projections of Llama-3.1-8B and -70B

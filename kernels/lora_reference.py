@@ -2,8 +2,9 @@
 
 Every token row carries the slot of its adapter in the slot pool (-1: no adapter). Shrink
 projects each row onto its adapter's A, expand adds that times its adapter's B to the
-output. Runs on any device; the CPU engine uses it and the Triton kernels are tested
-against it. Scaling (lora_alpha / r) is folded into B when an adapter is loaded.
+output, piece by piece for a merged layer. Runs on any device; the CPU engine uses it and the
+Triton kernels are tested against it. Scaling (lora_alpha / r) is folded into B when an
+adapter is loaded. Same functions and arguments as the kernels.
 """
 from __future__ import annotations
 
@@ -21,12 +22,25 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, slots: torch.Tensor) -> t
     return out
 
 
-def lora_expand(y: torch.Tensor, t: torch.Tensor, lora_b: torch.Tensor,
-                slots: torch.Tensor) -> None:
-    """y[T, N] += t[T, R] @ lora_b[slot]^T per row (lora_b: [S, N, R]); rows with slot < 0
-    are left as they are. In place, as the kernel."""
+def lora_shrink_partials(x: torch.Tensor, lora_a: torch.Tensor, slots: torch.Tensor
+                         ) -> torch.Tensor:
+    """As the kernel's: [splits, T, R] summing to the shrink; here one split, in x's dtype."""
+    return lora_shrink(x, lora_a, slots).unsqueeze(0)
+
+
+def lora_expand(y: torch.Tensor, t: torch.Tensor, lora_b: torch.Tensor, slots: torch.Tensor,
+                bounds: tuple[int, ...] | None = None) -> None:
+    """y[T, N] += t[T, P*R] @ lora_b[slot]^T per row (lora_b: [S, N, R]); piece p (output
+    columns [bounds[p], bounds[p+1])) takes t's columns [p*R, (p+1)*R); t may be partials
+    [splits, T, P*R]. Rows with slot < 0 are left as they are. In place, as the kernel."""
+    if t.dim() == 3:
+        t = t.sum(0)
+    rank = lora_b.shape[2]
+    bounds = tuple(bounds) if bounds is not None else (0, y.shape[1])
     for slot in torch.unique(slots).tolist():
         if slot < 0:
             continue
         rows = slots == slot
-        y[rows] += (t[rows] @ lora_b[slot].to(t.dtype).t()).to(y.dtype)
+        for p, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+            tp = t[rows, p * rank:(p + 1) * rank].to(lora_b.dtype)
+            y[rows, lo:hi] += (tp @ lora_b[slot, lo:hi].t()).to(y.dtype)

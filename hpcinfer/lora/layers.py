@@ -4,12 +4,13 @@ A ``LoRALayer`` wraps a target layer (qkv_proj, o_proj, gate_up_proj, down_proj)
 changing it: a forward hook adds ``(x @ A^T) @ B^T`` per token row to the layer's output,
 with A and B taken from each row's slot (``StepSlots``; -1 rows get nothing). The pieces of a
 merged layer (q/k/v, gate/up) are stacked along the rank in A, so one shrink serves all of
-them, and each piece's B expands into its columns of the output.
+them, and B is one [slots, out, rank] tensor over the whole output, so one expand adds every
+piece (piece p's columns take the shrink's rank block p): two launches per layer.
 
 Tensor parallelism follows the base layer: a column layer's B keeps this rank's output rows;
 a row layer's A keeps this rank's input columns, so its shrink is a partial sum that is
-all-reduced ([T, pieces * rank], small) before the expand adds the delta to the already
-reduced output on every rank.
+all-reduced (the shrink's [splits, T, rank] fp32 partials, small) before the expand adds the
+delta to the already reduced output on every rank.
 """
 from __future__ import annotations
 
@@ -67,8 +68,9 @@ class StepSlots:
 
 
 class LoRALayer:
-    """Slot weights of one target layer: lora_a [slots, pieces * rank, in_local] and per piece
-    lora_b [slots, out_rows_local, rank] (scaling folded in)."""
+    """Slot weights of one target layer: lora_a [slots, pieces * rank, in_local] and lora_b
+    [slots, out_local, rank] (every piece's output rows, in the layer's order; scaling
+    folded in)."""
 
     def __init__(self, name: str, layer: LinearBase, max_loras: int, max_rank: int,
                  slots: StepSlots, dtype: torch.dtype, device: torch.device):
@@ -79,8 +81,13 @@ class LoRALayer:
                                   dtype=dtype, device=device)
         # (offset, rows) of each piece in this rank's output columns
         self.out_slices = [layer._out_slice(p)[:2] for p in self.pieces]
-        self.lora_b = [torch.zeros((max_loras, rows, max_rank), dtype=dtype, device=device)
-                       for _, rows in self.out_slices]
+        # the pieces tile the output in order: piece p's columns are [bounds[p], bounds[p+1])
+        self.bounds = (0, *(offset + rows for offset, rows in self.out_slices))
+        if any(offset != lo for (offset, _), lo in zip(self.out_slices, self.bounds)):
+            raise ValueError(f"{name}: LoRA needs the merged pieces contiguous in order, got "
+                             f"(offset, rows) {self.out_slices}")
+        self.lora_b = torch.zeros((max_loras, self.bounds[-1], max_rank), dtype=dtype,
+                                  device=device)
         self.handle = layer.register_forward_hook(self._add_delta)
 
     def full_shapes(self, piece) -> tuple[int, int]:
@@ -99,14 +106,14 @@ class LoRALayer:
         else:
             _, _, tp, full = layer._out_slice(piece)
             b = _shard(b, 0, tp, full)
+        offset, rows = self.out_slices[i]
         self.lora_a[slot, i * self.rank:i * self.rank + r].copy_(a)
-        self.lora_b[i][slot, :, :r].copy_(b)
+        self.lora_b[slot, offset:offset + rows, :r].copy_(b)
 
     def clear(self, slot: int) -> None:
         """Zero a slot (a smaller rank or fewer targets must not see the previous adapter)."""
         self.lora_a[slot].zero_()
-        for b in self.lora_b:
-            b[slot].zero_()
+        self.lora_b[slot].zero_()
 
     def _add_delta(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
         slots = self.slots
@@ -115,13 +122,11 @@ class LoRALayer:
         x = args[0]
         token_slots = slots.buffer[:x.shape[0]]
         kernels = _kernels(x)
-        shrunk = kernels.lora_shrink(x, self.lora_a, token_slots)  # [T, pieces * rank]
+        # [splits, T, pieces * rank]: partial sums over K, summed by the expand
+        shrunk = kernels.lora_shrink_partials(x, self.lora_a, token_slots)
         if self.is_row_parallel and self.layer.tp.size > 1:
             dist.all_reduce(shrunk, group=self.layer.tp.group)
-        for i, (offset, rows) in enumerate(self.out_slices):
-            kernels.lora_expand(out[:, offset:offset + rows],
-                                shrunk[:, i * self.rank:(i + 1) * self.rank], self.lora_b[i],
-                                token_slots)
+        kernels.lora_expand(out, shrunk, self.lora_b, token_slots, self.bounds)
         return out
 
 

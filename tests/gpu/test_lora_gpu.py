@@ -7,7 +7,8 @@ Needs peft (the oracle, and to write the test adapters): ``pip install --no-deps
 peft==0.21.2 accelerate==1.16.0 psutil`` where the image lacks them (peft imports both).
 
 - kernels: bf16 and fp32 at Llama-8B widths, rows of 4 slots and base rows, against the
-  torch reference on the GPU;
+  torch reference on the GPU; the split-K shrink partials and the one expand over every piece
+  of a merged layer (q/k/v, gate/up) at 1B/8B shapes, decode and prefill row counts;
 - a captured graph of shrink + expand replays correctly after the slot indices and the slot
   weights change in place (what an adapter swap between decode steps does);
 - fp32 tiny Llama-3 and Qwen2 with three adapters (ranks 4/8/16, different targets) and base
@@ -64,6 +65,80 @@ def test_kernels_match_reference_at_real_sizes(dtype, num_tokens, k, n, rank):
     lora_reference.lora_expand(want, shrunk.float(), b.float(), slots)
     torch.testing.assert_close(got.float(), want, **tol)
     assert torch.equal(got[slots < 0], y[slots < 0])
+
+
+def _stacked_a(rows, k, dtype, seed):
+    # A of a merged layer: [4 slots, pieces * rank, K]
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return (torch.randn(4, rows, k, device="cuda", generator=g) / k ** 0.5).to(dtype)
+
+
+# (rows, K, output pieces, rank): the merged q/k/v and gate/up layers and down of Llama-3.2-1B
+# and -3.1-8B at decode batch sizes (split-K shrink) and a prefill chunk, one launch each
+MERGED_CASES = [(1, 2048, (2048, 512, 512), 16), (64, 2048, (8192, 8192), 16),
+                (256, 4096, (4096, 1024, 1024), 16), (256, 14336, (4096,), 16),
+                (200, 4096, (14336, 14336), 8), (2048, 2048, (2048, 512, 512), 16)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("num_tokens,k,pieces,rank", MERGED_CASES)
+def test_merged_layer_shrink_partials_and_one_expand(dtype, num_tokens, k, pieces, rank):
+    """What a wrapped layer runs: split-K partials of the stacked A, then one expand over
+    every piece of the output, each piece from its own rank block; rows without an adapter
+    untouched, and whole 64-row tiles of them (rows past 3/4 of the batch)."""
+    from hpcinfer.kernels import lora, lora_reference
+    n, p = sum(pieces), len(pieces)
+    bounds = tuple(sum(pieces[:i]) for i in range(p + 1))
+    x, a, b, slots = _kernel_case(num_tokens, k, n, rank, dtype)
+    a = _stacked_a(p * rank, k, dtype, seed=1)
+    slots[num_tokens * 3 // 4:] = -1
+    slots[0] = 2    # at least one row with an adapter (the 1-row case)
+    parts = lora.lora_shrink_partials(x, a, slots)
+    assert parts.shape == (lora.shrink_split(num_tokens, k), num_tokens, p * rank)
+    if num_tokens <= 256:
+        assert parts.shape[0] > 1   # decode sizes split K
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-4, rtol=1e-4)
+    want_shrunk = lora_reference.lora_shrink(x.float(), a.float(), slots)
+    torch.testing.assert_close(parts.sum(0), want_shrunk, **tol)
+    y = torch.randn(num_tokens, n, device="cuda").to(dtype)
+    got, want = y.clone(), y.float().clone()
+    lora.lora_expand(got, parts, b, slots, bounds)
+    for i, (lo, hi) in enumerate(zip(bounds, bounds[1:])):   # piece by piece
+        lora_reference.lora_expand(want[:, lo:hi], want_shrunk[:, i * rank:(i + 1) * rank],
+                                   b[:, lo:hi].float().contiguous(), slots)
+    torch.testing.assert_close(got.float(), want, **tol)
+    assert torch.equal(got[slots < 0], y[slots < 0])
+    assert not torch.equal(got[slots >= 0], y[slots >= 0])
+
+
+def test_captured_merged_layer_follows_new_slots_and_swapped_weights():
+    from hpcinfer.kernels import lora, lora_reference
+    bounds = (0, 2048, 2560, 3072)
+    x, _, b, slots = _kernel_case(256, 2048, 3072, 16, torch.float32)
+    a = _stacked_a(48, 2048, torch.float32, seed=3)
+    y = torch.zeros(256, 3072, device="cuda")
+
+    def run():
+        y.zero_()
+        lora.lora_expand(y, lora.lora_shrink_partials(x, a, slots), b, slots, bounds)
+    run()   # compile outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    for seed in (1, 2, 3):
+        x2, _, b2, slots2 = _kernel_case(256, 2048, 3072, 16, torch.float32, seed=seed)
+        if seed == 3:
+            slots2[:128] = -1     # two whole row tiles of base rows
+        x.copy_(x2)
+        slots.copy_(slots2)
+        a[2].copy_(_stacked_a(48, 2048, torch.float32, seed=10 + seed)[2])
+        b[2].copy_(b2[2])
+        graph.replay()
+        want = torch.zeros_like(y)
+        lora_reference.lora_expand(want, lora_reference.lora_shrink(x, a, slots), b, slots,
+                                   bounds)
+        torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)
 
 
 def test_captured_kernels_follow_new_slots_and_swapped_weights():
