@@ -11,9 +11,19 @@ whose rows end by the grammar (finish_reason "stop"): every output must parse.
 The bitmask needs a tokenizer with real byte-level tokens (the throughput bench's word-level
 one has no "{"): --tokenizer names a directory with tokenizer.json + tokenizer_config.json
 (SmolLM2's 49,152-token BPE works; the model keeps workload A's 128,256 logits, the extra ones
-never allowed). Prints one JSON line and writes it to --out.
+never allowed). Each schema is compiled in a short warm-up (its time is the row's compile_s),
+as a job whose rows share a schema compiles it once.
+
+Writes one row per run (free, json_long, json_extraction) with the common result keys
+(engine, workload, tp, output_tok_s, total_tok_s, device, date) to
+--out/structured-outputs-<device>-<date>.json, and prints a host-time breakdown per step:
+fill (xgrammar filling the bitmasks), accept (the matchers taking the sampled tokens), apply
+(launching the mask on the logits), other (the rest of the step's wall time: the engine's
+own host work and waiting for the GPU), plus the engine's step-loop timers.
 
     python bench/structured_outputs.py --tokenizer DIR [--out DIR]
+    python bench/structured_outputs.py --tokenizer DIR --device cpu --shape tiny \
+        --num-prompts 64 --max-tokens 64 --out /tmp     # host-side profile without a GPU
 """
 from __future__ import annotations
 
@@ -41,8 +51,8 @@ EXTRACTION_SCHEMA = {"type": "object", "properties": {
     "required": ["label", "score", "keywords"], "additionalProperties": False}
 
 
-def build_model(root: Path, tokenizer_dir: Path) -> Path:
-    ckpt = write_checkpoint(root / "ckpt", SHAPES[WORKLOADS["A"]["shape"]])
+def build_model(root: Path, tokenizer_dir: Path, shape: str) -> Path:
+    ckpt = write_checkpoint(root / "ckpt", SHAPES[shape])
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         (ckpt / name).unlink(missing_ok=True)
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -50,58 +60,134 @@ def build_model(root: Path, tokenizer_dir: Path) -> Path:
     return ckpt
 
 
-def timed(llm, prompts, params) -> tuple[list, float]:
-    import torch
-    torch.cuda.synchronize()
+def timed(llm, prompts, params, sync) -> tuple[list, float]:
+    sync()
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
-    torch.cuda.synchronize()
+    sync()
     return outs, time.perf_counter() - start
 
 
-def run(ckpt: Path, num_prompts: int, max_tokens: int) -> dict:
+ENGINE_TIMERS = ("schedule_s", "prepare_s", "model_s", "sample_s", "postprocess_s")
+STAGE_TIMERS = ("fill_s", "accept_s", "apply_s")
+
+
+def _counters(engine) -> dict:
+    stats, stage = engine.stats, engine.structured
+    out = {name: getattr(stats, name) for name in ENGINE_TIMERS}
+    out.update(steps=stats.num_steps, mask_steps=stats.num_grammar_masks,
+               mask_s=stats.grammar_mask_s)
+    out.update({name: getattr(stage, name) if stage is not None else 0.0
+                for name in STAGE_TIMERS})
+    return out
+
+
+def watch_overlap(stage) -> dict:
+    """Counts, on CUDA, how often the forward launched before a fill was already done when the
+    fill started (the GPU idled before the fill: host work or a sync came first) and when it
+    ended (the fill outlasted the forward). An event recorded at the fill's start follows
+    that forward in the stream; query() never waits."""
+    import torch
+    counts = {"fills": 0, "forward_done_at_fill_start": 0, "forward_done_at_fill_end": 0}
+    fill = stage.fill
+
+    def watched(seqs):
+        event = torch.cuda.Event()
+        event.record()
+        at_start = event.query()
+        mask = fill(seqs)
+        if mask is not None:
+            counts["fills"] += 1
+            counts["forward_done_at_fill_start"] += at_start
+            counts["forward_done_at_fill_end"] += event.query()
+        return mask
+
+    stage.fill = watched
+    return counts
+
+
+def run(ckpt: Path, num_prompts: int, max_tokens: int, device: str) -> list[dict]:
     import numpy as np
     import torch
     from hpcinfer import LLM
     from hpcinfer.sampling_params import SamplingParams, StructuredOutputsParams
-    llm = LLM(str(ckpt), dtype="bfloat16", max_model_len=1024, max_num_seqs=256,
-              max_num_batched_tokens=8192, gpu_memory_utilization=0.9,
-              enable_prefix_caching=False)
+    cuda = device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    llm = LLM(str(ckpt), dtype="bfloat16" if cuda else "float32", max_model_len=1024,
+              max_num_seqs=256, max_num_batched_tokens=8192, gpu_memory_utilization=0.9,
+              enable_prefix_caching=False, device=device)
     vocab = len(llm.get_tokenizer())
     rng = np.random.default_rng(0)
-    prompts = [{"prompt_token_ids": rng.integers(10, vocab, 256).tolist()}
+    prompt_len = 256
+    prompts = [{"prompt_token_ids": rng.integers(10, vocab, prompt_len).tolist()}
                for _ in range(num_prompts)]
     free = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    runs = (("free", None),
+            ("json_long", StructuredOutputsParams(json=LONG_SCHEMA)),
+            ("json_extraction", StructuredOutputsParams(json=EXTRACTION_SCHEMA)))
+    # Warm-up: Triton compiles, and each schema compiles once (cached by its text), as a job
+    # whose rows share a schema pays it once; the compile time is reported apart.
     llm.generate(prompts, [SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)]
-                 * num_prompts, use_tqdm=False)   # warm-up: Triton compiles
+                 * num_prompts, use_tqdm=False)
     engine = llm.llm_engine
-    result = {"device": torch.cuda.get_device_name(0), "num_prompts": num_prompts,
-              "max_tokens": max_tokens, "logits_vocab": engine.spec.vocab_size,
-              "tokenizer_vocab": vocab, "async_scheduling": engine.config.async_scheduling}
-    for name, so in (("free", None),
-                     ("json_long", StructuredOutputsParams(json=LONG_SCHEMA)),
-                     ("json_extraction", StructuredOutputsParams(json=EXTRACTION_SCHEMA))):
+    compile_s = {}
+    for name, so in runs[1:]:
+        start = time.perf_counter()
+        llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True,
+                                                 structured_outputs=so), use_tqdm=False)
+        compile_s[name] = round(time.perf_counter() - start, 3)
+    stage = engine.structured
+    overlap = watch_overlap(stage) if cuda else None
+    common = {"engine": "hpcinfer", "tp": 1,
+              "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+              "date": time.strftime("%Y-%m-%d")}
+    extra = {"num_prompts": num_prompts, "max_tokens": max_tokens,
+             "logits_vocab": engine.spec.vocab_size, "tokenizer_vocab": vocab,
+             "mask_vocab": stage.mask_vocab, "fill_threads": stage.max_threads,
+             "async_scheduling": engine.config.async_scheduling}
+    rows = []
+    for name, so in runs:
         params = free if so is None else SamplingParams(
             temperature=0, max_tokens=max_tokens, ignore_eos=True, structured_outputs=so)
-        masks_before, mask_s_before = engine.stats.num_grammar_masks, engine.stats.grammar_mask_s
-        steps_before = engine.stats.num_steps
-        outs, wall = timed(llm, prompts, [params] * num_prompts)
+        before = _counters(engine)
+        overlap_before = dict(overlap or {})
+        outs, wall = timed(llm, prompts, [params] * num_prompts, sync)
+        after = _counters(engine)
+        d = {k: after[k] - before[k] for k in after}
         num_out = sum(len(o.outputs[0].token_ids) for o in outs)
-        num_masks = engine.stats.num_grammar_masks - masks_before
-        row = {"wall_s": round(wall, 3), "output_tokens": num_out,
+        steps = d["steps"]
+        row = {**common, "workload": f"A-structured-{name}",
                "output_tok_s": round(num_out / wall, 1),
-               "steps": engine.stats.num_steps - steps_before, "mask_steps": num_masks,
+               "total_tok_s": round((num_out + num_prompts * prompt_len) / wall, 1),
+               "wall_s": round(wall, 3), "output_tokens": num_out, "steps": steps,
+               "mask_steps": d["mask_steps"],
                "finish_reasons": sorted({o.outputs[0].finish_reason for o in outs})}
-        if num_masks:
-            row["mask_ms_per_step"] = round(
-                1e3 * (engine.stats.grammar_mask_s - mask_s_before) / num_masks, 3)
-        if name == "json_extraction":
+        if d["mask_steps"]:
+            row["mask_ms_per_step"] = round(1e3 * d["mask_s"] / d["mask_steps"], 3)
+        if so is not None:
+            row["compile_s"] = compile_s[name]
+        # Host time per step (ms): the structured-outputs stage's parts, and the rest of the
+        # wall time (the engine's own host work and waiting for the GPU); the engine's timers
+        # split the same wall time by phase of the step loop.
+        step_ms = 1e3 * wall / steps
+        parts = {k.removesuffix("_s"): 1e3 * d[k] / steps for k in STAGE_TIMERS}
+        row["host_ms_per_step"] = {"step": round(step_ms, 3),
+                                   **{k: round(v, 3) for k, v in parts.items()},
+                                   "other": round(step_ms - sum(parts.values()), 3)}
+        row["engine_ms_per_step"] = {k.removesuffix("_s"): round(1e3 * d[k] / steps, 3)
+                                     for k in ENGINE_TIMERS}
+        if overlap and overlap["fills"] > overlap_before["fills"]:
+            row["overlap"] = {k: overlap[k] - overlap_before[k] for k in overlap}
+        if name == "json_extraction":   # json_long rows end by length, unfinished
             row["valid"] = sum(_parses(o.outputs[0].text) for o in outs)
-        result[name] = row
-        print(name, json.dumps(row), flush=True)
-    result["json_long_vs_free"] = round(result["json_long"]["output_tok_s"]
-                                        / result["free"]["output_tok_s"], 3)
-    return result
+        rows.append({**row, **extra})
+        print(name, f"{row['output_tok_s']} tok/s, {steps} steps, host ms/step:",
+              json.dumps(row["host_ms_per_step"]), "engine ms/step:",
+              json.dumps(row["engine_ms_per_step"]), "overlap:", json.dumps(row.get("overlap")),
+              flush=True)
+    for row in rows[1:]:
+        row["vs_free"] = round(row["output_tok_s"] / rows[0]["output_tok_s"], 3)
+    return rows
 
 
 def _parses(text: str) -> bool:
@@ -117,15 +203,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--num-prompts", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu: profile the host side with --shape tiny")
+    parser.add_argument("--shape", default=WORKLOADS["A"]["shape"], choices=sorted(SHAPES))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = build_model(Path(tmp), args.tokenizer)
-        result = run(ckpt, args.num_prompts, args.max_tokens)
-    print(json.dumps(result))
+        ckpt = build_model(Path(tmp), args.tokenizer, args.shape)
+        rows = run(ckpt, args.num_prompts, args.max_tokens, args.device)
+    print(json.dumps(rows))
     args.out.mkdir(parents=True, exist_ok=True)
-    name = result["device"].lower().replace(" ", "-")
-    (args.out / f"structured-outputs-{name}-{time.strftime('%Y-%m-%d')}.json").write_text(
-        json.dumps(result, indent=1) + "\n")
+    name = rows[0]["device"].lower().replace(" ", "-")
+    path = args.out / f"structured-outputs-{name}-{rows[0]['date']}.json"
+    path.write_text(json.dumps(rows, indent=1) + "\n")
+    print("wrote", path)
 
 
 if __name__ == "__main__":

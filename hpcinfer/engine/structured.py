@@ -14,6 +14,16 @@ which imports torch and transformers, is loaded only by jobs that use it). It ow
 - the per-step bitmask: filled on the CPU for the rows of a step after the forward is
   launched (the GPU runs it meanwhile), copied to the device without a sync, and applied
   there to the constrained rows only, so free rows sample exactly what they would alone.
+  The host (pinned) and device buffers are allocated once and grow with the batch, so a
+  step allocates nothing and never calls cudaHostAlloc (which synchronizes the device).
+
+The bitmask covers the tokenizer's tokens only (``mask_vocab``, e.g. the 49,152 of a
+tokenizer whose model has 128,256 logits): xgrammar's fill, accept and the host-to-device
+copy then work on 1,536 words a row instead of 4,008 (accept_token is ~4x faster with the
+narrow vocabulary, measured), and the logits past ``mask_vocab``, which no token of the
+tokenizer can produce, are set to -inf for constrained rows in one device op. Stop ids past
+the tokenizer (a config EOS id the tokenizer does not know) are left out of the grammar's
+stop tokens; if every stop id is past it, the mask covers all the logits as before.
 
 Under tensor/pipeline parallelism every rank compiles and advances matchers (each rank sees
 the same tokens and must end a row at the same step), but only the sampling rank fills masks.
@@ -43,6 +53,9 @@ MAX_CACHED_GRAMMAR_BYTES = 1 << 30
 # Below this many constrained rows a step fills their masks on one thread: xgrammar's thread
 # pool costs ~0.1 ms a call, a row ~20 us with a 128k vocabulary (measured on 2 cores).
 MIN_ROWS_FOR_THREADS = 64
+# At most this many fill threads (the default is every core this process may use: the step
+# loop waits for the fill, so its own core is free meanwhile).
+MAX_FILL_THREADS = 32
 # Whitespace between JSON tokens, at most this many characters in a row (vLLM: unbounded).
 # Enough for pretty-printing seven levels deep; without a cap a model can spend all of
 # max_tokens on whitespace and leave the row unparseable.
@@ -58,21 +71,34 @@ _CPP_PREFIX = re.compile(r"^\[[0-9:]+\] \S+:\d+: (Check failed: \(.*?\) is false
 
 @dataclass
 class GrammarMask:
-    """One step's next-token bitmask. ``rows``: the batch rows it constrains; ``bitmask``:
-    [len(rows), ceil(vocab / 32)] int32 on the device, bit j of word w allows token 32w + j;
-    ``bits``: [32] int32, the value of bit j."""
+    """One step's next-token bitmask. ``rows``: the batch rows it constrains, a device tensor,
+    or None when it constrains every row of the batch; ``bitmask``: [constrained rows,
+    ceil(mask_vocab / 32)] int32 on the device, bit j of word w allows token 32w + j;
+    ``bits``: [32] int32, the value of bit j; ``mask_vocab``: the tokens the bitmask covers
+    (logits past it are never allowed in a constrained row); ``owner``: the
+    StructuredOutputs whose ``apply_s`` counts the host time of ``apply``."""
 
-    rows: torch.Tensor
+    rows: torch.Tensor | None
     bitmask: torch.Tensor
     bits: torch.Tensor
+    mask_vocab: int
+    owner: StructuredOutputs | None = None
 
     def apply(self, logits: torch.Tensor) -> None:
         """Disallowed tokens of the constrained rows get -inf. logits: [rows, vocab] float,
         in place; the other rows are not touched."""
+        t0 = time.perf_counter()
         vocab = logits.shape[1]
-        allowed = (self.bitmask[:, :, None] & self.bits) != 0        # [R, words, 32]
-        allowed = allowed.flatten(1)[:, :vocab]
-        logits[self.rows] = logits[self.rows].masked_fill(~allowed, float("-inf"))
+        width = min(vocab, self.mask_vocab)
+        target = logits if self.rows is None else logits[self.rows]
+        disallowed = ((self.bitmask[:, :, None] & self.bits) == 0).flatten(1)[:, :width]
+        target[:, :width].masked_fill_(disallowed, float("-inf"))
+        if width < vocab:   # tokens the tokenizer does not have
+            target[:, width:] = float("-inf")
+        if self.rows is not None:
+            logits[self.rows] = target
+        if self.owner is not None:
+            self.owner.apply_s += time.perf_counter() - t0
 
 
 class StructuredOutputs:
@@ -80,26 +106,39 @@ class StructuredOutputs:
                  fills_masks: bool = True, max_threads: int | None = None):
         import xgrammar as xgr
         if max_threads is None:  # the cores this process may use (a Slurm task's cpus)
-            max_threads = max(1, min(8, len(os.sched_getaffinity(0))))
+            max_threads = max(1, min(MAX_FILL_THREADS, len(os.sched_getaffinity(0))))
         self._xgr = xgr
         self.vocab_size = vocab_size
         self.device = device
         self.fills_masks = fills_masks
+        self.max_threads = max_threads
         # The tokenizer may know fewer tokens than the model has logits (padded embeddings):
-        # xgrammar never allows the extra ones.
+        # the mask covers the tokenizer's, the others are never allowed (GrammarMask.apply).
+        tokenizer_len = max(len(tokenizer), 1 + max(tokenizer.get_vocab().values(), default=-1))
+        self.mask_vocab, stops = mask_vocabulary(tokenizer_len, vocab_size, stop_token_ids)
         info = xgr.TokenizerInfo.from_huggingface(
-            tokenizer, vocab_size=max(vocab_size, len(tokenizer)),
-            stop_token_ids=sorted(stop_token_ids) or None)
+            tokenizer, vocab_size=self.mask_vocab, stop_token_ids=stops or None)
         self.compiler = xgr.GrammarCompiler(info, max_threads=max_threads, cache_enabled=False)
         self._batch = xgr.BatchGrammarMatcher(max_threads)
         self._num_words = (info.vocab_size + 31) // 32
+        # Reused every step, grown when a batch has more constrained rows (_buffers).
+        self._host: torch.Tensor | None = None      # [rows, words] int32, pinned on CUDA
+        self._host_rows: torch.Tensor | None = None  # [rows] int64, pinned on CUDA
+        self._dev: torch.Tensor | None = None
+        self._dev_rows: torch.Tensor | None = None
+        self._copied = torch.cuda.Event() if device.type == "cuda" else None
         self._compiled: OrderedDict[tuple, object] = OrderedDict()   # key -> grammar | error
         self._cached_bytes = 0
         # bit j of each int32 word, for unpacking the mask on the device
         self._bits = torch.tensor([1 << j for j in range(31)] + [-(1 << 31)],
                                   dtype=torch.int32, device=device)
         self.num_masks = 0      # steps that filled a mask
-        self.mask_s = 0.0       # host time spent filling them
+        self.mask_s = 0.0       # host time spent filling them (fill() as a whole)
+        # host-time breakdown (bench/structured_outputs.py): xgrammar's fill alone, the
+        # matchers' accept_token, GrammarMask.apply (on CUDA: launching it)
+        self.fill_s = 0.0
+        self.accept_s = 0.0
+        self.apply_s = 0.0
 
     # --- compiling ---
     def compile(self, so: StructuredOutputsParams):
@@ -165,35 +204,81 @@ class StructuredOutputs:
         if not rows:
             return None
         t0 = time.perf_counter()
-        # Pinned, so the copies below do not wait for the forward the GPU is running.
-        pinned = self.device.type == "cuda"
-        host = torch.empty((len(rows), self._num_words), dtype=torch.int32, pin_memory=pinned)
+        num = len(rows)
+        host, host_rows, dev, dev_rows = self._buffers(num)
+        host = host[:num]
         matchers = [seqs[i].grammar for i in rows]
-        if len(matchers) < MIN_ROWS_FOR_THREADS:
+        t1 = time.perf_counter()
+        if num < MIN_ROWS_FOR_THREADS or self.max_threads == 1:
             for j, matcher in enumerate(matchers):
                 matcher.fill_next_token_bitmask(host, j)
         else:
             self._batch.batch_fill_next_token_bitmask(matchers, host)
-        host_rows = torch.tensor(rows, dtype=torch.int64)
-        mask = GrammarMask((host_rows.pin_memory() if pinned else host_rows).to(
-            self.device, non_blocking=True), host.to(self.device, non_blocking=True), self._bits)
-        self.mask_s += time.perf_counter() - t0
+        t2 = time.perf_counter()
+        # Pinned host buffers: the copies do not wait for the forward the GPU is running.
+        bitmask = dev[:num]
+        bitmask.copy_(host, non_blocking=True)
+        device_rows = None
+        if num < len(seqs):   # some rows are free: the mask says which are not
+            host_rows[:num] = torch.tensor(rows, dtype=torch.int64)
+            device_rows = dev_rows[:num]
+            device_rows.copy_(host_rows[:num], non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+        mask = GrammarMask(device_rows, bitmask, self._bits, self.mask_vocab, self)
+        t3 = time.perf_counter()
+        self.fill_s += t2 - t1
+        self.mask_s += t3 - t0
         self.num_masks += 1
         return mask
+
+    def _buffers(self, num: int):
+        """The host and device buffers for ``num`` constrained rows, allocated when a step has
+        more rows than any before (rounded up, so a growing batch allocates a few times).
+        The host ones are written only after the last step's copies from them are done."""
+        if self._host is None or self._host.shape[0] < num:
+            size = max(64, 1 << (num - 1).bit_length())
+            pinned = self.device.type == "cuda"
+            self._host = torch.zeros((size, self._num_words), dtype=torch.int32,
+                                     pin_memory=pinned)
+            self._host_rows = torch.zeros(size, dtype=torch.int64, pin_memory=pinned)
+            self._dev = torch.zeros((size, self._num_words), dtype=torch.int32,
+                                    device=self.device)
+            self._dev_rows = torch.zeros(size, dtype=torch.int64, device=self.device)
+        elif self._copied is not None:
+            self._copied.synchronize()   # done long ago: that step's tokens were read since
+        return self._host, self._host_rows, self._dev, self._dev_rows
 
     def accept(self, seq: Sequence, token_id: int) -> str | None:
         """Advance ``seq``'s matcher by its new token. Returns the finish reason it causes:
         "stop" when the grammar is complete, "abort" when the token breaks it (every token was
         disallowed by the grammar together with allowed_token_ids, logit_bias or bad_words)."""
+        t0 = time.perf_counter()
         grammar = seq.grammar
         if grammar.is_terminated():
-            return "stop"
-        if not grammar.accept_token(token_id):
+            reason = "stop"
+        elif not grammar.accept_token(token_id):
             log.warning("request %r: token %d is outside its structured-outputs constraint "
                         "(no allowed token was left after the other logits edits); the "
                         "sequence is aborted", seq.request_id, token_id)
-            return "abort"
-        return "stop" if grammar.is_terminated() else None
+            reason = "abort"
+        else:
+            reason = "stop" if grammar.is_terminated() else None
+        self.accept_s += time.perf_counter() - t0
+        return reason
+
+
+def mask_vocabulary(tokenizer_len: int, vocab_size: int,
+                    stop_token_ids) -> tuple[int, list[int]]:
+    """(tokens the bitmask covers, stop ids given to xgrammar). The tokenizer's tokens (or the
+    logits, if the tokenizer has more), and the stop ids among them; if none of the stop ids
+    is among them, every logit and every stop id."""
+    width = max(tokenizer_len, 1)
+    stops = sorted(stop_token_ids)
+    inside = [t for t in stops if t < width]
+    if width >= vocab_size or (stops and not inside):
+        return max(vocab_size, width), stops
+    return width, inside
 
 
 def choice_grammar(choices: list[str]) -> str:

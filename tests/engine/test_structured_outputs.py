@@ -306,3 +306,74 @@ def test_threaded_and_single_thread_fills_agree(llm, prompts, monkeypatch):
     monkeypatch.setattr(structured, "MIN_ROWS_FOR_THREADS", 1)
     threaded = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert threaded == single
+
+
+def test_mask_vocabulary_is_the_tokenizers_with_its_stop_ids():
+    from hpcinfer.engine.structured import mask_vocabulary
+    assert mask_vocabulary(384, 512, {1}) == (384, [1])
+    assert mask_vocabulary(384, 512, {500, 1}) == (384, [1])     # an id past the tokenizer
+    assert mask_vocabulary(384, 512, {500}) == (512, [500])      # none inside: every logit
+    assert mask_vocabulary(384, 384, {1}) == (384, [1])
+    assert mask_vocabulary(600, 512, {1}) == (600, [1])          # tokenizer wider than logits
+    assert mask_vocabulary(384, 512, set()) == (384, [])
+
+
+@pytest.fixture(scope="module")
+def padded_llm(tmp_path_factory):
+    """The tiny llama with 512 logits for its 384-token tokenizer (padded embeddings)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from hpcinfer.testing.tiny import TOKENIZER_VOCAB_SIZE, build_tiny_checkpoint
+    assert TOKENIZER_VOCAB_SIZE < 512
+    path = build_tiny_checkpoint(FAMILY, tmp_path_factory.mktemp("padded"))
+    generator = torch.Generator().manual_seed(0)
+    padded = 0
+    for shard in path.glob("*.safetensors"):
+        tensors = load_file(shard)
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            if name in tensors:   # random rows, as large as the others
+                weight = tensors[name]
+                extra = torch.randn(512 - weight.shape[0], weight.shape[1],
+                                    generator=generator) * weight.std()
+                tensors[name] = torch.cat([weight, extra.to(weight.dtype)])
+                padded += 1
+        save_file(tensors, shard, metadata={"format": "pt"})
+    assert padded >= 1
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "vocab_size": 512}))
+    return LLM(str(path), max_model_len=512)
+
+
+@pytest.mark.parametrize("kind", ["json", "regex", "grammar"])
+def test_logits_past_the_tokenizer_are_never_allowed(padded_llm, prompts, kind):
+    """The bitmask covers the tokenizer's 384 tokens (12 words a row, not 16); the 128 padded
+    logits, random in this model and so often the largest of the few allowed ones, must still
+    be -inf in constrained rows."""
+    from hpcinfer.testing.tiny import TOKENIZER_VOCAB_SIZE
+    so, check = _constraints()[kind]
+    params = [SamplingParams(temperature=t, seed=s, max_tokens=300, structured_outputs=so)
+              for t in (0.0, 1.0) for s in range(len(prompts))]
+    outs = padded_llm.generate(prompts * 2, params, use_tqdm=False)
+    stage = padded_llm.llm_engine.structured
+    assert stage.mask_vocab == TOKENIZER_VOCAB_SIZE and stage._num_words == 12
+    for out in outs:
+        assert out.outputs[0].finish_reason == "stop"
+        assert max(out.outputs[0].token_ids) < TOKENIZER_VOCAB_SIZE
+        check(out.outputs[0].text)
+
+
+def test_buffers_are_reused_and_host_time_is_split(llm, prompts):
+    """The pinned/device bitmask buffers are made once (no allocation per step); the stage
+    counts its fill, accept and apply time for the bench's breakdown."""
+    so, _ = _constraints()["json"]
+    params = SamplingParams(temperature=1.0, seed=3, max_tokens=300, structured_outputs=so)
+    llm.generate(prompts, params, use_tqdm=False)
+    stage = llm.llm_engine.structured
+    buffers = (stage._host.data_ptr(), stage._dev.data_ptr())
+    before = (stage.fill_s, stage.accept_s, stage.apply_s, stage.num_masks)
+    llm.generate(prompts, params, use_tqdm=False)
+    assert (stage._host.data_ptr(), stage._dev.data_ptr()) == buffers
+    after = (stage.fill_s, stage.accept_s, stage.apply_s, stage.num_masks)
+    assert all(a > b for a, b in zip(after, before))
+    assert stage.mask_s >= stage.fill_s
