@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -32,6 +33,7 @@ def check_consistency(cfg: JobConfig) -> None:
     _check_env_names(cfg)
     _check_extra_sbatch(cfg)
     _check_signal_time(cfg)
+    _check_image_keys(cfg)
     check_lora_consistency(cfg)
 
 
@@ -41,6 +43,7 @@ def check_environment(cfg: JobConfig) -> None:
     _check_container(cfg)
     _check_account(cfg)
     _check_model_dir(cfg)
+    _check_media(cfg)
     check_lora_adapters(cfg)
     _note_missing_env(cfg)
 
@@ -315,6 +318,44 @@ def _check_model_dir(cfg: JobConfig) -> None:
             raise cfg.error_at(f"model.{key}", f"model path {value} is not a directory",
                                f"run `hpcinfer download <hub id>` on a login node and point "
                                f"model.{key} at it, or fix the path")
+
+
+def _check_image_keys(cfg: JobConfig) -> None:
+    """input.image_field: a generate task's column (chat rows carry image_url parts)."""
+    if cfg.input.image_field is None:
+        return
+    if cfg.input.format == "openai-batch":
+        raise cfg.error_at("input.image_field", "OpenAI batch rows carry their images in "
+                           "image_url parts of body.messages, not in a column",
+                           "remove input.image_field")
+    if cfg.task != "generate":
+        hint = "put image_url parts in the messages (docs/vision.md)" if cfg.task == "chat" \
+            else "image columns feed vision-language generation only"
+        raise cfg.error_at("input.image_field", f"task {cfg.task} does not read an image "
+                           "column (task generate does)", hint)
+
+
+def _check_media(cfg: JobConfig) -> None:
+    """media_dirs exist; image keys only for a vision-language model (its config.json has a
+    vision_config), judged when the model is a local snapshot."""
+    for i, directory in enumerate(cfg.input.media_dirs):
+        if not Path(directory).is_dir():
+            raise cfg.error_at(f"input.media_dirs.{i}", f"media dir {directory} is not a "
+                               "directory", "fix the path (relative to the job file)")
+    uses_images = cfg.input.image_field is not None or bool(cfg.input.media_dirs)
+    config = Path(cfg.model.id) / "config.json" if os.path.isabs(cfg.model.id) else None
+    if not uses_images or config is None or not config.is_file():
+        return
+    try:
+        hf = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return                           # the worker reports an unreadable config
+    if "vision_config" not in hf:
+        key = "input.image_field" if cfg.input.image_field is not None else "input.media_dirs"
+        arch = ", ".join(hf.get("architectures") or ["?"])
+        raise cfg.error_at(key, f"model {cfg.model.id} ({arch}) takes no images",
+                           "use a vision-language model (docs/vision.md) or remove the "
+                           "image keys")
 
 
 def _note_missing_env(cfg: JobConfig) -> None:

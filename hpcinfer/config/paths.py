@@ -46,7 +46,9 @@ def resolve_paths(cfg: JobConfig, base: Path) -> JobConfig:
     paths = tuple(_absolute(base, cfg, f"input.path.{i}", p) for i, p in enumerate(cfg.input.path))
     out_dir = _absolute(base, cfg, "output.dir", cfg.output.dir or f"results/{cfg.name}")
     update: dict = {
-        "input": cfg.input.model_copy(update={"path": paths}),
+        "input": cfg.input.model_copy(update={"path": paths, "media_dirs": tuple(
+            _absolute(base, cfg, f"input.media_dirs.{i}", d)
+            for i, d in enumerate(cfg.input.media_dirs))}),
         "output": cfg.output.model_copy(update={"dir": out_dir}),
         "model": cfg.model.model_copy(update=_model_update(cfg, base)),
         # A hub adapter id (org/name, no such directory here) stays as written: render pins

@@ -153,6 +153,20 @@ class InputSection(Section):
     adapter_field: Optional[str] = Field(
         None, description="Column naming each row's LoRA adapter (a key of lora.adapters; "
                           "null or empty = the base model); docs/lora.md")
+    image_field: Optional[str] = Field(
+        None, description="Column with each row's images (task generate, a vision-language "
+                          "model): Parquet binary (encoded image bytes) or a list of them, "
+                          "or JSONL file paths (relative to the input file's directory) or "
+                          "a list of them; the prompt holds the model's placeholder once per "
+                          "image; docs/vision.md")
+    media_dirs: StrTuple = Field(
+        (), description="The only directories local image files may come from (image "
+                        "column paths, file:// and absolute paths in image_url parts), "
+                        "checked after resolving .. and symlinks; relative to the job file. "
+                        "Never the network: http(s) URLs are bad rows")
+    limit_mm_per_prompt: dict[Literal["image"], Annotated[int, Field(ge=0)]] = Field(
+        {}, description="Most images per row, as vLLM's limit_mm_per_prompt, e.g. "
+                        "{image: 1}; more is a bad row (too_many_images); default 999")
     passthrough: StrTuple = Field(
         (), description="Input columns copied unchanged to the output")
     shard_rows: int = Field(

@@ -24,6 +24,7 @@ EXCERPT_CHARS = 200
 ROLES = ("system", "developer", "user", "assistant", "tool")
 TASKS = ("generate", "chat", "embed", "classify", "score", "reward")
 TEMPLATE_TASKS = ("generate", "embed", "classify", "reward")
+DEFAULT_MAX_IMAGES = 999   # vLLM's default limit_mm_per_prompt per modality
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,9 @@ class InputSpec:
     text_2_field: str | None = None
     sampling_field: str | None = None
     adapter_field: str | None = None     # LoRA: the column naming each row's adapter
+    image_field: str | None = None       # images of a generate row (docs/vision.md)
+    media_dirs: tuple[str, ...] = ()     # the only directories local image files come from
+    max_images: int = DEFAULT_MAX_IMAGES  # input.limit_mm_per_prompt["image"]
     passthrough: tuple[str, ...] = ()
     prompt_template: str | None = None   # Jinja2 over the row's columns (io/template.py)
 
@@ -61,8 +65,11 @@ class InputSpec:
         kwargs = {k: get(k, getattr(cls, k)) for k in (
             "format", "id_field", "prompt_field", "messages_field", "text_field",
             "text_1_field", "text_2_field", "sampling_field", "adapter_field",
-            "prompt_template")}
-        return cls(task=task, passthrough=tuple(get("passthrough", ()) or ()), **kwargs)
+            "prompt_template", "image_field")}
+        limits = get("limit_mm_per_prompt", None) or {}
+        return cls(task=task, passthrough=tuple(get("passthrough", ()) or ()),
+                   media_dirs=tuple(get("media_dirs", ()) or ()),
+                   max_images=int(limits.get("image", DEFAULT_MAX_IMAGES)), **kwargs)
 
     @cached_property
     def is_openai(self) -> bool:
@@ -102,8 +109,8 @@ class InputSpec:
             content = list(template_columns(self.prompt_template))
         else:
             content = [self.content_field]
-        names = [self.id_field, *content, self.sampling_field, self.adapter_field,
-                 *self.passthrough]
+        names = [self.id_field, *content, self.image_field, self.sampling_field,
+                 self.adapter_field, *self.passthrough]
         if self.task == "score":
             names.insert(2, self.text_2_field)
         return list(dict.fromkeys(n for n in names if n))
@@ -124,6 +131,9 @@ class InputRow:
     adapter: str | None = None           # LoRA adapter name (a key of lora.adapters)
     url: str | None = None               # OpenAI batch only
     body: dict | None = None             # OpenAI batch only (the request body, as given)
+    # generate rows: the image column's entries (bytes or path strings) as read; the
+    # worker's reader thread replaces them with decoded PIL images (io/images.py)
+    images: tuple = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,10 +209,37 @@ def validate_record(index: int, file: str, obj: Any, spec: InputSpec,
         return bad("invalid_adapter", f"{spec.adapter_field} is a {type(adapter).__name__}; "
                    "write the name of an adapter of lora.adapters (or null for the base model)",
                    row_id)
+    images: tuple = ()
+    if spec.image_field:
+        images, reason = image_refs(obj.get(spec.image_field), spec.image_field)
+        if reason:
+            return bad("bad_image_column", reason, row_id)
     key = row_id if spec.id_field else f"{file}#{index}"
     passthrough = {name: obj.get(name) for name in spec.passthrough}
     return InputRow(index, file, key, row_id, sampling=sampling, passthrough=passthrough,
-                    adapter=adapter or None, **content)
+                    adapter=adapter or None, images=images, **content)
+
+
+def image_refs(value: Any, name: str) -> tuple[tuple, str | None]:
+    """An image column's value -> (entries, None) or ((), the problem). An entry is encoded
+    image bytes (Parquet binary, or a {"bytes": ...} struct as Hugging Face datasets store
+    images) or a path string; a list of them for several images; null or [] for none."""
+    if value is None:
+        return (), None
+    items = value if isinstance(value, (list, tuple)) else [value]
+    refs = []
+    for i, item in enumerate(items):
+        if isinstance(item, dict) and isinstance(item.get("bytes"), (bytes, bytearray)):
+            item = item["bytes"]
+        if isinstance(item, (bytes, bytearray)):
+            refs.append(bytes(item))
+        elif isinstance(item, str) and item:
+            refs.append(item)
+        else:
+            where = f"{name}[{i}]" if isinstance(value, (list, tuple)) else name
+            return (), (f"{where!r} is a {type(item).__name__}: an image column holds image "
+                        "bytes (Parquet binary) or a file path, or a list of them")
+    return tuple(refs), None
 
 
 def _row_id(obj: dict, id_field: str | None) -> tuple[Any, tuple[str, str] | None]:
@@ -293,13 +330,31 @@ def check_messages(messages: Any) -> str | None:
             continue
         if isinstance(content, str):
             continue
-        if isinstance(content, list) and content and all(
-                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                for p in content):
+        if isinstance(content, list) and content and all(map(_is_content_part, content)):
             continue
         return (f"messages[{i}].content must be a string or a list of "
-                '{"type": "text", "text": ...} parts')
+                '{"type": "text", "text": ...} and {"type": "image_url", "image_url": '
+                '{"url": ...}} parts')
     return None
+
+
+def _is_content_part(part: Any) -> bool:
+    """A text part, or an image_url part (its url is judged when the worker loads it)."""
+    if not isinstance(part, dict):
+        return False
+    if part.get("type") == "text":
+        return isinstance(part.get("text"), str)
+    if part.get("type") == "image_url":
+        url = part.get("image_url")
+        return isinstance(url.get("url") if isinstance(url, dict) else url, str)
+    return False
+
+
+def has_image_parts(messages: list | None) -> bool:
+    return bool(messages) and any(
+        isinstance(m.get("content"), list) and any(p.get("type") == "image_url"
+                                                   for p in m["content"])
+        for m in messages)
 
 
 def _validate_openai(index: int, file: str, obj: dict, spec: InputSpec, bad) -> InputRow | BadRow:

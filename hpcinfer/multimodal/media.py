@@ -9,6 +9,7 @@ import base64
 import binascii
 import hashlib
 import io
+import os
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -33,20 +34,32 @@ def check_pil(image: Any, where: str) -> None:
                          "accepted yet)")
 
 
-def load_image_url(url: Any, where: str):
+class MediaError(ValueError):
+    """An image a job row names cannot be used; ``kind`` is the errors.jsonl kind."""
+
+    def __init__(self, kind: str, reason: str):
+        self.kind = kind
+        super().__init__(reason)
+
+
+def load_image_url(url: Any, where: str, media_dirs: tuple[str, ...] | None = None):
     """An image_url part's url: "data:image/...;base64,...", "file:///abs/path" or an
-    absolute path -> a loaded PIL image."""
+    absolute path -> a loaded PIL image. ``media_dirs`` (jobs: input.media_dirs, already
+    real paths): local files only from under one of them (None: anywhere, the Python API)."""
     if isinstance(url, dict):
         url = url.get("url")
     if not isinstance(url, str):
         raise ValueError(f"{where}: image_url needs {{'url': 'data:image/png;base64,...' or "
                          f"'file:///abs/path'}}, got {type(url).__name__}")
     if url.startswith("data:"):
-        return _open(_data_url_bytes(url, where), where, "the data URL")
+        try:
+            return _open(_data_url_bytes(url, where), where, "the data URL")
+        except ValueError as e:
+            raise MediaError("bad_data_url", str(e)) from None
     parsed = urlparse(url)
     if parsed.scheme in ("http", "https", "ftp", "s3", "gs"):
-        raise ValueError(f"{where}: {url[:80]!r} is a network URL; hpcinfer reads no network "
-                         "media (compute nodes are offline): download the image and pass a "
+        raise MediaError("network_media", f"{where}: {url[:80]!r} is a network URL; hpcinfer "
+                         "reads no network media (compute nodes are offline): download the image and pass a "
                          "data: URL, a file:// path or a PIL image")
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):
@@ -57,9 +70,41 @@ def load_image_url(url: Any, where: str):
     else:
         raise ValueError(f"{where}: unsupported image URL {url[:80]!r}: use a data: URL, "
                          "file:///abs/path or a PIL image (an image_pil part)")
+    if media_dirs is not None:
+        return open_local_image(path, media_dirs, where)
     if not path.is_file():
         raise ValueError(f"{where}: image file {path} does not exist (or is not a file)")
     return _open(path.read_bytes(), where, str(path))
+
+
+def open_local_image(path: Path, media_dirs: tuple[str, ...], where: str):
+    """A local image file that must lie under one of ``media_dirs`` (real paths) once ``..``
+    and every symlink are resolved: a link inside a media dir that leads out is refused."""
+    real = Path(os.path.realpath(path))
+    if not any(real.is_relative_to(d) for d in media_dirs):
+        allowed = ", ".join(media_dirs) or "none: input.media_dirs is empty"
+        shown = f"{path} (resolves to {real})" if str(real) != str(path) else str(path)
+        raise MediaError("media_path_not_allowed",
+                         f"{where}: image file {shown} is outside input.media_dirs "
+                         f"(allowed: {allowed}); add its directory to input.media_dirs")
+    if not real.is_file():
+        raise MediaError("unreadable_image",
+                         f"{where}: image file {path} does not exist (or is not a file)")
+    try:
+        data = real.read_bytes()
+    except OSError as e:
+        raise MediaError("unreadable_image", f"{where}: cannot read image file {path} "
+                         f"({e.strerror or e})") from None
+    return open_image_bytes(data, where, str(path))
+
+
+def open_image_bytes(data: bytes, where: str, what: str):
+    """Encoded image bytes (PNG, JPEG, ...) -> a decoded PIL image; MediaError when they are
+    not a readable image."""
+    try:
+        return _open(data, where, what)
+    except ValueError as e:
+        raise MediaError("unreadable_image", str(e)) from None
 
 
 def _data_url_bytes(url: str, where: str) -> bytes:

@@ -22,11 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from hpcinfer.io import ledger
+from hpcinfer.io.images import RowImageLoader
 from hpcinfer.io.readers import ShardReadError, ShardReader
 from hpcinfer.io.rows import BadRow, InputRow
 from hpcinfer.io.shard_loop import BadRowError
 from hpcinfer.io.writers import PartWriter
 from hpcinfer.worker.budget import BudgetExceeded
+from hpcinfer.worker.prefetch import Prefetch
 from hpcinfer.worker.requests import RequestBuilder, to_output_record
 
 log = logging.getLogger("hpcinfer.worker")
@@ -109,7 +111,24 @@ class ShardLoop:
 
     def _stream(self, reader: ShardReader, done, writer: PartWriter) -> bool:
         """Admit, step, write until the shard is answered (True) or the flag is set (False)."""
-        rows = iter(reader)
+        rows = self._rows(reader)
+        try:
+            return self._admit_and_step(rows, done, writer)
+        finally:
+            if isinstance(rows, Prefetch):
+                rows.close()
+
+    def _rows(self, reader: ShardReader):
+        """The shard's rows; when the model takes images, read and decoded (PIL) in a reader
+        thread ahead of the step loop (worker/prefetch.py), and a row with images for a model
+        that takes none becomes a bad row."""
+        loader = RowImageLoader(self.spec.media_dirs, self.spec.max_images,
+                                takes_images=getattr(self.builder, "multimodal", None) is not None)
+        if not loader.takes_images:
+            return map(loader.load, reader)
+        return Prefetch(reader, loader.load, depth=self.options.max_in_flight)
+
+    def _admit_and_step(self, rows, done, writer: PartWriter) -> bool:
         exhausted = False
         while not self.stop.is_set:
             while not exhausted and len(self.in_flight) < self.options.max_in_flight:

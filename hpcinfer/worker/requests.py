@@ -17,7 +17,8 @@ from hpcinfer.io.rows import BadRow, InputRow, excerpt, prompt_too_long
 
 @dataclass(frozen=True)
 class EngineRequest:
-    prompt: dict               # {"prompt": text | None, "prompt_token_ids": [...]}
+    prompt: Any                # {"prompt": text | None, "prompt_token_ids": [...]}, or a
+                               # ProcessedPrompt (rows with images)
     params: Any                # SamplingParams
     num_truncated_tokens: int = 0
     lora_request: Any = None   # hpcinfer.lora.request.LoRARequest, None: the base model
@@ -36,8 +37,9 @@ class RequestBuilder:
 
     def __init__(self, tokenizer, base: dict, max_model_len: int, *,
                  on_long_prompt: str = "error", want_logprobs: bool = False,
-                 adapters: dict | None = None):
+                 adapters: dict | None = None, multimodal: Any = None):
         self.tokenizer = tokenizer
+        self.multimodal = multimodal     # the engine's MultiModalProcessor (None: text only)
         self.adapters = adapters or {}   # lora.adapters name -> LoRARequest
         self.base = base
         self.max_model_len = max_model_len
@@ -51,6 +53,8 @@ class RequestBuilder:
         lora = self.lora_request(row)
         if isinstance(lora, BadRow):
             return lora
+        if row.images or _has_pil_parts(row.messages):
+            return self._image_request(row, params, lora)
         try:
             text, token_ids = self._tokens(row)
         except Exception as exc:  # jinja2 / tokenizer errors: the row's content is the cause
@@ -67,6 +71,33 @@ class RequestBuilder:
             token_ids, text = token_ids[-keep:], None
         return EngineRequest({"prompt": text, "prompt_token_ids": token_ids}, params, num_cut,
                              lora)
+
+    def _image_request(self, row: InputRow, params, lora) -> EngineRequest | BadRow:
+        """A row with decoded images (io/images.py): processed here as LLM.generate /
+        LLM.chat process it, so a placeholder count that does not match is this row's error;
+        the engine takes the ProcessedPrompt as is."""
+        mm = self.multimodal
+        try:
+            if row.messages is not None:
+                processed = mm.render_chat(row.messages, "the row's messages",
+                                           chat_template=None, add_generation_prompt=True,
+                                           continue_final_message=False, tools=None)
+            else:
+                num_placeholders = row.prompt.count(mm.placeholder)
+                if num_placeholders != len(row.images):
+                    return _bad(row, "image_count_mismatch",
+                                f"the prompt has {num_placeholders} image placeholder(s) "
+                                f"{mm.placeholder!r} but the row has {len(row.images)} "
+                                "image(s): write the placeholder once per image")
+                processed = mm.process({"prompt": row.prompt,
+                                        "multi_modal_data": {"image": list(row.images)}},
+                                       "the row")
+        except ValueError as exc:  # the processor's checks (placeholder counts, sizes)
+            return _bad(row, "image_count_mismatch" if "placeholder" in str(exc)
+                        else "bad_image", str(exc))
+        if len(processed.token_ids) > self.max_model_len:
+            return prompt_too_long(row, len(processed.token_ids), self.max_model_len)
+        return EngineRequest(processed, params, 0, lora)
 
     def lora_request(self, row: InputRow):
         """The row's adapter: its adapter column, or an OpenAI-batch body.model that names one
@@ -115,6 +146,13 @@ def render_chat(tokenizer, messages: list) -> tuple[str, list[int]]:
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):
         ids = ids["input_ids"]
     return text, list(ids)
+
+
+def _has_pil_parts(messages: list | None) -> bool:
+    return bool(messages) and any(
+        isinstance(m.get("content"), list) and any(p.get("type") == "image_pil"
+                                                   for p in m["content"])
+        for m in messages)
 
 
 def _bad(row: InputRow, kind: str, reason: str) -> BadRow:

@@ -205,7 +205,8 @@ def request_builder(cfg, engine):
     return RequestBuilder(engine.tokenizer, base_sampling(cfg.sampling), engine.max_model_len,
                           on_long_prompt=str(cfg.resilience.on_long_prompt),
                           want_logprobs=bool(cfg.output.logprobs),
-                          adapters=lora_requests(cfg))
+                          adapters=lora_requests(cfg),
+                          multimodal=getattr(engine, "multimodal", None))
 
 
 def loop_options(cfg, engine):

@@ -1,6 +1,6 @@
-"""A vision-language checkpoint in a job file today (issue 24, before image columns): text
-rows run and give the Python API's tokens, a chat row with an image part and a text row
-holding image placeholders are bad rows, the rest of the shard goes on."""
+"""A vision-language checkpoint running text jobs: text rows give the Python API's tokens; a
+text row holding image placeholders and a chat row whose image lies outside input.media_dirs
+are bad rows, the rest of the shard goes on (image jobs: test_image_jobs.py)."""
 from __future__ import annotations
 
 from hpcinfer.testing.worker_jobs import (job_config, make_job, read_errors, read_results,
@@ -29,8 +29,9 @@ def test_text_job_on_llava_with_bad_image_rows(tmp_path, llava_dir):
     assert sorted(texts) == ["a", "c"]
     errors = {e["id"]: e for e in read_errors(job) + read_errors(chat_job)}
     assert errors["b"]["kind"] == "engine_rejected" and "no images" in errors["b"]["reason"]
-    # the reader takes text parts only (hpcinfer/io/rows.py check_messages)
-    assert "content must be a string or a list of" in errors["d"]["reason"]
+    # a local file outside input.media_dirs (none allowed here): docs/vision.md
+    assert errors["d"]["kind"] == "media_path_not_allowed", errors["d"]
+    assert "outside input.media_dirs" in errors["d"]["reason"]
     assert [r["id"] for r in read_results(chat_job)[0]] == ["e"]
     from hpcinfer import LLM, SamplingParams
     llm = LLM(llava_dir, device="cpu", dtype="float32", max_num_seqs=4)
