@@ -66,8 +66,10 @@ IGNORED: dict[str, VllmArg] = {
                                                      "(docs/structured-outputs.md)"),
     "max_parallel_loading_workers": _ignored(None, int, "each rank reads its own slices"),
     "use_tqdm_on_load": _ignored(True, bool, "loading is logged, not drawn"),
-    "allowed_local_media_path": _ignored("", str, "text-only models"),
-    "limit_mm_per_prompt": _ignored(None, "json", "text-only models"),
+    "allowed_local_media_path": _ignored("", str, "LLM() reads file:// images wherever they "
+                                                  "point; job files: input.media_dirs"),
+    "limit_mm_per_prompt": _ignored(None, "json", "LLM() takes any number of images; job "
+                                                  "files: input.limit_mm_per_prompt"),
     "mm_processor_kwargs": _ignored(None, "json", "text-only models"),
     "disable_mm_preprocessor_cache": _ignored(False, bool, "text-only models"),
     "mm_processor_cache_gb": _ignored(4, float, "text-only models"),
