@@ -55,7 +55,7 @@ def main() -> None:
         benches = [f for f in (bench_copy, bench_decode, bench_prefill, bench_cache,
                                bench_elementwise, sweep_decode, sweep_prefill, bench_decode_mix,
                                bench_moe, sweep_moe, bench_quant_gemm, sweep_w4a16,
-                               bench_lora)
+                               bench_lora, sweep_lora_tiles)
                    if f.__name__.removeprefix("bench_").removeprefix("sweep_") in wanted
                    or f.__name__ in wanted]
     for bench in benches:
@@ -364,6 +364,61 @@ def bench_lora(dtypes, num_adapters=4, rank=16):
                        torch.bfloat16, ms, num_bytes, peer, rel_err=err, graph_ms=graph_ms,
                        graph_gb_s=num_bytes / graph_ms / 1e6, lora_over_base=graph_ms / peer,
                        splits=lora.shrink_split(m, k))
+
+
+def _lora_problem(k, pieces, m, num_adapters=4, rank=16):
+    n, p = sum(pieces), len(pieces)
+    a = torch.randn(num_adapters, p * rank, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5
+    b = torch.randn(num_adapters, n, rank, device="cuda", dtype=torch.bfloat16) * rank ** -0.5
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    slots = torch.arange(m, device="cuda", dtype=torch.int32) % num_adapters
+    bounds = tuple(sum(pieces[:i]) for i in range(p + 1))
+    return x, a, b, slots, bounds
+
+
+def sweep_lora_tiles(dtypes):
+    """LoRA launch configs (``--only lora_tiles``): the shrink's (BLOCK_M, BLOCK_K, SPLIT,
+    warps) with the default expand, then the expand's (BLOCK_M, BLOCK_N, warps) with the
+    default shrink; each checked against the default's output, timed as CUDA-graph replays
+    of the pair (eager timing would be the host's launch cost)."""
+    from hpcinfer.kernels import lora as mod
+    shrink_variants = [dict(BLOCK_M=bm, BLOCK_K=bk, SPLIT=sp, num_warps=w)
+                       for bm, bk, sp, w in [(64, 128, 8, 4), (64, 128, 4, 4), (64, 128, 16, 4),
+                                             (32, 128, 8, 4), (16, 128, 8, 4), (64, 64, 8, 4),
+                                             (64, 128, 8, 8), (32, 64, 16, 4)]]
+    expand_variants = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w)
+                       for bm, bn, w in [(64, 128, 4), (64, 64, 4), (64, 256, 8), (32, 128, 4),
+                                         (16, 128, 4), (128, 128, 8), (32, 256, 4)]]
+    for k, pieces, name in LORA_SHAPES[:4]:
+        for m in (64, 256):
+            x, a, b, slots, bounds = _lora_problem(k, pieces, m)
+            y0 = torch.zeros(m, sum(pieces), device="cuda", dtype=torch.bfloat16)
+            y = y0.clone()
+
+            def run():
+                y.zero_()
+                mod.lora_expand(y, mod.lora_shrink_partials(x, a, slots), b, slots, bounds)
+                return y
+            expected = run().float().clone()
+            num_bytes = (a.numel() + b.numel() + m * k + 2 * m * sum(pieces)) * 2
+            shape = f"{m} tok, {name} K{k} N{sum(pieces)}, 4x r16"
+            for config_name, variants in (("_shrink_config", shrink_variants),
+                                          ("_expand_config", expand_variants)):
+                default = getattr(mod, config_name)
+                try:
+                    for cfg in variants:
+                        setattr(mod, config_name, lambda *args, cfg=cfg: dict(cfg))
+                        try:
+                            err = _rel_err(run().float(), expected)
+                            ms = time_ms(_captured(run)) if err < 2e-2 else float("nan")
+                        except Exception as e:   # a config may not fit: record, go on
+                            log.warning("lora %s %s failed: %s", config_name, cfg,
+                                        str(e).splitlines()[0][:200])
+                            err, ms = float("inf"), float("nan")
+                        yield _row(f"lora{config_name.removesuffix('_config')}:sweep", shape,
+                                   torch.bfloat16, ms, num_bytes, config=cfg, rel_err=err)
+                finally:
+                    setattr(mod, config_name, default)
 
 
 # (K, N, model) of the merged q/k/v, o, gate/up and down projections of Llama-3.1-8B and -70B

@@ -152,6 +152,20 @@ def shrink_split(num_tokens: int, k: int) -> int:
     return split
 
 
+def _shrink_config(num_tokens: int, k: int, num_slots: int, block_pr: int) -> dict:
+    """Shrink launch: first guesses, not tuned on a GPU yet (bench/kernels.py --only
+    lora_tiles times alternatives by replacing this function)."""
+    # the unrolled slots' A tiles (num_slots x BLOCK_K x BLOCK_PR) within 4 x 128 x 64
+    block_k = max(16, min(128, _pow2_floor(32768 // (num_slots * block_pr))))
+    return dict(BLOCK_M=_block_m(num_tokens), BLOCK_K=block_k,
+                SPLIT=shrink_split(num_tokens, k), num_warps=4)
+
+
+def _expand_config(num_tokens: int, n: int) -> dict:
+    """Expand launch (as _shrink_config: replaced by the bench's sweep)."""
+    return dict(BLOCK_M=_block_m(num_tokens), BLOCK_N=128, num_warps=4)
+
+
 def _pow2_floor(n: int) -> int:
     return 1 << (max(n, 1).bit_length() - 1)
 
@@ -188,19 +202,17 @@ def lora_shrink_partials(x: torch.Tensor, lora_a: torch.Tensor, slots: torch.Ten
         raise KernelArgumentError(f"LoRA rank {rank} is not supported by the kernels "
                                   f"(1..{MAX_LORA_RANK} per piece); lower max_lora_rank")
     _check_slots(slots, num_tokens)
-    split = shrink_split(num_tokens, k)
+    num_slots, block_pr = lora_a.shape[0], max(16, triton.next_power_of_2(rank))
+    cfg = _shrink_config(num_tokens, k, num_slots, block_pr)
+    split = cfg.pop("SPLIT")
     out = torch.empty((split, num_tokens, rank), dtype=torch.float32, device=x.device)
     if num_tokens:
-        num_slots = lora_a.shape[0]
-        block_m, block_pr = _block_m(num_tokens), max(16, triton.next_power_of_2(rank))
-        # the unrolled slots' A tiles (num_slots x BLOCK_K x BLOCK_PR) within 4 x 128 x 64
-        block_k = max(16, min(128, _pow2_floor(32768 // (num_slots * block_pr))))
-        k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
-        _lora_shrink_kernel[(triton.cdiv(num_tokens, block_m), split)](
+        k_per_split = triton.cdiv(triton.cdiv(k, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+        _lora_shrink_kernel[(triton.cdiv(num_tokens, cfg["BLOCK_M"]), split)](
             x, lora_a, slots, out, num_tokens, k, rank, k_per_split,
             x.stride(0), lora_a.stride(0), lora_a.stride(1), out.stride(0), out.stride(1),
-            NUM_SLOTS=num_slots, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_PR=block_pr,
-            PRECISION=_precision(lora_a.dtype), DOT_F32=_INTERPRETED, num_warps=4)
+            NUM_SLOTS=num_slots, BLOCK_PR=block_pr, PRECISION=_precision(lora_a.dtype),
+            DOT_F32=_INTERPRETED, **cfg)
     return out
 
 
@@ -241,11 +253,12 @@ def lora_expand(y: torch.Tensor, t: torch.Tensor, lora_b: torch.Tensor, slots: t
                                   f"(1..{MAX_LORA_RANK}); lower max_lora_rank")
     _check_slots(slots, num_tokens)
     if num_tokens:
-        block_m, block_n = _block_m(num_tokens), 128
+        cfg = _expand_config(num_tokens, n)
         inner = list(bounds[1:-1]) + [n] * (2 - (pieces - 1))
-        _lora_expand_kernel[(triton.cdiv(num_tokens, block_m), triton.cdiv(n, block_n))](
+        grid = (triton.cdiv(num_tokens, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
+        _lora_expand_kernel[grid](
             parts, lora_b, slots, y, num_tokens, n, rank, inner[0], inner[1],
             parts.stride(0), parts.stride(1), lora_b.stride(0), lora_b.stride(1), y.stride(0),
             NUM_SLOTS=lora_b.shape[0], NUM_SPLITS=parts.shape[0], NUM_PIECES=pieces,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(rank)),
-            PRECISION=_precision(lora_b.dtype), DOT_F32=_INTERPRETED, num_warps=4)
+            BLOCK_R=max(16, triton.next_power_of_2(rank)), PRECISION=_precision(lora_b.dtype),
+            DOT_F32=_INTERPRETED, **cfg)
