@@ -179,13 +179,32 @@ def test_openai_batch_image_parts_equal_chat(tmp_path, llava_dir, images, llm):
     assert errors["outside"]["kind"] == "media_path_not_allowed"
 
 
-@pytest.mark.slow
-def test_kill_9_then_rerun_every_image_row_once(tmp_path, llava_dir, images):
+def kill_job(tmp_path, llava_dir, images, fmt):
+    """24 rows with one or two images each: Parquet bytes, or OpenAI-batch data URLs."""
     rows = [{"id": f"r{i}", "prompt": Q1 if i % 3 else Q2,
              "image": [png(images[i % 4])] if i % 3 else [png(images[i % 4]), png(images[0])]}
             for i in range(24)]
-    data = write_parquet(tmp_path / "images.parquet", rows)
-    job = image_job(tmp_path, llava_dir, data)
+    if fmt == "parquet":
+        data = write_parquet(tmp_path / "images.parquet", rows)
+        return [r["id"] for r in rows], "id", lambda root: image_job(root, llava_dir, data)
+    requests = [chat_request(r["id"], [{"type": "text", "text": "What is this?"}] + [
+        {"type": "image_url", "image_url": {"url": data_url(b)}} for b in r["image"]])
+        for r in rows]
+    data = write_jsonl(tmp_path / "batch.jsonl", requests)
+
+    def make(root):
+        return make_job(root / "job", job_config(
+            llava_dir, str(data), task="chat", sampling=PARAMS,
+            input={"path": str(data), "format": "openai-batch"},
+            output={"format": "openai-batch"}))
+    return [r["custom_id"] for r in requests], "custom_id", make
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["parquet", "openai-batch"])
+def test_kill_9_then_rerun_every_image_row_once(tmp_path, llava_dir, images, fmt):
+    ids_in, key, make = kill_job(tmp_path, llava_dir, images, fmt)
+    job = make(tmp_path)
     log = tmp_path / "worker.log"
     proc = start_worker(job, log_path=log, HPCINFER_WORKER_STEP_DELAY_S="0.02")
     shard = job / "shards" / "00000"
@@ -201,10 +220,10 @@ def test_kill_9_then_rerun_every_image_row_once(tmp_path, llava_dir, images):
     rc, out = run_worker(job, timeout_s=600)
     assert rc == 0, out
     [records] = read_results(job).values()
-    ids = [r["id"] for r in records]
-    assert sorted(ids) == sorted(r["id"] for r in rows) and len(ids) == len(set(ids))
+    ids = [r[key] for r in records]
+    assert sorted(ids) == sorted(ids_in) and len(ids) == len(set(ids))
     assert read_errors(job) == []
-    reference = image_job(tmp_path / "ref", llava_dir, data)
+    reference = make(tmp_path / "ref")
     rc, out = run_worker(reference, timeout_s=600)
     assert rc == 0, out
-    assert [r["text"] for r in records] == [r["text"] for r in read_results(reference)[0]]
+    assert records == read_results(reference)[0]
