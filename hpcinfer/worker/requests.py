@@ -79,6 +79,12 @@ class RequestBuilder:
         mm = self.multimodal
         try:
             if row.messages is not None:
+                num_written = sum(_texts(m).count(mm.placeholder) for m in row.messages)
+                if num_written:
+                    return _bad(row, "image_count_mismatch",
+                                f"the messages' text holds the image placeholder "
+                                f"{mm.placeholder!r} {num_written} time(s): image_url parts "
+                                "place the images; remove the placeholder from the text")
                 processed = mm.render_chat(row.messages, "the row's messages",
                                            chat_template=None, add_generation_prompt=True,
                                            continue_final_message=False, tools=None)
@@ -146,6 +152,13 @@ def render_chat(tokenizer, messages: list) -> tuple[str, list[int]]:
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):
         ids = ids["input_ids"]
     return text, list(ids)
+
+
+def _texts(message: dict) -> str:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    return "".join(p.get("text", "") for p in content or () if p.get("type") == "text")
 
 
 def _has_pil_parts(messages: list | None) -> bool:

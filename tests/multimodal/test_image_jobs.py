@@ -151,13 +151,17 @@ def test_openai_batch_image_parts_equal_chat(tmp_path, llava_dir, images, llm):
             "url": data_url(b"not a png at all")}}, text],
         "http": [{"type": "image_url", "image_url": {"url": "http://example.org/a.png"}}],
         "outside": [{"type": "image_url", "image_url": {"url": str(tmp_path / "x.png")}}],
+        "placeholder": [{"type": "text", "text": "look <image> here"},
+                        {"type": "image_url", "image_url": {"url": data_url(png(red))}}],
+        "limit": [{"type": "image_url", "image_url": {"url": data_url(png(red))}}] * 3,
     }
     (tmp_path / "x.png").write_bytes(png(red))
     requests = [chat_request(k, v) for k, v in {**good, **bad}.items()]
     data = write_jsonl(tmp_path / "batch.jsonl", requests)
     config = job_config(llava_dir, str(data), task="chat", sampling=PARAMS,
                         input={"path": str(data), "format": "openai-batch",
-                               "media_dirs": [str(media)], "max_bad_rows": 0.9},
+                               "media_dirs": [str(media)], "max_bad_rows": 0.9,
+                               "limit_mm_per_prompt": {"image": 2}},
                         output={"format": "openai-batch"})
     job = make_job(tmp_path / "job", config)
     rc, out = run_worker(job, timeout_s=600)
@@ -177,6 +181,10 @@ def test_openai_batch_image_parts_equal_chat(tmp_path, llava_dir, images, llm):
     assert "not a readable image" in errors["png-url-not-png"]["reason"]
     assert errors["http"]["kind"] == "network_media"
     assert errors["outside"]["kind"] == "media_path_not_allowed"
+    assert errors["placeholder"]["kind"] == "image_count_mismatch"
+    assert "remove the placeholder" in errors["placeholder"]["reason"]
+    assert errors["limit"]["kind"] == "too_many_images"
+    assert sorted(errors) == sorted(bad)
 
 
 def kill_job(tmp_path, llava_dir, images, fmt):
