@@ -321,18 +321,18 @@ def _check_model_dir(cfg: JobConfig) -> None:
 
 
 def _check_image_keys(cfg: JobConfig) -> None:
-    """input.image_field: a generate task's column (chat rows carry image_url parts)."""
+    """input.image_field: a column of task generate or chat (OpenAI batch rows carry
+    image_url parts instead)."""
     if cfg.input.image_field is None:
         return
     if cfg.input.format == "openai-batch":
         raise cfg.error_at("input.image_field", "OpenAI batch rows carry their images in "
                            "image_url parts of body.messages, not in a column",
                            "remove input.image_field")
-    if cfg.task != "generate":
-        hint = "put image_url parts in the messages (docs/vision.md)" if cfg.task == "chat" \
-            else "image columns feed vision-language generation only"
+    if cfg.task not in ("generate", "chat"):
         raise cfg.error_at("input.image_field", f"task {cfg.task} does not read an image "
-                           "column (task generate does)", hint)
+                           "column (tasks generate and chat do)",
+                           "image columns feed vision-language generation only")
 
 
 def _check_media(cfg: JobConfig) -> None:

@@ -154,11 +154,12 @@ class InputSection(Section):
         None, description="Column naming each row's LoRA adapter (a key of lora.adapters; "
                           "null or empty = the base model); docs/lora.md")
     image_field: Optional[str] = Field(
-        None, description="Column with each row's images (task generate, a vision-language "
-                          "model): Parquet binary (encoded image bytes) or a list of them, "
-                          "or JSONL file paths (relative to the input file's directory) or "
-                          "a list of them; the prompt holds the model's placeholder once per "
-                          "image; docs/vision.md")
+        None, description="Column with each row's images (a vision-language model): Parquet "
+                          "binary (encoded image bytes) or a list of them, or JSONL file paths "
+                          "(relative to the input file's directory) or a list of them; task "
+                          "generate: the prompt holds the model's placeholder once per image, "
+                          "task chat: they fill the messages' {type: image} parts in order; "
+                          "docs/vision.md")
     media_dirs: StrTuple = Field(
         (), description="The only directories local image files may come from (image "
                         "column paths, file:// and absolute paths in image_url parts), "

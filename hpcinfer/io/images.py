@@ -12,7 +12,9 @@ decoded images, or the row into one ``BadRow`` with one reason:
 - more images than ``input.limit_mm_per_prompt.image``: ``too_many_images``;
 - images for a model that takes none: ``images_not_supported``.
 
-Relative paths in an image column (JSONL) are relative to the input file's directory.
+Relative paths in an image column (JSONL) are relative to the input file's directory. A chat
+row's image column fills its messages' ``{"type": "image"}`` parts, in order (as many parts
+as images, else ``image_count_mismatch``).
 PIL is imported only when a row has images.
 """
 from __future__ import annotations
@@ -36,14 +38,15 @@ class RowImageLoader:
         """The row with its images decoded (unchanged without images), or its BadRow."""
         if isinstance(item, BadRow):
             return item
-        is_chat = has_image_parts(item.messages)
+        is_chat = item.messages is not None and (bool(item.images)
+                                                 or has_image_parts(item.messages))
         if not item.images and not is_chat:
             return item
         from hpcinfer.multimodal.media import MediaError
         try:
             self._check_allowed(item, is_chat)
             if is_chat:
-                return dataclasses.replace(item, messages=self._chat_images(item))
+                return dataclasses.replace(item, messages=self._chat_images(item), images=())
             return dataclasses.replace(item, images=self._column_images(item))
         except MediaError as e:
             return _bad(item, e.kind, str(e))
@@ -52,12 +55,18 @@ class RowImageLoader:
 
     def _check_allowed(self, row: InputRow, is_chat: bool) -> None:
         from hpcinfer.multimodal.media import MediaError
-        count = sum(1 for m in row.messages for p in _parts(m) if p.get("type") == "image_url") \
-            if is_chat else len(row.images)
+        count = len(row.images)
+        if is_chat:
+            count += _count_parts(row.messages, "image_url")
         if not self.takes_images:
             raise MediaError("images_not_supported", f"the row has {count} image(s) but the "
                              "model takes no images: use a vision-language model "
                              "(docs/vision.md) or drop the images")
+        if is_chat and _count_parts(row.messages, "image") != len(row.images):
+            raise MediaError("image_count_mismatch", f"the messages have "
+                             f"{_count_parts(row.messages, 'image')} {{\"type\": \"image\"}} "
+                             f"part(s) but the image column holds {len(row.images)} image(s): "
+                             "one part per image, in order")
         if count > self.max_images:
             raise MediaError("too_many_images", f"the row has {count} images but "
                              f"input.limit_mm_per_prompt allows {self.max_images} per row: "
@@ -82,7 +91,9 @@ class RowImageLoader:
         return load_image_url(url, where, self.media_dirs)
 
     def _chat_images(self, row: InputRow) -> list:
-        """The messages with each image_url part replaced by an image_pil part (decoded)."""
+        """The messages with each image_url part, and each {"type": "image"} part (the image
+        column's next image), replaced by an image_pil part (decoded)."""
+        column = iter(self._column_images(row))
         messages = []
         for m, message in enumerate(row.messages):
             if not isinstance(message.get("content"), list):
@@ -93,9 +104,15 @@ class RowImageLoader:
                 if part.get("type") == "image_url":
                     image = self._url_image(part["image_url"], f"message {m}, part {p}")
                     part = {"type": "image_pil", "image_pil": image}
+                elif part.get("type") == "image":
+                    part = {"type": "image_pil", "image_pil": next(column)}
                 parts.append(part)
             messages.append({**message, "content": parts})
         return messages
+
+
+def _count_parts(messages: list, kind: str) -> int:
+    return sum(1 for m in messages for p in _parts(m) if p.get("type") == kind)
 
 
 def _parts(message: dict) -> list:

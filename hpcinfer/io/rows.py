@@ -339,11 +339,14 @@ def check_messages(messages: Any) -> str | None:
 
 
 def _is_content_part(part: Any) -> bool:
-    """A text part, or an image_url part (its url is judged when the worker loads it)."""
+    """A text part, an image_url part (its url is judged when the worker loads it) or an
+    image part (the row's image column fills it)."""
     if not isinstance(part, dict):
         return False
     if part.get("type") == "text":
         return isinstance(part.get("text"), str)
+    if part.get("type") == "image":      # filled from input.image_field (io/images.py)
+        return True
     if part.get("type") == "image_url":
         url = part.get("image_url")
         return isinstance(url.get("url") if isinstance(url, dict) else url, str)
@@ -352,7 +355,7 @@ def _is_content_part(part: Any) -> bool:
 
 def has_image_parts(messages: list | None) -> bool:
     return bool(messages) and any(
-        isinstance(m.get("content"), list) and any(p.get("type") == "image_url"
+        isinstance(m.get("content"), list) and any(p.get("type") in ("image_url", "image")
                                                    for p in m["content"])
         for m in messages)
 

@@ -1,5 +1,5 @@
 """Image keys of a job file, checked on the login node (no torch, no PIL): image_field only for
-task generate and a vision-language model, media_dirs must exist and become absolute."""
+tasks generate and chat and a vision-language model, media_dirs must exist and become absolute."""
 from __future__ import annotations
 
 import json
@@ -51,14 +51,18 @@ def test_image_field_on_a_text_model_is_refused(tmp_path):
     assert "takes no images" in err.problem and "LlamaForCausalLM" in err.problem
 
 
-def test_image_field_needs_task_generate(tmp_path):
+def test_image_field_for_generate_and_chat_only(tmp_path):
     llava = model_dir(tmp_path, "llava", vision=True)
-    err = error_of(job(tmp_path, llava, "  image_field: image\n  messages_field: m\n",
+    cfg = load_job(job(tmp_path, llava, "  image_field: image\n  messages_field: m\n",
                        task="chat"))
-    assert err.key_path == "input.image_field" and "image_url parts" in err.fix
+    assert cfg.input.image_field == "image"
     err = error_of(job(tmp_path, llava, "  image_field: image\n  text_field: t\n",
                        task="embed"))
+    assert err.key_path == "input.image_field"
     assert "task embed does not read an image column" in err.problem
+    err = error_of(job(tmp_path, llava, "  image_field: image\n  format: openai-batch\n",
+                       task="chat"))
+    assert "image_url parts" in err.problem
 
 
 def test_missing_media_dir_and_bad_limit(tmp_path):

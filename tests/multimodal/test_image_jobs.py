@@ -127,6 +127,46 @@ def test_jsonl_paths_only_from_media_dirs(tmp_path, llava_dir, images, llm):
     assert errors["number"]["kind"] == "bad_image_column"
 
 
+def test_chat_rows_fill_image_parts_from_the_image_column(tmp_path, llava_dir, images, llm):
+    red, wide, tall, _ = images
+    media = tmp_path / "media"
+    media.mkdir()
+    for name, image in (("red", red), ("wide", wide), ("tall", tall)):
+        (media / f"{name}.png").write_bytes(png(image))
+
+    def user(*parts):
+        return [{"role": "user", "content": list(parts)}]
+    text = {"type": "text", "text": "Which is larger?"}
+    rows = [{"id": "two", "messages": user({"type": "image"}, text, {"type": "image"}),
+             "image": ["media/wide.png", "media/tall.png"]},
+            {"id": "one", "messages": user(text, {"type": "image"}), "image": "media/red.png"},
+            {"id": "plain", "messages": user(text), "image": None},
+            {"id": "fewer-parts", "messages": user(text, {"type": "image"}),
+             "image": ["media/red.png", "media/tall.png"]},
+            {"id": "no-column", "messages": user({"type": "image"}, text), "image": None}]
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    config = job_config(llava_dir, str(data), task="chat", sampling=PARAMS,
+                        input={"path": str(data), "messages_field": "messages",
+                               "prompt_field": None, "image_field": "image",
+                               "media_dirs": [str(media)], "max_bad_rows": 0.9})
+    job = make_job(tmp_path / "job", config)
+    rc, out = run_worker(job, timeout_s=600)
+    assert rc == 0, out
+    texts = {r["id"]: r["text"] for r in read_results(job)[0]}
+
+    def pil(image):
+        return {"type": "image_pil", "image_pil": image}
+    assert texts["two"] == api_chat(llm, user(pil(wide), text, pil(tall)))
+    assert texts["one"] == api_chat(llm, user(text, pil(red)))
+    assert sorted(texts) == ["one", "plain", "two"]
+    errors = {e["id"]: e for e in read_errors(job)}
+    assert sorted(errors) == ["fewer-parts", "no-column"]
+    for name in errors:
+        assert errors[name]["kind"] == "image_count_mismatch", errors[name]
+    assert "1 {\"type\": \"image\"} part(s) but the image column holds 2" in \
+        errors["fewer-parts"]["reason"]
+
+
 def chat_request(custom_id, parts):
     return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
             "body": {"model": "m", "max_tokens": PARAMS["max_tokens"], "temperature": 0.0,
