@@ -3,7 +3,9 @@
 Where each part lives (DESIGN §7a: images are a model input):
 
 - ``media``: images from what users pass (PIL images, OpenAI-style ``image_url`` parts with a
-  data: URL or a local file, ``image_pil`` parts), and each image's content hash.
+  data: URL or a local file, ``image_pil`` parts), and each image's content hash; for jobs,
+  local files only from ``input.media_dirs`` (``open_local_image``) and ``MediaError`` kinds
+  that become bad rows (the rows' side is hpcinfer/io/images.py).
 - ``processor``: the checkpoint's transformers ``AutoProcessor`` expands the placeholders,
   preprocesses the images and renders chat templates, so token ids and pixels are exactly the
   model's; it returns a ``ProcessedPrompt`` whose ``MultiModalInputs`` say where each image's
