@@ -32,6 +32,9 @@ from hpcinfer.worker.prefetch import Prefetch
 from hpcinfer.worker.requests import RequestBuilder, to_output_record
 
 log = logging.getLogger("hpcinfer.worker")
+# Rows with decoded images held ahead of the loop: enough to refill a step's finished rows,
+# few enough that large scans (a 2000x2000 RGB page is 12 MB decoded) keep memory flat.
+PREFETCH_IMAGE_ROWS = 32
 
 
 @dataclass(frozen=True)
@@ -126,7 +129,8 @@ class ShardLoop:
                                 takes_images=getattr(self.builder, "multimodal", None) is not None)
         if not loader.takes_images:
             return map(loader.load, reader)
-        return Prefetch(reader, loader.load, depth=self.options.max_in_flight)
+        return Prefetch(reader, loader.load,
+                        depth=min(self.options.max_in_flight, PREFETCH_IMAGE_ROWS))
 
     def _admit_and_step(self, rows, done, writer: PartWriter) -> bool:
         exhausted = False
