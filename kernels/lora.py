@@ -152,11 +152,14 @@ def shrink_split(num_tokens: int, k: int) -> int:
     return split
 
 
-def _shrink_config(num_tokens: int, k: int, num_slots: int, block_pr: int) -> dict:
+def _shrink_config(num_tokens: int, k: int, num_slots: int, block_pr: int,
+                   elem_size: int = 2) -> dict:
     """Shrink launch: first guesses, not tuned on a GPU yet (bench/kernels.py --only
     lora_tiles times alternatives by replacing this function)."""
-    # the unrolled slots' A tiles (num_slots x BLOCK_K x BLOCK_PR) within 4 x 128 x 64
-    block_k = max(16, min(128, _pow2_floor(32768 // (num_slots * block_pr))))
+    # the unrolled slots' A tiles (num_slots x BLOCK_K x BLOCK_PR) within 64 KiB (4 x 128 x
+    # 64 in bf16); Triton keeps ~3 stages of them in shared memory, so fp32 tiles of the bf16
+    # size asked for 280-360 KiB on the H200 (232 KiB there: OutOfResources, 2026-12-03)
+    block_k = max(16, min(128, _pow2_floor(65536 // (num_slots * block_pr * elem_size))))
     return dict(BLOCK_M=_block_m(num_tokens), BLOCK_K=block_k,
                 SPLIT=shrink_split(num_tokens, k), num_warps=4)
 
@@ -203,7 +206,7 @@ def lora_shrink_partials(x: torch.Tensor, lora_a: torch.Tensor, slots: torch.Ten
                                   f"(1..{MAX_LORA_RANK} per piece); lower max_lora_rank")
     _check_slots(slots, num_tokens)
     num_slots, block_pr = lora_a.shape[0], max(16, triton.next_power_of_2(rank))
-    cfg = _shrink_config(num_tokens, k, num_slots, block_pr)
+    cfg = _shrink_config(num_tokens, k, num_slots, block_pr, lora_a.element_size())
     split = cfg.pop("SPLIT")
     out = torch.empty((split, num_tokens, rank), dtype=torch.float32, device=x.device)
     if num_tokens:

@@ -51,7 +51,10 @@ def quantize_per_token_group(x: torch.Tensor, group: int) -> tuple[torch.Tensor,
     """x [M, K] -> (e4m3 [M, K], scales [M, K/group] fp32): one scale per token and group."""
     m, k = x.shape
     blocks = x.float().reshape(m, k // group, group)
-    scales = (blocks.abs().amax(dim=-1) / FP8_MAX).clamp(min=1e-12)
+    amax = blocks.abs().amax(dim=-1)
+    # a true division, as the Triton kernel's div_rn: on CUDA `tensor / python_float` is a
+    # multiplication by the reciprocal (one bit off at times), so the divisor is a tensor
+    scales = (amax / torch.full_like(amax, FP8_MAX)).clamp(min=1e-12)
     q = (blocks / scales[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return q.reshape(m, k), scales
 
