@@ -10,6 +10,8 @@ through ``torch._scaled_mm`` (cuBLASLt, rowwise scaling). Both need compute capa
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -105,6 +107,12 @@ def fp8_scaled_mm(a: torch.Tensor, a_scales: torch.Tensor, b_t: torch.Tensor,
 
 FP8_MAX = 448.0
 MIN_SCALE = 1e-12
+# The CPU interpreter's fp32 -> e4m3 cast rounds wrongly across powers of two, so there the
+# kernel rounds to the e4m3 grid itself first; on the GPU the hardware cast (cvt.rn.satfinite)
+# rounds to nearest even as torch's cast does. On the H200 (2026-12-03) the emulated rounding
+# differed from torch's cast in some codes of 12 of the 18 full-shape tests; the native cast
+# there is not re-checked yet (tests/gpu/test_quant_gpu.py::test_quantize_fp8_full_shapes).
+_EMULATE_E4M3_ROUNDING = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -122,7 +130,7 @@ def _round_to_e4m3_grid(v):
 
 @triton.jit
 def _quant_fp8_kernel(X, Q, S, K, stride_xm, GROUP: tl.constexpr, BLOCK: tl.constexpr,
-                      ONE_PASS: tl.constexpr):
+                      ONE_PASS: tl.constexpr, EMULATE_ROUNDING: tl.constexpr):
     # one program per (token, group of GROUP inputs): amax over the group, scale =
     # max(amax / 448, 1e-12), q = clamp(x / scale, +-448) as e4m3, scale written to S[m, g].
     # div_rn: IEEE division as torch's (Triton's "/" on fp32 is the approximate div.full)
@@ -133,7 +141,9 @@ def _quant_fp8_kernel(X, Q, S, K, stride_xm, GROUP: tl.constexpr, BLOCK: tl.cons
     if ONE_PASS:   # the group fits one block: load once
         x = tl.load(x_row + offs, mask=offs < GROUP, other=0.0).to(tl.float32)
         scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=0), 448.0), 1e-12)
-        q = _round_to_e4m3_grid(tl.clamp(tl.math.div_rn(x, scale), -448.0, 448.0))
+        q = tl.clamp(tl.math.div_rn(x, scale), -448.0, 448.0)
+        if EMULATE_ROUNDING:
+            q = _round_to_e4m3_grid(q)
         tl.store(q_row + offs, q.to(Q.dtype.element_ty), mask=offs < GROUP)
     else:          # GROUP a multiple of BLOCK: amax pass, then quantize (re-read from L2)
         amax = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -143,7 +153,9 @@ def _quant_fp8_kernel(X, Q, S, K, stride_xm, GROUP: tl.constexpr, BLOCK: tl.cons
         scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), 448.0), 1e-12)
         for k0 in range(0, GROUP, BLOCK):
             x = tl.load(x_row + k0 + offs).to(tl.float32)
-            q = _round_to_e4m3_grid(tl.clamp(tl.math.div_rn(x, scale), -448.0, 448.0))
+            q = tl.clamp(tl.math.div_rn(x, scale), -448.0, 448.0)
+            if EMULATE_ROUNDING:
+                q = _round_to_e4m3_grid(q)
             tl.store(q_row + k0 + offs, q.to(Q.dtype.element_ty))
     tl.store(S + row.to(tl.int64) * (K // GROUP) + grp, scale)
 
@@ -172,6 +184,7 @@ def quantize_fp8(x: torch.Tensor, group: int | None = None
         one_pass, block = True, triton.next_power_of_2(group)
     _quant_fp8_kernel[(m, k // group)](x, q, scales, k, x.stride(0), GROUP=group, BLOCK=block,
                                        ONE_PASS=one_pass,
+                                       EMULATE_ROUNDING=_EMULATE_E4M3_ROUNDING,
                                        num_warps=4 if block <= 1024 else 8)
     return q, scales
 
