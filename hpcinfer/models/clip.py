@@ -20,6 +20,19 @@ from hpcinfer.layers.linear import NO_TP, ColumnParallelLinear, QKVParallelLinea
 from hpcinfer.layers.norm import LayerNorm
 
 
+def image_patches(embeddings: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """pixel_values [N, C, H, W] -> [N, num_patches, dim] through ``embeddings``'
+    patch_embedding (a conv with stride = kernel = patch size); CLIP's and SigLIP's towers
+    take exactly their configured image size."""
+    height, width = pixel_values.shape[-2:]
+    if height != embeddings.image_size or width != embeddings.image_size:
+        raise ValueError(f"the image processor gave {height}x{width} pixels but the vision "
+                         f"tower takes {embeddings.image_size}x{embeddings.image_size}: use "
+                         "the checkpoint's own preprocessor_config.json")
+    weight = embeddings.patch_embedding.weight
+    return embeddings.patch_embedding(pixel_values.to(weight.dtype)).flatten(2).transpose(1, 2)
+
+
 class CLIPVisionEmbeddings(nn.Module):
     def __init__(self, config: Any):
         super().__init__()
@@ -33,14 +46,8 @@ class CLIPVisionEmbeddings(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # pixel_values: [N, C, H, W] -> [N, 1 + num_patches, dim]
-        n, _, height, width = pixel_values.shape
-        if height != self.image_size or width != self.image_size:
-            raise ValueError(f"the image processor gave {height}x{width} pixels but the vision "
-                             f"tower takes {self.image_size}x{self.image_size}: use the "
-                             "checkpoint's own preprocessor_config.json")
-        weight = self.patch_embedding.weight
-        patches = self.patch_embedding(pixel_values.to(weight.dtype)).flatten(2).transpose(1, 2)
-        cls = self.class_embedding.expand(n, 1, -1)
+        patches = image_patches(self, pixel_values)
+        cls = self.class_embedding.expand(pixel_values.shape[0], 1, -1)
         return torch.cat([cls, patches], dim=1) + self.position_embedding.weight
 
 

@@ -25,6 +25,7 @@ from hpcinfer.layers.attention import AttentionBackend, AttentionMetadata, KVCac
 from hpcinfer.layers.linear import NO_TP, ReplicatedLinear, TensorParallel
 from hpcinfer.models.clip import CLIPVisionModel
 from hpcinfer.models.llama import LlamaForCausalLM, MistralForCausalLM
+from hpcinfer.models.loader import rename_prefix
 from hpcinfer.models.siglip import SiglipVisionModel
 
 _TEXT_MODELS = {"llama": LlamaForCausalLM, "mistral": MistralForCausalLM}
@@ -88,10 +89,7 @@ class LlavaForConditionalGeneration(nn.Module):
 
     @staticmethod
     def checkpoint_name(name: str) -> str:
-        for theirs, ours in _RENAMES:
-            if name.startswith(theirs):
-                return ours + name[len(theirs):]
-        return name
+        return rename_prefix(name, _RENAMES)
 
     # --- images ---
     def image_token_counts(self, image_inputs: list[dict[str, torch.Tensor]]) -> list[int]:

@@ -28,6 +28,15 @@ SINGLE_FILE = "model.safetensors"
 IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 
 
+def rename_prefix(name: str, renames: tuple[tuple[str, str], ...]) -> str:
+    """``name`` with the first matching checkpoint prefix replaced by ours (a model's
+    ``checkpoint_name`` for layouts that differ only in where the parts sit)."""
+    for theirs, ours in renames:
+        if name.startswith(theirs):
+            return ours + name[len(theirs):]
+    return name
+
+
 def checkpoint_files(model_dir: str | Path) -> dict[str, Path]:
     """Tensor name -> the safetensors file holding it, checking every listed file exists."""
     model_dir = Path(model_dir)

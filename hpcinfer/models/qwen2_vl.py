@@ -27,6 +27,7 @@ from hpcinfer.layers.attention import AttentionBackend, AttentionMetadata, KVCac
 from hpcinfer.layers.linear import NO_TP, ReplicatedLinear, TensorParallel
 from hpcinfer.layers.norm import LayerNorm
 from hpcinfer.layers.rotary import get_mrope, max_position_of
+from hpcinfer.models.loader import rename_prefix
 from hpcinfer.models.qwen2 import Qwen2ForCausalLM
 from hpcinfer.models.spec import head_dim_of
 
@@ -186,10 +187,7 @@ class Qwen2VLForConditionalGeneration(nn.Module):
 
     @staticmethod
     def checkpoint_name(name: str) -> str:
-        for theirs, ours in _RENAMES:
-            if name.startswith(theirs):
-                return ours + name[len(theirs):]
-        return name
+        return rename_prefix(name, _RENAMES)
 
     # --- images ---
     def split_image_inputs(self, out: Any, num_images: int) -> list[dict[str, torch.Tensor]]:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from hpcinfer.layers.norm import LayerNorm
-from hpcinfer.models.clip import CLIPEncoder, CLIPVisionModel
+from hpcinfer.models.clip import CLIPEncoder, CLIPVisionModel, image_patches
 
 _HEAD_TENSORS = tuple(f"head.{name}" for name in (
     "probe", "attention.in_proj_weight", "attention.in_proj_bias", "attention.out_proj.weight",
@@ -30,14 +30,7 @@ class SiglipVisionEmbeddings(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # pixel_values: [N, C, H, W] -> [N, num_patches, dim]
-        height, width = pixel_values.shape[-2:]
-        if height != self.image_size or width != self.image_size:
-            raise ValueError(f"the image processor gave {height}x{width} pixels but the vision "
-                             f"tower takes {self.image_size}x{self.image_size}: use the "
-                             "checkpoint's own preprocessor_config.json")
-        weight = self.patch_embedding.weight
-        patches = self.patch_embedding(pixel_values.to(weight.dtype)).flatten(2).transpose(1, 2)
-        return patches + self.position_embedding.weight
+        return image_patches(self, pixel_values) + self.position_embedding.weight
 
 
 class SiglipVisionModel(CLIPVisionModel):
