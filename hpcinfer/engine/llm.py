@@ -32,8 +32,11 @@ class LLM:
     checkpoint's generation_config.json sets the default sampling params; "vllm": vLLM's
     defaults; or a directory holding a generation_config.json). vLLM arguments with no effect
     here are accepted and logged, those naming a missing feature raise ValueError
-    (hpcinfer.engine.vllm_args, docs/vllm-compat.md). An unknown keyword raises TypeError
-    with a did-you-mean.
+    (hpcinfer.engine.vllm_args, docs/vllm-compat.md). With a vision-language model
+    (docs/vision.md), ``limit_mm_per_prompt`` ({"image": N}: more images in one prompt is a
+    ValueError) and ``allowed_local_media_path`` (the one directory file:// and absolute-path
+    image parts may be read from; unset: none, as in vLLM). An unknown keyword raises
+    TypeError with a did-you-mean.
     """
 
     def __init__(self, model: str, task: str = "auto", runner: str = "auto",
@@ -42,6 +45,10 @@ class LLM:
         # vLLM's pooler_config (older name: override_pooler_config), see pooling.PoolerConfig
         pooler_config = kwargs.pop("pooler_config", None)
         pooler_config = kwargs.pop("override_pooler_config", None) or pooler_config
+        # vLLM's image limits, checked before the model loads (hpcinfer/multimodal/media.py)
+        from hpcinfer.multimodal.media import llm_media_args
+        media_limits = llm_media_args(kwargs.pop("limit_mm_per_prompt", None),
+                                      kwargs.pop("allowed_local_media_path", ""))
         from hpcinfer.engine.hf_overrides import with_hf_overrides
         model = with_hf_overrides(str(model), kwargs.pop("hf_overrides", None))
         self.config = EngineConfig.from_kwargs(model, **kwargs)
@@ -64,6 +71,9 @@ class LLM:
         self.llm_engine = (create_engine(self.config) if self.task == "generate"
                            else pooling.PoolingEngine(self.config, self.task,
                                                       pooler_config=pooler_config))
+        multimodal = getattr(self.llm_engine, "multimodal", None)
+        if multimodal is not None:
+            multimodal.set_media_limits(*media_limits)
         self._next_request = 0
         self._default_fields: dict | None = None
 

@@ -66,14 +66,16 @@ IGNORED: dict[str, VllmArg] = {
                                                      "(docs/structured-outputs.md)"),
     "max_parallel_loading_workers": _ignored(None, int, "each rank reads its own slices"),
     "use_tqdm_on_load": _ignored(True, bool, "loading is logged, not drawn"),
-    "allowed_local_media_path": _ignored("", str, "LLM() reads file:// images wherever they "
-                                                  "point; job files: input.media_dirs"),
-    "limit_mm_per_prompt": _ignored(None, "json", "LLM() takes any number of images; job "
-                                                  "files: input.limit_mm_per_prompt"),
-    "mm_processor_kwargs": _ignored(None, "json", "text-only models"),
-    "disable_mm_preprocessor_cache": _ignored(False, bool, "text-only models"),
-    "mm_processor_cache_gb": _ignored(4, float, "text-only models"),
-    "interleave_mm_strings": _ignored(False, bool, "text-only models"),
+    "mm_processor_kwargs": _ignored(None, "json", "no engine-wide default: pass "
+                                                  "mm_processor_kwargs per prompt or to chat() "
+                                                  "(docs/vision.md)"),
+    "disable_mm_preprocessor_cache": _ignored(False, bool, "no preprocessor cache: each "
+                                                           "request's images are preprocessed "
+                                                           "once"),
+    "mm_processor_cache_gb": _ignored(4, float, "no preprocessor cache: each request's "
+                                                "images are preprocessed once"),
+    "interleave_mm_strings": _ignored(False, bool, "image parts are placed by the "
+                                                   "processor's chat template"),
     "config_format": _ignored("auto", str, "config.json is read with transformers"),
     "use_v2_block_manager": _ignored(True, bool, "one block manager"),
     "num_lookahead_slots": _ignored(0, int, "no speculative decoding"),
@@ -117,7 +119,8 @@ IGNORED: dict[str, VllmArg] = {
     "lora_dtype": _ignored("auto", str, "adapters run in the model's dtype"),
     "lora_extra_vocab_size": _ignored(256, int, "adapters with extra vocabulary are refused"),
     "enable_dbo": _ignored(False, bool, "no dual-batch overlap"),
-    "mm_encoder_tp_mode": _ignored("weights", str, "text-only models"),
+    "mm_encoder_tp_mode": _ignored("weights", str, "images with tensor parallelism are "
+                                                   "refused (docs/vision.md)"),
     "structured_outputs_config": _ignored(None, "json", "structured outputs use xgrammar; "
                                                         "whitespace is set per request "
                                                         "(StructuredOutputsParams)"),
@@ -161,6 +164,8 @@ LLM_ARGS: dict[str, tuple[Any, type | str]] = {
     "generation_config": ("auto", str),
     "hf_overrides": (None, "json"),
     "override_generation_config": (None, "json"),
+    "limit_mm_per_prompt": (None, "json"),     # images: hpcinfer/multimodal/media.py
+    "allowed_local_media_path": ("", str),
 }
 
 

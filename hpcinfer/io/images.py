@@ -54,7 +54,7 @@ class RowImageLoader:
             return _bad(item, "bad_image", str(e))
 
     def _check_allowed(self, row: InputRow, is_chat: bool) -> None:
-        from hpcinfer.multimodal.media import MediaError
+        from hpcinfer.multimodal.media import JOB_IMAGE_LIMIT, MediaError, check_image_count
         count = len(row.images)
         if is_chat:
             count += _count_parts(row.messages, "image_url")
@@ -67,10 +67,7 @@ class RowImageLoader:
                              f"{_count_parts(row.messages, 'image')} {{\"type\": \"image\"}} "
                              f"part(s) but the image column holds {len(row.images)} image(s): "
                              "one part per image, in order")
-        if count > self.max_images:
-            raise MediaError("too_many_images", f"the row has {count} images but "
-                             f"input.limit_mm_per_prompt allows {self.max_images} per row: "
-                             "split the row or raise the limit")
+        check_image_count(count, self.max_images, "the row", JOB_IMAGE_LIMIT, unit="row")
 
     def _column_images(self, row: InputRow) -> tuple:
         from hpcinfer.multimodal.media import open_image_bytes, open_local_image

@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from hpcinfer.multimodal.inputs import ImageItem, MultiModalInputs, ProcessedPrompt
-from hpcinfer.multimodal.media import (CHAT_IMAGE_PARTS, as_image_list, check_pil, image_hash,
+from hpcinfer.multimodal.media import (CHAT_IMAGE_PARTS, LLM_IMAGE_LIMIT, LLM_MEDIA_PATH,
+                                       as_image_list, check_image_count, check_pil, image_hash,
                                        load_image_url)
 
 PROMPT_KEYS = frozenset({"prompt", "multi_modal_data", "mm_processor_kwargs", "cache_salt"})
@@ -31,6 +32,15 @@ class MultiModalProcessor:
         self.model = model
         self.image_token_id = model.image_token_id
         self.placeholder = getattr(self.processor, "image_token", None) or "<image>"
+        # LLM(limit_mm_per_prompt=..., allowed_local_media_path=...), see set_media_limits
+        self.max_images: int | None = None
+        self.media_dirs: tuple[str, ...] = ()
+
+    def set_media_limits(self, max_images: int | None, media_dirs: tuple[str, ...]) -> None:
+        """vLLM's limit_mm_per_prompt["image"] (None: no limit) and allowed_local_media_path
+        (real paths; empty: chat image parts may not name local files), as
+        media.llm_media_args returns them."""
+        self.max_images, self.media_dirs = max_images, tuple(media_dirs)
 
     # --- generate(): {"prompt": text, "multi_modal_data": {"image": ...}} ---
     def process(self, prompt: dict, request_id: str) -> ProcessedPrompt:
@@ -51,6 +61,8 @@ class MultiModalProcessor:
                              f"{{'image': PIL image or list of them}}, got {kinds} (only "
                              "images are supported)")
         images = as_image_list(data["image"], request_id) if "image" in data else []
+        check_image_count(len(images), self.max_images, f"request {request_id!r}",
+                          LLM_IMAGE_LIMIT)
         return self._process(text, images, f"request {request_id!r}", add_special_tokens=True,
                              processor_kwargs=prompt.get("mm_processor_kwargs"))
 
@@ -60,7 +72,9 @@ class MultiModalProcessor:
         """Render with the processor's chat template and tokenize as transformers'
         ``processor.apply_chat_template(tokenize=True)`` does: special tokens are added only
         when the rendered text does not already start with the BOS token."""
-        messages, images = to_hf_messages(conversation, where)
+        check_image_count(count_image_parts(conversation), self.max_images, where,
+                          LLM_IMAGE_LIMIT)  # before any image is read
+        messages, images = to_hf_messages(conversation, where, self.media_dirs)
         try:
             text = self.processor.apply_chat_template(messages, tokenize=False,
                                                       **template_kwargs)
@@ -71,13 +85,14 @@ class MultiModalProcessor:
                              add_special_tokens=not (bos is not None and text.startswith(bos)),
                              processor_kwargs=processor_kwargs)
 
-    def check_text_only(self, token_ids: list[int], where: str) -> None:
-        """A text prompt holding image placeholders would run the model on them as tokens."""
+    def check_text_only(self, token_ids: list[int], where: str, fix: str | None = None) -> None:
+        """A text prompt holding image placeholders would run the model on them as tokens.
+        ``fix``: what to do instead (default: the Python API's multi_modal_data)."""
         if self.image_token_id in token_ids:
+            fix = fix or ("pass {'prompt': ..., 'multi_modal_data': {'image': [...]}}, one "
+                          "image per placeholder")
             raise ValueError(f"{where}: the prompt has image placeholder "
-                             f"tokens ({self.placeholder!r}) but no images: pass "
-                             "{'prompt': ..., 'multi_modal_data': {'image': [...]}}, one image "
-                             "per placeholder")
+                             f"tokens ({self.placeholder!r}) but no images: {fix}")
 
     def _process(self, text: str, images: list, where: str, *, add_special_tokens: bool,
                  processor_kwargs: dict | None = None) -> ProcessedPrompt:
@@ -136,10 +151,20 @@ def _split_per_image(out: Any, num_images: int) -> list[dict]:
     return per_image
 
 
-def to_hf_messages(conversation: list[dict], where: str) -> tuple[list[dict], list]:
+def count_image_parts(conversation: list[dict]) -> int:
+    """The image parts (CHAT_IMAGE_PARTS) of OpenAI-style messages."""
+    return sum(1 for message in conversation if isinstance(message, dict)
+               and isinstance(message.get("content"), list)
+               for part in message["content"]
+               if isinstance(part, dict) and part.get("type") in CHAT_IMAGE_PARTS)
+
+
+def to_hf_messages(conversation: list[dict], where: str, media_dirs: tuple[str, ...] = ()
+                   ) -> tuple[list[dict], list]:
     """OpenAI-style messages (content a string, or parts: {"type": "text", "text"},
     {"type": "image_url", "image_url": {"url"}}, {"type": "image_pil", "image_pil"}) ->
-    (transformers' messages with {"type": "image"} parts, the images in order)."""
+    (transformers' messages with {"type": "image"} parts, the images in order). Local files
+    only from under ``media_dirs`` (LLM's allowed_local_media_path; empty: none)."""
     messages, images = [], []
     for m, message in enumerate(conversation):
         content = message.get("content") if isinstance(message, dict) else None
@@ -153,7 +178,8 @@ def to_hf_messages(conversation: list[dict], where: str) -> tuple[list[dict], li
             if kind == "text":
                 parts.append({"type": "text", "text": part.get("text", "")})
             elif kind == "image_url":
-                images.append(load_image_url(part.get("image_url"), at))
+                images.append(load_image_url(part.get("image_url"), at, media_dirs,
+                                             LLM_MEDIA_PATH))
                 parts.append({"type": "image"})
             elif kind == "image_pil":
                 check_pil(part.get("image_pil"), at)

@@ -2,7 +2,8 @@
 
 A row the engine cannot take comes back as a ``BadRow`` instead (prompt over max_model_len
 with ``resilience.on_long_prompt: error``, sampling overrides the engine rejects, a chat
-template that fails), so one bad row never stops the shard. Chat rows are rendered exactly
+template that fails, a vision-language model's image placeholder in a row without images:
+``placeholder_without_images``), so one bad row never stops the shard. Chat rows are rendered exactly
 as ``LLM.chat`` renders them (the tokenizer's chat template with a generation prompt), so the
 worker's answers equal what the Python API gives for the same rows.
 """
@@ -13,6 +14,10 @@ from typing import Any
 
 from hpcinfer.io.rows import BadRow, InputRow, excerpt, prompt_too_long
 
+
+# A text row (no images) whose prompt holds the model's image placeholder.
+_PLACEHOLDER_FIX = ("give the row its images (the input.image_field column, or image_url "
+                    "parts in its messages), or remove the placeholder from its text")
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,11 @@ class RequestBuilder:
                         f"the prompt could not be tokenized ({exc})")
         if not token_ids:
             return _bad(row, "empty_prompt", "the prompt has no tokens")
+        if self.multimodal is not None:  # placeholders with no images: this row's error
+            try:
+                self.multimodal.check_text_only(token_ids, "the row", _PLACEHOLDER_FIX)
+            except ValueError as exc:
+                return _bad(row, "placeholder_without_images", str(exc))
         num_cut = 0
         if len(token_ids) > self.max_model_len:
             if self.on_long_prompt != "truncate":

@@ -64,7 +64,8 @@ def test_parquet_image_bytes_job_equals_generate(tmp_path, llava_dir, images, ll
             {"id": "three", "prompt": "USER: <image><image><image> ASSISTANT:",
              "image": [png(red)] * 3},
             {"id": "mismatch", "prompt": Q1, "image": [png(wide), png(tall)]},
-            {"id": "small", "prompt": Q1, "image": [png(small)]}]
+            {"id": "small", "prompt": Q1, "image": [png(small)]},
+            {"id": "no-images", "prompt": Q1, "image": []}]
     data = write_parquet(tmp_path / "images.parquet", rows)
     job = image_job(tmp_path, llava_dir, data, limit_mm_per_prompt={"image": 2},
                     max_bad_rows=0.5)
@@ -77,7 +78,9 @@ def test_parquet_image_bytes_job_equals_generate(tmp_path, llava_dir, images, ll
     assert texts["small"] == api_generate(llm, Q1, [small])
     assert texts["text"] == api_generate(llm, "A prompt without images", [])
     errors = {e["id"]: e for e in read_errors(job)}
-    assert sorted(errors) == ["corrupt", "mismatch", "not-image", "three"]
+    assert sorted(errors) == ["corrupt", "mismatch", "no-images", "not-image", "three"]
+    assert errors["no-images"]["kind"] == "placeholder_without_images"
+    assert "image placeholder tokens ('<image>') but no images" in errors["no-images"]["reason"]
     assert errors["corrupt"]["kind"] == "unreadable_image"
     assert "not a readable image" in errors["corrupt"]["reason"]
     assert errors["not-image"]["kind"] == "unreadable_image"

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from hpcinfer.multimodal.inputs import ImageItem, MultiModalInputs
-from hpcinfer.multimodal.media import image_hash, load_image_url
+from hpcinfer.multimodal.media import (MediaError, check_image_count, image_hash,
+                                       llm_media_args, load_image_url)
 from hpcinfer.multimodal.processor import to_hf_messages
 from hpcinfer.multimodal.step import mrope_positions, plan_image_rows
 
@@ -25,9 +27,12 @@ def test_image_urls(tmp_path):
     path = tmp_path / "a b.png"
     path.write_bytes(_png())
     data = "data:image/png;base64," + base64.b64encode(_png()).decode()
+    allowed = (os.path.realpath(tmp_path),)
     for url in (data, {"url": data}, f"file://{path}", f"file://localhost{path}", str(path),
                 f"file://{str(path).replace(' ', '%20')}"):
-        assert load_image_url(url, "here").size == (6, 4)
+        assert load_image_url(url, "here", allowed).size == (6, 4)
+    with pytest.raises(MediaError, match="here: .*outside input.media_dirs"):
+        load_image_url(f"file://{path}", "here")  # no directory allowed: no local files
     with pytest.raises(ValueError, match="here: .*remote host"):
         load_image_url(f"file://server{path}", "here")
     with pytest.raises(ValueError, match="unsupported image URL"):
@@ -37,6 +42,31 @@ def test_image_urls(tmp_path):
     truncated = "data:image/png;base64," + base64.b64encode(_png()[:40]).decode()
     with pytest.raises(ValueError, match="not a readable image"):
         load_image_url(truncated, "here")
+
+
+def test_llm_media_args(tmp_path):
+    assert llm_media_args(None, "") == (None, ())
+    assert llm_media_args({"image": 2, "video": 0}, str(tmp_path)) == (
+        2, (os.path.realpath(tmp_path),))
+    assert llm_media_args({"image": {"count": 0}}, None) == (0, ())
+    for bad, message in [("image=2", "pass a dict"), ({"image": -1}, "count >= 0"),
+                         ({"image": True}, "count >= 0"), ({"pictures": 1}, "unknown modality")]:
+        with pytest.raises(ValueError, match=message):
+            llm_media_args(bad, "")
+    with pytest.raises(ValueError, match="does not exist"):
+        llm_media_args(None, str(tmp_path / "missing"))
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match="is not a directory"):
+        llm_media_args(None, str(tmp_path / "f"))
+
+
+def test_check_image_count():
+    check_image_count(2, 2, "the row", "input.limit_mm_per_prompt", unit="row")
+    check_image_count(50, None, "request '0'", "limit_mm_per_prompt")
+    with pytest.raises(MediaError, match="request '0' has 3 images but limit_mm_per_prompt "
+                                         "allows 2 per prompt") as e:
+        check_image_count(3, 2, "request '0'", "limit_mm_per_prompt")
+    assert e.value.kind == "too_many_images"
 
 
 def test_image_hash_is_content():

@@ -138,7 +138,7 @@ def test_chat_image_parts(llava_dir, images, hf_llava, tmp_path):
     hf_messages = [{"role": "user", "content": [
         {"type": "image", "image": images[0]}, {"type": "text", "text": "Compare with"},
         {"type": "image", "image": images[2]}, {"type": "image", "image": images[3]}]}]
-    llm = make_llm(llava_dir)
+    llm = make_llm(llava_dir, allowed_local_media_path=str(tmp_path))
     out = llm.chat([conversation, [{"role": "user", "content": "Hello there"}]], GREEDY,
                    use_tqdm=False)
     expected, expected_prompt = hf_llava(llava_dir, messages=hf_messages)
@@ -176,7 +176,8 @@ def test_wrong_image_count(llava_dir, images):
     ("https://example.com/cat.png", "network URL"),
     ("data:image/png;base64," + base64.b64encode(b"not a png").decode(), "not a readable image"),
     ("data:text/plain;base64,aGk=", "data URL must look like"),
-    ("file:///no/such/file.png", "does not exist"),
+    ("file:///no/such/file.png", "without allowed_local_media_path"),  # unset: vLLM's refusal
+    ("/no/such/file.png", "without allowed_local_media_path"),
 ])
 def test_bad_chat_images(llava_dir, url, message):
     llm = _shared_llm(llava_dir)
