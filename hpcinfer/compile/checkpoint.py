@@ -45,18 +45,10 @@ def checkpoint_problem(hf: dict, tensor: int = 1, pipeline: int = 1,
         if rope_type not in support.SUPPORTED_ROPE_TYPES:
             return "model.id", (f"unsupported rope_type {rope_type!r}; supported: "
                                 f"{list(support.SUPPORTED_ROPE_TYPES)}")
-    if _is_mxfp4_gpt_oss(hf):
-        return "model.id", support.MXFP4_DEQUANTIZE_FIX
     problem = quant_config.config_problem(_text_config_with_quant(hf), tensor, quantization)
     if problem is not None:
         return "model.id", problem
     return _layout_problem(_text_config(hf), tensor, pipeline)
-
-
-def _is_mxfp4_gpt_oss(hf: dict) -> bool:
-    quant = hf.get("quantization_config")
-    return (isinstance(quant, dict) and str(quant.get("quant_method")).lower() == "mxfp4"
-            and "GptOssForCausalLM" in (hf.get("architectures") or []))
 
 
 def _text_config_with_quant(hf: dict) -> dict:

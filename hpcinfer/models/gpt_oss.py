@@ -11,8 +11,8 @@ takes the softmax over the top-k *logits*; experts have biases and apply
 Checkpoints store the experts stacked and transposed (``mlp.experts.gate_up_proj`` [E, hidden,
 2 * inter] with gate and up *interleaved*, ``down_proj`` [E, inter, hidden], ``*_bias``);
 ``StackedExpertWeight`` re-lays them out at load. The released checkpoints quantize experts
-to MXFP4 (``*_blocks``/``*_scales``), which this engine does not load yet: dequantize once
-with transformers (see the error below) and load the bf16 copy.
+to MXFP4 (``*_blocks``/``*_scales``): hpcinfer.layers.quant.mxfp4 dequantizes them to the run
+dtype at load (no MXFP4 kernel), so this file sees only unquantized experts.
 """
 from __future__ import annotations
 
@@ -22,13 +22,12 @@ from typing import Any
 from torch import nn
 
 from hpcinfer.layers.attention import Attention, AttentionBackend
-from hpcinfer.layers.linear import NO_TP, TensorParallel
+from hpcinfer.layers.linear import TensorParallel
 from hpcinfer.layers.moe import MoESpec, SparseMoE
 from hpcinfer.layers.rotary import RotaryEmbedding
 from hpcinfer.models.gemma2 import gemma_sliding_window_for
 from hpcinfer.models.llama import LlamaDecoderLayer
 from hpcinfer.models.mixtral import MoECausalLM
-from hpcinfer.models.support import MXFP4_DEQUANTIZE_FIX
 
 
 # Checkpoint name -> ours: the stacked expert tensors become stacked weight/bias params,
@@ -41,24 +40,10 @@ _RENAMES = (
 )
 
 
-def check_not_mxfp4(config: Any) -> None:
-    quant = getattr(config, "quantization_config", None) or {}
-    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(
-        quant, "quant_method", None)
-    if method is not None and str(method).lower() == "mxfp4":
-        raise ValueError(MXFP4_DEQUANTIZE_FIX)
-
-
 class GptOssForCausalLM(MoECausalLM):
     packed_modules_mapping = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"),
                               "v_proj": ("qkv_proj", "v")}
     expert_tensor_names: dict[str, str] = {}     # stacked in the checkpoint: no per-expert names
-
-    def __init__(self, config: Any, *, attention_backend: AttentionBackend,
-                 tp: TensorParallel = NO_TP, expert_parallel: bool = False):
-        check_not_mxfp4(config)
-        super().__init__(config, attention_backend=attention_backend, tp=tp,
-                         expert_parallel=expert_parallel)
 
     def _make_layer(self, config: Any, layer_idx: int, rotary_emb: RotaryEmbedding,
                     backend: AttentionBackend, tp: TensorParallel) -> LlamaDecoderLayer:

@@ -71,16 +71,6 @@ def rope_type_alias(model_type: str | None, rope_type: str) -> str:
 SUPPORTED_QUANT_METHODS: tuple[str, ...] = quant_config.SUPPORTED_QUANT_METHODS
 
 
-# gpt-oss's released checkpoints quantize the experts to MXFP4, which the engine does not load
-# yet; both sides refuse them with this (the engine in models/gpt_oss.py, validate here).
-MXFP4_DEQUANTIZE_FIX = (
-    "this gpt-oss checkpoint stores its experts in MXFP4, which hpcinfer does not load yet. "
-    "Dequantize it once on a machine with enough memory and load the copy: "
-    "`from transformers import AutoModelForCausalLM, Mxfp4Config; AutoModelForCausalLM."
-    "from_pretrained(path, quantization_config=Mxfp4Config(dequantize=True), "
-    "dtype='bfloat16').save_pretrained(out)`")
-
-
 def supported_architectures(pooling: bool = False) -> list[str]:
     """The HF ``architectures`` names we can generate with (``pooling=True``: the pooling
     models instead), sorted."""

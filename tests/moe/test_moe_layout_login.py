@@ -50,13 +50,3 @@ def test_weights_that_do_not_fit_say_how_many_gpus():
     # Qwen3-235B-A22B in bf16 (~470 GB) on one 141 GB GPU: 470 / (130 * 0.85) -> 5 GPUs.
     message = weights_fit_problem(470 * gib, 130 * gib, 1, has_experts=True)
     assert "needs about 5 GPUs" in message and "enable_expert_parallel" in message
-
-
-def test_mxfp4_gpt_oss_is_refused_on_the_login_node_with_the_fix():
-    hf = {"architectures": ["GptOssForCausalLM"], "num_attention_heads": 64,
-          "num_key_value_heads": 8, "num_hidden_layers": 24, "num_local_experts": 32,
-          "intermediate_size": 2880, "quantization_config": {"quant_method": "mxfp4"}}
-    key, message = checkpoint_problem(hf)
-    assert key == "model.id" and "Mxfp4Config(dequantize=True)" in message
-    del hf["quantization_config"]
-    assert checkpoint_problem(hf) is None

@@ -46,7 +46,12 @@ def apply_quantization(model: nn.Module, spec: QuantSpec, dtype: torch.dtype,
     """Give every quantized linear layer of ``model`` (on meta, already in ``dtype``) its
     method; raise QuantConfigError for a layer that does not fit or a checkpoint that lacks a
     tensor, before any weight is read. Returns the number of quantized layers.
-    ``checkpoint_names`` None: no checkpoint (load_format="dummy"), nothing to check."""
+    ``checkpoint_names`` None: no checkpoint (load_format="dummy"), nothing to check.
+    MXFP4 (gpt-oss experts) quantizes no linear layer: its experts dequantize at load."""
+    if spec.is_mxfp4:
+        from hpcinfer.layers.quant.mxfp4 import apply_mxfp4
+        model.unused_checkpoint_suffixes = UNUSED_SUFFIXES
+        return apply_mxfp4(model, spec, checkpoint_names)
     if not spec.online and checkpoint_names is not None:
         problem = missing_tensor_problem(spec, checkpoint_names)
         if problem is not None:
@@ -71,6 +76,8 @@ def apply_quantization(model: nn.Module, spec: QuantSpec, dtype: torch.dtype,
 
 def finish_quantization(model: nn.Module) -> None:
     """Let each layer's method turn its loaded tensors into their run-time form."""
+    from hpcinfer.layers.quant.mxfp4 import check_mxfp4_loaded
+    check_mxfp4_loaded(model)
     for module in model.modules():
         if isinstance(module, LinearBase):
             module.process_after_loading()

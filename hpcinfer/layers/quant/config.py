@@ -13,6 +13,10 @@ read. Formats (docs/quantization.md):
   channel or block; optional static ``input_scale``) and ``pack-quantized`` (4-bit
   ``weight_packed``, ``weight_scale`` per group, optional ``weight_zero_point``, ``weight_g_idx``).
 - ``awq`` (GEMM packing) and ``gptq`` (4-bit, sym or asym, ``desc_act`` with ``g_idx``).
+- ``mxfp4`` (gpt-oss's released checkpoints): only the MoE experts are quantized, as
+  ``mlp.experts.{gate_up_proj,down_proj}_blocks`` (uint8 [E, out, in/32, 16], two e2m1 codes a
+  byte, low nibble first) and ``_scales`` (uint8 e8m0 [E, out, in/32], bias 127); they are
+  dequantized to the model dtype at load (hpcinfer.layers.quant.mxfp4), no MXFP4 kernel.
 - ``LLM(quantization="fp8")`` on an unquantized checkpoint: online FP8 (per-channel weights).
 """
 from __future__ import annotations
@@ -22,12 +26,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 SUPPORTED_QUANT_METHODS: tuple[str, ...] = ("awq", "compressed-tensors", "fbgemm_fp8", "fp8",
-                                             "gptq")
+                                             "gptq", "mxfp4")
 SUPPORTED_TEXT = ("fp8 (block-wise or per-tensor), fbgemm_fp8, compressed-tensors "
-                  "(float-quantized FP8, pack-quantized 4-bit), awq (4-bit GEMM), gptq (4-bit); "
+                  "(float-quantized FP8, pack-quantized 4-bit), awq (4-bit GEMM), gptq (4-bit), "
+                  "mxfp4 (gpt-oss experts, dequantized at load); "
                   "LLM(quantization=\"fp8\") also quantizes an unquantized checkpoint online")
 INT4_GROUP_SIZES = (32, 64, 128, -1)   # -1: one group over all input features (per channel)
 PACK = 8                               # 4-bit values per int32
+MXFP4_BLOCK = 32                       # e2m1 values per e8m0 scale
+MXFP4_ARCHITECTURES = ("GptOssForCausalLM",)
+MXFP4_PROJECTIONS = ("gate_up_proj", "down_proj")
 
 
 class QuantConfigError(ValueError):
@@ -58,8 +66,16 @@ class QuantSpec:
     def is_fp8(self) -> bool:
         return self.scheme.startswith("fp8")
 
+    @property
+    def is_mxfp4(self) -> bool:
+        return self.scheme == "mxfp4"
+
     def describe(self) -> str:
         """One line for logs and ``hpcinfer validate``."""
+        if self.is_mxfp4:
+            return ("mxfp4: MoE expert weights in MXFP4 (e2m1, one e8m0 scale per 32), "
+                    "dequantized to the model dtype at load (no MXFP4 kernel: the experts take "
+                    "as much memory as unquantized ones)")
         if self.online:
             return "fp8 (online: per-channel e4m3 weights computed at load)"
         if self.scheme == "fp8_block":
@@ -212,8 +228,14 @@ def _ct_int4(weights: dict, acts: dict | None, ignore) -> QuantSpec:
                      desc_act=actorder in ("group", True), ignore=ignore)
 
 
+def _parse_mxfp4(raw: dict) -> QuantSpec:
+    return QuantSpec(method="mxfp4", scheme="mxfp4",
+                     ignore=_ignore_list(raw, "modules_to_not_convert"))
+
+
 _PARSERS = {"fp8": _parse_fp8, "fbgemm_fp8": _parse_fbgemm, "awq": _parse_awq,
-            "gptq": _parse_gptq, "compressed-tensors": _parse_compressed_tensors}
+            "gptq": _parse_gptq, "compressed-tensors": _parse_compressed_tensors,
+            "mxfp4": _parse_mxfp4}
 
 
 # ---- which layers, and whether their shapes fit ------------------------------------------
@@ -221,6 +243,8 @@ _PARSERS = {"fp8": _parse_fp8, "fbgemm_fp8": _parse_fbgemm, "awq": _parse_awq,
 def is_quantized_layer(spec: QuantSpec, hf_name: str) -> bool:
     """Whether the linear layer with HF module name ``hf_name`` (e.g.
     ``model.layers.0.self_attn.q_proj``) is quantized: decoder-layer projections not ignored."""
+    if spec.is_mxfp4:
+        return False     # MXFP4 quantizes only the MoE experts, never a linear layer
     leaf = hf_name.rpartition(".")[2]
     if ".layers." not in f".{hf_name}" or not (leaf.endswith("proj") or leaf in ("fc1", "fc2")):
         return False
@@ -283,6 +307,8 @@ def config_problem(hf: dict, tp_size: int = 1, quantization: str | None = None) 
         spec = quant_spec_of(hf, quantization)
         if spec is None:
             return None
+        if spec.is_mxfp4:
+            return mxfp4_config_problem(hf)
         shapes = llama_like_layer_shapes(hf, tp_size)
     except QuantConfigError as exc:
         return str(exc)
@@ -292,6 +318,24 @@ def config_problem(hf: dict, tp_size: int = 1, quantization: str | None = None) 
         problem = shape_problem(spec, leaf, pieces, in_size, tp_size)
         if problem is not None:
             return f"quantization {spec.method}: {problem}"
+    return None
+
+
+def mxfp4_config_problem(hf: dict) -> str | None:
+    """Why an MXFP4 config cannot load (not gpt-oss, or expert dims not whole blocks), or
+    None. MXFP4 experts are dequantized before any tensor-parallel slicing, so the TP size
+    adds no constraint here."""
+    archs = [str(a) for a in hf.get("architectures") or ()]
+    if not any(a in MXFP4_ARCHITECTURES for a in archs):
+        found = ", ".join(archs) or "no listed architecture"
+        return (f"quantization mxfp4: only gpt-oss's MoE experts "
+                f"({', '.join(MXFP4_ARCHITECTURES)}) load from MXFP4 (dequantized at load); "
+                f"this checkpoint is {found}: dequantize it with the tool that wrote it")
+    for key in ("hidden_size", "intermediate_size"):
+        value = hf.get(key)
+        if isinstance(value, int) and value % MXFP4_BLOCK:
+            return (f"quantization mxfp4: {key}={value} is not a multiple of the MXFP4 block "
+                    f"size {MXFP4_BLOCK}: config.json does not match an MXFP4 checkpoint")
     return None
 
 
@@ -315,6 +359,8 @@ def required_suffixes(spec: QuantSpec) -> tuple[str, tuple[str, ...]]:
 def missing_tensor_problem(spec: QuantSpec, tensor_names: Iterable[str]) -> str | None:
     """Which quantized layers of a checkpoint lack a tensor the scheme needs, or None."""
     names = set(tensor_names)
+    if spec.is_mxfp4:
+        return _mxfp4_missing_problem(names)
     main, beside = required_suffixes(spec)
     layers = {n.rpartition(".")[0] for n in names
               if n.endswith((".weight", ".qweight", ".weight_packed"))}
@@ -331,6 +377,27 @@ def missing_tensor_problem(spec: QuantSpec, tensor_names: Iterable[str]) -> str 
     return (f"quantization {spec.method}: the checkpoint has no {suffix} for "
             f"{len(layers_without)} quantized layer(s), e.g. {layers_without[0]}.{suffix}: it is "
             "incomplete, or its quantization_config does not describe its tensors")
+
+
+_MXFP4_EXPERT_TENSOR = re.compile(r"(.*\.mlp\.experts)\.(gate_up_proj|down_proj)"
+                                  r"(_blocks|_scales|)$")
+
+
+def _mxfp4_missing_problem(names: set[str]) -> str | None:
+    # Every experts module with any expert tensor needs both projections as blocks + scales.
+    experts = sorted({m.group(1) for n in names if (m := _MXFP4_EXPERT_TENSOR.match(n))})
+    if not experts:
+        return ("quantization mxfp4: the checkpoint has no mlp.experts.*_blocks tensors: its "
+                "quantization_config does not describe its tensors")
+    for module in experts:
+        for proj in MXFP4_PROJECTIONS:
+            for suffix in ("_blocks", "_scales"):
+                name = f"{module}.{proj}{suffix}"
+                if name not in names:
+                    return (f"quantization mxfp4: the checkpoint has no {name} (MXFP4 experts "
+                            f"need {proj}_blocks and {proj}_scales): it is incomplete, or its "
+                            "quantization_config does not describe its tensors")
+    return None
 
 
 # ---- what the job's GPU makes of it (hpcinfer validate) ----------------------------------
@@ -355,6 +422,8 @@ def capability_of(gpu_type: str | None) -> tuple[int, int] | None:
 
 def runtime_note(spec: QuantSpec, gpu_type: str | None, device: str = "cuda") -> str:
     """One line: the checkpoint's quantization and how this job's device will run it."""
+    if spec.is_mxfp4:
+        return spec.describe()
     if device == "cpu":
         return f"{spec.describe()}; on CPU the weights are dequantized once at load"
     capability = capability_of(gpu_type)
