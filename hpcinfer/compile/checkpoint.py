@@ -67,7 +67,14 @@ def quantization_problem(hf: dict, model_dir: str, quantization: str | None = No
     except quant_config.QuantConfigError:
         return None      # checkpoint_problem reports it
     names = None if spec is None or spec.online else _tensor_names(model_dir)
-    return None if names is None else quant_config.missing_tensor_problem(spec, names)
+    if names is None:
+        return None
+    problem = quant_config.missing_tensor_problem(spec, names)
+    if problem is None and spec.is_mxfp4:
+        shapes = _tensor_shapes(model_dir)
+        if shapes is not None:
+            problem = quant_config.mxfp4_shapes_problem(_text_config(hf), shapes)
+    return problem
 
 
 def quantization_note(cfg) -> str | None:
@@ -95,6 +102,27 @@ def _tensor_names(model_dir: str) -> list[str] | None:
         with open(single, "rb") as f:   # safetensors: 8-byte length, then a JSON header
             size = int.from_bytes(f.read(8), "little")
             return [k for k in json.loads(f.read(size)) if k != "__metadata__"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _tensor_shapes(model_dir: str) -> dict[str, list[int]] | None:
+    """Tensor name -> shape from every safetensors header (JSON only, no data read)."""
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    try:
+        if os.path.isfile(index):
+            with open(index, encoding="utf-8") as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        else:
+            files = ["model.safetensors"]
+        shapes: dict[str, list[int]] = {}
+        for name in files:
+            with open(os.path.join(model_dir, name), "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size))
+            shapes.update({k: list(v["shape"]) for k, v in header.items()
+                           if k != "__metadata__"})
+        return shapes
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

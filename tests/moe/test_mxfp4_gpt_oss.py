@@ -196,10 +196,15 @@ def test_wrong_block_shape_is_one_clear_error(checkpoints, tmp_path):
     e, rows, groups, _ = tensors[name].shape
     tensors[name] = tensors[name].reshape(e, rows, groups * 2, 8).contiguous()   # 16 values
     save_file(tensors, shard, metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"quantization mxfp4: model\.layers\.0\.mlp\.experts\."
-                                         r"gate_up_proj_blocks is \[5, 128, 4, 8\].*expected "
-                                         r"\[5, 128, 2, 16\]"):
+    message = (r"quantization mxfp4: model\.layers\.0\.mlp\.experts\.gate_up_proj_blocks is "
+               r"\[5, 128, 4, 8\].*expected \[5, 128, 2, 16\]")
+    with pytest.raises(ValueError, match=message):
         load_model(path, dtype=torch.float32, device="cpu")
+    # hpcinfer validate reads the safetensors headers and says the same before the job
+    from hpcinfer.compile.checkpoint import quantization_problem
+    import re
+    hf = json.loads((path / "config.json").read_text())
+    assert re.match(message, quantization_problem(hf, str(path)))
 
 
 def test_mxfp4_config_on_another_family_is_refused(tmp_path):
@@ -225,14 +230,19 @@ GPT_OSS_120B = {"architectures": ["GptOssForCausalLM"], "num_attention_heads": 6
                                         "modules_to_not_convert": ["lm_head"]}}
 
 
-def test_validate_accepts_mxfp4_gpt_oss_without_torch(tmp_path):
+def test_validate_accepts_mxfp4_gpt_oss_without_torch(checkpoints, tmp_path):
+    tiny = str(checkpoints["mxfp4"])
     code = textwrap.dedent(f"""
-        import sys
+        import json, sys
         from types import SimpleNamespace
-        from hpcinfer.compile.checkpoint import checkpoint_problem, quantization_note
+        from hpcinfer.compile.checkpoint import (checkpoint_problem, quantization_note,
+                                                 quantization_problem)
         hf = {GPT_OSS_120B!r}
         assert checkpoint_problem(hf) is None, checkpoint_problem(hf)
         assert checkpoint_problem(hf, tensor=4) is None
+        tiny = json.load(open({tiny!r} + "/config.json"))
+        assert checkpoint_problem(tiny, tensor=2) is None
+        assert quantization_problem(tiny, {tiny!r}) is None   # names and header shapes
         cfg = SimpleNamespace(model=SimpleNamespace(id={str(tmp_path)!r}),
                               engine=SimpleNamespace(quantization=None),
                               resources=SimpleNamespace(gpu_type="h100", device="cuda"))

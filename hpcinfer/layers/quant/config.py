@@ -400,6 +400,44 @@ def _mxfp4_missing_problem(names: set[str]) -> str | None:
     return None
 
 
+def mxfp4_block_shape_problem(name: str, blocks_shape, scales_shape, num_experts: int,
+                              out_features: int, in_features: int) -> str | None:
+    """Why an expert projection's ``{name}_blocks``/``_scales`` shapes are not MXFP4 of
+    [E, out, in], or None (the engine's loader and ``hpcinfer validate`` both ask)."""
+    groups = in_features // MXFP4_BLOCK
+    want_blocks = (num_experts, out_features, groups, MXFP4_BLOCK // 2)
+    want_scales = (num_experts, out_features, groups)
+    if tuple(blocks_shape) != want_blocks or tuple(scales_shape) != want_scales:
+        return (f"quantization mxfp4: {name}_blocks is {list(blocks_shape)} and {name}_scales "
+                f"{list(scales_shape)}, expected {list(want_blocks)} and {list(want_scales)} "
+                f"({num_experts} experts, {out_features} x {in_features} weights in blocks of "
+                f"{MXFP4_BLOCK}): does config.json match the weights?")
+    return None
+
+
+def mxfp4_shapes_problem(hf: dict, shapes: dict[str, list[int]]) -> str | None:
+    """The first MXFP4 expert projection whose blocks/scales (``shapes``: tensor name -> shape,
+    from the safetensors headers) do not fit config.json, or None."""
+    try:
+        experts, hidden = int(hf["num_local_experts"]), int(hf["hidden_size"])
+        inter = int(hf["intermediate_size"])
+    except (KeyError, TypeError, ValueError):
+        return None     # the engine checks its real layers
+    for name in sorted(shapes):
+        match = _MXFP4_EXPERT_TENSOR.match(name)
+        if match is None or match.group(3) != "_blocks":
+            continue
+        base = name[:-len("_blocks")]
+        scales = shapes.get(f"{base}_scales")
+        if scales is None:
+            continue    # missing_tensor_problem names it
+        out, inp = (2 * inter, hidden) if match.group(2) == "gate_up_proj" else (hidden, inter)
+        problem = mxfp4_block_shape_problem(base, shapes[name], scales, experts, out, inp)
+        if problem is not None:
+            return problem
+    return None
+
+
 # ---- what the job's GPU makes of it (hpcinfer validate) ----------------------------------
 
 # Slurm GPU type names (resources.gpu_type, lower case) -> CUDA compute capability.

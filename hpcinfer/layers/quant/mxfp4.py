@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from hpcinfer.layers.quant.config import (MXFP4_BLOCK, QuantConfigError, QuantSpec,
-                                          missing_tensor_problem)
+                                          missing_tensor_problem, mxfp4_block_shape_problem)
 
 log = logging.getLogger(__name__)
 
@@ -85,21 +85,6 @@ class DequantizedExperts:
         return rows.transpose(1, 2)
 
 
-def block_shape_problem(name: str, blocks_shape, scales_shape, num_experts: int,
-                        out_features: int, in_features: int) -> str | None:
-    """Why an expert projection's blocks/scales shapes are not MXFP4 of [E, out, in], or
-    None."""
-    groups = in_features // MXFP4_BLOCK
-    want_blocks = (num_experts, out_features, groups, BYTES_PER_BLOCK)
-    want_scales = (num_experts, out_features, groups)
-    if tuple(blocks_shape) != want_blocks or tuple(scales_shape) != want_scales:
-        return (f"quantization mxfp4: {name}_blocks is {list(blocks_shape)} and {name}_scales "
-                f"{list(scales_shape)}, expected {list(want_blocks)} and {list(want_scales)} "
-                f"({num_experts} experts, {out_features} x {in_features} weights in blocks of "
-                f"{MXFP4_BLOCK}): does config.json match the weights?")
-    return None
-
-
 class Mxfp4ExpertLoader:
     """Replaces one ``StackedExpertWeight``'s ``weight_loader``: the ``weight`` parameter
     receives the projection's blocks and scales (in either order); once both are in they go
@@ -126,8 +111,8 @@ class Mxfp4ExpertLoader:
         layer = self.layer
         out_features = 2 * layer.full_inter if layer.kind == "gate_up" else param.shape[1]
         in_features = param.shape[2] if layer.kind == "gate_up" else layer.full_inter
-        problem = block_shape_problem(self.name, blocks.shape, scales.shape, layer.num_experts,
-                                      out_features, in_features)
+        problem = mxfp4_block_shape_problem(self.name, blocks.shape, scales.shape,
+                                            layer.num_experts, out_features, in_features)
         if problem is not None:
             raise QuantConfigError(problem)
         self.original(param, DequantizedExperts(blocks, scales))
