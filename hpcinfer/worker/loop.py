@@ -15,6 +15,7 @@ what is done.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from hpcinfer.io.shard_loop import BadRowError
 from hpcinfer.io.writers import PartWriter
 from hpcinfer.worker.budget import BudgetExceeded
 from hpcinfer.worker.prefetch import Prefetch
-from hpcinfer.worker.requests import RequestBuilder, to_output_record
+from hpcinfer.worker.requests import RequestBuilder, _has_pil_parts, to_output_record
 
 log = logging.getLogger("hpcinfer.worker")
 # Rows with decoded images held ahead of the loop: enough to refill a step's finished rows,
@@ -185,7 +186,7 @@ class ShardLoop:
                 if request.num_truncated_tokens:
                     log.info("row %d of %s: prompt truncated by %d tokens (on_long_prompt)",
                              item.index, item.file, request.num_truncated_tokens)
-                self.in_flight[request_id] = (item, request.params)
+                self.in_flight[request_id] = (_without_images(item), request.params)
                 return
         self._bad(request, writer)
 
@@ -209,3 +210,12 @@ class ShardLoop:
                      len(self.in_flight), self.shard.index)
             self.engine.abort_request(list(self.in_flight))
             self.in_flight.clear()
+
+
+def _without_images(row: InputRow) -> InputRow:
+    """The row as held until it is answered: the writers need its index and id (and body),
+    not its decoded images, which the engine's request already holds as processor tensors,
+    so up to max_in_flight rows do not keep a second, decoded copy of their images."""
+    if not row.images and not _has_pil_parts(row.messages):
+        return row
+    return dataclasses.replace(row, images=(), messages=None)

@@ -57,6 +57,7 @@ class Engine:
     def __init__(self, stop=None, stop_at_step=None):
         self.stop, self.stop_at_step, self.num_steps = stop, stop_at_step, 0
         self.requests: dict = {}
+        self.loop, self.held = None, []
 
     def add_request(self, request_id, prompt, params, lora_request=None):
         assert isinstance(prompt, ProcessedPrompt)
@@ -64,6 +65,8 @@ class Engine:
 
     def step(self, final_only=False):
         self.num_steps += 1
+        if self.loop is not None:  # what the loop holds for its in-flight rows
+            self.held.extend(row for row, _ in self.loop.in_flight.values())
         if self.stop is not None and self.num_steps == self.stop_at_step:
             self.stop.signal_name = "SIGUSR2"
         rid = next(iter(self.requests))
@@ -119,3 +122,14 @@ def test_images_decode_in_the_reader_thread_and_a_stop_then_restart_is_exact(tmp
     assert _loop(tmp_path, shard, Engine(), StopFlag(), processor).run() == "done"
     assert sorted(ledger.recover(tmp_path / "shard").done_indices) == list(range(20))
     assert processor.sizes == [[(8 + i, 9)] for i in range(7, 20)]
+
+
+def test_in_flight_rows_drop_their_decoded_images(tmp_path):
+    """The engine's request holds the processed images; the row kept for the writer holds
+    none, so max_in_flight rows do not keep a second, decoded copy."""
+    shard, engine = _shard(tmp_path, 6), Engine()
+    loop = _loop(tmp_path, shard, engine, StopFlag(), FakeProcessor())
+    engine.loop = loop
+    assert loop.run() == "done"
+    assert len(engine.held) >= 6 and all(row.images == () for row in engine.held)
+    assert sorted(ledger.recover(tmp_path / "shard").done_indices) == list(range(6))
