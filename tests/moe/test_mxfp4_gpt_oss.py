@@ -109,55 +109,10 @@ def test_weights_and_greedy_tokens_equal_transformers_dequantized(checkpoints):
     assert [list(o.outputs[0].token_ids) for o in outs] == expected
 
 
-_RANK_SCRIPT = textwrap.dedent("""
-    import sys, torch, torch.distributed as dist
-    from hpcinfer.layers.linear import TensorParallel
-    from hpcinfer.models.registry import load_model
-    from hpcinfer.testing.batch import (allocate_kv_caches, assign_block_tables, build_batch,
-                                        num_blocks_needed)
-    rank, port, runs = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=2)
-    def run(path, tp, ep):
-        model = load_model(path, dtype=torch.float32, device="cpu",
-                           attention_backend="torch_ref", tp=tp, expert_parallel=ep)
-        spec = model.spec
-        gen = torch.Generator().manual_seed(0)
-        seqs = [torch.randint(3, spec.vocab_size, (n,), generator=gen).tolist() for n in (4, 19)]
-        tables = assign_block_tables([len(s) + 3 for s in seqs], 4)
-        caches = allocate_kv_caches(spec.num_layers, num_blocks_needed(tables), 4,
-                                    spec.num_kv_heads, spec.head_dim)
-        batch = build_batch(seqs, tables, 4)
-        logits = model.compute_logits(model(batch.input_ids, batch.positions, caches, batch.meta))
-        cu = batch.meta.cu_seqlens_q.tolist()
-        out = [logits[[c - 1 for c in cu[1:]]]]
-        for _ in range(3):
-            nc = [len(s) for s in seqs]
-            seqs = [s + [int(t)] for s, t in zip(seqs, out[-1].argmax(-1))]
-            batch = build_batch(seqs, tables, 4, num_computed=nc)
-            out.append(model.compute_logits(model(batch.input_ids, batch.positions, caches,
-                                                  batch.meta)))
-        return torch.cat(out), seqs, model
-    for item in runs:
-        path, mode = item.rsplit("@", 1)
-        with torch.no_grad():
-            sharded, tokens, model = run(path, TensorParallel(rank, 2), mode == "ep")
-            full, full_tokens, _ = run(path, TensorParallel(0, 1), False)
-        experts = model.model.layers[0].mlp.experts
-        want = (3, 64) if mode == "ep" else (6, 32)
-        assert (experts.layout.num_local_experts, experts.layout.local_inter) == want, item
-        torch.testing.assert_close(sharded, full, atol=1e-4, rtol=1e-4,
-                                   msg=lambda m: f"{item}: {m}")
-        assert tokens == full_tokens, f"{item}: greedy tokens differ"
-    dist.destroy_process_group()
-    print(f"rank {rank} ok")
-""")
-
-
 def test_tensor_and_expert_parallel_equal_one_process(checkpoints, tmp_path):
-    from hpcinfer.testing.gloo_ranks import run_two_ranks
+    from hpcinfer.testing.gloo_ranks import MOE_RANK_SCRIPT, run_two_ranks
     path = checkpoints["mxfp4_6"]
-    run_two_ranks(tmp_path, _RANK_SCRIPT, [f"{path}@tp", f"{path}@ep"])
+    run_two_ranks(tmp_path, MOE_RANK_SCRIPT, [f"{path}@tp@6,32", f"{path}@ep@3,64"])
 
 
 def _copy(src, dst):
