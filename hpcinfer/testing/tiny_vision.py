@@ -202,3 +202,31 @@ def tiny_qwen2_vl(version: str = "2") -> Path:
     root = Path(tempfile.mkdtemp(prefix="hpcinfer-tiny-qwen2vl-"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     return build_tiny_qwen2_vl(root / "qwen2_vl", version=version)
+
+
+def hf_generate(model, processor, text=None, images=None, messages=None, max_new: int = 12
+                ) -> tuple[list[int], list[int]]:
+    """transformers' greedy continuation of one prompt (``text`` with ``images``) or one
+    conversation (``messages``) and the prompt's token ids: the oracle of tests/multimodal."""
+    import torch
+    if messages is not None:
+        inputs = processor.apply_chat_template(messages, add_generation_prompt=True,
+                                               tokenize=True, return_dict=True,
+                                               return_tensors="pt")
+    else:
+        inputs = processor(text=[text], images=images or None, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new, do_sample=False)
+    num_prompt = inputs["input_ids"].shape[1]
+    return out[0, num_prompt:].tolist(), inputs["input_ids"][0].tolist()
+
+
+def use_processor(monkeypatch, path: str, processor) -> None:
+    """Make AutoProcessor.from_pretrained(path) return ``processor`` (the Qwen processors
+    without their torchvision-only video part), every other path as before."""
+    import transformers
+    original = transformers.AutoProcessor.from_pretrained
+
+    def from_pretrained(where, *args, **kwargs):
+        return processor if str(where) == path else original(where, *args, **kwargs)
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", from_pretrained)

@@ -24,17 +24,9 @@ def hf_llava():
         return loaded[path]
 
     def generate(path, text=None, images=None, messages=None, max_new=MAX_NEW):
+        from hpcinfer.testing.tiny_vision import hf_generate
         processor, model = load(str(path))
-        if messages is not None:
-            inputs = processor.apply_chat_template(messages, add_generation_prompt=True,
-                                                   tokenize=True, return_dict=True,
-                                                   return_tensors="pt")
-        else:
-            inputs = processor(text=[text], images=images or None, return_tensors="pt")
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=max_new, do_sample=False)
-        num_prompt = inputs["input_ids"].shape[1]
-        return out[0, num_prompt:].tolist(), inputs["input_ids"][0].tolist()
+        return hf_generate(model, processor, text, images, messages, max_new)
     return generate
 
 

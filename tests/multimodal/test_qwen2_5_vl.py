@@ -34,12 +34,8 @@ def processor(qwen_dir):
 
 @pytest.fixture(autouse=True)
 def image_only_processor(monkeypatch, qwen_dir, processor):
-    import transformers
-    original = transformers.AutoProcessor.from_pretrained
-
-    def from_pretrained(path, *args, **kwargs):
-        return processor if str(path) == qwen_dir else original(path, *args, **kwargs)
-    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", from_pretrained)
+    from hpcinfer.testing.tiny_vision import use_processor
+    use_processor(monkeypatch, qwen_dir, processor)
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +44,11 @@ def hf_qwen(qwen_dir, processor):
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(qwen_dir, dtype=torch.float32)
     model.generation_config.eos_token_id = None
 
+    model.eval()
+
     def generate(text, images=None):
-        inputs = processor(text=[text], images=images or None, return_tensors="pt")
-        with torch.no_grad():
-            out = model.eval().generate(**inputs, max_new_tokens=12, do_sample=False)
-        return out[0, inputs["input_ids"].shape[1]:].tolist()
+        from hpcinfer.testing.tiny_vision import hf_generate
+        return hf_generate(model, processor, text, images)[0]
     return generate
 
 

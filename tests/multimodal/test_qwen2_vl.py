@@ -34,12 +34,8 @@ def processor(qwen_dir):
 
 @pytest.fixture(autouse=True)
 def image_only_processor(monkeypatch, qwen_dir, processor):
-    import transformers
-    original = transformers.AutoProcessor.from_pretrained
-
-    def from_pretrained(path, *args, **kwargs):
-        return processor if str(path) == qwen_dir else original(path, *args, **kwargs)
-    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", from_pretrained)
+    from hpcinfer.testing.tiny_vision import use_processor
+    use_processor(monkeypatch, qwen_dir, processor)
 
 
 @pytest.fixture(scope="module")
@@ -49,15 +45,8 @@ def hf_qwen(qwen_dir, processor):
     model.generation_config.eos_token_id = None
 
     def generate(text=None, images=None, messages=None):
-        if messages is not None:
-            inputs = processor.apply_chat_template(messages, add_generation_prompt=True,
-                                                   tokenize=True, return_dict=True,
-                                                   return_tensors="pt")
-        else:
-            inputs = processor(text=[text], images=images or None, return_tensors="pt")
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
-        return out[0, inputs["input_ids"].shape[1]:].tolist()
+        from hpcinfer.testing.tiny_vision import hf_generate
+        return hf_generate(model, processor, text, images, messages)[0]
     return generate
 
 
