@@ -137,3 +137,13 @@ def pooling_llm(model: Path, task: str, **kwargs):
     """The Python API with the pooling job tests' engine sizes."""
     from hpcinfer import LLM
     return LLM(str(model), task=task, device="cpu", **POOLING_ENGINE, **kwargs)
+
+
+def finished_output(request_id: str, prompt_token_ids: list[int], text: str,
+                    token_ids: list[int]):
+    """The engine's RequestOutput of a request answered in full (finish_reason "length"), for
+    worker-loop tests that stand in for the engine."""
+    from hpcinfer.engine.outputs import CompletionOutput, RequestOutput
+    return RequestOutput(request_id=request_id, prompt=None, prompt_token_ids=prompt_token_ids,
+                         outputs=[CompletionOutput(0, text, token_ids, None, None, "length")],
+                         finished=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import threading
-from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -17,26 +16,11 @@ from hpcinfer.io.formats import make_format
 from hpcinfer.io.rows import InputSpec
 from hpcinfer.multimodal import media
 from hpcinfer.multimodal.inputs import ProcessedPrompt
+from hpcinfer.testing.worker_jobs import finished_output
 from hpcinfer.worker.loop import LoopOptions, ShardLoop
 from hpcinfer.worker.progress import Progress
 from hpcinfer.worker.requests import RequestBuilder
 from hpcinfer.worker.signals import StopFlag
-
-
-@dataclass
-class Completion:
-    text: str
-    token_ids: list
-    finish_reason: str = "length"
-    logprobs: None = None
-
-
-@dataclass
-class Output:
-    request_id: str
-    prompt_token_ids: list
-    outputs: list
-    finished: bool = True
 
 
 class FakeProcessor:
@@ -71,7 +55,7 @@ class Engine:
             self.stop.signal_name = "SIGUSR2"
         rid = next(iter(self.requests))
         ids = self.requests.pop(rid)
-        return [Output(rid, ids, [Completion(f"answer {rid}", ids)])]
+        return [finished_output(rid, ids, f"answer {rid}", ids)]
 
     def abort_request(self, ids):
         for rid in ids:

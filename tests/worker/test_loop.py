@@ -13,6 +13,7 @@ from hpcinfer.io import ledger
 from hpcinfer.io.formats import make_format
 from hpcinfer.io.rows import InputRow, InputSpec
 from hpcinfer.io.shard_loop import BadRowError
+from hpcinfer.testing.worker_jobs import finished_output
 from hpcinfer.worker.loop import LoopOptions, ShardLoop
 from hpcinfer.worker.progress import Progress
 from hpcinfer.worker.requests import RequestBuilder, base_sampling
@@ -26,22 +27,6 @@ class FakeTokenizer:
 
     def __call__(self, text):
         return self.Encoded([1 + ord(c) % 50 for c in text])
-
-
-@dataclass
-class Completion:
-    text: str
-    token_ids: list
-    finish_reason: str = "length"
-    logprobs: None = None
-
-
-@dataclass
-class Output:
-    request_id: str
-    prompt_token_ids: list
-    outputs: list
-    finished: bool = True
 
 
 @dataclass
@@ -65,7 +50,7 @@ class FakeEngine:
         outs = []
         for rid in list(self.requests)[:2]:
             ids = self.requests.pop(rid)
-            outs.append(Output(rid, ids, [Completion(f"answer {rid}", ids[:3])]))
+            outs.append(finished_output(rid, ids, f"answer {rid}", ids[:3]))
         return outs
 
     def abort_request(self, ids):
@@ -177,7 +162,7 @@ def test_memory_stays_flat_over_a_large_shard(tmp_path):
     shard = Shard(index=0, file=str(path), start=0, stop=200_000)
     engine = FakeEngine()
     engine.step = lambda final_only=False: [
-        Output(rid, ids, [Completion("ok", ids[:2])]) for rid, ids in
+        finished_output(rid, ids, "ok", ids[:2]) for rid, ids in
         [(rid, engine.requests.pop(rid)) for rid in list(engine.requests)]]
     before = _rss_bytes()
     loop = _loop(tmp_path, shard, engine, StopFlag(), max_in_flight=512,
