@@ -10,13 +10,12 @@ through ``torch._scaled_mm`` (cuBLASLt, rowwise scaling). Both need compute capa
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from .launch_checks import KernelArgumentError, check_contiguous, check_dim, check_dtype
+from .launch_checks import (KernelArgumentError, check_contiguous, check_dim, check_dtype,
+                            interpreted)
 
 FP8 = torch.float8_e4m3fn
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -111,8 +110,8 @@ MIN_SCALE = 1e-12
 # kernel rounds to the e4m3 grid itself first; on the GPU the hardware cast (cvt.rn.satfinite)
 # rounds to nearest even as torch's cast does. On the H200 (2026-12-03) the emulated rounding
 # differed from torch's cast in some codes of 12 of the 18 full-shape tests; the native cast
-# there is not re-checked yet (tests/gpu/test_quant_gpu.py::test_quantize_fp8_full_shapes).
-_EMULATE_E4M3_ROUNDING = os.environ.get("TRITON_INTERPRET") == "1"
+# there is not re-checked yet (tests/gpu/test_quant_gpu.py::test_quantize_fp8_full_shapes):
+# the kernel gets EMULATE_ROUNDING=interpreted().
 
 
 @triton.jit
@@ -184,7 +183,7 @@ def quantize_fp8(x: torch.Tensor, group: int | None = None
         one_pass, block = True, triton.next_power_of_2(group)
     _quant_fp8_kernel[(m, k // group)](x, q, scales, k, x.stride(0), GROUP=group, BLOCK=block,
                                        ONE_PASS=one_pass,
-                                       EMULATE_ROUNDING=_EMULATE_E4M3_ROUNDING,
+                                       EMULATE_ROUNDING=interpreted(),
                                        num_warps=4 if block <= 1024 else 8)
     return q, scales
 

@@ -17,14 +17,12 @@ makes this many times faster than a per-expert loop at decode sizes.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from .launch_checks import (FLOAT_DTYPES, INDEX_DTYPES, KernelArgumentError, check_contiguous,
-                            check_dim, check_dtype, check_same_device)
+                            check_dim, check_dtype, check_same_device, interpreted)
 from .moe_reference import ACTIVATIONS
 
 _ACT_CODES = {"silu": 0, "swiglu_oai": 1}
@@ -154,7 +152,7 @@ def _moe_config(num_pairs: int, num_experts: int) -> dict:
 
     Rows per expert decide BLOCK_M: decode batches give each expert a handful of pairs, and a
     64-row block would be mostly padding. The interpreter wants small tiles (it is slow)."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if interpreted():
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4)
     rows_per_expert = num_pairs / max(num_experts, 1)
     if rows_per_expert >= 256:

@@ -7,6 +7,8 @@ the host and break CUDA-graph capture); they only read shapes, strides, dtypes a
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -15,6 +17,12 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 KV_CACHE_DTYPES = FLOAT_DTYPES + (torch.float8_e4m3fn,)
 INDEX_DTYPES = (torch.int32, torch.int64)
 MAX_HEAD_DIM = 256
+
+
+def interpreted() -> bool:
+    """Kernels run under Triton's CPU interpreter (TRITON_INTERPRET=1, the CI tests): some
+    launchers pick small tiles or work around the interpreter's numeric gaps there."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 class KernelArgumentError(ValueError):

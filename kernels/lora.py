@@ -24,15 +24,13 @@ The torch reference is hpcinfer.kernels.lora_reference (same functions and argum
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from hpcinfer.kernels.launch_checks import (FLOAT_DTYPES, INDEX_DTYPES, KernelArgumentError,
                                             check_dim, check_dtype, check_last_dim_contiguous,
-                                            check_same_device)
+                                            check_same_device, interpreted)
 
 MAX_LORA_RANK = 256     # ranks up to this (times the pieces) fit one register tile
 MAX_PIECES = 3          # q/k/v
@@ -40,7 +38,6 @@ MAX_SPLIT_K = 16
 TARGET_PROGRAMS = 128   # about one wave of an H100/H200 for the shrink
 # Triton 3.9's interpreter computes tl.dot of bf16 tiles wrongly (garbage, ~1e10): under
 # TRITON_INTERPRET the dots take fp32 copies of the (bf16-valued) tiles, the same products.
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -215,7 +212,7 @@ def lora_shrink_partials(x: torch.Tensor, lora_a: torch.Tensor, slots: torch.Ten
             x, lora_a, slots, out, num_tokens, k, rank, k_per_split,
             x.stride(0), lora_a.stride(0), lora_a.stride(1), out.stride(0), out.stride(1),
             NUM_SLOTS=num_slots, BLOCK_PR=block_pr, PRECISION=_precision(lora_a.dtype),
-            DOT_F32=_INTERPRETED, **cfg)
+            DOT_F32=interpreted(), **cfg)
     return out
 
 
@@ -264,4 +261,4 @@ def lora_expand(y: torch.Tensor, t: torch.Tensor, lora_b: torch.Tensor, slots: t
             parts.stride(0), parts.stride(1), lora_b.stride(0), lora_b.stride(1), y.stride(0),
             NUM_SLOTS=lora_b.shape[0], NUM_SPLITS=parts.shape[0], NUM_PIECES=pieces,
             BLOCK_R=max(16, triton.next_power_of_2(rank)), PRECISION=_precision(lora_b.dtype),
-            DOT_F32=_INTERPRETED, **cfg)
+            DOT_F32=interpreted(), **cfg)
