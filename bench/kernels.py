@@ -296,15 +296,8 @@ def bench_moe(dtypes):
 
 def _captured(fn):
     """fn captured in a CUDA graph (after a warm-up run that compiles); returns its replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+    from hpcinfer.testing.cuda_graphs import capture
+    return capture(fn)[0].replay
 
 
 def sweep_moe(dtypes):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hpcinfer.testing.cuda_graphs import capture
 from hpcinfer.testing.greedy import MAX_NEW, hf_greedy, random_prompts
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -80,14 +81,7 @@ def test_moe_layer_replays_in_a_cuda_graph():
                                           renormalize=True)
         return fused_experts(inp, w["w_gate_up"], w["w_down"], weights, ids)
     static_in = x.clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        layer(static_in)                      # compile outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = layer(static_in)
+    graph, static_out = capture(lambda: layer(static_in))   # compiles outside the capture
     for seed in (1, 2):
         new = _problem("qwen3-30b-a3b", 128, torch.bfloat16, seed=seed)[0]
         static_in.copy_(new)

@@ -12,6 +12,7 @@ import torch
 from hpcinfer.kernels import quant_reference as kref
 from hpcinfer.kernels.fp8_gemm import fp8_block_gemm, fp8_scaled_mm
 from hpcinfer.kernels.w4a16_gemm import w4a16_gemm
+from hpcinfer.testing.cuda_graphs import capture
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="GPU-only: run tests/gpu/quant_checks.sh on a GPU")
@@ -75,14 +76,7 @@ def test_w4a16_split_k_in_a_cuda_graph():
     a, qweight, zeros, scales = _w4a16_problem(4096, 4096, 4)
     assert config_for(4, 4096, 4096, 128, False, num_sms(a.device)).split_k > 1
     run = lambda: w4a16_gemm(a, qweight, zeros, scales, None, 128)   # noqa: E731
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        run()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run()
+    graph, out = capture(run)
     a.copy_(torch.randn_like(a))
     graph.replay()
     torch.cuda.synchronize()
@@ -193,14 +187,7 @@ def test_fp8_w8a16_split_k_in_a_cuda_graph():
     w_scales = w.abs().amax(dim=1) / 448
     b = (w / w_scales[:, None]).to(kref.FP8)
     run = lambda: fp8_w8a16_gemm(a, b, w_scales)   # noqa: E731
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        run()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run()
+    graph, out = capture(run)
     a.copy_(torch.randn_like(a))
     graph.replay()
     torch.cuda.synchronize()
