@@ -378,10 +378,12 @@ def sweep_lora_tiles(dtypes):
     shrink_variants = [dict(BLOCK_M=bm, BLOCK_K=bk, SPLIT=sp, num_warps=w)
                        for bm, bk, sp, w in [(64, 128, 8, 4), (64, 128, 4, 4), (64, 128, 16, 4),
                                              (32, 128, 8, 4), (16, 128, 8, 4), (64, 64, 8, 4),
-                                             (64, 128, 8, 8), (32, 64, 16, 4)]]
+                                             (64, 128, 8, 8), (32, 64, 16, 4), (64, 256, 4, 4),
+                                             (32, 128, 4, 4), (16, 64, 16, 4), (128, 128, 4, 8)]]
     expand_variants = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w)
                        for bm, bn, w in [(64, 128, 4), (64, 64, 4), (64, 256, 8), (32, 128, 4),
-                                         (16, 128, 4), (128, 128, 8), (32, 256, 4)]]
+                                         (16, 128, 4), (128, 128, 8), (32, 256, 4), (64, 128, 8),
+                                         (128, 64, 4), (32, 64, 4), (16, 64, 4), (64, 256, 4)]]
     for k, pieces, name in LORA_SHAPES[:4]:
         for m in (64, 256):
             x, a, b, slots, bounds = _lora_problem(k, pieces, m)

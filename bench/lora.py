@@ -6,6 +6,13 @@ output tok/s with 4 rank-16 adapters on every target (q/k/v/o/gate/up/down).
     python bench/lora.py --out "$OUT"             # results elsewhere than bench/results
     python bench/lora.py --enforce-eager          # both runs without CUDA graphs
     python bench/lora.py --workload T --device cpu   # the CPU-sized plumbing run
+    python bench/lora.py --reps 3 --tiles-from "$OUT"/kernels-*.json   # + tuned launches
+
+``--tiles-from`` reads a ``bench/kernels.py --only lora_tiles`` sweep, picks for each kernel
+(shrink, expand) and decode size (<= 64 rows, <= 512 rows) the launch config with the least
+summed time over the swept layer shapes, and runs the LoRA engine a second time with those
+launches (replacing kernels.lora's config functions for that run only, as the sweep does), so
+one GPU call measures the default launches and the tuned ones against the same baseline.
 
 Decode runs in CUDA graphs by default on a GPU, the LoRA kernels inside them; each row
 records whether graphs were used and how many steps replayed one. Adapters are random PEFT
@@ -58,8 +65,57 @@ def write_adapter(out_dir: Path, config: dict, rank: int, seed: int) -> Path:
     return out_dir
 
 
+def pick_tiles(sweep_json: Path) -> dict:
+    """{"shrink"|"expand": {64|512: config}}: per kernel and decode-size bucket, the swept
+    config (checked against the default's output) with the least time summed over shapes."""
+    rows = json.loads(Path(sweep_json).read_text())
+    totals: dict = {}
+    for row in rows:
+        kernel = row.get("kernel", "")
+        if not kernel.endswith(":sweep") or not kernel.startswith("lora_"):
+            continue
+        kind = kernel.removeprefix("lora_").removesuffix(":sweep")
+        bucket = 64 if int(row["shape"].split()[0]) <= 64 else 512
+        key = json.dumps(row["config"], sort_keys=True)
+        ok = row.get("ms") is not None and (row.get("rel_err") or 0) < 2e-2
+        entry = totals.setdefault((kind, bucket), {}).setdefault(key, [0.0, True])
+        entry[0] += row["ms"] if ok else 0.0
+        entry[1] &= ok
+    picked: dict = {}
+    for (kind, bucket), configs in totals.items():
+        usable = {k: t for k, (t, ok) in configs.items() if ok}
+        if usable:
+            picked.setdefault(kind, {})[bucket] = json.loads(min(usable, key=usable.get))
+    return picked
+
+
+def use_tiles(tiles: dict):
+    """Replace kernels.lora's launch-config functions by the ``tiles`` table for decode-sized
+    calls (bf16/fp16 only; other calls keep the defaults). Returns a function that undoes it."""
+    from hpcinfer.kernels import lora as mod
+    shrink0, expand0 = mod._shrink_config, mod._expand_config
+
+    def bucket(num_tokens):
+        return 64 if num_tokens <= 64 else 512 if num_tokens <= 512 else None
+
+    def shrink(num_tokens, k, num_slots, block_pr, elem_size=2):
+        cfg = tiles.get("shrink", {}).get(bucket(num_tokens))
+        if cfg is None or elem_size != 2:
+            return shrink0(num_tokens, k, num_slots, block_pr, elem_size)
+        return dict(cfg)
+
+    def expand(num_tokens, n):
+        cfg = tiles.get("expand", {}).get(bucket(num_tokens))
+        return dict(cfg) if cfg is not None else expand0(num_tokens, n)
+    mod._shrink_config, mod._expand_config = shrink, expand
+
+    def undo():
+        mod._shrink_config, mod._expand_config = shrink0, expand0
+    return undo
+
+
 def timed_run(ckpt: Path, requests, spec: dict, device: str, adapters: list[Path],
-              rank: int = 16, enforce_eager: bool = False) -> dict:
+              rank: int = 16, enforce_eager: bool = False, reps: int = 1) -> dict:
     import torch
     from hpcinfer import LLM, SamplingParams
     from hpcinfer.lora.request import LoRARequest
@@ -78,10 +134,13 @@ def timed_run(ckpt: Path, requests, spec: dict, device: str, adapters: list[Path
     llm.generate(prompts, [SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)]
                  * len(prompts), use_tqdm=False, lora_request=per_row)   # warm-up (compiles)
     sync()
-    start = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False, lora_request=per_row)
-    sync()
-    wall = time.perf_counter() - start
+    walls = []
+    for _ in range(reps):   # the median rep counts (one rep is ~1 s on an H200)
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False, lora_request=per_row)
+        sync()
+        walls.append(time.perf_counter() - start)
+    wall = sorted(walls)[len(walls) // 2]
     num_out = sum(len(o.outputs[0].token_ids) for o in outs)
     engine = llm.llm_engine
     graphs = engine.runner.graphs
@@ -92,7 +151,8 @@ def timed_run(ckpt: Path, requests, spec: dict, device: str, adapters: list[Path
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
-    return {"output_tok_s": num_out / wall, "wall_s": wall, "num_output_tokens": num_out,
+    return {"output_tok_s": num_out / wall, "wall_s": wall, "rep_wall_s": walls,
+            "num_output_tokens": num_out,
             "total_tok_s": (num_out + sum(len(p) for p, _ in requests)) / wall, **how}
 
 
@@ -104,6 +164,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="no CUDA graphs, in both runs (default: graphs on a GPU)")
+    parser.add_argument("--reps", type=int, default=1, help="timed reps per run (median)")
+    parser.add_argument("--tiles-from", help="a bench/kernels.py lora_tiles sweep (JSON): "
+                        "also run LoRA with the launches it picks")
     parser.add_argument("--out", default=str(RESULTS), help="results dir")
     args = parser.parse_args()
     import torch
@@ -115,10 +178,19 @@ def main() -> None:
         config = json.loads((ckpt / "config.json").read_text())
         adapters = [write_adapter(Path(tmp) / f"a{i}", config, args.rank, seed=i)
                     for i in range(args.num_adapters)]
-        base = timed_run(ckpt, requests, spec, args.device, [],
-                         enforce_eager=args.enforce_eager)
-        lora = timed_run(ckpt, requests, spec, args.device, adapters, args.rank,
-                         enforce_eager=args.enforce_eager)
+        run = dict(enforce_eager=args.enforce_eager, reps=args.reps)
+        base = timed_run(ckpt, requests, spec, args.device, [], **run)
+        lora = timed_run(ckpt, requests, spec, args.device, adapters, args.rank, **run)
+        tuned = None
+        if args.tiles_from:
+            tiles = pick_tiles(Path(args.tiles_from))
+            print(f"tuned LoRA launches: {json.dumps(tiles)}", flush=True)
+            undo = use_tiles(tiles)
+            try:
+                tuned = timed_run(ckpt, requests, spec, args.device, adapters, args.rank, **run)
+            finally:
+                undo()
+            tuned["tiles"] = tiles
     ratio = lora["output_tok_s"] / base["output_tok_s"]
     graphs = "CUDA graphs" if lora["cuda_graphs"] else "eager"
     print(f"no LoRA {base['output_tok_s']:.0f} output tok/s; {args.num_adapters} adapters of "
@@ -130,6 +202,12 @@ def main() -> None:
     rows = [{**common, **base, "workload": args.workload},
             {**common, **lora, "workload": f"{args.workload}-lora{args.num_adapters}x{args.rank}",
              "pct_of_no_lora": 100 * ratio}]
+    if tuned is not None:
+        tuned_ratio = tuned["output_tok_s"] / base["output_tok_s"]
+        print(f"tuned launches: {tuned['output_tok_s']:.0f} ({100 * tuned_ratio:.1f}%)",
+              flush=True)
+        rows.append({**common, **tuned, "pct_of_no_lora": 100 * tuned_ratio,
+                     "workload": f"{args.workload}-lora{args.num_adapters}x{args.rank}-tuned"})
     if args.device == "cuda":   # CPU plumbing runs are not results
         append_rows(Path(args.out) / f"lora-{device_slug(device_name)}-{date}.json", rows)
 
