@@ -251,7 +251,8 @@ def main() -> None:
     p.add_argument("--out", default=str(REPO / "bench" / "results"), help="results dir")
     p.add_argument("--ckpt-root", default=os.path.join(tempfile.gettempdir(),
                                                        "hpcinfer-bench"))
-    p.add_argument("--hf-batch-size", type=int, default=64)
+    p.add_argument("--hf-batch-size", type=int, default=256,
+                   help="transformers: images per generate call (bench/throughput.py's 256)")
     p.add_argument("--hf-images", type=int, help="transformers: time only the first N images")
     p.add_argument("--hf-time-budget-s", type=float,
                    help="transformers: stop after the batch that passes this many seconds")
