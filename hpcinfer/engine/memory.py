@@ -6,10 +6,20 @@ other processes), (2) the weights and anything else allocated now, (3) the peak 
 of the largest step, measured by a real forward of ``max_num_batched_tokens`` tokens with no
 KV cache plus the logits and sampler temporaries of ``max_num_seqs`` rows, and (4) a fixed
 reserve for the decode CUDA graphs' private pool. The KV pool gets what is left.
+
+For a model that takes images the profiled step starts as an image-heavy step does
+(hpcinfer/multimodal/step.py): the vision encoder runs over dummy images filling the step's
+encoder budget (``max_num_batched_tokens`` image tokens), and its output stays allocated
+through the language model's forward, as the step's image rows do. So the peak covers
+whichever is larger, the encoder's activations or the text step's on top of the image
+embeddings. Not covered: one image larger than the whole budget (the scheduler runs it alone
+in a step; Qwen2-VL's largest default image is 16,384 tokens): lower the processor's
+``max_pixels`` or leave headroom with ``gpu_memory_utilization``.
 """
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -29,25 +39,56 @@ class MemoryProfile:
     allocated: int          # held by live tensors after profiling (the weights, mostly)
     activation_peak: int    # the profiled step's peak above `allocated`
     kv_budget: int          # what the KV pool may take
+    encoder_peak: int = 0   # the vision encoder's own peak within that step (0: no images)
 
     def describe(self) -> str:
+        encoder = (f" (vision encoder {self.encoder_peak / GiB:.2f} GiB)"
+                   if self.encoder_peak else "")
         return (f"device {self.total / GiB:.1f} GiB; weights and buffers "
                 f"{self.allocated / GiB:.2f} GiB; peak activations {self.activation_peak / GiB:.2f}"
-                f" GiB; outside PyTorch {self.non_torch / GiB:.2f} GiB; KV budget "
+                f" GiB{encoder}; outside PyTorch {self.non_torch / GiB:.2f} GiB; KV budget "
                 f"{self.kv_budget / GiB:.2f} GiB")
 
 
-@torch.inference_mode()
-def profile_step_peak(model, vocab_size: int, max_num_batched_tokens: int, max_num_seqs: int,
-                      device: torch.device) -> int:
-    """Peak bytes the largest step allocates on top of what is live now.
+@dataclass(frozen=True)
+class StepPeak:
+    total: int      # bytes the profiled step allocates above what was live before it
+    encoder: int    # of which the vision encoder's own peak (0 without images)
 
-    The dummy step holds ``max_num_batched_tokens`` tokens split into up to ``max_num_seqs``
-    whole sequences (attention runs without a cache over each sequence's own keys), then
-    samples one row per sequence as the engine would (fp32 logits, a log-softmax's worth of
-    temporaries)."""
+
+def dummy_image_inputs(model, max_image_tokens: int) -> list[dict[str, torch.Tensor]]:
+    """Processor-shaped inputs (on the CPU, fp32 pixels, as the processor gives them) for
+    images filling at most ``max_image_tokens`` placeholder tokens, at least one image.
+
+    A model may define ``dummy_image_inputs(max_image_tokens)`` itself. Otherwise: a tower
+    with a patch merger (``visual.merge_size``: Qwen2-VL, Qwen2.5-VL) gets one square grid of
+    merge blocks, the largest within the budget (the worst case the scheduler allows); a
+    fixed-size tower (``vision_tower.config.image_size``: LLaVA, Gemma 3) as many images as
+    fit. ValueError for a model that is neither."""
+    own = getattr(model, "dummy_image_inputs", None)
+    if own is not None:
+        return own(max_image_tokens)
+    visual = getattr(model, "visual", None)
+    if visual is not None and hasattr(visual, "merge_size"):
+        side = max(1, math.isqrt(max_image_tokens)) * visual.merge_size   # patches per side
+        patch_dim = visual.patch_embed.proj.weight[0].numel()   # C x T x P x P
+        return [{"pixel_values": torch.randn(side * side, patch_dim),
+                 "image_grid_thw": torch.tensor([[1, side, side]])}]
+    config = getattr(getattr(model, "vision_tower", None), "config", None)
+    if config is not None and hasattr(config, "image_size"):
+        per_image = model.image_token_counts([{}])[0]
+        shape = (1, getattr(config, "num_channels", 3), config.image_size, config.image_size)
+        return [{"pixel_values": torch.randn(shape)}
+                for _ in range(max(1, max_image_tokens // per_image))]
+    raise ValueError(f"{type(model).__name__} takes images but the memory profile cannot "
+                     "build dummy ones for it: give the model a "
+                     "dummy_image_inputs(max_image_tokens) method")
+
+
+def _dummy_text_step(vocab_size: int, num_tokens: int, max_num_seqs: int, device):
+    """(input_ids, positions, metadata, cu_seqlens) of ``num_tokens`` tokens in up to
+    ``max_num_seqs`` whole sequences; attention runs without a cache over each sequence."""
     from hpcinfer.layers.attention import AttentionMetadata
-    num_tokens = max_num_batched_tokens
     num_seqs = max(1, min(max_num_seqs, num_tokens))
     lens = torch.full((num_seqs,), num_tokens // num_seqs, dtype=torch.int32)
     lens[: num_tokens % num_seqs] += 1
@@ -60,41 +101,81 @@ def profile_step_peak(model, vocab_size: int, max_num_batched_tokens: int, max_n
         cu_seqlens_q=cu.to(device), seq_lens=lens.to(device),
         block_tables=torch.zeros(num_seqs, 1, dtype=torch.int32, device=device),
         max_seqlen_q=int(lens.max()), max_seqlen_k=int(lens.max()), is_decode=False)
+    return input_ids.to(device), positions.to(device), meta, cu.to(device)
+
+
+@torch.inference_mode()
+def profile_step_peak(model, vocab_size: int, max_num_batched_tokens: int, max_num_seqs: int,
+                      device: torch.device, image_inputs: list[dict] | None = None
+                      ) -> StepPeak:
+    """Peak bytes the largest step allocates on top of what is live now.
+
+    With ``image_inputs`` (dummy_image_inputs) the vision encoder runs first and its output
+    is held through the rest. The text part holds ``max_num_batched_tokens`` tokens split
+    into up to ``max_num_seqs`` whole sequences, then samples one row per sequence as the
+    engine would (fp32 logits, a log-softmax's worth of temporaries)."""
+    input_ids, positions, meta, cu = _dummy_text_step(vocab_size, max_num_batched_tokens,
+                                                      max_num_seqs, device)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
-    hidden = model.forward(input_ids.to(device), positions.to(device),
-                           [None] * model.spec.num_layers, meta)
-    logits = model.compute_logits(hidden[cu[1:].to(device).long() - 1]).float()
+    embeds, encoder = None, 0
+    if image_inputs:
+        embeds = model.encode_images([{k: v.to(device) for k, v in x.items()}
+                                      for x in image_inputs])
+        torch.cuda.synchronize(device)
+        encoder = torch.cuda.max_memory_allocated(device) - before
+    hidden = model.forward(input_ids, positions, [None] * model.spec.num_layers, meta)
+    logits = model.compute_logits(hidden[cu[1:].long() - 1]).float()
     del hidden
     torch.log_softmax(logits, dim=-1).argmax(dim=-1)
     logits.clone()
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - before
-    del logits
-    return max(peak, 0)
+    del logits, embeds
+    return StepPeak(max(peak, 0), max(encoder, 0))
+
+
+def kv_budget_from(total: int, free: int, reserved: int, allocated: int, peak: int,
+                   utilization: float) -> tuple[int, int]:
+    """(memory outside PyTorch, KV budget) in bytes: the utilization share of the device less
+    what is outside PyTorch, what is allocated, the step's peak and the graph pool reserve."""
+    non_torch = max(total - free - reserved, 0)
+    budget = int(total * utilization) - non_torch - allocated - peak - GRAPH_POOL_RESERVE_BYTES
+    return non_torch, max(budget, 0)
+
+
+def _profile_images(model, max_num_batched_tokens: int) -> list[dict] | None:
+    if not getattr(model, "takes_images", False):
+        return None
+    try:
+        return dummy_image_inputs(model, max_num_batched_tokens)
+    except ValueError as e:
+        log.warning("memory profile without the vision encoder: %s", e)
+        return None
 
 
 def kv_budget_bytes(model, vocab_size: int, max_num_batched_tokens: int, max_num_seqs: int,
                     utilization: float, device: torch.device) -> MemoryProfile:
+    images = _profile_images(model, max_num_batched_tokens)
     try:
-        peak = profile_step_peak(model, vocab_size, max_num_batched_tokens, max_num_seqs, device)
+        step = profile_step_peak(model, vocab_size, max_num_batched_tokens, max_num_seqs,
+                                 device, images)
     except (TypeError, ValueError, RuntimeError) as e:
         # A pipeline stage past the first cannot run a whole forward from token ids alone:
         # estimate instead (activations of the widest layer, fp32 logits, with headroom).
         hidden = getattr(model.spec, "hidden_size", 4096)
-        peak = (max_num_batched_tokens * hidden * 2 * 16
-                + 3 * min(max_num_seqs, max_num_batched_tokens) * vocab_size * 4)
+        step = StepPeak(max_num_batched_tokens * hidden * 2 * 16
+                        + 3 * min(max_num_seqs, max_num_batched_tokens) * vocab_size * 4, 0)
         log.warning("memory profile forward failed (%s); estimating peak activations as "
-                    "%.2f GiB", e, peak / GiB)
+                    "%.2f GiB", e, step.total / GiB)
         torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
-    reserved = torch.cuda.memory_reserved(device)
     allocated = torch.cuda.memory_allocated(device)
-    non_torch = max(total - free - reserved, 0)
-    budget = int(total * utilization) - non_torch - allocated - peak - GRAPH_POOL_RESERVE_BYTES
-    profile = MemoryProfile(total, non_torch, allocated, peak, max(budget, 0))
+    non_torch, budget = kv_budget_from(total, free, torch.cuda.memory_reserved(device),
+                                       allocated, step.total, utilization)
+    profile = MemoryProfile(total, non_torch, allocated, step.total, budget, step.encoder)
     log.info("memory profile (gpu_memory_utilization=%.2f): %s", utilization, profile.describe())
     return profile
 

@@ -8,6 +8,7 @@ to transformers' on the same GPU in fp32.
   through image spans and the encoder budget spreads images over steps.
 - Qwen2-VL and Qwen2.5-VL (M-RoPE: eager steps, no graphs): images whose grids span one to
   several windows, the same mixes, and the 24-token budget.
+- The KV pool sizing profiles an image step: the vision encoder's peak is in the profile.
 
 transformers runs on the GPU with TF32 off (its Qwen patch embedding is a Conv3d, which cuDNN
 would otherwise run in TF32) so both sides compute in fp32. The Qwen processors are
@@ -141,3 +142,19 @@ def test_chunks_through_images_on_gpu(family, images, monkeypatch):
     # 2-12) and the encoder budget of 24 image tokens takes one or two images a step.
     got, _ = _engine_tokens(family, images, monkeypatch, max_num_batched_tokens=24)
     _expect_equal(family, images, got)
+
+
+def test_memory_profile_includes_the_vision_encoder(family, monkeypatch):
+    # The KV pool is sized after a profiled step that starts with the encoder over dummy
+    # images filling the encoder budget (hpcinfer/engine/memory.py), its output held through
+    # the text forward: the step's peak is at least the encoder's.
+    from hpcinfer import LLM
+    from hpcinfer.testing.tiny_vision import use_processor
+    name, path, processor, _ = family
+    if name != "llava":
+        use_processor(monkeypatch, path, processor)
+    llm = LLM(path, device="cuda", dtype="float32", max_model_len=256, enforce_eager=True)
+    profile = llm.llm_engine.runner.memory_profile
+    assert profile is not None and profile.encoder_peak > 0
+    assert profile.activation_peak >= profile.encoder_peak
+    assert "vision encoder" in profile.describe()
