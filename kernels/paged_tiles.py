@@ -39,13 +39,16 @@ def attend_key_tiles(acc, l_i, m_i, q, K_CACHE, V_CACHE, table, kv_head, q_pos, 
                       BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, IS_MASKED: tl.constexpr,
                       IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                       DOT_PRECISION: tl.constexpr, PV_PRECISION: tl.constexpr = None,
-                      softcap_log2=0.0, HAS_SOFTCAP: tl.constexpr = False):
+                      softcap_log2=0.0, HAS_SOFTCAP: tl.constexpr = False, q_last=0,
+                      HAS_KEY_LIMITS: tl.constexpr = False):
     # Online softmax over keys [lo, hi) in BLOCK_N tiles. q: [rows, BLOCK_D] (query tokens
     # of one head for prefill, the query heads of one KV head for decode); q_pos: [rows]
     # absolute positions (read only when IS_CAUSAL or HAS_WINDOW). IS_MASKED=False is the
     # fast path for whole tiles that every row may see: no per-score masks.
     # Logits in the log2 domain: q.k * qk_scale with qk_scale = scale * log2(e); with
     # HAS_SOFTCAP (see softcap_args) tanh(q.k * scale / cap) * cap * log2(e) instead.
+    # HAS_KEY_LIMITS (prefill only): the causal limit of each row is q_last [rows], the last
+    # key it may see (Gemma 3's image spans), while the window still counts back from q_pos.
     for start in range(lo, hi, BLOCK_N):
         k_pos = start + tl.arange(0, BLOCK_N)
         mask_n = k_pos < hi
@@ -60,7 +63,9 @@ def attend_key_tiles(acc, l_i, m_i, q, K_CACHE, V_CACHE, table, kv_head, q_pos, 
             qk = tanh(qk) * softcap_log2
         if IS_MASKED:
             allowed = mask_n[None, :]                                       # [BLOCK_M, BLOCK_N]
-            if IS_CAUSAL:
+            if IS_CAUSAL and HAS_KEY_LIMITS:
+                allowed = allowed & (k_pos[None, :] <= q_last[:, None])
+            elif IS_CAUSAL:
                 allowed = allowed & (k_pos[None, :] <= q_pos[:, None])
             if HAS_WINDOW:
                 allowed = allowed & (k_pos[None, :] > q_pos[:, None] - sliding_window)

@@ -10,6 +10,9 @@ softmax (flash-attention style); the causal and sliding-window limits bound the 
 tile never loads keys that all its queries mask out. Logit softcapping (HAS_SOFTCAP, inside the
 key loop, before the masks) and attention sinks (HAS_SINKS, added to the denominator after
 the loop) are constexpr switches: a layer without them compiles to the code it had before.
+So are per-query key limits (HAS_KEY_LIMITS: query t sees keys up to LAST_KEYS[t] instead of
+its own position; Gemma 3's image tokens see their whole placeholder span): the tile's walk
+then ends after the largest limit of its queries.
 """
 from __future__ import annotations
 
@@ -25,13 +28,14 @@ from .paged_tiles import attend_key_tiles, pv_precision, sink_denominator, softc
 
 @triton.jit
 def _prefill_attention_kernel(
-    Q, K_CACHE, V_CACHE, CU_SEQLENS_Q, SEQ_LENS, BLOCK_TABLES, SINKS, OUT,
+    Q, K_CACHE, V_CACHE, CU_SEQLENS_Q, SEQ_LENS, BLOCK_TABLES, SINKS, LAST_KEYS, OUT,
     qk_scale, sliding_window, softcap_log2,
     stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt, stride_ot, stride_oh,
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
     PV_PRECISION: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
+    HAS_KEY_LIMITS: tl.constexpr,
 ):
     tile = tl.program_id(0)
     head = tl.program_id(1)
@@ -52,9 +56,15 @@ def _prefill_attention_kernel(
     q = tl.load(Q + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)   # [BLOCK_M, BLOCK_D]
 
+    q_last = q_pos                                                   # [BLOCK_M] causal limits
+    if HAS_KEY_LIMITS:   # each query's last visible key (>= its own position)
+        q_last = tl.load(LAST_KEYS + rows, mask=mask_m, other=0).to(tl.int32)
+
     # Key range any query of this tile may see: [lo, hi). Empty for tiles past q_len.
     hi = seq_len
-    if IS_CAUSAL:
+    if IS_CAUSAL and HAS_KEY_LIMITS:
+        hi = tl.minimum(hi, tl.max(tl.where(mask_m, q_last, 0), 0) + 1)
+    elif IS_CAUSAL:
         hi = tl.minimum(hi, context + first_q + BLOCK_M)
     lo = 0
     if HAS_WINDOW:
@@ -62,7 +72,8 @@ def _prefill_attention_kernel(
     hi = tl.where(first_q < q_len, hi, lo)
     hi = tl.maximum(hi, lo)
     # [lo, full_hi): whole key tiles that every query of the tile sees (keys up to the
-    # tile's first query position when causal); the rest is walked with masks.
+    # tile's first query position when causal: key limits are never below a query's own
+    # position); the rest is walked with masks.
     full_hi = hi
     if IS_CAUSAL:
         full_hi = tl.minimum(full_hi, context + first_q + 1)
@@ -77,11 +88,13 @@ def _prefill_attention_kernel(
     acc, l_i, m_i = attend_key_tiles(
         acc, l_i, m_i, q, K_CACHE, V_CACHE, table, kv_head, q_pos, lo, full_hi, qk_scale,
         sliding_window, stride_cb, stride_cs, stride_ch, offs_d, mask_d, BLOCK_SIZE, BLOCK_N,
-        False, IS_CAUSAL, HAS_WINDOW, DOT_PRECISION, PV_PRECISION, softcap_log2, HAS_SOFTCAP)
+        False, IS_CAUSAL, HAS_WINDOW, DOT_PRECISION, PV_PRECISION, softcap_log2, HAS_SOFTCAP,
+        q_last, HAS_KEY_LIMITS)
     acc, l_i, m_i = attend_key_tiles(
         acc, l_i, m_i, q, K_CACHE, V_CACHE, table, kv_head, q_pos, full_hi, hi, qk_scale,
         sliding_window, stride_cb, stride_cs, stride_ch, offs_d, mask_d, BLOCK_SIZE, BLOCK_N,
-        True, IS_CAUSAL, HAS_WINDOW, DOT_PRECISION, PV_PRECISION, softcap_log2, HAS_SOFTCAP)
+        True, IS_CAUSAL, HAS_WINDOW, DOT_PRECISION, PV_PRECISION, softcap_log2, HAS_SOFTCAP,
+        q_last, HAS_KEY_LIMITS)
 
     if HAS_SINKS:   # the head's sink joins the denominator once, after all keys
         denom = sink_denominator(l_i, m_i, tl.load(SINKS + head).to(tl.float32))
@@ -97,10 +110,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     block_tables: torch.Tensor, scale: float, *, causal: bool = True,
                     sliding_window: int | None = None, logit_softcap: float | None = None,
                     sinks: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                    max_seqlen_q: int | None = None) -> torch.Tensor:
+                    max_seqlen_q: int | None = None,
+                    last_key_positions: torch.Tensor | None = None) -> torch.Tensor:
     """Varlen attention over paged KV: q [num_tokens, num_heads, head_dim].
 
-    Same arguments as the reference (``logit_softcap``, ``sinks`` [num_heads]), plus ``out`` (preallocated, q's shape and dtype) and
+    Same arguments as the reference (``logit_softcap``, ``sinks`` [num_heads],
+    ``last_key_positions`` [num_tokens]), plus ``out`` (preallocated, q's shape and dtype) and
     ``max_seqlen_q`` (host-side upper bound on any sequence's query count; it sizes the grid.
     Default: num_tokens, always safe but launches idle programs when there are many sequences).
     Never syncs with the host.
@@ -125,6 +140,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     num_tokens, num_heads, head_dim = q.shape
     if sinks is not None:
         check_sinks(sinks, num_heads, q.device)
+    if last_key_positions is not None:
+        _check_key_limits(last_key_positions, q, causal)
     qk_scale, softcap_log2 = softcap_args(scale, logit_softcap)
     if num_tokens == 0 or num_seqs == 0:
         return out
@@ -135,7 +152,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     grid = (triton.cdiv(max_seqlen_q, block_m), num_heads, num_seqs)
     _prefill_attention_kernel[grid](
         q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables,
-        q if sinks is None else sinks, out, qk_scale, sliding_window or 0, softcap_log2,
+        q if sinks is None else sinks,
+        cu_seqlens_q if last_key_positions is None else last_key_positions, out, qk_scale, sliding_window or 0, softcap_log2,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         HEAD_DIM=head_dim, GROUP=num_heads // k_cache.shape[2], BLOCK_SIZE=k_cache.shape[1],
@@ -143,9 +161,21 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         IS_CAUSAL=causal, HAS_WINDOW=sliding_window is not None,
         DOT_PRECISION=_dot_precision(q.dtype), PV_PRECISION=pv_precision("prefill", q.dtype),
         HAS_SOFTCAP=logit_softcap is not None, HAS_SINKS=sinks is not None,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        HAS_KEY_LIMITS=last_key_positions is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
+
+
+def _check_key_limits(last_key_positions: torch.Tensor, q: torch.Tensor, causal: bool) -> None:
+    num_tokens = q.shape[0]
+    if not causal:
+        raise KernelArgumentError("last_key_positions widens a causal mask: pass causal=True")
+    if tuple(last_key_positions.shape) != (num_tokens,):
+        raise KernelArgumentError(f"last_key_positions must be [num_tokens] = [{num_tokens}], "
+                                  f"got {tuple(last_key_positions.shape)}")
+    check_dtype("last_key_positions", last_key_positions, INDEX_DTYPES)
+    check_last_dim_contiguous("last_key_positions", last_key_positions)
+    check_same_device(q=q, last_key_positions=last_key_positions)
 
 
 def prefill_config(block_d: int, dtype: torch.dtype, max_seqlen_q: int) -> dict:

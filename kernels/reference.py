@@ -48,20 +48,25 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
                     block_tables: torch.Tensor, scale: float, *, causal: bool = True,
                     sliding_window: int | None = None, logit_softcap: float | None = None,
-                    sinks: torch.Tensor | None = None,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+                    sinks: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                    last_key_positions: torch.Tensor | None = None) -> torch.Tensor:
     """Varlen attention over paged KV (prefill chunks and decodes mixed in one batch).
 
     q: [num_tokens, num_heads, head_dim]; cu_seqlens_q: [num_seqs + 1]; seq_lens: [num_seqs];
     block_tables: [num_seqs, max_blocks_per_seq]. num_heads must be a multiple of
     num_kv_heads (GQA). ``sliding_window`` keeps only the last ``sliding_window`` keys of each
     query (Mistral semantics: key position > query position - window). ``logit_softcap`` and
-    ``sinks`` ([num_heads]) are described in :func:`attend`. Returns
-    [num_tokens, num_heads, head_dim] in q's dtype; the math runs in fp32.
+    ``sinks`` ([num_heads]) are described in :func:`attend`. ``last_key_positions``
+    ([num_tokens], causal only): the last key position each query may see instead of its own
+    (Gemma 3's image tokens see their whole placeholder span); the window still counts back
+    from the query's own position. Returns [num_tokens, num_heads, head_dim] in q's dtype;
+    the math runs in fp32.
     """
     num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+    if last_key_positions is not None and not causal:
+        raise ValueError("last_key_positions widens a causal mask: pass causal=True")
     out = torch.empty_like(q) if out is None else out
     starts, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
     for i, seq_len in enumerate(lens):
@@ -70,7 +75,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             continue
         k = gather_kv(k_cache, block_tables[i], seq_len)
         v = gather_kv(v_cache, block_tables[i], seq_len)
-        mask = attention_mask(q_end - q_start, seq_len, causal, sliding_window, q.device)
+        limits = None if last_key_positions is None else last_key_positions[q_start:q_end]
+        mask = attention_mask(q_end - q_start, seq_len, causal, sliding_window, q.device, limits)
         o = attend(q[q_start:q_end], k, v, mask, scale, logit_softcap=logit_softcap,
                    sinks=sinks)
         out[q_start:q_end] = o.to(out.dtype)
@@ -90,14 +96,17 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 
 def attention_mask(q_len: int, kv_len: int, causal: bool, sliding_window: int | None,
-                   device: torch.device) -> torch.Tensor | None:
+                   device: torch.device, last_key_positions: torch.Tensor | None = None
+                   ) -> torch.Tensor | None:
     """[q_len, kv_len] bool, True = may attend; None = everything. Query j sits at absolute
-    position kv_len - q_len + j."""
+    position kv_len - q_len + j and, causal, sees keys up to its position, or up to
+    ``last_key_positions[j]`` when given."""
     if not causal and sliding_window is None:
         return None
     q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
     k_pos = torch.arange(kv_len, device=device)[None, :]
-    mask = k_pos <= q_pos if causal else torch.ones(q_len, kv_len, dtype=torch.bool, device=device)
+    last = q_pos if last_key_positions is None else last_key_positions.to(device)[:, None]
+    mask = k_pos <= last if causal else torch.ones(q_len, kv_len, dtype=torch.bool, device=device)
     if sliding_window is not None:
         mask &= k_pos > q_pos - sliding_window
     return mask

@@ -33,6 +33,10 @@ class AttentionMetadata:
     max_seqlen_k: int
     is_decode: bool              # every sequence has exactly one query token this step
     decode_split: DecodeSplit | None = None   # mixed steps: see DecodeSplit
+    # [num_tokens] int32: the last key position each query may see, for layers whose spec has
+    # ``bidirectional_spans`` (Gemma 3: an image token sees its whole placeholder span, a
+    # text token its own position). None: every query sees up to its own position.
+    last_key_positions: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -64,12 +68,20 @@ class AttentionSpec:
     ``has_sinks`` (gpt-oss) also holds ``exp(sink)`` for one learned logit per query head that
     carries no value. Layers of one model may differ (Gemma 2 alternates windows), so the
     spec is per layer, never per model.
+
+    ``bidirectional_spans`` (Gemma 3 with images): the causal limit of each query is
+    ``meta.last_key_positions`` when the step has it, so the tokens of one image placeholder
+    span see each other both ways while text stays causal; the window still counts back from
+    the query's own position (transformers: ``(causal or same image) and inside the window``).
+    The scheduler never ends a chunk inside such a span (a query's keys are all in the cache
+    or in its step).
     """
     scale: float
     sliding_window: int | None = None
     logit_softcap: float | None = None
     causal: bool = True
     has_sinks: bool = False
+    bidirectional_spans: bool = False
 
     def __post_init__(self):
         if self.sliding_window is not None and self.sliding_window < 1:
@@ -78,6 +90,13 @@ class AttentionSpec:
         if self.logit_softcap is not None and not self.logit_softcap > 0:
             raise ValueError(f"logit_softcap={self.logit_softcap} must be > 0, or None for no "
                              "capping (some configs write 0.0 for none: map that to None)")
+        if self.bidirectional_spans and not self.causal:
+            raise ValueError("bidirectional_spans widens a causal mask; a layer with "
+                             "causal=False sees every key already: leave it False")
+
+    def key_limits(self, meta: AttentionMetadata) -> torch.Tensor | None:
+        """The per-query last key positions this layer honours (None: causal as usual)."""
+        return meta.last_key_positions if self.bidirectional_spans else None
 
 
 class AttentionBackend(Protocol):
@@ -112,17 +131,18 @@ class TorchRefAttentionBackend:
         check_sinks(spec, sinks, q.shape[1])
         features = dict(sliding_window=spec.sliding_window, logit_softcap=spec.logit_softcap,
                         sinks=sinks)
+        key_limits = spec.key_limits(meta)
         if k_cache is None or k_cache.numel() == 0:
             # No cache yet (memory profiling, pooling tasks): plain varlen attention over this
             # step's own keys, which must then be the whole sequences.
             return _varlen_attention(q, k, v, meta, spec, sinks)
         reference.reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping)
-        if meta.is_decode and spec.causal:
+        if meta.is_decode and spec.causal and key_limits is None:
             return reference.paged_decode_attention(q, k_cache, v_cache, meta.block_tables,
                                                     meta.seq_lens, spec.scale, **features)
         return reference.paged_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.seq_lens,
                                          meta.block_tables, spec.scale, causal=spec.causal,
-                                         **features)
+                                         last_key_positions=key_limits, **features)
 
 
 def _varlen_attention(q, k, v, meta: AttentionMetadata, spec: AttentionSpec,
@@ -134,8 +154,9 @@ def _varlen_attention(q, k, v, meta: AttentionMetadata, spec: AttentionSpec,
         if hi - lo != seq_len:
             raise ValueError("attention without a KV cache needs whole sequences in the step "
                              f"(sequence {i}: {hi - lo} query tokens, length {seq_len})")
+        limits = spec.key_limits(meta)
         mask = reference.attention_mask(seq_len, seq_len, spec.causal, spec.sliding_window,
-                                        q.device)
+                                        q.device, None if limits is None else limits[lo:hi])
         o = reference.attend(q[lo:hi], k[lo:hi], v[lo:hi], mask, spec.scale,
                              logit_softcap=spec.logit_softcap, sinks=sinks)
         out[lo:hi] = o.to(out.dtype)
@@ -173,7 +194,8 @@ class Attention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, *,
                  backend: AttentionBackend, sliding_window: int | None = None,
                  causal: bool = True, logit_softcap: float | None = None,
-                 has_sinks: bool = False, tp: TensorParallel = NO_TP):
+                 has_sinks: bool = False, bidirectional_spans: bool = False,
+                 tp: TensorParallel = NO_TP):
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads={num_heads} is not a multiple of "
@@ -181,7 +203,7 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.spec = AttentionSpec(scale=scale, sliding_window=sliding_window,
                                   logit_softcap=logit_softcap, causal=causal,
-                                  has_sinks=has_sinks)
+                                  has_sinks=has_sinks, bidirectional_spans=bidirectional_spans)
         self.backend, self.tp = backend, tp
         self.sinks = (nn.Parameter(torch.empty(num_heads), requires_grad=False)
                       if has_sinks else None)

@@ -28,10 +28,12 @@ class TritonAttentionBackend:
         check_sinks(spec, sinks, q.shape[1])
         features = dict(sliding_window=spec.sliding_window, logit_softcap=spec.logit_softcap,
                         sinks=sinks)
+        key_limits = spec.key_limits(meta)   # Gemma 3's image spans (steps with images only)
         if k_cache is None or k_cache.numel() == 0:
-            return self._attend_without_cache(q, k, v, meta, spec, features)
+            return self._attend_without_cache(q, k, v, meta, spec,
+                                              dict(features, last_key_positions=key_limits))
         reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping)
-        if meta.is_decode and spec.causal:
+        if meta.is_decode and spec.causal and key_limits is None:
             # The grid's bound is the block table's capacity, not meta.max_seqlen_k: that
             # keeps the launch identical between steps (CUDA-graph replay).
             return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
@@ -43,14 +45,17 @@ class TritonAttentionBackend:
             paged_decode_attention(q[:k], k_cache, v_cache, split.decode_block_tables,
                                    split.decode_seq_lens, spec.scale, out=out[:k],
                                    max_seqlen_k=split.decode_max_seqlen_k, **features)
+            # The decode rows come first, one token each: the prefill rows' limits follow.
             paged_attention(q[k:], k_cache, v_cache, split.prefill_cu_seqlens_q,
                             split.prefill_seq_lens, split.prefill_block_tables, spec.scale,
                             causal=True, out=out[k:], max_seqlen_q=meta.max_seqlen_q,
+                            last_key_positions=None if key_limits is None else key_limits[k:],
                             **features)
             return out
         return paged_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.seq_lens,
                                meta.block_tables, spec.scale, causal=spec.causal,
-                               max_seqlen_q=meta.max_seqlen_q, **features)
+                               max_seqlen_q=meta.max_seqlen_q, last_key_positions=key_limits,
+                               **features)
 
     @staticmethod
     def _attend_without_cache(q, k, v, meta: AttentionMetadata, spec: AttentionSpec,
