@@ -80,6 +80,8 @@ class ModelRunner:
         self.memory_profile = None  # memory.MemoryProfile when the pool was sized on a GPU
         self.takes_images = getattr(model, "takes_images", False)  # hpcinfer/multimodal
         self.uses_mrope = getattr(model, "uses_mrope", False)      # positions [3, T]
+        # Gemma 3: image tokens see their whole span (meta.last_key_positions)
+        self.spans_see_ahead = getattr(model, "bidirectional_image_spans", False)
         self.cpu_memory = None      # memory.CpuMemory when it was sized on the CPU
 
     # --- KV cache ---
@@ -216,10 +218,12 @@ class ModelRunner:
         sample_seqs = [s for s, d in zip(seqs, done.tolist()) if d]
         patch_rows, patch_src = _placeholder_rows(seqs, cu_seqlens, pending)
         prompt_rows = plan_rows(seqs, starts, num_new_tokens, cu_seqlens, self.device)
-        image_rows = None
+        image_rows, key_limits = None, []
         if self.takes_images:
-            from hpcinfer.multimodal.step import plan_image_rows
+            from hpcinfer.multimodal.step import plan_image_rows, span_last_keys
             image_rows = plan_image_rows(seqs, starts, q_lens, cu_seqlens)
+            if image_rows is not None and self.spans_see_ahead:
+                key_limits = [span_last_keys(image_rows, positions)]
         # Mixed steps: running sequences (one token each) come first (the scheduler's order).
         num_decode_prefix = num_seqs if is_decode else int(np.argmax(q_lens != 1))
         k = num_decode_prefix
@@ -233,7 +237,8 @@ class ModelRunner:
             (cu_q, lens, tables, *parts) = self._upload(
                 [input_ids, rope_positions, slot_mapping, sample_indices, patch_rows,
                  patch_src],
-                [cu_seqlens, seq_lens, block_tables, *split_arrays])
+                [cu_seqlens, seq_lens, block_tables, *split_arrays, *key_limits])
+        last_key_positions = parts.pop() if key_limits else None
         if self.uses_mrope:
             positions = positions.view(3, -1)
         if patch_rows.numel():
@@ -252,7 +257,8 @@ class ModelRunner:
         meta = AttentionMetadata(
             slot_mapping=slot_mapping, cu_seqlens_q=cu_q, seq_lens=lens,
             block_tables=tables.view(block_tables.shape), max_seqlen_q=int(q_lens.max()),
-            max_seqlen_k=max_seqlen_k, is_decode=is_decode, decode_split=decode_split)
+            max_seqlen_k=max_seqlen_k, is_decode=is_decode, decode_split=decode_split,
+            last_key_positions=last_key_positions)
         return Batch(input_ids, positions, meta, sample_indices, sample_seqs, num_decode_prefix,
                      prompt_rows, image_rows)
 

@@ -10,7 +10,8 @@ usually come straight back).
 Images (hpcinfer/multimodal): a step also has an encoder budget, in image tokens (vLLM's
 max_num_encoder_input_tokens; here max_num_batched_tokens). A chunk that would reach an image
 the budget cannot take ends before that image; an image larger than the whole budget runs
-alone in a step, so every image is encoded eventually.
+alone in a step, so every image is encoded eventually. For models whose image tokens attend
+to their whole span (Gemma 3) a chunk never ends inside a span (``_keep_spans_whole``).
 """
 from __future__ import annotations
 
@@ -72,6 +73,7 @@ class Scheduler:
             seq = self.running[i]
             num_new = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
             if seq.mm_inputs is not None:  # (text sequences pay one attribute test)
+                num_new = self._keep_spans_whole(seq, seq.num_computed_tokens, num_new)
                 num_new, num_encoder = self._fit_encoder_budget(seq, seq.num_computed_tokens,
                                                                 num_new, out)
                 out.num_encoder_tokens += num_encoder if num_new > 0 else 0
@@ -103,6 +105,7 @@ class Scheduler:
             num_cached_tokens = len(cached) * bm.block_size
             num_new, num_encoder = min(len(seq) - num_cached_tokens, budget), 0
             if seq.mm_inputs is not None:
+                num_new = self._keep_spans_whole(seq, num_cached_tokens, num_new)
                 num_new, num_encoder = self._fit_encoder_budget(seq, num_cached_tokens,
                                                                 num_new, out)
             if num_new <= 0 or not bm.allocate(seq, num_cached_tokens + num_new, cached):
@@ -118,6 +121,24 @@ class Scheduler:
             out.num_encoder_tokens += num_encoder
             budget -= num_new
         self.waiting.extendleft(reversed(skipped))  # back in front, in their order
+
+    def _keep_spans_whole(self, seq: Sequence, start: int, num_new: int) -> int:
+        """Models whose image tokens attend to their whole span (Gemma 3; ``whole_spans``):
+        ``num_new``, or fewer so that the chunk does not end inside a span (its first tokens
+        need the keys of its last). A chunk that starts at or inside the span waits (0) for a
+        step with room for the rest of it, or, when the rest exceeds even a whole step's
+        budget, takes it anyway: that step goes over max_num_batched_tokens by less than one
+        span, and the request is never stuck."""
+        if not seq.mm_inputs.whole_spans:
+            return num_new
+        end = start + num_new
+        for item in seq.mm_inputs.items:
+            if item.offset < end < item.end:
+                if item.offset > start:
+                    return item.offset - start
+                rest = item.end - start
+                return rest if rest > self.max_num_batched_tokens else 0
+        return num_new
 
     def _fit_encoder_budget(self, seq: Sequence, start: int, num_new: int,
                             out: SchedulerOutput) -> tuple[int, int]:

@@ -1,8 +1,9 @@
-"""SigLIP's vision transformer (LLaVA towers; the base of Gemma 3's): CLIP's encoder layers
+"""SigLIP's vision transformer (LLaVA towers; Gemma 3's tower): CLIP's encoder layers
 (models/clip.py, same names) after a patch embedding with a bias and learned positions, no
 CLS token and no pre-norm. The attention-pooling ``head`` (SigLIP's image embedding for
 contrastive training) is never used by vision-language models: its checkpoint tensors are
-skipped."""
+skipped. LLaVA takes an inner hidden state; Gemma 3 the last one after ``post_layernorm``
+(``last_hidden_state``)."""
 from __future__ import annotations
 
 from typing import Any
@@ -46,3 +47,8 @@ class SiglipVisionModel(CLIPVisionModel):
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.embeddings(pixel_values)
+
+    def last_hidden_state(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [N, C, H, W] -> transformers' ``last_hidden_state`` [N, num_patches,
+        dim]: every layer, then post_layernorm."""
+        return self.post_layernorm(self.hidden_states(pixel_values, [-1])[0])

@@ -33,6 +33,8 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
                                         "Qwen2VLForConditionalGeneration"),
     "Qwen2_5_VLForConditionalGeneration": ("hpcinfer.models.qwen2_5_vl",
                                            "Qwen2_5_VLForConditionalGeneration"),
+    "Gemma3ForConditionalGeneration": ("hpcinfer.models.gemma3_vision",
+                                       "Gemma3ForConditionalGeneration"),
 }
 
 # Pooling models (embed / classify / score / reward), run by hpcinfer.engine.pooling.

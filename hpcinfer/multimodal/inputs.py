@@ -33,6 +33,9 @@ class MultiModalInputs:
     # shift of every later token's position (rope_delta <= 0).
     rope_positions: Any = None
     rope_delta: int = 0
+    # Image tokens that attend to their whole span (Gemma 3): the scheduler never ends a
+    # chunk inside a span, since its first tokens need the keys of its last.
+    whole_spans: bool = False
 
     def items_to_encode(self, start: int, end: int) -> list[ImageItem]:
         """The images whose placeholders tokens [start, end) reach and whose encoder output is

@@ -131,7 +131,8 @@ class MultiModalProcessor:
             digest = image_hash(image) if salt is None else hash((image_hash(image), salt))
             items.append(ImageItem(span[0], count, digest, inputs))
             k += count
-        mm = MultiModalInputs(items)
+        mm = MultiModalInputs(items, whole_spans=getattr(self.model,
+                                                         "bidirectional_image_spans", False))
         if getattr(self.model, "uses_mrope", False):
             mm.rope_positions, mm.rope_delta = self.model.rope_positions(len(token_ids), items)
         return ProcessedPrompt(text, token_ids, mm)

@@ -10,6 +10,10 @@ dropped after the step that computes the image's last placeholder token. Placeho
 that came from the prefix cache are never scheduled, so their images are not encoded at all.
 A preempted sequence (recompute) or a second sample of an n > 1 request whose prefix missed
 the cache encodes again.
+
+Models whose image tokens attend to their whole span (``bidirectional_image_spans``, Gemma 3)
+also get each query row's last visible key position (``span_last_keys``) into the step's
+attention metadata; their chunks never end inside a span (engine/scheduler.py).
 """
 from __future__ import annotations
 
@@ -45,6 +49,16 @@ def plan_image_rows(seqs, starts: np.ndarray, q_lens: np.ndarray,
     if not pieces:
         return None
     return ImageRows(np.concatenate(rows), pieces)
+
+
+def span_last_keys(plan: ImageRows, positions: np.ndarray) -> np.ndarray:
+    """[num_tokens] int32: the last key position each row's query may see; its own position,
+    or for an image placeholder row its span's last position (positions are 1-D: token index
+    = position). The scheduler keeps each span within one step, so those keys are there."""
+    last = positions.astype(np.int32)
+    ends = [mm.items[k].end - 1 for mm, k, _, _ in plan.pieces]
+    last[plan.rows] = np.repeat(ends, [hi - lo for _, _, lo, hi in plan.pieces])
+    return last
 
 
 def image_embeds(plan: ImageRows, model, device: torch.device

@@ -1,7 +1,7 @@
 """Tiny random vision-language checkpoints for tests (issue 24): a LLaVA built with
 transformers from a tiny CLIP vision config and the tiny Llama text config, saved with a
 processor (the tiny tokenizer plus a CLIPImageProcessor and a chat template that takes image
-parts), so tests never touch the hub.
+parts), so tests never touch the hub; likewise Qwen2-VL / Qwen2.5-VL and Gemma 3.
 
 ``tiny_llava()`` builds one per process in a temporary directory removed at exit; tests
 that edit a checkpoint build their own with ``build_tiny_llava``. ``test_images()`` gives
@@ -202,6 +202,78 @@ def tiny_qwen2_vl(version: str = "2") -> Path:
     root = Path(tempfile.mkdtemp(prefix="hpcinfer-tiny-qwen2vl-"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     return build_tiny_qwen2_vl(root / "qwen2_vl", version=version)
+
+
+# Gemma 3: 32x32 pixels in 4x4 patches = an 8x8 grid, average-pooled 2x2 to 16 tokens.
+GEMMA3_IMAGE_SIZE, GEMMA3_PATCH_SIZE, GEMMA3_IMAGE_TOKENS = 32, 4, 16
+GEMMA3_SPECIAL = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                  "image_token": "<image_soft_token>"}
+# As Google's template: turns, "model" for the assistant, <start_of_image> per image part.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<start_of_turn>"
+    "{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<start_of_image>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+def build_tiny_gemma3(out_dir: str | Path, *, seed: int = 0, **text_overrides: Any) -> Path:
+    """Write a random fp32 Gemma3ForConditionalGeneration (2-layer SigLIP tower, the
+    projector, the tiny 2-layer Gemma 3 text model: a sliding layer of window 8 and a full
+    one, tied embeddings) and its Gemma3Processor (16 image tokens per image) to ``out_dir``.
+    transformers' AutoProcessor loads it without torchvision (its PIL image processor)."""
+    import torch
+    from transformers import (AutoTokenizer, Gemma3Config, Gemma3ForConditionalGeneration,
+                              Gemma3Processor)
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    from hpcinfer.testing.tiny import tiny_config
+
+    out_dir = Path(out_dir)
+    tokenizer = _tiny_tokenizer()
+    tokenizer.add_tokens(list(GEMMA3_SPECIAL.values()), special_tokens=True)
+    tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
+    tokenizer.save_pretrained(out_dir)
+    # Gemma3Processor reads tokenizer.boi_token / eoi_token / image_token: named extra tokens.
+    tokenizer = AutoTokenizer.from_pretrained(out_dir, extra_special_tokens=GEMMA3_SPECIAL)
+    text_config = tiny_config("gemma3", len(tokenizer), **text_overrides).to_dict()
+    vision_config = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, image_size=GEMMA3_IMAGE_SIZE,
+                         patch_size=GEMMA3_PATCH_SIZE, hidden_act="gelu_pytorch_tanh",
+                         layer_norm_eps=1e-6, vision_use_head=False)
+    config = Gemma3Config(text_config=text_config, vision_config=vision_config,
+                          mm_tokens_per_image=GEMMA3_IMAGE_TOKENS,
+                          image_token_index=tokenizer.image_token_id,
+                          boi_token_index=tokenizer.boi_token_id,
+                          eoi_token_index=tokenizer.eoi_token_id)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Gemma3ForConditionalGeneration(config).to(torch.float32)
+    redraw_weights(model, seed, norm_offset=1.0)   # Gemma's norms (and mm_soft_emb_norm)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "vision_tower" in name and "norm" in name and name.endswith("weight"):
+                param.add_(1.0)   # SigLIP's LayerNorms scale by w, not 1 + w
+            elif "embed_tokens" in name:
+                # Tied to the LM head: N(0, 1) rows scaled by sqrt(64) would make each
+                # position's logits echo its own token; small rows let attention decide.
+                param.mul_(0.03)
+    model.eval().save_pretrained(out_dir)
+    image_processor = Gemma3ImageProcessorPil(
+        size={"height": GEMMA3_IMAGE_SIZE, "width": GEMMA3_IMAGE_SIZE})
+    Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer,
+                    image_seq_length=GEMMA3_IMAGE_TOKENS,
+                    chat_template=GEMMA3_CHAT_TEMPLATE).save_pretrained(out_dir)
+    return out_dir
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_gemma3() -> Path:
+    """``build_tiny_gemma3`` once per process; treat it as read-only."""
+    root = Path(tempfile.mkdtemp(prefix="hpcinfer-tiny-gemma3-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return build_tiny_gemma3(root / "gemma3")
 
 
 def hf_generate(model, processor, text=None, images=None, messages=None, max_new: int = 12

@@ -132,9 +132,10 @@ LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
          "num_attention_heads": 8, "num_key_value_heads": 2, "num_hidden_layers": 4}
 
 
-def test_gemma3_multimodal_fails_at_validate_with_the_engines_message(tmp_path, capsys):
-    assert "Gemma3ForConditionalGeneration" not in support.supported_architectures()
-    hf = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+def test_unsupported_multimodal_fails_at_validate_with_the_engines_message(tmp_path, capsys):
+    # LLaVA-NeXT (image tiling) is a vision-language family the engine does not run yet.
+    assert "LlavaNextForConditionalGeneration" not in support.supported_architectures()
+    hf = {"architectures": ["LlavaNextForConditionalGeneration"], "model_type": "llava_next",
           "text_config": {"num_attention_heads": 8, "num_hidden_layers": 4},
           "vision_config": {"hidden_size": 16}}
     rc, _, err = _validate(_model_job(tmp_path, hf), capsys)
