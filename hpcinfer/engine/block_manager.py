@@ -11,6 +11,12 @@ block's hash is registered; when its ref count drops to 0 it goes to the free qu
 *keeping* its hash, and a later request with the same prefix takes it back. Allocating a new
 block evicts the least recently freed one (the front of the queue) and forgets its hash. A
 sequence's blocks are freed tail first, so shared heads outlive the tails.
+
+Blocks in flight: a sequence admitted without a full prefix hit computes the rest of its
+prompt's full blocks over the next step(s). Their hashes are counted in ``in_flight`` from
+admission until they are registered (or the sequence is freed), so the scheduler can see that
+a waiting request's prefix is being computed right now and let it wait for the hit instead of
+computing the same blocks again (issue 22: thousands of rows sharing one system prompt).
 """
 from __future__ import annotations
 
@@ -45,6 +51,8 @@ class BlockManager:
         # kv_row is r; entries past its num_blocks are 0 (the kernels' padding).
         self.block_tables = np.zeros((max_num_seqs, max_blocks_per_seq), dtype=np.int32)
         self.free_rows = list(range(max_num_seqs - 1, -1, -1))
+        # hash -> how many running sequences are computing a block with it (not registered yet)
+        self.in_flight: dict[int, int] = {}
         self.prefix_cache_queries = 0  # prompt tokens looked up at admission
         self.prefix_cache_hits = 0     # of those, tokens found in the cache
 
@@ -73,6 +81,18 @@ class BlockManager:
             blocks.append(block)
         return blocks
 
+    def pending_prefix_blocks(self, seq: Sequence, num_cached_blocks: int) -> int:
+        """How many blocks right after ``seq``'s cached prefix (``num_cached_blocks``, from
+        find_cached_prefix, which hashed them) other running sequences are computing now."""
+        if not self.in_flight:
+            return 0
+        hashes, in_flight = seq.block_hashes, self.in_flight
+        end = min(len(hashes), seq.max_prefix_hit_tokens // self.block_size)
+        num = 0
+        while num_cached_blocks + num < end and hashes[num_cached_blocks + num] in in_flight:
+            num += 1
+        return num
+
     # --- writes ---
     def allocate(self, seq: Sequence, num_tokens: int, cached_blocks: list[int] = ()) -> bool:
         """Make ``seq``'s blocks cover ``num_tokens`` tokens; False (changing nothing) if the
@@ -86,10 +106,11 @@ class BlockManager:
             return False
         if seq.kv_row < 0:
             seq.kv_row = self.free_rows.pop()
+            seq.num_registered_blocks = len(cached_blocks)
             if self.enable_prefix_caching:
                 self.prefix_cache_queries += len(seq)
                 self.prefix_cache_hits += len(cached_blocks) * self.block_size
-            seq.num_registered_blocks = len(cached_blocks)
+                self._mark_in_flight(seq)
         row = self.block_tables[seq.kv_row]
         for block in cached_blocks:
             if self.ref_counts[block] == 0:
@@ -113,6 +134,7 @@ class BlockManager:
             self.ref_counts[block] -= 1
             if self.ref_counts[block] == 0:
                 self.free_queue[block] = None  # most recently freed: evicted last
+        self._unmark_in_flight(seq, seq.in_flight_end)
         row[:seq.num_blocks] = 0
         self.free_rows.append(seq.kv_row)
         seq.kv_row, seq.num_blocks, seq.num_registered_blocks = -1, 0, 0
@@ -123,6 +145,7 @@ class BlockManager:
         if not self.enable_prefix_caching or num_full <= seq.num_registered_blocks:
             return
         self._extend_hashes(seq, num_full)
+        self._unmark_in_flight(seq, num_full)
         row = self.block_tables[seq.kv_row]
         for i in range(seq.num_registered_blocks, num_full):
             block, block_hash = int(row[i]), seq.block_hashes[i]
@@ -143,6 +166,29 @@ class BlockManager:
         return num_dropped
 
     # --- internals ---
+    def _mark_in_flight(self, seq: Sequence) -> None:
+        """At admission: the prompt's full blocks past the cached ones are now in flight."""
+        end = seq.max_prefix_hit_tokens // self.block_size
+        self._extend_hashes(seq, end)
+        for i in range(seq.num_registered_blocks, end):
+            self.in_flight[seq.block_hashes[i]] = self.in_flight.get(seq.block_hashes[i], 0) + 1
+        seq.in_flight_end = end
+
+    def _unmark_in_flight(self, seq: Sequence, upto: int) -> None:
+        """Blocks [num_registered_blocks, upto) of ``seq`` are no longer in flight (registered,
+        or freed)."""
+        upto = min(upto, seq.in_flight_end)
+        for i in range(seq.num_registered_blocks, upto):
+            block_hash = seq.block_hashes[i]
+            left = self.in_flight[block_hash] - 1
+            if left:
+                self.in_flight[block_hash] = left
+            else:
+                del self.in_flight[block_hash]
+        if upto >= seq.in_flight_end:
+            seq.in_flight_end = 0
+
+
     def _evict_free_block(self) -> int:
         block, _ = self.free_queue.popitem(last=False)
         old_hash = self.block_hash[block]
@@ -188,5 +234,10 @@ class BlockManager:
         assert free == set(self.free_queue), "free queue differs from unreferenced blocks"
         for block_hash, block in self.hash_to_block.items():
             assert self.block_hash[block] == block_hash, f"hash table entry of block {block} stale"
+        in_flight: dict[int, int] = {}
+        for seq in live_seqs:
+            for i in range(seq.num_registered_blocks, seq.in_flight_end):
+                in_flight[seq.block_hashes[i]] = in_flight.get(seq.block_hashes[i], 0) + 1
+        assert in_flight == self.in_flight, "in-flight block counts differ from live sequences"
         num_rows_used = sum(1 for s in live_seqs if s.kv_row >= 0)
         assert len(self.free_rows) + num_rows_used == self.block_tables.shape[0], "row leaked"

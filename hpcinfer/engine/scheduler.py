@@ -12,6 +12,11 @@ max_num_encoder_input_tokens; here max_num_batched_tokens). A chunk that would r
 the budget cannot take ends before that image; an image larger than the whole budget runs
 alone in a step, so every image is encoded eventually. For models whose image tokens attend
 to their whole span (Gemma 3) a chunk never ends inside a span (``_keep_spans_whole``).
+
+Shared prompts: a waiting request whose prompt continues with blocks that a running sequence
+is computing right now (admitted in this step or prefilling in chunks) waits until they are
+cached, so rows sharing one long system prompt compute it once, not once per request admitted
+in the same step (BlockManager.in_flight).
 """
 from __future__ import annotations
 
@@ -24,6 +29,11 @@ from hpcinfer.engine.sequence import Sequence, SequenceStatus
 from hpcinfer.lora.scheduling import RunningAdapters
 
 log = logging.getLogger(__name__)
+
+# A waiting request whose next prompt blocks another running sequence is computing waits for
+# them when there are at least this many (64 tokens at block size 16): a shorter shared piece
+# costs less to recompute than the step(s) of delay.
+MIN_PENDING_BLOCKS = 4
 
 
 @dataclass
@@ -102,6 +112,12 @@ class Scheduler:
                 skipped.append(self.waiting.popleft())  # its adapter waits for a free slot
                 continue
             cached = bm.find_cached_prefix(seq)
+            if bm.pending_prefix_blocks(seq, len(cached)) >= MIN_PENDING_BLOCKS:
+                # Another running sequence is computing the next blocks of this prompt right
+                # now: wait for them to be cached (a step or a few) instead of computing the
+                # same prefix again; requests behind it may still be admitted.
+                skipped.append(self.waiting.popleft())
+                continue
             num_cached_tokens = len(cached) * bm.block_size
             num_new, num_encoder = min(len(seq) - num_cached_tokens, budget), 0
             if seq.mm_inputs is not None:

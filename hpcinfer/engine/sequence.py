@@ -39,6 +39,7 @@ class Sequence:
         self.num_blocks = 0
         self.num_registered_blocks = 0           # leading blocks whose hash is registered
         self.block_hashes: list[int] = []        # chained hashes of this sequence's full blocks
+        self.in_flight_end = 0                   # its blocks below this are counted in flight
         # Output state (written by the engine).
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None

@@ -134,3 +134,50 @@ def test_random_workload_invariants():
         sched.add(seqs[-1])
     drain(sched, bm, seqs, 12)
     assert sched.num_preemptions > 0 and bm.prefix_cache_hits > 0
+
+
+def test_shared_prefix_is_computed_once_when_requests_arrive_together():
+    """Rows sharing a long system prompt, all waiting at once: the first computes the prefix,
+    the others wait a step for its blocks instead of each computing them (issue 22)."""
+    bm, sched = make(num_blocks=256, max_num_seqs=8, budget=512, max_blocks_per_seq=32)
+    shared = list(range(100, 132))                      # 8 blocks of 4
+    seqs = [Sequence(str(i), 0, shared + [i, i + 1, i + 2], SamplingParams()) for i in range(6)]
+    for seq in seqs:
+        sched.add(seq)
+    first = run_step(sched, 2)
+    assert [(s.request_id, n) for s, n in first] == [("0", 35)]   # the others wait for it
+    bm.check_invariants(list(sched.running) + list(sched.waiting))
+    second = run_step(sched, 2)
+    admitted = [(s.request_id, n) for s, n in second if s.request_id != "0"]
+    assert admitted == [(str(i), 3) for i in range(1, 6)]         # the prefix came from cache
+    assert bm.prefix_cache_hits == 5 * 32
+    drain(sched, bm, seqs, 2)
+
+
+def test_short_shared_prefix_does_not_hold_requests_back():
+    from hpcinfer.engine.scheduler import MIN_PENDING_BLOCKS
+    bm, sched = make(num_blocks=256, max_num_seqs=8, budget=512, max_blocks_per_seq=32)
+    shared = list(range(100, 100 + BS * (MIN_PENDING_BLOCKS - 1)))
+    seqs = [Sequence(str(i), 0, shared + [i, i + 1], SamplingParams()) for i in range(4)]
+    for seq in seqs:
+        sched.add(seq)
+    assert [s.request_id for s, _ in run_step(sched, 2)] == ["0", "1", "2", "3"]
+    drain(sched, bm, seqs, 2)
+
+
+def test_waiting_for_a_prefix_ends_when_its_writer_is_preempted_or_finished():
+    """The in-flight count of a sequence's blocks goes when it is freed, so a request never
+    waits for blocks nobody computes any more."""
+    bm, sched = make(num_blocks=256, max_num_seqs=8, budget=16, max_blocks_per_seq=32)
+    shared = list(range(100, 132))
+    writer = Sequence("w", 0, shared + [1], SamplingParams())
+    reader = Sequence("r", 0, shared + [2], SamplingParams())
+    sched.add(writer)
+    sched.add(reader)
+    assert [s.request_id for s, _ in run_step(sched, 2)] == ["w"]   # 16 of its 33 tokens
+    assert bm.pending_prefix_blocks(reader, len(bm.find_cached_prefix(reader))) == 4
+    sched.finish([writer])                                          # e.g. aborted
+    assert bm.in_flight == {}
+    bm.check_invariants(list(sched.running) + list(sched.waiting))
+    step = run_step(sched, 2)
+    assert [s.request_id for s, _ in step] == ["r"]
