@@ -322,7 +322,11 @@ def _check_model_dir(cfg: JobConfig) -> None:
 
 def _check_image_keys(cfg: JobConfig) -> None:
     """input.image_field: a column of task generate or chat (OpenAI batch rows carry
-    image_url parts instead)."""
+    image_url parts instead); input.mm_processor_kwargs: tasks generate and chat."""
+    if cfg.input.mm_processor_kwargs and cfg.task not in ("generate", "chat"):
+        raise cfg.error_at("input.mm_processor_kwargs", f"task {cfg.task} runs no image "
+                           "processor (tasks generate and chat do)",
+                           "remove input.mm_processor_kwargs")
     if cfg.input.image_field is None:
         return
     if cfg.input.format == "openai-batch":
@@ -342,7 +346,11 @@ def _check_media(cfg: JobConfig) -> None:
         if not Path(directory).is_dir():
             raise cfg.error_at(f"input.media_dirs.{i}", f"media dir {directory} is not a "
                                "directory", "fix the path (relative to the job file)")
-    uses_images = cfg.input.image_field is not None or bool(cfg.input.media_dirs)
+    image_keys = [key for key, used in (
+        ("input.image_field", cfg.input.image_field is not None),
+        ("input.media_dirs", bool(cfg.input.media_dirs)),
+        ("input.mm_processor_kwargs", bool(cfg.input.mm_processor_kwargs))) if used]
+    uses_images = bool(image_keys)
     config = Path(cfg.model.id) / "config.json" if os.path.isabs(cfg.model.id) else None
     if not uses_images or config is None or not config.is_file():
         return
@@ -351,7 +359,7 @@ def _check_media(cfg: JobConfig) -> None:
     except (OSError, ValueError):
         return                           # the worker reports an unreadable config
     if "vision_config" not in hf:
-        key = "input.image_field" if cfg.input.image_field is not None else "input.media_dirs"
+        key = image_keys[0]
         arch = ", ".join(hf.get("architectures") or ["?"])
         raise cfg.error_at(key, f"model {cfg.model.id} ({arch}) takes no images",
                            "use a vision-language model (docs/vision.md) or remove the "

@@ -122,6 +122,20 @@ BadRowBudget = Annotated[Union[int, float], BeforeValidator(_bad_row_budget), Wi
     "description": "a count of rows, or a fraction of the task's rows"})]
 
 
+def _mm_processor_kwargs(value: Any) -> Any:
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise user_error("mm_processor_kwargs must be a mapping of the processor's argument "
+                         "names to values",
+                         "write e.g. `mm_processor_kwargs: {min_pixels: 200704, max_pixels: "
+                         "1003520}` (Qwen2-VL's image size bounds), or remove it")
+    return value
+
+
+MmProcessorKwargs = Annotated[dict, BeforeValidator(_mm_processor_kwargs), WithJsonSchema({
+    "type": "object", "description": "keyword arguments of the model's transformers processor "
+    "call, e.g. min_pixels / max_pixels for Qwen2-VL"})]
+
+
 class InputSection(Section):
     path: InputGlobs = Field(
         description="Input file glob, or a list of globs (relative to the job file's directory)")
@@ -168,6 +182,11 @@ class InputSection(Section):
     limit_mm_per_prompt: dict[Literal["image"], Annotated[int, Field(ge=0)]] = Field(
         {}, description="Most images per row, as vLLM's limit_mm_per_prompt, e.g. "
                         "{image: 1}; more is a bad row (too_many_images); default 999")
+    mm_processor_kwargs: MmProcessorKwargs = Field(
+        {}, description="Arguments for the model's processor on every row with images, as "
+                        "vLLM's mm_processor_kwargs, e.g. {min_pixels: 200704, max_pixels: "
+                        "1003520} for Qwen2-VL (fewer or more tokens per image); "
+                        "docs/vision.md")
     passthrough: StrTuple = Field(
         (), description="Input columns copied unchanged to the output")
     shard_rows: int = Field(

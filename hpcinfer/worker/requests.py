@@ -42,9 +42,12 @@ class RequestBuilder:
 
     def __init__(self, tokenizer, base: dict, max_model_len: int, *,
                  on_long_prompt: str = "error", want_logprobs: bool = False,
-                 adapters: dict | None = None, multimodal: Any = None):
+                 adapters: dict | None = None, multimodal: Any = None,
+                 mm_processor_kwargs: dict | None = None):
         self.tokenizer = tokenizer
         self.multimodal = multimodal     # the engine's MultiModalProcessor (None: text only)
+        # input.mm_processor_kwargs: the processor call's arguments for every row with images
+        self.mm_processor_kwargs = mm_processor_kwargs
         self.adapters = adapters or {}   # lora.adapters name -> LoRARequest
         self.base = base
         self.max_model_len = max_model_len
@@ -96,6 +99,7 @@ class RequestBuilder:
                                 f"{mm.placeholder!r} {num_written} time(s): image_url parts "
                                 "place the images; remove the placeholder from the text")
                 processed = mm.render_chat(row.messages, "the row's messages",
+                                           processor_kwargs=self.mm_processor_kwargs,
                                            chat_template=None, add_generation_prompt=True,
                                            continue_final_message=False, tools=None)
             else:
@@ -106,7 +110,8 @@ class RequestBuilder:
                                 f"{mm.placeholder!r} but the row has {len(row.images)} "
                                 "image(s): write the placeholder once per image")
                 processed = mm.process({"prompt": row.prompt,
-                                        "multi_modal_data": {"image": list(row.images)}},
+                                        "multi_modal_data": {"image": list(row.images)},
+                                        "mm_processor_kwargs": self.mm_processor_kwargs},
                                        "the row")
         except ValueError as exc:  # the processor's checks (placeholder counts, sizes)
             return _bad(row, "image_count_mismatch" if "placeholder" in str(exc)

@@ -206,7 +206,9 @@ def request_builder(cfg, engine):
                           on_long_prompt=str(cfg.resilience.on_long_prompt),
                           want_logprobs=bool(cfg.output.logprobs),
                           adapters=lora_requests(cfg),
-                          multimodal=getattr(engine, "multimodal", None))
+                          multimodal=getattr(engine, "multimodal", None),
+                          mm_processor_kwargs=dict(
+                              getattr(cfg.input, "mm_processor_kwargs", None) or {}) or None)
 
 
 def loop_options(cfg, engine):
