@@ -110,8 +110,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     block_tables: torch.Tensor, scale: float, *, causal: bool = True,
                     sliding_window: int | None = None, logit_softcap: float | None = None,
                     sinks: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                    max_seqlen_q: int | None = None,
-                    last_key_positions: torch.Tensor | None = None) -> torch.Tensor:
+                    last_key_positions: torch.Tensor | None = None,
+                    max_seqlen_q: int | None = None) -> torch.Tensor:
     """Varlen attention over paged KV: q [num_tokens, num_heads, head_dim].
 
     Same arguments as the reference (``logit_softcap``, ``sinks`` [num_heads],
