@@ -97,7 +97,9 @@ def run_hpcinfer(ckpt: Path, spec: dict, device: str) -> dict:
     original = transformers.AutoProcessor.from_pretrained
 
     def from_pretrained(where, *args, **kwargs):   # this bench's processor for its checkpoint
-        return processor if str(where) == str(ckpt) else original(where, *args, **kwargs)
+        if os.path.realpath(str(where)) == os.path.realpath(str(ckpt)):
+            return processor
+        return original(where, *args, **kwargs)
     transformers.AutoProcessor.from_pretrained = from_pretrained
 
     per_image = image_tokens_per_image(spec, processor)
@@ -284,7 +286,7 @@ def main() -> None:
         else:
             print(f"{e}: not importable here; skipped", flush=True)
     t0 = time.perf_counter()
-    ckpt = write_qwen2_5_vl(Path(args.ckpt_root) / spec["shape"], spec["shape"],
+    ckpt = write_qwen2_5_vl(Path(args.ckpt_root).resolve() / spec["shape"], spec["shape"],
                             dtype=spec["dtype"])
     if args.device == "cuda":
         torch.cuda.empty_cache()   # the weights were drawn on the GPU: free them for the engines

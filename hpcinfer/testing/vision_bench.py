@@ -24,7 +24,7 @@ QWEN2_5_VL_7B = {
     "vision": dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
                    out_hidden_size=3584, patch_size=14, spatial_merge_size=2,
                    temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
-                   hidden_act="silu", in_chans=3),
+                   hidden_act="silu"),
 }
 # A CPU-sized shape with the same structure (window attention over several windows, full
 # attention in two blocks, M-RoPE): bench/vision.py's workload VT and its test.
@@ -38,7 +38,7 @@ QWEN2_5_VL_TINY = {
     "vision": dict(depth=4, hidden_size=32, intermediate_size=48, num_heads=4,
                    out_hidden_size=64, patch_size=14, spatial_merge_size=2,
                    temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1, 3],
-                   hidden_act="silu", in_chans=3),
+                   hidden_act="silu"),
 }
 SHAPES = {"qwen2.5-vl-7b": QWEN2_5_VL_7B, "qwen2.5-vl-tiny": QWEN2_5_VL_TINY}
 

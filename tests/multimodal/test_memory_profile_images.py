@@ -1,8 +1,9 @@
 """The KV pool sizing of a vision-language model (hpcinfer/engine/memory.py): the profiled
 step starts with the vision encoder over dummy images filling the encoder budget. Here, on
-CPU: the dummy images are inputs the real tiny models encode, to as many image tokens as the
-budget allows, and the budget arithmetic takes the step's whole peak. The measurement itself
-(CUDA memory statistics) runs in tests/gpu/test_vision_gpu.py."""
+CPU: the dummy images are inputs the real tiny models (LLaVA, Qwen2-VL, Qwen2.5-VL, Gemma 3)
+encode, to as many image tokens as the budget allows, and the budget arithmetic takes the
+step's whole peak. The measurement itself (CUDA memory statistics) runs in
+tests/gpu/test_vision_gpu.py."""
 from __future__ import annotations
 
 import logging
@@ -19,12 +20,14 @@ GiB = 2 ** 30
 def _model(family: str):
     from hpcinfer.models.registry import load_model
     from hpcinfer.testing import tiny_vision
-    path = (tiny_vision.tiny_llava() if family == "llava"
-            else tiny_vision.tiny_qwen2_vl("2.5" if family == "qwen2_5_vl" else "2"))
+    if family in ("llava", "gemma3"):
+        path = getattr(tiny_vision, f"tiny_{family}")()
+    else:
+        path = tiny_vision.tiny_qwen2_vl("2.5" if family == "qwen2_5_vl" else "2")
     return load_model(path, dtype=torch.float32, device="cpu")
 
 
-@pytest.fixture(scope="module", params=["llava", "qwen2_vl", "qwen2_5_vl"])
+@pytest.fixture(scope="module", params=["llava", "qwen2_vl", "qwen2_5_vl", "gemma3"])
 def model(request):
     return _model(request.param)
 
