@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # GPU checks for the Triton kernels: the GPU-only tests at real sizes (every dtype and head
 # dim, against kernels/reference.py on the GPU) and the engine tests (test_engine_gpu.py:
-# greedy equality with CUDA graphs, bf16 agreement with torch_ref, memory profiling), then
+# greedy equality with CUDA graphs, bf16 agreement with torch_ref, memory profiling; and
+# every other tests/gpu file, e.g. test_vision_gpu.py: the tiny vision-language models vs
+# transformers, fp32; tests/gpu/vision_checks.sh runs it with the workload V bench), then
 # the microbenchmarks (bench/kernels.py), which print a timing table and write
 # bench/results/kernels-<device>-<date>.json. With THROUGHPUT=1 it then runs
 # bench/throughput.py (issue 8's workloads; THROUGHPUT_ARGS, e.g. "--workloads A").
