@@ -357,6 +357,9 @@ class LLMEngine:
                 if not seq.is_finished and not self.appender.ends_by_length_next(seq):
                     seq.add_placeholder()
         self._inflight = launched
+        if launched is not None and self.structured is not None:
+            # accept these tokens and fill the next masks on a thread meanwhile
+            self.structured.prefetch(launched)
         t5 = time.perf_counter()
         self._record(len(scheduled.seqs), batch.meta.is_decode, (t0, t1, t2, t3, t4, t5))
         return outputs
@@ -384,6 +387,8 @@ class LLMEngine:
     def _postprocess(self, seqs: list[Sequence], sampled: SamplerOutput,
                      final_only: bool) -> list[RequestOutput]:
         finished, touched = [], {}
+        if self.structured is not None:   # every matcher in one call, not one per row
+            self.structured.accept_tokens(seqs, sampled.token_ids)
         for i, seq in enumerate(seqs):
             self.appender.append(seq, sampled.token_ids[i], sampled.sampled_logprobs[i],
                                  sampled.top_logprobs[i], self.structured)

@@ -34,8 +34,10 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +55,9 @@ MAX_CACHED_GRAMMAR_BYTES = 1 << 30
 # Below this many constrained rows a step fills their masks on one thread: xgrammar's thread
 # pool costs ~0.1 ms a call, a row ~20 us with a 128k vocabulary (measured on 2 cores).
 MIN_ROWS_FOR_THREADS = 64
+# Accepting a token costs ~5 us a row (JSON, measured on 2 cores): shards of fewer rows than
+# this are not worth a thread's wake-up.
+ROWS_PER_ACCEPT_SHARD = 32
 # At most this many fill threads (the default is every core this process may use: the step
 # loop waits for the fill, so its own core is free meanwhile).
 MAX_FILL_THREADS = 32
@@ -139,6 +144,18 @@ class StructuredOutputs:
         self.fill_s = 0.0
         self.accept_s = 0.0
         self.apply_s = 0.0
+        self.wait_s = 0.0       # the step loop waiting for the background job (prefetch)
+        self.num_prefilled_rows = 0   # mask rows that fill took from prefetch
+        # The background job (prefetch) and what it leaves for the step loop: accept results,
+        # id(seq) -> (seq, token, accepted, len(seq.token_ids) once the token is appended);
+        # prefilled masks, id(seq) -> (seq, row of self._host, len(seq.token_ids)).
+        self._worker: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
+        self._accepts_ready = threading.Event()   # the job's accepts are done
+        self._pool: ThreadPoolExecutor | None = None   # accepts, a shard of rows each
+        self._stop_ids = frozenset(info.stop_token_ids)
+        self._accepted: dict[int, tuple] = {}
+        self._staged: dict[int, tuple] = {}
 
     # --- compiling ---
     def compile(self, so: StructuredOutputsParams):
@@ -193,31 +210,114 @@ class StructuredOutputs:
         return self._xgr.GrammarMatcher(compiled)
 
     # --- the step ---
+    def prefetch(self, flight) -> None:
+        """Start the next step's structured-outputs work as soon as ``flight``'s tokens exist
+        (async scheduling: ``flight`` is the step just launched, engine/inflight.py), on a
+        background thread, while the step loop schedules, prepares and launches the next
+        forward: wait for the tokens, advance the constrained rows' matchers with them
+        (``accept`` then only reads the results), then fill the bitmask of the rows that go on
+        (those with a placeholder) into the host buffer while the step loop appends the
+        tokens (detokenize, stop checks). ``fill`` takes those rows as they are and fills only
+        the others.
+
+        Why a thread helps: xgrammar's C++ releases the GIL (tvm-ffi calls do), so it runs
+        beside the step loop's Python on another core. The job owns the matchers it works on
+        and the host buffer until ``fill`` joins it; ``accept`` and ``accept_tokens`` wait
+        only for its accepts."""
+        self._join()
+        rows = [s for s in flight.seqs if s.grammar is not None and not s.is_finished]
+        if not rows:
+            return
+        # Read here, not on the thread: the step loop owns the placeholders. The lengths
+        # count the placeholder, which the token replaces.
+        goes_on = [s.has_placeholder for s in rows]
+        lengths = [len(s.token_ids) for s in rows]
+        can_fill = (self.fills_masks and self._host is not None
+                    and self._host.shape[0] >= sum(goes_on))
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="hpcinfer-grammar")
+        self._accepts_ready.clear()
+        self._pending = self._worker.submit(self._prefetch, flight, rows, goes_on, lengths,
+                                            can_fill)
+
+    def _prefetch(self, flight, rows, goes_on, lengths, can_fill) -> None:
+        try:
+            tokens = flight.token_list()   # waits for the device copy (without the GIL)
+            tokens = [tokens[flight.index[id(s)]] for s in rows]
+            results = self._accept_batch(rows, tokens, lengths)
+        finally:
+            self._accepts_ready.set()
+        if not can_fill:
+            return
+        fill = [(s, length) for s, (ok, ended), more, length
+                in zip(rows, results, goes_on, lengths) if ok and more and not ended]
+        if not fill:
+            return
+        t0 = time.perf_counter()
+        if self._copied is not None:
+            self._copied.synchronize()   # the last mask's copy (done: its tokens are read)
+        self._fill_rows(self._host, [s.grammar for s, _ in fill], list(range(len(fill))))
+        self._staged = {id(s): (s, j, length) for j, (s, length) in enumerate(fill)}
+        self.fill_s += time.perf_counter() - t0
+
+    def _join(self) -> None:
+        """Wait for the background job (prefetch), if any; its errors are raised here."""
+        if self._pending is None:
+            return
+        t0 = time.perf_counter()
+        pending, self._pending = self._pending, None
+        try:
+            pending.result()
+        finally:
+            self.wait_s += time.perf_counter() - t0
+
+    def _join_accepts(self) -> None:
+        """Wait until the background job has accepted its tokens (it may still be filling)."""
+        if self._pending is None:
+            return
+        t0 = time.perf_counter()
+        self._accepts_ready.wait()
+        self.wait_s += time.perf_counter() - t0
+        if self._pending.done():
+            self._join()   # raises what went wrong in it, if anything
+
     def fill(self, seqs: list[Sequence]) -> GrammarMask | None:
         """The bitmask of this step's constrained rows (None if there are none here). Rows
         already finished (async scheduling: stopped by the token read just before) are left
-        unconstrained: their token is dropped."""
+        unconstrained: their token is dropped. Rows that ``prefetch`` filled are taken as they
+        are, if their matcher has not moved since (the same length)."""
         if not self.fills_masks:
             return None
-        rows = [i for i, s in enumerate(seqs) if s.grammar is not None and not s.is_finished
-                and not s.grammar.is_terminated()]
+        self._join()
+        staged, self._staged = self._staged, {}
+        t0 = time.perf_counter()
+        rows, sources = [], []   # batch rows constrained; where each one's mask is (-1: none)
+        for i, seq in enumerate(seqs):
+            if seq.grammar is None or seq.is_finished:
+                continue
+            entry = staged.get(id(seq))
+            if entry is not None and entry[0] is seq and entry[2] == len(seq.token_ids):
+                rows.append(i)
+                sources.append(entry[1])
+            elif not seq.grammar.is_terminated():
+                rows.append(i)
+                sources.append(-1)
         if not rows:
             return None
-        t0 = time.perf_counter()
         num = len(rows)
+        prefetched = self._host
         host, host_rows, dev, dev_rows = self._buffers(num)
-        host = host[:num]
-        matchers = [seqs[i].grammar for i in rows]
+        if host is not prefetched or sources != list(range(num)):
+            self._place_staged(prefetched, host, sources)
+        missing = [k for k, j in enumerate(sources) if j < 0]
+        self.num_prefilled_rows += num - len(missing)
         t1 = time.perf_counter()
-        if num < MIN_ROWS_FOR_THREADS or self.max_threads == 1:
-            for j, matcher in enumerate(matchers):
-                matcher.fill_next_token_bitmask(host, j)
-        else:
-            self._batch.batch_fill_next_token_bitmask(matchers, host)
+        if missing:
+            self._fill_rows(host, [seqs[rows[k]].grammar for k in missing], missing)
         t2 = time.perf_counter()
         # Pinned host buffers: the copies do not wait for the forward the GPU is running.
         bitmask = dev[:num]
-        bitmask.copy_(host, non_blocking=True)
+        bitmask.copy_(host[:num], non_blocking=True)
         device_rows = None
         if num < len(seqs):   # some rows are free: the mask says which are not
             host_rows[:num] = torch.tensor(rows, dtype=torch.int64)
@@ -231,6 +331,24 @@ class StructuredOutputs:
         self.mask_s += t3 - t0
         self.num_masks += 1
         return mask
+
+    def _fill_rows(self, host: torch.Tensor, matchers: list, indices: list[int]) -> None:
+        """xgrammar fills ``host[indices[k]]`` from ``matchers[k]``: few rows on this thread,
+        many through its thread pool."""
+        if len(matchers) < MIN_ROWS_FOR_THREADS or self.max_threads == 1:
+            for matcher, index in zip(matchers, indices):
+                matcher.fill_next_token_bitmask(host, index)
+        else:
+            self._batch.batch_fill_next_token_bitmask(matchers, host, indices)
+
+    @staticmethod
+    def _place_staged(prefetched: torch.Tensor, host: torch.Tensor, sources: list[int]) -> None:
+        """Move the prefetched masks to the rows of this step (a row finished or a new one
+        came in, or the buffer grew)."""
+        moves = [(k, j) for k, j in enumerate(sources) if j >= 0]
+        if moves:
+            taken = prefetched[[j for _, j in moves]]   # a copy: sources and targets overlap
+            host[[k for k, _ in moves]] = taken
 
     def _buffers(self, num: int):
         """The host and device buffers for ``num`` constrained rows, allocated when a step has
@@ -249,23 +367,86 @@ class StructuredOutputs:
             self._copied.synchronize()   # done long ago: that step's tokens were read since
         return self._host, self._host_rows, self._dev, self._dev_rows
 
-    def accept(self, seq: Sequence, token_id: int) -> str | None:
-        """Advance ``seq``'s matcher by its new token. Returns the finish reason it causes:
-        "stop" when the grammar is complete, "abort" when the token breaks it (every token was
-        disallowed by the grammar together with allowed_token_ids, logit_bias or bad_words)."""
+    def accept_tokens(self, seqs: list[Sequence], token_ids: list[int]) -> None:
+        """Advance the matchers of ``seqs`` by their new tokens in one call into xgrammar per
+        shard of rows (its C++ loop, not one Python call per row), before the engine appends
+        the tokens; the appender's ``accept`` then reads each row's result. Rows whose token
+        ``prefetch`` already accepted are skipped."""
+        self._join_accepts()
+        rows, tokens, lengths = [], [], []
+        for seq, token_id in zip(seqs, token_ids):
+            if seq.grammar is None or seq.is_finished:
+                continue
+            entry = self._accepted.get(id(seq))
+            if entry is not None and entry[0] is seq and entry[4] == len(seq.token_ids) + 1:
+                continue
+            rows.append(seq)
+            tokens.append(token_id)
+            lengths.append(len(seq.token_ids) + 1)   # once the token is appended
+        if rows:
+            self._join()   # (rows the background job did not take: none in async steps)
+            self._accept_batch(rows, tokens, lengths)
+
+    def _accept_batch(self, rows: list[Sequence], tokens: list[int],
+                      lengths: list[int]) -> list[tuple[bool, bool]]:
+        """Accept ``tokens[k]`` in ``rows[k]``'s matcher: (accepted, ended) per row, also kept
+        for ``accept`` with the sequence's length once the token is appended (so a stale
+        result is never read). A matcher ends (is_terminated) only by accepting a stop token;
+        one that has ended refuses every token and stays as it is."""
         t0 = time.perf_counter()
-        grammar = seq.grammar
-        if grammar.is_terminated():
-            reason = "stop"
-        elif not grammar.accept_token(token_id):
-            log.warning("request %r: token %d is outside its structured-outputs constraint "
-                        "(no allowed token was left after the other logits edits); the "
-                        "sequence is aborted", seq.request_id, token_id)
-            reason = "abort"
+        matchers = [s.grammar for s in rows]
+        num_shards = min(self.max_threads, len(rows) // ROWS_PER_ACCEPT_SHARD)
+        if num_shards > 1:   # xgrammar's calls release the GIL: shards run side by side
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.max_threads,
+                                                thread_name_prefix="hpcinfer-accept")
+            step = -(-len(rows) // num_shards)
+            parts = self._pool.map(
+                lambda i: self._xgr.BatchGrammarMatcher.batch_accept_token(
+                    matchers[i:i + step], tokens[i:i + step]), range(0, len(rows), step))
+            accepted = [ok for part in parts for ok in part]
         else:
-            reason = "stop" if grammar.is_terminated() else None
+            accepted = self._xgr.BatchGrammarMatcher.batch_accept_token(matchers, tokens)
+        stops, found = self._stop_ids, self._accepted
+        results = []
+        for seq, token_id, ok, length in zip(rows, tokens, accepted, lengths):
+            ended = token_id in stops if ok else seq.grammar.is_terminated()
+            found[id(seq)] = (seq, token_id, ok, ended, length)
+            results.append((ok, ended))
+        if len(found) > 4 * len(rows):   # rows that finished before reading theirs
+            live = {id(s) for s in rows}
+            self._accepted = {k: v for k, v in found.items() if k in live}
         self.accept_s += time.perf_counter() - t0
-        return reason
+        return results
+
+    def accept(self, seq: Sequence, token_id: int) -> str | None:
+        """Advance ``seq``'s matcher by its new token (just appended), or read the result of
+        ``accept_tokens``/``prefetch`` for it. Returns the finish reason it causes: "stop"
+        when the grammar is complete, "abort" when the token breaks it (every token was
+        disallowed by the grammar together with allowed_token_ids, logit_bias or
+        bad_words)."""
+        self._join_accepts()
+        entry = self._accepted.pop(id(seq), None)
+        if (entry is not None and entry[0] is seq and entry[1] == token_id
+                and entry[4] == len(seq.token_ids)):
+            accepted, ended = entry[2], entry[3]
+        else:
+            self._join()   # the matcher is the step loop's again
+            grammar = seq.grammar
+            if grammar.is_terminated():
+                return "stop"
+            t0 = time.perf_counter()
+            accepted = grammar.accept_token(token_id)
+            ended = grammar.is_terminated()
+            self.accept_s += time.perf_counter() - t0
+        if ended:   # complete (or complete before this token, which it then refused)
+            return "stop"
+        if accepted:
+            return None
+        log.warning("request %r: token %d is outside its structured-outputs constraint "
+                    "(no allowed token was left after the other logits edits); the "
+                    "sequence is aborted", seq.request_id, token_id)
+        return "abort"
 
 
 def mask_vocabulary(tokenizer_len: int, vocab_size: int,

@@ -1,0 +1,200 @@
+"""The host side of a JSON-constrained decode step, without a GPU: what structured outputs
+cost the step loop's thread per step.
+
+Reproduces the host work of bench/structured_outputs.py's json_long run (workload A, every
+row constrained by LONG_SCHEMA, async scheduling) on the CPU: SmolLM2's tokenizer
+(--tokenizer, e.g. .whl/tok) over workload A's 128,256 logits, 256 rows, the engine's own
+StructuredOutputs, TokenAppender and detokenizers, called in the order of
+LLMEngine._step_async for a batch with constrained rows:
+
+  launch step t+1's forward       stand-in: --other-ms of pure-Python work holding the GIL
+                                  (the engine's schedule + prepare + launch: 1.6 ms a step on
+                                  the H200 host, bench/results/structured-outputs-run2-*)
+  read step t's tokens, append    TokenAppender.append per row (the matcher accepts inside,
+                                  detokenize, stop checks), as LLMEngine._postprocess
+  fill step t+1's mask            StructuredOutputs.fill
+  sample                          not timed (the GPU's work): each row takes a random token
+                                  among those its mask allows, as a random model's argmax does
+  launched                        StructuredOutputs.prefetch, where the engine calls it
+
+``host_ms_per_step`` is the step loop thread's time per step without the sampling stand-in;
+``structured_ms_per_step`` is the part the structured-outputs stage adds to it (accept,
+fill, waiting for the background fill), measured as the step minus the same loop run with
+the rows unconstrained. Written as one row to --out/structured-host-cpu-<date>.json; as a
+host-only harness has no GPU step, ``output_tok_s`` is the rows x steps/s that the host
+time alone would allow (rows * 1000 / host_ms_per_step), ``host_steps_per_s`` says the same
+per step, and ``total_tok_s`` equals ``output_tok_s`` (no prompt is processed).
+
+    python bench/structured_host.py --tokenizer .whl/tok [--rows 256] [--steps 64]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_file import append_rows  # noqa: E402  (bench/results_file.py)
+
+LOGITS_VOCAB = 128256   # workload A's logits (Llama-3.2-1B); the mask covers the tokenizer's
+PROMPT_LEN = 16
+# The same schema as bench/structured_outputs.py's json_long run (kept in step with it by
+# tests/engine/test_structured_host_bench.py).
+LONG_SCHEMA = {"type": "object", "properties": {"items": {
+    "type": "array", "items": {"type": "string", "maxLength": 8}, "minItems": 200}},
+    "required": ["items"], "additionalProperties": False}
+
+
+def busy_python(ms: float) -> None:
+    """Pure-Python work for ``ms`` milliseconds: holds the GIL as the engine's own step does."""
+    end = time.perf_counter() + ms / 1e3
+    x = 0
+    while time.perf_counter() < end:
+        for i in range(50):
+            x += i
+
+
+class AllowedTokens:
+    """Picks, for each row, a uniformly random token among those its bitmask allows."""
+
+    def __init__(self, seed: int):
+        self.rng = np.random.default_rng(seed)
+
+    def pick(self, bitmask, num_rows: int) -> list[int]:
+        words = bitmask[:num_rows].numpy().view(np.uint8)
+        allowed = np.unpackbits(words, axis=1, bitorder="little")
+        tokens = []
+        for row in allowed:
+            ids = np.flatnonzero(row)
+            tokens.append(int(ids[self.rng.integers(len(ids))]))
+        return tokens
+
+
+def make_rows(tokenizer, structured, grammar, num_rows: int, max_tokens: int, seed: int):
+    from hpcinfer.engine.detokenizer import IncrementalDetokenizer
+    from hpcinfer.engine.params import SamplingParams
+    from hpcinfer.engine.sequence import Sequence
+    from hpcinfer.sampling_params import StructuredOutputsParams
+    rng = np.random.default_rng(seed)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
+                            structured_outputs=StructuredOutputsParams(json=LONG_SCHEMA))
+    seqs = []
+    for i in range(num_rows):
+        prompt = rng.integers(10, len(tokenizer), PROMPT_LEN).tolist()
+        seq = Sequence(str(i), 0, prompt, params, i)
+        seq.detok = IncrementalDetokenizer(tokenizer, prompt)
+        if grammar is not None:
+            seq.grammar = structured.matcher(grammar)
+        seqs.append(seq)
+    return seqs
+
+
+def run_steps(tokenizer, structured, grammar, args) -> dict:
+    """Time ``args.steps`` steady-state steps (after ``args.warmup``), in the engine's order."""
+    import torch
+
+    from hpcinfer.engine.inflight import InFlight
+    from hpcinfer.engine.token_appender import TokenAppender
+    appender = TokenAppender(tokenizer, 1 << 20, frozenset([tokenizer.eos_token_id]))
+    seqs = make_rows(tokenizer, structured, grammar, args.rows, args.warmup + args.steps + 1,
+                     args.seed)
+    picker = AllowedTokens(args.seed)
+    free_mask = torch.full((args.rows, structured.mask_vocab // 32), -1, dtype=torch.int32)
+    # the first step's mask (a prefill step: nothing to read back yet)
+    mask = structured.fill(seqs) if grammar is not None else None
+    tokens = picker.pick(mask.bitmask if mask is not None else free_mask, args.rows)
+    before = _stage_counters(structured)
+    step_s = []
+    prefetch = hasattr(structured, "prefetch") and not args.no_prefetch   # (older engines)
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            before, step_s = _stage_counters(structured), []
+        t0 = time.perf_counter()
+        # LLMEngine._step_async: the step is launched, its rows get placeholders, then the
+        # structured stage starts on the launched tokens (prefetch)
+        flight = InFlight.launch(seqs, torch.tensor(tokens), None)
+        for seq in seqs:
+            seq.add_placeholder()
+        if grammar is not None and prefetch:
+            structured.prefetch(flight)
+        busy_python(args.other_ms)   # the next call: schedule, prepare, launch the forward
+        for seq in seqs:             # _resolve_inflight
+            seq.drop_placeholder()
+        tokens = flight.token_list()
+        if grammar is not None and hasattr(structured, "accept_tokens"):
+            structured.accept_tokens(seqs, tokens)   # LLMEngine._postprocess
+        for seq, token in zip(seqs, tokens):
+            appender.append(seq, token, None, None, structured)
+        assert not any(s.finish_reason for s in seqs), "a row ended: raise --steps' room"
+        mask = structured.fill(seqs) if grammar is not None else None
+        step_s.append(time.perf_counter() - t0)
+        tokens = picker.pick(mask.bitmask if mask is not None else free_mask, args.rows)
+    after = _stage_counters(structured)
+    out = {k: 1e3 * (after[k] - before[k]) / args.steps for k in after}
+    out["median"] = 1e3 * float(np.median(step_s))
+    out["p10"] = 1e3 * float(np.percentile(step_s, 10))
+    return out
+
+
+def _stage_counters(structured) -> dict:
+    names = ("fill_s", "accept_s", "wait_s")
+    return {name.removesuffix("_s"): getattr(structured, name, 0.0) for name in names}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokenizer", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--rows", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=16)
+    parser.add_argument("--other-ms", type=float, default=1.6,
+                        help="the engine's own host work per step (schedule, prepare, launch)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="fill threads (default: the engine's, every core of the process)")
+    parser.add_argument("--no-prefetch", action="store_true",
+                        help="leave out StructuredOutputs.prefetch (fill after the read-back)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--label", default="", help="a note for the result row")
+    args = parser.parse_args()
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from hpcinfer.engine.structured import StructuredOutputs
+    from hpcinfer.sampling_params import StructuredOutputsParams
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    structured = StructuredOutputs(tokenizer, LOGITS_VOCAB, {tokenizer.eos_token_id},
+                                   torch.device("cpu"), max_threads=args.threads)
+    grammar = structured.compile(StructuredOutputsParams(json=LONG_SCHEMA))
+    free = run_steps(tokenizer, structured, None, args)
+    constrained = run_steps(tokenizer, structured, grammar, args)
+    host_ms = constrained["median"]
+    breakdown = {"step": round(host_ms, 3), "step_p10": round(constrained["p10"], 3),
+                 "free_step": round(free["median"], 3), "free_step_p10": round(free["p10"], 3),
+                 "structured": round(host_ms - free["median"], 3),
+                 **{k: round(constrained[k], 3) for k in ("fill", "accept", "wait")},
+                 "other_engine_work": args.other_ms}
+    print(f"{args.rows} rows, {structured.max_threads} fill threads, {os.cpu_count()} cores: "
+          f"host ms/step {json.dumps(breakdown)}", flush=True)
+    output_tok_s = round(args.rows * 1e3 / host_ms, 1)
+    row = {"engine": "hpcinfer", "workload": "A-structured-json_long-host", "tp": 1,
+           "output_tok_s": output_tok_s, "total_tok_s": output_tok_s,
+           "host_steps_per_s": round(1e3 / host_ms, 2),
+           "device": f"cpu ({len(os.sched_getaffinity(0))} cores, {socket.gethostname()})",
+           "date": time.strftime("%Y-%m-%d"), "rows": args.rows, "steps": args.steps,
+           "fill_threads": structured.max_threads, "mask_vocab": structured.mask_vocab,
+           "logits_vocab": LOGITS_VOCAB, "host_ms_per_step": breakdown,
+           "structured_ms_per_step": breakdown["structured"], "label": args.label}
+    path = append_rows(args.out / f"structured-host-cpu-{row['date']}.json", [row], indent=1)
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
