@@ -122,9 +122,12 @@ def run_hpcinfer(ckpt: Path, spec: dict, device: str) -> dict:
 
     warm_images, warm_prompts = make_inputs(spec, min(WARMUP_IMAGES, spec["num_images"]),
                                             seed=1)
+    t1 = time.perf_counter()
     llm.generate(requests(warm_images, warm_prompts),
                  SamplingParams(temperature=0, max_tokens=WARMUP_TOKENS, ignore_eos=True),
                  use_tqdm=False)
+    print(f"hpcinfer warm-up ({len(warm_images)} images): {time.perf_counter() - t1:.1f} s",
+          flush=True)
     images, prompts = make_inputs(spec)
     params = SamplingParams(temperature=0, max_tokens=spec["output_tokens"], ignore_eos=True)
     sync()
@@ -139,7 +142,8 @@ def run_hpcinfer(ckpt: Path, spec: dict, device: str) -> dict:
                max_num_batched_tokens=spec["max_num_batched_tokens"],
                num_preemptions=llm.llm_engine.num_preemptions,
                kv_blocks=runner.num_blocks,
-               activation_peak_gib=profile.activation_peak / GiB if profile else None)
+               activation_peak_gib=profile.activation_peak / GiB if profile else None,
+               encoder_peak_gib=profile.encoder_peak / GiB if profile else None)
     return row
 
 
@@ -179,6 +183,8 @@ def run_transformers(ckpt: Path, spec: dict, device: str, batch_size: int,
         out, n = generate(images[b:b + batch_size], prompts[b:b + batch_size], new)
         tokens += out
         num_in += n
+        print(f"transformers: {len(tokens)} of {len(images)} images after "
+              f"{time.perf_counter() - start:.1f} s", flush=True)
         if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
             break
     sync()

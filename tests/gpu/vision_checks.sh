@@ -7,7 +7,7 @@
 #      128 output tokens; hpcinfer on all 500, then transformers (static generate, batches of
 #      HF_BATCH) until HF_BUDGET_S seconds have passed (the row says subset=true and how many
 #      images it timed when it stops early); the checkpoint (16.6 GB) is written first, on the
-#      GPU                                                             (BENCH_TIMEOUT, 420 s)
+#      GPU                                                             (BENCH_TIMEOUT, 400 s)
 # Logs and bench/results-style JSON (vision-<device>-<date>.json) go to RESULTS_DIR.
 #
 #   tests/gpu/vision_checks.sh [RESULTS_DIR]     # default: $OUT if set, else bench/results
@@ -46,13 +46,13 @@ fi
 bench_rc=0
 if [[ $STAGES == *" bench "* ]]; then
   start=$(date +%s)
-  timeout "${BENCH_TIMEOUT:-420}" "$PY" "$REPO/bench/vision.py" --out "$RESULTS_DIR" \
+  timeout "${BENCH_TIMEOUT:-400}" "$PY" "$REPO/bench/vision.py" --out "$RESULTS_DIR" \
     --hf-batch-size "${HF_BATCH:-256}" --hf-time-budget-s "${HF_BUDGET_S:-120}" \
     ${HF_IMAGES:+--hf-images "$HF_IMAGES"} \
     > "$RESULTS_DIR/vision-bench.log" 2>&1
   bench_rc=$?
   echo "vision bench: exit $bench_rc in $(( $(date +%s) - start )) s"
-  grep -E "^(===|---|workload|hpcinfer start-up|hpcinfer / |rows in)|Error|error" \
+  grep -E "^(===|---|workload|hpcinfer (start-up|warm-up)|transformers: |hpcinfer / |rows in)|Error|error" \
     "$RESULTS_DIR/vision-bench.log" | tail -20
 fi
 exit $(( tests_rc != 0 || bench_rc != 0 ))
