@@ -68,7 +68,7 @@ def test_supported_architectures_lists_every_family():
     assert supported_architectures() == sorted(
         [f"{f}ForCausalLM" for f in FAMILIES]
         + ["LlavaForConditionalGeneration", "Qwen2VLForConditionalGeneration",
-           "Qwen2_5_VLForConditionalGeneration"])
+           "Qwen2_5_VLForConditionalGeneration", "Gemma3ForConditionalGeneration"])
 
 
 def test_single_file_checkpoint_loads(tmp_path):
