@@ -110,12 +110,13 @@ def run_steps(tokenizer, structured, grammar, args) -> dict:
     mask = structured.fill(seqs) if grammar is not None else None
     tokens = picker.pick(mask.bitmask if mask is not None else free_mask, args.rows)
     before = _stage_counters(structured)
-    step_s = []
-    prefetch = hasattr(structured, "prefetch") and not args.no_prefetch   # (older engines)
+    step_s, cpu_s = [], []
+    prefetch = hasattr(structured, "prefetch")   # (the harness also runs older engines)
+    structured.uses_prefetch = not args.no_prefetch
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
-            before, step_s = _stage_counters(structured), []
-        t0 = time.perf_counter()
+            before, step_s, cpu_s = _stage_counters(structured), [], []
+        t0, c0 = time.perf_counter(), time.process_time()
         # LLMEngine._step_async: the step is launched, its rows get placeholders, then the
         # structured stage starts on the launched tokens (prefetch)
         flight = InFlight.launch(seqs, torch.tensor(tokens), None)
@@ -134,11 +135,13 @@ def run_steps(tokenizer, structured, grammar, args) -> dict:
         assert not any(s.finish_reason for s in seqs), "a row ended: raise --steps' room"
         mask = structured.fill(seqs) if grammar is not None else None
         step_s.append(time.perf_counter() - t0)
+        cpu_s.append(time.process_time() - c0)
         tokens = picker.pick(mask.bitmask if mask is not None else free_mask, args.rows)
     after = _stage_counters(structured)
     out = {k: 1e3 * (after[k] - before[k]) / args.steps for k in after}
     out["median"] = 1e3 * float(np.median(step_s))
     out["p10"] = 1e3 * float(np.percentile(step_s, 10))
+    out["cpu"] = 1e3 * float(np.median(cpu_s))
     return out
 
 
@@ -179,6 +182,7 @@ def main() -> None:
     breakdown = {"step": round(host_ms, 3), "step_p10": round(constrained["p10"], 3),
                  "free_step": round(free["median"], 3), "free_step_p10": round(free["p10"], 3),
                  "structured": round(host_ms - free["median"], 3),
+                 "cpu_step": round(constrained["cpu"], 3), "free_cpu_step": round(free["cpu"], 3),
                  **{k: round(constrained[k], 3) for k in ("fill", "accept", "wait")},
                  "other_engine_work": args.other_ms}
     print(f"{args.rows} rows, {structured.max_threads} fill threads, {os.cpu_count()} cores: "

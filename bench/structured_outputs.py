@@ -14,12 +14,20 @@ one has no "{"): --tokenizer names a directory with tokenizer.json + tokenizer_c
 never allowed). Each schema is compiled in a short warm-up (its time is the row's compile_s),
 as a job whose rows share a schema compiles it once.
 
-Writes one row per run (free, json_long, json_extraction) with the common result keys
-(engine, workload, tp, output_tok_s, total_tok_s, device, date) to
+json_long runs twice: with the structured stage's background job (prefetch: the launched
+step's tokens are accepted and the next masks filled on a thread while the step loop goes on,
+the default) and without it (json_long_no_prefetch: the step loop accepts and fills after
+reading the tokens back), so one GPU session compares the two.
+
+Writes one row per run (free, json_long, json_long_no_prefetch, json_extraction) with the
+common result keys (engine, workload, tp, output_tok_s, total_tok_s, device, date) to
 --out/structured-outputs-<device>-<date>.json, and prints a host-time breakdown per step:
-fill (xgrammar filling the bitmasks), accept (the matchers taking the sampled tokens), apply
-(launching the mask on the logits), other (the rest of the step's wall time: the engine's
-own host work and waiting for the GPU), plus the engine's step-loop timers.
+fill (xgrammar filling the bitmasks) and accept (the matchers taking the sampled tokens),
+wherever they ran; the step loop's own share: mask (fill() after waiting), accept_loop,
+apply (launching the mask on the logits), wait (for the background job), their sum loop;
+other (the rest of the step's wall time: the engine's own host work and waiting for the
+GPU); prefilled_rows (the share of mask rows the background job filled); plus the engine's
+step-loop timers. bench/structured_host.py measures the same host work without a GPU.
 
     python bench/structured_outputs.py --tokenizer DIR [--out DIR]
     python bench/structured_outputs.py --tokenizer DIR --device cpu --shape tiny \
@@ -69,7 +77,11 @@ def timed(llm, prompts, params, sync) -> tuple[list, float]:
 
 
 ENGINE_TIMERS = ("schedule_s", "prepare_s", "model_s", "sample_s", "postprocess_s")
-STAGE_TIMERS = ("fill_s", "accept_s", "apply_s")
+# engine/structured.py's counters: fill and accept count xgrammar's time wherever it ran (the
+# step loop or the background job of prefetch); the step loop's own share is mask (fill()
+# after its wait), accept_loop, apply and wait (for the background job)
+STAGE_TIMERS = ("fill_s", "accept_s", "apply_s", "wait_s", "mask_s", "accept_loop_s")
+STAGE_COUNTS = ("num_mask_rows", "num_prefilled_rows")
 
 
 def _counters(engine) -> dict:
@@ -78,7 +90,7 @@ def _counters(engine) -> dict:
     out.update(steps=stats.num_steps, mask_steps=stats.num_grammar_masks,
                mask_s=stats.grammar_mask_s)
     out.update({name: getattr(stage, name) if stage is not None else 0.0
-                for name in STAGE_TIMERS})
+                for name in STAGE_TIMERS + STAGE_COUNTS})
     return out
 
 
@@ -124,6 +136,7 @@ def run(ckpt: Path, num_prompts: int, max_tokens: int, device: str) -> list[dict
     free = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     runs = (("free", None),
             ("json_long", StructuredOutputsParams(json=LONG_SCHEMA)),
+            ("json_long_no_prefetch", StructuredOutputsParams(json=LONG_SCHEMA)),
             ("json_extraction", StructuredOutputsParams(json=EXTRACTION_SCHEMA)))
     # Warm-up: Triton compiles, and each schema compiles once (cached by its text), as a job
     # whose rows share a schema pays it once; the compile time is reported apart.
@@ -132,6 +145,9 @@ def run(ckpt: Path, num_prompts: int, max_tokens: int, device: str) -> list[dict
     engine = llm.llm_engine
     compile_s = {}
     for name, so in runs[1:]:
+        if name.endswith("_no_prefetch"):
+            compile_s[name] = compile_s[name.removesuffix("_no_prefetch")]
+            continue
         start = time.perf_counter()
         llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True,
                                                  structured_outputs=so), use_tqdm=False)
@@ -151,7 +167,9 @@ def run(ckpt: Path, num_prompts: int, max_tokens: int, device: str) -> list[dict
             temperature=0, max_tokens=max_tokens, ignore_eos=True, structured_outputs=so)
         before = _counters(engine)
         overlap_before = dict(overlap or {})
+        stage.uses_prefetch = not name.endswith("_no_prefetch")
         outs, wall = timed(llm, prompts, [params] * num_prompts, sync)
+        stage.uses_prefetch = True
         after = _counters(engine)
         d = {k: after[k] - before[k] for k in after}
         num_out = sum(len(o.outputs[0].token_ids) for o in outs)
@@ -166,14 +184,19 @@ def run(ckpt: Path, num_prompts: int, max_tokens: int, device: str) -> list[dict
             row["mask_ms_per_step"] = round(1e3 * d["mask_s"] / d["mask_steps"], 3)
         if so is not None:
             row["compile_s"] = compile_s[name]
-        # Host time per step (ms): the structured-outputs stage's parts, and the rest of the
-        # wall time (the engine's own host work and waiting for the GPU); the engine's timers
-        # split the same wall time by phase of the step loop.
+        # Host time per step (ms): the structured-outputs stage's parts; "loop", the step
+        # loop's own time in the stage (fill() after waiting, accepts on the loop, apply, and
+        # waiting for the background job); "other", the rest of the wall time (the engine's
+        # own host work and waiting for the GPU). The engine's timers split the same wall
+        # time by phase of the step loop.
         step_ms = 1e3 * wall / steps
         parts = {k.removesuffix("_s"): 1e3 * d[k] / steps for k in STAGE_TIMERS}
+        loop = parts["mask"] + parts["accept_loop"] + parts["apply"] + parts["wait"]
         row["host_ms_per_step"] = {"step": round(step_ms, 3),
                                    **{k: round(v, 3) for k, v in parts.items()},
-                                   "other": round(step_ms - sum(parts.values()), 3)}
+                                   "loop": round(loop, 3), "other": round(step_ms - loop, 3)}
+        if d["num_mask_rows"]:
+            row["prefilled_rows"] = round(d["num_prefilled_rows"] / d["num_mask_rows"], 3)
         row["engine_ms_per_step"] = {k.removesuffix("_s"): round(1e3 * d[k] / steps, 3)
                                      for k in ENGINE_TIMERS}
         if overlap and overlap["fills"] > overlap_before["fills"]:

@@ -138,22 +138,29 @@ class StructuredOutputs:
         self._bits = torch.tensor([1 << j for j in range(31)] + [-(1 << 31)],
                                   dtype=torch.int32, device=device)
         self.num_masks = 0      # steps that filled a mask
-        self.mask_s = 0.0       # host time spent filling them (fill() as a whole)
-        # host-time breakdown (bench/structured_outputs.py): xgrammar's fill alone, the
-        # matchers' accept_token, GrammarMask.apply (on CUDA: launching it)
+        self.num_mask_rows = 0  # constrained rows of all the masks
+        self.num_prefilled_rows = 0   # ... of which prefetch had filled the mask
+        # Host time (bench/structured_outputs.py): fill() on the step loop, after waiting for
+        # the background job; xgrammar's fill and the matchers' accepts wherever they ran
+        # (the step loop or the background job), the part of the accepts on the step loop,
+        # GrammarMask.apply (on CUDA: launching it), the step loop waiting for the job.
+        self.mask_s = 0.0
         self.fill_s = 0.0
         self.accept_s = 0.0
+        self.accept_loop_s = 0.0
         self.apply_s = 0.0
-        self.wait_s = 0.0       # the step loop waiting for the background job (prefetch)
-        self.num_prefilled_rows = 0   # mask rows that fill took from prefetch
+        self.wait_s = 0.0
+        # False: no background job; the step loop accepts and fills after reading the tokens
+        # back (bench/structured_outputs.py runs both).
+        self.uses_prefetch = True
         # The background job (prefetch) and what it leaves for the step loop: accept results,
-        # id(seq) -> (seq, token, accepted, len(seq.token_ids) once the token is appended);
-        # prefilled masks, id(seq) -> (seq, row of self._host, len(seq.token_ids)).
+        # id(seq) -> (seq, token, accepted, ended, len(seq.token_ids) once the token is
+        # appended); prefilled masks, id(seq) -> (seq, row of self._host, len(seq.token_ids)).
         self._worker: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
         self._accepts_ready = threading.Event()   # the job's accepts are done
         self._pool: ThreadPoolExecutor | None = None   # accepts, a shard of rows each
-        self._stop_ids = frozenset(info.stop_token_ids)
+        self._stop_ids = frozenset(info.stop_token_ids)   # a matcher ends on accepting one
         self._accepted: dict[int, tuple] = {}
         self._staged: dict[int, tuple] = {}
 
@@ -226,7 +233,7 @@ class StructuredOutputs:
         only for its accepts."""
         self._join()
         rows = [s for s in flight.seqs if s.grammar is not None and not s.is_finished]
-        if not rows:
+        if not rows or not self.uses_prefetch:
             return
         # Read here, not on the thread: the step loop owns the placeholders. The lengths
         # count the placeholder, which the token replaces.
@@ -244,7 +251,7 @@ class StructuredOutputs:
         try:
             tokens = flight.token_list()   # waits for the device copy (without the GIL)
             tokens = [tokens[flight.index[id(s)]] for s in rows]
-            results = self._accept_batch(rows, tokens, lengths)
+            results = self._accept_batch(rows, tokens, lengths, on_loop=False)
         finally:
             self._accepts_ready.set()
         if not can_fill:
@@ -311,6 +318,7 @@ class StructuredOutputs:
             self._place_staged(prefetched, host, sources)
         missing = [k for k, j in enumerate(sources) if j < 0]
         self.num_prefilled_rows += num - len(missing)
+        self.num_mask_rows += num
         t1 = time.perf_counter()
         if missing:
             self._fill_rows(host, [seqs[rows[k]].grammar for k in missing], missing)
@@ -385,10 +393,10 @@ class StructuredOutputs:
             lengths.append(len(seq.token_ids) + 1)   # once the token is appended
         if rows:
             self._join()   # (rows the background job did not take: none in async steps)
-            self._accept_batch(rows, tokens, lengths)
+            self._accept_batch(rows, tokens, lengths, on_loop=True)
 
-    def _accept_batch(self, rows: list[Sequence], tokens: list[int],
-                      lengths: list[int]) -> list[tuple[bool, bool]]:
+    def _accept_batch(self, rows: list[Sequence], tokens: list[int], lengths: list[int],
+                      on_loop: bool) -> list[tuple[bool, bool]]:
         """Accept ``tokens[k]`` in ``rows[k]``'s matcher: (accepted, ended) per row, also kept
         for ``accept`` with the sequence's length once the token is appended (so a stale
         result is never read). A matcher ends (is_terminated) only by accepting a stop token;
@@ -416,7 +424,9 @@ class StructuredOutputs:
         if len(found) > 4 * len(rows):   # rows that finished before reading theirs
             live = {id(s) for s in rows}
             self._accepted = {k: v for k, v in found.items() if k in live}
-        self.accept_s += time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        self.accept_s += elapsed
+        self.accept_loop_s += elapsed if on_loop else 0.0
         return results
 
     def accept(self, seq: Sequence, token_id: int) -> str | None:
@@ -439,6 +449,7 @@ class StructuredOutputs:
             accepted = grammar.accept_token(token_id)
             ended = grammar.is_terminated()
             self.accept_s += time.perf_counter() - t0
+            self.accept_loop_s += time.perf_counter() - t0
         if ended:   # complete (or complete before this token, which it then refused)
             return "stop"
         if accepted:

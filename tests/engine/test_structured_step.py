@@ -80,7 +80,7 @@ def test_batch_accept_equals_one_matcher_at_a_time(stage, monkeypatch):
     num_ended = num_refused = 0
     for _ in range(40):
         tokens = _walk_tokens(single, stage, rng)
-        got = stage._accept_batch(batched, tokens, [0] * len(tokens))
+        got = stage._accept_batch(batched, tokens, [0] * len(tokens), on_loop=True)
         want = []
         for seq, token in zip(single, tokens):
             ok = seq.grammar.accept_token(token)
