@@ -141,6 +141,7 @@ def run_hpcinfer(ckpt: Path, spec: dict, device: str) -> dict:
     row.update(engine_version=hpcinfer.__version__, max_num_seqs=spec["max_num_seqs"],
                max_num_batched_tokens=spec["max_num_batched_tokens"],
                num_preemptions=llm.llm_engine.num_preemptions,
+               enable_prefix_caching=llm.llm_engine.config.enable_prefix_caching,
                kv_blocks=runner.num_blocks,
                activation_peak_gib=profile.activation_peak / GiB if profile else None,
                encoder_peak_gib=profile.encoder_peak / GiB if profile else None)
