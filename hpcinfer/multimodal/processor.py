@@ -32,6 +32,11 @@ class MultiModalProcessor:
         self.model = model
         self.image_token_id = model.image_token_id
         self.placeholder = getattr(self.processor, "image_token", None) or "<image>"
+        # Tokens that mean "an image goes here": the image token, and the prompt's placeholder
+        # when it is another token (Gemma 3 writes <start_of_image>, expanded to soft tokens).
+        vocab = self.processor.tokenizer.get_vocab()
+        self.placeholder_token_ids = {self.image_token_id} | (
+            {vocab[self.placeholder]} if self.placeholder in vocab else set())
         # LLM(limit_mm_per_prompt=..., allowed_local_media_path=...), see set_media_limits
         self.max_images: int | None = None
         self.media_dirs: tuple[str, ...] = ()
@@ -88,7 +93,7 @@ class MultiModalProcessor:
     def check_text_only(self, token_ids: list[int], where: str, fix: str | None = None) -> None:
         """A text prompt holding image placeholders would run the model on them as tokens.
         ``fix``: what to do instead (default: the Python API's multi_modal_data)."""
-        if self.image_token_id in token_ids:
+        if not self.placeholder_token_ids.isdisjoint(token_ids):
             fix = fix or ("pass {'prompt': ..., 'multi_modal_data': {'image': [...]}}, one "
                           "image per placeholder")
             raise ValueError(f"{where}: the prompt has image placeholder "

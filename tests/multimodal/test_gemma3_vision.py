@@ -239,6 +239,15 @@ def test_pan_and_scan_is_refused_clearly(gemma3_dir, images):
         llm.generate(prompt, GREEDY, use_tqdm=False)
 
 
+def test_placeholder_without_an_image_is_refused(gemma3_dir):
+    # Gemma 3's placeholder is <start_of_image> (expanded only with an image): a text prompt
+    # holding it would run without its image, so it is refused as LLaVA's <image> is.
+    llm = make_llm(gemma3_dir)
+    with pytest.raises(ValueError, match="'<start_of_image>'.* but no images"):
+        llm.generate([TEXT, ONE], GREEDY, use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()
+
+
 def test_login_side_accepts_the_checkpoint(gemma3_dir):
     # What `hpcinfer validate` runs on the login node (no torch import there: tests/login).
     from hpcinfer.compile.checkpoint import checkpoint_problem
