@@ -153,7 +153,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     _prefill_attention_kernel[grid](
         q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables,
         q if sinks is None else sinks,
-        cu_seqlens_q if last_key_positions is None else last_key_positions, out, qk_scale, sliding_window or 0, softcap_log2,
+        cu_seqlens_q if last_key_positions is None else last_key_positions,   # (unread if None)
+        out, qk_scale, sliding_window or 0, softcap_log2,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         HEAD_DIM=head_dim, GROUP=num_heads // k_cache.shape[2], BLOCK_SIZE=k_cache.shape[1],
@@ -161,7 +162,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         IS_CAUSAL=causal, HAS_WINDOW=sliding_window is not None,
         DOT_PRECISION=_dot_precision(q.dtype), PV_PRECISION=pv_precision("prefill", q.dtype),
         HAS_SOFTCAP=logit_softcap is not None, HAS_SINKS=sinks is not None,
-        HAS_KEY_LIMITS=last_key_positions is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        HAS_KEY_LIMITS=last_key_positions is not None,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
 
