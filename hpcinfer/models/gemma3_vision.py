@@ -103,6 +103,8 @@ class Gemma3ForConditionalGeneration(nn.Module):
         self.config = config
         self.language_model = Gemma3ForCausalLM(config.text_config,
                                                 attention_backend=attention_backend, tp=tp)
+        # The text model fills its specs; with images every causal layer, sliding or full,
+        # also lets an image's tokens see each other (transformers' token_type_ids mask).
         for module in self.language_model.modules():
             if isinstance(module, Attention) and module.spec.causal:
                 module.spec = dataclasses.replace(module.spec, bidirectional_spans=True)
