@@ -210,7 +210,8 @@ def _row(tokens: list[list[int]], num_in: int, wall: float, startup_s: float, sp
             "num_input_tokens": num_in, "num_output_tokens": num_out,
             "exact_tokens": all(len(t) == spec["output_tokens"] for t in tokens),
             "first_tokens": [t[0] if t else None for t in tokens],
-            "peak_gpu_mem_gib": (total - free) / GiB}
+            "peak_gpu_mem_gib": (total - free) / GiB,
+            "processor": "Qwen2_5_VLProcessor over Qwen2VLImageProcessorPil (no torchvision)"}
 
 
 def worker_main(args) -> None:
