@@ -195,7 +195,10 @@ def main() -> None:
            "date": time.strftime("%Y-%m-%d"), "rows": args.rows, "steps": args.steps,
            "fill_threads": structured.max_threads, "mask_vocab": structured.mask_vocab,
            "logits_vocab": LOGITS_VOCAB, "host_ms_per_step": breakdown,
-           "structured_ms_per_step": breakdown["structured"], "label": args.label}
+           "structured_ms_per_step": breakdown["structured"],
+           # other processes share small VMs: a load above the core count inflates every
+           # time here, so compare runs made one after the other, not across sessions
+           "load_avg_1min": round(os.getloadavg()[0], 2), "label": args.label}
     path = append_rows(args.out / f"structured-host-cpu-{row['date']}.json", [row], indent=1)
     print("wrote", path)
 

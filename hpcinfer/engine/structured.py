@@ -9,13 +9,18 @@ which imports torch and transformers, is loaded only by jobs that use it). It ow
   failures included, so a schema shared by a million rows compiles once and a broken one is
   reported once per row without recompiling;
 - a matcher per constrained sequence (``seq.grammar``), advanced by the engine with every
-  token it appends. A preempted sequence keeps its tokens (recompute), so its matcher never
-  rewinds; each of n > 1 samples has its own;
-- the per-step bitmask: filled on the CPU for the rows of a step after the forward is
-  launched (the GPU runs it meanwhile), copied to the device without a sync, and applied
-  there to the constrained rows only, so free rows sample exactly what they would alone.
-  The host (pinned) and device buffers are allocated once and grow with the batch, so a
-  step allocates nothing and never calls cudaHostAlloc (which synchronizes the device).
+  token it appends: a step's tokens go to xgrammar in one call per shard of rows
+  (``accept_tokens``), and the appender reads each row's result (``accept``). A preempted
+  sequence keeps its tokens (recompute), so its matcher never rewinds; each of n > 1
+  samples has its own;
+- the per-step bitmask: filled on the CPU for the rows of a step (the GPU runs the forward
+  meanwhile), copied to the device without a sync, and applied there to the constrained
+  rows only, so free rows sample exactly what they would alone. The host (pinned) and
+  device buffers are allocated once and grow with the batch, so a step allocates nothing
+  and never calls cudaHostAlloc (which synchronizes the device);
+- with async scheduling, a background thread (``prefetch``) that accepts a launched step's
+  tokens as soon as they exist and fills the next masks, while the step loop prepares the
+  next step and appends the tokens; ``fill`` then fills only the rows it did not.
 
 The bitmask covers the tokenizer's tokens only (``mask_vocab``, e.g. the 49,152 of a
 tokenizer whose model has 128,256 logits): xgrammar's fill, accept and the host-to-device
@@ -232,6 +237,7 @@ class StructuredOutputs:
         and the host buffer until ``fill`` joins it; ``accept`` and ``accept_tokens`` wait
         only for its accepts."""
         self._join()
+        self._staged = {}   # masks of states these tokens move on from
         rows = [s for s in flight.seqs if s.grammar is not None and not s.is_finished]
         if not rows or not self.uses_prefetch:
             return
