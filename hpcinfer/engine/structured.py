@@ -241,10 +241,11 @@ class StructuredOutputs:
         rows = [s for s in flight.seqs if s.grammar is not None and not s.is_finished]
         if not rows or not self.uses_prefetch:
             return
-        # Read here, not on the thread: the step loop owns the placeholders. The lengths
-        # count the placeholder, which the token replaces.
+        # Read here, not on the thread: the step loop owns the placeholders. The lengths are
+        # those once the token is appended: it replaces the placeholder, or comes after the
+        # last token of a row that this token ends by length (no placeholder).
         goes_on = [s.has_placeholder for s in rows]
-        lengths = [len(s.token_ids) for s in rows]
+        lengths = [len(s.token_ids) + (not more) for s, more in zip(rows, goes_on)]
         can_fill = (self.fills_masks and self._host is not None
                     and self._host.shape[0] >= sum(goes_on))
         if self._worker is None:

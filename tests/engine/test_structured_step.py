@@ -41,10 +41,10 @@ def stage(llm):
                              {tokenizer.eos_token_id}, torch.device("cpu"), max_threads=2)
 
 
-def _rows(stage, count: int) -> list[Sequence]:
+def _rows(stage, count: int, max_tokens: int = 100) -> list[Sequence]:
     seqs = []
     for i in range(count):
-        seq = Sequence(str(i), 0, [5, 6, 7], SamplingParams(max_tokens=100))
+        seq = Sequence(str(i), 0, [5, 6, 7], SamplingParams(max_tokens=max_tokens))
         seq.grammar = stage.matcher(stage.compile(CONSTRAINTS[i % len(CONSTRAINTS)]))
         seqs.append(seq)
     return seqs
@@ -133,7 +133,7 @@ def test_prefetched_masks_equal_fresh_fills(llm, stage):
     mask row equals the matcher's own fill, and every finish reason the appender's."""
     appender = TokenAppender(llm.get_tokenizer(), 10 ** 6, frozenset(stage._stop_ids))
     rng = random.Random(1)
-    seqs = _rows(stage, 12)
+    seqs = _rows(stage, 10) + _rows(stage, 2, max_tokens=3)   # two rows end by length
     for seq in seqs:
         seq.detok = _NoText()
     stage.fill(seqs)   # the first step: buffers, nothing prefetched
@@ -143,8 +143,9 @@ def test_prefetched_masks_equal_fresh_fills(llm, stage):
         live = [s for s in seqs if not s.is_finished]
         flight = InFlight.launch(live, torch.tensor([tokens[seqs.index(s)] for s in live]),
                                  None)
-        for seq in live:
-            seq.add_placeholder()
+        for seq in live:     # as LLMEngine._step_async: no placeholder if it ends by length
+            if not appender.ends_by_length_next(seq):
+                seq.add_placeholder()
         stage.prefetch(flight)
         for seq in live:     # the next call reads the tokens back and appends them
             seq.drop_placeholder()
@@ -168,6 +169,8 @@ def test_prefetched_masks_equal_fresh_fills(llm, stage):
             assert torch.equal(mask.bitmask[k], want[0]), (step, k)
         tokens = [rng.choice(_allowed(s.grammar, stage._num_words) or [3]) for s in seqs]
     assert num_prefilled > 0
+    assert sum(s.finish_reason == "length" for s in seqs) == 2
+    assert stage.accept_loop_s == 0   # every token was accepted once, on the thread
 
 
 class _NoText:
