@@ -2,28 +2,34 @@
 cost the step loop's thread per step.
 
 Reproduces the host work of bench/structured_outputs.py's json_long run (workload A, every
-row constrained by LONG_SCHEMA, async scheduling) on the CPU: SmolLM2's tokenizer
+row constrained by its LONG_SCHEMA, async scheduling) on the CPU: SmolLM2's tokenizer
 (--tokenizer, e.g. .whl/tok) over workload A's 128,256 logits, 256 rows, the engine's own
 StructuredOutputs, TokenAppender and detokenizers, called in the order of
 LLMEngine._step_async for a batch with constrained rows:
 
-  launch step t+1's forward       stand-in: --other-ms of pure-Python work holding the GIL
-                                  (the engine's schedule + prepare + launch: 1.6 ms a step on
-                                  the H200 host, bench/results/structured-outputs-run2-*)
-  read step t's tokens, append    TokenAppender.append per row (the matcher accepts inside,
-                                  detokenize, stop checks), as LLMEngine._postprocess
+  step t launched                 InFlight + placeholders; StructuredOutputs.prefetch starts
+                                  the background job (accept step t's tokens, fill t+1's
+                                  masks), unless --no-prefetch
+  launch step t+1's forward       stand-in: --other-ms of pure-Python work (the engine's
+                                  schedule + prepare + launch: 1.6 ms a step on the H200
+                                  host, bench/results/structured-outputs-run2-*). It holds
+                                  the GIL throughout, the worst case for the background job
+                                  (the engine's own work releases it in its torch calls)
+  read step t's tokens, append    StructuredOutputs.accept_tokens, then TokenAppender.append
+                                  per row (detokenize, stop checks), as LLMEngine._postprocess
   fill step t+1's mask            StructuredOutputs.fill
   sample                          not timed (the GPU's work): each row takes a random token
                                   among those its mask allows, as a random model's argmax does
-  launched                        StructuredOutputs.prefetch, where the engine calls it
 
-``host_ms_per_step`` is the step loop thread's time per step without the sampling stand-in;
-``structured_ms_per_step`` is the part the structured-outputs stage adds to it (accept,
-fill, waiting for the background fill), measured as the step minus the same loop run with
-the rows unconstrained. Written as one row to --out/structured-host-cpu-<date>.json; as a
-host-only harness has no GPU step, ``output_tok_s`` is the rows x steps/s that the host
-time alone would allow (rows * 1000 / host_ms_per_step), ``host_steps_per_s`` says the same
-per step, and ``total_tok_s`` equals ``output_tok_s`` (no prompt is processed).
+``host_ms_per_step`` holds the step loop thread's time per step without the sampling
+stand-in (``step``: the median over the timed steps, ``step_p10`` its 10th percentile,
+``cpu_step`` the process's CPU time, all threads), the same for the rows unconstrained
+(``free_step``), their difference (``structured``), and the stage's counters per step
+(``fill``, ``accept``: xgrammar's time wherever it ran; ``wait``: the step loop waiting for
+the background job). Written as one row to --out/structured-host-cpu-<date>.json; as a
+host-only harness has no GPU step, ``output_tok_s`` is the rows x steps/s that the host time
+alone would allow (rows * 1000 / host_ms_per_step["step"]), ``host_steps_per_s`` says the
+same per step, and ``total_tok_s`` equals ``output_tok_s`` (no prompt is processed).
 
     python bench/structured_host.py --tokenizer .whl/tok [--rows 256] [--steps 64]
 """
@@ -41,18 +47,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_file import append_rows  # noqa: E402  (bench/results_file.py)
+from structured_outputs import LONG_SCHEMA  # noqa: E402  (the GPU bench's json_long schema)
 
 LOGITS_VOCAB = 128256   # workload A's logits (Llama-3.2-1B); the mask covers the tokenizer's
 PROMPT_LEN = 16
-# The same schema as bench/structured_outputs.py's json_long run (kept in step with it by
-# tests/engine/test_structured_host_bench.py).
-LONG_SCHEMA = {"type": "object", "properties": {"items": {
-    "type": "array", "items": {"type": "string", "maxLength": 8}, "minItems": 200}},
-    "required": ["items"], "additionalProperties": False}
 
 
 def busy_python(ms: float) -> None:
-    """Pure-Python work for ``ms`` milliseconds: holds the GIL as the engine's own step does."""
+    """Pure-Python work for ``ms`` milliseconds, holding the GIL all along."""
     end = time.perf_counter() + ms / 1e3
     x = 0
     while time.perf_counter() < end:
