@@ -149,20 +149,37 @@ def shrink_split(num_tokens: int, k: int) -> int:
     return split
 
 
+# Rows up to this many count as a decode-sized call: the launches below were picked for them
+# by the lora_tiles sweep on an H200 (2026-12-03, bench/results/
+# kernels-lora-sweep-nvidia-h200-2026-12-03.json: 15 shrink and 14 expand variants at 64 and
+# 256 rows over the 1B layers; these were within 1 us of each shape's best, summed over the
+# shapes the fastest, and took workload A with 4 rank-16 adapters from 74.9% to 77.4% of
+# the no-LoRA tok/s in the same run). Prefill-sized calls keep the first guesses.
+DECODE_ROWS = 512
+
+
 def _shrink_config(num_tokens: int, k: int, num_slots: int, block_pr: int,
                    elem_size: int = 2) -> dict:
-    """Shrink launch: first guesses, not tuned on a GPU yet (bench/kernels.py --only
-    lora_tiles times alternatives by replacing this function)."""
+    """Shrink launch (bench/kernels.py --only lora_tiles times alternatives by replacing
+    this function)."""
     # the unrolled slots' A tiles (num_slots x BLOCK_K x BLOCK_PR) within 64 KiB (4 x 128 x
     # 64 in bf16); Triton keeps ~3 stages of them in shared memory, so fp32 tiles of the bf16
     # size asked for 280-360 KiB on the H200 (232 KiB there: OutOfResources, 2026-12-03)
     block_k = max(16, min(128, _pow2_floor(65536 // (num_slots * block_pr * elem_size))))
+    if num_tokens <= DECODE_ROWS:
+        # small row tiles and 8 K splits (each >= 256 of K): many programs for a few rows
+        return dict(BLOCK_M=16, BLOCK_K=block_k, SPLIT=max(1, min(8, k // 256)),
+                    num_warps=4)
     return dict(BLOCK_M=_block_m(num_tokens), BLOCK_K=block_k,
                 SPLIT=shrink_split(num_tokens, k), num_warps=4)
 
 
 def _expand_config(num_tokens: int, n: int) -> dict:
-    """Expand launch (as _shrink_config: replaced by the bench's sweep)."""
+    """Expand launch (as _shrink_config)."""
+    if num_tokens <= 64:
+        return dict(BLOCK_M=16, BLOCK_N=64, num_warps=4)
+    if num_tokens <= DECODE_ROWS:
+        return dict(BLOCK_M=32, BLOCK_N=128, num_warps=4)
     return dict(BLOCK_M=_block_m(num_tokens), BLOCK_N=128, num_warps=4)
 
 
