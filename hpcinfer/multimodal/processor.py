@@ -7,6 +7,8 @@ placeholder span (the model says how many tokens each image fills) and hash each
 """
 from __future__ import annotations
 
+import copy
+import threading
 from typing import Any
 
 from hpcinfer.multimodal.inputs import ImageItem, MultiModalInputs, ProcessedPrompt
@@ -40,6 +42,11 @@ class MultiModalProcessor:
         # LLM(limit_mm_per_prompt=..., allowed_local_media_path=...), see set_media_limits
         self.max_images: int | None = None
         self.media_dirs: tuple[str, ...] = ()
+        # LLM.generate preprocesses many image prompts on threads: each thread other than the
+        # one that built the processor calls its own copy (the fast tokenizer's settings are
+        # mutable Rust state that concurrent calls may not share)
+        self._owner = threading.current_thread()
+        self._local = threading.local()
 
     def set_media_limits(self, max_images: int | None, media_dirs: tuple[str, ...]) -> None:
         """vLLM's limit_mm_per_prompt["image"] (None: no limit) and allowed_local_media_path
@@ -99,6 +106,14 @@ class MultiModalProcessor:
             raise ValueError(f"{where}: the prompt has image placeholder "
                              f"tokens ({self.placeholder!r}) but no images: {fix}")
 
+    def _processor_here(self):
+        if threading.current_thread() is self._owner:
+            return self.processor
+        processor = getattr(self._local, "processor", None)
+        if processor is None:
+            processor = self._local.processor = copy.deepcopy(self.processor)
+        return processor
+
     def _process(self, text: str, images: list, where: str, *, add_special_tokens: bool,
                  processor_kwargs: dict | None = None) -> ProcessedPrompt:
         """``processor_kwargs`` (vLLM's mm_processor_kwargs, e.g. Qwen2-VL's min_pixels /
@@ -109,8 +124,9 @@ class MultiModalProcessor:
                              "{'max_pixels': 1003520}")
         kwargs = dict(processor_kwargs or {})
         try:
-            out = self.processor(text=[text], images=images or None, return_tensors="pt",
-                                 add_special_tokens=add_special_tokens, **kwargs)
+            out = self._processor_here()(text=[text], images=images or None,
+                                         return_tensors="pt",
+                                         add_special_tokens=add_special_tokens, **kwargs)
         except Exception as e:  # the processor's errors (counts, sizes) name no request
             raise ValueError(f"{where}: the model's processor refused the prompt with "
                              f"{len(images)} image(s): {e}") from None

@@ -150,3 +150,37 @@ def test_mm_processor_kwargs(qwen_dir, images, processor):
     assert bm.prefix_cache_hits - hits <= 4
     with pytest.raises(ValueError, match="mm_processor_kwargs must be a dict"):
         llm.generate({**plain, "mm_processor_kwargs": "max_pixels=5"}, GREEDY)
+
+
+def test_many_image_prompts_are_preprocessed_on_threads(qwen_dir, images, monkeypatch):
+    """LLM.generate preprocesses >= MIN_PROMPTS_FOR_THREADS image prompts on a thread pool
+    (each thread its own processor copy): the same tokens as one thread, errors still name
+    the first bad prompt."""
+    import threading
+
+    from hpcinfer.engine import llm as llm_module
+    from hpcinfer.multimodal.processor import MultiModalProcessor
+    monkeypatch.setattr(llm_module.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    prompts = [{"prompt": ONE, "multi_modal_data": {"image": images[i % 4]}} if i % 5 else
+               {"prompt": TWO, "multi_modal_data": {"image": [images[i % 4], images[3]]}}
+               for i in range(llm_module.MIN_PROMPTS_FOR_THREADS + 2)]
+    llm = make_llm(qwen_dir)
+    seen = set()
+    here = MultiModalProcessor._processor_here
+
+    def spy(self):
+        seen.add(threading.current_thread().name.split("_")[0])
+        return here(self)
+    monkeypatch.setattr(MultiModalProcessor, "_processor_here", spy)
+    threaded = tokens(llm.generate(prompts, GREEDY, use_tqdm=False))
+    assert seen == {"hpcinfer-process"}
+    monkeypatch.setattr(llm_module, "MIN_PROMPTS_FOR_THREADS", 10 ** 6)
+    seen.clear()
+    assert tokens(llm.generate(prompts, GREEDY, use_tqdm=False)) == threaded
+    assert seen == {"MainThread"}
+    monkeypatch.setattr(llm_module, "MIN_PROMPTS_FOR_THREADS", 2)
+    bad = list(prompts)
+    bad[7] = {"prompt": ONE, "multi_modal_data": {"image": [images[0], images[1]]}}
+    bad[11] = {"prompt": 3}
+    with pytest.raises(ValueError, match=r"^prompt 7: "):
+        llm.generate(bad, GREEDY, use_tqdm=False)
