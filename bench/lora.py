@@ -13,6 +13,9 @@ output tok/s with 4 rank-16 adapters on every target (q/k/v/o/gate/up/down).
 summed time over the swept layer shapes, and runs the LoRA engine a second time with those
 launches (replacing kernels.lora's config functions for that run only, as the sweep does), so
 one GPU call measures the default launches and the tuned ones against the same baseline.
+Mind the order: on an H200 (2026-12-03) a second LoRA engine in the same process ran 11%
+faster than the first with the very same launches (docs/lora.md), so compare the tuned run
+with a second run of the defaults, not with the first.
 
 Decode runs in CUDA graphs by default on a GPU, the LoRA kernels inside them; each row
 records whether graphs were used and how many steps replayed one. Adapters are random PEFT

@@ -152,9 +152,9 @@ def shrink_split(num_tokens: int, k: int) -> int:
 # Rows up to this many count as a decode-sized call: the launches below were picked for them
 # by the lora_tiles sweep on an H200 (2026-12-03, bench/results/
 # kernels-lora-sweep-nvidia-h200-2026-12-03.json: 15 shrink and 14 expand variants at 64 and
-# 256 rows over the 1B layers; these were within 1 us of each shape's best, summed over the
-# shapes the fastest, and took workload A with 4 rank-16 adapters from 74.9% to 77.4% of
-# the no-LoRA tok/s in the same run). Prefill-sized calls keep the first guesses.
+# 256 rows over the 1B layers; summed over the shapes the fastest, within 1 us of each
+# shape's best, and 5% less time than the first guesses over the 16 shape x size pairs).
+# Prefill-sized calls keep the first guesses.
 DECODE_ROWS = 512
 
 
