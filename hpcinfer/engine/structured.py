@@ -155,9 +155,12 @@ class StructuredOutputs:
         self.accept_loop_s = 0.0
         self.apply_s = 0.0
         self.wait_s = 0.0
-        # False: no background job; the step loop accepts and fills after reading the tokens
-        # back (bench/structured_outputs.py runs both).
-        self.uses_prefetch = True
+        # True: the background job (prefetch) accepts a launched step's tokens and fills the
+        # next masks on a thread. Off by default: on the H200 hosts of 2026-12-03 it did not
+        # pay (json_long 0.26 of free with it, 0.30 without, docs/structured-outputs.md) and
+        # one run had a row aborted that may have been its doing (not reproduced since);
+        # bench/structured_outputs.py runs both.
+        self.uses_prefetch = False
         # The background job (prefetch) and what it leaves for the step loop: accept results,
         # id(seq) -> (seq, token, accepted, ended, len(seq.token_ids) once the token is
         # appended); prefilled masks, id(seq) -> (seq, row of self._host, len(seq.token_ids)).

@@ -131,6 +131,7 @@ def test_prefetched_masks_equal_fresh_fills(llm, stage):
     that go on; fill takes them, in whatever order the next batch has its rows, fills a row
     that was not in the launched step, and leaves out a row that finished meanwhile. Every
     mask row equals the matcher's own fill, and every finish reason the appender's."""
+    stage.uses_prefetch = True   # (off by default)
     appender = TokenAppender(llm.get_tokenizer(), 10 ** 6, frozenset(stage._stop_ids))
     rng = random.Random(1)
     seqs = _rows(stage, 10) + _rows(stage, 2, max_tokens=3)   # two rows end by length
@@ -195,6 +196,7 @@ class _BrokenFlight:
 
 
 def test_a_background_error_is_raised_in_the_step_loop(stage):
+    stage.uses_prefetch = True   # (off by default)
     seqs = _rows(stage, 3)
     for seq in seqs:
         seq.add_placeholder()
@@ -230,6 +232,7 @@ def test_sharded_accepts_and_prefetch_give_the_same_outputs(checkpoint, monkeypa
     monkeypatch.setattr(structured, "ROWS_PER_ACCEPT_SHARD", 2)
     stage = llm.llm_engine.structured
     monkeypatch.setattr(stage, "max_threads", 4)
+    monkeypatch.setattr(stage, "uses_prefetch", True)   # (off by default)
     fast = [(o.outputs[0].token_ids, o.outputs[0].finish_reason)
             for o in llm.generate(prompts, params, use_tqdm=False)]
     assert fast == plain
