@@ -184,8 +184,10 @@ def _expert_problem(hf: dict, tensor: int) -> tuple[str, str] | None:
 def _multimodal_hint(hf: dict) -> str:
     if isinstance(hf.get("text_config"), dict) or isinstance(hf.get("vision_config"), dict):
         return (" (this is a multimodal checkpoint of a family hpcinfer does not run yet; "
-                "of the vision-language families it runs LlavaForConditionalGeneration "
-                "(docs/vision.md), and a text-only checkpoint of the same family may load)")
+                "the vision-language families it runs are LlavaForConditionalGeneration, "
+                "Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration and "
+                "Gemma3ForConditionalGeneration (docs/vision.md), and a text-only checkpoint "
+                "of the same family may load)")
     return ""
 
 
