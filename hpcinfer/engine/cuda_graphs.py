@@ -178,6 +178,8 @@ class DecodeGraphs:
         meta = batch.meta
         n = batch.input_ids.shape[0]
         fits = meta.block_tables.shape[1] <= self.block_tables.shape[1]
+        if batch.positions.dim() != 1:  # M-RoPE rows of image tokens: the buffer is [T]
+            return self.model.forward(batch.input_ids, batch.positions, self.kv_caches, meta)
         if meta.is_decode and n <= self.max_bs and fits:
             return self._replay(batch.input_ids, batch.positions, meta.slot_mapping,
                                 meta.seq_lens, meta.block_tables)

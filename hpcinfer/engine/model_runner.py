@@ -168,8 +168,6 @@ class ModelRunner:
         from hpcinfer.engine.cuda_graphs import DecodeGraphs, graph_safe
         if self.device.type != "cuda" or self.config.enforce_eager or not graph_safe(self.model):
             return
-        if self.uses_mrope:  # the graphs' position buffer is [T]; M-RoPE models run eager
-            return
         self.graphs = DecodeGraphs(self.model, self.kv_caches, self.config.max_num_seqs,
                                    self.max_blocks_per_seq, self.spec.hidden_size,
                                    self.spec.dtype, self.device, lora=self.lora)
@@ -204,7 +202,7 @@ class ModelRunner:
         # positions: [num_tokens]; each sequence's queries continue from its computed tokens
         positions = np.arange(num_tokens) + np.repeat(starts - cu_seqlens[:-1], q_lens)
         rope_positions = positions
-        if self.uses_mrope:  # Qwen2-VL: [3, num_tokens] (multimodal/step.py)
+        if self.uses_mrope:  # Qwen2-VL: [3, num_tokens] (multimodal/step.py), or [T]
             from hpcinfer.multimodal.step import mrope_positions
             rope_positions = mrope_positions(seqs, starts, q_lens, positions)
         max_seqlen_k = int(seq_lens.max())
@@ -239,7 +237,7 @@ class ModelRunner:
                  patch_src],
                 [cu_seqlens, seq_lens, block_tables, *split_arrays, *key_limits])
         last_key_positions = parts.pop() if key_limits else None
-        if self.uses_mrope:
+        if rope_positions.ndim == 2:
             positions = positions.view(3, -1)
         if patch_rows.numel():
             # After the previous step's sampling in stream order; the host never waits.

@@ -88,17 +88,26 @@ def image_embeds(plan: ImageRows, model, device: torch.device
 
 def mrope_positions(seqs, starts: np.ndarray, q_lens: np.ndarray,
                     positions: np.ndarray) -> np.ndarray:
-    """M-RoPE positions [3, T] of a step: a prompt with images reads its table, tokens after
-    it (and text-only sequences) take their position (+ the prompt's rope delta) on all
-    three rows."""
-    out = np.repeat(positions[None], 3, axis=0)
-    row = 0
+    """M-RoPE positions of a step: [3, T] when it holds image tokens, else [T].
+
+    A prompt with images reads its table; tokens after it (and text-only sequences) take
+    their position (+ the prompt's rope delta) on all three rows. Only image tokens have
+    rows that differ, and with three equal rows M-RoPE is plain rope, so a step without
+    image tokens (every decode step) gets one row: the shape the decode CUDA graphs and
+    the mixed-step split take (engine/cuda_graphs.py)."""
+    out, row, uneven = None, 0, False
     for seq, start, q in zip(seqs, starts.tolist(), q_lens.tolist()):
         mm = seq.mm_inputs
         if mm is not None and mm.rope_positions is not None:
+            if out is None:
+                out = np.repeat(positions[None], 3, axis=0)
             prompt_len = mm.rope_positions.shape[1]
             in_prompt = max(min(start + q, prompt_len) - start, 0)
-            out[:, row:row + in_prompt] = mm.rope_positions[:, start:start + in_prompt]
+            table = mm.rope_positions[:, start:start + in_prompt]
+            out[:, row:row + in_prompt] = table
             out[:, row + in_prompt:row + q] += mm.rope_delta
+            uneven = uneven or bool((table[1:] != table[:1]).any())
         row += q
-    return out
+    if out is None:
+        return positions
+    return out if uneven else out[0].copy()

@@ -6,8 +6,8 @@ to transformers' on the same GPU in fp32.
 - LLaVA: decode CUDA graphs on and replayed after the image prefill; one and two images per
   prompt mixed with a text-only prompt; and a 24-token step budget, so prefill chunks cut
   through image spans and the encoder budget spreads images over steps.
-- Qwen2-VL and Qwen2.5-VL (M-RoPE: eager steps, no graphs): images whose grids span one to
-  several windows, the same mixes, and the 24-token budget.
+- Qwen2-VL and Qwen2.5-VL (M-RoPE: image steps eager, decode steps replay the graphs):
+  images whose grids span one to several windows, the same mixes, and the 24-token budget.
 - The KV pool sizing profiles an image step: the vision encoder's peak is in the profile.
 
 transformers runs on the GPU with TF32 off (its Qwen patch embedding is a Conv3d, which cuDNN
@@ -130,10 +130,8 @@ def test_greedy_matches_transformers_on_gpu(family, images, monkeypatch):
     runner = engine.runner
     backends = {m.backend.name for m in runner.model.modules() if isinstance(m, Attention)}
     assert backends == {"triton"}, backends
-    if family[0] == "llava":   # decode steps replay graphs; image steps ran eagerly
-        assert runner.graphs is not None and runner.graphs.num_replays > 0
-    else:                      # M-RoPE positions are [3, T]: no decode graphs
-        assert runner.graphs is None
+    # decode steps replay graphs (M-RoPE too: one row of positions); image steps ran eagerly
+    assert runner.graphs is not None and runner.graphs.num_replays > 0
     _expect_equal(family, images, got)
 
 

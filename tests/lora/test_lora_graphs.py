@@ -2,7 +2,8 @@
 
 A captured graph reads fixed addresses: the slot weights and the per-row slot indices must
 never be reallocated, padded rows must carry the null slot, and a mixed step split into a
-decode graph and an eager prefill must give each row its own adapter. ``ReplayOnCpu`` is
+decode graph and an eager prefill must give each row its own adapter. ``ReplayOnCpu``
+(hpcinfer/testing/cpu_graphs.py) is
 DecodeGraphs with the one CUDA-only piece (capture) replaced by re-running the forward over
 the static buffers with the hooks forced on, which is what a replay does; the real graphs
 run in tests/gpu/test_lora_gpu.py.
@@ -13,9 +14,9 @@ import pytest
 
 from hpcinfer import LLM, SamplingParams
 from hpcinfer.engine import cuda_graphs
-from hpcinfer.engine.cuda_graphs import DecodeGraphs
 from hpcinfer.lora.layers import NULL_SLOT
 from hpcinfer.lora.request import LoRARequest
+from hpcinfer.testing.cpu_graphs import install_graphs
 from hpcinfer.testing.tiny_lora import ATTENTION, MLP
 
 MAX_NEW = 8
@@ -26,39 +27,12 @@ SPECS = {
 }
 
 
-class ReplayOnCpu(DecodeGraphs):
-    """A "graph" whose replay runs the captured forward again, reading only the static
-    buffers (inputs and LoRA slots) with every LoRA hook on, as at capture."""
-
-    def _capture_one(self, bs, pool):
-        graphs, out = self, self._forward(bs)
-
-        class Replay:
-            def replay(self):
-                with graphs.lora_slots.always_applied(0):
-                    out.copy_(graphs._forward(bs))
-        return Replay(), out, pool
-
-    def _synchronize(self):
-        pass
-
-
 def greedy():
     return SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
 
 
 def slot_weight_pointers(manager):
     return [t.data_ptr() for layer in manager.layers for t in (layer.lora_a, layer.lora_b)]
-
-
-def install_graphs(llm):
-    runner = llm.llm_engine.runner
-    spec = runner.spec
-    runner.graphs = ReplayOnCpu(runner.model, runner.kv_caches, llm.llm_engine.config.max_num_seqs,
-                                runner.max_blocks_per_seq, spec.hidden_size, spec.dtype,
-                                runner.device, lora=runner.lora)
-    runner.graphs.capture()
-    return runner.graphs
 
 
 def record_replays(graphs):

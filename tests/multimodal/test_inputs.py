@@ -127,3 +127,19 @@ def test_mrope_positions_of_a_step():
     # seq 0: prompt tokens 4, 5 and its first generated token 6; seq 1: text at 7, 8
     out = mrope_positions(seqs, np.array([4, 7]), np.array([3, 2]), np.array([4, 5, 6, 7, 8]))
     assert out.tolist() == [[1, 3, 4, 7, 8], [2, 3, 4, 7, 8], [2, 3, 4, 7, 8]]
+
+
+def test_mrope_positions_are_one_row_without_image_tokens():
+    # Three equal rows are plain rope: steps past the image (every decode step) and
+    # text-only steps get [T], the shape the decode graphs replay.
+    mm = _mm((1, 4))
+    mm.rope_positions = np.array([[0, 1, 1, 1, 1, 3], [0, 1, 1, 2, 2, 3], [0, 1, 2, 1, 2, 3]])
+    mm.rope_delta = -2
+    seqs = [_Seq(mm), _Seq(None)]
+    decode = mrope_positions(seqs, np.array([7, 9]), np.array([1, 1]), np.array([7, 9]))
+    assert decode.ndim == 1 and decode.tolist() == [5, 9]
+    # the prompt's last text token and the first generated one: still equal rows
+    tail = mrope_positions(seqs[:1], np.array([5]), np.array([2]), np.array([5, 6]))
+    assert tail.ndim == 1 and tail.tolist() == [3, 4]
+    text = mrope_positions([_Seq(None)], np.array([0]), np.array([3]), np.array([0, 1, 2]))
+    assert text.ndim == 1 and text.tolist() == [0, 1, 2]

@@ -79,6 +79,25 @@ def test_chunked_prefill_through_images(qwen_dir, images, hf_qwen):
                    hf_qwen(TEXT)]
 
 
+def test_decode_graphs_replay_after_image_prefills(qwen_dir, images, hf_qwen, monkeypatch):
+    # Decode steps (and steps without image tokens) carry one row of M-RoPE positions, so
+    # they replay the decode graphs and split mixed steps as text models do; steps holding
+    # image tokens run eagerly. ReplayOnCpu stands in for the capture (tests/gpu has the
+    # real graphs).
+    from hpcinfer.engine import cuda_graphs
+    from hpcinfer.testing.cpu_graphs import install_graphs
+    monkeypatch.setattr(cuda_graphs, "MIN_SPLIT_DECODES", 1)
+    prompts = [{"prompt": ONE, "multi_modal_data": {"image": images[0]}}, TEXT,
+               {"prompt": TWO, "multi_modal_data": {"image": [images[1], images[2]]}},
+               TEXT + " And tomorrow?"]
+    llm = make_llm(qwen_dir, max_num_seqs=4, max_num_batched_tokens=16)
+    graphs = install_graphs(llm)
+    got = tokens(llm.generate(prompts, GREEDY, use_tqdm=False))
+    assert got == [hf_qwen(ONE, [images[0]]), hf_qwen(TEXT), hf_qwen(TWO, images[1:3]),
+                   hf_qwen(TEXT + " And tomorrow?")]
+    assert graphs.num_replays > 0 and graphs.num_splits > 0
+
+
 def test_different_images_never_share_kv(qwen_dir, images, hf_qwen):
     llm = make_llm(qwen_dir, block_size=4)
     bm = llm.llm_engine.block_manager

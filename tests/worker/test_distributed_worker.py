@@ -63,11 +63,12 @@ def _first_record(job_dir: Path, rank: int) -> dict:
 
 
 def _is_alive(pid: int) -> bool:
+    # A zombie still answers kill(pid, 0), so read its state; the process may be
+    # reaped between any two looks, which is "not alive" too.
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
         return False
-    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
 
 
 def _assert_exactly_once_equal(job_dir: Path, tp1_rows: list[dict]) -> None:
