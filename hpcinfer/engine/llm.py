@@ -235,36 +235,53 @@ class LLM:
         params = self._resolve_all(_params_per_prompt(sampling_params, len(prompts)))
         loras = lora_requests_per_prompt(lora_request, len(prompts))
         prompts = list(prompts)
-        processed = _process_prompts(engine, prompts, params)   # validate first
-        for i, ((prompt, error), lora) in enumerate(zip(processed, loras)):
-            try:  # (processed once: images are not preprocessed twice)
+        request_ids: list[str] = []
+
+        def check(i: int, error: ValueError | None) -> None:
+            try:
                 if error is not None:
                     raise error
-                prompts[i] = prompt
-                check_lora_request(engine.lora, lora, str(i))
+                check_lora_request(engine.lora, loras[i], str(i))
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
-        request_ids = []
-        for prompt, p, lora in zip(prompts, params, loras):
+
+        def add(i: int, prompt) -> None:
             request_id = str(self._next_request)
             self._next_request += 1
-            engine.add_request(request_id, prompt, p, lora_request=lora)
+            engine.add_request(request_id, prompt, params[i], lora_request=loras[i])
             request_ids.append(request_id)
+
         finished: dict[str, RequestOutput] = {}
-        bar = _progress_bar(len(prompts)) if use_tqdm else None
+        bar = None
+        stream = _ImagePromptStream.open(engine, prompts, params)
         try:
-            while engine.has_unfinished_requests():
+            if stream is None:   # every prompt checked before the first is added
+                processed = [_process_one(engine, prompts, params, i) for i in range(len(prompts))]
+                for i, (_, error) in enumerate(processed):
+                    check(i, error)
+                for i, (prompt, _) in enumerate(processed):
+                    add(i, prompt)
+            bar = _progress_bar(len(prompts)) if use_tqdm else None
+            while engine.has_unfinished_requests() or (stream is not None and not stream.done):
+                if stream is not None:   # add what is preprocessed; wait only if idle
+                    for i, (prompt, error) in stream.ready(
+                            wait=not engine.has_unfinished_requests()):
+                        check(i, error)
+                        add(i, prompt)
+                if not engine.has_unfinished_requests():
+                    continue
                 for out in engine.step(final_only=True):
                     if out.finished:
                         finished[out.request_id] = out
                         if bar is not None:
                             bar.update(1)
         finally:
+            if stream is not None:
+                stream.close()
             if bar is not None:
                 bar.close()
             engine.abort_request([r for r in request_ids if r not in finished])
         return [finished[r] for r in request_ids]
-
 
     def _resolve_all(self, params: list[SamplingParams]) -> list[SamplingParams]:
         """Check each distinct SamplingParams once, as it is now (its fields may have been set
@@ -284,27 +301,62 @@ class LLM:
 
 
 # Image prompts are preprocessed on this many threads at most (the processor's resize and
-# normalisation run in PIL and numpy, mostly outside the GIL): 500 448x448 images took ~4 s
-# on one thread (8 ms each), time the engine stood idle before its first step.
+# normalisation run in PIL and numpy, mostly outside the GIL), while the engine runs
+# (_ImagePromptStream).
 MAX_PROCESS_THREADS = 8
 MIN_PROMPTS_FOR_THREADS = 16
 
 
-def _process_prompts(engine: LLMEngine, prompts: list, params: list[SamplingParams]) -> list:
-    """(ProcessedPrompt or None, ValueError or None) per prompt, in order; prompts with images
-    go through the model's processor on a thread pool when there are many."""
-    def one(i):
-        try:
-            prompt = engine.process_prompt(prompts[i], str(i), params[i].truncate_prompt_tokens)
-            return prompt, None
-        except ValueError as e:
-            return None, e
-    num_images = sum(1 for p in prompts if isinstance(p, dict) and "multi_modal_data" in p)
-    threads = min(MAX_PROCESS_THREADS, len(os.sched_getaffinity(0)))
-    if engine.multimodal is None or num_images < MIN_PROMPTS_FOR_THREADS or threads < 2:
-        return [one(i) for i in range(len(prompts))]
-    with ThreadPoolExecutor(threads, thread_name_prefix="hpcinfer-process") as pool:
-        return list(pool.map(one, range(len(prompts))))
+def _process_one(engine: LLMEngine, prompts: list, params: list[SamplingParams], i: int):
+    """(ProcessedPrompt, None) or (None, ValueError) for prompt i."""
+    try:
+        return engine.process_prompt(prompts[i], str(i), params[i].truncate_prompt_tokens), None
+    except ValueError as e:
+        return None, e
+
+
+class _ImagePromptStream:
+    """Many image prompts, preprocessed on a thread pool while the engine already runs the
+    first ones: ``ready`` gives the prompts done so far, in prompt order (so requests are
+    added, and scheduled, in the order given).
+
+    Why: the processor takes ~8 ms an image on one core (500 448x448 images: ~4 s), time
+    the GPU would otherwise stand idle before the first step. An error is raised when the
+    prompts before it have been added (the first bad prompt in order, as without threads);
+    what was added is aborted then and nothing is returned, as vLLM's generate does."""
+
+    def __init__(self, engine: LLMEngine, prompts: list, params: list[SamplingParams],
+                 threads: int):
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="hpcinfer-process")
+        self._futures = [self._pool.submit(_process_one, engine, prompts, params, i)
+                         for i in range(len(prompts))]
+        self._next = 0
+
+    @classmethod
+    def open(cls, engine: LLMEngine, prompts: list, params: list[SamplingParams]):
+        """A stream when there are enough image prompts and cores, else None."""
+        num_images = sum(1 for p in prompts if isinstance(p, dict) and "multi_modal_data" in p)
+        threads = min(MAX_PROCESS_THREADS, len(os.sched_getaffinity(0)))
+        if engine.multimodal is None or num_images < MIN_PROMPTS_FOR_THREADS or threads < 2:
+            return None
+        return cls(engine, prompts, params, threads)
+
+    @property
+    def done(self) -> bool:
+        return self._next == len(self._futures)
+
+    def ready(self, wait: bool):
+        """Yield (index, (prompt, error)) for the next prompts whose preprocessing is done;
+        with ``wait``, block for at least one (when there is one left)."""
+        futures = self._futures
+        while self._next < len(futures) and (wait or futures[self._next].done()):
+            i, self._next = self._next, self._next + 1
+            yield i, futures[i].result()
+            futures[i] = None   # the processed prompt now lives in the engine
+            wait = False
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _refuse_lora(lora_request, method: str) -> None:

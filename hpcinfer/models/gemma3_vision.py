@@ -136,6 +136,10 @@ class Gemma3ForConditionalGeneration(nn.Module):
                              "supported yet, leave it off")
         return [{"pixel_values": pixels[i:i + 1]} for i in range(num_images)]
 
+    @property
+    def pixel_dtype(self) -> torch.dtype:
+        return self.vision_tower.embeddings.patch_embedding.weight.dtype  # its first op casts
+
     def image_token_counts(self, image_inputs: list[dict[str, torch.Tensor]]) -> list[int]:
         return [self.config.mm_tokens_per_image] * len(image_inputs)
 

@@ -92,6 +92,10 @@ class LlavaForConditionalGeneration(nn.Module):
         return rename_prefix(name, _RENAMES)
 
     # --- images ---
+    @property
+    def pixel_dtype(self) -> torch.dtype:
+        return self.vision_tower.embeddings.patch_embedding.weight.dtype  # its first op casts
+
     def image_token_counts(self, image_inputs: list[dict[str, torch.Tensor]]) -> list[int]:
         """Placeholder tokens each image fills: the tower's tokens, less the first with
         "default"."""

@@ -208,6 +208,10 @@ class Qwen2VLForConditionalGeneration(nn.Module):
     def tie_weights(self) -> None:
         self.language_model.tie_weights()
 
+    @property
+    def pixel_dtype(self) -> torch.dtype:
+        return self.visual.patch_embed.proj.weight.dtype  # the tower's first op casts to it
+
     @staticmethod
     def checkpoint_name(name: str) -> str:
         return rename_prefix(name, _RENAMES)

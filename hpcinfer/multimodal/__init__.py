@@ -17,5 +17,7 @@ Where each part lives (DESIGN §7a: images are a model input):
 
 A model that takes images sets ``takes_images = True`` and has ``image_token_id``,
 ``image_token_counts(image_inputs) -> list[int]``, ``encode_images(image_inputs) ->
-list[Tensor[num_tokens, hidden]]`` and ``forward(..., image_embeds=(rows, embeddings))``.
+list[Tensor[num_tokens, hidden]]`` and ``forward(..., image_embeds=(rows, embeddings))``,
+and ``pixel_dtype``: the dtype its encoder casts floating image inputs to before anything
+else (the processor casts them on its threads, so a step moves bf16, not fp32, pixels).
 """

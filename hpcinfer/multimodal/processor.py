@@ -135,7 +135,7 @@ class MultiModalProcessor:
             self.check_text_only(token_ids, where)
             return ProcessedPrompt(text, token_ids)
         split = getattr(self.model, "split_image_inputs", None) or _split_per_image
-        per_image = split(out, len(images))
+        per_image = _in_dtype(split(out, len(images)), getattr(self.model, "pixel_dtype", None))
         counts = self.model.image_token_counts(per_image)
         positions = [i for i, t in enumerate(token_ids) if t == self.image_token_id]
         if len(positions) != sum(counts):
@@ -157,6 +157,16 @@ class MultiModalProcessor:
         if getattr(self.model, "uses_mrope", False):
             mm.rope_positions, mm.rope_delta = self.model.rope_positions(len(token_ids), items)
         return ProcessedPrompt(text, token_ids, mm)
+
+
+def _in_dtype(per_image: list[dict], dtype) -> list[dict]:
+    """Floating inputs (pixels) in the encoder's dtype, here on the preprocessing thread: the
+    encoder's first op casts them so anyway (the same rounding), and a step then moves half
+    the bytes of fp32 to the GPU and converts nothing. Integer inputs (grids) are kept."""
+    if dtype is None:
+        return per_image
+    return [{k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+            for inputs in per_image]
 
 
 def _split_per_image(out: Any, num_images: int) -> list[dict]:

@@ -70,8 +70,8 @@ def image_embeds(plan: ImageRows, model, device: torch.device
             seen.add((id(mm), k))
             missing.append((mm, k))
     if missing:
-        inputs = [{name: t.to(device) for name, t in mm.items[k].inputs.items()}
-                  for mm, k in missing]
+        inputs = [{name: _upload(t, device) if t.is_floating_point() else t
+                   for name, t in mm.items[k].inputs.items()} for mm, k in missing]
         for (mm, k), out in zip(missing, model.encode_images(inputs)):
             if out.shape[0] != mm.items[k].length:
                 raise RuntimeError(f"the vision encoder gave {out.shape[0]} embeddings for an "
@@ -82,8 +82,22 @@ def image_embeds(plan: ImageRows, model, device: torch.device
     for mm, k, _, hi in plan.pieces:   # after the slicing: two samples may share an image
         if hi == mm.items[k].length:
             mm.embeddings.pop(k, None)
-    rows = torch.from_numpy(plan.rows).to(device)
+    rows = _upload(torch.from_numpy(plan.rows), device)
     return rows, embeds
+
+
+def _upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device`` without the step loop waiting for the GPU.
+
+    Why: a copy from pageable memory (``t.to(device)``) returns only when the GPU has run
+    everything queued before it, the step in flight included, so every step with images
+    would lose the overlap of host and GPU work (async scheduling). A pinned copy is queued
+    like a kernel; torch's pinned allocator keeps the buffer until the copy has run. Integer
+    inputs (image grids) stay on the host: the encoders read them as Python ints, and reading
+    a device tensor would wait for the GPU the same way."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def mrope_positions(seqs, starts: np.ndarray, q_lens: np.ndarray,

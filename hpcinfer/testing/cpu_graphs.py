@@ -13,7 +13,9 @@ from hpcinfer.engine.cuda_graphs import DecodeGraphs
 
 class ReplayOnCpu(DecodeGraphs):
     """A graph whose replay runs the captured forward again, reading only the static
-    buffers."""
+    buffers; the padded rows' outputs are NaN, so a step that reads them fails its test."""
+
+    _live = 0   # rows of the batch being replayed (the rest are padding)
 
     def _capture_one(self, bs, pool):
         graphs, out = self, self._forward(bs)
@@ -22,7 +24,12 @@ class ReplayOnCpu(DecodeGraphs):
             def replay(self):
                 with graphs._lora_applied(0):
                     out.copy_(graphs._forward(bs))
+                out[graphs._live:] = float("nan")
         return Replay(), out, pool
+
+    def _replay(self, input_ids, *args):
+        self._live = input_ids.shape[0]
+        return super()._replay(input_ids, *args)
 
     def _synchronize(self):
         pass

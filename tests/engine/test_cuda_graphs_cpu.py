@@ -3,16 +3,18 @@
 Graph capture needs a GPU, but everything around it does not: the batch-size ladder, copying
 a step into the static buffers, padding (slot -1, length 0), slicing the padded output, and
 splitting a mixed step into decode rows + prefill chunks. Here each "graph" is a stand-in
-whose replay runs the same eager forward over the same static buffers, so a bookkeeping bug
-changes tokens exactly as a real replay would. Runs in CI (tiny model, CPU, torch_ref).
+whose replay runs the same eager forward over the same static buffers
+(hpcinfer.testing.cpu_graphs.ReplayOnCpu, padded rows poisoned with NaN), so a bookkeeping
+bug changes tokens exactly as a real replay would. Runs in CI (tiny model, CPU, torch_ref).
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from hpcinfer.engine.cuda_graphs import (MIN_SPLIT_DECODES, DecodeGraphs, aligned_offsets,
-                                         batch_size_ladder, graph_safe)
+from hpcinfer.engine.cuda_graphs import (MIN_SPLIT_DECODES, aligned_offsets, batch_size_ladder,
+                                         graph_safe)
+from hpcinfer.testing.cpu_graphs import install_graphs
 
 
 def test_ladder():
@@ -38,35 +40,6 @@ def test_graph_safe_needs_the_triton_backend():
                                      attention_backend="torch_ref"))
     assert graph_safe(load_model(path, dtype=torch.float32, device="cpu",
                                  attention_backend="triton"))
-
-
-class _EagerGraph:
-    """Replays by running the forward over the static buffers (what the graph recorded)."""
-
-    def __init__(self, graphs: DecodeGraphs, bs: int):
-        self.graphs, self.bs = graphs, bs
-
-    def replay(self) -> None:
-        out = self.graphs._forward(self.bs)
-        # Poison the padded rows' outputs: nothing may read them.
-        out[self.graphs._live:] = float("nan")
-        self.graphs.outputs[self.bs] = out
-
-
-def _install_fake_graphs(llm) -> DecodeGraphs:
-    runner = llm.llm_engine.runner
-    graphs = DecodeGraphs(runner.model, runner.kv_caches, runner.config.max_num_seqs,
-                          runner.max_blocks_per_seq, runner.spec.hidden_size, runner.spec.dtype,
-                          runner.device)
-    graphs.graphs = {bs: _EagerGraph(graphs, bs) for bs in graphs.sizes}
-    original = graphs._replay
-
-    def replay(input_ids, *args):
-        graphs._live = input_ids.shape[0]
-        return original(input_ids, *args)
-    graphs._replay = replay
-    runner.graphs = graphs
-    return graphs
 
 
 def _run(llm, prompts, params):
@@ -96,8 +69,7 @@ def test_padding_and_split_give_eager_tokens():
                   max_num_batched_tokens=64)
     eager = _run(LLM(path, **kwargs), prompts, params)
     llm = LLM(path, **kwargs)
-    graphs = _install_fake_graphs(llm)
-    graphs.warm_up_prefill()   # dummy steps over the cache: must write nothing
+    graphs = install_graphs(llm)  # warm-up and capture: dummy steps that must write nothing
     assert all(not (k.any() or v.any()) for k, v in llm.llm_engine.runner.kv_caches)
     got = _run(llm, prompts, params)
     assert graphs.num_replays > 0
