@@ -321,12 +321,19 @@ def _check_model_dir(cfg: JobConfig) -> None:
 
 
 def _check_image_keys(cfg: JobConfig) -> None:
-    """input.image_field: a column of task generate or chat (OpenAI batch rows carry
-    image_url parts instead); input.mm_processor_kwargs: tasks generate and chat."""
-    if cfg.input.mm_processor_kwargs and cfg.task not in ("generate", "chat"):
-        raise cfg.error_at("input.mm_processor_kwargs", f"task {cfg.task} runs no image "
-                           "processor (tasks generate and chat do)",
-                           "remove input.mm_processor_kwargs")
+    """input.image_field and input.mm_processor_kwargs_field: columns of task generate or
+    chat (OpenAI batch rows carry image_url parts and body.mm_processor_kwargs instead);
+    input.mm_processor_kwargs: tasks generate and chat."""
+    for key, used in (("mm_processor_kwargs", bool(cfg.input.mm_processor_kwargs)),
+                      ("mm_processor_kwargs_field",
+                       cfg.input.mm_processor_kwargs_field is not None)):
+        if used and cfg.task not in ("generate", "chat"):
+            raise cfg.error_at(f"input.{key}", f"task {cfg.task} runs no image processor "
+                               "(tasks generate and chat do)", f"remove input.{key}")
+    if cfg.input.mm_processor_kwargs_field is not None and cfg.input.format == "openai-batch":
+        raise cfg.error_at("input.mm_processor_kwargs_field", "OpenAI batch rows carry their "
+                           "processor arguments in body.mm_processor_kwargs, not in a column",
+                           "remove input.mm_processor_kwargs_field")
     if cfg.input.image_field is None:
         return
     if cfg.input.format == "openai-batch":
@@ -349,7 +356,9 @@ def _check_media(cfg: JobConfig) -> None:
     image_keys = [key for key, used in (
         ("input.image_field", cfg.input.image_field is not None),
         ("input.media_dirs", bool(cfg.input.media_dirs)),
-        ("input.mm_processor_kwargs", bool(cfg.input.mm_processor_kwargs))) if used]
+        ("input.mm_processor_kwargs", bool(cfg.input.mm_processor_kwargs)),
+        ("input.mm_processor_kwargs_field", cfg.input.mm_processor_kwargs_field is not None))
+        if used]
     uses_images = bool(image_keys)
     config = Path(cfg.model.id) / "config.json" if os.path.isabs(cfg.model.id) else None
     if not uses_images or config is None or not config.is_file():

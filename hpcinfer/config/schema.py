@@ -187,6 +187,11 @@ class InputSection(Section):
                         "vLLM's mm_processor_kwargs, e.g. {min_pixels: 200704, max_pixels: "
                         "1003520} for Qwen2-VL (fewer or more tokens per image); "
                         "docs/vision.md")
+    mm_processor_kwargs_field: Optional[str] = Field(
+        None, description="Column with a per-row mapping of processor arguments (JSONL "
+                          "object; Parquet struct or JSON string), merged over "
+                          "input.mm_processor_kwargs key by key (null values keep the "
+                          "job's); tasks generate and chat; docs/vision.md")
     passthrough: StrTuple = Field(
         (), description="Input columns copied unchanged to the output")
     shard_rows: int = Field(

@@ -47,7 +47,9 @@ _CONTENT_KEYS = {CHAT_URL: "messages", COMPLETIONS_URL: "prompt"}
 
 
 def parse_request(obj: dict, task: str) -> tuple[dict, tuple[str, str] | None]:
-    """Request line -> ({prompt|messages|texts, sampling}, None) or ({}, (kind, reason))."""
+    """Request line -> ({prompt|messages|texts, sampling[, mm_processor_kwargs]}, None) or
+    ({}, (kind, reason)). vLLM's body.mm_processor_kwargs comes back as given (the row
+    checks it: rows.mm_processor_kwargs_of)."""
     if obj.get("method", "POST") != "POST":
         return {}, ("bad_method", f"method must be POST, got {obj.get('method')!r}")
     url = obj.get("url")
@@ -77,6 +79,8 @@ def parse_request(obj: dict, task: str) -> tuple[dict, tuple[str, str] | None]:
     sampling, problem = _sampling(url, body)
     if problem:
         return {}, problem
+    if body.get("mm_processor_kwargs") is not None:
+        content["mm_processor_kwargs"] = body["mm_processor_kwargs"]
     return {**content, "sampling": sampling}, None
 
 
@@ -101,7 +105,8 @@ def _content(url: str, body: dict) -> tuple[dict, tuple[str, str] | None]:
 
 def _sampling(url: str, body: dict) -> tuple[dict, tuple[str, str] | None]:
     sampling: dict[str, Any] = {}
-    content_keys = {"messages", "prompt", "input", "text_1", "text_2", "stream"}
+    content_keys = {"messages", "prompt", "input", "text_1", "text_2", "stream",
+                    "mm_processor_kwargs"}
     for key, value in body.items():
         if key in _SAME_NAME:
             sampling[key] = value

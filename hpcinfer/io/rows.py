@@ -43,6 +43,8 @@ class InputSpec:
     image_field: str | None = None       # images of a generate row (docs/vision.md)
     media_dirs: tuple[str, ...] = ()     # the only directories local image files come from
     max_images: int = DEFAULT_MAX_IMAGES  # input.limit_mm_per_prompt["image"]
+    # the column of per-row processor arguments (over input.mm_processor_kwargs)
+    mm_processor_kwargs_field: str | None = None
     passthrough: tuple[str, ...] = ()
     prompt_template: str | None = None   # Jinja2 over the row's columns (io/template.py)
 
@@ -65,7 +67,7 @@ class InputSpec:
         kwargs = {k: get(k, getattr(cls, k)) for k in (
             "format", "id_field", "prompt_field", "messages_field", "text_field",
             "text_1_field", "text_2_field", "sampling_field", "adapter_field",
-            "prompt_template", "image_field")}
+            "prompt_template", "image_field", "mm_processor_kwargs_field")}
         limits = get("limit_mm_per_prompt", None) or {}
         return cls(task=task, passthrough=tuple(get("passthrough", ()) or ()),
                    media_dirs=tuple(get("media_dirs", ()) or ()),
@@ -110,7 +112,7 @@ class InputSpec:
         else:
             content = [self.content_field]
         names = [self.id_field, *content, self.image_field, self.sampling_field,
-                 self.adapter_field, *self.passthrough]
+                 self.adapter_field, self.mm_processor_kwargs_field, *self.passthrough]
         if self.task == "score":
             names.insert(2, self.text_2_field)
         return list(dict.fromkeys(n for n in names if n))
@@ -134,6 +136,10 @@ class InputRow:
     # generate rows: the image column's entries (bytes or path strings) as read; the
     # worker's reader thread replaces them with decoded PIL images (io/images.py)
     images: tuple = ()
+    # the row's processor arguments (its input.mm_processor_kwargs_field column, or an
+    # OpenAI-batch body.mm_processor_kwargs), null values dropped; the worker merges them
+    # over the job's input.mm_processor_kwargs key by key. {}: the job's as they are
+    mm_processor_kwargs: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,10 +220,40 @@ def validate_record(index: int, file: str, obj: Any, spec: InputSpec,
         images, reason = image_refs(obj.get(spec.image_field), spec.image_field)
         if reason:
             return bad("bad_image_column", reason, row_id)
+    mm_kwargs: dict = {}
+    if spec.mm_processor_kwargs_field:
+        name = spec.mm_processor_kwargs_field
+        mm_kwargs, reason = mm_processor_kwargs_of(obj.get(name), repr(name))
+        if reason:
+            return bad("invalid_mm_processor_kwargs", reason, row_id)
     key = row_id if spec.id_field else f"{file}#{index}"
     passthrough = {name: obj.get(name) for name in spec.passthrough}
     return InputRow(index, file, key, row_id, sampling=sampling, passthrough=passthrough,
-                    adapter=adapter or None, images=images, **content)
+                    adapter=adapter or None, images=images, mm_processor_kwargs=mm_kwargs,
+                    **content)
+
+
+def mm_processor_kwargs_of(value: Any, where: str) -> tuple[dict, str | None]:
+    """A row's processor arguments -> (mapping without null values, None) or ({}, the
+    problem). A JSON object, a Parquet struct (absent keys read as null: not overridden) or
+    a JSON string holding an object; null means the job's input.mm_processor_kwargs."""
+    if isinstance(value, str):       # Parquet files often store the dict as a JSON string
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return {}, f"{where} is text that is not JSON: {_MM_KWARGS_FIX}"
+    if value is None:
+        return {}, None
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        got = type(value).__name__
+        return {}, f"{where} is not a mapping (got {got}): {_MM_KWARGS_FIX}"
+    return {k: v for k, v in value.items() if v is not None}, None
+
+
+_MM_KWARGS_FIX = ("write a mapping of the model processor's argument names to values, e.g. "
+                  '{"min_pixels": 200704, "max_pixels": 1003520} for Qwen2-VL (a JSON object; '
+                  "in Parquet a struct or a JSON string), or null for the job's "
+                  "input.mm_processor_kwargs")
 
 
 def image_refs(value: Any, name: str) -> tuple[tuple, str | None]:
@@ -375,5 +411,9 @@ def _validate_openai(index: int, file: str, obj: dict, spec: InputSpec, bad) -> 
     sampling, reason = check_sampling_overrides(request.pop("sampling"))
     if reason:
         return bad("invalid_sampling", reason, custom_id)
+    mm_kwargs, reason = mm_processor_kwargs_of(request.pop("mm_processor_kwargs", None),
+                                               "body.mm_processor_kwargs")
+    if reason:
+        return bad("invalid_mm_processor_kwargs", reason, custom_id)
     return InputRow(index, file, custom_id, custom_id, sampling=sampling, url=obj["url"],
-                    body=obj["body"], **request)
+                    body=obj["body"], mm_processor_kwargs=mm_kwargs, **request)

@@ -90,6 +90,7 @@ class RequestBuilder:
         LLM.chat process it, so a placeholder count that does not match is this row's error;
         the engine takes the ProcessedPrompt as is."""
         mm = self.multimodal
+        mm_kwargs = self.processor_kwargs(row)
         try:
             if row.messages is not None:
                 num_written = sum(_texts(m).count(mm.placeholder) for m in row.messages)
@@ -99,7 +100,7 @@ class RequestBuilder:
                                 f"{mm.placeholder!r} {num_written} time(s): image_url parts "
                                 "place the images; remove the placeholder from the text")
                 processed = mm.render_chat(row.messages, "the row's messages",
-                                           processor_kwargs=self.mm_processor_kwargs,
+                                           processor_kwargs=mm_kwargs,
                                            chat_template=None, add_generation_prompt=True,
                                            continue_final_message=False, tools=None)
             else:
@@ -111,14 +112,22 @@ class RequestBuilder:
                                 "image(s): write the placeholder once per image")
                 processed = mm.process({"prompt": row.prompt,
                                         "multi_modal_data": {"image": list(row.images)},
-                                        "mm_processor_kwargs": self.mm_processor_kwargs},
+                                        "mm_processor_kwargs": mm_kwargs},
                                        "the row")
         except ValueError as exc:  # the processor's checks (placeholder counts, sizes)
-            return _bad(row, "image_count_mismatch" if "placeholder" in str(exc)
-                        else "bad_image", str(exc))
+            if "placeholder" in str(exc):
+                return _bad(row, "image_count_mismatch", str(exc))
+            return _bad(row, "bad_image", str(exc) + _kwargs_hint(mm_kwargs, row))
         if len(processed.token_ids) > self.max_model_len:
             return prompt_too_long(row, len(processed.token_ids), self.max_model_len)
         return EngineRequest(processed, params, 0, lora)
+
+    def processor_kwargs(self, row: InputRow) -> dict | None:
+        """The processor arguments of a row with images: input.mm_processor_kwargs, then the
+        row's own over them key by key (None: neither has any). Equal dicts give equal image
+        hashes whatever their key order (processor.py), so rows with the same arguments
+        share prefix-cache blocks and rows with other arguments never share image KV."""
+        return {**(self.mm_processor_kwargs or {}), **row.mm_processor_kwargs} or None
 
     def lora_request(self, row: InputRow):
         """The row's adapter: its adapter column, or an OpenAI-batch body.model that names one
@@ -181,6 +190,17 @@ def _has_pil_parts(messages: list | None) -> bool:
         isinstance(m.get("content"), list) and any(p.get("type") == "image_pil"
                                                    for p in m["content"])
         for m in messages)
+
+
+def _kwargs_hint(mm_kwargs: dict | None, row: InputRow) -> str:
+    """What to fix when the processor refused a row that ran with processor arguments."""
+    if not mm_kwargs:
+        return ""
+    source = ("input.mm_processor_kwargs merged with the row's own" if row.mm_processor_kwargs
+              else "input.mm_processor_kwargs")
+    return (f" (mm_processor_kwargs {mm_kwargs}, from {source}): give the processor's "
+            "argument names with values of its types, e.g. {\"min_pixels\": 200704, "
+            "\"max_pixels\": 1003520} for Qwen2-VL, or fix the image")
 
 
 def _bad(row: InputRow, kind: str, reason: str) -> BadRow:

@@ -1,19 +1,25 @@
-"""Images on a real GPU (issue 24): the tiny LLaVA, Qwen2-VL and Qwen2.5-VL checkpoints of
-hpcinfer.testing.tiny_vision, fp32, Triton attention and the CUDA ops (vision towers
-included: rotary, norms and activations go to hpcinfer.kernels on CUDA): greedy tokens equal
-to transformers' on the same GPU in fp32.
+"""Images on a real GPU (issue 24): the tiny LLaVA, Qwen2-VL, Qwen2.5-VL and Gemma 3
+checkpoints of hpcinfer.testing.tiny_vision, fp32, Triton attention and the CUDA ops (vision
+towers included: rotary, norms and activations go to hpcinfer.kernels on CUDA): greedy tokens
+equal to transformers' on the same GPU in fp32.
 
 - LLaVA: decode CUDA graphs on and replayed after the image prefill; one and two images per
   prompt mixed with a text-only prompt; and a 24-token step budget, so prefill chunks cut
   through image spans and the encoder budget spreads images over steps.
 - Qwen2-VL and Qwen2.5-VL (M-RoPE: image steps eager, decode steps replay the graphs):
   images whose grids span one to several windows, the same mixes, and the 24-token budget.
+- Gemma 3 (Gemma3ForConditionalGeneration, 16 soft tokens per image): an image's tokens
+  attend to its whole span both ways (the Triton kernel's per-query key limits on steps with
+  images; decode steps replay the graphs), the same mixes, and the 24-token budget, where
+  the scheduler keeps each span whole: no chunk ends inside one (asserted), so chunks stop
+  before a span and the next step takes it.
 - The KV pool sizing profiles an image step: the vision encoder's peak is in the profile.
 
 transformers runs on the GPU with TF32 off (its Qwen patch embedding is a Conv3d, which cuDNN
 would otherwise run in TF32) so both sides compute in fp32. The Qwen processors are
 transformers' own classes without their torchvision-only video attribute (as
-tests/multimodal does), for both engines.
+tests/multimodal does), for both engines; LLaVA and Gemma 3 load theirs with AutoProcessor
+(PIL image processors). Gemma 3's CPU counterpart: tests/multimodal/test_gemma3_vision.py.
 
 Not part of CI (no GPU there): tests/gpu/run_gpu_checks.sh or tests/gpu/vision_checks.sh.
 """
@@ -28,6 +34,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
 
 MAX_NEW = 12
 QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+GEMMA3_IMAGE = "<start_of_image>"   # the processor expands it to 16 soft tokens
 PROMPTS = {
     "llava": ("USER: <image>\nWhat is in the picture? ASSISTANT:",
               "USER: <image> and <image>\nAre they the same? ASSISTANT:"),
@@ -35,9 +42,14 @@ PROMPTS = {
              "<|im_start|>assistant\n",
              f"<|im_start|>user\n{QWEN_IMAGE} and {QWEN_IMAGE}Are they the same?<|im_end|>\n"
              "<|im_start|>assistant\n"),
+    "gemma3": (f"<start_of_turn>user\n{GEMMA3_IMAGE}What is in the picture?<end_of_turn>\n"
+               "<start_of_turn>model\n",
+               f"<start_of_turn>user\n{GEMMA3_IMAGE} and {GEMMA3_IMAGE} Are they the same?"
+               "<end_of_turn>\n<start_of_turn>model\n"),
 }
 TEXT = "Hello, world!"
-FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl")
+FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "gemma3")
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")   # processors without the video part
 
 
 @pytest.fixture(autouse=True)
@@ -65,6 +77,8 @@ def _checkpoint(family: str):
     from hpcinfer.testing import tiny_vision
     if family == "llava":
         return str(tiny_vision.tiny_llava()), None, "LlavaForConditionalGeneration"
+    if family == "gemma3":
+        return str(tiny_vision.tiny_gemma3()), None, "Gemma3ForConditionalGeneration"
     version = "2.5" if family == "qwen2_5_vl" else "2"
     path = str(tiny_vision.tiny_qwen2_vl(version))
     name = ("Qwen2_5_VLForConditionalGeneration" if version == "2.5"
@@ -84,6 +98,7 @@ def family(request):
     model.generation_config.eos_token_id = None
 
     def hf(text, images=None):
+        # Gemma 3's processor adds token_type_ids: transformers' bidirectional image spans
         inputs = processor(text=[text], images=images or None, return_tensors="pt").to("cuda")
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False)
@@ -94,7 +109,7 @@ def family(request):
 
 
 def _requests(name, images):
-    one, two = PROMPTS["llava" if name == "llava" else "qwen"]
+    one, two = PROMPTS["qwen" if name in QWEN_FAMILIES else name]
     cases = [(one, [images[0]]), (TEXT, None), (two, [images[1], images[4]]),
              (one, [images[3]]), (one, [images[4]])]
     prompts = [text if ims is None else {"prompt": text, "multi_modal_data": {"image": ims}}
@@ -102,18 +117,39 @@ def _requests(name, images):
     return prompts, cases
 
 
-def _engine_tokens(family, images, monkeypatch, **kwargs):
+def _engine_tokens(family, images, monkeypatch, chunks=None, **kwargs):
+    """Our greedy tokens for _requests and the engine; ``chunks``: a list that collects
+    (sequence, first token, number of tokens) of every scheduled chunk."""
     from hpcinfer import LLM, SamplingParams
     from hpcinfer.testing.tiny_vision import use_processor
     name, path, processor, _ = family
-    if name != "llava":
+    if name in QWEN_FAMILIES:
         use_processor(monkeypatch, path, processor)
     llm = LLM(path, device="cuda", dtype="float32", max_model_len=256,
               enable_prefix_caching=False, **kwargs)
+    if chunks is not None:
+        _record_chunks(llm.llm_engine.scheduler, chunks)
     prompts, _ = _requests(name, images)
     params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
     outs = llm.generate(prompts, params, use_tqdm=False)
     return [o.outputs[0].token_ids for o in outs], llm.llm_engine
+
+
+def _record_chunks(scheduler, chunks: list) -> None:
+    schedule = scheduler.schedule
+
+    def recorded():
+        out = schedule()
+        chunks.extend((seq, seq.num_computed_tokens, n)
+                      for seq, n in zip(out.seqs, out.num_new_tokens))
+        return out
+    scheduler.schedule = recorded
+
+
+def _num_chunks_ending_inside_spans(chunks) -> int:
+    return sum(1 for seq, start, num_new in chunks
+               for item in (seq.mm_inputs.items if seq.mm_inputs is not None else ())
+               if item.offset < start + num_new < item.end)
 
 
 def _expect_equal(family, images, got):
@@ -138,8 +174,16 @@ def test_greedy_matches_transformers_on_gpu(family, images, monkeypatch):
 def test_chunks_through_images_on_gpu(family, images, monkeypatch):
     # 24-token steps: chunks end inside image spans (LLaVA's images fill 16 tokens, Qwen's
     # 2-12) and the encoder budget of 24 image tokens takes one or two images a step.
-    got, _ = _engine_tokens(family, images, monkeypatch, max_num_batched_tokens=24)
+    # Gemma 3's spans (16 tokens) attend both ways: the scheduler keeps each whole, so its
+    # chunks end before a span instead, and the step after takes the span.
+    chunks = []
+    got, _ = _engine_tokens(family, images, monkeypatch, chunks=chunks,
+                            max_num_batched_tokens=24)
     _expect_equal(family, images, got)
+    prefills = [n for seq, start, n in chunks if start < seq.num_prompt_tokens]
+    assert max(prefills) <= 24 and len(prefills) > len(_requests(family[0], images)[0])
+    inside = _num_chunks_ending_inside_spans(chunks)
+    assert (inside == 0) if family[0] == "gemma3" else (inside > 0), inside
 
 
 def test_memory_profile_includes_the_vision_encoder(family, monkeypatch):
@@ -149,7 +193,7 @@ def test_memory_profile_includes_the_vision_encoder(family, monkeypatch):
     from hpcinfer import LLM
     from hpcinfer.testing.tiny_vision import use_processor
     name, path, processor, _ = family
-    if name != "llava":
+    if name in QWEN_FAMILIES:
         use_processor(monkeypatch, path, processor)
     llm = LLM(path, device="cuda", dtype="float32", max_model_len=256, enforce_eager=True)
     profile = llm.llm_engine.runner.memory_profile

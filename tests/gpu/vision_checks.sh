@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Issue 24 on one GPU, sized for one 10-minute device call (about 7-9 minutes on an H200):
-#   1. tests/gpu/test_vision_gpu.py: the tiny LLaVA, Qwen2-VL and Qwen2.5-VL checkpoints, fp32,
-#      Triton attention (+ decode CUDA graphs for LLaVA): greedy tokens equal to transformers
-#      on the same GPU; chunked prefill through image spans          (TEST_TIMEOUT, 150 s)
+#   1. tests/gpu/test_vision_gpu.py: the tiny LLaVA, Qwen2-VL, Qwen2.5-VL and Gemma 3
+#      checkpoints, fp32, Triton attention (+ decode CUDA graphs, replayed for all four):
+#      greedy tokens equal to transformers on the same GPU; chunked prefill through image
+#      spans (Gemma 3's bidirectional spans kept whole by the scheduler) (TEST_TIMEOUT, 150 s)
 #   2. bench/vision.py workload V: Qwen2.5-VL-7B shape, bf16, 500 synthetic 448x448 images x
 #      128 output tokens; hpcinfer on all 500, then transformers (static generate, batches of
 #      HF_BATCH) until HF_BUDGET_S seconds have passed (the row says subset=true and how many
