@@ -14,6 +14,9 @@
 #
 # Needs a CUDA GPU with torch + triton; hpcinfer need not be pip-installed (a throwaway shim
 # maps kernels/ to hpcinfer.kernels, as pyproject's package-dir does). Not part of CI.
+# The machine has torch, triton and transformers only: for the structured-outputs, LoRA and
+# quantization checks run `bash dev/device-wheels.sh` here first and carry ".whl" (shim.sh
+# installs those wheels there, tests/gpu/site.sh).
 set -uo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
