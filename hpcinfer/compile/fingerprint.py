@@ -11,9 +11,13 @@ the fingerprint in its metrics lines and in each shard's DONE.
 What counts (values as job.yaml resolves them): the model (id = the pinned snapshot path,
 revision, dtype, max_model_len, tokenizer), the task, the input's columns, template, format
 and shard size, every input file's size and mtime, the output's format and columns, all
-sampling and pooling keys, the device (dtype auto differs between CPU and GPU) and
-resilience.on_long_prompt. Not counted: what only changes speed or bookkeeping (engine.*,
-parallel.*, resources other than the device, commit intervals, input.max_bad_rows).
+sampling and pooling keys, the device (dtype auto differs between CPU and GPU),
+resilience.on_long_prompt, the engine keys that change the numbers (quantization,
+kv_cache_dtype, load_format) and the LoRA adapters (name -> path or hub id), the last two
+kinds only when set (so job dirs rendered before they counted, with the defaults, still
+resume). Not counted: what only changes speed or bookkeeping (the other engine.* keys,
+lora.max_loras / max_lora_rank, parallel.*, resources other than the device, commit
+intervals, input.max_bad_rows).
 
 Login side: no torch, only os.stat of the input files.
 """
@@ -34,6 +38,8 @@ FILE_KEY = "input.file "          # prefix of a per-file key: "input.file /abs/p
 _COUNTED = {"model": None, "input": None, "output": None, "sampling": None, "pooling": None}
 _NOT_COUNTED = {"input": {"path", "max_bad_rows"}, "output": {"dir", "commit_every_rows",
                                                                 "commit_every_s"}}
+# Engine keys that change outputs, with the default that leaves them out of the fingerprint.
+_OUTPUT_ENGINE_KEYS = {"quantization": None, "kv_cache_dtype": "auto", "load_format": "auto"}
 # What render moves to the archive on --restart (the job's outputs and their records).
 _ARCHIVED = ("shards", "outputs", "metrics", "logs", "submissions.jsonl", FINGERPRINT_FILE,
              "job.yaml", "plan.json")
@@ -67,6 +73,13 @@ def compute(cfg, input_files, with_files: bool = True) -> Fingerprint:
         for key, value in (data.get(section) or {}).items():
             if key not in skip:
                 values[f"{section}.{key}"] = value
+    engine = data.get("engine") or {}
+    for key, default in _OUTPUT_ENGINE_KEYS.items():
+        if engine.get(key, default) != default:
+            values[f"engine.{key}"] = engine[key]
+    adapters = (data.get("lora") or {}).get("adapters")
+    if adapters:
+        values["lora.adapters"] = adapters
     if with_files:
         for path in sorted(input_files):
             values[FILE_KEY + str(path)] = _file_stat(path)
