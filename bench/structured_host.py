@@ -92,7 +92,7 @@ def make_rows(tokenizer, structured, grammar, num_rows: int, max_tokens: int, se
         seq = Sequence(str(i), 0, prompt, params, i)
         seq.detok = IncrementalDetokenizer(tokenizer, prompt)
         if grammar is not None:
-            seq.grammar = structured.matcher(grammar)
+            structured.start(seq, grammar)
         seqs.append(seq)
     return seqs
 

@@ -177,7 +177,7 @@ class LLMEngine:
                                                 params.spaces_between_special_tokens)
                          if params.detokenize else NoDetokenizer())
             if grammar is not None:  # each sample walks the grammar on its own
-                seq.grammar = self.structured.matcher(grammar)
+                self.structured.start(seq, grammar)
             if lora_request is not None:
                 seq.lora_request, seq.lora_id = lora_request, lora_request.lora_int_id
             seq.mm_inputs = processed.mm_inputs

@@ -52,6 +52,9 @@ class Sequence:
         self.generator = None                    # torch.Generator when params.seed is set
         self.detok = None                        # IncrementalDetokenizer, set by the engine
         self.grammar = None                      # xgrammar matcher with structured outputs
+        # JSON with free whitespace: the whitespace characters its output ends in (written by
+        # engine/structured.py, which caps the run); None otherwise
+        self.grammar_whitespace: int | None = None
         self.has_placeholder = False             # token_ids[-1] is PLACEHOLDER_TOKEN
         # LoRA (hpcinfer/lora): the request's adapter; lora_id 0 is the base model. Set by the
         # engine at add_request; the scheduler and the prefix-cache hash read lora_id.

@@ -146,6 +146,34 @@ def test_any_whitespace_is_the_default(llm, prompts):
     assert any(re.search(r"[\s]{2}|[{,:]\s", t) for t in texts)
 
 
+@pytest.mark.parametrize("cap", [4, 10 ** 6])
+def test_whitespace_runs_are_capped_by_the_mask(llm, prompts, monkeypatch, cap):
+    """Once a row's output ends in MAX_JSON_WHITESPACE whitespace characters, tokens made
+    only of whitespace are not allowed (engine/structured.py WhitespaceCap), so a run ends at
+    most one whitespace token past the cap; without the cap the random model's runs are
+    longer (the check has teeth)."""
+    from hpcinfer.engine import structured
+    monkeypatch.setattr(structured, "MAX_JSON_WHITESPACE", cap)
+    tok = llm.get_tokenizer()
+    texts = [tok.decode([i]) for i in range(len(tok))]
+    longest_token = max(len(t) for t in texts if t and not t.strip(" \t\n\r"))
+    so = StructuredOutputsParams(json=SCHEMA)
+    params = [SamplingParams(temperature=1.0, seed=s, max_tokens=400, structured_outputs=so)
+              for s in range(2 * len(prompts))]
+    runs = []
+    for out in llm.generate(prompts * 2, params, use_tqdm=False):
+        completion = out.outputs[0]
+        runs.append(max((len(m) for m in re.findall(r"[ \t\n\r]+", completion.text)),
+                        default=0))
+        if cap == 4:
+            assert completion.finish_reason == "stop", completion
+            check_schema(json.loads(completion.text))
+    if cap == 4:
+        assert max(runs) <= cap - 1 + max(longest_token, 1), runs
+    else:
+        assert max(runs) > 4 - 1 + longest_token, runs
+
+
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_free_rows_unchanged_by_constrained_neighbours(checkpoint, prompts, async_scheduling):
     llm = LLM(checkpoint(FAMILY), max_model_len=512, async_scheduling=async_scheduling)
@@ -287,7 +315,7 @@ def test_cache_is_bounded_by_bytes(llm, monkeypatch):
     llm.llm_engine._compile_grammar(SamplingParams(
         structured_outputs=StructuredOutputsParams(regex="a")), "x")   # makes the stage
     stage = llm.llm_engine.structured
-    size = stage.compile(StructuredOutputsParams(regex="[a-c]{2}")).memory_size_bytes
+    size = stage.compile(StructuredOutputsParams(regex="[a-c]{2}")).grammar.memory_size_bytes
     monkeypatch.setattr(structured, "MAX_CACHED_GRAMMAR_BYTES", 3 * size)
     for i in range(6):
         stage.compile(StructuredOutputsParams(regex=f"[a-c]{{{i + 3}}}"))

@@ -45,7 +45,7 @@ def _rows(stage, count: int, max_tokens: int = 100) -> list[Sequence]:
     seqs = []
     for i in range(count):
         seq = Sequence(str(i), 0, [5, 6, 7], SamplingParams(max_tokens=max_tokens))
-        seq.grammar = stage.matcher(stage.compile(CONSTRAINTS[i % len(CONSTRAINTS)]))
+        stage.start(seq, stage.compile(CONSTRAINTS[i % len(CONSTRAINTS)]))
         seqs.append(seq)
     return seqs
 
@@ -117,7 +117,7 @@ def test_finish_reasons_through_accept_tokens(stage, caplog):
 
 def _choice_row(stage, choice: str, index: int) -> Sequence:
     seq = Sequence(str(index), 0, [5], SamplingParams(max_tokens=10))
-    seq.grammar = stage.matcher(stage.compile(StructuredOutputsParams(choice=[choice])))
+    stage.start(seq, stage.compile(StructuredOutputsParams(choice=[choice])))
     return seq
 
 
