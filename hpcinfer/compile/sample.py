@@ -124,7 +124,8 @@ def _key_for_kind(cfg, kind: str) -> str:
 def _key_for_columns(cfg, reason: str) -> str:
     # "it has no column 'prompt' (columns: ...)": point at the key that named that column
     for key in ("id_field", "prompt_field", "messages_field", "text_field", "text_1_field",
-                "text_2_field", "sampling_field", "prompt_template", "passthrough"):
+                "text_2_field", "sampling_field", "adapter_field", "image_field",
+                "mm_processor_kwargs_field", "prompt_template", "passthrough"):
         value = getattr(cfg.input, key, None)
         names = value if isinstance(value, tuple) else (value,)
         if any(isinstance(n, str) and f"'{n}'" in reason for n in names):
