@@ -121,29 +121,20 @@ def _engine_tokens(family, images, monkeypatch, chunks=None, **kwargs):
     """Our greedy tokens for _requests and the engine; ``chunks``: a list that collects
     (sequence, first token, number of tokens) of every scheduled chunk."""
     from hpcinfer import LLM, SamplingParams
+    from hpcinfer.testing.schedule_log import record_chunks
     from hpcinfer.testing.tiny_vision import use_processor
     name, path, processor, _ = family
     if name in QWEN_FAMILIES:
         use_processor(monkeypatch, path, processor)
     llm = LLM(path, device="cuda", dtype="float32", max_model_len=256,
               enable_prefix_caching=False, **kwargs)
-    if chunks is not None:
-        _record_chunks(llm.llm_engine.scheduler, chunks)
+    recorded = record_chunks(llm) if chunks is not None else None
     prompts, _ = _requests(name, images)
     params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
     outs = llm.generate(prompts, params, use_tqdm=False)
+    if recorded is not None:
+        chunks.extend(recorded)
     return [o.outputs[0].token_ids for o in outs], llm.llm_engine
-
-
-def _record_chunks(scheduler, chunks: list) -> None:
-    schedule = scheduler.schedule
-
-    def recorded():
-        out = schedule()
-        chunks.extend((seq, seq.num_computed_tokens, n)
-                      for seq, n in zip(out.seqs, out.num_new_tokens))
-        return out
-    scheduler.schedule = recorded
 
 
 def _num_chunks_ending_inside_spans(chunks) -> int:
@@ -191,6 +182,7 @@ def test_memory_profile_includes_the_vision_encoder(family, monkeypatch):
     # images filling the encoder budget (hpcinfer/engine/memory.py), its output held through
     # the text forward: the step's peak is at least the encoder's.
     from hpcinfer import LLM
+    from hpcinfer.testing.schedule_log import record_chunks
     from hpcinfer.testing.tiny_vision import use_processor
     name, path, processor, _ = family
     if name in QWEN_FAMILIES:

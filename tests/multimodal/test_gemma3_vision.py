@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from hpcinfer import LLM, SamplingParams
+from hpcinfer.testing.schedule_log import record_chunks
 from hpcinfer.testing.tiny_vision import GEMMA3_IMAGE_TOKENS, hf_generate
 
 MAX_NEW = 12
@@ -68,20 +69,6 @@ def make_llm(path, **kwargs):
 
 def tokens(outputs):
     return [o.outputs[0].token_ids for o in outputs]
-
-
-def record_chunks(llm):
-    """Wrap the scheduler: returns the list of (sequence, first token, tokens) it schedules."""
-    scheduler, chunks = llm.llm_engine.scheduler, []
-    schedule = scheduler.schedule
-
-    def recorded():
-        out = schedule()
-        chunks.extend((seq, seq.num_computed_tokens, n)
-                      for seq, n in zip(out.seqs, out.num_new_tokens))
-        return out
-    scheduler.schedule = recorded
-    return chunks
 
 
 def assert_no_chunk_ends_inside_a_span(chunks):
