@@ -189,7 +189,7 @@ class InputSection(Section):
                         "docs/vision.md")
     mm_processor_kwargs_field: Optional[str] = Field(
         None, description="Column with a per-row mapping of processor arguments (JSONL "
-                          "object; Parquet struct or JSON string), merged over "
+                          "object; Parquet struct, map or JSON string), merged over "
                           "input.mm_processor_kwargs key by key (null values keep the "
                           "job's); tasks generate and chat; docs/vision.md")
     passthrough: StrTuple = Field(

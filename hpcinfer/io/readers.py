@@ -190,6 +190,10 @@ class ShardReader:
         except (OSError, pa.ArrowException) as exc:
             raise ShardReadError(self.file, f"not a readable Parquet file ({exc})") from None
         columns = self._parquet_columns(parquet.schema_arrow)
+        # Map columns (pandas dicts written with a map type) read as [(key, value), ...]: give
+        # the row a dict, as a struct column or a JSONL object would (sampling overrides,
+        # mm_processor_kwargs).
+        maps = [c for c in columns if pa.types.is_map(parquet.schema_arrow.field(c).type)]
         groups, first_index = _row_groups_covering(parquet.metadata, self.start, self.stop)
         index = first_index
         try:
@@ -198,6 +202,9 @@ class ShardReader:
                 lo, hi = max(self.start - index, 0), min(self.stop - index, batch.num_rows)
                 if lo < hi:
                     for offset, obj in enumerate(batch.slice(lo, hi - lo).to_pylist()):
+                        for name in maps:
+                            if obj.get(name) is not None:
+                                obj[name] = dict(obj[name])
                         yield index + lo + offset, obj, None
                 index += batch.num_rows
                 if index >= self.stop:

@@ -235,7 +235,7 @@ def validate_record(index: int, file: str, obj: Any, spec: InputSpec,
 
 def mm_processor_kwargs_of(value: Any, where: str) -> tuple[dict, str | None]:
     """A row's processor arguments -> (mapping without null values, None) or ({}, the
-    problem). A JSON object, a Parquet struct (absent keys read as null: not overridden) or
+    problem). A JSON object, a Parquet struct (absent keys read as null: not overridden) or map, or
     a JSON string holding an object; null means the job's input.mm_processor_kwargs."""
     if isinstance(value, str):       # Parquet files often store the dict as a JSON string
         try:
@@ -252,7 +252,7 @@ def mm_processor_kwargs_of(value: Any, where: str) -> tuple[dict, str | None]:
 
 _MM_KWARGS_FIX = ("write a mapping of the model processor's argument names to values, e.g. "
                   '{"min_pixels": 200704, "max_pixels": 1003520} for Qwen2-VL (a JSON object; '
-                  "in Parquet a struct or a JSON string), or null for the job's "
+                  "in Parquet a struct, a map or a JSON string), or null for the job's "
                   "input.mm_processor_kwargs")
 
 

@@ -71,6 +71,19 @@ def test_parquet_struct_sampling_nulls_mean_not_overridden(tmp_path):
     assert rows[2].sampling == {}
 
 
+def test_parquet_map_sampling_reads_as_a_mapping(tmp_path):
+    # pandas dicts are often written with a map type: [(key, value), ...] in pyarrow
+    path = tmp_path / "m.parquet"
+    kind = pa.map_(pa.string(), pa.float64())
+    pq.write_table(pa.table({
+        "id": [1, 2, 3], "prompt": ["a", "b", "c"],
+        "sampling": pa.array([[("temperature", 0.5), ("top_p", 0.9)], [], None], type=kind)}),
+        path)
+    spec = InputSpec(id_field="id", prompt_field="prompt", sampling_field="sampling")
+    rows = _read(path, 0, 3, spec)
+    assert [r.sampling for r in rows] == [{"temperature": 0.5, "top_p": 0.9}, {}, {}]
+
+
 def test_parquet_chat_messages_column(tmp_path):
     path = tmp_path / "chat.parquet"
     msgs = [{"role": "user", "content": "hi"}]
