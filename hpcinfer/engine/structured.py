@@ -103,12 +103,10 @@ class WhitespaceCap:
         ws = b" \t\n\r"
         self.only = [bool(t) and not t.strip(ws) for t in decoded_vocab]
         self.trailing = [len(t) - len(t.rstrip(ws)) for t in decoded_vocab]
-        allowed = torch.full((num_words * 32,), 1, dtype=torch.int64)
-        allowed[torch.tensor([i for i, o in enumerate(self.only) if o], dtype=torch.int64)] = 0
-        weights = torch.tensor([1 << j for j in range(32)], dtype=torch.int64)
-        words = (allowed.view(num_words, 32) * weights).sum(dim=1)
-        self.allowed = torch.where(words >= 1 << 31, words - (1 << 32),
-                                   words).to(torch.int32).numpy()
+        allowed = np.ones(num_words * 32, dtype=bool)
+        allowed[[i for i, o in enumerate(self.only) if o]] = False
+        # bit j of word w is token 32w + j, as in xgrammar's bitmask
+        self.allowed = np.packbits(allowed, bitorder="little").view("<i4")
 
     def run_after(self, run: int, token_id: int) -> int:
         """The whitespace run a row's output ends in after ``token_id``."""

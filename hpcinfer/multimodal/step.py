@@ -124,4 +124,4 @@ def mrope_positions(seqs, starts: np.ndarray, q_lens: np.ndarray,
         row += q
     if out is None:
         return positions
-    return out if uneven else out[0].copy()
+    return out if uneven else out[0]
