@@ -12,3 +12,6 @@ ln -s "$REPO"/hpcinfer/* "$SCRATCH/hpcinfer/"
 ln -s "$REPO/kernels" "$SCRATCH/hpcinfer/kernels"
 export PYTHONPATH="$SCRATCH${PYTHONPATH:+:$PYTHONPATH}"
 cd "$SCRATCH" || exit 1
+# The wheels dev/device-wheels.sh put in .whl (xgrammar, peft, gguf, ...), when carried.
+# shellcheck source=tests/gpu/site.sh
+source "$REPO/tests/gpu/site.sh"
