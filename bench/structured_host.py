@@ -163,9 +163,6 @@ def main() -> None:
                         help="the engine's own host work per step (schedule, prepare, launch)")
     parser.add_argument("--threads", type=int, default=None,
                         help="fill threads (default: the engine's, every core of the process)")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="grammar worker processes (default: the engine's, "
-                             "HPCINFER_GRAMMAR_WORKERS or half the cores up to 8; 0: none)")
     parser.add_argument("--no-prefetch", action="store_true",
                         help="leave out StructuredOutputs.prefetch (fill after the read-back)")
     parser.add_argument("--seed", type=int, default=0)
@@ -179,8 +176,7 @@ def main() -> None:
     from hpcinfer.sampling_params import StructuredOutputsParams
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     structured = StructuredOutputs(tokenizer, LOGITS_VOCAB, {tokenizer.eos_token_id},
-                                   torch.device("cpu"), max_threads=args.threads,
-                                   workers=args.workers)
+                                   torch.device("cpu"), max_threads=args.threads)
     grammar = structured.compile(StructuredOutputsParams(json=LONG_SCHEMA))
     free = run_steps(tokenizer, structured, None, args)
     constrained = run_steps(tokenizer, structured, grammar, args)
@@ -191,8 +187,7 @@ def main() -> None:
                  "cpu_step": round(constrained["cpu"], 3), "free_cpu_step": round(free["cpu"], 3),
                  **{k: round(constrained[k], 3) for k in ("fill", "accept", "wait")},
                  "other_engine_work": args.other_ms}
-    print(f"{args.rows} rows, {structured.max_threads} fill threads, "
-          f"{structured.num_workers} grammar workers, {os.cpu_count()} cores: "
+    print(f"{args.rows} rows, {structured.max_threads} fill threads, {os.cpu_count()} cores: "
           f"host ms/step {json.dumps(breakdown)}", flush=True)
     output_tok_s = round(args.rows * 1e3 / host_ms, 1)
     row = {"engine": "hpcinfer", "workload": "A-structured-json_long-host", "tp": 1,
@@ -200,8 +195,7 @@ def main() -> None:
            "host_steps_per_s": round(1e3 / host_ms, 2),
            "device": f"cpu ({len(os.sched_getaffinity(0))} cores, {socket.gethostname()})",
            "date": time.strftime("%Y-%m-%d"), "rows": args.rows, "steps": args.steps,
-           "fill_threads": structured.max_threads, "grammar_workers": structured.num_workers,
-           "mask_vocab": structured.mask_vocab,
+           "fill_threads": structured.max_threads, "mask_vocab": structured.mask_vocab,
            "logits_vocab": LOGITS_VOCAB, "host_ms_per_step": breakdown,
            "structured_ms_per_step": breakdown["structured"],
            # other processes share small VMs: a load above the core count inflates every

@@ -14,17 +14,13 @@ one has no "{"): --tokenizer names a directory with tokenizer.json + tokenizer_c
 never allowed). Each schema is compiled in a short warm-up (its time is the row's compile_s),
 as a job whose rows share a schema compiles it once.
 
-json_long runs three times: as the engine runs by default (the step loop accepts and fills
-after reading the tokens back), with the matchers in grammar worker processes
-(json_long_workers: half the cores, at most 8; one round trip a step accepts and fills side
-by side, engine/grammar_workers.py), and with the structured stage's background job on
+json_long runs twice: as the engine runs by default (the step loop accepts and fills after
+reading the tokens back) and with the structured stage's background job on
 (json_long_prefetch: the launched step's tokens are accepted and the next masks filled on a
 thread while the step loop goes on; off by default since it did not pay on the H200 hosts of
-2026-12-03, docs/structured-outputs.md), so one GPU session compares them.
-json_extraction runs as the engine does by default and with workers.
+2026-12-03, docs/structured-outputs.md), so one GPU session compares the two.
 
-Writes one row per run (free, json_long, json_long_workers, json_long_prefetch,
-json_extraction, json_extraction_workers) with the
+Writes one row per run (free, json_long, json_long_prefetch, json_extraction) with the
 common result keys (engine, workload, tp, output_tok_s, total_tok_s, device, date) to
 --out/structured-outputs-<device>-<date>.json, and prints a host-time breakdown per step:
 fill (xgrammar filling the bitmasks) and accept (the matchers taking the sampled tokens),
@@ -42,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -54,9 +49,6 @@ from throughput import WORKLOADS, write_checkpoint  # noqa: E402  (bench/through
 
 from hpcinfer.testing.llama_shapes import SHAPES  # noqa: E402
 
-# The _workers runs keep the matchers in this many worker processes (engine/grammar_workers.py;
-# the other runs use the engine's default, HPCINFER_GRAMMAR_WORKERS or none).
-WORKERS = max(1, min(8, len(os.sched_getaffinity(0)) // 2))
 LONG_SCHEMA = {"type": "object", "properties": {"items": {
     "type": "array", "items": {"type": "string", "maxLength": 8}, "minItems": 200}},
     "required": ["items"], "additionalProperties": False}
@@ -145,11 +137,8 @@ def run(ckpt: Path, num_prompts: int, max_tokens: int, device: str) -> list[dict
     free = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     runs = (("free", None),
             ("json_long", StructuredOutputsParams(json=LONG_SCHEMA)),
-            ("json_long_workers", StructuredOutputsParams(json=LONG_SCHEMA)),
             ("json_long_prefetch", StructuredOutputsParams(json=LONG_SCHEMA)),
-            ("json_extraction", StructuredOutputsParams(json=EXTRACTION_SCHEMA)),
-            ("json_extraction_workers", StructuredOutputsParams(json=EXTRACTION_SCHEMA)))
-    variants = ("_prefetch", "_workers")
+            ("json_extraction", StructuredOutputsParams(json=EXTRACTION_SCHEMA)))
     # Warm-up: Triton compiles, and each schema compiles once (cached by its text), as a job
     # whose rows share a schema pays it once; the compile time is reported apart.
     llm.generate(prompts, [SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)]
@@ -157,15 +146,14 @@ def run(ckpt: Path, num_prompts: int, max_tokens: int, device: str) -> list[dict
     engine = llm.llm_engine
     compile_s = {}
     for name, so in runs[1:]:
-        if name.endswith(variants):
-            compile_s[name] = compile_s[name.rsplit("_", 1)[0]]
+        if name.endswith("_prefetch"):
+            compile_s[name] = compile_s[name.removesuffix("_prefetch")]
             continue
         start = time.perf_counter()
         llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True,
                                                  structured_outputs=so), use_tqdm=False)
         compile_s[name] = round(time.perf_counter() - start, 3)
     stage = engine.structured
-    default_workers = stage.num_workers
     overlap = watch_overlap(stage) if cuda else None
     common = {"engine": "hpcinfer", "tp": 1,
               "device": torch.cuda.get_device_name(0) if cuda else "cpu",
@@ -173,7 +161,6 @@ def run(ckpt: Path, num_prompts: int, max_tokens: int, device: str) -> list[dict
     extra = {"num_prompts": num_prompts, "max_tokens": max_tokens,
              "logits_vocab": engine.spec.vocab_size, "tokenizer_vocab": vocab,
              "mask_vocab": stage.mask_vocab, "fill_threads": stage.max_threads,
-             "cores": len(os.sched_getaffinity(0)),
              "async_scheduling": engine.config.async_scheduling}
     rows = []
     for name, so in runs:
@@ -182,11 +169,8 @@ def run(ckpt: Path, num_prompts: int, max_tokens: int, device: str) -> list[dict
         before = _counters(engine)
         overlap_before = dict(overlap or {})
         stage.uses_prefetch = name.endswith("_prefetch")
-        stage.use_workers(WORKERS if name.endswith("_workers") else default_workers)
         outs, wall = timed(llm, prompts, [params] * num_prompts, sync)
         stage.uses_prefetch = False
-        row_workers = stage.num_workers
-        stage.use_workers(default_workers)
         after = _counters(engine)
         d = {k: after[k] - before[k] for k in after}
         num_out = sum(len(o.outputs[0].token_ids) for o in outs)
@@ -195,7 +179,7 @@ def run(ckpt: Path, num_prompts: int, max_tokens: int, device: str) -> list[dict
                "output_tok_s": round(num_out / wall, 1),
                "total_tok_s": round((num_out + num_prompts * prompt_len) / wall, 1),
                "wall_s": round(wall, 3), "output_tokens": num_out, "steps": steps,
-               "mask_steps": d["mask_steps"], "grammar_workers": row_workers,
+               "mask_steps": d["mask_steps"],
                "finish_reasons": sorted({o.outputs[0].finish_reason for o in outs})}
         if d["mask_steps"]:
             row["mask_ms_per_step"] = round(1e3 * d["mask_s"] / d["mask_steps"], 3)
@@ -218,7 +202,7 @@ def run(ckpt: Path, num_prompts: int, max_tokens: int, device: str) -> list[dict
                                      for k in ENGINE_TIMERS}
         if overlap and overlap["fills"] > overlap_before["fills"]:
             row["overlap"] = {k: overlap[k] - overlap_before[k] for k in overlap}
-        if name.startswith("json_extraction"):   # json_long rows end by length, unfinished
+        if name == "json_extraction":   # json_long rows end by length, unfinished
             row["valid"] = sum(_parses(o.outputs[0].text) for o in outs)
         rows.append({**row, **extra})
         print(name, f"{row['output_tok_s']} tok/s, {steps} steps, host ms/step:",

@@ -43,12 +43,11 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from hpcinfer.engine.grammar_workers import GrammarWorkers, default_num_workers
 from hpcinfer.engine.sequence import Sequence
 from hpcinfer.engine.structured_params import StructuredOutputsParams
 
@@ -65,9 +64,15 @@ MIN_ROWS_FOR_THREADS = 64
 # Accepting a token costs ~5 us a row (JSON, measured on 2 cores): shards of fewer rows than
 # this are not worth a thread's wake-up.
 ROWS_PER_ACCEPT_SHARD = 32
-# At most this many fill threads (the default is every core this process may use: the step
-# loop waits for the fill, so its own core is free meanwhile).
-MAX_FILL_THREADS = 32
+# Threads that fill masks and accept tokens: one by default. xgrammar's thread pool and
+# Python threads calling it do not run side by side: on 2026-12-03 two threads used 1.1 cores
+# and were slower than one (2-core VM), and on the 16-core H200 host the 16 threads of the
+# old default took fill 5.6 + accept 4.0 ms a step for 256 json_long rows where one thread
+# takes 4.5 + 1.35 (bench/results/structured-*-2026-12-03.json). Worker processes did run
+# side by side but lost more in the round trips than they won (commit 935586b, reverted).
+DEFAULT_FILL_THREADS = 1
+# Compiling a grammar does use several cores: up to this many compiler threads.
+MAX_COMPILE_THREADS = 32
 # Whitespace in JSON output, at most about this many characters in a row (vLLM: unbounded).
 # Enough for pretty-printing seven levels deep; without a cap a model can spend all of
 # max_tokens on whitespace and leave the row unparseable. Enforced by the mask stage, not the
@@ -93,7 +98,6 @@ class Constraint:
 
     grammar: object
     caps_whitespace: bool = False
-    key: tuple = ()   # StructuredOutputsParams.cache_key(): names it to grammar workers
 
 
 class WhitespaceCap:
@@ -151,17 +155,10 @@ class GrammarMask:
 
 class StructuredOutputs:
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids, device: torch.device,
-                 fills_masks: bool = True, max_threads: int | None = None,
-                 workers: int | None = None):
+                 fills_masks: bool = True, max_threads: int | None = None):
         import xgrammar as xgr
-        if max_threads is None:  # the cores this process may use (a Slurm task's cpus)
-            max_threads = max(1, min(MAX_FILL_THREADS, len(os.sched_getaffinity(0))))
-        # Matchers in worker processes (grammar_workers.py) where there are cores to spare
-        # and masks to fill; 0: in this process. Started at the first constrained sequence.
-        if not fills_masks:
-            workers = 0
-        self.num_workers = default_num_workers() if workers is None else workers
-        self._workers: GrammarWorkers | None = None
+        if max_threads is None:
+            max_threads = DEFAULT_FILL_THREADS
         self._xgr = xgr
         self.vocab_size = vocab_size
         self.device = device
@@ -173,8 +170,10 @@ class StructuredOutputs:
         self.mask_vocab, stops = mask_vocabulary(tokenizer_len, vocab_size, stop_token_ids)
         info = xgr.TokenizerInfo.from_huggingface(
             tokenizer, vocab_size=self.mask_vocab, stop_token_ids=stops or None)
-        self._info = info
-        self.compiler = xgr.GrammarCompiler(info, max_threads=max_threads, cache_enabled=False)
+        # the cores this process may use (a Slurm task's cpus)
+        compile_threads = max(1, min(MAX_COMPILE_THREADS, len(os.sched_getaffinity(0))))
+        self.compiler = xgr.GrammarCompiler(info, max_threads=compile_threads,
+                                            cache_enabled=False)
         self._batch = xgr.BatchGrammarMatcher(max_threads)
         self._num_words = (info.vocab_size + 31) // 32
         self._decoded_vocab = info.decoded_vocab
@@ -239,12 +238,6 @@ class StructuredOutputs:
         return found
 
     def _compile_uncached(self, so: StructuredOutputsParams):
-        constraint = self._compile_constraint(so)
-        if isinstance(constraint, Constraint):
-            constraint = replace(constraint, key=so.cache_key())
-        return constraint
-
-    def _compile_constraint(self, so: StructuredOutputsParams):
         kind = so.kind
         try:
             if kind in ("json", "json_object"):
@@ -274,26 +267,11 @@ class StructuredOutputs:
 
     def start(self, seq: Sequence, constraint: Constraint) -> None:
         """Give ``seq`` its own matcher of ``constraint`` (and a whitespace run to count)."""
-        if self.num_workers:
-            if self._workers is None:
-                self._workers = GrammarWorkers(self._info, self.num_workers, self._num_words)
-            seq.grammar = self._workers.start(constraint.key, constraint.grammar)
-        else:
-            seq.grammar = self._xgr.GrammarMatcher(constraint.grammar)
+        seq.grammar = self._xgr.GrammarMatcher(constraint.grammar)
         if constraint.caps_whitespace:
             seq.grammar_whitespace = 0
             if self._whitespace is None:
                 self._whitespace = WhitespaceCap(self._decoded_vocab, self._num_words)
-
-    def use_workers(self, num: int) -> None:
-        """Keep the matchers of sequences started from now on in ``num`` worker processes (0:
-        in this process). Only between batches: a running sequence keeps the matcher it has,
-        and in-process and worker matchers must not share a step (bench/structured_outputs.py
-        compares the two in one process)."""
-        if self._workers is not None:
-            self._workers.close()
-            self._workers = None
-        self.num_workers = num if self.fills_masks else 0
 
     # --- the step ---
     def prefetch(self, flight) -> None:
@@ -306,15 +284,15 @@ class StructuredOutputs:
         tokens (detokenize, stop checks). ``fill`` takes those rows as they are and fills only
         the others.
 
-        Why a thread helps: xgrammar's C++ releases the GIL (tvm-ffi calls do), so it runs
+        Why a thread was to help: if xgrammar's C++ released the GIL, it would run
         beside the step loop's Python on another core. The job owns the matchers it works on
         and the host buffer until ``fill`` joins it; ``accept`` and ``accept_tokens`` wait
         only for its accepts."""
         self._join()
         self._staged = {}   # masks of states these tokens move on from
         rows = [s for s in flight.seqs if s.grammar is not None and not s.is_finished]
-        if not rows or not self.uses_prefetch or self._workers is not None:
-            return   # (grammar workers accept and fill in one round trip of their own)
+        if not rows or not self.uses_prefetch:
+            return
         # Read here, not on the thread: the step loop owns the placeholders. The lengths are
         # those once the token is appended: it replaces the placeholder, or comes after the
         # last token of a row that this token ends by length (no placeholder).
@@ -438,10 +416,8 @@ class StructuredOutputs:
 
     def _fill_rows(self, host: torch.Tensor, matchers: list, indices: list[int]) -> None:
         """xgrammar fills ``host[indices[k]]`` from ``matchers[k]``: few rows on this thread,
-        many through its thread pool; or copies the grammar workers' staged masks."""
-        if self._workers is not None:
-            self._workers.gather(matchers, host.numpy(), indices)
-        elif len(matchers) < MIN_ROWS_FOR_THREADS or self.max_threads == 1:
+        many through its thread pool."""
+        if len(matchers) < MIN_ROWS_FOR_THREADS or self.max_threads == 1:
             for matcher, index in zip(matchers, indices):
                 matcher.fill_next_token_bitmask(host, index)
         else:
@@ -502,9 +478,7 @@ class StructuredOutputs:
         t0 = time.perf_counter()
         matchers = [s.grammar for s in rows]
         num_shards = min(self.max_threads, len(rows) // ROWS_PER_ACCEPT_SHARD)
-        if self._workers is not None:
-            accepted = self._workers.accept(matchers, tokens)
-        elif num_shards > 1:   # xgrammar's calls release the GIL: shards run side by side
+        if num_shards > 1:   # (max_threads > 1 only: shards did not run side by side)
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.max_threads,
                                                 thread_name_prefix="hpcinfer-accept")

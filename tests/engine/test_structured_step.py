@@ -38,8 +38,7 @@ def llm(checkpoint):
 def stage(llm):
     tokenizer = llm.get_tokenizer()
     return StructuredOutputs(tokenizer, llm.llm_engine.spec.vocab_size,
-                             {tokenizer.eos_token_id}, torch.device("cpu"), max_threads=2,
-                             workers=0)   # matchers in this process (test_grammar_workers.py)
+                             {tokenizer.eos_token_id}, torch.device("cpu"), max_threads=2)
 
 
 def _rows(stage, count: int, max_tokens: int = 100) -> list[Sequence]:
@@ -220,7 +219,6 @@ def test_sharded_accepts_and_prefetch_give_the_same_outputs(checkpoint, monkeypa
     """Many constrained rows with several accept shards (and, async, the background job)
     give the outputs of one row at a time on the step loop."""
     from hpcinfer.engine import structured
-    monkeypatch.setenv("HPCINFER_GRAMMAR_WORKERS", "0")   # the in-process paths
     prompts = [f"Row {i} says" for i in range(12)]
     params = [SamplingParams(temperature=1.0, seed=i, max_tokens=120,
                              structured_outputs=CONSTRAINTS[i % len(CONSTRAINTS)])
