@@ -75,8 +75,10 @@ class Gemma3MultiModalProjector(nn.Module):
         n, _, dim = features.shape
         side = self.patches_per_side
         grid = features.transpose(1, 2).reshape(n, dim, side, side)
-        pooled = F.avg_pool2d(grid, self.kernel_size).flatten(2).transpose(1, 2)
-        normed = self.mm_soft_emb_norm(pooled.reshape(-1, dim)).view(n, -1, dim)
+        # contiguous: for one image reshape would keep the transposed strides, and the Triton
+        # norm needs stride 1 in the last dim (KernelArgumentError on the GPU)
+        pooled = F.avg_pool2d(grid, self.kernel_size).flatten(2).transpose(1, 2).contiguous()
+        normed = self.mm_soft_emb_norm(pooled.view(-1, dim)).view(n, -1, dim)
         return torch.matmul(normed, self.mm_input_projection_weight).to(features.dtype)
 
 

@@ -243,3 +243,24 @@ def test_login_side_accepts_the_checkpoint(gemma3_dir):
     assert hf["architectures"] == ["Gemma3ForConditionalGeneration"]
     assert support.known_architecture("Gemma3ForConditionalGeneration")
     assert checkpoint_problem(hf) is None
+
+
+def test_projector_hands_the_norm_a_contiguous_input(gemma3_dir, images, monkeypatch):
+    """One image: the pooled patch grid was a transposed view whose last dim had stride 16;
+    the CPU reference took it, the Triton norm refused it on the GPU (KernelArgumentError)."""
+    from hpcinfer.kernels.launch_checks import check_last_dim_contiguous
+    from hpcinfer.layers import ops
+    rms_norm = ops.rms_norm
+
+    def checked(x, *args, **kwargs):
+        check_last_dim_contiguous("x", x)
+        return rms_norm(x, *args, **kwargs)
+
+    llm = make_llm(gemma3_dir)
+    projector = llm.llm_engine.runner.model.multi_modal_projector
+    monkeypatch.setattr(ops, "rms_norm", checked)
+    tokens = projector.patches_per_side ** 2
+    for n in (1, 3):
+        features = torch.randn(n, tokens, projector.mm_soft_emb_norm.weight.shape[0])
+        assert projector(features).shape[:2] == (n, llm.llm_engine.runner.model.config
+                                                  .mm_tokens_per_image)
