@@ -64,15 +64,15 @@ MIN_ROWS_FOR_THREADS = 64
 # Accepting a token costs ~5 us a row (JSON, measured on 2 cores): shards of fewer rows than
 # this are not worth a thread's wake-up.
 ROWS_PER_ACCEPT_SHARD = 32
-# Threads that fill masks and accept tokens: one by default. xgrammar's thread pool and
-# Python threads calling it do not run side by side: on 2026-12-03 two threads used 1.1 cores
-# and were slower than one (2-core VM), and on the 16-core H200 host the 16 threads of the
-# old default took fill 5.6 + accept 4.0 ms a step for 256 json_long rows where one thread
-# takes 4.5 + 1.35 (bench/results/structured-*-2026-12-03.json). Worker processes did run
-# side by side but lost more in the round trips than they won (commit 935586b, reverted).
-DEFAULT_FILL_THREADS = 1
-# Compiling a grammar does use several cores: up to this many compiler threads.
-MAX_COMPILE_THREADS = 32
+# At most this many fill (and compile) threads; the default is every core this process may
+# use. Whether a step's fill uses them is measured as it runs (FillMode): on one H200 host
+# (16 cores, 2026-12-03) the pool filled 256 json_long rows in 5.6 ms where one thread took
+# 42 ms (~160 us a row), but 256 json_extraction rows in 1.2 ms where one thread took 0.5 ms.
+MAX_FILL_THREADS = 32
+# Every this many filled steps, FillMode times both ways again: PROBE_ROWS rows on this
+# thread, the others on the pool.
+FILL_PROBE_EVERY = 16
+FILL_PROBE_ROWS = 16
 # Whitespace in JSON output, at most about this many characters in a row (vLLM: unbounded).
 # Enough for pretty-printing seven levels deep; without a cap a model can spend all of
 # max_tokens on whitespace and leave the row unparseable. Enforced by the mask stage, not the
@@ -153,12 +153,48 @@ class GrammarMask:
             self.owner.apply_s += time.perf_counter() - t0
 
 
+class FillMode:
+    """Whether a step fills its masks on the step loop's thread or on xgrammar's thread pool:
+    the faster per row lately. A row's fill costs ~2 us in some grammar states and ~160 us in
+    others (one H200 host core), and the pool pays only for the costly ones, so the engine
+    measures instead of guessing: the first filled step and every FILL_PROBE_EVERY-th after
+    it (``probing``) fill FILL_PROBE_ROWS rows on the thread and the rest on the pool; the
+    others go the faster way (``alone``: on the thread), and update that way's per-row time
+    (an exponential average); a probe's times replace both."""
+
+    def __init__(self):
+        self.steps = 0
+        self.here_s: float | None = None   # seconds a row, on the step loop's thread
+        self.pool_s: float | None = None   # seconds a row (wall), on the pool
+
+    def probing(self) -> bool:
+        return self.steps % FILL_PROBE_EVERY == 0
+
+    def alone(self) -> bool:
+        return self.here_s is not None and self.pool_s is not None and self.here_s < self.pool_s
+
+    def record(self, here_rows: int, here_s: float, pool_rows: int, pool_s: float) -> None:
+        """A fill's times: ``here_rows`` rows in ``here_s`` on the thread, ``pool_rows`` in
+        ``pool_s`` on the pool. A probe's times replace both (the way not taken since may
+        have changed); a plain step's update its way's average."""
+        probe = self.probing()
+        self.steps += 1
+        if here_rows:
+            self.here_s = _average(None if probe else self.here_s, here_s / here_rows)
+        if pool_rows:
+            self.pool_s = _average(None if probe else self.pool_s, pool_s / pool_rows)
+
+
+def _average(old: float | None, new: float) -> float:
+    return new if old is None else 0.8 * old + 0.2 * new
+
+
 class StructuredOutputs:
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids, device: torch.device,
                  fills_masks: bool = True, max_threads: int | None = None):
         import xgrammar as xgr
-        if max_threads is None:
-            max_threads = DEFAULT_FILL_THREADS
+        if max_threads is None:  # the cores this process may use (a Slurm task's cpus)
+            max_threads = max(1, min(MAX_FILL_THREADS, len(os.sched_getaffinity(0))))
         self._xgr = xgr
         self.vocab_size = vocab_size
         self.device = device
@@ -170,10 +206,11 @@ class StructuredOutputs:
         self.mask_vocab, stops = mask_vocabulary(tokenizer_len, vocab_size, stop_token_ids)
         info = xgr.TokenizerInfo.from_huggingface(
             tokenizer, vocab_size=self.mask_vocab, stop_token_ids=stops or None)
-        # the cores this process may use (a Slurm task's cpus)
-        compile_threads = max(1, min(MAX_COMPILE_THREADS, len(os.sched_getaffinity(0))))
-        self.compiler = xgr.GrammarCompiler(info, max_threads=compile_threads,
-                                            cache_enabled=False)
+        self.compiler = xgr.GrammarCompiler(info, max_threads=max_threads, cache_enabled=False)
+        self._fill_mode = FillMode()
+        # Accepts in one xgrammar call on this thread: shards on threads (accept_threads > 1)
+        # were no faster for json_long and 5x slower for json_extraction on the H200 host.
+        self.accept_threads = 1
         self._batch = xgr.BatchGrammarMatcher(max_threads)
         self._num_words = (info.vocab_size + 31) // 32
         self._decoded_vocab = info.decoded_vocab
@@ -415,13 +452,25 @@ class StructuredOutputs:
         words[index[keep]] = narrowed[keep]
 
     def _fill_rows(self, host: torch.Tensor, matchers: list, indices: list[int]) -> None:
-        """xgrammar fills ``host[indices[k]]`` from ``matchers[k]``: few rows on this thread,
-        many through its thread pool."""
+        """xgrammar fills ``host[indices[k]]`` from ``matchers[k]``: few rows on this thread;
+        many on this thread or through its thread pool, whichever FillMode found faster."""
         if len(matchers) < MIN_ROWS_FOR_THREADS or self.max_threads == 1:
-            for matcher, index in zip(matchers, indices):
-                matcher.fill_next_token_bitmask(host, index)
-        else:
-            self._batch.batch_fill_next_token_bitmask(matchers, host, indices)
+            self._fill_here(host, matchers, indices)
+            return
+        mode = self._fill_mode
+        here = FILL_PROBE_ROWS if mode.probing() else len(matchers) if mode.alone() else 0
+        t0 = time.perf_counter()
+        self._fill_here(host, matchers[:here], indices[:here])
+        t1 = time.perf_counter()
+        if here < len(matchers):
+            self._batch.batch_fill_next_token_bitmask(matchers[here:], host, indices[here:])
+        t2 = time.perf_counter()
+        mode.record(here, t1 - t0, len(matchers) - here, t2 - t1)
+
+    @staticmethod
+    def _fill_here(host: torch.Tensor, matchers: list, indices: list[int]) -> None:
+        for matcher, index in zip(matchers, indices):
+            matcher.fill_next_token_bitmask(host, index)
 
     @staticmethod
     def _place_staged(prefetched: torch.Tensor, host: torch.Tensor, sources: list[int]) -> None:
@@ -477,10 +526,10 @@ class StructuredOutputs:
         one that has ended refuses every token and stays as it is."""
         t0 = time.perf_counter()
         matchers = [s.grammar for s in rows]
-        num_shards = min(self.max_threads, len(rows) // ROWS_PER_ACCEPT_SHARD)
-        if num_shards > 1:   # (max_threads > 1 only: shards did not run side by side)
+        num_shards = min(self.accept_threads, len(rows) // ROWS_PER_ACCEPT_SHARD)
+        if num_shards > 1:
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.max_threads,
+                self._pool = ThreadPoolExecutor(self.accept_threads,
                                                 thread_name_prefix="hpcinfer-accept")
             step = -(-len(rows) // num_shards)
             parts = self._pool.map(

@@ -75,6 +75,7 @@ def test_batch_accept_equals_one_matcher_at_a_time(stage, monkeypatch):
     is_terminated called per matcher, through ended grammars and refused tokens."""
     from hpcinfer.engine import structured
     monkeypatch.setattr(structured, "ROWS_PER_ACCEPT_SHARD", 2)   # shards of a few rows
+    monkeypatch.setattr(stage, "accept_threads", 2)
     rng = random.Random(0)
     batched, single = _rows(stage, 9), _rows(stage, 9)
     num_ended = num_refused = 0
@@ -231,7 +232,7 @@ def test_sharded_accepts_and_prefetch_give_the_same_outputs(checkpoint, monkeypa
     monkeypatch.undo()
     monkeypatch.setattr(structured, "ROWS_PER_ACCEPT_SHARD", 2)
     stage = llm.llm_engine.structured
-    monkeypatch.setattr(stage, "max_threads", 4)
+    monkeypatch.setattr(stage, "accept_threads", 4)
     monkeypatch.setattr(stage, "uses_prefetch", True)   # (off by default)
     fast = [(o.outputs[0].token_ids, o.outputs[0].finish_reason)
             for o in llm.generate(prompts, params, use_tqdm=False)]
@@ -239,3 +240,39 @@ def test_sharded_accepts_and_prefetch_give_the_same_outputs(checkpoint, monkeypa
     assert all(reason == "stop" for _, reason in plain)
     assert stage._pool is not None
     assert (stage.num_prefilled_rows > 0) == async_scheduling
+
+
+def test_fill_mode_goes_the_faster_way():
+    """Probe steps time both ways; the others take the faster per row and keep timing it."""
+    from hpcinfer.engine.structured import FILL_PROBE_EVERY, FillMode
+    mode = FillMode()
+    assert mode.probing() and not mode.alone()      # nothing measured: probe
+    mode.record(16, 16 * 160e-6, 240, 240 * 22e-6)   # costly rows: the pool wins
+    assert not mode.probing() and not mode.alone()
+    for _ in range(FILL_PROBE_EVERY - 1):
+        mode.record(0, 0.0, 256, 256 * 22e-6)
+    assert mode.probing()
+    mode.record(16, 16 * 2e-6, 240, 240 * 5e-6)      # cheap rows now: this thread wins
+    assert mode.alone() and not mode.probing()
+    mode.record(256, 256 * 2e-6, 0, 0.0)
+    assert mode.alone()
+
+
+def test_fills_split_between_thread_and_pool_equal_one_matcher_at_a_time(stage):
+    """80 rows (the pool's minimum is 64): probe steps fill 16 rows on the thread and the rest
+    on the pool, the others one way; every mask row equals the matcher's own fill."""
+    rng = random.Random(3)
+    seqs = _rows(stage, 80, max_tokens=10 ** 6)
+    ways = set()
+    for step in range(20):
+        live = [s for s in seqs if not s.grammar.is_terminated()]
+        mode = stage._fill_mode
+        ways.add("probe" if mode.probing() else "alone" if mode.alone() else "pool")
+        mask = stage.fill(live)
+        for k, seq in enumerate(live):
+            want = torch.zeros((1, stage._num_words), dtype=torch.int32)
+            seq.grammar.fill_next_token_bitmask(want, 0)
+            assert torch.equal(mask.bitmask[k], want[0]), (step, k)
+        for seq in live:
+            seq.grammar.accept_token(rng.choice(_allowed(seq.grammar, stage._num_words)))
+    assert "probe" in ways and len(ways) >= 2
