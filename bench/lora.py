@@ -8,7 +8,7 @@ output tok/s with 4 rank-16 adapters on every target (q/k/v/o/gate/up/down).
     python bench/lora.py --workload T --device cpu   # the CPU-sized plumbing run
     python bench/lora.py --reps 3 --tiles-from "$OUT"/kernels-*.json   # + tuned launches
 
-``--tiles-from`` reads a ``bench/kernels.py --only lora_tiles`` sweep, picks for each kernel
+``--tiles-from`` reads a ``bench/kernel_bench.py --only lora_tiles`` sweep, picks for each kernel
 (shrink, expand) and decode size (<= 64 rows, <= 512 rows) the launch config with the least
 summed time over the swept layer shapes, and runs the LoRA engine a second time with those
 launches (replacing kernels.lora's config functions for that run only, as the sweep does), so
@@ -168,7 +168,7 @@ def main() -> None:
     parser.add_argument("--enforce-eager", action="store_true",
                         help="no CUDA graphs, in both runs (default: graphs on a GPU)")
     parser.add_argument("--reps", type=int, default=1, help="timed reps per run (median)")
-    parser.add_argument("--tiles-from", help="a bench/kernels.py lora_tiles sweep (JSON): "
+    parser.add_argument("--tiles-from", help="a bench/kernel_bench.py lora_tiles sweep (JSON): "
                         "also run LoRA with the launches it picks")
     parser.add_argument("--out", default=str(RESULTS), help="results dir")
     args = parser.parse_args()

@@ -39,7 +39,7 @@ MAX_DEFAULT_PARTITIONS = 64
 # With this many (sequence, KV head) programs the grid fills the GPU many times over without
 # split-K, and splitting short contexts only adds partial-result traffic and the reduce
 # kernel. H100, a workload-B decode step (512 sequences, mean context 388, capacity 1536,
-# bench/kernels.py --only decode_mix): 310 us with one 2048-key partition vs 362 us with
+# bench/kernel_bench.py --only decode_mix): 310 us with one 2048-key partition vs 362 us with
 # 512-key partitions + reduce; workload A's shape (capacity 512) is unchanged at 93 us.
 BIG_GRID_PROGRAMS = 2048
 BIG_GRID_PARTITION_SIZE = 2048
@@ -206,7 +206,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 
 def decode_config(block_d: int, dtype: torch.dtype) -> dict:
-    """Key tile and launch options (bench/kernels.py --sweep compares alternatives)."""
+    """Key tile and launch options (bench/kernel_bench.py --sweep compares alternatives)."""
     # H100 sweep (bench/results/kernels-nvidia-h100-80gb-hbm3-2026-11-24.json, bf16): 64-key
     # tiles at d128 (2.77 TB/s of 3.0 copy); 32-key tiles at d64 (2.43 vs 2.29 TB/s).
     cfg = dict(BLOCK_N=64 if block_d > 64 else 32, num_warps=4, num_stages=3)

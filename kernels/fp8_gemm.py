@@ -226,7 +226,7 @@ def _fp8_w8a16_kernel(A, B, BS, OUT, M, N, K, K_PER_SPLIT, stride_am, stride_om,
 
 # Launches by M (first bound >= M): (block_m, block_n, block_k, warps), split-K doubled up to 8
 # while the grid is under 4 waves of SMs, as the W4A16 sweep's decode rows did best (that
-# sweep, not one of this kernel: bench/kernels.py's fp8_w8a16 rows are its first timings).
+# sweep, not one of this kernel: bench/kernel_bench.py's fp8_w8a16 rows are its first timings).
 W8A16_TABLE = ((16, (16, 128, 128, 4)), (1 << 62, (64, 128, 64, 4)))
 
 

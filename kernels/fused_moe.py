@@ -148,7 +148,7 @@ def _moe_down_kernel(
 
 
 def _moe_config(num_pairs: int, num_experts: int) -> dict:
-    """Tile sizes and launch settings (bench/kernels.py --sweep replaces this to try others).
+    """Tile sizes and launch settings (bench/kernel_bench.py --sweep replaces this to try others).
 
     Rows per expert decide BLOCK_M: decode batches give each expert a handful of pairs, and a
     64-row block would be mostly padding. The interpreter wants small tiles (it is slow)."""

@@ -160,7 +160,7 @@ DECODE_ROWS = 512
 
 def _shrink_config(num_tokens: int, k: int, num_slots: int, block_pr: int,
                    elem_size: int = 2) -> dict:
-    """Shrink launch (bench/kernels.py --only lora_tiles times alternatives by replacing
+    """Shrink launch (bench/kernel_bench.py --only lora_tiles times alternatives by replacing
     this function)."""
     # the unrolled slots' A tiles (num_slots x BLOCK_K x BLOCK_PR) within 64 KiB (4 x 128 x
     # 64 in bf16); Triton keeps ~3 stages of them in shared memory, so fp32 tiles of the bf16

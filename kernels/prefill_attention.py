@@ -181,7 +181,7 @@ def _check_key_limits(last_key_positions: torch.Tensor, q: torch.Tensor, causal:
 
 
 def prefill_config(block_d: int, dtype: torch.dtype, max_seqlen_q: int) -> dict:
-    """Tile sizes and launch options (bench/kernels.py --sweep compares alternatives)."""
+    """Tile sizes and launch options (bench/kernel_bench.py --sweep compares alternatives)."""
     # H100 sweep (bench/results/kernels-nvidia-h100-80gb-hbm3-2026-11-24.json, bf16, 8 x 512
     # causal): 64x32 tiles, 4 warps: 178 TFLOP/s at d128, 145 at d64; at d256 4 warps give
     # 190 TFLOP/s where 8 gave 101.

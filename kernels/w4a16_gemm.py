@@ -248,7 +248,7 @@ def w4a16_gemm(a: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor,
     """a [M, K] @ W [K, N] -> [M, N] in a's dtype; W in the layout of
     hpcinfer.kernels.quant_reference (qweight [K/8, N] int32, zeros [G, N] int32, scales
     [G, N] fp32, g_idx [K] int32 or None). ``config``: a launch other than config_for's
-    (tests, bench/kernels.py's sweep); its block_k must divide K (and stay in one group
+    (tests, bench/kernel_bench.py's sweep); its block_k must divide K (and stay in one group
     without g_idx when it is not a divisor of group_size: then groups are looked up per k)."""
     _check_w4a16(a, qweight, zeros, scales, g_idx, group_size)
     m, k = a.shape

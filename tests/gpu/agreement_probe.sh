@@ -30,7 +30,7 @@ for round in 1 2; do
     [[ $pv == fp32 ]] && export HPCINFER_PV_FP32=decode,prefill
     echo "=== bench P $pv round $round ($(left) s left)"
     # Full names: "decode" would also match sweep_decode (run 1 timed the sweeps too).
-    timeout 60 "$PY" "$REPO/bench/kernels.py" --quick \
+    timeout 60 "$PY" "$REPO/bench/kernel_bench.py" --quick \
       --only bench_decode,bench_decode_mix,bench_prefill \
       --out "$RESULTS_DIR/kernels-pv-$pv-$round.json" 2>&1 | tee -a "$RESULTS_DIR/bench-pv.log"
   done

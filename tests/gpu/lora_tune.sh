@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # LoRA launch tuning in one GPU call (issue 23): sweep the shrink/expand launch configs
-# (bench/kernels.py --only lora,lora_tiles), then bench/lora.py on workload A with the
+# (bench/kernel_bench.py --only lora,lora_tiles), then bench/lora.py on workload A with the
 # default launches and with the ones the sweep picks (--tiles-from), against the same
 # no-LoRA baseline, REPS timed reps each (median). Writes kernels-*.json and lora-*.json
 # under RESULTS_DIR (default $OUT, else bench/results).
@@ -16,7 +16,7 @@ source "$REPO/tests/gpu/shim.sh"
 slug=$("$PY" -c 'import re, torch; print(re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower()).strip("-"))')
 sweep="$RESULTS_DIR/kernels-lora-$slug-$(date -u +%F).json"
 start=$(date +%s)
-"$PY" "$REPO/bench/kernels.py" --quick --only lora,lora_tiles --out "$sweep" 2>&1 | tail -n 80
+"$PY" "$REPO/bench/kernel_bench.py" --quick --only lora,lora_tiles --out "$sweep" 2>&1 | tail -n 80
 sweep_rc=${PIPESTATUS[0]}
 echo "sweep: exit $sweep_rc in $(( $(date +%s) - start )) s"
 start=$(date +%s)

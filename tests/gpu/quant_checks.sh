@@ -3,11 +3,11 @@
 # space- or comma-separated; default "kernels"). Writes logs and JSON to RESULTS_DIR.
 #
 #   kernels     tests/gpu/test_quant_gpu.py (W4A16 incl. split-K and CUDA graphs, FP8), then
-#               bench/kernels.py's quant_gemm rows: 8B and 70B projections at M 1/16/64/256/2048
+#               bench/kernel_bench.py's quant_gemm rows: 8B and 70B projections at M 1/16/64/256/2048
 #               next to the bf16 GEMM, each quantized path timed as the layer calls it
 #               (*_linear rows, activation quantization included) and as the GEMM alone
 #               (QUANT_MODELS=8B: the 8B shapes only, about half the time)       (~4-6 min)
-#   sweep       bench/kernels.py --only w4a16: W4A16 tile x split-K variants at decode M (~5 min)
+#   sweep       bench/kernel_bench.py --only w4a16: W4A16 tile x split-K variants at decode M (~5 min)
 #   throughput  workload B (Llama-3.1-8B shape, 1000 prompts), hpcinfer only, every variant
 #               with load_format=dummy (same weights source, nothing written to disk):
 #               VARIANTS (default "bf16 fp8 fp8-kvfp8 awq"; each up to THROUGHPUT_TIMEOUT=140 s;
@@ -43,7 +43,7 @@ if [[ $STAGES == *" kernels "* ]]; then
   echo "quant GPU tests: exit ${PIPESTATUS[0]} in $(( $(date +%s) - start )) s"
 
   start=$(date +%s)
-  timeout "${BENCH_TIMEOUT:-240}" "$PY" "$REPO/bench/kernels.py" --only copy,quant_gemm \
+  timeout "${BENCH_TIMEOUT:-240}" "$PY" "$REPO/bench/kernel_bench.py" --only copy,quant_gemm \
     ${QUANT_MODELS:+--quant-models "$QUANT_MODELS"} \
     --out "$RESULTS_DIR" > "$RESULTS_DIR/quant-kernels.log" 2>&1
   echo "bench: exit $? in $(( $(date +%s) - start )) s"
@@ -52,7 +52,7 @@ fi
 
 if [[ $STAGES == *" sweep "* ]]; then
   start=$(date +%s)
-  timeout "${SWEEP_TIMEOUT:-500}" "$PY" "$REPO/bench/kernels.py" --only w4a16 \
+  timeout "${SWEEP_TIMEOUT:-500}" "$PY" "$REPO/bench/kernel_bench.py" --only w4a16 \
     --out "$RESULTS_DIR/quant-w4a16-sweep.json" > "$RESULTS_DIR/quant-w4a16-sweep.log" 2>&1
   echo "w4a16 sweep: exit $? in $(( $(date +%s) - start )) s"
   grep -E "^w4a16_gemm:sweep" "$RESULTS_DIR/quant-w4a16-sweep.log" | tail -400

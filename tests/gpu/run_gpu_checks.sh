@@ -4,7 +4,7 @@
 # greedy equality with CUDA graphs, bf16 agreement with torch_ref, memory profiling; and
 # every other tests/gpu file, e.g. test_vision_gpu.py: the tiny vision-language models vs
 # transformers, fp32; tests/gpu/vision_checks.sh runs it with the workload V bench), then
-# the microbenchmarks (bench/kernels.py), which print a timing table and write
+# the microbenchmarks (bench/kernel_bench.py), which print a timing table and write
 # bench/results/kernels-<device>-<date>.json. With THROUGHPUT=1 it then runs
 # bench/throughput.py (issue 8's workloads; THROUGHPUT_ARGS, e.g. "--workloads A").
 # SKIP_KERNEL_BENCH=1 skips the microbenchmarks.
@@ -52,7 +52,7 @@ echo "GPU tests: exit $tests_rc in $(( $(date +%s) - start )) s"
 bench_rc=0
 if [[ ${SKIP_KERNEL_BENCH:-0} != 1 ]]; then
   start=$(date +%s)
-  "$PY" "$REPO/bench/kernels.py" --out "$RESULTS_DIR" "${BENCH_ARGS[@]}"
+  "$PY" "$REPO/bench/kernel_bench.py" --out "$RESULTS_DIR" "${BENCH_ARGS[@]}"
   bench_rc=$?
   echo "bench: exit $bench_rc in $(( $(date +%s) - start )) s"
 fi

@@ -1,6 +1,6 @@
 """Microbenchmarks of the Triton kernels on a GPU: time, achieved bandwidth, peers.
 
-    python bench/kernels.py [--out PATH] [--quick]
+    python bench/kernel_bench.py [--out PATH] [--quick]
 
 Times with triton.testing.do_bench (median, CUDA events) and writes a JSON list of rows
 {kernel, shape, dtype, ms, gb_s, device, date, ...} to
@@ -41,7 +41,7 @@ def main() -> None:
         QUANT_MODELS = tuple(args.quant_models.split(","))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not torch.cuda.is_available():
-        raise SystemExit("bench/kernels.py needs a CUDA GPU (the interpreter would time numpy)")
+        raise SystemExit("bench/kernel_bench.py needs a CUDA GPU (the interpreter would time numpy)")
     device_name = torch.cuda.get_device_name(0)
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     rows = []
