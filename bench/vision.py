@@ -87,7 +87,7 @@ def image_tokens_per_image(spec: dict, processor) -> int:
 
 # --- engines (each in its own subprocess) ------------------------------------------------
 
-def run_hpcinfer(ckpt: Path, spec: dict, device: str) -> dict:
+def run_hpcinfer(ckpt: Path, spec: dict, device: str, profile_run: bool = False) -> dict:
     import torch
     import transformers
 
@@ -130,11 +130,15 @@ def run_hpcinfer(ckpt: Path, spec: dict, device: str) -> dict:
           flush=True)
     images, prompts = make_inputs(spec)
     params = SamplingParams(temperature=0, max_tokens=spec["output_tokens"], ignore_eos=True)
+    stats = llm.llm_engine.stats
+    before = {k: getattr(stats, k) for k in STEP_STATS}
     sync()
     start = time.perf_counter()
     outs = llm.generate(requests(images, prompts), params, use_tqdm=False)
     sync()
     wall = time.perf_counter() - start
+    steps = {k: round(getattr(stats, k) - before[k], 3) for k in STEP_STATS}
+    print(f"hpcinfer steps on {len(images)} images: {json.dumps(steps)}", flush=True)
     tokens = [list(o.outputs[0].token_ids) for o in outs]
     num_in = sum(len(o.prompt_token_ids) for o in outs)
     row = _row(tokens, num_in, wall, startup_s, spec, per_image)
@@ -144,8 +148,65 @@ def run_hpcinfer(ckpt: Path, spec: dict, device: str) -> dict:
                enable_prefix_caching=llm.llm_engine.config.enable_prefix_caching,
                kv_blocks=runner.num_blocks,
                activation_peak_gib=profile.activation_peak / GiB if profile else None,
-               encoder_peak_gib=profile.encoder_peak / GiB if profile else None)
+               encoder_peak_gib=profile.encoder_peak / GiB if profile else None,
+               engine_steps=steps)
+    if profile_run:
+        row["profile"] = profile_generate(llm, requests(images, prompts), params, sync)
     return row
+
+
+STEP_STATS = ("num_steps", "num_decode_steps", "schedule_s", "prepare_s", "model_s",
+              "sample_s", "postprocess_s")
+
+
+def profile_generate(llm, requests: list, params, sync) -> dict:
+    """The same generate again under torch.profiler (after the timed run, so the numbers
+    above are not slowed by it): device time by kernel, and the device time of the vision
+    tower's calls (a record_function range around encode_images). Printed and returned."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+    model = llm.llm_engine.runner.model
+    encode = model.encode_images
+
+    def encode_images(inputs):
+        with record_function("hpcinfer.encode_images"):
+            return encode(inputs)
+
+    model.encode_images = encode_images
+    llm.reset_prefix_cache()   # the same prompts and images again: encode them again
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
+                                           if torch.cuda.is_available() else [])
+    sync()
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        llm.generate(requests, params, use_tqdm=False)
+        sync()
+    wall = time.perf_counter() - start
+    model.encode_images = encode
+    events = prof.key_averages()
+    # (the range itself also shows as a device event spanning its kernels: not a kernel)
+    kernels = sorted((e for e in events if e.device_type.name == "CUDA"
+                      and not e.key.startswith("hpcinfer.")),
+                     key=lambda e: -e.self_device_time_total)
+    span = next((e for e in events if e.device_type.name == "CUDA"
+                 and e.key == "hpcinfer.encode_images"), None)
+    device_s = sum(e.self_device_time_total for e in kernels) / 1e6
+    encoder = next((e for e in events if e.key == "hpcinfer.encode_images"), None)
+    top = [{"kernel": e.key[:90], "s": round(e.self_device_time_total / 1e6, 3),
+            "calls": e.count} for e in kernels[:20]]
+    result = {"wall_s": round(wall, 3), "device_kernel_s": round(device_s, 3),
+              "encoder_device_s": round(encoder.device_time_total / 1e6, 3) if encoder
+              else None, "encoder_calls": encoder.count if encoder else 0,
+              # first to last kernel of each call, summed: what exceeds encoder_device_s is the
+              # GPU idle inside the tower's calls (host work between its kernels)
+              "encoder_span_s": round(span.self_device_time_total / 1e6, 3) if span else None,
+              "top": top}
+    print(f"profiled generate: wall {wall:.1f} s (profiler on), kernels {device_s:.2f} s of "
+          f"device time, vision tower {result['encoder_device_s']} s of kernels spanning "
+          f"{result['encoder_span_s']} s in {result['encoder_calls']} calls", flush=True)
+    for t in top:
+        print(f"  {t['s']:8.3f} s {t['calls']:7d}x  {t['kernel']}", flush=True)
+    return result
 
 
 def run_transformers(ckpt: Path, spec: dict, device: str, batch_size: int,
@@ -217,7 +278,7 @@ def _row(tokens: list[list[int]], num_in: int, wall: float, startup_s: float, sp
 def worker_main(args) -> None:
     spec = WORKLOADS[args.workload]
     if args.worker == "hpcinfer":
-        row = run_hpcinfer(Path(args.ckpt), spec, args.device)
+        row = run_hpcinfer(Path(args.ckpt), spec, args.device, args.profile)
     else:
         row = run_transformers(Path(args.ckpt), spec, args.device, args.hf_batch_size,
                                args.hf_images, args.hf_time_budget_s)
@@ -234,6 +295,8 @@ def run_engine(engine: str, args, ckpt: Path, env: dict) -> dict | None:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", engine, "--workload",
            args.workload, "--ckpt", str(ckpt), "--result-file", str(result_file),
            "--device", args.device, "--hf-batch-size", str(args.hf_batch_size)]
+    if args.profile:
+        cmd.append("--profile")
     for flag, value in (("--hf-images", args.hf_images),
                         ("--hf-time-budget-s", args.hf_time_budget_s)):
         if value is not None:
@@ -267,6 +330,9 @@ def main() -> None:
     p.add_argument("--hf-time-budget-s", type=float,
                    help="transformers: stop after the batch that passes this many seconds")
     p.add_argument("--label", default="", help="free text stored with every row")
+    p.add_argument("--profile", action="store_true",
+                   help="hpcinfer: after the timed run, the same run again under "
+                        "torch.profiler (device time by kernel and of the vision tower)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
     p.add_argument("--result-file", help=argparse.SUPPRESS)

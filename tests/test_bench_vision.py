@@ -1,6 +1,7 @@
 """bench/vision.py (issue 24's workload V) end to end on CPU at its tiny shape (workload VT):
 the checkpoint, tokenizer and image processor are built offline, both engines run in their
-own subprocesses on the same seeded images, and each writes its row.
+own subprocesses on the same seeded images, and each writes its row (hpcinfer's with
+--profile's step counters and profiled run).
 
 float32 on CPU with the same weights, processor and prompts: the engines' first generated
 tokens must agree on every image, so a bench that fed the engines different inputs (another
@@ -23,7 +24,8 @@ def test_workload_vt_writes_both_engines_rows(tmp_path):
     # transformers times a subset (3 of 4 images, batches of 2: one padded batch of one)
     proc = subprocess.run(
         [sys.executable, str(BENCH), "--workload", "VT", "--device", "cpu", "--out", str(out),
-         "--ckpt-root", str(tmp_path / "ckpt"), "--hf-images", "3", "--hf-batch-size", "2"],
+         "--ckpt-root", str(tmp_path / "ckpt"), "--hf-images", "3", "--hf-batch-size", "2",
+         "--profile"],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     [path] = out.glob("vision-cpu-*.json")
@@ -44,3 +46,7 @@ def test_workload_vt_writes_both_engines_rows(tmp_path):
     assert per_image["hpcinfer"] == per_image["transformers"] > 16
     assert rows["transformers"]["first_token_agreement_vs_hpcinfer"] == 1.0
     assert "hpcinfer / transformers output tok/s on VT" in proc.stdout
+    # --profile: hpcinfer's step counters, and the profiled second run (images encoded again)
+    steps, profile = rows["hpcinfer"]["engine_steps"], rows["hpcinfer"]["profile"]
+    assert steps["num_steps"] > steps["num_decode_steps"] > 0
+    assert profile["encoder_calls"] >= 1 and profile["wall_s"] > 0
