@@ -36,6 +36,7 @@ that passes S seconds: the row then says subset=true and how many images it time
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -87,7 +88,8 @@ def image_tokens_per_image(spec: dict, processor) -> int:
 
 # --- engines (each in its own subprocess) ------------------------------------------------
 
-def run_hpcinfer(ckpt: Path, spec: dict, device: str, profile_run: bool = False) -> dict:
+def run_hpcinfer(ckpt: Path, spec: dict, device: str, profile_run: bool = False,
+                 trace: str | None = None) -> dict:
     import torch
     import transformers
 
@@ -152,7 +154,58 @@ def run_hpcinfer(ckpt: Path, spec: dict, device: str, profile_run: bool = False)
                engine_steps=steps)
     if profile_run:
         row["profile"] = profile_generate(llm, requests(images, prompts), params, sync)
+    if trace:
+        trace_generate(llm, requests(images[:TRACE_IMAGES], prompts[:TRACE_IMAGES]), params,
+                       sync, Path(trace))
     return row
+
+
+@contextlib.contextmanager
+def _named_encoder(llm):
+    """The vision tower's calls as a named profiler range (hpcinfer.encode_images)."""
+    from torch.profiler import record_function
+    model = llm.llm_engine.runner.model
+    encode = model.encode_images
+
+    def encode_images(inputs):
+        with record_function("hpcinfer.encode_images"):
+            return encode(inputs)
+
+    model.encode_images = encode_images
+    try:
+        yield
+    finally:
+        model.encode_images = encode
+
+
+def _activities(llm) -> list:
+    from torch.profiler import ProfilerActivity
+    cuda = llm.llm_engine.device.type == "cuda"
+    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+
+
+TRACE_IMAGES = 32   # a Chrome trace of more is too large to bring back from a GPU machine
+
+
+def trace_generate(llm, requests: list, params, sync, path: Path) -> None:
+    """A timeline of the first images (Chrome trace, gzip: chrome://tracing or Perfetto) to
+    see where the GPU waits: the vision tower's calls are named ranges."""
+    import gzip
+    import shutil
+
+    from torch.profiler import profile
+    with _named_encoder(llm):
+        llm.reset_prefix_cache()
+        with profile(activities=_activities(llm)) as prof:
+            llm.generate(requests, params, use_tqdm=False)
+            sync()
+    raw = path.with_suffix("")   # x.json.gz -> x.json
+    prof.export_chrome_trace(str(raw))
+    with open(raw, "rb") as src, gzip.open(path, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    raw.unlink()
+    print(f"trace of {len(requests)} images: {path} ({path.stat().st_size / 2**20:.1f} MiB)",
+          flush=True)
 
 
 STEP_STATS = ("num_steps", "num_decode_steps", "schedule_s", "prepare_s", "model_s",
@@ -163,26 +216,15 @@ def profile_generate(llm, requests: list, params, sync) -> dict:
     """The same generate again under torch.profiler (after the timed run, so the numbers
     above are not slowed by it): device time by kernel, and the device time of the vision
     tower's calls (a record_function range around encode_images). Printed and returned."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile, record_function
-    model = llm.llm_engine.runner.model
-    encode = model.encode_images
-
-    def encode_images(inputs):
-        with record_function("hpcinfer.encode_images"):
-            return encode(inputs)
-
-    model.encode_images = encode_images
-    llm.reset_prefix_cache()   # the same prompts and images again: encode them again
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
-                                           if torch.cuda.is_available() else [])
-    sync()
-    start = time.perf_counter()
-    with profile(activities=activities) as prof:
-        llm.generate(requests, params, use_tqdm=False)
+    from torch.profiler import profile
+    with _named_encoder(llm):
+        llm.reset_prefix_cache()   # the same prompts and images again: encode them again
         sync()
-    wall = time.perf_counter() - start
-    model.encode_images = encode
+        start = time.perf_counter()
+        with profile(activities=_activities(llm)) as prof:
+            llm.generate(requests, params, use_tqdm=False)
+            sync()
+        wall = time.perf_counter() - start
     events = prof.key_averages()
     # (the range itself also shows as a device event spanning its kernels: not a kernel)
     kernels = sorted((e for e in events if e.device_type.name == "CUDA"
@@ -278,7 +320,7 @@ def _row(tokens: list[list[int]], num_in: int, wall: float, startup_s: float, sp
 def worker_main(args) -> None:
     spec = WORKLOADS[args.workload]
     if args.worker == "hpcinfer":
-        row = run_hpcinfer(Path(args.ckpt), spec, args.device, args.profile)
+        row = run_hpcinfer(Path(args.ckpt), spec, args.device, args.profile, args.trace)
     else:
         row = run_transformers(Path(args.ckpt), spec, args.device, args.hf_batch_size,
                                args.hf_images, args.hf_time_budget_s)
@@ -297,6 +339,8 @@ def run_engine(engine: str, args, ckpt: Path, env: dict) -> dict | None:
            "--device", args.device, "--hf-batch-size", str(args.hf_batch_size)]
     if args.profile:
         cmd.append("--profile")
+    if args.trace:
+        cmd += ["--trace", str(Path(args.trace).resolve())]
     for flag, value in (("--hf-images", args.hf_images),
                         ("--hf-time-budget-s", args.hf_time_budget_s)):
         if value is not None:
@@ -333,6 +377,8 @@ def main() -> None:
     p.add_argument("--profile", action="store_true",
                    help="hpcinfer: after the timed run, the same run again under "
                         "torch.profiler (device time by kernel and of the vision tower)")
+    p.add_argument("--trace", help="hpcinfer: write a Chrome trace (.json.gz) of a run of the "
+                                   f"first {TRACE_IMAGES} images to this path")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
     p.add_argument("--result-file", help=argparse.SUPPRESS)

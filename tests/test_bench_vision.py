@@ -9,6 +9,7 @@ image order, another prompt, a processor that counts image tokens differently) f
 """
 from __future__ import annotations
 
+import gzip
 import json
 import subprocess
 import sys
@@ -25,7 +26,7 @@ def test_workload_vt_writes_both_engines_rows(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(BENCH), "--workload", "VT", "--device", "cpu", "--out", str(out),
          "--ckpt-root", str(tmp_path / "ckpt"), "--hf-images", "3", "--hf-batch-size", "2",
-         "--profile"],
+         "--profile", "--trace", str(tmp_path / "trace.json.gz")],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     [path] = out.glob("vision-cpu-*.json")
@@ -50,3 +51,6 @@ def test_workload_vt_writes_both_engines_rows(tmp_path):
     steps, profile = rows["hpcinfer"]["engine_steps"], rows["hpcinfer"]["profile"]
     assert steps["num_steps"] > steps["num_decode_steps"] > 0
     assert profile["encoder_calls"] >= 1 and profile["wall_s"] > 0
+    with gzip.open(tmp_path / "trace.json.gz") as trace:   # --trace: a Chrome trace
+        assert any(e.get("name") == "hpcinfer.encode_images"
+                   for e in json.load(trace)["traceEvents"])
