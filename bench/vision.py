@@ -36,7 +36,6 @@ that passes S seconds: the row then says subset=true and how many images it time
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import json
 import logging
@@ -160,10 +159,11 @@ def run_hpcinfer(ckpt: Path, spec: dict, device: str, profile_run: bool = False,
     return row
 
 
-@contextlib.contextmanager
-def _named_encoder(llm):
-    """The vision tower's calls as a named profiler range (hpcinfer.encode_images)."""
-    from torch.profiler import record_function
+def _profiled(llm, requests: list, params, sync):
+    """(torch.profiler's record, wall seconds) of one generate under the profiler, the
+    vision tower's calls as a named range (hpcinfer.encode_images). The prefix cache is
+    cleared first: these prompts and images ran before and must be encoded again."""
+    from torch.profiler import ProfilerActivity, profile, record_function
     model = llm.llm_engine.runner.model
     encode = model.encode_images
 
@@ -171,17 +171,19 @@ def _named_encoder(llm):
         with record_function("hpcinfer.encode_images"):
             return encode(inputs)
 
+    activities = [ProfilerActivity.CPU] + (
+        [ProfilerActivity.CUDA] if llm.llm_engine.device.type == "cuda" else [])
     model.encode_images = encode_images
     try:
-        yield
+        llm.reset_prefix_cache()
+        sync()
+        start = time.perf_counter()
+        with profile(activities=activities) as prof:
+            llm.generate(requests, params, use_tqdm=False)
+            sync()
+        return prof, time.perf_counter() - start
     finally:
         model.encode_images = encode
-
-
-def _activities(llm) -> list:
-    from torch.profiler import ProfilerActivity
-    cuda = llm.llm_engine.device.type == "cuda"
-    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
 
 
 TRACE_IMAGES = 32   # a Chrome trace of more is too large to bring back from a GPU machine
@@ -193,12 +195,7 @@ def trace_generate(llm, requests: list, params, sync, path: Path) -> None:
     import gzip
     import shutil
 
-    from torch.profiler import profile
-    with _named_encoder(llm):
-        llm.reset_prefix_cache()
-        with profile(activities=_activities(llm)) as prof:
-            llm.generate(requests, params, use_tqdm=False)
-            sync()
+    prof, _ = _profiled(llm, requests, params, sync)
     raw = path.with_suffix("")   # x.json.gz -> x.json
     prof.export_chrome_trace(str(raw))
     with open(raw, "rb") as src, gzip.open(path, "wb") as dst:
@@ -216,15 +213,7 @@ def profile_generate(llm, requests: list, params, sync) -> dict:
     """The same generate again under torch.profiler (after the timed run, so the numbers
     above are not slowed by it): device time by kernel, and the device time of the vision
     tower's calls (a record_function range around encode_images). Printed and returned."""
-    from torch.profiler import profile
-    with _named_encoder(llm):
-        llm.reset_prefix_cache()   # the same prompts and images again: encode them again
-        sync()
-        start = time.perf_counter()
-        with profile(activities=_activities(llm)) as prof:
-            llm.generate(requests, params, use_tqdm=False)
-            sync()
-        wall = time.perf_counter() - start
+    prof, wall = _profiled(llm, requests, params, sync)
     events = prof.key_averages()
     # (the range itself also shows as a device event spanning its kernels: not a kernel)
     kernels = sorted((e for e in events if e.device_type.name == "CUDA"
