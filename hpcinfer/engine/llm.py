@@ -300,9 +300,9 @@ class LLM:
         return out
 
 
-# Image prompts are preprocessed on this many threads at most (the processor's resize and
-# normalisation run in PIL and numpy, mostly outside the GIL), while the engine runs
-# (_ImagePromptStream).
+# Image prompts are preprocessed on this many threads at most while the engine runs
+# (_ImagePromptStream); with worker processes (multimodal/workers.py) each thread hands its
+# processor call to one and waits, so the processor's Python no longer holds our GIL.
 MAX_PROCESS_THREADS = 8
 MIN_PROMPTS_FOR_THREADS = 16
 
@@ -337,6 +337,9 @@ class _ImagePromptStream:
         """A stream when there are enough image prompts and cores, else None."""
         num_images = sum(1 for p in prompts if isinstance(p, dict) and "multi_modal_data" in p)
         threads = min(MAX_PROCESS_THREADS, len(os.sched_getaffinity(0)))
+        workers = engine.multimodal.workers if engine.multimodal is not None else None
+        if workers is not None and workers.num_alive:  # one thread per worker process
+            threads = max(2, workers.num_alive)
         if engine.multimodal is None or num_images < MIN_PROMPTS_FOR_THREADS or threads < 2:
             return None
         return cls(engine, prompts, params, threads)

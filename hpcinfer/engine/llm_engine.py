@@ -79,7 +79,11 @@ class LLMEngine:
         self.multimodal = None  # multimodal.processor.MultiModalProcessor for image models
         if getattr(model, "takes_images", False):
             from hpcinfer.multimodal.processor import MultiModalProcessor
-            self.multimodal = MultiModalProcessor(config.model, model)
+            from hpcinfer.multimodal.workers import default_num_workers
+            # preprocessing worker processes only where prompts are read (rank 0)
+            on_driver = self.parallel is None or self.parallel.rank == 0
+            self.multimodal = MultiModalProcessor(
+                config.model, model, num_workers=default_num_workers() if on_driver else 0)
         self.runner = (ModelRunner(config, model, self.device) if self.parallel is None
                        else self.parallel.runner(config, model, self.device))
         self.lora = attach_lora(config, self.runner)  # None without enable_lora (lora/)

@@ -15,13 +15,14 @@ from hpcinfer.multimodal.inputs import ImageItem, MultiModalInputs, ProcessedPro
 from hpcinfer.multimodal.media import (CHAT_IMAGE_PARTS, LLM_IMAGE_LIMIT, LLM_MEDIA_PATH,
                                        as_image_list, check_image_count, check_pil, image_hash,
                                        load_image_url)
+from hpcinfer.multimodal.workers import start_workers
 
 PROMPT_KEYS = frozenset({"prompt", "multi_modal_data", "mm_processor_kwargs", "cache_salt"})
 _NOT_PER_IMAGE = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
 
 
 class MultiModalProcessor:
-    def __init__(self, model_path: str, model: Any):
+    def __init__(self, model_path: str, model: Any, num_workers: int = 0):
         from transformers import AutoProcessor
         try:
             self.processor = AutoProcessor.from_pretrained(model_path)
@@ -47,6 +48,15 @@ class MultiModalProcessor:
         # mutable Rust state that concurrent calls may not share)
         self._owner = threading.current_thread()
         self._local = threading.local()
+        # ... and calls run in worker processes when there are any (workers.py: on threads
+        # the processor's Python held the GIL the step loop needs)
+        self.workers = start_workers(self.processor, num_workers)
+
+    def close(self) -> None:
+        """Stop the preprocessing worker processes (they also stop with this process)."""
+        if self.workers is not None:
+            self.workers.close()
+            self.workers = None
 
     def set_media_limits(self, max_images: int | None, media_dirs: tuple[str, ...]) -> None:
         """vLLM's limit_mm_per_prompt["image"] (None: no limit) and allowed_local_media_path
@@ -123,10 +133,14 @@ class MultiModalProcessor:
             raise ValueError(f"{where}: mm_processor_kwargs must be a dict, e.g. "
                              "{'max_pixels': 1003520}")
         kwargs = dict(processor_kwargs or {})
+        workers = self.workers
         try:
-            out = self._processor_here()(text=[text], images=images or None,
-                                         return_tensors="pt",
-                                         add_special_tokens=add_special_tokens, **kwargs)
+            out = (workers.run(text, images, add_special_tokens, kwargs)
+                   if workers is not None and images else None)
+            if out is None:   # no worker processes, none idle, or a text-only prompt
+                out = self._processor_here()(text=[text], images=images or None,
+                                             return_tensors="pt",
+                                             add_special_tokens=add_special_tokens, **kwargs)
         except Exception as e:  # the processor's errors (counts, sizes) name no request
             raise ValueError(f"{where}: the model's processor refused the prompt with "
                              f"{len(images)} image(s): {e}") from None

@@ -12,6 +12,15 @@ from hpcinfer.testing.pytest_fixtures import one_torch_thread  # noqa: F401
 MAX_NEW = 12
 
 
+@pytest.fixture(autouse=True)
+def no_preprocess_workers(monkeypatch):
+    """Image prompts are preprocessed in this process unless a test asks for worker
+    processes (test_preprocess_workers.py): a test's LLM then starts none, whatever the
+    cores of the machine (multimodal/workers.py)."""
+    from hpcinfer.multimodal.workers import ENV_WORKERS
+    monkeypatch.setenv(ENV_WORKERS, "0")
+
+
 @pytest.fixture(scope="session")
 def hf_llava():
     """hf_llava(path) -> generate(text | messages, images) giving transformers' greedy

@@ -1,0 +1,292 @@
+"""The checkpoint's image processor in worker processes, so the step loop keeps the GIL.
+
+Why: transformers' image processors spend much of their ~8 ms an image (448x448, one core)
+in Python holding the GIL. On threads beside the step loop they starved it: on one H200 the
+step loop's ops of workload V were spread over 155 ms with 3-13 ms gaps while 8 threads
+preprocessed (bench/vision.py --trace; docs/vision.md), and on a 2-core VM a step-loop
+stand-in took 45 ms beside 8 preprocessing threads against 1.3 ms alone. In processes the
+processor runs beside the step loop, not in turn with it.
+
+``ProcessorWorkers`` starts ``n`` workers (``python -m hpcinfer.multimodal.workers``), each
+sent the pickled processor once; ``run`` hands one processor call to an idle worker and
+waits for its output (the wait releases the GIL). What the parent keeps doing itself is
+light: hashing the images, splitting the outputs per image, M-RoPE positions.
+
+Nothing is lost when a worker is not there: ``run`` returns None while no worker is idle
+(still starting, all busy, or dead), and the caller calls its own processor as before. A
+worker that dies (killed, out of memory) is dropped with one warning; a processor that
+raises in a worker raises ``ProcessorCallError`` with the processor's message, as the same
+call in the parent would have. A worker exits when its stdin closes (``close()``, or this
+process dying, even by SIGKILL).
+
+Wire format: one frame = 8-byte little-endian length + a pickle (protocol 5); tensors
+travel as numpy arrays (pickle copies their buffers once, torch's own reducer writes a zip).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import queue
+import struct
+import subprocess
+import sys
+import threading
+import weakref
+from pathlib import Path
+from typing import Any, BinaryIO
+
+log = logging.getLogger(__name__)
+
+# HPCINFER_PREPROCESS_WORKERS=N sets the number of worker processes (0: preprocess on threads
+# in this process, as before). Unset: min(MAX_WORKERS, cores // 2) with at least
+# MIN_CORES cores, else none (a worker costs a Python process with transformers imported,
+# ~300 MB; the cores are shared with the step loop and the threads that wait for workers).
+ENV_WORKERS = "HPCINFER_PREPROCESS_WORKERS"
+MAX_WORKERS = 8
+MIN_CORES = 4
+_HEADER = struct.Struct("<Q")
+
+
+def default_num_workers() -> int:
+    value = os.environ.get(ENV_WORKERS)
+    if value is not None:
+        try:
+            n = int(value)
+        except ValueError:
+            n = -1
+        if n < 0:
+            raise ValueError(f"{ENV_WORKERS}={value!r}: set a number of worker processes "
+                             "(0 preprocesses images on threads in this process)")
+        return n
+    cores = len(os.sched_getaffinity(0))
+    return min(MAX_WORKERS, cores // 2) if cores >= MIN_CORES else 0
+
+
+class ProcessorCallError(Exception):
+    """The processor raised in a worker; str() is its message."""
+
+
+class WorkerGone(Exception):
+    pass
+
+
+def write_frame(stream: BinaryIO, obj: Any) -> None:
+    data = pickle.dumps(obj, protocol=5)
+    stream.write(_HEADER.pack(len(data)))
+    stream.write(data)
+    stream.flush()
+
+
+def read_frame(stream: BinaryIO) -> Any:
+    header = stream.read(_HEADER.size)
+    if len(header) < _HEADER.size:
+        raise EOFError
+    (size,) = _HEADER.unpack(header)
+    data = stream.read(size)
+    if len(data) < size:
+        raise EOFError
+    return pickle.loads(data)
+
+
+def _to_wire(out: Any) -> dict:
+    """The processor's BatchFeature as {key: numpy array or plain value}."""
+    import torch
+    return {k: (v.numpy() if isinstance(v, torch.Tensor) and v.dtype != torch.bfloat16 else v)
+            for k, v in out.items()}
+
+
+def _from_wire(out: dict) -> dict:
+    import numpy as np
+    import torch
+    return {k: (torch.from_numpy(v) if isinstance(v, np.ndarray) else v)
+            for k, v in out.items()}
+
+
+class _Worker:
+    """One worker process; owned by one caller at a time (checked out of the idle queue)."""
+
+    def __init__(self, payload: bytes, env: dict):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "hpcinfer.multimodal.workers"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        self.tx, self.rx = self.proc.stdin, self.proc.stdout
+        self._payload = payload
+
+    def start(self) -> None:
+        """Send the processor and wait until the worker has loaded it (in a starter thread)."""
+        try:
+            self.tx.write(_HEADER.pack(len(self._payload)))
+            self.tx.write(self._payload)
+            self.tx.flush()
+            self._payload = b""
+            reply = read_frame(self.rx)
+        except (OSError, EOFError, ValueError) as e:
+            raise WorkerGone(f"exited while starting ({e or type(e).__name__})") from None
+        if reply[0] != "ready":
+            raise WorkerGone(f"could not load the processor: {reply[1]}")
+
+    def call(self, request: tuple) -> dict:
+        try:
+            write_frame(self.tx, request)
+            status, value = read_frame(self.rx)
+        except (OSError, EOFError, ValueError) as e:
+            raise WorkerGone(f"exited ({e or type(e).__name__}; exit code "
+                             f"{self.proc.poll()})") from None
+        if status == "error":
+            raise ProcessorCallError(value)
+        return _from_wire(value)
+
+    def close(self) -> None:
+        try:
+            self.tx.close()     # the worker reads EOF and exits
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.rx.close()
+
+
+class ProcessorWorkers:
+    """``n`` worker processes running ``processor``; see the module docstring."""
+
+    def __init__(self, processor: Any, n: int):
+        payload = pickle.dumps(processor, protocol=5)  # raises if it does not pickle
+        env = dict(os.environ)
+        # The worker imports hpcinfer from where this process did (a checkout or site dir),
+        # runs one call at a time on one core, and never touches a GPU.
+        here = str(Path(sys.modules["hpcinfer"].__path__[0]).parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+        env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
+                   TOKENIZERS_PARALLELISM="false")
+        self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._workers: list[_Worker] = []
+        self._closed = False
+        self._warned = False
+        self._settled = threading.Condition(self._lock)   # a worker started or failed to
+        self._num_settled = 0
+        self.num_served = 0    # calls answered by a worker (the rest ran in the caller)
+        self._n = n
+        for _ in range(n):
+            worker = _Worker(payload, env)
+            self._workers.append(worker)
+            threading.Thread(target=self._start, args=(worker,), daemon=True,
+                             name="hpcinfer-preprocess-start").start()
+        self._finalizer = weakref.finalize(self, _close_all, self._workers)
+
+    def _start(self, worker: _Worker) -> None:
+        try:
+            worker.start()
+        except WorkerGone as e:
+            self._drop(worker, e)
+        else:
+            self._idle.put(worker)
+        with self._settled:
+            self._num_settled += 1
+            self._settled.notify_all()
+
+    def wait_started(self, timeout: float) -> bool:
+        """Wait until every worker has loaded the processor or failed to; False on timeout."""
+        with self._settled:
+            return self._settled.wait_for(lambda: self._num_settled == self._n, timeout)
+
+    @property
+    def num_alive(self) -> int:
+        with self._lock:
+            return len(self._workers)
+
+    def run(self, text: str, images: list, add_special_tokens: bool,
+            kwargs: dict) -> dict | None:
+        """The processor's output for one prompt from an idle worker, or None when none is
+        idle (the caller runs its own processor). ProcessorCallError: the processor raised."""
+        try:
+            worker = self._idle.get_nowait()
+        except queue.Empty:
+            return None
+        try:
+            out = worker.call((text, images, add_special_tokens, kwargs))
+        except WorkerGone as e:
+            self._drop(worker, e)
+            return None
+        except ProcessorCallError:
+            self._idle.put(worker)
+            raise
+        self._idle.put(worker)
+        with self._lock:
+            self.num_served += 1
+        return out
+
+    def _drop(self, worker: _Worker, why: Exception) -> None:
+        with self._lock:
+            if worker in self._workers:
+                self._workers.remove(worker)
+            warn, self._warned = not self._warned and not self._closed, True
+        if warn:
+            log.warning("an image-preprocessing worker process %s; its prompts are "
+                        "preprocessed in this process instead (nothing is lost)", why)
+        try:
+            worker.close()
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self._closed = True
+        self._finalizer()
+
+
+def _close_all(workers: list[_Worker]) -> None:
+    for worker in list(workers):
+        try:
+            worker.close()
+        except OSError:
+            pass
+
+
+def start_workers(processor: Any, n: int) -> ProcessorWorkers | None:
+    """``n`` workers for ``processor`` (None for n == 0, or, with one warning, a processor
+    that does not pickle: it then runs on threads in this process)."""
+    if n <= 0:
+        return None
+    try:
+        return ProcessorWorkers(processor, n)
+    except (pickle.PicklingError, TypeError, AttributeError) as e:
+        log.warning("this model's processor cannot be sent to worker processes (%s); images "
+                    "are preprocessed on threads in this process", e)
+        return None
+
+
+def main() -> None:
+    """The worker: load the processor from the first frame, then answer calls until EOF."""
+    rx, tx = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr   # prints from libraries must not corrupt the frames
+    try:
+        processor = read_frame(rx)
+    except EOFError:
+        return
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which drops this worker
+        write_frame(tx, ("error", f"{type(e).__name__}: {e}"))
+        return
+    write_frame(tx, ("ready", None))
+    while True:
+        try:
+            text, images, add_special_tokens, kwargs = read_frame(rx)
+        except EOFError:
+            return
+        try:
+            out = processor(text=[text], images=images or None, return_tensors="pt",
+                            add_special_tokens=add_special_tokens, **kwargs)
+            reply = ("ok", _to_wire(out))
+        except Exception as e:  # noqa: BLE001 - the parent raises it for this prompt
+            reply = ("error", str(e))
+        try:
+            write_frame(tx, reply)
+        except (BrokenPipeError, OSError):
+            return
+
+
+if __name__ == "__main__":
+    main()
