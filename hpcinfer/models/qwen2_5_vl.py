@@ -18,9 +18,13 @@ from torch import nn
 
 from hpcinfer.layers.activation import get_gated_activation
 from hpcinfer.layers.linear import MergedColumnParallelLinear, RowParallelLinear
+from hpcinfer.layers.quant.base import UNQUANTIZED
 from hpcinfer.layers.norm import RMSNorm
 from hpcinfer.models.qwen2_vl import (PatchMerger, Qwen2VisionTransformer,
                                       Qwen2VLForConditionalGeneration, VisionBlock)
+
+
+PAD_HIDDEN_TO = 64
 
 
 class GatedVisionMLP(nn.Module):
@@ -34,6 +38,37 @@ class GatedVisionMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+    def after_loading(self) -> None:
+        """On a GPU, pad the hidden size to a multiple of 64 with zeros (zero gate and up
+        rows and biases, zero down columns: the padded activations are act(0) * 0 = 0 and add
+        nothing). Why: Qwen2.5-VL's 3420 makes the down projection's rows 6840 bytes, not
+        16-byte aligned, and cuBLAS then runs an sm80 kernel at a quarter of the speed of the
+        gate_up GEMM with twice its work (one H200, workload V, run 7: 0.72 s of 9.2 s).
+        Unquantized, unsplit layers only; the CPU keeps the checkpoint's shapes."""
+        gate_up, down = self.gate_up_proj, self.down_proj
+        if (gate_up.weight.device.type == "cuda" and gate_up.quant_method is UNQUANTIZED
+                and down.quant_method is UNQUANTIZED and gate_up.tp.size == down.tp.size == 1):
+            self.pad_hidden(PAD_HIDDEN_TO)
+
+    def pad_hidden(self, multiple: int) -> None:
+        gate_up, down = self.gate_up_proj, self.down_proj
+        hidden = down.input_size
+        padded = -(-hidden // multiple) * multiple
+        if padded == hidden:
+            return
+        weight = gate_up.weight.new_zeros(2 * padded, gate_up.input_size)
+        weight[:hidden], weight[padded:padded + hidden] = gate_up.weight.data.split(hidden)
+        gate_up.weight = nn.Parameter(weight, requires_grad=False)
+        if gate_up.bias is not None:
+            bias = gate_up.bias.new_zeros(2 * padded)
+            bias[:hidden], bias[padded:padded + hidden] = gate_up.bias.data.split(hidden)
+            gate_up.bias = nn.Parameter(bias, requires_grad=False)
+        weight = down.weight.new_zeros(down.output_size, padded)
+        weight[:, :hidden] = down.weight.data
+        down.weight = nn.Parameter(weight, requires_grad=False)
+        gate_up.output_sizes, gate_up.output_size = [padded, padded], 2 * padded
+        down.input_size = padded
 
 
 class Qwen2_5VisionTransformer(Qwen2VisionTransformer):

@@ -104,6 +104,10 @@ def load_model(model_path: str | Path, *, dtype: torch.dtype, device: torch.devi
         else:
             load_weights(model, model_path)
         finish_quantization(model)
+        for module in model.modules():   # modules that re-lay out their loaded weights
+            after_loading = getattr(module, "after_loading", None)
+            if after_loading is not None:
+                after_loading()
     model.eval().requires_grad_(False)  # inference only: never build an autograd graph
     model.spec = model_spec(config, architecture, dtype, tp, model_path)
     if pp is not None and pp.size > 1:

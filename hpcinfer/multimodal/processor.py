@@ -133,14 +133,17 @@ class MultiModalProcessor:
             raise ValueError(f"{where}: mm_processor_kwargs must be a dict, e.g. "
                              "{'max_pixels': 1003520}")
         kwargs = dict(processor_kwargs or {})
-        workers = self.workers
+        workers, dtype = self.workers, getattr(self.model, "pixel_dtype", None)
         try:
-            out = (workers.run(text, images, add_special_tokens, kwargs)
-                   if workers is not None and images else None)
-            if out is None:   # no worker processes, none idle, or a text-only prompt
+            done = (workers.run(text, images, add_special_tokens, kwargs, dtype)
+                    if workers is not None and images else None)
+            if done is None:   # no worker processes, none idle, or a text-only prompt
                 out = self._processor_here()(text=[text], images=images or None,
                                              return_tensors="pt",
                                              add_special_tokens=add_special_tokens, **kwargs)
+                hashes = None
+            else:
+                out, hashes = done
         except Exception as e:  # the processor's errors (counts, sizes) name no request
             raise ValueError(f"{where}: the model's processor refused the prompt with "
                              f"{len(images)} image(s): {e}") from None
@@ -149,7 +152,7 @@ class MultiModalProcessor:
             self.check_text_only(token_ids, where)
             return ProcessedPrompt(text, token_ids)
         split = getattr(self.model, "split_image_inputs", None) or _split_per_image
-        per_image = _in_dtype(split(out, len(images)), getattr(self.model, "pixel_dtype", None))
+        per_image = _in_dtype(split(out, len(images)), dtype)
         counts = self.model.image_token_counts(per_image)
         positions = [i for i, t in enumerate(token_ids) if t == self.image_token_id]
         if len(positions) != sum(counts):
@@ -158,12 +161,14 @@ class MultiModalProcessor:
                              f"{self.placeholder!r} in the prompt per image")
         items, k = [], 0
         salt = hash(repr(sorted(kwargs.items()))) if kwargs else None
-        for image, count, inputs in zip(images, counts, per_image):
+        if hashes is None:
+            hashes = [image_hash(image) for image in images]
+        for digest, count, inputs in zip(hashes, counts, per_image):
             span = positions[k:k + count]
             if span[-1] - span[0] != count - 1:
                 raise ValueError(f"{where}: image {len(items)}'s placeholder tokens are not "
                                  "contiguous; do not write image tokens into the text yourself")
-            digest = image_hash(image) if salt is None else hash((image_hash(image), salt))
+            digest = digest if salt is None else hash((digest, salt))
             items.append(ImageItem(span[0], count, digest, inputs))
             k += count
         mm = MultiModalInputs(items, whole_spans=getattr(self.model,

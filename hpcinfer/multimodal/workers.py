@@ -10,7 +10,8 @@ processor runs beside the step loop, not in turn with it.
 ``ProcessorWorkers`` starts ``n`` workers (``python -m hpcinfer.multimodal.workers``), each
 sent the pickled processor once; ``run`` hands one processor call to an idle worker and
 waits for its output (the wait releases the GIL). What the parent keeps doing itself is
-light: hashing the images, splitting the outputs per image, M-RoPE positions.
+light: splitting the outputs per image and the M-RoPE positions (the worker hashes the
+images and casts the pixels to the encoder's dtype).
 
 Nothing is lost when a worker is not there: ``run`` returns None while no worker is idle
 (still starting, all busy, or dead), and the caller calls its own processor as before. A
@@ -89,18 +90,33 @@ def read_frame(stream: BinaryIO) -> Any:
     return pickle.loads(data)
 
 
-def _to_wire(out: Any) -> dict:
-    """The processor's BatchFeature as {key: numpy array or plain value}."""
+def _to_wire(out: Any, dtype: Any) -> dict:
+    """The processor's BatchFeature as {key: numpy array or plain value}, floating tensors in
+    ``dtype`` first (the encoder's: half the bytes of fp32 to copy and unpickle for bf16,
+    which travels as its int16 bits: numpy has no bfloat16)."""
     import torch
-    return {k: (v.numpy() if isinstance(v, torch.Tensor) and v.dtype != torch.bfloat16 else v)
-            for k, v in out.items()}
+    wire = {}
+    for key, value in out.items():
+        if isinstance(value, torch.Tensor):
+            if dtype is not None and value.is_floating_point():
+                value = value.to(dtype)
+            value = (("bfloat16", value.view(torch.int16).numpy())
+                     if value.dtype == torch.bfloat16 else value.numpy())
+        wire[key] = value
+    return wire
 
 
 def _from_wire(out: dict) -> dict:
     import numpy as np
     import torch
-    return {k: (torch.from_numpy(v) if isinstance(v, np.ndarray) else v)
-            for k, v in out.items()}
+    tensors = {}
+    for key, value in out.items():
+        if isinstance(value, tuple) and len(value) == 2 and value[0] == "bfloat16":
+            value = torch.from_numpy(value[1]).view(torch.bfloat16)
+        elif isinstance(value, np.ndarray):
+            value = torch.from_numpy(value)
+        tensors[key] = value
+    return tensors
 
 
 class _Worker:
@@ -135,7 +151,8 @@ class _Worker:
                              f"{self.proc.poll()})") from None
         if status == "error":
             raise ProcessorCallError(value)
-        return _from_wire(value)
+        out, hashes = value
+        return _from_wire(out), hashes
 
     def close(self) -> None:
         try:
@@ -199,16 +216,18 @@ class ProcessorWorkers:
         with self._lock:
             return len(self._workers)
 
-    def run(self, text: str, images: list, add_special_tokens: bool,
-            kwargs: dict) -> dict | None:
-        """The processor's output for one prompt from an idle worker, or None when none is
-        idle (the caller runs its own processor). ProcessorCallError: the processor raised."""
+    def run(self, text: str, images: list, add_special_tokens: bool, kwargs: dict,
+            dtype: Any = None) -> tuple[dict, list[int]] | None:
+        """(the processor's output, media.image_hash of each image) for one prompt from an
+        idle worker, floating outputs in ``dtype`` (None: as the processor gives them); None
+        when no worker is idle (the caller runs its own processor). ProcessorCallError: the
+        processor raised."""
         try:
             worker = self._idle.get_nowait()
         except queue.Empty:
             return None
         try:
-            out = worker.call((text, images, add_special_tokens, kwargs))
+            out = worker.call((text, images, add_special_tokens, kwargs, dtype))
         except WorkerGone as e:
             self._drop(worker, e)
             return None
@@ -261,6 +280,7 @@ def start_workers(processor: Any, n: int) -> ProcessorWorkers | None:
 
 def main() -> None:
     """The worker: load the processor from the first frame, then answer calls until EOF."""
+    from hpcinfer.multimodal.media import image_hash
     rx, tx = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr   # prints from libraries must not corrupt the frames
     try:
@@ -273,13 +293,13 @@ def main() -> None:
     write_frame(tx, ("ready", None))
     while True:
         try:
-            text, images, add_special_tokens, kwargs = read_frame(rx)
+            text, images, add_special_tokens, kwargs, dtype = read_frame(rx)
         except EOFError:
             return
         try:
             out = processor(text=[text], images=images or None, return_tensors="pt",
                             add_special_tokens=add_special_tokens, **kwargs)
-            reply = ("ok", _to_wire(out))
+            reply = ("ok", (_to_wire(out, dtype), [image_hash(image) for image in images]))
         except Exception as e:  # noqa: BLE001 - the parent raises it for this prompt
             reply = ("error", str(e))
         try:

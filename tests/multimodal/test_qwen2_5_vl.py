@@ -73,3 +73,21 @@ def test_windows_match_transformers(qwen_dir, images, big, hf_qwen, max_num_batc
     got = tokens(llm.generate(prompts, GREEDY, use_tqdm=False))
     assert got == [hf_qwen(ONE, [big]), hf_qwen("Hello, world!"),
                    hf_qwen(TWO, [images[1], big]), hf_qwen(ONE, [images[3]])]
+
+
+def test_vision_mlp_padded_to_an_aligned_hidden_size_computes_the_same(qwen_dir):
+    """GatedVisionMLP.pad_hidden (done on a GPU at load: Qwen2.5-VL's 3420 leaves the down
+    projection's rows unaligned for cuBLAS): zero gate/up rows and down columns change
+    nothing but the shapes."""
+    from hpcinfer.models.registry import load_model
+    model = load_model(qwen_dir, dtype=torch.float32, device="cpu")
+    mlp = model.visual.blocks[0].mlp
+    hidden = mlp.down_proj.input_size
+    assert hidden % 64   # the tiny tower's 48 (as the real one's 3420): on the CPU load_model
+    #                      keeps the checkpoint's shape (after_loading pads on a GPU only)
+    x = torch.randn(37, mlp.gate_up_proj.input_size, generator=torch.Generator().manual_seed(0))
+    want = mlp(x)
+    mlp.pad_hidden(64)
+    assert mlp.down_proj.weight.shape[1] == mlp.down_proj.input_size == 64
+    assert mlp.gate_up_proj.weight.shape[0] == 128 and mlp.gate_up_proj.out_pieces == [64, 64]
+    torch.testing.assert_close(mlp(x), want, rtol=1e-6, atol=1e-6)
