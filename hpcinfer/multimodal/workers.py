@@ -119,6 +119,10 @@ def _from_wire(out: dict) -> dict:
     return tensors
 
 
+def _why(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
 class _Worker:
     """One worker process; owned by one caller at a time (checked out of the idle queue)."""
 
@@ -138,7 +142,8 @@ class _Worker:
             self._payload = b""
             reply = read_frame(self.rx)
         except (OSError, EOFError, ValueError) as e:
-            raise WorkerGone(f"exited while starting ({e or type(e).__name__})") from None
+            raise WorkerGone(f"exited while starting ({_why(e)}; exit code "
+                             f"{self.proc.poll()})") from None
         if reply[0] != "ready":
             raise WorkerGone(f"could not load the processor: {reply[1]}")
 
@@ -147,8 +152,7 @@ class _Worker:
             write_frame(self.tx, request)
             status, value = read_frame(self.rx)
         except (OSError, EOFError, ValueError) as e:
-            raise WorkerGone(f"exited ({e or type(e).__name__}; exit code "
-                             f"{self.proc.poll()})") from None
+            raise WorkerGone(f"exited ({_why(e)}; exit code {self.proc.poll()})") from None
         if status == "error":
             raise ProcessorCallError(value)
         out, hashes = value
@@ -182,7 +186,7 @@ class ProcessorWorkers:
         self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._workers: list[_Worker] = []
-        self._closed = False
+        self._state = {"closed": False}   # shared with the finalizer, which may run first
         self._warned = False
         self._settled = threading.Condition(self._lock)   # a worker started or failed to
         self._num_settled = 0
@@ -193,7 +197,7 @@ class ProcessorWorkers:
             self._workers.append(worker)
             threading.Thread(target=self._start, args=(worker,), daemon=True,
                              name="hpcinfer-preprocess-start").start()
-        self._finalizer = weakref.finalize(self, _close_all, self._workers)
+        self._finalizer = weakref.finalize(self, _close_all, self._workers, self._state)
 
     def _start(self, worker: _Worker) -> None:
         try:
@@ -243,7 +247,7 @@ class ProcessorWorkers:
         with self._lock:
             if worker in self._workers:
                 self._workers.remove(worker)
-            warn, self._warned = not self._warned and not self._closed, True
+            warn, self._warned = not self._warned and not self._state["closed"], True
         if warn:
             log.warning("an image-preprocessing worker process %s; its prompts are "
                         "preprocessed in this process instead (nothing is lost)", why)
@@ -253,16 +257,19 @@ class ProcessorWorkers:
             pass
 
     def close(self) -> None:
-        self._closed = True
         self._finalizer()
 
 
-def _close_all(workers: list[_Worker]) -> None:
+def _close_all(workers: list[_Worker], state: dict) -> None:
+    """close(), garbage collection or interpreter exit: stop every worker (one still
+    starting then ends its start with EOF, and that is no reason to warn)."""
+    state["closed"] = True
     for worker in list(workers):
         try:
             worker.close()
         except OSError:
             pass
+    workers.clear()
 
 
 def start_workers(processor: Any, n: int) -> ProcessorWorkers | None:

@@ -144,3 +144,14 @@ def test_a_processor_that_does_not_pickle_stays_in_this_process(caplog):
     with caplog.at_level(logging.WARNING, logger=workers_module.__name__):
         assert workers_module.start_workers(threading.Lock(), 2) is None
     assert "cannot be sent to worker processes" in caplog.text
+
+
+def test_closing_while_workers_start_is_quiet(caplog):
+    """close() (or the interpreter's exit) while a worker still starts ends that start with
+    EOF: no warning about a worker that 'exited'."""
+    with caplog.at_level(logging.WARNING, logger=workers_module.__name__):
+        workers = workers_module.start_workers({"a plain": "object"}, 1)
+        workers.close()
+        assert workers.wait_started(START_S)
+    assert workers.num_alive == 0
+    assert not caplog.records
