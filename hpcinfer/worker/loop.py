@@ -29,7 +29,7 @@ from hpcinfer.io.rows import BadRow, InputRow
 from hpcinfer.io.shard_loop import BadRowError
 from hpcinfer.io.writers import PartWriter
 from hpcinfer.worker.budget import BudgetExceeded
-from hpcinfer.worker.prefetch import Prefetch
+from hpcinfer.worker.prefetch import END, NOT_READY, Prefetch
 from hpcinfer.worker.requests import RequestBuilder, _has_pil_parts, to_output_record
 
 log = logging.getLogger("hpcinfer.worker")
@@ -115,29 +115,49 @@ class ShardLoop:
 
     def _stream(self, reader: ShardReader, done, writer: PartWriter) -> bool:
         """Admit, step, write until the shard is answered (True) or the flag is set (False)."""
-        rows = self._rows(reader)
+        rows = self._rows(reader, done)
         try:
             return self._admit_and_step(rows, done, writer)
         finally:
             if isinstance(rows, Prefetch):
                 rows.close()
 
-    def _rows(self, reader: ShardReader):
-        """The shard's rows; when the model takes images, read and decoded (PIL) in a reader
-        thread ahead of the step loop (worker/prefetch.py), and a row with images for a model
-        that takes none becomes a bad row."""
+    def _rows(self, reader: ShardReader, done):
+        """The shard's rows; a row with images for a model that takes none becomes a bad row.
+        When the model takes images, a reader thread ahead of the step loop
+        (worker/prefetch.py) reads each row, decodes its images (PIL) and builds its request
+        (the processor: placeholder expansion, resize, normalisation, in a worker process when
+        there are any, multimodal/workers.py), so the step loop only admits it; rows already
+        done (a rerun) are not processed again."""
         loader = RowImageLoader(self.spec.media_dirs, self.spec.max_images,
                                 takes_images=getattr(self.builder, "multimodal", None) is not None)
         if not loader.takes_images:
             return map(loader.load, reader)
-        return Prefetch(reader, loader.load,
+
+        def prepare(raw):
+            row = loader.load(raw)
+            if isinstance(row, BadRow) or row.index in done:
+                return row
+            return _Prepared(row, self.builder.build(row))
+        return Prefetch(reader, prepare,
                         depth=min(self.options.max_in_flight, PREFETCH_IMAGE_ROWS))
+
+    def _next_row(self, rows):
+        """The next row (None after the last); from a reader thread, NOT_READY when it has
+        not got the next one yet while the engine has rows to run: the loop steps meanwhile
+        instead of waiting (the first steps start before a large max_in_flight is read)."""
+        if not isinstance(rows, Prefetch):
+            return next(rows, None)
+        item = rows.get(block=not self.in_flight)
+        return None if item is END else item
 
     def _admit_and_step(self, rows, done, writer: PartWriter) -> bool:
         exhausted = False
         while not self.stop.is_set:
             while not exhausted and len(self.in_flight) < self.options.max_in_flight:
-                item = next(rows, None)
+                item = self._next_row(rows)
+                if item is NOT_READY:
+                    break
                 if item is None:
                     exhausted = True
                 elif item.index not in done:
@@ -172,8 +192,11 @@ class ShardLoop:
         if drain is not None:
             self._write_finished(drain(final_only=True), writer)
 
-    def _admit(self, item: InputRow | BadRow, writer: PartWriter) -> None:
-        request = item if isinstance(item, BadRow) else self.builder.build(item)
+    def _admit(self, item: InputRow | BadRow | _Prepared, writer: PartWriter) -> None:
+        if isinstance(item, _Prepared):   # built in the reader thread
+            item, request = item.row, item.request
+        else:
+            request = item if isinstance(item, BadRow) else self.builder.build(item)
         if not isinstance(request, BadRow):
             request_id = f"{self.shard.index}:{item.index}"
             try:
@@ -210,6 +233,17 @@ class ShardLoop:
                      len(self.in_flight), self.shard.index)
             self.engine.abort_request(list(self.in_flight))
             self.in_flight.clear()
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A row and its request (or its BadRow), built in the reader thread."""
+    row: InputRow
+    request: Any
+
+    @property
+    def index(self) -> int:
+        return self.row.index
 
 
 def _without_images(row: InputRow) -> InputRow:

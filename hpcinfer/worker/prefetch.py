@@ -3,7 +3,8 @@
 A job whose rows carry images decodes them with PIL while the engine steps: ``Prefetch``
 runs the shard reader and ``transform`` (io/images.py ``RowImageLoader.load``) in one daemon
 thread and hands the rows over through a bounded queue, at most ``depth`` rows ahead, so
-memory stays flat. The loop's thread stays the only one that talks to the engine and the
+memory stays flat; ``get(block=False)`` lets the loop step the engine while the next row is
+still being read. The loop's thread stays the only one that talks to the engine and the
 writer. An exception in the thread (``ShardReadError``) is raised again by ``__next__`` in
 the loop's thread, in its place in the row order. ``close()`` stops the thread at its next
 hand-over (the loop calls it when it stops early).
@@ -15,6 +16,8 @@ import threading
 from typing import Any, Callable, Iterable
 
 _END = object()
+END = object()         # get(): the rows are over
+NOT_READY = object()   # get(block=False): the next row is not read yet
 _POLL_S = 0.1
 
 
@@ -54,10 +57,22 @@ class Prefetch:
         return self
 
     def __next__(self) -> Any:
-        item = self._queue.get()
+        item = self.get(block=True)
+        if item is END:
+            raise StopIteration
+        return item
+
+    def get(self, block: bool) -> Any:
+        """The next row, ``END`` after the last, or (``block=False``) ``NOT_READY`` when the
+        reader has not got the next one yet: the loop then steps the engine instead of
+        waiting while it still has rows to run."""
+        try:
+            item = self._queue.get(block=block)
+        except queue.Empty:
+            return NOT_READY
         if item is _END:
             self._queue.put(_END)        # later calls end too
-            raise StopIteration
+            return END
         if isinstance(item, _Raised):
             raise item.exc
         return item

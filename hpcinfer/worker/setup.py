@@ -148,7 +148,11 @@ def load_engine(cfg, model, make_engine=None, device: str | None = None):
     ``make_engine(config)`` builds a generate/chat engine (default LLMEngine; the worker's
     replica driver passes replica.DriverSide.make_engine)."""
     from hpcinfer.engine.llm_engine import LLMEngine
+    from hpcinfer.multimodal.workers import ENV_WORKERS
     config = engine_config(cfg, model, device)
+    # A job processes its image rows one at a time in the reader thread (worker/loop.py):
+    # one preprocessing worker process is all it uses (HPCINFER_PREPROCESS_WORKERS wins).
+    os.environ.setdefault(ENV_WORKERS, "1")
     try:
         if is_pooling(cfg):
             from hpcinfer.engine.pooling import PoolingEngine

@@ -1,10 +1,12 @@
-"""ShardLoop with images and a fake engine: images are decoded (PIL) in the reader thread, the
-processor runs in the loop's thread, a stop mid-shard closes the reader and a restart answers
-every row once (no model; the real one is tests/multimodal/test_image_jobs.py)."""
+"""ShardLoop with images and a fake engine: images are decoded (PIL) and processed (the
+request built) in the reader thread, the loop steps while the reader is behind, a stop
+mid-shard closes the reader and a restart answers every row once without processing the done
+rows again (no model; the real one is tests/multimodal/test_image_jobs.py)."""
 from __future__ import annotations
 
 import io
 import threading
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -62,29 +64,30 @@ class Engine:
             self.requests.pop(rid, None)
 
 
-def _shard(tmp_path, num_rows):
+def _shard(tmp_path, num_rows, numbered=False):
     def png(w, h):
         buffer = io.BytesIO()
         Image.new("RGB", (w, h), (w, h, 0)).save(buffer, format="PNG")
         return buffer.getvalue()
-    rows = [{"id": f"r{i}", "prompt": "<image> what?", "image": png(8 + i, 9)}
+    rows = [{"id": f"r{i}", "prompt": "<image> what?" + (f" {i}" if numbered else ""),
+             "image": png(8 + i, 9)}
             for i in range(num_rows)]
     path = tmp_path / "in.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=5)
     return Shard(index=0, file=str(path), start=0, stop=num_rows)
 
 
-def _loop(tmp_path, shard, engine, stop, processor):
+def _loop(tmp_path, shard, engine, stop, processor, max_in_flight=2):
     builder = RequestBuilder(None, {"temperature": 0.0, "max_tokens": 4}, 64,
                              multimodal=processor)
     spec = InputSpec(image_field="image")
     return ShardLoop(engine, shard, spec, tmp_path / "shard", make_format("jsonl"), builder,
                      stop, Progress(shard.num_rows, 0, None, use_bar=False),
-                     LoopOptions(commit_every_rows=3, max_in_flight=2))
+                     LoopOptions(commit_every_rows=3, max_in_flight=max_in_flight))
 
 
-def test_images_decode_in_the_reader_thread_and_a_stop_then_restart_is_exact(tmp_path,
-                                                                             monkeypatch):
+def test_images_decode_and_process_in_the_reader_thread_and_a_stop_then_restart_is_exact(
+        tmp_path, monkeypatch):
     decoded_in = set()
     real_open = media.open_image_bytes
 
@@ -98,7 +101,7 @@ def test_images_decode_in_the_reader_thread_and_a_stop_then_restart_is_exact(tmp
     assert _loop(tmp_path, shard, Engine(stop, stop_at_step=7), stop, processor).run() \
         == "stopped"
     assert decoded_in == {"row-reader"}
-    assert processor.threads == {threading.current_thread().name}
+    assert processor.threads == {"row-reader"}
     assert not any(t.name == "row-reader" for t in threading.enumerate())   # closed
     done = sorted(ledger.recover(tmp_path / "shard").done_indices)
     assert done == list(range(7))
@@ -117,3 +120,30 @@ def test_in_flight_rows_drop_their_decoded_images(tmp_path):
     assert loop.run() == "done"
     assert len(engine.held) >= 6 and all(row.images == () for row in engine.held)
     assert sorted(ledger.recover(tmp_path / "shard").done_indices) == list(range(6))
+
+
+class SlowProcessor(FakeProcessor):
+    """Row 3 waits until the engine has stepped: the loop must step rows 0-2 meanwhile
+    instead of waiting for the reader to fill max_in_flight."""
+
+    def __init__(self, engine):
+        super().__init__()
+        self.engine, self.stepped_before_row_3 = engine, None
+
+    def process(self, prompt, where):
+        if prompt["prompt"] == "<image> what? 3":
+            deadline = time.monotonic() + 30
+            while self.engine.num_steps == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            self.stepped_before_row_3 = self.engine.num_steps > 0
+        return super().process(prompt, where)
+
+
+def test_the_loop_steps_while_the_reader_is_behind(tmp_path):
+    shard = _shard(tmp_path, 8, numbered=True)
+    engine = Engine()
+    processor = SlowProcessor(engine)
+    loop = _loop(tmp_path, shard, engine, StopFlag(), processor, max_in_flight=8)
+    assert loop.run() == "done"
+    assert processor.stepped_before_row_3 is True
+    assert sorted(ledger.recover(tmp_path / "shard").done_indices) == list(range(8))

@@ -56,3 +56,23 @@ def test_close_stops_a_reader_blocked_on_a_full_queue():
     assert next(rows) == 0
     rows.close()
     assert not rows._thread.is_alive()
+
+
+def test_get_without_blocking_says_not_ready_until_the_reader_has_the_row():
+    from hpcinfer.worker.prefetch import END, NOT_READY
+    gate = threading.Event()
+
+    def items():
+        yield 1
+        gate.wait(timeout=30)
+        yield 2
+
+    rows = Prefetch(items(), lambda x: x, depth=4)
+    assert rows.get(block=True) == 1
+    assert rows.get(block=False) is NOT_READY     # the reader waits for the gate
+    gate.set()
+    assert rows.get(block=True) == 2
+    assert rows.get(block=True) is END
+    assert rows.get(block=False) is END           # and stays over
+    with pytest.raises(StopIteration):
+        next(rows)
