@@ -155,3 +155,33 @@ def test_closing_while_workers_start_is_quiet(caplog):
         assert workers.wait_started(START_S)
     assert workers.num_alive == 0
     assert not caplog.records
+
+
+def test_workers_exit_when_their_process_is_killed(tmp_path):
+    """kill -9 of the process that started them closes their stdin: they exit, no orphans."""
+    import subprocess
+    import sys
+    import time
+    script = ("import sys, time\n"
+              "from hpcinfer.multimodal.workers import start_workers\n"
+              "w = start_workers({'a plain': 'object'}, 2)\n"
+              "assert w.wait_started(60)\n"
+              "print(' '.join(str(x.proc.pid) for x in w._workers), flush=True)\n"
+              "time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                              text=True)
+    pids = [int(p) for p in parent.stdout.readline().split()]
+    assert len(pids) == 2
+    parent.kill()
+    parent.wait(timeout=30)
+
+    def alive(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().split(") ")[1][0] != "Z"   # a zombie has exited
+        except FileNotFoundError:
+            return False
+    deadline = time.monotonic() + 30
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(p) for p in pids)
