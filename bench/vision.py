@@ -133,6 +133,8 @@ def run_hpcinfer(ckpt: Path, spec: dict, device: str, profile_run: bool = False,
     params = SamplingParams(temperature=0, max_tokens=spec["output_tokens"], ignore_eos=True)
     stats = llm.llm_engine.stats
     before = {k: getattr(stats, k) for k in STEP_STATS}
+    workers = llm.llm_engine.multimodal.workers   # multimodal/workers.py (None: threads)
+    served = workers.num_served if workers is not None else 0
     sync()
     start = time.perf_counter()
     outs = llm.generate(requests(images, prompts), params, use_tqdm=False)
@@ -140,6 +142,10 @@ def run_hpcinfer(ckpt: Path, spec: dict, device: str, profile_run: bool = False,
     wall = time.perf_counter() - start
     steps = {k: round(getattr(stats, k) - before[k], 3) for k in STEP_STATS}
     print(f"hpcinfer steps on {len(images)} images: {json.dumps(steps)}", flush=True)
+    preprocess = {"workers": workers.num_alive if workers is not None else 0,
+                  "images_by_workers": (workers.num_served if workers is not None else 0)
+                  - served}
+    print(f"hpcinfer preprocessing: {json.dumps(preprocess)}", flush=True)
     tokens = [list(o.outputs[0].token_ids) for o in outs]
     num_in = sum(len(o.prompt_token_ids) for o in outs)
     row = _row(tokens, num_in, wall, startup_s, spec, per_image)
@@ -150,7 +156,7 @@ def run_hpcinfer(ckpt: Path, spec: dict, device: str, profile_run: bool = False,
                kv_blocks=runner.num_blocks,
                activation_peak_gib=profile.activation_peak / GiB if profile else None,
                encoder_peak_gib=profile.encoder_peak / GiB if profile else None,
-               engine_steps=steps)
+               engine_steps=steps, preprocess=preprocess)
     if profile_run:
         row["profile"] = profile_generate(llm, requests(images, prompts), params, sync)
     if trace:

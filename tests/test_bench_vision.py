@@ -48,6 +48,7 @@ def test_workload_vt_writes_both_engines_rows(tmp_path):
     assert rows["transformers"]["first_token_agreement_vs_hpcinfer"] == 1.0
     assert "hpcinfer / transformers output tok/s on VT" in proc.stdout
     # --profile: hpcinfer's step counters, and the profiled second run (images encoded again)
+    assert set(rows["hpcinfer"]["preprocess"]) == {"workers", "images_by_workers"}
     steps, profile = rows["hpcinfer"]["engine_steps"], rows["hpcinfer"]["profile"]
     assert steps["num_steps"] > steps["num_decode_steps"] > 0
     assert profile["encoder_calls"] >= 1 and profile["wall_s"] > 0
