@@ -59,6 +59,9 @@ class NoDetokenizer:
     def append(self, token_id: int) -> str:
         return ""
 
+    def defer(self, token_id: int) -> None:
+        pass
+
     def flush(self) -> None:
         pass
 

@@ -38,9 +38,10 @@ class TokenAppender:
         if stopped_by_token and not params.include_stop_str_in_output:
             seq.detok.flush()  # the stop token's own text is left out, as in vLLM
             return
-        num_new_chars = len(seq.detok.append(token_id))  # NoDetokenizer: 0
-        if (num_new_chars and params.stop_strings and seq.num_output_tokens > params.min_tokens
-                and seq.finish_reason != "stop"):
+        if not params.stop_strings:   # no text is needed before it is read: decode later
+            seq.detok.defer(token_id)
+        elif (num_new_chars := len(seq.detok.append(token_id))) and (   # NoDetokenizer: 0
+                seq.num_output_tokens > params.min_tokens and seq.finish_reason != "stop"):
             found = find_stop_string(seq.detok.output_text, num_new_chars, params.stop_strings,
                                      params.include_stop_str_in_output)
             if found is not None:

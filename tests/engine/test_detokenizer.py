@@ -53,6 +53,67 @@ def test_special_tokens_skipped_or_kept(tokenizer):
     assert kept == "ab cd" + tokenizer.eos_token
 
 
+def deferred(detok, ids, read_at=()):
+    """``ids`` deferred (the appender's path without stop strings), the text read after the
+    positions in ``read_at`` (a streaming caller) and at the end (flush, as at finish)."""
+    for i, t in enumerate(ids):
+        detok.defer(t)
+        if i in read_at:
+            detok.output_text
+    detok.flush()
+    return detok.output_text
+
+
+def test_deferred_text_equals_token_by_token(tokenizer):
+    """Deferred tokens decode to the text the token-by-token paths make: all at once at the
+    end (the stream untouched), caught up when read midway, on the window method, with
+    special tokens kept."""
+    rng = random.Random(1)
+    at_once = 0
+    for trial in range(150):
+        prompt = [rng.randrange(3, 384) for _ in range(rng.randrange(1, 12))]
+        ids = [rng.randrange(0, 384) for _ in range(rng.randrange(1, 50))]
+        skip = trial % 3 != 0
+        want = run(IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens=skip), ids)
+        lazy = IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens=skip)
+        stream_untouched = lazy._prime_text is not None
+        assert deferred(lazy, ids) == want
+        at_once += stream_untouched and lazy._stream is None   # (a catch-up keeps it)
+        midway = IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens=skip)
+        assert deferred(midway, ids, read_at={len(ids) // 3, len(ids) // 2}) == want
+        window = IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens=skip)
+        window._stream = window._prime_text = None
+        assert deferred(window, ids) == want
+        mixed = IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens=skip)
+        for t in ids[:len(ids) // 2]:
+            mixed.defer(t)
+        for t in ids[len(ids) // 2:]:
+            mixed.append(t)   # a caught-up row takes tokens one by one again
+        mixed.flush()
+        assert mixed.output_text == want
+    assert at_once > 75   # the one-call decode really ran
+
+
+def test_deferred_text_is_decoded_in_one_call(tokenizer, monkeypatch):
+    detok = IncrementalDetokenizer(tokenizer, tokenizer("Say:", add_special_tokens=False).input_ids)
+    ids = tokenizer("Hello world, résumé 東京 🙂", add_special_tokens=False).input_ids
+    calls = []
+    rust = detok._rust
+    monkeypatch.setattr(detok, "_rust", type("Counting", (), {
+        "decode": lambda self, i, skip_special_tokens: calls.append(i) or rust.decode(
+            i, skip_special_tokens=skip_special_tokens)})())
+    assert deferred(detok, ids) == tokenizer.decode(ids)
+    assert len(calls) == 1
+
+
+def test_a_stop_string_cuts_deferred_text(tokenizer):
+    detok = IncrementalDetokenizer(tokenizer, [5])
+    for t in tokenizer("ab cd ef", add_special_tokens=False).input_ids:
+        detok.defer(t)
+    detok.output_text = detok.output_text[:2]
+    assert detok.output_text == "ab"
+
+
 @pytest.mark.parametrize("text, new, stops, include, want", [
     ("hello world", 5, ("wor",), False, ("wor", 6)),
     ("hello world", 5, ("wor",), True, ("wor", 9)),

@@ -181,6 +181,9 @@ class _NoText:
     def append(self, token_id):
         return ""
 
+    def defer(self, token_id):
+        pass
+
     def flush(self):
         pass
 
