@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import logging
 import os
+import io
 import signal
+import struct
+import threading
 
 import pytest
 import torch
@@ -185,3 +188,32 @@ def test_workers_exit_when_their_process_is_killed(tmp_path):
     while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(alive(p) for p in pids)
+
+
+def test_frames_carry_arrays_out_of_band_through_a_pipe():
+    """Arrays travel after the pickle and are unpickled on the bytes read, not copied again;
+    a frame bigger than the pipe's buffer (64 KiB) arrives whole, as does one without any."""
+    import numpy as np
+
+    from hpcinfer.multimodal.workers import _from_wire, _to_wire, read_frame, write_frame
+    pixels = torch.randn(1024, 1176).to(torch.bfloat16)
+    message = ("ok", (_to_wire({"pixel_values": pixels, "grid": torch.tensor([[1, 32, 32]]),
+                                "n": 3}, None), [7, 8]))
+    rx, tx = os.pipe()
+    with os.fdopen(rx, "rb") as reader, os.fdopen(tx, "wb") as writer:
+        sender = threading.Thread(target=lambda: (write_frame(writer, message),
+                                                  write_frame(writer, ("ready", None))))
+        sender.start()
+        status, (wire, hashes) = read_frame(reader)
+        assert read_frame(reader) == ("ready", None)
+        sender.join()
+    bits = wire["pixel_values"][1]
+    # the pixels are not in the pickle: read into their own buffer, unpickled without a copy
+    stream = io.BytesIO()
+    write_frame(stream, message)
+    pickle_size, num_buffers = struct.unpack("<2Q", stream.getvalue()[:16])
+    assert pickle_size < 4096 and num_buffers == 2
+    out = _from_wire(wire)
+    assert torch.equal(out["pixel_values"], pixels) and out["n"] == 3
+    assert torch.equal(out["grid"], torch.tensor([[1, 32, 32]])) and hashes == [7, 8]
+    assert np.shares_memory(out["pixel_values"].view(torch.int16).numpy(), bits)
