@@ -20,7 +20,13 @@ reading the tokens back) and with the structured stage's background job on
 thread while the step loop goes on; off by default since it did not pay on the H200 hosts of
 2026-12-03, docs/structured-outputs.md), so one GPU session compares the two.
 
-Writes one row per run (free, json_long, json_long_prefetch, json_extraction) with the
+Its rows end after ~80 tokens, which lowers output tok/s for reasons other than the masks
+(prefill is a larger share, the batch thins out as rows end), so a last run,
+free_same_lengths_as_json_extraction, gives the same prompts unconstrained, each row as many
+tokens as its json_extraction row; json_extraction's vs_free_same_lengths is the ratio to it.
+
+Writes one row per run (free, json_long, json_long_prefetch, json_extraction,
+free_same_lengths_as_json_extraction) with the
 common result keys (engine, workload, tp, output_tok_s, total_tok_s, device, date) to
 --out/structured-outputs-<device>-<date>.json, and prints a host-time breakdown per step:
 fill (xgrammar filling the bitmasks) and accept (the matchers taking the sampled tokens),
@@ -207,6 +213,7 @@ def run(ckpt: Path, num_prompts: int, max_tokens: int, device: str) -> list[dict
                                   for k, v in (("thread", mode.here_s), ("pool", mode.pool_s))}
         if name == "json_extraction":   # json_long rows end by length, unfinished
             row["valid"] = sum(_parses(o.outputs[0].text) for o in outs)
+            extraction_lengths = [len(o.outputs[0].token_ids) for o in outs]
         rows.append({**row, **extra})
         print(name, f"{row['output_tok_s']} tok/s, {steps} steps, host ms/step:",
               json.dumps(row["host_ms_per_step"]), "engine ms/step:",
@@ -214,7 +221,34 @@ def run(ckpt: Path, num_prompts: int, max_tokens: int, device: str) -> list[dict
               flush=True)
     for row in rows[1:]:
         row["vs_free"] = round(row["output_tok_s"] / rows[0]["output_tok_s"], 3)
+    rows.append(same_lengths_free(llm, prompts, extraction_lengths, sync, common, extra,
+                                  prompt_len))
+    extraction = next(r for r in rows if r["workload"] == "A-structured-json_extraction")
+    extraction["vs_free_same_lengths"] = round(
+        extraction["output_tok_s"] / rows[-1]["output_tok_s"], 3)
+    print("json_extraction vs free rows of the same lengths:",
+          extraction["vs_free_same_lengths"], flush=True)
     return rows
+
+
+def same_lengths_free(llm, prompts, lengths: list[int], sync, common: dict, extra: dict,
+                      prompt_len: int) -> dict:
+    """json_extraction's rows end by the grammar after ~80 tokens, so its output tok/s is
+    lower than free's 256-token rows for reasons that are not the masks: prefill is a larger
+    share of the run, and the batch thins out as rows end. This run has the same prompts,
+    unconstrained, each row ending after as many tokens as its json_extraction row
+    (max_tokens, EOS ignored): the ratio to it is the cost of the constraint alone."""
+    from hpcinfer.sampling_params import SamplingParams
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lengths]
+    outs, wall = timed(llm, prompts, params, sync)
+    num_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    assert num_out == sum(lengths), "a same-lengths row did not run to its max_tokens"
+    row = {**common, "workload": "A-structured-free_same_lengths_as_json_extraction",
+           "output_tok_s": round(num_out / wall, 1),
+           "total_tok_s": round((num_out + len(prompts) * prompt_len) / wall, 1),
+           "wall_s": round(wall, 3), "output_tokens": num_out, **extra}
+    print("free_same_lengths", f"{row['output_tok_s']} tok/s", flush=True)
+    return row
 
 
 def _parses(text: str) -> bool:
