@@ -217,3 +217,15 @@ def test_frames_carry_arrays_out_of_band_through_a_pipe():
     assert torch.equal(out["pixel_values"], pixels) and out["n"] == 3
     assert torch.equal(out["grid"], torch.tensor([[1, 32, 32]])) and hashes == [7, 8]
     assert np.shares_memory(out["pixel_values"].view(torch.int16).numpy(), bits)
+
+
+def test_replies_come_through_a_wide_pipe():
+    """The pipe a worker replies through holds a whole image's pixels in a few reads."""
+    import fcntl
+    rx, tx = os.pipe()
+    try:
+        workers_module._widen_pipe(rx)
+        assert fcntl.fcntl(rx, 1032) >= workers_module.PIPE_BYTES   # F_GETPIPE_SZ
+    finally:
+        os.close(rx)
+        os.close(tx)
