@@ -145,15 +145,14 @@ def _why(e: Exception) -> str:
 # by default: ~40 reads, each of which takes the GIL back. Linux lets a process widen its pipes
 # to /proc/sys/fs/pipe-max-size (1 MiB by default): ~3 reads.
 PIPE_BYTES = 1 << 20
-_F_SETPIPE_SZ = 1031
 
 
 def _widen_pipe(fd: int) -> None:
     try:
         import fcntl
-        fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_BYTES)
-    except (ImportError, OSError):   # not Linux, or a lower limit: the default pipe works
-        pass
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+    except (ImportError, AttributeError, OSError):   # not Linux, or a lower limit: the
+        pass                                          # default pipe works
 
 
 class _Worker:

@@ -3,9 +3,9 @@ pixels, image hashes and M-RoPE positions as in this process, the same error for
 processor refuses, nothing lost when a worker is killed, and the workers gone after close()."""
 from __future__ import annotations
 
+import io
 import logging
 import os
-import io
 import signal
 import struct
 import threading
@@ -225,7 +225,7 @@ def test_replies_come_through_a_wide_pipe():
     rx, tx = os.pipe()
     try:
         workers_module._widen_pipe(rx)
-        assert fcntl.fcntl(rx, 1032) >= workers_module.PIPE_BYTES   # F_GETPIPE_SZ
+        assert fcntl.fcntl(rx, fcntl.F_GETPIPE_SZ) >= workers_module.PIPE_BYTES
     finally:
         os.close(rx)
         os.close(tx)
