@@ -2,7 +2,11 @@
 # Issue 22 item 1: hpcinfer and vLLM 0.25.0 side by side on one GPU machine, in two device calls
 # (../shared/recipes/vllm-peer.md: each command carries at most 64 MiB, so vLLM's packed site
 # directory travels in two pieces, one per call; the machine stays warm ~30 s after a call, so
-# send call 2 right after call 1 returns). Written, not yet run on a GPU.
+# send call 2 right after call 1 returns). Run on an H200 on 2026-12-04 (docs/performance.md):
+# call 1 took 363 s (A, B, P x 3 processes, the 8B checkpoint written in 21 s); call 2 ran out
+# of its 570 s during P (vLLM's first process per model shape spends ~50 s in torch.compile, and
+# every vLLM process ~20 s importing), so a third call on the warm machine finished it:
+#   run(command="WORKLOADS=P PROCESSES=2 BUDGET_S=240 bash tests/gpu/vllm_side_by_side.sh vllm")
 #
 #   tests/gpu/vllm_side_by_side.sh hpcinfer [RESULTS_DIR]  # call 1: stash part-aa, hpcinfer side
 #   tests/gpu/vllm_side_by_side.sh vllm [RESULTS_DIR]      # call 2: unpack aa+ab, vLLM side
