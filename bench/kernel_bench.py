@@ -54,7 +54,7 @@ def main() -> None:
         wanted = set(args.only.split(","))
         benches = [f for f in (bench_copy, bench_decode, bench_prefill, bench_cache,
                                bench_elementwise, sweep_decode, sweep_prefill, bench_decode_mix,
-                               bench_moe, sweep_moe, bench_quant_gemm, sweep_w4a16,
+                               bench_decode_shared, bench_moe, sweep_moe, bench_quant_gemm, sweep_w4a16,
                                bench_lora, sweep_lora_tiles)
                    if f.__name__.removeprefix("bench_").removeprefix("sweep_") in wanted
                    or f.__name__ in wanted]
@@ -180,6 +180,41 @@ def bench_decode_mix(dtypes):
                        f"capacity {capacity}", torch.bfloat16, time_ms(run), num_bytes,
                        config=dict(partition_size=partition_size), rel_err=err)
         del b, out
+
+
+def bench_decode_shared(dtypes):
+    """Workload P's decode step: 1,024 rows behind one 1,024-token prompt (64 shared blocks)
+    plus 1-192 tokens of their own, the Llama-3.1-8B layer shape, grid by P's capacity (1,216
+    keys). The same batch without and with ``shared_prefix_len`` (kernels/decode_attention.py:
+    the shared blocks attended once for all rows); rel_err of the shared launch against the
+    plain one."""
+    import numpy as np
+    from hpcinfer.kernels.decode_attention import paged_decode_attention
+    from hpcinfer.kernels.random_batch import make_paged_batch
+    rng = np.random.default_rng(0)
+    shared, capacity = 1024, 1216
+    lens = (shared + rng.integers(1, 193, 1024)).tolist()
+    b = make_paged_batch(lens, [1] * len(lens), num_heads=32, num_kv_heads=8, head_dim=128,
+                         block_size=16, dtype=torch.bfloat16, device="cuda", poison=False)
+    b.block_tables[:, :shared // 16] = b.block_tables[0, :shared // 16]
+    out = torch.empty_like(b.q)
+    shape = "P 1024 rows, 1024 shared + 1-192 own, h32/kv8, d128"
+    # Bytes a row-by-row kernel asks for (the shared part mostly hits L2).
+    num_bytes = 2 * sum(lens) * 8 * 128 * 2 + 2 * b.q.nbytes
+
+    def run(prefix=0):
+        return paged_decode_attention(b.q, b.k_cache, b.v_cache, b.block_tables, b.seq_lens,
+                                      0.1, out=out, max_seqlen_k=capacity,
+                                      shared_prefix_len=prefix)
+    plain = run().clone()
+    plain_ms = time_ms(run)
+    yield _row("decode_attention:shared", shape, torch.bfloat16, plain_ms, num_bytes,
+               config=dict(shared_prefix_len=0), rel_err=0.0)
+    err = _rel_err(run(shared), plain)
+    ms = time_ms(lambda: run(shared))
+    yield _row("decode_attention:shared", shape, torch.bfloat16, ms, num_bytes,
+               config=dict(shared_prefix_len=shared), rel_err=err, vs_plain=plain_ms / ms)
+    del b, out
 
 
 def bench_prefill(dtypes):

@@ -471,6 +471,9 @@ def run_hpcinfer(ckpt: Path, requests, max_num_seqs: int, profile_dir: Path | No
     stats = {k: v - stats_before.get(k, 0) for k, v in _stats_dict(engine.stats).items()}
     print("host breakdown (s):", json.dumps({k: round(v, 3) for k, v in stats.items()}),
           flush=True)
+    if runner.num_shared_prefix_steps:
+        print(f"decode steps over a shared prefix (warm-up and reps): "
+              f"{runner.num_shared_prefix_steps}", flush=True)
     tokens = [list(o.outputs[0].token_ids) for o in outs]
     row = _row(sum(map(len, tokens)), requests, wall, startup_s)
     row.update(_exactness(tokens, requests))
@@ -489,6 +492,8 @@ def run_hpcinfer(ckpt: Path, requests, max_num_seqs: int, profile_dir: Path | No
                graph_replays=graphs.num_replays if graphs else 0,
                split_mixed_steps=graphs.num_splits if graphs else 0,
                split_attention_steps=graphs.num_split_attention if graphs else 0,
+               # all reps together (engine/shared_prefix.py; 0 with it off)
+               shared_prefix_steps=runner.num_shared_prefix_steps,
                async_scheduling=engine.config.async_scheduling,
                split_mixed_attention=getattr(runner, "split_mixed_attention", None),
                kv_blocks=runner.num_blocks,

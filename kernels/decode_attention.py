@@ -15,6 +15,18 @@ key loop (before masking); HAS_SINKS adds ``exp(sink)`` to the softmax denominat
 the end: in the main kernel without split-K, in the reduce kernel after the merge with it
 (each partition's sum excludes the sink, or it would count once per partition).
 
+Shared prefix (cascade attention). When every sequence of the batch begins with the same
+cached blocks (one long system prompt before thousands of rows, with prefix caching), each
+row's program would read those keys again: 1,024 rows x 1,024 shared tokens is 4 GiB of loads
+per layer of an 8B model, ~4 MiB of distinct bytes. With ``shared_prefix_len`` the launcher
+first runs ``_shared_prefix_kernel``, in which one program takes BLOCK_M (sequence, query
+head) rows of one KV head and walks the shared keys once for all of them (a dense
+[rows, keys] product, as prefill does), writing each row's unnormalised result with its
+max and sum; the decode programs then start at ``shared_prefix_len`` and merge those
+statistics in, as one more split-K partition (log-sum-exp merge, in the epilogue or the
+reduce kernel). The caller guarantees the shared keys: ``block_tables[0, :shared_prefix_len
+// block_size]`` holds them for every row, and every row is longer than them.
+
 CUDA graphs. The grid depends only on shapes and on ``max_seqlen_k``, a host int: by default
 the block table's capacity (``block_tables.shape[1] * block_size``), so a graph captured once
 per batch size stays valid as sequences grow. Partitions past a sequence's end do no loads.
@@ -42,12 +54,15 @@ MAX_DEFAULT_PARTITIONS = 64
 # bench/kernel_bench.py --only decode_mix): 310 us with one 2048-key partition vs 362 us with
 # 512-key partitions + reduce; workload A's shape (capacity 512) is unchanged at 93 us.
 BIG_GRID_PROGRAMS = 2048
+# Rows ((sequence, query head) pairs of one KV head) per program of the shared-prefix kernel.
+SHARED_BLOCK_M = 64
 BIG_GRID_PARTITION_SIZE = 2048
 
 
 @triton.jit
 def _decode_attention_kernel(
     Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, SINKS, OUT, PART_ACC, PART_MAX, PART_SUM,
+    SH_ACC, SH_MAX, SH_SUM, shared_len,
     qk_scale, sliding_window, softcap_log2,
     stride_qs, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt, stride_os, stride_oh,
     num_heads, num_partitions,
@@ -55,15 +70,16 @@ def _decode_attention_kernel(
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     PARTITION_SIZE: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, PV_PRECISION: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_SHARED: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     part = tl.program_id(2)
     seq_len = tl.load(SEQ_LENS + seq)
 
-    # Keys this program attends to: [lo, hi) within its partition (and the window).
-    lo = part * PARTITION_SIZE
+    # Keys this program attends to: [lo, hi) within its partition (and the window). The
+    # shared prefix's keys (shared_len = 0 without one) were attended by _shared_prefix_kernel.
+    lo = shared_len + part * PARTITION_SIZE
     hi = tl.minimum(lo + PARTITION_SIZE, seq_len)
     if HAS_WINDOW:
         # Query at seq_len - 1 sees keys at positions > seq_len - 1 - window.
@@ -89,6 +105,13 @@ def _decode_attention_kernel(
         True, False, False, DOT_PRECISION, PV_PRECISION, softcap_log2, HAS_SOFTCAP)
 
     row_mask = mask_g[:, None] & mask_d[None, :]
+    if HAS_SHARED and not IS_SPLIT:   # split: the reduce kernel merges the shared part
+        shared = seq * num_heads + heads
+        acc, l_i, m_i = merge_partials(
+            acc, l_i, m_i, tl.load(SH_ACC + shared[:, None] * BLOCK_D + offs_d[None, :],
+                                   mask=row_mask, other=0.0),
+            tl.load(SH_SUM + shared, mask=mask_g, other=0.0),
+            tl.load(SH_MAX + shared, mask=mask_g, other=float("-inf")))
     if IS_SPLIT:
         # Partial results: [num_seqs, num_heads, num_partitions(, BLOCK_D)], fp32.
         row = (seq * num_heads + heads) * num_partitions + part
@@ -108,16 +131,17 @@ def _decode_attention_kernel(
 
 @triton.jit
 def _decode_reduce_kernel(
-    PART_ACC, PART_MAX, PART_SUM, SEQ_LENS, SINKS, OUT,
+    PART_ACC, PART_MAX, PART_SUM, SEQ_LENS, SINKS, OUT, SH_ACC, SH_MAX, SH_SUM, shared_len,
     stride_os, stride_oh, num_heads, num_partitions,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
-    PARTITION_SIZE: tl.constexpr, HAS_SINKS: tl.constexpr,
+    PARTITION_SIZE: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_SHARED: tl.constexpr,
 ):
-    # One program per (sequence, query head): merge its partitions' softmax statistics.
+    # One program per (sequence, query head): merge its partitions' softmax statistics (and
+    # the shared prefix's, which count as one more partition).
     seq = tl.program_id(0)
     head = tl.program_id(1)
     seq_len = tl.load(SEQ_LENS + seq)
-    num_used = tl.minimum(tl.cdiv(seq_len, PARTITION_SIZE), num_partitions)
+    num_used = tl.minimum(tl.cdiv(seq_len - shared_len, PARTITION_SIZE), num_partitions)
     offs_p = tl.arange(0, BLOCK_P)
     offs_d = tl.arange(0, BLOCK_D)
     mask_p = offs_p < num_used
@@ -125,16 +149,71 @@ def _decode_reduce_kernel(
     m = tl.load(PART_MAX + row, mask=mask_p, other=float("-inf"))          # [BLOCK_P]
     l = tl.load(PART_SUM + row, mask=mask_p, other=0.0)
     m_max = tl.max(m, 0)
+    if HAS_SHARED:
+        sh_max = tl.load(SH_MAX + seq * num_heads + head)
+        m_max = tl.maximum(m_max, sh_max)
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
     w = tl.math.exp2(m - m_max)                 # 0 for partitions with no keys (m = -inf)
     acc = tl.load(PART_ACC + row[:, None] * BLOCK_D + offs_d[None, :],
                   mask=mask_p[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     denom = tl.sum(w * l, 0)
+    acc = tl.sum(acc * w[:, None], 0)           # [BLOCK_D]
+    if HAS_SHARED:
+        w_sh = tl.math.exp2(sh_max - m_max)
+        denom += w_sh * tl.load(SH_SUM + seq * num_heads + head)
+        acc += w_sh * tl.load(SH_ACC + (seq * num_heads + head) * BLOCK_D + offs_d,
+                              mask=offs_d < HEAD_DIM, other=0.0)
     if HAS_SINKS:   # once per head, after the merge: every partition's sum excludes it
         denom = sink_denominator(denom, m_max, tl.load(SINKS + head).to(tl.float32))
-    out = tl.sum(acc * w[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)  # [BLOCK_D]
+    out = acc / tl.where(denom == 0.0, 1.0, denom)
     tl.store(OUT + seq * stride_os + head * stride_oh + offs_d,
              out.to(OUT.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
+@triton.jit
+def merge_partials(acc, l_i, m_i, acc2, l2, m2):
+    # Two online-softmax partial results over disjoint keys (log2 domain, rows [R]) -> one.
+    m_new = tl.maximum(m_i, m2)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    a = tl.math.exp2(m_i - m_safe)
+    b = tl.math.exp2(m2 - m_safe)
+    return acc * a[:, None] + acc2 * b[:, None], l_i * a + l2 * b, m_new
+
+
+@triton.jit
+def _shared_prefix_kernel(
+    Q, K_CACHE, V_CACHE, BLOCK_TABLES, SH_ACC, SH_MAX, SH_SUM,
+    qk_scale, softcap_log2, shared_len,
+    stride_qs, stride_qh, stride_cb, stride_cs, stride_ch,
+    num_rows, num_heads,
+    HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PV_PRECISION: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+):
+    # One program: BLOCK_M rows of (sequence, query head) pairs whose heads share this KV
+    # head, over the shared keys [0, shared_len) of block_tables[0]; unnormalised results.
+    kv_head = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_r = rows < num_rows                      # num_rows = num_seqs * GROUP
+    seq = rows // GROUP
+    heads = kv_head * GROUP + rows % GROUP
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    q = tl.load(Q + seq[:, None] * stride_qs + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=mask_r[:, None] & mask_d[None, :], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # Every row sees every shared key: only the tail tile's length mask applies.
+    acc, l_i, m_i = attend_key_tiles(
+        acc, l_i, m_i, q, K_CACHE, V_CACHE, BLOCK_TABLES, kv_head, rows, 0, shared_len,
+        qk_scale, 0, stride_cb, stride_cs, stride_ch, offs_d, mask_d, BLOCK_SIZE, BLOCK_N,
+        True, False, False, DOT_PRECISION, PV_PRECISION, softcap_log2, HAS_SOFTCAP)
+    out = seq * num_heads + heads
+    tl.store(SH_MAX + out, m_i, mask=mask_r)
+    tl.store(SH_SUM + out, l_i, mask=mask_r)
+    tl.store(SH_ACC + out[:, None] * BLOCK_D + offs_d[None, :], acc,
+             mask=mask_r[:, None] & mask_d[None, :])
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -142,14 +221,18 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            *, sliding_window: int | None = None,
                            logit_softcap: float | None = None, sinks: torch.Tensor | None = None,
                            out: torch.Tensor | None = None, max_seqlen_k: int | None = None,
-                           partition_size: int | None = None) -> torch.Tensor:
+                           partition_size: int | None = None,
+                           shared_prefix_len: int = 0) -> torch.Tensor:
     """Decode attention: q [num_seqs, num_heads, head_dim], one query at seq_lens[i] - 1.
 
     Same arguments as the reference (``logit_softcap``, ``sinks`` [num_heads]), plus: ``out`` (preallocated [num_seqs, num_heads,
     head_dim] in q's dtype), ``max_seqlen_k`` (a host-side upper bound on seq_lens that fixes
     the grid; default: the block table's capacity) and ``partition_size`` (keys per split-K
     partition, a multiple of 16; default 512, doubled while the bound would need more than
-    64 partitions). Never syncs with the host.
+    64 partitions) and ``shared_prefix_len`` (keys every row shares: the first
+    ``shared_prefix_len // block_size`` blocks of ``block_tables[0]`` are every row's first
+    blocks, and every row is longer; a multiple of the block size, not with a sliding window;
+    see the module docstring). Never syncs with the host.
     """
     num_seqs, num_heads, head_dim = _check_args(q, k_cache, v_cache, block_tables, seq_lens)
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
@@ -166,12 +249,34 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     group = num_heads // num_kv_heads
     block_d = triton.next_power_of_2(head_dim)
     cfg = decode_config(block_d, q.dtype)
-    partition_size = choose_partition_size(max_seqlen_k, partition_size,
+    shared = _check_shared_prefix(shared_prefix_len, block_size, max_seqlen_k, sliding_window)
+    if shared:
+        sh_max = torch.empty((num_seqs, num_heads), dtype=torch.float32, device=q.device)
+        sh_sum = torch.empty_like(sh_max)
+        sh_acc = torch.empty((num_seqs, num_heads, block_d), dtype=torch.float32,
+                             device=q.device)
+        block_m = SHARED_BLOCK_M
+        _shared_prefix_kernel[(num_kv_heads, triton.cdiv(num_seqs * group, block_m))](
+            q, k_cache, v_cache, block_tables, sh_acc, sh_max, sh_sum,
+            qk_scale, softcap_log2, shared,
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            num_seqs * group, num_heads,
+            HEAD_DIM=head_dim, GROUP=group, BLOCK_SIZE=block_size, BLOCK_M=block_m,
+            BLOCK_D=block_d, BLOCK_N=cfg["BLOCK_N"], DOT_PRECISION=_dot_precision(q.dtype),
+            PV_PRECISION=pv_precision("decode", q.dtype),
+            HAS_SOFTCAP=logit_softcap is not None, num_warps=4,
+            num_stages=2 if q.dtype == torch.float32 else 3,
+        )
+    else:
+        sh_max = sh_sum = sh_acc = out   # unused by the kernels when HAS_SHARED is False
+    # The decode programs see only the keys after the shared ones.
+    own_keys = max_seqlen_k - shared
+    partition_size = choose_partition_size(own_keys, partition_size,
                                            num_programs=num_seqs * num_kv_heads)
     if partition_size % 16:
         raise KernelArgumentError(f"partition_size={partition_size} must be a multiple of 16")
     block_n = min(cfg["BLOCK_N"], partition_size)
-    num_partitions = count_partitions(max_seqlen_k, partition_size)
+    num_partitions = count_partitions(own_keys, partition_size)
     is_split = num_partitions > 1
     if is_split:
         part_max = torch.empty((num_seqs, num_heads, num_partitions), dtype=torch.float32,
@@ -183,7 +288,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         part_max = part_sum = part_acc = out   # unused by the kernel when IS_SPLIT is False
     _decode_attention_kernel[(num_seqs, num_kv_heads, num_partitions)](
         q, k_cache, v_cache, block_tables, seq_lens, q if sinks is None else sinks, out,
-        part_acc, part_max, part_sum, qk_scale, sliding_window or 0, softcap_log2,
+        part_acc, part_max, part_sum, sh_acc, sh_max, sh_sum, shared,
+        qk_scale, sliding_window or 0, softcap_log2,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         num_heads, num_partitions,
@@ -193,16 +299,37 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         IS_SPLIT=is_split, DOT_PRECISION=_dot_precision(q.dtype),
         PV_PRECISION=pv_precision("decode", q.dtype),
         HAS_SOFTCAP=logit_softcap is not None, HAS_SINKS=sinks is not None,
+        HAS_SHARED=shared > 0,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if is_split:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             part_acc, part_max, part_sum, seq_lens, q if sinks is None else sinks, out,
+            sh_acc, sh_max, sh_sum, shared,
             out.stride(0), out.stride(1), num_heads, num_partitions,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_P=triton.next_power_of_2(num_partitions),
-            PARTITION_SIZE=partition_size, HAS_SINKS=sinks is not None, num_warps=4,
+            PARTITION_SIZE=partition_size, HAS_SINKS=sinks is not None,
+            HAS_SHARED=shared > 0, num_warps=4,
         )
     return out
+
+
+def _check_shared_prefix(shared_prefix_len: int, block_size: int, max_seqlen_k: int,
+                         sliding_window: int | None) -> int:
+    """The shared prefix's length, checked (0: none)."""
+    shared = int(shared_prefix_len)
+    if shared == 0:
+        return 0
+    if shared < 0 or shared % block_size:
+        raise KernelArgumentError(f"shared_prefix_len={shared} must be a positive multiple of "
+                                  f"the block size {block_size} (whole shared blocks), or 0")
+    if shared >= max_seqlen_k:
+        raise KernelArgumentError(f"shared_prefix_len={shared} must be below max_seqlen_k="
+                                  f"{max_seqlen_k}: every row has its own last key")
+    if sliding_window is not None:
+        raise KernelArgumentError("shared_prefix_len with a sliding window: rows would see "
+                                  "different parts of the prefix; pass 0 for windowed layers")
+    return shared
 
 
 def decode_config(block_d: int, dtype: torch.dtype) -> dict:

@@ -98,6 +98,7 @@ class DecodeGraphs:
         self.num_replays = 0
         self.num_splits = 0      # mixed steps run as decode graph + eager prefill
         self.num_split_attention = 0   # mixed steps run eagerly with a DecodeSplit
+        self.num_shared_prefix = 0     # decode steps run eagerly over a shared prefix
 
     def _meta(self, bs: int):
         return self._meta_cls(
@@ -179,6 +180,11 @@ class DecodeGraphs:
         n = batch.input_ids.shape[0]
         fits = meta.block_tables.shape[1] <= self.block_tables.shape[1]
         if batch.positions.dim() != 1:  # M-RoPE rows of image tokens: the buffer is [T]
+            return self.model.forward(batch.input_ids, batch.positions, self.kv_caches, meta)
+        if meta.is_decode and meta.shared_prefix_len:
+            # Captured without the shared-prefix launch: eager (engine/shared_prefix.py
+            # chooses such steps only where the attention saved outweighs the launches).
+            self.num_shared_prefix += 1
             return self.model.forward(batch.input_ids, batch.positions, self.kv_caches, meta)
         if meta.is_decode and n <= self.max_bs and fits:
             return self._replay(batch.input_ids, batch.positions, meta.slot_mapping,

@@ -19,6 +19,7 @@ from hpcinfer.engine.config import EngineConfig
 from hpcinfer.engine.cuda_graphs import aligned_offsets
 from hpcinfer.engine.prompt_logprobs import PromptRows, plan_rows, reduce_rows
 from hpcinfer.engine.sequence import Sequence
+from hpcinfer.engine.shared_prefix import enabled_by_env, shared_prefix_tokens
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,9 @@ class ModelRunner:
         # Gemma 3: image tokens see their whole span (meta.last_key_positions)
         self.spans_see_ahead = getattr(model, "bidirectional_image_spans", False)
         self.cpu_memory = None      # memory.CpuMemory when it was sized on the CPU
+        # Decode steps behind a prefix every row shares attend it once (engine/shared_prefix.py)
+        self.shared_prefix_attention = _attends_shared_prefixes(model)
+        self.num_shared_prefix_steps = 0
 
     # --- KV cache ---
     @property
@@ -252,11 +256,15 @@ class ModelRunner:
                                         max_seqlen_k),
                 prefill_cu_seqlens_q=parts[2], prefill_seq_lens=parts[3],
                 prefill_block_tables=parts[4].view(num_seqs - k, width))
+        shared = 0
+        if is_decode and self.shared_prefix_attention:
+            shared = shared_prefix_tokens(block_tables, seq_lens, self.block_size)
+            self.num_shared_prefix_steps += shared > 0
         meta = AttentionMetadata(
             slot_mapping=slot_mapping, cu_seqlens_q=cu_q, seq_lens=lens,
             block_tables=tables.view(block_tables.shape), max_seqlen_q=int(q_lens.max()),
             max_seqlen_k=max_seqlen_k, is_decode=is_decode, decode_split=decode_split,
-            last_key_positions=last_key_positions)
+            last_key_positions=last_key_positions, shared_prefix_len=shared)
         return Batch(input_ids, positions, meta, sample_indices, sample_seqs, num_decode_prefix,
                      prompt_rows, image_rows)
 
@@ -318,6 +326,16 @@ class ModelRunner:
         if not batch.sample_seqs:
             return hidden.new_empty((0, self.spec.vocab_size), dtype=torch.float32)
         return self.model.compute_logits(hidden[batch.sample_indices]).float()
+
+
+def _attends_shared_prefixes(model) -> bool:
+    """Shared-prefix decode attention: on (unless HPCINFER_SHARED_PREFIX_ATTENTION=0) when some
+    layer can use it: the triton backend, causal, no sliding window (torch_ref and windowed
+    layers attend every row's keys as usual, so looking for a prefix would cost for nothing)."""
+    from hpcinfer.layers.attention import Attention
+    return enabled_by_env() and any(
+        m.backend.name == "triton" and m.spec.causal and m.spec.sliding_window is None
+        for m in model.modules() if isinstance(m, Attention))
 
 
 def _placeholder_rows(seqs: list[Sequence], cu_seqlens: np.ndarray, pending

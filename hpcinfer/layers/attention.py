@@ -37,6 +37,10 @@ class AttentionMetadata:
     # ``bidirectional_spans`` (Gemma 3: an image token sees its whole placeholder span, a
     # text token its own position). None: every query sees up to its own position.
     last_key_positions: torch.Tensor | None = None
+    # Decode steps: every sequence's first ``shared_prefix_len`` keys are the same cached
+    # blocks (``block_tables[0]``'s first ones; engine/shared_prefix.py). Backends may attend
+    # them once for all rows; 0 = no such prefix, or not worth it.
+    shared_prefix_len: int = 0
 
 
 @dataclass(frozen=True)

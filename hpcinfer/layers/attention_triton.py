@@ -1,7 +1,8 @@
 """The ``triton`` attention backend: our Triton kernels behind the AttentionBackend interface.
 
 Per step: ``reshape_and_cache`` writes this step's keys/values into the paged cache, then the
-decode kernel (``meta.is_decode``: one query per sequence, GQA-grouped, split-K) or the varlen
+decode kernel (``meta.is_decode``: one query per sequence, GQA-grouped, split-K, a prefix that
+every row shares attended once: ``meta.shared_prefix_len``) or the varlen
 prefill kernel (everything else, decodes mixed in) attends over the cache. Nothing here syncs
 with the host, and the decode grid depends only on tensor shapes (the block table's width
 bounds the context), so a CUDA graph captured for a batch size stays valid as sequences grow.
@@ -35,9 +36,11 @@ class TritonAttentionBackend:
         reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.is_decode and spec.causal and key_limits is None:
             # The grid's bound is the block table's capacity, not meta.max_seqlen_k: that
-            # keeps the launch identical between steps (CUDA-graph replay).
+            # keeps the launch identical between steps (CUDA-graph replay). A shared prefix
+            # (eager steps only) is attended once for all rows, except by windowed layers.
+            shared = meta.shared_prefix_len if spec.sliding_window is None else 0
             return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                                          spec.scale, **features)
+                                          spec.scale, shared_prefix_len=shared, **features)
         split = meta.decode_split
         if split is not None and spec.causal:
             k = split.num_decodes

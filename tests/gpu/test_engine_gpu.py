@@ -117,6 +117,28 @@ def test_mixed_steps_split_decodes(split_attention):
         assert a == b, f"prompt {i} (len {len(prompts[i])}): engine {a} != HF {b}"
 
 
+def test_shared_prefix_decode_steps_match_transformers(monkeypatch):
+    # 72 rows behind one 300-token prompt (prefix caching on): the decode steps with >= 64
+    # rows attend the shared blocks once (engine/shared_prefix.py), eagerly; the rest replay
+    # graphs. Greedy tokens as transformers' (fp32).
+    from hpcinfer import SamplingParams
+    from hpcinfer.engine.shared_prefix import ENV, MIN_ROWS
+    from hpcinfer.testing.tiny import tiny_checkpoint
+    monkeypatch.setenv(ENV, "1")
+    path = str(tiny_checkpoint("llama3"))
+    system = random_prompts((300,), seed=11)[0]
+    prompts = [system + p for p in random_prompts([1 + i % 13 for i in range(72)], seed=12)]
+    params = [SamplingParams(temperature=0, max_tokens=8 + i % 9, ignore_eos=True)
+              for i in range(len(prompts))]
+    got, engine = _generate(path, prompts, params, dtype="float32", max_model_len=512,
+                            max_num_seqs=72, enable_prefix_caching=True)
+    assert len(prompts) >= MIN_ROWS
+    assert engine.runner.graphs.num_shared_prefix > 0 and engine.runner.graphs.num_replays > 0
+    want = hf_greedy(path, prompts, max_new=16)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g == w[:len(g)], f"prompt {i}: engine {g} != HF {w[:len(g)]}"
+
+
 def _load_bench():
     # throughput.py imports its sibling results_file.py, as a script run from bench/ would.
     if str(REPO / "bench") not in sys.path:

@@ -91,6 +91,24 @@ def test_decode_cuda_graph_replay_as_sequences_grow():
     assert rel_err(out, expected) < MAX_REL_ERR[torch.bfloat16]
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("partition_size", [None, 64])
+def test_decode_shared_prefix(dtype, partition_size):
+    # Workload P's pattern at a test's size: 512 rows behind 48 shared blocks (768 keys),
+    # each with 1-300 keys of its own; the shared kernel + merge (epilogue or reduce).
+    rng = random.Random(4)
+    lens = [768 + rng.randint(1, 300) for _ in range(512)]
+    b = make_paged_batch(lens, [1] * len(lens), num_heads=32, num_kv_heads=8, head_dim=128,
+                         block_size=16, dtype=dtype, device=DEVICE, seed=4)
+    b.block_tables[:, :48] = b.block_tables[0, :48]
+    reshape_and_cache(b.k, b.v, b.k_cache, b.v_cache, b.slot_mapping)
+    expected = reference.paged_decode_attention(b.q, b.k_cache, b.v_cache, b.block_tables,
+                                                b.seq_lens, 0.088)
+    got = paged_decode_attention(b.q, b.k_cache, b.v_cache, b.block_tables, b.seq_lens, 0.088,
+                                 shared_prefix_len=768, partition_size=partition_size)
+    assert rel_err(got, expected) < MAX_REL_ERR[dtype]
+
+
 def _prefill_batch(head_dim, dtype, seed=0):
     # 8 sequences x 512 new tokens; some start mid-sequence (prefix hit / later chunk),
     # plus two decodes mixed in.
