@@ -36,6 +36,12 @@ class MultiModalInputs:
     # Image tokens that attend to their whole span (Gemma 3): the scheduler never ends a
     # chunk inside a span, since its first tokens need the keys of its last.
     whole_spans: bool = False
+    # One past the last placeholder token (0 without images): steps from here on (every
+    # decode step) hold none of this prompt's image rows.
+    images_end: int = field(init=False, default=0)
+
+    def __post_init__(self):
+        self.images_end = max((item.end for item in self.items), default=0)
 
     def items_to_encode(self, start: int, end: int) -> list[ImageItem]:
         """The images whose placeholders tokens [start, end) reach and whose encoder output is

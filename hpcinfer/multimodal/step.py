@@ -35,11 +35,12 @@ def plan_image_rows(seqs, starts: np.ndarray, q_lens: np.ndarray,
                     cu_seqlens: np.ndarray) -> ImageRows | None:
     """The batch rows holding image placeholders this step; None when there are none."""
     rows, pieces = [], []
+    starts_l = starts.tolist()
     for i, seq in enumerate(seqs):
         mm = seq.mm_inputs
-        if mm is None:
+        if mm is None or starts_l[i] >= mm.images_end:   # past its images: every decode row
             continue
-        start, end = int(starts[i]), int(starts[i] + q_lens[i])
+        start, end = starts_l[i], starts_l[i] + int(q_lens[i])
         for k, item in enumerate(mm.items):
             lo, hi = max(start, item.offset), min(end, item.end)
             if lo < hi:
@@ -109,19 +110,32 @@ def mrope_positions(seqs, starts: np.ndarray, q_lens: np.ndarray,
     rows that differ, and with three equal rows M-RoPE is plain rope, so a step without
     image tokens (every decode step) gets one row: the shape the decode CUDA graphs and
     the mixed-step split take (engine/cuda_graphs.py)."""
-    out, row, uneven = None, 0, False
-    for seq, start, q in zip(seqs, starts.tolist(), q_lens.tolist()):
+    # One pass of attribute reads, no numpy call per row (a decode step of 500 image rows
+    # took 2.2 ms with ~6 numpy calls a row, on the 2-core VM): the shift of the tokens past
+    # each prompt, and the rows whose chunk still reads its prompt's table (prefill chunks).
+    starts_l = starts.tolist()
+    delta, table_rows = None, []
+    for i, seq in enumerate(seqs):
         mm = seq.mm_inputs
-        if mm is not None and mm.rope_positions is not None:
-            if out is None:
-                out = np.repeat(positions[None], 3, axis=0)
-            prompt_len = mm.rope_positions.shape[1]
-            in_prompt = max(min(start + q, prompt_len) - start, 0)
-            table = mm.rope_positions[:, start:start + in_prompt]
-            out[:, row:row + in_prompt] = table
-            out[:, row + in_prompt:row + q] += mm.rope_delta
-            uneven = uneven or bool((table[1:] != table[:1]).any())
-        row += q
-    if out is None:
-        return positions
+        if mm is None or mm.rope_positions is None:
+            continue
+        if mm.rope_delta:
+            if delta is None:
+                delta = np.zeros(len(seqs), np.int64)
+            delta[i] = mm.rope_delta
+        if starts_l[i] < mm.rope_positions.shape[1]:
+            table_rows.append(i)
+    flat = positions if delta is None else positions + np.repeat(delta, q_lens)
+    if not table_rows:
+        return flat
+    out = np.repeat(flat[None], 3, axis=0)
+    row_starts = np.cumsum(q_lens) - q_lens
+    uneven = False
+    for i in table_rows:
+        table = seqs[i].mm_inputs.rope_positions
+        start, row = starts_l[i], int(row_starts[i])
+        in_prompt = max(min(start + int(q_lens[i]), table.shape[1]) - start, 0)
+        table = table[:, start:start + in_prompt]
+        out[:, row:row + in_prompt] = table
+        uneven = uneven or bool((table[1:] != table[:1]).any())
     return out if uneven else out[0]

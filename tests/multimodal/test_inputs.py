@@ -143,3 +143,42 @@ def test_mrope_positions_are_one_row_without_image_tokens():
     assert tail.ndim == 1 and tail.tolist() == [3, 4]
     text = mrope_positions([_Seq(None)], np.array([0]), np.array([3]), np.array([0, 1, 2]))
     assert text.ndim == 1 and text.tolist() == [0, 1, 2]
+
+
+def test_mrope_positions_token_by_token():
+    # Random steps (rows with and without tables, chunks inside, across and past their
+    # prompts, deltas 0 and negative) against the definition, one token at a time: a token
+    # at position p of a prompt with a table reads column p while p is inside the prompt,
+    # else p + delta on all three rows; [T] when all three rows agree.
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        seqs, starts, q_lens = [], [], []
+        for _ in range(int(rng.integers(1, 6))):
+            mm = None
+            if rng.random() < 0.7:
+                mm = _mm((1, 4))
+                prompt_len = int(rng.integers(3, 20))
+                mm.rope_positions = np.tile(np.arange(prompt_len), (3, 1))
+                if rng.random() < 0.5:   # an image span: rows differ
+                    mm.rope_positions[1:, 1:3] = [[0, 0], [1, 1]]
+                mm.rope_delta = int(rng.integers(-4, 1))
+            seqs.append(_Seq(mm))
+            starts.append(int(rng.integers(0, 25)))
+            q_lens.append(int(rng.integers(1, 5)))
+        want = []
+        for seq, start, q in zip(seqs, starts, q_lens):
+            mm = seq.mm_inputs
+            for p in range(start, start + q):
+                if mm is None:
+                    want.append([p] * 3)
+                elif p < mm.rope_positions.shape[1]:
+                    want.append(mm.rope_positions[:, p].tolist())
+                else:
+                    want.append([p + mm.rope_delta] * 3)
+        want = np.array(want).T
+        positions = np.concatenate([np.arange(s, s + q) for s, q in zip(starts, q_lens)])
+        got = mrope_positions(seqs, np.array(starts), np.array(q_lens), positions)
+        if (want == want[:1]).all():
+            assert got.ndim == 1 and got.tolist() == want[0].tolist()
+        else:
+            assert got.tolist() == want.tolist()
