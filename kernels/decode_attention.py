@@ -54,9 +54,9 @@ MAX_DEFAULT_PARTITIONS = 64
 # bench/kernel_bench.py --only decode_mix): 310 us with one 2048-key partition vs 362 us with
 # 512-key partitions + reduce; workload A's shape (capacity 512) is unchanged at 93 us.
 BIG_GRID_PROGRAMS = 2048
+BIG_GRID_PARTITION_SIZE = 2048
 # Rows ((sequence, query head) pairs of one KV head) per program of the shared-prefix kernel.
 SHARED_BLOCK_M = 64
-BIG_GRID_PARTITION_SIZE = 2048
 
 
 @triton.jit
