@@ -258,7 +258,8 @@ class ModelRunner:
                 prefill_block_tables=parts[4].view(num_seqs - k, width))
         shared = 0
         if is_decode and self.shared_prefix_attention:
-            shared = shared_prefix_tokens(block_tables, seq_lens, self.block_size)
+            shared = shared_prefix_tokens(block_tables, seq_lens, self.block_size,
+                                          self.bytes_per_block() // self.block_size)
             self.num_shared_prefix_steps += shared > 0
         meta = AttentionMetadata(
             slot_mapping=slot_mapping, cu_seqlens_q=cu_q, seq_lens=lens,

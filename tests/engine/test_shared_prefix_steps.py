@@ -20,28 +20,39 @@ def low_thresholds(monkeypatch):
     # Tiny rows and prompts (the interpreter's pace); the real thresholds are for GPU steps.
     monkeypatch.setattr(shared_prefix, "MIN_ROWS", 2)
     monkeypatch.setattr(shared_prefix, "MIN_SHARED_TOKENS", 8)
+    monkeypatch.setattr(shared_prefix, "MIN_SAVED_BYTES", 0)
 
 
 def test_shared_blocks_are_counted_only_before_every_rows_last_key(low_thresholds):
     tables = np.array([[7, 8, 9, 1], [7, 8, 9, 2], [7, 8, 3, 4]], dtype=np.int32)
     # Rows 0-1 share 3 blocks, row 2 only 2: two blocks of 4 tokens.
-    assert shared_prefix_tokens(tables, np.array([16, 15, 14]), 4) == 8
+    assert shared_prefix_tokens(tables, np.array([16, 15, 14]), 4, 64) == 8
     # A row whose last key lies in block 1 leaves one whole block (below the 8-token minimum).
-    assert shared_prefix_tokens(tables, np.array([16, 15, 8]), 4) == 0
-    assert shared_prefix_tokens(tables[:2], np.array([16, 13]), 4) == 12
+    assert shared_prefix_tokens(tables, np.array([16, 15, 8]), 4, 64) == 0
+    assert shared_prefix_tokens(tables[:2], np.array([16, 13]), 4, 64) == 12
     different_first = tables.copy()
     different_first[1, 0] = 5
-    assert shared_prefix_tokens(different_first, np.array([16, 15, 14]), 4) == 0
+    assert shared_prefix_tokens(different_first, np.array([16, 15, 14]), 4, 64) == 0
+
+
+# KV bytes per token, all layers: Llama-3.2-1B (16 layers x 8 kv heads x 64 x K,V x bf16) and
+# Llama-3.1-8B (32 layers x 8 x 128 x 2 x 2).
+KV_1B, KV_8B = 16 * 8 * 64 * 2 * 2, 32 * 8 * 128 * 2 * 2
 
 
 def test_thresholds_keep_small_steps_on_their_graphs():
-    tables = np.zeros((shared_prefix.MIN_ROWS - 1, 64), dtype=np.int32)
-    lens = np.full(tables.shape[0], 1000)
-    assert shared_prefix_tokens(tables, lens, 16) == 0            # too few rows
-    tables = np.zeros((shared_prefix.MIN_ROWS, 64), dtype=np.int32)
-    assert shared_prefix_tokens(tables, np.full(tables.shape[0], 1000), 16) == 992
+    tables = np.zeros((shared_prefix.MIN_ROWS - 1, 128), dtype=np.int32)
+    lens = np.full(tables.shape[0], 2000)
+    assert shared_prefix_tokens(tables, lens, 16, KV_8B) == 0            # too few rows
+    tables = np.zeros((1024, 128), dtype=np.int32)
+    lens = np.full(tables.shape[0], 1100)
+    assert shared_prefix_tokens(tables, lens, 16, KV_8B) == 1088          # workload P
     short = np.full(tables.shape[0], shared_prefix.MIN_SHARED_TOKENS)
-    assert shared_prefix_tokens(tables, short, 16) == 0           # prefix under the minimum
+    assert shared_prefix_tokens(tables, short, 16, KV_8B) == 0           # prefix too short
+    # 1B, 256 rows behind 1,024 tokens: ~8 GiB saved, not worth its eager launches ...
+    assert shared_prefix_tokens(tables[:256], lens[:256], 16, KV_1B) == 0
+    # ... 8B with the same rows: ~32 GiB
+    assert shared_prefix_tokens(tables[:256], lens[:256], 16, KV_8B) == 1088
 
 
 def test_env_switch(monkeypatch):
