@@ -232,9 +232,9 @@ class ModelRunner:
         split = self.split_mixed_attention and not is_decode and k > 0
         # The decode rows' tables at full width: the decode graphs' kernel variant (Triton
         # specialises on whether the row stride is a multiple of 16), no mid-run compile.
-        split_arrays = [seq_lens[:k], block_manager.block_tables[rows[:k]],
-                        cu_seqlens[k:] - cu_seqlens[k], seq_lens[k:], block_tables[k:]
-                        ] if split else []
+        decode_tables = block_manager.block_tables[rows[:k]] if split else None
+        split_arrays = [seq_lens[:k], decode_tables, cu_seqlens[k:] - cu_seqlens[k],
+                        seq_lens[k:], block_tables[k:]] if split else []
         (input_ids, positions, slot_mapping, sample_indices, patch_rows, patch_src), \
             (cu_q, lens, tables, *parts) = self._upload(
                 [input_ids, rope_positions, slot_mapping, sample_indices, patch_rows,
@@ -246,6 +246,14 @@ class ModelRunner:
         if patch_rows.numel():
             # After the previous step's sampling in stream order; the host never waits.
             input_ids[patch_rows] = pending.tokens[patch_src]
+        # The decode rows of a decode step, or of a split mixed step (eager either way when
+        # shared: engine/shared_prefix.py), behind a prefix they all share.
+        shared = 0
+        if self.shared_prefix_attention and (is_decode or split):
+            shared = shared_prefix_tokens(block_tables if is_decode else decode_tables,
+                                          seq_lens[:k], self.block_size,
+                                          self.bytes_per_block() // self.block_size)
+            self.num_shared_prefix_steps += shared > 0
         decode_split = None
         if split:
             width = block_tables.shape[1]
@@ -255,12 +263,9 @@ class ModelRunner:
                 decode_max_seqlen_k=max(self.max_blocks_per_seq * self.block_size,
                                         max_seqlen_k),
                 prefill_cu_seqlens_q=parts[2], prefill_seq_lens=parts[3],
-                prefill_block_tables=parts[4].view(num_seqs - k, width))
-        shared = 0
-        if is_decode and self.shared_prefix_attention:
-            shared = shared_prefix_tokens(block_tables, seq_lens, self.block_size,
-                                          self.bytes_per_block() // self.block_size)
-            self.num_shared_prefix_steps += shared > 0
+                prefill_block_tables=parts[4].view(num_seqs - k, width),
+                shared_prefix_len=shared)
+            shared = 0   # the metadata's field is for pure decode steps
         meta = AttentionMetadata(
             slot_mapping=slot_mapping, cu_seqlens_q=cu_q, seq_lens=lens,
             block_tables=tables.view(block_tables.shape), max_seqlen_q=int(q_lens.max()),

@@ -60,6 +60,8 @@ class DecodeSplit:
     prefill_cu_seqlens_q: torch.Tensor   # [num_seqs - num_decodes + 1] int32, from 0
     prefill_seq_lens: torch.Tensor       # [num_seqs - num_decodes] int32
     prefill_block_tables: torch.Tensor   # [num_seqs - num_decodes, width] int32
+    # The decode rows' first keys that they all share (AttentionMetadata.shared_prefix_len)
+    shared_prefix_len: int = 0
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,10 @@ class TritonAttentionBackend:
             out = torch.empty_like(q)
             paged_decode_attention(q[:k], k_cache, v_cache, split.decode_block_tables,
                                    split.decode_seq_lens, spec.scale, out=out[:k],
-                                   max_seqlen_k=split.decode_max_seqlen_k, **features)
+                                   max_seqlen_k=split.decode_max_seqlen_k,
+                                   shared_prefix_len=(split.shared_prefix_len
+                                                      if spec.sliding_window is None else 0),
+                                   **features)
             # The decode rows come first, one token each: the prefill rows' limits follow.
             paged_attention(q[k:], k_cache, v_cache, split.prefill_cu_seqlens_q,
                             split.prefill_seq_lens, split.prefill_block_tables, spec.scale,

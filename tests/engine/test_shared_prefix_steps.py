@@ -104,3 +104,34 @@ def test_shared_prefix_steps_leave_the_graphs_and_others_replay(checkpoint, make
     assert [o.outputs[0].token_ids for o in outs] == expected
     assert graphs.num_shared_prefix >= 3 and graphs.num_replays >= 3
     assert graphs.num_shared_prefix == llm.llm_engine.runner.num_shared_prefix_steps
+
+
+def test_mixed_steps_decode_rows_attend_their_shared_prefix_once(checkpoint, make_prompts,
+                                                                 low_thresholds, monkeypatch):
+    # A job's steady state: rows end at different times and new rows are admitted while the
+    # others decode, so most steps are mixed. With the split (the default on a GPU) the
+    # decode rows of such a step attend their shared prefix once too (DecodeSplit).
+    path = checkpoint("llama3")
+    system = make_prompts((26,), seed=7)[0]
+    prompts = make_prompts((3, 9, 5, 12, 1, 7, 4, 10), seed=8, prefix=system)
+    params = [SamplingParams(temperature=0, max_tokens=3 + 4 * (i % 3), ignore_eos=True)
+              for i in range(len(prompts))]
+    expected, _ = _generate(path, prompts, "torch_ref", monkeypatch, True, params)
+    monkeypatch.setenv(shared_prefix.ENV, "1")
+    llm = LLM(path, max_model_len=128, attention_backend="triton", block_size=4,
+              max_num_seqs=4, max_num_batched_tokens=40, enable_prefix_caching=True)
+    runner = llm.llm_engine.runner
+    runner.split_mixed_attention = True   # on a GPU: set when the decode graphs are captured
+    shared_splits = []
+    prepare = runner.prepare
+
+    def spy(*args, **kwargs):
+        batch = prepare(*args, **kwargs)
+        split = batch.meta.decode_split
+        shared_splits.append(split is not None and split.shared_prefix_len > 0)
+        return batch
+
+    runner.prepare = spy
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    assert sum(shared_splits) >= 2
