@@ -6,6 +6,7 @@ so the real kernels and launchers see the split's views and uploads."""
 from __future__ import annotations
 
 from hpcinfer import LLM, SamplingParams
+from hpcinfer.testing.step_spy import watch_prepared
 
 PARAMS = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 
@@ -15,15 +16,7 @@ def _generate(path, prompts, backend, split):
               max_num_seqs=8, enable_prefix_caching=False)
     runner = llm.llm_engine.runner
     runner.split_mixed_attention = split   # on a GPU: set when the decode graphs are captured
-    splits = []
-    prepare = runner.prepare
-
-    def spy(*args, **kwargs):
-        batch = prepare(*args, **kwargs)
-        splits.append(batch.meta.decode_split is not None)
-        return batch
-
-    runner.prepare = spy
+    splits = watch_prepared(runner, lambda batch: batch.meta.decode_split is not None)
     outs = llm.generate(prompts, PARAMS, use_tqdm=False)
     return [o.outputs[0].token_ids for o in outs], sum(splits)
 

@@ -11,6 +11,7 @@ import pytest
 from hpcinfer import LLM, SamplingParams
 from hpcinfer.engine import shared_prefix
 from hpcinfer.engine.shared_prefix import shared_prefix_tokens
+from hpcinfer.testing.step_spy import watch_prepared
 
 PARAMS = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
 
@@ -122,16 +123,8 @@ def test_mixed_steps_decode_rows_attend_their_shared_prefix_once(checkpoint, mak
               max_num_seqs=4, max_num_batched_tokens=40, enable_prefix_caching=True)
     runner = llm.llm_engine.runner
     runner.split_mixed_attention = True   # on a GPU: set when the decode graphs are captured
-    shared_splits = []
-    prepare = runner.prepare
-
-    def spy(*args, **kwargs):
-        batch = prepare(*args, **kwargs)
-        split = batch.meta.decode_split
-        shared_splits.append(split is not None and split.shared_prefix_len > 0)
-        return batch
-
-    runner.prepare = spy
+    shared_splits = watch_prepared(runner, lambda batch: batch.meta.decode_split is not None
+                                   and batch.meta.decode_split.shared_prefix_len > 0)
     outs = llm.generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == expected
     assert sum(shared_splits) >= 2
