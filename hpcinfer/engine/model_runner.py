@@ -87,6 +87,7 @@ class ModelRunner:
         # Decode steps behind a prefix every row shares attend it once (engine/shared_prefix.py)
         self.shared_prefix_attention = _attends_shared_prefixes(model)
         self.num_shared_prefix_steps = 0
+        self._kv_bytes_per_token = None   # set at the first step that looks for a prefix
 
     # --- KV cache ---
     @property
@@ -250,9 +251,10 @@ class ModelRunner:
         # shared: engine/shared_prefix.py), behind a prefix they all share.
         shared = 0
         if self.shared_prefix_attention and (is_decode or split):
+            if self._kv_bytes_per_token is None:   # fixed by the config: once, not per step
+                self._kv_bytes_per_token = self.bytes_per_block() // self.block_size
             shared = shared_prefix_tokens(block_tables if is_decode else decode_tables,
-                                          seq_lens[:k], self.block_size,
-                                          self.bytes_per_block() // self.block_size)
+                                          seq_lens[:k], self.block_size, self._kv_bytes_per_token)
             self.num_shared_prefix_steps += shared > 0
         decode_split = None
         if split:
