@@ -54,7 +54,8 @@ def main() -> None:
         wanted = set(args.only.split(","))
         benches = [f for f in (bench_copy, bench_decode, bench_prefill, bench_cache,
                                bench_elementwise, sweep_decode, sweep_prefill, bench_decode_mix,
-                               bench_decode_shared, bench_moe, sweep_moe, bench_quant_gemm, sweep_w4a16,
+                               bench_decode_shared, sweep_decode_shared, bench_moe, sweep_moe,
+                               bench_quant_gemm, sweep_w4a16,
                                bench_lora, sweep_lora_tiles)
                    if f.__name__.removeprefix("bench_").removeprefix("sweep_") in wanted
                    or f.__name__ in wanted]
@@ -182,14 +183,13 @@ def bench_decode_mix(dtypes):
         del b, out
 
 
-def bench_decode_shared(dtypes):
-    """Workload P's decode step: 1,024 rows behind one 1,024-token prompt (64 shared blocks)
-    plus 1-192 tokens of their own, the Llama-3.1-8B layer shape, grid by P's capacity (1,216
-    keys). The same batch without and with ``shared_prefix_len`` (kernels/decode_attention.py:
-    the shared blocks attended once for all rows); rel_err of the shared launch against the
-    plain one."""
+def _p_decode_step():
+    """Workload P's decode step of one layer: 1,024 rows behind one 1,024-token prompt (64
+    shared blocks) plus 1-192 tokens of their own, the Llama-3.1-8B layer shape, grid by P's
+    capacity (1,216 keys). -> (batch, out, shape text, bytes a row-by-row kernel asks for,
+    run(shared_prefix_len) -> out)."""
     import numpy as np
-    from hpcinfer.kernels.decode_attention import paged_decode_attention
+    from hpcinfer.kernels import decode_attention as mod
     from hpcinfer.kernels.random_batch import make_paged_batch
     rng = np.random.default_rng(0)
     shared, capacity = 1024, 1216
@@ -199,13 +199,22 @@ def bench_decode_shared(dtypes):
     b.block_tables[:, :shared // 16] = b.block_tables[0, :shared // 16]
     out = torch.empty_like(b.q)
     shape = "P 1024 rows, 1024 shared + 1-192 own, h32/kv8, d128"
-    # Bytes a row-by-row kernel asks for (the shared part mostly hits L2).
+    # (the shared part mostly hits L2)
     num_bytes = 2 * sum(lens) * 8 * 128 * 2 + 2 * b.q.nbytes
 
     def run(prefix=0):
-        return paged_decode_attention(b.q, b.k_cache, b.v_cache, b.block_tables, b.seq_lens,
-                                      0.1, out=out, max_seqlen_k=capacity,
-                                      shared_prefix_len=prefix)
+        return mod.paged_decode_attention(b.q, b.k_cache, b.v_cache, b.block_tables,
+                                          b.seq_lens, 0.1, out=out, max_seqlen_k=capacity,
+                                          shared_prefix_len=prefix)
+    return b, out, shape, num_bytes, run
+
+
+def bench_decode_shared(dtypes):
+    """The same batch (_p_decode_step) without and with ``shared_prefix_len``
+    (kernels/decode_attention.py: the shared blocks attended once for all rows); rel_err of
+    the shared launch against the plain one."""
+    shared = 1024
+    b, out, shape, num_bytes, run = _p_decode_step()
     plain = run().clone()
     plain_ms = time_ms(run)
     yield _row("decode_attention:shared", shape, torch.bfloat16, plain_ms, num_bytes,
@@ -214,6 +223,21 @@ def bench_decode_shared(dtypes):
     ms = time_ms(lambda: run(shared))
     yield _row("decode_attention:shared", shape, torch.bfloat16, ms, num_bytes,
                config=dict(shared_prefix_len=shared), rel_err=err, vs_plain=plain_ms / ms)
+    del b, out
+
+
+def sweep_decode_shared(dtypes):
+    """Tiles of the shared-prefix kernel (shared_prefix_config) on P's decode step: each
+    variant times the whole launch (shared keys once, each row's own keys, the merge)."""
+    from hpcinfer.kernels import decode_attention as mod
+    b, out, shape, num_bytes, run = _p_decode_step()
+    expected = run().clone()
+    variants = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st) for m, n, w, st in
+                [(64, 64, 4, 3), (64, 32, 4, 3), (64, 64, 4, 4), (64, 128, 4, 2),
+                 (64, 64, 8, 3), (32, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3),
+                 (128, 64, 4, 3), (128, 64, 8, 4), (128, 128, 8, 2)]]
+    yield from _sweep("decode_attention:shared", shape, mod, "shared_prefix_config", variants,
+                      lambda: run(1024), expected, num_bytes)
     del b, out
 
 

@@ -33,6 +33,9 @@ per batch size stays valid as sequences grow. Partitions past a sequence's end d
 """
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -55,8 +58,15 @@ MAX_DEFAULT_PARTITIONS = 64
 # 512-key partitions + reduce; workload A's shape (capacity 512) is unchanged at 93 us.
 BIG_GRID_PROGRAMS = 2048
 BIG_GRID_PARTITION_SIZE = 2048
-# Rows ((sequence, query head) pairs of one KV head) per program of the shared-prefix kernel.
-SHARED_BLOCK_M = 64
+# Rows ((sequence, query head) pairs of one KV head) per program of the shared-prefix kernel
+# for 16-bit dtypes (fp32: 64, to keep its tiles in shared memory). H200 sweep of workload P's
+# decode step (bench/results/kernels-shared-sweep-nvidia-h200-2026-12-04.json, the whole
+# launch): 128 rows, 64-key tiles, 8 warps 0.201 ms; the first guess (64 rows, 4 warps)
+# 0.214 ms; 32 rows 0.262 ms.
+SHARED_BLOCK_M = 128
+# "BLOCK_M,BLOCK_N,num_warps,num_stages": the shared-prefix kernel's tiles, to measure
+# alternatives in a whole run (bench/kernel_bench.py --only sweep_decode_shared times them).
+SHARED_TILES_ENV = "HPCINFER_SHARED_PREFIX_TILES"
 
 
 @triton.jit
@@ -255,17 +265,18 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         sh_sum = torch.empty_like(sh_max)
         sh_acc = torch.empty((num_seqs, num_heads, block_d), dtype=torch.float32,
                              device=q.device)
-        block_m = SHARED_BLOCK_M
+        tiles = shared_prefix_config(block_d, q.dtype)
+        block_m = tiles["BLOCK_M"]
         _shared_prefix_kernel[(num_kv_heads, triton.cdiv(num_seqs * group, block_m))](
             q, k_cache, v_cache, block_tables, sh_acc, sh_max, sh_sum,
             qk_scale, softcap_log2, shared,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             num_seqs * group, num_heads,
             HEAD_DIM=head_dim, GROUP=group, BLOCK_SIZE=block_size, BLOCK_M=block_m,
-            BLOCK_D=block_d, BLOCK_N=cfg["BLOCK_N"], DOT_PRECISION=_dot_precision(q.dtype),
+            BLOCK_D=block_d, BLOCK_N=tiles["BLOCK_N"], DOT_PRECISION=_dot_precision(q.dtype),
             PV_PRECISION=pv_precision("decode", q.dtype),
-            HAS_SOFTCAP=logit_softcap is not None, num_warps=4,
-            num_stages=2 if q.dtype == torch.float32 else 3,
+            HAS_SOFTCAP=logit_softcap is not None, num_warps=tiles["num_warps"],
+            num_stages=tiles["num_stages"],
         )
     else:
         sh_max = sh_sum = sh_acc = out   # unused by the kernels when HAS_SHARED is False
@@ -342,6 +353,36 @@ def decode_config(block_d: int, dtype: torch.dtype) -> dict:
     if dtype == torch.float32 or block_d >= 256:
         cfg.update(num_stages=2)   # fp32 / wide tiles: keep the pipeline in shared memory
     return cfg
+
+
+def shared_prefix_config(block_d: int, dtype: torch.dtype) -> dict:
+    """Tiles of ``_shared_prefix_kernel``: BLOCK_M rows per program, BLOCK_N keys per tile and
+    the launch options; ``HPCINFER_SHARED_PREFIX_TILES="BLOCK_M,BLOCK_N,num_warps,num_stages"``
+    replaces them (powers of two, BLOCK_M and BLOCK_N at least 16)."""
+    text = os.environ.get(SHARED_TILES_ENV, "").strip()
+    if text:
+        return _parse_shared_tiles(text)
+    cfg = decode_config(block_d, dtype)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=64, BLOCK_N=cfg["BLOCK_N"], num_warps=4, num_stages=2)
+    return dict(BLOCK_M=SHARED_BLOCK_M, BLOCK_N=cfg["BLOCK_N"], num_warps=8, num_stages=3)
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_shared_tiles(text: str) -> dict:
+    names = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    ok = (len(values) == 4 and all(v > 0 and v & (v - 1) == 0 for v in values[:3])
+          and min(values[:2]) >= 16 and 1 <= values[3] <= 8)
+    if not ok:
+        raise KernelArgumentError(
+            f"{SHARED_TILES_ENV}={text!r}: expected four integers BLOCK_M,BLOCK_N,num_warps,"
+            f"num_stages (e.g. 64,64,4,3; powers of two, tiles at least 16, 1-8 stages); "
+            f"unset it for the default")
+    return dict(zip(names, values))
 
 
 def choose_partition_size(max_seqlen_k: int, partition_size: int | None = None, *,

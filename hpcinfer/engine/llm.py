@@ -5,6 +5,7 @@ Existing vLLM scripts run after swapping ``from vllm import LLM, SamplingParams`
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -253,6 +254,7 @@ class LLM:
 
         finished: dict[str, RequestOutput] = {}
         bar = None
+        frozen = False
         stream = _ImagePromptStream.open(engine, prompts, params)
         try:
             if stream is None:   # every prompt checked before the first is added
@@ -261,6 +263,7 @@ class LLM:
                     check(i, error)
                 for i, (prompt, _) in enumerate(processed):
                     add(i, prompt)
+            frozen = _freeze_gc()
             bar = _progress_bar(len(prompts)) if use_tqdm else None
             while engine.has_unfinished_requests() or (stream is not None and not stream.done):
                 if stream is not None:   # add what is preprocessed; wait only if idle
@@ -276,6 +279,8 @@ class LLM:
                         if bar is not None:
                             bar.update(1)
         finally:
+            if frozen:
+                gc.unfreeze()
             if stream is not None:
                 stream.close()
             if bar is not None:
@@ -298,6 +303,19 @@ class LLM:
                 resolved[id(p)] = copy
             out.append(resolved[id(p)])
         return out
+
+
+def _freeze_gc() -> bool:
+    """Keep the objects that exist when stepping starts (the prompts, their sequences) out of
+    the cyclic collector's full passes until the call returns: such a pass walks every
+    prompt token in the middle of the step loop while the GPU waits (2,000 rows of 1,088-token
+    prompts: a ~0.2 s pause on a 2-core VM). They are freed by reference counting as before,
+    and handed back to the collector at the end (gc.unfreeze). Not when the caller froze
+    objects itself (``gc.freeze``): unfreezing would undo that."""
+    if gc.get_freeze_count():
+        return False
+    gc.freeze()
+    return True
 
 
 # Image prompts are preprocessed on this many threads at most while the engine runs

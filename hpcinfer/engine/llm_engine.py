@@ -237,8 +237,10 @@ class LLMEngine:
         """The prompt as checked token ids and, for a model that takes images, its images
         (hpcinfer/multimodal: {"prompt": text, "multi_modal_data": {"image": ...}}). A
         ProcessedPrompt (LLM made it already) is only checked again."""
+        limits = (self.max_model_len, self.spec.vocab_size)
         if isinstance(prompt, ProcessedPrompt):
-            check_prompt(request_id, prompt.token_ids, self.max_model_len, self.spec.vocab_size)
+            if prompt.checked_for != limits:
+                check_prompt(request_id, prompt.token_ids, *limits)
             return prompt
         if isinstance(prompt, dict) and "multi_modal_data" in prompt:
             if self.multimodal is None:
@@ -249,13 +251,13 @@ class LLMEngine:
                 raise ValueError(f"request {request_id!r}: truncate_prompt_tokens would cut "
                                  "image placeholders: leave it None for prompts with images")
             processed = self.multimodal.process(prompt, request_id)
-            check_prompt(request_id, processed.token_ids, self.max_model_len,
-                         self.spec.vocab_size)
+            check_prompt(request_id, processed.token_ids, *limits)
+            processed.checked_for = limits
             return processed
         text, token_ids = self.tokenize_prompt(prompt, request_id, truncate_prompt_tokens)
         if self.multimodal is not None:
             self.multimodal.check_text_only(token_ids, f"request {request_id!r}")
-        return ProcessedPrompt(text, token_ids)
+        return ProcessedPrompt(text, token_ids, checked_for=limits)
 
     def abort_request(self, request_id: str | list[str]) -> None:
         """Stop requests (unknown or finished ids are ignored, as in vLLM) and free their KV."""

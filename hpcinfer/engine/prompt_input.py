@@ -33,7 +33,12 @@ def tokenize_prompt(tokenizer, prompt, request_id: str, *, max_model_len: int, v
         if not isinstance(text, str):
             raise ValueError(f"request {request_id!r}: prompt text must be a string")
         token_ids = tokenizer(text).input_ids if text else []
-    token_ids = [int(t) for t in token_ids]
+    # int() returns an int itself (no new object), so a list of ints costs one pass here.
+    try:
+        token_ids = [int(t) for t in token_ids]
+    except (TypeError, ValueError):
+        raise ValueError(f"request {request_id!r}: prompt_token_ids must be a flat list of "
+                         "integer token ids") from None
     if truncate_prompt_tokens is not None:
         keep = max_model_len if truncate_prompt_tokens == -1 else truncate_prompt_tokens
         token_ids = token_ids[-keep:]

@@ -64,3 +64,6 @@ class ProcessedPrompt:
     text: str | None
     token_ids: list[int]
     mm_inputs: MultiModalInputs | None = None
+    # (max_model_len, vocab_size) its ids were checked against (LLMEngine.process_prompt), so
+    # that adding it does not walk them again; None: not checked yet.
+    checked_for: tuple[int, int] | None = None

@@ -288,7 +288,25 @@ def test_bad_prompts_name_the_request(llm, prompts):
     assert len(full.token_ids) == 1 and full.finish_reason == "length"  # max_model_len reached
     with pytest.raises(ValueError, match="2 SamplingParams for 3 prompts"):
         llm.generate(prompts[:3], [greedy(), greedy()], use_tqdm=False)
+    for bad in ([[1, 2], [3, 4]], [1, None], ["x"]):   # not a flat list of ints
+        with pytest.raises(ValueError, match="prompt 1: .*flat list of integer token ids"):
+            llm.generate([prompts[0], bad], use_tqdm=False)
     assert_no_leaks(llm)  # nothing was queued
+
+
+def test_prompt_ids_become_python_ints_checked_once(llm, prompts):
+    # numpy ids (a Parquet column's) come out as Python ints, as a list would; a prompt the
+    # engine processed carries the limits it passed, and one that did not is checked on add.
+    import numpy as np
+    from hpcinfer.multimodal.inputs import ProcessedPrompt
+    engine: LLMEngine = llm.llm_engine
+    processed = engine.process_prompt({"prompt_token_ids": np.array(prompts[0], np.int32)})
+    assert processed.token_ids == list(prompts[0])
+    assert all(type(t) is int for t in processed.token_ids)
+    assert processed.checked_for == (engine.max_model_len, engine.spec.vocab_size)
+    with pytest.raises(ValueError, match="'unchecked'.*vocabulary"):
+        engine.add_request("unchecked", ProcessedPrompt(None, [10**6]), greedy())
+    assert_no_leaks(llm)
 
 
 def test_bad_engine_arguments(checkpoint):
@@ -542,3 +560,25 @@ def test_chat_hands_tools_to_the_template(llm):
     out = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=1),
                    chat_template=template, tools=tools, use_tqdm=False)[0]
     assert out.prompt == "<tool get_weather>hi"
+
+
+def test_generate_keeps_its_prompts_out_of_full_gc_passes(llm, prompts, monkeypatch):
+    # While the step loop runs, what existed when it started is frozen (no full collection
+    # walks the prompts mid-run); afterwards the collector has it back, and a caller's own
+    # freeze is left alone.
+    import gc
+    engine: LLMEngine = llm.llm_engine
+    seen = []
+    step = engine.step
+    monkeypatch.setattr(engine, "step", lambda *a, **k: (seen.append(gc.get_freeze_count()),
+                                                         step(*a, **k))[1])
+    assert gc.get_freeze_count() == 0
+    llm.generate(prompts[:2], greedy(3), use_tqdm=False)
+    assert seen and min(seen) > 0 and gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        mine = gc.get_freeze_count()
+        llm.generate(prompts[:2], greedy(3), use_tqdm=False)
+        assert gc.get_freeze_count() > mine // 2   # still frozen (less what was freed since)
+    finally:
+        gc.unfreeze()

@@ -57,15 +57,17 @@ def test_shared_prefix_with_split_k_merges_in_the_reduce(partition_size):
     torch.testing.assert_close(got, _expected(b, 0.1), **TOL[torch.float32])
 
 
-def test_shared_prefix_rows_span_several_programs():
-    # More (sequence, query head) rows than one program holds, and not a multiple of it.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_shared_prefix_rows_span_several_programs(dtype):
+    # More (sequence, query head) rows than one program holds (fp32 64, 16-bit SHARED_BLOCK_M),
+    # and not a multiple of it.
     num_seqs = SHARED_BLOCK_M // 4 + 5
     lens = [17 + (5 * i) % 23 for i in range(num_seqs)]
-    b = _shared_batch(lens, 1, 8, 2, 64, torch.float32, seed=3)
+    b = _shared_batch(lens, 1, 8, 2, 64, dtype, seed=3)
     assert num_seqs * 4 > SHARED_BLOCK_M
     got = paged_decode_attention(b.q, b.k_cache, b.v_cache, b.block_tables, b.seq_lens, 0.1,
                                  shared_prefix_len=BLOCK)
-    torch.testing.assert_close(got, _expected(b, 0.1), **TOL[torch.float32])
+    torch.testing.assert_close(got, _expected(b, 0.1), **TOL[dtype])
 
 
 @pytest.mark.parametrize("partition_size", [None, 16])
@@ -99,3 +101,25 @@ def test_bad_shared_prefix_lengths_are_refused():
         paged_decode_attention(*args, shared_prefix_len=64, max_seqlen_k=64)
     with pytest.raises(KernelArgumentError, match="sliding window"):
         paged_decode_attention(*args, shared_prefix_len=16, sliding_window=8)
+
+
+@pytest.mark.parametrize("tiles", ["16,16,4,2", "32,64,4,3", "128,32,8,2"])
+def test_shared_prefix_tiles_from_the_environment(monkeypatch, tiles):
+    # HPCINFER_SHARED_PREFIX_TILES (to measure alternatives in a whole run): rows split over
+    # more or fewer programs and keys over other tiles give the same attention.
+    monkeypatch.setenv("HPCINFER_SHARED_PREFIX_TILES", tiles)
+    num_seqs = 11
+    lens = [70 + (7 * i) % 29 for i in range(num_seqs)]
+    b = _shared_batch(lens, 4, 8, 2, 64, torch.float32, seed=8)
+    got = paged_decode_attention(b.q, b.k_cache, b.v_cache, b.block_tables, b.seq_lens, 0.1,
+                                 shared_prefix_len=4 * BLOCK)
+    torch.testing.assert_close(got, _expected(b, 0.1), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("tiles", ["64,64,4", "64,8,4,3", "48,64,4,3", "a,b,c,d", "64,64,3,3"])
+def test_bad_shared_prefix_tiles_are_refused(monkeypatch, tiles):
+    monkeypatch.setenv("HPCINFER_SHARED_PREFIX_TILES", tiles)
+    b = _shared_batch([40, 50], 2, 8, 2, 64, torch.float32, seed=9)
+    with pytest.raises(KernelArgumentError, match="HPCINFER_SHARED_PREFIX_TILES.*unset it"):
+        paged_decode_attention(b.q, b.k_cache, b.v_cache, b.block_tables, b.seq_lens, 0.1,
+                               shared_prefix_len=2 * BLOCK)
