@@ -38,9 +38,11 @@ class Sampler:
         return generator
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence],
-                 eos_token_ids: frozenset[int], grammar_mask=None) -> SamplerOutput:
-        # logits: [num_rows, vocab] float32, one row per sequence in seqs
-        if grammar_mask is None and all(_plain_greedy(s) for s in seqs):
+                 eos_token_ids: frozenset[int], grammar_mask=None,
+                 all_plain: bool = False) -> SamplerOutput:
+        # logits: [num_rows, vocab] float32, one row per sequence in seqs. all_plain: the
+        # caller knows every row is plain greedy (plain_greedy_params), so no row is looked at.
+        if grammar_mask is None and (all_plain or all(_plain_greedy(s) for s in seqs)):
             # The common offline case (every row greedy, nothing to mask or report): one
             # argmax, no copy of the logits, one host sync.
             return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(seqs),
@@ -56,10 +58,11 @@ class Sampler:
         return self._gather_logprobs(token_ids, raw_logprobs, want_logprobs, seqs)
 
     def sample_tokens(self, logits: torch.Tensor, seqs: list[Sequence],
-                      eos_token_ids: frozenset[int], grammar_mask=None) -> torch.Tensor:
+                      eos_token_ids: frozenset[int], grammar_mask=None,
+                      all_plain: bool = False) -> torch.Tensor:
         """Tokens only, left on the device: [num_rows] int64 (async scheduling, inflight.py).
         The same computation as __call__ for rows without logprobs or penalties."""
-        if grammar_mask is None and all(_plain_greedy(s) for s in seqs):
+        if grammar_mask is None and (all_plain or all(_plain_greedy(s) for s in seqs)):
             return logits.argmax(dim=-1)
         logits = (self._masked(logits, grammar_mask) if grammar_mask is not None
                   else logits.float().clone())
@@ -133,6 +136,13 @@ def _plain_greedy(seq: Sequence) -> bool:
     params = seq.params
     return (params.is_greedy and params.logprobs is None and not params.has_penalties
             and not params.has_logits_edits and seq.num_output_tokens >= params.min_tokens)
+
+
+def plain_greedy_params(params) -> bool:
+    """True if every row with these params takes the plain argmax at every step (no
+    min_tokens either, which edits the logits until it is reached)."""
+    return (params.is_greedy and params.logprobs is None and not params.has_penalties
+            and not params.has_logits_edits and params.min_tokens == 0)
 
 
 # --- logits processors: pure functions, unit-tested against their definitions ---

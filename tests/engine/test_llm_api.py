@@ -582,3 +582,22 @@ def test_generate_keeps_its_prompts_out_of_full_gc_passes(llm, prompts, monkeypa
         assert gc.get_freeze_count() > mine // 2   # still frozen (less what was freed since)
     finally:
         gc.unfreeze()
+
+
+def test_plain_greedy_rows_are_not_looked_at_one_by_one(llm, prompts, monkeypatch):
+    # While every live request is plain greedy the sampler takes the argmax without asking
+    # each row; a request with min_tokens (its EOS is banned for a while) or logprobs makes it
+    # look at rows again, and the count is back to 0 when they are gone.
+    from hpcinfer.engine import sampler as sampler_mod
+    engine: LLMEngine = llm.llm_engine
+    calls = []
+    real = sampler_mod._plain_greedy
+    monkeypatch.setattr(sampler_mod, "_plain_greedy", lambda s: (calls.append(1), real(s))[1])
+    plain = llm.generate(prompts[:3], greedy(6), use_tqdm=False)
+    assert not calls and engine._num_not_plain == 0
+    mixed = [greedy(6), SamplingParams(temperature=0, max_tokens=6, min_tokens=6),
+             SamplingParams(temperature=0, max_tokens=6, logprobs=2)]
+    outs = llm.generate(prompts[:3], mixed, use_tqdm=False)
+    assert calls and engine._num_not_plain == 0
+    assert outs[0].outputs[0].token_ids == plain[0].outputs[0].token_ids
+    assert outs[2].outputs[0].token_ids == plain[2].outputs[0].token_ids
