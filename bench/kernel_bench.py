@@ -695,6 +695,24 @@ def sweep_prefill(dtypes):
         yield from _sweep("prefill_attention", f"8x512 tok causal, h32/kv8, d{head_dim}", mod,
                           "prefill_config", wide if head_dim == 256 else variants, run,
                           expected, None, flops)
+    # Workload P's mixed steps: ~100 rows of a 64-token question each, behind 1,024 cached
+    # tokens (the H200 profile of 2026-12-04: ~1.6 ms a layer, ~75 TFLOP/s, in the default
+    # 64 x 32 tiles that the causal 8 x 512 shape above chose).
+    rows, q_len, context = 104, 64, 1024
+    b = make_paged_batch([context + q_len] * rows, [q_len] * rows, num_heads=heads,
+                         num_kv_heads=8, head_dim=128, block_size=16, dtype=torch.bfloat16,
+                         device="cuda", poison=False)
+    out = torch.empty_like(b.q)
+    expected = reference.paged_attention(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.seq_lens,
+                                         b.block_tables, 0.1)
+
+    def run_p():
+        return mod.paged_attention(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.seq_lens,
+                                   b.block_tables, 0.1, out=out, max_seqlen_q=q_len)
+    flops = 2 * 2 * rows * heads * q_len * (context + (q_len + 1) / 2) * 128
+    yield from _sweep("prefill_attention", f"P mixed: {rows}x{q_len} tok over {context} cached, "
+                      "h32/kv8, d128", mod, "prefill_config", variants, run_p, expected, None,
+                      flops)
 
 
 if __name__ == "__main__":
