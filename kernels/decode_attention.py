@@ -361,7 +361,7 @@ def shared_prefix_config(block_d: int, dtype: torch.dtype) -> dict:
     replaces them (powers of two, BLOCK_M and BLOCK_N at least 16)."""
     text = os.environ.get(SHARED_TILES_ENV, "").strip()
     if text:
-        return _parse_shared_tiles(text)
+        return dict(_parse_shared_tiles(text))
     cfg = decode_config(block_d, dtype)
     if dtype == torch.float32:
         return dict(BLOCK_M=64, BLOCK_N=cfg["BLOCK_N"], num_warps=4, num_stages=2)

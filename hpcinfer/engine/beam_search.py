@@ -98,10 +98,14 @@ class _Instance:
     finished: list[tuple[float, BeamSearchSequence]] = field(default_factory=list)
     num_generated: int = 0
     is_done: bool = False
+    lora_request: object | None = None            # the prompt's adapter (its beams' too)
 
 
-def beam_search(engine, prompts: list, params: BeamSearchParams) -> list[BeamSearchOutput]:
-    """Run the search for every prompt at once (all live beams share each engine step)."""
+def beam_search(engine, prompts: list, params: BeamSearchParams,
+                lora_requests: list | None = None) -> list[BeamSearchOutput]:
+    """Run the search for every prompt at once (all live beams share each engine step).
+    ``lora_requests``: one LoRARequest (or None) per prompt, checked by the caller; every beam
+    of a prompt runs with its adapter."""
     if not isinstance(params, BeamSearchParams):
         raise ValueError(f"params must be a BeamSearchParams (hpcinfer.sampling_params), got "
                          f"{type(params).__name__}")
@@ -122,14 +126,17 @@ def beam_search(engine, prompts: list, params: BeamSearchParams) -> list[BeamSea
         if max_new < 1:
             raise ValueError(f"prompt {i}: its {len(tokens)} tokens leave no room to generate "
                              f"within max_model_len={engine.max_model_len}")
-        instances.append(_Instance(len(tokens), max_new, [BeamSearchSequence(tokens)]))
+        lora = lora_requests[i] if lora_requests is not None else None
+        instances.append(_Instance(len(tokens), max_new, [BeamSearchSequence(tokens)],
+                                   lora_request=lora))
     # (never more than the vocabulary: a huge width on a tiny model)
     num_candidates = min(max(2, 1 + len(eos)) * params.beam_width, engine.spec.vocab_size)
     step_params = _step_params(num_candidates)
     while not all(inst.is_done for inst in instances):
         live = [inst for inst in instances if not inst.is_done]
-        beams = [beam for inst in live for beam in inst.running]
-        tops = _next_token_logprobs(engine, [b.tokens for b in beams], step_params)
+        beams = [(beam, inst.lora_request) for inst in live for beam in inst.running]
+        tops = _next_token_logprobs(engine, [b.tokens for b, _ in beams], step_params,
+                                    [lora for _, lora in beams])
         start = 0
         for inst in live:
             count = len(inst.running)
@@ -147,12 +154,12 @@ def _step_params(num_candidates: int) -> SamplingParams:
     return params
 
 
-def _next_token_logprobs(engine, token_lists: list[list[int]], params: SamplingParams
-                         ) -> list[dict[int, Logprob]]:
+def _next_token_logprobs(engine, token_lists: list[list[int]], params: SamplingParams,
+                         loras: list) -> list[dict[int, Logprob]]:
     """One token per beam through the engine; per beam its top-K {token: Logprob}."""
     ids = [f"beam-{i}" for i in range(len(token_lists))]
-    for request_id, tokens in zip(ids, token_lists):
-        engine.add_request(request_id, {"prompt_token_ids": tokens}, params)
+    for request_id, tokens, lora in zip(ids, token_lists, loras):
+        engine.add_request(request_id, {"prompt_token_ids": tokens}, params, lora_request=lora)
     done = {}
     try:
         while engine.has_unfinished_requests():

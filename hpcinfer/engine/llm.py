@@ -169,12 +169,19 @@ class LLM:
         first. transformers' beam semantics (engine/beam_search.py, docs/python-api.md);
         ``concurrency_limit`` prompts are searched at a time (None: all)."""
         from hpcinfer.engine.beam_search import beam_search
-        _refuse_lora(lora_request, "beam_search()")
         self._check_generate("beam_search()")
         prompts = _as_prompt_list(prompts)
+        # lora_request: one for all prompts or one (or None) per prompt, as generate() takes
+        loras = lora_requests_per_prompt(lora_request, len(prompts))
+        for i, lora in enumerate(loras):
+            try:
+                check_lora_request(self.llm_engine.lora, lora, str(i))
+            except ValueError as e:
+                raise ValueError(f"prompt {i}: {e}") from None
         step = concurrency_limit or max(len(prompts), 1)
         return [out for i in range(0, len(prompts), step)
-                for out in beam_search(self.llm_engine, prompts[i:i + step], params)]
+                for out in beam_search(self.llm_engine, prompts[i:i + step], params,
+                                       loras[i:i + step])]
 
     def _render_chat(self, conversation, chat_template, add_generation_prompt,
                      continue_final_message, extra) -> dict:
@@ -381,7 +388,7 @@ class _ImagePromptStream:
 
 
 def _refuse_lora(lora_request, method: str) -> None:
-    if lora_request is not None:  # beam search and pooling: not wired to adapters yet (lora.md)
+    if lora_request is not None:  # pooling: not wired to adapters yet (lora.md)
         raise ValueError(f"{method} does not take a lora_request yet: pass None (or merge the "
                          "adapter into the weights with peft's merge_and_unload)")
 

@@ -111,12 +111,8 @@ def test_nothing_is_queued_by_a_bad_request_and_the_engine_goes_on(llm, base, ad
     assert got == oracle("llama", good.lora_path, [[5, 6, 7]], 3)[0]
 
 
-def test_beam_search_and_pooling_refuse_adapters(llm, adapter):
-    from hpcinfer.sampling_params import BeamSearchParams
+def test_pooling_refuses_adapters(llm, adapter):
+    # (beam search takes them: tests/lora/test_lora_beam_search.py)
     lora = LoRARequest("a", 1, adapter("llama", "all-r8", rank=8, alpha=24.0))
-    with pytest.raises(ValueError, match=r"beam_search\(\) does not take a lora_request yet"):
-        llm.beam_search([{"prompt_token_ids": [5, 6]}], BeamSearchParams(beam_width=2,
-                                                                          max_tokens=2),
-                        lora_request=lora)
     with pytest.raises(ValueError, match=r"embed\(\) does not take a lora_request yet"):
         llm.embed(["x"], lora_request=lora)
