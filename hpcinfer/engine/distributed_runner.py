@@ -301,9 +301,10 @@ class DistributedSampler:
     def __getattr__(self, name):  # make_generator, vocab_size, device, generator
         return getattr(self.sampler, name)
 
-    def __call__(self, logits: torch.Tensor, seqs, eos_token_ids, grammar_mask=None):
+    def __call__(self, logits: torch.Tensor, seqs, eos_token_ids, grammar_mask=None,
+                 all_plain: bool = False):
         # grammar_mask: filled on rank 0 only (engine/structured.py), None elsewhere
-        box = [self.sampler(logits, seqs, eos_token_ids, grammar_mask)
+        box = [self.sampler(logits, seqs, eos_token_ids, grammar_mask, all_plain=all_plain)
                if self.world.rank == 0 else None]
         dist.broadcast_object_list(box, src=0, group=self.world.cpu_group)
         return box[0]

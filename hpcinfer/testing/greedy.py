@@ -44,8 +44,8 @@ class ForcedSampler:
         self.argmax: dict[int, list[int]] = {}
         self.gaps: dict[int, list[float]] = {}
 
-    def __call__(self, logits, seqs, eos_token_ids, grammar_mask=None):
-        out = self.inner(logits, seqs, eos_token_ids, grammar_mask)
+    def __call__(self, logits, seqs, eos_token_ids, grammar_mask=None, all_plain=False):
+        out = self.inner(logits, seqs, eos_token_ids, grammar_mask, all_plain=all_plain)
         top = logits.float().topk(2, dim=-1).values
         gaps = (top[:, 0] - top[:, 1]).tolist()
         for i, seq in enumerate(seqs):
