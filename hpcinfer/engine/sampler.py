@@ -132,17 +132,20 @@ class Sampler:
         return SamplerOutput(token_list, sampled, tops)
 
 
-def _plain_greedy(seq: Sequence) -> bool:
-    params = seq.params
+def _argmax_only(params) -> bool:
+    # greedy, nothing to report, nothing that edits the logits (min_tokens aside)
     return (params.is_greedy and params.logprobs is None and not params.has_penalties
-            and not params.has_logits_edits and seq.num_output_tokens >= params.min_tokens)
+            and not params.has_logits_edits)
+
+
+def _plain_greedy(seq: Sequence) -> bool:
+    return _argmax_only(seq.params) and seq.num_output_tokens >= seq.params.min_tokens
 
 
 def plain_greedy_params(params) -> bool:
     """True if every row with these params takes the plain argmax at every step (no
     min_tokens either, which edits the logits until it is reached)."""
-    return (params.is_greedy and params.logprobs is None and not params.has_penalties
-            and not params.has_logits_edits and params.min_tokens == 0)
+    return _argmax_only(params) and params.min_tokens == 0
 
 
 # --- logits processors: pure functions, unit-tested against their definitions ---
