@@ -88,7 +88,7 @@ def image_tokens_per_image(spec: dict, processor) -> int:
 # --- engines (each in its own subprocess) ------------------------------------------------
 
 def run_hpcinfer(ckpt: Path, spec: dict, device: str, profile_run: bool = False,
-                 trace: str | None = None) -> dict:
+                 trace: str | None = None, trace_images: int = 0) -> dict:
     import torch
     import transformers
 
@@ -160,8 +160,8 @@ def run_hpcinfer(ckpt: Path, spec: dict, device: str, profile_run: bool = False,
     if profile_run:
         row["profile"] = profile_generate(llm, requests(images, prompts), params, sync)
     if trace:
-        trace_generate(llm, requests(images[:TRACE_IMAGES], prompts[:TRACE_IMAGES]), params,
-                       sync, Path(trace))
+        n = trace_images or TRACE_IMAGES
+        trace_generate(llm, requests(images[:n], prompts[:n]), params, sync, Path(trace))
     return row
 
 
@@ -315,7 +315,8 @@ def _row(tokens: list[list[int]], num_in: int, wall: float, startup_s: float, sp
 def worker_main(args) -> None:
     spec = WORKLOADS[args.workload]
     if args.worker == "hpcinfer":
-        row = run_hpcinfer(Path(args.ckpt), spec, args.device, args.profile, args.trace)
+        row = run_hpcinfer(Path(args.ckpt), spec, args.device, args.profile, args.trace,
+                           args.trace_images)
     else:
         row = run_transformers(Path(args.ckpt), spec, args.device, args.hf_batch_size,
                                args.hf_images, args.hf_time_budget_s)
@@ -335,7 +336,8 @@ def run_engine(engine: str, args, ckpt: Path, env: dict) -> dict | None:
     if args.profile:
         cmd.append("--profile")
     if args.trace:
-        cmd += ["--trace", str(Path(args.trace).resolve())]
+        cmd += ["--trace", str(Path(args.trace).resolve()), "--trace-images",
+                str(args.trace_images)]
     for flag, value in (("--hf-images", args.hf_images),
                         ("--hf-time-budget-s", args.hf_time_budget_s)):
         if value is not None:
@@ -374,6 +376,10 @@ def main() -> None:
                         "torch.profiler (device time by kernel and of the vision tower)")
     p.add_argument("--trace", help="hpcinfer: write a Chrome trace (.json.gz) of a run of the "
                                    f"first {TRACE_IMAGES} images to this path")
+    p.add_argument("--trace-images", type=int, default=0,
+                   help=f"images in the traced run (default {TRACE_IMAGES}; the whole "
+                        "workload's trace is tens of MiB: read it with bench/trace_gaps.py "
+                        "where it was written)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
     p.add_argument("--result-file", help=argparse.SUPPRESS)
