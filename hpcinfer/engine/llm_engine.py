@@ -83,7 +83,8 @@ class LLMEngine:
             # preprocessing worker processes only where prompts are read (rank 0)
             on_driver = self.parallel is None or self.parallel.rank == 0
             self.multimodal = MultiModalProcessor(
-                config.model, model, num_workers=default_num_workers() if on_driver else 0)
+                config.model, model, num_workers=default_num_workers() if on_driver else 0,
+                pin_pixels=self.device.type == "cuda")
         self.runner = (ModelRunner(config, model, self.device) if self.parallel is None
                        else self.parallel.runner(config, model, self.device))
         self.lora = attach_lora(config, self.runner)  # None without enable_lora (lora/)

@@ -16,6 +16,7 @@ import torch
 
 from hpcinfer.engine.outputs import Logprob
 from hpcinfer.engine.sequence import Sequence
+from hpcinfer.layers.transfer import to_device
 
 
 @dataclass
@@ -84,15 +85,18 @@ class Sampler:
         if not random_rows:
             return tokens
         params = [seqs[i].params for i in random_rows]
-        rows = torch.tensor(random_rows, device=logits.device)
+        # (to_device: a pageable copy would wait for the GPU, and under async scheduling this
+        # runs while the step's forward is still queued: layers/transfer.py)
+        dev = logits.device
+        rows = to_device(random_rows, dev)
         sub = logits[rows]
-        temperature = torch.tensor([p.temperature for p in params], device=logits.device)
+        temperature = to_device([p.temperature for p in params], dev, torch.float32)
         sub = sub / temperature[:, None]
         if any(p.min_p > 0 for p in params):
-            sub = apply_min_p(sub, torch.tensor([p.min_p for p in params], device=sub.device))
+            sub = apply_min_p(sub, to_device([p.min_p for p in params], dev, torch.float32))
         if any(p.top_k > 0 for p in params) or any(p.top_p < 1 for p in params):
-            top_k = torch.tensor([p.top_k or self.vocab_size for p in params], device=sub.device)
-            top_p = torch.tensor([p.top_p for p in params], device=sub.device)
+            top_k = to_device([p.top_k or self.vocab_size for p in params], dev, torch.int64)
+            top_p = to_device([p.top_p for p in params], dev, torch.float32)
             sub = apply_top_k_top_p(sub, top_k, top_p)
         probs = torch.softmax(sub, dim=-1)
         noise = self._exponential_noise(probs, [seqs[i] for i in random_rows])

@@ -22,6 +22,7 @@ from torch import nn
 
 from hpcinfer.kernels import lora_reference
 from hpcinfer.layers.linear import LinearBase, _shard
+from hpcinfer.layers.transfer import copy_to
 
 
 NULL_SLOT = -1   # a row without an adapter: the kernels load and add nothing for it
@@ -45,7 +46,7 @@ class StepSlots:
             # budget and max_num_seqs bound every step (LoRAManager sizes the buffer).
             raise RuntimeError(f"a step of {n} tokens but the LoRA slot buffer holds "
                                f"{self.buffer.shape[0]}; this is a bug: please report it")
-        self.buffer[:n].copy_(torch.from_numpy(token_slots.astype("int32")), non_blocking=True)
+        copy_to(self.buffer[:n], token_slots)   # pinned: no wait for the GPU (layers/transfer)
         self.num_tokens, self.has_adapter = n, bool((token_slots >= 0).any())
 
     def pad(self, start: int, stop: int) -> None:

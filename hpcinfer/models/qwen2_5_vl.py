@@ -20,6 +20,7 @@ from hpcinfer.layers.activation import get_gated_activation
 from hpcinfer.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 from hpcinfer.layers.quant.base import UNQUANTIZED
 from hpcinfer.layers.norm import RMSNorm
+from hpcinfer.layers.transfer import to_device
 from hpcinfer.models.qwen2_vl import (PatchMerger, Qwen2VisionTransformer,
                                       Qwen2VLForConditionalGeneration, VisionBlock)
 
@@ -110,7 +111,7 @@ class Qwen2_5VisionTransformer(Qwen2VisionTransformer):
             orders.append(order + first)
             lengths += [n * m * m for n in window_lengths]
             first += order.size
-        order = torch.from_numpy(np.concatenate(orders)).to(device, non_blocking=True)
+        order = to_device(np.concatenate(orders), device)  # (layers/transfer.py)
         return order, lengths
 
 

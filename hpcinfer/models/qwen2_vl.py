@@ -29,6 +29,7 @@ from hpcinfer.layers.attention import AttentionBackend, AttentionMetadata, KVCac
 from hpcinfer.layers.linear import NO_TP, ReplicatedLinear, TensorParallel
 from hpcinfer.layers.norm import LayerNorm
 from hpcinfer.layers.rotary import get_mrope, max_position_of
+from hpcinfer.layers.transfer import to_device
 from hpcinfer.models.loader import rename_prefix
 from hpcinfer.models.qwen2 import Qwen2ForCausalLM
 from hpcinfer.models.spec import head_dim_of
@@ -171,7 +172,7 @@ class Qwen2VisionTransformer(nn.Module):
         inv_freq = 1.0 / self.rope_theta ** (torch.arange(0, quarter, 2, dtype=torch.float32,
                                                           device=device) / quarter)
         coords = np.concatenate([patch_coords(*grid, self.merge_size) for grid in grids])
-        coords = torch.from_numpy(coords).to(device, non_blocking=True)
+        coords = to_device(coords, device)   # (pinned: a pageable copy waits for the GPU)
         angles = coords.float()[..., None] * inv_freq  # [N, 2, quarter / 2]
         angles = angles.flatten(1)                     # [N, head_dim / 2]
         return torch.cat([angles.cos(), angles.sin()], dim=-1)

@@ -15,6 +15,7 @@ from hpcinfer.multimodal.inputs import ImageItem, MultiModalInputs, ProcessedPro
 from hpcinfer.multimodal.media import (CHAT_IMAGE_PARTS, LLM_IMAGE_LIMIT, LLM_MEDIA_PATH,
                                        as_image_list, check_image_count, check_pil, image_hash,
                                        load_image_url)
+from hpcinfer.multimodal.pinned import PinnedBudget, budget_bytes
 from hpcinfer.multimodal.workers import start_workers
 
 PROMPT_KEYS = frozenset({"prompt", "multi_modal_data", "mm_processor_kwargs", "cache_salt"})
@@ -22,7 +23,8 @@ _NOT_PER_IMAGE = ("input_ids", "attention_mask", "token_type_ids", "mm_token_typ
 
 
 class MultiModalProcessor:
-    def __init__(self, model_path: str, model: Any, num_workers: int = 0):
+    def __init__(self, model_path: str, model: Any, num_workers: int = 0,
+                 pin_pixels: bool = False):
         from transformers import AutoProcessor
         try:
             self.processor = AutoProcessor.from_pretrained(model_path)
@@ -51,6 +53,8 @@ class MultiModalProcessor:
         # ... and calls run in worker processes when there are any (workers.py: on threads
         # the processor's Python held the GIL the step loop needs)
         self.workers = start_workers(self.processor, num_workers)
+        # pixels pinned here, not on the step loop (pinned.py), when the encoder is on a GPU
+        self.pinned = PinnedBudget(budget_bytes()) if pin_pixels else None
 
     def close(self) -> None:
         """Stop the preprocessing worker processes (they also stop with this process)."""
@@ -152,7 +156,7 @@ class MultiModalProcessor:
             self.check_text_only(token_ids, where)
             return ProcessedPrompt(text, token_ids)
         split = getattr(self.model, "split_image_inputs", None) or _split_per_image
-        per_image = _in_dtype(split(out, len(images)), dtype)
+        per_image = _in_dtype(split(out, len(images)), dtype, self.pinned)
         counts = self.model.image_token_counts(per_image)
         positions = [i for i, t in enumerate(token_ids) if t == self.image_token_id]
         if len(positions) != sum(counts):
@@ -178,14 +182,20 @@ class MultiModalProcessor:
         return ProcessedPrompt(text, token_ids, mm)
 
 
-def _in_dtype(per_image: list[dict], dtype) -> list[dict]:
+def _in_dtype(per_image: list[dict], dtype, pinned: PinnedBudget | None = None) -> list[dict]:
     """Floating inputs (pixels) in the encoder's dtype, here on the preprocessing thread: the
     encoder's first op casts them so anyway (the same rounding), and a step then moves half
-    the bytes of fp32 to the GPU and converts nothing. Integer inputs (grids) are kept."""
-    if dtype is None:
+    the bytes of fp32 to the GPU and converts nothing; pinned too when ``pinned`` is given
+    (pinned.py). Integer inputs (grids) are kept."""
+    if dtype is None and pinned is None:
         return per_image
-    return [{k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
-            for inputs in per_image]
+
+    def ready(v: Any) -> Any:
+        if not v.is_floating_point():
+            return v
+        v = v if dtype is None else v.to(dtype)
+        return v if pinned is None else pinned.pin(v)
+    return [{k: ready(v) for k, v in inputs.items()} for inputs in per_image]
 
 
 def _split_per_image(out: Any, num_images: int) -> list[dict]:

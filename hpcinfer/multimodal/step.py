@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from hpcinfer.layers.transfer import to_device
 from hpcinfer.multimodal.inputs import MultiModalInputs
 
 
@@ -71,7 +72,7 @@ def image_embeds(plan: ImageRows, model, device: torch.device
             seen.add((id(mm), k))
             missing.append((mm, k))
     if missing:
-        inputs = [{name: _upload(t, device) if t.is_floating_point() else t
+        inputs = [{name: to_device(t, device) if t.is_floating_point() else t
                    for name, t in mm.items[k].inputs.items()} for mm, k in missing]
         for (mm, k), out in zip(missing, model.encode_images(inputs)):
             if out.shape[0] != mm.items[k].length:
@@ -83,22 +84,12 @@ def image_embeds(plan: ImageRows, model, device: torch.device
     for mm, k, _, hi in plan.pieces:   # after the slicing: two samples may share an image
         if hi == mm.items[k].length:
             mm.embeddings.pop(k, None)
-    rows = _upload(torch.from_numpy(plan.rows), device)
+    # (layers/transfer.py: a pageable copy would wait for the step in flight; the pixels were
+    # pinned on the preprocessing thread, multimodal/pinned.py. Integer inputs, the image
+    # grids, stay on the host: the encoders read them as Python ints, and reading a device
+    # tensor would wait for the GPU the same way.)
+    rows = to_device(plan.rows, device)
     return rows, embeds
-
-
-def _upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``t`` on ``device`` without the step loop waiting for the GPU.
-
-    Why: a copy from pageable memory (``t.to(device)``) returns only when the GPU has run
-    everything queued before it, the step in flight included, so every step with images
-    would lose the overlap of host and GPU work (async scheduling). A pinned copy is queued
-    like a kernel; torch's pinned allocator keeps the buffer until the copy has run. Integer
-    inputs (image grids) stay on the host: the encoders read them as Python ints, and reading
-    a device tensor would wait for the GPU the same way."""
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 def mrope_positions(seqs, starts: np.ndarray, q_lens: np.ndarray,

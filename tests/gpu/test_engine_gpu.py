@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -372,3 +373,32 @@ def test_kv_pool_sized_by_profile(real_shaped_checkpoint):
     assert pool > 0.5 * profile.kv_budget
     # This process stays inside its share (other test workers may share the GPU).
     assert torch.cuda.memory_reserved() <= 0.5 * profile.total
+
+
+def test_host_to_device_copies_do_not_wait_for_the_gpu():
+    """layers/transfer.py and the LoRA slot buffer: with a long kernel queued, the copies
+    return at once (a pageable copy returns only after the kernel) and carry the data."""
+    import numpy as np
+
+    from hpcinfer.layers.transfer import copy_to, to_device
+    from hpcinfer.lora.layers import StepSlots
+    slots = StepSlots(64, torch.device("cuda"))
+    buffer = torch.zeros(4, dtype=torch.int32, device="cuda")
+
+    def copies():
+        return (to_device(np.arange(5), "cuda"), to_device([0.5, 1.5], "cuda", torch.float32),
+                copy_to(buffer, np.array([1, 2, 3, 4])), slots.set(np.array([0, -1, 1])))
+    copies()   # the pinned allocator's first blocks (steps reuse cached ones)
+    torch.cuda.synchronize()
+    start, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(2_000_000_000)   # ~1 s of GPU time at H200 clocks
+    done.record()
+    t0 = time.perf_counter()
+    a, b, _, _ = copies()
+    host_s = time.perf_counter() - t0
+    assert not done.query(), "the GPU sleep ended before the copies returned"
+    torch.cuda.synchronize()
+    assert host_s < 0.1 * start.elapsed_time(done) / 1e3
+    assert a.tolist() == list(range(5)) and b.tolist() == [0.5, 1.5]
+    assert buffer.tolist() == [1, 2, 3, 4] and slots.buffer[:3].tolist() == [0, -1, 1]
