@@ -136,19 +136,6 @@ def _lora_expand_kernel(t_ptr, b_ptr, slots_ptr, y_ptr, T, N, R, BOUND1, BOUND2,
         tl.store(y_ptrs, (y + acc).to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
-def _block_m(num_tokens: int) -> int:
-    return 16 if num_tokens <= 16 else 32 if num_tokens <= 32 else 64
-
-
-def shrink_split(num_tokens: int, k: int) -> int:
-    """K splits of the shrink: enough programs for about one wave while each keeps >= 256
-    of K (the expand sums the partials, so no more than needed)."""
-    tiles, split = triton.cdiv(num_tokens, _block_m(num_tokens)), 1
-    while tiles * split < TARGET_PROGRAMS and k // (2 * split) >= 256 and split < MAX_SPLIT_K:
-        split *= 2
-    return split
-
-
 # Rows up to this many count as a decode-sized call: the launches below were picked for them
 # by the lora_tiles sweep on an H200 (2026-12-03, bench/results/
 # kernels-lora-sweep-nvidia-h200-2026-12-03.json: 15 shrink and 14 expand variants at 64 and
@@ -156,6 +143,27 @@ def shrink_split(num_tokens: int, k: int) -> int:
 # shape's best, and 5% less time than the first guesses over the 16 shape x size pairs).
 # Prefill-sized calls keep the first guesses.
 DECODE_ROWS = 512
+
+
+def _block_m(num_tokens: int) -> int:
+    return 16 if num_tokens <= 16 else 32 if num_tokens <= 32 else 64
+
+
+def shrink_split(num_tokens: int, k: int) -> int:
+    """K splits the shrink makes for ``num_tokens`` rows: the first dimension of its partials
+    (one rule for _shrink_config and the callers that size or check the partials)."""
+    if num_tokens <= DECODE_ROWS:
+        return max(1, min(8, k // 256))   # decode-sized: 8 splits, each >= 256 of K
+    return _wave_split(num_tokens, k)
+
+
+def _wave_split(num_tokens: int, k: int) -> int:
+    """Prefill-sized calls: enough programs for about one wave while each keeps >= 256 of K
+    (the expand sums the partials, so no more than needed)."""
+    tiles, split = triton.cdiv(num_tokens, _block_m(num_tokens)), 1
+    while tiles * split < TARGET_PROGRAMS and k // (2 * split) >= 256 and split < MAX_SPLIT_K:
+        split *= 2
+    return split
 
 
 def _shrink_config(num_tokens: int, k: int, num_slots: int, block_pr: int,
@@ -168,7 +176,7 @@ def _shrink_config(num_tokens: int, k: int, num_slots: int, block_pr: int,
     block_k = max(16, min(128, _pow2_floor(65536 // (num_slots * block_pr * elem_size))))
     if num_tokens <= DECODE_ROWS:
         # small row tiles and 8 K splits (each >= 256 of K): many programs for a few rows
-        return dict(BLOCK_M=16, BLOCK_K=block_k, SPLIT=max(1, min(8, k // 256)),
+        return dict(BLOCK_M=16, BLOCK_K=block_k, SPLIT=shrink_split(num_tokens, k),
                     num_warps=4)
     return dict(BLOCK_M=_block_m(num_tokens), BLOCK_K=block_k,
                 SPLIT=shrink_split(num_tokens, k), num_warps=4)

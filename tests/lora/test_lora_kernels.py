@@ -42,6 +42,16 @@ def test_shrink_splits_k_into_partials_that_sum_to_the_reference():
     torch.testing.assert_close(parts.sum(0), want, atol=1e-3, rtol=1e-4)
 
 
+@pytest.mark.parametrize("num_tokens,k", [(40, 4096), (600, 1024)])
+def test_shrink_split_is_the_number_of_partials_the_launch_makes(num_tokens, k):
+    # decode-sized calls (<= DECODE_ROWS rows) and prefill-sized ones choose their splits by
+    # different rules; the H200 GPU test caught shrink_split answering with the prefill rule
+    # for decode-sized calls (16 where the launch made 8)
+    x, a, _, slots = _case(num_tokens=num_tokens, k=k, rank=4, pieces=1)
+    parts = lora_kernels.lora_shrink_partials(x, a, slots)
+    assert parts.shape[0] == lora_kernels.shrink_split(num_tokens, k) > 1
+
+
 def test_expand_adds_into_a_column_slice_and_leaves_base_rows():
     x, a, b, slots = _case()
     t = lora_reference.lora_shrink(x, a, slots)
