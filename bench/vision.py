@@ -88,7 +88,8 @@ def image_tokens_per_image(spec: dict, processor) -> int:
 # --- engines (each in its own subprocess) ------------------------------------------------
 
 def run_hpcinfer(ckpt: Path, spec: dict, device: str, profile_run: bool = False,
-                 trace: str | None = None, trace_images: int = 0) -> dict:
+                 trace: str | None = None, trace_images: int = 0,
+                 sync_debug: bool = False) -> dict:
     import torch
     import transformers
 
@@ -157,6 +158,8 @@ def run_hpcinfer(ckpt: Path, spec: dict, device: str, profile_run: bool = False,
                activation_peak_gib=profile.activation_peak / GiB if profile else None,
                encoder_peak_gib=profile.encoder_peak / GiB if profile else None,
                engine_steps=steps, preprocess=preprocess)
+    if sync_debug and device == "cuda":
+        row["sync_points"] = sync_points_generate(llm, requests(images, prompts), params, sync)
     if profile_run:
         row["profile"] = profile_generate(llm, requests(images, prompts), params, sync)
     if trace:
@@ -190,6 +193,36 @@ def _profiled(llm, requests: list, params, sync):
         return prof, time.perf_counter() - start
     finally:
         model.encode_images = encode
+
+
+def sync_points_generate(llm, requests: list, params, sync) -> list[dict]:
+    """The same generate again with torch's CUDA sync debug mode on: every place where the
+    host waited for the GPU through a torch call (``.item()``, ``.tolist()``, ``nonzero``, a
+    blocking copy), with how often, busiest first. Waits inside the driver (a copy from
+    pageable memory queued with non_blocking=True) are not reported: layers/transfer.py."""
+    import warnings
+
+    import torch
+    llm.reset_prefix_cache()
+    sync()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            llm.generate(requests, params, use_tqdm=False)
+            sync()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    counts: dict = {}
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            key = f"{w.filename}:{w.lineno}"
+            counts[key] = counts.get(key, 0) + 1
+    points = [{"where": k, "count": n} for k, n in sorted(counts.items(), key=lambda kv: -kv[1])]
+    print(f"sync points in one generate: {len(points)} places", flush=True)
+    for p in points[:20]:
+        print(f"  {p['count']:6d}x  {p['where']}", flush=True)
+    return points
 
 
 TRACE_IMAGES = 32   # a Chrome trace of more is too large to bring back from a GPU machine
@@ -316,7 +349,7 @@ def worker_main(args) -> None:
     spec = WORKLOADS[args.workload]
     if args.worker == "hpcinfer":
         row = run_hpcinfer(Path(args.ckpt), spec, args.device, args.profile, args.trace,
-                           args.trace_images)
+                           args.trace_images, args.sync_debug)
     else:
         row = run_transformers(Path(args.ckpt), spec, args.device, args.hf_batch_size,
                                args.hf_images, args.hf_time_budget_s)
@@ -335,6 +368,8 @@ def run_engine(engine: str, args, ckpt: Path, env: dict) -> dict | None:
            "--device", args.device, "--hf-batch-size", str(args.hf_batch_size)]
     if args.profile:
         cmd.append("--profile")
+    if args.sync_debug:
+        cmd.append("--sync-debug")
     if args.trace:
         cmd += ["--trace", str(Path(args.trace).resolve()), "--trace-images",
                 str(args.trace_images)]
@@ -376,6 +411,9 @@ def main() -> None:
                         "torch.profiler (device time by kernel and of the vision tower)")
     p.add_argument("--trace", help="hpcinfer: write a Chrome trace (.json.gz) of a run of the "
                                    f"first {TRACE_IMAGES} images to this path")
+    p.add_argument("--sync-debug", action="store_true",
+                   help="hpcinfer: after the timed run, the same run again with torch's CUDA "
+                        "sync debug mode: where the host waited for the GPU, with counts")
     p.add_argument("--trace-images", type=int, default=0,
                    help=f"images in the traced run (default {TRACE_IMAGES}; the whole "
                         "workload's trace is tens of MiB: read it with bench/trace_gaps.py "
