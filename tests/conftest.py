@@ -15,7 +15,9 @@ import pytest
 
 # Triton kernels run in the interpreter on machines without a GPU. It must be set before
 # any @triton.jit function is created, i.e. before test modules import hpcinfer.kernels.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# The GPU tests (HPCINFER_GPU_TESTS=1, tests/gpu/*.sh) run them compiled.
+os.environ.setdefault("TRITON_INTERPRET",
+                      "0" if os.environ.get("HPCINFER_GPU_TESTS") == "1" else "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
