@@ -1,9 +1,10 @@
 """Pixels pinned on the preprocessing threads, so a step only queues their copy to the GPU.
 
 Why: an image's pixels must be in page-locked memory for the step loop to queue their copy
-without waiting for the GPU (step._upload). Pinning there copied ~70 MB a step on workload V
-(29 images of 448x448 in bf16) on the step loop's thread: 5-13 ms each time, while the GPU
-sat idle (the H200 trace of 2026-12-04: ~0.3 s of V's 2 s of GPU idle). Pinned here, on the
+without waiting for the GPU (multimodal/step.py, layers/transfer.py). Pinning there copied
+~70 MB a step on workload V (29 images of 448x448 in bf16) on the step loop's thread: 5-13 ms
+each time, while the GPU sat idle (the H200 trace of 2026-12-04: in 14 of the 25 largest of
+its GPU gaps, ~0.3 s of V's 2 s of GPU idle). Pinned here, on the
 thread that preprocessed the image, the copy runs beside the step loop (torch releases the
 GIL in it) and ``Tensor.pin_memory`` in the step is a no-op.
 
