@@ -12,7 +12,9 @@
 # Logs and bench/results-style JSON (vision-<device>-<date>.json) go to RESULTS_DIR.
 #
 #   tests/gpu/vision_checks.sh [RESULTS_DIR]     # default: $OUT if set, else bench/results
-#   STAGES=bench tests/gpu/vision_checks.sh      # one stage: tests | bench
+#   STAGES=bench tests/gpu/vision_checks.sh      # one stage: tests | bench | diagnose
+#   STAGES=diagnose ...: hpcinfer alone with --sync-debug and a trace of all 500 images, its
+#      GPU gaps by size and the host ops in the largest (bench/trace_gaps.py); not by default
 #   HF_IMAGES=128 tests/gpu/vision_checks.sh     # transformers on a fixed subset instead
 #
 # Needs torch, triton, transformers, safetensors and pillow (no torchvision, pydantic or peft:
@@ -56,4 +58,20 @@ if [[ $STAGES == *" bench "* ]]; then
   grep -E "^(===|---|workload|hpcinfer (start-up|warm-up)|transformers: |hpcinfer / |rows in)|Error|error" \
     "$RESULTS_DIR/vision-bench.log" | tail -20
 fi
-exit $(( tests_rc != 0 || bench_rc != 0 ))
+diagnose_rc=0
+if [[ $STAGES == *" diagnose "* ]]; then
+  # where workload V's GPU still waits: hpcinfer alone, then the same generate under torch's
+  # sync debug mode (host waits through torch calls) and a trace of all its images read with
+  # bench/trace_gaps.py here (the trace itself stays on the machine: tens of MiB)
+  start=$(date +%s)
+  timeout "${DIAGNOSE_TIMEOUT:-300}" "$PY" "$REPO/bench/vision.py" --engines hpcinfer \
+    --out "$RESULTS_DIR" --sync-debug --trace /tmp/vision-trace.json.gz --trace-images 500 \
+    --label "diagnose: --sync-debug, trace of all images" \
+    > "$RESULTS_DIR/vision-diagnose.log" 2>&1
+  diagnose_rc=$?
+  grep -E "^(===|sync points|  +[0-9]+x|hpcinfer steps)" "$RESULTS_DIR/vision-diagnose.log"
+  "$PY" "$REPO/bench/trace_gaps.py" /tmp/vision-trace.json.gz --top 25 \
+    | tee "$RESULTS_DIR/vision-trace-gaps.txt"
+  echo "vision diagnose: exit $diagnose_rc in $(( $(date +%s) - start )) s"
+fi
+exit $(( tests_rc != 0 || bench_rc != 0 || diagnose_rc != 0 ))
