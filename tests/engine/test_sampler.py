@@ -64,6 +64,46 @@ def test_penalties_on_rows_use_prompt_and_output_tokens():
     torch.testing.assert_close(logits[1], want)
 
 
+def _penalties_row_by_row(logits, seqs):
+    """The definition, one row at a time (the per-row loop the sampler used to run)."""
+    out = logits.clone()
+    vocab = logits.shape[1]
+    for i, seq in enumerate(seqs):
+        p = seq.params
+        if not p.has_penalties:
+            continue
+        prompt = torch.zeros(1, vocab, dtype=torch.bool)
+        counts = torch.zeros(1, vocab, dtype=torch.int64)
+        for t in seq.token_ids[:seq.num_prompt_tokens]:
+            if t < vocab:
+                prompt[0, t] = True
+        for t in seq.token_ids[seq.num_prompt_tokens:]:
+            counts[0, t] += 1
+        out[i] = apply_penalties(logits[i:i + 1], prompt, counts,
+                                 torch.tensor([p.presence_penalty]),
+                                 torch.tensor([p.frequency_penalty]),
+                                 torch.tensor([p.repetition_penalty]))[0]
+    return out
+
+
+def test_penalties_on_many_rows_equal_the_row_by_row_definition():
+    gen = torch.Generator().manual_seed(3)
+    vocab, seqs = 50, []
+    for i in range(12):
+        params = (SamplingParams(temperature=0) if i % 4 == 3 else SamplingParams(
+            temperature=0, repetition_penalty=1.0 + 0.1 * i, frequency_penalty=0.05 * i,
+            presence_penalty=0.3 - 0.05 * i))
+        prompt = torch.randint(0, vocab, (1 + 3 * i,), generator=gen).tolist()
+        if i == 5:
+            prompt.append(vocab + 7)   # an added token past the logits: never penalised
+        outputs = torch.randint(0, 8, (i % 5,), generator=gen).tolist()   # repeats
+        seqs.append(seq_with(params, prompt=prompt, outputs=outputs))
+    logits = torch.randn(len(seqs), vocab, generator=gen)
+    want = _penalties_row_by_row(logits, seqs)
+    apply_penalties_to_rows(logits, seqs)
+    torch.testing.assert_close(logits, want)
+
+
 def test_min_p_and_top_k_top_p_masks():
     probs = torch.softmax(LOGITS, -1)
     kept = apply_min_p(LOGITS[None], torch.tensor([0.3]))[0] > -math.inf
