@@ -158,24 +158,36 @@ def plain_greedy_params(params) -> bool:
 
 def apply_logits_edits(logits: torch.Tensor, seqs: list[Sequence],
                        eos_token_ids: frozenset[int]) -> None:
-    """vLLM's built-in logits processors, in its order. In place."""
+    """vLLM's built-in logits processors, in its order. In place.
+
+    The token lists of all rows go to the device together (one pinned copy and one scatter
+    per processor, _scatter): indexing a device row with a Python list copies the list from
+    pageable memory, a wait for the GPU per row and step (layers/transfer.py)."""
+    allowed = [(i, t) for i, s in enumerate(seqs) if s.params.allowed_token_ids
+               for t in s.params.allowed_token_ids]
+    if allowed:
+        rows = sorted({i for i, _ in allowed})
+        keep = torch.zeros_like(logits, dtype=torch.bool)
+        _scatter(keep, allowed, True)
+        restricted = torch.zeros(logits.shape[0], 1, dtype=torch.bool, device=logits.device)
+        restricted[to_device(rows, logits.device)] = True
+        logits.masked_fill_(restricted & ~keep, float("-inf"))
     for i, seq in enumerate(seqs):
-        params = seq.params
-        if params.allowed_token_ids:
-            apply_allowed_token_ids(logits[i], params.allowed_token_ids)
-        if params.bad_words_token_ids:
-            apply_bad_words(logits[i], params.bad_words_token_ids, seq.output_token_ids)
+        if seq.params.bad_words_token_ids:
+            apply_bad_words(logits[i], seq.params.bad_words_token_ids, seq.output_token_ids)
     apply_min_tokens(logits, seqs, eos_token_ids)
-    for i, seq in enumerate(seqs):
-        if seq.params.logit_bias:
-            apply_logit_bias(logits[i], seq.params.logit_bias)
+    bias = [(i, t, b) for i, s in enumerate(seqs) if s.params.logit_bias
+            for t, b in s.params.logit_bias.items()]
+    if bias:
+        values = to_device([b for _, _, b in bias], logits.device, logits.dtype)
+        index = to_device([[i for i, _, _ in bias], [t for _, t, _ in bias]], logits.device)
+        logits.index_put_((index[0], index[1]), values, accumulate=True)
 
 
-def apply_allowed_token_ids(row: torch.Tensor, allowed: list[int]) -> None:
-    """Only ``allowed`` can be sampled. row: [vocab], in place."""
-    keep = row[allowed].clone()
-    row.fill_(float("-inf"))
-    row[allowed] = keep
+def _scatter(target: torch.Tensor, pairs: list[tuple[int, int]], value) -> None:
+    """target[row, token] = value for every (row, token) pair, in one copy and one launch."""
+    index = to_device([[i for i, _ in pairs], [t for _, t in pairs]], target.device)
+    target[index[0], index[1]] = value
 
 
 def apply_bad_words(row: torch.Tensor, bad_words: tuple[tuple[int, ...], ...],
@@ -188,25 +200,21 @@ def apply_bad_words(row: torch.Tensor, bad_words: tuple[tuple[int, ...], ...],
             row[word[-1]] = float("-inf")
 
 
-def apply_logit_bias(row: torch.Tensor, logit_bias: dict[int, float]) -> None:
-    """Add each token's bias to its logit. row: [vocab], in place."""
-    ids = list(logit_bias)
-    row[ids] += torch.tensor([logit_bias[t] for t in ids], dtype=row.dtype, device=row.device)
-
-
 def apply_min_tokens(logits: torch.Tensor, seqs: list[Sequence],
                      eos_token_ids: frozenset[int]) -> None:
     """Until a sequence has min_tokens outputs, its stop tokens (and EOS unless ignore_eos)
     cannot be sampled. In place."""
+    banned = []
     for i, seq in enumerate(seqs):
         params = seq.params
         if seq.num_output_tokens >= params.min_tokens:
             continue
-        banned = set(params.stop_token_id_set)
+        tokens = set(params.stop_token_id_set)
         if not params.ignore_eos:
-            banned |= eos_token_ids
-        if banned:
-            logits[i, sorted(banned)] = float("-inf")
+            tokens |= eos_token_ids
+        banned += [(i, t) for t in sorted(tokens)]
+    if banned:
+        _scatter(logits, banned, float("-inf"))
 
 
 def apply_penalties_to_rows(logits: torch.Tensor, seqs: list[Sequence]) -> None:

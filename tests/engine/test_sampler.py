@@ -104,6 +104,41 @@ def test_penalties_on_many_rows_equal_the_row_by_row_definition():
     torch.testing.assert_close(logits, want)
 
 
+def test_logits_edits_on_many_rows_follow_the_row_by_row_definitions():
+    """allowed_token_ids, bad words, min_tokens and logit_bias on rows that mix them (all
+    rows' token lists go to the device together now), against each definition per row."""
+    from hpcinfer.engine.sampler import apply_logits_edits
+    gen = torch.Generator().manual_seed(5)
+    eos, rows = frozenset({7}), [
+        dict(allowed_token_ids=[1, 3, 5], logit_bias={3: 2.5}),
+        dict(min_tokens=4, stop_token_ids=[2]),
+        dict(min_tokens=4, ignore_eos=True, stop_token_ids=[2, 6]),
+        dict(),
+        dict(logit_bias={0: -1.0, 6: 0.5}, bad_words=None),
+        dict(allowed_token_ids=[0, 7], min_tokens=2),
+    ]
+    seqs = [seq_with(SamplingParams(temperature=0, **kw), outputs=(4,)) for kw in rows]
+    seqs[4].params.bad_words_token_ids = ((4, 5), (6,))   # as the engine fills it from text
+    logits = torch.randn(len(seqs), V, generator=gen)
+    want = logits.clone()
+    inf = float("-inf")
+    keep0 = want[0, [1, 3, 5]].clone()
+    want[0] = inf
+    want[0, [1, 3, 5]] = keep0
+    want[0, 3] += 2.5
+    want[1, [2, 7]] = inf                 # stop token and EOS until 4 outputs
+    want[2, [2, 6]] = inf                 # ignore_eos: the stop tokens only
+    want[4, [5, 6]] = inf                 # (4, 5) follows the output 4; (6,) always
+    want[4, 0] -= 1.0
+    want[4, 6] += 0.5
+    keep5 = want[5, [0, 7]].clone()
+    want[5] = inf
+    want[5, [0, 7]] = keep5
+    want[5, 7] = inf                      # min_tokens bans EOS after allowed_token_ids
+    apply_logits_edits(logits, seqs, eos)
+    torch.testing.assert_close(logits, want)
+
+
 def test_min_p_and_top_k_top_p_masks():
     probs = torch.softmax(LOGITS, -1)
     kept = apply_min_p(LOGITS[None], torch.tensor([0.3]))[0] > -math.inf
