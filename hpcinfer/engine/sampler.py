@@ -126,13 +126,16 @@ class Sampler:
         ranks = (raw_logprobs > chosen_lp).sum(dim=-1) + 1                 # 1 = most likely
         max_k = max(seqs[i].params.logprobs for i in want)
         top_lp, top_ids = raw_logprobs.topk(max_k, dim=-1) if max_k else (None, None)
+        # read back whole, once each: per row they were a few waits for the GPU a row
+        chosen_l, ranks_l = chosen_lp[:, 0].tolist(), ranks.tolist()
+        top_lp_l, top_ids_l = (top_lp.tolist(), top_ids.tolist()) if max_k else ([], [])
         for j, i in enumerate(want):
             # vLLM's order: the sampled token first, then the top-k by rank.
-            sampled[i] = float(chosen_lp[j, 0])
-            entry = {token_list[i]: Logprob(sampled[i], int(ranks[j]))}
+            sampled[i] = chosen_l[j]
+            entry = {token_list[i]: Logprob(sampled[i], ranks_l[j])}
             k = seqs[i].params.logprobs
             if k:
-                for r, (tid, lp) in enumerate(zip(top_ids[j, :k].tolist(), top_lp[j, :k].tolist())):
+                for r, (tid, lp) in enumerate(zip(top_ids_l[j][:k], top_lp_l[j][:k])):
                     entry.setdefault(tid, Logprob(lp, r + 1))
             tops[i] = entry
         return SamplerOutput(token_list, sampled, tops)
