@@ -70,6 +70,7 @@ from pathlib import Path
 import numpy as np
 
 from results_file import append_rows  # bench/results_file.py (this script's directory)
+from gc_pauses import gc_pauses  # bench/gc_pauses.py
 
 from moe_workload import (MOE_SHAPES, is_moe, moe_bound_output_tok_s, moe_config_dict,
                           moe_layer_tensors)
@@ -443,7 +444,7 @@ def run_hpcinfer(ckpt: Path, requests, max_num_seqs: int, profile_dir: Path | No
                                        detokenize=False)] * len(warm), use_tqdm=False)
     sync()
     warmup_s = time.perf_counter() - t1
-    rep_tok_s, walls = [], []
+    rep_tok_s, walls, rep_gc = [], [], []
     for _ in range(reps):
         if prefix_caching:
             llm.reset_prefix_cache()   # every rep starts from an empty prefix cache
@@ -456,10 +457,12 @@ def run_hpcinfer(ckpt: Path, requests, max_num_seqs: int, profile_dir: Path | No
             import cProfile
             profiler = cProfile.Profile()
             profiler.enable()
-        start = time.perf_counter()
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        sync()
-        wall = time.perf_counter() - start
+        with gc_pauses() as pauses:
+            start = time.perf_counter()
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            sync()
+            wall = time.perf_counter() - start
+        rep_gc.append(pauses)
         rep_tok_s.append(sum(len(o.outputs[0].token_ids) for o in outs) / wall)
         walls.append(wall)
     # The reported run: the median rep (the last one's outputs, stats and timeline).
@@ -479,7 +482,8 @@ def run_hpcinfer(ckpt: Path, requests, max_num_seqs: int, profile_dir: Path | No
     row.update(_exactness(tokens, requests))
     row.update(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                num_preemptions=engine.num_preemptions, engine_version=hpcinfer.__version__,
-               reps=reps, rep_output_tok_s=rep_tok_s, enable_prefix_caching=prefix_caching)
+               reps=reps, rep_output_tok_s=rep_tok_s, enable_prefix_caching=prefix_caching,
+               gc_pauses=rep_gc)
     if prefix_caching:   # of the last rep's prompt tokens, the share found in the cache
         queries = engine.block_manager.prefix_cache_queries - queries_before
         hits = engine.block_manager.prefix_cache_hits - hits_before

@@ -47,6 +47,7 @@ import time
 from pathlib import Path
 
 from results_file import append_rows  # bench/results_file.py (this script's directory)
+from gc_pauses import gc_pauses  # bench/gc_pauses.py
 from throughput import device_slug, engine_importable, importable_env
 
 log = logging.getLogger("bench.vision")
@@ -137,10 +138,12 @@ def run_hpcinfer(ckpt: Path, spec: dict, device: str, profile_run: bool = False,
     workers = llm.llm_engine.multimodal.workers   # multimodal/workers.py (None: threads)
     served = workers.num_served if workers is not None else 0
     sync()
-    start = time.perf_counter()
-    outs = llm.generate(requests(images, prompts), params, use_tqdm=False)
-    sync()
-    wall = time.perf_counter() - start
+    with gc_pauses() as pauses:
+        start = time.perf_counter()
+        outs = llm.generate(requests(images, prompts), params, use_tqdm=False)
+        sync()
+        wall = time.perf_counter() - start
+    print(f"hpcinfer gc pauses: {json.dumps(pauses)}", flush=True)
     steps = {k: round(getattr(stats, k) - before[k], 3) for k in STEP_STATS}
     print(f"hpcinfer steps on {len(images)} images: {json.dumps(steps)}", flush=True)
     preprocess = {"workers": workers.num_alive if workers is not None else 0,
@@ -157,7 +160,7 @@ def run_hpcinfer(ckpt: Path, spec: dict, device: str, profile_run: bool = False,
                kv_blocks=runner.num_blocks,
                activation_peak_gib=profile.activation_peak / GiB if profile else None,
                encoder_peak_gib=profile.encoder_peak / GiB if profile else None,
-               engine_steps=steps, preprocess=preprocess)
+               engine_steps=steps, preprocess=preprocess, gc_pauses=pauses)
     if sync_debug and device == "cuda":
         row["sync_points"] = sync_points_generate(llm, requests(images, prompts), params, sync)
     if profile_run:
