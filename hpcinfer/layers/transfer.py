@@ -21,7 +21,7 @@ def to_device(data: Any, device: torch.device | str, dtype: torch.dtype | None =
     behind the device's work instead of waiting for it."""
     device = torch.device(device)
     t = torch.as_tensor(data, dtype=dtype)
-    if device.type != "cuda":
+    if device.type != "cuda" or t.device.type != "cpu":   # nothing to pin (already on a device)
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
 
@@ -30,6 +30,6 @@ def copy_to(dst: torch.Tensor, data: Any) -> torch.Tensor:
     """``dst.copy_(data)`` for host ``data`` into a device tensor (a persistent buffer that
     CUDA graphs read), queued the same way."""
     t = torch.as_tensor(data, dtype=dst.dtype)
-    if dst.device.type != "cuda":
+    if dst.device.type != "cuda" or t.device.type != "cpu":
         return dst.copy_(t)
     return dst.copy_(t.pin_memory(), non_blocking=True)

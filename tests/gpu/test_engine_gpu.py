@@ -402,3 +402,6 @@ def test_host_to_device_copies_do_not_wait_for_the_gpu():
     assert host_s < 0.1 * start.elapsed_time(done) / 1e3
     assert a.tolist() == list(range(5)) and b.tolist() == [0.5, 1.5]
     assert buffer.tolist() == [1, 2, 3, 4] and slots.buffer[:3].tolist() == [0, -1, 1]
+    on_gpu = torch.arange(3, device="cuda")   # already on the device: nothing to pin
+    assert to_device(on_gpu, "cuda").tolist() == [0, 1, 2]
+    assert copy_to(buffer[:3], on_gpu).tolist() == [0, 1, 2]
