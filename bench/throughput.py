@@ -396,6 +396,22 @@ def print_step_breakdown(breakdown: dict) -> None:
     print("step timeline:", json.dumps(breakdown["total"]), flush=True)
 
 
+def sampling_overrides() -> dict:
+    """BENCH_SAMPLING (JSON): SamplingParams fields over the greedy defaults, the same for
+    every engine's timed rows, e.g. '{"temperature": 0.8, "top_p": 0.95,
+    "repetition_penalty": 1.1}' for a job that samples (engines seeded with 0). Rows record
+    it as ``sampling``."""
+    text = os.environ.get("BENCH_SAMPLING", "")
+    try:
+        value = json.loads(text) if text else {}
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"BENCH_SAMPLING={text!r} is not JSON ({e}); give SamplingParams "
+                         'fields, e.g. {"temperature": 0.8}') from None
+    if not isinstance(value, dict):
+        raise SystemExit(f"BENCH_SAMPLING={text!r}: give a JSON object of SamplingParams fields")
+    return value
+
+
 def run_hpcinfer(ckpt: Path, requests, max_num_seqs: int, profile_dir: Path | None,
                  workload: str = "", llm_kwargs: dict | None = None,
                  device: str = "cuda", max_num_batched_tokens: int = 8192,
@@ -433,7 +449,8 @@ def run_hpcinfer(ckpt: Path, requests, max_num_seqs: int, profile_dir: Path | No
     prompts = [TokensPrompt(prompt_token_ids=p) for p, _ in requests]
     # min_tokens stays 0: with ignore_eos and no stop tokens it would ban nothing, and
     # min_tokens > 0 keeps a row off the sampler's plain-greedy path (module docstring).
-    params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True, detokenize=False)
+    params = [SamplingParams(**{**dict(temperature=0, max_tokens=o, ignore_eos=True,
+                                       detokenize=False), **sampling_overrides()})
               for _, o in requests]
     # Warm-up: Triton compiles the prefill kernels for the argument specialisations a run
     # meets (mixed prefill + decode steps included); graphs were captured at start-up.
@@ -542,8 +559,9 @@ def run_vllm(ckpt: Path, requests, warm_requests, reps: int = 1,
     print(f"vllm start-up (LLM constructor): {startup_s:.1f} s", flush=True)
 
     def params(n: int):
-        return SamplingParams(temperature=0, max_tokens=n, min_tokens=n, ignore_eos=True,
-                              detokenize=False)
+        return SamplingParams(**{**dict(temperature=0, max_tokens=n, min_tokens=n,
+                                        ignore_eos=True, detokenize=False),
+                                 **sampling_overrides()})
 
     prompts = [TokensPrompt(prompt_token_ids=p) for p, _ in requests]
     sampling = [params(o) for _, o in requests]
@@ -975,7 +993,9 @@ def main() -> None:
                     "load_format": load_format,
                     "num_layers": shape["num_hidden_layers"],
                     "num_prompts": len(requests), "label": args.label,
-                    "bound_output_tok_s": bound}
+                    "bound_output_tok_s": bound,
+                    # (transformers stays greedy: BENCH_SAMPLING is for hpcinfer and vLLM)
+                    "sampling": sampling_overrides() or None}
             result_file = Path(tempfile.mkstemp(suffix=".json")[1])
             cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", engine,
                    "--workload", workload, "--ckpt", str(ckpt), "--result-file",
