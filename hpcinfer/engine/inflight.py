@@ -21,10 +21,16 @@ scheduled for step N+1: that one row is wasted and its token dropped. A sequence
 *length* ends it at step N (max_tokens, max_model_len) is known in advance and gets no
 placeholder, so the scheduler skips it (nothing to compute) and no row is wasted.
 
-Only requests whose sampling is the same whatever else shares the batch run async: greedy
-or seeded, no logprobs or prompt logprobs (read back a step later than asked), no penalties
-(they read the previous outputs, which would still be placeholders). Other requests make the
-engine run synchronous steps while they are live (``async_safe``).
+Requests run async unless they need the last token read back first: logprobs or prompt
+logprobs (read back a step later than asked), penalties (they read the previous outputs,
+which would still be placeholders). Other requests make the engine run synchronous steps
+while they are live (``async_safe``). Greedy and seeded rows give exactly the synchronous
+outputs. Unseeded random rows draw from the engine's generator in batch order, as in a
+synchronous step, but a wasted row takes its draws too, so their samples differ from a
+synchronous engine's (run to run they are the same for the same seed and inputs): unseeded
+samples depend on what shares the batch either way, which is why they do not wait for the
+rows they share it with (until 2026-12-04 they made every step synchronous, the common
+temperature > 0 job included).
 """
 from __future__ import annotations
 
@@ -39,8 +45,7 @@ from hpcinfer.engine.sequence import Sequence
 def async_safe(params: SamplingParams) -> bool:
     """True if a sequence's tokens do not depend on reading the last one back first."""
     return (params.logprobs is None and params.prompt_logprobs is None
-            and not params.reads_output_tokens
-            and (params.is_greedy or params.seed is not None))
+            and not params.reads_output_tokens)
 
 
 @dataclass

@@ -1,4 +1,6 @@
-"""Async scheduling (hpcinfer/engine/inflight.py) gives exactly the synchronous outputs.
+"""Async scheduling (hpcinfer/engine/inflight.py) gives exactly the synchronous outputs
+(greedy and seeded rows; unseeded samples are reproducible run to run, not equal to a
+synchronous engine's: inflight.py says why).
 
 Tokens, text, finish and stop reasons are compared request by request between an engine
 with ``async_scheduling=False`` and one with it on, for stop strings, stop token ids, EOS,
@@ -107,6 +109,25 @@ def test_logprobs_request_runs_synchronous_steps_with_the_same_outputs(checkpoin
     # Once only async-safe requests are live, steps go async again.
     again, _, patched = _run(path, prompts, params[:1] * 3, True)
     assert patched > 0 and again[0] == want[0]
+
+
+def test_unseeded_sampling_runs_async_steps_reproducibly(checkpoint, make_prompts):
+    """Unseeded temperature rows no longer hold the engine in synchronous steps: they run
+    async, mixed with greedy rows (whose tokens stay the synchronous ones), end by their
+    stops as before, and the same engine seed gives the same samples run to run."""
+    path = checkpoint(FAMILY)
+    prompts = make_prompts((5, 30, 12, 7))
+    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=0.9, top_p=0.9, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=1.0, max_tokens=9, ignore_eos=True, n=2),
+              SamplingParams(temperature=0.7, min_p=0.05, max_tokens=1, ignore_eos=True)]
+    want, _, _ = _run(path, prompts, params, False)
+    got, engine, patched = _run(path, prompts, params, True)
+    again, _, _ = _run(path, prompts, params, True)
+    assert patched > 5 and engine._num_sync_only == 0
+    assert got == again                       # same seed, same inputs: same samples
+    assert got[0] == want[0]                  # greedy rows unchanged
+    assert [[len(c[0]) for c in r] for r in got] == [[12], [12], [9, 9], [1]]
 
 
 def test_abort_while_a_token_is_in_flight(checkpoint, make_prompts):
