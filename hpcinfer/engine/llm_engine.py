@@ -356,7 +356,8 @@ class LLMEngine:
                 outputs = self._resolve_inflight(final_only) if pending is not None else []
                 mask = self._grammar_mask(batch.sample_seqs)
             tokens = self.sampler.sample_tokens(logits, batch.sample_seqs, self.eos_token_ids,
-                                                mask, all_plain=not self._num_not_plain)
+                                                mask, all_plain=not self._num_not_plain,
+                                                pending=pending)
             launched = InFlight.launch(batch.sample_seqs, tokens, self._pinned)
         t3 = time.perf_counter()
         if outputs is None:

@@ -124,9 +124,10 @@ class SamplingParams:
 
     @property
     def reads_output_tokens(self) -> bool:
-        """Whether the logits depend on the tokens generated so far (penalties, bad words
-        longer than one token): such rows cannot run a step ahead (engine/inflight.py)."""
-        return self.has_penalties or any(len(w) > 1 for w in self.bad_words_token_ids)
+        """Whether the logits depend on the host reading the tokens generated so far (bad
+        words longer than one token): such rows cannot run a step ahead (engine/inflight.py;
+        penalties count a token still in flight on the device, sampler.py)."""
+        return any(len(w) > 1 for w in self.bad_words_token_ids)
 
     @property
     def num_samples(self) -> int:

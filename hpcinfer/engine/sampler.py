@@ -62,14 +62,17 @@ class Sampler:
 
     def sample_tokens(self, logits: torch.Tensor, seqs: list[Sequence],
                       eos_token_ids: frozenset[int], grammar_mask=None,
-                      all_plain: bool = False) -> torch.Tensor:
+                      all_plain: bool = False, pending=None) -> torch.Tensor:
         """Tokens only, left on the device: [num_rows] int64 (async scheduling, inflight.py).
-        The same computation as __call__ for rows without logprobs or penalties."""
+        The same computation as __call__ for rows without logprobs. ``pending``: the step in
+        flight (inflight.InFlight), whose tokens the penalties count on the device for rows
+        that still hold its placeholder."""
         if grammar_mask is None and (all_plain or all(_plain_greedy(s) for s in seqs)):
             return logits.argmax(dim=-1)
         logits = (self._masked(logits, grammar_mask) if grammar_mask is not None
                   else logits.float().clone())
         apply_logits_edits(logits, seqs, eos_token_ids)
+        apply_penalties_to_rows(logits, seqs, pending)
         return self._sample(logits, seqs)
 
     @staticmethod
@@ -220,14 +223,19 @@ def apply_min_tokens(logits: torch.Tensor, seqs: list[Sequence],
         _scatter(logits, banned, float("-inf"))
 
 
-def apply_penalties_to_rows(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+def apply_penalties_to_rows(logits: torch.Tensor, seqs: list[Sequence], pending=None) -> None:
     """vLLM's presence/frequency/repetition penalties on the rows that ask for them, in place.
 
     Every row's prompt and output token ids go to the device in one pinned copy and fill the
     prompt mask and output counts with two scatters, whatever the number of rows (per row,
     two pageable copies and a bincount made 256 penalised rows ~1,000 launches and 512 waits
     for the GPU a step: layers/transfer.py). Ids outside the logits (a tokenizer's added
-    tokens past the model's vocabulary) cannot be sampled and are left out."""
+    tokens past the model's vocabulary) cannot be sampled and are left out.
+
+    Under async scheduling a row's last output may still be a placeholder (the step in
+    flight, ``pending``, has its token on the device): the host ids leave it out and the
+    device adds that token from ``pending.tokens``, so the counts are exact without waiting
+    for the token."""
     rows = [i for i, s in enumerate(seqs) if s.params.has_penalties]
     if not rows:
         return
@@ -241,7 +249,7 @@ def apply_penalties_to_rows(logits: torch.Tensor, seqs: list[Sequence]) -> None:
     pieces = [n for pair in zip(prompt_lens, out_lens) for n in pair]
     which = np.repeat(np.arange(2 * len(rows)) // 2, pieces)
     is_output = np.repeat(np.arange(2 * len(rows)) % 2, pieces)
-    keep = ids < vocab
+    keep = (ids >= 0) & (ids < vocab)   # (PLACEHOLDER_TOKEN is -1)
     host = np.stack([which[keep], ids[keep], is_output[keep]])
     which_d, ids_d, is_output_d = to_device(host, device).unbind(0)
     is_output_d = is_output_d == 1
@@ -252,6 +260,13 @@ def apply_penalties_to_rows(logits: torch.Tensor, seqs: list[Sequence]) -> None:
     out_which, out_ids = which_d[is_output_d], ids_d[is_output_d]
     output_counts.index_put_((out_which, out_ids), torch.ones_like(out_ids, dtype=torch.int32),
                              accumulate=True)
+    in_flight = [(j, pending.index[id(s)]) for j, s in enumerate(chosen)
+                 if s.has_placeholder] if pending is not None else []
+    if in_flight:
+        index = to_device([[j for j, _ in in_flight], [k for _, k in in_flight]], device)
+        tokens = pending.tokens[index[1]]
+        output_counts.index_put_((index[0], tokens), torch.ones_like(tokens, dtype=torch.int32),
+                                 accumulate=True)
     factors = to_device([[s.params.presence_penalty, s.params.frequency_penalty,
                           s.params.repetition_penalty] for s in chosen], device, torch.float32)
     index = to_device(rows, device)

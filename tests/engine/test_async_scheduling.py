@@ -59,12 +59,14 @@ def _params_with_stops(llm_outputs, tokenizer):
     text3 = tokenizer.decode(base[3][:12])
     stop_string = text3[len(tokenizer.decode(base[3][:6])):][:3]
     return [
-        SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+        # penalties count the token still in flight on the device (sampler.py)
+        SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, repetition_penalty=1.3,
+                       frequency_penalty=0.2, presence_penalty=0.1),
         SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop_token_ids=[base[1][5]]),
         SamplingParams(temperature=0, max_tokens=1, ignore_eos=True),
         SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop=[stop_string]),
         SamplingParams(temperature=0, max_tokens=7, ignore_eos=True, n=2),
-        SamplingParams(temperature=0.9, seed=3, max_tokens=12, n=2),
+        SamplingParams(temperature=0.9, seed=3, max_tokens=12, n=2, repetition_penalty=1.2),
         SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, min_tokens=4,
                        stop_token_ids=[base[6][1]]),
         SamplingParams(temperature=0, max_tokens=20),   # EOS (set below) ends it
