@@ -449,8 +449,9 @@ def run_hpcinfer(ckpt: Path, requests, max_num_seqs: int, profile_dir: Path | No
     prompts = [TokensPrompt(prompt_token_ids=p) for p, _ in requests]
     # min_tokens stays 0: with ignore_eos and no stop tokens it would ban nothing, and
     # min_tokens > 0 keeps a row off the sampler's plain-greedy path (module docstring).
+    overrides = sampling_overrides()
     params = [SamplingParams(**{**dict(temperature=0, max_tokens=o, ignore_eos=True,
-                                       detokenize=False), **sampling_overrides()})
+                                       detokenize=False), **overrides})
               for _, o in requests]
     # Warm-up: Triton compiles the prefill kernels for the argument specialisations a run
     # meets (mixed prefill + decode steps included); graphs were captured at start-up.
@@ -558,10 +559,11 @@ def run_vllm(ckpt: Path, requests, warm_requests, reps: int = 1,
     startup_s = time.perf_counter() - t0
     print(f"vllm start-up (LLM constructor): {startup_s:.1f} s", flush=True)
 
+    overrides = sampling_overrides()
+
     def params(n: int):
         return SamplingParams(**{**dict(temperature=0, max_tokens=n, min_tokens=n,
-                                        ignore_eos=True, detokenize=False),
-                                 **sampling_overrides()})
+                                        ignore_eos=True, detokenize=False), **overrides})
 
     prompts = [TokensPrompt(prompt_token_ids=p) for p, _ in requests]
     sampling = [params(o) for _, o in requests]

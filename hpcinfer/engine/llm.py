@@ -18,7 +18,7 @@ from hpcinfer.engine.config import EngineConfig
 from hpcinfer.engine.llm_engine import LLMEngine
 from hpcinfer.engine.outputs import RequestOutput
 from hpcinfer.engine.params import RequestOutputKind, SamplingParams
-from hpcinfer.lora.manager import check_lora_request, lora_requests_per_prompt
+from hpcinfer.lora.manager import check_prompt_lora, lora_requests_per_prompt
 
 log = logging.getLogger(__name__)
 
@@ -174,10 +174,7 @@ class LLM:
         # lora_request: one for all prompts or one (or None) per prompt, as generate() takes
         loras = lora_requests_per_prompt(lora_request, len(prompts))
         for i, lora in enumerate(loras):
-            try:
-                check_lora_request(self.llm_engine.lora, lora, str(i))
-            except ValueError as e:
-                raise ValueError(f"prompt {i}: {e}") from None
+            check_prompt_lora(self.llm_engine.lora, lora, i)
         step = concurrency_limit or max(len(prompts), 1)
         return [out for i in range(0, len(prompts), step)
                 for out in beam_search(self.llm_engine, prompts[i:i + step], params,
@@ -246,12 +243,9 @@ class LLM:
         request_ids: list[str] = []
 
         def check(i: int, error: ValueError | None) -> None:
-            try:
-                if error is not None:
-                    raise error
-                check_lora_request(engine.lora, loras[i], str(i))
-            except ValueError as e:
-                raise ValueError(f"prompt {i}: {e}") from None
+            if error is not None:
+                raise ValueError(f"prompt {i}: {error}") from None
+            check_prompt_lora(engine.lora, loras[i], i)
 
         def add(i: int, prompt) -> None:
             request_id = str(self._next_request)

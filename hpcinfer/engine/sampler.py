@@ -172,11 +172,10 @@ def apply_logits_edits(logits: torch.Tensor, seqs: list[Sequence],
     allowed = [(i, t) for i, s in enumerate(seqs) if s.params.allowed_token_ids
                for t in s.params.allowed_token_ids]
     if allowed:
-        rows = sorted({i for i, _ in allowed})
         keep = torch.zeros_like(logits, dtype=torch.bool)
         _scatter(keep, allowed, True)
-        restricted = torch.zeros(logits.shape[0], 1, dtype=torch.bool, device=logits.device)
-        restricted[to_device(rows, logits.device)] = True
+        restricted = to_device([[bool(s.params.allowed_token_ids)] for s in seqs],
+                               logits.device)
         logits.masked_fill_(restricted & ~keep, float("-inf"))
     for i, seq in enumerate(seqs):
         if seq.params.bad_words_token_ids:

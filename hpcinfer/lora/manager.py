@@ -152,6 +152,15 @@ def check_lora_request(manager: LoRAManager | None, lora_request, request_id: st
     return lora_request
 
 
+def check_prompt_lora(manager: LoRAManager | None, lora_request, index: int):
+    """check_lora_request for the index-th prompt of a generate()/beam_search() call: the
+    error names the prompt."""
+    try:
+        return check_lora_request(manager, lora_request, str(index))
+    except ValueError as e:
+        raise ValueError(f"prompt {index}: {e}") from None
+
+
 def lora_requests_per_prompt(lora_request, num_prompts: int) -> list:
     """generate()/chat()'s lora_request: one for all prompts, or a list with one per prompt."""
     if lora_request is None or isinstance(lora_request, LoRARequest):
