@@ -126,7 +126,7 @@ class SamplingParams:
     def reads_output_tokens(self) -> bool:
         """Whether the logits depend on the host reading the tokens generated so far (bad
         words longer than one token): such rows cannot run a step ahead (engine/inflight.py;
-        penalties count a token still in flight on the device, sampler.py)."""
+        penalties count a token still in flight on the device, penalties.py)."""
         return any(len(w) > 1 for w in self.bad_words_token_ids)
 
     @property

@@ -10,13 +10,12 @@ request draws the same numbers whatever else shares the batch.
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from hpcinfer.engine.outputs import Logprob
+from hpcinfer.engine.penalties import PenaltyState
 from hpcinfer.engine.sequence import Sequence
 from hpcinfer.layers.transfer import to_device
 
@@ -34,6 +33,7 @@ class Sampler:
         self.device = device
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
+        self.penalties: PenaltyState | None = None   # made at the first penalised row
 
     def make_generator(self, seed: int) -> torch.Generator:
         generator = torch.Generator(device=self.device)
@@ -56,7 +56,7 @@ class Sampler:
                         if want_logprobs else None)
         logits = logits.clone()
         apply_logits_edits(logits, seqs, eos_token_ids)
-        apply_penalties_to_rows(logits, seqs)
+        self._apply_penalties(logits, seqs)
         token_ids = self._sample(logits, seqs)
         return self._gather_logprobs(token_ids, raw_logprobs, want_logprobs, seqs)
 
@@ -72,8 +72,15 @@ class Sampler:
         logits = (self._masked(logits, grammar_mask) if grammar_mask is not None
                   else logits.float().clone())
         apply_logits_edits(logits, seqs, eos_token_ids)
-        apply_penalties_to_rows(logits, seqs, pending)
+        self._apply_penalties(logits, seqs, pending)
         return self._sample(logits, seqs)
+
+    def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence], pending=None) -> None:
+        if not any(s.params.has_penalties for s in seqs):
+            return
+        if self.penalties is None:
+            self.penalties = PenaltyState(logits.shape[1], logits.device)
+        apply_penalties_to_rows(logits, seqs, pending, self.penalties)
 
     @staticmethod
     def _masked(logits: torch.Tensor, grammar_mask) -> torch.Tensor:
@@ -222,54 +229,32 @@ def apply_min_tokens(logits: torch.Tensor, seqs: list[Sequence],
         _scatter(logits, banned, float("-inf"))
 
 
-def apply_penalties_to_rows(logits: torch.Tensor, seqs: list[Sequence], pending=None) -> None:
+def apply_penalties_to_rows(logits: torch.Tensor, seqs: list[Sequence], pending=None,
+                            state: PenaltyState | None = None) -> None:
     """vLLM's presence/frequency/repetition penalties on the rows that ask for them, in place.
 
-    Every row's prompt and output token ids go to the device in one pinned copy and fill the
-    prompt mask and output counts with two scatters, whatever the number of rows (per row,
-    two pageable copies and a bincount made 256 penalised rows ~1,000 launches and 512 waits
-    for the GPU a step: layers/transfer.py). Ids outside the logits (a tokenizer's added
-    tokens past the model's vocabulary) cannot be sampled and are left out.
+    ``state`` (engine/penalties.py) keeps each sequence's prompt mask and output counts on
+    the device from call to call and adds only the tokens new since the last one; without
+    one, a fresh state builds every row from its ids. Ids outside the logits (a tokenizer's
+    added tokens past the model's vocabulary) cannot be sampled and are left out.
 
     Under async scheduling a row's last output may still be a placeholder (the step in
-    flight, ``pending``, has its token on the device): the host ids leave it out and the
-    device adds that token from ``pending.tokens``, so the counts are exact without waiting
-    for the token."""
+    flight, ``pending``, has its token on the device): the state counts that token from
+    ``pending.tokens``, so the counts are exact without waiting for the token."""
     rows = [i for i, s in enumerate(seqs) if s.params.has_penalties]
     if not rows:
         return
     vocab, device = logits.shape[1], logits.device
+    state = PenaltyState(vocab, device) if state is None else state
+    assert state.vocab_size == vocab, (state.vocab_size, vocab)
     chosen = [seqs[i] for i in rows]
-    prompt_lens = [s.num_prompt_tokens for s in chosen]
-    out_lens = [len(s.token_ids) - s.num_prompt_tokens for s in chosen]
-    ids = np.fromiter(itertools.chain.from_iterable(s.token_ids for s in chosen), np.int64,
-                      sum(prompt_lens) + sum(out_lens))
-    # the ids run prompt 0, output 0, prompt 1, output 1, ...: each piece's row and kind
-    pieces = [n for pair in zip(prompt_lens, out_lens) for n in pair]
-    which = np.repeat(np.arange(2 * len(rows)) // 2, pieces)
-    is_output = np.repeat(np.arange(2 * len(rows)) % 2, pieces)
-    keep = (ids >= 0) & (ids < vocab)   # (PLACEHOLDER_TOKEN is -1)
-    host = np.stack([which[keep], ids[keep], is_output[keep]])
-    which_d, ids_d, is_output_d = to_device(host, device).unbind(0)
-    is_output_d = is_output_d == 1
-    prompt_mask = torch.zeros(len(rows), vocab, dtype=torch.bool, device=device)
-    prompt_mask[which_d[~is_output_d], ids_d[~is_output_d]] = True
-    # int32 counts: [rows, vocab] is 128 MiB for 256 rows of Llama 3's vocabulary
-    output_counts = torch.zeros(len(rows), vocab, dtype=torch.int32, device=device)
-    out_which, out_ids = which_d[is_output_d], ids_d[is_output_d]
-    output_counts.index_put_((out_which, out_ids), torch.ones_like(out_ids, dtype=torch.int32),
-                             accumulate=True)
-    in_flight = [(j, pending.index[id(s)]) for j, s in enumerate(chosen)
-                 if s.has_placeholder] if pending is not None else []
-    if in_flight:
-        index = to_device([[j for j, _ in in_flight], [k for _, k in in_flight]], device)
-        tokens = pending.tokens[index[1]]
-        output_counts.index_put_((index[0], tokens), torch.ones_like(tokens, dtype=torch.int32),
-                                 accumulate=True)
+    slots = state.update(chosen, pending)
     factors = to_device([[s.params.presence_penalty, s.params.frequency_penalty,
                           s.params.repetition_penalty] for s in chosen], device, torch.float32)
     index = to_device(rows, device)
-    logits[index] = apply_penalties(logits[index], prompt_mask, output_counts,
+    # (the gathered rows are temporaries of the size the whole rebuild allocated before)
+    logits[index] = apply_penalties(logits[index], state.prompt_mask[slots],
+                                    state.output_counts[slots],
                                     factors[:, 0], factors[:, 1], factors[:, 2])
 
 

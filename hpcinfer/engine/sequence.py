@@ -7,6 +7,7 @@ the finish fields. The runner only reads.
 from __future__ import annotations
 
 import enum
+import itertools
 
 from hpcinfer.engine.params import SamplingParams
 
@@ -22,8 +23,14 @@ class SequenceStatus(enum.Enum):
 
 
 class Sequence:
+    # seq_id: unique in the process for the life of the process (nano-vllm's counter). The
+    # sampler's penalty state (engine/penalties.py) keys rows by it: a request id can be used
+    # again once its request has finished, and id() again once the object is freed.
+    counter = itertools.count()
+
     def __init__(self, request_id: str, index: int, prompt_token_ids: list[int],
                  params: SamplingParams, arrival_order: int = 0):
+        self.seq_id = next(Sequence.counter)
         self.request_id = request_id
         self.index = index                       # which of the request's n completions
         self.arrival_order = arrival_order
