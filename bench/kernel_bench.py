@@ -56,7 +56,7 @@ def main() -> None:
                                bench_elementwise, sweep_decode, sweep_prefill, bench_decode_mix,
                                bench_decode_shared, sweep_decode_shared, bench_moe, sweep_moe,
                                bench_quant_gemm, sweep_w4a16,
-                               bench_lora, sweep_lora_tiles)
+                               bench_lora, sweep_lora_tiles, bench_lora_parts)
                    if f.__name__.removeprefix("bench_").removeprefix("sweep_") in wanted
                    or f.__name__ in wanted]
     for bench in benches:
@@ -473,6 +473,52 @@ def sweep_lora_tiles(dtypes):
                                    torch.bfloat16, ms, num_bytes, config=cfg, rel_err=err)
                 finally:
                     setattr(mod, config_name, default)
+
+
+def bench_lora_parts(dtypes):
+    """Where a decode step's LoRA time goes (``--only lora_parts``), per 1B projection at 64
+    and 256 rows, every time a CUDA-graph replay: the shrink + expand pair with rows
+    interleaved over 4 adapters (as bench/lora.py spreads them) and with rows grouped by
+    adapter; the shrink alone; the expand alone (from the shrink's split-K partials, and
+    from one pre-summed partial); both with num_stages=1; two trivial launches (the floor of
+    any pair); the base GEMM. graph_ms is the timed column (``ms``)."""
+    from hpcinfer.kernels import lora as mod
+    for k, pieces, name in LORA_SHAPES[:4]:
+        n = sum(pieces)
+        for m in (64, 256):
+            x, a, b, slots, bounds = _lora_problem(k, pieces, m)
+            grouped = slots.sort().values
+            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5
+            y = torch.zeros(m, n, device="cuda", dtype=torch.bfloat16)
+            parts = mod.lora_shrink_partials(x, a, slots)
+            summed = parts.sum(0, keepdim=True)
+            tiny = torch.zeros(8, device="cuda")
+            shape = f"{m} tok, {name} K{k} N{n}, 4x r16"
+            variants = {
+                "pair interleaved": lambda: mod.lora_expand(
+                    y, mod.lora_shrink_partials(x, a, slots), b, slots, bounds),
+                "pair grouped by adapter": lambda: mod.lora_expand(
+                    y, mod.lora_shrink_partials(x, a, grouped), b, grouped, bounds),
+                "shrink alone": lambda: mod.lora_shrink_partials(x, a, slots),
+                f"expand alone ({parts.shape[0]} partials)": lambda: mod.lora_expand(
+                    y, parts, b, slots, bounds),
+                "expand alone (1 partial)": lambda: mod.lora_expand(y, summed, b, slots, bounds),
+                "two trivial launches": lambda: (tiny.add_(1), tiny.add_(1)),
+                "base GEMM (F.linear)": lambda: F.linear(x, w),
+            }
+            for label, fn in variants.items():
+                yield _row("lora_parts", f"{shape}: {label}", torch.bfloat16,
+                           time_ms(_captured(fn)))
+            shrink_cfg, expand_cfg = mod._shrink_config, mod._expand_config
+            try:
+                mod._shrink_config = lambda *args: dict(shrink_cfg(*args), num_stages=1)
+                mod._expand_config = lambda *args: dict(expand_cfg(*args), num_stages=1)
+                yield _row("lora_parts", f"{shape}: pair interleaved, num_stages=1",
+                           torch.bfloat16, time_ms(_captured(variants["pair interleaved"])))
+            except Exception as e:   # a config may not compile: record, go on
+                log.warning("lora_parts num_stages=1 failed: %s", str(e).splitlines()[0][:200])
+            finally:
+                mod._shrink_config, mod._expand_config = shrink_cfg, expand_cfg
 
 
 # (K, N, model) of the merged q/k/v, o, gate/up and down projections of Llama-3.1-8B and -70B
