@@ -107,9 +107,10 @@ class Sampler:
         if any(p.min_p > 0 for p in params):
             sub = apply_min_p(sub, to_device([p.min_p for p in params], dev, torch.float32))
         if any(p.top_k > 0 for p in params) or any(p.top_p < 1 for p in params):
-            top_k = to_device([p.top_k or self.vocab_size for p in params], dev, torch.int64)
+            ks = [p.top_k or self.vocab_size for p in params]
+            top_k = to_device(ks, dev, torch.int64)
             top_p = to_device([p.top_p for p in params], dev, torch.float32)
-            sub = apply_top_k_top_p(sub, top_k, top_p)
+            sub = apply_top_k_top_p(sub, top_k, top_p, max_k=max(ks))
         probs = torch.softmax(sub, dim=-1)
         noise = self._exponential_noise(probs, [seqs[i] for i in random_rows])
         tokens[rows] = (probs / noise).argmax(dim=-1)
@@ -282,16 +283,42 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
-def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor,
-                      top_p: torch.Tensor) -> torch.Tensor:
+# A top_k up to this many (every sampled row of the step having one) takes the candidates
+# path: torch.topk of the rows' largest top_k instead of sorting the whole vocabulary.
+MAX_TOP_K_CANDIDATES = 1024
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                      max_k: int | None = None) -> torch.Tensor:
     """Keep each row's top_k logits, then the smallest set whose probability >= top_p (the
-    most likely token always survives). top_k: [B] (vocab = off); top_p: [B] (1 = off)."""
-    sorted_logits, order = logits.sort(dim=-1, descending=False)
+    most likely token always survives). top_k: [B] (vocab = off); top_p: [B] (1 = off).
+
+    ``max_k`` (host int): the largest top_k of the rows. When it is at most
+    MAX_TOP_K_CANDIDATES, only each row's ``max_k`` largest logits are sorted (torch.topk)
+    and filtered, by the same steps as the whole row: every other logit is below each row's
+    k-th, so dropped by top_k anyway. Generation configs set top_k (Qwen2.5 and Qwen3: 20,
+    with top_p), and sorting 150k logits a row each step is most of a sampled step. The one
+    difference: a logit outside the candidates equal to a row's k-th (a tie at the boundary)
+    is kept by the full sort and dropped here; which of tied logits survive top_p was
+    already the sort's arbitrary order."""
     vocab = logits.shape[-1]
-    kth = sorted_logits.gather(1, (vocab - top_k.clamp(1, vocab)).long()[:, None])
+    if max_k is not None and max_k <= min(MAX_TOP_K_CANDIDATES, vocab - 1):
+        values, index = logits.topk(max_k, dim=-1)    # descending
+        kept = _top_k_top_p_sorted(values.flip(-1), top_k, top_p)
+        return torch.full_like(logits, float("-inf")).scatter_(1, index.flip(-1), kept)
+    sorted_logits, order = logits.sort(dim=-1, descending=False)
+    kept = _top_k_top_p_sorted(sorted_logits, top_k, top_p)
+    return torch.empty_like(logits).scatter_(1, order, kept)
+
+
+def _top_k_top_p_sorted(sorted_logits: torch.Tensor, top_k: torch.Tensor,
+                        top_p: torch.Tensor) -> torch.Tensor:
+    """The filter on rows sorted ascending (the whole vocabulary or a row's largest
+    candidates): -inf for what top_k, then top_p, drop."""
+    width = sorted_logits.shape[-1]
+    kth = sorted_logits.gather(1, (width - top_k.clamp(1, width)).long()[:, None])
     sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
     cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
     drop = cumulative <= (1 - top_p[:, None])
     drop[:, -1] = False
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+    return sorted_logits.masked_fill(drop, float("-inf"))

@@ -155,6 +155,50 @@ def test_min_p_and_top_k_top_p_masks():
     assert (tiny_p > -math.inf).sum() == 1    # the top token always survives
 
 
+def test_top_k_candidates_filter_as_the_whole_sorted_row(monkeypatch):
+    # Rows with a top_k (here up to 40, some with top_p too, some without) sort only their
+    # largest max_k logits (torch.topk): the same kept logits as sorting all 500, and no
+    # full sort at all (the candidates path would otherwise be a no-op).
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(64, 500, generator=gen) * 3
+    top_k = torch.randint(1, 41, (64,), generator=gen)
+    top_p = torch.where(torch.arange(64) % 3 == 0, torch.tensor(1.0),
+                        torch.rand(64, generator=gen) * 0.9 + 0.05)
+    whole = apply_top_k_top_p(logits, top_k, top_p)
+    sort = torch.Tensor.sort
+
+    def no_sort(*args, **kwargs):
+        raise AssertionError("the candidates path sorted the whole row")
+    monkeypatch.setattr(torch.Tensor, "sort", no_sort)
+    got = apply_top_k_top_p(logits, top_k, top_p, max_k=int(top_k.max()))
+    monkeypatch.setattr(torch.Tensor, "sort", sort)
+    assert torch.equal(got, whole)
+    assert ((got > -math.inf).sum(-1) <= top_k).all()
+    assert ((got > -math.inf).sum(-1)[top_p == 1] == top_k[top_p == 1]).all()
+    # rows without a top_k (max_k = vocab) or past MAX_TOP_K_CANDIDATES sort the whole row
+    from hpcinfer.engine import sampler as sampler_module
+    monkeypatch.setattr(sampler_module, "MAX_TOP_K_CANDIDATES", 8)
+    assert torch.equal(apply_top_k_top_p(logits, top_k, top_p, max_k=40), whole)
+
+
+def test_seeded_top_k_top_p_samples_as_with_the_whole_sort(monkeypatch):
+    # The candidates path changes which logits are sorted, not the noise: a seeded row
+    # draws the same tokens as with the whole vocabulary sorted (Qwen-style top_k=20 with
+    # top_p, the generation configs that made every step sort the vocabulary).
+    from hpcinfer.engine import sampler as sampler_module
+
+    def draw(max_candidates):
+        monkeypatch.setattr(sampler_module, "MAX_TOP_K_CANDIDATES", max_candidates)
+        sampler = Sampler(300, torch.device("cpu"), seed=7)
+        gen = torch.Generator().manual_seed(11)
+        seqs = [seq_with(SamplingParams(temperature=0.7, top_k=20, top_p=0.8, seed=i),
+                         sampler=sampler) for i in range(6)]
+        seqs += [seq_with(SamplingParams(temperature=1.0, top_k=5), sampler=sampler)]
+        return [sampler(torch.randn(7, 300, generator=gen) * 2, seqs, frozenset()).token_ids
+                for _ in range(20)]
+    assert draw(1024) == draw(0)
+
+
 def expected_distribution(params: SamplingParams) -> torch.Tensor:
     logits = LOGITS / params.temperature
     probs = torch.softmax(logits, -1)
