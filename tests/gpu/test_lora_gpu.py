@@ -124,6 +124,7 @@ def test_shrink_reducing_its_own_splits_equals_the_split_partials(monkeypatch, n
     x, _, _, slots = _kernel_case(num_tokens, k, n, rank, torch.bfloat16)
     a = _stacked_a(p * rank, k, torch.bfloat16, seed=1)
     slots[num_tokens * 3 // 4:] = -1
+    slots[0] = 2    # at least one row with an adapter (the 1-row case)
     split_parts = lora.lora_shrink_partials(x, a, slots)
     want = split_parts[0].clone()
     for sp in range(1, split_parts.shape[0]):
