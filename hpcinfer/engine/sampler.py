@@ -253,10 +253,22 @@ def apply_penalties_to_rows(logits: torch.Tensor, seqs: list[Sequence], pending=
     factors = to_device([[s.params.presence_penalty, s.params.frequency_penalty,
                           s.params.repetition_penalty] for s in chosen], device, torch.float32)
     index = to_device(rows, device)
-    # (the gathered rows are temporaries of the size the whole rebuild allocated before)
+    if _penalties_in_one_pass(logits):
+        # one pass over the rows' logits, counts and mask (kernels/penalties.py); the torch
+        # ops below make ~12 passes and gather the state's rows first
+        from hpcinfer.kernels.penalties import apply_penalties_
+        apply_penalties_(logits, index, slots, state.output_counts, state.prompt_mask,
+                         factors)
+        return
     logits[index] = apply_penalties(logits[index], state.prompt_mask[slots],
                                     state.output_counts[slots],
                                     factors[:, 0], factors[:, 1], factors[:, 2])
+
+
+def _penalties_in_one_pass(logits: torch.Tensor) -> bool:
+    # The Triton kernel on a GPU, the torch ops elsewhere (tests force the kernel under the
+    # interpreter through this function).
+    return logits.is_cuda
 
 
 def apply_penalties(logits: torch.Tensor, prompt_mask: torch.Tensor,

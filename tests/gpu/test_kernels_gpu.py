@@ -322,3 +322,27 @@ def test_triton_backend_mixed_step_per_layer_specs_bf16():
             expected = TorchRefAttentionBackend().forward(b.q, b.k, b.v, *caches[1], meta, spec,
                                                           layer_sinks)
             assert rel_err(got, expected) < MAX_REL_ERR[torch.bfloat16]
+
+
+def test_penalties_kernel_at_llama3_vocab_against_the_torch_penalties():
+    """kernels/penalties.py at 256 penalised rows of a 128,256 vocabulary (workload A's
+    sampled step), rows and state rows out of order, against the sampler's torch ops."""
+    from hpcinfer.engine.sampler import apply_penalties
+    from hpcinfer.kernels.penalties import apply_penalties_
+    g = torch.Generator(device="cuda").manual_seed(0)
+    vocab, n = 128_256, 256
+    logits = torch.randn(300, vocab, device="cuda", generator=g) * 4
+    counts = torch.randint(0, 5, (320, vocab), device="cuda", generator=g, dtype=torch.int32)
+    counts[counts < 4] = 0
+    prompt = torch.rand(320, vocab, device="cuda", generator=g) < 0.01
+    rows = torch.randperm(300, device="cuda", generator=g)[:n]
+    slots = torch.randperm(320, device="cuda", generator=g)[:n].to(torch.int32)
+    factors = torch.rand(n, 3, device="cuda", generator=g) * torch.tensor(
+        [2.0, 2.0, 1.5], device="cuda") + torch.tensor([-1.0, -1.0, 0.5], device="cuda")
+    want = logits.clone()
+    want[rows] = apply_penalties(logits[rows], prompt[slots.long()], counts[slots.long()],
+                                 factors[:, 0], factors[:, 1], factors[:, 2])
+    got = logits.clone()
+    apply_penalties_(got, rows, slots, counts, prompt, factors)
+    # (a fused multiply-add may round the frequency term differently in the last bit)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-6)
