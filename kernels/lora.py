@@ -192,12 +192,10 @@ def _shrink_config(num_tokens: int, k: int, num_slots: int, block_pr: int,
     # 64 in bf16); Triton keeps ~3 stages of them in shared memory, so fp32 tiles of the bf16
     # size asked for 280-360 KiB on the H200 (232 KiB there: OutOfResources, 2026-12-03)
     block_k = max(16, min(128, _pow2_floor(65536 // (num_slots * block_pr * elem_size))))
-    if num_tokens <= DECODE_ROWS:
-        # small row tiles and 8 K splits (each >= 256 of K): many programs for a few rows
-        return dict(BLOCK_M=16, BLOCK_K=block_k, SPLIT=shrink_split(num_tokens, k),
-                    num_warps=4)
-    return dict(BLOCK_M=_block_m(num_tokens), BLOCK_K=block_k,
-                SPLIT=shrink_split(num_tokens, k), num_warps=4)
+    # decode-sized: small row tiles and 8 K splits (shrink_split), many programs for few rows
+    block_m = 16 if num_tokens <= DECODE_ROWS else _block_m(num_tokens)
+    return dict(BLOCK_M=block_m, BLOCK_K=block_k, SPLIT=shrink_split(num_tokens, k),
+                num_warps=4)
 
 
 def _expand_config(num_tokens: int, n: int) -> dict:

@@ -26,12 +26,12 @@ logprobs (read back a step later than asked), bad words of several tokens (match
 the outputs on the host). Penalties run async: the sampler counts a row's token still in
 flight from ``pending`` on the device (engine/penalties.py). Other requests make the engine
 run synchronous steps while they are live (``async_safe``). Greedy and seeded rows give
-exactly the synchronous outputs. Unseeded random rows draw from the engine's generator in batch order, as in a
-synchronous step, but a wasted row takes its draws too, so their samples differ from a
-synchronous engine's (run to run they are the same for the same seed and inputs): unseeded
-samples depend on what shares the batch either way, which is why they do not wait for the
-rows they share it with (until 2026-12-04 they made every step synchronous, the common
-temperature > 0 job included).
+exactly the synchronous outputs. Unseeded random rows draw from the engine's generator in
+batch order, as in a synchronous step, but a wasted row takes its draws too, so their
+samples differ from a synchronous engine's (run to run they are the same for the same seed
+and inputs): unseeded samples depend on what shares the batch either way, which is why they
+do not wait for the rows they share it with (until 2026-12-04 they made every step
+synchronous, the common temperature > 0 job included).
 """
 from __future__ import annotations
 
