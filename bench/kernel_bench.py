@@ -480,10 +480,8 @@ def bench_lora_parts(dtypes):
     and 256 rows, every time a CUDA-graph replay: the shrink + expand pair with rows
     interleaved over 4 adapters (as bench/lora.py spreads them) and with rows grouped by
     adapter; the shrink alone; the expand alone (from the shrink's split-K partials, and
-    from one pre-summed partial); the pair and the shrink with kernels/lora.py REDUCE_SPLITS
-    (the shrink summing its own partials: experimental); both kernels with num_stages=1; two
-    trivial launches (the floor of any pair); the base GEMM. graph_ms is the timed column
-    (``ms``)."""
+    from one pre-summed partial); both with num_stages=1; two trivial launches (the floor of
+    any pair); the base GEMM. graph_ms is the timed column (``ms``)."""
     from hpcinfer.kernels import lora as mod
     for k, pieces, name in LORA_SHAPES[:4]:
         n = sum(pieces)
@@ -511,14 +509,6 @@ def bench_lora_parts(dtypes):
             for label, fn in variants.items():
                 yield _row("lora_parts", f"{shape}: {label}", torch.bfloat16,
                            time_ms(_captured(fn)))
-            saved, mod.REDUCE_SPLITS = mod.REDUCE_SPLITS, True
-            try:   # the experimental shrink that sums its own split-K partials
-                yield _row("lora_parts", f"{shape}: pair interleaved, shrink sums its splits",
-                           torch.bfloat16, time_ms(_captured(variants["pair interleaved"])))
-                yield _row("lora_parts", f"{shape}: shrink alone, summing its splits",
-                           torch.bfloat16, time_ms(_captured(variants["shrink alone"])))
-            finally:
-                mod.REDUCE_SPLITS = saved
             shrink_cfg, expand_cfg = mod._shrink_config, mod._expand_config
             try:
                 mod._shrink_config = lambda *args: dict(shrink_cfg(*args), num_stages=1)

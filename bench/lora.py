@@ -26,7 +26,6 @@ baseline). Not run on a GPU yet (docs/lora.md).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import gc
 import json
@@ -160,17 +159,6 @@ def timed_run(ckpt: Path, requests, spec: dict, device: str, adapters: list[Path
             "total_tok_s": (num_out + sum(len(p) for p, _ in requests)) / wall, **how}
 
 
-@contextlib.contextmanager
-def shrink_reduce(on: bool):
-    """kernels/lora.py REDUCE_SPLITS set to ``on`` for the engines made inside."""
-    from hpcinfer.kernels import lora
-    saved, lora.REDUCE_SPLITS = lora.REDUCE_SPLITS, on
-    try:
-        yield
-    finally:
-        lora.REDUCE_SPLITS = saved
-
-
 def _median_run(runs: list[dict]) -> dict:
     """The run with the median output tok/s, with every round's tok/s beside it."""
     ordered = sorted(runs, key=lambda r: r["output_tok_s"])
@@ -192,10 +180,6 @@ def main() -> None:
                              "LoRA, then LoRA, no LoRA, ...): a later engine in a process ran "
                              "up to 11%% faster on the H200 (2026-12-03), which favoured the "
                              "second; the medians over rounds are reported")
-    parser.add_argument("--shrink-reduce", action="store_true",
-                        help="also run LoRA engines with kernels/lora.py REDUCE_SPLITS on (the "
-                             "shrink sums its own split-K partials; experimental), one per "
-                             "round, the order rotating with the others")
     parser.add_argument("--tiles-from", help="a bench/kernel_bench.py lora_tiles sweep (JSON): "
                         "also run LoRA with the launches it picks")
     parser.add_argument("--out", default=str(RESULTS), help="results dir")
@@ -210,18 +194,12 @@ def main() -> None:
         adapters = [write_adapter(Path(tmp) / f"a{i}", config, args.rank, seed=i)
                     for i in range(args.num_adapters)]
         run = dict(enforce_eager=args.enforce_eager, reps=args.reps)
-        bases, loras, reduced = [], [], []
-        kinds = [(bases, [], False), (loras, adapters, False)]
-        if args.shrink_reduce:
-            kinds.append((reduced, adapters, True))
+        bases, loras = [], []
         for r in range(args.rounds):
-            # two kinds: alternate which goes first; three: rotate
-            order = (kinds if r % 2 == 0 else kinds[::-1]) if len(kinds) == 2 else \
-                kinds[r % 3:] + kinds[:r % 3]
-            for runs, with_adapters, reduce_splits in order:
-                with shrink_reduce(reduce_splits):
-                    runs.append(timed_run(ckpt, requests, spec, args.device, with_adapters,
-                                          args.rank, **run))
+            pair = [(bases, []), (loras, adapters)]
+            for runs, with_adapters in (pair if r % 2 == 0 else pair[::-1]):
+                runs.append(timed_run(ckpt, requests, spec, args.device, with_adapters,
+                                      args.rank, **run))
         base, lora = _median_run(bases), _median_run(loras)
         tuned = None
         if args.tiles_from:
@@ -240,9 +218,7 @@ def main() -> None:
           f"({lora['num_graph_replays']} replays with LoRA, {base['num_graph_replays']} "
           f"without); {lora['num_slot_loads']} adapter loads", flush=True)
     if args.rounds > 1:
-        order = ("no LoRA first in even rounds" if not reduced
-                 else "the three kinds in rotating order")
-        print(f"rounds ({order}): no LoRA "
+        print("rounds (no LoRA first in even rounds): no LoRA "
               + ", ".join(f"{t:.0f}" for t in base["round_output_tok_s"]) + "; LoRA "
               + ", ".join(f"{t:.0f}" for t in lora["round_output_tok_s"]), flush=True)
     date = dt.date.today().isoformat()
@@ -251,15 +227,6 @@ def main() -> None:
     rows = [{**common, **base, "workload": args.workload},
             {**common, **lora, "workload": f"{args.workload}-lora{args.num_adapters}x{args.rank}",
              "pct_of_no_lora": 100 * ratio}]
-    if reduced:
-        red = _median_run(reduced)
-        red_ratio = red["output_tok_s"] / base["output_tok_s"]
-        print(f"LoRA with the shrink summing its splits: {red['output_tok_s']:.0f} "
-              f"({100 * red_ratio:.1f}%); rounds "
-              + ", ".join(f"{t:.0f}" for t in red["round_output_tok_s"]), flush=True)
-        rows.append({**common, **red, "pct_of_no_lora": 100 * red_ratio,
-                     "workload": f"{args.workload}-lora{args.num_adapters}x{args.rank}"
-                                 "-shrink-reduce"})
     if tuned is not None:
         tuned_ratio = tuned["output_tok_s"] / base["output_tok_s"]
         print(f"tuned launches: {tuned['output_tok_s']:.0f} ({100 * tuned_ratio:.1f}%)",

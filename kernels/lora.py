@@ -14,8 +14,7 @@ decode CUDA graphs), so the same launch serves any mix of adapters.
 
 - shrink, split-K: grid (row tiles, K splits); each program writes its fp32 partial sum of
   ``x @ A^T`` over its K range to ``partials[split]`` (every row, zeros for null rows), so a
-  decode batch of a few row tiles still spreads over many SMs; deterministic (with
-  ``REDUCE_SPLITS``, experimental and off, the shrink sums its own partials, below).
+  decode batch of a few row tiles still spreads over many SMs; no atomics, deterministic.
 - expand, fused over the pieces of a merged layer: ``lora_b`` is [S, N, R] over the whole
   output ([q | k | v] or [gate | up]); piece p (columns [bounds[p], bounds[p+1])) takes
   shrunk columns [p*R, (p+1)*R). It sums the shrink's partials as it loads them. One shrink
@@ -42,11 +41,11 @@ TARGET_PROGRAMS = 128   # about one wave of an H100/H200 for the shrink
 
 
 @triton.jit
-def _lora_shrink_kernel(x_ptr, a_ptr, slots_ptr, part_ptr, count_ptr, T, K, PR, K_PER_SPLIT,
+def _lora_shrink_kernel(x_ptr, a_ptr, slots_ptr, part_ptr, T, K, PR, K_PER_SPLIT,
                         stride_xt, stride_as, stride_ar, stride_ps, stride_pt,
                         NUM_SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                         BLOCK_PR: tl.constexpr, PRECISION: tl.constexpr,
-                        DOT_F32: tl.constexpr, REDUCE: tl.constexpr, NUM_SPLITS: tl.constexpr):
+                        DOT_F32: tl.constexpr):
     pid_m, split = tl.program_id(0), tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < T
@@ -75,25 +74,8 @@ def _lora_shrink_kernel(x_ptr, a_ptr, slots_ptr, part_ptr, count_ptr, T, K, PR, 
                     acc = tl.dot(xs.to(tl.float32), a.to(tl.float32), acc)
                 else:
                     acc = tl.dot(xs, a, acc, input_precision=PRECISION)
-    part_mask = row_ok[:, None] & r_ok[None, :]
-    tile = offs_m[:, None] * stride_pt + offs_r[None, :]
-    tl.store(part_ptr + split * stride_ps + tile, acc, mask=part_mask)
-    if REDUCE:
-        if tl.max(row_slot, axis=0) >= 0:   # (a tile of base rows: every partial is 0 already)
-            # The last split of this row tile to finish sums all the splits' partials into
-            # partials[0], in split order (deterministic), so the expand reads one partial
-            # instead of NUM_SPLITS per column tile. The counter is this row tile's, set
-            # back to 0 for the next launch. acq_rel: the other splits' stores are visible
-            # to the last one; its loads skip L1 (.cg), which other SMs do not update.
-            tl.debug_barrier()
-            done = tl.atomic_add(count_ptr + pid_m, 1, sem="acq_rel")
-            if done == NUM_SPLITS - 1:
-                total = tl.zeros((BLOCK_M, BLOCK_PR), dtype=tl.float32)
-                for sp in tl.static_range(NUM_SPLITS):
-                    total += tl.load(part_ptr + sp * stride_ps + tile, mask=part_mask,
-                                     other=0.0, cache_modifier=".cg")
-                tl.store(part_ptr + tile, total, mask=part_mask)
-                tl.atomic_xchg(count_ptr + pid_m, 0)
+    tl.store(part_ptr + split * stride_ps + offs_m[:, None] * stride_pt + offs_r[None, :],
+             acc, mask=row_ok[:, None] & r_ok[None, :])
 
 
 @triton.jit
@@ -247,37 +229,14 @@ def lora_shrink_partials(x: torch.Tensor, lora_a: torch.Tensor, slots: torch.Ten
     cfg = _shrink_config(num_tokens, k, num_slots, block_pr, lora_a.element_size())
     split = cfg.pop("SPLIT")
     out = torch.empty((split, num_tokens, rank), dtype=torch.float32, device=x.device)
-    row_tiles = triton.cdiv(num_tokens, cfg["BLOCK_M"])
-    reduce = REDUCE_SPLITS and split > 1 and row_tiles <= MAX_COUNTED_TILES
     if num_tokens:
         k_per_split = triton.cdiv(triton.cdiv(k, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
-        counters = _tile_counters(x.device) if reduce else slots   # (unread without REDUCE)
-        _lora_shrink_kernel[(row_tiles, split)](
-            x, lora_a, slots, out, counters, num_tokens, k, rank, k_per_split,
+        _lora_shrink_kernel[(triton.cdiv(num_tokens, cfg["BLOCK_M"]), split)](
+            x, lora_a, slots, out, num_tokens, k, rank, k_per_split,
             x.stride(0), lora_a.stride(0), lora_a.stride(1), out.stride(0), out.stride(1),
             NUM_SLOTS=num_slots, BLOCK_PR=block_pr, PRECISION=_precision(lora_a.dtype),
-            DOT_F32=interpreted(), REDUCE=reduce, NUM_SPLITS=split, **cfg)
-    return out[:1] if reduce else out
-
-
-# Experimental, off until measured on a GPU (docs/lora.md, run 9): the shrink sums its own
-# split-K partials (the last split of each row tile, counted with an atomic), so the expand
-# reads one partial instead of SPLIT per column tile. bench/kernel_bench.py --only lora_parts
-# and bench/lora.py --shrink-reduce time it against the default.
-REDUCE_SPLITS = False
-MAX_COUNTED_TILES = 4096
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def _tile_counters(device: torch.device) -> torch.Tensor:
-    """The row tiles' split counters on ``device`` (zeros; each launch leaves them at 0).
-    Made on the first launch, which the engine runs before any CUDA-graph capture (its
-    warm-up forward), so no graph owns them."""
-    counters = _COUNTERS.get(device)
-    if counters is None:
-        counters = _COUNTERS[device] = torch.zeros(MAX_COUNTED_TILES, dtype=torch.int32,
-                                                   device=device)
-    return counters
+            DOT_F32=interpreted(), **cfg)
+    return out
 
 
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:

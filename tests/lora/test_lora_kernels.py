@@ -52,36 +52,6 @@ def test_shrink_split_is_the_number_of_partials_the_launch_makes(num_tokens, k):
     assert parts.shape[0] == lora_kernels.shrink_split(num_tokens, k) > 1
 
 
-def test_shrink_reducing_its_own_splits_gives_one_partial_launch_after_launch(monkeypatch):
-    # REDUCE_SPLITS (experimental): the last split of each row tile sums all the partials
-    # into partials[0] and sets the tile's counter back to 0. Rows 16-31 (the second 16-row
-    # tile) have no adapter: that tile skips the sum, its partials are zeros already.
-    monkeypatch.setattr(lora_kernels, "REDUCE_SPLITS", True)
-    x, a, _, slots = _case(num_tokens=40, k=1100, rank=4, pieces=3, seed=3)
-    slots[16:32] = -1
-    monkeypatch.setattr(lora_kernels, "REDUCE_SPLITS", False)
-    split_parts = lora_kernels.lora_shrink_partials(x, a, slots)
-    monkeypatch.setattr(lora_kernels, "REDUCE_SPLITS", True)
-    assert split_parts.shape[0] == 4
-    for _ in range(2):   # a counter left at 4 would stop the second launch's sum
-        parts = lora_kernels.lora_shrink_partials(x, a, slots)
-        assert parts.shape == (1, 40, 12)
-        torch.testing.assert_close(parts[0], split_parts.sum(0), atol=1e-6, rtol=1e-6)
-        assert (lora_kernels._tile_counters(x.device)[:3] == 0).all()
-    torch.testing.assert_close(parts[0], lora_reference.lora_shrink(x, a, slots),
-                               atol=1e-3, rtol=1e-4)
-    assert (parts[0, 16:32] == 0).all()
-    y = torch.randn(40, 30)
-    got, want = y.clone(), y.clone()
-    b = torch.randn(3, 30, 4)   # [slots, N, rank]: q/k/v pieces of 10 columns
-    lora_kernels.lora_expand(got, parts, b, slots, (0, 10, 20, 30))
-    lora_kernels.lora_expand(want, split_parts, b, slots, (0, 10, 20, 30))
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    # more row tiles than counters: the split partials, as without REDUCE_SPLITS
-    monkeypatch.setattr(lora_kernels, "MAX_COUNTED_TILES", 2)
-    assert lora_kernels.lora_shrink_partials(x, a, slots).shape[0] == 4
-
-
 def test_expand_adds_into_a_column_slice_and_leaves_base_rows():
     x, a, b, slots = _case()
     t = lora_reference.lora_shrink(x, a, slots)
