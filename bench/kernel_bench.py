@@ -480,11 +480,9 @@ def bench_lora_parts(dtypes):
     and 256 rows, every time a CUDA-graph replay: the shrink + expand pair with rows
     interleaved over 4 adapters (as bench/lora.py spreads them) and with rows grouped by
     adapter; the shrink alone; the expand alone (from the shrink's split-K partials, and
-    from one pre-summed partial); both with num_stages=1; the dense path
-    (hpcinfer/lora/layers.py ``add_dense_delta``: mm, mask, addmm over every slot); two
-    trivial launches (the floor of any pair); the base GEMM. graph_ms is the timed column (``ms``)."""
+    from one pre-summed partial); both with num_stages=1; two trivial launches (the floor of
+    any pair); the base GEMM. graph_ms is the timed column (``ms``)."""
     from hpcinfer.kernels import lora as mod
-    from hpcinfer.lora.layers import add_dense_delta
     for k, pieces, name in LORA_SHAPES[:4]:
         n = sum(pieces)
         for m in (64, 256):
@@ -495,9 +493,6 @@ def bench_lora_parts(dtypes):
             parts = mod.lora_shrink_partials(x, a, slots)
             summed = parts.sum(0, keepdim=True)
             tiny = torch.zeros(8, device="cuda")
-            onehot = slots[:, None] == torch.arange(a.shape[0], device="cuda")
-            b_dense = torch.randn(n, a.shape[0] * a.shape[1], device="cuda",
-                                  dtype=torch.bfloat16) * 16 ** -0.5
             shape = f"{m} tok, {name} K{k} N{n}, 4x r16"
             variants = {
                 "pair interleaved": lambda: mod.lora_expand(
@@ -508,7 +503,6 @@ def bench_lora_parts(dtypes):
                 f"expand alone ({parts.shape[0]} partials)": lambda: mod.lora_expand(
                     y, parts, b, slots, bounds),
                 "expand alone (1 partial)": lambda: mod.lora_expand(y, summed, b, slots, bounds),
-                "dense (mm, mask, addmm)": lambda: add_dense_delta(y, x, a, onehot, b_dense),
                 "two trivial launches": lambda: (tiny.add_(1), tiny.add_(1)),
                 "base GEMM (F.linear)": lambda: F.linear(x, w),
             }

@@ -7,7 +7,6 @@ output tok/s with 4 rank-16 adapters on every target (q/k/v/o/gate/up/down).
     python bench/lora.py --enforce-eager          # both runs without CUDA graphs
     python bench/lora.py --workload T --device cpu   # the CPU-sized plumbing run
     python bench/lora.py --reps 3 --tiles-from "$OUT"/kernels-*.json   # + tuned launches
-    python bench/lora.py --reps 3 --rounds 3 --paths kernels,dense   # both LoRA paths
 
 ``--tiles-from`` reads a ``bench/kernel_bench.py --only lora_tiles`` sweep, picks for each kernel
 (shrink, expand) and decode size (<= 64 rows, <= 512 rows) the launch config with the least
@@ -22,15 +21,11 @@ Decode runs in CUDA graphs by default on a GPU, the LoRA kernels inside them; ea
 records whether graphs were used and how many steps replayed one. Adapters are random PEFT
 directories written directly (adapter_config.json + safetensors, no peft needed). Rows go to
 <out>/lora-<device>-<date>.json (engine hpcinfer, workload "A-lora<N>x<r>" and "A" for the
-baseline). ``--paths`` runs one LoRA engine kind per path of hpcinfer/lora/layers.py
-(``kernels``: the grouped Triton shrink/expand; ``dense``: cuBLAS GEMMs over every slot, the
-other slots masked) instead of the default's choice, with the kinds in rotating order per
-round; their rows' workload ends in ``-<path>``.
+baseline). Not run on a GPU yet (docs/lora.md).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import gc
 import json
@@ -164,19 +159,6 @@ def timed_run(ckpt: Path, requests, spec: dict, device: str, adapters: list[Path
             "total_tok_s": (num_out + sum(len(p) for p, _ in requests)) / wall, **how}
 
 
-@contextlib.contextmanager
-def lora_path(path: str | None):
-    """The engines made inside take ``path`` (``kernels`` or ``dense``; None: the default)."""
-    from hpcinfer.lora import layers
-    saved = layers.DENSE_MAX_COLUMNS
-    if path is not None:
-        layers.DENSE_MAX_COLUMNS = {"kernels": 0, "dense": 1 << 30}[path]
-    try:
-        yield
-    finally:
-        layers.DENSE_MAX_COLUMNS = saved
-
-
 def _median_run(runs: list[dict]) -> dict:
     """The run with the median output tok/s, with every round's tok/s beside it."""
     ordered = sorted(runs, key=lambda r: r["output_tok_s"])
@@ -200,13 +182,8 @@ def main() -> None:
                              "second; the medians over rounds are reported")
     parser.add_argument("--tiles-from", help="a bench/kernel_bench.py lora_tiles sweep (JSON): "
                         "also run LoRA with the launches it picks")
-    parser.add_argument("--paths", help="comma-separated LoRA paths to run as separate kinds: "
-                        "kernels, dense (default: the engine's own choice)")
     parser.add_argument("--out", default=str(RESULTS), help="results dir")
     args = parser.parse_args()
-    paths = args.paths.split(",") if args.paths else [None]
-    if any(p not in ("kernels", "dense", None) for p in paths):
-        parser.error(f"--paths {args.paths}: give kernels, dense or both (comma-separated)")
     import torch
     spec = WORKLOADS[args.workload]
     requests = make_requests(args.workload)
@@ -217,19 +194,13 @@ def main() -> None:
         adapters = [write_adapter(Path(tmp) / f"a{i}", config, args.rank, seed=i)
                     for i in range(args.num_adapters)]
         run = dict(enforce_eager=args.enforce_eager, reps=args.reps)
-        bases, by_path = [], {p: [] for p in paths}
-        kinds = [(bases, [], None)] + [(by_path[p], adapters, p) for p in paths]
+        bases, loras = [], []
         for r in range(args.rounds):
-            # two kinds: alternate which goes first; more: rotate
-            order = ((kinds if r % 2 == 0 else kinds[::-1]) if len(kinds) == 2
-                     else kinds[r % len(kinds):] + kinds[:r % len(kinds)])
-            for runs, with_adapters, path in order:
-                with lora_path(path):
-                    runs.append(timed_run(ckpt, requests, spec, args.device, with_adapters,
-                                          args.rank, **run))
-        base = _median_run(bases)
-        medians = {p: _median_run(runs) for p, runs in by_path.items()}
-        lora = medians[paths[0]]
+            pair = [(bases, []), (loras, adapters)]
+            for runs, with_adapters in (pair if r % 2 == 0 else pair[::-1]):
+                runs.append(timed_run(ckpt, requests, spec, args.device, with_adapters,
+                                      args.rank, **run))
+        base, lora = _median_run(bases), _median_run(loras)
         tuned = None
         if args.tiles_from:
             tiles = pick_tiles(Path(args.tiles_from))
@@ -240,23 +211,22 @@ def main() -> None:
             finally:
                 undo()
             tuned["tiles"] = tiles
+    ratio = lora["output_tok_s"] / base["output_tok_s"]
     graphs = "CUDA graphs" if lora["cuda_graphs"] else "eager"
-    print(f"no LoRA {base['output_tok_s']:.0f} output tok/s; decode {graphs} "
+    print(f"no LoRA {base['output_tok_s']:.0f} output tok/s; {args.num_adapters} adapters of "
+          f"rank {args.rank}: {lora['output_tok_s']:.0f} ({100 * ratio:.1f}%); decode {graphs} "
           f"({lora['num_graph_replays']} replays with LoRA, {base['num_graph_replays']} "
-          f"without); {lora['num_slot_loads']} adapter loads; rounds: "
-          + ", ".join(f"{t:.0f}" for t in base["round_output_tok_s"]), flush=True)
+          f"without); {lora['num_slot_loads']} adapter loads", flush=True)
+    if args.rounds > 1:
+        print("rounds (no LoRA first in even rounds): no LoRA "
+              + ", ".join(f"{t:.0f}" for t in base["round_output_tok_s"]) + "; LoRA "
+              + ", ".join(f"{t:.0f}" for t in lora["round_output_tok_s"]), flush=True)
     date = dt.date.today().isoformat()
     common = dict(engine="hpcinfer", tp=1, device=device_name, date=date)
     common["rounds"] = args.rounds
-    rows = [{**common, **base, "workload": args.workload}]
-    for path, run_ in medians.items():
-        pct = 100 * run_["output_tok_s"] / base["output_tok_s"]
-        print(f"{args.num_adapters} adapters of rank {args.rank}, {path or 'default'} path: "
-              f"{run_['output_tok_s']:.0f} ({pct:.1f}%); rounds "
-              + ", ".join(f"{t:.0f}" for t in run_["round_output_tok_s"]), flush=True)
-        suffix = f"-{path}" if path else ""
-        rows.append({**common, **run_, "pct_of_no_lora": pct, "workload":
-                     f"{args.workload}-lora{args.num_adapters}x{args.rank}{suffix}"})
+    rows = [{**common, **base, "workload": args.workload},
+            {**common, **lora, "workload": f"{args.workload}-lora{args.num_adapters}x{args.rank}",
+             "pct_of_no_lora": 100 * ratio}]
     if tuned is not None:
         tuned_ratio = tuned["output_tok_s"] / base["output_tok_s"]
         print(f"tuned launches: {tuned['output_tok_s']:.0f} ({100 * tuned_ratio:.1f}%)",

@@ -7,14 +7,6 @@ merged layer (q/k/v, gate/up) are stacked along the rank in A, so one shrink ser
 them, and B is one [slots, out, rank] tensor over the whole output, so one expand adds every
 piece (piece p's columns take the shrink's rank block p): two launches per layer.
 
-Dense path (a GPU layer whose slots x pieces x rank stack to at most ``DENSE_MAX_COLUMNS``):
-the same delta as three cuBLAS-sized launches over every slot at once: ``s = x @ A_all^T``
-with A_all the [slots * pieces * rank, in] stack, ``s`` zeroed outside each row's own slot
-(``StepSlots.onehot``), and ``out += s @ B_dense^T`` with B_dense [out, slots * pieces *
-rank], block-diagonal over the pieces. At decode sizes the wasted columns cost nothing
-measurable (a few MFLOP) while a small cuBLAS GEMM is shorter than the grouped Triton
-kernels' latency (bench/kernel_bench.py ``lora_parts``).
-
 Tensor parallelism follows the base layer: a column layer's B keeps this rank's output rows;
 a row layer's A keeps this rank's input columns, so its shrink is a partial sum that is
 all-reduced (the shrink's [splits, T, rank] fp32 partials, small) before the expand adds the
@@ -34,16 +26,6 @@ from hpcinfer.layers.transfer import copy_to
 
 
 NULL_SLOT = -1   # a row without an adapter: the kernels load and add nothing for it
-# A layer on a GPU whose stacked A has at most this many rows (max_loras x pieces x
-# max_rank) takes the dense path (module docstring); 0: the Triton kernels everywhere.
-DENSE_MAX_COLUMNS = 0
-
-
-def uses_dense(device: torch.device, columns: int) -> bool:
-    # Not on the CPU: there the torch reference keeps each row's own-slot products, which
-    # the PEFT equality tests compare in fp32 (the dense sums add exact zeros, in another
-    # order).
-    return device.type == "cuda" and columns <= DENSE_MAX_COLUMNS
 
 
 class StepSlots:
@@ -51,12 +33,8 @@ class StepSlots:
     so decode CUDA graphs read it as a static input. Written by the manager before the
     forward (and by DecodeGraphs for the rows it pads), read by the hooks."""
 
-    def __init__(self, max_num_tokens: int, max_loras: int, device: torch.device):
+    def __init__(self, max_num_tokens: int, device: torch.device):
         self.buffer = torch.full((max_num_tokens,), NULL_SLOT, dtype=torch.int32, device=device)
-        # onehot[t, s]: row t's slot is s (the dense path's mask; derived from buffer on the
-        # device, so graphs read it as a static input too)
-        self.onehot = torch.zeros((max_num_tokens, max_loras), dtype=torch.bool, device=device)
-        self._slot_ids = torch.arange(max_loras, dtype=torch.int32, device=device)
         self.num_tokens = 0
         self.has_adapter = False   # whether any row this step has one (else the hooks skip)
 
@@ -69,14 +47,12 @@ class StepSlots:
             raise RuntimeError(f"a step of {n} tokens but the LoRA slot buffer holds "
                                f"{self.buffer.shape[0]}; this is a bug: please report it")
         copy_to(self.buffer[:n], token_slots)   # pinned: no wait for the GPU (layers/transfer)
-        torch.eq(self.buffer[:n, None], self._slot_ids, out=self.onehot[:n])
         self.num_tokens, self.has_adapter = n, bool((token_slots >= 0).any())
 
     def pad(self, start: int, stop: int) -> None:
         """Rows [start, stop) are padding of a graph batch: no adapter (stream-ordered)."""
         if stop > start:
             self.buffer[start:stop].fill_(NULL_SLOT)
-            self.onehot[start:stop].fill_(False)
 
     @contextlib.contextmanager
     def always_applied(self, num_rows: int):
@@ -93,10 +69,9 @@ class StepSlots:
 
 
 class LoRALayer:
-    """Slot weights of one target layer: lora_a [slots, pieces * rank, in_local] and either
-    lora_b [slots, out_local, rank] (every piece's output rows, in the layer's order; the
-    kernels' layout) or, on the dense path, lora_b_dense [out_local, slots * pieces * rank]
-    (piece p's rows read only its rank block of each slot); scaling folded into B."""
+    """Slot weights of one target layer: lora_a [slots, pieces * rank, in_local] and lora_b
+    [slots, out_local, rank] (every piece's output rows, in the layer's order; scaling
+    folded in)."""
 
     def __init__(self, name: str, layer: LinearBase, max_loras: int, max_rank: int,
                  slots: StepSlots, dtype: torch.dtype, device: torch.device):
@@ -112,14 +87,8 @@ class LoRALayer:
         if any(offset != lo for (offset, _), lo in zip(self.out_slices, self.bounds)):
             raise ValueError(f"{name}: LoRA needs the merged pieces contiguous in order, got "
                              f"(offset, rows) {self.out_slices}")
-        self.dense = uses_dense(torch.device(device), self.lora_a.shape[0] * self.lora_a.shape[1])
-        if self.dense:
-            self.lora_b, self.lora_b_dense = None, torch.zeros(
-                (self.bounds[-1], self.lora_a.shape[0] * self.lora_a.shape[1]), dtype=dtype,
-                device=device)
-        else:
-            self.lora_b = torch.zeros((max_loras, self.bounds[-1], max_rank), dtype=dtype,
-                                      device=device)
+        self.lora_b = torch.zeros((max_loras, self.bounds[-1], max_rank), dtype=dtype,
+                                  device=device)
         self.handle = layer.register_forward_hook(self._add_delta)
 
     def full_shapes(self, piece) -> tuple[int, int]:
@@ -140,28 +109,18 @@ class LoRALayer:
             b = _shard(b, 0, tp, full)
         offset, rows = self.out_slices[i]
         self.lora_a[slot, i * self.rank:i * self.rank + r].copy_(a)
-        if self.dense:
-            col = (slot * len(self.pieces) + i) * self.rank
-            self.lora_b_dense[offset:offset + rows, col:col + r].copy_(b)
-        else:
-            self.lora_b[slot, offset:offset + rows, :r].copy_(b)
+        self.lora_b[slot, offset:offset + rows, :r].copy_(b)
 
     def clear(self, slot: int) -> None:
         """Zero a slot (a smaller rank or fewer targets must not see the previous adapter)."""
         self.lora_a[slot].zero_()
-        if self.dense:
-            width = len(self.pieces) * self.rank
-            self.lora_b_dense[:, slot * width:(slot + 1) * width].zero_()
-        else:
-            self.lora_b[slot].zero_()
+        self.lora_b[slot].zero_()
 
     def _add_delta(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
         slots = self.slots
         if not slots.has_adapter:
             return out
         x = args[0]
-        if self.dense:
-            return self._add_delta_dense(x, out)
         token_slots = slots.buffer[:x.shape[0]]
         kernels = _kernels(x)
         # [splits, T, pieces * rank]: partial sums over K, summed by the expand
@@ -170,26 +129,6 @@ class LoRALayer:
             dist.all_reduce(shrunk, group=self.layer.tp.group)
         kernels.lora_expand(out, shrunk, self.lora_b, token_slots, self.bounds)
         return out
-
-    def _add_delta_dense(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        group = self.layer.tp.group if self.is_row_parallel and self.layer.tp.size > 1 else None
-        return add_dense_delta(out, x, self.lora_a, self.slots.onehot[:x.shape[0]],
-                               self.lora_b_dense, group)
-
-
-def add_dense_delta(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,
-                    onehot: torch.Tensor, lora_b_dense: torch.Tensor, group=None) -> torch.Tensor:
-    """The dense path: ``out[t] += (x[t] @ A[s]^T) @ B[s]^T`` for each row's slot s, as
-    ``x @ A_all^T`` over every slot's stacked A [slots, width, in], the columns of other
-    slots zeroed by ``onehot`` [rows, slots] (bool), then one GEMM into ``out`` with
-    ``lora_b_dense`` [out, slots * width]. ``group``: the TP group over which a row-parallel
-    layer's shrink (a partial sum over its input columns) is all-reduced first."""
-    num_slots, width, _ = lora_a.shape
-    shrunk = torch.mm(x, lora_a.view(num_slots * width, -1).t())
-    if group is not None:
-        dist.all_reduce(shrunk, group=group)
-    shrunk.view(x.shape[0], num_slots, width).mul_(onehot[:, :, None])
-    return out.addmm_(shrunk, lora_b_dense.t())
 
 
 def _kernels(x: torch.Tensor):

@@ -32,7 +32,7 @@ class LoRAManager:
                  max_num_tokens: int, device: torch.device, dtype: torch.dtype):
         self.max_loras, self.max_lora_rank, self.max_cpu_loras = (max_loras, max_lora_rank,
                                                                   max_cpu_loras)
-        self.step_slots = StepSlots(max_num_tokens, max_loras, device)
+        self.step_slots = StepSlots(max_num_tokens, device)
         self.targets = _wrap_targets(model, max_loras, max_lora_rank, self.step_slots, dtype,
                                      device)
         if not self.targets:

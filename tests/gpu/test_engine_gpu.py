@@ -382,7 +382,7 @@ def test_host_to_device_copies_do_not_wait_for_the_gpu():
 
     from hpcinfer.layers.transfer import copy_to, to_device
     from hpcinfer.lora.layers import StepSlots
-    slots = StepSlots(64, 2, torch.device("cuda"))
+    slots = StepSlots(64, torch.device("cuda"))
     buffer = torch.zeros(4, dtype=torch.int32, device="cuda")
 
     def copies():

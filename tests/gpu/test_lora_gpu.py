@@ -17,9 +17,6 @@ peft==0.21.2 accelerate==1.16.0 psutil`` where the image lacks them (peft import
   mixed steps split into a decode graph and an eager prefill;
 - bf16: graphs vs eager, every first divergence at a near-tie of the eager run, and the
   adapters change the output.
-The engine tests run twice, once per LoRA path of hpcinfer/lora/layers.py (``kernels``: the
-Triton shrink/expand; ``dense``: cuBLAS GEMMs over every slot with the others masked), and
-the dense path's function is checked against the reference at real sizes.
 """
 from __future__ import annotations
 
@@ -33,14 +30,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
 
 MAX_NEW = 16
 TIE_TOL = 0.25   # nats, as test_engine_gpu.py: bf16 rounding noise of a tiny random model
-
-
-@pytest.fixture(params=["kernels", "dense"])
-def lora_path(request, monkeypatch):
-    """Which LoRA path the engines made in the test take (layers.DENSE_MAX_COLUMNS)."""
-    from hpcinfer.lora import layers
-    monkeypatch.setattr(layers, "DENSE_MAX_COLUMNS", 0 if request.param == "kernels" else 1 << 30)
-    return request.param
 
 
 def _require_peft():
@@ -58,25 +47,6 @@ def _kernel_case(num_tokens, k, n, rank, dtype, seed=0):
     b = (torch.randn(4, n, rank, device="cuda", generator=g) / rank ** 0.5).to(dtype)
     slots = torch.randint(-1, 4, (num_tokens,), device="cuda", generator=g, dtype=torch.int32)
     return x, a, b, slots
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("num_tokens,k,n,rank", [(1, 4096, 4096, 16), (256, 4096, 14336, 16),
-                                                  (77, 14336, 4096, 8), (512, 2048, 512, 64)])
-def test_dense_path_matches_reference_at_real_sizes(dtype, num_tokens, k, n, rank):
-    from hpcinfer.kernels import lora_reference as ref
-    from hpcinfer.lora.layers import add_dense_delta
-    x, a, b, slots = _kernel_case(num_tokens, k, n, rank, dtype, seed=3)
-    base = torch.randn(num_tokens, n, device="cuda").to(dtype)
-    want = base.clone()
-    ref.lora_expand(want, ref.lora_shrink(x, a, slots), b, slots)
-    onehot = slots[:, None] == torch.arange(4, device="cuda")
-    b_dense = b.permute(1, 0, 2).reshape(n, 4 * rank)   # [out, slots * rank]
-    got = add_dense_delta(base.clone(), x, a, onehot, b_dense)
-    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
-    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
-    null = slots < 0
-    assert torch.equal(got[null], base[null])   # base rows untouched
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -248,7 +218,7 @@ def _tokens(outs):
 
 
 @pytest.mark.parametrize("family", ["llama3", "qwen2"])
-def test_fp32_graphs_equal_eager_equal_peft(family, tiny_with_adapters, lora_path):
+def test_fp32_graphs_equal_eager_equal_peft(family, tiny_with_adapters):
     from hpcinfer.testing.tiny_lora import peft_greedy
     path, requests = tiny_with_adapters(family)
     rows = _rows(requests)
@@ -259,7 +229,6 @@ def test_fp32_graphs_equal_eager_equal_peft(family, tiny_with_adapters, lora_pat
     graphs = engine.runner.graphs
     assert graphs is not None and graphs.lora_slots is not None and graphs.num_replays > 0
     assert engine.lora.num_slot_loads > 2        # 3 adapters, 2 slots: swapped
-    assert all(layer.dense == (lora_path == "dense") for layer in engine.lora.layers)
     eager_outs, engine = _run(path, rows, requests, max_tokens=max_tokens, dtype="float32",
                               max_num_seqs=8, enforce_eager=True)
     assert engine.runner.graphs is None
@@ -272,7 +241,7 @@ def test_fp32_graphs_equal_eager_equal_peft(family, tiny_with_adapters, lora_pat
 
 @pytest.mark.parametrize("split_attention", [True, False])
 def test_fp32_mixed_steps_with_adapters_equal_peft(split_attention, tiny_with_adapters,
-                                                   monkeypatch, lora_path):
+                                                   monkeypatch):
     # A small token budget keeps prefill chunks beside running decodes. split_attention off
     # and MIN_SPLIT_DECODES 1: decode graph + eager prefill, the prefill rows' LoRA slots
     # moved after the replay (cuda_graphs.py).
@@ -298,7 +267,7 @@ def test_fp32_mixed_steps_with_adapters_equal_peft(split_attention, tiny_with_ad
         assert got == peft_greedy(path, adapter, [prompt], 12)[0], (name, len(prompt))
 
 
-def test_bf16_graphs_agree_with_eager_up_to_near_ties(tiny_with_adapters, lora_path):
+def test_bf16_graphs_agree_with_eager_up_to_near_ties(tiny_with_adapters):
     path, requests = tiny_with_adapters("llama3")
     rows = _rows(requests, seed=9)
     max_tokens = [MAX_NEW] * len(rows)

@@ -126,32 +126,6 @@ def test_triton_kernels_in_the_engine_give_the_same_tokens(base, adapter, oracle
         assert row == oracle("qwen2", r.lora_path if r else None, [prompt], 4)[0]
 
 
-def test_dense_path_in_the_engine_gives_the_same_tokens(base, adapter, oracle, prompts,
-                                                        monkeypatch):
-    """The dense GPU path of the hooks (one GEMM over every slot's stacked A, the rows' other
-    slots masked off, one GEMM into the block-diagonal B), forced on the CPU: with more
-    adapters than slots (swaps clear a slot's block) and base rows, same tokens as peft."""
-    from hpcinfer.lora import layers
-    monkeypatch.setattr(layers, "uses_dense", lambda device, columns: True)
-    paths = {"all-r8-rs": adapter("qwen2", "all-r8-rs", rank=8, alpha=4.0, use_rslora=True,
-                                  targets=ATTENTION + MLP, seed=12),
-             "qv-r4": adapter("qwen2", "qv-r4", rank=4, alpha=8.0, targets=("q_proj", "v_proj"),
-                              seed=11),
-             "mlp-r16": adapter("qwen2", "mlp-r16", rank=16, alpha=16.0,
-                                targets=("gate_proj", "down_proj"), seed=13)}
-    requests = [LoRARequest(name, i + 1, p) for i, (name, p) in enumerate(paths.items())]
-    short = [p[:9] for p in prompts[1:]]
-    rows = [(p, r) for p in short for r in (*requests, None)]
-    llm = make_llm(base("qwen2"), max_loras=2, max_lora_rank=16, max_num_seqs=4)
-    manager = llm.llm_engine.lora
-    assert all(layer.dense and layer.lora_b is None for layer in manager.layers)
-    got = tokens(llm.generate(token_prompts([p for p, _ in rows]), greedy(5), use_tqdm=False,
-                              lora_request=[r for _, r in rows]))
-    assert manager.num_slot_loads > 2   # 3 adapters, 2 slots: a slot was cleared and reused
-    for (prompt, r), row in zip(rows, got):
-        assert row == oracle("qwen2", r.lora_path if r else None, [prompt], 5)[0]
-
-
 def test_async_llm_streams_with_an_adapter(base, adapter, oracle, prompts):
     import asyncio
 

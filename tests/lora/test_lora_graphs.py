@@ -32,7 +32,7 @@ def greedy():
 
 
 def slot_weight_pointers(manager):
-    return [t.data_ptr() for layer in manager.layers for t in (layer.lora_a, layer.lora_b_dense if layer.dense else layer.lora_b)]
+    return [t.data_ptr() for layer in manager.layers for t in (layer.lora_a, layer.lora_b)]
 
 
 def record_replays(graphs):
