@@ -475,26 +475,13 @@ def sweep_lora_tiles(dtypes):
                     setattr(mod, config_name, default)
 
 
-def _beside(mod, x, w, a, b, y, slots, bounds, side):
-    """What hpcinfer/lora/layers.py does with SHRINK_BESIDE_BASE: the shrink forked onto a
-    side stream before the base GEMM, joined before the expand."""
-    main = torch.cuda.current_stream()
-    side.wait_stream(main)
-    with torch.cuda.stream(side):
-        parts = mod.lora_shrink_partials(x, a, slots)
-    F.linear(x, w, out=y)
-    main.wait_stream(side)
-    mod.lora_expand(y, parts, b, slots, bounds)
-
-
 def bench_lora_parts(dtypes):
     """Where a decode step's LoRA time goes (``--only lora_parts``), per 1B projection at 64
     and 256 rows, every time a CUDA-graph replay: the shrink + expand pair with rows
     interleaved over 4 adapters (as bench/lora.py spreads them) and with rows grouped by
     adapter; the shrink alone; the expand alone (from the shrink's split-K partials, and
-    from one pre-summed partial); both with num_stages=1; the base GEMM followed by the
-    pair, and with the shrink on a side stream beside it (hpcinfer/lora/layers.py
-    SHRINK_BESIDE_BASE); two trivial launches (the floor of any pair); the base GEMM. graph_ms is the timed column (``ms``)."""
+    from one pre-summed partial); both with num_stages=1; two trivial launches (the floor of
+    any pair); the base GEMM. graph_ms is the timed column (``ms``)."""
     from hpcinfer.kernels import lora as mod
     for k, pieces, name in LORA_SHAPES[:4]:
         n = sum(pieces)
@@ -506,7 +493,6 @@ def bench_lora_parts(dtypes):
             parts = mod.lora_shrink_partials(x, a, slots)
             summed = parts.sum(0, keepdim=True)
             tiny = torch.zeros(8, device="cuda")
-            side = torch.cuda.Stream()
             shape = f"{m} tok, {name} K{k} N{n}, 4x r16"
             variants = {
                 "pair interleaved": lambda: mod.lora_expand(
@@ -517,11 +503,6 @@ def bench_lora_parts(dtypes):
                 f"expand alone ({parts.shape[0]} partials)": lambda: mod.lora_expand(
                     y, parts, b, slots, bounds),
                 "expand alone (1 partial)": lambda: mod.lora_expand(y, summed, b, slots, bounds),
-                "base GEMM, then the pair": lambda: mod.lora_expand(
-                    F.linear(x, w, out=y), mod.lora_shrink_partials(x, a, slots), b, slots,
-                    bounds),
-                "base GEMM, the shrink beside it, then the expand": lambda: _beside(
-                    mod, x, w, a, b, y, slots, bounds, side),
                 "two trivial launches": lambda: (tiny.add_(1), tiny.add_(1)),
                 "base GEMM (F.linear)": lambda: F.linear(x, w),
             }

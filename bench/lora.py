@@ -7,7 +7,6 @@ output tok/s with 4 rank-16 adapters on every target (q/k/v/o/gate/up/down).
     python bench/lora.py --enforce-eager          # both runs without CUDA graphs
     python bench/lora.py --workload T --device cpu   # the CPU-sized plumbing run
     python bench/lora.py --reps 3 --tiles-from "$OUT"/kernels-*.json   # + tuned launches
-    python bench/lora.py --reps 3 --rounds 3 --variants beside   # + a LoRA kind per variant
 
 ``--tiles-from`` reads a ``bench/kernel_bench.py --only lora_tiles`` sweep, picks for each kernel
 (shrink, expand) and decode size (<= 64 rows, <= 512 rows) the launch config with the least
@@ -22,14 +21,11 @@ Decode runs in CUDA graphs by default on a GPU, the LoRA kernels inside them; ea
 records whether graphs were used and how many steps replayed one. Adapters are random PEFT
 directories written directly (adapter_config.json + safetensors, no peft needed). Rows go to
 <out>/lora-<device>-<date>.json (engine hpcinfer, workload "A-lora<N>x<r>" and "A" for the
-baseline). ``--variants`` adds one LoRA engine kind per named setting of VARIANTS (e.g.
-``beside``: hpcinfer/lora/layers.py SHRINK_BESIDE_BASE on), the kinds in rotating order per
-round; their rows' workload ends in ``-<variant>``.
+baseline). Not run on a GPU yet (docs/lora.md).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import gc
 import json
@@ -163,28 +159,6 @@ def timed_run(ckpt: Path, requests, spec: dict, device: str, adapters: list[Path
             "total_tok_s": (num_out + sum(len(p) for p, _ in requests)) / wall, **how}
 
 
-# --variants: name -> (module, attribute, value) set for that kind's engines
-VARIANTS = {"beside": ("hpcinfer.lora.layers", "SHRINK_BESIDE_BASE", True),
-            "not-beside": ("hpcinfer.lora.layers", "SHRINK_BESIDE_BASE", False)}
-
-
-@contextlib.contextmanager
-def variant(name: str | None):
-    """The engines made inside run with VARIANTS[name] set (None: the defaults)."""
-    if name is None:
-        yield
-        return
-    import importlib
-    module, attr, value = VARIANTS[name]
-    mod = importlib.import_module(module)
-    saved = getattr(mod, attr)
-    setattr(mod, attr, value)
-    try:
-        yield
-    finally:
-        setattr(mod, attr, saved)
-
-
 def _median_run(runs: list[dict]) -> dict:
     """The run with the median output tok/s, with every round's tok/s beside it."""
     ordered = sorted(runs, key=lambda r: r["output_tok_s"])
@@ -208,13 +182,8 @@ def main() -> None:
                              "second; the medians over rounds are reported")
     parser.add_argument("--tiles-from", help="a bench/kernel_bench.py lora_tiles sweep (JSON): "
                         "also run LoRA with the launches it picks")
-    parser.add_argument("--variants", help="comma-separated LoRA variants run as more kinds: "
-                        + ", ".join(VARIANTS))
     parser.add_argument("--out", default=str(RESULTS), help="results dir")
     args = parser.parse_args()
-    variants = args.variants.split(",") if args.variants else []
-    if any(v not in VARIANTS for v in variants):
-        parser.error(f"--variants {args.variants}: known are {', '.join(VARIANTS)}")
     import torch
     spec = WORKLOADS[args.workload]
     requests = make_requests(args.workload)
@@ -225,17 +194,12 @@ def main() -> None:
         adapters = [write_adapter(Path(tmp) / f"a{i}", config, args.rank, seed=i)
                     for i in range(args.num_adapters)]
         run = dict(enforce_eager=args.enforce_eager, reps=args.reps)
-        bases, loras, by_variant = [], [], {v: [] for v in variants}
-        kinds = ([(bases, [], None), (loras, adapters, None)]
-                 + [(by_variant[v], adapters, v) for v in variants])
+        bases, loras = [], []
         for r in range(args.rounds):
-            # two kinds: alternate which goes first; more: rotate
-            order = ((kinds if r % 2 == 0 else kinds[::-1]) if len(kinds) == 2
-                     else kinds[r % len(kinds):] + kinds[:r % len(kinds)])
-            for runs, with_adapters, name in order:
-                with variant(name):
-                    runs.append(timed_run(ckpt, requests, spec, args.device, with_adapters,
-                                          args.rank, **run))
+            pair = [(bases, []), (loras, adapters)]
+            for runs, with_adapters in (pair if r % 2 == 0 else pair[::-1]):
+                runs.append(timed_run(ckpt, requests, spec, args.device, with_adapters,
+                                      args.rank, **run))
         base, lora = _median_run(bases), _median_run(loras)
         tuned = None
         if args.tiles_from:
@@ -254,8 +218,7 @@ def main() -> None:
           f"({lora['num_graph_replays']} replays with LoRA, {base['num_graph_replays']} "
           f"without); {lora['num_slot_loads']} adapter loads", flush=True)
     if args.rounds > 1:
-        print(f"rounds ({'no LoRA first in even rounds' if not variants else 'rotating'}): "
-              "no LoRA "
+        print("rounds (no LoRA first in even rounds): no LoRA "
               + ", ".join(f"{t:.0f}" for t in base["round_output_tok_s"]) + "; LoRA "
               + ", ".join(f"{t:.0f}" for t in lora["round_output_tok_s"]), flush=True)
     date = dt.date.today().isoformat()
@@ -264,13 +227,6 @@ def main() -> None:
     rows = [{**common, **base, "workload": args.workload},
             {**common, **lora, "workload": f"{args.workload}-lora{args.num_adapters}x{args.rank}",
              "pct_of_no_lora": 100 * ratio}]
-    for name, runs in by_variant.items():
-        run_ = _median_run(runs)
-        pct = 100 * run_["output_tok_s"] / base["output_tok_s"]
-        print(f"LoRA, variant {name}: {run_['output_tok_s']:.0f} ({pct:.1f}%); rounds "
-              + ", ".join(f"{t:.0f}" for t in run_["round_output_tok_s"]), flush=True)
-        rows.append({**common, **run_, "pct_of_no_lora": pct, "workload":
-                     f"{args.workload}-lora{args.num_adapters}x{args.rank}-{name}"})
     if tuned is not None:
         tuned_ratio = tuned["output_tok_s"] / base["output_tok_s"]
         print(f"tuned launches: {tuned['output_tok_s']:.0f} ({100 * tuned_ratio:.1f}%)",

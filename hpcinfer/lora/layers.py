@@ -7,14 +7,6 @@ merged layer (q/k/v, gate/up) are stacked along the rank in A, so one shrink ser
 them, and B is one [slots, out, rank] tensor over the whole output, so one expand adds every
 piece (piece p's columns take the shrink's rank block p): two launches per layer.
 
-On a GPU, with ``SHRINK_BESIDE_BASE``, the shrink is launched before the base layer's GEMM,
-on a side stream (a pre-hook forks it from the layer's stream), so it runs beside the GEMM
-on the SMs the GEMM leaves idle at decode sizes; the forward hook joins the streams before
-the expand. CUDA graphs capture the fork and join as graph edges. The shrink's input and
-output are safe across the two streams without record_stream: the side stream's next work
-always waits for everything the layer's stream had queued (each pre-hook forks anew), and
-the layer's stream reads the partials only after the join.
-
 Tensor parallelism follows the base layer: a column layer's B keeps this rank's output rows;
 a row layer's A keeps this rank's input columns, so its shrink is a partial sum that is
 all-reduced (the shrink's [splits, T, rank] fp32 partials, small) before the expand adds the
@@ -34,8 +26,6 @@ from hpcinfer.layers.transfer import copy_to
 
 
 NULL_SLOT = -1   # a row without an adapter: the kernels load and add nothing for it
-# Shrink on a side stream beside the base GEMM (module docstring). Off until measured on a GPU.
-SHRINK_BESIDE_BASE = False
 
 
 class StepSlots:
@@ -46,9 +36,7 @@ class StepSlots:
     def __init__(self, max_num_tokens: int, device: torch.device):
         self.buffer = torch.full((max_num_tokens,), NULL_SLOT, dtype=torch.int32, device=device)
         self.num_tokens = 0
-        self.has_adapter = False
-        # the stream the shrinks run on beside the base GEMMs (SHRINK_BESIDE_BASE)
-        self.side_stream = torch.cuda.Stream(device) if device.type == "cuda" else None   # whether any row this step has one (else the hooks skip)
+        self.has_adapter = False   # whether any row this step has one (else the hooks skip)
 
     def set(self, token_slots) -> None:
         """token_slots: numpy int array [num_tokens]."""
@@ -101,9 +89,7 @@ class LoRALayer:
                              f"(offset, rows) {self.out_slices}")
         self.lora_b = torch.zeros((max_loras, self.bounds[-1], max_rank), dtype=dtype,
                                   device=device)
-        self._shrunk = None   # partials the pre-hook launched on the side stream
-        self.handles = (layer.register_forward_pre_hook(self._shrink_beside),
-                        layer.register_forward_hook(self._add_delta))
+        self.handle = layer.register_forward_hook(self._add_delta)
 
     def full_shapes(self, piece) -> tuple[int, int]:
         """(input features, output features) of the piece's HF tensor: what A and B must fit."""
@@ -130,17 +116,6 @@ class LoRALayer:
         self.lora_a[slot].zero_()
         self.lora_b[slot].zero_()
 
-    def _shrink_beside(self, module: nn.Module, args: tuple) -> None:
-        slots, x = self.slots, args[0]
-        self._shrunk = None
-        if not (SHRINK_BESIDE_BASE and slots.has_adapter and x.is_cuda):
-            return
-        side = slots.side_stream
-        side.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(side):
-            self._shrunk = _kernels(x).lora_shrink_partials(x, self.lora_a,
-                                                            slots.buffer[:x.shape[0]])
-
     def _add_delta(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
         slots = self.slots
         if not slots.has_adapter:
@@ -149,11 +124,7 @@ class LoRALayer:
         token_slots = slots.buffer[:x.shape[0]]
         kernels = _kernels(x)
         # [splits, T, pieces * rank]: partial sums over K, summed by the expand
-        shrunk, self._shrunk = self._shrunk, None
-        if shrunk is not None:   # launched beside the base GEMM: join its stream
-            torch.cuda.current_stream(x.device).wait_stream(slots.side_stream)
-        else:
-            shrunk = kernels.lora_shrink_partials(x, self.lora_a, token_slots)
+        shrunk = kernels.lora_shrink_partials(x, self.lora_a, token_slots)
         if self.is_row_parallel and self.layer.tp.size > 1:
             dist.all_reduce(shrunk, group=self.layer.tp.group)
         kernels.lora_expand(out, shrunk, self.lora_b, token_slots, self.bounds)

@@ -17,8 +17,6 @@ peft==0.21.2 accelerate==1.16.0 psutil`` where the image lacks them (peft import
   mixed steps split into a decode graph and an eager prefill;
 - bf16: graphs vs eager, every first divergence at a near-tie of the eager run, and the
   adapters change the output.
-The engine tests run twice: with the shrink after the base GEMM and beside it on a side
-stream (hpcinfer/lora/layers.py SHRINK_BESIDE_BASE; the graphs capture the fork and join).
 """
 from __future__ import annotations
 
@@ -32,13 +30,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
 
 MAX_NEW = 16
 TIE_TOL = 0.25   # nats, as test_engine_gpu.py: bf16 rounding noise of a tiny random model
-
-
-@pytest.fixture(params=[False, True], ids=["shrink-after", "shrink-beside"])
-def shrink_beside(request, monkeypatch):
-    from hpcinfer.lora import layers
-    monkeypatch.setattr(layers, "SHRINK_BESIDE_BASE", request.param)
-    return request.param
 
 
 def _require_peft():
@@ -227,7 +218,7 @@ def _tokens(outs):
 
 
 @pytest.mark.parametrize("family", ["llama3", "qwen2"])
-def test_fp32_graphs_equal_eager_equal_peft(family, tiny_with_adapters, shrink_beside):
+def test_fp32_graphs_equal_eager_equal_peft(family, tiny_with_adapters):
     from hpcinfer.testing.tiny_lora import peft_greedy
     path, requests = tiny_with_adapters(family)
     rows = _rows(requests)
@@ -250,7 +241,7 @@ def test_fp32_graphs_equal_eager_equal_peft(family, tiny_with_adapters, shrink_b
 
 @pytest.mark.parametrize("split_attention", [True, False])
 def test_fp32_mixed_steps_with_adapters_equal_peft(split_attention, tiny_with_adapters,
-                                                   monkeypatch, shrink_beside):
+                                                   monkeypatch):
     # A small token budget keeps prefill chunks beside running decodes. split_attention off
     # and MIN_SPLIT_DECODES 1: decode graph + eager prefill, the prefill rows' LoRA slots
     # moved after the replay (cuda_graphs.py).
@@ -276,7 +267,7 @@ def test_fp32_mixed_steps_with_adapters_equal_peft(split_attention, tiny_with_ad
         assert got == peft_greedy(path, adapter, [prompt], 12)[0], (name, len(prompt))
 
 
-def test_bf16_graphs_agree_with_eager_up_to_near_ties(tiny_with_adapters, shrink_beside):
+def test_bf16_graphs_agree_with_eager_up_to_near_ties(tiny_with_adapters):
     path, requests = tiny_with_adapters("llama3")
     rows = _rows(requests, seed=9)
     max_tokens = [MAX_NEW] * len(rows)
