@@ -463,6 +463,11 @@ def run_hpcinfer(ckpt: Path, requests, max_num_seqs: int, profile_dir: Path | No
     sync()
     warmup_s = time.perf_counter() - t1
     rep_tok_s, walls, rep_gc = [], [], []
+    allocator_before = _allocator_counts(device)
+    profiler = None
+    if os.environ.get("BENCH_CPROFILE") == "1":   # host hot spots of the timed run
+        import cProfile
+        profiler = cProfile.Profile()
     for _ in range(reps):
         if prefix_caching:
             llm.reset_prefix_cache()   # every rep starts from an empty prefix cache
@@ -470,24 +475,25 @@ def run_hpcinfer(ckpt: Path, requests, max_num_seqs: int, profile_dir: Path | No
         hits_before = engine.block_manager.prefix_cache_hits if prefix_caching else 0
         queries_before = engine.block_manager.prefix_cache_queries if prefix_caching else 0
         timeline = StepTimeline(engine, max_num_seqs) if step_breakdown else None
-        profiler = None
-        if os.environ.get("BENCH_CPROFILE") == "1":   # host hot spots of the timed run
-            import cProfile
-            profiler = cProfile.Profile()
+        if profiler is not None:   # the last rep's host hot spots
+            profiler.clear()
             profiler.enable()
         with gc_pauses() as pauses:
             start = time.perf_counter()
             outs = llm.generate(prompts, params, use_tqdm=False)
             sync()
             wall = time.perf_counter() - start
+        if profiler is not None:
+            profiler.disable()
         rep_gc.append(pauses)
         rep_tok_s.append(sum(len(o.outputs[0].token_ids) for o in outs) / wall)
         walls.append(wall)
     # The reported run: the median rep (the last one's outputs, stats and timeline).
     wall = float(np.median(walls))
+    allocator = {k: v - allocator_before[k] for k, v in _allocator_counts(device).items()}
+    print("caching allocator during the reps:", json.dumps(allocator), flush=True)
     if profiler is not None:
         import pstats
-        profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
     stats = {k: v - stats_before.get(k, 0) for k, v in _stats_dict(engine.stats).items()}
     print("host breakdown (s):", json.dumps({k: round(v, 3) for k, v in stats.items()}),
@@ -509,7 +515,7 @@ def run_hpcinfer(ckpt: Path, requests, max_num_seqs: int, profile_dir: Path | No
     if timeline is not None:
         row["step_breakdown"] = timeline.summary(wall)
         print_step_breakdown(row["step_breakdown"])
-    row.update(warmup_s=warmup_s, host_breakdown_s=stats,
+    row.update(warmup_s=warmup_s, host_breakdown_s=stats, allocator_during_reps=allocator,
                graph_capture_s=graphs.capture_s if graphs else None,
                graph_replays=graphs.num_replays if graphs else 0,
                split_mixed_steps=graphs.num_splits if graphs else 0,
@@ -642,6 +648,18 @@ def profile_decode(llm, prompts, out_dir: Path, workload: str, steps: int = 32) 
                                for e in top[:12]]}
     print("decode profile:", json.dumps(summary, indent=1), flush=True)
     return summary
+
+
+def _allocator_counts(device: str) -> dict:
+    """The CUDA caching allocator's counters that mean a host stall: cudaMalloc/cudaFree
+    calls (a cudaFree waits for the device) and allocations retried after freeing the cache
+    (the pool was full). A steady run's reps should add none."""
+    keys = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")
+    if device != "cuda":
+        return dict.fromkeys(keys, 0)
+    import torch
+    stats = torch.cuda.memory_stats()
+    return {k: int(stats.get(k, 0)) for k in keys}
 
 
 def _stats_dict(stats) -> dict:
