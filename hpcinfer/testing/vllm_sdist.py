@@ -26,7 +26,9 @@ CACHE_ENV = "HPCINFER_VLLM_SDIST_CACHE"
 # examples/offline_inference/... of the list that this vLLM release ships.
 EXAMPLES = ("basic/basic.py", "basic/generate.py", "basic/chat.py", "basic/classify.py",
             "basic/embed.py", "basic/score.py", "basic/reward.py", "llm_engine_example.py",
-            "prefix_caching.py", "metrics.py", "async_llm_streaming.py")
+            "prefix_caching.py", "metrics.py", "async_llm_streaming.py",
+            "structured_outputs.py", "automatic_prefix_caching.py", "reproducibility.py",
+            "multilora_inference.py", "context_extension.py")
 
 _IMPORT = re.compile(r"^(\s*)(from|import) vllm\b", re.M)
 

@@ -2,11 +2,14 @@
 on PyPI by hpcinfer.testing.vllm_sdist; not kept here) run to the end with only their imports
 changed from ``vllm`` to ``hpcinfer``. The hub models they name are tiny random checkpoints
 in directories of the same names (``facebook/opt-125m``, ...) in the working directory, so
-not even the model strings change; flags are the ones issue 18 names.
+not even the model strings change; flags are the ones issue 18 names. multilora_inference.py's
+adapter comes from ``snapshot_download`` of its hub id: a tiny PEFT adapter of the same name in
+a Hugging Face cache the run points at (offline).
 """
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -32,6 +35,11 @@ RUNS = [
     ("prefix_caching.py",),
     ("metrics.py",),
     ("async_llm_streaming.py",),
+    ("structured_outputs.py",),
+    ("automatic_prefix_caching.py",),
+    ("reproducibility.py",),
+    ("multilora_inference.py",),
+    ("context_extension.py",),
 ]
 # What each prints when it got its results: (text, at least this many times).
 PRINTS = {
@@ -46,7 +54,13 @@ PRINTS = {
     "prefix_caching.py": ("Generated answers are the same: True", 1),
     "metrics.py": ("vllm:generation_tokens (counter)", 1),
     "async_llm_streaming.py": ("All streaming examples completed!", 1),
+    "structured_outputs.py": ("Structured outputs by", 4),
+    "automatic_prefix_caching.py": ("Generation time:", 2),
+    "reproducibility.py": ("Generated text:", 4),
+    "multilora_inference.py": ("RequestOutput(", 4),
+    "context_extension.py": ("Generated text:", 1),
 }
+HUB_ADAPTER = "yard1/llama-2-7b-sql-lora-test"   # multilora_inference.py's snapshot_download
 
 
 def _models(work: Path) -> None:
@@ -62,6 +76,24 @@ def _models(work: Path) -> None:
     # reward.py asks for max_model_len=1024
     build_tiny_pooling_checkpoint("llama-cls", work / "internlm" / "internlm2-1_8b-reward",
                                   max_position_embeddings=2048)
+    build_tiny_checkpoint("qwen2", work / "Qwen" / "Qwen2.5-3B-Instruct")
+    build_tiny_checkpoint("qwen3", work / "Qwen" / "Qwen3-0.6B")
+    # automatic_prefix_caching.py's markdown table is ~1,500 tiny-tokenizer tokens
+    build_tiny_checkpoint("llama", work / "lmsys" / "longchat-13b-16k",
+                          max_position_embeddings=4096)
+    llama2 = build_tiny_checkpoint("llama", work / "meta-llama" / "Llama-2-7b-hf")
+    _hub_cache_adapter(work / "hf-cache", HUB_ADAPTER, llama2)
+
+
+def _hub_cache_adapter(cache: Path, repo_id: str, base: Path) -> None:
+    """A rank-8 PEFT adapter of ``base`` as the cached snapshot of ``repo_id`` in a Hugging
+    Face hub cache (what snapshot_download returns offline)."""
+    from hpcinfer.testing.tiny_lora import build_tiny_adapter
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    commit = "0" * 40
+    build_tiny_adapter(base, repo / "snapshots" / commit, rank=8)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +102,9 @@ def outputs(tmp_path_factory) -> dict[str, tuple[int, str]]:
     scripts = vllm_sdist.write_examples(work / "examples")
     _models(work)
     runs = [[str(scripts[name]), *argv] for name, *argv in RUNS]
+    env = dict(os.environ, HF_HUB_CACHE=str(work / "hf-cache"), HF_HUB_OFFLINE="1")
     proc = subprocess.run([sys.executable, str(HERE / "run_examples.py"), json.dumps(runs)],
-                          cwd=work, capture_output=True, text=True, timeout=800)
+                          cwd=work, env=env, capture_output=True, text=True, timeout=800)
     blocks = re.findall(r"=== BEGIN (\d+)\n(.*?)=== END \1 rc=(-?\d+)\n", proc.stdout, re.S)
     assert len(blocks) == len(RUNS), proc.stdout[-3000:] + proc.stderr[-3000:]
     return {RUNS[int(i)][0]: (int(rc), text) for i, text, rc in blocks}
@@ -92,3 +125,11 @@ def test_vllm_example_runs_to_the_end(outputs, example):
     assert "Traceback" not in text, text[-4000:]
     marker, count = PRINTS[example]
     assert text.count(marker) >= count, text[-4000:]
+
+
+def test_structured_outputs_example_obeys_its_constraints(outputs):
+    """Sampled (vLLM's default temperature 1), yet the choice is one of the two and the
+    grammar's SQL starts as the grammar says (its end may be cut by max_model_len=100)."""
+    _, text = outputs["structured_outputs.py"]
+    assert re.search(r"Structured outputs by Choice: (Positive|Negative)\n", text), text[-3000:]
+    assert re.search(r"Structured outputs by Grammar: SELECT col_[12] ", text), text[-3000:]
