@@ -79,6 +79,7 @@ class LLM:
             multimodal.set_media_limits(*media_limits)
         self._next_request = 0
         self._default_fields: dict | None = None
+        self._profiler = None   # engine/profiling.TraceProfiler, made by start_profile()
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
@@ -108,6 +109,21 @@ class LLM:
         from hpcinfer.v1.metrics.reader import engine_metrics
         self._check_generate("get_metrics()")
         return engine_metrics(self.llm_engine)
+
+    def start_profile(self) -> None:
+        """Start a torch profiler trace of this process (vLLM's name): the directory comes
+        from VLLM_TORCH_PROFILER_DIR or HPCINFER_TORCH_PROFILER_DIR (engine/profiling.py)."""
+        if self._profiler is None:
+            from hpcinfer.engine.profiling import TraceProfiler
+            self._profiler = TraceProfiler(self.llm_engine.device)
+        self._profiler.start()
+
+    def stop_profile(self) -> None:
+        """Stop the trace that start_profile() began and write it (``*.pt.trace.json``)."""
+        if self._profiler is None:
+            raise RuntimeError("stop_profile() without a start_profile() before it")
+        path = self._profiler.stop()
+        log.info("profiler trace written to %s", path)
 
     def _check_generate(self, what: str) -> None:
         if self.task != "generate":

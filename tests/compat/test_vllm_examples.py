@@ -40,6 +40,7 @@ RUNS = [
     ("reproducibility.py",),
     ("multilora_inference.py",),
     ("context_extension.py",),
+    ("simple_profiling.py",),
 ]
 # What each prints when it got its results: (text, at least this many times).
 PRINTS = {
@@ -59,6 +60,7 @@ PRINTS = {
     "reproducibility.py": ("Generated text:", 4),
     "multilora_inference.py": ("RequestOutput(", 4),
     "context_extension.py": ("Generated text:", 1),
+    "simple_profiling.py": ("Generated text:", 4),
 }
 HUB_ADAPTER = "yard1/llama-2-7b-sql-lora-test"   # multilora_inference.py's snapshot_download
 
@@ -97,8 +99,12 @@ def _hub_cache_adapter(cache: Path, repo_id: str, base: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def outputs(tmp_path_factory) -> dict[str, tuple[int, str]]:
-    work = tmp_path_factory.mktemp("vllm-examples")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("vllm-examples")
+
+
+@pytest.fixture(scope="module")
+def outputs(work) -> dict[str, tuple[int, str]]:
     scripts = vllm_sdist.write_examples(work / "examples")
     _models(work)
     runs = [[str(scripts[name]), *argv] for name, *argv in RUNS]
@@ -133,3 +139,9 @@ def test_structured_outputs_example_obeys_its_constraints(outputs):
     _, text = outputs["structured_outputs.py"]
     assert re.search(r"Structured outputs by Choice: (Positive|Negative)\n", text), text[-3000:]
     assert re.search(r"Structured outputs by Grammar: SELECT col_[12] ", text), text[-3000:]
+
+
+def test_simple_profiling_example_wrote_a_trace(outputs, work):
+    # the script sets VLLM_TORCH_PROFILER_DIR=./vllm_profile (relative to its cwd, ``work``)
+    assert outputs["simple_profiling.py"][0] == 0
+    assert list((work / "vllm_profile").glob("*.pt.trace.json"))
