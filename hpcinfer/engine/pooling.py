@@ -164,7 +164,8 @@ class PoolingEngine:
                 source="pooler_config")
         self.dense = [DenseProjection(d, self.device) for d in self.pooling.dense_dirs]
         self.max_model_len = self._resolve_max_model_len()
-        self.num_labels = getattr(hf_config, "num_labels", None)
+        # the model's own count: a head made from classifier_from_token sets it (heads.py)
+        self.num_labels = getattr(self.model, "num_labels", getattr(hf_config, "num_labels", None))
         log.info("pooling engine: %s, task %s, pooling %s (from %s), max_model_len %d",
                  self.spec.architecture, task, self.pooling.pooling_type, self.pooling.source,
                  self.max_model_len)

@@ -38,8 +38,40 @@ class _DecoderPoolingMixin:
                          "LLM.embed/classify/score/reward (task='embed' or 'classify')")
 
 
+def classifier_token_ids(config: Any) -> tuple[list[int], bool] | None:
+    """vLLM's ``classifier_from_token`` (set through hf_overrides): a causal LM used as a
+    classifier whose score head is made from LM-head rows of these tokens. Returns (their ids
+    in the checkpoint's tokenizer, whether it is the two-way softmax form) or None.
+
+    Two-way (``is_original_qwen3_reranker`` or ``method: "from_2_way_softmax"``; Qwen3-Reranker,
+    mxbai-rerank-v2): tokens [false, true] give one label, weight row(true) - row(false), so
+    its sigmoid is the softmax probability of the true token over the two. Otherwise
+    (``no_post_processing``) one label per token, the rows as they are."""
+    tokens = getattr(config, "classifier_from_token", None)
+    if not tokens:
+        return None
+    two_way = bool(getattr(config, "is_original_qwen3_reranker", False)
+                   or getattr(config, "method", None) == "from_2_way_softmax")
+    if not isinstance(tokens, (list, tuple)) or not all(isinstance(t, str) for t in tokens):
+        raise ValueError(f"classifier_from_token={tokens!r}: give a list of token strings, "
+                         'e.g. ["no", "yes"]')
+    if two_way and len(tokens) != 2:
+        raise ValueError(f"classifier_from_token={tokens!r}: the two-way form "
+                         "(is_original_qwen3_reranker) takes two tokens, [false, true]")
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(config._name_or_path)
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in tokens if t not in vocab]
+    if missing:
+        raise ValueError(f"classifier_from_token: {missing} are not tokens of the tokenizer in "
+                         f"{config._name_or_path} (one vocabulary entry each, e.g. \"yes\")")
+    return [vocab[t] for t in tokens], two_way
+
+
 def sequence_classifier(base: type) -> type:
-    """``<Family>ForSequenceClassification``: ``score(hidden of the last token)``, no bias."""
+    """``<Family>ForSequenceClassification``: ``score(hidden of the last token)``, no bias.
+    With ``classifier_from_token`` in the config the checkpoint is the family's causal LM and
+    the score head is made from its LM head's rows after loading (classifier_token_ids)."""
 
     class ForSequenceClassification(_DecoderPoolingMixin, base):
         default_task = "classify"
@@ -47,8 +79,31 @@ def sequence_classifier(base: type) -> type:
         def __init__(self, config: Any, *, attention_backend: AttentionBackend,
                      tp: TensorParallel = NO_TP):
             base.__init__(self, config, attention_backend=attention_backend, tp=tp)
+            self.from_tokens = classifier_token_ids(config)
+            if self.from_tokens is None:
+                _drop_lm_head(self)
+                self.num_labels = config.num_labels
+                self.score = ReplicatedLinear(config.hidden_size, config.num_labels, False)
+            else:   # the LM head loads as usual; after_loading turns it into the score head
+                ids, two_way = self.from_tokens
+                self.num_labels = 1 if two_way else len(ids)
+
+        def tie_weights(self) -> None:
+            # (also called by the base constructor, before from_tokens is set: nothing yet)
+            if getattr(self, "from_tokens", None) is not None:
+                base.tie_weights(self)   # a tied checkpoint's LM head is its embedding
+
+        def after_loading(self) -> None:
+            if self.from_tokens is None:
+                return
+            ids, two_way = self.from_tokens
+            rows = self.lm_head.weight[ids].float()
+            weight = (rows[1] - rows[0])[None] if two_way else rows
+            score = ReplicatedLinear(self.config.hidden_size, self.num_labels, False)
+            self.score = score.to(device=rows.device, dtype=self.lm_head.weight.dtype)
+            self.score.weight.copy_(weight)
             _drop_lm_head(self)
-            self.score = ReplicatedLinear(config.hidden_size, config.num_labels, False)
+            self.from_tokens = None
 
         def compute_scores(self, pooled: torch.Tensor) -> torch.Tensor:
             """pooled: [N, hidden] -> logits [N, num_labels] float32."""
