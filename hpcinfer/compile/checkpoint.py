@@ -34,6 +34,15 @@ def read_config_json(model_dir: str) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
+def job_config_json(cfg) -> dict | None:
+    """The config.json the job's engine will load: the checkpoint's, with the job's
+    model.hf_overrides merged over it (engine/hf_overrides.py does the same at load)."""
+    from hpcinfer.engine.hf_overrides import merge_overrides
+    hf = read_config_json(cfg.model.id)
+    overrides = getattr(cfg.model, "hf_overrides", None)
+    return merge_overrides(hf, overrides) if hf is not None and overrides else hf
+
+
 def checkpoint_problem(hf: dict, tensor: int = 1, pipeline: int = 1,
                        quantization: str | None = None) -> tuple[str, str] | None:
     """(config key, the engine's message) for the first thing the engine cannot load, or None."""
@@ -80,7 +89,7 @@ def quantization_problem(hf: dict, model_dir: str, quantization: str | None = No
 def quantization_note(cfg) -> str | None:
     """What validate says of a quantized checkpoint: its scheme and whether the job's GPU
     (resources.gpu_type) runs it natively (FP8 needs compute capability >= 8.9)."""
-    hf = read_config_json(cfg.model.id)
+    hf = job_config_json(cfg)
     quantization = getattr(cfg.engine, "quantization", None)
     try:
         spec = None if hf is None else quant_config.quant_spec_of(hf, quantization)
@@ -193,7 +202,7 @@ def _multimodal_hint(hf: dict) -> str:
 
 def check_checkpoint(cfg) -> None:
     """Raise the ConfigError the engine's refusal would have been, at the key that caused it."""
-    hf = read_config_json(cfg.model.id)
+    hf = job_config_json(cfg)
     if hf is None:
         return
     tensor, pipeline = cfg.parallel.tensor, cfg.parallel.pipeline

@@ -367,6 +367,7 @@ def _check_media(cfg: JobConfig) -> None:
         hf = json.loads(config.read_text())
     except (OSError, ValueError):
         return                           # the worker reports an unreadable config
+    hf = {**hf, **(cfg.model.hf_overrides or {})}
     if "vision_config" not in hf:
         key = image_keys[0]
         arch = ", ".join(hf.get("architectures") or ["?"])

@@ -82,6 +82,19 @@ class Section(BaseModel):
                               validate_default=True)
 
 
+def _hf_overrides(value: Any) -> Any:
+    if not isinstance(value, dict) or not value or not all(isinstance(k, str) for k in value):
+        raise user_error("hf_overrides must be a non-empty mapping of config.json keys to "
+                         "values",
+                         "write e.g. `hf_overrides: {rope_scaling: {rope_type: yarn, factor: "
+                         "4.0, original_max_position_embeddings: 32768}}`, or remove it")
+    return value
+
+
+HfOverrides = Annotated[dict, BeforeValidator(_hf_overrides), WithJsonSchema({
+    "type": "object", "description": "config.json keys and their values"})]
+
+
 class ModelSection(Section):
     id: str = Field(
         description="Hugging Face model id (org/name) or a local checkpoint directory "
@@ -97,6 +110,11 @@ class ModelSection(Section):
                                 "max_position_embeddings")
     tokenizer: Optional[str] = Field(
         None, description="Tokenizer id or directory when it differs from the model's")
+    hf_overrides: Optional[HfOverrides] = Field(
+        None, description="config.json keys merged over the checkpoint's own (nested mappings "
+                          "key by key), as vLLM's hf_overrides: rope scaling, a longer "
+                          "context, a causal LM as a reranker (docs/tasks/score.md); the "
+                          "snapshot is not changed")
     source_id: Optional[str] = Field(
         None, description="Written by render: the hub id that model.id was resolved from "
                           "(model.id is then the downloaded snapshot dir, model.revision its "

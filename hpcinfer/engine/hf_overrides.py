@@ -41,7 +41,7 @@ def with_hf_overrides(model_path: str, hf_overrides: dict | Callable | None) -> 
 
 def _overridden_config(source: Path, hf_overrides) -> dict:
     if isinstance(hf_overrides, dict):
-        return _merge(json.loads((source / "config.json").read_text()), hf_overrides)
+        return merge_overrides(json.loads((source / "config.json").read_text()), hf_overrides)
     if callable(hf_overrides):
         from transformers import AutoConfig
         config = hf_overrides(AutoConfig.from_pretrained(source))
@@ -52,11 +52,14 @@ def _overridden_config(source: Path, hf_overrides) -> dict:
                      "callable that takes and returns the HF config")
 
 
-def _merge(base: dict, overrides: dict[str, Any]) -> dict:
+def merge_overrides(base: dict, overrides: dict[str, Any]) -> dict:
+    """``base`` with ``overrides`` on top; nested dicts (rope_scaling, ...) merge key by key.
+    Also the login side's (compile/checkpoint.py checks a job's model.hf_overrides): this
+    module imports no torch or transformers at its top."""
     merged = dict(base)
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = merge_overrides(merged[key], value)
         else:
             merged[key] = value
     return merged

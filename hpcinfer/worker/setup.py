@@ -124,10 +124,11 @@ def engine_config(cfg, model, device: str | None = None):
     """``device``: this rank's device when it differs from resources.device (one-rank
     data-parallel replicas on GPU: ranks.device_of)."""
     from hpcinfer.engine.config import EngineConfig
+    from hpcinfer.engine.hf_overrides import with_hf_overrides
     e = cfg.engine
     try:
         return EngineConfig(
-            model=model.path, dtype=str(cfg.model.dtype), max_model_len=cfg.model.max_model_len,
+            model=with_hf_overrides(model.path, cfg.model.hf_overrides), dtype=str(cfg.model.dtype), max_model_len=cfg.model.max_model_len,
             max_num_seqs=e.max_num_seqs, max_num_batched_tokens=e.max_num_batched_tokens,
             block_size=int(e.block_size), enable_prefix_caching=e.enable_prefix_caching,
             gpu_memory_utilization=e.gpu_memory_utilization,

@@ -274,3 +274,23 @@ def test_pooling_job_may_pass_a_text_column_through(tmp_path):
                              input={"prompt_field": None, "text_field": "text",
                                     "passthrough": ["text"]}))
     assert cfg.input.passthrough == ("text",)
+
+
+def test_hf_overrides_are_checked_as_the_engine_will_load_them(tmp_path, capsys):
+    """model.hf_overrides merge over config.json before the checks: an override to an
+    architecture or rope type the engine lacks fails at validate, one that fixes the
+    checkpoint passes; a non-mapping is refused with what to write."""
+    bad_rope = {**LLAMA, "rope_scaling": {"rope_type": "not-a-rope-type"}}
+    rc, _, err = _validate(_model_job(tmp_path / "a", bad_rope), capsys)
+    assert rc == 2 and "not-a-rope-type" in err
+    fixed = {"hf_overrides": {"rope_scaling": {"rope_type": "yarn", "factor": 2.0,
+                                               "original_max_position_embeddings": 64}}}
+    assert _validate(_model_job(tmp_path / "b", bad_rope, model={"id": "./model", **fixed}),
+                     capsys)[0] == 0
+    job = _model_job(tmp_path / "c", LLAMA, model={
+        "id": "./model", "hf_overrides": {"architectures": ["NotAModelForCausalLM"]}})
+    rc, _, err = _validate(job, capsys)
+    assert rc == 2 and "NotAModelForCausalLM" in err and "model.id" in err
+    job = _model_job(tmp_path / "d", LLAMA, model={"id": "./model", "hf_overrides": [1, 2]})
+    rc, _, err = _validate(job, capsys)
+    assert rc == 2 and "hf_overrides must be a non-empty mapping" in err

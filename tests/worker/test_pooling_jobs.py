@@ -298,3 +298,30 @@ def test_warning_signal_commits_and_exits_requeue_then_resume(tmp_path, embed_mo
     assert [r["row_index"] for r in records] == list(range(num_rows))
     _assert_embeddings_equal(records, pooling_llm(embed_model, "embed").embed(_texts(num_rows),
                                                                         use_tqdm=False))
+
+
+def test_score_job_with_a_causal_lm_reranker_through_hf_overrides(tmp_path):
+    """model.hf_overrides in a job file: a causal LM made a two-way reranker
+    (classifier_from_token, as Qwen3-Reranker) scores each pair as LLM.score does."""
+    from transformers import AutoTokenizer
+
+    from hpcinfer.testing.tiny import build_tiny_checkpoint
+    model = build_tiny_checkpoint("qwen3", tmp_path / "m")
+    false, true = AutoTokenizer.from_pretrained(model).convert_ids_to_tokens([300, 311])
+    overrides = {"architectures": ["Qwen3ForSequenceClassification"],
+                 "classifier_from_token": [false, true], "is_original_qwen3_reranker": True}
+    pairs = [{"id": f"s{i}", "query": q, "doc": d}
+             for i, (q, d) in enumerate(zip(_texts(5), _texts(5, 3)))]
+    data = write_jsonl(tmp_path / "data" / "a.jsonl", pairs)
+    config = _pooling_config(model, str(data), "score",
+                             model={"id": str(model), "hf_overrides": overrides})
+    job_dir = make_job(tmp_path / "job", config)
+    rc, out = run_worker(job_dir)
+    assert rc == 0, out
+    [records] = read_results(job_dir).values()
+    expected = pooling_llm(model, "score", hf_overrides=overrides).score(
+        [p["query"] for p in pairs], [p["doc"] for p in pairs], use_tqdm=False)
+    assert [r["id"] for r in records] == [p["id"] for p in pairs]
+    for rec, o in zip(records, expected):
+        assert abs(rec["score"] - o.outputs.score) <= 1e-6
+    assert len({round(r["score"], 6) for r in records}) > 1   # the pairs score differently
