@@ -52,6 +52,10 @@ class LLM:
         from hpcinfer.multimodal.media import llm_media_args
         media_limits = llm_media_args(kwargs.pop("limit_mm_per_prompt", None),
                                       kwargs.pop("allowed_local_media_path", ""))
+        mm_processor_kwargs = kwargs.pop("mm_processor_kwargs", None)
+        if mm_processor_kwargs is not None and not isinstance(mm_processor_kwargs, dict):
+            raise ValueError(f"mm_processor_kwargs={mm_processor_kwargs!r}: pass a dict of the "
+                             "image processor's arguments, e.g. {'max_pixels': 1003520}")
         from hpcinfer.engine.hf_overrides import with_hf_overrides
         model = with_hf_overrides(str(model), kwargs.pop("hf_overrides", None))
         self.config = EngineConfig.from_kwargs(model, **kwargs)
@@ -77,6 +81,9 @@ class LLM:
         multimodal = getattr(self.llm_engine, "multimodal", None)
         if multimodal is not None:
             multimodal.set_media_limits(*media_limits)
+            multimodal.set_processor_defaults(mm_processor_kwargs)
+        elif mm_processor_kwargs:
+            log.info("mm_processor_kwargs ignored: %s takes no images", self.config.model)
         self._next_request = 0
         self._default_fields: dict | None = None
         self._profiler = None   # engine/profiling.TraceProfiler, made by start_profile()

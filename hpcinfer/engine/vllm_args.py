@@ -66,9 +66,6 @@ IGNORED: dict[str, VllmArg] = {
                                                      "(docs/structured-outputs.md)"),
     "max_parallel_loading_workers": _ignored(None, int, "each rank reads its own slices"),
     "use_tqdm_on_load": _ignored(True, bool, "loading is logged, not drawn"),
-    "mm_processor_kwargs": _ignored(None, "json", "no engine-wide default: pass "
-                                                  "mm_processor_kwargs per prompt or to chat() "
-                                                  "(docs/vision.md)"),
     "disable_mm_preprocessor_cache": _ignored(False, bool, "no preprocessor cache: each "
                                                            "request's images are preprocessed "
                                                            "once"),
@@ -165,6 +162,7 @@ LLM_ARGS: dict[str, tuple[Any, type | str]] = {
     "hf_overrides": (None, "json"),
     "override_generation_config": (None, "json"),
     "limit_mm_per_prompt": (None, "json"),     # images: hpcinfer/multimodal/media.py
+    "mm_processor_kwargs": (None, "json"),     # the image processor's defaults (processor.py)
     "allowed_local_media_path": ("", str),
 }
 

@@ -130,13 +130,12 @@ class Gemma3ForConditionalGeneration(nn.Module):
 
     # --- images ---
     def split_image_inputs(self, out: Any, num_images: int) -> list[dict[str, torch.Tensor]]:
-        """The processor output as one {"pixel_values": [1, C, H, W]} per image."""
+        """The processor output as one {"pixel_values": [1, C, H, W]} per image the model
+        sees, in prompt order. With pan-and-scan (do_pan_and_scan) the processor adds each
+        image's crops after it, each a 256-token image of its own with its own placeholder
+        in the text ("num_crops" per image: processor.py hashes them apart)."""
         pixels = out["pixel_values"]
-        if pixels.shape[0] != num_images:
-            raise ValueError(f"the processor made {pixels.shape[0]} crops of {num_images} "
-                             "image(s): Gemma 3's pan-and-scan (do_pan_and_scan) is not "
-                             "supported yet, leave it off")
-        return [{"pixel_values": pixels[i:i + 1]} for i in range(num_images)]
+        return [{"pixel_values": pixels[i:i + 1]} for i in range(pixels.shape[0])]
 
     @property
     def pixel_dtype(self) -> torch.dtype:

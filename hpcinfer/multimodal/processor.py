@@ -8,8 +8,11 @@ placeholder span (the model says how many tokens each image fills) and hash each
 from __future__ import annotations
 
 import copy
+import hashlib
 import threading
 from typing import Any
+
+import torch
 
 from hpcinfer.multimodal.inputs import ImageItem, MultiModalInputs, ProcessedPrompt
 from hpcinfer.multimodal.media import (CHAT_IMAGE_PARTS, LLM_IMAGE_LIMIT, LLM_MEDIA_PATH,
@@ -18,7 +21,10 @@ from hpcinfer.multimodal.media import (CHAT_IMAGE_PARTS, LLM_IMAGE_LIMIT, LLM_ME
 from hpcinfer.multimodal.pinned import PinnedBudget, budget_bytes
 from hpcinfer.multimodal.workers import start_workers
 
-PROMPT_KEYS = frozenset({"prompt", "multi_modal_data", "mm_processor_kwargs", "cache_salt"})
+# multi_modal_uuids: vLLM's keys for its preprocessor cache; hpcinfer keeps none, so they are
+# accepted and not used (each request's images are processed from its own data)
+PROMPT_KEYS = frozenset({"prompt", "multi_modal_data", "mm_processor_kwargs", "cache_salt",
+                         "multi_modal_uuids"})
 _NOT_PER_IMAGE = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
 
 
@@ -44,6 +50,8 @@ class MultiModalProcessor:
             {vocab[self.placeholder]} if self.placeholder in vocab else set())
         # LLM(limit_mm_per_prompt=..., allowed_local_media_path=...), see set_media_limits
         self.max_images: int | None = None
+        # LLM(mm_processor_kwargs=...): every request's defaults; its own keys win
+        self.default_processor_kwargs: dict = {}
         self.media_dirs: tuple[str, ...] = ()
         # LLM.generate preprocesses many image prompts on threads: each thread other than the
         # one that built the processor calls its own copy (the fast tokenizer's settings are
@@ -67,6 +75,11 @@ class MultiModalProcessor:
         (real paths; empty: chat image parts may not name local files), as
         media.llm_media_args returns them."""
         self.max_images, self.media_dirs = max_images, tuple(media_dirs)
+
+    def set_processor_defaults(self, kwargs: dict | None) -> None:
+        """vLLM's LLM(mm_processor_kwargs=...): arguments of every processor call (e.g.
+        Gemma 3's do_pan_and_scan); a request's own mm_processor_kwargs win key by key."""
+        self.default_processor_kwargs = dict(kwargs or {})
 
     # --- generate(): {"prompt": text, "multi_modal_data": {"image": ...}} ---
     def process(self, prompt: dict, request_id: str) -> ProcessedPrompt:
@@ -131,12 +144,12 @@ class MultiModalProcessor:
     def _process(self, text: str, images: list, where: str, *, add_special_tokens: bool,
                  processor_kwargs: dict | None = None) -> ProcessedPrompt:
         """``processor_kwargs`` (vLLM's mm_processor_kwargs, e.g. Qwen2-VL's min_pixels /
-        max_pixels) go to the processor call and into each image's hash: the same image
-        preprocessed otherwise never shares KV."""
+        max_pixels; over the LLM's defaults) go to the processor call and into each image's
+        hash: the same image preprocessed otherwise never shares KV."""
         if processor_kwargs is not None and not isinstance(processor_kwargs, dict):
             raise ValueError(f"{where}: mm_processor_kwargs must be a dict, e.g. "
                              "{'max_pixels': 1003520}")
-        kwargs = dict(processor_kwargs or {})
+        kwargs = {**self.default_processor_kwargs, **(processor_kwargs or {})}
         workers, dtype = self.workers, getattr(self.model, "pixel_dtype", None)
         try:
             done = (workers.run(text, images, add_special_tokens, kwargs, dtype)
@@ -167,6 +180,8 @@ class MultiModalProcessor:
         salt = hash(repr(sorted(kwargs.items()))) if kwargs else None
         if hashes is None:
             hashes = [image_hash(image) for image in images]
+        if len(per_image) != len(images):   # crops (Gemma 3's pan-and-scan) after each image
+            hashes = [_inputs_hash(inputs) for inputs in per_image]
         for digest, count, inputs in zip(hashes, counts, per_image):
             span = positions[k:k + count]
             if span[-1] - span[0] != count - 1:
@@ -180,6 +195,19 @@ class MultiModalProcessor:
         if getattr(self.model, "uses_mrope", False):
             mm.rope_positions, mm.rope_delta = self.model.rope_positions(len(token_ids), items)
         return ProcessedPrompt(text, token_ids, mm)
+
+
+def _inputs_hash(inputs: dict) -> int:
+    """A digest of one image input's preprocessed tensors. For processors that turn an image
+    into several inputs (crops) without saying which belong to which image (transformers
+    drops Gemma 3's num_crops), so each crop's KV is keyed by its own pixels."""
+    digest = hashlib.blake2b(digest_size=16)
+    for key in sorted(inputs):
+        value = inputs[key]
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+                      if value.is_floating_point() else value.cpu().numpy().tobytes())
+    return int.from_bytes(digest.digest(), "little")
 
 
 def _in_dtype(per_image: list[dict], dtype, pinned: PinnedBudget | None = None) -> list[dict]:

@@ -28,7 +28,8 @@ EXAMPLES = ("basic/basic.py", "basic/generate.py", "basic/chat.py", "basic/class
             "basic/embed.py", "basic/score.py", "basic/reward.py", "llm_engine_example.py",
             "prefix_caching.py", "metrics.py", "async_llm_streaming.py",
             "structured_outputs.py", "automatic_prefix_caching.py", "reproducibility.py",
-            "multilora_inference.py", "context_extension.py", "simple_profiling.py")
+            "multilora_inference.py", "context_extension.py", "simple_profiling.py",
+            "vision_language.py")
 
 _IMPORT = re.compile(r"^(\s*)(from|import) vllm\b", re.M)
 

@@ -41,6 +41,8 @@ RUNS = [
     ("multilora_inference.py",),
     ("context_extension.py",),
     ("simple_profiling.py",),
+    ("vision_language.py", "--model-type", "llava"),
+    ("vision_language.py", "--model-type", "gemma3"),   # with its do_pan_and_scan
 ]
 # What each prints when it got its results: (text, at least this many times).
 PRINTS = {
@@ -61,6 +63,7 @@ PRINTS = {
     "multilora_inference.py": ("RequestOutput(", 4),
     "context_extension.py": ("Generated text:", 1),
     "simple_profiling.py": ("Generated text:", 4),
+    "vision_language.py": ("-" * 50 + "\n", 5),   # a rule before each of 4 answers, one after
 }
 HUB_ADAPTER = "yard1/llama-2-7b-sql-lora-test"   # multilora_inference.py's snapshot_download
 
@@ -85,6 +88,25 @@ def _models(work: Path) -> None:
                           max_position_embeddings=4096)
     llama2 = build_tiny_checkpoint("llama", work / "meta-llama" / "Llama-2-7b-hf")
     _hub_cache_adapter(work / "hf-cache", HUB_ADAPTER, llama2)
+    # vision_language.py: its image comes from vLLM's asset cache (VLLM_ASSETS_CACHE, set for
+    # the run); its models ask for max_model_len 4096 / 2048
+    from hpcinfer.testing.tiny_vision import build_tiny_gemma3, build_tiny_llava, test_images
+    _longer(build_tiny_llava(work / "llava-hf" / "llava-1.5-7b-hf"), 4096)
+    _longer(build_tiny_gemma3(work / "google" / "gemma-3-4b-it"), 4096)
+    assets = work / "assets" / "vllm_public_assets"
+    assets.mkdir(parents=True)
+    test_images()[0].resize((160, 120)).save(assets / "cherry_blossom.jpg")
+
+
+def _longer(checkpoint: Path, positions: int) -> None:
+    """max_position_embeddings raised in config.json (top level and text_config): the tiny
+    models' rope tables are computed, not stored, so nothing else changes."""
+    path = checkpoint / "config.json"
+    config = json.loads(path.read_text())
+    for part in (config, config.get("text_config") or {}):
+        if "max_position_embeddings" in part:
+            part["max_position_embeddings"] = positions
+    path.write_text(json.dumps(config, indent=2))
 
 
 def _hub_cache_adapter(cache: Path, repo_id: str, base: Path) -> None:
@@ -108,12 +130,19 @@ def outputs(work) -> dict[str, tuple[int, str]]:
     scripts = vllm_sdist.write_examples(work / "examples")
     _models(work)
     runs = [[str(scripts[name]), *argv] for name, *argv in RUNS]
-    env = dict(os.environ, HF_HUB_CACHE=str(work / "hf-cache"), HF_HUB_OFFLINE="1")
+    env = dict(os.environ, HF_HUB_CACHE=str(work / "hf-cache"), HF_HUB_OFFLINE="1",
+               VLLM_ASSETS_CACHE=str(work / "assets"))
     proc = subprocess.run([sys.executable, str(HERE / "run_examples.py"), json.dumps(runs)],
                           cwd=work, env=env, capture_output=True, text=True, timeout=800)
     blocks = re.findall(r"=== BEGIN (\d+)\n(.*?)=== END \1 rc=(-?\d+)\n", proc.stdout, re.S)
     assert len(blocks) == len(RUNS), proc.stdout[-3000:] + proc.stderr[-3000:]
-    return {RUNS[int(i)][0]: (int(rc), text) for i, text, rc in blocks}
+    return {_label(RUNS[int(i)]): (int(rc), text) for i, text, rc in blocks}
+
+
+def _label(run: tuple) -> str:
+    """A run's name in the results and test ids: the script, and its argv when it runs twice."""
+    name, *argv = run
+    return f"{name} {' '.join(argv)}" if [r[0] for r in RUNS].count(name) > 1 else name
 
 
 def test_only_the_imports_differ_from_vllm(tmp_path):
@@ -124,12 +153,12 @@ def test_only_the_imports_differ_from_vllm(tmp_path):
         assert vllm_sdist.swap_imports(text.replace("hpcinfer", "vllm")) == text
 
 
-@pytest.mark.parametrize("example", [run[0] for run in RUNS])
+@pytest.mark.parametrize("example", [_label(run) for run in RUNS])
 def test_vllm_example_runs_to_the_end(outputs, example):
     rc, text = outputs[example]
     assert rc == 0, text[-4000:]
     assert "Traceback" not in text, text[-4000:]
-    marker, count = PRINTS[example]
+    marker, count = PRINTS[example.split()[0]]
     assert text.count(marker) >= count, text[-4000:]
 
 

@@ -218,12 +218,36 @@ def test_checkpoint_layouts_load(gemma3_dir, images, hf_gemma3, tmp_path, layout
     assert got == _expected(hf_gemma3, images)[2:]
 
 
-def test_pan_and_scan_is_refused_clearly(gemma3_dir, images):
-    llm = make_llm(gemma3_dir)
-    prompt = {"prompt": ONE, "multi_modal_data": {"image": images[1]},  # 64x30: wide
-              "mm_processor_kwargs": {"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 8}}
-    with pytest.raises(ValueError, match="pan-and-scan .* not supported yet"):
-        llm.generate(prompt, GREEDY, use_tqdm=False)
+PAN_AND_SCAN = {"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 8}
+
+
+def test_pan_and_scan_crops_equal_transformers(gemma3_dir, images, hf_gemma3):
+    """do_pan_and_scan: the processor adds each wide or tall image's crops after it, each an
+    image of its own (per request, or LLM(mm_processor_kwargs=...) for all); greedy tokens
+    equal transformers' on the same processor output."""
+    from transformers import AutoProcessor, Gemma3ForConditionalGeneration
+    processor = AutoProcessor.from_pretrained(gemma3_dir)
+    model = Gemma3ForConditionalGeneration.from_pretrained(gemma3_dir, dtype=torch.float32)
+    model.generation_config.eos_token_id = None
+    want = []
+    for text, imgs in ((ONE, [images[1]]), (TWO, [images[1], images[2]])):   # wide, tall
+        inputs = processor(text=[text], images=imgs, return_tensors="pt", **PAN_AND_SCAN)
+        assert inputs["pixel_values"].shape[0] > len(imgs)    # crops were made
+        with torch.no_grad():
+            out = model.eval().generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False)
+        want.append((out[0, inputs["input_ids"].shape[1]:].tolist(),
+                     inputs["input_ids"][0].tolist()))
+    per_request = make_llm(gemma3_dir, max_model_len=512).generate(
+        [{"prompt": ONE, "multi_modal_data": {"image": images[1]},
+          "mm_processor_kwargs": PAN_AND_SCAN},
+         {"prompt": TWO, "multi_modal_data": {"image": images[1:3]},
+          "mm_processor_kwargs": PAN_AND_SCAN}], GREEDY, use_tqdm=False)
+    engine_wide = make_llm(gemma3_dir, max_model_len=512,
+                           mm_processor_kwargs=PAN_AND_SCAN).generate(
+        [{"prompt": ONE, "multi_modal_data": {"image": images[1]}},
+         {"prompt": TWO, "multi_modal_data": {"image": images[1:3]}}], GREEDY, use_tqdm=False)
+    for outs in (per_request, engine_wide):
+        assert [(o.outputs[0].token_ids, o.prompt_token_ids) for o in outs] == want
 
 
 def test_placeholder_without_an_image_is_refused(gemma3_dir):

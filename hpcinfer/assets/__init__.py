@@ -1,0 +1,1 @@
+"""vLLM's ``vllm.assets``: the public test images its example scripts load by name."""
