@@ -95,8 +95,12 @@ def _engine_args_namespace() -> dict:
         """EngineConfig for LLMEngine: the ignored/refused vLLM arguments are applied, the
         arguments only LLM reads must be at their defaults."""
         from hpcinfer.engine.hf_overrides import with_hf_overrides
+        from hpcinfer.hub.offline import model_dir
         kwargs = dataclasses.asdict(self)
-        kwargs["model"] = with_hf_overrides(kwargs["model"], kwargs.pop("hf_overrides"))
+        kwargs["model"] = with_hf_overrides(model_dir(kwargs["model"], kwargs.pop("revision")),
+                                            kwargs.pop("hf_overrides"))
+        if isinstance(kwargs.get("tokenizer"), str):
+            kwargs["tokenizer"] = model_dir(kwargs["tokenizer"], kwargs.pop("tokenizer_revision"))
         for name, (default, _) in LLM_ARGS.items():
             if name not in kwargs:
                 continue

@@ -57,7 +57,13 @@ class LLM:
             raise ValueError(f"mm_processor_kwargs={mm_processor_kwargs!r}: pass a dict of the "
                              "image processor's arguments, e.g. {'max_pixels': 1003520}")
         from hpcinfer.engine.hf_overrides import with_hf_overrides
-        model = with_hf_overrides(str(model), kwargs.pop("hf_overrides", None))
+        from hpcinfer.hub.offline import model_dir
+        revision = kwargs.pop("revision", None)
+        model = with_hf_overrides(model_dir(str(model), revision),
+                                  kwargs.pop("hf_overrides", None))
+        tokenizer_revision = kwargs.pop("tokenizer_revision", None)
+        if isinstance(kwargs.get("tokenizer"), str):   # a hub id too, at its own revision
+            kwargs["tokenizer"] = model_dir(kwargs["tokenizer"], tokenizer_revision)
         self.config = EngineConfig.from_kwargs(model, **kwargs)
         self.generation_config = _generation_config_dir(generation_config, self.config.model)
         self.override_generation_config = dict(override_generation_config or {})

@@ -44,10 +44,9 @@ IGNORED: dict[str, VllmArg] = {
     "download_dir": _ignored(None, str, "models are local snapshots (hpcinfer download)"),
     "distributed_executor_backend": _ignored(None, str,
                                              "ranks are spawned or MPI-launched (docs/multi-node.md)"),
-    "revision": _ignored(None, str, "--model is a local snapshot; the revision is pinned by "
-                                    "hpcinfer download"),
+
     "code_revision": _ignored(None, str, "no remote code is run"),
-    "tokenizer_revision": _ignored(None, str, "the tokenizer is read from the snapshot"),
+
     "served_model_name": _ignored(None, str, "no server"),
     "hf_token": _ignored(None, str, "no hub access at run time"),
     "model_impl": _ignored("auto", str, "every model is hpcinfer's own implementation"),
@@ -160,6 +159,8 @@ LLM_ARGS: dict[str, tuple[Any, type | str]] = {
     "override_pooler_config": (None, "json"),
     "generation_config": ("auto", str),
     "hf_overrides": (None, "json"),
+    "revision": (None, str),            # a hub id's revision (hub/offline.py model_dir)
+    "tokenizer_revision": (None, str),
     "override_generation_config": (None, "json"),
     "limit_mm_per_prompt": (None, "json"),     # images: hpcinfer/multimodal/media.py
     "mm_processor_kwargs": (None, "json"),     # the image processor's defaults (processor.py)

@@ -93,3 +93,43 @@ def _commit_of(path: str) -> str | None:
     if parent.name == "snapshots" and len(name) == 40 and all(c in "0123456789abcdef" for c in name):
         return name
     return None
+
+
+def model_dir(model: str, revision: str | None = None) -> str:
+    """The directory ``LLM(model=...)`` loads, as vLLM finds it: a local directory as given;
+    a hub id from the snapshot ``hpcinfer download`` recorded, else from the Hugging Face
+    cache (a snapshot vLLM, transformers or ``huggingface-cli`` fetched before), else
+    downloaded now (and recorded) unless the environment is offline (HF_HUB_OFFLINE, as on
+    compute nodes): then ModelNotDownloaded says to run ``hpcinfer download`` on the login
+    node. The hub client is imported only for the last two."""
+    local = Path(os.path.expanduser(model))
+    if local.is_dir():
+        return str(local)
+    try:
+        return resolve_model(model, revision).path
+    except ModelPathNotFound:
+        raise
+    except ModelNotDownloaded as missing:
+        not_recorded = missing
+    cached = _hf_cache_snapshot(model, revision)
+    if cached is not None:
+        return cached
+    if _offline():
+        raise not_recorded
+    from hpcinfer.hub.download import download_model
+    log.info("%s is not in the cache: downloading it now", model)
+    return download_model(model, revision).path
+
+
+def _hf_cache_snapshot(model: str, revision: str | None) -> str | None:
+    from huggingface_hub import try_to_load_from_cache
+    config = try_to_load_from_cache(model, "config.json", revision=revision)
+    return os.path.dirname(config) if isinstance(config, str) else None
+
+
+def _offline() -> bool:
+    if any(os.environ.get(k, "").upper() in ("1", "ON", "YES", "TRUE")
+           for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return True
+    constants = sys.modules.get("huggingface_hub.constants")
+    return bool(constants is not None and constants.HF_HUB_OFFLINE)

@@ -80,10 +80,11 @@ def test_ignored_arguments_log_one_line(name, caplog):
     assert "ignored" in caplog.records[0].getMessage()
 
 
-def test_cli_namespace_and_engine_args_become_llm_kwargs():
+def test_cli_namespace_and_engine_args_become_llm_kwargs(tmp_path):
+    # the model is found at create_engine_config (a hub id would be resolved there): a dir
     from hpcinfer.utils import FlexibleArgumentParser
     parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
-    args = parser.parse_args(["--model", "m", "--max_num_seqs", "4", "-tp", "1",
+    args = parser.parse_args(["--model", str(tmp_path), "--max_num_seqs", "4", "-tp", "1",
                               "--no-enable-prefix-caching", "--pooler-config", '{"a": 1}'])
     assert args.max_num_seqs == 4 and args.enable_prefix_caching is False
     assert args.pooler_config == {"a": 1}
@@ -93,7 +94,7 @@ def test_cli_namespace_and_engine_args_become_llm_kwargs():
     assert engine_config.max_num_seqs == 4 and not engine_config.enable_prefix_caching
     assert engine_config.block_size == 16  # None -> the engine's default
     with pytest.raises(ValueError, match="read by LLM, not LLMEngine"):
-        EngineArgs(model="m", task="embed").create_engine_config()
+        EngineArgs(model=str(tmp_path), task="embed").create_engine_config()
 
 
 def test_newer_examples_attention_backend_choice_imports_and_is_ignored(caplog):
