@@ -8,6 +8,7 @@ placeholder span (the model says how many tokens each image fills) and hash each
 from __future__ import annotations
 
 import copy
+import logging
 import hashlib
 import threading
 from typing import Any
@@ -25,21 +26,40 @@ from hpcinfer.multimodal.workers import start_workers
 # accepted and not used (each request's images are processed from its own data)
 PROMPT_KEYS = frozenset({"prompt", "multi_modal_data", "mm_processor_kwargs", "cache_salt",
                          "multi_modal_uuids"})
+log = logging.getLogger(__name__)
 _NOT_PER_IMAGE = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+
+
+def _load_processor(model_path: str, architecture: str):
+    """transformers' AutoProcessor of the checkpoint; for Qwen2-VL / Qwen2.5-VL without
+    torchvision, the image-only processor (image_only.py) instead of failing."""
+    import importlib.util
+
+    from transformers import AutoProcessor
+
+    from hpcinfer.multimodal import image_only
+    try:
+        return AutoProcessor.from_pretrained(model_path)
+    except Exception as e:  # transformers raises OSError, ValueError, AttributeError...
+        error = e
+    if architecture in image_only.ARCHITECTURES and importlib.util.find_spec("torchvision") is None:
+        try:
+            processor = image_only.image_only_processor(model_path, architecture)
+        except Exception as e:   # noqa: BLE001 - reported with the first error below
+            error = e
+        else:
+            log.info("torchvision is not installed: %s's processor without its video part "
+                     "(images only; PIL resizing)", architecture)
+            return processor
+    raise ValueError(f"{model_path}: transformers could not load the model's processor "
+                     f"({type(error).__name__}: {error}). The checkpoint needs its "
+                     "preprocessor_config.json (download the full snapshot)") from None
 
 
 class MultiModalProcessor:
     def __init__(self, model_path: str, model: Any, num_workers: int = 0,
                  pin_pixels: bool = False):
-        from transformers import AutoProcessor
-        try:
-            self.processor = AutoProcessor.from_pretrained(model_path)
-        except Exception as e:  # transformers raises OSError, ValueError, AttributeError...
-            raise ValueError(f"{model_path}: transformers could not load the model's processor "
-                             f"({type(e).__name__}: {e}). The checkpoint needs its "
-                             "preprocessor_config.json (download the full snapshot); Qwen2-VL's "
-                             "processor in transformers 5 also needs torchvision "
-                             "(pip install torchvision matching your torch)") from None
+        self.processor = _load_processor(model_path, type(model).__name__)
         self.model = model
         self.image_token_id = model.image_token_id
         self.placeholder = getattr(self.processor, "image_token", None) or "<image>"

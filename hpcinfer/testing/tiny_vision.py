@@ -175,42 +175,11 @@ def build_tiny_qwen2_vl(out_dir: str | Path, *, seed: int = 0, version: str = "2
 
 def qwen2_vl_image_processor(path: str | Path, version: str = "2"):
     """transformers' Qwen2VLProcessor (Qwen2_5_VLProcessor with ``version="2.5"``) for
-    ``path`` with its video attribute removed: its placeholder expansion and chat template,
-    without the torchvision-only video processor."""
-    from transformers import AutoTokenizer
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
-        Qwen2VLImageProcessorPil)
-
-    cls = __getattr__("ImageOnlyQwen2_5_VLProcessor" if version == "2.5"
-                      else "ImageOnlyQwen2VLProcessor")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return cls(Qwen2VLImageProcessorPil.from_pretrained(path), tokenizer,
-               chat_template=tokenizer.chat_template)
-
-
-_IMAGE_ONLY_BASES = {"ImageOnlyQwen2VLProcessor": "Qwen2VLProcessor",
-                     "ImageOnlyQwen2_5_VLProcessor": "Qwen2_5_VLProcessor"}
-
-
-@functools.lru_cache(maxsize=None)
-def __getattr__(name: str):
-    """The image-only processor classes, made on first use (transformers is imported late)
-    under this module's name, so the processors pickle: the image-preprocessing worker
-    processes (multimodal/workers.py) get them that way."""
-    if name not in _IMAGE_ONLY_BASES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import transformers
-    base = getattr(transformers, _IMAGE_ONLY_BASES[name])
-
-    def get_attributes(cls):
-        return ["image_processor", "tokenizer"]
-
-    def __init__(self, image_processor, tokenizer, chat_template=None):
-        base.__init__(self, image_processor, tokenizer, None, chat_template=chat_template)
-
-    return type(name, (base,), {"__module__": __name__, "__qualname__": name,
-                                "get_attributes": classmethod(get_attributes),
-                                "__init__": __init__})
+    ``path`` with its video attribute removed: what the engine itself falls back to without
+    torchvision (hpcinfer/multimodal/image_only.py)."""
+    from hpcinfer.multimodal.image_only import image_only_processor
+    return image_only_processor(path, "Qwen2_5_VLForConditionalGeneration" if version == "2.5"
+                                else "Qwen2VLForConditionalGeneration")
 
 
 @functools.lru_cache(maxsize=None)

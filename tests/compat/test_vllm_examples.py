@@ -43,6 +43,8 @@ RUNS = [
     ("simple_profiling.py",),
     ("vision_language.py", "--model-type", "llava"),
     ("vision_language.py", "--model-type", "gemma3"),   # with its do_pan_and_scan
+    ("vision_language.py", "--model-type", "qwen2_vl"),   # no torchvision here: image-only
+    ("vision_language.py", "--model-type", "qwen2_5_vl"),
 ]
 # What each prints when it got its results: (text, at least this many times).
 PRINTS = {
@@ -90,9 +92,12 @@ def _models(work: Path) -> None:
     _hub_cache_adapter(work / "hf-cache", HUB_ADAPTER, llama2)
     # vision_language.py: its image comes from vLLM's asset cache (VLLM_ASSETS_CACHE, set for
     # the run); its models ask for max_model_len 4096 / 2048
-    from hpcinfer.testing.tiny_vision import build_tiny_gemma3, build_tiny_llava, test_images
+    from hpcinfer.testing.tiny_vision import (build_tiny_gemma3, build_tiny_llava,
+                                              build_tiny_qwen2_vl, test_images)
     _longer(build_tiny_llava(work / "llava-hf" / "llava-1.5-7b-hf"), 4096)
     _longer(build_tiny_gemma3(work / "google" / "gemma-3-4b-it"), 4096)
+    _longer(build_tiny_qwen2_vl(work / "Qwen" / "Qwen2-VL-7B-Instruct"), 4096)
+    _longer(build_tiny_qwen2_vl(work / "Qwen" / "Qwen2.5-VL-3B-Instruct", version="2.5"), 4096)
     assets = work / "assets" / "vllm_public_assets"
     assets.mkdir(parents=True)
     test_images()[0].resize((160, 120)).save(assets / "cherry_blossom.jpg")

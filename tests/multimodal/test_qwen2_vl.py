@@ -134,14 +134,33 @@ def test_login_side_accepts_released_qwen2_vl_configs():
     assert checkpoint_problem({**hub, "rope_scaling": {"type": "su"}}) is not None
 
 
-def test_processor_that_does_not_load_is_one_clear_error(qwen_dir, monkeypatch):
+def test_without_torchvision_the_engine_takes_the_image_only_processor(qwen_dir, images,
+                                                                       monkeypatch, hf_qwen):
+    """transformers 5's Qwen2VLProcessor fails without torchvision (its video part): the
+    engine then loads the image-only processor itself (multimodal/image_only.py) and answers
+    as transformers does; with torchvision present the failure would be reported as is."""
+    import importlib.util
+
     import transformers
+
+    from hpcinfer.multimodal import image_only
 
     def broken(path, *args, **kwargs):  # what transformers 5 does without torchvision
         raise AttributeError("type object 'VIDEO_PROCESSOR_MAPPING' has no attribute "
                              "'_extra_content'")
     monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", broken)
-    with pytest.raises(ValueError, match="could not load the model's processor.*torchvision"):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torchvision" else find_spec(name, *a))
+    llm = make_llm(qwen_dir)
+    processor = llm.llm_engine.multimodal.processor
+    assert type(processor) is image_only.ImageOnlyQwen2VLProcessor
+    out = llm.generate({"prompt": ONE, "multi_modal_data": {"image": images[1]}}, GREEDY,
+                       use_tqdm=False)
+    assert out[0].outputs[0].token_ids == hf_qwen(ONE, [images[1]])
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "torchvision" else find_spec(name, *a))
+    with pytest.raises(ValueError, match="could not load the model's processor"):
         make_llm(qwen_dir)
 
 
