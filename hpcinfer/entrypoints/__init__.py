@@ -1,0 +1,1 @@
+"""vLLM's ``vllm.entrypoints`` paths that batch users call (``openai.run_batch``)."""
