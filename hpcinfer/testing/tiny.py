@@ -168,15 +168,23 @@ def redraw_weights(model, seed: int, norm_offset: float = 0.0) -> None:
 
 
 def build_tiny_checkpoint(family: str, out_dir: str | Path, *, seed: int = 0,
-                          num_shards_min: int = 3, **config_overrides: Any) -> Path:
+                          num_shards_min: int = 3, extra_tokens: tuple[str, ...] = (),
+                          **config_overrides: Any) -> Path:
     """Write a random fp32 ``family`` checkpoint (>= num_shards_min safetensors shards plus
     model.safetensors.index.json), its config and a tokenizer with a chat template to out_dir.
-    Returns out_dir. ``config_overrides`` go to the HF config (e.g. ``sliding_window=8``)."""
+    Returns out_dir. ``config_overrides`` go to the HF config (e.g. ``sliding_window=8``);
+    ``extra_tokens`` are added to the tokenizer (and the vocabulary), e.g. a reranker's
+    "yes" and "no"."""
+    import copy
+
     import torch
     from transformers import AutoModelForCausalLM
 
     out_dir = Path(out_dir)
     tokenizer = _tiny_tokenizer()
+    if extra_tokens:
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.add_tokens(list(extra_tokens))
     config = tiny_config(family, len(tokenizer), **config_overrides)
     with torch.random.fork_rng():  # from_config draws from the global RNG: leave it untouched
         torch.manual_seed(seed)

@@ -45,6 +45,7 @@ RUNS = [
     ("vision_language.py", "--model-type", "gemma3"),   # with its do_pan_and_scan
     ("vision_language.py", "--model-type", "qwen2_vl"),   # no torchvision here: image-only
     ("vision_language.py", "--model-type", "qwen2_5_vl"),
+    ("pooling/qwen3_reranker.py",),
 ]
 # What each prints when it got its results: (text, at least this many times).
 PRINTS = {
@@ -66,6 +67,7 @@ PRINTS = {
     "context_extension.py": ("Generated text:", 1),
     "simple_profiling.py": ("Generated text:", 4),
     "vision_language.py": ("-" * 50 + "\n", 5),   # a rule before each of 4 answers, one after
+    "pooling/qwen3_reranker.py": ("-" * 30 + "\n", 2),
 }
 HUB_ADAPTER = "yard1/llama-2-7b-sql-lora-test"   # multilora_inference.py's snapshot_download
 
@@ -88,6 +90,9 @@ def _models(work: Path) -> None:
     # automatic_prefix_caching.py's markdown table is ~1,500 tiny-tokenizer tokens
     build_tiny_checkpoint("llama", work / "lmsys" / "longchat-13b-16k",
                           max_position_embeddings=4096)
+    # qwen3_reranker.py: a causal LM made a reranker from its "no"/"yes" LM-head rows
+    build_tiny_checkpoint("qwen3", work / "Qwen" / "Qwen3-Reranker-0.6B",
+                          extra_tokens=("no", "yes"))
     llama2 = build_tiny_checkpoint("llama", work / "meta-llama" / "Llama-2-7b-hf")
     _hub_cache_adapter(work / "hf-cache", HUB_ADAPTER, llama2)
     # vision_language.py: its image comes from vLLM's asset cache (VLLM_ASSETS_CACHE, set for
@@ -179,3 +184,9 @@ def test_simple_profiling_example_wrote_a_trace(outputs, work):
     # the script sets VLLM_TORCH_PROFILER_DIR=./vllm_profile (relative to its cwd, ``work``)
     assert outputs["simple_profiling.py"][0] == 0
     assert list((work / "vllm_profile").glob("*.pt.trace.json"))
+
+
+def test_qwen3_reranker_example_prints_two_probabilities(outputs):
+    _, text = outputs["pooling/qwen3_reranker.py"]
+    scores = json.loads(re.search(r"\n(\[[^\]]*\])\n", text).group(1))
+    assert len(scores) == 2 and all(0 < s < 1 for s in scores), text[-2000:]
