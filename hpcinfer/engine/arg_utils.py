@@ -39,6 +39,7 @@ _ENGINE_TYPES = {"model": str, "dtype": str, "max_model_len": int, "max_num_seqs
                  "pipeline_micro_batches": int, "enable_expert_parallel": bool,
                  "num_gpu_blocks_override": int, "device": str,
                  "attention_backend": str, "tokenizer": str, "trust_remote_code": bool,
+                 "skip_tokenizer_init": bool,
                  "max_logprobs": int, "quantization": str,
                  "kv_cache_dtype": str, "load_format": str, "enable_lora": bool,
                  "max_loras": int, "max_lora_rank": int, "max_cpu_loras": int}

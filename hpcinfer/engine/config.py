@@ -31,6 +31,7 @@ class EngineConfig:
     device: str = "auto"
     attention_backend: str = "auto"
     tokenizer: str | None = None          # a tokenizer directory other than the model's
+    skip_tokenizer_init: bool = False     # no tokenizer: token ids in and out (python-api.md)
     trust_remote_code: bool = False       # accepted for vLLM scripts; no remote code is run
     max_logprobs: int = 20                # most logprobs a request may ask for (vLLM's default)
     quantization: str | None = None       # None: the checkpoint's; "fp8" also quantizes online

@@ -212,6 +212,10 @@ class LLM:
     def _render_chat(self, conversation, chat_template, add_generation_prompt,
                      continue_final_message, extra) -> dict:
         tokenizer = self.get_tokenizer()
+        if tokenizer is None:
+            raise ValueError("chat() renders the tokenizer's chat template, and this LLM was "
+                             "made with skip_tokenizer_init=True: pass prompt_token_ids to "
+                             "generate() instead")
         kwargs = dict(chat_template=chat_template, add_generation_prompt=add_generation_prompt,
                       continue_final_message=continue_final_message, **extra)
         text = tokenizer.apply_chat_template(conversation, tokenize=False, **kwargs)

@@ -64,8 +64,10 @@ class LLMEngine:
         self.parallel = setup_parallel(config)  # None for one process; else TP/PP groups
         if self.parallel is not None:
             self.device = self.parallel.device  # this rank's GPU
-        self.tokenizer = (tokenizer if tokenizer is not None
-                          else _load_tokenizer(config.tokenizer or config.model))
+        # skip_tokenizer_init (vLLM's): none at all; token ids in and out, and what needs
+        # text is refused per request (request_params.py, prompt_input.py)
+        self.tokenizer = (None if config.skip_tokenizer_init else tokenizer if tokenizer
+                          is not None else _load_tokenizer(config.tokenizer or config.model))
         model_dtype = resolve_dtype(config.dtype, _config_dtype(config.model), self.device)
         torch.manual_seed(config.seed)
         model = load_model(config.model, dtype=model_dtype, device=self.device,

@@ -144,6 +144,9 @@ class PoolingEngine:
             raise ValueError(f"task={task!r} runs on one device: use tensor_parallel_size=1 and "
                              "pipeline_parallel_size=1 (pooling models are small; run one "
                              "replica per GPU instead)")
+        if config.skip_tokenizer_init:
+            raise ValueError(f"task={task!r} with skip_tokenizer_init=True is not supported: "
+                             "pooling inputs are tokenized here; leave skip_tokenizer_init off")
         self.config, self.task = config, task
         self.pooler_config = as_pooler_config(pooler_config)
         self.device = resolve_device(config.device)

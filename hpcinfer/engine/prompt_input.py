@@ -32,6 +32,10 @@ def tokenize_prompt(tokenizer, prompt, request_id: str, *, max_model_len: int, v
     if token_ids is None:
         if not isinstance(text, str):
             raise ValueError(f"request {request_id!r}: prompt text must be a string")
+        if tokenizer is None:
+            raise ValueError(f"request {request_id!r}: a text prompt, but the engine was made "
+                             "with skip_tokenizer_init=True (no tokenizer): pass "
+                             "{'prompt_token_ids': [...]}")
         token_ids = tokenizer(text).input_ids if text else []
     # int() returns an int itself (no new object), so a list of ints costs one pass here.
     try:

@@ -29,10 +29,25 @@ def resolve_params(params: SamplingParams, request_id: str, vocab_size: int,
         if bad:
             raise ValueError(f"request {request_id!r}: SamplingParams.{name} has token id "
                              f"{bad[0]} outside the vocabulary [0, {vocab_size})")
+    if tokenizer is None:   # skip_tokenizer_init
+        _check_without_tokenizer(params, request_id)
     if params.bad_words:
         params.bad_words_token_ids = bad_words_token_ids(tokenizer, params.bad_words)
     params.is_resolved = True
     return params
+
+
+def _check_without_tokenizer(params: SamplingParams, request_id: str) -> None:
+    """An engine made with skip_tokenizer_init=True has no text: outputs are token ids only
+    (detokenize off, text ""), and what is matched or compiled on text is refused."""
+    needs_text = [name for name, used in (
+        ("stop", bool(params.stop_strings)), ("bad_words", bool(params.bad_words)),
+        ("structured_outputs", params.structured_outputs is not None)) if used]
+    if needs_text:
+        raise ValueError(f"request {request_id!r}: SamplingParams.{needs_text[0]} needs the "
+                         "tokenizer, and this engine was made with skip_tokenizer_init=True: "
+                         "use stop_token_ids, or make the LLM without skip_tokenizer_init")
+    params.detokenize = False
 
 
 def _check_num_logprobs(params: SamplingParams, name: str, request_id: str, vocab_size: int,

@@ -26,8 +26,9 @@ class TokenAppender:
         seq.token_ids.append(token_id)
         if seq.logprobs is not None:
             seq.cumulative_logprob += logprob
-            for tid, entry in top.items():
-                entry.decoded_token = self.tokenizer.decode([tid])
+            if self.tokenizer is not None:   # (skip_tokenizer_init: decoded_token None)
+                for tid, entry in top.items():
+                    entry.decoded_token = self.tokenizer.decode([tid])
             seq.logprobs.append(top)
         params = seq.params
         stopped_by_token = self.check_stop_token(seq, token_id)

@@ -133,7 +133,6 @@ REFUSED: dict[str, VllmArg] = {
                                            "array task per replica instead (docs/slurm.md)"),
     "enable_sleep_mode": _refused(False, bool, "sleep mode"),
     "enable_prompt_embeds": _refused(False, bool, "prompt embeddings as input"),
-    "skip_tokenizer_init": _refused(False, bool, "running without a tokenizer"),
     "kv_transfer_config": _refused(None, "json", "KV transfer (disaggregated prefill)"),
     "logits_processors": _refused(None, "json", "custom logits processor classes"),
     "disable_sliding_window": _refused(False, bool, "disabling the sliding window"),

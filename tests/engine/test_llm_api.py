@@ -601,3 +601,27 @@ def test_plain_greedy_rows_are_not_looked_at_one_by_one(llm, prompts, monkeypatc
     assert calls and engine._num_not_plain == 0
     assert outs[0].outputs[0].token_ids == plain[0].outputs[0].token_ids
     assert outs[2].outputs[0].token_ids == plain[2].outputs[0].token_ids
+
+
+def test_skip_tokenizer_init_token_ids_in_and_out(checkpoint, llm, prompts):
+    """vLLM's skip_tokenizer_init=True: no tokenizer is loaded; token-id prompts give the
+    same token ids as with one, text stays empty, logprobs carry no decoded tokens, and what
+    needs text (a text prompt, stop strings, chat) is one clear error per request."""
+    bare = LLM(checkpoint(FAMILY), max_model_len=256, max_num_seqs=16,
+               skip_tokenizer_init=True)
+    assert bare.get_tokenizer() is None
+    ids = [{"prompt_token_ids": p} for p in prompts[:3]]
+    params = SamplingParams(temperature=0, max_tokens=6, logprobs=1)
+    got = bare.generate(ids, params, use_tqdm=False)
+    want = llm.generate(ids, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    assert all(o.outputs[0].text == "" for o in got)
+    assert all(lp.decoded_token is None for o in got for step in o.outputs[0].logprobs
+               for lp in step.values())
+    with pytest.raises(ValueError, match="skip_tokenizer_init=True.*prompt_token_ids"):
+        bare.generate("a text prompt", params, use_tqdm=False)
+    with pytest.raises(ValueError, match="SamplingParams.stop needs the tokenizer"):
+        bare.generate(ids[:1], SamplingParams(max_tokens=4, stop=["x"]), use_tqdm=False)
+    with pytest.raises(ValueError, match="chat\\(\\) renders the tokenizer's chat template"):
+        bare.chat([{"role": "user", "content": "hi"}], params, use_tqdm=False)
+    assert not bare.llm_engine.has_unfinished_requests()
