@@ -82,17 +82,23 @@ class Section(BaseModel):
                               validate_default=True)
 
 
-def _hf_overrides(value: Any) -> Any:
-    if not isinstance(value, dict) or not value or not all(isinstance(k, str) for k in value):
-        raise user_error("hf_overrides must be a non-empty mapping of config.json keys to "
-                         "values",
-                         "write e.g. `hf_overrides: {rope_scaling: {rope_type: yarn, factor: "
-                         "4.0, original_max_position_embeddings: 32768}}`, or remove it")
-    return value
+def _mapping(name: str, of: str, example: str, description: str, non_empty: bool = False):
+    """A dict field type that must be a mapping with string keys (``non_empty``: and hold
+    one), else one error naming ``name`` with ``example`` as the fix."""
+    def check(value: Any) -> Any:
+        if (not isinstance(value, dict) or (non_empty and not value)
+                or not all(isinstance(k, str) for k in value)):
+            raise user_error(f"{name} must be a {'non-empty ' if non_empty else ''}mapping of "
+                             f"{of}", f"write e.g. `{name}: {example}, or remove it")
+        return value
+    return Annotated[dict, BeforeValidator(check),
+                     WithJsonSchema({"type": "object", "description": description})]
 
 
-HfOverrides = Annotated[dict, BeforeValidator(_hf_overrides), WithJsonSchema({
-    "type": "object", "description": "config.json keys and their values"})]
+HfOverrides = _mapping("hf_overrides", "config.json keys to values",
+                       "{rope_scaling: {rope_type: yarn, factor: 4.0, "
+                       "original_max_position_embeddings: 32768}}`",
+                       "config.json keys and their values", non_empty=True)
 
 
 class ModelSection(Section):
@@ -140,18 +146,10 @@ BadRowBudget = Annotated[Union[int, float], BeforeValidator(_bad_row_budget), Wi
     "description": "a count of rows, or a fraction of the task's rows"})]
 
 
-def _mm_processor_kwargs(value: Any) -> Any:
-    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-        raise user_error("mm_processor_kwargs must be a mapping of the processor's argument "
-                         "names to values",
-                         "write e.g. `mm_processor_kwargs: {min_pixels: 200704, max_pixels: "
-                         "1003520}` (Qwen2-VL's image size bounds), or remove it")
-    return value
-
-
-MmProcessorKwargs = Annotated[dict, BeforeValidator(_mm_processor_kwargs), WithJsonSchema({
-    "type": "object", "description": "keyword arguments of the model's transformers processor "
-    "call, e.g. min_pixels / max_pixels for Qwen2-VL"})]
+MmProcessorKwargs = _mapping("mm_processor_kwargs", "the processor's argument names to values",
+                             "{min_pixels: 200704, max_pixels: 1003520}` (Qwen2-VL's image "
+                             "size bounds)", "keyword arguments of the model's transformers "
+                             "processor call, e.g. min_pixels / max_pixels for Qwen2-VL")
 
 
 class InputSection(Section):
