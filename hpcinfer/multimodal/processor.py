@@ -8,8 +8,8 @@ placeholder span (the model says how many tokens each image fills) and hash each
 from __future__ import annotations
 
 import copy
-import logging
 import hashlib
+import logging
 import threading
 from typing import Any
 
@@ -22,11 +22,12 @@ from hpcinfer.multimodal.media import (CHAT_IMAGE_PARTS, LLM_IMAGE_LIMIT, LLM_ME
 from hpcinfer.multimodal.pinned import PinnedBudget, budget_bytes
 from hpcinfer.multimodal.workers import start_workers
 
+log = logging.getLogger(__name__)
+
 # multi_modal_uuids: vLLM's keys for its preprocessor cache; hpcinfer keeps none, so they are
 # accepted and not used (each request's images are processed from its own data)
 PROMPT_KEYS = frozenset({"prompt", "multi_modal_data", "mm_processor_kwargs", "cache_salt",
                          "multi_modal_uuids"})
-log = logging.getLogger(__name__)
 _NOT_PER_IMAGE = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
 
 

@@ -128,7 +128,8 @@ def engine_config(cfg, model, device: str | None = None):
     e = cfg.engine
     try:
         return EngineConfig(
-            model=with_hf_overrides(model.path, cfg.model.hf_overrides), dtype=str(cfg.model.dtype), max_model_len=cfg.model.max_model_len,
+            model=with_hf_overrides(model.path, cfg.model.hf_overrides),
+            dtype=str(cfg.model.dtype), max_model_len=cfg.model.max_model_len,
             max_num_seqs=e.max_num_seqs, max_num_batched_tokens=e.max_num_batched_tokens,
             block_size=int(e.block_size), enable_prefix_caching=e.enable_prefix_caching,
             gpu_memory_utilization=e.gpu_memory_utilization,
