@@ -296,6 +296,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_container_build, container_def=True)
     if _needs_hub_commands(argv):
         _add_hub_commands(sub)
+    sub.add_parser("run-batch", add_help=False,
+                   help="run an OpenAI batch file here, as `vllm run-batch -i IN -o OUT --model "
+                   "ID` (same flags; see `hpcinfer run-batch --help`)")
     p = sub.add_parser("schema", help="print the job file's JSON Schema")
     p.set_defaults(func=cmd_schema)
     p = sub.add_parser("init", help="print an annotated starting job file")
@@ -318,7 +321,7 @@ def _add_hub_commands(sub) -> None:
 
 # Every command but the hub's, for _needs_hub_commands.
 _COMMANDS = ("validate", "render", "submit", "run", "status", "collect", "cancel", "container",
-             "schema", "init")
+             "schema", "init", "run-batch")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -328,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     # set PYDANTIC_DISABLE_PLUGINS= (empty) to have them anyway.
     os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["run-batch"]:   # vLLM's `vllm run-batch`: its own flags (compute side)
+        from hpcinfer.entrypoints.openai.run_batch import main as run_batch
+        return run_batch(argv[1:])
     args = build_parser(argv).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="hpcinfer: %(message)s")

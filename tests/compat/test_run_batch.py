@@ -82,6 +82,22 @@ def test_answers_errors_in_order_equal_the_python_api_and_a_rerun_is_the_same(wo
     assert (work / "out.jsonl").read_bytes() == first
 
 
+def test_hpcinfer_run_batch_is_the_same_command(work):
+    """`hpcinfer run-batch` (as `vllm run-batch`) takes the same flags and writes the same
+    output as the module path."""
+    args = ["-i", "openai_example_batch.jsonl", "-o", "cli.jsonl", "--model",
+            "meta-llama/Meta-Llama-3-8B-Instruct"]
+    proc = subprocess.run([sys.executable, "-m", "hpcinfer.cli", "run-batch", *args], cwd=work,
+                          capture_output=True, text=True, timeout=500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    module = _run_batch(work, *args[:3], "module.jsonl", *args[4:])
+    assert module.returncode == 0, module.stderr[-3000:]
+    assert (work / "cli.jsonl").read_bytes() == (work / "module.jsonl").read_bytes()
+    help_text = subprocess.run([sys.executable, "-m", "hpcinfer.cli", "--help"],
+                               capture_output=True, text=True, timeout=60).stdout
+    assert "run-batch" in help_text
+
+
 def test_flags_a_job_file_is_needed_for_are_refused_and_urls_are_not_fetched(work):
     proc = _run_batch(work, "-i", "openai_example_batch.jsonl", "-o", "x.jsonl", "--model",
                       "meta-llama/Meta-Llama-3-8B-Instruct", "--enable-lora")
