@@ -367,7 +367,9 @@ def _check_media(cfg: JobConfig) -> None:
         hf = json.loads(config.read_text())
     except (OSError, ValueError):
         return                           # the worker reports an unreadable config
-    hf = {**hf, **(cfg.model.hf_overrides or {})}
+    if cfg.model.hf_overrides:   # as the engine will load it (engine/hf_overrides.py)
+        from hpcinfer.engine.hf_overrides import merge_overrides
+        hf = merge_overrides(hf, cfg.model.hf_overrides)
     if "vision_config" not in hf:
         key = image_keys[0]
         arch = ", ".join(hf.get("architectures") or ["?"])

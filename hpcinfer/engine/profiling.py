@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from pathlib import Path
 
 import torch
@@ -42,14 +43,12 @@ class TraceProfiler:
         activities = [torch.profiler.ProfilerActivity.CPU]
         if self.device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
-        worker = f"{socket.gethostname()}_{os.getpid()}"
-        handler = torch.profiler.tensorboard_trace_handler(str(directory), worker_name=worker)
 
-        def on_ready(prof) -> None:
-            before = set(directory.glob(f"{worker}.*.pt.trace.json"))
-            handler(prof)
-            written = set(directory.glob(f"{worker}.*.pt.trace.json")) - before
-            self.last_trace = max(written, default=None)
+        def on_ready(prof) -> None:   # named as torch's tensorboard handler names its files
+            name = f"{socket.gethostname()}_{os.getpid()}.{time.time_ns()}.pt.trace.json"
+            path = directory / name
+            prof.export_chrome_trace(str(path))
+            self.last_trace = path
         self._profiler = torch.profiler.profile(activities=activities, record_shapes=True,
                                                 on_trace_ready=on_ready)
         self._profiler.start()

@@ -44,9 +44,7 @@ IGNORED: dict[str, VllmArg] = {
     "download_dir": _ignored(None, str, "models are local snapshots (hpcinfer download)"),
     "distributed_executor_backend": _ignored(None, str,
                                              "ranks are spawned or MPI-launched (docs/multi-node.md)"),
-
     "code_revision": _ignored(None, str, "no remote code is run"),
-
     "served_model_name": _ignored(None, str, "no server"),
     "hf_token": _ignored(None, str, "no hub access at run time"),
     "model_impl": _ignored("auto", str, "every model is hpcinfer's own implementation"),

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import re
-import sys
 import tempfile
 import time
 from collections.abc import Iterable
@@ -23,7 +22,7 @@ from pathlib import Path
 from hpcinfer.hub.errors import (DownloadError, ModelNotDownloaded, ModelPathNotFound,
                                  VerificationError)
 from hpcinfer.hub.hub_errors import translate_hub_errors
-from hpcinfer.hub.offline import ResolvedModel, resolve_model
+from hpcinfer.hub.offline import ResolvedModel, is_offline, resolve_model
 from hpcinfer.hub.paths import hub_cache_dir, repo_folder_name
 from hpcinfer.hub.record import ModelRecord, utc_now, write_record
 from hpcinfer.hub.selection import SAFETENSORS_INDEX, choose_files
@@ -100,10 +99,7 @@ def _refuse_incomplete_upload(model_id: str, commit: str, cache: Path, absent: l
 
 
 def _refuse_offline_mode() -> None:
-    constants = sys.modules.get("huggingface_hub.constants")
-    is_offline = any(os.environ.get(k, "").upper() in ("1", "ON", "YES", "TRUE")
-                     for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-    if is_offline or (constants is not None and constants.HF_HUB_OFFLINE):
+    if is_offline():
         raise DownloadError("HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set in this environment, so "
                             "nothing can be downloaded: run `hpcinfer download` on the login node "
                             "with those variables unset")

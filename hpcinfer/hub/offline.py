@@ -114,7 +114,7 @@ def model_dir(model: str, revision: str | None = None) -> str:
     cached = _hf_cache_snapshot(model, revision)
     if cached is not None:
         return cached
-    if _offline():
+    if is_offline():
         raise not_recorded
     from hpcinfer.hub.download import download_model
     log.info("%s is not in the cache: downloading it now", model)
@@ -127,7 +127,9 @@ def _hf_cache_snapshot(model: str, revision: str | None) -> str | None:
     return os.path.dirname(config) if isinstance(config, str) else None
 
 
-def _offline() -> bool:
+def is_offline() -> bool:
+    """Whether this environment forbids the hub (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE, or a
+    huggingface_hub already imported offline)."""
     if any(os.environ.get(k, "").upper() in ("1", "ON", "YES", "TRUE")
            for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
         return True

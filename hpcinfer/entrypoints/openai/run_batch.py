@@ -184,7 +184,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"run_batch: -i {args.input_file}: no such file")
     args.job_dir = args.job_dir or f"{output_file}.hpcinfer-job"
     # --device (EngineArgs'): cuda or cpu; anything else: cuda when a GPU is visible
-    device = args.device if args.device in ("cuda", "cpu") else _default_device()
+    from hpcinfer.engine.model_runner import resolve_device
+    device = args.device if args.device in ("cuda", "cpu") else resolve_device("auto").type
     config = job_config(args, task_of(input_file), device)
     job_dir = Path(args.job_dir).resolve()
     job_dir.mkdir(parents=True, exist_ok=True)
@@ -193,10 +194,11 @@ def main(argv=None) -> int:
     job_file.write_text(yaml.safe_dump(config, sort_keys=False))
     from hpcinfer.compile.jobdir import compile_job, write_job_dir
     from hpcinfer.config import ConfigError, load_job
+    from hpcinfer.hub.offline import is_offline
     from hpcinfer.slurm.local import run_job_dir
     try:
         rendered = compile_job(load_job(job_file), job_dir=str(job_dir),
-                               download=not _offline())
+                               download=not is_offline())
     except ConfigError as e:
         raise SystemExit(f"run_batch: {e}") from None
     write_job_dir(rendered)
@@ -209,19 +211,6 @@ def main(argv=None) -> int:
     answered, errors = write_output(job_dir, input_file, output_file)
     print(f"run_batch: {answered} answers and {errors} errors written to {output_file}")
     return 0
-
-
-def _default_device() -> str:
-    try:
-        import torch
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    except ImportError:
-        return "cpu"
-
-
-def _offline() -> bool:
-    return any(os.environ.get(k, "").upper() in ("1", "ON", "YES", "TRUE")
-               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 if __name__ == "__main__":
