@@ -481,7 +481,9 @@ def bench_lora_parts(dtypes):
     interleaved over 4 adapters (as bench/lora.py spreads them) and with rows grouped by
     adapter; the shrink alone; the expand alone (from the shrink's split-K partials, and
     from one pre-summed partial); both with num_stages=1; two trivial launches (the floor of
-    any pair); the base GEMM. graph_ms is the timed column (``ms``)."""
+    any pair); the base GEMM; the layer's whole work both ways (hpcinfer/lora/layers.py): the
+    base GEMM + the pair, and the stacked GEMM + its expand. graph_ms is the timed column
+    (``ms``)."""
     from hpcinfer.kernels import lora as mod
     for k, pieces, name in LORA_SHAPES[:4]:
         n = sum(pieces)
@@ -494,6 +496,15 @@ def bench_lora_parts(dtypes):
             summed = parts.sum(0, keepdim=True)
             tiny = torch.zeros(8, device="cuda")
             shape = f"{m} tok, {name} K{k} N{n}, 4x r16"
+            w_stacked = torch.cat([w, a.reshape(-1, k)])   # hpcinfer/lora/layers.py "stacked"
+
+            def base_and_pair():
+                out = F.linear(x, w)
+                mod.lora_expand(out, mod.lora_shrink_partials(x, a, slots), b, slots, bounds)
+
+            def stacked():
+                out = F.linear(x, w_stacked)
+                mod.lora_expand_stacked(out[:, :n], out[:, n:], b, slots, bounds)
             variants = {
                 "pair interleaved": lambda: mod.lora_expand(
                     y, mod.lora_shrink_partials(x, a, slots), b, slots, bounds),
@@ -505,6 +516,9 @@ def bench_lora_parts(dtypes):
                 "expand alone (1 partial)": lambda: mod.lora_expand(y, summed, b, slots, bounds),
                 "two trivial launches": lambda: (tiny.add_(1), tiny.add_(1)),
                 "base GEMM (F.linear)": lambda: F.linear(x, w),
+                "base GEMM + pair (separate shrink)": base_and_pair,
+                "GEMM over [W; every slot's A] + stacked expand": stacked,
+                "GEMM over [W; every slot's A] alone": lambda: F.linear(x, w_stacked),
             }
             for label, fn in variants.items():
                 yield _row("lora_parts", f"{shape}: {label}", torch.bfloat16,

@@ -7,6 +7,7 @@ output tok/s with 4 rank-16 adapters on every target (q/k/v/o/gate/up/down).
     python bench/lora.py --enforce-eager          # both runs without CUDA graphs
     python bench/lora.py --workload T --device cpu   # the CPU-sized plumbing run
     python bench/lora.py --reps 3 --tiles-from "$OUT"/kernels-*.json   # + tuned launches
+    python bench/lora.py --rounds 3 --reps 3 --shrink separate,auto  # both shrinks
 
 ``--tiles-from`` reads a ``bench/kernel_bench.py --only lora_tiles`` sweep, picks for each kernel
 (shrink, expand) and decode size (<= 64 rows, <= 512 rows) the launch config with the least
@@ -118,8 +119,12 @@ def use_tiles(tiles: dict):
 
 
 def timed_run(ckpt: Path, requests, spec: dict, device: str, adapters: list[Path],
-              rank: int = 16, enforce_eager: bool = False, reps: int = 1) -> dict:
+              rank: int = 16, enforce_eager: bool = False, reps: int = 1,
+              shrink: str = "auto") -> dict:
+    import os
+
     import torch
+    os.environ["HPCINFER_LORA_SHRINK"] = shrink   # read as the LoRA layers are made
     from hpcinfer import LLM, SamplingParams
     from hpcinfer.lora.request import LoRARequest
     lora_kwargs = (dict(enable_lora=True, max_loras=len(adapters),
@@ -150,6 +155,10 @@ def timed_run(ckpt: Path, requests, spec: dict, device: str, adapters: list[Path
     how = {"cuda_graphs": graphs is not None,
            "num_graph_replays": graphs.num_replays if graphs is not None else 0,
            "num_slot_loads": engine.lora.num_slot_loads if engine.lora is not None else 0}
+    if engine.lora is not None:
+        how["shrink"] = shrink
+        how["stacked_layers"] = sum(layer.stacked for layer in engine.lora.layers)
+        how["lora_layers"] = len(engine.lora.layers)
     del llm, engine, graphs
     gc.collect()
     if device == "cuda":
@@ -180,6 +189,11 @@ def main() -> None:
                              "LoRA, then LoRA, no LoRA, ...): a later engine in a process ran "
                              "up to 11%% faster on the H200 (2026-12-03), which favoured the "
                              "second; the medians over rounds are reported")
+    parser.add_argument("--shrink", default="separate",
+                        help="how the LoRA layers compute the shrink (HPCINFER_LORA_SHRINK): "
+                             "separate (the default), auto, stacked, or several "
+                             "comma-separated to run a LoRA engine of each in every round "
+                             "(e.g. separate,auto)")
     parser.add_argument("--tiles-from", help="a bench/kernel_bench.py lora_tiles sweep (JSON): "
                         "also run LoRA with the launches it picks")
     parser.add_argument("--out", default=str(RESULTS), help="results dir")
@@ -194,39 +208,51 @@ def main() -> None:
         adapters = [write_adapter(Path(tmp) / f"a{i}", config, args.rank, seed=i)
                     for i in range(args.num_adapters)]
         run = dict(enforce_eager=args.enforce_eager, reps=args.reps)
-        bases, loras = [], []
-        for r in range(args.rounds):
-            pair = [(bases, []), (loras, adapters)]
-            for runs, with_adapters in (pair if r % 2 == 0 else pair[::-1]):
-                runs.append(timed_run(ckpt, requests, spec, args.device, with_adapters,
-                                      args.rank, **run))
-        base, lora = _median_run(bases), _median_run(loras)
+        modes = args.shrink.split(",")
+        kinds = [("none", [])] + [(mode, adapters) for mode in modes]
+        runs: dict = {kind: [] for kind, _ in kinds}
+        for r in range(args.rounds):   # round r starts with kind r (mod the kinds)
+            for kind, with_adapters in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:
+                runs[kind].append(timed_run(ckpt, requests, spec, args.device, with_adapters,
+                                            args.rank, shrink=kind if with_adapters
+                                            else "auto", **run))
+        base = _median_run(runs["none"])
+        by_mode = {mode: _median_run(runs[mode]) for mode in modes}
+        lora = by_mode[modes[0]]
         tuned = None
         if args.tiles_from:
             tiles = pick_tiles(Path(args.tiles_from))
             print(f"tuned LoRA launches: {json.dumps(tiles)}", flush=True)
             undo = use_tiles(tiles)
             try:
-                tuned = timed_run(ckpt, requests, spec, args.device, adapters, args.rank, **run)
+                tuned = timed_run(ckpt, requests, spec, args.device, adapters, args.rank,
+                                  shrink=modes[0], **run)
             finally:
                 undo()
             tuned["tiles"] = tiles
-    ratio = lora["output_tok_s"] / base["output_tok_s"]
     graphs = "CUDA graphs" if lora["cuda_graphs"] else "eager"
-    print(f"no LoRA {base['output_tok_s']:.0f} output tok/s; {args.num_adapters} adapters of "
-          f"rank {args.rank}: {lora['output_tok_s']:.0f} ({100 * ratio:.1f}%); decode {graphs} "
-          f"({lora['num_graph_replays']} replays with LoRA, {base['num_graph_replays']} "
-          f"without); {lora['num_slot_loads']} adapter loads", flush=True)
+    print(f"no LoRA {base['output_tok_s']:.0f} output tok/s; decode {graphs} "
+          f"({base['num_graph_replays']} replays without LoRA)", flush=True)
+    for mode, row in by_mode.items():
+        print(f"{args.num_adapters} adapters of rank {args.rank}, shrink {mode} "
+              f"({row['stacked_layers']}/{row['lora_layers']} layers stacked): "
+              f"{row['output_tok_s']:.0f} ({100 * row['output_tok_s'] / base['output_tok_s']:.1f}%"
+              f"); {row['num_graph_replays']} replays, {row['num_slot_loads']} adapter loads",
+              flush=True)
     if args.rounds > 1:
-        print("rounds (no LoRA first in even rounds): no LoRA "
-              + ", ".join(f"{t:.0f}" for t in base["round_output_tok_s"]) + "; LoRA "
-              + ", ".join(f"{t:.0f}" for t in lora["round_output_tok_s"]), flush=True)
+        print("rounds (round r starts with kind r of: no LoRA, " + ", ".join(modes) + "): "
+              + "; ".join(f"{kind} " + ", ".join(f"{t:.0f}" for t in
+                                                 _median_run(runs[kind])["round_output_tok_s"])
+                          for kind in runs), flush=True)
     date = dt.date.today().isoformat()
     common = dict(engine="hpcinfer", tp=1, device=device_name, date=date)
     common["rounds"] = args.rounds
-    rows = [{**common, **base, "workload": args.workload},
-            {**common, **lora, "workload": f"{args.workload}-lora{args.num_adapters}x{args.rank}",
-             "pct_of_no_lora": 100 * ratio}]
+    rows = [{**common, **base, "workload": args.workload}]
+    for mode, row in by_mode.items():
+        suffix = "" if len(modes) == 1 else f"-{mode}"
+        rows.append({**common, **row,
+                     "workload": f"{args.workload}-lora{args.num_adapters}x{args.rank}{suffix}",
+                     "pct_of_no_lora": 100 * row["output_tok_s"] / base["output_tok_s"]})
     if tuned is not None:
         tuned_ratio = tuned["output_tok_s"] / base["output_tok_s"]
         print(f"tuned launches: {tuned['output_tok_s']:.0f} ({100 * tuned_ratio:.1f}%)",

@@ -79,11 +79,17 @@ def _lora_shrink_kernel(x_ptr, a_ptr, slots_ptr, part_ptr, T, K, PR, K_PER_SPLIT
 
 
 @triton.jit
-def _lora_expand_kernel(t_ptr, b_ptr, slots_ptr, y_ptr, T, N, R, BOUND1, BOUND2,
-                        stride_ts, stride_tt, stride_bs, stride_bn, stride_yt,
+def _lora_expand_kernel(t_ptr, b_ptr, slots_ptr, y_ptr, out_ptr, T, N, R, BOUND1, BOUND2,
+                        stride_ts, stride_tt, stride_tslot, stride_bs, stride_bn, stride_yt,
+                        stride_ot,
                         NUM_SLOTS: tl.constexpr, NUM_SPLITS: tl.constexpr,
                         NUM_PIECES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
+                        BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+                        T_BY_SLOT: tl.constexpr, SEPARATE_OUT: tl.constexpr):
+    # T_BY_SLOT: t holds every slot's shrink side by side (slot s's at columns s *
+    # stride_tslot), as the base GEMM over the stacked weight makes it; each row reads its
+    # own slot's block. SEPARATE_OUT: out = y + delta for every row (y is the strided base
+    # output, out a fresh contiguous tensor), instead of y += delta for adapter rows only.
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < T
@@ -91,10 +97,11 @@ def _lora_expand_kernel(t_ptr, b_ptr, slots_ptr, y_ptr, T, N, R, BOUND1, BOUND2,
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    if tl.max(row_slot, axis=0) >= 0:   # a tile of base rows is left as it is
+    any_adapter = tl.max(row_slot, axis=0) >= 0
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if any_adapter:   # a tile of base rows computes nothing
         offs_r = tl.arange(0, BLOCK_R)
         r_ok = offs_r < R
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for p in tl.static_range(NUM_PIECES):
             # piece p: output columns [lo, hi), shrunk columns [p*R, p*R + R)
             if p == 0:
@@ -110,12 +117,14 @@ def _lora_expand_kernel(t_ptr, b_ptr, slots_ptr, y_ptr, T, N, R, BOUND1, BOUND2,
             else:
                 hi = BOUND2
             if (n0 < hi) & (n0 + BLOCK_N > lo):   # this column tile overlaps piece p
-                t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-                for sp in tl.static_range(NUM_SPLITS):   # sum the shrink's split-K partials
-                    t += tl.load(t_ptr + sp * stride_ts + offs_m[:, None] * stride_tt
-                                 + (p * R + offs_r)[None, :],
-                                 mask=row_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
-                t = t.to(b_ptr.dtype.element_ty)
+                if not T_BY_SLOT:
+                    t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+                    for sp in tl.static_range(NUM_SPLITS):   # sum the shrink's partials
+                        t += tl.load(t_ptr + sp * stride_ts + offs_m[:, None] * stride_tt
+                                     + (p * R + offs_r)[None, :],
+                                     mask=row_ok[:, None] & r_ok[None, :],
+                                     other=0.0).to(tl.float32)
+                    t = t.to(b_ptr.dtype.element_ty)
                 in_piece = n_ok & (offs_n >= lo) & (offs_n < hi)
                 for s in tl.static_range(NUM_SLOTS):   # as in the shrink
                     in_s = row_slot == s
@@ -125,13 +134,25 @@ def _lora_expand_kernel(t_ptr, b_ptr, slots_ptr, y_ptr, T, N, R, BOUND1, BOUND2,
                                 + offs_r[:, None],
                                 mask=(offs_r < R * present)[:, None] & in_piece[None, :],
                                 other=0.0)
-                    ts = tl.where(in_s[:, None], t, tl.zeros_like(t))
+                    if T_BY_SLOT:   # only slot s's rows load, from slot s's block
+                        ts = tl.load(t_ptr + offs_m[:, None].to(tl.int64) * stride_tt
+                                     + (s * stride_tslot + p * R + offs_r)[None, :],
+                                     mask=(row_ok & in_s)[:, None] & r_ok[None, :],
+                                     other=0.0).to(b_ptr.dtype.element_ty)
+                    else:
+                        ts = tl.where(in_s[:, None], t, tl.zeros_like(t))
                     if DOT_F32:
                         acc = tl.dot(ts.to(tl.float32), b.to(tl.float32), acc)
                     else:
                         acc = tl.dot(ts, b, acc, input_precision=PRECISION)
+    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_yt + offs_n[None, :]
+    if SEPARATE_OUT:   # every row: base rows are copied
+        o_mask = row_ok[:, None] & n_ok[None, :]
+        y = tl.load(y_ptrs, mask=o_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_ot + offs_n[None, :],
+                 (y + acc).to(out_ptr.dtype.element_ty), mask=o_mask)
+    elif any_adapter:   # in place: rows without an adapter are left as they are
         y_mask = (row_ok & (row_slot >= 0))[:, None] & n_ok[None, :]
-        y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_yt + offs_n[None, :]
         y = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
         tl.store(y_ptrs, (y + acc).to(y_ptr.dtype.element_ty), mask=y_mask)
 
@@ -253,10 +274,43 @@ def lora_expand(y: torch.Tensor, t: torch.Tensor, lora_b: torch.Tensor, slots: t
     pieces, piece p taking columns [p*R, (p+1)*R) of t (None: one piece). t: [T, P*R], or
     the shrink's partials [splits, T, P*R]. ``y`` may be a column slice of a wider output.
     Rows with slot < 0 are not touched."""
-    check_dim("y", y, 2, "[num_tokens, out_features]")
-    check_dim("lora_b", lora_b, 3, "[num_slots, out_features, rank]")
     parts = t if t.dim() == 3 else t.unsqueeze(0)
     check_dim("t", parts, 3, "[num_tokens, pieces * rank] or [splits, num_tokens, ...]")
+    _check_expand(y, parts.shape[1:], lora_b, slots, bounds, t, parts)
+    bounds = tuple(bounds) if bounds is not None else (0, y.shape[1])
+    _launch_expand(y, parts, lora_b, slots, bounds, y, t_by_slot=False)
+
+
+def lora_expand_stacked(base: torch.Tensor, t_all: torch.Tensor, lora_b: torch.Tensor,
+                        slots: torch.Tensor, bounds: tuple[int, ...] | None = None
+                        ) -> torch.Tensor:
+    """A new [T, N] tensor: ``base`` plus, per row with a slot, its block of ``t_all`` times
+    its adapter's B (rows without one: ``base`` as it is).
+
+    ``t_all``: [T, S*P*R], every slot's shrink side by side (slot s at columns [s*P*R,
+    (s+1)*P*R), its pieces as in ``lora_expand``), as one GEMM over a weight with the
+    slots' A stacked under the base weight makes it (hpcinfer/lora/layers.py); ``base`` and
+    ``t_all`` may be column slices of that GEMM's output. lora_b: [S, N, R]; ``bounds`` as in
+    ``lora_expand``."""
+    check_dim("t_all", t_all, 2, "[num_tokens, slots * pieces * rank]")
+    num_slots, rank = lora_b.shape[0], lora_b.shape[2]
+    pieces = 1 if bounds is None else len(bounds) - 1
+    if t_all.shape[1] != num_slots * pieces * rank:
+        raise KernelArgumentError(f"t_all has {t_all.shape[1]} columns, want slots x pieces x "
+                                  f"rank = {num_slots} x {pieces} x {rank}")
+    _check_expand(base, (t_all.shape[0], pieces * rank), lora_b, slots, bounds, t_all,
+                  t_all.unsqueeze(0))
+    bounds = tuple(bounds) if bounds is not None else (0, base.shape[1])
+    out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
+    _launch_expand(base, t_all.unsqueeze(0), lora_b, slots, bounds, out, t_by_slot=True)
+    return out
+
+
+def _check_expand(y, t_shape, lora_b, slots, bounds, t, parts) -> None:
+    """The argument checks both expands share (``t_shape``: the [T, P*R] that ``t`` stands
+    for; ``parts``: t as [splits, T, ...])."""
+    check_dim("y", y, 2, "[num_tokens, out_features]")
+    check_dim("lora_b", lora_b, 3, "[num_slots, out_features, rank]")
     for name, tensor in (("y", y), ("t", parts), ("lora_b", lora_b)):
         check_dtype(name, tensor, FLOAT_DTYPES)
         check_last_dim_contiguous(name, tensor)
@@ -265,7 +319,7 @@ def lora_expand(y: torch.Tensor, t: torch.Tensor, lora_b: torch.Tensor, slots: t
     rank = lora_b.shape[2]
     bounds = tuple(bounds) if bounds is not None else (0, n)
     pieces = len(bounds) - 1
-    if (lora_b.shape[1] != n or parts.shape[1:] != (num_tokens, pieces * rank)
+    if (lora_b.shape[1] != n or tuple(t_shape) != (num_tokens, pieces * rank)
             or not 1 <= pieces <= MAX_PIECES or bounds[0] != 0 or bounds[-1] != n
             or any(lo >= hi for lo, hi in zip(bounds, bounds[1:]))):
         raise KernelArgumentError(f"shapes disagree: y {tuple(y.shape)}, t {tuple(t.shape)}, "
@@ -275,13 +329,20 @@ def lora_expand(y: torch.Tensor, t: torch.Tensor, lora_b: torch.Tensor, slots: t
         raise KernelArgumentError(f"LoRA rank {rank} is not supported by the kernels "
                                   f"(1..{MAX_LORA_RANK}); lower max_lora_rank")
     _check_slots(slots, num_tokens)
-    if num_tokens:
-        cfg = _expand_config(num_tokens, n)
-        inner = list(bounds[1:-1]) + [n] * (2 - (pieces - 1))
-        grid = (triton.cdiv(num_tokens, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
-        _lora_expand_kernel[grid](
-            parts, lora_b, slots, y, num_tokens, n, rank, inner[0], inner[1],
-            parts.stride(0), parts.stride(1), lora_b.stride(0), lora_b.stride(1), y.stride(0),
-            NUM_SLOTS=lora_b.shape[0], NUM_SPLITS=parts.shape[0], NUM_PIECES=pieces,
-            BLOCK_R=max(16, triton.next_power_of_2(rank)), PRECISION=_precision(lora_b.dtype),
-            DOT_F32=interpreted(), **cfg)
+
+
+def _launch_expand(y, parts, lora_b, slots, bounds, out, t_by_slot: bool) -> None:
+    num_tokens, n = y.shape
+    if not num_tokens:
+        return
+    rank, pieces = lora_b.shape[2], len(bounds) - 1
+    cfg = _expand_config(num_tokens, n)
+    inner = list(bounds[1:-1]) + [n] * (2 - (pieces - 1))
+    grid = (triton.cdiv(num_tokens, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
+    _lora_expand_kernel[grid](
+        parts, lora_b, slots, y, out, num_tokens, n, rank, inner[0], inner[1],
+        parts.stride(0), parts.stride(1), pieces * rank, lora_b.stride(0), lora_b.stride(1),
+        y.stride(0), out.stride(0),
+        NUM_SLOTS=lora_b.shape[0], NUM_SPLITS=parts.shape[0], NUM_PIECES=pieces,
+        BLOCK_R=max(16, triton.next_power_of_2(rank)), PRECISION=_precision(lora_b.dtype),
+        DOT_F32=interpreted(), T_BY_SLOT=t_by_slot, SEPARATE_OUT=out is not y, **cfg)

@@ -35,12 +35,32 @@ def lora_expand(y: torch.Tensor, t: torch.Tensor, lora_b: torch.Tensor, slots: t
     [splits, T, P*R]. Rows with slot < 0 are left as they are. In place, as the kernel."""
     if t.dim() == 3:
         t = t.sum(0)
-    rank = lora_b.shape[2]
-    bounds = tuple(bounds) if bounds is not None else (0, y.shape[1])
     for slot in torch.unique(slots).tolist():
-        if slot < 0:
-            continue
-        rows = slots == slot
-        for p, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
-            tp = t[rows, p * rank:(p + 1) * rank].to(lora_b.dtype)
-            y[rows, lo:hi] += (tp @ lora_b[slot, lo:hi].t()).to(y.dtype)
+        if slot >= 0:
+            rows = slots == slot
+            _add_pieces(y, rows, t[rows], lora_b[slot], bounds)
+
+
+def lora_expand_stacked(base: torch.Tensor, t_all: torch.Tensor, lora_b: torch.Tensor,
+                        slots: torch.Tensor, bounds: tuple[int, ...] | None = None
+                        ) -> torch.Tensor:
+    """A new [T, N]: ``base`` plus each slotted row's block of t_all [T, S*P*R] (slot s at
+    columns [s*P*R, (s+1)*P*R)) times its B, as the kernel's."""
+    out = base.clone(memory_format=torch.contiguous_format)
+    block = t_all.shape[1] // lora_b.shape[0]   # P*R
+    for slot in torch.unique(slots).tolist():
+        if slot >= 0:
+            rows = slots == slot
+            _add_pieces(out, rows, t_all[rows, slot * block:(slot + 1) * block], lora_b[slot],
+                        bounds)
+    return out
+
+
+def _add_pieces(y: torch.Tensor, rows: torch.Tensor, t: torch.Tensor, b: torch.Tensor,
+                bounds: tuple[int, ...] | None) -> None:
+    """y[rows] += piece by piece t[:, p*R:(p+1)*R] @ b[lo:hi]^T (b: one slot's [N, R])."""
+    rank = b.shape[1]
+    bounds = tuple(bounds) if bounds is not None else (0, y.shape[1])
+    for p, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+        tp = t[:, p * rank:(p + 1) * rank].to(b.dtype)
+        y[rows, lo:hi] += (tp @ b[lo:hi].t()).to(y.dtype)

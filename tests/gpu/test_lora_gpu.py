@@ -16,7 +16,9 @@ peft==0.21.2 accelerate==1.16.0 psutil`` where the image lacks them (peft import
   transformers + peft, while the batch shrinks through padded graph sizes; the same with
   mixed steps split into a decode graph and an eager prefill;
 - bf16: graphs vs eager, every first divergence at a near-tie of the eager run, and the
-  adapters change the output.
+  adapters change the output;
+- the same engine tests with the shrink as rows of the base GEMM ("stacked") and as its own
+  kernel, and the stacked GEMM + expand at real sizes and in a captured graph.
 """
 from __future__ import annotations
 
@@ -141,6 +143,67 @@ def test_captured_merged_layer_follows_new_slots_and_swapped_weights():
         torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("num_tokens,k,pieces,rank", MERGED_CASES)
+def test_stacked_gemm_and_expand(dtype, num_tokens, k, pieces, rank):
+    """The stacked layer's work (hpcinfer/lora/layers.py): one GEMM over [W; every slot's A]
+    then lora_expand_stacked over its strided halves, against the separate shrink and the
+    torch reference; rows without an adapter are the base output exactly."""
+    from hpcinfer.kernels import lora, lora_reference
+    n, p = sum(pieces), len(pieces)
+    bounds = tuple(sum(pieces[:i]) for i in range(p + 1))
+    x, _, b, slots = _kernel_case(num_tokens, k, n, rank, dtype)
+    a = _stacked_a(p * rank, k, dtype, seed=1)
+    w = (torch.randn(n, k, device="cuda") / k ** 0.5).to(dtype)
+    slots[num_tokens * 3 // 4:] = -1
+    slots[0] = 2
+    y = torch.nn.functional.linear(x, torch.cat([w, a.reshape(-1, k)]))
+    got = lora.lora_expand_stacked(y[:, :n], y[:, n:], b, slots, bounds)
+    base = torch.nn.functional.linear(x, w)
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-4, rtol=1e-4)
+    want = base.float().clone()
+    lora_reference.lora_expand(want, lora_reference.lora_shrink(x.float(), a.float(), slots),
+                               b.float(), slots, bounds)
+    torch.testing.assert_close(got.float(), want, **tol)
+    torch.testing.assert_close(got[slots < 0], y[:, :n][slots < 0], atol=0, rtol=0)
+    separate = base.clone()
+    lora.lora_expand(separate, lora.lora_shrink_partials(x, a, slots), b, slots, bounds)
+    torch.testing.assert_close(got.float(), separate.float(), **tol)
+
+
+def test_captured_stacked_layer_follows_new_slots_and_swapped_weights():
+    from hpcinfer.kernels import lora, lora_reference
+    bounds = (0, 2048, 2560, 3072)
+    x, _, b, slots = _kernel_case(256, 2048, 3072, 16, torch.float32)
+    a = _stacked_a(48, 2048, torch.float32, seed=3)
+    w = torch.randn(3072, 2048, device="cuda") / 2048 ** 0.5
+    stacked = torch.cat([w, a.reshape(-1, 2048)])
+    a_view = stacked[3072:].view(a.shape)   # what the layer writes a swap into
+    out = {}
+
+    def run():
+        y = torch.nn.functional.linear(x, stacked)
+        out["y"] = lora.lora_expand_stacked(y[:, :3072], y[:, 3072:], b, slots, bounds)
+    run()   # compile outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    for seed in (1, 2, 3):
+        x2, _, b2, slots2 = _kernel_case(256, 2048, 3072, 16, torch.float32, seed=seed)
+        if seed == 3:
+            slots2[:128] = -1     # two whole row tiles of base rows
+        x.copy_(x2)
+        slots.copy_(slots2)
+        a_view[2].copy_(_stacked_a(48, 2048, torch.float32, seed=10 + seed)[2])
+        b[2].copy_(b2[2])
+        graph.replay()
+        want = x @ w.t()
+        lora_reference.lora_expand(want, lora_reference.lora_shrink(x, a_view, slots), b,
+                                   slots, bounds)
+        torch.testing.assert_close(out["y"], want, atol=1e-4, rtol=1e-4)
+
+
 def test_captured_kernels_follow_new_slots_and_swapped_weights():
     from hpcinfer.kernels import lora, lora_reference
     x, a, b, slots = _kernel_case(64, 2048, 3072, 16, torch.float32)
@@ -217,8 +280,15 @@ def _tokens(outs):
     return [o.outputs[0].token_ids for o in outs]
 
 
+@pytest.fixture(params=["separate", "stacked"])
+def shrink(request, monkeypatch):
+    """Both ways the layers compute the shrink (hpcinfer/lora/layers.py)."""
+    monkeypatch.setenv("HPCINFER_LORA_SHRINK", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("family", ["llama3", "qwen2"])
-def test_fp32_graphs_equal_eager_equal_peft(family, tiny_with_adapters):
+def test_fp32_graphs_equal_eager_equal_peft(family, tiny_with_adapters, shrink):
     from hpcinfer.testing.tiny_lora import peft_greedy
     path, requests = tiny_with_adapters(family)
     rows = _rows(requests)
@@ -228,6 +298,7 @@ def test_fp32_graphs_equal_eager_equal_peft(family, tiny_with_adapters):
                                max_num_seqs=8)
     graphs = engine.runner.graphs
     assert graphs is not None and graphs.lora_slots is not None and graphs.num_replays > 0
+    assert all(layer.stacked == (shrink == "stacked") for layer in engine.lora.layers)
     assert engine.lora.num_slot_loads > 2        # 3 adapters, 2 slots: swapped
     eager_outs, engine = _run(path, rows, requests, max_tokens=max_tokens, dtype="float32",
                               max_num_seqs=8, enforce_eager=True)
@@ -241,7 +312,7 @@ def test_fp32_graphs_equal_eager_equal_peft(family, tiny_with_adapters):
 
 @pytest.mark.parametrize("split_attention", [True, False])
 def test_fp32_mixed_steps_with_adapters_equal_peft(split_attention, tiny_with_adapters,
-                                                   monkeypatch):
+                                                   monkeypatch, shrink):
     # A small token budget keeps prefill chunks beside running decodes. split_attention off
     # and MIN_SPLIT_DECODES 1: decode graph + eager prefill, the prefill rows' LoRA slots
     # moved after the replay (cuda_graphs.py).
@@ -267,7 +338,7 @@ def test_fp32_mixed_steps_with_adapters_equal_peft(split_attention, tiny_with_ad
         assert got == peft_greedy(path, adapter, [prompt], 12)[0], (name, len(prompt))
 
 
-def test_bf16_graphs_agree_with_eager_up_to_near_ties(tiny_with_adapters):
+def test_bf16_graphs_agree_with_eager_up_to_near_ties(tiny_with_adapters, shrink):
     path, requests = tiny_with_adapters("llama3")
     rows = _rows(requests, seed=9)
     max_tokens = [MAX_NEW] * len(rows)

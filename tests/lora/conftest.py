@@ -44,3 +44,19 @@ def prompts():
     g = torch.Generator().manual_seed(3)
     # 1 token, a block boundary (16), > 2 blocks: prefill chunks and decode both see LoRA
     return [torch.randint(6, 380, (n,), generator=g).tolist() for n in (1, 16, 37)]
+
+
+@pytest.fixture(params=["separate", "stacked"])
+def shrink(request, monkeypatch):
+    """Both ways the layers compute the shrink (hpcinfer/lora/layers.py): its own kernel, or
+    rows of the base GEMM over the slots' A stacked under the weight. Through the environment,
+    so ranks spawned by the test see the same."""
+    monkeypatch.setenv("HPCINFER_LORA_SHRINK", request.param)
+    return request.param
+
+
+def assert_shrink(llm, mode: str) -> None:
+    """Every wrapped layer of ``llm`` computes its shrink the ``mode`` way."""
+    layers = llm.llm_engine.lora.layers
+    assert layers and all(layer.stacked == (mode == "stacked") for layer in layers), \
+        [(layer.name, layer.stacked) for layer in layers]

@@ -8,6 +8,8 @@ from hpcinfer import LLM, SamplingParams
 from hpcinfer.lora.request import LoRARequest
 from hpcinfer.testing.tiny_lora import ATTENTION, MLP
 
+from .conftest import assert_shrink
+
 MAX_NEW = 10
 
 
@@ -27,10 +29,12 @@ def make_llm(path, **kwargs):
     return LLM(path, device="cpu", enable_lora=True, max_model_len=128, **kwargs)
 
 
-def test_one_adapter_equals_peft_and_base_rows_stay_base(base, adapter, oracle, prompts):
+def test_one_adapter_equals_peft_and_base_rows_stay_base(base, adapter, oracle, prompts,
+                                                         shrink):
     # alpha != rank: a wrong or missing scaling changes the tokens
     path = adapter("llama", "all-r8", rank=8, alpha=24.0)
     llm = make_llm(base("llama"), max_loras=1, max_lora_rank=8)
+    assert_shrink(llm, shrink)
     lora = LoRARequest("all-r8", 1, path)
     got = tokens(llm.generate(token_prompts(prompts), greedy(), use_tqdm=False,
                               lora_request=lora))
@@ -53,7 +57,7 @@ def test_chat_takes_a_lora_request(base, adapter):
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama3"])
-def test_mixed_batch_more_adapters_than_slots(family, base, adapter, oracle, prompts):
+def test_mixed_batch_more_adapters_than_slots(family, base, adapter, oracle, prompts, shrink):
     """Three adapters (ranks 4/8/16, rsLoRA, attention-only, MLP-only pieces of the fused
     gate_up) and base rows in one generate with max_loras=2: every row equals its own
     transformers + peft run, and no step holds more than two adapters."""
@@ -65,6 +69,7 @@ def test_mixed_batch_more_adapters_than_slots(family, base, adapter, oracle, pro
     paths = {name: adapter(family, name, **kw) for name, kw in specs.items()}
     requests = {name: LoRARequest(name, i + 1, paths[name]) for i, name in enumerate(specs)}
     llm = make_llm(base(family), max_loras=2, max_lora_rank=16, max_num_seqs=8)
+    assert_shrink(llm, shrink)
     manager = llm.llm_engine.lora
     seen = []
     prepare = manager.prepare_step
@@ -106,9 +111,10 @@ def test_prefix_cache_never_shares_kv_between_adapters(base, adapter, oracle, pr
 
 
 def test_triton_kernels_in_the_engine_give_the_same_tokens(base, adapter, oracle, prompts,
-                                                           monkeypatch):
-    """The GPU path of the hooks (Triton shrink, expand into each piece's column slice of the
-    merged qkv/gate_up output), run by the interpreter on CPU: same tokens as peft."""
+                                                           monkeypatch, shrink):
+    """The GPU path of the layers (Triton shrink and expand over the pieces of the merged
+    qkv/gate_up output, or the expand of the stacked GEMM's output), run by the interpreter
+    on CPU: same tokens as peft."""
     from hpcinfer.kernels import lora as lora_kernels
     from hpcinfer.lora import layers
     monkeypatch.setattr(layers, "_kernels", lambda x: lora_kernels)
@@ -120,6 +126,7 @@ def test_triton_kernels_in_the_engine_give_the_same_tokens(base, adapter, oracle
     short = [p[:9] for p in prompts[1:]]
     rows = [(p, r) for p in short for r in (*requests, None)]
     llm = make_llm(base("qwen2"), max_loras=2)
+    assert_shrink(llm, shrink)
     got = tokens(llm.generate(token_prompts([p for p, _ in rows]), greedy(4), use_tqdm=False,
                               lora_request=[r for _, r in rows]))
     for (prompt, r), row in zip(rows, got):

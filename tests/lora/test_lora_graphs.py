@@ -19,6 +19,8 @@ from hpcinfer.lora.request import LoRARequest
 from hpcinfer.testing.cpu_graphs import install_graphs
 from hpcinfer.testing.tiny_lora import ATTENTION, MLP
 
+from .conftest import assert_shrink
+
 MAX_NEW = 8
 SPECS = {
     "qv-r4": dict(rank=4, alpha=8.0, targets=("q_proj", "v_proj"), seed=11),
@@ -69,10 +71,11 @@ def check_against_peft(got, rows, paths, oracle):
         assert tokens == want, f"adapter {name}, prompt of {len(prompt)} tokens"
 
 
-def test_swaps_copy_into_fixed_buffers(base, rows):
+def test_swaps_copy_into_fixed_buffers(base, rows, shrink):
     rows, paths, requests = rows
     llm = LLM(base("llama"), device="cpu", enable_lora=True, max_model_len=128, max_loras=1,
               max_lora_rank=16, max_num_seqs=4)
+    assert_shrink(llm, shrink)
     manager = llm.llm_engine.lora
     before = slot_weight_pointers(manager), manager.step_slots.buffer.data_ptr()
     run_rows(llm, rows, requests)
@@ -90,10 +93,12 @@ def test_step_slots_refuse_to_grow(base):
         slots.set(np.zeros(65, np.int32))
 
 
-def test_replayed_decode_equals_peft_with_padded_rows_on_the_null_slot(base, rows, oracle):
+def test_replayed_decode_equals_peft_with_padded_rows_on_the_null_slot(base, rows, oracle,
+                                                                       shrink):
     rows, paths, requests = rows
     llm = LLM(base("llama"), device="cpu", enable_lora=True, max_model_len=128, max_loras=2,
               max_lora_rank=16, max_num_seqs=6)
+    assert_shrink(llm, shrink)
     graphs = install_graphs(llm)
     seen = record_replays(graphs)
     check_against_peft(run_rows(llm, rows, requests), rows, paths, oracle)
@@ -120,7 +125,7 @@ def test_stale_slots_in_padded_rows_are_cleared(base, adapter, prompts):
 
 
 def test_mixed_steps_split_into_graph_and_prefill_keep_each_rows_adapter(base, rows, oracle,
-                                                                         monkeypatch):
+                                                                         monkeypatch, shrink):
     # Split from the first decode on: the prefill rows run eagerly after the replay has
     # padded the buffer, and must still find their own slots.
     monkeypatch.setattr(cuda_graphs, "MIN_SPLIT_DECODES", 1)

@@ -132,3 +132,54 @@ def test_launchers_refuse_mismatched_arguments():
         lora_kernels.lora_expand(torch.zeros(7, 24), torch.zeros(7, 5), b, slots, (0, 8, 24))
     with pytest.raises(KernelArgumentError, match="shapes disagree"):   # bounds not to N
         lora_kernels.lora_expand(torch.zeros(7, 24), torch.zeros(7, 10), b, slots, (0, 8, 20))
+
+
+def _stacked_gemm(x, w, a):
+    """What the stacked layer's GEMM makes: [T, N + S*P*R], base then every slot's shrink."""
+    return x @ torch.cat([w, a.reshape(-1, a.shape[2])]).t()
+
+
+@pytest.mark.parametrize("bounds", [None, (0, 40, 56, 72), (0, 130, 200, 300)])
+def test_stacked_expand_reads_each_rows_own_slot_block(bounds):
+    # The base GEMM over [W; A of every slot] gives every row every slot's shrink; the expand
+    # takes each row's own slot block (rows of the other slots must not leak in), writes
+    # base + delta into a fresh tensor, and copies rows without an adapter as they are.
+    n = 24 if bounds is None else bounds[-1]
+    pieces, rank = (1 if bounds is None else len(bounds) - 1), 6
+    x, a, b, slots = _case(num_tokens=9, k=40, n=n, rank=rank, pieces=pieces, seed=5)
+    w = torch.randn(n, 40, generator=torch.Generator().manual_seed(6))
+    y = _stacked_gemm(x, w, a)
+    base, t_all = y[:, :n], y[:, n:]   # strided views of one output, as the layer passes them
+    got = lora_kernels.lora_expand_stacked(base, t_all, b, slots, bounds)
+    assert got.is_contiguous() and got.shape == (9, n)
+    want = x @ w.t()
+    lora_reference.lora_expand(want, lora_reference.lora_shrink(x, a, slots), b, slots, bounds)
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4)
+    ref = lora_reference.lora_expand_stacked(base, t_all, b, slots, bounds)
+    torch.testing.assert_close(ref, want, atol=1e-3, rtol=1e-4)
+    assert torch.equal(got[slots < 0], base[slots < 0])
+    assert torch.equal(base, y[:, :n])   # the GEMM's output is left as it was
+
+
+def test_stacked_expand_bf16_and_tiles_without_adapter_rows():
+    # 150 rows = three 64-row tiles; the last 60 rows carry no adapter (a whole tile copied)
+    bounds = (0, 96, 128, 160)
+    x, a, b, slots = _case(num_tokens=150, k=64, n=160, rank=16, num_slots=4, seed=7,
+                           pieces=3)
+    slots[90:] = -1
+    slots[:64] = torch.arange(64, dtype=torch.int32) % 4
+    w = torch.randn(160, 64, generator=torch.Generator().manual_seed(8)) / 8
+    x, w, a, b = x.bfloat16(), w.bfloat16(), (a / 8).bfloat16(), (b / 4).bfloat16()
+    y = _stacked_gemm(x.float(), w.float(), a.float()).bfloat16()
+    got = lora_kernels.lora_expand_stacked(y[:, :160], y[:, 160:], b, slots, bounds)
+    want = lora_reference.lora_expand_stacked(y[:, :160].float(), y[:, 160:].float(),
+                                              b.float(), slots, bounds)
+    torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=2e-2)
+    assert torch.equal(got[90:], y[90:, :160])
+    assert (got.float() - y[:, :160].float())[:90].abs().max() > 0.1
+
+
+def test_stacked_expand_refuses_a_shrink_of_the_wrong_width():
+    x, a, b, slots = _case()
+    with pytest.raises(KernelArgumentError, match="slots x pieces x rank"):
+        lora_kernels.lora_expand_stacked(torch.zeros(7, 24), torch.zeros(7, 14), b, slots)

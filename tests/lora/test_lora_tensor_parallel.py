@@ -19,7 +19,7 @@ MAX_NEW = 8
 
 
 @pytest.mark.slow
-def test_two_ranks_give_the_peft_tokens(base, adapter, oracle, prompts):
+def test_two_ranks_give_the_peft_tokens(base, adapter, oracle, prompts, shrink):
     family = "llama3"   # 2 KV heads: one per rank
     adapters = [["all-r8-rs", 1, adapter(family, "all-r8-rs", rank=8, alpha=4.0,
                                          use_rslora=True, targets=ATTENTION + MLP, seed=12)],
@@ -35,6 +35,8 @@ def test_two_ranks_give_the_peft_tokens(base, adapter, oracle, prompts):
     proc = subprocess.run([sys.executable, str(SCRIPT), json.dumps(spec)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    stacked = next(x for x in proc.stdout.splitlines() if x.startswith("STACKED "))
+    assert json.loads(stacked.removeprefix("STACKED ")) == [shrink == "stacked"]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("TOKENS "))
     got = json.loads(line.removeprefix("TOKENS "))
     for (prompt, i), tokens in zip(rows, got):

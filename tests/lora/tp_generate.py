@@ -19,4 +19,5 @@ outs = llm.generate([{"prompt_token_ids": p} for p, _ in spec["rows"]],
                     SamplingParams(temperature=0, max_tokens=spec["max_new"], ignore_eos=True),
                     use_tqdm=False,
                     lora_request=[None if i is None else loras[i] for _, i in spec["rows"]])
+print("STACKED " + json.dumps(sorted({layer.stacked for layer in llm.llm_engine.lora.layers})))
 print("TOKENS " + json.dumps([o.outputs[0].token_ids for o in outs]))
