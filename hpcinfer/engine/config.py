@@ -69,8 +69,9 @@ class EngineConfig:
         _check_lora(self)
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format={self.load_format!r} is not supported: use auto or "
-                             "safetensors (the checkpoint's safetensors) or dummy (random "
-                             "weights from config.json alone, for benchmarks)")
+                             "safetensors (the checkpoint's safetensors; bitsandbytes, vLLM's "
+                             "older name for a bitsandbytes checkpoint, is the same) or dummy "
+                             "(random weights from config.json alone, for benchmarks)")
         if self.dtype not in DTYPE_NAMES:
             raise ValueError(f"dtype={self.dtype!r} is not supported: use one of "
                              f"{sorted(DTYPE_NAMES)}")
@@ -101,7 +102,8 @@ class EngineConfig:
 def _default_of(cls, name: str):
     return next(f.default for f in fields(cls) if f.name == name)
 
-LOAD_FORMATS = ("auto", "safetensors", "dummy")
+# "bitsandbytes": vLLM's older name for reading a bitsandbytes checkpoint; the same as auto
+LOAD_FORMATS = ("auto", "safetensors", "dummy", "bitsandbytes")
 DTYPE_NAMES = {"auto", "float32", "float", "float16", "half", "bfloat16", "fp32", "fp16", "bf16"}
 
 

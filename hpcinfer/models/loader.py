@@ -75,8 +75,9 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
     ``model.packed_modules_mapping`` maps HF projection names onto merged ones, e.g.
     ``{"q_proj": ("qkv_proj", "q")}``; a model may define ``checkpoint_name(name)`` to rename
     legacy tensor names; ``model.unused_checkpoint_suffixes`` names tensors to skip (set by
-hpcinfer.layers.quant for scales it does not use). Tied parameters (one tensor under two
-names) load once.
+hpcinfer.layers.quant for scales it does not use), and ``model.transform_checkpoint`` may
+rewrite the (name, tensor, file) stream (bitsandbytes weights dequantized). Tied parameters
+(one tensor under two names) load once.
     """
     params = dict(model.named_parameters())  # tied params appear once, under the first name
     modules = dict(model.named_modules())
@@ -86,6 +87,9 @@ names) load once.
     if getattr(model, "load_slices_only", False):  # TP/PP ranks read just their slices
         from hpcinfer.distributed.slices import iter_checkpoint_lazy
         tensors = iter_checkpoint_lazy(checkpoint_files(model_dir))
+    transform = getattr(model, "transform_checkpoint", None)
+    if transform is not None:   # e.g. bitsandbytes parts -> one dequantized weight
+        tensors = transform(tensors)
     for name, tensor, path in tensors:
         target = _target_of(model, name, params)
         if target is None:

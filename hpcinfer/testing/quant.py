@@ -288,3 +288,37 @@ def build_online_fp8_oracle(base_dir: str | Path, out_dir: str | Path) -> Path:
         oracle[name] = tensor
     _write(out_dir, base_dir, oracle, None)
     return out_dir
+
+
+# ---- bitsandbytes: written by transformers + bitsandbytes themselves -----------------------
+
+BNB_CONFIGS = {
+    "bnb_nf4_double": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                       "bnb_4bit_use_double_quant": True},
+    "bnb_fp4": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4"},
+    "bnb_int8": {"load_in_8bit": True},
+}
+
+
+def build_bnb(base_dir: str | Path, fmt: str, out_dir: str | Path) -> tuple[Path, Path]:
+    """(quantized dir, oracle dir) for ``fmt`` in BNB_CONFIGS: transformers quantizes the fp32
+    checkpoint with bitsandbytes (on the CPU) and saves it as the hub's ``*-bnb-4bit``
+    releases are saved; the oracle is that model dequantized by transformers
+    (``model.dequantize()``, bitsandbytes' own dequantization) and saved plainly. Needs the
+    ``bitsandbytes`` package (a test dependency)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    quantized, oracle = out_dir / fmt, out_dir / f"{fmt}-oracle"
+    model = AutoModelForCausalLM.from_pretrained(
+        str(base_dir), quantization_config=BitsAndBytesConfig(**BNB_CONFIGS[fmt]),
+        dtype=torch.float32, device_map="cpu")
+    model.save_pretrained(str(quantized))
+    model = AutoModelForCausalLM.from_pretrained(str(quantized), dtype=torch.float32,
+                                                 device_map="cpu").dequantize()
+    model.save_pretrained(str(oracle))
+    for target in (quantized, oracle):   # the tokenizer and generation config, as _write does
+        for src in base_dir.iterdir():
+            if src.is_file() and src.suffix != ".safetensors" and src.name not in (
+                    "config.json", "model.safetensors.index.json"):
+                shutil.copy(src, target / src.name)
+    return quantized, oracle

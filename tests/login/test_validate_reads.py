@@ -183,11 +183,11 @@ def test_first_phi3_releases_rope_names_pass_as_transformers_loads_them(old_name
 
 
 def test_unsupported_quantization_fails(tmp_path, capsys):
-    method = "bitsandbytes"
+    method = "hqq"
     assert method not in support.SUPPORTED_QUANT_METHODS
     hf = {**LLAMA, "quantization_config": {"quant_method": method, "bits": 4}}
     rc, _, err = _validate(_model_job(tmp_path, hf), capsys)
-    assert rc == 2 and "quantization bitsandbytes: unknown quant_method 'bitsandbytes'; " \
+    assert rc == 2 and "quantization hqq: unknown quant_method 'hqq'; " \
                       "hpcinfer supports fp8" in err
 
 

@@ -48,6 +48,20 @@ def quantized(base_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def bnb(base_dir, tmp_path_factory):
+    """bitsandbytes fmt (hpcinfer.testing.quant.BNB_CONFIGS) -> (quantized dir, oracle dir),
+    written by transformers + bitsandbytes on first use."""
+    from hpcinfer.testing.quant import build_bnb
+    root, built = tmp_path_factory.mktemp("bnb"), {}
+
+    def get(fmt: str):
+        if fmt not in built:
+            built[fmt] = build_bnb(base_dir, fmt, root)
+        return built[fmt]
+    return get
+
+
+@pytest.fixture(scope="session")
 def prompts():
     return random_prompts(LENGTHS, seed=5)
 

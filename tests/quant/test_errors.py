@@ -45,7 +45,7 @@ def _login_message(path, tensor=1, quantization=None) -> str | None:
 
 
 @pytest.mark.parametrize("fmt, changes, words", [
-    ("awq", {"quant_method": "bitsandbytes"}, "unknown quant_method 'bitsandbytes'"),
+    ("awq", {"quant_method": "hqq"}, "unknown quant_method 'hqq'"),
     ("fp8_block", {"weight_block_size": [24, 24]}, "weight block size [24, 24] does not divide "
                                                    "qkv_proj"),
     ("gptq_sym", {"bits": 8}, "8-bit weights (only 4-bit)"),

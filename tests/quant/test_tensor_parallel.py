@@ -1,7 +1,8 @@
 """TP=2 over gloo (LLM spawning its second rank) gives the single-process tokens for quantized
 checkpoints: block scales and packed 4-bit tensors sliced per rank, per-piece scales of the
-merged q/k/v, desc_act's g_idx with all groups kept on row-parallel ranks, online FP8, and
-Phi-3's fused qkv_proj / gate_up_proj split into pieces before each rank takes its slice."""
+merged q/k/v, desc_act's g_idx with all groups kept on row-parallel ranks, online FP8,
+bitsandbytes weights dequantized whole then sliced, and Phi-3's fused qkv_proj /
+gate_up_proj split into pieces before each rank takes its slice."""
 from __future__ import annotations
 
 import json
@@ -19,8 +20,9 @@ PHI3_FORMATS = ("fp8_block", "awq", "gptq_asym_desc_act")
 
 @pytest.mark.slow
 def test_two_ranks_give_the_single_process_tokens(quantized, base_dir, prompts,
-                                                  engine_tokens):
+                                                  engine_tokens, bnb):
     cases = {quantized(fmt)[0]: fmt for fmt in FORMATS}
+    cases.update({str(bnb(fmt)[0]): fmt for fmt in ("bnb_nf4_double", "bnb_int8")})
     cases.update({quantized(fmt, "phi3")[0]: f"phi3 {fmt}" for fmt in PHI3_FORMATS})
     cases[f"{base_dir}@fp8"] = "online fp8"
     want = {}

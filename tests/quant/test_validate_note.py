@@ -41,3 +41,12 @@ def test_online_fp8_and_int4_and_unquantized(tmp_path):
     online = quantization_note(_cfg(tmp_path, None, quantization="fp8", device="cpu"))
     assert online.startswith("fp8 (online") and "dequantized once at load" in online
     assert "W4A16 Triton kernel" in quantization_note(_cfg(tmp_path, FORMATS["awq"][0]))
+
+
+def test_bitsandbytes_is_said_to_load_dequantized(tmp_path):
+    note = quantization_note(_cfg(tmp_path, {"quant_method": "bitsandbytes",
+                                             "load_in_4bit": True,
+                                             "bnb_4bit_quant_type": "nf4"}, gpu_type="h100"))
+    assert note == ("bitsandbytes: 4-bit nf4 weights, dequantized to the model dtype at load "
+                    "(no bitsandbytes kernel: the weights take as much memory as unquantized "
+                    "ones)")

@@ -47,11 +47,21 @@ def apply_quantization(model: nn.Module, spec: QuantSpec, dtype: torch.dtype,
     method; raise QuantConfigError for a layer that does not fit or a checkpoint that lacks a
     tensor, before any weight is read. Returns the number of quantized layers.
     ``checkpoint_names`` None: no checkpoint (load_format="dummy"), nothing to check.
-    MXFP4 (gpt-oss experts) quantizes no linear layer: its experts dequantize at load."""
+    MXFP4 (gpt-oss experts) quantizes no linear layer: its experts dequantize at load;
+    neither does bitsandbytes: its weights are dequantized as the checkpoint is read."""
     if spec.is_mxfp4:
         from hpcinfer.layers.quant.mxfp4 import apply_mxfp4
         model.unused_checkpoint_suffixes = UNUSED_SUFFIXES
         return apply_mxfp4(model, spec, checkpoint_names)
+    if spec.is_bnb:   # the layers stay unquantized: the checkpoint stream is dequantized
+        from hpcinfer.layers.quant.bnb import BnbCheckpoint
+        if checkpoint_names is not None:
+            problem = missing_tensor_problem(spec, checkpoint_names)
+            if problem is not None:
+                raise QuantConfigError(problem)
+        model.transform_checkpoint = BnbCheckpoint(model, spec)
+        log.info("quantization %s", spec.describe())
+        return 0
     if not spec.online and checkpoint_names is not None:
         problem = missing_tensor_problem(spec, checkpoint_names)
         if problem is not None:

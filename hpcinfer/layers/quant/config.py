@@ -17,6 +17,9 @@ read. Formats (docs/quantization.md):
   ``mlp.experts.{gate_up_proj,down_proj}_blocks`` (uint8 [E, out, in/32, 16], two e2m1 codes a
   byte, low nibble first) and ``_scales`` (uint8 e8m0 [E, out, in/32], bias 127); they are
   dequantized to the model dtype at load (hpcinfer.layers.quant.mxfp4), no MXFP4 kernel.
+- ``bitsandbytes`` (transformers' BitsAndBytesConfig: 4-bit nf4/fp4 with or without double
+  quantization, and 8-bit LLM.int8): dequantized to the model dtype as the checkpoint is read
+  (hpcinfer.layers.quant.bnb), no bitsandbytes kernel.
 - ``LLM(quantization="fp8")`` on an unquantized checkpoint: online FP8 (per-channel weights).
 """
 from __future__ import annotations
@@ -25,11 +28,12 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-SUPPORTED_QUANT_METHODS: tuple[str, ...] = ("awq", "compressed-tensors", "fbgemm_fp8", "fp8",
-                                             "gptq", "mxfp4")
+SUPPORTED_QUANT_METHODS: tuple[str, ...] = ("awq", "bitsandbytes", "compressed-tensors",
+                                             "fbgemm_fp8", "fp8", "gptq", "mxfp4")
 SUPPORTED_TEXT = ("fp8 (block-wise or per-tensor), fbgemm_fp8, compressed-tensors "
                   "(float-quantized FP8, pack-quantized 4-bit), awq (4-bit GEMM), gptq (4-bit), "
-                  "mxfp4 (gpt-oss experts, dequantized at load); "
+                  "mxfp4 (gpt-oss experts, dequantized at load), bitsandbytes (4-bit nf4/fp4 "
+                  "and 8-bit checkpoints, dequantized at load); "
                   "LLM(quantization=\"fp8\") also quantizes an unquantized checkpoint online")
 INT4_GROUP_SIZES = (32, 64, 128, -1)   # -1: one group over all input features (per channel)
 PACK = 8                               # 4-bit values per int32
@@ -70,12 +74,20 @@ class QuantSpec:
     def is_mxfp4(self) -> bool:
         return self.scheme == "mxfp4"
 
+    @property
+    def is_bnb(self) -> bool:
+        return self.scheme in ("bnb4", "bnb8")
+
     def describe(self) -> str:
         """One line for logs and ``hpcinfer validate``."""
         if self.is_mxfp4:
             return ("mxfp4: MoE expert weights in MXFP4 (e2m1, one e8m0 scale per 32), "
                     "dequantized to the model dtype at load (no MXFP4 kernel: the experts take "
                     "as much memory as unquantized ones)")
+        if self.is_bnb:
+            what = f"4-bit {self.layout}" if self.scheme == "bnb4" else "8-bit (LLM.int8)"
+            return (f"bitsandbytes: {what} weights, dequantized to the model dtype at load (no "
+                    "bitsandbytes kernel: the weights take as much memory as unquantized ones)")
         if self.online:
             return "fp8 (online: per-channel e4m3 weights computed at load)"
         if self.scheme == "fp8_block":
@@ -233,9 +245,25 @@ def _parse_mxfp4(raw: dict) -> QuantSpec:
                      ignore=_ignore_list(raw, "modules_to_not_convert"))
 
 
+def _parse_bnb(raw: dict) -> QuantSpec:
+    # transformers writes both load_in_4bit and _load_in_4bit (and the 8-bit pair)
+    four = bool(raw.get("load_in_4bit", raw.get("_load_in_4bit")))
+    eight = bool(raw.get("load_in_8bit", raw.get("_load_in_8bit")))
+    ignore = _ignore_list(raw, "llm_int8_skip_modules")
+    if four and not eight:
+        kind = str(raw.get("bnb_4bit_quant_type", "fp4"))
+        if kind not in ("nf4", "fp4"):
+            raise _error("bitsandbytes", f"bnb_4bit_quant_type {kind!r} (nf4 or fp4)")
+        return QuantSpec(method="bitsandbytes", scheme="bnb4", layout=kind, ignore=ignore)
+    if eight and not four:
+        return QuantSpec(method="bitsandbytes", scheme="bnb8", layout="int8", ignore=ignore)
+    raise _error("bitsandbytes", "a quantization_config with neither (or both) of load_in_4bit "
+                                 "and load_in_8bit")
+
+
 _PARSERS = {"fp8": _parse_fp8, "fbgemm_fp8": _parse_fbgemm, "awq": _parse_awq,
             "gptq": _parse_gptq, "compressed-tensors": _parse_compressed_tensors,
-            "mxfp4": _parse_mxfp4}
+            "mxfp4": _parse_mxfp4, "bitsandbytes": _parse_bnb}
 
 
 # ---- which layers, and whether their shapes fit ------------------------------------------
@@ -264,8 +292,8 @@ def shape_problem(spec: QuantSpec, leaf: str, out_pieces: list[int], in_size: in
     ``out_pieces``: this rank's output features of each merged piece (q, k, v; gate, up);
     ``in_size``: this rank's input features.
     """
-    if spec.online or spec.scheme in ("fp8_channel", "fp8_tensor"):
-        return None
+    if spec.online or spec.is_bnb or spec.scheme in ("fp8_channel", "fp8_tensor"):
+        return None   # (bitsandbytes: dequantized before any slicing)
     if spec.scheme == "fp8_block":
         block_out, block_in = spec.block
         bad_out = [n for n in out_pieces if n % block_out] if (len(out_pieces) > 1 or tp_size > 1) \
@@ -361,6 +389,8 @@ def missing_tensor_problem(spec: QuantSpec, tensor_names: Iterable[str]) -> str 
     names = set(tensor_names)
     if spec.is_mxfp4:
         return _mxfp4_missing_problem(names)
+    if spec.is_bnb:
+        return _bnb_missing_problem(spec, names)
     main, beside = required_suffixes(spec)
     layers = {n.rpartition(".")[0] for n in names
               if n.endswith((".weight", ".qweight", ".weight_packed"))}
@@ -377,6 +407,31 @@ def missing_tensor_problem(spec: QuantSpec, tensor_names: Iterable[str]) -> str 
     return (f"quantization {spec.method}: the checkpoint has no {suffix} for "
             f"{len(layers_without)} quantized layer(s), e.g. {layers_without[0]}.{suffix}: it is "
             "incomplete, or its quantization_config does not describe its tensors")
+
+
+def _bnb_missing_problem(spec: QuantSpec, names: set[str]) -> str | None:
+    # Every layer with one part of a quantized weight needs all of them.
+    if spec.scheme == "bnb4":
+        marker = f".weight.quant_state.bitsandbytes__{spec.layout}"
+        need = (".weight", ".weight.absmax", ".weight.quant_map", marker)
+        layers = {n[:-len(suffix)] for n in names for suffix in need[1:] if n.endswith(suffix)}
+        nested = (".weight.nested_absmax", ".weight.nested_quant_map")
+        what = f"4-bit {spec.layout}"
+    else:
+        need, nested, what = (".weight", ".SCB"), (), "8-bit"
+        layers = {n[:-len(".SCB")] for n in names if n.endswith(".SCB")}
+    if not layers:
+        return (f"quantization bitsandbytes: the checkpoint has no {what} tensors "
+                f"({need[-1].lstrip('.')} beside a weight): its quantization_config does not "
+                "describe its tensors")
+    for layer in sorted(layers):
+        wanted = need + (nested if any(f"{layer}{s}" in names for s in nested) else ())
+        for suffix in wanted:
+            if f"{layer}{suffix}" not in names:
+                return (f"quantization bitsandbytes: the checkpoint has no {layer}{suffix} "
+                        f"beside the other parts of its {what} weight: it is incomplete, or "
+                        "its quantization_config does not describe its tensors")
+    return None
 
 
 _MXFP4_EXPERT_TENSOR = re.compile(r"(.*\.mlp\.experts)\.(gate_up_proj|down_proj)"
@@ -460,7 +515,7 @@ def capability_of(gpu_type: str | None) -> tuple[int, int] | None:
 
 def runtime_note(spec: QuantSpec, gpu_type: str | None, device: str = "cuda") -> str:
     """One line: the checkpoint's quantization and how this job's device will run it."""
-    if spec.is_mxfp4:
+    if spec.is_mxfp4 or spec.is_bnb:
         return spec.describe()
     if device == "cpu":
         return f"{spec.describe()}; on CPU the weights are dequantized once at load"
