@@ -327,10 +327,12 @@ class EngineSection(Section):
         None, ge=1, description="Micro-batches each step is cut into with parallel.pipeline > "
                                 "1 (default: one per stage while each keeps enough tokens; "
                                 "docs/multi-node.md)")
-    quantization: Optional[Literal["fp8", "fbgemm_fp8", "compressed-tensors", "awq", "gptq"]] = \
+    quantization: Optional[Literal["fp8", "fbgemm_fp8", "compressed-tensors", "awq", "gptq",
+                                   "bitsandbytes"]] = \
         Field(None, description="Weight quantization (default: the checkpoint's "
                                 "quantization_config); fp8 on an unquantized checkpoint "
-                                "quantizes it at load (docs/quantization.md)")
+                                "quantizes it at load, bitsandbytes rounds it through nf4 "
+                                "(docs/quantization.md)")
     kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3"] = Field(
         "auto", description="KV cache storage: auto (the model's dtype) or fp8 (e4m3, "
                             "per-tensor scale 1.0: twice the tokens of bf16; "

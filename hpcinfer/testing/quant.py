@@ -322,3 +322,22 @@ def build_bnb(base_dir: str | Path, fmt: str, out_dir: str | Path) -> tuple[Path
                     "config.json", "model.safetensors.index.json"):
                 shutil.copy(src, target / src.name)
     return quantized, oracle
+
+
+def build_online_nf4_oracle(base_dir: str | Path, out_dir: str | Path) -> Path:
+    """The fp32 model LLM(quantization="bitsandbytes") computes from ``base_dir``: each decoder
+    projection quantized to nf4 by bitsandbytes itself (blocks of 64, double-quantized absmax)
+    and dequantized by it, written independently of hpcinfer's quantizer (needs
+    ``bitsandbytes``)."""
+    import bitsandbytes.functional as bnbf
+    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    oracle = {}
+    for name, tensor in _read_tensors(base_dir).items():
+        prefix = name.removesuffix(".weight")
+        if name.endswith(".weight") and _is_quantized(prefix):
+            packed, state = bnbf.quantize_4bit(tensor.float(), blocksize=64, quant_type="nf4",
+                                               compress_statistics=True)
+            tensor = bnbf.dequantize_4bit(packed, state).float()
+        oracle[name] = tensor
+    _write(out_dir, base_dir, oracle, None)
+    return out_dir

@@ -88,3 +88,31 @@ def test_configs_read_and_refused():
         quant_spec_of({"quantization_config": {"quant_method": "bitsandbytes",
                                                "load_in_4bit": True,
                                                "bnb_4bit_quant_type": "int4"}})
+
+
+def test_online_nf4_rounds_as_bitsandbytes_quantizes():
+    # bitsandbytes' reference quantizer (torch) is what nf4_round_trip mirrors; its compiled
+    # CPU kernel picks the neighbouring 8-bit code for a few double-quantized absmax values
+    # (4-10 of 4,096 here), so a few blocks differ by one step of that code.
+    import bitsandbytes.functional as bnbf
+
+    from hpcinfer.layers.quant.bnb import dynamic_map, nf4_round_trip
+    assert torch.equal(dynamic_map(), bnbf.create_dynamic_map())
+    for shape in [(3, 70), (64, 100), (256, 1024)]:
+        w = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+        packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4",
+                                           compress_statistics=True)
+        ref, ours = bnbf.dequantize_4bit(packed, state), nf4_round_trip(w)
+        assert (ours == ref).float().mean() > 0.99
+        torch.testing.assert_close(ours, ref, rtol=2e-2, atol=1e-6)
+
+
+def test_online_bitsandbytes_rounds_the_decoder_projections(base_dir, tmp_path, engine_tokens,
+                                                            oracle_tokens):
+    from hpcinfer.layers.quant.config import quant_spec_of
+    from hpcinfer.testing.quant import build_online_nf4_oracle
+    oracle = build_online_nf4_oracle(base_dir, tmp_path / "oracle")
+    got, _ = engine_tokens(str(base_dir), quantization="bitsandbytes")
+    assert got == oracle_tokens(str(oracle))
+    assert got != oracle_tokens(str(base_dir))   # the rounding changes the tokens
+    assert "online" in quant_spec_of({}, "bitsandbytes").describe()

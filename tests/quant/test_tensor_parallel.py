@@ -25,6 +25,7 @@ def test_two_ranks_give_the_single_process_tokens(quantized, base_dir, prompts,
     cases.update({str(bnb(fmt)[0]): fmt for fmt in ("bnb_nf4_double", "bnb_int8")})
     cases.update({quantized(fmt, "phi3")[0]: f"phi3 {fmt}" for fmt in PHI3_FORMATS})
     cases[f"{base_dir}@fp8"] = "online fp8"
+    cases[f"{base_dir}@bitsandbytes"] = "online bitsandbytes (nf4)"
     want = {}
     for arg in cases:
         path, _, quantization = arg.partition("@")

@@ -55,7 +55,7 @@ def apply_quantization(model: nn.Module, spec: QuantSpec, dtype: torch.dtype,
         return apply_mxfp4(model, spec, checkpoint_names)
     if spec.is_bnb:   # the layers stay unquantized: the checkpoint stream is dequantized
         from hpcinfer.layers.quant.bnb import BnbCheckpoint
-        if checkpoint_names is not None:
+        if checkpoint_names is not None and not spec.online:
             problem = missing_tensor_problem(spec, checkpoint_names)
             if problem is not None:
                 raise QuantConfigError(problem)

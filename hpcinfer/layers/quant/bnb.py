@@ -1,5 +1,8 @@
 """bitsandbytes checkpoints (transformers' ``BitsAndBytesConfig``, e.g. the hub's ``*-bnb-4bit``
-releases), dequantized to the model dtype at load.
+releases), dequantized to the model dtype at load; and ``LLM(quantization="bitsandbytes")`` on
+an unquantized checkpoint (vLLM's in-flight 4-bit), which rounds each decoder projection
+through nf4 as bitsandbytes would quantize it (the weights a QLoRA adapter was trained
+against) and keeps the result dequantized.
 
 There is no bitsandbytes kernel here: each quantized linear weight is turned back into a
 plain ``[out, in]`` tensor as the checkpoint stream is read (``BnbCheckpoint`` wraps the
@@ -34,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from hpcinfer.layers.quant.config import QuantConfigError, QuantSpec
+from hpcinfer.layers.quant.config import QuantConfigError, QuantSpec, is_quantized_layer
 
 QUANT_STATE = ".weight.quant_state.bitsandbytes__"
 # suffix after the layer name -> part of a 4-bit weight
@@ -43,6 +46,16 @@ FOUR_BIT_PARTS = {".weight": "packed", ".weight.absmax": "absmax",
                   ".weight.nested_quant_map": "nested_quant_map"}
 EIGHT_BIT_PARTS = {".weight": "int8", ".SCB": "scb"}
 UNUSED_SUFFIXES = (".weight_format",)
+
+# Online (LLM(quantization="bitsandbytes") on an unquantized checkpoint): the NF4 code of the
+# QLoRA paper (bitsandbytes' table), blocks of 64, the absmax double-quantized to 8 bits in
+# blocks of 256 with bitsandbytes' dynamic map.
+NF4_VALUES = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+              -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+              0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
+              0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+              0.7229568362236023, 1.0)
+BLOCK, NESTED_BLOCK = 64, 256
 
 
 def _read(t) -> torch.Tensor:
@@ -90,16 +103,70 @@ def dequantize_8bit(weight: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
     return weight.float() * scb.to(weight.device, torch.float32).view(-1, 1) * 7.874015718698502e-3
 
 
+def dynamic_map() -> torch.Tensor:
+    """bitsandbytes' signed 8-bit dynamic map (``create_dynamic_map(signed=True)``): 7
+    decades of exponent, a shrinking fraction per decade, then 0 and 1; sorted, float32."""
+    data: list[float] = []
+    for i in range(7):
+        items = 2 ** i + 1
+        bounds = torch.linspace(0.1, 1, items, dtype=torch.float32)
+        means = (bounds[:-1] + bounds[1:]) / 2.0
+        # float32 products, as bitsandbytes makes them (tensor times scalar)
+        data += ((10 ** (-6 + i)) * means).tolist() + ((-(10 ** (-6 + i))) * means).tolist()
+    data += [0.0, 1.0]
+    data += [0.0] * (256 - len(data))
+    return torch.tensor(sorted(data), dtype=torch.float32)
+
+
+def _quantize_blocks(values: torch.Tensor, code: torch.Tensor, block: int):
+    """bitsandbytes' reference blockwise quantizer: (codes [n], absmax [blocks]); each value
+    scaled by its block's absmax and rounded to the nearest entry of the sorted ``code`` (a
+    last partial block has its own absmax)."""
+    flat = values.reshape(-1).float()
+    full = flat.numel() - flat.numel() % block
+    blocks = flat[:full].view(-1, block)
+    absmax = blocks.abs().max(dim=-1)[0]
+    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
+    if full < flat.numel():   # (bitsandbytes divides here where it multiplies above)
+        last = flat[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, last.unsqueeze(0)])
+        scaled = torch.cat([scaled, torch.clamp(flat[full:] / last, -1, 1)])
+    codes = torch.bucketize(scaled, (code[:-1] + code[1:]) / 2)
+    return codes, absmax
+
+
+def _expand(absmax: torch.Tensor, n: int, block: int) -> torch.Tensor:
+    """Each of n values' block scale."""
+    return absmax[torch.arange(n, device=absmax.device) // block]
+
+
+def nf4_round_trip(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` as bitsandbytes' ``quantize_4bit(w, blocksize=64, quant_type="nf4",
+    compress_statistics=True)`` then ``dequantize_4bit`` give it back: float32, same shape."""
+    nf4 = torch.tensor(NF4_VALUES, dtype=torch.float32, device=weight.device)
+    codes, absmax = _quantize_blocks(weight, nf4, BLOCK)
+    offset = absmax.mean()
+    dyn = dynamic_map().to(weight.device)
+    nested_codes, nested = _quantize_blocks(absmax - offset, dyn, NESTED_BLOCK)
+    absmax = dyn[nested_codes] * _expand(nested, absmax.numel(), NESTED_BLOCK) + offset
+    if weight.numel() % BLOCK:
+        return (nf4[codes] * _expand(absmax, weight.numel(), BLOCK)).view(weight.shape)
+    return (nf4[codes].view(-1, BLOCK) * absmax[:, None]).view(weight.shape)
+
+
 class BnbCheckpoint:
     """Wraps the loader's (name, tensor, file) stream: the parts of each quantized weight are
     held until the last one arrives, then one float32 ``<layer>.weight`` goes on in their
     place (dequantized on the model's device). Everything else passes through."""
 
     def __init__(self, model: torch.nn.Module, spec: QuantSpec):
-        self.model, self.four_bit = model, spec.scheme == "bnb4"
+        self.model, self.spec, self.four_bit = model, spec, spec.scheme == "bnb4"
 
     def __call__(self, tensors: Iterator) -> Iterator[tuple[str, torch.Tensor, Path]]:
         device = next(self.model.parameters()).device
+        if self.spec.online:
+            yield from self._round_to_nf4(tensors, device)
+            return
         pending: dict[str, dict] = {}
         for name, tensor, path in tensors:
             if name.endswith(UNUSED_SUFFIXES):
@@ -119,6 +186,14 @@ class BnbCheckpoint:
             raise QuantConfigError(
                 f"quantization bitsandbytes: {layer} has only {sorted(parts)} of its "
                 f"{'4' if self.four_bit else '8'}-bit weight: the checkpoint is incomplete")
+
+    def _round_to_nf4(self, tensors: Iterator, device: torch.device):
+        """Online: every decoder projection's weight rounded through nf4 (on ``device``)."""
+        for name, tensor, path in tensors:
+            if (name.endswith(".weight") and tensor.dtype.is_floating_point
+                    and is_quantized_layer(self.spec, name[:-len(".weight")])):
+                tensor = nf4_round_trip(_read(tensor).to(device))
+            yield name, tensor, path
 
     def _part_of(self, name: str, tensor) -> tuple[str, str | None]:
         if self.four_bit:

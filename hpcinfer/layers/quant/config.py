@@ -34,7 +34,8 @@ SUPPORTED_TEXT = ("fp8 (block-wise or per-tensor), fbgemm_fp8, compressed-tensor
                   "(float-quantized FP8, pack-quantized 4-bit), awq (4-bit GEMM), gptq (4-bit), "
                   "mxfp4 (gpt-oss experts, dequantized at load), bitsandbytes (4-bit nf4/fp4 "
                   "and 8-bit checkpoints, dequantized at load); "
-                  "LLM(quantization=\"fp8\") also quantizes an unquantized checkpoint online")
+                  "LLM(quantization=\"fp8\") also quantizes an unquantized checkpoint online, "
+                  "and LLM(quantization=\"bitsandbytes\") rounds one to nf4")
 INT4_GROUP_SIZES = (32, 64, 128, -1)   # -1: one group over all input features (per channel)
 PACK = 8                               # 4-bit values per int32
 MXFP4_BLOCK = 32                       # e2m1 values per e8m0 scale
@@ -84,6 +85,10 @@ class QuantSpec:
             return ("mxfp4: MoE expert weights in MXFP4 (e2m1, one e8m0 scale per 32), "
                     "dequantized to the model dtype at load (no MXFP4 kernel: the experts take "
                     "as much memory as unquantized ones)")
+        if self.is_bnb and self.online:
+            return ("bitsandbytes (online: each decoder projection rounded to 4-bit nf4 with "
+                    "double-quantized absmax at load, as bitsandbytes quantizes, then kept "
+                    "dequantized in the model dtype)")
         if self.is_bnb:
             what = f"4-bit {self.layout}" if self.scheme == "bnb4" else "8-bit (LLM.int8)"
             return (f"bitsandbytes: {what} weights, dequantized to the model dtype at load (no "
@@ -115,8 +120,11 @@ def quant_spec_of(hf: dict, quantization: str | None = None) -> QuantSpec | None
             return None
         if quantization == "fp8":
             return QuantSpec(method="fp8", scheme="fp8_channel", online=True)
+        if quantization == "bitsandbytes":   # vLLM's in-flight 4-bit: nf4, then dequantized
+            return QuantSpec(method="bitsandbytes", scheme="bnb4", layout="nf4", online=True)
         raise _error(quantization, "needs a checkpoint quantized that way (config.json has no "
-                                   "quantization_config); only \"fp8\" quantizes online")
+                                   "quantization_config); only \"fp8\" and \"bitsandbytes\" "
+                                   "quantize online")
     method = str(raw.get("quant_method") or "unknown")
     if quantization not in (None, "auto", method):
         raise _error(str(quantization), f"the checkpoint is quantized with {method}: leave "
