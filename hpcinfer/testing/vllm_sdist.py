@@ -29,7 +29,8 @@ EXAMPLES = ("basic/basic.py", "basic/generate.py", "basic/chat.py", "basic/class
             "prefix_caching.py", "metrics.py", "async_llm_streaming.py",
             "structured_outputs.py", "automatic_prefix_caching.py", "reproducibility.py",
             "multilora_inference.py", "context_extension.py", "simple_profiling.py",
-            "vision_language.py", "pooling/qwen3_reranker.py")
+            "vision_language.py", "pooling/qwen3_reranker.py",
+            "lora_with_quantization_inference.py")
 
 _IMPORT = re.compile(r"^(\s*)(from|import) vllm\b", re.M)
 

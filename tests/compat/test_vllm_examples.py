@@ -46,6 +46,7 @@ RUNS = [
     ("vision_language.py", "--model-type", "qwen2_vl"),   # no torchvision here: image-only
     ("vision_language.py", "--model-type", "qwen2_5_vl"),
     ("pooling/qwen3_reranker.py",),
+    ("lora_with_quantization_inference.py",),   # bitsandbytes (online nf4), AWQ, GPTQ bases
 ]
 # What each prints when it got its results: (text, at least this many times).
 PRINTS = {
@@ -68,8 +69,13 @@ PRINTS = {
     "simple_profiling.py": ("Generated text:", 4),
     "vision_language.py": ("-" * 50 + "\n", 5),   # a rule before each of 4 answers, one after
     "pooling/qwen3_reranker.py": ("-" * 30 + "\n", 2),
+    "lora_with_quantization_inference.py": ("Output:", 12),   # 4 requests x 3 quantized bases
 }
 HUB_ADAPTER = "yard1/llama-2-7b-sql-lora-test"   # multilora_inference.py's snapshot_download
+# lora_with_quantization_inference.py's adapters (snapshot_download) and quantized bases
+QUANT_LORA_ADAPTERS = ("timdettmers/qlora-flan-7b", "jashing/tinyllama-colorist-lora")
+QUANT_LORA_BASES = {"awq": "TheBloke/TinyLlama-1.1B-Chat-v0.3-AWQ",
+                    "gptq_sym": "TheBloke/TinyLlama-1.1B-Chat-v0.3-GPTQ"}
 
 
 def _models(work: Path) -> None:
@@ -95,6 +101,17 @@ def _models(work: Path) -> None:
                           extra_tokens=("no", "yes"))
     llama2 = build_tiny_checkpoint("llama", work / "meta-llama" / "Llama-2-7b-hf")
     _hub_cache_adapter(work / "hf-cache", HUB_ADAPTER, llama2)
+    # lora_with_quantization_inference.py: one tiny Llama under the three base names (the
+    # bitsandbytes one unquantized: the example quantizes it in flight), each adapter of it
+    (work / "huggyllama").mkdir()
+    (work / "huggyllama" / "llama-7b").symlink_to(llama2)
+    from hpcinfer.testing.quant import build_quantized
+    for fmt, name in QUANT_LORA_BASES.items():
+        quantized, _ = build_quantized(llama2, fmt, work / "quantized")
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
+        (work / name).symlink_to(quantized)
+    for repo_id in QUANT_LORA_ADAPTERS:
+        _hub_cache_adapter(work / "hf-cache", repo_id, llama2)
     # vision_language.py: its image comes from vLLM's asset cache (VLLM_ASSETS_CACHE, set for
     # the run); its models ask for max_model_len 4096 / 2048
     from hpcinfer.testing.tiny_vision import (build_tiny_gemma3, build_tiny_llava,
