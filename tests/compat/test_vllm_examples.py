@@ -189,6 +189,22 @@ def test_vllm_example_runs_to_the_end(outputs, example):
     assert text.count(marker) >= count, text[-4000:]
 
 
+def test_torchrun_example_runs_on_four_ranks(tmp_path):
+    """torchrun_example.py (``distributed_executor_backend="external_launcher"``, TP=2 x PP=2)
+    under ``torchrun --nproc-per-node=4``: each rank runs the script, rank 0 prints every
+    answer. On CPU over gloo here (the model is a tiny Llama-3 under its hub name)."""
+    from hpcinfer.testing.tiny import build_tiny_checkpoint
+    script = vllm_sdist.write_examples(tmp_path / "examples")["torchrun_example.py"]
+    # it asks for max_model_len=32768
+    _longer(build_tiny_checkpoint("llama3", tmp_path / "meta-llama" / "Llama-3.1-8B"), 32768)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=4",
+                           str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("Generated text:") == 4, proc.stdout[-3000:]
+
+
 def test_structured_outputs_example_obeys_its_constraints(outputs):
     """Sampled (vLLM's default temperature 1), yet the choice is one of the two and the
     grammar's SQL starts as the grammar says (its end may be cut by max_model_len=100)."""
