@@ -30,7 +30,8 @@ EXAMPLES = ("basic/basic.py", "basic/generate.py", "basic/chat.py", "basic/class
             "structured_outputs.py", "automatic_prefix_caching.py", "reproducibility.py",
             "multilora_inference.py", "context_extension.py", "simple_profiling.py",
             "vision_language.py", "pooling/qwen3_reranker.py",
-            "lora_with_quantization_inference.py", "torchrun_example.py")
+            "lora_with_quantization_inference.py", "torchrun_example.py",
+            "pooling/embed_matryoshka_fy.py")
 
 _IMPORT = re.compile(r"^(\s*)(from|import) vllm\b", re.M)
 

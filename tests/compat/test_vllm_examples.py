@@ -47,6 +47,7 @@ RUNS = [
     ("vision_language.py", "--model-type", "qwen2_5_vl"),
     ("pooling/qwen3_reranker.py",),
     ("lora_with_quantization_inference.py",),   # bitsandbytes (online nf4), AWQ, GPTQ bases
+    ("pooling/embed_matryoshka_fy.py",),        # PoolingParams(dimensions=32), runner="pooling"
 ]
 # What each prints when it got its results: (text, at least this many times).
 PRINTS = {
@@ -70,6 +71,7 @@ PRINTS = {
     "vision_language.py": ("-" * 50 + "\n", 5),   # a rule before each of 4 answers, one after
     "pooling/qwen3_reranker.py": ("-" * 30 + "\n", 2),
     "lora_with_quantization_inference.py": ("Output:", 12),   # 4 requests x 3 quantized bases
+    "pooling/embed_matryoshka_fy.py": ("(size=32)", 6),   # six prompts, cut to 32 dimensions
 }
 HUB_ADAPTER = "yard1/llama-2-7b-sql-lora-test"   # multilora_inference.py's snapshot_download
 # lora_with_quantization_inference.py's adapters (snapshot_download) and quantized bases
@@ -86,6 +88,10 @@ def _models(work: Path) -> None:
     (work / "meta-llama" / "Llama-3.2-1B-Instruct").symlink_to(llama)
     build_tiny_pooling_checkpoint("llama-cls", work / "jason9693" / "Qwen2.5-1.5B-apeach")
     build_tiny_pooling_checkpoint("llama-embed", work / "intfloat" / "e5-small")
+    # embed_matryoshka_fy.py: jina-embeddings-v3 is an XLM-RoBERTa (its own code, which the
+    # example trusts); a tiny sentence-transformers one stands in
+    build_tiny_pooling_checkpoint("xlm-roberta", work / "jinaai" / "jina-embeddings-v3",
+                                  sentence_transformers=True)
     build_tiny_pooling_checkpoint("xlm-roberta-cls", work / "BAAI" / "bge-reranker-v2-m3",
                                   num_labels=1)
     # reward.py asks for max_model_len=1024
