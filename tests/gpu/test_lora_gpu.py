@@ -113,16 +113,31 @@ def test_merged_layer_shrink_partials_and_one_expand(dtype, num_tokens, k, piece
     assert not torch.equal(got[slots >= 0], y[slots >= 0])
 
 
-def test_captured_merged_layer_follows_new_slots_and_swapped_weights():
+@pytest.mark.parametrize("stacked", [False, True])
+def test_captured_merged_layer_follows_new_slots_and_swapped_weights(stacked):
+    """A merged q/k/v layer's LoRA work captured once, replayed after the slot indices and a
+    slot's weights change in place: the separate shrink + expand into the output, or
+    (stacked) the GEMM over [W; every slot's A] + the stacked expand, A then a view of the
+    stacked weight (what a swap writes into)."""
     from hpcinfer.kernels import lora, lora_reference
     bounds = (0, 2048, 2560, 3072)
     x, _, b, slots = _kernel_case(256, 2048, 3072, 16, torch.float32)
     a = _stacked_a(48, 2048, torch.float32, seed=3)
-    y = torch.zeros(256, 3072, device="cuda")
+    w = torch.randn(3072, 2048, device="cuda") / 2048 ** 0.5
+    if stacked:
+        weight = torch.cat([w, a.reshape(-1, 2048)])
+        a = weight[3072:].view(a.shape)
+    y, out = torch.zeros(256, 3072, device="cuda"), {}
 
     def run():
-        y.zero_()
-        lora.lora_expand(y, lora.lora_shrink_partials(x, a, slots), b, slots, bounds)
+        if stacked:
+            full = torch.nn.functional.linear(x, weight)
+            out["y"] = lora.lora_expand_stacked(full[:, :3072], full[:, 3072:], b, slots,
+                                                bounds)
+        else:
+            y.zero_()
+            lora.lora_expand(y, lora.lora_shrink_partials(x, a, slots), b, slots, bounds)
+            out["y"] = y
     run()   # compile outside capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -137,10 +152,10 @@ def test_captured_merged_layer_follows_new_slots_and_swapped_weights():
         a[2].copy_(_stacked_a(48, 2048, torch.float32, seed=10 + seed)[2])
         b[2].copy_(b2[2])
         graph.replay()
-        want = torch.zeros_like(y)
+        want = x @ w.t() if stacked else torch.zeros_like(y)
         lora_reference.lora_expand(want, lora_reference.lora_shrink(x, a, slots), b, slots,
                                    bounds)
-        torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(out["y"], want, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -169,39 +184,6 @@ def test_stacked_gemm_and_expand(dtype, num_tokens, k, pieces, rank):
     separate = base.clone()
     lora.lora_expand(separate, lora.lora_shrink_partials(x, a, slots), b, slots, bounds)
     torch.testing.assert_close(got.float(), separate.float(), **tol)
-
-
-def test_captured_stacked_layer_follows_new_slots_and_swapped_weights():
-    from hpcinfer.kernels import lora, lora_reference
-    bounds = (0, 2048, 2560, 3072)
-    x, _, b, slots = _kernel_case(256, 2048, 3072, 16, torch.float32)
-    a = _stacked_a(48, 2048, torch.float32, seed=3)
-    w = torch.randn(3072, 2048, device="cuda") / 2048 ** 0.5
-    stacked = torch.cat([w, a.reshape(-1, 2048)])
-    a_view = stacked[3072:].view(a.shape)   # what the layer writes a swap into
-    out = {}
-
-    def run():
-        y = torch.nn.functional.linear(x, stacked)
-        out["y"] = lora.lora_expand_stacked(y[:, :3072], y[:, 3072:], b, slots, bounds)
-    run()   # compile outside capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    for seed in (1, 2, 3):
-        x2, _, b2, slots2 = _kernel_case(256, 2048, 3072, 16, torch.float32, seed=seed)
-        if seed == 3:
-            slots2[:128] = -1     # two whole row tiles of base rows
-        x.copy_(x2)
-        slots.copy_(slots2)
-        a_view[2].copy_(_stacked_a(48, 2048, torch.float32, seed=10 + seed)[2])
-        b[2].copy_(b2[2])
-        graph.replay()
-        want = x @ w.t()
-        lora_reference.lora_expand(want, lora_reference.lora_shrink(x, a_view, slots), b,
-                                   slots, bounds)
-        torch.testing.assert_close(out["y"], want, atol=1e-4, rtol=1e-4)
 
 
 def test_captured_kernels_follow_new_slots_and_swapped_weights():
