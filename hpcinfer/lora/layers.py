@@ -9,10 +9,9 @@ piece (piece p's columns take the shrink's rank block p): two launches per layer
 
 Where the base weight is plain (unquantized) and the slots' A rows are few beside it, the
 shrink can ride on the base GEMM instead of a launch of its own ("stacked"; not the default
-yet, see shrink_mode): the slots' A rows
-are stored under the base weight in one [out + slots * pieces * rank, in] buffer (the layer's
-``weight`` a view of its top rows), so one GEMM gives the base output and every slot's
-shrink side by side, and the expand (``lora_expand_stacked``) writes base + each row's own
+yet, see shrink_mode): the slots' A rows are stored under the base weight in one
+[out + slots * pieces * rank, in] buffer (the layer's ``weight`` a view of its top rows), so
+one GEMM gives the base output and every slot's shrink side by side, and the expand (``lora_expand_stacked``) writes base + each row's own
 slot's delta into a fresh output. One launch per layer instead of two, and the GEMM reads
 x once for both (on an H200, at decode sizes, each LoRA launch costs ~5-6 us above a trivial
 one: docs/lora.md). The shrink then comes out in the model dtype (bf16 on the GPU) where the
