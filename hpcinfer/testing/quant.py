@@ -341,3 +341,42 @@ def build_online_nf4_oracle(base_dir: str | Path, out_dir: str | Path) -> Path:
         oracle[name] = tensor
     _write(out_dir, base_dir, oracle, None)
     return out_dir
+
+
+def pack_bnb_nf4(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One weight as transformers saves a bitsandbytes 4-bit nf4, double-quantized layer
+    (suffix after the layer name -> tensor), without bitsandbytes: for the GPU tests, whose
+    machine has no bitsandbytes (the CPU tests use build_bnb, i.e. bitsandbytes itself).
+    Codes by hpcinfer.layers.quant.bnb's quantizer (bitsandbytes' reference algorithm)."""
+    from hpcinfer.layers.quant import bnb
+    nf4 = torch.tensor(bnb.NF4_VALUES)
+    codes, absmax = bnb._quantize_blocks(weight, nf4, bnb.BLOCK)
+    offset = absmax.mean()
+    dyn = bnb.dynamic_map()
+    nested_codes, nested = bnb._quantize_blocks(absmax - offset, dyn, bnb.NESTED_BLOCK)
+    codes = codes.to(torch.uint8)
+    state = {"quant_type": "nf4", "blocksize": bnb.BLOCK, "dtype": "float32",
+             "shape": list(weight.shape), "nested_blocksize": bnb.NESTED_BLOCK,
+             "nested_offset": offset.item(), "nested_dtype": "float32"}
+    return {".weight": ((codes[0::2] << 4) | codes[1::2]).unsqueeze(1),
+            ".weight.absmax": nested_codes.to(torch.uint8), ".weight.quant_map": nf4,
+            ".weight.nested_absmax": nested, ".weight.nested_quant_map": dyn,
+            ".weight.quant_state.bitsandbytes__nf4":
+                torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)}
+
+
+def build_bnb_nf4_packed(base_dir: str | Path, out_dir: str | Path) -> Path:
+    """``base_dir`` with every decoder projection packed by pack_bnb_nf4, and a
+    BitsAndBytesConfig quantization_config (nf4, double quantization)."""
+    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    tensors = {}
+    for name, tensor in _read_tensors(base_dir).items():
+        prefix = name.removesuffix(".weight")
+        if name.endswith(".weight") and _is_quantized(prefix):
+            tensors.update({prefix + suffix: t for suffix, t in pack_bnb_nf4(tensor).items()})
+        else:
+            tensors[name] = tensor
+    _write(out_dir, base_dir, tensors, {"quant_method": "bitsandbytes", "load_in_4bit": True,
+                                        "bnb_4bit_quant_type": "nf4",
+                                        "bnb_4bit_use_double_quant": True})
+    return out_dir

@@ -235,3 +235,34 @@ def test_w4a16_dummy_model_on_gpu(method, tmp_path, monkeypatch):
                         use_tqdm=False)
     assert [len(o.outputs[0].token_ids) for o in outs] == [24, 24, 24]
     assert llm.llm_engine.runner.graphs is not None and llm.llm_engine.runner.graphs.num_replays
+
+
+def test_bitsandbytes_on_gpu_equals_cpu(tmp_path):
+    """A bitsandbytes nf4 checkpoint (packed without bitsandbytes, which this machine lacks:
+    hpcinfer.testing.quant.pack_bnb_nf4) dequantized on the GPU as the checkpoint is read: the
+    same weights and, fp32, the same greedy tokens as on the CPU, with CUDA graphs; and the
+    online quantization (quantization="bitsandbytes") gives the CPU's weights within float
+    rounding (the absmax mean is a reduction whose order differs by device)."""
+    from hpcinfer import LLM, SamplingParams
+    from hpcinfer.testing.quant import build_bnb_nf4_packed
+    from hpcinfer.testing.tiny import tiny_checkpoint
+    base = tiny_checkpoint("llama3")
+    packed = build_bnb_nf4_packed(base, tmp_path / "nf4")
+    prompts = [{"prompt_token_ids": list(range(10, 10 + n))} for n in (1, 9, 40)]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+
+    def run(path, device, **kwargs):
+        llm = LLM(str(path), device=device, dtype="float32", max_model_len=128, **kwargs)
+        tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        weights = {n: p.detach().cpu() for n, p in llm.llm_engine.runner.model.named_parameters()
+                   if n.endswith("proj.weight")}
+        return tokens, weights, llm
+    gpu_tokens, gpu_weights, llm = run(packed, "cuda")
+    assert llm.llm_engine.runner.graphs is not None
+    cpu_tokens, cpu_weights, _ = run(packed, "cpu")
+    assert gpu_tokens == cpu_tokens
+    assert all(torch.equal(gpu_weights[n], cpu_weights[n]) for n in cpu_weights)
+    _, gpu_online, _ = run(base, "cuda", quantization="bitsandbytes")
+    _, cpu_online, _ = run(base, "cpu", quantization="bitsandbytes")
+    for name in cpu_online:
+        torch.testing.assert_close(gpu_online[name], cpu_online[name], rtol=1e-5, atol=1e-6)

@@ -116,3 +116,18 @@ def test_online_bitsandbytes_rounds_the_decoder_projections(base_dir, tmp_path, 
     assert got == oracle_tokens(str(oracle))
     assert got != oracle_tokens(str(base_dir))   # the rounding changes the tokens
     assert "online" in quant_spec_of({}, "bitsandbytes").describe()
+
+
+def test_the_gpu_tests_packer_writes_what_bitsandbytes_reads(base_dir, tmp_path):
+    # tests/gpu packs without bitsandbytes (hpcinfer.testing.quant.pack_bnb_nf4): the
+    # layout must be the one bitsandbytes (and so our loader) reads
+    import bitsandbytes.functional as bnbf
+    from bitsandbytes.functional import QuantState
+
+    from hpcinfer.testing.quant import pack_bnb_nf4
+    w = torch.randn(96, 640, generator=torch.Generator().manual_seed(2))
+    parts = pack_bnb_nf4(w)
+    state = QuantState.from_dict({k.removeprefix(".weight."): v for k, v in parts.items()
+                                  if k != ".weight"}, device="cpu")
+    from hpcinfer.layers.quant.bnb import nf4_round_trip
+    assert torch.equal(bnbf.dequantize_4bit(parts[".weight"], state), nf4_round_trip(w))
