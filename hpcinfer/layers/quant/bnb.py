@@ -56,6 +56,9 @@ NF4_VALUES = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.394917488098144
               0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
               0.7229568362236023, 1.0)
 BLOCK, NESTED_BLOCK = 64, 256
+# Values decoded (or rounded) at a time: the int64 codes and float32 temporaries of a 70B
+# layer whole would take several GB of the GPU at load.
+CHUNK = 1 << 24
 
 
 def _read(t) -> torch.Tensor:
@@ -88,10 +91,16 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, quant_map: torch
     if absmax.numel() != numel // block:
         raise ValueError(f"4-bit weight of shape {shape} in blocks of {block} needs "
                          f"{numel // block} absmax values, found {absmax.numel()}")
-    flat = packed.reshape(-1)
-    codes = torch.stack([flat >> 4, flat & 0x0F], dim=1).reshape(-1).long()   # high first
-    values = quant_map.to(device, torch.float32)[codes].view(-1, block) * absmax[:, None]
-    return values.view(shape)
+    flat, quant_map = packed.reshape(-1), quant_map.to(device, torch.float32)
+    out = torch.empty(numel, dtype=torch.float32, device=device)
+    step = CHUNK - CHUNK % (2 * block)   # whole blocks, whole bytes
+    for start in range(0, numel, step):
+        part = flat[start // 2:(start + step) // 2]
+        codes = torch.stack([part >> 4, part & 0x0F], dim=1).reshape(-1).long()   # high first
+        scales = absmax[start // block:start // block + codes.numel() // block]
+        out[start:start + codes.numel()] = (quant_map[codes].view(-1, block)
+                                            * scales[:, None]).reshape(-1)
+    return out.view(shape)
 
 
 def dequantize_8bit(weight: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
@@ -142,16 +151,35 @@ def _expand(absmax: torch.Tensor, n: int, block: int) -> torch.Tensor:
 
 def nf4_round_trip(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` as bitsandbytes' ``quantize_4bit(w, blocksize=64, quant_type="nf4",
-    compress_statistics=True)`` then ``dequantize_4bit`` give it back: float32, same shape."""
+    compress_statistics=True)`` then ``dequantize_4bit`` give it back: float32, same shape
+    (a weight whose size is not whole blocks of 64 at once; others a chunk at a time)."""
     nf4 = torch.tensor(NF4_VALUES, dtype=torch.float32, device=weight.device)
-    codes, absmax = _quantize_blocks(weight, nf4, BLOCK)
-    offset = absmax.mean()
-    dyn = dynamic_map().to(weight.device)
-    nested_codes, nested = _quantize_blocks(absmax - offset, dyn, NESTED_BLOCK)
-    absmax = dyn[nested_codes] * _expand(nested, absmax.numel(), NESTED_BLOCK) + offset
     if weight.numel() % BLOCK:
-        return (nf4[codes] * _expand(absmax, weight.numel(), BLOCK)).view(weight.shape)
-    return (nf4[codes].view(-1, BLOCK) * absmax[:, None]).view(weight.shape)
+        codes, absmax = _quantize_blocks(weight, nf4, BLOCK)
+        return (nf4[codes] * _expand(_double_quantized(absmax), weight.numel(), BLOCK)
+                ).view(weight.shape)
+    flat = weight.reshape(-1)
+    absmax = flat.view(-1, BLOCK).abs().amax(dim=-1).float()   # (exact in any float dtype)
+    stored = _double_quantized(absmax)
+    bounds = (nf4[:-1] + nf4[1:]) / 2
+    out = torch.empty(flat.numel(), dtype=torch.float32, device=weight.device)
+    step = CHUNK - CHUNK % BLOCK
+    for start in range(0, flat.numel(), step):
+        blocks = flat[start:start + step].float().view(-1, BLOCK)
+        rows = slice(start // BLOCK, start // BLOCK + blocks.shape[0])
+        scaled = torch.clamp(blocks * (1.0 / absmax[rows].clamp(min=1e-38).view(-1, 1)), -1, 1)
+        codes = torch.bucketize(scaled, bounds)
+        out[start:start + blocks.numel()] = (nf4[codes] * stored[rows, None]).reshape(-1)
+    return out.view(weight.shape)
+
+
+def _double_quantized(absmax: torch.Tensor) -> torch.Tensor:
+    """The block scales as a double-quantized nf4 weight stores them: less their mean, to 8
+    bits of the dynamic map in blocks of 256, decoded, plus the mean."""
+    offset = absmax.mean()
+    dyn = dynamic_map().to(absmax.device)
+    codes, nested = _quantize_blocks(absmax - offset, dyn, NESTED_BLOCK)
+    return dyn[codes] * _expand(nested, absmax.numel(), NESTED_BLOCK) + offset
 
 
 class BnbCheckpoint:
