@@ -96,7 +96,8 @@ def _commit_of(path: str) -> str | None:
 
 
 def model_dir(model: str, revision: str | None = None) -> str:
-    """The directory ``LLM(model=...)`` loads, as vLLM finds it: a local directory as given;
+    """The directory ``LLM(model=...)`` loads, as vLLM finds it: a local directory as given; a
+    GGUF file as the checkpoint converted from it (once, in a cache: hpcinfer.models.gguf);
     a hub id from the snapshot ``hpcinfer download`` recorded, else from the Hugging Face
     cache (a snapshot vLLM, transformers or ``huggingface-cli`` fetched before), else
     downloaded now (and recorded) unless the environment is offline (HF_HUB_OFFLINE, as on
@@ -105,6 +106,9 @@ def model_dir(model: str, revision: str | None = None) -> str:
     local = Path(os.path.expanduser(model))
     if local.is_dir():
         return str(local)
+    if local.suffix == ".gguf" and local.is_file():   # converted once (hpcinfer.models.gguf)
+        from hpcinfer.models.gguf import gguf_checkpoint
+        return str(gguf_checkpoint(local))
     try:
         return resolve_model(model, revision).path
     except ModelPathNotFound:

@@ -197,23 +197,9 @@ def build_checkpoint(model: RealModel, gguf_path: Path, out_dir: Path) -> None:
             raise RealModelUnavailable(
                 f"building {model.name} needs the `{module}` package (transformers reads GGUF "
                 f"files with it): run `pip install {module}` or `pip install -e '.[test]'`")
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
-    src, name = gguf_path.parent, gguf_path.name
-    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
-    config = gguf_model.config
-    if hasattr(config, "quantization_config"):   # the saved model is plain fp32
-        del config.quantization_config
-    config._name_or_path = ""                    # the GGUF's title, not a path
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(gguf_model.state_dict(), strict=True)
-    del gguf_model
-    plain.generation_config = GenerationConfig(**model.generation_config)
-    plain.save_pretrained(out_dir, max_shard_size=MAX_SHARD_SIZE)
-    del plain
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
-    tokenizer.save_pretrained(out_dir)
+    from hpcinfer.models.gguf import convert_gguf
+    convert_gguf(gguf_path, out_dir, generation_config=model.generation_config,
+                 max_shard_size=MAX_SHARD_SIZE)
     if len(list(out_dir.glob("model-*.safetensors"))) < 2:
         raise AssertionError(f"{out_dir}: expected a sharded checkpoint (internal invariant)")
 
