@@ -18,8 +18,6 @@ never read half a checkpoint.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import importlib.util
 import json
@@ -28,6 +26,8 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from hpcinfer.utils.file_lock import exclusive
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def gguf_checkpoint(gguf_path: str | Path) -> Path:
     if (target / COMPLETE).is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(target.parent / f".{target.name}.lock"):
+    with exclusive(target.parent / f".{target.name}.lock"):
         if not (target / COMPLETE).is_file():
             tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
             try:
@@ -69,16 +69,6 @@ def gguf_checkpoint(gguf_path: str | Path) -> Path:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-@contextlib.contextmanager
-def _locked(lock_path: Path):
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path, *, generation_config: dict | None = None,

@@ -32,8 +32,6 @@ place, under a lock, so concurrent test sessions build once and never see half a
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import functools
 import hashlib
 import importlib.util
@@ -45,6 +43,8 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from hpcinfer.utils.file_lock import exclusive
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def real_model_dir(name: str, cache: Path | None = None) -> Path:
     if _is_complete(target):
         return target
     root.mkdir(parents=True, exist_ok=True)
-    with _locked(root / f".{target.name}.lock"):
+    with exclusive(root / f".{target.name}.lock"):
         if not _is_complete(target):       # another session may have built it meanwhile
             _build_atomically(model, target)
     return target
@@ -122,16 +122,6 @@ def real_model_dir(name: str, cache: Path | None = None) -> Path:
 def _is_complete(path: Path) -> bool:
     # SOURCE.json is written last, inside the temporary directory, before the rename.
     return (path / "SOURCE.json").is_file()
-
-
-@contextlib.contextmanager
-def _locked(lock_path: Path):
-    with open(lock_path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _build_atomically(model: RealModel, target: Path) -> None:
