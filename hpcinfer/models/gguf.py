@@ -35,11 +35,6 @@ CACHE_ENV = "HPCINFER_GGUF_CACHE"
 COMPLETE = "GGUF_SOURCE.json"   # written last: a directory without it is a leftover
 
 
-def is_gguf_file(model: str) -> bool:
-    path = Path(os.path.expanduser(model))
-    return path.suffix == ".gguf" and path.is_file()
-
-
 def cache_root() -> Path:
     root = os.environ.get(CACHE_ENV)
     return Path(root) if root else Path.home() / ".cache" / "hpcinfer" / "gguf"
