@@ -215,6 +215,21 @@ def cmd_models_supported(args) -> int:
     return 0
 
 
+def cmd_convert_gguf(args) -> int:
+    """A GGUF file as the checkpoint directory a job file can name (converted once, cached:
+    hpcinfer/models/gguf.py). Imports transformers only here."""
+    from pathlib import Path
+    path = Path(args.file)
+    if path.suffix != ".gguf" or not path.is_file():
+        raise UserError(f"{path} is not a .gguf file: give the path of one")
+    from hpcinfer.models.gguf import gguf_checkpoint
+    try:
+        print(gguf_checkpoint(path))
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    return 0
+
+
 def cmd_init(args) -> int:
     from hpcinfer.config import init_text
     sys.stdout.write(init_text(args.cluster))
@@ -299,6 +314,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     sub.add_parser("run-batch", add_help=False,
                    help="run an OpenAI batch file here, as `vllm run-batch -i IN -o OUT --model "
                    "ID` (same flags; see `hpcinfer run-batch --help`)")
+    p = sub.add_parser("convert-gguf", help="convert a GGUF file once into a cached checkpoint "
+                       "directory (printed) that model.id can name")
+    p.add_argument("file", metavar="FILE.gguf")
+    p.set_defaults(func=cmd_convert_gguf)
     p = sub.add_parser("schema", help="print the job file's JSON Schema")
     p.set_defaults(func=cmd_schema)
     p = sub.add_parser("init", help="print an annotated starting job file")
@@ -321,7 +340,7 @@ def _add_hub_commands(sub) -> None:
 
 # Every command but the hub's, for _needs_hub_commands.
 _COMMANDS = ("validate", "render", "submit", "run", "status", "collect", "cancel", "container",
-             "schema", "init", "run-batch")
+             "schema", "init", "run-batch", "convert-gguf")
 
 
 def main(argv: list[str] | None = None) -> int:
