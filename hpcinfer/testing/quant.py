@@ -360,7 +360,7 @@ def pack_bnb_nf4(weight: torch.Tensor) -> dict[str, torch.Tensor]:
              "nested_offset": offset.item(), "nested_dtype": "float32"}
     return {".weight": ((codes[0::2] << 4) | codes[1::2]).unsqueeze(1),
             ".weight.absmax": nested_codes.to(torch.uint8), ".weight.quant_map": nf4,
-            ".weight.nested_absmax": nested, ".weight.nested_quant_map": dyn,
+            ".weight.nested_absmax": nested, ".weight.nested_quant_map": dyn.clone(),
             ".weight.quant_state.bitsandbytes__nf4":
                 torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)}
 

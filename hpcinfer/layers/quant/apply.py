@@ -53,19 +53,15 @@ def apply_quantization(model: nn.Module, spec: QuantSpec, dtype: torch.dtype,
         from hpcinfer.layers.quant.mxfp4 import apply_mxfp4
         model.unused_checkpoint_suffixes = UNUSED_SUFFIXES
         return apply_mxfp4(model, spec, checkpoint_names)
-    if spec.is_bnb:   # the layers stay unquantized: the checkpoint stream is dequantized
-        from hpcinfer.layers.quant.bnb import BnbCheckpoint
-        if checkpoint_names is not None and not spec.online:
-            problem = missing_tensor_problem(spec, checkpoint_names)
-            if problem is not None:
-                raise QuantConfigError(problem)
-        model.transform_checkpoint = BnbCheckpoint(model, spec)
-        log.info("quantization %s", spec.describe())
-        return 0
     if not spec.online and checkpoint_names is not None:
         problem = missing_tensor_problem(spec, checkpoint_names)
         if problem is not None:
             raise QuantConfigError(problem)
+    if spec.is_bnb:   # the layers stay unquantized: the checkpoint stream is dequantized
+        from hpcinfer.layers.quant.bnb import BnbCheckpoint
+        model.transform_checkpoint = BnbCheckpoint(model, spec)
+        log.info("quantization %s", spec.describe())
+        return 0
     method, count = method_for(spec), 0
     for name, module in model.named_modules():
         if not isinstance(module, LinearBase):

@@ -31,6 +31,7 @@ The formats, as transformers + bitsandbytes save them (checked against
 """
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -112,9 +113,11 @@ def dequantize_8bit(weight: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
     return weight.float() * scb.to(weight.device, torch.float32).view(-1, 1) * 7.874015718698502e-3
 
 
+@functools.cache
 def dynamic_map() -> torch.Tensor:
     """bitsandbytes' signed 8-bit dynamic map (``create_dynamic_map(signed=True)``): 7
-    decades of exponent, a shrinking fraction per decade, then 0 and 1; sorted, float32."""
+    decades of exponent, a shrinking fraction per decade, then 0 and 1; sorted, float32, on
+    the CPU (built once: online quantization asks for it per layer; do not write to it)."""
     data: list[float] = []
     for i in range(7):
         items = 2 ** i + 1
