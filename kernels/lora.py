@@ -276,8 +276,7 @@ def lora_expand(y: torch.Tensor, t: torch.Tensor, lora_b: torch.Tensor, slots: t
     Rows with slot < 0 are not touched."""
     parts = t if t.dim() == 3 else t.unsqueeze(0)
     check_dim("t", parts, 3, "[num_tokens, pieces * rank] or [splits, num_tokens, ...]")
-    _check_expand(y, parts.shape[1:], lora_b, slots, bounds, t, parts)
-    bounds = tuple(bounds) if bounds is not None else (0, y.shape[1])
+    bounds = _check_expand(y, parts.shape[1:], lora_b, slots, bounds, t, parts)
     _launch_expand(y, parts, lora_b, slots, bounds, y, t_by_slot=False)
 
 
@@ -298,17 +297,16 @@ def lora_expand_stacked(base: torch.Tensor, t_all: torch.Tensor, lora_b: torch.T
     if t_all.shape[1] != num_slots * pieces * rank:
         raise KernelArgumentError(f"t_all has {t_all.shape[1]} columns, want slots x pieces x "
                                   f"rank = {num_slots} x {pieces} x {rank}")
-    _check_expand(base, (t_all.shape[0], pieces * rank), lora_b, slots, bounds, t_all,
-                  t_all.unsqueeze(0))
-    bounds = tuple(bounds) if bounds is not None else (0, base.shape[1])
+    bounds = _check_expand(base, (t_all.shape[0], pieces * rank), lora_b, slots, bounds,
+                           t_all, t_all.unsqueeze(0))
     out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
     _launch_expand(base, t_all.unsqueeze(0), lora_b, slots, bounds, out, t_by_slot=True)
     return out
 
 
-def _check_expand(y, t_shape, lora_b, slots, bounds, t, parts) -> None:
+def _check_expand(y, t_shape, lora_b, slots, bounds, t, parts) -> tuple[int, ...]:
     """The argument checks both expands share (``t_shape``: the [T, P*R] that ``t`` stands
-    for; ``parts``: t as [splits, T, ...])."""
+    for; ``parts``: t as [splits, T, ...]). Returns the bounds, (0, N) for None."""
     check_dim("y", y, 2, "[num_tokens, out_features]")
     check_dim("lora_b", lora_b, 3, "[num_slots, out_features, rank]")
     for name, tensor in (("y", y), ("t", parts), ("lora_b", lora_b)):
@@ -329,6 +327,7 @@ def _check_expand(y, t_shape, lora_b, slots, bounds, t, parts) -> None:
         raise KernelArgumentError(f"LoRA rank {rank} is not supported by the kernels "
                                   f"(1..{MAX_LORA_RANK}); lower max_lora_rank")
     _check_slots(slots, num_tokens)
+    return bounds
 
 
 def _launch_expand(y, parts, lora_b, slots, bounds, out, t_by_slot: bool) -> None:
