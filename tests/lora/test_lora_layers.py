@@ -35,6 +35,11 @@ def test_the_rule_and_the_override(monkeypatch, mode, max_loras, stacked):
     assert lora.stacked is stacked
 
 
+def test_the_rule_is_the_default(monkeypatch):
+    monkeypatch.delenv("HPCINFER_LORA_SHRINK", raising=False)
+    assert wrapped(max_loras=2)[1].stacked and not wrapped(max_loras=16)[1].stacked
+
+
 def test_a_bad_mode_says_which_are_valid(monkeypatch):
     monkeypatch.setenv("HPCINFER_LORA_SHRINK", "fused")
     with pytest.raises(ValueError, match="auto, stacked, separate"):
