@@ -329,11 +329,21 @@ def _env_rendezvous(launch: Launch) -> str:
 EXTRA_GROUPS: list = []  # gloo subgroups (TP/PP), flushed at exit too
 
 
+EXIT_SETTLE_S = 0.2  # see _destroy_at_exit
+
+
 def _destroy_at_exit() -> None:
     # A gloo worker thread drops its last reference to a finished collective's tensors a
-    # moment after the caller returns; if Python is finalizing by then, that decref aborts
-    # the process. Two barriers per group (gloo runs 2 threads per group, each releases its
-    # previous work before taking the next) make every earlier release happen now.
+    # moment after the caller returns (at the end of its loop, after the caller was woken);
+    # if Python is finalizing by then, that decref needs the GIL, the thread is ended with
+    # pthread_exit inside a noexcept destructor, and the process aborts ("terminate called
+    # without an active exception", exit 134). Barriers on every group let threads that are
+    # ready take the GIL now, but do not prove every thread got there: one thread of a
+    # group can run both barriers while the other is still descheduled short of its release
+    # (seen 1 run in 30 of tests/distributed/prompt_logprobs_spmd.py under `mpirun -n 2` on a
+    # 2-core VM, 2026-12-05). The pause, with the GIL released, gives a descheduled thread
+    # the time slices it needs. destroy_process_group does not join gloo's threads (they
+    # live as long as the group objects the model still references), so nothing else does.
     if not dist.is_initialized():
         return
     spawned = _WORLD is not None and _WORLD.launcher == "spawn"  # its workers already left
@@ -343,6 +353,7 @@ def _destroy_at_exit() -> None:
                 dist.barrier(group=group)
     except Exception as e:  # a peer already gone: nothing to flush
         log.debug("exit barrier failed: %s", e)
+    time.sleep(EXIT_SETTLE_S)
     dist.destroy_process_group()
 
 
