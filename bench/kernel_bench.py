@@ -56,7 +56,7 @@ def main() -> None:
                                bench_elementwise, sweep_decode, sweep_prefill, bench_decode_mix,
                                bench_decode_shared, sweep_decode_shared, bench_moe, sweep_moe,
                                bench_quant_gemm, sweep_w4a16,
-                               bench_lora, sweep_lora_tiles, bench_lora_parts)
+                               bench_lora, sweep_lora_tiles, bench_lora_parts, bench_blas)
                    if f.__name__.removeprefix("bench_").removeprefix("sweep_") in wanted
                    or f.__name__ in wanted]
     for bench in benches:
@@ -364,14 +364,19 @@ def sweep_moe(dtypes):
     variants = [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st)
                 for m, n, k, w, st in [(16, 64, 64, 4, 3), (16, 128, 64, 4, 3),
                                        (16, 64, 128, 4, 3), (16, 128, 128, 8, 3),
-                                       (32, 64, 64, 4, 4), (64, 128, 64, 8, 3),
-                                       (64, 64, 64, 4, 3), (128, 128, 64, 8, 3)]]
-    for num_tokens in (64, 256, 8192):
+                                       (16, 64, 128, 4, 4), (16, 64, 256, 4, 3),
+                                       (16, 32, 128, 4, 4), (16, 128, 64, 4, 5),
+                                       (32, 64, 64, 4, 4), (32, 64, 128, 4, 3),
+                                       (64, 128, 64, 8, 3), (64, 64, 64, 4, 3),
+                                       (128, 128, 64, 8, 3)]]
+    # Decode sizes as CUDA-graph replays (as the engine runs them: eager launches of the
+    # sort's small ops dominate there), the prefill size eagerly.
+    for num_tokens in (64, 256, 512, 1024, 8192):
         args, num_bytes = _moe_problem(num_tokens, torch.bfloat16)
         expected = moe_reference.fused_experts(*args)
         yield from _sweep("fused_moe", f"{num_tokens} tok, Qwen3-30B-A3B layer", fused_moe,
                           "_moe_config", variants, lambda: fused_moe.fused_experts(*args),
-                          expected, num_bytes)
+                          expected, num_bytes, captured=num_tokens <= 1024)
 
 
 # LoRA: (K, output pieces, model layer) of Llama-3.2-1B and Llama-3.1-8B's wrapped layers
@@ -544,6 +549,33 @@ QUANT_MS = (1, 16, 64, 256, 2048)      # decode batch sizes, then a prefill chun
 QUANT_MODELS = ("8B", "70B")           # --quant-models narrows QUANT_SHAPES
 
 
+# (K, N, name) of the Llama-3.2-1B (workload A) projections and LM head, then Llama-3.1-8B's
+BLAS_SHAPES = [(2048, 3072, "1B qkv"), (2048, 2048, "1B o"), (2048, 16384, "1B gate_up"),
+               (8192, 2048, "1B down"), (2048, 128256, "1B lm_head"), *QUANT_SHAPES[:4]]
+
+
+def bench_blas(dtypes):
+    """``--only blas``: F.linear (bf16, CUDA-graph replays) at decode M = 64 / 256 and a
+    1024-row step, with cuBLAS and with cuBLASLt (torch.backends.cuda.preferred_blas_library,
+    the engine's HPCINFER_BLAS_LIBRARY); ``peer_ms`` on the cuBLASLt row is cuBLAS's time."""
+    before = torch.backends.cuda.preferred_blas_library()
+    try:
+        for k, n, name in BLAS_SHAPES:
+            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5
+            for m in (64, 256, 1024):
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                times = {}
+                for lib in ("cublas", "cublaslt"):
+                    torch.backends.cuda.preferred_blas_library(lib)
+                    times[lib] = time_ms(_captured(lambda: F.linear(x, w)))
+                    yield _row("blas", f"{m} tok, {name} K{k} N{n}: {lib}", torch.bfloat16,
+                               times[lib], num_bytes=2 * (m * k + n * k + m * n),
+                               peer_ms=times["cublas"] if lib == "cublaslt" else None,
+                               tflops=2 * m * k * n / times[lib] / 1e9)
+    finally:
+        torch.backends.cuda.preferred_blas_library(before)
+
+
 def bench_quant_gemm(dtypes):
     """Quantized linears next to the bf16 GEMM of the same shape (peer_ms = F.linear bf16).
     Two kinds of row, so a run separates the GEMM from what surrounds it:
@@ -675,15 +707,18 @@ def _rel_err(got: torch.Tensor, expected: torch.Tensor) -> float:
     return ((got.double() - expected.double()).norm() / expected.double().norm()).item()
 
 
-def _sweep(kernel, shape, module, config_name, variants, run, expected, num_bytes, flops=None):
-    """Time each variant of module.<config_name>() on the same inputs, after checking it."""
+def _sweep(kernel, shape, module, config_name, variants, run, expected, num_bytes, flops=None,
+           captured=False):
+    """Time each variant of module.<config_name>() on the same inputs, after checking it;
+    ``captured``: as a CUDA-graph replay (the engine's decode steps), not eager launches."""
     default = getattr(module, config_name)
     try:
         for cfg in variants:
             setattr(module, config_name, lambda *a, cfg=cfg, **k: dict(cfg))
             try:
                 err = _rel_err(run(), expected)
-                ms = time_ms(run) if err < 2e-2 else float("nan")
+                timed = _captured(run) if captured else run
+                ms = time_ms(timed) if err < 2e-2 else float("nan")
             except Exception as e:   # a config may not fit (shared memory): record, go on
                 log.warning("%s %s failed: %s", kernel, cfg, str(e).splitlines()[0][:200])
                 err, ms = float("inf"), float("nan")
