@@ -556,8 +556,9 @@ BLAS_SHAPES = [(2048, 3072, "1B qkv"), (2048, 2048, "1B o"), (2048, 16384, "1B g
 
 def bench_blas(dtypes):
     """``--only blas``: F.linear (bf16, CUDA-graph replays) at decode M = 64 / 256 and a
-    1024-row step, with cuBLAS and with cuBLASLt (torch.backends.cuda.preferred_blas_library,
-    the engine's HPCINFER_BLAS_LIBRARY); ``peer_ms`` on the cuBLASLt row is cuBLAS's time."""
+    1024-row step, with cuBLAS and with cuBLASLt (torch.backends.cuda.preferred_blas_library);
+    ``peer_ms`` on the cuBLASLt row is cuBLAS's time. On an H200 (2026-12-05) the two were
+    within noise everywhere, and the 1B projections took >= 10 us however small M was."""
     before = torch.backends.cuda.preferred_blas_library()
     try:
         for k, n, name in BLAS_SHAPES:

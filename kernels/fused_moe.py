@@ -159,8 +159,13 @@ def _moe_config(num_pairs: int, num_experts: int) -> dict:
         # Prefill-sized: on an H200, 8192 tokens of the Qwen3-30B-A3B layer took 2.12 ms with
         # these tiles vs 2.55 ms with 64x64 (bench/results/kernels-moe-nvidia-h200-2026-12-03).
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
-    block_m = 16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 64 else 64
-    return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
+    # Decode-sized, from the CUDA-graph sweep on an H200 (bench/results/
+    # kernels-moe-sweep-graphs-nvidia-h200-2026-12-05.json): up to 16 rows an expert, 16-row
+    # blocks with 128-deep K tiles (64 tokens 0.395 ms vs 0.411 with 64-deep); above that,
+    # 64-row blocks (1024 tokens 0.598 ms vs 0.687 with the 32-row blocks used before).
+    if rows_per_expert <= 16:
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
 
 
 def _check(x, w_gate_up, w_down, topk_weights, topk_ids, b_gate_up, b_down, activation):

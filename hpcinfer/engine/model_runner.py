@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hpcinfer.engine.blas import choose_blas
 from hpcinfer.engine.block_manager import BlockManager, cdiv
 from hpcinfer.engine.config import EngineConfig
 from hpcinfer.engine.cuda_graphs import aligned_offsets
@@ -68,7 +67,6 @@ class ModelRunner:
         self.model = model
         self.spec = model.spec
         self.device = device
-        self.blas_library = choose_blas(device)   # HPCINFER_BLAS_LIBRARY
         self.block_size = config.block_size
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_blocks = 0
