@@ -147,7 +147,7 @@ def _moe_down_kernel(
              mask=row_mask[:, None] & n_mask[None, :])
 
 
-def _moe_config(num_pairs: int, num_experts: int) -> dict:
+def _moe_config(num_pairs: int, num_experts: int, element_size: int = 2) -> dict:
     """Tile sizes and launch settings (bench/kernel_bench.py --sweep replaces this to try others).
 
     Rows per expert decide BLOCK_M: decode batches give each expert a handful of pairs, and a
@@ -163,8 +163,11 @@ def _moe_config(num_pairs: int, num_experts: int) -> dict:
     # kernels-moe-sweep-graphs-nvidia-h200-2026-12-05.json): up to 16 rows an expert, 16-row
     # blocks with 128-deep K tiles (64 tokens 0.395 ms vs 0.411 with 64-deep); above that,
     # 64-row blocks (1024 tokens 0.598 ms vs 0.687 with the 32-row blocks used before).
+    # fp32 keeps 64-deep K: its gate and up tiles at 128 would take ~216 KiB of shared memory
+    # over 3 stages, at the H200's limit (232 KiB a block).
     if rows_per_expert <= 16:
-        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128 if element_size <= 2 else 64,
+                    num_warps=4, num_stages=3)
     return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
 
 
@@ -215,7 +218,7 @@ def fused_experts(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor
     num_pairs = num_tokens * top_k
     if num_pairs == 0:
         return torch.zeros_like(x)
-    config = _moe_config(num_pairs, num_experts)
+    config = _moe_config(num_pairs, num_experts, x.element_size())
     block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
     sorted_pairs, block_expert, num_rows = align_pairs_to_blocks(topk_ids, num_experts, block_m)
     num_blocks_m = block_expert.shape[0]
