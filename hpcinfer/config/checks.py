@@ -314,13 +314,15 @@ def _check_account(cfg: JobConfig) -> None:
 def _check_model_dir(cfg: JobConfig) -> None:
     for key in ("id", "tokenizer"):
         value = getattr(cfg.model, key)
-        if value and os.path.isabs(value) and Path(value).suffix == ".gguf" \
-                and Path(value).is_file():
+        if not value or not os.path.isabs(value):
+            continue
+        path = Path(value)
+        if path.suffix == ".gguf" and path.is_file():
             raise cfg.error_at(f"model.{key}", f"{value} is a GGUF file; a job file names a "
                                "checkpoint directory",
                                f"run `hpcinfer convert-gguf {value}` (once, here) and point "
                                f"model.{key} at the directory it prints")
-        if value and os.path.isabs(value) and not Path(value).is_dir():
+        if not path.is_dir():
             raise cfg.error_at(f"model.{key}", f"model path {value} is not a directory",
                                f"run `hpcinfer download <hub id>` on a login node and point "
                                f"model.{key} at it, or fix the path")
