@@ -53,22 +53,54 @@ def experts_hit(shape: dict, num_tokens: int) -> float:
     return e * (1 - (1 - k / e) ** num_tokens)
 
 
-def moe_bound_output_tok_s(shape: dict, requests, max_num_seqs: int, rates: dict) -> float:
+def decode_batch_sizes(requests, max_num_seqs: int) -> list[int]:
+    """Sequences in each decode step of an ideal continuous-batching engine: requests are
+    admitted in order whenever a slot of ``max_num_seqs`` is free, every live sequence gets
+    one token a step and leaves after its last. While requests wait the batch is full; once
+    they are all admitted it drains, and the longest output sets the number of steps."""
+    import heapq
+    lengths = [o for _, o in requests]
+    ends: list[int] = []       # the step after each live sequence's last token
+    sizes: list[int] = []
+    step = admitted = 0
+    while admitted < len(lengths) or ends:
+        while admitted < len(lengths) and len(ends) < max_num_seqs:
+            heapq.heappush(ends, step + lengths[admitted])
+            admitted += 1
+        sizes.append(len(ends))
+        step += 1
+        while ends and ends[0] <= step:
+            heapq.heappop(ends)
+    return sizes
+
+
+def moe_bound_output_tok_s(shape: dict, requests, max_num_seqs: int, rates: dict, *,
+                           flat: bool = False) -> float:
+    """The bound with each decode step's batch from ``decode_batch_sizes`` (a step of B
+    sequences reads the experts B tokens hit). ``flat``: the earlier form, every step full
+    (min(max_num_seqs, requests) sequences, num_out / that many steps); it overstates the
+    bound whenever the batch drains (workload C: all 1000 prompts start together, outputs
+    16-512 tokens, so an ideal engine runs 512 steps, not the flat form's 231)."""
     h, vocab, layers = shape["hidden_size"], shape["vocab_size"], shape["num_hidden_layers"]
     heads, kv_heads, head_dim = (shape["num_attention_heads"], shape["num_key_value_heads"],
                                  shape["head_dim"])
     attn = 2 * h * heads * head_dim + 2 * h * kv_heads * head_dim + shape["num_experts"] * h
     expert = 3 * h * shape["moe_intermediate_size"]
     head = vocab * h * (1 if shape["tie_word_embeddings"] else 2)
-    # A step holds at most max_num_seqs sequences, and never more than there are requests.
-    batch = min(max_num_seqs, len(requests))
-    step_bytes = 2 * (layers * (attn + experts_hit(shape, batch) * expert) + head)
-    kv_bytes_per_token = 2 * layers * kv_heads * head_dim * 2
     num_out = sum(o for _, o in requests)
-    decode_steps = -(-num_out // batch)
+    if flat:
+        batch = min(max_num_seqs, len(requests))
+        batches = {batch: -(-num_out // batch)}
+    else:
+        batches: dict[int, int] = {}
+        for size in decode_batch_sizes(requests, max_num_seqs):
+            batches[size] = batches.get(size, 0) + 1
+    decode_bytes = sum(count * 2 * (layers * (attn + experts_hit(shape, size) * expert) + head)
+                       for size, count in batches.items())
+    kv_bytes_per_token = 2 * layers * kv_heads * head_dim * 2
     kv_read = sum(o * len(p) + o * (o - 1) / 2 for p, o in requests) * kv_bytes_per_token
     num_in = sum(len(p) for p, _ in requests)
     active = layers * (attn + shape["num_experts_per_tok"] * expert) + vocab * h
-    seconds = ((decode_steps * step_bytes + kv_read) / rates["copy_bytes_per_s"]
+    seconds = ((decode_bytes + kv_read) / rates["copy_bytes_per_s"]
                + 2 * num_in * active / rates["matmul_flops"])
     return num_out / seconds

@@ -50,9 +50,15 @@ T) runs the same machinery without a GPU.
 Multi-GPU: --tp N / --pp N / --dp N run bench/parallel_variants.py (TP=1 baseline first).
 
 pct_of_bandwidth_bound: output tok/s over the tok/s of an ideal engine that streams the
-weights once per decode step (with max_num_seqs sequences per step), reads each token's
-whole KV context once, at the measured device-to-device copy bandwidth, plus the prefill
-matmul FLOPs at the measured bf16 matmul rate.
+weights once per decode step, reads each token's whole KV context once, at the measured
+device-to-device copy bandwidth, plus the prefill matmul FLOPs at the measured bf16 matmul
+rate. Its decode steps are those of ideal continuous batching (a request admitted as soon as
+one of max_num_seqs slots frees; once all are admitted the batch drains and the longest
+output sets the step count; a MoE step reads the experts its batch hits).
+pct_of_flat_bound: the same over the earlier form (until 2026-12-05), which counted
+num_out / max_num_seqs steps, all full: it overstates the bound of a draining batch
+(workloads B and C: all prompts start together, so an ideal engine runs as many steps as the
+longest output, 512, where the flat form counts ~230).
 """
 from __future__ import annotations
 
@@ -72,8 +78,8 @@ import numpy as np
 from results_file import append_rows  # bench/results_file.py (this script's directory)
 from gc_pauses import gc_pauses  # bench/gc_pauses.py
 
-from moe_workload import (MOE_SHAPES, is_moe, moe_bound_output_tok_s, moe_config_dict,
-                          moe_layer_tensors)
+from moe_workload import (MOE_SHAPES, decode_batch_sizes, is_moe, moe_bound_output_tok_s,
+                          moe_config_dict, moe_layer_tensors)
 
 from hpcinfer.testing.llama_shapes import SHAPES
 
@@ -277,12 +283,16 @@ def measure_device_rates() -> dict:
 
 
 def bound_output_tok_s(shape: dict, requests, max_num_seqs: int, rates: dict,
-                       quantization: str | None = None, kv_cache_dtype: str = "auto") -> float:
+                       quantization: str | None = None, kv_cache_dtype: str = "auto", *,
+                       flat: bool = False) -> float:
     """``quantization`` fp8 / awq / gptq: the decoder projections stream 1 / 0.5625 bytes a
     weight (4-bit codes plus an int32 zero and fp32 scale per 128) instead of 2; fp8 KV cache:
-    1 byte an element. Prefill FLOPs at the bf16 rate either way."""
+    1 byte an element. Prefill FLOPs at the bf16 rate either way. Decode steps: as many as an
+    ideal continuous-batching engine runs (moe_workload.decode_batch_sizes: the batch drains
+    once every request is admitted); ``flat``: the earlier count, num_out / max_num_seqs,
+    which assumes every step full and so overstates the bound of a draining batch."""
     if is_moe(shape):
-        return moe_bound_output_tok_s(shape, requests, max_num_seqs, rates)
+        return moe_bound_output_tok_s(shape, requests, max_num_seqs, rates, flat=flat)
     h, inter, vocab = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
     layers, heads, kv_heads = (shape["num_hidden_layers"], shape["num_attention_heads"],
                                shape["num_key_value_heads"])
@@ -294,7 +304,8 @@ def bound_output_tok_s(shape: dict, requests, max_num_seqs: int, rates: dict,
     kv_bytes_per_token = 2 * layers * kv_heads * head_dim * (1 if kv_cache_dtype != "auto"
                                                              else 2)
     num_out = sum(o for _, o in requests)
-    decode_steps = -(-num_out // max_num_seqs)
+    decode_steps = (-(-num_out // max_num_seqs) if flat
+                    else len(decode_batch_sizes(requests, max_num_seqs)))
     # every output token reads its whole context (prompt + earlier outputs) once
     kv_read = sum(o * len(p) + o * (o - 1) / 2 for p, o in requests) * kv_bytes_per_token
     num_in = sum(len(p) for p, _ in requests)
@@ -1000,8 +1011,10 @@ def main() -> None:
                 first_tokens[workload, engine] = firsts
                 print(f"first tokens of {engine} on {workload}: from an earlier run "
                       f"({earlier_file})", flush=True)
-        bound = (bound_output_tok_s(shape, requests, args.max_num_seqs or spec["max_num_seqs"],
-                                    rates, quant, kv_dtype) if rates else None)
+        bound_args = (shape, requests, args.max_num_seqs or spec["max_num_seqs"], rates, quant,
+                      kv_dtype)
+        bound = bound_output_tok_s(*bound_args) if rates else None
+        flat_bound = bound_output_tok_s(*bound_args, flat=True) if rates else None
         for process, engine in ((i, e) for i in range(args.processes) for e in engines):
             if load_format == "dummy" and engine != "hpcinfer":
                 continue
@@ -1013,7 +1026,7 @@ def main() -> None:
                     "load_format": load_format,
                     "num_layers": shape["num_hidden_layers"],
                     "num_prompts": len(requests), "label": args.label,
-                    "bound_output_tok_s": bound,
+                    "bound_output_tok_s": bound, "flat_bound_output_tok_s": flat_bound,
                     # (transformers stays greedy: BENCH_SAMPLING is for hpcinfer and vLLM)
                     "sampling": sampling_overrides() or None}
             result_file = Path(tempfile.mkstemp(suffix=".json")[1])
@@ -1057,6 +1070,8 @@ def main() -> None:
                 continue
             result["pct_of_bandwidth_bound"] = (100 * result["output_tok_s"] / bound
                                                 if bound else None)
+            result["pct_of_flat_bound"] = (100 * result["output_tok_s"] / flat_bound
+                                           if flat_bound else None)
             result["startup_s"] = result["load_s"]   # the constructor (import not included)
             firsts = result.pop("first_tokens", None)
             if firsts is not None:
@@ -1095,13 +1110,16 @@ def model_dir_for(workload: str, shape: dict, root: Path, quantization: str | No
         raise SystemExit(f"BENCH_QUANTIZATION={quantization}: use fp8 (online), awq or gptq")
     name = WORKLOADS[workload]["shape"]
     if w4a16 or load_format == "dummy" or workload == "L":
-        if is_moe(shape):
-            raise SystemExit("load_format=dummy model directories are written for Llama "
-                             "shapes only here; run workload C with a written checkpoint")
+        if is_moe(shape) and w4a16:
+            raise SystemExit(f"BENCH_QUANTIZATION={quantization}: workload C (MoE) runs bf16 "
+                             "or fp8 only")
         suffix = f"-{quantization}" if w4a16 else ""
+        config = (moe_config_dict(shape, max_position_embeddings=131072) if is_moe(shape)
+                  else None)
         return write_dummy_model(root / f"{name}{suffix}-dummy", shape,
                                  max_position_embeddings=131072,
-                                 quantization=quantization if w4a16 else None), "dummy"
+                                 quantization=quantization if w4a16 else None,
+                                 config=config), "dummy"
     return write_checkpoint(root / name, shape), "auto"
 
 

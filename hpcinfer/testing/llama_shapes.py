@@ -55,12 +55,15 @@ W4A16_CONFIGS = {
 
 
 def write_dummy_model(out_dir: Path, shape: dict, *, max_position_embeddings: int,
-                      quantization: str | None = None) -> Path:
+                      quantization: str | None = None, config: dict | None = None) -> Path:
     """config.json (with the W4A16_CONFIGS[quantization] quantization_config when given) and
-    the word-level tokenizer, no weights: a model directory for load_format="dummy"."""
+    the word-level tokenizer, no weights: a model directory for load_format="dummy".
+    ``config``: the config.json of another architecture instead of a Llama's (workload C's
+    Qwen3-MoE); its vocab_size sizes the tokenizer."""
     import json
     out_dir = Path(out_dir)
-    config = llama_config_dict(shape, max_position_embeddings=max_position_embeddings)
+    config = dict(config) if config is not None else llama_config_dict(
+        shape, max_position_embeddings=max_position_embeddings)
     if quantization is not None:
         config["quantization_config"] = dict(W4A16_CONFIGS[quantization])
     text = json.dumps(config, indent=1)
@@ -69,7 +72,7 @@ def write_dummy_model(out_dir: Path, shape: dict, *, max_position_embeddings: in
             and (out_dir / "tokenizer.json").is_file()):
         return out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_word_tokenizer(out_dir, shape["vocab_size"])
+    write_word_tokenizer(out_dir, config["vocab_size"])
     cfg_path.write_text(text)
     return out_dir
 
