@@ -55,6 +55,7 @@ def main() -> None:
         benches = [f for f in (bench_copy, bench_decode, bench_prefill, bench_cache,
                                bench_elementwise, sweep_decode, sweep_prefill, bench_decode_mix,
                                bench_decode_shared, sweep_decode_shared, bench_moe, sweep_moe,
+                               sweep_moe_parts,
                                bench_quant_gemm, sweep_w4a16,
                                bench_lora, sweep_lora_tiles, bench_lora_parts, bench_blas)
                    if f.__name__.removeprefix("bench_").removeprefix("sweep_") in wanted
@@ -377,6 +378,78 @@ def sweep_moe(dtypes):
         yield from _sweep("fused_moe", f"{num_tokens} tok, Qwen3-30B-A3B layer", fused_moe,
                           "_moe_config", variants, lambda: fused_moe.fused_experts(*args),
                           expected, num_bytes, captured=num_tokens <= 1024)
+
+
+# Per-GEMM launch variants of sweep_moe_parts: (BLOCK_N, BLOCK_K, num_warps, num_stages).
+# The gate/up kernel's BLOCK_N counts intermediate columns (it computes gate and up tiles of
+# that width, so vLLM's N 256 is our 128); the down kernel's counts hidden columns.
+MOE_GATE_UP_VARIANTS = [(64, 64, 4, 3), (64, 128, 4, 3), (64, 128, 4, 4), (128, 64, 4, 3),
+                        (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3), (32, 128, 4, 4),
+                        (64, 256, 4, 2)]
+MOE_DOWN_VARIANTS = [(64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 4, 3),
+                     (128, 128, 8, 3), (256, 64, 8, 3), (256, 128, 8, 2), (64, 256, 4, 2),
+                     (128, 256, 8, 2)]
+MOE_BLOCK_M = {64: (16, 32), 256: (16, 32, 64), 512: (32, 64), 1024: (64, 128),
+               2048: (64, 128)}
+
+
+def sweep_moe_parts(dtypes):
+    """The fused MoE's pieces timed alone as CUDA-graph replays (the engine's decode steps),
+    Qwen3-30B-A3B layer: the pair sort for each BLOCK_M, then every gate/up and every down
+    launch variant on those blocks (each checked against the current launch's output first),
+    and the top-k sum. Logs the fastest combination per size; the rows keep every variant."""
+    from hpcinfer.kernels import fused_moe as fm
+    for num_tokens, block_ms in MOE_BLOCK_M.items():
+        (x, wgu, wd, weights, ids), _ = _moe_problem(num_tokens, torch.bfloat16)
+        e, h, i = wd.shape
+        top_k = ids.shape[1]
+        hit = int(torch.unique(ids).numel())
+        default_up, default_down = fm.split_config(fm._moe_config(ids.numel(), e, 2))
+        blocks0 = fm.align_pairs_to_blocks(ids, e, default_up["BLOCK_M"])
+        want_h = fm.gate_up_pairs(x, wgu, None, blocks0, top_k, "silu", 1.702, 7.0, default_up)
+        want_p = fm.down_pairs(want_h, wd, None, weights, blocks0, default_down)
+        sum_ms = time_ms(_captured(lambda: fm.sum_pairs(want_p, ids, e)))
+        shape = f"{num_tokens} tok, Qwen3-30B-A3B layer"
+        yield _row("fused_moe:sum", shape, torch.bfloat16, sum_ms, want_p.nbytes)
+        best = []
+        for bm in block_ms:
+            blocks = fm.align_pairs_to_blocks(ids, e, bm)
+            align_ms = time_ms(_captured(lambda: fm.align_pairs_to_blocks(ids, e, bm)))
+            yield _row("fused_moe:align", shape, torch.bfloat16, align_ms, config={"BLOCK_M": bm})
+            parts = {}
+            for part, variants, num_bytes in (
+                    ("gate_up", MOE_GATE_UP_VARIANTS, 2 * hit * i * h * 2),
+                    ("down", MOE_DOWN_VARIANTS, hit * i * h * 2)):
+                for bn, bk, w, st in variants:
+                    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st)
+                    if part == "gate_up":
+                        def run(cfg=cfg):
+                            return fm.gate_up_pairs(x, wgu, None, blocks, top_k, "silu", 1.702,
+                                                    7.0, cfg)
+                        want = want_h
+                    else:
+                        def run(cfg=cfg):
+                            return fm.down_pairs(want_h, wd, None, weights, blocks, cfg)
+                        want = want_p
+                    try:
+                        err = _rel_err(run(), want)
+                        ms = time_ms(_captured(run)) if err < 2e-2 else float("nan")
+                    except Exception as exc:   # shared memory or registers: record, go on
+                        log.warning("moe %s %s failed: %s", part, cfg,
+                                    str(exc).splitlines()[0][:200])
+                        err, ms = float("inf"), float("nan")
+                    if ms == ms:
+                        parts.setdefault(part, []).append((ms, cfg))
+                    yield _row(f"fused_moe:{part}:sweep", shape, torch.bfloat16, ms, num_bytes,
+                               config=cfg, rel_err=err)
+            if parts.get("gate_up") and parts.get("down"):
+                up, down = min(parts["gate_up"], key=lambda t: t[0]), min(parts["down"],
+                                                                          key=lambda t: t[0])
+                best.append((align_ms + up[0] + down[0] + sum_ms, bm, up, down, align_ms))
+        for total, bm, up, down, align_ms in sorted(best, key=lambda t: t[0]):
+            log.info("moe parts %s: BLOCK_M %d total %.4f ms = align %.4f + gate_up %.4f %s + "
+                     "down %.4f %s + sum %.4f", shape, bm, total, align_ms, up[0], up[1],
+                     down[0], down[1], sum_ms)
 
 
 # LoRA: (K, output pieces, model layer) of Llama-3.2-1B and Llama-3.1-8B's wrapped layers

@@ -10,7 +10,10 @@ contract). The design is the known one (vLLM's and SGLang's fused_moe):
 2. ``_moe_gate_up_kernel``: per block, rows of x (gathered by pair) times that expert's gate
    and up rows, the activation applied in registers; writes ``act(gate) * up`` per pair.
 3. ``_moe_down_kernel``: those rows times the expert's down projection, times the routing
-   weight; writes one fp32 row per pair. The top-k rows of a token are then summed.
+   weight; writes one row per pair in the activations' dtype (rounded there, as the
+   reference's per-expert loop rounds each expert's output).
+4. ``_moe_sum_kernel``: a token's top-k rows summed in fp32, skipping pairs whose expert id is
+   not this rank's (never written), so no buffer has to be zeroed first.
 
 Each weight tile is read once per block of ``BLOCK_M`` pairs of one expert, which is what
 makes this many times faster than a per-expert loop at decode sizes.
@@ -143,15 +146,37 @@ def _moe_down_kernel(
         acc += tl.load(BIAS + expert * stride_be + offs_n, mask=n_mask,
                        other=0.0).to(tl.float32)[None, :]
     routing = tl.load(WEIGHTS + pair, mask=row_mask, other=0.0).to(tl.float32)
-    tl.store(OUT + pair[:, None] * stride_om + offs_n[None, :], acc * routing[:, None],
+    tl.store(OUT + pair[:, None] * stride_om + offs_n[None, :],
+             (acc * routing[:, None]).to(OUT.dtype.element_ty),
              mask=row_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _moe_sum_kernel(P, IDS, OUT, hidden, num_experts, stride_pm, stride_om,
+                    TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
+    # one program per (token, BLOCK_H columns): sum of the token's pair rows in fp32, in
+    # order j = 0 .. top_k - 1; a pair of another rank's expert (id outside [0, E)) adds 0
+    token, col = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    offs = col * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = offs < hidden
+    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        expert = tl.load(IDS + token * TOP_K + j) + tl.zeros((BLOCK_H,), dtype=tl.int32)
+        local = mask & (expert >= 0) & (expert < num_experts)
+        row = tl.load(P + (token * TOP_K + j) * stride_pm + offs, mask=local, other=0.0)
+        acc += row.to(tl.float32)
+    tl.store(OUT + token * stride_om + offs, acc.to(OUT.dtype.element_ty), mask=mask)
 
 
 def _moe_config(num_pairs: int, num_experts: int, element_size: int = 2) -> dict:
     """Tile sizes and launch settings (bench/kernel_bench.py --sweep replaces this to try others).
 
-    Rows per expert decide BLOCK_M: decode batches give each expert a handful of pairs, and a
-    64-row block would be mostly padding. The interpreter wants small tiles (it is slow)."""
+    The keys apply to both GEMMs; an optional ``DOWN`` dict overrides BLOCK_N, BLOCK_K,
+    num_warps and num_stages for the down projection (its K is the small intermediate size,
+    its N the hidden size: the gate/up GEMM's shape transposed). BLOCK_M is shared, as both
+    walk the same expert-aligned blocks. Rows per expert decide BLOCK_M: decode batches give
+    each expert a handful of pairs, and a 64-row block would be mostly padding. The
+    interpreter wants small tiles (it is slow)."""
     if interpreted():
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4)
     rows_per_expert = num_pairs / max(num_experts, 1)
@@ -206,6 +231,17 @@ def _check(x, w_gate_up, w_down, topk_weights, topk_ids, b_gate_up, b_down, acti
                       topk_weights=topk_weights)
 
 
+def split_config(config: dict) -> tuple[dict, dict]:
+    """(gate/up launch, down launch) of a _moe_config() dict: ``DOWN`` overrides the second."""
+    gate_up = dict(config)
+    down = {**gate_up, **gate_up.pop("DOWN", {})}
+    down.pop("DOWN", None)
+    if down["BLOCK_M"] != gate_up["BLOCK_M"]:
+        raise KernelArgumentError("the down projection's BLOCK_M must be the gate/up one's "
+                                  "(both walk the same expert-aligned blocks)")
+    return gate_up, down
+
+
 def fused_experts(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
                   topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
                   activation: str = "silu", b_gate_up: torch.Tensor | None = None,
@@ -214,30 +250,66 @@ def fused_experts(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor
     """See ``moe_reference.fused_experts``: [num_tokens, hidden] in x's dtype."""
     _check(x, w_gate_up, w_down, topk_weights, topk_ids, b_gate_up, b_down, activation)
     num_tokens, top_k = topk_ids.shape
-    num_experts, hidden, inter = w_down.shape
+    num_experts = w_down.shape[0]
     num_pairs = num_tokens * top_k
     if num_pairs == 0:
         return torch.zeros_like(x)
-    config = _moe_config(num_pairs, num_experts, x.element_size())
-    block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
-    sorted_pairs, block_expert, num_rows = align_pairs_to_blocks(topk_ids, num_experts, block_m)
-    num_blocks_m = block_expert.shape[0]
+    gate_up_config, down_config = split_config(
+        _moe_config(num_pairs, num_experts, x.element_size()))
+    blocks = align_pairs_to_blocks(topk_ids, num_experts, gate_up_config["BLOCK_M"])
+    h = gate_up_pairs(x, w_gate_up, b_gate_up, blocks, top_k, activation, alpha, limit,
+                      gate_up_config)
+    partial = down_pairs(h, w_down, b_down, topk_weights, blocks, down_config)
+    return sum_pairs(partial, topk_ids, num_experts)
+
+
+def _precision(dtype: torch.dtype) -> str:
     # fp32 models get full-precision dots (the default would be TF32 on the GPU).
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def gate_up_pairs(x, w_gate_up, b_gate_up, blocks, top_k: int, activation: str, alpha: float,
+                  limit: float, config: dict) -> torch.Tensor:
+    """act(gate) * up for every pair: [num_pairs, inter] in x's dtype (one launch)."""
+    sorted_pairs, block_expert, num_rows = blocks
+    num_pairs, inter = x.shape[0] * top_k, w_gate_up.shape[1] // 2
+    hidden = x.shape[1]
     h = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
-    _moe_gate_up_kernel[(num_blocks_m, triton.cdiv(inter, block_n))](
+    _moe_gate_up_kernel[(block_expert.shape[0], triton.cdiv(inter, config["BLOCK_N"]))](
         x, w_gate_up, b_gate_up if b_gate_up is not None else w_gate_up, h, sorted_pairs,
         block_expert, num_rows, num_pairs, top_k, inter, hidden, float(alpha), float(limit),
         x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1),
         b_gate_up.stride(0) if b_gate_up is not None else 0, h.stride(0),
-        HAS_BIAS=b_gate_up is not None, ACT=_ACT_CODES[activation], PRECISION=precision,
-        **config)
-    # Pairs of another rank's experts are never written: start from zeros then.
-    out = torch.zeros(num_pairs, hidden, dtype=torch.float32, device=x.device)
-    _moe_down_kernel[(num_blocks_m, triton.cdiv(hidden, block_n))](
+        HAS_BIAS=b_gate_up is not None, ACT=_ACT_CODES[activation],
+        PRECISION=_precision(x.dtype), **config)
+    return h
+
+
+def down_pairs(h, w_down, b_down, topk_weights, blocks, config: dict) -> torch.Tensor:
+    """Each pair's down projection times its routing weight: [num_pairs, hidden] in h's
+    dtype (one launch). Rows of pairs whose expert is not this rank's are left unwritten."""
+    sorted_pairs, block_expert, num_rows = blocks
+    num_pairs, inter = h.shape
+    hidden = w_down.shape[1]
+    out = torch.empty(num_pairs, hidden, dtype=h.dtype, device=h.device)
+    _moe_down_kernel[(block_expert.shape[0], triton.cdiv(hidden, config["BLOCK_N"]))](
         h, w_down, b_down if b_down is not None else w_down, topk_weights, out, sorted_pairs,
         block_expert, num_rows, num_pairs, hidden, inter,
         h.stride(0), w_down.stride(0), w_down.stride(1),
         b_down.stride(0) if b_down is not None else 0, out.stride(0),
-        HAS_BIAS=b_down is not None, PRECISION=precision, **config)
-    return out.view(num_tokens, top_k, hidden).sum(dim=1).to(x.dtype)
+        HAS_BIAS=b_down is not None, PRECISION=_precision(h.dtype), **config)
+    return out
+
+
+def sum_pairs(partial: torch.Tensor, topk_ids: torch.Tensor, num_experts: int
+              ) -> torch.Tensor:
+    """[num_tokens * top_k, hidden] pair rows -> [num_tokens, hidden], summed in fp32 over
+    the pairs whose expert id is in [0, num_experts) (one launch)."""
+    num_tokens, top_k = topk_ids.shape
+    hidden = partial.shape[1]
+    out = torch.empty(num_tokens, hidden, dtype=partial.dtype, device=partial.device)
+    block_h = min(1024, triton.next_power_of_2(hidden))
+    _moe_sum_kernel[(num_tokens, triton.cdiv(hidden, block_h))](
+        partial, topk_ids.contiguous(), out, hidden, num_experts, partial.stride(0),
+        out.stride(0), TOP_K=top_k, BLOCK_H=block_h, num_warps=4)
+    return out
