@@ -17,6 +17,7 @@ import datetime as dt
 import json
 import logging
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -164,15 +165,26 @@ def bench_decode_mix(dtypes):
         ("B 512 seqs", np.clip(rng.lognormal(np.log(300), 0.8, 512), 17, 1535).astype(int)
          .tolist(), 1536),
     ]
+    # Workload B's full decode batch (1000 rows, prompt + half the output), with the KV cache
+    # in bf16 and in e4m3 (kv_cache_dtype="fp8": half the bytes, converted in the kernel).
+    b_lens = [len(p) + o // 2 for p, o in _b_requests()]
+    cases += [("B 1000 seqs", b_lens, 1536), ("B 1000 seqs, e4m3 cache", b_lens, 1536)]
     for name, lens, capacity in cases:
         b = make_paged_batch(lens, [1] * len(lens), num_heads=32, num_kv_heads=8,
                              head_dim=128 if name.startswith("B") else 64, block_size=16,
                              dtype=torch.bfloat16, device="cuda", poison=False)
+        kv_bytes = 2
+        if name.endswith("e4m3 cache"):
+            b.k_cache = b.k_cache.to(torch.float8_e4m3fn)
+            b.v_cache = b.v_cache.to(torch.float8_e4m3fn)
+            kv_bytes = 1
         out = torch.empty_like(b.q)
         expected = reference.paged_decode_attention(b.q, b.k_cache, b.v_cache, b.block_tables,
                                                     b.seq_lens, 0.1)
-        num_bytes = 2 * sum(lens) * 8 * b.q.shape[2] * 2 + 2 * b.q.nbytes
-        for partition_size in (None, 256, 512, 1024, 2048):
+        num_bytes = 2 * sum(lens) * 8 * b.q.shape[2] * kv_bytes + 2 * b.q.nbytes
+        partitions = ((None, 256, 512, 1024, 2048) if not name.startswith("B 1000")
+                      else (None, 512, 2048))
+        for partition_size in partitions:
             def run(p=partition_size):
                 return paged_decode_attention(b.q, b.k_cache, b.v_cache, b.block_tables,
                                               b.seq_lens, 0.1, out=out, max_seqlen_k=capacity,
@@ -182,6 +194,13 @@ def bench_decode_mix(dtypes):
                        f"capacity {capacity}", torch.bfloat16, time_ms(run), num_bytes,
                        config=dict(partition_size=partition_size), rel_err=err)
         del b, out
+
+
+def _b_requests():
+    """bench/throughput.py's workload B requests ([(prompt ids, output length)])."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from throughput import make_requests
+    return make_requests("B")
 
 
 def _p_decode_step():

@@ -266,3 +266,56 @@ def test_bitsandbytes_on_gpu_equals_cpu(tmp_path):
     _, cpu_online, _ = run(base, "cpu", quantization="bitsandbytes")
     for name in cpu_online:
         torch.testing.assert_close(gpu_online[name], cpu_online[name], rtol=1e-5, atol=1e-6)
+
+
+# ---- FP8 KV cache at real sizes: the write (the GPU's cvt, not the interpreter's emulation)
+# and the decode / prefill kernels reading e4m3 (bf16 models, Llama-3.1-8B's heads) ----------
+
+def _e4m3_batch(seq_lens, q_lens, seed):
+    import dataclasses
+
+    from hpcinfer.kernels.random_batch import make_paged_batch
+    b = make_paged_batch(seq_lens, q_lens, num_heads=32, num_kv_heads=8, head_dim=128,
+                         block_size=16, dtype=torch.bfloat16, device=DEVICE, seed=seed,
+                         poison=False)
+    fp8 = torch.float8_e4m3fn
+    return dataclasses.replace(b, k_cache=b.k_cache.to(fp8), v_cache=b.v_cache.to(fp8))
+
+
+@pytest.mark.skipif(not fp8_supported(), reason="e4m3 needs compute capability >= 8.9")
+def test_fp8_kv_cache_write_equals_torch_cast():
+    from hpcinfer.kernels import reference
+    from hpcinfer.kernels.cache import reshape_and_cache
+    b = _e4m3_batch([300, 47, 1000], [300, 47, 1000], seed=3)
+    b.k.mul_(100.0)                     # many values past +-448: saturation on both sides
+    want_k, want_v = b.k_cache.clone(), b.v_cache.clone()
+    reference.reshape_and_cache(b.k, b.v, want_k, want_v, b.slot_mapping)
+    reshape_and_cache(b.k, b.v, b.k_cache, b.v_cache, b.slot_mapping)
+    assert torch.equal(b.k_cache.view(torch.uint8), want_k.view(torch.uint8))
+    assert torch.equal(b.v_cache.view(torch.uint8), want_v.view(torch.uint8))
+
+
+@pytest.mark.skipif(not fp8_supported(), reason="e4m3 needs compute capability >= 8.9")
+@pytest.mark.parametrize("partition_size", [None, 512])
+def test_fp8_kv_cache_decode_equals_reference(partition_size):
+    from hpcinfer.kernels import reference
+    from hpcinfer.kernels.decode_attention import paged_decode_attention
+    lens = [1, 15, 17, 300, 513, 1280] * 8
+    b = _e4m3_batch(lens, [1] * len(lens), seed=4)
+    want = reference.paged_decode_attention(b.q, b.k_cache, b.v_cache, b.block_tables,
+                                            b.seq_lens, 128 ** -0.5)
+    got = paged_decode_attention(b.q, b.k_cache, b.v_cache, b.block_tables, b.seq_lens,
+                                 128 ** -0.5, partition_size=partition_size)
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif(not fp8_supported(), reason="e4m3 needs compute capability >= 8.9")
+def test_fp8_kv_cache_prefill_equals_reference():
+    from hpcinfer.kernels import reference
+    from hpcinfer.kernels.prefill_attention import paged_attention
+    b = _e4m3_batch([700, 17, 1100], [700, 9, 64], seed=5)
+    want = reference.paged_attention(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.seq_lens,
+                                     b.block_tables, 128 ** -0.5)
+    got = paged_attention(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.seq_lens,
+                          b.block_tables, 128 ** -0.5, max_seqlen_q=b.max_seqlen_q)
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
