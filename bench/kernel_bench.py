@@ -414,7 +414,8 @@ MOE_BLOCK_M = {64: (16, 32), 256: (16, 32, 64), 512: (32, 64), 1024: (64, 128),
 
 def sweep_moe_parts(dtypes):
     """The fused MoE's pieces timed alone as CUDA-graph replays (the engine's decode steps),
-    Qwen3-30B-A3B layer: the pair sort for each BLOCK_M, then every gate/up and every down
+    Qwen3-30B-A3B layer: the pair sort for each BLOCK_M (peer_ms: its torch form), then every
+    gate/up and every down
     launch variant on those blocks (each checked against the current launch's output first),
     and the top-k sum. Logs the fastest combination per size; the rows keep every variant."""
     from hpcinfer.kernels import fused_moe as fm
@@ -434,7 +435,9 @@ def sweep_moe_parts(dtypes):
         for bm in block_ms:
             blocks = fm.align_pairs_to_blocks(ids, e, bm)
             align_ms = time_ms(_captured(lambda: fm.align_pairs_to_blocks(ids, e, bm)))
-            yield _row("fused_moe:align", shape, torch.bfloat16, align_ms, config={"BLOCK_M": bm})
+            torch_ms = time_ms(_captured(lambda: fm.align_pairs_to_blocks_torch(ids, e, bm)))
+            yield _row("fused_moe:align", shape, torch.bfloat16, align_ms, peer_ms=torch_ms,
+                       config={"BLOCK_M": bm})
             parts = {}
             for part, variants, num_bytes in (
                     ("gate_up", MOE_GATE_UP_VARIANTS, 2 * hit * i * h * 2),

@@ -69,6 +69,19 @@ def test_fused_experts_match_reference_at_real_sizes(name, num_tokens, dtype):
     assert _rel_err(got, want) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
 
 
+@pytest.mark.parametrize("num_tokens,block_m", [(1, 16), (64, 16), (256, 32), (1024, 64),
+                                                  (1024, 128), (2048, 64)])
+def test_triton_alignment_equals_the_torch_form_on_the_gpu(num_tokens, block_m):
+    from hpcinfer.kernels.fused_moe import align_pairs_to_blocks, align_pairs_to_blocks_torch
+    g = torch.Generator(device="cuda").manual_seed(num_tokens)
+    ids = torch.randint(0, 128, (num_tokens, 8), device="cuda", generator=g)
+    ids[::5, 3] = -1
+    got = align_pairs_to_blocks(ids, 128, block_m)
+    want = align_pairs_to_blocks_torch(ids, 128, block_m)
+    for name, a, b in zip(("sorted_pairs", "block_expert", "num_rows"), got, want):
+        assert torch.equal(a, b), name
+
+
 def test_moe_layer_replays_in_a_cuda_graph():
     from hpcinfer.kernels import moe_reference as ref
     from hpcinfer.kernels.fused_moe import fused_experts

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from hpcinfer.kernels import moe_reference as ref
-from hpcinfer.kernels.fused_moe import align_pairs_to_blocks, fused_experts
+from hpcinfer.kernels.fused_moe import (ALIGN_MAX_PAIRS, align_pairs_to_blocks,
+                                        align_pairs_to_blocks_torch, fused_experts)
 from hpcinfer.kernels.launch_checks import KernelArgumentError
 
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=3e-3, rtol=3e-3)}
@@ -77,6 +78,28 @@ def test_align_pairs_to_blocks_groups_each_expert_in_whole_blocks():
     assert sorted(seen) == [i for i in range(num_pairs) if 0 <= flat[i] < 5]
     assert bool((block_expert[rows // 4:] == -1).all())
     assert bool((sorted_pairs[rows:] == num_pairs).all())
+
+
+@pytest.mark.parametrize("num_tokens,top_k,num_experts,block_m", [
+    (1, 8, 128, 16), (5, 2, 5, 4), (64, 8, 128, 16), (300, 8, 128, 64), (100, 4, 60, 32),
+    (7, 1, 3, 16), (1024, 2, 256, 128), (ALIGN_MAX_PAIRS // 8, 8, 128, 64)])
+def test_triton_alignment_equals_the_torch_form(num_tokens, top_k, num_experts, block_m):
+    # the three-launch alignment (decode sizes) against the torch ops it replaces, with some
+    # pairs of another rank's experts (-1) and expert counts that are not powers of two
+    g = torch.Generator().manual_seed(num_tokens)
+    ids = torch.randint(0, num_experts, (num_tokens, top_k), generator=g)
+    ids[::7, 0] = -1
+    got = align_pairs_to_blocks(ids, num_experts, block_m)
+    want = align_pairs_to_blocks_torch(ids, num_experts, block_m)
+    for name, a, b in zip(("sorted_pairs", "block_expert", "num_rows"), got, want):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
+def test_alignment_past_the_triton_limit_still_sorts():
+    ids = torch.zeros(ALIGN_MAX_PAIRS // 2 + 1, 2, dtype=torch.int64)
+    sorted_pairs, block_expert, num_rows = align_pairs_to_blocks(ids, 4, 64)
+    assert int(num_rows) == ids.numel() // 64 * 64 + 64
+    assert torch.equal(sorted_pairs[:ids.numel()], torch.arange(ids.numel(), dtype=torch.int32))
 
 
 def test_launcher_names_bad_arguments():
