@@ -9,6 +9,9 @@
 # GEMM's launch variants as CUDA-graph replays, then fused_moe vs the torch reference).
 # c: bench/throughput.py --workloads C --load-format dummy (a config.json, no checkpoint;
 # C_ARGS adds arguments, e.g. "--num-prompts 512 --layers 8").
+# Each stage runs under `timeout ${STAGE_TIMEOUT:-290}` (seconds), so one that hangs leaves
+# its log and the next stage's time: the first call of 2026-12-05 (tests, c and sweep in one
+# command) lost the machine with nothing back.
 set -uo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 RESULTS=${OUT:-$REPO/bench/results}
@@ -17,22 +20,23 @@ export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 HPCINFER_GPU_TESTS=1
 source "$REPO/tests/gpu/shim.sh"
 PY=${PYTHON:-python3}
 rc=0
+limit=${STAGE_TIMEOUT:-290}
 for stage in ${STAGES:-tests sweep}; do
   start=$(date +%s)
   case $stage in
     tests)
-      "$PY" -m pytest "$REPO/tests/gpu/test_moe_gpu.py" -q -p no:cacheprovider \
+      timeout "$limit" "$PY" -m pytest "$REPO/tests/gpu/test_moe_gpu.py" -q -p no:cacheprovider \
         --rootdir "$REPO" -c "$REPO/pyproject.toml" 2>&1 | tee "$RESULTS/gpu-tests-moe.log"
       status=${PIPESTATUS[0]} ;;
     sweep)
-      "$PY" "$REPO/bench/kernel_bench.py" --quick --only moe_parts,bench_moe \
+      timeout "$limit" "$PY" "$REPO/bench/kernel_bench.py" --quick --only moe_parts,bench_moe \
         --out "$RESULTS/kernels-moe-parts.json" 2>&1 | grep -v "incorrect regex" \
         | tee "$RESULTS/kernels-moe-parts.log"
       status=${PIPESTATUS[0]} ;;
     c)
       read -r -a extra <<< "${C_ARGS:-}"
-      "$PY" "$REPO/bench/throughput.py" --workloads C --engines hpcinfer --load-format dummy \
-        --out "$RESULTS" "${extra[@]}" 2>&1 | grep -v "incorrect regex" \
+      timeout "$limit" "$PY" "$REPO/bench/throughput.py" --workloads C --engines hpcinfer \
+        --load-format dummy --out "$RESULTS" "${extra[@]}" 2>&1 | grep -v "incorrect regex" \
         | tee "$RESULTS/throughput-C.log"
       status=${PIPESTATUS[0]} ;;
     *) echo "unknown stage $stage (tests, sweep, c)"; status=2 ;;
