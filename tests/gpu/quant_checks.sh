@@ -8,6 +8,9 @@
 #               (*_linear rows, activation quantization included) and as the GEMM alone
 #               (QUANT_MODELS=8B: the 8B shapes only, about half the time)       (~4-6 min)
 #   sweep       bench/kernel_bench.py --only w4a16: W4A16 tile x split-K variants at decode M (~5 min)
+#   kv          the FP8 KV cache: its GPU tests (e4m3 write vs torch's cast, decode and prefill
+#               on e4m3 caches vs the reference), then bench/kernel_bench.py --only decode_mix
+#               (workload B's 1000-row decode step on a bf16 and an e4m3 cache)  (~2-3 min)
 #   throughput  workload B (Llama-3.1-8B shape, 1000 prompts), hpcinfer only, every variant
 #               with load_format=dummy (same weights source, nothing written to disk):
 #               VARIANTS (default "bf16 fp8 fp8-kvfp8 awq"; each up to THROUGHPUT_TIMEOUT=140 s;
@@ -48,6 +51,19 @@ if [[ $STAGES == *" kernels "* ]]; then
     --out "$RESULTS_DIR" > "$RESULTS_DIR/quant-kernels.log" 2>&1
   echo "bench: exit $? in $(( $(date +%s) - start )) s"
   grep -E "^(kernel|device_copy|bf16_gemm|w4a16|fp8)" "$RESULTS_DIR/quant-kernels.log" | tail -400
+fi
+
+if [[ $STAGES == *" kv "* ]]; then
+  start=$(date +%s)
+  timeout "${TEST_TIMEOUT:-240}" "$PY" -m pytest "$REPO/tests/gpu/test_quant_gpu.py" -q \
+    -p no:cacheprovider --rootdir "$REPO" -c "$REPO/pyproject.toml" -k fp8_kv_cache 2>&1 \
+    | tee "$RESULTS_DIR/gpu-tests-fp8-kv.log"
+  echo "kv tests: exit ${PIPESTATUS[0]} in $(( $(date +%s) - start )) s"
+  start=$(date +%s)
+  timeout "${BENCH_TIMEOUT:-240}" "$PY" "$REPO/bench/kernel_bench.py" --quick --only decode_mix \
+    --out "$RESULTS_DIR/kernels-decode-mix-fp8-kv.json" 2>&1 | grep -v "incorrect regex" \
+    | tee "$RESULTS_DIR/kernels-decode-mix-fp8-kv.log"
+  echo "kv bench: exit ${PIPESTATUS[0]} in $(( $(date +%s) - start )) s"
 fi
 
 if [[ $STAGES == *" sweep "* ]]; then
