@@ -431,6 +431,14 @@ def sweep_moe_parts(dtypes):
         sum_ms = time_ms(_captured(lambda: fm.sum_pairs(want_p, ids, e)))
         shape = f"{num_tokens} tok, Qwen3-30B-A3B layer"
         yield _row("fused_moe:sum", shape, torch.bfloat16, sum_ms, want_p.nbytes)
+        from hpcinfer.kernels import moe_reference, moe_router
+        logits = torch.randn(num_tokens, e, device="cuda", dtype=torch.bfloat16)
+        router = dict(scoring="softmax_topk", renormalize=True)
+        yield _row("moe_router", shape, torch.bfloat16,
+                   time_ms(_captured(lambda: moe_router.select_experts(logits, top_k,
+                                                                       **router))),
+                   peer_ms=time_ms(_captured(lambda: moe_reference.select_experts(
+                       logits, top_k, **router))))
         best = []
         for bm in block_ms:
             blocks = fm.align_pairs_to_blocks(ids, e, bm)

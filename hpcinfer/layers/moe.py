@@ -18,9 +18,10 @@ Either way each rank's output is a partial sum and one all-reduce completes it. 
 are replicated on every rank (the attention is tensor parallel), so no token dispatch is
 needed: the all-reduce is the combine.
 
-On CUDA the experts run the Triton kernel (``hpcinfer.kernels.fused_moe``), elsewhere the
-torch reference (``hpcinfer.kernels.moe_reference``); ``HPCINFER_TORCH_OPS=1`` keeps the
-reference on CUDA too. The Triton path has no host sync and no data-dependent shapes, so
+On CUDA the router's top-k selection and the experts run Triton kernels
+(``hpcinfer.kernels.moe_router``, ``hpcinfer.kernels.fused_moe``), elsewhere the torch
+reference (``hpcinfer.kernels.moe_reference``); ``HPCINFER_TORCH_OPS=1`` keeps the reference
+on CUDA too. The Triton path has no host sync and no data-dependent shapes, so
 decode steps with MoE layers are captured in CUDA graphs.
 """
 from __future__ import annotations
@@ -245,9 +246,14 @@ class SparseMoE(nn.Module):
                                     stacked_format=stacked_format)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = moe_reference.select_experts(
-            self.gate(x), self.spec.top_k, scoring=self.spec.scoring,
-            renormalize=self.spec.renormalize)
+        logits = self.gate(x)
+        select = moe_reference.select_experts
+        if x.is_cuda and _triton_moe() is not None:
+            from hpcinfer.kernels import moe_router   # one launch instead of ~6 (decode)
+            if moe_router.supports(self.spec.num_experts, self.spec.top_k):
+                select = moe_router.select_experts
+        weights, ids = select(logits, self.spec.top_k, scoring=self.spec.scoring,
+                              renormalize=self.spec.renormalize)
         return self.experts(x, weights, ids)
 
 

@@ -82,6 +82,23 @@ def test_triton_alignment_equals_the_torch_form_on_the_gpu(num_tokens, block_m):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("num_tokens,num_experts,top_k,scoring,renormalize", [
+    (1, 128, 8, "softmax_topk", True), (1024, 128, 8, "softmax_topk", True),
+    (300, 60, 4, "softmax_topk", False), (513, 32, 4, "topk_softmax", False),
+    (64, 8, 2, "softmax_topk", True)])
+def test_router_kernel_matches_the_reference_on_the_gpu(num_tokens, num_experts, top_k,
+                                                         scoring, renormalize):
+    from hpcinfer.kernels import moe_reference as ref
+    from hpcinfer.kernels.moe_router import select_experts
+    g = torch.Generator(device="cuda").manual_seed(num_tokens)
+    logits = torch.randn(num_tokens, num_experts, device="cuda", generator=g)
+    weights, ids = select_experts(logits, top_k, scoring=scoring, renormalize=renormalize)
+    want_weights, want_ids = ref.select_experts(logits, top_k, scoring=scoring,
+                                                renormalize=renormalize)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(weights, want_weights, atol=1e-6, rtol=1e-6)
+
+
 def test_moe_layer_replays_in_a_cuda_graph():
     from hpcinfer.kernels import moe_reference as ref
     from hpcinfer.kernels.fused_moe import fused_experts

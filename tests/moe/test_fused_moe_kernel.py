@@ -13,6 +13,7 @@ from hpcinfer.kernels import moe_reference as ref
 from hpcinfer.kernels.fused_moe import (ALIGN_MAX_PAIRS, align_pairs_to_blocks,
                                         align_pairs_to_blocks_torch, fused_experts)
 from hpcinfer.kernels.launch_checks import KernelArgumentError
+from hpcinfer.kernels.moe_router import select_experts as triton_select_experts
 
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=3e-3, rtol=3e-3)}
 
@@ -146,3 +147,33 @@ def test_select_experts_matches_transformers_routers(model_type, kw, scoring, re
                                       renormalize=renormalize)
     assert torch.equal(ids, want_ids)
     torch.testing.assert_close(weights, want_weights.float(), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,top_k,scoring,renormalize", [
+    (5, 8, 2, "softmax_topk", True), (33, 128, 8, "softmax_topk", True),
+    (7, 60, 4, "softmax_topk", False), (9, 32, 4, "topk_softmax", False),
+    (3, 3, 1, "softmax_topk", True), (17, 256, 8, "softmax_topk", True),
+    (1, 128, 32, "softmax_topk", False)])
+def test_router_kernel_matches_the_reference(num_tokens, num_experts, top_k, scoring,
+                                              renormalize):
+    logits = torch.randn(num_tokens, num_experts, generator=torch.Generator().manual_seed(7))
+    weights, ids = triton_select_experts(logits, top_k, scoring=scoring,
+                                         renormalize=renormalize)
+    want_weights, want_ids = ref.select_experts(logits, top_k, scoring=scoring,
+                                                renormalize=renormalize)
+    assert ids.dtype == want_ids.dtype and torch.equal(ids, want_ids)
+    torch.testing.assert_close(weights, want_weights, atol=1e-6, rtol=1e-6)
+
+
+def test_router_kernel_breaks_ties_by_the_lowest_expert():
+    logits = torch.tensor([[0.5, 2.0, 2.0, 1.0, 2.0]])
+    weights, ids = triton_select_experts(logits, 2, scoring="softmax_topk", renormalize=True)
+    assert ids.tolist() == [[1, 2]]
+    torch.testing.assert_close(weights, torch.tensor([[0.5, 0.5]]))
+
+
+def test_router_kernel_names_what_it_does_not_take():
+    with pytest.raises(KernelArgumentError, match="unknown router scoring"):
+        triton_select_experts(torch.zeros(2, 8), 2, scoring="sigmoid", renormalize=True)
+    with pytest.raises(KernelArgumentError, match="at most 256 experts"):
+        triton_select_experts(torch.zeros(2, 300), 2, scoring="softmax_topk", renormalize=True)
