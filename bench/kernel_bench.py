@@ -876,6 +876,8 @@ def sweep_prefill(dtypes):
     variants = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for m, n, w, s in
                 [(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3),
                  (64, 32, 4, 3), (128, 128, 8, 2), (64, 64, 8, 3), (128, 64, 8, 4)]]
+    # the same tiles with the query heads of a KV head packed into the rows (PACK_GQA)
+    variants += [dict(v, PACK_GQA=True) for v in variants]
     wide = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for m, n, w, s in
             [(64, 32, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2)]]
     num_seqs, q_len, heads = 8, 512, 32

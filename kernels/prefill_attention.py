@@ -2,7 +2,9 @@
 
 Reference: :func:`hpcinfer.kernels.reference.paged_attention`.
 
-One program owns (query tile of BLOCK_M tokens, query head, sequence). Queries of sequence i
+One program owns (query tile of BLOCK_M tokens, query head, sequence), or with PACK_GQA
+(query tile of BLOCK_M // group tokens, KV head, sequence), its rows the tokens' query heads
+that share that KV head. Queries of sequence i
 sit at absolute positions ``seq_lens[i] - q_len_i + j``: a prefix-cache hit or an earlier
 chunk means they start mid-sequence, and every key (old and new) is read from the cache,
 which ``reshape_and_cache`` filled first. Keys are walked in BLOCK_N tiles with an online
@@ -15,6 +17,8 @@ its own position; Gemma 3's image tokens see their whole placeholder span): the 
 then ends after the largest limit of its queries.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -35,25 +39,42 @@ def _prefill_attention_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
     PV_PRECISION: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
-    HAS_KEY_LIMITS: tl.constexpr,
+    HAS_KEY_LIMITS: tl.constexpr, PACK_GQA: tl.constexpr,
 ):
     tile = tl.program_id(0)
-    head = tl.program_id(1)
     seq = tl.program_id(2)
-    kv_head = head // GROUP
     q_start = tl.load(CU_SEQLENS_Q + seq)
     q_len = tl.load(CU_SEQLENS_Q + seq + 1) - q_start
     seq_len = tl.load(SEQ_LENS + seq)
-    first_q = tile * BLOCK_M                 # tile's first query, index within the sequence
     context = seq_len - q_len                # keys before this step's first query
+    r = tl.arange(0, BLOCK_M)
+    if PACK_GQA:
+        # The tile's rows are (query token, query head) pairs of one KV head, token-major:
+        # BLOCK_M // GROUP tokens x the GROUP heads that share the keys, so each key tile is
+        # loaded once for all of them instead of once per query head.
+        TOKENS = BLOCK_M // GROUP
+        kv_head = tl.program_id(1)
+        head = kv_head * GROUP + r % GROUP                           # [BLOCK_M]
+        offs_m = tile * TOKENS + r // GROUP
+    else:
+        TOKENS = BLOCK_M
+        head = tl.program_id(1)
+        kv_head = head // GROUP
+        offs_m = tile * TOKENS + r
+    first_q = tile * TOKENS                  # tile's first query, index within the sequence
 
-    offs_m = first_q + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < q_len
     mask_d = offs_d < HEAD_DIM
     q_pos = context + offs_m                                         # [BLOCK_M] absolute
     rows = (q_start + offs_m).to(tl.int64)
-    q = tl.load(Q + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+    if PACK_GQA:
+        head_offs = head[:, None] * stride_qh
+        out_head_offs = head[:, None] * stride_oh
+    else:
+        head_offs = head * stride_qh
+        out_head_offs = head * stride_oh
+    q = tl.load(Q + rows[:, None] * stride_qt + head_offs + offs_d[None, :],
                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)   # [BLOCK_M, BLOCK_D]
 
     q_last = q_pos                                                   # [BLOCK_M] causal limits
@@ -65,7 +86,7 @@ def _prefill_attention_kernel(
     if IS_CAUSAL and HAS_KEY_LIMITS:
         hi = tl.minimum(hi, tl.max(tl.where(mask_m, q_last, 0), 0) + 1)
     elif IS_CAUSAL:
-        hi = tl.minimum(hi, context + first_q + BLOCK_M)
+        hi = tl.minimum(hi, context + first_q + TOKENS)
     lo = 0
     if HAS_WINDOW:
         lo = tl.maximum(lo, context + first_q - sliding_window + 1)
@@ -101,7 +122,7 @@ def _prefill_attention_kernel(
     else:
         denom = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / denom[:, None]
-    tl.store(OUT + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+    tl.store(OUT + rows[:, None] * stride_ot + out_head_offs + offs_d[None, :],
              out.to(OUT.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
 
 
@@ -149,7 +170,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     block_d = triton.next_power_of_2(head_dim)
     cfg = prefill_config(block_d, q.dtype, max_seqlen_q)
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    grid = (triton.cdiv(max_seqlen_q, block_m), num_heads, num_seqs)
+    group = num_heads // k_cache.shape[2]
+    pack = bool(cfg.get("PACK_GQA")) and group > 1 and block_m % group == 0
+    tokens_per_tile = block_m // group if pack else block_m
+    grid = (triton.cdiv(max_seqlen_q, tokens_per_tile), num_heads // group if pack else num_heads,
+            num_seqs)
     _prefill_attention_kernel[grid](
         q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables,
         q if sinks is None else sinks,
@@ -157,12 +182,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         out, qk_scale, sliding_window or 0, softcap_log2,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim, GROUP=num_heads // k_cache.shape[2], BLOCK_SIZE=k_cache.shape[1],
+        HEAD_DIM=head_dim, GROUP=group, BLOCK_SIZE=k_cache.shape[1],
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         IS_CAUSAL=causal, HAS_WINDOW=sliding_window is not None,
         DOT_PRECISION=_dot_precision(q.dtype), PV_PRECISION=pv_precision("prefill", q.dtype),
         HAS_SOFTCAP=logit_softcap is not None, HAS_SINKS=sinks is not None,
-        HAS_KEY_LIMITS=last_key_positions is not None,
+        HAS_KEY_LIMITS=last_key_positions is not None, PACK_GQA=pack,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
@@ -180,6 +205,15 @@ def _check_key_limits(last_key_positions: torch.Tensor, q: torch.Tensor, causal:
     check_same_device(q=q, last_key_positions=last_key_positions)
 
 
+# PACK_GQA: a tile's rows are (token, query head) pairs of one KV head (BLOCK_M // group
+# tokens x the group), so each key tile is read once for the group rather than once per query
+# head. For workload P's mixed steps (~100 rows of 64 new tokens behind 1,024 cached ones),
+# where the per-head tiles ran at ~75 TFLOP/s on an H200 (2026-12-04 profile: ~1.6 ms a
+# layer). Off until a GPU sweep says it is faster (bench/kernel_bench.py --only
+# sweep_prefill times both); HPCINFER_PREFILL_PACK_GQA=1 turns it on for a whole run.
+PACK_GQA = os.environ.get("HPCINFER_PREFILL_PACK_GQA") == "1"
+
+
 def prefill_config(block_d: int, dtype: torch.dtype, max_seqlen_q: int) -> dict:
     """Tile sizes and launch options (bench/kernel_bench.py --sweep compares alternatives)."""
     # H100 sweep (bench/results/kernels-nvidia-h100-80gb-hbm3-2026-11-24.json, bf16, 8 x 512
@@ -193,4 +227,5 @@ def prefill_config(block_d: int, dtype: torch.dtype, max_seqlen_q: int) -> dict:
         cfg.update(BLOCK_M=32, BLOCK_N=32, num_stages=2)
     if max_seqlen_q <= 16:
         cfg.update(BLOCK_M=16)   # decode-heavy batches: don't waste rows
+    cfg["PACK_GQA"] = PACK_GQA
     return cfg

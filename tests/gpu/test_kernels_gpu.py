@@ -121,9 +121,16 @@ def _prefill_batch(head_dim, dtype, seed=0):
     return b
 
 
+@pytest.fixture(params=[False, True], ids=["rows", "gqa_packed"])
+def prefill_pack(request, monkeypatch):
+    # each prefill test in both tile layouts (PACK_GQA: a KV head's query heads in one tile)
+    from hpcinfer.kernels import prefill_attention
+    monkeypatch.setattr(prefill_attention, "PACK_GQA", request.param)
+
+
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_prefill(dtype, head_dim):
+def test_prefill(dtype, head_dim, prefill_pack):
     b = _prefill_batch(head_dim, dtype)
     out = torch.full_like(b.q, float("nan"))
     paged_attention(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.seq_lens, b.block_tables,
@@ -135,7 +142,7 @@ def test_prefill(dtype, head_dim):
 
 @pytest.mark.parametrize("causal,sliding_window", [(True, 128), (False, None)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_prefill_window_and_bidirectional(dtype, causal, sliding_window):
+def test_prefill_window_and_bidirectional(dtype, causal, sliding_window, prefill_pack):
     b = _prefill_batch(128, dtype, seed=1)
     kwargs = dict(causal=causal, sliding_window=sliding_window)
     got = paged_attention(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.seq_lens, b.block_tables,

@@ -202,7 +202,7 @@ def _cached_batch(seq_lens, q_lens, heads, kv_heads, head_dim=24, dtype=torch.fl
 
 @pytest.mark.parametrize("heads,kv_heads", [(8, 2), (4, 1)])   # GQA, MQA
 @pytest.mark.parametrize("name", sorted(FEATURES))
-def test_prefill_kernel_features_match_reference(name, heads, kv_heads):
+def test_prefill_kernel_features_match_reference(name, heads, kv_heads, prefill_pack):
     b = _cached_batch(*PREFILL_LAYOUT, heads, kv_heads, seed=11)
     features = _features(name, heads)
     expected = _paged_reference(b, 0.5, **features)
@@ -211,7 +211,7 @@ def test_prefill_kernel_features_match_reference(name, heads, kv_heads):
     torch.testing.assert_close(got, expected, **TOL[torch.float32])
 
 
-def test_prefill_kernel_features_fp16_with_fp16_sinks():
+def test_prefill_kernel_features_fp16_with_fp16_sinks(prefill_pack):
     # Model-dtype sinks (a bf16/fp16 checkpoint keeps them so); the kernel reads them as fp32.
     b = _cached_batch(*PREFILL_LAYOUT, 8, 2, dtype=torch.float16, seed=12)
     features = _features("softcap_sinks_window", 8, torch.float16)

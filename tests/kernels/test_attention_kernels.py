@@ -96,7 +96,7 @@ PREFILL_CASES = {
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("heads,kv_heads", GQA)
 @pytest.mark.parametrize("case", sorted(PREFILL_CASES))
-def test_prefill_matches_reference(dtype, heads, kv_heads, case):
+def test_prefill_matches_reference(dtype, heads, kv_heads, case, prefill_pack):
     seq_lens, q_lens = PREFILL_CASES[case]
     b = _batch(seq_lens, q_lens, heads, kv_heads, 80 if heads == 8 else 64, dtype, seed=3)
     expected = reference.paged_attention(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.seq_lens,
@@ -109,7 +109,7 @@ def test_prefill_matches_reference(dtype, heads, kv_heads, case):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("causal,sliding_window", [(True, 5), (True, 16), (False, None),
                                                    (False, 9)])
-def test_prefill_masks_match_reference(dtype, causal, sliding_window):
+def test_prefill_masks_match_reference(dtype, causal, sliding_window, prefill_pack):
     seq_lens, q_lens = [40, 17, 70], [9, 17, 66]
     b = _batch(seq_lens, q_lens, 8, 2, 96, dtype, seed=4)
     kwargs = dict(causal=causal, sliding_window=sliding_window)
@@ -196,3 +196,31 @@ def test_fp32_pv_switch_is_closer_to_the_reference(monkeypatch, precision):
     want = reference.paged_attention(sb.q, sb.k_cache, sb.v_cache, sb.cu_seqlens_q, sb.seq_lens,
                                      sb.block_tables, 0.2)
     torch.testing.assert_close(got, want, **TOL[torch.float16])
+
+
+def test_gqa_packed_tiles_cover_each_kv_head_once(monkeypatch):
+    # The packed launch has one program column per KV head (not per query head), and a tile
+    # holds BLOCK_M // group tokens; a group that does not divide BLOCK_M keeps per-head tiles.
+    from hpcinfer.kernels import prefill_attention as mod
+    launches = []
+    real = mod._prefill_attention_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((grid, kwargs["PACK_GQA"], kwargs["BLOCK_M"]))
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(mod, "_prefill_attention_kernel", Spy())
+    monkeypatch.setattr(mod, "PACK_GQA", True)
+    for heads, kv_heads in ((8, 2), (6, 2)):
+        b = _batch([40, 17], [40, 17], heads, kv_heads, 64, torch.float32, seed=5)
+        got = paged_attention(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.seq_lens,
+                              b.block_tables, 0.2, max_seqlen_q=b.max_seqlen_q)
+        expected = reference.paged_attention(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q,
+                                             b.seq_lens, b.block_tables, 0.2)
+        torch.testing.assert_close(got, expected, **TOL[torch.float32])
+    (grid4, packed4, block_m4), (grid3, packed3, _) = launches
+    assert packed4 and grid4 == (-(-40 // (block_m4 // 4)), 2, 2)
+    assert not packed3 and grid3[1] == 6

@@ -90,7 +90,7 @@ def test_reference_matches_dense_formula(features):
 @pytest.mark.parametrize("features", [{}, dict(sliding_window=6), dict(sliding_window=3,
                                                                        logit_softcap=1.5)])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 2), (2, 1)])
-def test_prefill_kernel_matches_reference(features, heads, kv_heads):
+def test_prefill_kernel_matches_reference(features, heads, kv_heads, prefill_pack):
     b, limits = batch(LAYOUT, heads, kv_heads, seed=2), key_limits(LAYOUT)
     expected = _reference(b, limits, **features)
     got = paged_attention(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.seq_lens, b.block_tables,
