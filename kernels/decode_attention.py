@@ -43,7 +43,8 @@ import triton.language as tl
 from .launch_checks import (FLOAT_DTYPES, INDEX_DTYPES, KV_CACHE_DTYPES, KernelArgumentError,
                             check_dim, check_dtype, check_head_dim, check_last_dim_contiguous,
                             check_out, check_same_device, check_sinks)
-from .paged_tiles import attend_key_tiles, pv_precision, sink_denominator, softcap_args
+from .paged_tiles import (attend_key_tiles, fp16_dots, pv_precision, query_for_cache,
+                          sink_denominator, softcap_args)
 
 LOG2E = 1.4426950408889634
 DEFAULT_PARTITION_SIZE = 512
@@ -81,6 +82,7 @@ def _decode_attention_kernel(
     PARTITION_SIZE: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, PV_PRECISION: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_SHARED: tl.constexpr,
+    FP16_DOTS: tl.constexpr = False,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -103,6 +105,7 @@ def _decode_attention_kernel(
     # q: [BLOCK_G, BLOCK_D], the group's heads as rows (padded rows are zero).
     q = tl.load(Q + seq * stride_qs + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=mask_g[:, None] & mask_d[None, :], other=0.0)
+    q = query_for_cache(q, FP16_DOTS)
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)   # running max, log2 domain
     l_i = tl.zeros([BLOCK_G], tl.float32)                 # running sum of exp2
@@ -199,6 +202,7 @@ def _shared_prefix_kernel(
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, PV_PRECISION: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    FP16_DOTS: tl.constexpr = False,
 ):
     # One program: BLOCK_M rows of (sequence, query head) pairs whose heads share this KV
     # head, over the shared keys [0, shared_len) of block_tables[0]; unnormalised results.
@@ -211,6 +215,7 @@ def _shared_prefix_kernel(
     mask_d = offs_d < HEAD_DIM
     q = tl.load(Q + seq[:, None] * stride_qs + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=mask_r[:, None] & mask_d[None, :], other=0.0)
+    q = query_for_cache(q, FP16_DOTS)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -275,8 +280,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             HEAD_DIM=head_dim, GROUP=group, BLOCK_SIZE=block_size, BLOCK_M=block_m,
             BLOCK_D=block_d, BLOCK_N=tiles["BLOCK_N"], DOT_PRECISION=_dot_precision(q.dtype),
             PV_PRECISION=pv_precision("decode", q.dtype),
-            HAS_SOFTCAP=logit_softcap is not None, num_warps=tiles["num_warps"],
-            num_stages=tiles["num_stages"],
+            HAS_SOFTCAP=logit_softcap is not None, FP16_DOTS=fp16_dots(q.dtype, k_cache.dtype),
+            num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
         )
     else:
         sh_max = sh_sum = sh_acc = out   # unused by the kernels when HAS_SHARED is False
@@ -310,7 +315,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         IS_SPLIT=is_split, DOT_PRECISION=_dot_precision(q.dtype),
         PV_PRECISION=pv_precision("decode", q.dtype),
         HAS_SOFTCAP=logit_softcap is not None, HAS_SINKS=sinks is not None,
-        HAS_SHARED=shared > 0,
+        HAS_SHARED=shared > 0, FP16_DOTS=fp16_dots(q.dtype, k_cache.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if is_split:

@@ -34,6 +34,25 @@ def pv_precision(kernel: str, dtype: torch.dtype) -> str | None:
 
 
 @triton.jit
+def query_for_cache(q, FP16_DOTS: tl.constexpr):
+    # FP16_DOTS (fp16_dots(): an e4m3 cache, kv_cache_dtype="fp8", under a bf16 model): the
+    # query goes to fp16, so attend_key_tiles converts keys and values to fp16 too: e4m3 ->
+    # fp16 is one cvt per two values, while e4m3 -> bf16 goes through fp16 with a second cvt
+    # per value. Compiled for sm_90 (Triton 3.9, 2026-12-05) the bf16 form of the decode loop
+    # had twice the bf16-cache loop's instructions, which is why an fp8 cache, half the
+    # bytes, ran no faster on an H200. fp16 holds every e4m3 value exactly and a bf16 query
+    # to all its bits (clamped to fp16's range; products accumulate in fp32 either way).
+    if FP16_DOTS:
+        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
+    return q
+
+
+def fp16_dots(q_dtype: torch.dtype, cache_dtype: torch.dtype) -> bool:
+    """Whether the attention kernels take the dots in fp16 (query_for_cache)."""
+    return cache_dtype == torch.float8_e4m3fn and q_dtype == torch.bfloat16
+
+
+@triton.jit
 def attend_key_tiles(acc, l_i, m_i, q, K_CACHE, V_CACHE, table, kv_head, q_pos, lo, hi,
                       qk_scale, sliding_window, stride_cb, stride_cs, stride_ch, offs_d, mask_d,
                       BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, IS_MASKED: tl.constexpr,
@@ -76,6 +95,12 @@ def attend_key_tiles(acc, l_i, m_i, q, K_CACHE, V_CACHE, table, kv_head, q_pos, 
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V_CACHE + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+        if V_CACHE.dtype.element_ty == tl.float8e4nv:
+            # (the mask again: a no-op that makes Triton convert V in registers and stage the
+            # 16-bit copy for the dot, read with ldmatrix.trans; staged as e4m3 instead, the
+            # transposed operand was read from shared memory a byte at a time: 64
+            # ld.shared.b8 in the sm_90 PTX of the decode kernel, none with this)
+            v = tl.where(kv_mask, v, 0.0).to(q.dtype)
         if PV_PRECISION is None:
             pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         else:   # P kept in fp32 (see the module docstring)

@@ -27,7 +27,8 @@ import triton.language as tl
 from .decode_attention import _dot_precision, check_paged_kv
 from .launch_checks import (INDEX_DTYPES, KernelArgumentError, check_dim, check_dtype,
                             check_last_dim_contiguous, check_out, check_same_device, check_sinks)
-from .paged_tiles import attend_key_tiles, pv_precision, sink_denominator, softcap_args
+from .paged_tiles import (attend_key_tiles, fp16_dots, pv_precision, query_for_cache,
+                          sink_denominator, softcap_args)
 
 
 @triton.jit
@@ -39,7 +40,7 @@ def _prefill_attention_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
     PV_PRECISION: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
-    HAS_KEY_LIMITS: tl.constexpr, PACK_GQA: tl.constexpr,
+    HAS_KEY_LIMITS: tl.constexpr, PACK_GQA: tl.constexpr, FP16_DOTS: tl.constexpr = False,
 ):
     tile = tl.program_id(0)
     seq = tl.program_id(2)
@@ -76,6 +77,7 @@ def _prefill_attention_kernel(
         out_head_offs = head * stride_oh
     q = tl.load(Q + rows[:, None] * stride_qt + head_offs + offs_d[None, :],
                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)   # [BLOCK_M, BLOCK_D]
+    q = query_for_cache(q, FP16_DOTS)
 
     q_last = q_pos                                                   # [BLOCK_M] causal limits
     if HAS_KEY_LIMITS:   # each query's last visible key (>= its own position)
@@ -188,6 +190,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         DOT_PRECISION=_dot_precision(q.dtype), PV_PRECISION=pv_precision("prefill", q.dtype),
         HAS_SOFTCAP=logit_softcap is not None, HAS_SINKS=sinks is not None,
         HAS_KEY_LIMITS=last_key_positions is not None, PACK_GQA=pack,
+        FP16_DOTS=fp16_dots(q.dtype, k_cache.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out

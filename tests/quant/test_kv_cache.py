@@ -92,3 +92,28 @@ def test_unknown_kv_cache_dtype_is_refused():
     from hpcinfer.engine.config import EngineConfig
     with pytest.raises(ValueError, match="kv_cache_dtype='int8' is not supported"):
         EngineConfig(model="x", kv_cache_dtype="int8")
+
+
+@pytest.mark.parametrize("kernel", ["decode", "prefill"])
+def test_fp16_dots_path_matches_reference(kernel, monkeypatch):
+    # A bf16 model over an e4m3 cache takes its dots in fp16 (paged_tiles.query_for_cache);
+    # the interpreter cannot run bf16, so the same path is forced here for fp32 queries and
+    # held to fp16's tolerance against the reference.
+    from hpcinfer.kernels import decode_attention, prefill_attention
+    for module in (decode_attention, prefill_attention):
+        monkeypatch.setattr(module, "fp16_dots", lambda q_dtype, cache_dtype: True)
+    if kernel == "decode":
+        b = _fp8_batch([1, 15, 17, 33, 47], [1] * 5, torch.float32, seed=3)
+        want = reference.paged_decode_attention(b.q, b.k_cache, b.v_cache, b.block_tables,
+                                                b.seq_lens, 0.125)
+        got = paged_decode_attention(b.q, b.k_cache, b.v_cache, b.block_tables, b.seq_lens,
+                                     0.125)
+    else:
+        b = _fp8_batch([40, 17, 70], [9, 17, 66], torch.float32, seed=4)
+        want = reference.paged_attention(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q,
+                                         b.seq_lens, b.block_tables, 0.2)
+        got = paged_attention(b.q, b.k_cache, b.v_cache, b.cu_seqlens_q, b.seq_lens,
+                              b.block_tables, 0.2, max_seqlen_q=b.max_seqlen_q)
+    torch.testing.assert_close(got, want, **TOL[torch.float16])
+    # and the fp16 dots are not the fp32 ones: the forced path really ran
+    assert not torch.equal(got, want)
