@@ -403,13 +403,15 @@ def sweep_moe(dtypes):
 # The gate/up kernel's BLOCK_N counts intermediate columns (it computes gate and up tiles of
 # that width, so vLLM's N 256 is our 128); the down kernel's counts hidden columns.
 MOE_GATE_UP_VARIANTS = [(64, 64, 4, 3), (64, 128, 4, 3), (64, 128, 4, 4), (128, 64, 4, 3),
-                        (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3), (32, 128, 4, 4),
-                        (64, 256, 4, 2)]
+                        (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3),
+                        (32, 128, 4, 4), (64, 256, 4, 2)]
 MOE_DOWN_VARIANTS = [(64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 4, 3),
-                     (128, 128, 8, 3), (256, 64, 8, 3), (256, 128, 8, 2), (64, 256, 4, 2),
-                     (128, 256, 8, 2)]
+                     (128, 128, 8, 3), (256, 64, 8, 3), (256, 64, 8, 4), (256, 128, 8, 2),
+                     (64, 256, 4, 2), (128, 256, 8, 2)]
+# tokens -> BLOCK_M values tried (8192: a prefill chunk, where the layer ran at ~37% of the
+# matmul rate on an H200, 2.16 ms; its pair sort stays the torch form, past ALIGN_MAX_PAIRS)
 MOE_BLOCK_M = {64: (16, 32), 256: (16, 32, 64), 512: (32, 64), 1024: (64, 128),
-               2048: (64, 128)}
+               2048: (64, 128), 8192: (64, 128)}
 
 
 def sweep_moe_parts(dtypes):

@@ -9,9 +9,10 @@
 # GEMM's launch variants as CUDA-graph replays, then fused_moe vs the torch reference).
 # c: bench/throughput.py --workloads C --load-format dummy (a config.json, no checkpoint;
 # C_ARGS adds arguments, e.g. "--num-prompts 512 --layers 8").
-# Each stage runs under `timeout ${STAGE_TIMEOUT:-290}` (seconds), so one that hangs leaves
-# its log and the next stage's time: the first call of 2026-12-05 (tests, c and sweep in one
-# command) lost the machine with nothing back.
+# Each stage runs under `timeout` (STAGE_TIMEOUT seconds; default tests 200, sweep 380,
+# c 420), so one that hangs leaves its log and the next stage's time: the first call of
+# 2026-12-05 (tests, c and sweep in one command) lost the machine with nothing back.
+# "tests sweep" fits one 10-minute call, "c" another.
 set -uo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 RESULTS=${OUT:-$REPO/bench/results}
@@ -20,9 +21,10 @@ export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 HPCINFER_GPU_TESTS=1
 source "$REPO/tests/gpu/shim.sh"
 PY=${PYTHON:-python3}
 rc=0
-limit=${STAGE_TIMEOUT:-290}
 for stage in ${STAGES:-tests sweep}; do
   start=$(date +%s)
+  case $stage in tests) limit=200 ;; sweep) limit=380 ;; *) limit=420 ;; esac
+  limit=${STAGE_TIMEOUT:-$limit}
   case $stage in
     tests)
       timeout "$limit" "$PY" -m pytest "$REPO/tests/gpu/test_moe_gpu.py" -q -p no:cacheprovider \
