@@ -35,8 +35,14 @@ token. Also how the linear layers ran (w4a16 kernel / w8a8 / dequantized weight)
 that fell back to dequantized weights says so. Rows go to
 DIR/agreement-quant-<device>-<date>.jsonl.
 
-    python bench/real_model_agreement.py --quant [--model-dir DIR] [--prompts 64]
-        [--max-new 64] [--device cuda] [--w4a16-group 64]
+    python bench/real_model_agreement.py --quant [--model-dir DIR | --copy-model]
+        [--prompts 64] [--max-new 64] [--device cuda] [--w4a16-group 64]
+
+--copy-model: the project's agreement model instead (issue 20 names it): Llama-3.2-1B widths
+with HPCINFER_COPY_LAYERS layers (4), copy-trained on the GPU first (~1-3 min,
+hpcinfer/testing/copy_model.py), on workload A's prompts; per path also ``positions``, the
+free-running share of positions equal to the bf16 path's (the copy model's metric in
+tests/gpu/test_engine_gpu.py).
 """
 from __future__ import annotations
 
@@ -196,6 +202,7 @@ def measure_quant(path: str, name: str, prompts, max_new: int, device: str,
            "prompts": n, "max_new": max_new, "reference": "ours bf16 (Triton + CUDA graphs)",
            "bf16_vs_fp32": {"identical": f"{identical(bf16, fp32)}/{n}",
                             "prefix_share": prefix_share(bf16, fp32),
+                            "positions": positions(bf16, fp32),
                             "linear_layers": bf16_forms},
            "w4a16_quantizer": f"round to nearest, AWQ GEMM packing, asymmetric, group "
                               f"{w4a16_group} (hpcinfer.testing.quant)"}
@@ -206,42 +213,66 @@ def measure_quant(path: str, name: str, prompts, max_new: int, device: str,
         forced = ours(model, prompts, forced=bf16, **run, **kwargs)
         row[label] = {"identical": f"{identical(free, bf16)}/{n}",
                       "prefix_share": prefix_share(free, bf16),
+                      "positions": positions(free, bf16),
                       "teacher_forced": positions(forced, bf16), "linear_layers": forms}
     row["seconds"] = round(time.time() - t0, 1)
     return row
 
 
+def copy_prompts(n: int) -> list[list[int]]:
+    """Workload A's first ``n`` prompts (256 seeded random ids each, bench/throughput.py): what
+    the copy model was trained to continue with their own start."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from throughput import make_requests
+    return [p for p, _ in make_requests("A")[:n]]
+
+
 def main_quant(args) -> int:
+    import os
     import tempfile
 
     import torch
-    from transformers import AutoTokenizer
-    if args.model_dir:
-        path, name = str(args.model_dir), Path(args.model_dir).name
-    else:
-        from hpcinfer.testing.real_models import real_model_dir
-        name = "smollm2-135m-instruct"
-        path = str(real_model_dir(name))
-    tok = AutoTokenizer.from_pretrained(path)
-    prompts = (chat_prompts(tok, args.prompts) if tok.chat_template
-               else text_prompts(tok, args.prompts))
     device_name = (torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu")
     slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
     date = dt.date.today().isoformat()
     with tempfile.TemporaryDirectory(prefix="hpcinfer-quant-agreement-") as work:
+        extra = {}
+        if args.copy_model:
+            # The project's agreement model (issue 20 asks for it): Llama-3.2-1B widths,
+            # trained here to copy, so its greedy steps have real margins (copy_model.py).
+            from hpcinfer.testing.copy_model import workload_a_copy_checkpoint
+            layers = int(os.environ.get("HPCINFER_COPY_LAYERS", "4"))
+            copy_dir, stats = workload_a_copy_checkpoint(Path(work) / "copy", layers=layers)
+            path, name = str(copy_dir), f"copy-model (llama-3.2-1b widths, {layers} layers)"
+            prompts = copy_prompts(args.prompts)
+            extra = {"prompt_kind": "workload A ids (copy task)",
+                     "copy_model_held_acc": stats.get("held_acc")}
+        else:
+            from transformers import AutoTokenizer
+            if args.model_dir:
+                path, name = str(args.model_dir), Path(args.model_dir).name
+            else:
+                from hpcinfer.testing.real_models import real_model_dir
+                name = "smollm2-135m-instruct"
+                path = str(real_model_dir(name))
+            tok = AutoTokenizer.from_pretrained(path)
+            prompts = (chat_prompts(tok, args.prompts) if tok.chat_template
+                       else text_prompts(tok, args.prompts))
         row = {**measure_quant(path, name, prompts, args.max_new, args.device,
                                args.w4a16_group, Path(work)),
-               "device": device_name, "date": date}
+               **extra, "device": device_name, "date": date}
     out = args.out / f"agreement-quant-{slug}-{date}.jsonl"
     args.out.mkdir(parents=True, exist_ok=True)
     with open(out, "a") as f:
         f.write(json.dumps(row) + "\n")
     print(json.dumps(row, indent=1))
-    print(f"{'path':<12} {'identical':>10} {'prefix':>7} {'forced':>7}  linear layers")
+    print(f"{'path':<12} {'identical':>10} {'prefix':>7} {'positions':>9} {'forced':>7}  "
+          "linear layers")
     for label in ("bf16_vs_fp32", *QUANT_PATHS):
         r = row[label]
         print(f"{label:<12} {r['identical']:>10} {r['prefix_share']:>7.3f} "
-              f"{r.get('teacher_forced', float('nan')):>7.3f}  {r['linear_layers']}")
+              f"{r['positions']:>9.4f} {r.get('teacher_forced', float('nan')):>7.3f}  "
+              f"{r['linear_layers']}")
     print(f"wrote {out}")
     return 0
 
@@ -258,6 +289,9 @@ def main() -> int:
     ap.add_argument("--model-dir", type=Path, help="--quant: a local checkpoint instead of "
                     "SmolLM2-135M-Instruct")
     ap.add_argument("--w4a16-group", type=int, default=64, help="--quant: 4-bit group size")
+    ap.add_argument("--copy-model", action="store_true",
+                    help="--quant: the project's copy model (hpcinfer/testing/copy_model.py, "
+                         "trained here on the GPU, ~1-3 min) on workload A's prompts")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.quant:

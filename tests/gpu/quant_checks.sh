@@ -17,9 +17,11 @@
 #               split over two calls if needed: VARIANTS="bf16 fp8", VARIANTS="fp8-kvfp8 awq")
 #               fp8 = online FP8 (W8A8), kvfp8 = FP8 KV cache, awq = W4A16 (AWQ group 128)
 #   70b         workload L: Llama-3.1-70B shape, W4A16 (awq), 256 prompts, one GPU  (~5-8 min)
-#   agreement   bench/real_model_agreement.py --quant: SmolLM2-135M greedy, bf16 vs online fp8,
-#               fp8 + fp8 KV cache, W4A16 (the bf16 weights quantized to 4 bits); needs the
-#               model snapshot (HPCINFER_SMOLLM2, see that script)                (~2-4 min)
+#   agreement   bench/real_model_agreement.py --quant --copy-model: the project's copy model
+#               (trained on the GPU first, ~1-3 min) greedy on workload A's prompts, bf16 vs
+#               online fp8, fp8 + fp8 KV cache, W4A16 (its weights quantized to 4 bits);
+#               AGREEMENT_MODEL="--model-dir DIR" for another checkpoint (SmolLM2's 98 MB
+#               GGUF does not fit a carry)                                          (~3-5 min)
 #
 #   STAGES=kernels tests/gpu/quant_checks.sh [RESULTS_DIR]   # default: $OUT, else bench/results
 set -uo pipefail
@@ -102,7 +104,8 @@ fi
 
 if [[ $STAGES == *" agreement "* ]]; then
   start=$(date +%s)
+  read -r -a agreement_model <<< "${AGREEMENT_MODEL:---copy-model}"
   timeout "${AGREEMENT_TIMEOUT:-400}" "$PY" "$REPO/bench/real_model_agreement.py" --quant \
-    --out "$RESULTS_DIR" 2>&1 | tee "$RESULTS_DIR/quant-agreement.log" | tail -20
+    "${agreement_model[@]}" --out "$RESULTS_DIR" 2>&1 | tee "$RESULTS_DIR/quant-agreement.log" | tail -20
   echo "agreement: exit ${PIPESTATUS[0]} in $(( $(date +%s) - start )) s"
 fi

@@ -21,4 +21,9 @@ def test_quant_agreement_rows(base_dir, tmp_path):
     for label in script.QUANT_PATHS:
         got = row[label]
         assert got["identical"].endswith("/2") and 0 <= got["prefix_share"] <= 1
-        assert 0 < got["teacher_forced"] <= 1
+        assert 0 <= got["positions"] <= 1 and 0 < got["teacher_forced"] <= 1
+    # --copy-model's prompts: workload A's (256 seeded random ids each, as the copy model
+    # was trained on)
+    prompts = script.copy_prompts(3)
+    assert len(prompts) == 3 and {len(p) for p in prompts} == {256}
+    assert all(0 <= t < 128000 for p in prompts for t in p)
