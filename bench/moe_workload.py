@@ -88,11 +88,11 @@ def moe_bound_output_tok_s(shape: dict, requests, max_num_seqs: int, rates: dict
     expert = 3 * h * shape["moe_intermediate_size"]
     head = vocab * h * (1 if shape["tie_word_embeddings"] else 2)
     num_out = sum(o for _, o in requests)
+    batches: dict[int, int] = {}      # sequences in a step -> steps of that size
     if flat:
         batch = min(max_num_seqs, len(requests))
-        batches = {batch: -(-num_out // batch)}
+        batches[batch] = -(-num_out // batch)
     else:
-        batches: dict[int, int] = {}
         for size in decode_batch_sizes(requests, max_num_seqs):
             batches[size] = batches.get(size, 0) + 1
     decode_bytes = sum(count * 2 * (layers * (attn + experts_hit(shape, size) * expert) + head)

@@ -73,7 +73,7 @@ def select_experts(router_logits: torch.Tensor, top_k: int, *, scoring: str,
     if scoring not in SCORINGS:
         raise KernelArgumentError(f"unknown router scoring {scoring!r}; choose one of "
                                   f"{list(SCORINGS)}")
-    if not 1 <= top_k <= min(num_experts, MAX_TOP_K) or num_experts > MAX_EXPERTS:
+    if not supports(num_experts, top_k):
         raise KernelArgumentError(
             f"top_k={top_k} of {num_experts} experts: the router kernel takes 1 <= top_k <= "
             f"min(experts, {MAX_TOP_K}) and at most {MAX_EXPERTS} experts (use the torch "
