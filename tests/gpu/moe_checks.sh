@@ -5,10 +5,11 @@
 #   STAGES="tests sweep" tests/gpu/moe_checks.sh   # MoE GPU tests; per-GEMM tile sweep
 #   STAGES=c tests/gpu/moe_checks.sh               # workload C, all 48 layers, dummy weights
 #
-# tests: tests/gpu/test_moe_gpu.py. sweep: bench/kernel_bench.py --only moe_parts,bench_moe (each
-# GEMM's launch variants as CUDA-graph replays, then fused_moe vs the torch reference).
-# c: bench/throughput.py --workloads C --load-format dummy (a config.json, no checkpoint;
-# C_ARGS adds arguments, e.g. "--num-prompts 512 --layers 8").
+# tests: tests/gpu/test_moe_gpu.py. sweep: bench/kernel_bench.py --only
+# moe_parts,bench_moe (each GEMM's launch variants as CUDA-graph replays, then fused_moe vs
+# the torch reference). c: bench/throughput.py --workloads C --load-format dummy
+# --step-breakdown (a config.json, no checkpoint; the time by step kind); C_ARGS adds
+# arguments, e.g. "--num-prompts 512 --layers 8".
 # Each stage runs under `timeout` (STAGE_TIMEOUT seconds; default tests 200, sweep 380,
 # c 420), so one that hangs leaves its log and the next stage's time: the first call of
 # 2026-12-05 (tests, c and sweep in one command) lost the machine with nothing back.
@@ -38,7 +39,8 @@ for stage in ${STAGES:-tests sweep}; do
     c)
       read -r -a extra <<< "${C_ARGS:-}"
       timeout "$limit" "$PY" "$REPO/bench/throughput.py" --workloads C --engines hpcinfer \
-        --load-format dummy --out "$RESULTS" "${extra[@]}" 2>&1 | grep -v "incorrect regex" \
+        --load-format dummy --step-breakdown --out "$RESULTS" "${extra[@]}" 2>&1 \
+        | grep -v "incorrect regex" \
         | tee "$RESULTS/throughput-C.log"
       status=${PIPESTATUS[0]} ;;
     *) echo "unknown stage $stage (tests, sweep, c)"; status=2 ;;
