@@ -10,7 +10,7 @@
 # the torch reference). c: bench/throughput.py --workloads C --load-format dummy
 # --step-breakdown (a config.json, no checkpoint; the time by step kind); C_ARGS adds
 # arguments, e.g. "--num-prompts 512 --layers 8".
-# Each stage runs under `timeout` (STAGE_TIMEOUT seconds; default tests 200, sweep 380,
+# Each stage runs under `timeout` (STAGE_TIMEOUT seconds; default tests 220, sweep 360,
 # c 420), so one that hangs leaves its log and the next stage's time: the first call of
 # 2026-12-05 (tests, c and sweep in one command) lost the machine with nothing back.
 # "tests sweep" fits one 10-minute call, "c" another.
@@ -24,7 +24,7 @@ PY=${PYTHON:-python3}
 rc=0
 for stage in ${STAGES:-tests sweep}; do
   start=$(date +%s)
-  case $stage in tests) limit=200 ;; sweep) limit=380 ;; *) limit=420 ;; esac
+  case $stage in tests) limit=220 ;; sweep) limit=360 ;; *) limit=420 ;; esac
   limit=${STAGE_TIMEOUT:-$limit}
   case $stage in
     tests)
