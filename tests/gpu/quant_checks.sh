@@ -105,7 +105,7 @@ fi
 if [[ $STAGES == *" agreement "* ]]; then
   start=$(date +%s)
   read -r -a agreement_model <<< "${AGREEMENT_MODEL:---copy-model}"
-  timeout "${AGREEMENT_TIMEOUT:-400}" "$PY" "$REPO/bench/real_model_agreement.py" --quant \
+  timeout "${AGREEMENT_TIMEOUT:-540}" "$PY" "$REPO/bench/real_model_agreement.py" --quant \
     "${agreement_model[@]}" --out "$RESULTS_DIR" 2>&1 | tee "$RESULTS_DIR/quant-agreement.log" | tail -20
   echo "agreement: exit ${PIPESTATUS[0]} in $(( $(date +%s) - start )) s"
 fi
