@@ -53,3 +53,13 @@ def mpirun():
     path = shutil.which("mpirun")
     require(path is not None, "mpirun (Open MPI) is not installed: run dev/setup.sh")
     return [path, "--allow-run-as-root", "--oversubscribe"]
+
+
+@pytest.fixture(params=[False, True], ids=["rows", "gqa_packed"])
+def prefill_pack(request, monkeypatch):
+    """Runs a prefill-kernel test (tests/kernels, and tests/gpu on a GPU) with each tile
+    layout: one query head per tile (the default) and PACK_GQA (the query heads of one KV
+    head packed into a tile's rows)."""
+    from hpcinfer.kernels import prefill_attention
+    monkeypatch.setattr(prefill_attention, "PACK_GQA", request.param)
+    return request.param

@@ -121,13 +121,6 @@ def _prefill_batch(head_dim, dtype, seed=0):
     return b
 
 
-@pytest.fixture(params=[False, True], ids=["rows", "gqa_packed"])
-def prefill_pack(request, monkeypatch):
-    # each prefill test in both tile layouts (PACK_GQA: a KV head's query heads in one tile)
-    from hpcinfer.kernels import prefill_attention
-    monkeypatch.setattr(prefill_attention, "PACK_GQA", request.param)
-
-
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_prefill(dtype, head_dim, prefill_pack):
