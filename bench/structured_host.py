@@ -47,19 +47,31 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_file import append_rows  # noqa: E402  (bench/results_file.py)
-from structured_outputs import LONG_SCHEMA  # noqa: E402  (the GPU bench's json_long schema)
+from structured_outputs import EXTRACTION_SCHEMA, LONG_SCHEMA  # noqa: E402  (the GPU bench's)
 
 LOGITS_VOCAB = 128256   # workload A's logits (Llama-3.2-1B); the mask covers the tokenizer's
 PROMPT_LEN = 16
+# json_long: the GPU bench's json_long rows (costly fill states: length-bounded strings);
+# extraction: its json_extraction objects (cheap states, ~5 us a row), repeated in an array
+# so that rows never end within the timed steps.
+SCHEMAS = {"long": LONG_SCHEMA,
+           "extraction": {"type": "array", "items": EXTRACTION_SCHEMA, "minItems": 1000}}
 
 
-def busy_python(ms: float) -> None:
-    """Pure-Python work for ``ms`` milliseconds, holding the GIL all along."""
+def busy_python(ms: float, release_every_us: float = 0.0) -> None:
+    """Pure-Python work for ``ms`` milliseconds, holding the GIL all along; or, with
+    ``release_every_us``, releasing it that often for a moment (a small torch op), as the
+    engine's own work does in its torch calls."""
+    import torch
     end = time.perf_counter() + ms / 1e3
-    x = 0
-    while time.perf_counter() < end:
+    x, scratch = 0, torch.zeros(16)
+    next_release = time.perf_counter() + release_every_us / 1e6
+    while (now := time.perf_counter()) < end:
         for i in range(50):
             x += i
+        if release_every_us and now >= next_release:
+            scratch.add_(1.0)
+            next_release = now + release_every_us / 1e6
 
 
 class AllowedTokens:
@@ -78,14 +90,15 @@ class AllowedTokens:
         return tokens
 
 
-def make_rows(tokenizer, structured, grammar, num_rows: int, max_tokens: int, seed: int):
+def make_rows(tokenizer, structured, grammar, num_rows: int, max_tokens: int, seed: int,
+              schema: dict):
     from hpcinfer.engine.detokenizer import IncrementalDetokenizer
     from hpcinfer.engine.params import SamplingParams
     from hpcinfer.engine.sequence import Sequence
     from hpcinfer.sampling_params import StructuredOutputsParams
     rng = np.random.default_rng(seed)
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
-                            structured_outputs=StructuredOutputsParams(json=LONG_SCHEMA))
+                            structured_outputs=StructuredOutputsParams(json=schema))
     seqs = []
     for i in range(num_rows):
         prompt = rng.integers(10, len(tokenizer), PROMPT_LEN).tolist()
@@ -105,7 +118,7 @@ def run_steps(tokenizer, structured, grammar, args) -> dict:
     from hpcinfer.engine.token_appender import TokenAppender
     appender = TokenAppender(tokenizer, 1 << 20, frozenset([tokenizer.eos_token_id]))
     seqs = make_rows(tokenizer, structured, grammar, args.rows, args.warmup + args.steps + 1,
-                     args.seed)
+                     args.seed, SCHEMAS[args.schema])
     picker = AllowedTokens(args.seed)
     free_mask = torch.full((args.rows, structured.mask_vocab // 32), -1, dtype=torch.int32)
     # the first step's mask (a prefill step: nothing to read back yet)
@@ -126,7 +139,7 @@ def run_steps(tokenizer, structured, grammar, args) -> dict:
             seq.add_placeholder()
         if grammar is not None and prefetch:
             structured.prefetch(flight)
-        busy_python(args.other_ms)   # the next call: schedule, prepare, launch the forward
+        busy_python(args.other_ms, args.release_every_us)   # the next call: schedule, prepare, launch the forward
         for seq in seqs:             # _resolve_inflight
             seq.drop_placeholder()
         tokens = flight.token_list()
@@ -161,6 +174,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=16)
     parser.add_argument("--other-ms", type=float, default=1.6,
                         help="the engine's own host work per step (schedule, prepare, launch)")
+    parser.add_argument("--release-every-us", type=float, default=0.0,
+                        help="the stand-in releases the GIL this often (0: never, the worst "
+                             "case for the background job)")
+    parser.add_argument("--switch-interval-ms", type=float, default=None,
+                        help="sys.setswitchinterval for the run (default: Python's 5 ms)")
+    parser.add_argument("--schema", choices=sorted(SCHEMAS), default="long")
     parser.add_argument("--threads", type=int, default=None,
                         help="fill threads (default: the engine's, every core of the process)")
     parser.add_argument("--no-prefetch", action="store_true",
@@ -171,13 +190,15 @@ def main() -> None:
 
     import torch
     from transformers import AutoTokenizer
+    if args.switch_interval_ms is not None:
+        sys.setswitchinterval(args.switch_interval_ms / 1e3)
 
     from hpcinfer.engine.structured import StructuredOutputs
     from hpcinfer.sampling_params import StructuredOutputsParams
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     structured = StructuredOutputs(tokenizer, LOGITS_VOCAB, {tokenizer.eos_token_id},
                                    torch.device("cpu"), max_threads=args.threads)
-    grammar = structured.compile(StructuredOutputsParams(json=LONG_SCHEMA))
+    grammar = structured.compile(StructuredOutputsParams(json=SCHEMAS[args.schema]))
     free = run_steps(tokenizer, structured, None, args)
     constrained = run_steps(tokenizer, structured, grammar, args)
     host_ms = constrained["median"]
@@ -190,13 +211,15 @@ def main() -> None:
     print(f"{args.rows} rows, {structured.max_threads} fill threads, {os.cpu_count()} cores: "
           f"host ms/step {json.dumps(breakdown)}", flush=True)
     output_tok_s = round(args.rows * 1e3 / host_ms, 1)
-    row = {"engine": "hpcinfer", "workload": "A-structured-json_long-host", "tp": 1,
+    workload = "json_long" if args.schema == "long" else "json_extraction_array"
+    row = {"engine": "hpcinfer", "workload": f"A-structured-{workload}-host", "tp": 1,
            "output_tok_s": output_tok_s, "total_tok_s": output_tok_s,
            "host_steps_per_s": round(1e3 / host_ms, 2),
            "device": f"cpu ({len(os.sched_getaffinity(0))} cores, {socket.gethostname()})",
            "date": time.strftime("%Y-%m-%d"), "rows": args.rows, "steps": args.steps,
            "fill_threads": structured.max_threads, "mask_vocab": structured.mask_vocab,
            "logits_vocab": LOGITS_VOCAB, "host_ms_per_step": breakdown,
+           "prefetch": not args.no_prefetch, "release_every_us": args.release_every_us,
            "structured_ms_per_step": breakdown["structured"],
            # other processes share small VMs: a load above the core count inflates every
            # time here, so compare runs made one after the other, not across sessions

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from hpcinfer.engine.grammar_threads import ChunkRunner, batch_accept_call, deal, undeal
 from hpcinfer.engine.sequence import Sequence
 from hpcinfer.engine.structured_params import StructuredOutputsParams
 
@@ -58,21 +59,18 @@ log = logging.getLogger(__name__)
 # first. Running sequences keep their own grammar, so eviction never touches them.
 MAX_CACHED_GRAMMARS = 1024
 MAX_CACHED_GRAMMAR_BYTES = 1 << 30
-# Below this many constrained rows a step fills their masks on one thread: xgrammar's thread
-# pool costs ~0.1 ms a call, a row ~20 us with a 128k vocabulary (measured on 2 cores).
-MIN_ROWS_FOR_THREADS = 64
-# Accepting a token costs ~5 us a row (JSON, measured on 2 cores): shards of fewer rows than
-# this are not worth a thread's wake-up.
-ROWS_PER_ACCEPT_SHARD = 32
-# At most this many fill (and compile) threads; the default is every core this process may
-# use. Whether a step's fill uses them is measured as it runs (FillMode): on one H200 host
-# (16 cores, 2026-12-03) the pool filled 256 json_long rows in 5.6 ms where one thread took
-# 42 ms (~160 us a row), but 256 json_extraction rows in 1.2 ms where one thread took 0.5 ms.
+# Accepting a token costs ~3 us a row (JSON, one H200 host core): a chunk of fewer rows
+# than this is not worth a thread's wake-up (grammar_threads.ChunkRunner).
+ROWS_PER_ACCEPT_CHUNK = 32
+# A fill chunk holds about this much of xgrammar's work (by the latest cost per row), at
+# least MIN_FILL_CHUNK_ROWS rows: a row costs ~2-7 us in most JSON states and ~160 us in the
+# costly ones (json_long's length-bounded strings, one H200 host core), a helper thread's
+# wake-up some tens of us.
+FILL_CHUNK_S = 100e-6
+MIN_FILL_CHUNK_ROWS = 8
+# At most this many fill, accept (and compile) threads; the default is every core this
+# process may use.
 MAX_FILL_THREADS = 32
-# Every this many filled steps, FillMode times both ways again: PROBE_ROWS rows on this
-# thread, the others on the pool.
-FILL_PROBE_EVERY = 16
-FILL_PROBE_ROWS = 16
 # Whitespace in JSON output, at most about this many characters in a row (vLLM: unbounded).
 # Enough for pretty-printing seven levels deep; without a cap a model can spend all of
 # max_tokens on whitespace and leave the row unparseable. Enforced by the mask stage, not the
@@ -126,67 +124,34 @@ class GrammarMask:
     """One step's next-token bitmask. ``rows``: the batch rows it constrains, a device tensor,
     or None when it constrains every row of the batch; ``bitmask``: [constrained rows,
     ceil(mask_vocab / 32)] int32 on the device, bit j of word w allows token 32w + j;
-    ``bits``: [32] int32, the value of bit j; ``mask_vocab``: the tokens the bitmask covers
-    (logits past it are never allowed in a constrained row); ``owner``: the
-    StructuredOutputs whose ``apply_s`` counts the host time of ``apply``."""
+    ``mask_vocab``: the tokens the bitmask covers (logits past it are never allowed in a
+    constrained row); ``owner``: the StructuredOutputs whose ``apply_s`` counts the host time
+    of ``apply``."""
 
     rows: torch.Tensor | None
     bitmask: torch.Tensor
-    bits: torch.Tensor
     mask_vocab: int
     owner: StructuredOutputs | None = None
 
     def apply(self, logits: torch.Tensor) -> None:
         """Disallowed tokens of the constrained rows get -inf. logits: [rows, vocab] float,
-        in place; the other rows are not touched."""
+        in place; the other rows are not touched. One Triton launch on a GPU
+        (kernels/grammar_mask.py), its torch reference elsewhere."""
         t0 = time.perf_counter()
-        vocab = logits.shape[1]
-        width = min(vocab, self.mask_vocab)
-        target = logits if self.rows is None else logits[self.rows]
-        disallowed = ((self.bitmask[:, :, None] & self.bits) == 0).flatten(1)[:, :width]
-        target[:, :width].masked_fill_(disallowed, float("-inf"))
-        if width < vocab:   # tokens the tokenizer does not have
-            target[:, width:] = float("-inf")
-        if self.rows is not None:
-            logits[self.rows] = target
+        if _mask_in_one_launch(logits):
+            from hpcinfer.kernels.grammar_mask import apply_grammar_mask_
+            apply_grammar_mask_(logits, self.rows, self.bitmask, self.mask_vocab)
+        else:
+            from hpcinfer.kernels.grammar_mask import apply_grammar_mask_reference
+            apply_grammar_mask_reference(logits, self.rows, self.bitmask, self.mask_vocab)
         if self.owner is not None:
             self.owner.apply_s += time.perf_counter() - t0
 
 
-class FillMode:
-    """Whether a step fills its masks on the step loop's thread or on xgrammar's thread pool:
-    the faster per row lately. A row's fill costs ~2 us in some grammar states and ~160 us in
-    others (one H200 host core), and the pool pays only for the costly ones, so the engine
-    measures instead of guessing: the first filled step and every FILL_PROBE_EVERY-th after
-    it (``probing``) fill FILL_PROBE_ROWS rows on the thread and the rest on the pool; the
-    others go the faster way (``alone``: on the thread), and update that way's per-row time
-    (an exponential average); a probe's times replace both."""
-
-    def __init__(self):
-        self.steps = 0
-        self.here_s: float | None = None   # seconds a row, on the step loop's thread
-        self.pool_s: float | None = None   # seconds a row (wall), on the pool
-
-    def probing(self) -> bool:
-        return self.steps % FILL_PROBE_EVERY == 0
-
-    def alone(self) -> bool:
-        return self.here_s is not None and self.pool_s is not None and self.here_s < self.pool_s
-
-    def record(self, here_rows: int, here_s: float, pool_rows: int, pool_s: float) -> None:
-        """A fill's times: ``here_rows`` rows in ``here_s`` on the thread, ``pool_rows`` in
-        ``pool_s`` on the pool. A probe's times replace both (the way not taken since may
-        have changed); a plain step's update its way's average."""
-        probe = self.probing()
-        self.steps += 1
-        if here_rows:
-            self.here_s = _average(None if probe else self.here_s, here_s / here_rows)
-        if pool_rows:
-            self.pool_s = _average(None if probe else self.pool_s, pool_s / pool_rows)
-
-
-def _average(old: float | None, new: float) -> float:
-    return new if old is None else 0.8 * old + 0.2 * new
+def _mask_in_one_launch(logits: torch.Tensor) -> bool:
+    # The Triton kernel on a GPU, the torch ops elsewhere (tests force the kernel under the
+    # interpreter through this function).
+    return logits.is_cuda
 
 
 class StructuredOutputs:
@@ -207,11 +172,14 @@ class StructuredOutputs:
         info = xgr.TokenizerInfo.from_huggingface(
             tokenizer, vocab_size=self.mask_vocab, stop_token_ids=stops or None)
         self.compiler = xgr.GrammarCompiler(info, max_threads=max_threads, cache_enabled=False)
-        self._fill_mode = FillMode()
-        # Accepts in one xgrammar call on this thread: shards on threads (accept_threads > 1)
-        # were no faster for json_long and 5x slower for json_extraction on the H200 host.
-        self.accept_threads = 1
-        self._batch = xgr.BatchGrammarMatcher(max_threads)
+        # A step's fills and accepts: in chunks of rows, one xgrammar call each, the first on
+        # the step loop's thread and the others on helpers meanwhile (grammar_threads.py).
+        self._threads = ChunkRunner(max_threads, "hpcinfer-grammar")
+        # one single-threaded batch filler per chunk (xgrammar's loop over a chunk's rows in
+        # one call; its own thread pool was slower than one thread for cheap rows)
+        self._fillers = [xgr.BatchGrammarMatcher(1) for _ in range(max_threads)]
+        self._accept_call = batch_accept_call(xgr)
+        self.fill_row_s = 5e-6   # xgrammar's latest fill time per row (an average)
         self._num_words = (info.vocab_size + 31) // 32
         self._decoded_vocab = info.decoded_vocab
         self._whitespace: WhitespaceCap | None = None   # built at the first capped row
@@ -223,9 +191,6 @@ class StructuredOutputs:
         self._copied = torch.cuda.Event() if device.type == "cuda" else None
         self._compiled: OrderedDict[tuple, object] = OrderedDict()   # key -> grammar | error
         self._cached_bytes = 0
-        # bit j of each int32 word, for unpacking the mask on the device
-        self._bits = torch.tensor([1 << j for j in range(31)] + [-(1 << 31)],
-                                  dtype=torch.int32, device=device)
         self.num_masks = 0      # steps that filled a mask
         self.num_mask_rows = 0  # constrained rows of all the masks
         self.num_prefilled_rows = 0   # ... of which prefetch had filled the mask
@@ -251,7 +216,6 @@ class StructuredOutputs:
         self._worker: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
         self._accepts_ready = threading.Event()   # the job's accepts are done
-        self._pool: ThreadPoolExecutor | None = None   # accepts, a shard of rows each
         self._stop_ids = frozenset(info.stop_token_ids)   # a matcher ends on accepting one
         self._accepted: dict[int, tuple] = {}
         self._staged: dict[int, tuple] = {}
@@ -430,7 +394,7 @@ class StructuredOutputs:
             device_rows.copy_(host_rows[:num], non_blocking=True)
         if self._copied is not None:
             self._copied.record()
-        mask = GrammarMask(device_rows, bitmask, self._bits, self.mask_vocab, self)
+        mask = GrammarMask(device_rows, bitmask, self.mask_vocab, self)
         t3 = time.perf_counter()
         self.fill_s += t2 - t1
         self.mask_s += t3 - t0
@@ -452,25 +416,20 @@ class StructuredOutputs:
         words[index[keep]] = narrowed[keep]
 
     def _fill_rows(self, host: torch.Tensor, matchers: list, indices: list[int]) -> None:
-        """xgrammar fills ``host[indices[k]]`` from ``matchers[k]``: few rows on this thread;
-        many on this thread or through its thread pool, whichever FillMode found faster."""
-        if len(matchers) < MIN_ROWS_FOR_THREADS or self.max_threads == 1:
-            self._fill_here(host, matchers, indices)
-            return
-        mode = self._fill_mode
-        here = FILL_PROBE_ROWS if mode.probing() else len(matchers) if mode.alone() else 0
-        t0 = time.perf_counter()
-        self._fill_here(host, matchers[:here], indices[:here])
-        t1 = time.perf_counter()
-        if here < len(matchers):
-            self._batch.batch_fill_next_token_bitmask(matchers[here:], host, indices[here:])
-        t2 = time.perf_counter()
-        mode.record(here, t1 - t0, len(matchers) - here, t2 - t1)
+        """xgrammar fills ``host[indices[k]]`` from ``matchers[k]``: in chunks of about
+        FILL_CHUNK_S of work each at the latest cost per row, run at once."""
+        per_chunk = max(MIN_FILL_CHUNK_ROWS, int(FILL_CHUNK_S / self.fill_row_s))
+        n = self._threads.chunks(len(matchers), per_chunk)
 
-    @staticmethod
-    def _fill_here(host: torch.Tensor, matchers: list, indices: list[int]) -> None:
-        for matcher, index in zip(matchers, indices):
-            matcher.fill_next_token_bitmask(host, index)
+        def fill_chunk(j: int) -> float:
+            t0 = time.perf_counter()
+            self._fillers[j].batch_fill_next_token_bitmask(deal(matchers, n, j), host,
+                                                           deal(indices, n, j))
+            return time.perf_counter() - t0
+
+        first = self._threads.map(fill_chunk, n)[0]   # chunk 0: this thread's, timed alone
+        per_row = first / len(range(0, len(matchers), n))
+        self.fill_row_s = 0.8 * self.fill_row_s + 0.2 * max(per_row, 1e-7)
 
     @staticmethod
     def _place_staged(prefetched: torch.Tensor, host: torch.Tensor, sources: list[int]) -> None:
@@ -526,18 +485,10 @@ class StructuredOutputs:
         one that has ended refuses every token and stays as it is."""
         t0 = time.perf_counter()
         matchers = [s.grammar for s in rows]
-        num_shards = min(self.accept_threads, len(rows) // ROWS_PER_ACCEPT_SHARD)
-        if num_shards > 1:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.accept_threads,
-                                                thread_name_prefix="hpcinfer-accept")
-            step = -(-len(rows) // num_shards)
-            parts = self._pool.map(
-                lambda i: self._xgr.BatchGrammarMatcher.batch_accept_token(
-                    matchers[i:i + step], tokens[i:i + step]), range(0, len(rows), step))
-            accepted = [ok for part in parts for ok in part]
-        else:
-            accepted = self._xgr.BatchGrammarMatcher.batch_accept_token(matchers, tokens)
+        n = self._threads.chunks(len(rows), ROWS_PER_ACCEPT_CHUNK)
+        parts = self._threads.map(
+            lambda j: self._accept_call(deal(matchers, n, j), deal(tokens, n, j)), n)
+        accepted = parts[0] if n == 1 else undeal(parts, len(rows))
         stops, found, cap = self._stop_ids, self._accepted, self._whitespace
         results = []
         for seq, token_id, ok, length in zip(rows, tokens, accepted, lengths):

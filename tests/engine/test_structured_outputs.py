@@ -174,8 +174,14 @@ def test_whitespace_runs_are_capped_by_the_mask(llm, prompts, monkeypatch, cap):
         assert max(runs) > 4 - 1 + longest_token, runs
 
 
-@pytest.mark.parametrize("async_scheduling", [False, True])
-def test_free_rows_unchanged_by_constrained_neighbours(checkpoint, prompts, async_scheduling):
+@pytest.mark.parametrize("async_scheduling,mask_kernel",
+                         [(False, False), (True, False), (True, True)])
+def test_free_rows_unchanged_by_constrained_neighbours(checkpoint, prompts, async_scheduling,
+                                                        mask_kernel, monkeypatch):
+    # mask_kernel: the bitmask applied by kernels/grammar_mask.py as on a GPU (here under the
+    # interpreter) instead of its torch reference
+    from hpcinfer.engine import structured
+    monkeypatch.setattr(structured, "_mask_in_one_launch", lambda logits: mask_kernel)
     llm = LLM(checkpoint(FAMILY), max_model_len=512, async_scheduling=async_scheduling)
     free = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
             SamplingParams(temperature=0.9, seed=7, max_tokens=24, ignore_eos=True)]
@@ -324,16 +330,22 @@ def test_cache_is_bounded_by_bytes(llm, monkeypatch):
 
 
 def test_threaded_and_single_thread_fills_agree(llm, prompts, monkeypatch):
-    """Few rows fill their masks on one thread, many through xgrammar's thread pool: the same
-    masks, so the same tokens."""
+    """Few rows fill their masks and accept on one thread, many in chunks on several
+    (engine/grammar_threads.py): the same masks, so the same tokens."""
     from hpcinfer.engine import structured
     so = _constraints()["json"][0]
     params = [SamplingParams(temperature=1.0, seed=s, max_tokens=300, structured_outputs=so)
               for s in range(len(prompts))]
     single = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    monkeypatch.setattr(structured, "MIN_ROWS_FOR_THREADS", 1)
+    stage = llm.llm_engine.structured
+    monkeypatch.setattr(structured, "MIN_FILL_CHUNK_ROWS", 1)
+    monkeypatch.setattr(structured, "FILL_CHUNK_S", 1e-9)      # a chunk per thread
+    monkeypatch.setattr(structured, "ROWS_PER_ACCEPT_CHUNK", 1)
+    monkeypatch.setattr(stage._threads, "max_threads", 3)
+    monkeypatch.setattr(stage, "_fillers", [stage._fillers[0].__class__(1) for _ in range(3)])
     threaded = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert threaded == single
+    assert stage._threads._pool is not None   # the helpers ran
 
 
 def test_mask_vocabulary_is_the_tokenizers_with_its_stop_ids():

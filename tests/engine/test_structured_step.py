@@ -71,11 +71,10 @@ def _walk_tokens(seqs, stage, rng) -> list[int]:
 
 
 def test_batch_accept_equals_one_matcher_at_a_time(stage, monkeypatch):
-    """(accepted, ended) of the batched (and sharded) accepts equal accept_token and
-    is_terminated called per matcher, through ended grammars and refused tokens."""
+    """(accepted, ended) of the batched accepts, in chunks on two threads, equal accept_token
+    and is_terminated called per matcher, through ended grammars and refused tokens."""
     from hpcinfer.engine import structured
-    monkeypatch.setattr(structured, "ROWS_PER_ACCEPT_SHARD", 2)   # shards of a few rows
-    monkeypatch.setattr(stage, "accept_threads", 2)
+    monkeypatch.setattr(structured, "ROWS_PER_ACCEPT_CHUNK", 2)   # chunks of a few rows
     rng = random.Random(0)
     batched, single = _rows(stage, 9), _rows(stage, 9)
     num_ended = num_refused = 0
@@ -90,7 +89,7 @@ def test_batch_accept_equals_one_matcher_at_a_time(stage, monkeypatch):
         assert [s.grammar.is_terminated() for s in batched] == [w[1] for w in want]
         num_ended += sum(ended for _, ended in want)
         num_refused += sum(not ok for ok, _ in want)
-    assert num_ended and num_refused and stage._pool is not None
+    assert num_ended and num_refused and stage._threads._pool is not None
 
 
 def test_finish_reasons_through_accept_tokens(stage, caplog):
@@ -218,59 +217,47 @@ def test_a_background_error_is_raised_in_the_step_loop(stage):
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
-def test_sharded_accepts_and_prefetch_give_the_same_outputs(checkpoint, monkeypatch,
-                                                            async_scheduling):
-    """Many constrained rows with several accept shards (and, async, the background job)
-    give the outputs of one row at a time on the step loop."""
+def test_chunked_calls_and_prefetch_give_the_same_outputs(checkpoint, monkeypatch,
+                                                         async_scheduling):
+    """Many constrained rows with their accepts and fills in chunks on three threads (and,
+    async, the background job) give the outputs of one thread on the step loop."""
     from hpcinfer.engine import structured
     prompts = [f"Row {i} says" for i in range(12)]
     params = [SamplingParams(temperature=1.0, seed=i, max_tokens=120,
                              structured_outputs=CONSTRAINTS[i % len(CONSTRAINTS)])
               for i in range(12)]
     llm = LLM(checkpoint("llama"), max_model_len=512, async_scheduling=async_scheduling)
-    monkeypatch.setattr(structured, "ROWS_PER_ACCEPT_SHARD", 10 ** 6)
+    monkeypatch.setattr(structured, "ROWS_PER_ACCEPT_CHUNK", 10 ** 6)
+    monkeypatch.setattr(structured, "MIN_FILL_CHUNK_ROWS", 10 ** 6)
     monkeypatch.setattr(StructuredOutputs, "prefetch", lambda self, flight: None)
     plain = [(o.outputs[0].token_ids, o.outputs[0].finish_reason)
              for o in llm.generate(prompts, params, use_tqdm=False)]
-    monkeypatch.undo()
-    monkeypatch.setattr(structured, "ROWS_PER_ACCEPT_SHARD", 2)
     stage = llm.llm_engine.structured
-    monkeypatch.setattr(stage, "accept_threads", 4)
+    assert stage._threads._pool is None   # one thread so far
+    monkeypatch.undo()
+    monkeypatch.setattr(structured, "ROWS_PER_ACCEPT_CHUNK", 2)
+    monkeypatch.setattr(structured, "MIN_FILL_CHUNK_ROWS", 2)
+    monkeypatch.setattr(structured, "FILL_CHUNK_S", 1e-9)
+    monkeypatch.setattr(stage._threads, "max_threads", 3)
+    monkeypatch.setattr(stage, "_fillers", [stage._fillers[0].__class__(1) for _ in range(3)])
     monkeypatch.setattr(stage, "uses_prefetch", True)   # (off by default)
     fast = [(o.outputs[0].token_ids, o.outputs[0].finish_reason)
             for o in llm.generate(prompts, params, use_tqdm=False)]
     assert fast == plain
     assert all(reason == "stop" for _, reason in plain)
-    assert stage._pool is not None
+    assert stage._threads._pool is not None
     assert (stage.num_prefilled_rows > 0) == async_scheduling
 
 
-def test_fill_mode_goes_the_faster_way():
-    """Probe steps time both ways; the others take the faster per row and keep timing it."""
-    from hpcinfer.engine.structured import FILL_PROBE_EVERY, FillMode
-    mode = FillMode()
-    assert mode.probing() and not mode.alone()      # nothing measured: probe
-    mode.record(16, 16 * 160e-6, 240, 240 * 22e-6)   # costly rows: the pool wins
-    assert not mode.probing() and not mode.alone()
-    for _ in range(FILL_PROBE_EVERY - 1):
-        mode.record(0, 0.0, 256, 256 * 22e-6)
-    assert mode.probing()
-    mode.record(16, 16 * 2e-6, 240, 240 * 5e-6)      # cheap rows now: this thread wins
-    assert mode.alone() and not mode.probing()
-    mode.record(256, 256 * 2e-6, 0, 0.0)
-    assert mode.alone()
-
-
-def test_fills_split_between_thread_and_pool_equal_one_matcher_at_a_time(stage):
-    """80 rows (the pool's minimum is 64): probe steps fill 16 rows on the thread and the rest
-    on the pool, the others one way; every mask row equals the matcher's own fill."""
+def test_chunked_fills_equal_one_matcher_at_a_time(stage, monkeypatch):
+    """80 rows filled in chunks on two threads, dealt round-robin, the chunk size following
+    the measured cost per row: every mask row equals the matcher's own fill."""
+    from hpcinfer.engine import structured
+    monkeypatch.setattr(structured, "MIN_FILL_CHUNK_ROWS", 4)
     rng = random.Random(3)
     seqs = _rows(stage, 80, max_tokens=10 ** 6)
-    ways = set()
     for step in range(20):
         live = [s for s in seqs if not s.grammar.is_terminated()]
-        mode = stage._fill_mode
-        ways.add("probe" if mode.probing() else "alone" if mode.alone() else "pool")
         mask = stage.fill(live)
         for k, seq in enumerate(live):
             want = torch.zeros((1, stage._num_words), dtype=torch.int32)
@@ -278,4 +265,17 @@ def test_fills_split_between_thread_and_pool_equal_one_matcher_at_a_time(stage):
             assert torch.equal(mask.bitmask[k], want[0]), (step, k)
         for seq in live:
             seq.grammar.accept_token(rng.choice(_allowed(seq.grammar, stage._num_words)))
-    assert "probe" in ways and len(ways) >= 2
+    assert stage._threads._pool is not None and 0 < stage.fill_row_s < 1e-2
+
+
+def test_deal_and_undeal_are_inverse():
+    from hpcinfer.engine.grammar_threads import ChunkRunner, deal, undeal
+    items = list(range(11))
+    for n in (1, 2, 3, 11):
+        parts = [deal(items, n, j) for j in range(n)]
+        assert sorted(x for p in parts for x in p) == items
+        assert undeal(parts, len(items)) == items
+    runner = ChunkRunner(4, "test")
+    assert runner.chunks(100, 32) == 3 and runner.chunks(5, 32) == 1
+    assert runner.chunks(999, 1) == 4
+    assert runner.map(lambda j: j * j, 3) == [0, 1, 4]

@@ -405,3 +405,48 @@ def test_host_to_device_copies_do_not_wait_for_the_gpu():
     on_gpu = torch.arange(3, device="cuda")   # already on the device: nothing to pin
     assert to_device(on_gpu, "cuda").tolist() == [0, 1, 2]
     assert copy_to(buffer[:3], on_gpu).tolist() == [0, 1, 2]
+
+
+def test_structured_outputs_on_the_gpu_valid_and_free_rows_unchanged():
+    """Structured outputs with Triton, CUDA graphs and async scheduling (the mask applied by
+    kernels/grammar_mask.py): a tiny random fp32 model, JSON-schema, choice and regex rows
+    beside free rows. Every constrained row ends with "stop" and holds to its constraint, with
+    the chunked fills and accepts on several threads; the free rows' tokens are those of a run
+    without the constrained rows."""
+    import json
+    import re
+
+    from hpcinfer import LLM, SamplingParams
+    from hpcinfer.sampling_params import StructuredOutputsParams
+    from hpcinfer.testing.tiny import tiny_checkpoint
+    llm = LLM(str(tiny_checkpoint("llama")), device="cuda", dtype="float32", max_model_len=512,
+              max_num_seqs=64)
+    schema = {"type": "object", "properties": {
+        "label": {"enum": ["positive", "negative"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 4},
+                 "minItems": 1, "maxItems": 3}},
+        "required": ["label", "tags"], "additionalProperties": False}
+    kinds = [StructuredOutputsParams(json=schema, disable_any_whitespace=True),
+             StructuredOutputsParams(choice=["yes", "no", "maybe so"]),
+             StructuredOutputsParams(regex=r"[a-c]{2,4}-[0-9]")]
+    prompts = [f"Row {i}: say something" for i in range(48)]
+    free = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    alone = llm.generate(prompts[:16], [free] * 16, use_tqdm=False)
+    params = [free if i < 16 else SamplingParams(temperature=0.8, seed=i, max_tokens=200,
+                                                 structured_outputs=kinds[i % 3])
+              for i in range(48)]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    for i, out in enumerate(outs[:16]):
+        assert out.outputs[0].token_ids == alone[i].outputs[0].token_ids, i
+    for i, out in enumerate(outs[16:], start=16):
+        text, kind = out.outputs[0].text, i % 3
+        assert out.outputs[0].finish_reason == "stop", (i, text)
+        if kind == 0:
+            value = json.loads(text)
+            assert value["label"] in ("positive", "negative") and 1 <= len(value["tags"]) <= 3
+        elif kind == 1:
+            assert text in ("yes", "no", "maybe so")
+        else:
+            assert re.fullmatch(r"[a-c]{2,4}-[0-9]", text), text
+    assert llm.llm_engine.runner.graphs is not None
+    assert llm.llm_engine.structured.apply_s > 0

@@ -324,6 +324,26 @@ def test_triton_backend_mixed_step_per_layer_specs_bf16():
             assert rel_err(got, expected) < MAX_REL_ERR[torch.bfloat16]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_rows", [True, False])
+def test_grammar_mask_kernel_at_llama3_vocab_against_the_reference(dtype, with_rows):
+    """kernels/grammar_mask.py at workload A's structured step (a 49,152-token tokenizer's
+    bitmask over 128,256 logits; 200 of 256 rows constrained, out of order, or all 256)
+    against its torch reference: bit for bit."""
+    from hpcinfer.kernels.grammar_mask import apply_grammar_mask_, apply_grammar_mask_reference
+    g = torch.Generator(device="cuda").manual_seed(0)
+    vocab, mask_vocab = 128_256, 49_152
+    logits = torch.randn(256, vocab, device="cuda", generator=g).to(dtype)
+    rows = torch.randperm(256, device="cuda", generator=g)[:200] if with_rows else None
+    bitmask = torch.randint(-(1 << 31), (1 << 31) - 1, (200 if with_rows else 256,
+                            mask_vocab // 32), device="cuda", generator=g,
+                            dtype=torch.int64).to(torch.int32)
+    want, got = logits.clone(), logits.clone()
+    apply_grammar_mask_reference(want, rows, bitmask, mask_vocab)
+    apply_grammar_mask_(got, rows, bitmask, mask_vocab)
+    assert torch.equal(got, want)
+
+
 def test_penalties_kernel_at_llama3_vocab_against_the_torch_penalties():
     """kernels/penalties.py at 256 penalised rows of a 128,256 vocabulary (workload A's
     sampled step), rows and state rows out of order, against the sampler's torch ops."""

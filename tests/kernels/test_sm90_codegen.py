@@ -2,7 +2,8 @@
 the Triton this project installs (the GPU machine's may differ):
 
 * every kernel added without a GPU to run it on compiles for sm_90, without register spills
-  (the interpreter accepts programs the GPU compiler refuses);
+  (the interpreter accepts programs the GPU compiler refuses): the MoE ones, the prefill
+  tiles, structured outputs' bitmask;
 * the fused MoE GEMMs run on the tensor cores' async path (wgmma, cp.async) at 64-row blocks;
 * the decode kernel over an e4m3 KV cache. An fp8 cache halves the bytes decode attention
   reads, but on 2026-12-03 it ran no faster on an H200: compiled here, its loop had twice the
@@ -88,6 +89,12 @@ for pack, kv in ((True, "bf16"), (False, "fp8e4nv")):
         pa._prefill_attention_kernel, ptrs,
         dict(prefill, PACK_GQA=pack, FP16_DOTS=kv != "bf16"),
         floats=("qk_scale", "softcap_log2")))
+from hpcinfer.kernels import grammar_mask as gm
+for has_rows in (True, False):
+    result[f"grammar_mask_rows{int(has_rows)}"] = stats(compile_sm90(
+        gm._grammar_mask_kernel, {"logits_ptr": "*fp32", "rows_ptr": "*i64",
+                                  "bitmask_ptr": "*i32"},
+        dict(HAS_ROWS=has_rows, BLOCK=gm.BLOCK)))
 '''
 
 
@@ -101,7 +108,7 @@ def compiled():
 
 def test_kernels_compile_for_sm90_without_spills(compiled):
     names = [n for n in compiled if not n.startswith("decode")]
-    assert len(names) == 16, names
+    assert len(names) == 18, names
     spilled = [n for n in names if compiled[n]["spills"]]
     assert not spilled, f"register spills in {spilled}"
 
