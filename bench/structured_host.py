@@ -2,19 +2,18 @@
 cost the step loop's thread per step.
 
 Reproduces the host work of bench/structured_outputs.py's json_long run (workload A, every
-row constrained by its LONG_SCHEMA, async scheduling) on the CPU: SmolLM2's tokenizer
+row constrained by its LONG_SCHEMA, async scheduling; ``--schema extraction``: its
+json_extraction objects, in an array so that rows never end) on the CPU: SmolLM2's tokenizer
 (--tokenizer, e.g. .whl/tok) over workload A's 128,256 logits, 256 rows, the engine's own
 StructuredOutputs, TokenAppender and detokenizers, called in the order of
 LLMEngine._step_async for a batch with constrained rows:
 
-  step t launched                 InFlight + placeholders; StructuredOutputs.prefetch starts
-                                  the background job (accept step t's tokens, fill t+1's
-                                  masks), unless --no-prefetch
+  step t launched                 InFlight + placeholders
   launch step t+1's forward       stand-in: --other-ms of pure-Python work (the engine's
                                   schedule + prepare + launch: 1.6 ms a step on the H200
-                                  host, bench/results/structured-outputs-run2-*). It holds
-                                  the GIL throughout, the worst case for the background job
-                                  (the engine's own work releases it in its torch calls)
+                                  host, bench/results/structured-outputs-run2-*), releasing
+                                  the GIL every --release-every-us in a small torch op as
+                                  the engine's torch calls do (0: never)
   read step t's tokens, append    StructuredOutputs.accept_tokens, then TokenAppender.append
                                   per row (detokenize, stop checks), as LLMEngine._postprocess
   fill step t+1's mask            StructuredOutputs.fill
@@ -25,8 +24,7 @@ LLMEngine._step_async for a batch with constrained rows:
 stand-in (``step``: the median over the timed steps, ``step_p10`` its 10th percentile,
 ``cpu_step`` the process's CPU time, all threads), the same for the rows unconstrained
 (``free_step``), their difference (``structured``), and the stage's counters per step
-(``fill``, ``accept``: xgrammar's time wherever it ran; ``wait``: the step loop waiting for
-the background job). Written as one row to --out/structured-host-cpu-<date>.json; as a
+(``fill``: xgrammar's fills, ``accept``: the accepts). Written as one row to --out/structured-host-cpu-<date>.json; as a
 host-only harness has no GPU step, ``output_tok_s`` is the rows x steps/s that the host time
 alone would allow (rows * 1000 / host_ms_per_step["step"]), ``host_steps_per_s`` says the
 same per step, and ``total_tok_s`` equals ``output_tok_s`` (no prompt is processed).
@@ -126,20 +124,16 @@ def run_steps(tokenizer, structured, grammar, args) -> dict:
     tokens = picker.pick(mask.bitmask if mask is not None else free_mask, args.rows)
     before = _stage_counters(structured)
     step_s, cpu_s = [], []
-    prefetch = hasattr(structured, "prefetch")   # (the harness also runs older engines)
-    structured.uses_prefetch = not args.no_prefetch
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
             before, step_s, cpu_s = _stage_counters(structured), [], []
         t0, c0 = time.perf_counter(), time.process_time()
-        # LLMEngine._step_async: the step is launched, its rows get placeholders, then the
-        # structured stage starts on the launched tokens (prefetch)
+        # LLMEngine._step_async: the step is launched, its rows get placeholders
         flight = InFlight.launch(seqs, torch.tensor(tokens), None)
         for seq in seqs:
             seq.add_placeholder()
-        if grammar is not None and prefetch:
-            structured.prefetch(flight)
-        busy_python(args.other_ms, args.release_every_us)   # the next call: schedule, prepare, launch the forward
+        # the next call: schedule, prepare, launch the forward
+        busy_python(args.other_ms, args.release_every_us)
         for seq in seqs:             # _resolve_inflight
             seq.drop_placeholder()
         tokens = flight.token_list()
@@ -161,7 +155,7 @@ def run_steps(tokenizer, structured, grammar, args) -> dict:
 
 
 def _stage_counters(structured) -> dict:
-    names = ("fill_s", "accept_s", "wait_s")
+    names = ("fill_s", "accept_s")
     return {name.removesuffix("_s"): getattr(structured, name, 0.0) for name in names}
 
 
@@ -182,8 +176,6 @@ def main() -> None:
     parser.add_argument("--schema", choices=sorted(SCHEMAS), default="long")
     parser.add_argument("--threads", type=int, default=None,
                         help="fill threads (default: the engine's, every core of the process)")
-    parser.add_argument("--no-prefetch", action="store_true",
-                        help="leave out StructuredOutputs.prefetch (fill after the read-back)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--label", default="", help="a note for the result row")
     args = parser.parse_args()
@@ -206,7 +198,7 @@ def main() -> None:
                  "free_step": round(free["median"], 3), "free_step_p10": round(free["p10"], 3),
                  "structured": round(host_ms - free["median"], 3),
                  "cpu_step": round(constrained["cpu"], 3), "free_cpu_step": round(free["cpu"], 3),
-                 **{k: round(constrained[k], 3) for k in ("fill", "accept", "wait")},
+                 **{k: round(constrained[k], 3) for k in ("fill", "accept")},
                  "other_engine_work": args.other_ms}
     print(f"{args.rows} rows, {structured.max_threads} fill threads, {os.cpu_count()} cores: "
           f"host ms/step {json.dumps(breakdown)}", flush=True)
@@ -219,7 +211,7 @@ def main() -> None:
            "date": time.strftime("%Y-%m-%d"), "rows": args.rows, "steps": args.steps,
            "fill_threads": structured.max_threads, "mask_vocab": structured.mask_vocab,
            "logits_vocab": LOGITS_VOCAB, "host_ms_per_step": breakdown,
-           "prefetch": not args.no_prefetch, "release_every_us": args.release_every_us,
+           "release_every_us": args.release_every_us,
            "structured_ms_per_step": breakdown["structured"],
            # other processes share small VMs: a load above the core count inflates every
            # time here, so compare runs made one after the other, not across sessions

@@ -14,27 +14,19 @@ one has no "{"): --tokenizer names a directory with tokenizer.json + tokenizer_c
 never allowed). Each schema is compiled in a short warm-up (its time is the row's compile_s),
 as a job whose rows share a schema compiles it once.
 
-json_long runs twice: as the engine runs by default (the step loop accepts and fills after
-reading the tokens back) and with the structured stage's background job on
-(json_long_prefetch: the launched step's tokens are accepted and the next masks filled on a
-thread while the step loop goes on; off by default since it did not pay on the H200 hosts of
-2026-12-03, docs/structured-outputs.md), so one GPU session compares the two.
-
-Its rows end after ~80 tokens, which lowers output tok/s for reasons other than the masks
+json_extraction's rows end after ~80 tokens, which lowers output tok/s for reasons other than the masks
 (prefill is a larger share, the batch thins out as rows end), so a last run,
 free_same_lengths_as_json_extraction, gives the same prompts unconstrained, each row as many
 tokens as its json_extraction row; json_extraction's vs_free_same_lengths is the ratio to it.
 
-Writes one row per run (free, json_long, json_long_prefetch, json_extraction,
-json_extraction_prefetch, free_same_lengths_as_json_extraction) with the
-common result keys (engine, workload, tp, output_tok_s, total_tok_s, device, date) to
---out/structured-outputs-<device>-<date>.json, and prints a host-time breakdown per step:
-fill (xgrammar filling the bitmasks) and accept (the matchers taking the sampled tokens),
-wherever they ran; the step loop's own share: mask (fill() after waiting), accept_loop,
-apply (launching the mask on the logits), wait (for the background job), their sum loop;
-other (the rest of the step's wall time: the engine's own host work and waiting for the
-GPU); prefilled_rows (the share of mask rows the background job filled); plus the engine's
-step-loop timers. bench/structured_host.py measures the same host work without a GPU.
+Writes one row per run (free, json_long, json_extraction,
+free_same_lengths_as_json_extraction) with the common result keys (engine, workload, tp,
+output_tok_s, total_tok_s, device, date) to --out/structured-outputs-<device>-<date>.json, and
+prints a host-time breakdown per step: mask (fill(), all of it), fill (xgrammar filling the
+bitmasks, in it), accept (the matchers taking the sampled tokens), apply (launching the mask
+on the logits), their sum loop (mask + accept + apply); other (the rest of the step's wall
+time: the engine's own host work and waiting for the GPU); plus the engine's step-loop
+timers. bench/structured_host.py measures the same host work without a GPU.
 
     python bench/structured_outputs.py --tokenizer DIR [--out DIR]
     python bench/structured_outputs.py --tokenizer DIR --device cpu --shape tiny \
@@ -84,11 +76,10 @@ def timed(llm, prompts, params, sync) -> tuple[list, float]:
 
 
 ENGINE_TIMERS = ("schedule_s", "prepare_s", "model_s", "sample_s", "postprocess_s")
-# engine/structured.py's counters: fill and accept count xgrammar's time wherever it ran (the
-# step loop or the background job of prefetch); the step loop's own share is mask (fill()
-# after its wait), accept_loop, apply and wait (for the background job)
-STAGE_TIMERS = ("fill_s", "accept_s", "apply_s", "wait_s", "mask_s", "accept_loop_s")
-STAGE_COUNTS = ("num_mask_rows", "num_prefilled_rows")
+# engine/structured.py's counters, all on the step loop: mask (fill(), all of it), fill
+# (xgrammar's fills in it), accept, apply
+STAGE_TIMERS = ("fill_s", "accept_s", "apply_s", "mask_s")
+STAGE_COUNTS = ("num_mask_rows",)
 
 
 def _counters(engine) -> dict:
@@ -125,7 +116,8 @@ def watch_overlap(stage) -> dict:
     return counts
 
 
-def run(ckpt: Path, num_prompts: int, max_tokens: int, device: str) -> list[dict]:
+def run(ckpt: Path, num_prompts: int, max_tokens: int, device: str,
+        extra_pairs: int = 2) -> list[dict]:
     import numpy as np
     import torch
     from hpcinfer import LLM
@@ -143,11 +135,7 @@ def run(ckpt: Path, num_prompts: int, max_tokens: int, device: str) -> list[dict
     free = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     runs = (("free", None),
             ("json_long", StructuredOutputsParams(json=LONG_SCHEMA)),
-            ("json_long_prefetch", StructuredOutputsParams(json=LONG_SCHEMA)),
-            ("json_extraction", StructuredOutputsParams(json=EXTRACTION_SCHEMA)),
-            # the background thread where xgrammar's fills are cheap (~5 us a row): the
-            # case it was built for, not yet measured (run 8 had json_long only)
-            ("json_extraction_prefetch", StructuredOutputsParams(json=EXTRACTION_SCHEMA)))
+            ("json_extraction", StructuredOutputsParams(json=EXTRACTION_SCHEMA)))
     # Warm-up: Triton compiles, and each schema compiles once (cached by its text), as a job
     # whose rows share a schema pays it once; the compile time is reported apart.
     llm.generate(prompts, [SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)]
@@ -155,9 +143,6 @@ def run(ckpt: Path, num_prompts: int, max_tokens: int, device: str) -> list[dict
     engine = llm.llm_engine
     compile_s = {}
     for name, so in runs[1:]:
-        if name.endswith("_prefetch"):
-            compile_s[name] = compile_s[name.removesuffix("_prefetch")]
-            continue
         start = time.perf_counter()
         llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True,
                                                  structured_outputs=so), use_tqdm=False)
@@ -177,9 +162,7 @@ def run(ckpt: Path, num_prompts: int, max_tokens: int, device: str) -> list[dict
             temperature=0, max_tokens=max_tokens, ignore_eos=True, structured_outputs=so)
         before = _counters(engine)
         overlap_before = dict(overlap or {})
-        stage.uses_prefetch = name.endswith("_prefetch")
         outs, wall = timed(llm, prompts, [params] * num_prompts, sync)
-        stage.uses_prefetch = False
         after = _counters(engine)
         d = {k: after[k] - before[k] for k in after}
         num_out = sum(len(o.outputs[0].token_ids) for o in outs)
@@ -195,18 +178,17 @@ def run(ckpt: Path, num_prompts: int, max_tokens: int, device: str) -> list[dict
         if so is not None:
             row["compile_s"] = compile_s[name]
         # Host time per step (ms): the structured-outputs stage's parts; "loop", the step
-        # loop's own time in the stage (fill() after waiting, accepts on the loop, apply, and
-        # waiting for the background job); "other", the rest of the wall time (the engine's
-        # own host work and waiting for the GPU). The engine's timers split the same wall
-        # time by phase of the step loop.
+        # loop's time in the stage (fill(), accepts, apply); "other", the rest of the wall
+        # time (the engine's own host work and waiting for the GPU). The engine's timers
+        # split the same wall time by phase of the step loop.
         step_ms = 1e3 * wall / steps
         parts = {k.removesuffix("_s"): 1e3 * d[k] / steps for k in STAGE_TIMERS}
-        loop = parts["mask"] + parts["accept_loop"] + parts["apply"] + parts["wait"]
+        loop = parts["mask"] + parts["accept"] + parts["apply"]
         row["host_ms_per_step"] = {"step": round(step_ms, 3),
                                    **{k: round(v, 3) for k, v in parts.items()},
                                    "loop": round(loop, 3), "other": round(step_ms - loop, 3)}
-        if d["num_mask_rows"]:
-            row["prefilled_rows"] = round(d["num_prefilled_rows"] / d["num_mask_rows"], 3)
+        if d["mask_steps"]:
+            row["mask_rows_per_step"] = round(d["num_mask_rows"] / d["mask_steps"], 1)
         row["engine_ms_per_step"] = {k.removesuffix("_s"): round(1e3 * d[k] / steps, 3)
                                      for k in ENGINE_TIMERS}
         if overlap and overlap["fills"] > overlap_before["fills"]:
@@ -214,10 +196,9 @@ def run(ckpt: Path, num_prompts: int, max_tokens: int, device: str) -> list[dict
         # xgrammar's latest fill time per row on the step loop's thread (engine/structured.py
         # sizes the chunks of rows it fills on several threads by it)
         row["fill_us_per_row"] = round(1e6 * stage.fill_row_s, 2)
-        if name.startswith("json_extraction"):   # json_long rows end by length, unfinished
+        if name == "json_extraction":   # json_long rows end by length, unfinished
             row["valid"] = sum(_parses(o.outputs[0].text) for o in outs)
-            if name == "json_extraction":
-                extraction_lengths = [len(o.outputs[0].token_ids) for o in outs]
+            extraction_lengths = [len(o.outputs[0].token_ids) for o in outs]
         rows.append({**row, **extra})
         print(name, f"{row['output_tok_s']} tok/s, {steps} steps, host ms/step:",
               json.dumps(row["host_ms_per_step"]), "engine ms/step:",
@@ -227,12 +208,24 @@ def run(ckpt: Path, num_prompts: int, max_tokens: int, device: str) -> list[dict
         row["vs_free"] = round(row["output_tok_s"] / rows[0]["output_tok_s"], 3)
     rows.append(same_lengths_free(llm, prompts, extraction_lengths, sync, common, extra,
                                   prompt_len))
-    for extraction in rows:   # greedy: the prefetch run's rows have the same lengths
-        if extraction["workload"].startswith("A-structured-json_extraction"):
-            extraction["vs_free_same_lengths"] = round(
-                extraction["output_tok_s"] / rows[-1]["output_tok_s"], 3)
-            print(extraction["workload"], "vs free rows of the same lengths:",
-                  extraction["vs_free_same_lengths"], flush=True)
+    extraction = next(r for r in rows if r["workload"] == "A-structured-json_extraction")
+    extraction["vs_free_same_lengths"] = round(
+        extraction["output_tok_s"] / rows[-1]["output_tok_s"], 3)
+    # The ratio moved by a fifth from run to run on the H200s: json_extraction and its
+    # same-lengths run again, alternating, in the same process (greedy: the same rows).
+    ratios = [extraction["vs_free_same_lengths"]]
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
+                            structured_outputs=StructuredOutputsParams(json=EXTRACTION_SCHEMA))
+    for _ in range(extra_pairs):
+        outs, wall = timed(llm, prompts, [params] * num_prompts, sync)
+        constrained = sum(len(o.outputs[0].token_ids) for o in outs) / wall
+        free_row = same_lengths_free(llm, prompts, extraction_lengths, sync, common, extra,
+                                     prompt_len)
+        ratios.append(round(constrained / free_row["output_tok_s"], 3))
+    extraction["vs_free_same_lengths_pairs"] = ratios
+    extraction["vs_free_same_lengths_median"] = float(np.median(ratios))
+    print("A-structured-json_extraction vs free rows of the same lengths:", ratios,
+          "median", extraction["vs_free_same_lengths_median"], flush=True)
     return rows
 
 
@@ -272,10 +265,12 @@ def main() -> None:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="cpu: profile the host side with --shape tiny")
     parser.add_argument("--shape", default=WORKLOADS["A"]["shape"], choices=sorted(SHAPES))
+    parser.add_argument("--extra-pairs", type=int, default=2,
+                        help="json_extraction and its same-lengths run again this many times")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = build_model(Path(tmp), args.tokenizer, args.shape)
-        rows = run(ckpt, args.num_prompts, args.max_tokens, args.device)
+        rows = run(ckpt, args.num_prompts, args.max_tokens, args.device, args.extra_pairs)
     print(json.dumps(rows))
     args.out.mkdir(parents=True, exist_ok=True)
     name = rows[0]["device"].lower().replace(" ", "-")

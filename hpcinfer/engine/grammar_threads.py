@@ -9,8 +9,11 @@ re-taken it meanwhile; a step loop that calls torch often drops and re-takes it 
 microseconds, so a helper thread waiting for the GIL beside a busy step loop waits until the
 loop blocks. Measured on the 2-core VM (2026-12-05, 256 JSON rows): a thread of batched
 accepts beside a Python loop that called a small torch op every 50 us took 25-43 ms a call
-instead of 0.16 ms; setting the switch interval to 0.1 ms changed nothing. That is why the
-background job (``StructuredOutputs.prefetch``) lost on the H200s.
+instead of 0.16 ms; setting the switch interval to 0.1 ms changed nothing. That is why a
+background job that accepted a launched step's tokens and filled the next masks beside the
+step loop (``prefetch``, removed 2026-12-05) lost on the H200s (json_extraction 0.62 of free
+rows with it, 0.75 without: its fills took 14 us a row against 7 on the step loop), and why
+accepts sharded over threads were 5x slower there than one call.
 
 So the calls here run only while the step loop waits for them: ``ChunkRunner.map`` gives
 chunk 0 to the calling thread and the others to helper threads, and the caller then waits

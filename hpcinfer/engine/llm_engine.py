@@ -373,9 +373,6 @@ class LLMEngine:
                 if not seq.is_finished and not self.appender.ends_by_length_next(seq):
                     seq.add_placeholder()
         self._inflight = launched
-        if launched is not None and self.structured is not None:
-            # accept these tokens and fill the next masks on a thread meanwhile
-            self.structured.prefetch(launched)
         t5 = time.perf_counter()
         self._record(len(scheduled.seqs), batch.meta.is_decode, (t0, t1, t2, t3, t4, t5))
         return outputs

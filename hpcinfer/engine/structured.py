@@ -9,18 +9,19 @@ which imports torch and transformers, is loaded only by jobs that use it). It ow
   failures included, so a schema shared by a million rows compiles once and a broken one is
   reported once per row without recompiling;
 - a matcher per constrained sequence (``seq.grammar``), advanced by the engine with every
-  token it appends: a step's tokens go to xgrammar in one call per shard of rows
+  token it appends: a step's tokens go to xgrammar in one call per chunk of rows
   (``accept_tokens``), and the appender reads each row's result (``accept``). A preempted
   sequence keeps its tokens (recompute), so its matcher never rewinds; each of n > 1
   samples has its own;
 - the per-step bitmask: filled on the CPU for the rows of a step (the GPU runs the forward
   meanwhile), copied to the device without a sync, and applied there to the constrained
-  rows only, so free rows sample exactly what they would alone. The host (pinned) and
-  device buffers are allocated once and grow with the batch, so a step allocates nothing
-  and never calls cudaHostAlloc (which synchronizes the device);
-- with async scheduling, a background thread (``prefetch``) that accepts a launched step's
-  tokens as soon as they exist and fills the next masks, while the step loop prepares the
-  next step and appends the tokens; ``fill`` then fills only the rows it did not.
+  rows only (kernels/grammar_mask.py on a GPU), so free rows sample exactly what they would
+  alone. The host (pinned) and device buffers are allocated once and grow with the batch,
+  so a step allocates nothing and never calls cudaHostAlloc (which synchronizes the device).
+
+A step's accepts and fills run in chunks of rows on several threads while the step loop
+waits for them (grammar_threads.py says why not beside it: a thread beside the step loop
+hardly gets the GIL back between xgrammar's calls).
 
 The bitmask covers the tokenizer's tokens only (``mask_vocab``, e.g. the 49,152 of a
 tokenizer whose model has 128,256 logits): xgrammar's fill, accept and the host-to-device
@@ -39,10 +40,8 @@ import json
 import logging
 import os
 import re
-import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -193,32 +192,16 @@ class StructuredOutputs:
         self._cached_bytes = 0
         self.num_masks = 0      # steps that filled a mask
         self.num_mask_rows = 0  # constrained rows of all the masks
-        self.num_prefilled_rows = 0   # ... of which prefetch had filled the mask
-        # Host time (bench/structured_outputs.py): fill() on the step loop, after waiting for
-        # the background job; xgrammar's fill and the matchers' accepts wherever they ran
-        # (the step loop or the background job), the part of the accepts on the step loop,
-        # GrammarMask.apply (on CUDA: launching it), the step loop waiting for the job.
+        # Host time (bench/structured_outputs.py): fill() (all of it, and xgrammar's fills
+        # in it), the accepts, GrammarMask.apply (on CUDA: launching it).
         self.mask_s = 0.0
         self.fill_s = 0.0
         self.accept_s = 0.0
-        self.accept_loop_s = 0.0
         self.apply_s = 0.0
-        self.wait_s = 0.0
-        # True: the background job (prefetch) accepts a launched step's tokens and fills the
-        # next masks on a thread. Off by default: on the H200 hosts of 2026-12-03 it did not
-        # pay (json_long 0.26 of free with it, 0.30 without, docs/structured-outputs.md) and
-        # one run had a row aborted that may have been its doing (not reproduced since);
-        # bench/structured_outputs.py runs both.
-        self.uses_prefetch = False
-        # The background job (prefetch) and what it leaves for the step loop: accept results,
-        # id(seq) -> (seq, token, accepted, ended, len(seq.token_ids) once the token is
-        # appended); prefilled masks, id(seq) -> (seq, row of self._host, len(seq.token_ids)).
-        self._worker: ThreadPoolExecutor | None = None
-        self._pending: Future | None = None
-        self._accepts_ready = threading.Event()   # the job's accepts are done
         self._stop_ids = frozenset(info.stop_token_ids)   # a matcher ends on accepting one
+        # accept_tokens' results for the appender's accept: id(seq) -> (seq, token, accepted,
+        # ended, len(seq.token_ids) once the token is appended)
         self._accepted: dict[int, tuple] = {}
-        self._staged: dict[int, tuple] = {}
 
     # --- compiling ---
     def compile(self, so: StructuredOutputsParams):
@@ -275,113 +258,22 @@ class StructuredOutputs:
                 self._whitespace = WhitespaceCap(self._decoded_vocab, self._num_words)
 
     # --- the step ---
-    def prefetch(self, flight) -> None:
-        """Start the next step's structured-outputs work as soon as ``flight``'s tokens exist
-        (async scheduling: ``flight`` is the step just launched, engine/inflight.py), on a
-        background thread, while the step loop schedules, prepares and launches the next
-        forward: wait for the tokens, advance the constrained rows' matchers with them
-        (``accept`` then only reads the results), then fill the bitmask of the rows that go on
-        (those with a placeholder) into the host buffer while the step loop appends the
-        tokens (detokenize, stop checks). ``fill`` takes those rows as they are and fills only
-        the others.
-
-        Why a thread was to help: if xgrammar's C++ released the GIL, it would run
-        beside the step loop's Python on another core. The job owns the matchers it works on
-        and the host buffer until ``fill`` joins it; ``accept`` and ``accept_tokens`` wait
-        only for its accepts."""
-        self._join()
-        self._staged = {}   # masks of states these tokens move on from
-        rows = [s for s in flight.seqs if s.grammar is not None and not s.is_finished]
-        if not rows or not self.uses_prefetch:
-            return
-        # Read here, not on the thread: the step loop owns the placeholders. The lengths are
-        # those once the token is appended: it replaces the placeholder, or comes after the
-        # last token of a row that this token ends by length (no placeholder).
-        goes_on = [s.has_placeholder for s in rows]
-        lengths = [len(s.token_ids) + (not more) for s, more in zip(rows, goes_on)]
-        can_fill = (self.fills_masks and self._host is not None
-                    and self._host.shape[0] >= sum(goes_on))
-        if self._worker is None:
-            self._worker = ThreadPoolExecutor(1, thread_name_prefix="hpcinfer-grammar")
-        self._accepts_ready.clear()
-        self._pending = self._worker.submit(self._prefetch, flight, rows, goes_on, lengths,
-                                            can_fill)
-
-    def _prefetch(self, flight, rows, goes_on, lengths, can_fill) -> None:
-        try:
-            tokens = flight.token_list()   # waits for the device copy (without the GIL)
-            tokens = [tokens[flight.index[id(s)]] for s in rows]
-            results = self._accept_batch(rows, tokens, lengths, on_loop=False)
-        finally:
-            self._accepts_ready.set()
-        if not can_fill:
-            return
-        fill = [(s, length) for s, (ok, ended), more, length
-                in zip(rows, results, goes_on, lengths) if ok and more and not ended]
-        if not fill:
-            return
-        t0 = time.perf_counter()
-        if self._copied is not None:
-            self._copied.synchronize()   # the last mask's copy (done: its tokens are read)
-        self._fill_rows(self._host, [s.grammar for s, _ in fill], list(range(len(fill))))
-        self._staged = {id(s): (s, j, length) for j, (s, length) in enumerate(fill)}
-        self.fill_s += time.perf_counter() - t0
-
-    def _join(self) -> None:
-        """Wait for the background job (prefetch), if any; its errors are raised here."""
-        if self._pending is None:
-            return
-        t0 = time.perf_counter()
-        pending, self._pending = self._pending, None
-        try:
-            pending.result()
-        finally:
-            self.wait_s += time.perf_counter() - t0
-
-    def _join_accepts(self) -> None:
-        """Wait until the background job has accepted its tokens (it may still be filling)."""
-        if self._pending is None:
-            return
-        t0 = time.perf_counter()
-        self._accepts_ready.wait()
-        self.wait_s += time.perf_counter() - t0
-        if self._pending.done():
-            self._join()   # raises what went wrong in it, if anything
-
     def fill(self, seqs: list[Sequence]) -> GrammarMask | None:
         """The bitmask of this step's constrained rows (None if there are none here). Rows
         already finished (async scheduling: stopped by the token read just before) are left
-        unconstrained: their token is dropped. Rows that ``prefetch`` filled are taken as they
-        are, if their matcher has not moved since (the same length)."""
+        unconstrained: their token is dropped."""
         if not self.fills_masks:
             return None
-        self._join()
-        staged, self._staged = self._staged, {}
         t0 = time.perf_counter()
-        rows, sources = [], []   # batch rows constrained; where each one's mask is (-1: none)
-        for i, seq in enumerate(seqs):
-            if seq.grammar is None or seq.is_finished:
-                continue
-            entry = staged.get(id(seq))
-            if entry is not None and entry[0] is seq and entry[2] == len(seq.token_ids):
-                rows.append(i)
-                sources.append(entry[1])
-            elif not seq.grammar.is_terminated():
-                rows.append(i)
-                sources.append(-1)
+        rows = [i for i, seq in enumerate(seqs) if seq.grammar is not None
+                and not seq.is_finished and not seq.grammar.is_terminated()]
         if not rows:
             return None
         num = len(rows)
-        prefetched = self._host
         host, host_rows, dev, dev_rows = self._buffers(num)
-        if host is not prefetched or sources != list(range(num)):
-            self._place_staged(prefetched, host, sources)
-        missing = [k for k, j in enumerate(sources) if j < 0]
-        self.num_prefilled_rows += num - len(missing)
         self.num_mask_rows += num
         t1 = time.perf_counter()
-        if missing:
-            self._fill_rows(host, [seqs[rows[k]].grammar for k in missing], missing)
+        self._fill_rows(host, [seqs[i].grammar for i in rows], list(range(num)))
         self._cap_whitespace(host, [seqs[i] for i in rows])
         t2 = time.perf_counter()
         # Pinned host buffers: the copies do not wait for the forward the GPU is running.
@@ -431,15 +323,6 @@ class StructuredOutputs:
         per_row = first / len(range(0, len(matchers), n))
         self.fill_row_s = 0.8 * self.fill_row_s + 0.2 * max(per_row, 1e-7)
 
-    @staticmethod
-    def _place_staged(prefetched: torch.Tensor, host: torch.Tensor, sources: list[int]) -> None:
-        """Move the prefetched masks to the rows of this step (a row finished or a new one
-        came in, or the buffer grew)."""
-        moves = [(k, j) for k, j in enumerate(sources) if j >= 0]
-        if moves:
-            taken = prefetched[[j for _, j in moves]]   # a copy: sources and targets overlap
-            host[[k for k, _ in moves]] = taken
-
     def _buffers(self, num: int):
         """The host and device buffers for ``num`` constrained rows, allocated when a step has
         more rows than any before (rounded up, so a growing batch allocates a few times).
@@ -459,26 +342,20 @@ class StructuredOutputs:
 
     def accept_tokens(self, seqs: list[Sequence], token_ids: list[int]) -> None:
         """Advance the matchers of ``seqs`` by their new tokens in one call into xgrammar per
-        shard of rows (its C++ loop, not one Python call per row), before the engine appends
-        the tokens; the appender's ``accept`` then reads each row's result. Rows whose token
-        ``prefetch`` already accepted are skipped."""
-        self._join_accepts()
+        chunk of rows (its C++ loop, not one Python call per row), before the engine appends
+        the tokens; the appender's ``accept`` then reads each row's result."""
         rows, tokens, lengths = [], [], []
         for seq, token_id in zip(seqs, token_ids):
             if seq.grammar is None or seq.is_finished:
-                continue
-            entry = self._accepted.get(id(seq))
-            if entry is not None and entry[0] is seq and entry[4] == len(seq.token_ids) + 1:
                 continue
             rows.append(seq)
             tokens.append(token_id)
             lengths.append(len(seq.token_ids) + 1)   # once the token is appended
         if rows:
-            self._join()   # (rows the background job did not take: none in async steps)
-            self._accept_batch(rows, tokens, lengths, on_loop=True)
+            self._accept_batch(rows, tokens, lengths)
 
-    def _accept_batch(self, rows: list[Sequence], tokens: list[int], lengths: list[int],
-                      on_loop: bool) -> list[tuple[bool, bool]]:
+    def _accept_batch(self, rows: list[Sequence], tokens: list[int],
+                      lengths: list[int]) -> list[tuple[bool, bool]]:
         """Accept ``tokens[k]`` in ``rows[k]``'s matcher: (accepted, ended) per row, also kept
         for ``accept`` with the sequence's length once the token is appended (so a stale
         result is never read). A matcher ends (is_terminated) only by accepting a stop token;
@@ -500,24 +377,20 @@ class StructuredOutputs:
         if len(found) > 4 * len(rows):   # rows that finished before reading theirs
             live = {id(s) for s in rows}
             self._accepted = {k: v for k, v in found.items() if k in live}
-        elapsed = time.perf_counter() - t0
-        self.accept_s += elapsed
-        self.accept_loop_s += elapsed if on_loop else 0.0
+        self.accept_s += time.perf_counter() - t0
         return results
 
     def accept(self, seq: Sequence, token_id: int) -> str | None:
         """Advance ``seq``'s matcher by its new token (just appended), or read the result of
-        ``accept_tokens``/``prefetch`` for it. Returns the finish reason it causes: "stop"
+        ``accept_tokens`` for it. Returns the finish reason it causes: "stop"
         when the grammar is complete, "abort" when the token breaks it (every token was
         disallowed by the grammar together with allowed_token_ids, logit_bias or
         bad_words)."""
-        self._join_accepts()
         entry = self._accepted.pop(id(seq), None)
         if (entry is not None and entry[0] is seq and entry[1] == token_id
                 and entry[4] == len(seq.token_ids)):
             accepted, ended = entry[2], entry[3]
         else:
-            self._join()   # the matcher is the step loop's again
             grammar = seq.grammar
             if grammar.is_terminated():
                 return "stop"
@@ -528,7 +401,6 @@ class StructuredOutputs:
                 seq.grammar_whitespace = self._whitespace.run_after(seq.grammar_whitespace,
                                                                     token_id)
             self.accept_s += time.perf_counter() - t0
-            self.accept_loop_s += time.perf_counter() - t0
         if ended:   # complete (or complete before this token, which it then refused)
             return "stop"
         if accepted:

@@ -405,21 +405,14 @@ def test_logits_past_the_tokenizer_are_never_allowed(padded_llm, prompts, kind):
 
 def test_buffers_are_reused_and_host_time_is_split(llm, prompts):
     """The pinned/device bitmask buffers are made once (no allocation per step); the stage
-    counts its fill, accept and apply time for the bench's breakdown. With async scheduling
-    and the background job on (off by default) most masks are filled by prefetch, before the
-    step loop asks."""
+    counts its fill, accept and apply time for the bench's breakdown."""
     so, _ = _constraints()["json"]
     params = SamplingParams(temperature=1.0, seed=3, max_tokens=300, structured_outputs=so)
     llm.generate(prompts, params, use_tqdm=False)
     stage = llm.llm_engine.structured
-    stage.uses_prefetch = True
     buffers = (stage._host.data_ptr(), stage._dev.data_ptr())
-    before = (stage.fill_s, stage.accept_s, stage.apply_s, stage.num_masks,
-              stage.num_prefilled_rows)
+    before = (stage.fill_s, stage.accept_s, stage.apply_s, stage.num_masks, stage.mask_s)
     llm.generate(prompts, params, use_tqdm=False)
     assert (stage._host.data_ptr(), stage._dev.data_ptr()) == buffers
-    after = (stage.fill_s, stage.accept_s, stage.apply_s, stage.num_masks,
-             stage.num_prefilled_rows)
+    after = (stage.fill_s, stage.accept_s, stage.apply_s, stage.num_masks, stage.mask_s)
     assert all(a > b for a, b in zip(after, before))
-    assert stage.mask_s > 0 and stage.wait_s >= 0
-    stage.uses_prefetch = False   # (the module's llm is shared)

@@ -1,7 +1,7 @@
 """The host side of a structured-outputs step (engine/structured.py): the matchers accept a
-step's tokens in one xgrammar call (or one per shard of rows), and with async scheduling a
-background job accepts and fills the next masks before the step loop asks. Each path must
-give what one matcher at a time gives: the same accept results, finish reasons and masks.
+step's tokens and fill the next masks in one xgrammar call per chunk of rows, the chunks on
+several threads (engine/grammar_threads.py). Each path must give what one matcher at a time
+gives: the same accept results, finish reasons and masks.
 """
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def test_batch_accept_equals_one_matcher_at_a_time(stage, monkeypatch):
     num_ended = num_refused = 0
     for _ in range(40):
         tokens = _walk_tokens(single, stage, rng)
-        got = stage._accept_batch(batched, tokens, [0] * len(tokens), on_loop=True)
+        got = stage._accept_batch(batched, tokens, [0] * len(tokens))
         want = []
         for seq, token in zip(single, tokens):
             ok = seq.grammar.accept_token(token)
@@ -126,42 +126,34 @@ def _allowed_complement(matcher, stage) -> int:
     return next(t for t in range(10, stage.mask_vocab) if t not in allowed)
 
 
-def test_prefetched_masks_equal_fresh_fills(llm, stage):
-    """Async steps: prefetch accepts a launched step's tokens and fills the masks of the rows
-    that go on; fill takes them, in whatever order the next batch has its rows, fills a row
-    that was not in the launched step, and leaves out a row that finished meanwhile. Every
-    mask row equals the matcher's own fill, and every finish reason the appender's."""
-    stage.uses_prefetch = True   # (off by default)
+def test_fill_follows_the_batch_rows(llm, stage):
+    """Async steps as the engine runs them (tokens read back, accepted, appended, then the
+    next batch's masks): fill takes the rows in whatever order the next batch has them, a row
+    that was not in the last step, and leaves out rows that finished meanwhile (two by
+    length). Every mask row equals the matcher's own fill, for the batch row it names."""
     appender = TokenAppender(llm.get_tokenizer(), 10 ** 6, frozenset(stage._stop_ids))
     rng = random.Random(1)
     seqs = _rows(stage, 10) + _rows(stage, 2, max_tokens=3)   # two rows end by length
     for seq in seqs:
         seq.detok = _NoText()
-    stage.fill(seqs)   # the first step: buffers, nothing prefetched
+    stage.fill(seqs)   # the first step: buffers
     tokens = _walk_tokens(seqs, stage, random.Random(2))
-    num_prefilled = 0
+    num_steps = 0
     for step in range(8):
         live = [s for s in seqs if not s.is_finished]
         flight = InFlight.launch(live, torch.tensor([tokens[seqs.index(s)] for s in live]),
                                  None)
-        for seq in live:     # as LLMEngine._step_async: no placeholder if it ends by length
-            if not appender.ends_by_length_next(seq):
-                seq.add_placeholder()
-        stage.prefetch(flight)
-        for seq in live:     # the next call reads the tokens back and appends them
-            seq.drop_placeholder()
         flight_tokens = flight.token_list()
         stage.accept_tokens(live, flight_tokens)
         for seq, token in zip(live, flight_tokens):
             appender.append(seq, token, None, None, stage)
         newcomer = _rows(stage, 1)[0]
         batch = [s for s in reversed(live)] + [newcomer]   # another row order, a new row
-        before = stage.num_prefilled_rows
         mask = stage.fill(batch)
         constrained = [s for s in batch if not s.is_finished and not s.grammar.is_terminated()]
         if not constrained:
             break
-        num_prefilled += stage.num_prefilled_rows - before
+        num_steps += 1
         rows = mask.rows.tolist() if mask.rows is not None else list(range(len(batch)))
         assert [batch[i] for i in rows] == constrained
         for k, seq in enumerate(constrained):
@@ -169,9 +161,8 @@ def test_prefetched_masks_equal_fresh_fills(llm, stage):
             seq.grammar.fill_next_token_bitmask(want, 0)
             assert torch.equal(mask.bitmask[k], want[0]), (step, k)
         tokens = [rng.choice(_allowed(s.grammar, stage._num_words) or [3]) for s in seqs]
-    assert num_prefilled > 0
+    assert num_steps >= 3
     assert sum(s.finish_reason == "length" for s in seqs) == 2
-    assert stage.accept_loop_s == 0   # every token was accepted once, on the thread
 
 
 class _NoText:
@@ -187,40 +178,10 @@ class _NoText:
         pass
 
 
-class _BrokenFlight:
-    seqs: list
-    index: dict
-
-    def __init__(self, seqs):
-        self.seqs, self.index = seqs, {id(s): i for i, s in enumerate(seqs)}
-
-    def token_list(self):
-        raise RuntimeError("device copy failed")
-
-
-def test_a_background_error_is_raised_in_the_step_loop(stage):
-    stage.uses_prefetch = True   # (off by default)
-    seqs = _rows(stage, 3)
-    for seq in seqs:
-        seq.add_placeholder()
-    stage.prefetch(_BrokenFlight(seqs))
-    for seq in seqs:
-        seq.drop_placeholder()
-    with pytest.raises(RuntimeError, match="device copy failed"):
-        stage.accept_tokens(seqs, [1, 2, 3])
-    # the stage goes on: the next step accepts on the step loop
-    allowed = [_allowed(s.grammar, stage._num_words)[0] for s in seqs]
-    stage.accept_tokens(seqs, allowed)
-    for seq, token in zip(seqs, allowed):
-        seq.token_ids.append(token)
-        assert stage.accept(seq, token) is None
-
-
 @pytest.mark.parametrize("async_scheduling", [False, True])
-def test_chunked_calls_and_prefetch_give_the_same_outputs(checkpoint, monkeypatch,
-                                                         async_scheduling):
-    """Many constrained rows with their accepts and fills in chunks on three threads (and,
-    async, the background job) give the outputs of one thread on the step loop."""
+def test_chunked_calls_give_the_same_outputs(checkpoint, monkeypatch, async_scheduling):
+    """Many constrained rows with their accepts and fills in chunks on three threads give
+    the outputs of one thread on the step loop."""
     from hpcinfer.engine import structured
     prompts = [f"Row {i} says" for i in range(12)]
     params = [SamplingParams(temperature=1.0, seed=i, max_tokens=120,
@@ -229,24 +190,20 @@ def test_chunked_calls_and_prefetch_give_the_same_outputs(checkpoint, monkeypatc
     llm = LLM(checkpoint("llama"), max_model_len=512, async_scheduling=async_scheduling)
     monkeypatch.setattr(structured, "ROWS_PER_ACCEPT_CHUNK", 10 ** 6)
     monkeypatch.setattr(structured, "MIN_FILL_CHUNK_ROWS", 10 ** 6)
-    monkeypatch.setattr(StructuredOutputs, "prefetch", lambda self, flight: None)
     plain = [(o.outputs[0].token_ids, o.outputs[0].finish_reason)
              for o in llm.generate(prompts, params, use_tqdm=False)]
     stage = llm.llm_engine.structured
     assert stage._threads._pool is None   # one thread so far
-    monkeypatch.undo()
     monkeypatch.setattr(structured, "ROWS_PER_ACCEPT_CHUNK", 2)
     monkeypatch.setattr(structured, "MIN_FILL_CHUNK_ROWS", 2)
     monkeypatch.setattr(structured, "FILL_CHUNK_S", 1e-9)
     monkeypatch.setattr(stage._threads, "max_threads", 3)
     monkeypatch.setattr(stage, "_fillers", [stage._fillers[0].__class__(1) for _ in range(3)])
-    monkeypatch.setattr(stage, "uses_prefetch", True)   # (off by default)
     fast = [(o.outputs[0].token_ids, o.outputs[0].finish_reason)
             for o in llm.generate(prompts, params, use_tqdm=False)]
     assert fast == plain
     assert all(reason == "stop" for _, reason in plain)
     assert stage._threads._pool is not None
-    assert (stage.num_prefilled_rows > 0) == async_scheduling
 
 
 def test_chunked_fills_equal_one_matcher_at_a_time(stage, monkeypatch):
