@@ -24,10 +24,11 @@ LLMEngine._step_async for a batch with constrained rows:
 stand-in (``step``: the median over the timed steps, ``step_p10`` its 10th percentile,
 ``cpu_step`` the process's CPU time, all threads), the same for the rows unconstrained
 (``free_step``), their difference (``structured``), and the stage's counters per step
-(``fill``: xgrammar's fills, ``accept``: the accepts). Written as one row to --out/structured-host-cpu-<date>.json; as a
-host-only harness has no GPU step, ``output_tok_s`` is the rows x steps/s that the host time
-alone would allow (rows * 1000 / host_ms_per_step["step"]), ``host_steps_per_s`` says the
-same per step, and ``total_tok_s`` equals ``output_tok_s`` (no prompt is processed).
+(``fill``: xgrammar's fills, ``accept``: the accepts). Written as one row to
+--out/structured-host-cpu-<date>.json; as a host-only harness has no GPU step,
+``output_tok_s`` is the rows x steps/s that the host time alone would allow (rows * 1000 /
+host_ms_per_step["step"]), ``host_steps_per_s`` says the same per step, and ``total_tok_s``
+equals ``output_tok_s`` (no prompt is processed).
 
     python bench/structured_host.py --tokenizer .whl/tok [--rows 256] [--steps 64]
 """

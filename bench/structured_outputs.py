@@ -14,10 +14,11 @@ one has no "{"): --tokenizer names a directory with tokenizer.json + tokenizer_c
 never allowed). Each schema is compiled in a short warm-up (its time is the row's compile_s),
 as a job whose rows share a schema compiles it once.
 
-json_extraction's rows end after ~80 tokens, which lowers output tok/s for reasons other than the masks
-(prefill is a larger share, the batch thins out as rows end), so a last run,
+json_extraction's rows end after ~80 tokens, which lowers output tok/s for reasons other
+than the masks (prefill is a larger share, the batch thins out as rows end), so a last run,
 free_same_lengths_as_json_extraction, gives the same prompts unconstrained, each row as many
-tokens as its json_extraction row; json_extraction's vs_free_same_lengths is the ratio to it.
+tokens as its json_extraction row; json_extraction's vs_free_same_lengths is the ratio to
+it.
 
 Writes one row per run (free, json_long, json_extraction,
 free_same_lengths_as_json_extraction) with the common result keys (engine, workload, tp,

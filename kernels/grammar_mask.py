@@ -74,7 +74,8 @@ def apply_grammar_mask_(logits: torch.Tensor, rows: torch.Tensor | None,
     if n:
         _grammar_mask_kernel[(n, triton.cdiv(vocab, BLOCK))](
             logits, bitmask if rows is None else rows, bitmask, vocab, mask_vocab,
-            bitmask.shape[1], logits.stride(0), bitmask.stride(0), HAS_ROWS=rows is not None, BLOCK=BLOCK)
+            bitmask.shape[1], logits.stride(0), bitmask.stride(0),
+            HAS_ROWS=rows is not None, BLOCK=BLOCK)
 
 
 def apply_grammar_mask_reference(logits: torch.Tensor, rows: torch.Tensor | None,
