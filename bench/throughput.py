@@ -77,6 +77,7 @@ import numpy as np
 
 from results_file import append_rows  # bench/results_file.py (this script's directory)
 from gc_pauses import gc_pauses  # bench/gc_pauses.py
+from cpu_placement import Placement, topology  # bench/cpu_placement.py
 
 from moe_workload import (MOE_SHAPES, decode_batch_sizes, is_moe, moe_bound_output_tok_s,
                           moe_config_dict, moe_layer_tensors)
@@ -473,7 +474,7 @@ def run_hpcinfer(ckpt: Path, requests, max_num_seqs: int, profile_dir: Path | No
                                        detokenize=False)] * len(warm), use_tqdm=False)
     sync()
     warmup_s = time.perf_counter() - t1
-    rep_tok_s, walls, rep_gc = [], [], []
+    rep_tok_s, walls, rep_gc, rep_cpu = [], [], [], []
     allocator_before = _allocator_counts(device)
     profiler = None
     if os.environ.get("BENCH_CPROFILE") == "1":   # host hot spots of the timed run
@@ -489,11 +490,12 @@ def run_hpcinfer(ckpt: Path, requests, max_num_seqs: int, profile_dir: Path | No
         if profiler is not None:   # the last rep's host hot spots
             profiler.clear()
             profiler.enable()
-        with gc_pauses() as pauses:
+        with gc_pauses() as pauses, Placement() as placement:
             start = time.perf_counter()
             outs = llm.generate(prompts, params, use_tqdm=False)
             sync()
             wall = time.perf_counter() - start
+        rep_cpu.append({**placement.summary, "gpu_sm_clock_mhz": _sm_clock(device)})
         if profiler is not None:
             profiler.disable()
         rep_gc.append(pauses)
@@ -518,7 +520,9 @@ def run_hpcinfer(ckpt: Path, requests, max_num_seqs: int, profile_dir: Path | No
     row.update(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                num_preemptions=engine.num_preemptions, engine_version=hpcinfer.__version__,
                reps=reps, rep_output_tok_s=rep_tok_s, enable_prefix_caching=prefix_caching,
-               gc_pauses=rep_gc)
+               gc_pauses=rep_gc,
+               # the step loop's CPU per rep (bench/cpu_placement.py): for the A spread
+               cpu_placement={**topology(), "reps": rep_cpu})
     if prefix_caching:   # of the last rep's prompt tokens, the share found in the cache
         queries = engine.block_manager.prefix_cache_queries - queries_before
         hits = engine.block_manager.prefix_cache_hits - hits_before
@@ -659,6 +663,18 @@ def profile_decode(llm, prompts, out_dir: Path, workload: str, steps: int = 32) 
                                for e in top[:12]]}
     print("decode profile:", json.dumps(summary, indent=1), flush=True)
     return summary
+
+
+def _sm_clock(device: str) -> int | None:
+    """The GPU's SM clock now (MHz, through NVML), None without one: a power-capped or cooling
+    GPU shows here when one process's reps are slower than another's."""
+    if device != "cuda":
+        return None
+    try:
+        import torch
+        return int(torch.cuda.clock_rate())
+    except Exception:   # no NVML (pynvml) on this machine
+        return None
 
 
 def _allocator_counts(device: str) -> dict:

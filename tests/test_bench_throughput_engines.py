@@ -147,6 +147,11 @@ def test_side_by_side_with_a_stand_in_vllm(tmp_path, ckpt_root):
         assert r["workload"] == "T" and r["exact_tokens"] is True, r
         assert r["num_output_tokens"] == sum(o for _, o in requests)
         assert "first_tokens" not in r   # printed as agreement, not stored per prompt
+    for r in (r for r in rows if r["engine"] == "hpcinfer"):   # where the step loop ran
+        placement = r["cpu_placement"]
+        assert placement["allowed_cpus"] and len(placement["reps"]) == 1, placement
+        assert placement["reps"][0]["cpu_end"] in placement["allowed_cpus"], placement
+        assert placement["reps"][0]["voluntary_switches"] >= 0, placement
     vllm_rows = [r for r in rows if r["engine"] == "vllm"]
     assert all(r["engine_version"] == "0.0.0+fake" and r["import_s"] >= 0 for r in vllm_rows)
     # the stand-in runs our engine: its first tokens are hpcinfer's

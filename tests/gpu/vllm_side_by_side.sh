@@ -26,7 +26,9 @@
 # prints vLLM's first-token agreement with them (lost if the machine was released in between).
 # Environment: WORKLOADS (default A,B,P), PROCESSES (3), BUDGET_S (570: workloads that would
 # start with less than 60 s left are skipped, and a workload is cut off at the budget: rows
-# of finished processes are already written), ENGINES_EXTRA (e.g. ",transformers" on call 1).
+# of finished processes are already written), ENGINES_EXTRA (e.g. ",transformers" on call 1),
+# REPS (1: timed reps per process, the row keeps each one's rate, the step loop's CPU
+# placement per rep, and reports the median rep).
 set -uo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 SIDE=${1:?"usage: $0 hpcinfer|vllm [RESULTS_DIR]"}
@@ -34,6 +36,7 @@ RESULTS_DIR=${2:-${OUT:-$REPO/bench/results}}
 WORKLOADS=${WORKLOADS:-A,B,P}
 PROCESSES=${PROCESSES:-3}
 BUDGET_S=${BUDGET_S:-570}
+REPS=${REPS:-1}
 PY=${PYTHON:-python3}
 PARTS=/tmp/parts
 SITE=/tmp/site
@@ -84,7 +87,7 @@ for wl in "${wls[@]}"; do
   if (( $(left) < 60 )); then echo "skipped $SIDE on $wl: $(left) s left"; status=3; continue; fi
   echo "=== $SIDE on workload $wl, $PROCESSES processes ($(left) s left)"
   timeout "$(( $(left) - 5 ))" "$PY" "$REPO/bench/throughput.py" --workloads "$wl" \
-    --engines "$ENGINES" --processes "$PROCESSES" --out "$RESULTS_DIR" \
+    --engines "$ENGINES" --processes "$PROCESSES" --reps "$REPS" --out "$RESULTS_DIR" \
     --label "issue 22 side by side: $SIDE" || { echo "$SIDE on $wl: exit $?"; status=1; }
 done
 echo "done in $(( $(date +%s) - start )) s"
