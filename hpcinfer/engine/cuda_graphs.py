@@ -19,6 +19,14 @@ sequence's length are never read (the kernel stops at seq_lens). Graphs share on
 pool, captured largest first; their outputs alias each other, so a step must consume its
 hidden states (``compute_logits`` gathers rows into a new tensor) before the next replay.
 
+The LM head is captured too (``logits_fn``: the model's compute_logits) when its fp32 logits
+of ``max_num_seqs`` rows fit in GRAPH_LOGITS_MAX_BYTES: a pure decode step whose every row
+samples then takes its logits from the replay (``replayed_logits``) instead of an eager
+matmul after it. Why: on one H200 workload A's eager LM head took ~0.36 ms of the step
+loop's time per step (cProfile, 2026-12-04) in a step whose host work (2.47 ms) was as long
+as its GPU work (2.34 ms), so the GPU waited for the host. HPCINFER_GRAPH_LOGITS=0 leaves
+it out.
+
 With LoRA (``lora``: the engine's LoRAManager) the graphs include the shrink/expand kernels
 of every wrapped layer, captured over two more static inputs that live in the manager and
 never move: each layer's slot weights (a slot swap copies into them) and the step's slot
@@ -29,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 
 import torch
@@ -37,6 +46,18 @@ log = logging.getLogger(__name__)
 
 # Mixed steps split off their decodes into a graph from this many decodes on (see forward).
 MIN_SPLIT_DECODES = 16
+# The LM head goes into the graphs when the largest graph's fp32 logits take at most this
+# much of the graph pool (memory.py reserves 512 MiB for it): workload A's 256 rows x 128,256
+# logits are 125 MiB; 1,024 rows (workload B) would be 501 MiB, and B's steps are long enough
+# that the eager LM head's host time hides behind the GPU's.
+GRAPH_LOGITS_MAX_BYTES = 192 * 2 ** 20
+
+
+def logits_in_graphs(max_num_seqs: int, vocab_size: int) -> bool:
+    """Whether the decode graphs capture the LM head (see GRAPH_LOGITS_MAX_BYTES)."""
+    if os.environ.get("HPCINFER_GRAPH_LOGITS", "1") == "0":
+        return False
+    return max_num_seqs * vocab_size * 4 <= GRAPH_LOGITS_MAX_BYTES
 
 
 def aligned_offsets(sizes: list[int], itemsize: int, align_bytes: int = 16
@@ -75,7 +96,8 @@ class DecodeGraphs:
     """Captures and replays decode forwards. ``run(batch)`` -> hidden [num_seqs, hidden]."""
 
     def __init__(self, model, kv_caches, max_num_seqs: int, max_blocks_per_seq: int,
-                 hidden_size: int, dtype: torch.dtype, device: torch.device, lora=None):
+                 hidden_size: int, dtype: torch.dtype, device: torch.device, lora=None,
+                 logits_fn=None):
         from hpcinfer.layers.attention import AttentionMetadata
         self._meta_cls = AttentionMetadata
         self.model, self.kv_caches, self.device = model, kv_caches, device
@@ -94,8 +116,15 @@ class DecodeGraphs:
         self.cu_seqlens_q = torch.arange(self.max_bs + 1, **int_kw)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}   # bs -> hidden [bs, hidden_size]
+        # bs -> float32 logits [bs, vocab] when the LM head is captured (logits_fn)
+        self.logits_fn = logits_fn
+        self.logits: dict[int, torch.Tensor] = {}
+        # The last forward's logits [n, vocab] if it was one replay of a pure decode step
+        # with the LM head in it, else None (a view of the graph's output, like hidden).
+        self.replayed_logits: torch.Tensor | None = None
         self.capture_s = 0.0
         self.num_replays = 0
+        self.num_logits_replays = 0   # replays that gave their step's logits too
         self.num_splits = 0      # mixed steps run as decode graph + eager prefill
         self.num_split_attention = 0   # mixed steps run eagerly with a DecodeSplit
         self.num_shared_prefix = 0     # decode steps run eagerly over a shared prefix
@@ -111,6 +140,11 @@ class DecodeGraphs:
         return self.model.forward(self.input_ids[:bs], self.positions[:bs], self.kv_caches,
                                   self._meta(bs))
 
+    def _graph_body(self, bs: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What a graph runs: the forward, and the LM head on all its rows if captured."""
+        hidden = self._forward(bs)
+        return hidden, None if self.logits_fn is None else self.logits_fn(hidden)
+
     @torch.inference_mode()
     def capture(self) -> None:
         """Capture every size of the ladder (largest first, so smaller graphs reuse its pool).
@@ -122,20 +156,23 @@ class DecodeGraphs:
         pool = None
         for bs in reversed(self.sizes):
             with self._lora_applied(bs):
-                self._forward(bs)         # warm-up outside capture: Triton compiles, cuBLAS plans
-                self.graphs[bs], self.outputs[bs], pool = self._capture_one(bs, pool)
+                self._graph_body(bs)   # warm-up outside capture: Triton compiles, cuBLAS plans
+                self.graphs[bs], (self.outputs[bs], self.logits[bs]), pool = \
+                    self._capture_one(bs, pool)
         self._synchronize()
         self.capture_s = time.perf_counter() - start
-        log.info("CUDA graphs: captured %d decode batch sizes (1..%d) in %.1f s",
-                 len(self.sizes), self.max_bs, self.capture_s)
+        log.info("CUDA graphs: captured %d decode batch sizes (1..%d)%s in %.1f s",
+                 len(self.sizes), self.max_bs,
+                 " with the LM head" if self.logits_fn is not None else "", self.capture_s)
 
     def _capture_one(self, bs: int, pool):
-        """(graph, its output, the shared memory pool) for batch size ``bs``."""
+        """(graph, its outputs (hidden, logits or None), the shared memory pool) for batch
+        size ``bs``."""
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
-            out = self._forward(bs)
-        return graph, out, pool if pool is not None else graph.pool()
+            outs = self._graph_body(bs)
+        return graph, outs, pool if pool is not None else graph.pool()
 
     def _synchronize(self) -> None:
         torch.cuda.synchronize(self.device)
@@ -179,6 +216,7 @@ class DecodeGraphs:
         meta = batch.meta
         n = batch.input_ids.shape[0]
         fits = meta.block_tables.shape[1] <= self.block_tables.shape[1]
+        self.replayed_logits = None
         if batch.positions.dim() != 1:  # M-RoPE rows of image tokens: the buffer is [T]
             return self.model.forward(batch.input_ids, batch.positions, self.kv_caches, meta)
         if meta.is_decode and meta.shared_prefix_len:
@@ -187,8 +225,13 @@ class DecodeGraphs:
             self.num_shared_prefix += 1
             return self.model.forward(batch.input_ids, batch.positions, self.kv_caches, meta)
         if meta.is_decode and n <= self.max_bs and fits:
-            return self._replay(batch.input_ids, batch.positions, meta.slot_mapping,
-                                meta.seq_lens, meta.block_tables)
+            hidden = self._replay(batch.input_ids, batch.positions, meta.slot_mapping,
+                                  meta.seq_lens, meta.block_tables)
+            logits = self.logits.get(self.padded_size(n))
+            if logits is not None:
+                self.replayed_logits = logits[:n]
+                self.num_logits_replays += 1
+            return hidden
         k = min(batch.num_decode_prefix, self.max_bs)
         if meta.decode_split is not None:
             # One eager pass over the weights; attention splits decode rows from prefill

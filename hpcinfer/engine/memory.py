@@ -27,8 +27,10 @@ import torch
 log = logging.getLogger(__name__)
 
 GiB = 2 ** 30
-# Decode graphs keep their own pool (activations of <= max_num_seqs rows, split-K scratch):
-# ~100 MiB for a 1B model at 256 sequences, more for wide models; this is the headroom.
+# Decode graphs keep their own pool (activations of <= max_num_seqs rows, split-K scratch,
+# and the LM head's fp32 logits when they take at most 192 MiB: cuda_graphs.py
+# GRAPH_LOGITS_MAX_BYTES): ~100 MiB for a 1B model at 256 sequences (+125 MiB of logits),
+# more for wide models; this is the headroom.
 GRAPH_POOL_RESERVE_BYTES = 512 * 2 ** 20
 
 

@@ -175,9 +175,18 @@ class ModelRunner:
             return
         self.graphs = DecodeGraphs(self.model, self.kv_caches, self.config.max_num_seqs,
                                    self.max_blocks_per_seq, self.spec.hidden_size,
-                                   self.spec.dtype, self.device, lora=self.lora)
+                                   self.spec.dtype, self.device, lora=self.lora,
+                                   logits_fn=self.graph_logits_fn())
         self.graphs.capture()
         self.split_mixed_attention = True
+
+    def graph_logits_fn(self):
+        """The LM head for the decode graphs to capture (cuda_graphs.logits_in_graphs), or
+        None."""
+        from hpcinfer.engine.cuda_graphs import logits_in_graphs
+        if not logits_in_graphs(self.config.max_num_seqs, self.spec.vocab_size):
+            return None
+        return lambda hidden: self.model.compute_logits(hidden).float()
 
     # --- one step ---
     def prepare(self, seqs: list[Sequence], num_new_tokens: list[int],
@@ -325,6 +334,10 @@ class ModelRunner:
                                             batch.image_rows, self.model, self.device))
         elif self.graphs is not None:
             hidden = self.graphs.forward(batch)   # graph replay, split or eager as fits
+            logits = self.graphs.replayed_logits
+            if (logits is not None and batch.prompt_rows is None
+                    and len(batch.sample_seqs) == logits.shape[0]):
+                return logits   # the LM head ran in the replay; every row samples, in order
         else:
             hidden = self.model.forward(batch.input_ids, batch.positions, self.kv_caches,
                                         batch.meta)

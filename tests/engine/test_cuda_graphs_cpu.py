@@ -55,7 +55,10 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
-def test_padding_and_split_give_eager_tokens():
+@pytest.mark.parametrize("graph_logits", ["1", "0"])
+def test_padding_and_split_give_eager_tokens(monkeypatch, graph_logits):
+    # graph_logits: the LM head in the graphs (the default for small batches) or after them
+    monkeypatch.setenv("HPCINFER_GRAPH_LOGITS", graph_logits)
     from hpcinfer import LLM, SamplingParams
     from hpcinfer.testing.tiny import tiny_checkpoint
     path = str(tiny_checkpoint("llama3"))
@@ -74,4 +77,5 @@ def test_padding_and_split_give_eager_tokens():
     got = _run(llm, prompts, params)
     assert graphs.num_replays > 0
     assert graphs.num_splits > 0, f"no mixed step had {MIN_SPLIT_DECODES} decodes"
+    assert (graphs.num_logits_replays > 0) == (graph_logits == "1")
     assert got == eager

@@ -3,7 +3,8 @@
 Not part of CI (CI has no GPU): run through tests/gpu/run_gpu_checks.sh on a GPU machine.
 
 - fp32 tiny models of every family: greedy tokens identical to transformers, with the
-  Triton backend and decode CUDA graphs on (and the graphs really replayed);
+  Triton backend and decode CUDA graphs on (and the graphs really replayed, the LM head in
+  them);
 - graphs on vs off (enforce_eager) give identical tokens while the batch shrinks through
   padded sizes; mixed steps split into decode graph + prefill give transformers' tokens;
 - bf16, a random-init real-shaped model (Llama-3.2-1B widths, 4 layers): the first 32
@@ -65,6 +66,7 @@ def test_tiny_fp32_greedy_matches_transformers_with_graphs(family):
                             dtype="float32", max_model_len=max_model_len, max_num_seqs=16)
     runner = engine.runner
     assert runner.graphs is not None and runner.graphs.num_replays >= MAX_NEW - 1
+    assert runner.graphs.num_logits_replays >= MAX_NEW - 1   # the LM head in the graphs
     want = hf_greedy(path, prompts)
     for i, (g, w) in enumerate(zip(got, want)):
         assert g == w, f"{family} prompt {i} (len {len(prompts[i])}): engine {g} != HF {w}"
