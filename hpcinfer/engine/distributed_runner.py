@@ -140,6 +140,10 @@ class DistributedRunner(ModelRunner):
         if self.parallel.groups.tp.size == 1 and self.parallel.stage.size == 1:
             super().capture_cuda_graphs()
 
+    def graph_logits_fn(self):
+        # The LM head gathers over the TP group (a collective even in a group of one): eager.
+        return None
+
     def prepare(self, seqs, num_new_tokens: list[int], block_manager, **kwargs) -> Batch:
         batch = super().prepare(seqs, num_new_tokens, block_manager, **kwargs)
         num_micro = num_micro_batches(self.parallel.micro_batches, self.parallel.stage.size,
