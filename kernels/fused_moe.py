@@ -349,8 +349,8 @@ def _check(x, w_gate_up, w_down, topk_weights, topk_ids, b_gate_up, b_down, acti
 def split_config(config: dict) -> tuple[dict, dict]:
     """(gate/up launch, down launch) of a _moe_config() dict: ``DOWN`` overrides the second."""
     gate_up = dict(config)
-    down = {**gate_up, **gate_up.pop("DOWN", {})}
-    down.pop("DOWN", None)
+    overrides = gate_up.pop("DOWN", {})
+    down = {**gate_up, **overrides}
     if down["BLOCK_M"] != gate_up["BLOCK_M"]:
         raise KernelArgumentError("the down projection's BLOCK_M must be the gate/up one's "
                                   "(both walk the same expert-aligned blocks)")

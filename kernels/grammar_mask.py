@@ -14,6 +14,8 @@ compact (one row per constrained row), as the host fills it.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -83,8 +85,7 @@ def apply_grammar_mask_reference(logits: torch.Tensor, rows: torch.Tensor | None
     """The same with torch ops, in place (any device)."""
     vocab = logits.shape[1]
     width = min(vocab, mask_vocab)
-    bits = torch.tensor([1 << j for j in range(31)] + [-(1 << 31)], dtype=torch.int32,
-                        device=bitmask.device)
+    bits = _bit_values(bitmask.device)
     target = logits if rows is None else logits[rows]
     disallowed = ((bitmask[:, :, None] & bits) == 0).flatten(1)[:, :width]
     target[:, :width].masked_fill_(disallowed, float("-inf"))
@@ -92,3 +93,11 @@ def apply_grammar_mask_reference(logits: torch.Tensor, rows: torch.Tensor | None
         target[:, width:] = float("-inf")
     if rows is not None:
         logits[rows] = target
+
+
+@functools.lru_cache(maxsize=None)
+def _bit_values(device: torch.device) -> torch.Tensor:
+    """[32] int32, the value of bit j of a word (made once per device: the reference runs
+    every constrained step on the CPU)."""
+    return torch.tensor([1 << j for j in range(31)] + [-(1 << 31)], dtype=torch.int32,
+                        device=device)
